@@ -1,0 +1,7 @@
+"""`python -m app COMMAND ...` (see app/cli.py)."""
+import sys
+
+from app.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

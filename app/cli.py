@@ -1,0 +1,109 @@
+"""The `python -m app` / `portwatch` command line: parse, configure logging, dispatch, exit code.
+
+Each subcommand lives in app/commands/<name>.py and exposes ``register(subparsers)``, which adds
+its parser and sets ``func(args, settings) -> int``. Command modules import nothing heavy at
+module level (TensorFlow, matplotlib, BCC are imported inside the functions that need them).
+Errors a user can cause are PortwatchError: printed as one sentence, mapped to an exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sqlite3
+import sys
+
+from app import __version__
+from app import config as config_mod
+from app.errors import EXIT_DB, EXIT_ERROR, EXIT_USAGE, PortwatchError
+
+log = logging.getLogger("app")
+
+# subcommand module names, in --help order
+COMMAND_MODULES = ["run", "collect", "evaluate", "blacklist", "report", "status", "model", "down",
+                   "cleanup", "doctor", "install_cron", "config_cmd"]
+
+EPILOG = """exit codes: 0 ok, 1 error, 2 bad usage or input, 3 needs root, 4 database problem,
+5 kernel/BPF problem, 6 another run holds the lock, 7 missing dependency"""
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every subcommand accepts after its name too (``collect --db X``)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--config", default=argparse.SUPPRESS,
+                        help="TOML config file (default: $PORTWATCH_CONFIG or /etc/portwatch/config.toml)")
+    parent.add_argument("--db", default=argparse.SUPPRESS, help="SQLite database (default: general.db)")
+    parent.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    parent.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
+    return parent
+
+
+def add_command(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` with the common options; the caller adds its own and set_defaults(func=...)."""
+    return sub.add_parser(name, help=help, description=description or help, parents=[common_options()],
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="portwatch", description="Host network anomaly detector (XDP counters, SQLite rounds, "
+        "CNN-LSTM autoencoder, XDP blocklist).", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"portwatch {__version__}")
+    parser.add_argument("--config", help="TOML config file (default: $PORTWATCH_CONFIG or /etc/portwatch/config.toml)")
+    parser.add_argument("--db", help="SQLite database (default: general.db)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"app.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"app.commands.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def configure_logging(level: str, quiet: bool, verbose: bool) -> None:
+    if verbose:
+        level = "DEBUG"
+    elif quiet:
+        level = "WARNING"
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        settings = config_mod.load(args.config)
+        settings.override("general", "db", args.db)
+    except config_mod.ConfigError as exc:
+        print(f"portwatch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.general.log_level, args.quiet, args.verbose)
+    try:
+        return int(args.func(args, settings) or 0)
+    except PortwatchError as exc:
+        print(f"portwatch: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except config_mod.ConfigError as exc:
+        print(f"portwatch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except sqlite3.DatabaseError as exc:
+        from app.db.connection import explain
+        print(f"portwatch: error: {explain(exc, settings.general.db)}", file=sys.stderr)
+        return EXIT_DB
+    except KeyboardInterrupt:
+        print("portwatch: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # a bug: keep the traceback in the log, one line for the user
+        log.exception("unexpected failure in %s", args.command)
+        print(f"portwatch: error: unexpected failure in '{args.command}' (traceback above); please report it", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,279 @@
+"""Typed settings: defaults < TOML file < PORTWATCH_* environment variables.
+
+The TOML file has one table per section::
+
+    db = "/var/lib/portwatch/ports.db"      # top-level keys belong to section "general"
+    [collector]
+    round_seconds = 60
+
+Every key can be overridden by ``PORTWATCH_<SECTION>_<KEY>`` (``PORTWATCH_COLLECTOR_ROUND_SECONDS=5``);
+keys of the ``general`` section also by ``PORTWATCH_<KEY>`` (``PORTWATCH_DB=/tmp/x.db``).
+Unknown keys and values of the wrong type are reported by name (:class:`ConfigError`).
+``Settings.sources`` records where each effective value came from (``python -m app config show``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_CONFIG_PATH = Path("/etc/portwatch/config.toml")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key."""
+
+
+@dataclass
+class General:
+    db: str = "/var/lib/portwatch/ports.db"
+    state_dir: str = "/var/lib/portwatch"        # models, lock files, sniffer temp files
+    pin_root: str = "/sys/fs/bpf/portwatch"       # pins live in <pin_root>/<interface>/
+    interface: str = ""                           # empty: the default-route interface
+    log_level: str = "INFO"
+
+
+@dataclass
+class Collector:
+    round_seconds: float = 60.0
+    rounds: int = 1
+    xdp_mode: str = "auto"                       # 'auto' (native, else generic), 'native', 'generic'
+    fold_ephemeral: bool = True                  # fold unlistened ephemeral ports into one bucket per protocol
+    top_flows: int = 200                         # flows kept per round by bytes
+    many_ports_threshold: int = 10               # a source reaching this many local ports keeps all its flows/ports
+    max_run_seconds: float = 0.0                 # 0: rounds * round_seconds + 60
+    # kernel map sizes (-D flags at compile time; a change reloads the program)
+    port_map_size: int = 65536
+    source_map_size: int = 65536
+    srcport_map_size: int = 131072
+    flow_map_size: int = 65536
+    blacklist_map_size: int = 16384
+
+
+@dataclass
+class Scanner:
+    enabled: bool = True
+
+
+@dataclass
+class Sniffer:
+    enabled: bool = True
+    window_fraction: float = 0.75                # 45 s of a 60 s round
+    max_packets: int = 5000
+    bpf_filter: str = ""                         # capture filter (tshark -f)
+    tshark_path: str = ""                        # empty: found on PATH or in /usr/bin
+    store_payload: bool = False
+
+
+@dataclass
+class Evaluator:
+    window: int = 15                             # rounds per window
+    warmup_rounds: int = 360                     # 6 h of minute rounds before the model may raise anything
+    alert_budget_per_day: float = 1.0            # expected false model alerts per day, whole host
+    keep_models: int = 5
+    epochs: int = 8
+    refit_epochs: int = 2
+    batch_size: int = 64
+    max_ports: int = 2000
+    seed: int = 0
+    scan_ports: int = 25                         # distinct local ports ...
+    scan_span_seconds: float = 300.0             # ... within this span (Zeek's default: 25 in 5 min)
+    syn_flood_syns: int = 200                    # SYNs per round on one port ...
+    syn_flood_completion: float = 0.2            # ... with fewer than this share answered by SYN-ACK
+    report_after: bool = True
+
+
+@dataclass
+class Blocklist:
+    enabled: bool = True
+    dry_run: bool = False
+    base_ttl_seconds: float = 3600.0
+    max_ttl_seconds: float = 7 * 86400.0
+    escalation: float = 2.0
+    max_new_per_evaluation: int = 20
+    max_entries: int = 10000
+    model_source_share: float = 0.5              # a source with this share of an anomalous port's packets is blocked
+    allowlist: list = field(default_factory=list)  # CIDR prefixes never blocked automatically
+    manual_remove_grace_seconds: float = 86400.0
+
+
+@dataclass
+class Alerts:
+    cooldown_seconds: float = 3600.0
+    webhook_url: str = ""
+    webhook_timeout: float = 5.0
+    webhook_retries: int = 2
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_user: str = ""
+    smtp_password: str = ""
+    smtp_starttls: bool = True
+    mail_from: str = ""
+    mail_to: str = ""
+    syslog: bool = False
+    syslog_address: str = "/dev/log"
+
+
+@dataclass
+class Metrics:
+    textfile_dir: str = ""                       # e.g. /var/lib/prometheus/node-exporter
+
+
+@dataclass
+class Reports:
+    out_dir: str = "/var/lib/portwatch/reports"
+    top_ports: int = 6
+
+
+@dataclass
+class Retention:
+    keep_days: float = 14.0
+
+
+SECTIONS: dict[str, type] = {
+    "general": General, "collector": Collector, "scanner": Scanner, "sniffer": Sniffer,
+    "evaluator": Evaluator, "blocklist": Blocklist, "alerts": Alerts, "metrics": Metrics,
+    "reports": Reports, "retention": Retention,
+}
+
+
+@dataclass
+class Settings:
+    general: General = field(default_factory=General)
+    collector: Collector = field(default_factory=Collector)
+    scanner: Scanner = field(default_factory=Scanner)
+    sniffer: Sniffer = field(default_factory=Sniffer)
+    evaluator: Evaluator = field(default_factory=Evaluator)
+    blocklist: Blocklist = field(default_factory=Blocklist)
+    alerts: Alerts = field(default_factory=Alerts)
+    metrics: Metrics = field(default_factory=Metrics)
+    reports: Reports = field(default_factory=Reports)
+    retention: Retention = field(default_factory=Retention)
+    # "section.key" -> "default" | "file:<path>" | "env:<NAME>" | "command line"
+    sources: dict = field(default_factory=dict)
+    config_path: str | None = None
+
+    def items(self):
+        """Yield (section, key, value, source) for every setting."""
+        for section in SECTIONS:
+            obj = getattr(self, section)
+            for f in dataclasses.fields(obj):
+                name = f"{section}.{f.name}"
+                yield section, f.name, getattr(obj, f.name), self.sources.get(name, "default")
+
+    def override(self, section: str, key: str, value: Any, source: str = "command line") -> None:
+        """Set one value (from the command line); ``None`` leaves the setting as it is."""
+        if value is None:
+            return
+        setattr(getattr(self, section), key, value)
+        self.sources[f"{section}.{key}"] = source
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.general.state_dir)
+
+
+def _coerce(name: str, default: Any, value: Any, from_env: bool) -> Any:
+    """Convert ``value`` to the type of ``default``; raise ConfigError naming ``name``."""
+    want = type(default)
+    try:
+        if want is bool:
+            if isinstance(value, bool):
+                return value
+            if from_env and str(value).strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if from_env and str(value).strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if want is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            if from_env:
+                return int(str(value).strip())
+            raise ValueError
+        if want is float:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, (int, float)):
+                return float(value)
+            if from_env:
+                return float(str(value).strip())
+            raise ValueError
+        if want is list:
+            if isinstance(value, list):
+                return [str(v) for v in value]
+            if from_env:
+                return [v.strip() for v in str(value).split(",") if v.strip()]
+            raise ValueError
+        if want is str:
+            if isinstance(value, str):
+                return value
+            raise ValueError
+    except ValueError:
+        pass
+    raise ConfigError(f"config key {name!r} must be {want.__name__}, got {value!r}")
+
+
+def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the effective settings.
+
+    ``path``: a TOML file; None uses ``$PORTWATCH_CONFIG`` or /etc/portwatch/config.toml when present.
+    An explicitly named file that does not exist is an error; the default one may be absent.
+    """
+    environ = os.environ if environ is None else environ
+    settings = Settings()
+    explicit = path is not None or "PORTWATCH_CONFIG" in environ
+    cfg_path = Path(path if path is not None else environ.get("PORTWATCH_CONFIG", DEFAULT_CONFIG_PATH))
+    data: dict = {}
+    if cfg_path.exists():
+        try:
+            with open(cfg_path, "rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {cfg_path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {cfg_path} cannot be read: {exc.strerror}") from None
+        settings.config_path = str(cfg_path)
+    elif explicit:
+        raise ConfigError(f"config file {cfg_path} does not exist")
+
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in SECTIONS:
+                raise ConfigError(f"unknown config section [{key}] in {cfg_path}")
+            for sub, subval in value.items():
+                _apply(settings, key, sub, subval, f"file:{cfg_path}", from_env=False)
+        else:
+            _apply(settings, "general", key, value, f"file:{cfg_path}", from_env=False)
+
+    known_env = set()
+    for section in SECTIONS:
+        for f in dataclasses.fields(SECTIONS[section]):
+            names = [f"PORTWATCH_{section.upper()}_{f.name.upper()}"]
+            if section == "general":
+                names.insert(0, f"PORTWATCH_{f.name.upper()}")
+            for env_name in names:
+                known_env.add(env_name)
+                if env_name in environ:
+                    _apply(settings, section, f.name, environ[env_name], f"env:{env_name}", from_env=True)
+    for env_name in environ:
+        if env_name.startswith("PORTWATCH_") and env_name not in known_env and env_name != "PORTWATCH_CONFIG":
+            raise ConfigError(f"unknown environment setting {env_name}")
+    return settings
+
+
+def _apply(settings: Settings, section: str, key: str, value: Any, source: str, from_env: bool) -> None:
+    obj = getattr(settings, section)
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    if key not in names:
+        where = key if section == "general" else f"{section}.{key}"
+        raise ConfigError(f"unknown config key {where!r} ({source})")
+    default = getattr(SECTIONS[section](), key)
+    setattr(obj, key, _coerce(f"{section}.{key}", default, value, from_env))
+    settings.sources[f"{section}.{key}"] = source

@@ -1,0 +1,104 @@
+"""SQLite connections: WAL, busy timeout, foreign keys, schema migrations with a backup first.
+
+One write path: every writer opens with :func:`connect` and writes inside ``with conn:`` blocks
+(one round = one transaction). Readers that only read use ``connect(path, readonly=True)``.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+from app.errors import DatabaseError
+
+log = logging.getLogger(__name__)
+
+INIT_SQL = Path(__file__).resolve().parent.parent.parent / "init.sql"
+BUSY_TIMEOUT_MS = 15000
+
+# version -> SQL that upgrades from version-1. Version 1 is init.sql itself.
+MIGRATIONS: dict[int, str] = {}
+SCHEMA_VERSION = 1 + len(MIGRATIONS)
+
+
+def connect(path: str | Path, readonly: bool = False, migrate: bool = True) -> sqlite3.Connection:
+    """Open the database at ``path`` (created with the schema when absent unless ``readonly``).
+
+    Raises DatabaseError with one sentence for a corrupt, locked, unreadable or too-new database.
+    """
+    path = Path(path)
+    try:
+        if readonly:
+            if not path.exists():
+                raise DatabaseError(f"database {path} does not exist yet: run a collection first (python -m app collect)")
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                                   check_same_thread=False)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            if migrate:
+                _migrate(conn, path, version)
+        elif version == 0:
+            raise DatabaseError(f"database {path} has no portwatch schema: run a collection first")
+        elif version > SCHEMA_VERSION:
+            raise DatabaseError(f"database {path} has schema version {version}, newer than this portwatch ({SCHEMA_VERSION}): upgrade portwatch")
+        return conn
+    except sqlite3.DatabaseError as exc:
+        raise _explain(exc, path) from None
+    except OSError as exc:
+        raise DatabaseError(f"database {path} cannot be opened: {exc.strerror}") from None
+
+
+def _explain(exc: sqlite3.Error, path: Path) -> DatabaseError:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return DatabaseError(f"database {path} is locked by another process for more than {BUSY_TIMEOUT_MS // 1000} s: try again later")
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return DatabaseError(f"database {path} is corrupt ({text}): restore a backup or move it aside; portwatch did not change it")
+    if "readonly" in text or "unable to open" in text:
+        return DatabaseError(f"database {path} cannot be opened for writing ({text}): check its permissions and directory")
+    return DatabaseError(f"database {path}: {text}")
+
+
+def explain(exc: sqlite3.Error, path: str | Path) -> DatabaseError:
+    """The one-sentence DatabaseError for an sqlite3 error raised while using ``path``."""
+    return _explain(exc, Path(path))
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise DatabaseError(f"database {path} has schema version {version}, newer than this portwatch ({SCHEMA_VERSION}): upgrade portwatch")
+    if version == SCHEMA_VERSION:
+        return
+    if version == 0:
+        # a brand-new file, or one made by hand without the schema: apply init.sql
+        tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+        if tables and not conn.execute("SELECT 1 FROM sqlite_master WHERE name='rounds'").fetchone():
+            raise DatabaseError(f"database {path} holds other tables and no portwatch schema: choose another --db")
+        conn.executescript(INIT_SQL.read_text())
+        version = 1
+        log.info("created schema version 1 in %s", path)
+    if version < SCHEMA_VERSION:
+        backup = path.with_name(f"{path.name}.v{version}.{int(time.time())}.bak")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        shutil.copy2(path, backup)
+        log.info("backed up %s to %s before migrating", path, backup)
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with conn:
+                conn.executescript(MIGRATIONS[target])
+                conn.execute(f"PRAGMA user_version = {target}")
+        log.info("migrated %s to schema version %d", path, SCHEMA_VERSION)
+
+
+def check_integrity(conn: sqlite3.Connection) -> str:
+    """'ok' or the first problem PRAGMA quick_check reports."""
+    return conn.execute("PRAGMA quick_check").fetchone()[0]

@@ -1,0 +1,128 @@
+/* portwatch: structs shared by the XDP program (bpf/port_flow.c) and user space.
+ *
+ * Every struct read from user space has exactly one ctypes mirror in app/services/maps.py,
+ * commented with the C name; tests/services/test_maps.py checks the sizes against the BTF
+ * the kernel loaded, so the two sides cannot drift apart silently.
+ * Padding is written out: the kernel compares keys byte for byte, so no byte may be left
+ * to the compiler.
+ */
+#ifndef PORTWATCH_COMMON_H
+#define PORTWATCH_COMMON_H
+
+/* Addresses are one 16-byte form: IPv6 as is, IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d). */
+struct pw_addr {
+    __u8 addr[16];
+};
+
+/* port_stats key: local (destination) port and IP protocol. For ICMP/ICMPv6 the "port" is
+ * the ICMP type; non-first fragments and other protocols use port 0. */
+struct pw_port_key {
+    __u16 port;                 /* host byte order */
+    __u8  proto;                /* IPPROTO_* */
+    __u8  pad;
+};
+
+/* port_stats value (per CPU). Counters are cumulative and never reset by the kernel.
+ * round_min/round_max hold the payload extremes of the packets seen while the config
+ * map's epoch was `epoch`: user space bumps the epoch at every round, so they are
+ * per-round extremes without any counter ever being reset. */
+struct pw_port_value {
+    __u64 packets;
+    __u64 bytes;                /* frame bytes */
+    __u64 payload_bytes;        /* L4 payload bytes */
+    __u64 syn;                  /* SYN without ACK */
+    __u64 synack;
+    __u64 rst;
+    __u64 fin;
+    __u32 min_payload;          /* since the map was created */
+    __u32 max_payload;
+    __u32 round_min;
+    __u32 round_max;
+    __u32 epoch;
+    __u32 pad;
+};
+
+/* sources value (LRU, per CPU), key struct pw_addr */
+struct pw_source_value {
+    __u64 packets;
+    __u64 bytes;
+    __u64 syn;
+};
+
+/* srcports key (LRU): which local ports a source reached; value: __u64 packets */
+struct pw_srcport_key {
+    struct pw_addr src;
+    __u16 port;
+    __u8  proto;
+    __u8  pad;
+};
+
+/* flows key (LRU): the 5-tuple as seen arriving */
+struct pw_flow_key {
+    struct pw_addr src;
+    struct pw_addr dst;
+    __u16 sport;
+    __u16 dport;
+    __u8  proto;
+    __u8  pad[3];
+};
+
+struct pw_flow_value {
+    __u64 packets;
+    __u64 bytes;
+    __u64 first_seen_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    __u64 last_seen_ns;
+    __u32 tcp_flags;            /* OR of the TCP flag bytes seen */
+    __u32 pad;
+};
+
+/* blacklist key (LPM trie). prefixlen counts bits of addr; IPv4 prefixes are mapped, so
+ * an IPv4 /24 is prefixlen 96 + 24 = 120. */
+struct pw_lpm_key {
+    __u32 prefixlen;
+    __u8  addr[16];
+};
+
+struct pw_blacklist_value {
+    __u64 drops;                /* packets dropped for this entry since it was added */
+    __u64 drop_bytes;
+    __u64 last_drop_ns;
+};
+
+/* config (array, one entry): runtime switches that need no reload. Zero means defaults. */
+struct pw_config {
+    __u32 epoch;                /* round epoch for round_min/round_max */
+    __u32 flags;                /* PW_F_* */
+};
+
+#define PW_F_BLACKLIST_OFF  (1u << 0)  /* do not consult the blacklist (nothing is dropped) */
+#define PW_F_FLOWS_OFF      (1u << 1)  /* do not track flows */
+#define PW_F_SRCPORTS_OFF   (1u << 2)  /* do not track (source, port) pairs */
+
+/* global counters (per-CPU array), index names mirrored in app/services/maps.py GLOBAL_NAMES.
+ * total = parsed + unparsed + non_ip. dropped is a subset of parsed. */
+enum pw_global {
+    PW_G_TOTAL = 0,
+    PW_G_BYTES,
+    PW_G_PARSED,
+    PW_G_UNPARSED,
+    PW_G_NON_IP,
+    PW_G_DROPPED,
+    PW_G_DROPPED_BYTES,
+    PW_G_IPV4,
+    PW_G_IPV6,
+    PW_G_TCP,
+    PW_G_UDP,
+    PW_G_ICMP,
+    PW_G_ICMPV6,
+    PW_G_OTHER_L4,
+    PW_G_FRAGMENTS,
+    PW_G_VLAN,
+    PW_G_FLOW_INSERTS,          /* new flow keys: inserts - growth = LRU evictions */
+    PW_G_SRCPORT_INSERTS,
+    PW_G_SOURCE_INSERTS,
+    PW_G_PORT_MAP_FULL,         /* a new port key could not be stored (map full) */
+    PW_G_MAX
+};
+
+#endif /* PORTWATCH_COMMON_H */

@@ -1,0 +1,327 @@
+-- portwatch schema, version 1 (PRAGMA user_version).
+-- Usable on its own:  sqlite3 -init init.sql ports.db ""
+-- The application applies this file itself on first run (app/db/migrations.py).
+--
+-- Conventions for console users:
+--   * times are Unix epoch seconds (REAL, UTC); every view also shows them as text;
+--   * per-round counters are DIFFERENCES: what happened in that round, never running totals;
+--   * ports.value = -1 is the folded ephemeral bucket of a protocol (ports.label = 'ephemeral');
+--     for ICMP/ICMPv6 the "port" is the ICMP type;
+--   * addresses are text: '198.18.0.2', '2001:db8::1', blacklist entries in CIDR form.
+
+PRAGMA journal_mode = WAL;
+PRAGMA foreign_keys = ON;
+
+CREATE TABLE IF NOT EXISTS rounds (
+    id               INTEGER PRIMARY KEY,
+    start_time       REAL NOT NULL,          -- when this round's collection started
+    end_time         REAL NOT NULL,          -- when the counters were read
+    counts_since     REAL,                   -- time of the previous snapshot: the counters cover (counts_since, end_time]
+    interface        TEXT NOT NULL,
+    xdp_mode         TEXT,                   -- 'native', 'generic', or NULL when XDP was not attached
+    program_id       INTEGER,                -- kernel id of the XDP program read
+    source_hash      TEXT,                   -- hash of bpf/port_flow.c + build flags of that program
+    compiled         INTEGER NOT NULL DEFAULT 0,  -- 1 when this run compiled (BCC) the program
+    reloaded         INTEGER NOT NULL DEFAULT 0,  -- 1 when this run replaced a running program
+    total_packets    INTEGER NOT NULL DEFAULT 0,
+    total_bytes      INTEGER NOT NULL DEFAULT 0,
+    parsed_packets   INTEGER NOT NULL DEFAULT 0,
+    unparsed_packets INTEGER NOT NULL DEFAULT 0,
+    dropped_packets  INTEGER NOT NULL DEFAULT 0,
+    -- self-monitoring: what this collector run cost and how full the maps are
+    cpu_seconds      REAL,
+    peak_rss_kb      INTEGER,
+    port_entries     INTEGER,
+    source_entries   INTEGER,
+    srcport_entries  INTEGER,
+    flow_entries     INTEGER,
+    blacklist_entries INTEGER,
+    srcport_evictions INTEGER,               -- LRU evictions during this round (inserts - growth)
+    flow_evictions   INTEGER,
+    scanner_status   TEXT,                   -- 'ok', 'disabled', 'error: ...'
+    sniffer_status   TEXT,                   -- 'ok', 'disabled', 'no-tshark', 'error: ...'
+    sniffer_packets  INTEGER,
+    note             TEXT
+);
+CREATE INDEX IF NOT EXISTS rounds_interface_end ON rounds(interface, end_time);
+
+CREATE TABLE IF NOT EXISTS ports (
+    id       INTEGER PRIMARY KEY,
+    value    INTEGER NOT NULL,               -- port number; ICMP type for icmp/icmpv6; -1 = ephemeral bucket
+    protocol TEXT NOT NULL,                  -- 'tcp', 'udp', 'icmp', 'icmpv6', 'other'
+    label    TEXT,                           -- 'ephemeral' for the folded bucket
+    UNIQUE (value, protocol)
+);
+
+-- occupancy, from the scanner thread: who holds which local port
+CREATE TABLE IF NOT EXISTS rounds_ports (
+    id          INTEGER PRIMARY KEY,
+    round_id    INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
+    port_id     INTEGER NOT NULL REFERENCES ports(id),
+    timestamp   REAL NOT NULL,
+    pid         INTEGER,                     -- NULL when the socket's owner is not visible
+    process     TEXT,
+    user        TEXT,
+    address     TEXT,                        -- bound address ('0.0.0.0', '::', '127.0.0.1', ...)
+    family      TEXT,                        -- 'ipv4' or 'ipv6'
+    state       TEXT,                        -- 'LISTEN' (tcp) or 'BOUND' (udp)
+    established INTEGER NOT NULL DEFAULT 0   -- established connections on that local port
+);
+CREATE INDEX IF NOT EXISTS rounds_ports_round ON rounds_ports(round_id);
+CREATE INDEX IF NOT EXISTS rounds_ports_port ON rounds_ports(port_id, round_id);
+
+-- kernel counters per (local port, protocol), differences for the round
+CREATE TABLE IF NOT EXISTS port_stats (
+    round_id      INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
+    port_id       INTEGER NOT NULL REFERENCES ports(id),
+    packets       INTEGER NOT NULL,
+    bytes         INTEGER NOT NULL,          -- frame bytes
+    payload_bytes INTEGER NOT NULL,          -- L4 payload bytes
+    min_payload   INTEGER,                   -- smallest/largest L4 payload seen in this round
+    max_payload   INTEGER,
+    syn           INTEGER NOT NULL DEFAULT 0,  -- TCP SYN without ACK
+    synack        INTEGER NOT NULL DEFAULT 0,
+    rst           INTEGER NOT NULL DEFAULT 0,
+    fin           INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (round_id, port_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS port_stats_port ON port_stats(port_id, round_id);
+
+-- kernel counters per source address, differences for the round
+CREATE TABLE IF NOT EXISTS source_stats (
+    round_id       INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
+    address        TEXT NOT NULL,
+    packets        INTEGER NOT NULL,
+    bytes          INTEGER NOT NULL,
+    syn            INTEGER NOT NULL DEFAULT 0,
+    distinct_ports INTEGER NOT NULL DEFAULT 0,  -- local (port, protocol) pairs this source reached in the round
+    PRIMARY KEY (round_id, address)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS source_stats_address ON source_stats(address, round_id);
+
+-- which local ports a source reached, kept for sources that reached many (scan evidence)
+CREATE TABLE IF NOT EXISTS source_ports (
+    round_id INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
+    address  TEXT NOT NULL,
+    port     INTEGER NOT NULL,               -- real port (never folded)
+    protocol TEXT NOT NULL,
+    packets  INTEGER NOT NULL,
+    PRIMARY KEY (round_id, address, protocol, port)
+) WITHOUT ROWID;
+
+-- bounded per-round flow detail: top flows by bytes + every flow of a many-ports source
+CREATE TABLE IF NOT EXISTS flows (
+    round_id    INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
+    src_address TEXT NOT NULL,
+    src_port    INTEGER NOT NULL,
+    dst_address TEXT NOT NULL,
+    dst_port    INTEGER NOT NULL,
+    protocol    TEXT NOT NULL,
+    packets     INTEGER NOT NULL,
+    bytes       INTEGER NOT NULL,
+    first_seen  REAL,                        -- epoch seconds
+    last_seen   REAL,
+    tcp_flags   INTEGER NOT NULL DEFAULT 0,  -- OR of the TCP flags seen (FIN=1 SYN=2 RST=4 PSH=8 ACK=16 URG=32)
+    reason      TEXT NOT NULL                -- 'top' or 'many-ports'
+);
+CREATE INDEX IF NOT EXISTS flows_round ON flows(round_id);
+CREATE INDEX IF NOT EXISTS flows_dst_port ON flows(dst_port, round_id);
+
+-- global kernel counters (total, parsed, unparsed, dropped, per protocol), differences for the round
+CREATE TABLE IF NOT EXISTS global_stats (
+    round_id INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
+    name     TEXT NOT NULL,
+    value    INTEGER NOT NULL,
+    PRIMARY KEY (round_id, name)
+) WITHOUT ROWID;
+
+-- sniffer sample (pyshark/tshark): metadata only, no payload bytes
+CREATE TABLE IF NOT EXISTS packets (
+    id          INTEGER PRIMARY KEY,
+    timestamp   REAL NOT NULL,
+    protocols   TEXT,                        -- tshark's frame.protocols, e.g. 'eth:ethertype:ip:udp:dns'
+    qry_name    TEXT,                        -- DNS query name
+    resp_name   TEXT,                        -- DNS answer names, comma separated
+    server_name TEXT,                        -- TLS SNI / QUIC server name
+    port_id     INTEGER REFERENCES ports(id),-- the local port of the packet (folded like port_stats)
+    dest_port   INTEGER,
+    src_port    INTEGER,
+    src_address TEXT,
+    dst_address TEXT,
+    transport   TEXT,                        -- 'tcp', 'udp', 'icmp', ...
+    payload     INTEGER,                     -- L4 payload length in bytes (no payload content is stored)
+    length      INTEGER,                     -- frame length
+    round_id    INTEGER REFERENCES rounds(id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS packets_round ON packets(round_id);
+CREATE INDEX IF NOT EXISTS packets_qry ON packets(qry_name);
+
+-- last cumulative kernel snapshot per interface and map; rounds are differences against it
+CREATE TABLE IF NOT EXISTS counter_snapshots (
+    interface  TEXT NOT NULL,
+    map_name   TEXT NOT NULL,
+    taken_at   REAL NOT NULL,
+    round_id   INTEGER,
+    program_id INTEGER,
+    entries    INTEGER NOT NULL,
+    data       BLOB NOT NULL,                -- packed key/value records (app/services/rounds.py)
+    PRIMARY KEY (interface, map_name)
+) WITHOUT ROWID;
+
+-- every compile/attach of the XDP program
+CREATE TABLE IF NOT EXISTS xdp_loads (
+    id              INTEGER PRIMARY KEY,
+    interface       TEXT NOT NULL,
+    loaded_at       REAL NOT NULL,
+    mode            TEXT NOT NULL,
+    program_id      INTEGER,
+    source_hash     TEXT NOT NULL,
+    reason          TEXT NOT NULL,           -- 'first-load', 'source-changed', 'not-attached', 'maps-recreated'
+    compile_seconds REAL
+);
+
+-- evaluator ------------------------------------------------------------------
+
+CREATE TABLE IF NOT EXISTS models (
+    version        INTEGER PRIMARY KEY,
+    created_at     REAL NOT NULL,
+    parent_version INTEGER,
+    path           TEXT NOT NULL,            -- directory holding model + scaler + config.json
+    threshold      REAL,
+    train_windows  INTEGER,
+    status         TEXT NOT NULL DEFAULT 'active',  -- 'active', 'retired', 'rolled-back'
+    metadata       TEXT                      -- JSON
+);
+
+CREATE TABLE IF NOT EXISTS evaluations (
+    id             INTEGER PRIMARY KEY,
+    started_at     REAL NOT NULL,
+    finished_at    REAL,
+    first_round_id INTEGER,
+    last_round_id  INTEGER,
+    model_version  INTEGER,
+    threshold      REAL,
+    windows        INTEGER,
+    anomalies      INTEGER,
+    duration_s     REAL,
+    status         TEXT,                     -- 'ok', 'warm-up', 'no-rounds', 'error: ...'
+    note           TEXT
+);
+
+CREATE TABLE IF NOT EXISTS anomalies (
+    id             INTEGER PRIMARY KEY,
+    evaluation_id  INTEGER NOT NULL REFERENCES evaluations(id) ON DELETE CASCADE,
+    port_id        INTEGER REFERENCES ports(id),
+    detector       TEXT NOT NULL,            -- 'model', 'port_scan', 'syn_flood', 'new_listener', ...
+    score          REAL,
+    threshold      REAL,
+    reasons        TEXT,                     -- JSON: features, observed vs reconstructed, sources
+    first_round_id INTEGER,
+    last_round_id  INTEGER,
+    source         TEXT,                     -- the main source address, where one is responsible
+    created_at     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS anomalies_eval ON anomalies(evaluation_id);
+CREATE INDEX IF NOT EXISTS anomalies_port ON anomalies(port_id);
+
+-- blocklist -------------------------------------------------------------------
+
+CREATE TABLE IF NOT EXISTS blacklist (
+    address      TEXT PRIMARY KEY,           -- CIDR ('198.18.0.9/32', '2001:db8::/64')
+    reason       TEXT NOT NULL,
+    evidence     TEXT,                       -- JSON
+    anomaly_id   INTEGER,
+    origin       TEXT NOT NULL DEFAULT 'manual',  -- 'manual' or 'auto'
+    created_at   REAL NOT NULL,
+    expires_at   REAL,                       -- NULL = never
+    status       TEXT NOT NULL,              -- 'active', 'expired', 'removed', 'dry-run'
+    drops        INTEGER NOT NULL DEFAULT 0, -- packets dropped for this entry, all time
+    offences     INTEGER NOT NULL DEFAULT 1,
+    removed_at   REAL
+);
+
+CREATE TABLE IF NOT EXISTS blacklist_drops (
+    round_id INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
+    address  TEXT NOT NULL,
+    drops    INTEGER NOT NULL,
+    PRIMARY KEY (round_id, address)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS blacklist_events (
+    id       INTEGER PRIMARY KEY,
+    at       REAL NOT NULL,
+    address  TEXT NOT NULL,
+    action   TEXT NOT NULL,                  -- 'block', 'would-block', 'expire', 'remove', 'refused', 'reconcile-add', ...
+    detail   TEXT
+);
+
+-- operations ------------------------------------------------------------------
+
+CREATE TABLE IF NOT EXISTS alerts_sent (
+    key     TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    sent_at REAL NOT NULL,
+    PRIMARY KEY (key, channel)
+) WITHOUT ROWID;
+
+-- views for console users -------------------------------------------------------
+
+CREATE VIEW IF NOT EXISTS v_round_summary AS
+SELECT r.id AS round_id,
+       datetime(r.end_time, 'unixepoch') AS ended,
+       round(r.end_time - COALESCE(r.counts_since, r.start_time), 1) AS seconds,
+       r.interface, r.xdp_mode,
+       r.total_packets, r.total_bytes, r.unparsed_packets, r.dropped_packets,
+       (SELECT COUNT(*) FROM port_stats ps WHERE ps.round_id = r.id) AS active_ports,
+       (SELECT COUNT(*) FROM source_stats ss WHERE ss.round_id = r.id) AS sources,
+       (SELECT COUNT(*) FROM rounds_ports rp WHERE rp.round_id = r.id) AS listeners,
+       r.sniffer_packets, r.cpu_seconds, r.peak_rss_kb
+FROM rounds r;
+
+CREATE VIEW IF NOT EXISTS v_top_ports AS
+SELECT CASE WHEN p.value = -1 THEN 'ephemeral' ELSE CAST(p.value AS TEXT) END AS port,
+       p.protocol,
+       SUM(ps.packets) AS packets, SUM(ps.bytes) AS bytes, SUM(ps.syn) AS syn,
+       COUNT(*) AS rounds_active,
+       datetime(MAX(r.end_time), 'unixepoch') AS last_seen
+FROM port_stats ps JOIN ports p ON p.id = ps.port_id JOIN rounds r ON r.id = ps.round_id
+WHERE r.end_time >= strftime('%s', 'now') - 86400
+GROUP BY ps.port_id
+ORDER BY bytes DESC;
+
+CREATE VIEW IF NOT EXISTS v_top_sources AS
+SELECT ss.address, SUM(ss.packets) AS packets, SUM(ss.bytes) AS bytes, SUM(ss.syn) AS syn,
+       MAX(ss.distinct_ports) AS max_ports_in_a_round,
+       datetime(MAX(r.end_time), 'unixepoch') AS last_seen
+FROM source_stats ss JOIN rounds r ON r.id = ss.round_id
+WHERE r.end_time >= strftime('%s', 'now') - 86400
+GROUP BY ss.address
+ORDER BY packets DESC;
+
+CREATE VIEW IF NOT EXISTS v_listeners AS
+SELECT rp.round_id, p.value AS port, p.protocol, rp.address, rp.pid, rp.process, rp.user, rp.established
+FROM rounds_ports rp JOIN ports p ON p.id = rp.port_id
+WHERE rp.round_id = (SELECT MAX(id) FROM rounds);
+
+CREATE VIEW IF NOT EXISTS v_dns_names AS
+SELECT qry_name, COUNT(*) AS queries, datetime(MAX(timestamp), 'unixepoch') AS last_seen
+FROM packets WHERE qry_name IS NOT NULL
+GROUP BY qry_name ORDER BY queries DESC;
+
+CREATE VIEW IF NOT EXISTS v_recent_anomalies AS
+SELECT a.id, datetime(a.created_at, 'unixepoch') AS at, a.detector,
+       CASE WHEN p.value = -1 THEN 'ephemeral' ELSE CAST(p.value AS TEXT) END AS port, p.protocol,
+       round(a.score, 3) AS score, round(a.threshold, 3) AS threshold, a.source,
+       a.first_round_id, a.last_round_id, a.reasons
+FROM anomalies a LEFT JOIN ports p ON p.id = a.port_id
+WHERE a.created_at >= strftime('%s', 'now') - 7 * 86400
+ORDER BY a.id DESC;
+
+CREATE VIEW IF NOT EXISTS v_active_blacklist AS
+SELECT address, reason, origin, status, drops, offences,
+       datetime(created_at, 'unixepoch') AS created,
+       CASE WHEN expires_at IS NULL THEN 'never' ELSE datetime(expires_at, 'unixepoch') END AS expires
+FROM blacklist WHERE status IN ('active', 'dry-run')
+ORDER BY created_at DESC;
+
+PRAGMA user_version = 1;
