@@ -52,6 +52,7 @@ class Collector:
     srcport_map_size: int = 131072
     flow_map_size: int = 65536
     blacklist_map_size: int = 16384
+    extra_cflags: str = ""                       # more -D flags for the XDP build (a change reloads it)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Sniffer:
     max_packets: int = 5000
     bpf_filter: str = ""                         # capture filter (tshark -f)
     tshark_path: str = ""                        # empty: found on PATH or in /usr/bin
+    drain_seconds: float = 2.0                   # after the window, tshark may flush this long before it is killed
     store_payload: bool = False
 
 
@@ -115,18 +117,25 @@ class Alerts:
     mail_from: str = ""
     mail_to: str = ""
     syslog: bool = False
-    syslog_address: str = "/dev/log"
+    syslog_address: str = "/dev/log"             # a unix socket path, or host:port (UDP)
+    syslog_facility: str = "daemon"
+    smtp_password_file: str = ""                 # read the SMTP password from this file (e.g. a container secret)
+    smtp_cafile: str = ""                        # CA bundle to verify the SMTP server (empty: the system's)
+    max_seconds: float = 20.0                    # total time one send_alerts call may take, all channels
 
 
 @dataclass
 class Metrics:
     textfile_dir: str = ""                       # e.g. /var/lib/prometheus/node-exporter
+    file_name: str = "portwatch.prom"            # one file shared by all jobs (label task="<job>")
 
 
 @dataclass
 class Reports:
     out_dir: str = "/var/lib/portwatch/reports"
     top_ports: int = 6
+    since: str = "7d"                            # default report window: ISO time, relative (24h, 7d) or "all"
+    max_anomaly_figures: int = 12                # per-feature contribution figures, most recent model anomalies
 
 
 @dataclass

@@ -95,6 +95,15 @@ struct pw_config {
     __u32 flags;                /* PW_F_* */
 };
 
+/* meta (array, one entry): written by the loader after each attach, so the pins say which
+ * source they came from and a later run can decide without compiling whether to reload. */
+struct pw_meta {
+    __u8  source_hash[32];      /* sha256 of port_flow.c + common.h + build flags */
+    __u64 loaded_at;            /* Unix seconds */
+    __u32 program_id;
+    __u32 mode;                 /* 1 native (driver), 2 generic (skb) */
+};
+
 #define PW_F_BLACKLIST_OFF  (1u << 0)  /* do not consult the blacklist (nothing is dropped) */
 #define PW_F_FLOWS_OFF      (1u << 1)  /* do not track flows */
 #define PW_F_SRCPORTS_OFF   (1u << 2)  /* do not track (source, port) pairs */

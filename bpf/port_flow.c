@@ -14,6 +14,7 @@
  *   global      percpu_array     u32 (enum pw_global)  u64                        PW_G_MAX
  *   blacklist   lpm_trie         pw_lpm_key            pw_blacklist_value         BLACKLIST_MAP_SIZE
  *   config      array            u32 (0)               pw_config                  1
+ *   meta        array            u32 (0)               pw_meta                    1  (user space only)
  *
  * What it never does: it never drops a packet whose source is not in the blacklist, never
  * modifies a packet, and never resets a counter (user space takes differences). Packets it
@@ -87,6 +88,7 @@ BPF_TABLE_PINNED("percpu_array", __u32, __u64, global, PW_G_MAX, PIN_DIR "/globa
 /* The kernel refuses an LPM trie without BPF_F_NO_PREALLOC. */
 BPF_TABLE_PINNED("lpm_trie", struct pw_lpm_key, struct pw_blacklist_value, blacklist, BLACKLIST_MAP_SIZE, PIN_DIR "/blacklist", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("array", __u32, struct pw_config, config, 1, PIN_DIR "/config");
+BPF_TABLE_PINNED("array", __u32, struct pw_meta, meta, 1, PIN_DIR "/meta");
 
 static __always_inline void count(__u32 idx, __u64 n)
 {

@@ -1,0 +1,42 @@
+"""`collect`: K rounds (default 1) of N seconds (default 60) on one interface."""
+from __future__ import annotations
+
+import sys
+
+from app.cli import add_command
+
+
+def register(sub) -> None:
+    p = add_command(sub, "collect", "collect rounds of kernel counters, occupancy and packet metadata",
+                    "Collect K rounds of N seconds on one interface into SQLite. The first run on an interface "
+                    "compiles and attaches the XDP program (in a separate process); later runs only read its "
+                    "pinned maps.")
+    p.add_argument("--interface", "-i", help="interface to watch (default: general.interface, else the default-route one)")
+    p.add_argument("--round-seconds", type=float, help="seconds per round (default: collector.round_seconds, 60)")
+    p.add_argument("--rounds", type=int, help="rounds to collect, 0 = until stopped (default: collector.rounds, 1)")
+    p.add_argument("--no-sniffer", action="store_true", help="skip the pyshark sniffer")
+    p.add_argument("--no-scanner", action="store_true", help="skip the occupancy scanner")
+    p.set_defaults(func=run)
+
+
+def resolve_interface(args, settings) -> str:
+    from app.services import xdp
+    return args.interface or settings.general.interface or xdp.default_interface()
+
+
+def run(args, settings) -> int:
+    from app.errors import UsageError
+    from app.services.collector import run_collection
+    settings.override("collector", "round_seconds", args.round_seconds)
+    settings.override("collector", "rounds", args.rounds)
+    if args.no_sniffer:
+        settings.override("sniffer", "enabled", False)
+    if args.no_scanner:
+        settings.override("scanner", "enabled", False)
+    if settings.collector.round_seconds < 0 or settings.collector.rounds < 0:
+        raise UsageError("--round-seconds and --rounds must not be negative")
+    interface = resolve_interface(args, settings)
+    show = sys.stdout.isatty() or not args.quiet if hasattr(args, "quiet") else True
+    run_collection(settings, interface, settings.collector.round_seconds, settings.collector.rounds,
+                   on_round=(lambda s: print(s.line(), flush=True)) if show else None)
+    return 0

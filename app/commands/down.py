@@ -1,0 +1,17 @@
+"""`down`: detach portwatch's XDP program from an interface and remove its pins."""
+from __future__ import annotations
+
+from app.cli import add_command
+
+
+def register(sub) -> None:
+    p = add_command(sub, "down", "detach XDP and remove the pins for an interface")
+    p.add_argument("--interface", "-i", required=True, help="interface to detach from")
+    p.set_defaults(func=run)
+
+
+def run(args, settings) -> int:
+    from app.services import xdp
+    done = xdp.down(settings, args.interface)
+    print("; ".join(done) if done else f"nothing of portwatch's was attached to or pinned for {args.interface}")
+    return 0

@@ -1,0 +1,90 @@
+"""Queries for rounds and their kernel counters (rounds, port_stats, source_stats, source_ports,
+flows, global_stats, counter_snapshots, xdp_loads, blacklist_drops).
+
+The collector writes one round with :func:`insert_round` and friends inside ONE transaction
+(``with conn:``), snapshot included, so a run killed mid-write leaves the previous snapshot in
+place and the next round counts everything since then.
+"""
+from __future__ import annotations
+
+import sqlite3
+from typing import Iterable
+
+
+def load_snapshots(conn: sqlite3.Connection, interface: str) -> dict[str, tuple[float, bytes, int | None]]:
+    """map name -> (taken_at, data, program_id) of the last snapshot for ``interface``."""
+    rows = conn.execute("SELECT map_name, taken_at, data, program_id FROM counter_snapshots WHERE interface = ?",
+                        (interface,))
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def save_snapshot(conn, interface: str, map_name: str, taken_at: float, round_id: int | None,
+                  program_id: int | None, entries: int, data: bytes) -> None:
+    conn.execute("INSERT INTO counter_snapshots (interface, map_name, taken_at, round_id, program_id, entries, data) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(interface, map_name) DO UPDATE SET "
+                 "taken_at = excluded.taken_at, round_id = excluded.round_id, program_id = excluded.program_id, "
+                 "entries = excluded.entries, data = excluded.data",
+                 (interface, map_name, taken_at, round_id, program_id, entries, data))
+
+
+def insert_round(conn, values: dict) -> int:
+    """Insert a rounds row from a column -> value dict; returns its id."""
+    cols = ", ".join(values)
+    marks = ", ".join("?" * len(values))
+    return conn.execute(f"INSERT INTO rounds ({cols}) VALUES ({marks})", tuple(values.values())).lastrowid
+
+
+def update_round(conn, round_id: int, values: dict) -> None:
+    sets = ", ".join(f"{k} = ?" for k in values)
+    conn.execute(f"UPDATE rounds SET {sets} WHERE id = ?", (*values.values(), round_id))
+
+
+def insert_port_stats(conn, round_id: int, rows: Iterable[tuple]) -> None:
+    """rows: (port_id, packets, bytes, payload_bytes, min_payload, max_payload, syn, synack, rst, fin)."""
+    conn.executemany("INSERT INTO port_stats (round_id, port_id, packets, bytes, payload_bytes, min_payload, "
+                     "max_payload, syn, synack, rst, fin) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     ((round_id, *r) for r in rows))
+
+
+def insert_source_stats(conn, round_id: int, rows: Iterable[tuple]) -> None:
+    """rows: (address, packets, bytes, syn, distinct_ports)."""
+    conn.executemany("INSERT INTO source_stats (round_id, address, packets, bytes, syn, distinct_ports) "
+                     "VALUES (?, ?, ?, ?, ?, ?)", ((round_id, *r) for r in rows))
+
+
+def insert_source_ports(conn, round_id: int, rows: Iterable[tuple]) -> None:
+    """rows: (address, port, protocol, packets)."""
+    conn.executemany("INSERT INTO source_ports (round_id, address, port, protocol, packets) VALUES (?, ?, ?, ?, ?)",
+                     ((round_id, *r) for r in rows))
+
+
+def insert_flows(conn, round_id: int, rows: Iterable[tuple]) -> None:
+    """rows: (src_address, src_port, dst_address, dst_port, protocol, packets, bytes, first_seen, last_seen,
+    tcp_flags, reason)."""
+    conn.executemany("INSERT INTO flows (round_id, src_address, src_port, dst_address, dst_port, protocol, packets, "
+                     "bytes, first_seen, last_seen, tcp_flags, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     ((round_id, *r) for r in rows))
+
+
+def insert_global_stats(conn, round_id: int, values: dict[str, int]) -> None:
+    conn.executemany("INSERT INTO global_stats (round_id, name, value) VALUES (?, ?, ?)",
+                     ((round_id, k, v) for k, v in values.items()))
+
+
+def insert_blacklist_drops(conn, round_id: int, rows: Iterable[tuple]) -> None:
+    """rows: (address CIDR, drops in this round)."""
+    conn.executemany("INSERT INTO blacklist_drops (round_id, address, drops) VALUES (?, ?, ?)",
+                     ((round_id, *r) for r in rows))
+
+
+def insert_xdp_load(conn, interface: str, loaded_at: float, mode: str, program_id: int, source_hash: str,
+                    reason: str, compile_seconds: float) -> int:
+    return conn.execute("INSERT INTO xdp_loads (interface, loaded_at, mode, program_id, source_hash, reason, "
+                        "compile_seconds) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (interface, loaded_at, mode, program_id, source_hash, reason, compile_seconds)).lastrowid
+
+
+def last_round(conn, interface: str | None = None) -> sqlite3.Row | None:
+    if interface:
+        return conn.execute("SELECT * FROM rounds WHERE interface = ? ORDER BY id DESC LIMIT 1", (interface,)).fetchone()
+    return conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT 1").fetchone()

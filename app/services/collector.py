@@ -1,0 +1,389 @@
+"""One collection: K rounds of N seconds on one interface, each round one SQLite transaction.
+
+Per round: the scanner and sniffer threads run during the round; at its end the pinned maps
+are read (libbpf, no BCC), differenced against the last snapshot, and the round, its per-port,
+per-source and flow rows, occupancy, sniffer sample and the new snapshot are written in one
+transaction. Then the round epoch in the config map is bumped (per-round payload extremes) and
+the blocklist ledger is reconciled with the pinned blacklist map.
+
+Cheap by design: no BPF compile (unless the program must be (re)loaded, which happens in a
+separate process) and no TensorFlow or matplotlib anywhere on this path.
+"""
+from __future__ import annotations
+
+import fcntl
+import heapq
+import logging
+import os
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from app.db import rounds as rounds_db
+from app.db.connection import connect
+from app.db.ports import PortIds
+from app.errors import LockedError, PortwatchError
+from app.services import maps, ports, rounds, xdp
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_MAPS = ("port_stats", "sources", "srcports", "flows", "global", "blacklist")
+
+
+@dataclass
+class RoundSummary:
+    """What one round recorded (for the one-line-per-round output and tests)."""
+    round_id: int
+    interface: str
+    seconds: float
+    packets: int
+    bytes: int
+    unparsed: int
+    dropped: int
+    active_ports: int
+    sources: int
+    listeners: int | None
+    sniffed: int | None
+    compiled: bool
+    xdp_mode: str | None
+
+    def line(self) -> str:
+        parts = [f"round {self.round_id} on {self.interface}: {self.packets} packets, {self.bytes} bytes in "
+                 f"{self.seconds:.1f} s, {self.active_ports} active ports, {self.sources} sources"]
+        if self.unparsed:
+            parts.append(f"{self.unparsed} unparsed")
+        if self.dropped:
+            parts.append(f"{self.dropped} dropped")
+        if self.listeners is not None:
+            parts.append(f"{self.listeners} listeners")
+        if self.sniffed is not None:
+            parts.append(f"{self.sniffed} packets sniffed")
+        return ", ".join(parts)
+
+
+class RunTimeExceeded(PortwatchError):
+    pass
+
+
+@dataclass
+class Collector:
+    """Collects rounds for one interface into one database. ``collect()`` is the whole job."""
+    settings: object
+    interface: str
+    db_path: Path = field(init=False)
+    pin_dir: Path = field(init=False)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        self.db_path = Path(self.settings.general.db)
+        self.pin_dir = xdp.pin_dir(self.settings, self.interface)
+        self.conn = None
+        self.load_state: xdp.LoadState | None = None
+        self._maps: dict[str, maps.PinnedMap] = {}
+
+    # --- the job -----------------------------------------------------------------------------
+    def collect(self, round_seconds: float, n_rounds: int, on_round: Callable[[RoundSummary], None] | None = None,
+                with_threads: bool = True) -> list[RoundSummary]:
+        """Run ``n_rounds`` rounds (0 = until stopped) of ``round_seconds`` each."""
+        xdp.check_interface(self.interface)
+        lock = self._lock()
+        summaries = []
+        try:
+            self.conn = connect(self.db_path)
+            self.load_state = xdp.ensure_loaded(self.settings, self.interface, on_recreate=self._close_before_recreate)
+            if self.load_state.compiled:
+                with self.conn:
+                    rounds_db.insert_xdp_load(self.conn, self.interface, time.time(), self.load_state.mode,
+                                              self.load_state.program_id, self.load_state.source_hash,
+                                              self.load_state.reason, self.load_state.compile_seconds)
+            self._maps = maps.open_maps(self.pin_dir)
+            k = 0
+            while (n_rounds == 0 or k < n_rounds) and not self.stop.is_set():
+                summary = self.one_round(round_seconds, with_threads=with_threads, first=(k == 0))
+                summaries.append(summary)
+                if on_round:
+                    on_round(summary)
+                k += 1
+        finally:
+            for m in self._maps.values():
+                m.close()
+            self._maps = {}
+            if self.conn is not None:
+                self.conn.close()
+            lock.close()
+        return summaries
+
+    def _lock(self):
+        state = Path(self.settings.general.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        fh = open(state / f"collector-{self.interface}.lock", "w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise LockedError(f"another collector is running on {self.interface}: this run does not overlap it") from None
+        fh.write(str(os.getpid()))
+        fh.flush()
+        return fh
+
+    # --- one round -----------------------------------------------------------------------------
+    def one_round(self, round_seconds: float, with_threads: bool = True, first: bool = False) -> RoundSummary:
+        start = time.time()
+        threads = self._start_threads(round_seconds) if with_threads else {}
+        deadline = time.monotonic() + round_seconds
+        while not self.stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.stop.wait(min(left, 1.0))
+        results = self._join_threads(threads)
+        return self.close_round(start, results, compiled=first and bool(self.load_state and self.load_state.compiled),
+                                reloaded=first and bool(self.load_state and self.load_state.reloaded))
+
+    def _start_threads(self, round_seconds: float) -> dict:
+        """Scanner and sniffer threads for this round (see app/threads/)."""
+        threads = {}
+        if self.settings.scanner.enabled:
+            from app.threads.scanner import ScannerThread
+            threads["scanner"] = ScannerThread()
+        if self.settings.sniffer.enabled and round_seconds >= 1:
+            from app.threads.sniffer import SnifferThread
+            threads["sniffer"] = SnifferThread(self.interface, self.settings.sniffer, round_seconds,
+                                               Path(self.settings.general.state_dir))
+        for t in threads.values():
+            t.start()
+        return threads
+
+    def _join_threads(self, threads: dict) -> dict:
+        out = {}
+        for name, t in threads.items():
+            t.stop_event.set() if name == "scanner" else None  # the scanner scans at round end
+            t.join(timeout=30)
+            out[name] = t
+        return out
+
+    def _close_before_recreate(self, pdir: Path) -> None:
+        """The pinned maps are about to be recreated: record their last counts as a round."""
+        log.info("closing a round from the old maps of %s before they are recreated", self.interface)
+        self._maps = maps.open_maps(pdir)
+        info = xdp.describe(self.interface, self.settings.general.pin_root)
+        self.load_state = xdp.LoadState(self.interface, pdir, info["mode"], info["program_id"], info["source_hash"])
+        try:
+            self.close_round(time.time(), {}, note="closed before the maps were recreated")
+        finally:
+            for m in self._maps.values():
+                m.close()
+            self._maps = {}
+        with self.conn:
+            self.conn.execute("DELETE FROM counter_snapshots WHERE interface = ?", (self.interface,))
+
+    def close_round(self, start: float, threads: dict, compiled: bool = False, reloaded: bool = False,
+                    note: str | None = None) -> RoundSummary:
+        """Read the maps, difference them, write the round in one transaction, bump the epoch."""
+        cfg = maps.read_config(self.pin_dir)
+        epoch = cfg.epoch
+        readings = {name: rounds.read_map(self._maps[name], epoch if name == "port_stats" else None)
+                    for name in SNAPSHOT_MAPS}
+        end = time.time()
+        scanner = threads.get("scanner")
+        sniffer = threads.get("sniffer")
+        listeners = list(scanner.result or []) if scanner is not None and scanner.result is not None else None
+        listening = {(l.port, l.protocol) for l in listeners or []}
+        low, high = ports.ephemeral_range()
+        fold = self.settings.collector.fold_ephemeral
+
+        conn = self.conn
+        snaps = rounds_db.load_snapshots(conn, self.interface)
+        prev = {}
+        for name in SNAPSHOT_MAPS:
+            if name in snaps:
+                key_size = self._maps[name].info.key_size
+                prev[name] = rounds.unpack_snapshot(name, key_size, snaps[name][1])
+            else:
+                prev[name] = {}
+        since = min((s[0] for s in snaps.values()), default=None)
+        deltas = {name: rounds.diff(readings[name].counters, prev[name]) for name in SNAPSHOT_MAPS}
+
+        g = {maps.GLOBAL_NAMES[int.from_bytes(k, "little")]: v[0] for k, v in deltas["global"].items()
+             if int.from_bytes(k, "little") < len(maps.GLOBAL_NAMES)}
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        values = {
+            "start_time": start, "end_time": end, "counts_since": since, "interface": self.interface,
+            "xdp_mode": self.load_state.mode if self.load_state else None,
+            "program_id": self.load_state.program_id if self.load_state else None,
+            "source_hash": self.load_state.source_hash if self.load_state else None,
+            "compiled": int(compiled), "reloaded": int(reloaded),
+            "total_packets": g.get("total", 0), "total_bytes": g.get("bytes", 0),
+            "parsed_packets": g.get("parsed", 0), "unparsed_packets": g.get("unparsed", 0),
+            "dropped_packets": g.get("dropped", 0),
+            "port_entries": readings["port_stats"].entries, "source_entries": readings["sources"].entries,
+            "srcport_entries": readings["srcports"].entries, "flow_entries": readings["flows"].entries,
+            "blacklist_entries": readings["blacklist"].entries,
+            "srcport_evictions": _evictions(g.get("srcport_inserts", 0), readings["srcports"].counters, prev["srcports"]),
+            "flow_evictions": _evictions(g.get("flow_inserts", 0), readings["flows"].counters, prev["flows"]),
+            "scanner_status": getattr(scanner, "status", "disabled") if scanner is not None else "disabled",
+            "sniffer_status": getattr(sniffer, "status", "disabled") if sniffer is not None else "disabled",
+            "note": note,
+        }
+        with conn:
+            round_id = rounds_db.insert_round(conn, values)
+            port_ids = PortIds(conn)
+            n_ports = self._write_ports(round_id, deltas["port_stats"], readings["port_stats"].extras, port_ids,
+                                        listening, low, high, fold)
+            many = self._write_sources(round_id, deltas["sources"], deltas["srcports"])
+            self._write_flows(round_id, deltas["flows"], readings["flows"].extras, many)
+            rounds_db.insert_global_stats(conn, round_id, g)
+            self._write_blacklist_drops(round_id, deltas["blacklist"])
+            n_listeners = None
+            if listeners is not None:
+                from app.db.occupancy import insert_occupancy
+                insert_occupancy(conn, round_id, end, listeners, port_ids)
+                n_listeners = len(listeners)
+            sniffed = None
+            if sniffer is not None and getattr(sniffer, "result", None) is not None:
+                from app.db.packets import insert_packets
+                records = sniffer.result
+                insert_packets(conn, round_id, records, port_ids, lambda p, proto: ports.fold_port(
+                    p, proto, listening, low, high, fold))
+                sniffed = len(records)
+            program_id = self.load_state.program_id if self.load_state else None
+            for name in SNAPSHOT_MAPS:
+                rounds_db.save_snapshot(conn, self.interface, name, end, round_id, program_id,
+                                        readings[name].entries, rounds.pack_snapshot(readings[name]))
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            rounds_db.update_round(conn, round_id, {
+                "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_kb": ru.ru_maxrss,
+                "sniffer_packets": sniffed})
+        # the next round's payload extremes start now
+        cfg.epoch = (epoch + 1) & 0xFFFFFFFF
+        maps.write_config(self.pin_dir, cfg)
+        self._after_round(round_id)
+        return RoundSummary(round_id, self.interface, end - (since or start), g.get("total", 0), g.get("bytes", 0),
+                            g.get("unparsed", 0), g.get("dropped", 0), n_ports, len(deltas["sources"]), n_listeners,
+                            sniffed, compiled, values["xdp_mode"])
+
+    def _after_round(self, round_id: int) -> None:
+        """Reconcile the blocklist ledger with the pinned map (expiries, re-adds after a reload)."""
+        try:
+            from app.services import blocklist
+        except ImportError:
+            return
+        try:
+            blocklist.reconcile(self.conn, self.settings, self.pin_dir)
+        except PortwatchError as exc:
+            log.warning("blocklist reconcile failed: %s", exc)
+
+    # --- writers --------------------------------------------------------------------------------
+    def _write_ports(self, round_id, deltas, extras, port_ids, listening, low, high, fold) -> int:
+        merged: dict[tuple[int, str], list] = {}
+        for key, d in deltas.items():
+            port, proto_num = int.from_bytes(key[0:2], "little"), key[2]
+            proto = ports.protocol_name(proto_num)
+            value = ports.fold_port(port, proto, listening, low, high, fold)
+            rmin, rmax = extras.get(key, (None, None))
+            row = merged.get((value, proto))
+            if row is None:
+                merged[(value, proto)] = [*d, rmin, rmax]
+            else:
+                for i in range(7):
+                    row[i] += d[i]
+                row[7] = rmin if row[7] is None else (row[7] if rmin is None else min(row[7], rmin))
+                row[8] = rmax if row[8] is None else (row[8] if rmax is None else max(row[8], rmax))
+        rows = []
+        for (value, proto), r in merged.items():
+            # (port_id, packets, bytes, payload_bytes, min_payload, max_payload, syn, synack, rst, fin)
+            rows.append((port_ids(value, proto), r[0], r[1], r[2], r[7], r[8], r[3], r[4], r[5], r[6]))
+        rounds_db.insert_port_stats(self.conn, round_id, rows)
+        return len(rows)
+
+    def _write_sources(self, round_id, source_deltas, srcport_deltas) -> set[bytes]:
+        """source_stats rows (with distinct ports) and source_ports for many-port sources.
+        Returns the raw addresses of sources that reached many ports."""
+        per_source: dict[bytes, list] = {}
+        for key, d in srcport_deltas.items():
+            per_source.setdefault(key[:16], []).append((int.from_bytes(key[16:18], "little"), key[18], d[0]))
+        threshold = self.settings.collector.many_ports_threshold
+        rows, detail, many = [], [], set()
+        for addr, d in source_deltas.items():
+            touched = per_source.get(addr, [])
+            text = maps.addr_text(addr)
+            rows.append((text, d[0], d[1], d[2], len(touched)))
+            if len(touched) >= threshold:
+                many.add(addr)
+                detail.extend((text, port, ports.protocol_name(proto), n) for port, proto, n in touched)
+        rounds_db.insert_source_stats(self.conn, round_id, rows)
+        rounds_db.insert_source_ports(self.conn, round_id, detail)
+        return many
+
+    def _write_flows(self, round_id, flow_deltas, extras, many: set[bytes]) -> None:
+        top_n = self.settings.collector.top_flows
+        chosen = {k: "top" for k in heapq.nlargest(top_n, flow_deltas, key=lambda k: flow_deltas[k][1])}
+        for key in flow_deltas:
+            if key[:16] in many and key not in chosen:
+                chosen[key] = "many-ports"
+        offset = time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)   # ktime (monotonic ns) -> epoch
+        rows = []
+        for key, reason in chosen.items():
+            d = flow_deltas[key]
+            first_ns, last_ns, flags = extras.get(key, (0, 0, 0))
+            rows.append((maps.addr_text(key[0:16]), int.from_bytes(key[32:34], "little"), maps.addr_text(key[16:32]),
+                         int.from_bytes(key[34:36], "little"), ports.protocol_name(key[36]), d[0], d[1],
+                         round(first_ns / 1e9 + offset, 3) if first_ns else None,
+                         round(last_ns / 1e9 + offset, 3) if last_ns else None, flags, reason))
+        rounds_db.insert_flows(self.conn, round_id, rows)
+
+    def _write_blacklist_drops(self, round_id, deltas) -> None:
+        rows = []
+        for key, d in deltas.items():
+            if d[0]:
+                rows.append((lpm_key_text(key), d[0]))
+        rounds_db.insert_blacklist_drops(self.conn, round_id, rows)
+
+
+def lpm_key_text(key: bytes) -> str:
+    """CIDR text of a pw_lpm_key (IPv4-mapped prefixes become IPv4 CIDRs)."""
+    prefixlen = int.from_bytes(key[0:4], "little")
+    addr = key[4:20]
+    if addr[:12] == b"\x00" * 10 + b"\xff\xff" and prefixlen >= 96:
+        return f"{maps.addr_text(addr)}/{prefixlen - 96}"
+    import ipaddress
+    return str(ipaddress.IPv6Network((addr, prefixlen), strict=False))
+
+
+def _evictions(inserts: int, current: dict, previous: dict) -> int:
+    """LRU evictions in the round: new keys inserted minus the growth of the map (never negative)."""
+    return max(0, inserts - (len(current) - len(previous)))
+
+
+def run_collection(settings, interface: str, round_seconds: float, n_rounds: int,
+                   on_round: Callable[[RoundSummary], None] | None = None, with_threads: bool = True) -> list[RoundSummary]:
+    """The `collect` job, bounded in run time (SIGALRM): rounds x round_seconds + 60 s unless configured."""
+    limit = settings.collector.max_run_seconds or (n_rounds * round_seconds + 120 if n_rounds else 0)
+    collector = Collector(settings, interface)
+
+    def on_alarm(signum, frame):
+        raise RunTimeExceeded(f"the collection exceeded its run-time bound of {limit:.0f} s and was stopped "
+                              "(the round in progress was not written; the next run counts it)")
+
+    def on_term(signum, frame):
+        collector.stop.set()
+
+    old_alarm = old_term = None
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        old_term = signal.signal(signal.SIGTERM, on_term)
+        if limit:
+            old_alarm = signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        return collector.collect(round_seconds, n_rounds, on_round=on_round, with_threads=with_threads)
+    finally:
+        if in_main:
+            if limit:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old_alarm)
+            signal.signal(signal.SIGTERM, old_term)

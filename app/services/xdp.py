@@ -1,0 +1,347 @@
+"""Compile, attach, pin, reload and detach the XDP program — the only user of BCC.
+
+Load once, read many: the first collector run on an interface compiles bpf/port_flow.c with
+BCC, attaches it (native mode, else generic/skb; the mode used is recorded) and pins the
+program and its maps under ``<pin_root>/<interface>/``. Later runs only check, without any
+compiler, that the attached program is the pinned one and was built from the current source
+(the ``meta`` map holds the source hash), then read the maps through libbpf (maps.py).
+
+BCC (clang/LLVM, ~200 MB, ~4 CPU-s) runs in a SEPARATE process (``python -m app.services.xdp
+load ...``): the collector process never imports it, and BCC's LLVM cannot clash with another
+library's (importing TensorFlow and BCC into one process crashes on this platform).
+
+A changed source is reloaded on the next run without losing counts: the maps are declared
+``BPF_TABLE_PINNED``, so the new program reuses the pinned maps and their counters. Only when
+the map layout or sizes changed must the maps be recreated; the caller then closes a round
+from the old maps first (``on_recreate``), so nothing is lost there either.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
+from app.services import maps
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+SOURCE = BPF_DIR / "port_flow.c"
+HEADERS = (BPF_DIR / "common.h",)
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+MODE_NAMES = {1: "native", 2: "generic", 3: "offload"}
+MODE_NUMBERS = {"native": 1, "generic": 2}
+
+
+@dataclass
+class LoadState:
+    interface: str
+    pin_dir: Path
+    mode: str
+    program_id: int
+    source_hash: str
+    compiled: bool = False           # this run compiled (in the loader process)
+    reloaded: bool = False           # this run replaced an attached program
+    reason: str = ""                 # why it (re)loaded: first-load, source-changed, not-attached, maps-recreated
+    compile_seconds: float = 0.0
+
+
+def build_flags(settings) -> list[str]:
+    """-D flags for the build (map sizes). PIN_DIR is added by the loader."""
+    c = settings.collector
+    for flag in c.extra_cflags.split():
+        if not flag.startswith("-D"):
+            raise UsageError(f"collector.extra_cflags may only hold -D flags, not {flag!r}")
+    return [f"-DPORT_MAP_SIZE={c.port_map_size}", f"-DSOURCE_MAP_SIZE={c.source_map_size}",
+            f"-DSRCPORT_MAP_SIZE={c.srcport_map_size}", f"-DFLOW_MAP_SIZE={c.flow_map_size}",
+            f"-DBLACKLIST_MAP_SIZE={c.blacklist_map_size}", *c.extra_cflags.split()]
+
+
+def map_sizes(settings) -> dict[str, int]:
+    c = settings.collector
+    return {"port_stats": c.port_map_size, "sources": c.source_map_size, "srcports": c.srcport_map_size,
+            "flows": c.flow_map_size, "blacklist": c.blacklist_map_size}
+
+
+def source_hash(settings) -> str:
+    """sha256 over the program source, the shared header and the build flags."""
+    h = hashlib.sha256()
+    for path in (SOURCE, *HEADERS):
+        h.update(path.read_bytes())
+    h.update(" ".join(build_flags(settings)).encode())
+    return h.hexdigest()
+
+
+def pin_dir(settings, interface: str) -> Path:
+    return Path(settings.general.pin_root) / interface
+
+
+def check_interface(interface: str) -> int:
+    """The interface's ifindex; UsageError with one sentence when it does not exist."""
+    if not interface or "/" in interface or len(interface) > 15:
+        raise UsageError(f"{interface!r} is not a valid interface name")
+    try:
+        return int(Path(f"/sys/class/net/{interface}/ifindex").read_text())
+    except OSError:
+        raise UsageError(f"interface {interface} does not exist: pick one from `ip link`") from None
+
+
+def default_interface() -> str:
+    """The interface of the IPv4 (else IPv6) default route."""
+    for family in ("-4", "-6"):
+        out = subprocess.run(["ip", "-j", family, "route", "show", "default"], capture_output=True, text=True)
+        try:
+            routes = json.loads(out.stdout or "[]")
+        except json.JSONDecodeError:
+            routes = []
+        for route in routes:
+            if route.get("dev"):
+                return route["dev"]
+    raise UsageError("no default route, so no default interface: pass --interface IF")
+
+
+def ensure_bpffs(root: Path) -> None:
+    base = Path("/sys/fs/bpf")
+    if subprocess.run(["mountpoint", "-q", str(base)]).returncode != 0:
+        res = subprocess.run(["mount", "-t", "bpf", "bpf", str(base)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise BpfError("cannot mount the BPF filesystem on /sys/fs/bpf: this kernel lacks bpffs support")
+        log.info("mounted bpffs on /sys/fs/bpf")
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def attached_program(interface: str) -> tuple[int, str] | None:
+    """(program id, mode name) of the XDP program attached to ``interface``, or None."""
+    out = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", interface], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    try:
+        link = json.loads(out.stdout)[0]
+    except (json.JSONDecodeError, IndexError):
+        return None
+    xdp = link.get("xdp")
+    if not xdp:
+        return None
+    mode = MODE_NAMES.get(xdp.get("mode"), str(xdp.get("mode")))
+    prog = xdp.get("prog") or {}
+    if not prog and xdp.get("attached"):
+        prog = (xdp["attached"][0] or {}).get("prog", {})
+    return int(prog.get("id", 0)), mode
+
+
+def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> dict:
+    """What is true now: {'attached', 'mode', 'program_id', 'pinned', 'pinned_program_id', 'source_hash', 'ours'}."""
+    attached = attached_program(interface)
+    pdir = Path(pin_root) / interface
+    info = {"interface": interface, "attached": attached is not None, "mode": attached[1] if attached else None,
+            "program_id": attached[0] if attached else None, "pinned": (pdir / "prog").exists(),
+            "pinned_program_id": None, "source_hash": None, "ours": False}
+    if info["pinned"]:
+        try:
+            info["pinned_program_id"] = maps.prog_info(pdir / "prog").id
+            meta = maps.read_meta(pdir)
+            if meta is not None:
+                info["source_hash"] = bytes(meta.source_hash).hex()
+        except BpfError:
+            pass
+        info["ours"] = attached is not None and attached[0] == info["pinned_program_id"]
+    return info
+
+
+def ensure_loaded(settings, interface: str, on_recreate: Callable[[Path], None] | None = None) -> LoadState:
+    """Make sure our current program is attached to ``interface`` with maps pinned; compile only if not.
+
+    on_recreate(pin_dir): called before pinned maps are destroyed (their layout changed), so the
+    caller can record their last counts.
+    """
+    if os.geteuid() != 0:
+        raise NeedsRootError("portwatch needs root to load and read XDP programs: run it with sudo")
+    check_interface(interface)
+    root = Path(settings.general.pin_root)
+    ensure_bpffs(root)
+    pdir = root / interface
+    want_hash = source_hash(settings)
+    info = describe(interface, root)
+    if info["ours"] and info["source_hash"] == want_hash:
+        return LoadState(interface, pdir, info["mode"], info["program_id"], want_hash)
+
+    if not info["pinned"] and not (pdir / "port_stats").exists():
+        reason = "first-load"
+    elif not info["ours"]:
+        reason = "not-attached"
+    else:
+        reason = "source-changed"
+    recreate = False
+    if (pdir / "port_stats").exists():
+        mismatch = maps.layout_mismatch(pdir, map_sizes(settings))
+        if mismatch:
+            log.warning("pinned maps of %s cannot be reused (%s): recreating them", interface, mismatch)
+            recreate = True
+            reason = "maps-recreated"
+            if on_recreate is not None:
+                on_recreate(pdir)
+    if info["attached"] and not info["ours"] and not info["pinned"]:
+        log.warning("another XDP program (id %s) is attached to %s: portwatch replaces it", info["program_id"], interface)
+    result = run_loader(settings, interface, pdir, recreate=recreate)
+    state = LoadState(interface, pdir, result["mode"], result["program_id"], want_hash, compiled=True,
+                      reloaded=info["attached"], reason=reason, compile_seconds=result["compile_seconds"])
+    log.info("XDP program loaded on %s (%s mode, id %d, %s, compiled in %.1f s)", interface, state.mode,
+             state.program_id, reason, state.compile_seconds)
+    return state
+
+
+def run_loader(settings, interface: str, pdir: Path, recreate: bool = False) -> dict:
+    """Run the BCC loader in its own process; return its JSON result."""
+    cmd = [sys.executable, "-m", "app.services.xdp", "load", "--interface", interface, "--pin-dir", str(pdir),
+           "--mode", settings.collector.xdp_mode, "--hash", source_hash(settings)]
+    if recreate:
+        cmd.append("--recreate")
+    cmd += ["--flag=" + f for f in build_flags(settings)]
+    env = dict(os.environ)
+    env.setdefault("PYTHONPATH", str(BPF_DIR.parent))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0:
+        msg = (proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if proc.returncode == 7:
+            raise DependencyError(msg)
+        raise BpfError(msg)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def down(settings, interface: str) -> list[str]:
+    """Detach our XDP program from ``interface`` and remove its pins. Returns what was done."""
+    if os.geteuid() != 0:
+        raise NeedsRootError("detaching XDP needs root: run it with sudo")
+    done = []
+    attached = attached_program(interface) if Path(f"/sys/class/net/{interface}").exists() else None
+    pdir = pin_dir(settings, interface)
+    if attached:
+        pinned_id = None
+        if (pdir / "prog").exists():
+            try:
+                pinned_id = maps.prog_info(pdir / "prog").id
+            except BpfError:
+                pass
+        if pinned_id is not None and pinned_id != attached[0]:
+            log.warning("the XDP program on %s (id %d) is not portwatch's: left attached", interface, attached[0])
+        else:
+            for off in ("xdp", "xdpgeneric", "xdpdrv"):
+                subprocess.run(["ip", "link", "set", "dev", interface, off, "off"], capture_output=True)
+            done.append(f"detached XDP program {attached[0]} ({attached[1]}) from {interface}")
+    if pdir.exists():
+        shutil.rmtree(pdir, ignore_errors=True)
+        done.append(f"removed pins {pdir}")
+        try:
+            pdir.parent.rmdir()
+        except OSError:
+            pass
+    return done
+
+
+# --- the loader process ---------------------------------------------------------------------
+
+def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str], recreate: bool) -> dict:
+    try:
+        from bcc import BPF  # Debian's python3-bpfcc, seen through --system-site-packages
+        from bcc.libbcc import lib as libbcc
+    except ImportError:
+        raise DependencyError("the BCC Python module is missing: install python3-bpfcc (make setup does)") from None
+    build = Path(f"/lib/modules/{os.uname().release}/build")
+    if not build.exists() and not os.environ.get("BCC_KERNEL_SOURCE"):
+        raise DependencyError(f"no kernel headers at {build}: run make setup (it links the distribution's headers)")
+    pdir.mkdir(parents=True, exist_ok=True)
+    if recreate:
+        for name in maps.MAP_LAYOUT:
+            (pdir / name).unlink(missing_ok=True)
+    started = time.process_time() + _children_cpu()
+    t0 = time.monotonic()
+    cflags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{pdir}"', "-w", *flags]
+    try:
+        bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+        fn = bpf.load_func(b"xdp_port_flow", BPF.XDP)
+    except Exception as exc:
+        raise BpfError(f"the XDP program failed to compile or load ({exc}): see the log above; run `python -m app doctor`") from None
+    compile_seconds = time.monotonic() - t0
+    attached = attached_program(interface)
+    wanted = {"auto": [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE], "native": [XDP_FLAGS_DRV_MODE],
+              "generic": [XDP_FLAGS_SKB_MODE]}.get(mode)
+    if wanted is None:
+        raise UsageError(f"xdp_mode must be auto, native or generic, not {mode!r}")
+    used, last_err = None, None
+    for flag in wanted:
+        want_mode = "native" if flag == XDP_FLAGS_DRV_MODE else "generic"
+        if attached and attached[1] != want_mode:
+            # the kernel refuses to switch modes in place: detach the other mode first
+            subprocess.run(["ip", "link", "set", "dev", interface,
+                            "xdpgeneric" if attached[1] == "generic" else "xdpdrv", "off"], capture_output=True)
+            attached = None
+        try:
+            bpf.attach_xdp(interface, fn, flag)
+            used = want_mode
+            break
+        except Exception as exc:  # BCC raises plain Exception
+            last_err = exc
+    if used is None:
+        raise BpfError(f"cannot attach XDP to {interface} ({last_err})")
+    prog_pin = pdir / "prog"
+    prog_pin.unlink(missing_ok=True)
+    if libbcc.bpf_obj_pin(fn.fd, str(prog_pin).encode()) != 0:
+        raise BpfError(f"cannot pin the program at {prog_pin}")
+    now = attached_program(interface)
+    program_id = now[0] if now else 0
+    meta = maps.PwMeta()
+    ctypes.memmove(meta.source_hash, bytes.fromhex(want_hash), 32)
+    meta.loaded_at = int(time.time())
+    meta.program_id = program_id
+    meta.mode = MODE_NUMBERS[used]
+    maps.write_meta(pdir, meta)
+    return {"mode": used, "program_id": program_id, "compile_seconds": round(compile_seconds, 3),
+            "cpu_seconds": round(time.process_time() + _children_cpu() - started, 3)}
+
+
+def _children_cpu() -> float:
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def loader_main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m app.services.xdp")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    load = sub.add_parser("load", help="compile with BCC, attach, pin (prints JSON)")
+    load.add_argument("--interface", required=True)
+    load.add_argument("--pin-dir", required=True, type=Path)
+    load.add_argument("--mode", default="auto")
+    load.add_argument("--hash", required=True)
+    load.add_argument("--recreate", action="store_true")
+    load.add_argument("--flag", action="append", default=[])
+    load.add_argument("--ebpf", action="store_true", help="print the C source with its flags and exit")
+    args = parser.parse_args(argv)
+    if args.ebpf:
+        print("// cflags:", " ".join(args.flag))
+        print(SOURCE.read_text())
+        return 0
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    try:
+        result = _load(args.interface, args.pin_dir, args.mode, args.hash, args.flag, args.recreate)
+    except (BpfError, DependencyError, UsageError) as exc:
+        print(str(exc))
+        return exc.exit_code
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(loader_main())
