@@ -49,7 +49,7 @@ struct pw_source_value {
     __u64 syn;
 };
 
-/* srcports key (LRU): which local ports a source reached; value: __u64 packets */
+/* srcports key (LRU, per CPU): which local ports a source reached; value: __u64 packets */
 struct pw_srcport_key {
     struct pw_addr src;
     __u16 port;
@@ -57,7 +57,7 @@ struct pw_srcport_key {
     __u8  pad;
 };
 
-/* flows key (LRU): the 5-tuple as seen arriving */
+/* flows key (LRU, per CPU): the 5-tuple as seen arriving */
 struct pw_flow_key {
     struct pw_addr src;
     struct pw_addr dst;
@@ -70,7 +70,7 @@ struct pw_flow_key {
 struct pw_flow_value {
     __u64 packets;
     __u64 bytes;
-    __u64 first_seen_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    __u64 first_seen_ns;        /* bpf_ktime_get_coarse_ns(): CLOCK_MONOTONIC_COARSE (a tick's resolution, far cheaper) */
     __u64 last_seen_ns;
     __u32 tcp_flags;            /* OR of the TCP flag bytes seen */
     __u32 pad;
@@ -108,9 +108,10 @@ struct pw_meta {
 #define PW_F_FLOWS_OFF      (1u << 1)  /* do not track flows */
 #define PW_F_SRCPORTS_OFF   (1u << 2)  /* do not track (source, port) pairs */
 
-/* global counters (per-CPU array), index names mirrored in app/services/maps.py GLOBAL_NAMES.
+/* global counters: one per-CPU array entry holding struct pw_global (one lookup per packet
+ * instead of one per counter); index names mirrored in app/services/maps.py GLOBAL_NAMES.
  * total = parsed + unparsed + non_ip. dropped is a subset of parsed. */
-enum pw_global {
+enum pw_global_index {
     PW_G_TOTAL = 0,
     PW_G_BYTES,
     PW_G_PARSED,
@@ -132,6 +133,10 @@ enum pw_global {
     PW_G_SOURCE_INSERTS,
     PW_G_PORT_MAP_FULL,         /* a new port key could not be stored (map full) */
     PW_G_MAX
+};
+
+struct pw_global {
+    __u64 c[PW_G_MAX];
 };
 
 #endif /* PORTWATCH_COMMON_H */

@@ -9,9 +9,11 @@
  *   name        type             key                   value                      entries
  *   port_stats  percpu_hash      pw_port_key           pw_port_value              PORT_MAP_SIZE
  *   sources     lru_percpu_hash  pw_addr               pw_source_value            SOURCE_MAP_SIZE
- *   srcports    lru_hash         pw_srcport_key        u64 packets                SRCPORT_MAP_SIZE
- *   flows       lru_hash         pw_flow_key           pw_flow_value              FLOW_MAP_SIZE
- *   global      percpu_array     u32 (enum pw_global)  u64                        PW_G_MAX
+ *   srcports    lru_percpu_hash  pw_srcport_key        u64 packets                SRCPORT_MAP_SIZE
+ *   flows       lru_percpu_hash  pw_flow_key           pw_flow_value              FLOW_MAP_SIZE
+ *   global      percpu_array     u32 (0)               pw_global (enum pw_global) 1
+ *
+ * Every counter map is per CPU: no atomic instructions on the hot path; user space sums.
  *   blacklist   lpm_trie         pw_lpm_key            pw_blacklist_value         BLACKLIST_MAP_SIZE
  *   config      array            u32 (0)               pw_config                  1
  *   meta        array            u32 (0)               pw_meta                    1  (user space only)
@@ -82,21 +84,16 @@ struct frag_hdr_ {
 
 BPF_TABLE_PINNED("percpu_hash", struct pw_port_key, struct pw_port_value, port_stats, PORT_MAP_SIZE, PIN_DIR "/port_stats");
 BPF_TABLE_PINNED("lru_percpu_hash", struct pw_addr, struct pw_source_value, sources, SOURCE_MAP_SIZE, PIN_DIR "/sources");
-BPF_TABLE_PINNED("lru_hash", struct pw_srcport_key, __u64, srcports, SRCPORT_MAP_SIZE, PIN_DIR "/srcports");
-BPF_TABLE_PINNED("lru_hash", struct pw_flow_key, struct pw_flow_value, flows, FLOW_MAP_SIZE, PIN_DIR "/flows");
-BPF_TABLE_PINNED("percpu_array", __u32, __u64, global, PW_G_MAX, PIN_DIR "/global");
+BPF_TABLE_PINNED("lru_percpu_hash", struct pw_srcport_key, __u64, srcports, SRCPORT_MAP_SIZE, PIN_DIR "/srcports");
+BPF_TABLE_PINNED("lru_percpu_hash", struct pw_flow_key, struct pw_flow_value, flows, FLOW_MAP_SIZE, PIN_DIR "/flows");
+BPF_TABLE_PINNED("percpu_array", __u32, struct pw_global, global, 1, PIN_DIR "/global");
 /* The kernel refuses an LPM trie without BPF_F_NO_PREALLOC. */
 BPF_TABLE_PINNED("lpm_trie", struct pw_lpm_key, struct pw_blacklist_value, blacklist, BLACKLIST_MAP_SIZE, PIN_DIR "/blacklist", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("array", __u32, struct pw_config, config, 1, PIN_DIR "/config");
 BPF_TABLE_PINNED("array", __u32, struct pw_meta, meta, 1, PIN_DIR "/meta");
 
-static __always_inline void count(__u32 idx, __u64 n)
-{
-    __u64 *v = global.lookup(&idx);
-    /* the verifier rejects the dereference without this NULL check, even for an array */
-    if (v)
-        *v += n;
-}
+/* g points at this CPU's struct pw_global; no other CPU writes it */
+#define count(idx, n) do { g->c[(idx)] += (n); } while (0)
 
 struct parsed {
     struct pw_addr src;
@@ -157,7 +154,7 @@ static __always_inline int parse_l4(void *l4, void *data_end, struct parsed *p)
     return 0;
 }
 
-static __always_inline void count_port(struct parsed *p, __u64 frame_len, __u32 epoch)
+static __always_inline void count_port(struct pw_global *g, struct parsed *p, __u64 frame_len, __u32 epoch)
 {
     struct pw_port_key pk = {};
     pk.port = p->dport;
@@ -200,7 +197,7 @@ static __always_inline void count_port(struct parsed *p, __u64 frame_len, __u32 
     }
 }
 
-static __always_inline void count_source(struct parsed *p, __u64 frame_len, __u32 flags)
+static __always_inline void count_source(struct pw_global *g, struct parsed *p, __u64 frame_len, __u32 flags)
 {
     struct pw_source_value zero = {};
     struct pw_source_value *sv = sources.lookup(&p->src);
@@ -224,22 +221,23 @@ static __always_inline void count_source(struct parsed *p, __u64 frame_len, __u3
         sk.proto = p->proto;
         __u64 *n = srcports.lookup(&sk);
         if (n) {
-            __sync_fetch_and_add(n, 1);
+            *n += 1;
         } else {
             __u64 one = 1;
-            /* insert = BPF_NOEXIST: another CPU may have inserted it meanwhile; then add to theirs */
+            /* insert = BPF_NOEXIST: another CPU may have inserted the key meanwhile; then count
+             * in this CPU's (zeroed) slot of it */
             if (srcports.insert(&sk, &one) == 0) {
                 count(PW_G_SRCPORT_INSERTS, 1);
             } else {
                 n = srcports.lookup(&sk);
                 if (n)
-                    __sync_fetch_and_add(n, 1);
+                    *n += 1;
             }
         }
     }
 }
 
-static __always_inline void count_flow(struct parsed *p, __u64 frame_len)
+static __always_inline void count_flow(struct pw_global *g, struct parsed *p, __u64 frame_len, __u64 now)
 {
     struct pw_flow_key fk = {};
     fk.src = p->src;
@@ -247,11 +245,12 @@ static __always_inline void count_flow(struct parsed *p, __u64 frame_len)
     fk.sport = p->sport;
     fk.dport = p->dport;
     fk.proto = p->proto;
-    __u64 now = bpf_ktime_get_ns();
     struct pw_flow_value *fv = flows.lookup(&fk);
     if (fv) {
-        __sync_fetch_and_add(&fv->packets, 1);
-        __sync_fetch_and_add(&fv->bytes, frame_len);
+        if (fv->packets == 0)          /* this CPU's first packet of a flow another CPU created */
+            fv->first_seen_ns = now;
+        fv->packets += 1;
+        fv->bytes += frame_len;
         fv->last_seen_ns = now;
         fv->tcp_flags |= p->tcp_flags;
         return;
@@ -268,8 +267,11 @@ static __always_inline void count_flow(struct parsed *p, __u64 frame_len)
     }
     fv = flows.lookup(&fk);
     if (fv) {
-        __sync_fetch_and_add(&fv->packets, 1);
-        __sync_fetch_and_add(&fv->bytes, frame_len);
+        fv->first_seen_ns = now;
+        fv->packets += 1;
+        fv->bytes += frame_len;
+        fv->last_seen_ns = now;
+        fv->tcp_flags |= p->tcp_flags;
     }
 }
 
@@ -278,11 +280,15 @@ int xdp_port_flow(struct xdp_md *ctx)
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
     __u64 frame_len = (__u64)(data_end - data);
+    __u32 zero_idx = 0;
+    struct pw_global *g = global.lookup(&zero_idx);
+    /* the verifier rejects the dereference without this NULL check, even for an array */
+    if (!g)
+        return XDP_PASS;
 
     count(PW_G_TOTAL, 1);
     count(PW_G_BYTES, frame_len);
 
-    __u32 zero_idx = 0;
     __u32 epoch = 0, flags = 0;
     struct pw_config *cfg = config.lookup(&zero_idx);
     if (cfg) {
@@ -389,7 +395,7 @@ int xdp_port_flow(struct xdp_md *ctx)
         if (bv) {
             __sync_fetch_and_add(&bv->drops, 1);
             __sync_fetch_and_add(&bv->drop_bytes, frame_len);
-            bv->last_drop_ns = bpf_ktime_get_ns();
+            bv->last_drop_ns = bpf_ktime_get_coarse_ns();   /* the value is shared by CPUs: atomics above */
             count(PW_G_PARSED, 1);
             count(PW_G_DROPPED, 1);
             count(PW_G_DROPPED_BYTES, frame_len);
@@ -412,10 +418,10 @@ int xdp_port_flow(struct xdp_md *ctx)
     else
         count(PW_G_OTHER_L4, 1);
 
-    count_port(&p, frame_len, epoch);
-    count_source(&p, frame_len, flags);
+    count_port(g, &p, frame_len, epoch);
+    count_source(g, &p, frame_len, flags);
     if (!(flags & PW_F_FLOWS_OFF))
-        count_flow(&p, frame_len);
+        count_flow(g, &p, frame_len, bpf_ktime_get_coarse_ns());
     return XDP_PASS;
 
 unparsed:

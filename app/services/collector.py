@@ -12,7 +12,6 @@ separate process) and no TensorFlow or matplotlib anywhere on this path.
 from __future__ import annotations
 
 import fcntl
-import heapq
 import logging
 import os
 import resource
@@ -22,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from app.db import rounds as rounds_db
 from app.db.connection import connect
@@ -198,18 +199,11 @@ class Collector:
 
         conn = self.conn
         snaps = rounds_db.load_snapshots(conn, self.interface)
-        prev = {}
-        for name in SNAPSHOT_MAPS:
-            if name in snaps:
-                key_size = self._maps[name].info.key_size
-                prev[name] = rounds.unpack_snapshot(name, key_size, snaps[name][1])
-            else:
-                prev[name] = {}
+        prev = {name: (rounds.unpack_snapshot(name, self._maps[name].info.key_size, snaps[name][1])
+                       if name in snaps else rounds.empty(name)) for name in SNAPSHOT_MAPS}
         since = min((s[0] for s in snaps.values()), default=None)
-        deltas = {name: rounds.diff(readings[name].counters, prev[name]) for name in SNAPSHOT_MAPS}
-
-        g = {maps.GLOBAL_NAMES[int.from_bytes(k, "little")]: v[0] for k, v in deltas["global"].items()
-             if int.from_bytes(k, "little") < len(maps.GLOBAL_NAMES)}
+        deltas = {name: rounds.diff(readings[name], prev[name]) for name in SNAPSHOT_MAPS}
+        g = dict(zip(maps.GLOBAL_NAMES, deltas["global"].values[0].tolist() if len(deltas["global"]) else ()))
         ru = resource.getrusage(resource.RUSAGE_SELF)
         values = {
             "start_time": start, "end_time": end, "counts_since": since, "interface": self.interface,
@@ -223,8 +217,8 @@ class Collector:
             "port_entries": readings["port_stats"].entries, "source_entries": readings["sources"].entries,
             "srcport_entries": readings["srcports"].entries, "flow_entries": readings["flows"].entries,
             "blacklist_entries": readings["blacklist"].entries,
-            "srcport_evictions": _evictions(g.get("srcport_inserts", 0), readings["srcports"].counters, prev["srcports"]),
-            "flow_evictions": _evictions(g.get("flow_inserts", 0), readings["flows"].counters, prev["flows"]),
+            "srcport_evictions": _evictions(g.get("srcport_inserts", 0), readings["srcports"], prev["srcports"]),
+            "flow_evictions": _evictions(g.get("flow_inserts", 0), readings["flows"], prev["flows"]),
             "scanner_status": getattr(scanner, "status", "disabled") if scanner is not None else "disabled",
             "sniffer_status": getattr(sniffer, "status", "disabled") if sniffer is not None else "disabled",
             "note": note,
@@ -278,40 +272,42 @@ class Collector:
             log.warning("blocklist reconcile failed: %s", exc)
 
     # --- writers --------------------------------------------------------------------------------
-    def _write_ports(self, round_id, deltas, extras, port_ids, listening, low, high, fold) -> int:
+    def _write_ports(self, round_id, delta: rounds.Delta, extras, port_ids, listening, low, high, fold) -> int:
+        """port_stats rows, the ephemeral ports folded per protocol. Returns the number of rows."""
         merged: dict[tuple[int, str], list] = {}
-        for key, d in deltas.items():
-            port, proto_num = int.from_bytes(key[0:2], "little"), key[2]
-            proto = ports.protocol_name(proto_num)
+        ext = extras[delta.index].tolist() if len(delta) else []
+        for key, d, (rmin, rmax) in zip(delta.keys, delta.values.tolist(), ext):
+            port, proto = int.from_bytes(key[0:2], "little"), ports.protocol_name(key[2])
             value = ports.fold_port(port, proto, listening, low, high, fold)
-            rmin, rmax = extras.get(key, (None, None))
+            rmin = None if rmin == rounds.U32_MAX else rmin
+            rmax = None if rmin is None else rmax
             row = merged.get((value, proto))
             if row is None:
                 merged[(value, proto)] = [*d, rmin, rmax]
-            else:
-                for i in range(7):
-                    row[i] += d[i]
-                row[7] = rmin if row[7] is None else (row[7] if rmin is None else min(row[7], rmin))
-                row[8] = rmax if row[8] is None else (row[8] if rmax is None else max(row[8], rmax))
-        rows = []
-        for (value, proto), r in merged.items():
-            # (port_id, packets, bytes, payload_bytes, min_payload, max_payload, syn, synack, rst, fin)
-            rows.append((port_ids(value, proto), r[0], r[1], r[2], r[7], r[8], r[3], r[4], r[5], r[6]))
+                continue
+            for i in range(7):
+                row[i] += d[i]
+            if rmin is not None:
+                row[7] = rmin if row[7] is None else min(row[7], rmin)
+                row[8] = rmax if row[8] is None else max(row[8], rmax)
+        # (port_id, packets, bytes, payload_bytes, min_payload, max_payload, syn, synack, rst, fin)
+        rows = [(port_ids(value, proto), r[0], r[1], r[2], r[7], r[8], r[3], r[4], r[5], r[6])
+                for (value, proto), r in merged.items()]
         rounds_db.insert_port_stats(self.conn, round_id, rows)
         return len(rows)
 
-    def _write_sources(self, round_id, source_deltas, srcport_deltas) -> set[bytes]:
+    def _write_sources(self, round_id, sources: rounds.Delta, srcports: rounds.Delta) -> set[bytes]:
         """source_stats rows (with distinct ports) and source_ports for many-port sources.
-        Returns the raw addresses of sources that reached many ports."""
+        Returns the raw addresses of the sources that reached many ports."""
         per_source: dict[bytes, list] = {}
-        for key, d in srcport_deltas.items():
-            per_source.setdefault(key[:16], []).append((int.from_bytes(key[16:18], "little"), key[18], d[0]))
+        for key, n in zip(srcports.keys, srcports.values[:, 0].tolist() if len(srcports) else []):
+            per_source.setdefault(key[:16], []).append((int.from_bytes(key[16:18], "little"), key[18], n))
         threshold = self.settings.collector.many_ports_threshold
         rows, detail, many = [], [], set()
-        for addr, d in source_deltas.items():
-            touched = per_source.get(addr, [])
+        for addr, (packets, bytes_, syn) in zip(sources.keys, sources.values.tolist()):
+            touched = per_source.get(addr, ())
             text = maps.addr_text(addr)
-            rows.append((text, d[0], d[1], d[2], len(touched)))
+            rows.append((text, packets, bytes_, syn, len(touched)))
             if len(touched) >= threshold:
                 many.add(addr)
                 detail.extend((text, port, ports.protocol_name(proto), n) for port, proto, n in touched)
@@ -319,28 +315,33 @@ class Collector:
         rounds_db.insert_source_ports(self.conn, round_id, detail)
         return many
 
-    def _write_flows(self, round_id, flow_deltas, extras, many: set[bytes]) -> None:
+    def _write_flows(self, round_id, flows: rounds.Delta, extras, many: set[bytes]) -> None:
+        """The top flows by bytes, plus every flow of a source that reached many ports."""
+        if not len(flows):
+            return
         top_n = self.settings.collector.top_flows
-        chosen = {k: "top" for k in heapq.nlargest(top_n, flow_deltas, key=lambda k: flow_deltas[k][1])}
-        for key in flow_deltas:
-            if key[:16] in many and key not in chosen:
-                chosen[key] = "many-ports"
-        offset = time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)   # ktime (monotonic ns) -> epoch
+        by_bytes = flows.values[:, 1]
+        top = np.argsort(-by_bytes, kind="stable")[:top_n].tolist()
+        chosen = {i: "top" for i in top}
+        if many:
+            for i, key in enumerate(flows.keys):
+                if i not in chosen and key[:16] in many:
+                    chosen[i] = "many-ports"
+        offset = time.time() - time.clock_gettime(6)   # CLOCK_MONOTONIC_COARSE = 6: coarse ktime (ns) -> epoch
+        ext = extras[flows.index]
         rows = []
-        for key, reason in chosen.items():
-            d = flow_deltas[key]
-            first_ns, last_ns, flags = extras.get(key, (0, 0, 0))
+        for i, reason in chosen.items():
+            key = flows.keys[i]
+            packets, bytes_ = flows.values[i].tolist()
+            first_ns, last_ns, flags = ext[i].tolist()
             rows.append((maps.addr_text(key[0:16]), int.from_bytes(key[32:34], "little"), maps.addr_text(key[16:32]),
-                         int.from_bytes(key[34:36], "little"), ports.protocol_name(key[36]), d[0], d[1],
+                         int.from_bytes(key[34:36], "little"), ports.protocol_name(key[36]), packets, bytes_,
                          round(first_ns / 1e9 + offset, 3) if first_ns else None,
                          round(last_ns / 1e9 + offset, 3) if last_ns else None, flags, reason))
         rounds_db.insert_flows(self.conn, round_id, rows)
 
-    def _write_blacklist_drops(self, round_id, deltas) -> None:
-        rows = []
-        for key, d in deltas.items():
-            if d[0]:
-                rows.append((lpm_key_text(key), d[0]))
+    def _write_blacklist_drops(self, round_id, delta: rounds.Delta) -> None:
+        rows = [(lpm_key_text(key), d[0]) for key, d in zip(delta.keys, delta.values.tolist()) if d[0]]
         rounds_db.insert_blacklist_drops(self.conn, round_id, rows)
 
 
@@ -354,9 +355,9 @@ def lpm_key_text(key: bytes) -> str:
     return str(ipaddress.IPv6Network((addr, prefixlen), strict=False))
 
 
-def _evictions(inserts: int, current: dict, previous: dict) -> int:
+def _evictions(inserts: int, current: rounds.MapReading, previous: rounds.MapReading) -> int:
     """LRU evictions in the round: new keys inserted minus the growth of the map (never negative)."""
-    return max(0, inserts - (len(current) - len(previous)))
+    return max(0, inserts - (current.entries - previous.entries))
 
 
 def run_collection(settings, interface: str, round_seconds: float, n_rounds: int,

@@ -57,6 +57,10 @@ class PwFlowValue(ctypes.Structure):       # struct pw_flow_value
                 ("last_seen_ns", ctypes.c_uint64), ("tcp_flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
+class PwGlobal(ctypes.Structure):          # struct pw_global
+    _fields_ = [("c", ctypes.c_uint64 * 20)]  # PW_G_MAX = len(GLOBAL_NAMES)
+
+
 class PwLpmKey(ctypes.Structure):          # struct pw_lpm_key
     _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
 
@@ -82,6 +86,7 @@ PW_F_SRCPORTS_OFF = 1 << 2
 GLOBAL_NAMES = ("total", "bytes", "parsed", "unparsed", "non_ip", "dropped", "dropped_bytes", "ipv4", "ipv6",
                 "tcp", "udp", "icmp", "icmpv6", "other_l4", "fragments", "vlan", "flow_inserts",
                 "srcport_inserts", "source_inserts", "port_map_full")
+assert len(GLOBAL_NAMES) == len(PwGlobal._fields_[0][1]()), "GLOBAL_NAMES must name every PW_G_* counter"
 
 # map name -> (BPF map type number, key mirror, value mirror, per-CPU)
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY = 1, 2, 5, 6
@@ -89,9 +94,9 @@ BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH, BPF_MAP_TYPE_LPM_TRIE = 9, 
 MAP_LAYOUT = {
     "port_stats": (BPF_MAP_TYPE_PERCPU_HASH, PwPortKey, PwPortValue),
     "sources": (BPF_MAP_TYPE_LRU_PERCPU_HASH, PwAddr, PwSourceValue),
-    "srcports": (BPF_MAP_TYPE_LRU_HASH, PwSrcportKey, ctypes.c_uint64),
-    "flows": (BPF_MAP_TYPE_LRU_HASH, PwFlowKey, PwFlowValue),
-    "global": (BPF_MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, ctypes.c_uint64),
+    "srcports": (BPF_MAP_TYPE_LRU_PERCPU_HASH, PwSrcportKey, ctypes.c_uint64),
+    "flows": (BPF_MAP_TYPE_LRU_PERCPU_HASH, PwFlowKey, PwFlowValue),
+    "global": (BPF_MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, PwGlobal),
     "blacklist": (BPF_MAP_TYPE_LPM_TRIE, PwLpmKey, PwBlacklistValue),
     "config": (BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, PwConfig),
     "meta": (BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, PwMeta),

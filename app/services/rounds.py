@@ -1,99 +1,119 @@
-"""Cumulative kernel snapshots -> per-round differences (pure functions, no I/O).
+"""Cumulative kernel snapshots -> per-round differences (array code, no I/O).
 
 The kernel never resets a counter. A round stores, per key, cumulative-now minus
 cumulative-at-the-last-snapshot; the last snapshot is kept in SQLite (counter_snapshots), so
 nothing is lost or counted twice across round boundaries, a SIGKILLed run, a skipped minute or
-a reload that kept the pinned maps. A key whose counter went backwards (maps recreated, reboot,
+a reload that kept the pinned maps. A key whose counters went backwards (maps recreated, reboot,
 an LRU entry evicted and re-inserted) is treated as restarted from zero: its delta is its
 current value.
 
-A snapshot is one BLOB per map: records of ``key bytes + n little-endian u64 counters``.
+Values are decoded with numpy structured dtypes built from the ctypes mirrors in maps.py, so a
+round over 50k entries costs milliseconds, not a Python loop per CPU per field. A snapshot is
+one BLOB per map: all keys (n * key_size bytes) followed by the counters (n * width u64, little
+endian).
 """
 from __future__ import annotations
 
-import struct
+import ctypes
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from app.services import maps
 
-# counters kept per map in snapshots (in this order), and where they come from
+# counters kept per map in snapshots (in this order)
 COUNTERS = {
     "port_stats": ("packets", "bytes", "payload_bytes", "syn", "synack", "rst", "fin"),
     "sources": ("packets", "bytes", "syn"),
     "srcports": ("packets",),
     "flows": ("packets", "bytes"),
-    "global": ("value",),
+    "global": maps.GLOBAL_NAMES,
     "blacklist": ("drops", "drop_bytes"),
 }
+U32_MAX = np.uint64(0xFFFFFFFF)
+U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 @dataclass
 class MapReading:
-    """One map read at one time: key bytes -> counters tuple, plus per-key extras."""
+    """One map read at one time.
+
+    keys: n raw keys (bytes of key_size); counters: (n, width) uint64, columns COUNTERS[name];
+    extras: (n, k) uint64 per-key extras (see decode), or None.
+    """
     name: str
-    counters: dict[bytes, tuple]
-    extras: dict[bytes, tuple] = field(default_factory=dict)
+    keys: list
+    counters: np.ndarray
+    extras: np.ndarray | None = None
     max_entries: int = 0
 
     @property
     def entries(self) -> int:
-        return len(self.counters)
+        return len(self.keys)
+
+
+def _dtype(ctype, stride: int) -> np.dtype:
+    """numpy dtype of a ctypes mirror (scalar or Structure), padded to ``stride`` bytes."""
+    if not isinstance(ctype, type) or not issubclass(ctype, ctypes.Structure):
+        return np.dtype({"names": ["value"], "formats": ["<u8"], "offsets": [0], "itemsize": stride})
+    names, formats, offsets = [], [], []
+    for fname, ftype in ctype._fields_:
+        off = getattr(ctype, fname).offset
+        if issubclass(ftype, ctypes.Array):
+            fmt = (np.dtype(_scalar(ftype._type_)), ftype._length_)
+        else:
+            fmt = _scalar(ftype)
+        names.append(fname)
+        formats.append(fmt)
+        offsets.append(off)
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": stride})
+
+
+def _scalar(ctype) -> str:
+    return {ctypes.c_uint64: "<u8", ctypes.c_uint32: "<u4", ctypes.c_uint16: "<u2", ctypes.c_uint8: "u1"}[ctype]
+
+
+def empty(name: str) -> MapReading:
+    return MapReading(name, [], np.zeros((0, len(COUNTERS[name])), dtype=np.uint64))
 
 
 def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride: int, ncpu: int,
            epoch: int | None = None) -> MapReading:
-    """Decode raw batch-read bytes of map ``name`` into a MapReading.
+    """Decode raw batch-read bytes of map ``name`` (n keys, n * ncpu values of ``stride`` bytes).
 
-    port_stats extras: (min_payload_round, max_payload_round) over CPUs whose round epoch equals
-    ``epoch`` (None when no packet of this round was seen); flows extras: (first_seen_ns,
-    last_seen_ns, tcp_flags); blacklist extras: (last_drop_ns,).
+    Per-CPU counters are summed. Extras per key:
+      port_stats: (round_min, round_max) payload bytes over CPUs whose round epoch equals ``epoch``
+                  (U32_MAX / 0 when no packet of this round was seen);
+      flows:      (first_seen_ns, last_seen_ns, tcp_flags) reduced over CPUs (min, max, OR);
+      blacklist:  (last_drop_ns,).
     """
-    counters: dict[bytes, tuple] = {}
-    extras: dict[bytes, tuple] = {}
     if n == 0:
-        return MapReading(name, counters, extras)
-    vfmt = maps.struct_format(maps.MAP_LAYOUT[name][2])
-    pad = stride - struct.calcsize("<" + vfmt)
-    rec = "<" + (vfmt + (f"{pad}x" if pad else "")) * ncpu
-    width = len(struct.unpack("<" + vfmt, b"\0" * struct.calcsize("<" + vfmt)))
-    key_list = [keys[i * key_size:(i + 1) * key_size] for i in range(n)]
-    rows = struct.iter_unpack(rec, values[: n * stride * ncpu])
-    if name == "port_stats":
-        for key, row in zip(key_list, rows):
-            tot = [0] * 7
-            rmin = rmax = None
-            for c in range(ncpu):
-                v = row[c * width:(c + 1) * width]
-                if not v[0]:
-                    continue
-                for i in range(7):
-                    tot[i] += v[i]
-                # v[9], v[10]: round_min, round_max; v[11]: epoch
-                if epoch is not None and v[11] == epoch:
-                    rmin = v[9] if rmin is None else min(rmin, v[9])
-                    rmax = v[10] if rmax is None else max(rmax, v[10])
-            counters[key] = tuple(tot)
-            extras[key] = (rmin, rmax)
-    elif name in ("sources", "global"):
-        for key, row in zip(key_list, rows):
-            if ncpu == 1:
-                counters[key] = tuple(row)
-            else:
-                counters[key] = tuple(sum(row[c * width + i] for c in range(ncpu)) for i in range(width))
+        return empty(name)
+    ctype = maps.MAP_LAYOUT[name][2]
+    arr = np.frombuffer(values, dtype=_dtype(ctype, stride), count=n * ncpu).reshape(n, ncpu)
+    key_list = [keys[i:i + key_size] for i in range(0, n * key_size, key_size)]
+    extras = None
+    if name == "global":
+        counters = arr["c"].sum(axis=1, dtype=np.uint64)
     elif name == "srcports":
-        for key, row in zip(key_list, rows):
-            counters[key] = (row[0],)
-    elif name == "flows":
-        for key, row in zip(key_list, rows):
-            counters[key] = (row[0], row[1])
-            extras[key] = (row[2], row[3], row[4])
-    elif name == "blacklist":
-        for key, row in zip(key_list, rows):
-            counters[key] = (row[0], row[1])
-            extras[key] = (row[2],)
+        counters = arr["value"].sum(axis=1, dtype=np.uint64).reshape(n, 1)
     else:
-        raise ValueError(f"no decoder for map {name}")
-    return MapReading(name, counters, extras)
+        counters = np.stack([arr[f].astype(np.uint64).sum(axis=1, dtype=np.uint64) for f in COUNTERS[name]], axis=1)
+        seen = arr["packets"] > 0 if name in ("port_stats", "flows") else None
+        if name == "port_stats":
+            mask = seen & (arr["epoch"] == (epoch if epoch is not None else -1))
+            rmin = np.where(mask, arr["round_min"].astype(np.uint64), U32_MAX).min(axis=1)
+            rmax = np.where(mask, arr["round_max"].astype(np.uint64), 0).max(axis=1)
+            extras = np.stack([rmin, rmax], axis=1)
+        elif name == "flows":
+            first = np.where(seen, arr["first_seen_ns"], U64_MAX).min(axis=1)
+            first = np.where(first == U64_MAX, 0, first)
+            last = np.where(seen, arr["last_seen_ns"], 0).max(axis=1)
+            flags = np.bitwise_or.reduce(np.where(seen, arr["tcp_flags"].astype(np.uint64), 0), axis=1)
+            extras = np.stack([first, last, flags], axis=1)
+        elif name == "blacklist":
+            extras = arr["last_drop_ns"].max(axis=1).reshape(n, 1)
+    return MapReading(name, key_list, np.ascontiguousarray(counters, dtype=np.uint64), extras)
 
 
 def read_map(m: "maps.PinnedMap", epoch: int | None = None) -> MapReading:
@@ -105,38 +125,59 @@ def read_map(m: "maps.PinnedMap", epoch: int | None = None) -> MapReading:
 
 def pack_snapshot(reading: MapReading) -> bytes:
     """The BLOB stored in counter_snapshots.data for one map."""
-    width = len(COUNTERS[reading.name])
-    fmt = struct.Struct(f"<{width}Q")
-    return b"".join(k + fmt.pack(*v) for k, v in reading.counters.items())
+    return b"".join(reading.keys) + reading.counters.astype("<u8").tobytes()
 
 
-def unpack_snapshot(name: str, key_size: int, blob: bytes) -> dict[bytes, tuple]:
+def unpack_snapshot(name: str, key_size: int, blob: bytes) -> MapReading:
     width = len(COUNTERS[name])
-    rec = key_size + 8 * width
-    fmt = struct.Struct(f"<{width}Q")
-    return {blob[i:i + key_size]: fmt.unpack_from(blob, i + key_size) for i in range(0, len(blob), rec)}
+    n = len(blob) // (key_size + 8 * width)
+    keys = [blob[i:i + key_size] for i in range(0, n * key_size, key_size)]
+    counters = np.frombuffer(blob, dtype="<u8", count=n * width, offset=n * key_size).reshape(n, width)
+    return MapReading(name, keys, counters.astype(np.uint64))
 
 
-def diff(current: dict[bytes, tuple], previous: dict[bytes, tuple]) -> dict[bytes, tuple]:
-    """Per-key deltas current - previous, only keys whose delta is not all zero.
+@dataclass
+class Delta:
+    """Per-key differences of one map for one round: only keys with a non-zero delta.
 
-    A key new since the previous snapshot, or one with any counter lower than before
-    (restarted), contributes its whole current value.
+    keys: list of raw keys; values: (k, width) int64; index: row of each key in the current
+    reading (for its extras).
     """
-    out = {}
-    for key, cur in current.items():
-        prev = previous.get(key)
-        if prev is None:
-            delta = cur
-        else:
-            delta = tuple(c - p for c, p in zip(cur, prev))
-            if any(d < 0 for d in delta):
-                delta = cur
-        if any(delta):
-            out[key] = delta
-    return out
+    name: str
+    keys: list = field(default_factory=list)
+    values: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=np.int64))
+    index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def as_dict(self) -> dict[bytes, tuple]:
+        return {k: tuple(v) for k, v in zip(self.keys, self.values.tolist())}
 
 
-def vanished(current: dict[bytes, tuple], previous: dict[bytes, tuple]) -> int:
+def diff(current: MapReading, previous: MapReading) -> Delta:
+    """current - previous per key. A key new since the previous snapshot, or one with any
+    counter lower than before (restarted), contributes its whole current value."""
+    if not current.keys:
+        return Delta(current.name, [], np.zeros((0, current.counters.shape[1]), dtype=np.int64))
+    cur = current.counters.astype(np.int64)
+    if previous.keys:
+        pos = {k: i for i, k in enumerate(previous.keys)}
+        idx = np.fromiter((pos.get(k, -1) for k in current.keys), dtype=np.int64, count=len(current.keys))
+        known = idx >= 0
+        prev = np.zeros_like(cur)
+        prev[known] = previous.counters[idx[known]].astype(np.int64)
+        delta = cur - prev
+        restarted = (delta < 0).any(axis=1)
+        delta[restarted] = cur[restarted]
+    else:
+        delta = cur
+    rows = np.flatnonzero(delta.any(axis=1))
+    keys = current.keys
+    return Delta(current.name, [keys[i] for i in rows.tolist()], delta[rows], rows)
+
+
+def vanished(current: MapReading, previous: MapReading) -> int:
     """Keys present in the previous snapshot and gone now (LRU-evicted or deleted)."""
-    return sum(1 for key in previous if key not in current)
+    now = set(current.keys)
+    return sum(1 for key in previous.keys if key not in now)

@@ -211,6 +211,9 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False) -> 
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(BPF_DIR.parent))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if proc.stderr.strip():
+        # compiler diagnostics: kept in the log, the user sees the one-sentence error below
+        log.log(logging.ERROR if proc.returncode else logging.DEBUG, "XDP loader said:\n%s", proc.stderr.strip()[-4000:])
     if proc.returncode != 0:
         msg = (proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines() or ["no output"])[-1]
         if proc.returncode == 7:
@@ -271,7 +274,7 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
         bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
         fn = bpf.load_func(b"xdp_port_flow", BPF.XDP)
     except Exception as exc:
-        raise BpfError(f"the XDP program failed to compile or load ({exc}): see the log above; run `python -m app doctor`") from None
+        raise BpfError(f"the XDP program failed to compile or load ({exc}): the compiler output is in the log; `python -m app doctor` checks headers and BPF support") from None
     compile_seconds = time.monotonic() - t0
     attached = attached_program(interface)
     wanted = {"auto": [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE], "native": [XDP_FLAGS_DRV_MODE],

@@ -1,0 +1,49 @@
+"""`run`: the main job in the foreground — rounds back to back, an evaluation every hour.
+
+What cron does with two entries (minute collector, hourly evaluator) this does in one
+terminal, printing one line per round. The evaluation runs in a child process, so the
+collector process never imports TensorFlow. Stop with Ctrl-C; the XDP program stays
+attached and pinned (as under cron) until `python -m app down --interface IF`.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from app.cli import add_command
+
+
+def register(sub) -> None:
+    p = add_command(sub, "run", "collect continuously and evaluate every hour, in the foreground")
+    p.add_argument("--interface", "-i", help="interface (default: the default-route interface)")
+    p.add_argument("--round-seconds", type=float, help="seconds per round (default 60)")
+    p.add_argument("--evaluate-every", type=float, default=3600.0, help="seconds between evaluations (default 3600)")
+    p.add_argument("--max-rounds", type=int, default=0, help="stop after this many rounds (default: never)")
+    p.set_defaults(func=run)
+
+
+def run(args, settings) -> int:
+    from app.commands.collect import resolve_interface
+    from app.services.collector import Collector
+    settings.override("collector", "round_seconds", args.round_seconds)
+    interface = resolve_interface(args, settings)
+    print(f"portwatch: watching {interface}, rounds of {settings.collector.round_seconds:g} s, evaluation every "
+          f"{args.evaluate_every:g} s, database {settings.general.db} (Ctrl-C stops; "
+          f"`python -m app down --interface {interface}` detaches XDP)", flush=True)
+    last_eval = time.monotonic()
+    done = 0
+    try:
+        while args.max_rounds == 0 or done < args.max_rounds:
+            collector = Collector(settings, interface)
+            collector.collect(settings.collector.round_seconds, 1, on_round=lambda s: print(s.line(), flush=True))
+            done += 1
+            if time.monotonic() - last_eval >= args.evaluate_every:
+                last_eval = time.monotonic()
+                cmd = [sys.executable, "-m", "app", "evaluate", "--db", settings.general.db]
+                if getattr(args, "config", None):
+                    cmd += ["--config", args.config]
+                subprocess.run(cmd, check=False)
+    except KeyboardInterrupt:
+        print(f"portwatch: stopped after {done} rounds", flush=True)
+    return 0

@@ -1,0 +1,247 @@
+"""Collector benchmarks (issue 2), measured side by side in one run, printed as ratio tables.
+
+1. XDP program cost per packet with BPF_PROG_TEST_RUN (`bpftool prog run ... repeat N`) for a
+   few frame kinds, with counters and the blacklist lookup (target <= 200 ns).
+2. Packets/s through a lab veth with the program attached vs no program, interleaved runs
+   (target >= 0.9x).
+3. A collector round (no sniffer, no scanner) at 1k, 10k and 50k map entries: CPU seconds and
+   peak RSS of the whole collector process (targets <= 0.5 CPU-s and <= 60 MB at 50k).
+
+Runs as root; all traffic stays between lab hosts in 198.18.0.0/15. Cleans up after itself.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import resource
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from app import config  # noqa: E402
+from app.services import collector as collector_mod  # noqa: E402
+from app.services.lab import Lab  # noqa: E402
+
+
+def settings_for(tmp: Path):
+    (tmp / "none.toml").write_text("")
+    s = config.load(tmp / "none.toml", environ={})
+    s.general.db = str(tmp / "bench.db")
+    s.general.state_dir = str(tmp / "state")
+    s.scanner.enabled = False
+    s.sniffer.enabled = False
+    return s
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def udp_frame(src: str, dst: str, sport: int, dport: int, payload: int, dst_mac: bytes, src_mac: bytes) -> bytes:
+    body = b"p" * payload
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(body), 0) + body
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                     ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    return dst_mac + src_mac + b"\x08\x00" + ip + udp
+
+
+def tcp_syn_frame(src: str, dst: str, dport: int, dst_mac: bytes, src_mac: bytes) -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", 40000, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0,
+                     ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    return dst_mac + src_mac + b"\x08\x00" + ip + tcp
+
+
+def udp6_frame(src: str, dst: str, dport: int, dst_mac: bytes, src_mac: bytes) -> bytes:
+    udp = struct.pack("!HHHH", 40000, dport, 8 + 32, 0) + b"q" * 32
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(udp), 17, 64, ipaddress.IPv6Address(src).packed,
+                      ipaddress.IPv6Address(dst).packed)
+    return dst_mac + src_mac + b"\x86\xdd" + ip6 + udp
+
+
+def mac_bytes(text: str) -> bytes:
+    return bytes(int(x, 16) for x in text.split(":"))
+
+
+def prog_run_ns(prog_pin: Path, frame: bytes, repeat: int) -> float:
+    with tempfile.NamedTemporaryFile(suffix=".bin") as fh:
+        fh.write(frame)
+        fh.flush()
+        out = subprocess.run(["bpftool", "-j", "prog", "run", "pinned", str(prog_pin), "data_in", fh.name,
+                              "repeat", str(repeat)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip())
+    return float(json.loads(out.stdout)["duration"])
+
+
+SENDER = r"""
+import socket, sys, time
+iface, n, frames = sys.argv[1], int(sys.argv[2]), [bytes.fromhex(x) for x in sys.argv[3:]]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((iface, 0))
+send = s.send
+k = len(frames)
+t0 = time.perf_counter()
+for i in range(n):
+    send(frames[i % k])
+print(time.perf_counter() - t0)
+"""
+
+
+def blast(lab: Lab, frames: list[bytes], n: int) -> float:
+    """Send n frames from the peer namespace (AF_PACKET); returns packets/s the receiver absorbed."""
+    out = lab.run(sys.executable, "-c", SENDER, lab.peer_interface, str(n), *[f.hex() for f in frames], timeout=120)
+    return n / float(out.stdout.strip())
+
+
+def rx_packets(ifname: str) -> int:
+    return int(Path(f"/sys/class/net/{ifname}/statistics/rx_packets").read_text())
+
+
+def measure_prog_cost(lab: Lab, s) -> list[tuple]:
+    pin = Path(s.general.pin_root) / lab.interface / "prog"
+    dmac, smac = b"\x02" * 6, b"\x04" * 6
+    frames = {
+        "IPv4 UDP 64 B": udp_frame("198.18.9.2", "198.18.9.1", 40000, 5001, 18, dmac, smac),
+        "IPv4 TCP SYN": tcp_syn_frame("198.18.9.3", "198.18.9.1", 22, dmac, smac),
+        "IPv6 UDP": udp6_frame("2001:db8:18:9::2", "2001:db8:18:9::1", 53, dmac, smac),
+    }
+    rows = []
+    for name, frame in frames.items():
+        runs = [prog_run_ns(pin, frame, 200000) for _ in range(3)]
+        ns = statistics.median(runs)
+        rows.append((name, ns, 200.0 / ns if ns else float("inf")))
+    return rows
+
+
+def measure_veth(lab: Lab, s, n: int = 300000) -> tuple[float, float]:
+    dmac = mac_bytes(Path(f"/sys/class/net/{lab.interface}/address").read_text().strip())
+    smac = b"\x02\x00\x00\x00\x00\x01"
+    frames = [udp_frame(lab.host_v4(0), lab.root_v4, 40000 + i, 9, 18, dmac, smac) for i in range(16)]
+    # a sink the stack can deliver to cheaply: bound, never read (excess lands in RcvbufErrors)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind((lab.root_v4, 9))
+    with_prog, without = [], []
+    try:
+        for _ in range(5):
+            for off in ("xdp", "xdpgeneric"):
+                subprocess.run(["ip", "link", "set", "dev", lab.interface, off, "off"], capture_output=True)
+            without.append(blast(lab, frames, n))
+            collector_mod.run_collection(s, lab.interface, 0, 1, with_threads=False)   # re-attaches
+            with_prog.append(blast(lab, frames, n))
+    finally:
+        sink.close()
+    return statistics.median(with_prog), statistics.median(without)
+
+
+def fill_sources(lab: Lab, count: int) -> None:
+    """count distinct sources (198.18.128.0 upwards, inside 198.18.0.0/15), one UDP frame each."""
+    dmac = mac_bytes(Path(f"/sys/class/net/{lab.interface}/address").read_text().strip())
+    smac = b"\x02\x00\x00\x00\x00\x02"
+    base = int(ipaddress.IPv4Address("198.18.128.0"))
+    script = r"""
+import socket, sys, struct, ipaddress
+iface, base, count, dst, dmac = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], bytes.fromhex(sys.argv[5])
+def cs(d):
+    s = sum(struct.unpack('!%dH' % (len(d) // 2), d))
+    while s >> 16: s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind((iface, 0))
+dstb = ipaddress.IPv4Address(dst).packed
+for i in range(count):
+    src = (base + i).to_bytes(4, 'big')
+    udp = struct.pack('!HHHH', 40000 + i % 1000, 5000 + i % 7, 12, 0) + b'abcd'
+    ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 32, 0, 0, 64, 17, 0, src, dstb)
+    ip = ip[:10] + struct.pack('!H', cs(ip)) + ip[12:]
+    s.send(dmac + b'\x02\x00\x00\x00\x00\x02' + b'\x08\x00' + ip + udp)
+"""
+    lab.run(sys.executable, "-c", script, lab.peer_interface, str(base), str(count), lab.root_v4, dmac.hex(), timeout=300)
+
+
+def collector_round_cost(s, interface: str) -> tuple[float, float, float]:
+    """(process CPU s, peak RSS MB, in-round CPU s recorded in the DB) of one `collect` process."""
+    code = ("import resource, sys; from app.cli import main; rc = main(['collect', '--interface', %r, '--round-seconds', "
+            "'0', '--no-sniffer', '--no-scanner', '--db', %r, '-q']); r = resource.getrusage(resource.RUSAGE_SELF); "
+            "print(r.ru_utime + r.ru_stime, r.ru_maxrss)" % (interface, s.general.db))
+    env = dict(os.environ, PORTWATCH_CONFIG="/dev/null", PORTWATCH_STATE_DIR=s.general.state_dir)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(REPO))
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip()[-500:])
+    cpu, rss = out.stdout.split()[-2:]
+    import sqlite3
+    conn = sqlite3.connect(s.general.db)
+    in_round = conn.execute("SELECT cpu_seconds FROM rounds ORDER BY id DESC LIMIT 1").fetchone()[0]
+    conn.close()
+    return float(cpu), int(rss) / 1024, in_round
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("bench/collector.py needs root (XDP, namespaces)", file=sys.stderr)
+        return 3
+    tmp = Path(tempfile.mkdtemp(prefix="pw-bench-"))
+    s = settings_for(tmp)
+    lab = Lab(prefix="pwbc", subnet=9)
+    try:
+        lab.create()
+        collector_mod.run_collection(s, lab.interface, 0, 1, with_threads=False)
+
+        print("\n== XDP program cost per packet (BPF_PROG_TEST_RUN, 200k repeats, median of 3) ==")
+        print(f"{'frame':<16} {'ns/packet':>10} {'target 200 ns / measured':>26}")
+        for name, ns, ratio in measure_prog_cost(lab, s):
+            print(f"{name:<16} {ns:>10.1f} {ratio:>25.2f}x")
+
+        if os.environ.get("PW_BENCH_ONLY") == "cost":
+            return 0
+        print("\n== veth throughput, XDP attached vs no program (300k frames, AF_PACKET sender, median of 5, interleaved) ==")
+        for mode in ("native", "generic"):
+            s.collector.xdp_mode = mode
+            subprocess.run(["ip", "link", "set", "dev", lab.interface, "xdp", "off"], capture_output=True)
+            subprocess.run(["ip", "link", "set", "dev", lab.interface, "xdpgeneric", "off"], capture_output=True)
+            w, wo = measure_veth(lab, s)
+            print(f"{'with XDP ' + mode:<18} {w:>12,.0f} pkt/s")
+            print(f"{'no program':<18} {wo:>12,.0f} pkt/s")
+            print(f"{'ratio':<18} {w / wo:>12.3f}   (target >= 0.9)")
+        if os.environ.get("PW_BENCH_ONLY") == "veth":
+            return 0
+
+        print("\n== collector round (no sniffer/scanner) by map entries: whole process ==")
+        print(f"{'entries':>8} {'CPU s':>8} {'in-round CPU s':>15} {'peak RSS MB':>12} {'CPU target 0.5/x':>17} {'RSS target 60/x':>16}")
+        filled = 0
+        for target in (1000, 10000, 50000):
+            fill_sources(lab, target)                      # new sources + srcports + flows
+            filled = target
+            collector_round_cost(s, lab.interface)         # snapshot after the fill
+            fill_sources(lab, target)                      # every entry changes again in the measured round
+            cpu, rss, in_round = collector_round_cost(s, lab.interface)
+            print(f"{filled:>8} {cpu:>8.3f} {in_round:>15.3f} {rss:>12.1f} {0.5 / cpu:>16.2f}x {60 / rss:>15.2f}x")
+    finally:
+        lab.destroy()
+        import shutil
+        shutil.rmtree(Path(s.general.pin_root) / lab.interface, ignore_errors=True)
+        try:
+            Path(s.general.pin_root).rmdir()
+        except OSError:
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

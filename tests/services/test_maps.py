@@ -1,0 +1,30 @@
+"""ctypes mirrors against the maps the kernel really created (sizes and types from map info)."""
+import ctypes
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from app.services import maps
+from tests.services.test_collector import collect, make_settings
+
+pytestmark = pytest.mark.kernel
+
+
+def test_mirrors_match_kernel_maps_and_btf(lab, tmp_path):
+    s = make_settings(tmp_path, flow_map_size=8192)
+    collect(s, lab)
+    pdir = Path(s.general.pin_root) / lab.interface
+    for name, (mtype, key_t, val_t) in maps.MAP_LAYOUT.items():
+        with maps.PinnedMap(pdir / name) as m:
+            assert m.info.type == mtype, name
+            assert m.info.key_size == ctypes.sizeof(key_t), name
+            assert m.info.value_size == ctypes.sizeof(val_t), name
+    assert maps.layout_mismatch(pdir, {"flows": 8192}) is None
+    assert "8192" in maps.layout_mismatch(pdir, {"flows": 4096})
+    # the BTF the kernel holds for the value type names the same size (a second, independent check)
+    out = subprocess.run(["bpftool", "-j", "map", "show", "pinned", str(pdir / "flows")], capture_output=True, text=True)
+    info = json.loads(out.stdout)
+    assert info["bytes_value"] == ctypes.sizeof(maps.PwFlowValue)
+    assert info["bytes_key"] == ctypes.sizeof(maps.PwFlowKey)

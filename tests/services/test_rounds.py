@@ -1,0 +1,80 @@
+"""Pure tests of cumulative snapshots -> per-round differences."""
+import struct
+
+import numpy as np
+
+from app.services import maps, rounds
+
+
+def reading(name, d):
+    return rounds.MapReading(name, list(d), np.array(list(d.values()), dtype=np.uint64).reshape(len(d), -1))
+
+
+def test_diff_new_changed_unchanged_and_restarted_keys():
+    prev = reading("flows", {b"a": (10, 100), b"b": (5, 50), b"c": (7, 70)})
+    cur = reading("flows", {b"a": (15, 160), b"b": (5, 50), b"c": (2, 20), b"d": (1, 10)})
+    d = rounds.diff(cur, prev)
+    assert d.as_dict() == {b"a": (5, 60), b"c": (2, 20), b"d": (1, 10)}   # b unchanged: no row; c restarted
+    assert d.index.tolist() == [0, 2, 3]
+    assert rounds.diff(cur, rounds.empty("flows")).as_dict() == {b"a": (15, 160), b"b": (5, 50), b"c": (2, 20), b"d": (1, 10)}
+    assert rounds.vanished(reading("flows", {b"a": (1, 1)}), prev) == 2
+
+
+def test_snapshot_roundtrip():
+    r = reading("sources", {b"k" * 16: (1, 2, 3), b"j" * 16: (4, 5, 2**63 + 5)})
+    blob = rounds.pack_snapshot(r)
+    assert len(blob) == 2 * (16 + 24)
+    back = rounds.unpack_snapshot("sources", 16, blob)
+    assert back.keys == r.keys and back.counters.tolist() == r.counters.tolist()
+
+
+def test_decode_percpu_port_values_sums_cpus_and_keeps_round_extremes():
+    vfmt = "<" + maps.struct_format(maps.PwPortValue)
+    key = struct.pack("<HBB", 443, 6, 0)
+    # cpu0: 3 packets this epoch (7), payloads 10..40; cpu1: 2 packets in an older epoch (6)
+    cpu0 = struct.pack(vfmt, 3, 300, 60, 1, 0, 0, 0, 5, 40, 10, 40, 7, 0)
+    cpu1 = struct.pack(vfmt, 2, 200, 100, 2, 1, 0, 1, 50, 50, 50, 50, 6, 0)
+    r = rounds.decode("port_stats", key, cpu0 + cpu1, 1, 4, 80, 2, epoch=7)
+    assert r.counters.tolist() == [[5, 500, 160, 3, 1, 0, 1]]
+    assert r.extras.tolist() == [[10, 40]]
+
+
+def test_decode_percpu_flows_reduces_times_and_flags():
+    vfmt = "<" + maps.struct_format(maps.PwFlowValue)
+    key = b"f" * 40
+    cpu0 = struct.pack(vfmt, 2, 120, 1000, 5000, 0x02, 0)
+    cpu1 = struct.pack(vfmt, 1, 60, 800, 4000, 0x10, 0)
+    r = rounds.decode("flows", key, cpu0 + cpu1, 1, 40, 40, 2)
+    assert r.counters.tolist() == [[3, 180]]
+    assert r.extras.tolist() == [[800, 5000, 0x12]]
+
+
+def test_ctypes_mirror_sizes_match_common_h_layout():
+    # sizes as C lays out bpf/common.h (checked against the kernel's map info in the kernel test)
+    import ctypes
+    assert ctypes.sizeof(maps.PwPortKey) == 4
+    assert ctypes.sizeof(maps.PwPortValue) == 80
+    assert ctypes.sizeof(maps.PwSourceValue) == 24
+    assert ctypes.sizeof(maps.PwSrcportKey) == 20
+    assert ctypes.sizeof(maps.PwFlowKey) == 40
+    assert ctypes.sizeof(maps.PwFlowValue) == 40
+    assert ctypes.sizeof(maps.PwLpmKey) == 20
+    assert ctypes.sizeof(maps.PwBlacklistValue) == 24
+    assert ctypes.sizeof(maps.PwMeta) == 48
+    assert ctypes.sizeof(maps.PwGlobal) == 8 * len(maps.GLOBAL_NAMES)
+    for ctype in (maps.PwPortValue, maps.PwFlowKey, maps.PwLpmKey, maps.PwMeta):
+        assert struct.calcsize("<" + maps.struct_format(ctype)) == ctypes.sizeof(ctype)
+
+
+def test_addr_text_roundtrip():
+    for text in ("198.18.0.2", "2001:db8::1", "::1"):
+        assert maps.addr_text(maps.addr_bytes(text)) == text
+
+
+def test_global_names_follow_the_enum_in_common_h():
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "bpf" / "common.h").read_text()
+    body = text[text.index("enum pw_global_index {"):text.index("PW_G_MAX")]
+    names = [m.lower() for m in re.findall(r"PW_G_([A-Z0-9_]+)", body)]
+    assert tuple(names) == maps.GLOBAL_NAMES
