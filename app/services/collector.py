@@ -12,6 +12,7 @@ separate process) and no TensorFlow or matplotlib anywhere on this path.
 from __future__ import annotations
 
 import fcntl
+import gc
 import logging
 import os
 import resource
@@ -33,6 +34,10 @@ from app.services import maps, ports, rounds, xdp
 log = logging.getLogger(__name__)
 
 SNAPSHOT_MAPS = ("port_stats", "sources", "srcports", "flows", "global", "blacklist")
+# structured views of raw keys (struct pw_addr / pw_srcport_key / pw_flow_key of bpf/common.h)
+ADDR_KEY = [("a", "S16")]
+SRCPORT_KEY = [("src", "S16"), ("rest", "V4")]
+FLOW_KEY = [("src", "S16"), ("rest", "V24")]
 
 
 @dataclass
@@ -185,6 +190,17 @@ class Collector:
     def close_round(self, start: float, threads: dict, compiled: bool = False, reloaded: bool = False,
                     note: str | None = None) -> RoundSummary:
         """Read the maps, difference them, write the round in one transaction, bump the epoch."""
+        # tens of thousands of short-lived tuples and no cycles: the cyclic GC would rescan them
+        # over and over (measured: the larger part of a 50k-entry round)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._close_round(start, threads, compiled, reloaded, note)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _close_round(self, start, threads, compiled, reloaded, note) -> RoundSummary:
         cfg = maps.read_config(self.pin_dir)
         epoch = cfg.epoch
         readings = {name: rounds.read_map(self._maps[name], epoch if name == "port_stats" else None)
@@ -299,18 +315,25 @@ class Collector:
     def _write_sources(self, round_id, sources: rounds.Delta, srcports: rounds.Delta) -> set[bytes]:
         """source_stats rows (with distinct ports) and source_ports for many-port sources.
         Returns the raw addresses of the sources that reached many ports."""
-        per_source: dict[bytes, list] = {}
-        for key, n in zip(srcports.keys, srcports.values[:, 0].tolist() if len(srcports) else []):
-            per_source.setdefault(key[:16], []).append((int.from_bytes(key[16:18], "little"), key[18], n))
+        # distinct (port, protocol) pairs per source, vectorised: srcport keys start with the address
+        n_ports = np.zeros(len(sources), dtype=np.int64)
+        if len(srcports) and len(sources):
+            src_of_pair = srcports.field(SRCPORT_KEY, "src")
+            uniq, counts = np.unique(src_of_pair, return_counts=True)
+            pos = rounds.match(sources.field(ADDR_KEY, "a"), uniq)
+            n_ports = np.where(pos >= 0, counts[np.maximum(pos, 0)], 0)
         threshold = self.settings.collector.many_ports_threshold
-        rows, detail, many = [], [], set()
-        for addr, (packets, bytes_, syn) in zip(sources.keys, sources.values.tolist()):
-            touched = per_source.get(addr, ())
-            text = maps.addr_text(addr)
-            rows.append((text, packets, bytes_, syn, len(touched)))
-            if len(touched) >= threshold:
-                many.add(addr)
-                detail.extend((text, port, ports.protocol_name(proto), n) for port, proto, n in touched)
+        key = sources.reading.key
+        rows = [(maps.addr_text(key(i)), packets, bytes_, syn, n) for i, (packets, bytes_, syn), n in
+                zip(sources.index.tolist(), sources.values.tolist(), n_ports.tolist())]
+        many = {key(i) for i, n in zip(sources.index.tolist(), n_ports.tolist()) if n >= threshold}
+        detail = []
+        if many:
+            for k, (n,) in zip(srcports.keys, srcports.values.tolist()):
+                if k[:16] in many:
+                    detail.append((maps.addr_text(k[:16]), int.from_bytes(k[16:18], "little"),
+                                   ports.protocol_name(k[18]), n))
+        rows.sort()   # in address order: far cheaper inserts into the (address, round_id) index
         rounds_db.insert_source_stats(self.conn, round_id, rows)
         rounds_db.insert_source_ports(self.conn, round_id, detail)
         return many
@@ -324,14 +347,15 @@ class Collector:
         top = np.argsort(-by_bytes, kind="stable")[:top_n].tolist()
         chosen = {i: "top" for i in top}
         if many:
-            for i, key in enumerate(flows.keys):
-                if i not in chosen and key[:16] in many:
-                    chosen[i] = "many-ports"
+            src = flows.field(FLOW_KEY, "src")
+            hit = np.isin(src, np.array(sorted(many), dtype="S16"))
+            for i in np.flatnonzero(hit).tolist():
+                chosen.setdefault(i, "many-ports")
         offset = time.time() - time.clock_gettime(6)   # CLOCK_MONOTONIC_COARSE = 6: coarse ktime (ns) -> epoch
         ext = extras[flows.index]
         rows = []
         for i, reason in chosen.items():
-            key = flows.keys[i]
+            key = flows.reading.key(int(flows.index[i]))
             packets, bytes_ = flows.values[i].tolist()
             first_ns, last_ns, flags = ext[i].tolist()
             rows.append((maps.addr_text(key[0:16]), int.from_bytes(key[32:34], "little"), maps.addr_text(key[16:32]),

@@ -229,7 +229,7 @@ class PinnedMap:
             pass
 
     # reading -------------------------------------------------------------------------------
-    def items(self, batch: int = 4096) -> tuple[bytes, bytes, int]:
+    def items(self, batch: int = 4096) -> tuple[bytes, bytearray, int]:
         """All entries as (keys, values, n): keys is n*key_size bytes, values n*record_size bytes.
 
         Uses BPF_MAP_LOOKUP_BATCH (one syscall per ``batch`` entries) and falls back to
@@ -237,7 +237,7 @@ class PinnedMap:
         """
         ks, rs = self.info.key_size, self.record_size
         lib = libbpf()
-        out_keys, out_vals, total = [], [], 0
+        out_keys, out_vals, total = bytearray(), bytearray(), 0
         keys = ctypes.create_string_buffer(ks * batch)
         vals = ctypes.create_string_buffer(rs * batch)
         token_in = ctypes.create_string_buffer(max(ks, 8))
@@ -259,14 +259,14 @@ class PinnedMap:
                 raise BpfError(f"cannot read map {self.path}: {os.strerror(code)}")
             n = count.value
             if n:
-                out_keys.append(keys.raw[: n * ks])
-                out_vals.append(vals.raw[: n * rs])
+                out_keys += memoryview(keys)[: n * ks]
+                out_vals += memoryview(vals)[: n * rs]
                 total += n
             if rc < 0:          # ENOENT: that was the last batch
                 break
             ctypes.memmove(token_in, token_out, len(token_out))
             first = False
-        return b"".join(out_keys), b"".join(out_vals), total
+        return bytes(out_keys), out_vals, total
 
     def _items_slow(self) -> tuple[bytes, bytes, int]:
         ks, rs = self.info.key_size, self.record_size

@@ -15,7 +15,7 @@ endian).
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,18 +38,33 @@ U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 class MapReading:
     """One map read at one time.
 
-    keys: n raw keys (bytes of key_size); counters: (n, width) uint64, columns COUNTERS[name];
-    extras: (n, k) uint64 per-key extras (see decode), or None.
+    raw_keys: the n keys back to back (n * key_size bytes); counters: (n, width) uint64, columns
+    COUNTERS[name]; extras: (n, k) uint64 per-key extras (see decode), or None.
     """
     name: str
-    keys: list
+    raw_keys: bytes
+    key_size: int
     counters: np.ndarray
     extras: np.ndarray | None = None
     max_entries: int = 0
 
     @property
     def entries(self) -> int:
-        return len(self.keys)
+        return len(self.counters)
+
+    @property
+    def key_array(self) -> np.ndarray:
+        """Keys as fixed-width byte strings ('S<key_size>'), for vectorised joins.
+        (Never turn these into Python bytes with tolist(): numpy strips trailing NULs.)"""
+        return np.frombuffer(self.raw_keys, dtype=f"S{self.key_size}", count=self.entries)
+
+    def key(self, i: int) -> bytes:
+        return self.raw_keys[i * self.key_size:(i + 1) * self.key_size]
+
+    @property
+    def keys(self) -> list[bytes]:
+        ks = self.key_size
+        return [self.raw_keys[i:i + ks] for i in range(0, len(self.counters) * ks, ks)]
 
 
 def _dtype(ctype, stride: int) -> np.dtype:
@@ -73,8 +88,8 @@ def _scalar(ctype) -> str:
     return {ctypes.c_uint64: "<u8", ctypes.c_uint32: "<u4", ctypes.c_uint16: "<u2", ctypes.c_uint8: "u1"}[ctype]
 
 
-def empty(name: str) -> MapReading:
-    return MapReading(name, [], np.zeros((0, len(COUNTERS[name])), dtype=np.uint64))
+def empty(name: str, key_size: int = 1) -> MapReading:
+    return MapReading(name, b"", key_size, np.zeros((0, len(COUNTERS[name])), dtype=np.uint64))
 
 
 def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride: int, ncpu: int,
@@ -88,10 +103,9 @@ def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride:
       blacklist:  (last_drop_ns,).
     """
     if n == 0:
-        return empty(name)
+        return empty(name, key_size)
     ctype = maps.MAP_LAYOUT[name][2]
     arr = np.frombuffer(values, dtype=_dtype(ctype, stride), count=n * ncpu).reshape(n, ncpu)
-    key_list = [keys[i:i + key_size] for i in range(0, n * key_size, key_size)]
     extras = None
     if name == "global":
         counters = arr["c"].sum(axis=1, dtype=np.uint64)
@@ -113,7 +127,7 @@ def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride:
             extras = np.stack([first, last, flags], axis=1)
         elif name == "blacklist":
             extras = arr["last_drop_ns"].max(axis=1).reshape(n, 1)
-    return MapReading(name, key_list, np.ascontiguousarray(counters, dtype=np.uint64), extras)
+    return MapReading(name, keys[: n * key_size], key_size, np.ascontiguousarray(counters, dtype=np.uint64), extras)
 
 
 def read_map(m: "maps.PinnedMap", epoch: int | None = None) -> MapReading:
@@ -125,31 +139,41 @@ def read_map(m: "maps.PinnedMap", epoch: int | None = None) -> MapReading:
 
 def pack_snapshot(reading: MapReading) -> bytes:
     """The BLOB stored in counter_snapshots.data for one map."""
-    return b"".join(reading.keys) + reading.counters.astype("<u8").tobytes()
+    return reading.raw_keys + reading.counters.astype("<u8").tobytes()
 
 
 def unpack_snapshot(name: str, key_size: int, blob: bytes) -> MapReading:
     width = len(COUNTERS[name])
     n = len(blob) // (key_size + 8 * width)
-    keys = [blob[i:i + key_size] for i in range(0, n * key_size, key_size)]
-    counters = np.frombuffer(blob, dtype="<u8", count=n * width, offset=n * key_size).reshape(n, width)
-    return MapReading(name, keys, counters.astype(np.uint64))
+    counters = np.frombuffer(blob, dtype=np.uint64 if np.little_endian else "<u8", count=n * width,
+                             offset=n * key_size).reshape(n, width)
+    return MapReading(name, blob[: n * key_size], key_size, counters)
 
 
 @dataclass
 class Delta:
     """Per-key differences of one map for one round: only keys with a non-zero delta.
 
-    keys: list of raw keys; values: (k, width) int64; index: row of each key in the current
-    reading (for its extras).
+    values: (k, width) int64; index: (k,) row of each key in ``reading`` (the current reading:
+    keys and extras are looked up there, so no per-key Python object exists until needed).
     """
     name: str
-    keys: list = field(default_factory=list)
-    values: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=np.int64))
-    index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    values: np.ndarray
+    index: np.ndarray
+    reading: MapReading
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.index)
+
+    @property
+    def keys(self) -> list[bytes]:
+        key = self.reading.key
+        return [key(i) for i in self.index.tolist()]
+
+    def field(self, dtype: list, name: str) -> np.ndarray:
+        """One field of the keys of this delta, keys viewed as the structured ``dtype``."""
+        arr = np.frombuffer(self.reading.raw_keys, dtype=dtype, count=self.reading.entries)
+        return arr[name][self.index]
 
     def as_dict(self) -> dict[bytes, tuple]:
         return {k: tuple(v) for k, v in zip(self.keys, self.values.tolist())}
@@ -158,12 +182,12 @@ class Delta:
 def diff(current: MapReading, previous: MapReading) -> Delta:
     """current - previous per key. A key new since the previous snapshot, or one with any
     counter lower than before (restarted), contributes its whole current value."""
-    if not current.keys:
-        return Delta(current.name, [], np.zeros((0, current.counters.shape[1]), dtype=np.int64))
+    if not current.entries:
+        return Delta(current.name, np.zeros((0, current.counters.shape[1]), dtype=np.int64),
+                     np.zeros(0, dtype=np.int64), current)
     cur = current.counters.astype(np.int64)
-    if previous.keys:
-        pos = {k: i for i, k in enumerate(previous.keys)}
-        idx = np.fromiter((pos.get(k, -1) for k in current.keys), dtype=np.int64, count=len(current.keys))
+    if previous.entries:
+        idx = match(current.key_array, previous.key_array)
         known = idx >= 0
         prev = np.zeros_like(cur)
         prev[known] = previous.counters[idx[known]].astype(np.int64)
@@ -173,11 +197,21 @@ def diff(current: MapReading, previous: MapReading) -> Delta:
     else:
         delta = cur
     rows = np.flatnonzero(delta.any(axis=1))
-    keys = current.keys
-    return Delta(current.name, [keys[i] for i in rows.tolist()], delta[rows], rows)
+    return Delta(current.name, delta[rows], rows, current)
+
+
+def match(keys: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """For each of ``keys``, its row in ``reference`` or -1 (both 'S<n>' arrays; sort + binary search)."""
+    order = np.argsort(reference, kind="stable")
+    ordered = reference[order]
+    pos = np.searchsorted(ordered, keys)
+    pos_c = np.minimum(pos, len(ordered) - 1)
+    found = ordered[pos_c] == keys
+    return np.where(found, order[pos_c], -1)
 
 
 def vanished(current: MapReading, previous: MapReading) -> int:
     """Keys present in the previous snapshot and gone now (LRU-evicted or deleted)."""
-    now = set(current.keys)
-    return sum(1 for key in previous.keys if key not in now)
+    if not previous.entries:
+        return 0
+    return int((match(previous.key_array, current.key_array) < 0).sum()) if current.entries else previous.entries

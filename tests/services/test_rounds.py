@@ -7,17 +7,20 @@ from app.services import maps, rounds
 
 
 def reading(name, d):
-    return rounds.MapReading(name, list(d), np.array(list(d.values()), dtype=np.uint64).reshape(len(d), -1))
+    ks = len(next(iter(d)))
+    return rounds.MapReading(name, b"".join(d), ks, np.array(list(d.values()), dtype=np.uint64).reshape(len(d), -1))
 
 
 def test_diff_new_changed_unchanged_and_restarted_keys():
-    prev = reading("flows", {b"a": (10, 100), b"b": (5, 50), b"c": (7, 70)})
-    cur = reading("flows", {b"a": (15, 160), b"b": (5, 50), b"c": (2, 20), b"d": (1, 10)})
+    # keys with trailing and inner NUL bytes on purpose: numpy must not confuse them
+    a, b, c, d_, e = b"a\x00\x00", b"a\x00\x01", b"\x00\x00\x00", b"d\x00d", b"a\x01\x00"
+    prev = reading("flows", {a: (10, 100), b: (5, 50), c: (7, 70), e: (1, 1)})
+    cur = reading("flows", {a: (15, 160), b: (5, 50), c: (2, 20), d_: (1, 10)})
     d = rounds.diff(cur, prev)
-    assert d.as_dict() == {b"a": (5, 60), b"c": (2, 20), b"d": (1, 10)}   # b unchanged: no row; c restarted
+    assert d.as_dict() == {a: (5, 60), c: (2, 20), d_: (1, 10)}   # b unchanged: no row; c restarted
     assert d.index.tolist() == [0, 2, 3]
-    assert rounds.diff(cur, rounds.empty("flows")).as_dict() == {b"a": (15, 160), b"b": (5, 50), b"c": (2, 20), b"d": (1, 10)}
-    assert rounds.vanished(reading("flows", {b"a": (1, 1)}), prev) == 2
+    assert rounds.diff(cur, rounds.empty("flows", 3)).as_dict() == {a: (15, 160), b: (5, 50), c: (2, 20), d_: (1, 10)}
+    assert rounds.vanished(reading("flows", {a: (1, 1)}), prev) == 3
 
 
 def test_snapshot_roundtrip():
@@ -25,7 +28,7 @@ def test_snapshot_roundtrip():
     blob = rounds.pack_snapshot(r)
     assert len(blob) == 2 * (16 + 24)
     back = rounds.unpack_snapshot("sources", 16, blob)
-    assert back.keys == r.keys and back.counters.tolist() == r.counters.tolist()
+    assert back.keys == r.keys == [b"k" * 16, b"j" * 16] and back.counters.tolist() == r.counters.tolist()
 
 
 def test_decode_percpu_port_values_sums_cpus_and_keeps_round_extremes():
