@@ -9,6 +9,9 @@
 --     for ICMP/ICMPv6 the "port" is the ICMP type;
 --   * addresses are text: '198.18.0.2', '2001:db8::1', blacklist entries in CIDR form.
 
+-- incremental vacuum lets `cleanup` return freed pages without rewriting the whole file;
+-- it only takes effect before the first table is created
+PRAGMA auto_vacuum = INCREMENTAL;
 PRAGMA journal_mode = WAL;
 PRAGMA foreign_keys = ON;
 
@@ -189,8 +192,10 @@ CREATE TABLE IF NOT EXISTS models (
     path           TEXT NOT NULL,            -- directory holding model + scaler + config.json
     threshold      REAL,
     train_windows  INTEGER,
-    status         TEXT NOT NULL DEFAULT 'active',  -- 'active', 'retired', 'rolled-back'
-    metadata       TEXT                      -- JSON
+    status         TEXT NOT NULL DEFAULT 'active',  -- 'active', 'retired', 'rolled-back', 'pruned' (files removed)
+    metadata       TEXT,                     -- JSON: calibration, hyper-parameters, rounds trained on
+    budget_per_day REAL,                     -- alert budget the threshold was calibrated to (whole host)
+    held_out_rate_per_day REAL               -- false alerts/day the threshold gives on held-out normal windows
 );
 
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -205,7 +210,10 @@ CREATE TABLE IF NOT EXISTS evaluations (
     anomalies      INTEGER,
     duration_s     REAL,
     status         TEXT,                     -- 'ok', 'warm-up', 'no-rounds', 'error: ...'
-    note           TEXT
+    note           TEXT,
+    rounds         INTEGER,                  -- rounds judged (first_round_id..last_round_id)
+    ports          INTEGER,                  -- port series scored
+    observed_rate_per_day REAL               -- model anomalies per day of judged rounds in this batch
 );
 
 CREATE TABLE IF NOT EXISTS anomalies (
@@ -254,6 +262,18 @@ CREATE TABLE IF NOT EXISTS blacklist_events (
     action   TEXT NOT NULL,                  -- 'block', 'would-block', 'expire', 'remove', 'refused', 'reconcile-add', ...
     detail   TEXT
 );
+CREATE INDEX IF NOT EXISTS blacklist_events_address ON blacklist_events(address, at);
+
+-- per interface: each entry's in-map drop counter when reconcile last read it. blacklist.drops
+-- grows by the counter's growth since then; an entry (re-)added to a map starts again from 0.
+CREATE TABLE IF NOT EXISTS blacklist_map_counters (
+    interface  TEXT NOT NULL,
+    address    TEXT NOT NULL,                -- CIDR, as in blacklist.address
+    drops      INTEGER NOT NULL,             -- the map's cumulative counter at read_at
+    drop_bytes INTEGER NOT NULL,
+    read_at    REAL NOT NULL,
+    PRIMARY KEY (interface, address)
+) WITHOUT ROWID;
 
 -- operations ------------------------------------------------------------------
 

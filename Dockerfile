@@ -1,0 +1,65 @@
+# syntax=docker/dockerfile:1
+# portwatch in a container: cron in the foreground runs the entries of crontab.example — the
+# collector every minute, the evaluator hourly (it also writes the report), the cleanup daily.
+#
+# Build:
+#   docker build -t portwatch .
+# Run (XDP watches the HOST's interfaces, so the container shares the host's network and BPF):
+#   docker run -d --name portwatch --restart unless-stopped \
+#     --privileged --net=host \
+#     -v /sys/fs/bpf:/sys/fs/bpf \
+#     -v /lib/modules:/lib/modules:ro -v /usr/src:/usr/src:ro \
+#     -v portwatch-data:/var/lib/portwatch \
+#     -v /etc/portwatch:/etc/portwatch:ro \
+#     portwatch
+#
+#   --privileged --net=host    bpf() and attaching XDP need CAP_BPF/CAP_NET_ADMIN/CAP_SYS_ADMIN, and
+#                              the host's interfaces are only visible in the host's network namespace
+#   -v /sys/fs/bpf:/sys/fs/bpf pins (program and maps) outlive the container: load once, read many,
+#                              and `python -m app down` can still detach after the container is gone
+#   -v /lib/modules, /usr/src  the host kernel's headers, for BCC's one compile of bpf/port_flow.c
+#   -v ...:/var/lib/portwatch  the SQLite database, models and reports (reports.out_dir)
+#   -v /etc/portwatch          config.toml: cron passes no PORTWATCH_* environment to the jobs
+#
+# Look inside:  docker exec portwatch portwatch status
+#               docker exec portwatch tail -f /var/log/portwatch/collector.log
+# Undo on the host after removing the container:  ip link set dev IF xdp off; rm -r /sys/fs/bpf/portwatch
+FROM debian:bookworm-slim
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# The Debian packages of scripts/setup.sh that the jobs need (the namespace-lab tools are left out).
+# Versions come from bookworm and its security updates, so they are not pinned here.
+# hadolint ignore=DL3008
+RUN echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends \
+      python3 python3-venv python3-bpfcc bpfcc-tools libbpf1 bpftool tshark \
+      iproute2 sqlite3 util-linux cron procps ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /opt/portwatch
+
+# The venv as scripts/setup.sh makes it: system python3 with --system-site-packages (for Debian's
+# bcc module) and the pinned requirements. A layer of its own, rebuilt only when they change.
+COPY requirements.txt pyproject.toml ./
+RUN python3 -m venv --system-site-packages .venv \
+ && .venv/bin/python -m pip install --upgrade pip==25.0.1 \
+ && .venv/bin/python -m pip install -r requirements.txt
+
+COPY init.sql crontab.example ./
+COPY bpf/ bpf/
+COPY app/ app/
+RUN .venv/bin/python -m pip install --no-deps --no-build-isolation -e . \
+ && .venv/bin/python -c "import bcc, psutil, pyshark" \
+ && mkdir -p /var/log/portwatch /var/lib/portwatch /etc/portwatch /run/lock \
+ && crontab -u root crontab.example \
+ && ln -s /opt/portwatch/.venv/bin/portwatch /usr/local/bin/portwatch
+
+VOLUME ["/var/lib/portwatch"]
+HEALTHCHECK --interval=5m --timeout=10s CMD ["pgrep", "-x", "cron"]
+CMD ["cron", "-f"]

@@ -1,0 +1,85 @@
+"""`python -m app cleanup [--keep-days D]`: retention, then give the space back.
+
+Deletes rounds that ended more than D days ago (default retention.keep_days, 14) with every row
+that hangs off them (port and source counters, flows, occupancy, sniffer packets, blocklist
+drops), sniffer packets older than D days, and alert bookkeeping older than D days. Evaluations,
+anomalies, models and the blocklist ledger are kept: they are small and the report and the
+audit trail need them. Then frees the pages: an incremental vacuum, or once a full VACUUM that
+switches the file to incremental auto-vacuum.
+
+Exit codes: 0 done; 2 bad --keep-days; 4 database problem; 6 another cleanup is running.
+"""
+from __future__ import annotations
+
+import fcntl
+import time
+from pathlib import Path
+
+from app.cli import add_command
+
+DESCRIPTION = """Delete rounds (and everything recorded with them) and sniffer packets older than
+--keep-days days, then give the freed space back to the file system (incremental vacuum).
+Runs daily from cron (crontab.example). --dry-run only counts."""
+
+
+def register(sub) -> None:
+    parser = add_command(sub, "cleanup", "delete old rounds and packets, then vacuum", DESCRIPTION)
+    parser.add_argument("--keep-days", type=float, metavar="D",
+                        help="keep this many days of rounds (default: retention.keep_days = 14)")
+    parser.add_argument("--dry-run", action="store_true", help="count what would be deleted, change nothing")
+    parser.set_defaults(func=run)
+
+
+def _size(path: Path) -> int:
+    from app.commands.status import database_bytes
+    return database_bytes(path)
+
+
+def run(args, settings) -> int:
+    from app.db import retention
+    from app.db.connection import connect
+    from app.errors import LockedError, UsageError
+    from app.services.metrics import job_metrics
+
+    settings.override("retention", "keep_days", args.keep_days)
+    keep_days = settings.retention.keep_days
+    if not keep_days == keep_days or keep_days <= 0 or keep_days > 36500:   # NaN, zero, negative, absurd
+        raise UsageError(f"--keep-days must be a number of days above 0, got {keep_days:g}")
+    db = Path(settings.general.db)
+    if not db.exists():
+        raise UsageError(f"database {db} does not exist: nothing to clean up (check --db)")
+    cutoff = time.time() - keep_days * 86400.0
+    cutoff_text = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cutoff))
+
+    if args.dry_run:
+        conn = connect(db, readonly=True)
+        try:
+            counts = retention.count_old(conn, cutoff)
+        finally:
+            conn.close()
+        print(f"would delete {counts['rounds']} rounds and {counts['packets']} sniffer packets "
+              f"older than {cutoff_text} ({keep_days:g} days)")
+        return 0
+
+    state = Path(settings.general.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "cleanup.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError("another cleanup is running: this one does not overlap it") from None
+        with job_metrics(settings, "cleanup") as metrics:
+            before = _size(db)
+            conn = connect(db)
+            try:
+                rounds, packets = retention.delete_old_rounds(conn, cutoff)
+                packets += retention.delete_old_packets(conn, cutoff)
+                retention.delete_old_alerts(conn, min(cutoff, time.time() - settings.alerts.cooldown_seconds))
+                how = retention.reclaim(conn)
+            finally:
+                conn.close()
+            after = _size(db)
+            metrics.update(deleted_rounds=rounds, deleted_packets=packets, database_bytes=after)
+    print(f"deleted {rounds} rounds and {packets} sniffer packets older than {cutoff_text} ({keep_days:g} days); "
+          f"database {before / 1048576:.1f} MiB -> {after / 1048576:.1f} MiB ({how} vacuum)")
+    return 0

@@ -1,0 +1,93 @@
+"""`python -m app config show [--json]` and `config check`: the effective settings and where each
+value came from (default, the TOML file, a PORTWATCH_* variable, the command line).
+
+Secrets are masked: passwords and tokens entirely, the webhook URL down to its scheme and host
+(chat webhooks carry their token in the path). Unknown keys and bad values are errors of the
+config loader itself: ``portwatch: error: config key 'collector.rounds' must be int, got 'x'``
+(exit code 2).
+"""
+from __future__ import annotations
+
+import json
+from urllib.parse import urlsplit
+
+from app.cli import add_command, common_options
+
+DESCRIPTION = """Show the effective configuration: every key as section.key = value, with where the value
+came from (default, file:<path>, env:<NAME>, command line). Every key can be set in the TOML file
+([section] tables; general keys at the top level) or by PORTWATCH_<SECTION>_<KEY>.
+Secrets (smtp_password, the webhook URL's path) are masked."""
+
+SECRET_WORDS = ("password", "secret", "token")
+MASK = "********"
+
+
+def mask(section: str, key: str, value):
+    """The value as shown: secrets masked, everything else unchanged."""
+    if any(word in key for word in SECRET_WORDS) and not key.endswith("_file"):
+        return MASK if value else value
+    if key == "webhook_url" and value:
+        parts = urlsplit(str(value))
+        if parts.scheme and parts.netloc:
+            host = parts.hostname or ""
+            port = f":{parts.port}" if parts.port else ""
+            rest = "/" + MASK if (parts.path.strip("/") or parts.query) else ""
+            return f"{parts.scheme}://{host}{port}{rest}"
+        return MASK
+    return value
+
+
+def effective(settings) -> list[dict]:
+    return [{"key": f"{section}.{key}", "value": mask(section, key, value), "source": source}
+            for section, key, value, source in settings.items()]
+
+
+def _text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)
+
+
+def register(sub) -> None:
+    parser = add_command(sub, "config", "show or check the effective configuration", DESCRIPTION)
+    actions = parser.add_subparsers(dest="config_action", metavar="ACTION")
+    show = actions.add_parser("show", help="print every setting, its value and where it came from",
+                              description="Print every setting (section.key = value) and its source.",
+                              parents=[common_options()])
+    show.add_argument("--json", action="store_true", help="print one JSON object")
+    show.set_defaults(func=run_show)
+    check = actions.add_parser("check", help="load the configuration and report problems (exit 2 if any)",
+                               description="Load the config file and PORTWATCH_* variables; exit 0 when valid.",
+                               parents=[common_options()])
+    check.set_defaults(func=run_check)
+    parser.set_defaults(func=run_missing, config_parser=parser)
+
+
+def run_missing(args, settings) -> int:
+    from app.errors import UsageError
+    raise UsageError("config needs an action: config show [--json] or config check")
+
+
+def run_show(args, settings) -> int:
+    rows = effective(settings)
+    if getattr(args, "json", False):
+        print(json.dumps({"config_file": settings.config_path,
+                          "settings": {r["key"]: {"value": r["value"], "source": r["source"]} for r in rows}},
+                         indent=2))
+        return 0
+    print(f"# config file: {settings.config_path or 'none (defaults and environment only)'}")
+    width = max(len(r["key"]) for r in rows)
+    for r in rows:
+        print(f"{r['key']:<{width}} = {_text(r['value'])}    # {r['source']}")
+    return 0
+
+
+def run_check(args, settings) -> int:
+    changed = sum(1 for r in effective(settings) if r["source"] != "default")
+    print(f"configuration is valid ({settings.config_path or 'no config file'}; {changed} value(s) set "
+          "outside the defaults)")
+    return 0

@@ -1,0 +1,201 @@
+"""`python -m app status [--json]`: is XDP attached and how, last round, last evaluation, model
+version, blocklist size, database size.
+
+Reads only: the database is opened read-only, XDP state comes from ``ip -j -d link show`` and the
+pins under ``<pin_root>/<interface>/``. Exit codes: 0 shown (whatever the state); 2 bad interface
+name; 4 corrupt database.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from app.cli import add_command
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Show what portwatch is doing on this host: XDP attached and in which mode on each
+interface seen in the rounds (or --interface), the last round, the last evaluation, the active
+model version, the blocklist size and the database size. --json prints the same as one JSON object."""
+
+_IFNAME = re.compile(r"^[^/\s:]{1,15}$")
+_MODE_NAMES = {1: "native", 2: "generic", 3: "offload"}
+
+
+def register(sub) -> None:
+    parser = add_command(sub, "status", "show XDP state, last round/evaluation, model, blocklist, database size",
+                         DESCRIPTION)
+    parser.add_argument("--interface", metavar="IF", action="append",
+                        help="interface to describe (repeatable; default: every interface seen in the rounds)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def database_bytes(db: Path) -> int:
+    """Size of the database file plus its WAL and shared-memory files, in bytes."""
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            total += Path(f"{db}{suffix}").stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def _ip_link(interface: str) -> dict | None:
+    try:
+        out = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", interface], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    try:
+        links = json.loads(out.stdout)
+    except ValueError:
+        return None
+    return links[0] if links else None
+
+
+def describe_interface(interface: str, pin_root: str) -> dict:
+    """{'interface', 'exists', 'attached', 'mode', 'program_id', 'pinned', ...} for one interface.
+
+    Uses app.services.xdp.describe when it is importable; otherwise reads ``ip -j -d link`` and
+    the pin directory itself.
+    """
+    exists = Path(f"/sys/class/net/{interface}").exists()
+    info = {"interface": interface, "exists": exists, "attached": False, "mode": None, "program_id": None,
+            "pinned": False, "pin_dir": str(Path(pin_root) / interface)}
+    if not exists:
+        info["pinned"] = (Path(pin_root) / interface).exists()
+        return info
+    try:
+        from app.services import xdp
+        info.update(xdp.describe(interface, pin_root))
+        info["exists"] = True
+        return info
+    except Exception as exc:    # no libbpf, no permission to read the pins, ...: fall back to ip(8)
+        log.debug("xdp.describe(%s) failed (%s); reading ip link instead", interface, exc)
+    link = _ip_link(interface) or {}
+    xdp_info = link.get("xdp") or {}
+    prog = xdp_info.get("prog") or {}
+    if not prog and xdp_info.get("attached"):
+        prog = (xdp_info["attached"][0] or {}).get("prog") or {}
+    if xdp_info:
+        info.update(attached=True, mode=_MODE_NAMES.get(xdp_info.get("mode"), str(xdp_info.get("mode"))),
+                    program_id=prog.get("id"))
+    pdir = Path(pin_root) / interface
+    info["pinned"] = pdir.is_dir() and any(pdir.iterdir())
+    return info
+
+
+def gather(settings, interfaces: list[str] | None = None, now: float | None = None) -> dict:
+    """Everything ``status`` shows, as a JSON-ready dict."""
+    from app.db import reports as queries
+    from app.db.connection import connect
+    now = time.time() if now is None else now
+    db = Path(settings.general.db)
+    status: dict = {"database": {"path": str(db), "exists": db.exists(), "bytes": database_bytes(db)}}
+    summary = None
+    if db.exists():
+        conn = connect(db, readonly=True)
+        try:
+            summary = queries.status_summary(conn)
+        finally:
+            conn.close()
+        status["database"]["rounds"] = summary["rounds"]
+    status["last_round"] = summary["last_round"] if summary else None
+    if status["last_round"]:
+        status["last_round"]["age_seconds"] = round(now - status["last_round"]["end_time"], 1)
+    status["last_evaluation"] = summary["last_evaluation"] if summary else None
+    if status["last_evaluation"]:
+        at = status["last_evaluation"]["finished_at"] or status["last_evaluation"]["started_at"]
+        status["last_evaluation"]["age_seconds"] = round(now - at, 1)
+    status["model"] = summary["model"] if summary else None
+    status["blacklist"] = summary["blacklist"] if summary else {"active": 0, "dry_run": 0, "expired": 0, "removed": 0}
+    names = list(interfaces or [])
+    if not names:
+        names = list(summary["interfaces"]) if summary else []
+        if settings.general.interface and settings.general.interface not in names:
+            names.append(settings.general.interface)
+    status["xdp"] = [describe_interface(name, settings.general.pin_root) for name in names]
+    return status
+
+
+def _when(t: float | None, now: float) -> str:
+    if t is None:
+        return "-"
+    age = now - t
+    text = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    if age < 120:
+        return f"{text} ({age:.0f} s ago)"
+    if age < 7200:
+        return f"{text} ({age / 60:.0f} min ago)"
+    if age < 172800:
+        return f"{text} ({age / 3600:.1f} h ago)"
+    return f"{text} ({age / 86400:.1f} days ago)"
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render(status: dict, now: float) -> str:
+    lines = []
+    db = status["database"]
+    if db["exists"]:
+        lines.append(f"database:        {db['path']} ({_size(db['bytes'])}, {db.get('rounds', 0)} rounds)")
+    else:
+        lines.append(f"database:        {db['path']} (not created yet: run python -m app collect)")
+    r = status["last_round"]
+    lines.append("last round:      none" if not r else
+                 f"last round:      #{r['id']} on {r['interface']} ended {_when(r['end_time'], now)}, "
+                 f"XDP {r['xdp_mode'] or 'not attached'}, {r['total_packets']} packets, {r['dropped_packets']} dropped")
+    e = status["last_evaluation"]
+    lines.append("last evaluation: none" if not e else
+                 f"last evaluation: #{e['id']} {_when(e['finished_at'] or e['started_at'], now)}, "
+                 f"status {e['status'] or 'running'}, {e['anomalies'] or 0} anomalies")
+    m = status["model"]
+    lines.append("model:           none yet (warm-up)" if not m else
+                 f"model:           version {m['version']}, threshold "
+                 f"{'-' if m['threshold'] is None else format(m['threshold'], '.4g')}, created {_when(m['created_at'], now)}")
+    b = status["blacklist"]
+    lines.append(f"blocklist:       {b['active']} active, {b['dry_run']} dry-run, {b['expired']} expired, "
+                 f"{b['removed']} removed")
+    if not status["xdp"]:
+        lines.append("xdp:             no interface seen yet (use --interface IF)")
+    for x in status["xdp"]:
+        label = f"xdp {x['interface']}:".ljust(17)
+        if not x.get("exists", True):
+            lines.append(f"{label}interface does not exist" + (" (stale pins left: python -m app down "
+                                                                  f"--interface {x['interface']})" if x["pinned"] else ""))
+            continue
+        state = (f"attached ({x['mode']}, program {x['program_id']})" if x["attached"] else "not attached")
+        pins = f"pinned at {x['pin_dir']}" if x["pinned"] else "no pins"
+        extra = ""
+        if x.get("attached") and x.get("pinned") and x.get("ours") is False:
+            extra = "; the attached program is not portwatch's pinned one"
+        lines.append(f"{label}{state}, {pins}{extra}")
+    return "\n".join(lines)
+
+
+def run(args, settings) -> int:
+    from app.errors import UsageError
+    for name in args.interface or []:
+        if not _IFNAME.match(name):
+            raise UsageError(f"{name!r} is not a valid interface name (at most 15 characters, no '/', ':' or spaces)")
+    now = time.time()
+    status = gather(settings, args.interface, now=now)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True, default=str))
+    else:
+        print(render(status, now))
+    return 0

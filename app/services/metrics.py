@@ -1,0 +1,245 @@
+"""Prometheus text-format metrics for node_exporter's textfile collector.
+
+Every job (``collector``, ``evaluator``, ``cleanup``, ...) calls :func:`write_metrics` at the end
+of a run (or wraps the run in :func:`job_metrics`). All jobs share ONE file,
+``<metrics.textfile_dir>/<metrics.file_name>`` (default ``portwatch.prom``), with the job in the
+``task`` label (``job`` is Prometheus' own target label): one file sidesteps node_exporter
+versions that read a metric from only one of several files. Each write reads the file, replaces
+this job's samples and renames a temporary file over it, under an flock on a hidden lock file in
+the same directory, so node_exporter never sees a half-written file and two jobs never lose
+each other's samples.
+
+Metrics (``task="<job>"`` on every sample)::
+
+  portwatch_<counter>_total           counters accumulated across runs: rounds, packets, bytes,
+                                      dropped_packets, anomalies, blocks, alerts, deleted_rounds, ...
+  portwatch_<gauge>                   the last run's value: blocklist_entries, database_bytes, ...
+  portwatch_runs_total                runs, and portwatch_run_failures_total the failed ones
+  portwatch_run_duration_seconds      duration of the last run
+  portwatch_last_run_timestamp_seconds, portwatch_last_success_timestamp_seconds (Unix time)
+  portwatch_last_run_success          1 when the last run succeeded, else 0
+
+Writing metrics never fails a run: problems are logged as warnings.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+log = logging.getLogger(__name__)
+
+PREFIX = "portwatch_"
+LABEL = "task"
+
+# values written by callers: key -> help text (counters are added up across runs)
+COUNTERS = {
+    "rounds": "Rounds written to the database.",
+    "packets": "Packets counted by the XDP program in the rounds written.",
+    "bytes": "Frame bytes counted by the XDP program in the rounds written.",
+    "dropped_packets": "Packets dropped by the XDP blocklist, as counted in the rounds written.",
+    "unparsed_packets": "Packets the XDP program could not parse (passed, never dropped).",
+    "anomalies": "Anomalies raised by the evaluator (model and rules).",
+    "blocks": "Blocklist entries added.",
+    "alerts": "Alerts delivered (all channels).",
+    "alert_failures": "Alerts that could not be delivered.",
+    "deleted_rounds": "Rounds deleted by retention.",
+    "deleted_packets": "Sniffer packets deleted by retention.",
+}
+GAUGES = {
+    "blocklist_entries": "Blocklist entries in force after the last run.",
+    "database_bytes": "Size of the SQLite database with its WAL, in bytes.",
+    "model_version": "Version of the active model.",
+    "threshold": "Anomaly threshold of the active model (reconstruction error).",
+    "windows": "Windows scored by the last evaluation.",
+    "listeners": "Local ports with a listener in the last round.",
+    "sources": "Distinct source addresses in the last round.",
+}
+RUN_METRICS = {
+    "runs_total": ("counter", "Runs of the job."),
+    "run_failures_total": ("counter", "Runs of the job that failed."),
+    "run_duration_seconds": ("gauge", "Duration of the job's last run in seconds."),
+    "last_run_timestamp_seconds": ("gauge", "Unix time the job's last run ended."),
+    "last_success_timestamp_seconds": ("gauge", "Unix time the job's last successful run ended."),
+    "last_run_success": ("gauge", "1 when the job's last run succeeded, else 0."),
+}
+_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_JOB = re.compile(r"^[a-zA-Z0-9_.-]{1,64}$")
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?$')
+_LABEL_PAIR = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
+
+
+def metric_name(key: str) -> tuple[str, str, str]:
+    """(full name, type, help) for a value key or a run metric."""
+    if key in RUN_METRICS:
+        kind, help_text = RUN_METRICS[key]
+        return PREFIX + key, kind, help_text
+    if key in COUNTERS:
+        return f"{PREFIX}{key}_total", "counter", COUNTERS[key]
+    if key in GAUGES:
+        return PREFIX + key, "gauge", GAUGES[key]
+    if key.endswith("_total"):
+        return PREFIX + key, "counter", f"portwatch {key[:-6].replace('_', ' ')} (accumulated across runs)."
+    return PREFIX + key, "gauge", f"portwatch {key.replace('_', ' ')} (last run)."
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _unescape(value: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+
+
+def _format_value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+def parse_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(metric name, sorted label pairs): value} from Prometheus text (comments ignored)."""
+    samples = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line)
+        if not match:
+            continue
+        labels = tuple(sorted((k, _unescape(v)) for k, v in _LABEL_PAIR.findall(match.group(2) or "")))
+        try:
+            samples[(match.group(1), labels)] = float(match.group(3))
+        except ValueError:
+            continue
+    return samples
+
+
+def render(samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float]) -> str:
+    """Prometheus text format: each metric family once, HELP and TYPE first, samples sorted."""
+    families: dict[str, list] = {}
+    for (name, labels), value in samples.items():
+        families.setdefault(name, []).append((labels, value))
+    lines = []
+    for name in sorted(families):
+        key = name[len(PREFIX):] if name.startswith(PREFIX) else name
+        if key.endswith("_total") and key[:-6] in COUNTERS:
+            key = key[:-6]
+        _, kind, help_text = metric_name(key)
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in sorted(families[name]):
+            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+            lines.append(f"{name}{{{label_text}}} {_format_value(value)}" if labels else f"{name} {_format_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _merge(previous: dict, job: str, values: Mapping[str, float], duration_seconds: float | None,
+           success: bool, now: float) -> dict:
+    labels = ((LABEL, job),)
+    samples = {k: v for k, v in previous.items() if dict(k[1]).get(LABEL) != job}
+    mine = {k: v for k, v in previous.items() if dict(k[1]).get(LABEL) == job}
+
+    def put(key: str, value: float, accumulate: bool) -> None:
+        name, kind, _ = metric_name(key)
+        if accumulate or kind == "counter":
+            value = mine.get((name, labels), 0.0) + value
+        samples[(name, labels)] = value
+
+    for key, value in values.items():
+        if not _NAME.match(key):
+            raise ValueError(f"metric key {key!r} must match [a-zA-Z_][a-zA-Z0-9_]*")
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"metric {key!r} must be a number, got {value!r}")
+        put(key, float(value), accumulate=False)
+    put("runs_total", 1, accumulate=True)
+    put("run_failures_total", 0 if success else 1, accumulate=True)
+    if duration_seconds is not None:
+        samples[(PREFIX + "run_duration_seconds", labels)] = float(duration_seconds)
+    samples[(PREFIX + "last_run_timestamp_seconds", labels)] = float(now)
+    samples[(PREFIX + "last_run_success", labels)] = 1.0 if success else 0.0
+    last_ok = (PREFIX + "last_success_timestamp_seconds", labels)
+    if success:
+        samples[last_ok] = float(now)
+    elif last_ok in mine:
+        samples[last_ok] = mine[last_ok]
+    # what this run did not mention keeps its last value (counters their totals)
+    for key, value in mine.items():
+        samples.setdefault(key, value)
+    return samples
+
+
+def write_metrics(settings, job: str, values: Mapping[str, float] | None = None, *,
+                  duration_seconds: float | None = None, success: bool = True, now: float | None = None) -> Path | None:
+    """Merge this run's metrics for ``job`` into the textfile; return its path, or None when
+    ``metrics.textfile_dir`` is not set or the file could not be written (logged).
+
+    values: {key: number}; keys in COUNTERS are added to their ``_total`` counter, other keys are
+    gauges holding the last value. ``success`` False keeps the last success timestamp as it was.
+    """
+    directory = getattr(settings.metrics, "textfile_dir", "")
+    if not directory:
+        return None
+    if not _JOB.match(job):
+        raise ValueError(f"job name {job!r} must match [a-zA-Z0-9_.-]{{1,64}}")
+    now = time.time() if now is None else now
+    file_name = getattr(settings.metrics, "file_name", "portwatch.prom") or "portwatch.prom"
+    path = Path(directory) / file_name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{file_name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                previous = parse_samples(path.read_text())
+            except FileNotFoundError:
+                previous = {}
+            text = render(_merge(previous, job, dict(values or {}), duration_seconds, success, now))
+            fd, tmp = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(text)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.chmod(tmp, 0o644)        # node_exporter runs as its own user
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    except OSError as exc:
+        log.warning("cannot write metrics to %s: %s (metrics.textfile_dir)", path, exc.strerror or exc)
+        return None
+    log.debug("metrics for %s written to %s", job, path)
+    return path
+
+
+@contextmanager
+def job_metrics(settings, job: str) -> Iterator[dict]:
+    """Time a run and write its metrics at the end, failed or not::
+
+        with job_metrics(settings, "collector") as values:
+            values["rounds"] = 1
+            values["packets"] = summary.total_packets
+
+    An exception marks the run failed (last success timestamp unchanged) and propagates.
+    """
+    values: dict = {}
+    started = time.monotonic()
+    try:
+        yield values
+    except BaseException:
+        write_metrics(settings, job, values, duration_seconds=time.monotonic() - started, success=False)
+        raise
+    write_metrics(settings, job, values, duration_seconds=time.monotonic() - started, success=True)

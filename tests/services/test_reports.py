@@ -1,0 +1,201 @@
+"""The matplotlib report: figures exist, are valid PNGs, index.html links every one; the empty
+database says "no data yet"; reasons JSON is read defensively; the pure helpers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from app.errors import PortwatchError, UsageError
+from app.services import reports
+from app.services.reports import (OccupancyChange, active_counts, occupancy_changes, parse_reasons, parse_since,
+                                  write_report)
+from tests.ops_helpers import ATTACKER, empty_database, fill_database
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EXPECTED = {"traffic.png", "port_tcp_22.png", "port_tcp_80.png", "reconstruction_error.png",
+            "contributions_1.png", "blocklist.png", "occupancy.png"}
+
+
+class Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs, self.srcs, self.text = set(), set(), []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "a" and attrs.get("href"):
+            self.hrefs.add(attrs["href"])
+        if tag == "img" and attrs.get("src"):
+            self.srcs.add(attrs["src"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def links(index: Path) -> Links:
+    parser = Links()
+    parser.feed(index.read_text())
+    return parser
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    try:
+        from PIL import Image
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            return image.size
+    except ImportError:
+        import matplotlib.image
+        height, width = matplotlib.image.imread(path).shape[:2]
+        return width, height
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory):
+    d = tmp_path_factory.mktemp("report")
+    now = time.time()
+    ids = fill_database(d / "ports.db", end=now - 60)
+    return d / "ports.db", ids, now
+
+
+def test_report_figures_are_valid_pngs_linked_from_the_index(filled, tmp_path):
+    db, ids, now = filled
+    seen = []
+    index = write_report(db, tmp_path / "out", since="all", progress=lambda done, total, what: seen.append(done))
+    out = index.parent
+    assert index.name == "index.html"
+    pngs = {p.name for p in out.glob("*.png")}
+    assert pngs == EXPECTED
+    for name in pngs:
+        width, height = png_size(out / name)
+        assert width >= 800 and height >= 250, f"{name} is {width}x{height}"
+    page = links(index)
+    assert pngs <= page.hrefs and pngs <= page.srcs
+    text = " ".join(page.text)
+    assert "No data yet" not in text
+    assert ATTACKER in text and "198.18.0.9/32" in text            # tables name the source and the block
+    assert "new listener" in text and "nginx -> apache2" in text  # occupancy changes
+    manifest = json.loads((out / "report.json").read_text())
+    assert set(manifest["figures"]) == pngs and manifest["overview"]["rounds"] == 180
+    assert seen == sorted(seen) and seen[-1] == len(seen)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_report_window_and_stale_figures(filled, tmp_path):
+    db, ids, now = filled
+    out = tmp_path / "out"
+    write_report(db, out, since="all")
+    assert (out / "port_tcp_22.png").exists()
+    # a window after every round and block: nothing to draw, the old figures go away, the page says so
+    index = write_report(db, out, since=now + 6 * 3600, now=now)
+    assert not list(out.glob("*.png"))
+    assert "No data yet" in index.read_text()
+    # the last 20 minutes: rounds but no anomaly raised in them
+    index = write_report(db, out, since="20m", now=now)
+    names = {p.name for p in out.glob("*.png")}
+    assert {"traffic.png", "blocklist.png", "occupancy.png"} <= names
+    assert not any(n.startswith("port_") for n in names)
+
+
+def test_top_ports_limits_the_series(filled, tmp_path):
+    db, _, _ = filled
+    write_report(db, tmp_path, since="all", top_ports=1, max_anomaly_figures=0)
+    names = {p.name for p in tmp_path.glob("*.png")}
+    assert "port_tcp_22.png" in names and "port_tcp_80.png" not in names     # tcp/22 is the most anomalous
+    assert not any(n.startswith("contributions_") for n in names)
+
+
+def test_empty_database_says_no_data_yet(tmp_path):
+    db = empty_database(tmp_path / "empty.db")
+    index = write_report(db, tmp_path / "out")
+    assert "No data yet" in index.read_text()
+    assert not list((tmp_path / "out").glob("*.png"))
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["figures"] == []
+
+
+def test_missing_database_and_unwritable_output(tmp_path):
+    with pytest.raises(PortwatchError, match="does not exist yet"):
+        write_report(tmp_path / "absent.db", tmp_path / "out")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    db = empty_database(tmp_path / "e.db")
+    with pytest.raises(PortwatchError, match="cannot write the report"):
+        write_report(db, blocker / "out")
+
+
+def test_parse_since():
+    now = 1_700_000_000.0
+    assert parse_since(None) is None and parse_since("all") is None
+    assert parse_since("24h", now=now) == now - 86400
+    assert parse_since("7d", now=now) == now - 7 * 86400
+    assert parse_since("30m", now=now) == now - 1800
+    assert parse_since("2w", now=now) == now - 14 * 86400
+    assert parse_since(1234.5) == 1234.5
+    assert parse_since("2024-05-01") == 1714521600.0                    # naive = UTC
+    assert parse_since("2024-05-01T02:00:00+02:00") == 1714521600.0
+    for bad in ("yesterday", "5x", "2024-13-01"):
+        with pytest.raises(UsageError, match="--since"):
+            parse_since(bad)
+
+
+def test_parse_reasons_is_defensive():
+    full = parse_reasons(json.dumps({"features": [{"name": "syn", "observed": 1, "reconstructed": 0.2,
+                                                   "contribution": 0.7}],
+                                     "sources": ["198.18.0.9", {"address": "198.18.0.7", "share": 0.3}]}))
+    assert [(f.name, f.contribution, f.observed) for f in full.features] == [("syn", 0.7, 1.0)]
+    assert full.sources == ["198.18.0.9", "198.18.0.7"]
+    mapping = parse_reasons(json.dumps({"features": {"bytes": 0.4, "syn": {"contribution": 0.1}}}))
+    assert sorted((f.name, f.contribution) for f in mapping.features) == [("bytes", 0.4), ("syn", 0.1)]
+    derived = parse_reasons(json.dumps([{"name": "x", "observed": 3, "reconstructed": 1}]))
+    assert derived.features[0].contribution == 4.0
+    assert parse_reasons("not json").text == "not json"
+    assert parse_reasons(None).features == [] and parse_reasons("42").features == []
+    odd = parse_reasons(json.dumps({"features": [None, {"name": "y"}, {"contribution": "NaN"}], "sources": "1.2.3.4"}))
+    assert odd.features == [] and odd.sources == ["1.2.3.4"]
+
+
+def test_occupancy_changes():
+    rows = [{"round_id": r, "value": v, "protocol": "tcp", "pid": pid, "process": proc}
+            for r, v, pid, proc in [(1, 22, 1, "sshd"), (1, 80, 2, "nginx"),
+                                    (2, 22, 1, "sshd"), (2, 80, 3, "apache2"), (2, 8080, 4, "python3"),
+                                    (4, 80, 3, "apache2")]]
+    scanned = [(1, 60.0), (2, 120.0), (4, 240.0)]    # round 3's scanner failed: skipped, not "all gone"
+    counts, changes = occupancy_changes(rows, scanned)
+    assert counts == [(60.0, 2), (120.0, 3), (240.0, 1)]
+    assert [(c.round_id, c.port, c.kind) for c in changes] == [
+        (2, "tcp/8080 (http-alt)", "new listener"), (2, "tcp/80 (http)", "process change"),
+        (4, "tcp/22 (ssh)", "listener gone"), (4, "tcp/8080 (http-alt)", "listener gone")]
+    assert changes[1].detail == "nginx -> apache2"
+    assert isinstance(changes[0], OccupancyChange)
+
+
+def test_active_counts():
+    entries = [{"created_at": 10, "removed_at": None, "expires_at": 50},
+               {"created_at": 20, "removed_at": 30, "expires_at": None},
+               {"created_at": 40, "removed_at": None, "expires_at": None}]
+    assert active_counts(entries, [0, 10, 25, 30, 45, 50, 100]) == [0, 1, 2, 1, 2, 1, 1]
+
+
+def test_port_labels_and_file_names():
+    assert reports.port_label(22, "tcp") == "tcp/22 (ssh)"
+    assert reports.port_label(-1, "udp") == "udp/ephemeral"
+    assert reports.port_label(8, "icmp") == "icmp/type 8"
+    assert reports.port_label(None, None) == "host-wide"
+    assert reports.figure_name_for_port(-1, "tcp") == "port_tcp_ephemeral.png"
+    assert reports.figure_name_for_port(53, "udp") == "port_udp_53.png"
+
+
+def test_matplotlib_is_imported_only_when_drawing():
+    code = ("import sys, app.services.reports, app.cli; app.cli.build_parser(); "
+            "assert 'matplotlib' not in sys.modules, 'matplotlib imported at module level'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
