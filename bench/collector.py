@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from app import config  # noqa: E402
-from app.services import collector as collector_mod  # noqa: E402
+from app.threads import collection as collector_mod  # noqa: E402
 from app.services.lab import Lab  # noqa: E402
 
 

@@ -26,7 +26,7 @@ def resolve_interface(args, settings) -> str:
 
 def run(args, settings) -> int:
     from app.errors import UsageError
-    from app.services.collector import run_collection
+    from app.threads.collection import run_collection
     settings.override("collector", "round_seconds", args.round_seconds)
     settings.override("collector", "rounds", args.rounds)
     if args.no_sniffer:

@@ -25,7 +25,9 @@ def register(sub) -> None:
 
 def run(args, settings) -> int:
     from app.commands.collect import resolve_interface
-    from app.services.collector import Collector
+    import threading
+
+    from app.threads.collection import run_collection
     settings.override("collector", "round_seconds", args.round_seconds)
     interface = resolve_interface(args, settings)
     print(f"portwatch: watching {interface}, rounds of {settings.collector.round_seconds:g} s, evaluation every "
@@ -33,10 +35,13 @@ def run(args, settings) -> int:
           f"`python -m app down --interface {interface}` detaches XDP)", flush=True)
     last_eval = time.monotonic()
     done = 0
+    stop = threading.Event()
     try:
         while args.max_rounds == 0 or done < args.max_rounds:
-            collector = Collector(settings, interface)
-            collector.collect(settings.collector.round_seconds, 1, on_round=lambda s: print(s.line(), flush=True))
+            run_collection(settings, interface, settings.collector.round_seconds, 1, stop=stop,
+                           on_round=lambda s: print(s.line(), flush=True))
+            if stop.is_set():
+                break
             done += 1
             if time.monotonic() - last_eval >= args.evaluate_every:
                 last_eval = time.monotonic()

@@ -1,6 +1,7 @@
-"""One collection: K rounds of N seconds on one interface, each round one SQLite transaction.
+"""The collector's work: one round of one interface in one SQLite transaction.
 
-Per round: the scanner and sniffer threads run during the round; at its end the pinned maps
+(The scheduling — K rounds of N seconds, the scanner and sniffer threads during each round, the
+run-time bound — is app/threads/collection.py.) At the end of a round the pinned maps
 are read (libbpf, no BCC), differenced against the last snapshot, and the round, its per-port,
 per-source and flow rows, occupancy, sniffer sample and the new snapshot are written in one
 transaction. Then the round epoch in the config map is bumped (per-round payload extremes) and
@@ -16,12 +17,10 @@ import gc
 import logging
 import os
 import resource
-import signal
-import threading
+import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -71,33 +70,41 @@ class RoundSummary:
         return ", ".join(parts)
 
 
-class RunTimeExceeded(PortwatchError):
-    pass
-
-
 @dataclass
-class Collector:
-    """Collects rounds for one interface into one database. ``collect()`` is the whole job."""
-    settings: object
-    interface: str
-    db_path: Path = field(init=False)
-    pin_dir: Path = field(init=False)
-    stop: threading.Event = field(default_factory=threading.Event)
+class Observations:
+    """What the round's threads saw, handed to close_round (None: that part did not run)."""
+    listeners: list | None = None          # scanner: list[Listener]
+    scanner_status: str = "disabled"
+    packets: list | None = None            # sniffer: list[PacketRecord]
+    sniffer_status: str = "disabled"
 
-    def __post_init__(self):
-        self.db_path = Path(self.settings.general.db)
-        self.pin_dir = xdp.pin_dir(self.settings, self.interface)
+
+class Collector:
+    """Writes rounds for one interface into one database (the work; app/threads/collection.py
+    schedules it). Use as a context manager: ``open()`` takes the per-interface lock, opens the
+    database, makes sure the program is loaded and opens the pinned maps."""
+
+    def __init__(self, settings, interface: str):
+        self.settings = settings
+        self.interface = interface
+        self.db_path = Path(settings.general.db)
+        self.pin_dir = xdp.pin_dir(settings, interface)
         self.conn = None
         self.load_state: xdp.LoadState | None = None
         self._maps: dict[str, maps.PinnedMap] = {}
+        self._lock_fh = None
+        self._first = True
 
-    # --- the job -----------------------------------------------------------------------------
-    def collect(self, round_seconds: float, n_rounds: int, on_round: Callable[[RoundSummary], None] | None = None,
-                with_threads: bool = True) -> list[RoundSummary]:
-        """Run ``n_rounds`` rounds (0 = until stopped) of ``round_seconds`` each."""
+    def __enter__(self) -> "Collector":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
         xdp.check_interface(self.interface)
-        lock = self._lock()
-        summaries = []
+        self._lock_fh = self._lock()
         try:
             self.conn = connect(self.db_path)
             self.load_state = xdp.ensure_loaded(self.settings, self.interface, on_recreate=self._close_before_recreate)
@@ -107,21 +114,20 @@ class Collector:
                                               self.load_state.program_id, self.load_state.source_hash,
                                               self.load_state.reason, self.load_state.compile_seconds)
             self._maps = maps.open_maps(self.pin_dir)
-            k = 0
-            while (n_rounds == 0 or k < n_rounds) and not self.stop.is_set():
-                summary = self.one_round(round_seconds, with_threads=with_threads, first=(k == 0))
-                summaries.append(summary)
-                if on_round:
-                    on_round(summary)
-                k += 1
-        finally:
-            for m in self._maps.values():
-                m.close()
-            self._maps = {}
-            if self.conn is not None:
-                self.conn.close()
-            lock.close()
-        return summaries
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps = {}
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
 
     def _lock(self):
         state = Path(self.settings.general.state_dir)
@@ -136,42 +142,6 @@ class Collector:
         fh.flush()
         return fh
 
-    # --- one round -----------------------------------------------------------------------------
-    def one_round(self, round_seconds: float, with_threads: bool = True, first: bool = False) -> RoundSummary:
-        start = time.time()
-        threads = self._start_threads(round_seconds) if with_threads else {}
-        deadline = time.monotonic() + round_seconds
-        while not self.stop.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self.stop.wait(min(left, 1.0))
-        results = self._join_threads(threads)
-        return self.close_round(start, results, compiled=first and bool(self.load_state and self.load_state.compiled),
-                                reloaded=first and bool(self.load_state and self.load_state.reloaded))
-
-    def _start_threads(self, round_seconds: float) -> dict:
-        """Scanner and sniffer threads for this round (see app/threads/)."""
-        threads = {}
-        if self.settings.scanner.enabled:
-            from app.threads.scanner import ScannerThread
-            threads["scanner"] = ScannerThread()
-        if self.settings.sniffer.enabled and round_seconds >= 1:
-            from app.threads.sniffer import SnifferThread
-            threads["sniffer"] = SnifferThread(self.interface, self.settings.sniffer, round_seconds,
-                                               Path(self.settings.general.state_dir))
-        for t in threads.values():
-            t.start()
-        return threads
-
-    def _join_threads(self, threads: dict) -> dict:
-        out = {}
-        for name, t in threads.items():
-            t.stop_event.set() if name == "scanner" else None  # the scanner scans at round end
-            t.join(timeout=30)
-            out[name] = t
-        return out
-
     def _close_before_recreate(self, pdir: Path) -> None:
         """The pinned maps are about to be recreated: record their last counts as a round."""
         log.info("closing a round from the old maps of %s before they are recreated", self.interface)
@@ -179,7 +149,7 @@ class Collector:
         info = xdp.describe(self.interface, self.settings.general.pin_root)
         self.load_state = xdp.LoadState(self.interface, pdir, info["mode"], info["program_id"], info["source_hash"])
         try:
-            self.close_round(time.time(), {}, note="closed before the maps were recreated")
+            self.close_round(time.time(), Observations(), note="closed before the maps were recreated")
         finally:
             for m in self._maps.values():
                 m.close()
@@ -187,28 +157,30 @@ class Collector:
         with self.conn:
             self.conn.execute("DELETE FROM counter_snapshots WHERE interface = ?", (self.interface,))
 
-    def close_round(self, start: float, threads: dict, compiled: bool = False, reloaded: bool = False,
-                    note: str | None = None) -> RoundSummary:
-        """Read the maps, difference them, write the round in one transaction, bump the epoch."""
+    def close_round(self, start: float, seen: Observations, note: str | None = None) -> RoundSummary:
+        """Read the maps, difference them, write the round in one transaction, bump the epoch.
+
+        The first round after open() records whether this run compiled or reloaded the program."""
+        compiled = self._first and bool(self.load_state and self.load_state.compiled)
+        reloaded = self._first and bool(self.load_state and self.load_state.reloaded)
+        self._first = False
         # tens of thousands of short-lived tuples and no cycles: the cyclic GC would rescan them
         # over and over (measured: the larger part of a 50k-entry round)
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._close_round(start, threads, compiled, reloaded, note)
+            return self._close_round(start, seen, compiled, reloaded, note)
         finally:
             if gc_was_enabled:
                 gc.enable()
 
-    def _close_round(self, start, threads, compiled, reloaded, note) -> RoundSummary:
+    def _close_round(self, start, seen: Observations, compiled, reloaded, note) -> RoundSummary:
         cfg = maps.read_config(self.pin_dir)
         epoch = cfg.epoch
         readings = {name: rounds.read_map(self._maps[name], epoch if name == "port_stats" else None)
                     for name in SNAPSHOT_MAPS}
         end = time.time()
-        scanner = threads.get("scanner")
-        sniffer = threads.get("sniffer")
-        listeners = list(scanner.result or []) if scanner is not None and scanner.result is not None else None
+        listeners = seen.listeners
         listening = {(l.port, l.protocol) for l in listeners or []}
         low, high = ports.ephemeral_range()
         fold = self.settings.collector.fold_ephemeral
@@ -235,8 +207,7 @@ class Collector:
             "blacklist_entries": readings["blacklist"].entries,
             "srcport_evictions": _evictions(g.get("srcport_inserts", 0), readings["srcports"], prev["srcports"]),
             "flow_evictions": _evictions(g.get("flow_inserts", 0), readings["flows"], prev["flows"]),
-            "scanner_status": getattr(scanner, "status", "disabled") if scanner is not None else "disabled",
-            "sniffer_status": getattr(sniffer, "status", "disabled") if sniffer is not None else "disabled",
+            "scanner_status": seen.scanner_status, "sniffer_status": seen.sniffer_status,
             "note": note,
         }
         with conn:
@@ -254,9 +225,9 @@ class Collector:
                 insert_occupancy(conn, round_id, end, listeners, port_ids)
                 n_listeners = len(listeners)
             sniffed = None
-            if sniffer is not None and getattr(sniffer, "result", None) is not None:
+            if seen.packets is not None:
                 from app.db.packets import insert_packets
-                records = sniffer.result
+                records = seen.packets
                 insert_packets(conn, round_id, records, port_ids, lambda p, proto: ports.fold_port(
                     p, proto, listening, low, high, fold))
                 sniffed = len(records)
@@ -284,8 +255,9 @@ class Collector:
             return
         try:
             blocklist.reconcile(self.conn, self.settings, self.pin_dir)
-        except PortwatchError as exc:
-            log.warning("blocklist reconcile failed: %s", exc)
+        except (PortwatchError, sqlite3.Error) as exc:
+            # the round is already written; enforcement is retried by the next run
+            log.warning("blocklist reconcile failed (the next run retries): %s", exc)
 
     # --- writers --------------------------------------------------------------------------------
     def _write_ports(self, round_id, delta: rounds.Delta, extras, port_ids, listening, low, high, fold) -> int:
@@ -382,33 +354,3 @@ def lpm_key_text(key: bytes) -> str:
 def _evictions(inserts: int, current: rounds.MapReading, previous: rounds.MapReading) -> int:
     """LRU evictions in the round: new keys inserted minus the growth of the map (never negative)."""
     return max(0, inserts - (current.entries - previous.entries))
-
-
-def run_collection(settings, interface: str, round_seconds: float, n_rounds: int,
-                   on_round: Callable[[RoundSummary], None] | None = None, with_threads: bool = True) -> list[RoundSummary]:
-    """The `collect` job, bounded in run time (SIGALRM): rounds x round_seconds + 60 s unless configured."""
-    limit = settings.collector.max_run_seconds or (n_rounds * round_seconds + 120 if n_rounds else 0)
-    collector = Collector(settings, interface)
-
-    def on_alarm(signum, frame):
-        raise RunTimeExceeded(f"the collection exceeded its run-time bound of {limit:.0f} s and was stopped "
-                              "(the round in progress was not written; the next run counts it)")
-
-    def on_term(signum, frame):
-        collector.stop.set()
-
-    old_alarm = old_term = None
-    in_main = threading.current_thread() is threading.main_thread()
-    if in_main:
-        old_term = signal.signal(signal.SIGTERM, on_term)
-        if limit:
-            old_alarm = signal.signal(signal.SIGALRM, on_alarm)
-            signal.setitimer(signal.ITIMER_REAL, limit)
-    try:
-        return collector.collect(round_seconds, n_rounds, on_round=on_round, with_threads=with_threads)
-    finally:
-        if in_main:
-            if limit:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, old_alarm)
-            signal.signal(signal.SIGTERM, old_term)

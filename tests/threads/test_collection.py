@@ -15,28 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from app import config
-from app.services import collector as collector_mod
+from tests.helpers import collect, make_settings
 
 pytestmark = pytest.mark.kernel
 REPO = Path(__file__).resolve().parents[2]
-
-
-def make_settings(tmp_path, **collector):
-    env = {"PORTWATCH_CONFIG": str(tmp_path / "none.toml")}
-    (tmp_path / "none.toml").write_text("")
-    s = config.load(environ=env)
-    s.general.db = str(tmp_path / "ports.db")
-    s.general.state_dir = str(tmp_path / "state")
-    s.scanner.enabled = False
-    s.sniffer.enabled = False
-    for k, v in collector.items():
-        setattr(s.collector, k, v)
-    return s
-
-
-def collect(settings, lab, seconds=0.2, rounds=1):
-    return collector_mod.run_collection(settings, lab.interface, seconds, rounds, with_threads=False)
 
 
 def db(settings):
@@ -259,3 +241,46 @@ def test_down_detaches_and_unpins(lab, tmp_path):
     assert any("detached" in d for d in done)
     assert not pins.exists()
     assert xdp.attached_program(lab.interface) is None
+
+
+def test_round_with_scanner_and_sniffer_threads(lab, tmp_path):
+    """A full round: occupancy with the listener's pid, sniffed packets, ephemeral folding that
+    spares a port somebody listens on."""
+    from app.services.ports import ephemeral_range
+    low, high = ephemeral_range()
+    listened, unlistened = low + 101, low + 202
+    s = make_settings(tmp_path)
+    s.scanner.enabled = True
+    s.sniffer.enabled = True
+    collect(s, lab)                                     # load (no threads)
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import socket, time; u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('%s', %d)); "
+        "print('ready', flush=True); time.sleep(30)") % (lab.root_v4, listened)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        import threading
+        from app.threads.collection import run_collection
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=run_collection(s, lab.interface, 4, 1)))
+        t.start()
+        time.sleep(2.0)                                 # the sniffer window is live by now
+        lab.send("--src", lab.host_v4(0), "--dst", lab.root_v4, "--ports", f"{listened},{unlistened}", "--count", "9")
+        t.join(timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+    summary = result["r"][0]
+    conn = db(s)
+    row = conn.execute("SELECT scanner_status, sniffer_status, sniffer_packets FROM rounds WHERE id = ?",
+                       (summary.round_id,)).fetchone()
+    assert row[0] == "ok" and row[1] == "ok" and row[2] >= 18
+    occ = conn.execute("SELECT rp.pid, rp.process FROM rounds_ports rp JOIN ports p ON p.id = rp.port_id "
+                       "WHERE rp.round_id = ? AND p.value = ? AND p.protocol = 'udp'",
+                       (summary.round_id, listened)).fetchone()
+    assert occ is not None and occ[0] == server.pid
+    assert port_packets(conn, listened, "udp") == 9     # listened: its own series
+    assert port_packets(conn, unlistened, "udp") == 0   # nobody listens: folded ...
+    assert port_packets(conn, -1, "udp") >= 9           # ... into the ephemeral bucket
+    sniffed = conn.execute("SELECT COUNT(*) FROM packets WHERE round_id = ? AND dest_port = ? AND src_address = ?",
+                           (summary.round_id, listened, lab.host_v4(0))).fetchone()[0]
+    assert sniffed == 9
