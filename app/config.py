@@ -79,13 +79,24 @@ class Evaluator:
     keep_models: int = 5
     epochs: int = 8
     refit_epochs: int = 2
-    batch_size: int = 64
+    batch_size: int = 128
     max_ports: int = 2000
+    min_active_share: float = 0.1                # unheld ports need traffic in this share of a batch's rounds
     seed: int = 0
+    max_batch_rounds: int = 1440                 # rounds judged per run; older backlogs take several runs
+    train_stride: int = 3                        # rounds between training windows' ends
+    max_train_windows: int = 20000               # random subsample above this per fit
+    min_train_steps: int = 500                   # gradient steps at least, on a first fit (small hosts)
+    holdout_fraction: float = 0.2                # normal windows kept out of training to calibrate
+    calibration_windows: int = 4000              # held-out windows kept with the model
+    lstm_units: int = 32
+    bottleneck: int = 8
+    top_features: int = 5                        # features named in a model anomaly's reasons
     scan_ports: int = 25                         # distinct local ports ...
     scan_span_seconds: float = 300.0             # ... within this span (Zeek's default: 25 in 5 min)
     syn_flood_syns: int = 200                    # SYNs per round on one port ...
-    syn_flood_completion: float = 0.2            # ... with fewer than this share answered by SYN-ACK
+    syn_flood_completion: float = 0.2            # ... with fewer than this share answered (non-SYN packets per SYN)
+    unlistened_min_packets: int = 1              # packets in a batch to a port nothing holds
     report_after: bool = True
 
 
@@ -101,6 +112,8 @@ class Blocklist:
     model_source_share: float = 0.5              # a source with this share of an anomalous port's packets is blocked
     allowlist: list = field(default_factory=list)  # CIDR prefixes never blocked automatically
     manual_remove_grace_seconds: float = 86400.0
+    manual_ttl_seconds: float = 7 * 86400.0       # `blacklist add` without --ttl
+    rule_detectors: list = field(default_factory=lambda: ["port_scan", "syn_flood"])  # rule findings that block their source
 
 
 @dataclass
@@ -121,6 +134,7 @@ class Alerts:
     syslog_facility: str = "daemon"
     smtp_password_file: str = ""                 # read the SMTP password from this file (e.g. a container secret)
     smtp_cafile: str = ""                        # CA bundle to verify the SMTP server (empty: the system's)
+    smtp_timeout: float = 10.0                   # seconds per SMTP connection (within max_seconds)
     max_seconds: float = 20.0                    # total time one send_alerts call may take, all channels
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from app.services import maps
-from tests.services.test_collector import collect, make_settings
+from tests.helpers import collect, make_settings
 
 pytestmark = pytest.mark.kernel
 
