@@ -1,8 +1,6 @@
 """`collect`: K rounds (default 1) of N seconds (default 60) on one interface."""
 from __future__ import annotations
 
-import sys
-
 from app.cli import add_command
 
 
@@ -36,7 +34,14 @@ def run(args, settings) -> int:
     if settings.collector.round_seconds < 0 or settings.collector.rounds < 0:
         raise UsageError("--round-seconds and --rounds must not be negative")
     interface = resolve_interface(args, settings)
-    show = sys.stdout.isatty() or not args.quiet if hasattr(args, "quiet") else True
-    run_collection(settings, interface, settings.collector.round_seconds, settings.collector.rounds,
-                   on_round=(lambda s: print(s.line(), flush=True)) if show else None)
+    from app.services.metrics import job_metrics
+    show = not getattr(args, "quiet", False)
+    with job_metrics(settings, "collector") as values:
+        summaries = run_collection(settings, interface, settings.collector.round_seconds, settings.collector.rounds,
+                                   on_round=(lambda s: print(s.line(), flush=True)) if show else None)
+        values["rounds"] = len(summaries)
+        values["packets"] = sum(s.packets for s in summaries)
+        values["bytes"] = sum(s.bytes for s in summaries)
+        values["dropped_packets"] = sum(s.dropped for s in summaries)
+        values["unparsed_packets"] = sum(s.unparsed for s in summaries)
     return 0

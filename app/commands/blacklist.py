@@ -1,0 +1,118 @@
+"""`python -m app blacklist list|add|remove|flush`: the blocklist ledger and its XDP enforcement."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from app.cli import add_command
+from app.errors import EXIT_OK, NeedsRootError
+
+DESCRIPTION = """The blocklist: the `blacklist` table in the database is the truth, the pinned XDP map of
+every watched interface enforces it (blocked sources' packets are dropped before the network stack).
+
+  list [--json] [--all]                      listed entries with status, reason, expiry, drops, offences
+  add ADDR[/LEN] [--ttl S] [--reason TEXT]   block an IPv4/IPv6 address or prefix (default ttl:
+                                             blocklist.manual_ttl_seconds)
+  remove ADDR[/LEN]                          unblock; automatic decisions then leave it alone for
+                                             blocklist.manual_remove_grace_seconds
+  flush                                      unblock everything (as a remove of each entry)
+
+add/remove/flush change the maps at once when XDP pins exist under general.pin_root; otherwise only
+the ledger changes and the next collector run enforces it. A prefix with host bits set
+(198.18.0.5/24) is refused, not rounded. Loopback, this host's own addresses, default gateways, DNS
+resolvers, SSH peers and allowlisted prefixes (or networks overlapping them) are refused unless
+--force is given; automatic decisions can never block them."""
+
+
+def register(sub) -> None:
+    parser = add_command(sub, "blacklist", "list, add, remove or flush blocked addresses", DESCRIPTION)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = add_command(actions, "list", "show the blocklist")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.add_argument("--all", action="store_true", help="include expired and removed entries")
+    p = add_command(actions, "add", "block an address or prefix")
+    p.add_argument("address", metavar="ADDR[/LEN]")
+    p.add_argument("--ttl", type=float, metavar="S", help="seconds until it expires (default: blocklist.manual_ttl_seconds)")
+    p.add_argument("--reason", metavar="TEXT", help="why (stored in the ledger)")
+    p.add_argument("--force", action="store_true",
+                   help="block even a protected address (loopback, own, gateway, resolver, SSH peer, allowlisted)")
+    p = add_command(actions, "remove", "unblock an address or prefix")
+    p.add_argument("address", metavar="ADDR[/LEN]")
+    add_command(actions, "flush", "unblock every entry")
+    parser.set_defaults(func=run)
+
+
+def run(args, settings) -> int:
+    if args.action == "list":
+        return list_entries(args, settings)
+    from app.db.connection import connect
+    from app.services import blocklist
+    if os.geteuid() != 0 and blocklist.pin_dirs(settings):
+        raise NeedsRootError("changing the blocklist writes pinned XDP maps, which needs root: run it with sudo")
+    conn = connect(settings.general.db)
+    try:
+        if args.action == "add":
+            decision = blocklist.add_manual(conn, settings, args.address, ttl=args.ttl, reason=args.reason,
+                                            force=args.force)
+            done = f"blocked {decision.address} until {_when(decision.expires_at)} ({decision.reason})"
+        elif args.action == "remove":
+            done = f"removed {blocklist.remove_manual(conn, settings, args.address)} from the blocklist"
+        else:
+            flushed = blocklist.flush(conn, settings)
+            done = f"flushed {len(flushed)} entr{'y' if len(flushed) == 1 else 'ies'} from the blocklist"
+        results = blocklist.apply(conn, settings)
+    finally:
+        conn.close()
+    if results:
+        names = ", ".join(r.interface for r in results)
+        failed = sorted({a for r in results for a in r.failed})
+        print(f"{done}; maps updated on {names}" + (f" (could not write {', '.join(failed)}: map full)" if failed else ""))
+    else:
+        print(f"{done}; no XDP pins under {settings.general.pin_root}, so only the ledger changed: "
+              "the next collector run applies it")
+    return EXIT_OK
+
+
+def list_entries(args, settings) -> int:
+    from app.services import blocklist
+    rows, pending = [], {}
+    db_path = Path(settings.general.db)
+    if db_path.exists():
+        import sqlite3
+        from app.db import blacklist as queries
+        from app.db.connection import connect
+        conn = connect(db_path, readonly=True)
+        try:
+            rows = queries.entries(conn, None if args.all else queries.LISTED)
+            try:
+                pending = blocklist.pending_drops(conn, settings)
+            except sqlite3.OperationalError:     # a database made before blacklist_map_counters existed
+                pending = {}
+        finally:
+            conn.close()
+    items = [{"address": r["address"], "status": r["status"], "reason": r["reason"], "origin": r["origin"],
+              "created_at": r["created_at"], "expires_at": r["expires_at"],
+              "drops": r["drops"] + (pending.get(r["address"], 0) if r["status"] == "active" else 0),
+              "offences": r["offences"], "anomaly_id": r["anomaly_id"], "removed_at": r["removed_at"]}
+             for r in rows]
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return EXIT_OK
+    if not items:
+        print("the blocklist is empty")
+        return EXIT_OK
+    header = ("ADDRESS", "STATUS", "EXPIRES", "DROPS", "OFFENCES", "ORIGIN", "REASON")
+    table = [header] + [(i["address"], i["status"], _when(i["expires_at"]), str(i["drops"]), str(i["offences"]),
+                         i["origin"], i["reason"]) for i in items]
+    widths = [max(len(row[c]) for row in table) for c in range(len(header) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    return EXIT_OK
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))

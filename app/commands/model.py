@@ -1,0 +1,53 @@
+"""`python -m app model list|rollback VERSION`: the evaluator's model versions.
+
+Every evaluation that trains saves a new version under <state_dir>/models/<version>/ (config.json,
+scaler.json, weights, held-out calibration windows) with a models row; the newest
+evaluator.keep_models keep their files. `rollback` makes an older version active again: the next
+evaluation scores with it and refits from it.
+
+Exit codes: 0 done; 2 unknown or pruned version; 4 database problem.
+"""
+from __future__ import annotations
+
+import time
+
+from app.cli import add_command, common_options
+
+
+def register(sub) -> None:
+    parser = add_command(sub, "model", "list model versions or roll back to one",
+                         "List the evaluator's model versions, or make an earlier one active again.")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("list", help="model versions, newest first", parents=[common_options()])
+    back = actions.add_parser("rollback", help="make VERSION the active model again", parents=[common_options()])
+    back.add_argument("version", type=int, metavar="VERSION")
+    parser.set_defaults(func=run)
+
+
+def run(args, settings) -> int:
+    from app.db.connection import connect
+    from app.services import evaluation
+    conn = connect(settings.general.db)
+    try:
+        if args.action == "rollback":
+            undone = evaluation.rollback(conn, args.version)
+            extra = f"; rolled back v{', v'.join(map(str, undone))}" if undone else ""
+            print(f"model v{args.version} is active again{extra}.")
+            return 0
+        rows = evaluation.list_models(conn)
+    finally:
+        conn.close()
+    if not rows:
+        print("no model versions yet: the first evaluation with traffic trains one (python -m app evaluate).")
+        return 0
+    print(f"{'version':>7}  {'created (UTC)':16}  {'status':11}  {'parent':>6}  {'threshold':>10}  "
+          f"{'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  path")
+    for r in rows:
+        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_at"]))
+        threshold = f"{r['threshold']:.4g}" if r["threshold"] is not None else "-"
+        budget = f"{r['budget_per_day']:g}" if r["budget_per_day"] is not None else "-"
+        rate = f"{r['held_out_rate_per_day']:.2f}" if r["held_out_rate_per_day"] is not None else "-"
+        parent = str(r["parent_version"]) if r["parent_version"] is not None else "-"
+        print(f"{r['version']:>7}  {created:16}  {r['status']:11}  {parent:>6}  {threshold:>10}  "
+              f"{r['train_windows'] or 0:>7}  {budget:>8}  {rate:>10}  {r['path']}")
+    return 0

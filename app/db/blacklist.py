@@ -1,0 +1,139 @@
+"""Queries for the blocklist: the ledger (blacklist), its events, the per-interface map counters,
+and the anomalies read to decide blocks (per-port source evidence comes from app/db/series.py).
+
+Writers call these inside :func:`immediate` (``BEGIN IMMEDIATE``): a reconcile reads the pinned
+map and advances the ledger under SQLite's write lock, so two runs (a collector round and a
+``blacklist add``) never count the same drops twice.
+"""
+from __future__ import annotations
+
+import re
+import sqlite3
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+from app.db.connection import INIT_SQL
+
+LISTED = ("active", "dry-run")           # statuses that are on the blocklist (enforced or simulated)
+
+
+# --- schema and transactions -------------------------------------------------------------------
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables of init.sql's blocklist section that a database made before they existed lacks.
+
+    The section's statements are all ``IF NOT EXISTS``, so this is a no-op on a current database.
+    """
+    have = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'blacklist_map_counters'").fetchone()
+    if have:
+        return
+    text = INIT_SQL.read_text()
+    match = re.search(r"^-- blocklist -+\n(.*?)^-- operations -+$", text, re.S | re.M)
+    if match is None:
+        raise RuntimeError(f"{INIT_SQL} has no blocklist section")
+    conn.executescript(match.group(1))
+
+
+@contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction taken at once (BEGIN IMMEDIATE); committed on success, rolled back on error."""
+    if conn.in_transaction:
+        conn.commit()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
+
+
+# --- the ledger ----------------------------------------------------------------------------------
+
+def get_entry(conn, address: str) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM blacklist WHERE address = ?", (address,)).fetchone()
+
+
+def entries(conn, statuses: Iterable[str] | None = LISTED) -> list[sqlite3.Row]:
+    """Ledger rows with one of ``statuses`` (None: all), newest first."""
+    if statuses is None:
+        return conn.execute("SELECT * FROM blacklist ORDER BY created_at DESC, address").fetchall()
+    statuses = tuple(statuses)
+    marks = ", ".join("?" * len(statuses))
+    return conn.execute(f"SELECT * FROM blacklist WHERE status IN ({marks}) ORDER BY created_at DESC, address",
+                        statuses).fetchall()
+
+
+def count_status(conn, status: str) -> int:
+    return conn.execute("SELECT COUNT(*) FROM blacklist WHERE status = ?", (status,)).fetchone()[0]
+
+
+def upsert_entry(conn, address: str, reason: str, evidence: str | None, anomaly_id: int | None, origin: str,
+                 created_at: float, expires_at: float | None, status: str, offences: int) -> None:
+    """Insert or replace the ledger row of ``address``, keeping its all-time ``drops``."""
+    conn.execute(
+        "INSERT INTO blacklist (address, reason, evidence, anomaly_id, origin, created_at, expires_at, status, "
+        "offences, removed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL) ON CONFLICT(address) DO UPDATE SET "
+        "reason = excluded.reason, evidence = excluded.evidence, anomaly_id = excluded.anomaly_id, "
+        "origin = excluded.origin, created_at = excluded.created_at, expires_at = excluded.expires_at, "
+        "status = excluded.status, offences = excluded.offences, removed_at = NULL",
+        (address, reason, evidence, anomaly_id, origin, created_at, expires_at, status, offences))
+
+
+def mark_removed(conn, address: str, at: float) -> None:
+    conn.execute("UPDATE blacklist SET status = 'removed', removed_at = ? WHERE address = ?", (at, address))
+
+
+def expire_due(conn, now: float) -> list[sqlite3.Row]:
+    """Listed rows whose expiry has passed become 'expired'; returns them (as they were)."""
+    due = conn.execute("SELECT * FROM blacklist WHERE status IN ('active', 'dry-run') AND expires_at IS NOT NULL "
+                       "AND expires_at <= ?", (now,)).fetchall()
+    conn.executemany("UPDATE blacklist SET status = 'expired' WHERE address = ?", ((r["address"],) for r in due))
+    return due
+
+
+def add_drops(conn, address: str, drops: int) -> None:
+    conn.execute("UPDATE blacklist SET drops = drops + ? WHERE address = ?", (drops, address))
+
+
+# --- events --------------------------------------------------------------------------------------
+
+def insert_event(conn, at: float, address: str, action: str, detail: str | None = None) -> None:
+    conn.execute("INSERT INTO blacklist_events (at, address, action, detail) VALUES (?, ?, ?, ?)",
+                 (at, address, action, detail))
+
+
+def events(conn, address: str | None = None) -> list[sqlite3.Row]:
+    if address is None:
+        return conn.execute("SELECT * FROM blacklist_events ORDER BY id").fetchall()
+    return conn.execute("SELECT * FROM blacklist_events WHERE address = ? ORDER BY id", (address,)).fetchall()
+
+
+# --- per-interface map counters (the reconcile baseline) -----------------------------------------
+
+def map_counters(conn, interface: str) -> dict[str, tuple[int, int]]:
+    """address -> (drops, drop_bytes) last read from ``interface``'s map."""
+    rows = conn.execute("SELECT address, drops, drop_bytes FROM blacklist_map_counters WHERE interface = ?",
+                        (interface,))
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def set_map_counter(conn, interface: str, address: str, drops: int, drop_bytes: int, at: float) -> None:
+    conn.execute("INSERT INTO blacklist_map_counters (interface, address, drops, drop_bytes, read_at) "
+                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT(interface, address) DO UPDATE SET drops = excluded.drops, "
+                 "drop_bytes = excluded.drop_bytes, read_at = excluded.read_at",
+                 (interface, address, drops, drop_bytes, at))
+
+
+def delete_map_counter(conn, interface: str, address: str) -> None:
+    conn.execute("DELETE FROM blacklist_map_counters WHERE interface = ? AND address = ?", (interface, address))
+
+
+# --- evidence for decisions ------------------------------------------------------------------------
+
+def anomalies_of_evaluation(conn, evaluation_id: int) -> list[sqlite3.Row]:
+    """The evaluation's anomalies with their port (value, protocol; NULL when none), oldest first."""
+    return conn.execute(
+        "SELECT a.id, a.detector, a.port_id, a.score, a.threshold, a.reasons, a.first_round_id, a.last_round_id, "
+        "a.source, a.created_at, p.value AS port, p.protocol FROM anomalies a LEFT JOIN ports p ON p.id = a.port_id "
+        "WHERE a.evaluation_id = ? ORDER BY a.id", (evaluation_id,)).fetchall()

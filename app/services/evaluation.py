@@ -1,0 +1,449 @@
+"""One evaluation end to end: the rounds not yet judged → rules + model → anomalies → safe refit.
+
+    batch      rounds with id > the last judged round (at most evaluator.max_batch_rounds)
+    rules      app/services/rules.py over the batch (from the first evaluation on)
+    series     per-port features over the batch plus window-1 earlier rounds of context
+    score      the active model judges each new round once (series.judge_windows), when at least
+               evaluator.warmup_rounds rounds exist; before that it trains only and raises nothing
+    refit      training continues from the current weights on batch windows that no detector
+               flagged (nor any earlier anomaly covers); a random share of unflagged tiles is held
+               out to recalibrate the threshold; the result is a new model version (keep_models kept)
+    store      models row, evaluations row and anomalies rows in one transaction
+
+:func:`run` returns an :class:`EvaluationResult` whose ``anomalies`` carry their database ids, the
+detector, the port and the source(s), for the blocklist.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import shutil
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from app.config import Evaluator, Settings
+from app.db import evaluations as dbe
+from app.db import series as dbs
+from app.db.connection import connect
+from app.errors import LockedError, UsageError
+from app.services import rules, series
+from app.services.rules import Finding
+
+log = logging.getLogger(__name__)
+
+MIN_FIT_WINDOWS = 16    # a first fit needs at least this many training windows
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """A stored anomaly (one anomalies row), as the blocklist consumes it.
+
+    source: the main source address when one dominates, else None; sources: every address the
+    reasons name, main source first. port/protocol are None for multi-port findings (port_scan:
+    see reasons['ports']).
+    """
+
+    id: int
+    detector: str
+    port_id: int | None
+    port: int | None
+    protocol: str | None
+    source: str | None
+    sources: tuple[str, ...]
+    first_round_id: int
+    last_round_id: int
+    score: float | None
+    threshold: float | None
+    reasons: dict
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What one evaluation did. status: 'ok', 'warm-up' or 'no-rounds'."""
+
+    evaluation_id: int
+    status: str
+    first_round_id: int | None
+    last_round_id: int | None
+    rounds: int
+    ports: int
+    windows: int                    # windows the model judged (0 in warm-up)
+    model_version: int | None       # the model that judged the batch (None in warm-up)
+    trained_version: int | None     # the version this evaluation trained and saved, if any
+    threshold: float | None
+    anomalies: tuple[Anomaly, ...]
+    duration_s: float
+    remaining_rounds: int = 0
+    history_rounds: int = 0
+    warmup_rounds: int = 0
+
+    @property
+    def model_anomalies(self) -> tuple[Anomaly, ...]:
+        return tuple(a for a in self.anomalies if a.detector == "model")
+
+    def summary(self) -> str:
+        """One sentence for the command line."""
+        if self.status == "no-rounds":
+            return f"no new rounds to evaluate (last judged round: {self.last_round_id or 0})."
+        counts: dict[str, int] = {}
+        for a in self.anomalies:
+            counts[a.detector] = counts.get(a.detector, 0) + 1
+        found = ", ".join(f"{n} {d}" for d, n in sorted(counts.items())) or "none"
+        head = (f"evaluated rounds {self.first_round_id}..{self.last_round_id} ({self.rounds} rounds, "
+                f"{self.ports} ports")
+        if self.status == "warm-up":
+            trained = f"trained model v{self.trained_version}" if self.trained_version else "no model trained yet"
+            head += (f"; warm-up: {trained}, the model alerts after {self.warmup_rounds} rounds, "
+                     f"{self.history_rounds} so far")
+        elif self.model_version is None:
+            head += ", no port traffic for the model"
+        else:
+            head += f", {self.windows} windows, model v{self.model_version}, threshold {self.threshold:.4g}"
+            if self.trained_version:
+                head += f", refit as v{self.trained_version}"
+        tail = f"; {self.remaining_rounds} rounds remain for the next run" if self.remaining_rounds else ""
+        return f"{head}): {len(self.anomalies)} anomalies ({found}){tail}."
+
+
+# --- entry point -----------------------------------------------------------------------------------
+
+def run(settings: Settings, conn: sqlite3.Connection | None = None, *, clock=time.time) -> EvaluationResult:
+    """Evaluate the rounds not yet judged in ``settings.general.db`` (or ``conn``).
+
+    Holds ``<state_dir>/evaluate.lock`` (LockedError when another evaluation runs). A failure is
+    recorded as an evaluations row with status 'error: ...' and re-raised; its rounds stay unjudged.
+    """
+    own = conn is None
+    if own:
+        conn = connect(settings.general.db)
+    try:
+        with _lock(settings.state_path / "evaluate.lock"):
+            started = clock()
+            try:
+                return _evaluate(conn, settings, started, clock)
+            except Exception as exc:
+                with conn:
+                    dbe.insert_evaluation(conn, started_at=started, finished_at=clock(), first_round_id=None,
+                                          last_round_id=None, model_version=None, threshold=None, windows=0,
+                                          anomalies=0, duration_s=clock() - started,
+                                          status=f"error: {type(exc).__name__}: {exc}"[:500])
+                raise
+    finally:
+        if own:
+            conn.close()
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"another evaluation is running (lock {path}): wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, clock) -> EvaluationResult:
+    cfg = settings.evaluator
+    after = dbe.last_evaluated_round(conn)
+    batch = dbs.rounds_after(conn, after, cfg.max_batch_rounds)
+    if not batch:
+        with conn:
+            eid = dbe.insert_evaluation(conn, started_at=started, finished_at=clock(), first_round_id=None,
+                                        last_round_id=None, model_version=None, threshold=None, windows=0,
+                                        anomalies=0, duration_s=clock() - started, status="no-rounds")
+        return EvaluationResult(eid, "no-rounds", None, after or None, 0, 0, 0, None, None, None, (),
+                                clock() - started)
+    first, last = batch[0]["id"], batch[-1]["id"]
+    remaining = dbs.count_rounds_after(conn, last)
+    history = dbs.count_rounds(conn, last)
+    findings = rules.detect(conn, batch, cfg)
+
+    # a first fit learns from all recent history (small hosts would wait for many batches otherwise)
+    has_model = dbe.active_model(conn) is not None
+    context = cfg.window - 1 if has_model else max(cfg.window - 1, cfg.max_batch_rounds - len(batch))
+    data = load_series(conn, batch, cfg, context)
+    first_new = len(data.round_ids) - len(batch)
+    step = ModelStep(model_version=None, trained_version=None, threshold=None, windows=0, findings=[])
+    if data.ports:
+        step = model_step(conn, settings, data, first_new, findings, history)
+    all_findings = step.findings + findings
+
+    seconds = dbs.median_round_seconds(conn, last) or 60.0
+    judged_days = len(batch) * seconds / 86400.0
+    warm = step.model_version is not None or (
+        not data.ports and history >= cfg.warmup_rounds and dbe.active_model(conn) is not None)
+    status = "ok" if warm else "warm-up"
+    note = {"rule_anomalies": len(findings), "model_anomalies": len(step.findings),
+            "trained_version": step.trained_version, "remaining_rounds": remaining, "history_rounds": history}
+    now = clock()
+    stored: list[Anomaly] = []
+    with conn:
+        if step.new_model is not None:
+            dbe.insert_model(conn, **step.new_model)
+        eid = dbe.insert_evaluation(
+            conn, started_at=started, finished_at=now, first_round_id=first, last_round_id=last,
+            model_version=step.model_version, threshold=step.threshold, windows=step.windows,
+            anomalies=len(all_findings), duration_s=now - started, status=status, note=json.dumps(note),
+            rounds=len(batch), ports=len(data.ports),
+            observed_rate_per_day=(len(step.findings) / judged_days) if warm and judged_days > 0 else None)
+        for f in all_findings:
+            aid = dbe.insert_anomaly(conn, evaluation_id=eid, port_id=f.port_id, detector=f.detector,
+                                     score=f.score, threshold=f.threshold, reasons=f.reasons,
+                                     first_round_id=f.first_round_id, last_round_id=f.last_round_id,
+                                     source=f.source, created_at=now)
+            stored.append(Anomaly(aid, f.detector, f.port_id, f.port, f.protocol, f.source, tuple(f.sources),
+                                  f.first_round_id, f.last_round_id, f.score, f.threshold, f.reasons))
+        pruned = dbe.prunable_models(conn, cfg.keep_models)
+        dbe.mark_pruned(conn, [r["version"] for r in pruned])
+    for row in pruned:
+        _remove_model_dir(settings, row["path"])
+    duration = clock() - started
+    log.info("evaluation %d: rounds %d..%d, %s, %d anomalies, %.1f s", eid, first, last, status,
+             len(stored), duration)
+    return EvaluationResult(eid, status, first, last, len(batch), len(data.ports), step.windows,
+                            step.model_version, step.trained_version, step.threshold, tuple(stored), duration,
+                            remaining, history, cfg.warmup_rounds)
+
+
+# --- series ----------------------------------------------------------------------------------------
+
+def load_series(conn: sqlite3.Connection, batch, cfg: Evaluator, context_rounds: int) -> series.Series:
+    """Series (P, T, F) over the batch plus up to ``context_rounds`` earlier rounds, for :func:`model_ports`."""
+    context = dbs.rounds_before(conn, batch[0]["id"], context_rounds)
+    round_ids = [r["id"] for r in context] + [r["id"] for r in batch]
+    lo, hi = round_ids[0], round_ids[-1]
+    active = model_ports(conn, batch, cfg)
+    ports = [series.PortKey(pid, value, proto) for pid, value, proto in active]
+    return series.build_series(round_ids, ports, dbs.port_stats(conn, lo, hi), dbs.occupancy(conn, lo, hi),
+                               dbs.dns_counts(conn, lo, hi), dbs.source_counts(conn, lo, hi))
+
+
+def model_ports(conn: sqlite3.Connection, batch, cfg: Evaluator) -> list[tuple[int, int, str]]:
+    """(port_id, value, protocol) of the ports the model judges, busiest first, at most cfg.max_ports.
+
+    A port qualifies with traffic in the batch and either something holding it (scanner) or
+    traffic in at least cfg.min_active_share of the batch rounds. Stray packets to idle, unheld
+    ports (background probes, scans) are the rules' business: as series they are single blips.
+    """
+    first, last = batch[0]["id"], batch[-1]["id"]
+    need = max(1, int(np.ceil(cfg.min_active_share * len(batch))))
+    held = dbs.held_ports(conn, first, last)
+    active = [(pid, value, proto) for pid, value, proto, _packets, rounds in dbs.port_activity(conn, first, last)
+              if rounds >= need or pid in held]
+    if len(active) > cfg.max_ports:
+        log.warning("%d active ports; the model judges the %d busiest (evaluator.max_ports)",
+                    len(active), cfg.max_ports)
+    return active[:cfg.max_ports]
+
+
+# --- model -----------------------------------------------------------------------------------------
+
+@dataclass
+class ModelStep:
+    model_version: int | None       # judged with
+    trained_version: int | None
+    threshold: float | None
+    windows: int
+    findings: list
+    new_model: dict | None = None   # models row to insert
+    trained_windows: np.ndarray | None = field(default=None, repr=False)   # (N, W, F) passed to fit
+    trained_index: np.ndarray | None = field(default=None, repr=False)     # (N, 2) [port, last t]
+
+
+def model_config(cfg: Evaluator):
+    from app.services.model import ModelConfig
+    return ModelConfig(window=cfg.window, lstm_units=cfg.lstm_units, bottleneck=cfg.bottleneck,
+                       epochs=cfg.epochs, refit_epochs=cfg.refit_epochs, min_train_steps=cfg.min_train_steps,
+                       batch_size=cfg.batch_size, max_train_windows=cfg.max_train_windows,
+                       calibration_windows=cfg.calibration_windows,
+                       alert_budget_per_day=cfg.alert_budget_per_day, seed=cfg.seed)
+
+
+def load_active_model(conn: sqlite3.Connection, cfg: Evaluator):
+    """(model, row) of the active version, or (None, None) when none is usable."""
+    from app.services.model import CnnLstmAutoencoder
+    row = dbe.active_model(conn)
+    if row is None:
+        return None, None
+    try:
+        model = CnnLstmAutoencoder.load(row["path"])
+    except (OSError, ValueError, KeyError) as exc:
+        log.error("model v%d at %s cannot be loaded (%s): training a new one (python -m app model list)",
+                  row["version"], row["path"], exc)
+        return None, None
+    if model.config.window != cfg.window or list(model.config.features) != list(series.FEATURES):
+        log.warning("model v%d was built for other windows or features: training a new one", row["version"])
+        return None, None
+    fresh = model_config(cfg)
+    for key in ("epochs", "refit_epochs", "batch_size", "max_train_windows", "calibration_windows",
+                "alert_budget_per_day", "min_train_steps"):
+        setattr(model.config, key, getattr(fresh, key))
+    return model, row
+
+
+def model_step(conn: sqlite3.Connection, settings: Settings, data: series.Series, first_new: int,
+               findings: list[Finding], history: int) -> ModelStep:
+    """Judge (after warm-up) and refit; returns the model findings and the new models row."""
+    from app.services.model import CnnLstmAutoencoder
+    cfg = settings.evaluator
+    window = cfg.window
+    model, row = load_active_model(conn, cfg)
+    warm = model is not None and history >= cfg.warmup_rounds
+    round_ids = data.round_ids
+    flagged = series.cell_mask(data, [c for f in findings for c in f.covers])
+    flagged |= series.cell_mask(data, dbe.anomaly_spans(conn, int(round_ids[0]), int(round_ids[-1])))
+
+    step = ModelStep(model_version=None, trained_version=None, threshold=None, windows=0, findings=[])
+    if warm:
+        judge = series.judge_windows(data.values, window, first_new)
+        errors, recon = model.feature_errors(judge.windows)
+        scores = model.window_scores(errors, judge.judged)
+        hot = scores > model.threshold_
+        step.model_version, step.threshold, step.windows = row["version"], model.threshold_, len(scores)
+        step.findings = explain(conn, data, judge, errors, recon, hot, model.threshold_, row["version"],
+                                cfg.top_features)
+        for f in step.findings:
+            flagged |= series.cell_mask(data, f.covers)
+        log.info("model v%d judged %d windows: %d above %.4g", row["version"], len(scores), int(hot.sum()),
+                 model.threshold_)
+
+    # training data: unflagged new rounds (context rounds were trained on or held out before);
+    # a first fit may use every round loaded (earlier anomalies are flagged above)
+    train_from = first_new if model is not None else 0
+    rng = np.random.default_rng(cfg.seed + int(round_ids[-1]))
+    usable = ~flagged
+    usable[:, :train_from] = False
+    held_index = series.holdout_tiles(len(data.ports), len(round_ids), window, cfg.holdout_fraction, rng,
+                                      start=train_from)
+    held_ok = [i for i, (p, t) in enumerate(held_index) if usable[p, t - window + 1:t + 1].all()]
+    held_index = held_index[held_ok]
+    usable_train = usable & ~series.tile_mask(usable.shape, held_index, window)
+    train, train_index = series.sliding_windows(data.values, window, cfg.train_stride, usable=usable_train)
+    held = series.gather_windows(data.values, held_index, window)
+    seconds = dbs.median_round_seconds(conn, int(round_ids[-1])) or 60.0
+    port_rounds_per_day = len(data.ports) * 86400.0 / seconds
+    step.trained_windows, step.trained_index = train, train_index
+
+    if model is None and len(train) < MIN_FIT_WINDOWS:
+        log.info("%d training windows: not enough for a first fit yet", len(train))
+        return step
+    if model is None:
+        model = CnnLstmAutoencoder(model_config(cfg)).fit(train, held, port_rounds_per_day)
+        parent = None
+    else:
+        model.partial_fit(train, held, port_rounds_per_day)
+        parent = row["version"]
+    version = dbe.next_model_version(conn)
+    path = settings.state_path / "models" / str(version)
+    model.save(path)
+    cal = model.calibration_
+    step.trained_version = version
+    if step.threshold is None:
+        step.threshold = model.threshold_
+    step.new_model = {
+        "version": version, "created_at": time.time(), "parent_version": parent, "path": str(path),
+        "threshold": model.threshold_, "train_windows": len(train),
+        "metadata": {"calibration": cal.__dict__, "rounds": [int(round_ids[first_new]), int(round_ids[-1])],
+                     "ports": len(data.ports), "held_out_windows_added": len(held),
+                     "excluded_cells": int(flagged[:, first_new:].sum()), "window": window,
+                     "round_seconds": seconds, "n_fits": model.n_fits_},
+        "budget_per_day": cal.budget_per_day, "held_out_rate_per_day": cal.observed_rate_per_day,
+    }
+    return step
+
+
+def explain(conn: sqlite3.Connection, data: series.Series, judge: series.JudgeWindows, errors: np.ndarray,
+            recon: np.ndarray, hot: np.ndarray, threshold: float, version: int, top_features: int) -> list[Finding]:
+    """Model findings from flagged windows: one per port per run of hot rounds.
+
+    errors (N, W, F) per-feature squared errors; recon (N, W, F) reconstruction in original units;
+    hot (N,) bool flagged windows. A round is hot when its judged per-round error exceeds the
+    threshold; hot rounds of one port at most one window apart form one finding.
+    """
+    window = judge.windows.shape[1]
+    per_round = errors.mean(axis=2)
+    by_port: dict[int, list[tuple[int, int, int]]] = {}     # port -> [(t, window i, position j)]
+    for i in np.flatnonzero(hot):
+        p, end = judge.index[i]
+        for j in np.flatnonzero(judge.judged[i] & (per_round[i] > threshold)):
+            by_port.setdefault(int(p), []).append((int(end) - window + 1 + int(j), int(i), int(j)))
+    findings = []
+    for p, cells in sorted(by_port.items()):
+        cells.sort()
+        groups: list[list[tuple[int, int, int]]] = [[cells[0]]]
+        for cell in cells[1:]:
+            if cell[0] - groups[-1][-1][0] <= window:
+                groups[-1].append(cell)
+            else:
+                groups.append([cell])
+        for group in groups:
+            findings.append(_model_finding(conn, data, p, group, errors, recon, per_round, threshold,
+                                           version, top_features, window))
+    return findings
+
+
+def _model_finding(conn, data, p, group, errors, recon, per_round, threshold, version, top_features, window):
+    key = data.ports[p]
+    first_id, last_id = int(data.round_ids[group[0][0]]), int(data.round_ids[group[-1][0]])
+    t, i, j = max(group, key=lambda c: per_round[c[1], c[2]])
+    score = float(per_round[i, j])
+    feature_error = errors[i, j]
+    order = np.argsort(feature_error)[::-1][:top_features]
+    total = float(feature_error.sum()) or 1.0
+    features = [{"feature": series.FEATURES[f], "observed": round(float(data.values[p, t, f]), 3),
+                 "reconstructed": round(float(recon[i, j, f]), 3), "error": round(float(feature_error[f]), 4),
+                 "share": round(float(feature_error[f]) / total, 3)} for f in order]
+    packets, _, _ = dbs.port_totals(conn, key.port_id, first_id, last_id)
+    sources, dominant = rules.port_sources(conn, key.value, key.protocol, packets, first_id, last_id)
+    reasons = {
+        "port": key.value, "protocol": key.protocol, "model_version": version, "window": window,
+        "rounds": [first_id, last_id], "peak_round_id": int(data.round_ids[t]),
+        "score": round(score, 5), "threshold": round(float(threshold), 5),
+        "score_unit": "mean squared error of the scaled features in the worst judged round",
+        "hot_rounds": [{"round_id": int(data.round_ids[c[0]]), "error": round(float(per_round[c[1], c[2]]), 5)}
+                       for c in group][:30],
+        "features": features, "packets": packets, "sources": sources,
+    }
+    return Finding("model", key.port_id, key.value, key.protocol, first_id, last_id, score, float(threshold),
+                   dominant, reasons, [(key.port_id, first_id, last_id)])
+
+
+# --- model versions --------------------------------------------------------------------------------
+
+def list_models(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Every model version, newest first."""
+    return dbe.models(conn)
+
+
+def rollback(conn: sqlite3.Connection, version: int) -> list[int]:
+    """Make ``version`` the active model again; returns the versions rolled back.
+
+    UsageError when the version does not exist or its files were pruned.
+    """
+    row = dbe.model(conn, version)
+    if row is None:
+        raise UsageError(f"there is no model version {version}: see python -m app model list")
+    if row["status"] == "pruned" or not (Path(row["path"]) / "config.json").exists():
+        raise UsageError(f"model version {version} has no files any more (pruned): choose another version")
+    with conn:
+        return dbe.rollback_to(conn, version)
+
+
+def _remove_model_dir(settings: Settings, path: str) -> None:
+    root = (settings.state_path / "models").resolve()
+    target = Path(path).resolve()
+    if root in target.parents and target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+        log.info("pruned model files %s", target)

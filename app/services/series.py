@@ -1,0 +1,347 @@
+"""Store → per-port time series → scaled windows. Pure functions on numpy arrays, no SQL, no TensorFlow.
+
+A *round* is one time step, whatever its length. For every (port, protocol) active in a range of
+rounds the evaluator builds one row per round of ``FEATURES`` (original units, see below); a round in
+which the port saw nothing is a row of zeros (occupancy features still say whether it listened).
+
+Shapes used throughout:
+  P ports, T rounds, F = len(FEATURES) features, W = window length (rounds), N windows.
+  series values  (P, T, F) float32, original units
+  windows        (N, W, F) float32, with ``index`` (N, 2) int: [port index, index of the window's last round]
+
+Scaling (:class:`LevelDeviationScaler`): log1p of softened counts, then per window each feature's
+level and its round-by-round deviations, each robustly scaled (median, inter-quartile range, a
+Poisson noise floor); fitted on training windows only and saved with the model.
+
+Windows for judging (:func:`judge_windows`) tile the new rounds from the end of the batch backwards,
+so each new round is judged by exactly one window; the first window may reach back into
+already-evaluated rounds for context. Windows for training (:func:`sliding_windows`) slide with a stride.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+# Feature names, in column order. Units are per round.
+FEATURES: tuple[str, ...] = (
+    "packets",           # packets to this local port
+    "bytes",             # frame bytes
+    "mean_payload",      # L4 payload bytes per packet
+    "max_payload",       # largest L4 payload (bytes)
+    "syn",               # TCP SYN without ACK
+    "syn_share",         # SYNs / packets (a flood is all SYNs)
+    "syn_synack_ratio",  # SYN / (SYN-ACK + 1)
+    "rst",               # TCP RST
+    "sources",           # distinct source addresses seen (flows + source_ports evidence)
+    "listening",         # 1 when something holds the port (scanner), else 0
+    "process_changed",   # 1 when the owning process name differs from its previous holder
+    "established",       # established connections on the port (scanner)
+    "dns_packets",       # DNS packets in the sniffer sample
+)
+N_FEATURES = len(FEATURES)
+FEATURE_INDEX = {name: i for i, name in enumerate(FEATURES)}
+# One "count" of each feature for log1p(x / softening): bytes and payload sizes in packet-sized units,
+# so a silent round of a small port is about as far from its level in bytes as in packets.
+SOFTENING = {"bytes": 500.0, "mean_payload": 50.0, "max_payload": 50.0, "syn_share": 0.05}
+
+
+@dataclass(frozen=True)
+class PortKey:
+    """One series: a row of the ``ports`` table."""
+
+    port_id: int
+    value: int          # port number, ICMP type, or -1 for the ephemeral bucket
+    protocol: str
+
+    def label(self) -> str:
+        return f"{'ephemeral' if self.value == -1 else self.value}/{self.protocol}"
+
+
+@dataclass
+class Series:
+    """Per-port feature rows over consecutive rounds.
+
+    round_ids (T,) int64 ascending; values (P, T, F) float32 in original units; ports: P PortKey.
+    """
+
+    round_ids: np.ndarray
+    ports: list[PortKey]
+    values: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.values.shape)  # type: ignore[return-value]
+
+    def port_index(self) -> dict[int, int]:
+        """port_id -> row in ``values``."""
+        return {key.port_id: i for i, key in enumerate(self.ports)}
+
+
+def build_series(round_ids: Sequence[int], ports: Sequence[PortKey],
+                 port_stats: Iterable[Sequence], occupancy: Iterable[Sequence] = (),
+                 dns: Iterable[Sequence] = (), sources: Iterable[Sequence] = ()) -> Series:
+    """Assemble (P, T, F) series; rounds and ports absent from the rows stay zero.
+
+    round_ids: T round ids, ascending (every round of the range, active or not).
+    ports: the P series to build, in output order.
+    port_stats rows: (round_id, port_id, packets, bytes, payload_bytes, max_payload, syn, synack, rst).
+    occupancy rows: (round_id, port_id, pid, process, established) — one per socket holder.
+    dns rows: (round_id, port_id, dns_packets).
+    sources rows: (round_id, port_id, distinct_sources).
+    Rows naming rounds or ports outside the requested ones are ignored.
+    """
+    round_ids = np.asarray(round_ids, dtype=np.int64)
+    t_of = {int(r): t for t, r in enumerate(round_ids)}
+    p_of = {key.port_id: i for i, key in enumerate(ports)}
+    values = np.zeros((len(ports), len(round_ids), N_FEATURES), dtype=np.float32)
+    f = FEATURE_INDEX
+    for round_id, port_id, packets, nbytes, payload, max_payload, syn, synack, rst in port_stats:
+        t, p = t_of.get(round_id), p_of.get(port_id)
+        if t is None or p is None:
+            continue
+        row = values[p, t]
+        row[f["packets"]] = packets
+        row[f["bytes"]] = nbytes
+        row[f["mean_payload"]] = payload / packets if packets else 0.0
+        row[f["max_payload"]] = max_payload or 0
+        row[f["syn"]] = syn
+        row[f["syn_share"]] = syn / packets if packets else 0.0
+        row[f["syn_synack_ratio"]] = syn / (synack + 1.0)
+        row[f["rst"]] = rst
+    holders: dict[tuple[int, int], set[str]] = {}
+    for round_id, port_id, _pid, process, established in occupancy:
+        t, p = t_of.get(round_id), p_of.get(port_id)
+        if t is None or p is None:
+            continue
+        values[p, t, f["listening"]] = 1.0
+        values[p, t, f["established"]] += established or 0
+        holders.setdefault((p, t), set()).add(process or "?")
+    previous: dict[int, tuple[int, set[str]]] = {}
+    for (p, t) in sorted(holders, key=lambda pt: pt[1]):
+        names = holders[(p, t)]
+        before = previous.get(p)
+        if before is not None and "?" not in names and "?" not in before[1] and names != before[1]:
+            values[p, t, f["process_changed"]] = 1.0
+        previous[p] = (t, names)
+    for round_id, port_id, count in dns:
+        t, p = t_of.get(round_id), p_of.get(port_id)
+        if t is not None and p is not None:
+            values[p, t, f["dns_packets"]] = count
+    for round_id, port_id, count in sources:
+        t, p = t_of.get(round_id), p_of.get(port_id)
+        if t is not None and p is not None:
+            values[p, t, f["sources"]] = count
+    return Series(round_ids=round_ids, ports=list(ports), values=values)
+
+
+# --- windows -----------------------------------------------------------------------------------
+
+def _pad_front(values: np.ndarray, window: int) -> tuple[np.ndarray, int]:
+    """Repeat the first round so that T >= window; returns (values, rounds added)."""
+    missing = window - values.shape[1]
+    if missing <= 0:
+        return values, 0
+    pad = np.repeat(values[:, :1, :], missing, axis=1)
+    return np.concatenate([pad, values], axis=1), missing
+
+
+def sliding_windows(values: np.ndarray, window: int, stride: int = 1,
+                    usable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All windows of ``window`` rounds whose last rounds are ``stride`` apart, aligned to the end.
+
+    values: (P, T, F). usable: optional (P, T) bool; a window is kept only when every one of its
+    rounds is usable (used to keep flagged or held-out rounds out of training).
+    Returns windows (N, window, F) and index (N, 2) = [port, last round t]. T < window gives none.
+    """
+    n_ports, n_rounds, n_features = values.shape
+    ends = np.arange(n_rounds - 1, window - 2, -max(1, stride))[::-1]
+    if n_ports == 0 or len(ends) == 0:
+        return np.zeros((0, window, n_features), np.float32), np.zeros((0, 2), np.int64)
+    index = np.array([(p, t) for p in range(n_ports) for t in ends], dtype=np.int64)
+    if usable is not None:
+        blocked = ~usable.astype(bool)
+        # a window ending at t is blocked when any of t-window+1..t is blocked: cumulative sums
+        csum = np.concatenate([np.zeros((n_ports, 1), np.int64), np.cumsum(blocked, axis=1)], axis=1)
+        bad = csum[index[:, 0], index[:, 1] + 1] - csum[index[:, 0], index[:, 1] + 1 - window]
+        index = index[bad == 0]
+    return gather_windows(values, index, window), index
+
+
+def gather_windows(values: np.ndarray, index: np.ndarray, window: int) -> np.ndarray:
+    """Windows (N, window, F) of ``values`` (P, T, F) ending at ``index`` (N, 2) = [port, last t]."""
+    if len(index) == 0:
+        return np.zeros((0, window, values.shape[2]), np.float32)
+    offsets = np.arange(-window + 1, 1)
+    rows = index[:, 1:2] + offsets[None, :]
+    return values[index[:, 0:1], rows].astype(np.float32)
+
+
+@dataclass
+class JudgeWindows:
+    """Windows that judge new rounds, each new round exactly once.
+
+    windows (N, W, F) original units; index (N, 2) = [port, last round t in the *unpadded* series];
+    judged (N, W) bool: the positions that are new rounds judged by this window (the rest is context).
+    """
+
+    windows: np.ndarray
+    index: np.ndarray
+    judged: np.ndarray
+
+
+def judge_windows(values: np.ndarray, window: int, first_new: int) -> JudgeWindows:
+    """Tile rounds ``first_new``..T-1 of ``values`` (P, T, F) into windows, from the end backwards.
+
+    Each window ends ``window`` rounds after the previous one; the earliest may start before
+    ``first_new`` and take its earlier rounds as context (not judged). When fewer than ``window``
+    rounds exist at all, the first round is repeated in front (context only).
+    """
+    n_ports, n_rounds, n_features = values.shape
+    padded, added = _pad_front(values, window)
+    first_new_padded = first_new + added
+    ends = np.arange(padded.shape[1] - 1, first_new_padded - 1, -window)[::-1]
+    if n_ports == 0 or len(ends) == 0 or first_new >= n_rounds:
+        return JudgeWindows(np.zeros((0, window, n_features), np.float32), np.zeros((0, 2), np.int64),
+                            np.zeros((0, window), bool))
+    index = np.array([(p, t) for p in range(n_ports) for t in ends], dtype=np.int64)
+    windows = gather_windows(padded, index, window)
+    positions = index[:, 1:2] + np.arange(-window + 1, 1)[None, :]
+    judged = positions >= first_new_padded
+    index = index.copy()
+    index[:, 1] -= added
+    return JudgeWindows(windows, index, judged)
+
+
+def window_rounds(index_row: Sequence[int], window: int) -> np.ndarray:
+    """Round positions t (W,) covered by a window ending at index_row[1]; negative = padding."""
+    return np.arange(index_row[1] - window + 1, index_row[1] + 1)
+
+
+# --- masks -------------------------------------------------------------------------------------
+
+def cell_mask(series: Series, cells: Iterable[tuple[int | None, int, int]]) -> np.ndarray:
+    """(P, T) bool, True where a (port_id, first_round_id, last_round_id) span covers the cell.
+
+    port_id None marks every port in those rounds.
+    """
+    mask = np.zeros(series.values.shape[:2], dtype=bool)
+    rows = series.port_index()
+    for port_id, first, last in cells:
+        cols = (series.round_ids >= first) & (series.round_ids <= last)
+        if not cols.any():
+            continue
+        if port_id is None:
+            mask[:, cols] = True
+        elif port_id in rows:
+            mask[rows[port_id], cols] = True
+    return mask
+
+
+def holdout_tiles(n_ports: int, n_rounds: int, window: int, fraction: float,
+                  rng: np.random.Generator, start: int = 0) -> np.ndarray:
+    """Choose non-overlapping end-aligned tiles of ``window`` rounds to hold out of training.
+
+    Returns index (N, 2) = [port, last t] of the held-out tiles (each lies wholly in start..T-1);
+    training windows must avoid their rounds (see :func:`tile_mask`), so held-out scores are
+    honest out-of-sample scores for threshold calibration.
+    """
+    ends = np.arange(n_rounds - 1, start + window - 2, -window)[::-1]
+    if n_ports == 0 or len(ends) == 0 or fraction <= 0:
+        return np.zeros((0, 2), np.int64)
+    index = np.array([(p, t) for p in range(n_ports) for t in ends], dtype=np.int64)
+    chosen = rng.random(len(index)) < fraction
+    return index[chosen]
+
+
+def tile_mask(shape: tuple[int, int], index: np.ndarray, window: int) -> np.ndarray:
+    """(P, T) bool, True on the rounds of the windows ``index`` (N, 2) = [port, last t]."""
+    mask = np.zeros(shape, dtype=bool)
+    for p, t in index:
+        mask[p, max(0, t - window + 1):t + 1] = True
+    return mask
+
+
+# --- scaling -----------------------------------------------------------------------------------
+
+class LevelDeviationScaler:
+    """What the autoencoder sees: per window, each feature's level and its round-by-round deviations.
+
+    transform: (N, W, F) original units -> (N, W, 2F) float32:
+      channels 0..F-1   deviation  (log1p(x) - window median of log1p(x)) / dev_scale_
+      channels F..2F-1  level      (window median of log1p(x) - center_) / level_scale_, the same every round
+    Ports differ by orders of magnitude in level but a spike is a change within the port's own
+    window; scaling the two parts separately keeps a ×30 spike on a busy port many units large
+    instead of a fraction of the spread between ports. Fitted on training windows only:
+    center_/level_scale_ = median/IQR of window levels, dev_scale_ = IQR of deviations (at least
+    ``min_dev_scale``, in log units). Values are clipped to ±``clip``.
+    """
+
+    def __init__(self, min_level_scale: float = 1.0, min_dev_scale: float = 0.25, clip: float = 30.0,
+                 softening: list | None = None):
+        self.min_level_scale = float(min_level_scale)
+        self.min_dev_scale = float(min_dev_scale)
+        self.clip = float(clip)
+        self.softening = list(softening) if softening is not None else [SOFTENING.get(n, 1.0) for n in FEATURES]
+
+    def _split(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        soft = np.asarray(self.softening, np.float32)
+        logged = np.log1p(np.maximum(np.asarray(windows, np.float32), 0.0) / soft)
+        level = np.median(logged, axis=1, keepdims=True)
+        return logged - level, level
+
+    def _dev_scale(self, level: np.ndarray) -> np.ndarray:
+        """(N, 1, F) deviation scale: dev_scale_, or the Poisson noise of log1p at that level if larger
+        (a port with 5 packets a round is noisier in log units than one with 5,000)."""
+        return np.maximum(self.dev_scale_, 1.0 / np.sqrt(np.expm1(np.maximum(level, 0.0)) + 1.0))
+
+    def fit(self, windows: np.ndarray) -> "LevelDeviationScaler":
+        """windows: (N, W, F) original units. Sets center_, level_scale_, dev_scale_ (F,)."""
+        if len(windows) == 0:
+            raise ValueError("cannot fit the scaler on no data")
+        dev, level = self._split(windows)
+        n_features = windows.shape[-1]
+        flat_level = level.reshape(-1, n_features)
+        q25, q50, q75 = np.percentile(flat_level, [25, 50, 75], axis=0)
+        self.center_ = q50.astype(np.float32)
+        self.level_scale_ = np.maximum(q75 - q25, self.min_level_scale).astype(np.float32)
+        d25, d75 = np.percentile(dev.reshape(-1, n_features), [25, 75], axis=0)
+        self.dev_scale_ = np.maximum(d75 - d25, self.min_dev_scale).astype(np.float32)
+        return self
+
+    def _check(self) -> None:
+        if not hasattr(self, "center_"):
+            raise RuntimeError("LevelDeviationScaler is not fitted: call fit() first")
+
+    def transform(self, windows: np.ndarray) -> np.ndarray:
+        """(N, W, F) original units -> (N, W, 2F) scaled."""
+        self._check()
+        dev, level = self._split(windows)
+        scaled_level = np.broadcast_to((level - self.center_) / self.level_scale_, dev.shape)
+        out = np.concatenate([dev / self._dev_scale(level), scaled_level], axis=-1)
+        return np.clip(out, -self.clip, self.clip).astype(np.float32)
+
+    def inverse_transform(self, scaled: np.ndarray) -> np.ndarray:
+        """(N, W, 2F) scaled -> (N, W, F) original units (non-negative); the level is averaged over W."""
+        self._check()
+        scaled = np.asarray(scaled, np.float32)
+        n_features = scaled.shape[-1] // 2
+        level = scaled[..., n_features:].mean(axis=-2, keepdims=True) * self.level_scale_ + self.center_
+        dev = scaled[..., :n_features] * self._dev_scale(level)
+        return np.maximum(np.expm1(level + dev), 0.0) * np.asarray(self.softening, np.float32)
+
+    def to_dict(self) -> dict:
+        self._check()
+        return {"kind": "log1p level+deviation", "min_level_scale": self.min_level_scale,
+                "min_dev_scale": self.min_dev_scale, "clip": self.clip, "softening": self.softening,
+                "center": [float(v) for v in self.center_], "level_scale": [float(v) for v in self.level_scale_],
+                "dev_scale": [float(v) for v in self.dev_scale_]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LevelDeviationScaler":
+        scaler = cls(data["min_level_scale"], data["min_dev_scale"], data["clip"], data["softening"])
+        scaler.center_ = np.asarray(data["center"], np.float32)
+        scaler.level_scale_ = np.asarray(data["level_scale"], np.float32)
+        scaler.dev_scale_ = np.asarray(data["dev_scale"], np.float32)
+        return scaler

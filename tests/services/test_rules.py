@@ -1,0 +1,125 @@
+"""Rule detectors on hand-written rounds in a real SQLite file (the real schema)."""
+from __future__ import annotations
+
+import pytest
+
+from app.config import Evaluator
+from app.db import series as dbs
+from app.services import rules
+from tests.services.synthetic import SyntheticStore, listen, port_scan, syn_flood
+
+SCANNER = "203.0.113.9"
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SyntheticStore(str(tmp_path / "ports.db"), seed=1)
+    yield s
+    s.close()
+
+
+def detect(store, after=0, **cfg):
+    batch = dbs.rounds_after(store.conn, after, 10_000)
+    return rules.detect(store.conn, batch, Evaluator(**cfg))
+
+
+def by(findings, detector):
+    return [f for f in findings if f.detector == detector]
+
+
+def traffic(value, proto, packets, address, syn=0):
+    def event(st, rows):
+        st.add_port_traffic(rows, value, proto, packets, packets * 100, syn=syn)
+        st.add_source_traffic(rows, address, value, proto, packets, syn=syn)
+    return event
+
+
+def test_benign_rounds_raise_nothing(store):
+    store.add_rounds(8)
+    assert detect(store) == []
+
+
+def test_port_scan_in_one_round_names_the_source_and_ports(store):
+    store.add_rounds(6, {3: [port_scan(SCANNER, range(1000, 1030))]})
+    scans = by(detect(store), "port_scan")
+    assert len(scans) == 1
+    scan = scans[0]
+    assert scan.source == SCANNER and scan.sources == [SCANNER]
+    assert scan.first_round_id == scan.last_round_id == 4
+    assert scan.score >= 30 and scan.threshold == 25
+    assert scan.reasons["ports"]["tcp"] == list(range(1000, 1030))
+    assert scan.reasons["max_ports_in_one_round"] >= 30
+    covered = {pid for pid, lo, hi in scan.covers}
+    assert len(covered) >= 30                                  # scanned ports stay out of the refit
+
+
+def test_slow_scan_is_united_across_rounds_within_the_span(store):
+    # 9 ports a round (below the collector's many-ports threshold: evidence from flows), 4 rounds
+    events = {k: [port_scan(SCANNER, range(2000 + 9 * k, 2009 + 9 * k))] for k in range(4)}
+    events[1].append(port_scan("203.0.113.10", range(3000, 3005)))   # a small client: no scan
+    store.add_rounds(5, events)
+    scans = by(detect(store), "port_scan")
+    assert [s.source for s in scans] == [SCANNER]
+    assert scans[0].reasons["distinct_ports"] == 36
+    assert scans[0].first_round_id == 3                         # 27 ports reached by the 3rd round
+    # the same pace spread over more than the span is not a scan
+    assert by(detect(store, scan_span_seconds=100.0), "port_scan") == []
+
+
+def test_syn_flood_with_few_completions(store):
+    busy_but_answered = traffic(8443, "tcp", 5000, "198.51.100.77", syn=500)
+    store.listeners[(8443, "tcp")] = "envoy"
+    store.add_rounds(6, {2: [syn_flood(22, 3000, ["203.0.113.7"]), busy_but_answered],
+                         3: [syn_flood(22, 2500, ["203.0.113.7"])]})
+    floods = by(detect(store), "syn_flood")
+    assert len(floods) == 1
+    flood = floods[0]
+    assert (flood.port, flood.protocol) == (22, "tcp")
+    assert (flood.first_round_id, flood.last_round_id) == (3, 4)
+    assert flood.source == "203.0.113.7"
+    assert flood.reasons["peak"]["completion_share"] < 0.2
+    assert flood.reasons["syn"] >= 5500
+
+
+def test_completion_share():
+    assert rules.completion_share(packets=1000, syn=1000, synack=0, rst=0) == 0.0
+    assert rules.completion_share(packets=5000, syn=500, synack=0, rst=0) == 1.0
+    assert rules.completion_share(packets=1100, syn=1000, synack=0, rst=50) == pytest.approx(0.05)
+
+
+def test_new_listener_and_process_change(store):
+    store.add_rounds(8, {4: [listen(8080, "tcp", "nc")], 6: [listen(22, "tcp", "evil-sshd")]})
+    found = detect(store)
+    new = by(found, "new_listener")
+    assert [(f.port, f.protocol, f.first_round_id) for f in new] == [(8080, "tcp", 5)]
+    assert new[0].reasons["holders"][0]["process"] == "nc"
+    changed = by(found, "process_changed")
+    assert [(f.port, f.first_round_id) for f in changed] == [(22, 7)]
+    assert changed[0].reasons["previous"]["holders"][0]["process"] == "sshd"
+    assert changed[0].reasons["holders"][0]["process"] == "evil-sshd"
+    # a later batch compares with the rounds before it: nothing new any more
+    store.add_rounds(3)
+    assert by(detect(store, after=8), "new_listener") == [] and by(detect(store, after=8), "process_changed") == []
+
+
+def test_pid_change_with_the_same_process_is_a_restart(store):
+    store.add_rounds(3)
+    with store.conn:
+        store.conn.execute("UPDATE rounds_ports SET pid = 4242 WHERE round_id = 3")
+    assert detect(store) == []
+
+
+def test_traffic_to_a_port_nothing_listens_on(store):
+    store.add_rounds(5, {
+        2: [traffic(4444, "tcp", 50, "203.0.113.66", syn=3)],
+        3: [traffic(-1, "udp", 500, "198.51.100.5"),           # the ephemeral bucket: never
+            traffic(8, "icmp", 20, "198.51.100.6"),             # ICMP echo: never
+            port_scan(SCANNER, range(5000, 5030))],             # left to the scan finding
+    })
+    found = detect(store)
+    unlistened = by(found, "unlistened_port")
+    assert [(f.port, f.protocol) for f in unlistened] == [(4444, "tcp")]
+    f = unlistened[0]
+    assert f.source == "203.0.113.66" and f.reasons["packets"] == 50
+    assert f.reasons["sources"][0]["address"] == "203.0.113.66"
+    assert len(by(found, "port_scan")) == 1
