@@ -104,9 +104,11 @@ def db_path(tmp_path):
 
 @pytest.fixture
 def state_env(tmp_path, monkeypatch):
-    """Point every portwatch path into tmp_path (state dir, db, pins under a test-only root)."""
+    """Point every portwatch path into tmp_path (state dir, db, and a pin root with no pins, so
+    nothing a test decides can reach a real pinned map of this machine)."""
     monkeypatch.setenv("PORTWATCH_DB", str(tmp_path / "ports.db"))
     monkeypatch.setenv("PORTWATCH_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("PORTWATCH_PIN_ROOT", str(tmp_path / "no-pins"))
     monkeypatch.setenv("PORTWATCH_CONFIG", str(tmp_path / "none.toml"))
     (tmp_path / "none.toml").write_text("")
     return tmp_path

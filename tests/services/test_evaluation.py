@@ -165,10 +165,11 @@ def test_versions_keep_n_and_rollback(store, env, capsys):
 WEIGHTS = "model.weights.h5"
 
 
-def test_evaluate_command_prints_one_line(store, env, capsys):
+def test_evaluate_command_prints_a_summary_and_the_block(store, env, capsys):
     store.add_rounds(20, {5: [port_scan("203.0.113.9", range(1000, 1030))]})
     assert cli.main(["evaluate"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and "warm-up" in out[0] and "1 port_scan" in out[0]
+    assert "warm-up" in out[0] and "1 port_scan" in out[0]
+    assert out[1:] == ["blocked: 203.0.113.9/32 (port scan (anomaly 1))"]
     assert cli.main(["evaluate"]) == 0
     assert capsys.readouterr().out.strip().startswith("no new rounds")
