@@ -110,6 +110,8 @@ class Blocklist:
     max_new_per_evaluation: int = 20
     max_entries: int = 10000
     model_source_share: float = 0.5              # a source with this share of an anomalous port's packets is blocked
+    model_block_factor: float = 2.0              # ... when the model's score is at least this many times its threshold
+                                                 # (weaker model findings alert only: blocking needs stronger evidence)
     allowlist: list = field(default_factory=list)  # CIDR prefixes never blocked automatically
     manual_remove_grace_seconds: float = 86400.0
     manual_ttl_seconds: float = 7 * 86400.0       # `blacklist add` without --ttl

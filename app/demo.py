@@ -34,31 +34,38 @@ PY = sys.executable
 ROUND_SECONDS = 3
 
 BENIGN_CLIENT = r"""
-import http.client, socket, struct, sys, time, random
+import http.client, socket, struct, sys, threading, time, random
 http_src, dns_src, server, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+end = time.monotonic() + seconds
 def dns_query(name, qid):
     q = struct.pack('!HHHHHH', qid, 0x0100, 1, 0, 0, 0)
     q += b''.join(bytes([len(p)]) + p.encode() for p in name.split('.')) + b'\0' + struct.pack('!HH', 1, 1)
     return q
-random.seed(7)
-ok = failed = 0
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.bind((dns_src, 0)); udp.settimeout(1)
-end = time.monotonic() + seconds
-i = 0
-while time.monotonic() < end and i < 100000:
-    i += 1
-    try:
-        c = http.client.HTTPConnection(server, 8080, timeout=2, source_address=(http_src, 0))
-        c.request('GET', '/'); c.getresponse().read(); c.close(); ok += 1
-    except OSError:
-        failed += 1
-    try:
-        udp.sendto(dns_query(random.choice(['www.demo.test', 'mail.demo.test', 'api.demo.test']), i & 0xFFFF), (server, 53))
-        udp.recv(512)
-    except OSError:
-        pass
-    time.sleep(0.15 + random.random() * 0.2)
-print(ok, failed)
+def web():                      # a page every ~0.3 s, whatever the answers take
+    rnd = random.Random(7); tick = time.monotonic()
+    while time.monotonic() < end:
+        try:
+            c = http.client.HTTPConnection(server, 8080, timeout=2, source_address=(http_src, 0))
+            c.request('GET', '/'); c.getresponse().read(); c.close()
+        except OSError:
+            pass
+        tick += 0.2 + rnd.random() * 0.2
+        time.sleep(max(0.0, tick - time.monotonic()))
+def dns():                      # a lookup every ~0.3 s, on its own schedule
+    rnd = random.Random(8); tick = time.monotonic(); i = 0
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.bind((dns_src, 0)); udp.settimeout(1)
+    while time.monotonic() < end:
+        i += 1
+        try:
+            udp.sendto(dns_query(rnd.choice(['www.demo.test', 'mail.demo.test', 'api.demo.test']), i & 0xFFFF), (server, 53))
+            udp.recv(512)
+        except OSError:
+            pass
+        tick += 0.2 + rnd.random() * 0.2
+        time.sleep(max(0.0, tick - time.monotonic()))
+threads = [threading.Thread(target=web, daemon=True), threading.Thread(target=dns, daemon=True)]
+for t in threads: t.start()
+for t in threads: t.join()
 """
 
 HTTP_PROBE = r"""
@@ -118,6 +125,7 @@ window_fraction = 0.8
 [evaluator]
 window = 5
 warmup_rounds = 12
+train_stride = 1
 epochs = 6
 scan_ports = 25
 syn_flood_syns = 100
@@ -167,7 +175,7 @@ out_dir = "{self.work / 'report'}"
         time.sleep(1.0)
         lab.send("--kind", "syn", "--src", attacker, "--dst", lab.root_v4, "--ports", "1-200", "--count", "1",
                  "--iface", lab.peer_interface)
-        lab.send("--kind", "syn", "--src", attacker, "--dst", lab.root_v4, "--ports", "8080", "--count", "400",
+        lab.send("--kind", "syn", "--src", attacker, "--dst", lab.root_v4, "--ports", "8080", "--count", "1500",
                  "--iface", lab.peer_interface)
         out, err = coll.communicate(timeout=attack_rounds * ROUND_SECONDS + 120)
         for line in out.strip().splitlines():

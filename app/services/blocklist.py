@@ -344,6 +344,10 @@ def candidates(conn, settings, evaluation_id: int) -> list[Candidate]:
                 if (share is not None and share >= cfg.model_source_share) or (share is None and not a["source"]):
                     found.append((address, {"share": share} if share is not None else {}, what))
         elif a["detector"] == "model":
+            if a["score"] is None or a["threshold"] is None or a["score"] < cfg.model_block_factor * a["threshold"]:
+                log.info("model anomaly %s (score %s, threshold %s) is below %g x its threshold: alert only, no block",
+                         a["id"], a["score"], a["threshold"], cfg.model_block_factor)
+                continue
             for address, share, packets, total in _model_shares(conn, a, named, cfg.model_source_share):
                 if share >= cfg.model_source_share:
                     found.append((address, {"share": round(share, 4), "packets": packets, "port_packets": total},

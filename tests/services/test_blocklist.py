@@ -254,6 +254,16 @@ def test_model_anomaly_blocks_dominant_sources_only(conn, tmp_path):
     assert "70% of its packets" in decisions[0].reason
 
 
+def test_weak_model_anomaly_alerts_but_does_not_block(conn, tmp_path):
+    s = blocklist_settings(tmp_path, model_source_share=0.5, model_block_factor=2.0)
+    named = {"sources": [{"address": "198.18.0.90", "share": 1.0}]}
+    eid = add_evaluation(conn, [dict(detector="model", port=53, protocol="udp", score=1.27, threshold=1.0, reasons=named),
+                                dict(detector="model", port=80, protocol="tcp", score=3.1, threshold=1.0,
+                                     reasons={"sources": [{"address": "198.18.0.91", "share": 0.9}]})], at=T0)
+    decisions = blocklist.decide(conn, s, eid, now=T0, protection=NOBODY)
+    assert [(d.address, d.action) for d in decisions] == [("198.18.0.91/32", "block")]
+
+
 def test_syn_flood_blocks_source_and_named_dominant_sources(conn, tmp_path):
     s = blocklist_settings(tmp_path, model_source_share=0.5)
     eid = add_evaluation(conn, [dict(detector="syn_flood", port=80, source="198.18.0.80",
