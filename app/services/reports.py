@@ -393,10 +393,10 @@ def _draw_traffic(p: _Painter, conn, since, entries) -> Drawn | None:
         by_if.setdefault(row["interface"], []).append(row)
     for interface, items in by_if.items():
         times = [_utc(r["end_time"]) for r in items]
-        axes[0, 0].plot(times, [r["total_packets"] for r in items], drawstyle="steps-mid", label=f"{interface}: all packets")
-        axes[0, 0].plot(times, [r["unparsed_packets"] for r in items], drawstyle="steps-mid", linestyle=":",
+        axes[0, 0].plot(times, [r["total_packets"] for r in items], drawstyle="steps-pre", label=f"{interface}: all packets")
+        axes[0, 0].plot(times, [r["unparsed_packets"] for r in items], drawstyle="steps-pre", linestyle=":",
                         label=f"{interface}: unparsed (passed)")
-        axes[1, 0].plot(times, [r["dropped_packets"] for r in items], drawstyle="steps-mid", color="tab:red",
+        axes[1, 0].plot(times, [r["dropped_packets"] for r in items], drawstyle="steps-pre", color="tab:red",
                         label=f"{interface}: dropped by the blocklist")
     _shade_anomalies(axes[0, 0], hostwide, with_labels=True)
     _shade_anomalies(axes[1, 0], hostwide, with_labels=False)
@@ -428,11 +428,11 @@ def _draw_port(p: _Painter, conn, since, port, entries) -> Drawn | None:
     ax_packets, ax_bytes = axes[0, 0], axes[1, 0]
     if series:
         times = [_utc(r["end_time"]) for r in series]
-        ax_packets.plot(times, [r["packets"] for r in series], drawstyle="steps-mid", color="tab:blue", label="packets")
+        ax_packets.plot(times, [r["packets"] for r in series], drawstyle="steps-pre", color="tab:blue", label="packets")
         if port["protocol"] == "tcp":
-            ax_packets.plot(times, [r["syn"] for r in series], drawstyle="steps-mid", color="tab:orange",
+            ax_packets.plot(times, [r["syn"] for r in series], drawstyle="steps-pre", color="tab:orange",
                             linestyle="--", label="SYN (no ACK)")
-        ax_bytes.plot(times, [r["bytes"] / 1000.0 for r in series], drawstyle="steps-mid", color="tab:green",
+        ax_bytes.plot(times, [r["bytes"] / 1000.0 for r in series], drawstyle="steps-pre", color="tab:green",
                       label="frame bytes")
     _shade_anomalies(ax_packets, anomalies, with_labels=True)
     _shade_anomalies(ax_bytes, anomalies, with_labels=False)
