@@ -222,12 +222,15 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
 def load_series(conn: sqlite3.Connection, batch, cfg: Evaluator, context_rounds: int) -> series.Series:
     """Series (P, T, F) over the batch plus up to ``context_rounds`` earlier rounds, for :func:`model_ports`."""
     context = dbs.rounds_before(conn, batch[0]["id"], context_rounds)
-    round_ids = [r["id"] for r in context] + [r["id"] for r in batch]
+    rows = list(context) + list(batch)
+    round_ids = [r["id"] for r in rows]
     lo, hi = round_ids[0], round_ids[-1]
     active = model_ports(conn, batch, cfg)
     ports = [series.PortKey(pid, value, proto) for pid, value, proto in active]
     return series.build_series(round_ids, ports, dbs.port_stats(conn, lo, hi), dbs.occupancy(conn, lo, hi),
-                               dbs.dns_counts(conn, lo, hi), dbs.source_counts(conn, lo, hi))
+                               dbs.dns_counts(conn, lo, hi), dbs.source_counts(conn, lo, hi),
+                               seconds=[r["seconds"] for r in rows],
+                               nominal_seconds=dbs.median_round_seconds(conn, hi))
 
 
 def model_ports(conn: sqlite3.Connection, batch, cfg: Evaluator) -> list[tuple[int, int, str]]:

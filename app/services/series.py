@@ -3,6 +3,9 @@
 A *round* is one time step, whatever its length. For every (port, protocol) active in a range of
 rounds the evaluator builds one row per round of ``FEATURES`` (original units, see below); a round in
 which the port saw nothing is a row of zeros (occupancy features still say whether it listened).
+Counts are per *nominal* round: a round whose counters cover more time than usual (the collector
+skipped a minute, or the evaluator ran between two rounds) has its counts scaled to the nominal
+length, so a gap is not mistaken for a spike (``seconds`` / ``nominal_seconds`` of build_series).
 
 Shapes used throughout:
   P ports, T rounds, F = len(FEATURES) features, W = window length (rounds), N windows.
@@ -42,6 +45,11 @@ FEATURES: tuple[str, ...] = (
 )
 N_FEATURES = len(FEATURES)
 FEATURE_INDEX = {name: i for i, name in enumerate(FEATURES)}
+# Features that are counts over the round (scaled to the nominal round length); the others are
+# ratios, sizes or states.
+COUNT_FEATURES = ("packets", "bytes", "syn", "rst", "dns_packets")
+# How far a round's length may be stretched to the nominal one (a 10x longer round counts 1/10 each)
+MAX_STRETCH = 20.0
 # One "count" of each feature for log1p(x / softening): bytes and payload sizes in packet-sized units,
 # so a silent round of a small port is about as far from its level in bytes as in packets.
 SOFTENING = {"bytes": 500.0, "mean_payload": 50.0, "max_payload": 50.0, "syn_share": 0.05}
@@ -81,8 +89,12 @@ class Series:
 
 def build_series(round_ids: Sequence[int], ports: Sequence[PortKey],
                  port_stats: Iterable[Sequence], occupancy: Iterable[Sequence] = (),
-                 dns: Iterable[Sequence] = (), sources: Iterable[Sequence] = ()) -> Series:
+                 dns: Iterable[Sequence] = (), sources: Iterable[Sequence] = (),
+                 seconds: Sequence[float | None] | None = None, nominal_seconds: float | None = None) -> Series:
     """Assemble (P, T, F) series; rounds and ports absent from the rows stay zero.
+
+    seconds: (T,) time each round's counters cover; with ``nominal_seconds``, COUNT_FEATURES of a
+    round are scaled by nominal / seconds (clipped to [1/MAX_STRETCH, MAX_STRETCH]).
 
     round_ids: T round ids, ascending (every round of the range, active or not).
     ports: the P series to build, in output order.
@@ -133,6 +145,11 @@ def build_series(round_ids: Sequence[int], ports: Sequence[PortKey],
         t, p = t_of.get(round_id), p_of.get(port_id)
         if t is not None and p is not None:
             values[p, t, f["sources"]] = count
+    if seconds is not None and nominal_seconds:
+        covered = np.array([s if s and s > 0 else nominal_seconds for s in seconds], dtype=np.float64)
+        factor = np.clip(nominal_seconds / covered, 1.0 / MAX_STRETCH, MAX_STRETCH).astype(np.float32)
+        cols = [f[name] for name in COUNT_FEATURES]
+        values[:, :, cols] *= factor[None, :, None]
     return Series(round_ids=round_ids, ports=list(ports), values=values)
 
 

@@ -151,3 +151,15 @@ def test_level_deviation_scaler_shapes_no_leakage_and_round_trip():
     assert np.allclose(back, train, rtol=1e-2, atol=1e-2)
     restored = series.LevelDeviationScaler.from_dict(scaler.to_dict())
     assert np.array_equal(restored.transform(test), scaled)
+
+
+def test_long_rounds_are_scaled_to_the_nominal_length():
+    """A round covering 3x the usual time (a skipped minute) is not a 3x spike."""
+    ports = [series.PortKey(1, 80, "tcp")]
+    k = {1: 1, 2: 3, 3: 1}
+    stats = [(r, 1, 60 * k[r], 6000 * k[r], 600 * k[r], 10, 0, 0, 0) for r in (1, 2, 3)]
+    s = series.build_series([1, 2, 3], ports, stats, seconds=[60, 180, 60], nominal_seconds=60)
+    f = series.FEATURE_INDEX
+    assert s.values[0, :, f["packets"]].tolist() == [60, 60, 60]
+    assert s.values[0, :, f["bytes"]].tolist() == [6000, 6000, 6000]
+    assert s.values[0, 1, f["mean_payload"]] == 10          # ratios are not scaled
