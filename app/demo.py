@@ -159,43 +159,54 @@ out_dir = "{self.work / 'report'}"
                          f"--pid-file={self.work / 'dnsmasq.pid'}"])
         time.sleep(1.0)
 
-        # load XDP once (first round compiles), then benign background with rounds running
+        # load XDP once (the first round compiles), then the collector runs on its own, as under cron
         say("loading XDP and recording a first round (compiles once, in its own process)")
         self.app("collect", "--round-seconds", "1", "--rounds", "1", "--no-sniffer", quiet=False)
-        rounds = int(benign_seconds // ROUND_SECONDS)
-        say(f"benign background for {benign_seconds:.0f} s: {rounds} rounds of {ROUND_SECONDS} s")
-        client = self.background([PY, "-c", BENIGN_CLIENT, web_client, dns_client, lab.root_v4, str(benign_seconds + 40 + attack_rounds * ROUND_SECONDS)], ns=True)
-        self.app("collect", "--rounds", str(rounds), quiet=False)
-
-        say("evaluation 1: rules on the benign rounds; the model trains")
+        log = open(self.work / "collector.log", "w")
+        collector = subprocess.Popen([PY, "-m", "app", "collect", "--rounds", "0"], cwd=REPO, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(collector)
+        say(f"collector running: rounds of {ROUND_SECONDS} s (log: {self.work / 'collector.log'})")
+        say(f"benign background for {benign_seconds:.0f} s")
+        client = self.background([PY, "-c", BENIGN_CLIENT, web_client, dns_client, lab.root_v4,
+                                  str(benign_seconds + 90 + attack_rounds * ROUND_SECONDS)], ns=True)
+        time.sleep(benign_seconds)
+        say(f"{self.count_rounds()} rounds so far; evaluation 1: rules on the benign rounds, the model trains")
         self.app("evaluate", quiet=False)
 
         say(f"attack from {attacker}: a port scan (SYN to 200 ports) and a SYN burst at :8080")
-        coll = self.background([PY, "-m", "app", "collect", "--rounds", str(attack_rounds)])
-        time.sleep(1.0)
         lab.send("--kind", "syn", "--src", attacker, "--dst", lab.root_v4, "--ports", "1-200", "--count", "1",
                  "--iface", lab.peer_interface)
         lab.send("--kind", "syn", "--src", attacker, "--dst", lab.root_v4, "--ports", "8080", "--count", "1500",
                  "--iface", lab.peer_interface)
-        out, err = coll.communicate(timeout=attack_rounds * ROUND_SECONDS + 120)
-        for line in out.strip().splitlines():
-            print(f"    {line}", flush=True)
-        if coll.returncode != 0:
-            raise SystemExit(f"demo: the collector failed during the attack: {err.strip().splitlines()[-1:]}")
+        time.sleep(attack_rounds * ROUND_SECONDS)
 
-        say("evaluation 2: findings -> block decisions -> the pinned XDP blacklist map")
+        say(f"{self.count_rounds()} rounds so far; evaluation 2: findings -> block decisions -> the pinned XDP map")
         self.app("evaluate", quiet=False)
 
         say(f"proof: {attacker} sends 300 UDP packets; benign {web_client} asks for a page")
         lab.send("--src", attacker, "--dst", lab.root_v4, "--ports", "8080", "--count", "300")
         probe = lab.run(PY, "-c", HTTP_PROBE, web_client, lab.root_v4).stdout.strip()
-        self.app("collect", "--round-seconds", "1", "--rounds", "1", "--no-sniffer")   # records the drops
+        time.sleep(ROUND_SECONDS + 1)                    # a round records the drops
+        collector.send_signal(signal.SIGTERM)            # ends after the round in progress
+        collector.wait(timeout=60)
+        log.close()
         entries = json.loads(self.app("blacklist", "list", "--json").stdout or "[]")
 
         say("report")
         self.app("report", "--out", str(self.work / "report"), quiet=False)
         client.send_signal(signal.SIGTERM)
         return self.summary(entries, attacker, [web_client, dns_client], probe)
+
+    def count_rounds(self) -> int:
+        try:
+            conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+            try:
+                return conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return 0
 
     def summary(self, entries: list[dict], attacker: str, benign: list[str], probe: str) -> int:
         conn = sqlite3.connect(self.db)
@@ -243,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/portwatch-demo", help="work directory (database, report)")
-    parser.add_argument("--benign-seconds", type=float, default=75.0)
+    parser.add_argument("--benign-seconds", type=float, default=96.0)
     parser.add_argument("--attack-rounds", type=int, default=4)
     parser.add_argument("--keep", action="store_true", help="keep the state directory (models)")
     args = parser.parse_args(argv)

@@ -237,11 +237,12 @@ def model_ports(conn: sqlite3.Connection, batch, cfg: Evaluator) -> list[tuple[i
     """(port_id, value, protocol) of the ports the model judges, busiest first, at most cfg.max_ports.
 
     A port qualifies with traffic in the batch and either something holding it (scanner) or
-    traffic in at least cfg.min_active_share of the batch rounds. Stray packets to idle, unheld
-    ports (background probes, scans) are the rules' business: as series they are single blips.
+    traffic in at least cfg.min_active_share of the batch rounds, and never fewer than two. Stray
+    packets to idle, unheld ports (background probes, scans) are the rules' business: as series
+    they are single blips, however short the batch.
     """
     first, last = batch[0]["id"], batch[-1]["id"]
-    need = max(1, int(np.ceil(cfg.min_active_share * len(batch))))
+    need = max(2, int(np.ceil(cfg.min_active_share * len(batch))))
     held = dbs.held_ports(conn, first, last)
     active = [(pid, value, proto) for pid, value, proto, _packets, rounds in dbs.port_activity(conn, first, last)
               if rounds >= need or pid in held]
