@@ -1,0 +1,45 @@
+"""Design rules about imports: the collector's path never loads TensorFlow, matplotlib or BCC;
+services never import threads; only app/db/ holds SQL-running modules' queries."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_collector_import_closure_has_no_tensorflow_matplotlib_or_bcc():
+    code = ("import sys; import app.port_collector; from app.cli import build_parser; build_parser(); "
+            "import app.threads.collection, app.services.collector, app.commands.collect; "
+            "heavy = [m for m in ('tensorflow', 'keras', 'matplotlib', 'bcc', 'sklearn') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_imports_point_one_way():
+    for path in (REPO / "app" / "services").glob("*.py"):
+        bad = {n for n in imports_of(path) if n.startswith(("app.threads", "app.commands", "app.cli", "app.port_"))}
+        assert not bad, f"{path.name} imports {bad}"
+    for path in (REPO / "app" / "db").glob("*.py"):
+        bad = {n for n in imports_of(path) if n.startswith(("app.threads", "app.services", "app.commands"))}
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_tensorflow_and_matplotlib_have_one_importer_each():
+    for lib, owner in (("tensorflow", "model.py"), ("matplotlib", "reports.py"), ("bcc", "xdp.py")):
+        users = [p.name for p in (REPO / "app").rglob("*.py") if any(n == lib or n.startswith(lib + ".")
+                                                                     for n in imports_of(p))]
+        assert users == [owner], (lib, users)
