@@ -112,6 +112,8 @@ class Blocklist:
     model_source_share: float = 0.5              # a source with this share of an anomalous port's packets is blocked
     model_block_factor: float = 2.0              # ... when the model's score is at least this many times its threshold
                                                  # (weaker model findings alert only: blocking needs stronger evidence)
+    model_source_surge: float = 3.0              # ... and the source itself sent this many times its usual rate
+    surge_baseline_rounds: int = 60              # rounds before the anomaly that make a source's usual rate
     allowlist: list = field(default_factory=list)  # CIDR prefixes never blocked automatically
     manual_remove_grace_seconds: float = 86400.0
     manual_ttl_seconds: float = 7 * 86400.0       # `blacklist add` without --ttl

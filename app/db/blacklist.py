@@ -137,3 +137,24 @@ def anomalies_of_evaluation(conn, evaluation_id: int) -> list[sqlite3.Row]:
         "SELECT a.id, a.detector, a.port_id, a.score, a.threshold, a.reasons, a.first_round_id, a.last_round_id, "
         "a.source, a.created_at, p.value AS port, p.protocol FROM anomalies a LEFT JOIN ports p ON p.id = a.port_id "
         "WHERE a.evaluation_id = ? ORDER BY a.id", (evaluation_id,)).fetchall()
+
+
+def source_rates(conn, address: str, first: int, last: int, baseline_rounds: int) -> tuple[float, float | None]:
+    """(packets per round of ``address`` in rounds first..last, its packets per round over the
+    ``baseline_rounds`` rounds before ``first`` — None when there are no earlier rounds).
+
+    From source_stats (every source, every round); a round the source was silent in counts as 0.
+    """
+    inside = conn.execute(
+        "SELECT COALESCE(SUM(packets), 0) FROM source_stats WHERE address = ? AND round_id BETWEEN ? AND ?",
+        (address, first, last)).fetchone()[0]
+    n_inside = conn.execute("SELECT COUNT(*) FROM rounds WHERE id BETWEEN ? AND ?", (first, last)).fetchone()[0]
+    before = conn.execute("SELECT id FROM rounds WHERE id < ? ORDER BY id DESC LIMIT ?",
+                          (first, baseline_rounds)).fetchall()
+    if not before:
+        return inside / max(n_inside, 1), None
+    lo = before[-1][0]
+    earlier = conn.execute(
+        "SELECT COALESCE(SUM(packets), 0) FROM source_stats WHERE address = ? AND round_id BETWEEN ? AND ?",
+        (address, lo, first - 1)).fetchone()[0]
+    return inside / max(n_inside, 1), earlier / len(before)

@@ -349,7 +349,7 @@ def candidates(conn, settings, evaluation_id: int) -> list[Candidate]:
                          a["id"], a["score"], a["threshold"], cfg.model_block_factor)
                 continue
             for address, share, packets, total in _model_shares(conn, a, named, cfg.model_source_share):
-                if share >= cfg.model_source_share:
+                if share >= cfg.model_source_share and not _usual_for_source(conn, cfg, a, address):
                     found.append((address, {"share": round(share, 4), "packets": packets, "port_packets": total},
                                   f"model anomaly on {port or 'the host'}: {share:.0%} of its packets (anomaly {a['id']})"))
         for address, extra, what in found:
@@ -360,6 +360,23 @@ def candidates(conn, settings, evaluation_id: int) -> list[Candidate]:
                 continue
             out.setdefault(str(network), Candidate(network, what, a["id"], a["detector"], {**base, **extra}))
     return list(out.values())
+
+
+def _usual_for_source(conn, cfg, anomaly, address: str) -> bool:
+    """True when ``address`` sent about its usual amount in the anomaly's rounds: the port behaved
+    oddly, but this source is not what changed (an autoencoder's error also spreads to rounds next
+    to the real change). Such a source is not blocked for a model finding."""
+    first, last = anomaly["first_round_id"], anomaly["last_round_id"]
+    if first is None or last is None:
+        return False
+    now, usual = db.source_rates(conn, address, first, last, cfg.surge_baseline_rounds)
+    if usual is None or usual <= 0:
+        return False                                    # a new source: it is the change
+    if now < cfg.model_source_surge * usual:
+        log.info("anomaly %s: %s sent %.1f packets/round against its usual %.1f (< %g x): not blocked",
+                 anomaly["id"], address, now, usual, cfg.model_source_surge)
+        return True
+    return False
 
 
 def _model_shares(conn, anomaly, named, min_share: float) -> list[tuple[str, float, int, int]]:

@@ -264,6 +264,27 @@ def test_weak_model_anomaly_alerts_but_does_not_block(conn, tmp_path):
     assert [(d.address, d.action) for d in decisions] == [("198.18.0.91/32", "block")]
 
 
+def test_model_finding_spares_a_source_at_its_usual_rate(conn, tmp_path):
+    """The model flags the port, but only the source that surged is blocked."""
+    s = blocklist_settings(tmp_path, model_source_share=0.5, model_source_surge=3.0)
+    with conn:
+        rounds = [conn.execute("INSERT INTO rounds (start_time, end_time, interface) VALUES (?, ?, 'x')",
+                               (T0 + i, T0 + i + 1)).lastrowid for i in range(12)]
+        for r in rounds:
+            conn.execute("INSERT INTO source_stats (round_id, address, packets, bytes) VALUES (?, '198.18.0.40', 60, 1)", (r,))
+        conn.execute("INSERT INTO source_stats (round_id, address, packets, bytes) VALUES (?, '198.18.0.41', 900, 1)",
+                     (rounds[-1],))
+        conn.execute("UPDATE source_stats SET packets = 75 WHERE round_id = ? AND address = '198.18.0.40'", (rounds[-2],))
+    steady = {"sources": [{"address": "198.18.0.40", "share": 1.0}]}
+    surged = {"sources": [{"address": "198.18.0.41", "share": 0.94}]}
+    eid = add_evaluation(conn, [dict(detector="model", port=8080, protocol="tcp", first_round_id=rounds[-2],
+                                     last_round_id=rounds[-2], reasons=steady),
+                                dict(detector="model", port=8080, protocol="tcp", first_round_id=rounds[-1],
+                                     last_round_id=rounds[-1], reasons=surged)], at=T0)
+    decisions = blocklist.decide(conn, s, eid, now=T0, protection=NOBODY)
+    assert [(d.address, d.action) for d in decisions] == [("198.18.0.41/32", "block")]
+
+
 def test_syn_flood_blocks_source_and_named_dominant_sources(conn, tmp_path):
     s = blocklist_settings(tmp_path, model_source_share=0.5)
     eid = add_evaluation(conn, [dict(detector="syn_flood", port=80, source="198.18.0.80",
