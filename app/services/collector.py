@@ -27,7 +27,7 @@ import numpy as np
 from app.db import rounds as rounds_db
 from app.db.connection import connect
 from app.db.ports import PortIds
-from app.errors import LockedError, PortwatchError
+from app.errors import LockedError, NeedsRootError, PortwatchError
 from app.services import maps, ports, rounds, xdp
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,8 @@ class Collector:
         self.close()
 
     def open(self) -> None:
+        if os.geteuid() != 0:
+            raise NeedsRootError("collecting needs root (XDP, pinned maps, process owners): run it with sudo")
         xdp.check_interface(self.interface)
         self._lock_fh = self._lock()
         try:
