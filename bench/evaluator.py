@@ -37,7 +37,10 @@ def make_store(path: Path, seed: int = 0) -> SyntheticStore:
 def timed_evaluate(tmp: Path) -> tuple[float, float, str]:
     """(wall seconds, peak RSS MiB, summary line) of one `python -m app evaluate` process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PORTWATCH_")}
+    # everything in tmp: the database, models, reports, and a pin root with no pins, so the
+    # benchmark's block decisions never reach a real pinned map of this host
     env.update(PORTWATCH_DB=str(tmp / "bench.db"), PORTWATCH_STATE_DIR=str(tmp / "state"),
+               PORTWATCH_PIN_ROOT=str(tmp / "no-pins"), PORTWATCH_REPORTS_OUT_DIR=str(tmp / "reports"),
                PORTWATCH_CONFIG=str(tmp / "none.toml"), PORTWATCH_EVALUATOR_WARMUP_ROUNDS=str(ROUNDS))
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "app", "evaluate", "-q"], cwd=REPO, env=env,

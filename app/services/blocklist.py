@@ -55,7 +55,6 @@ from app.db import blacklist as db
 from app.db import series as series_db
 from app.errors import BpfError, UsageError
 from app.services import maps
-from app.services.collector import lpm_key_text
 
 log = logging.getLogger(__name__)
 
@@ -526,7 +525,7 @@ def _read_map(blacklist: maps.PinnedMap) -> dict[str, tuple[bytes, int, int]]:
     for i in range(n):
         key = keys[i * ks:(i + 1) * ks]
         value = maps.PwBlacklistValue.from_buffer_copy(values[i * rs:i * rs + size])
-        out[lpm_key_text(key)] = (key, value.drops, value.drop_bytes)
+        out[maps.lpm_key_text(key)] = (key, value.drops, value.drop_bytes)
     return out
 
 

@@ -359,6 +359,17 @@ def addr_bytes(text: str) -> bytes:
     return ip.packed
 
 
+def lpm_key_text(key: bytes) -> str:
+    """CIDR text of a pw_lpm_key (IPv4-mapped prefixes become IPv4 CIDRs)."""
+    prefixlen = int.from_bytes(key[0:4], "little")
+    addr = key[4:20]
+    if addr[:12] == b"\x00" * 10 + b"\xff\xff" and prefixlen >= 96:
+        return f"{addr_text(addr)}/{prefixlen - 96}"
+    import ipaddress
+    return str(ipaddress.IPv6Network((addr, prefixlen), strict=False))
+
+
+
 def open_maps(pin_dir: str | Path, names=("port_stats", "sources", "srcports", "flows", "global", "blacklist",
                                           "config")) -> dict[str, PinnedMap]:
     pin_dir = Path(pin_dir)

@@ -16,7 +16,6 @@ from typing import Callable
 from app.errors import PortwatchError
 from app.services.collector import Collector, Observations, RoundSummary
 from app.threads.scanner import ScannerThread
-from app.threads.sniffer import SnifferThread
 
 log = logging.getLogger(__name__)
 JOIN_SLACK_SECONDS = 30.0
@@ -32,6 +31,7 @@ def start_threads(settings, interface: str, round_seconds: float) -> dict:
     if settings.scanner.enabled:
         threads["scanner"] = ScannerThread(settings.scanner, round_seconds)
     if settings.sniffer.enabled and round_seconds >= 1:
+        from app.threads.sniffer import SnifferThread   # asyncio and pyshark: only when sniffing
         threads["sniffer"] = SnifferThread(interface, settings.sniffer, round_seconds, Path(settings.general.state_dir))
     for t in threads.values():
         t.start()
