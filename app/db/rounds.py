@@ -11,11 +11,11 @@ import sqlite3
 from typing import Iterable
 
 
-def load_snapshots(conn: sqlite3.Connection, interface: str) -> dict[str, tuple[float, bytes, int | None]]:
-    """map name -> (taken_at, data, program_id) of the last snapshot for ``interface``."""
-    rows = conn.execute("SELECT map_name, taken_at, data, program_id FROM counter_snapshots WHERE interface = ?",
-                        (interface,))
-    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+def load_snapshot(conn: sqlite3.Connection, interface: str, map_name: str) -> tuple[float, bytes, int | None] | None:
+    """(taken_at, data, program_id) of the last snapshot of one map, or None."""
+    row = conn.execute("SELECT taken_at, data, program_id FROM counter_snapshots WHERE interface = ? AND map_name = ?",
+                       (interface, map_name)).fetchone()
+    return (row[0], row[1], row[2]) if row else None
 
 
 def save_snapshot(conn, interface: str, map_name: str, taken_at: float, round_id: int | None,

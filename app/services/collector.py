@@ -192,13 +192,18 @@ class Collector:
         fold = self.settings.collector.fold_ephemeral
 
         conn = self.conn
-        snaps = rounds_db.load_snapshots(conn, self.interface)
-        prev = {name: (rounds.unpack_snapshot(name, self._maps[name].info.key_size, snaps[name][1])
-                       if name in snaps else rounds.empty(name)) for name in SNAPSHOT_MAPS}
-        since = min((s[0] for s in snaps.values()), default=None)
-        deltas = {name: rounds.diff(readings[name], prev[name]) for name in SNAPSHOT_MAPS}
+        # one map at a time, so the previous snapshot of only one map is in memory at once
+        deltas, prev_entries, since = {}, {}, None
+        for name in SNAPSHOT_MAPS:
+            snap = rounds_db.load_snapshot(conn, self.interface, name)
+            prev = (rounds.unpack_snapshot(name, self._maps[name].info.key_size, snap[1])
+                    if snap else rounds.empty(name))
+            if snap:
+                since = snap[0] if since is None else min(since, snap[0])
+            deltas[name] = rounds.diff(readings[name], prev)
+            prev_entries[name] = prev.entries
+            del prev, snap
         g = dict(zip(maps.GLOBAL_NAMES, deltas["global"].values[0].tolist() if len(deltas["global"]) else ()))
-        ru = resource.getrusage(resource.RUSAGE_SELF)
         values = {
             "start_time": start, "end_time": end, "counts_since": since, "interface": self.interface,
             "xdp_mode": self.load_state.mode if self.load_state else None,
@@ -211,20 +216,35 @@ class Collector:
             "port_entries": readings["port_stats"].entries, "source_entries": readings["sources"].entries,
             "srcport_entries": readings["srcports"].entries, "flow_entries": readings["flows"].entries,
             "blacklist_entries": readings["blacklist"].entries,
-            "srcport_evictions": _evictions(g.get("srcport_inserts", 0), readings["srcports"], prev["srcports"]),
-            "flow_evictions": _evictions(g.get("flow_inserts", 0), readings["flows"], prev["flows"]),
+            "srcport_evictions": _evictions(g.get("srcport_inserts", 0), readings["srcports"].entries,
+                                            prev_entries["srcports"]),
+            "flow_evictions": _evictions(g.get("flow_inserts", 0), readings["flows"].entries, prev_entries["flows"]),
             "scanner_status": seen.scanner_status, "sniffer_status": seen.sniffer_status,
             "note": note,
         }
+        program_id = self.load_state.program_id if self.load_state else None
+        n_sources = len(deltas["sources"])
+
+        def snapshot(*names):
+            """Store these maps' new snapshots and let their readings go."""
+            for name in names:
+                rounds_db.save_snapshot(conn, self.interface, name, end, round_id, program_id,
+                                        readings[name].entries, rounds.pack_snapshot(readings[name]))
+                del readings[name], deltas[name]
+
         with conn:
             round_id = rounds_db.insert_round(conn, values)
             port_ids = PortIds(conn)
             n_ports = self._write_ports(round_id, deltas["port_stats"], readings["port_stats"].extras, port_ids,
                                         listening, low, high, fold)
+            snapshot("port_stats")
             many = self._write_sources(round_id, deltas["sources"], deltas["srcports"])
+            snapshot("sources", "srcports")
             self._write_flows(round_id, deltas["flows"], readings["flows"].extras, many)
+            snapshot("flows")
             rounds_db.insert_global_stats(conn, round_id, g)
             self._write_blacklist_drops(round_id, deltas["blacklist"])
+            snapshot("global", "blacklist")
             n_listeners = None
             if listeners is not None:
                 from app.db.occupancy import insert_occupancy
@@ -237,10 +257,6 @@ class Collector:
                 insert_packets(conn, round_id, records, port_ids, lambda p, proto: ports.fold_port(
                     p, proto, listening, low, high, fold))
                 sniffed = len(records)
-            program_id = self.load_state.program_id if self.load_state else None
-            for name in SNAPSHOT_MAPS:
-                rounds_db.save_snapshot(conn, self.interface, name, end, round_id, program_id,
-                                        readings[name].entries, rounds.pack_snapshot(readings[name]))
             ru = resource.getrusage(resource.RUSAGE_SELF)
             rounds_db.update_round(conn, round_id, {
                 "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_kb": ru.ru_maxrss,
@@ -250,7 +266,7 @@ class Collector:
         maps.write_config(self.pin_dir, cfg)
         self._after_round(round_id)
         return RoundSummary(round_id, self.interface, end - (since or start), g.get("total", 0), g.get("bytes", 0),
-                            g.get("unparsed", 0), g.get("dropped", 0), n_ports, len(deltas["sources"]), n_listeners,
+                            g.get("unparsed", 0), g.get("dropped", 0), n_ports, n_sources, n_listeners,
                             sniffed, compiled, values["xdp_mode"])
 
     def _after_round(self, round_id: int) -> None:
@@ -347,6 +363,6 @@ class Collector:
         rounds_db.insert_blacklist_drops(self.conn, round_id, rows)
 
 
-def _evictions(inserts: int, current: rounds.MapReading, previous: rounds.MapReading) -> int:
+def _evictions(inserts: int, entries_now: int, entries_before: int) -> int:
     """LRU evictions in the round: new keys inserted minus the growth of the map (never negative)."""
-    return max(0, inserts - (current.entries - previous.entries))
+    return max(0, inserts - (entries_now - entries_before))
