@@ -14,14 +14,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import resource
 import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,7 +151,6 @@ def measure_veth(lab: Lab, s, n: int = 300000) -> tuple[float, float]:
 def fill_sources(lab: Lab, count: int) -> None:
     """count distinct sources (198.18.128.0 upwards, inside 198.18.0.0/15), one UDP frame each."""
     dmac = mac_bytes(Path(f"/sys/class/net/{lab.interface}/address").read_text().strip())
-    smac = b"\x02\x00\x00\x00\x00\x02"
     base = int(ipaddress.IPv4Address("198.18.128.0"))
     script = r"""
 import socket, sys, struct, ipaddress

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys

@@ -2,7 +2,6 @@
 scan found by the rules (naming its source and ports), and a traffic spike found by a warmed-up model."""
 import json
 import sys
-import time
 
 import pytest
 
