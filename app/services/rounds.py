@@ -208,10 +208,3 @@ def match(keys: np.ndarray, reference: np.ndarray) -> np.ndarray:
     pos_c = np.minimum(pos, len(ordered) - 1)
     found = ordered[pos_c] == keys
     return np.where(found, order[pos_c], -1)
-
-
-def vanished(current: MapReading, previous: MapReading) -> int:
-    """Keys present in the previous snapshot and gone now (LRU-evicted or deleted)."""
-    if not previous.entries:
-        return 0
-    return int((match(previous.key_array, current.key_array) < 0).sum()) if current.entries else previous.entries

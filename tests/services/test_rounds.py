@@ -20,7 +20,6 @@ def test_diff_new_changed_unchanged_and_restarted_keys():
     assert d.as_dict() == {a: (5, 60), c: (2, 20), d_: (1, 10)}   # b unchanged: no row; c restarted
     assert d.index.tolist() == [0, 2, 3]
     assert rounds.diff(cur, rounds.empty("flows", 3)).as_dict() == {a: (15, 160), b: (5, 50), c: (2, 20), d_: (1, 10)}
-    assert rounds.vanished(reading("flows", {a: (1, 1)}), prev) == 3
 
 
 def test_snapshot_roundtrip():

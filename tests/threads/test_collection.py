@@ -227,7 +227,7 @@ def test_missing_interface_is_one_sentence(tmp_path):
                           str(tmp_path / "x.db")], capture_output=True, text=True, env=env, cwd=str(REPO))
     assert out.returncode == 2
     assert out.stderr.strip() == "portwatch: error: interface pwnosuch0 does not exist: pick one from `ip link`"
-    assert not (tmp_path / "x.db").exists() or True
+    assert not (tmp_path / "x.db").exists()              # refused before any file was made
 
 
 def test_down_detaches_and_unpins(lab, tmp_path):
