@@ -72,7 +72,10 @@ def lab(request):
     """
     from app.services.lab import Lab
     tag = request.node.name.replace("test_", "")
-    subnet = (os.getpid() + _counter[0] * 7) % 200 + 20
+    # Parallel runs on one machine (helpers, bench) each take their own band of 198.18.<n>.0/24:
+    # PW_TEST_SUBNETS="40-79" (default 20-219).
+    low, high = (int(x) for x in os.environ.get("PW_TEST_SUBNETS", "20-219").split("-"))
+    subnet = (os.getpid() + _counter[0] * 7) % (high - low + 1) + low
     the_lab = Lab(prefix=unique_prefix(tag), subnet=subnet)
     try:
         the_lab.create()
