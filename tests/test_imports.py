@@ -39,7 +39,7 @@ def test_imports_point_one_way():
 
 
 def test_tensorflow_and_matplotlib_have_one_importer_each():
-    for lib, owner in (("tensorflow", "model.py"), ("matplotlib", "reports.py"), ("bcc", "xdp.py")):
+    for lib, owner in (("tensorflow", "model.py"), ("matplotlib", "figures.py"), ("bcc", "xdp.py")):
         users = [p.name for p in (REPO / "app").rglob("*.py") if any(n == lib or n.startswith(lib + ".")
                                                                      for n in imports_of(p))]
         assert users == [owner], (lib, users)

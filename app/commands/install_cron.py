@@ -19,7 +19,6 @@ import os
 import pwd
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +100,7 @@ def register(sub) -> None:
 def run(args, settings) -> int:
     from app.config import REPO_ROOT
     from app.errors import NeedsRootError, UsageError
+    from app.services.files import atomic_write
     try:
         pwd.getpwnam(args.user)
     except KeyError:
@@ -123,15 +123,7 @@ def run(args, settings) -> int:
         return 0
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{cron_file.name}.", dir=cron_file.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.chmod(tmp, 0o644)      # cron skips group/other-writable files
-            os.replace(tmp, cron_file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(cron_file, text, mode=0o644)      # cron skips group/other-writable files
     except PermissionError as exc:
         raise NeedsRootError(f"cannot write {exc.filename or cron_file}: run install-cron as root (sudo)") from None
     except OSError as exc:

@@ -1,4 +1,4 @@
-"""Read-only queries behind the report (app/services/reports.py) and ``python -m app status``.
+"""Read-only queries behind the report (app/services/reports/) and ``python -m app status``.
 
 Every function takes a connection (``connect(path, readonly=True)``) and ``since``: Unix epoch
 seconds (UTC) or None for the whole database. Times returned are epoch seconds; per-round
@@ -68,7 +68,8 @@ def port_series(conn: sqlite3.Connection, port_id: int, since: float | None) -> 
            ORDER BY r.end_time""", (port_id, _since(since))).fetchall()
 
 
-_ANOMALY_SPANS = """SELECT a.id, a.detector, a.score, a.threshold, a.source, a.reasons, a.created_at,
+_ANOMALY_SPANS = """SELECT a.id, a.evaluation_id, a.port_id, a.detector, a.score, a.threshold, a.source, a.reasons,
+                  a.first_round_id, a.last_round_id, a.created_at,
                   (SELECT start_time FROM rounds WHERE id = a.first_round_id) AS span_start,
                   (SELECT end_time FROM rounds WHERE id = a.last_round_id) AS span_end
            FROM anomalies a"""
@@ -126,9 +127,11 @@ def evaluation_scores(conn: sqlite3.Connection, since: float | None) -> list[sql
 
 
 def model_anomalies(conn: sqlite3.Connection, since: float | None, limit: int) -> list[sqlite3.Row]:
-    """The most recent model anomalies with their reasons JSON, newest first."""
+    """The most recent model anomalies, newest first: the columns ``Finding.from_row`` reads (port
+    and protocol from ``ports``) plus created_at and source."""
     return conn.execute(
-        """SELECT a.id, a.created_at, a.score, a.threshold, a.reasons, a.source, p.value, p.protocol
+        """SELECT a.id, a.evaluation_id, a.port_id, a.detector, a.created_at, a.score, a.threshold, a.reasons,
+                  a.source, a.first_round_id, a.last_round_id, p.value AS port, p.protocol
            FROM anomalies a LEFT JOIN ports p ON p.id = a.port_id
            WHERE a.detector = 'model' AND a.created_at >= ?
            ORDER BY a.created_at DESC, a.id DESC

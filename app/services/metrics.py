@@ -26,13 +26,13 @@ from __future__ import annotations
 import fcntl
 import logging
 import math
-import os
 import re
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
+
+from app.services.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -207,17 +207,7 @@ def write_metrics(settings, job: str, values: Mapping[str, float] | None = None,
             except FileNotFoundError:
                 previous = {}
             text = render(_merge(previous, job, dict(values or {}), duration_seconds, success, now))
-            fd, tmp = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(text)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.chmod(tmp, 0o644)        # node_exporter runs as its own user
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(path, text, mode=0o644)        # node_exporter runs as its own user
     except OSError as exc:
         log.warning("cannot write metrics to %s: %s (metrics.textfile_dir)", path, exc.strerror or exc)
         return None

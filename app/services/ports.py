@@ -39,3 +39,29 @@ def fold_port(port: int, protocol: str, listening: set[tuple[int, str]], low: in
     if fold and protocol in PORTED and low <= port <= high and (port, protocol) not in listening:
         return EPHEMERAL
     return port
+
+
+def port_label(value: int | None, protocol: str | None, *, long: bool = False) -> str:
+    """A port as people read it: 'tcp/22', 'udp/ephemeral' (the folded bucket), 'host' for a finding
+    that spans ports.
+
+    long=True (reports, tables) also names the service and says what an ICMP key is:
+    'tcp/22 (ssh)', 'icmp/type 8', 'host-wide'.
+    """
+    import socket
+    if value is None:
+        return "host-wide" if long else "host"
+    protocol = protocol or "?"
+    if value == EPHEMERAL:
+        return f"{protocol}/ephemeral"
+    if not long:
+        return f"{protocol}/{value}"
+    if protocol.startswith("icmp"):
+        return f"{protocol}/type {value}"
+    label = f"{protocol}/{value}"
+    if protocol in PORTED:
+        try:
+            label += f" ({socket.getservbyport(int(value), protocol)})"
+        except (OSError, OverflowError):
+            pass
+    return label

@@ -1,5 +1,6 @@
 """The matplotlib report: figures exist, are valid PNGs, index.html links every one; the empty
-database says "no data yet"; reasons JSON is read defensively; the pure helpers."""
+database says "no data yet"; anomalies are read through the findings contract, in today's and the
+earlier reasons JSON; the pure helpers."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from app.db.connection import connect
 from app.errors import PortwatchError, UsageError
-from app.services import reports
-from app.services.reports import (OccupancyChange, active_counts, occupancy_changes, parse_reasons, parse_since,
-                                  write_report)
+from app.services.findings import Finding, Source
+from app.services.ports import port_label
+from app.services.reports import facts, write_report
+from app.services.reports.facts import OccupancyChange, active_counts, occupancy_changes, parse_since
 from tests.ops_helpers import ATTACKER, empty_database, fill_database
 
 REPO = Path(__file__).resolve().parents[2]
@@ -148,20 +151,42 @@ def test_parse_since():
             parse_since(bad)
 
 
-def test_parse_reasons_is_defensive():
-    full = parse_reasons(json.dumps({"features": [{"name": "syn", "observed": 1, "reconstructed": 0.2,
-                                                   "contribution": 0.7}],
-                                     "sources": ["198.18.0.9", {"address": "198.18.0.7", "share": 0.3}]}))
-    assert [(f.name, f.contribution, f.observed) for f in full.features] == [("syn", 0.7, 1.0)]
-    assert full.sources == ["198.18.0.9", "198.18.0.7"]
-    mapping = parse_reasons(json.dumps({"features": {"bytes": 0.4, "syn": {"contribution": 0.1}}}))
-    assert sorted((f.name, f.contribution) for f in mapping.features) == [("bytes", 0.4), ("syn", 0.1)]
-    derived = parse_reasons(json.dumps([{"name": "x", "observed": 3, "reconstructed": 1}]))
-    assert derived.features[0].contribution == 4.0
-    assert parse_reasons("not json").text == "not json"
-    assert parse_reasons(None).features == [] and parse_reasons("42").features == []
-    odd = parse_reasons(json.dumps({"features": [None, {"name": "y"}, {"contribution": "NaN"}], "sources": "1.2.3.4"}))
-    assert odd.features == [] and odd.sources == ["1.2.3.4"]
+def _model_rows(db) -> dict[int, facts.ModelAnomaly]:
+    conn = connect(db, readonly=True)
+    try:
+        return {a.id: a for a in facts.load_model_anomalies(conn, None, 10)}
+    finally:
+        conn.close()
+
+
+def test_model_anomalies_read_through_the_findings_contract(tmp_path):
+    """Rows written before the contract (sources as plain dicts) and rows written with
+    Finding.to_json() read the same; reasons that are not JSON give a row without detail."""
+    db = tmp_path / "ports.db"
+    ids = fill_database(db, end=time.time() - 60, rounds=30)
+    features = [{"feature": "syn", "observed": 0.95, "reconstructed": 0.05, "error": 0.81, "share": 0.61},
+                {"feature": "packets", "observed": 0.9, "reconstructed": 0.2, "error": 0.49, "share": 0.3}]
+    written = Finding("model", None, 22, "tcp", 1, 2, 0.5, 0.06, source=ATTACKER,
+                      sources=[Source(ATTACKER, packets=9000, bytes=540000, share=0.97, evidence="two-way"),
+                               Source("198.18.0.7", packets=10, share=0.01)],
+                      details={"features": features, "model_version": 1})
+    conn = connect(db)
+    with conn:
+        row = conn.execute("SELECT * FROM anomalies WHERE id = ?", (ids["anomalies"][0],)).fetchone()
+        new_id = conn.execute(
+            "INSERT INTO anomalies (evaluation_id, port_id, detector, score, threshold, reasons, first_round_id,"
+            " last_round_id, source, created_at) VALUES (?, ?, 'model', 0.5, 0.06, ?, ?, ?, ?, ?)",
+            (row["evaluation_id"], row["port_id"], written.to_json(), row["first_round_id"], row["last_round_id"],
+             ATTACKER, row["created_at"] + 1)).lastrowid
+    conn.close()
+    shown = _model_rows(db)
+    old, new, odd = shown[ids["anomalies"][0]], shown[new_id], shown[ids["anomalies"][2]]
+    assert [(f.name, f.contribution, f.observed, f.reconstructed) for f in old.features][:2] == [
+        ("syn", 0.61, 0.95, 0.05), ("packets", 0.3, 0.9, 0.2)]
+    assert old.sources == [ATTACKER] and old.port == "tcp/22 (ssh)"
+    assert [(f.name, f.contribution) for f in new.features] == [("syn", 0.61), ("packets", 0.3)]
+    assert new.sources == [ATTACKER, "198.18.0.7"] and new.port == "tcp/22 (ssh)"
+    assert odd.features == [] and odd.sources == [] and odd.reasons == "not json"
 
 
 def test_occupancy_changes():
@@ -187,12 +212,14 @@ def test_active_counts():
 
 
 def test_port_labels_and_file_names():
-    assert reports.port_label(22, "tcp") == "tcp/22 (ssh)"
-    assert reports.port_label(-1, "udp") == "udp/ephemeral"
-    assert reports.port_label(8, "icmp") == "icmp/type 8"
-    assert reports.port_label(None, None) == "host-wide"
-    assert reports.figure_name_for_port(-1, "tcp") == "port_tcp_ephemeral.png"
-    assert reports.figure_name_for_port(53, "udp") == "port_udp_53.png"
+    assert port_label(22, "tcp", long=True) == "tcp/22 (ssh)"
+    assert port_label(-1, "udp", long=True) == "udp/ephemeral"
+    assert port_label(8, "icmp", long=True) == "icmp/type 8"
+    assert port_label(None, None, long=True) == "host-wide"
+    assert port_label(22, "tcp") == "tcp/22" and port_label(-1, "udp") == "udp/ephemeral"
+    assert port_label(8, "icmp") == "icmp/8" and port_label(None, None) == "host"
+    assert facts.figure_name_for_port(-1, "tcp") == "port_tcp_ephemeral.png"
+    assert facts.figure_name_for_port(53, "udp") == "port_udp_53.png"
 
 
 def test_matplotlib_is_imported_only_when_drawing():
