@@ -30,15 +30,11 @@ def register(sub) -> None:
     parser.set_defaults(func=run)
 
 
-def _size(path: Path) -> int:
-    from app.commands.status import database_bytes
-    return database_bytes(path)
-
-
 def run(args, settings) -> int:
     from app.db import retention
     from app.db.connection import connect
     from app.errors import LockedError, UsageError
+    from app.services.files import database_bytes
     from app.services.metrics import job_metrics
 
     settings.override("retention", "keep_days", args.keep_days)
@@ -69,7 +65,7 @@ def run(args, settings) -> int:
         except BlockingIOError:
             raise LockedError("another cleanup is running: this one does not overlap it") from None
         with job_metrics(settings, "cleanup") as metrics:
-            before = _size(db)
+            before = database_bytes(db)
             conn = connect(db)
             try:
                 rounds, packets = retention.delete_old_rounds(conn, cutoff)
@@ -78,7 +74,7 @@ def run(args, settings) -> int:
                 how = retention.reclaim(conn)
             finally:
                 conn.close()
-            after = _size(db)
+            after = database_bytes(db)
             metrics.update(deleted_rounds=rounds, deleted_packets=packets, database_bytes=after)
     print(f"deleted {rounds} rounds and {packets} sniffer packets older than {cutoff_text} ({keep_days:g} days); "
           f"database {before / 1048576:.1f} MiB -> {after / 1048576:.1f} MiB ({how} vacuum)")

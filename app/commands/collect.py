@@ -17,13 +17,9 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def resolve_interface(args, settings) -> str:
-    from app.services import xdp
-    return args.interface or settings.general.interface or xdp.default_interface()
-
-
 def run(args, settings) -> int:
     from app.errors import UsageError
+    from app.services import xdp
     from app.threads.collection import run_collection
     settings.override("collector", "round_seconds", args.round_seconds)
     settings.override("collector", "rounds", args.rounds)
@@ -33,7 +29,8 @@ def run(args, settings) -> int:
         settings.override("scanner", "enabled", False)
     if settings.collector.round_seconds < 0 or settings.collector.rounds < 0:
         raise UsageError("--round-seconds and --rounds must not be negative")
-    interface = resolve_interface(args, settings)
+    settings.override("general", "interface", args.interface)
+    interface = settings.general.interface or xdp.default_interface()
     from app.services.metrics import job_metrics
     show = not getattr(args, "quiet", False)
     with job_metrics(settings, "collector") as values:

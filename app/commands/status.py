@@ -35,17 +35,6 @@ def register(sub) -> None:
     parser.set_defaults(func=run)
 
 
-def database_bytes(db: Path) -> int:
-    """Size of the database file plus its WAL and shared-memory files, in bytes."""
-    total = 0
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            total += Path(f"{db}{suffix}").stat().st_size
-        except OSError:
-            pass
-    return total
-
-
 def _ip_link(interface: str) -> dict | None:
     try:
         out = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", interface], capture_output=True,
@@ -97,6 +86,7 @@ def gather(settings, interfaces: list[str] | None = None, now: float | None = No
     """Everything ``status`` shows, as a JSON-ready dict."""
     from app.db import reports as queries
     from app.db.connection import connect
+    from app.services.files import database_bytes
     now = time.time() if now is None else now
     db = Path(settings.general.db)
     status: dict = {"database": {"path": str(db), "exists": db.exists(), "bytes": database_bytes(db)}}
