@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from app.db import reports as queries
 from app.services.lab import Lab
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,7 +203,7 @@ out_dir = "{self.work / 'report'}"
         try:
             conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
             try:
-                return conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+                return queries.round_count(conn)
             finally:
                 conn.close()
         except sqlite3.Error:
@@ -210,11 +211,11 @@ out_dir = "{self.work / 'report'}"
 
     def summary(self, entries: list[dict], attacker: str, benign: list[str], probe: str) -> int:
         conn = sqlite3.connect(self.db)
-        n_rounds = conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
-        packets = conn.execute("SELECT COALESCE(SUM(total_packets), 0) FROM rounds").fetchone()[0]
-        findings = conn.execute("SELECT detector, COUNT(*) FROM anomalies GROUP BY detector ORDER BY detector").fetchall()
-        dns = conn.execute("SELECT COUNT(DISTINCT qry_name) FROM packets WHERE qry_name IS NOT NULL").fetchone()[0]
-        conn.close()
+        try:
+            seen = queries.demo_summary(conn)
+        finally:
+            conn.close()
+        n_rounds, packets, findings, dns = seen["rounds"], seen["packets"], seen["findings"], seen["dns_names"]
         active = {e["address"].split("/")[0]: e for e in entries if e.get("status") == "active"}
         blocked = attacker in active
         benign_blocked = [b for b in benign if b in active]

@@ -210,6 +210,23 @@ def scanned_round_ids(conn: sqlite3.Connection, since: float | None) -> list[tup
         " AND (scanner_status IS NULL OR scanner_status = 'ok') ORDER BY id", (first, s, first))]
 
 
+# -- the demo's summary ----------------------------------------------------------------------------
+
+def round_count(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+
+
+def demo_summary(conn: sqlite3.Connection) -> dict:
+    """What ``make demo`` prints at the end: rounds, packets XDP saw, findings per detector
+    [(detector, count)], distinct DNS names the sniffer saw."""
+    return {"rounds": round_count(conn),
+            "packets": conn.execute("SELECT COALESCE(SUM(total_packets), 0) FROM rounds").fetchone()[0],
+            "findings": [tuple(r) for r in conn.execute(
+                "SELECT detector, COUNT(*) FROM anomalies GROUP BY detector ORDER BY detector")],
+            "dns_names": conn.execute("SELECT COUNT(DISTINCT qry_name) FROM packets WHERE qry_name IS NOT NULL"
+                                      ).fetchone()[0]}
+
+
 # -- status -----------------------------------------------------------------------------------------
 
 def status_summary(conn: sqlite3.Connection) -> dict:

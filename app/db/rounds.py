@@ -27,6 +27,11 @@ def save_snapshot(conn, interface: str, map_name: str, taken_at: float, round_id
                  (interface, map_name, taken_at, round_id, program_id, entries, data))
 
 
+def drop_snapshots(conn, interface: str) -> None:
+    """Forget every map snapshot of ``interface`` (its maps are being recreated)."""
+    conn.execute("DELETE FROM counter_snapshots WHERE interface = ?", (interface,))
+
+
 def insert_round(conn, values: dict) -> int:
     """Insert a rounds row from a column -> value dict; returns its id."""
     cols = ", ".join(values)

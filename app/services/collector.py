@@ -161,7 +161,7 @@ class Collector:
                 m.close()
             self._maps = {}
         with self.conn:
-            self.conn.execute("DELETE FROM counter_snapshots WHERE interface = ?", (self.interface,))
+            rounds_db.drop_snapshots(self.conn, self.interface)
 
     def close_round(self, start: float, seen: Observations, note: str | None = None) -> RoundSummary:
         """Read the maps, difference them, write the round in one transaction, bump the epoch.

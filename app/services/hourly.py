@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.db import blacklist as blacklist_queries
 from app.db.connection import connect
 from app.errors import PortwatchError
 
@@ -61,7 +62,7 @@ def run(settings) -> HourlyResult:
             alerts.send_alerts(conn, settings, events)
         values = {"anomalies": len(result.anomalies), "windows": result.windows or 0,
                   "blocks": sum(1 for d in hourly.decisions if d.action == "block"),
-                  "blocklist_entries": conn.execute("SELECT COUNT(*) FROM blacklist WHERE status = 'active'").fetchone()[0]}
+                  "blocklist_entries": blacklist_queries.count_status(conn, "active")}
         if result.model_version is not None:
             values["model_version"] = result.model_version
         if result.threshold is not None:
