@@ -178,6 +178,11 @@ def test_model_anomalies_read_through_the_findings_contract(tmp_path):
             " last_round_id, source, created_at) VALUES (?, ?, 'model', 0.5, 0.06, ?, ?, ?, ?, ?)",
             (row["evaluation_id"], row["port_id"], written.to_json(), row["first_round_id"], row["last_round_id"],
              ATTACKER, row["created_at"] + 1)).lastrowid
+        unshared = Finding("model", None, 22, "tcp", 1, 2, 0.5, 0.06, details={"features": [{"feature": "syn"}]})
+        bare_id = conn.execute(
+            "INSERT INTO anomalies (evaluation_id, port_id, detector, score, threshold, reasons, first_round_id,"
+            " last_round_id, created_at) VALUES (?, ?, 'model', 0.5, 0.06, ?, 1, 2, ?)",
+            (row["evaluation_id"], row["port_id"], unshared.to_json(), row["created_at"] + 2)).lastrowid
     conn.close()
     shown = _model_rows(db)
     old, new, odd = shown[ids["anomalies"][0]], shown[new_id], shown[ids["anomalies"][2]]
@@ -187,6 +192,7 @@ def test_model_anomalies_read_through_the_findings_contract(tmp_path):
     assert [(f.name, f.contribution) for f in new.features] == [("syn", 0.61), ("packets", 0.3)]
     assert new.sources == [ATTACKER, "198.18.0.7"] and new.port == "tcp/22 (ssh)"
     assert odd.features == [] and odd.sources == [] and odd.reasons == "not json"
+    assert shown[bare_id].features == [] and shown[bare_id].reasons == unshared.to_json()   # no share: no guess
 
 
 def test_occupancy_changes():

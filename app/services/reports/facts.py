@@ -84,11 +84,16 @@ def finding_of(row) -> Finding | None:
 
 
 def feature_contributions(finding: Finding | None) -> list[FeatureContribution]:
-    """A model finding's features (``details["features"]``), in the order written."""
+    """A model finding's features (``details["features"]``), in the order written; none when they
+    do not have the contract's keys (feature, share; observed and reconstructed when known)."""
     if finding is None:
         return []
-    return [FeatureContribution(f["feature"], f["share"], f.get("observed"), f.get("reconstructed"))
-            for f in finding.details.get("features", [])]
+    try:
+        return [FeatureContribution(f["feature"], float(f["share"]), f.get("observed"), f.get("reconstructed"))
+                for f in finding.details.get("features", [])]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        log.warning("anomaly #%s: features without the contract's keys (%s); shown without detail", finding.id, exc)
+        return []
 
 
 def anomaly_sources(rows: Iterable) -> list[str]:
@@ -331,4 +336,35 @@ def load_occupancy(conn, since: float | None) -> Occupancy:
     counts, changes = occupancy_changes(queries.occupancy(conn, since), queries.scanned_round_ids(conn, since))
     counts = [(t, n) for t, n in counts if since is None or t >= since]   # the baseline round may precede it
     return Occupancy(counts, changes)
+
+
+@dataclass
+class Contents:
+    """What the whole report covers: the overview counts, the most anomalous ports (port_id, value,
+    protocol, ...), blocklist entries ever made (for naming blocked sources), the model anomalies
+    that get a contribution figure, and the rows of the anomaly and blocklist tables."""
+    overview: dict
+    ports: list = field(default_factory=list)
+    entries: list = field(default_factory=list)
+    model_anomalies: list[ModelAnomaly] = field(default_factory=list)
+    recent_anomalies: list = field(default_factory=list)
+    blocklist_rows: list = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        o = self.overview
+        return o["rounds"] == 0 and o["anomalies"] == 0 and o["evaluations"] == 0 and o["blacklist_entries"] == 0
+
+
+def load_contents(conn, since: float | None, top_ports: int, max_anomaly_figures: int, table_rows: int) -> Contents:
+    """The report's contents; only the overview when the window holds nothing at all."""
+    contents = Contents(queries.overview(conn, since))
+    if contents.empty:
+        return contents
+    contents.ports = queries.most_anomalous_ports(conn, since, max(0, top_ports))
+    contents.entries = queries.blocked_addresses(conn)
+    contents.model_anomalies = load_model_anomalies(conn, since, max_anomaly_figures)
+    contents.recent_anomalies = queries.recent_anomalies(conn, since, table_rows)
+    contents.blocklist_rows = queries.blacklist_entries(conn, since)
+    return contents
 

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from app.db import reports as queries
 from app.db.connection import connect
 from app.errors import PortwatchError
 from app.services.files import atomic_write
@@ -97,10 +96,10 @@ def _render_index(title: str, window: str, overview: dict | None, drawn: list[Dr
                               overview["blacklist_entries"]]], ""))
     for key, heading, empty in _SECTIONS:
         parts.append(f'<h2 id="{key}">{html.escape(heading)}</h2>')
-        figures = [d for d in drawn if d.section == key]
-        if not figures and key not in tables:
+        shown = [d for d in drawn if d.section == key]
+        if not shown and key not in tables:
             parts.append(f'<p class="empty">{html.escape(empty)}</p>')
-        for d in figures:
+        for d in shown:
             src = html.escape(d.file, quote=True)
             parts.append(f'<figure><a href="{src}"><img src="{src}" alt="{html.escape(d.title, quote=True)}"></a>'
                          f"<figcaption>{html.escape(d.caption)}</figcaption></figure>")
@@ -148,36 +147,33 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, since: 
     window = "everything in the database" if since_ts is None else f"since {fmt_time(since_ts)}"
     index = out / INDEX
     atomic_write(index, _render_index("portwatch report", window, overview, drawn, tables, now))
-    figures = [d.file for d in drawn]
+    files = [d.file for d in drawn]
     atomic_write(out / MANIFEST, json.dumps({
-        "generated_at": now, "since": since_ts, "database": str(db_path), "figures": figures,
+        "generated_at": now, "since": since_ts, "database": str(db_path), "figures": files,
         "sections": {d.file: d.section for d in drawn}, "overview": overview,
         "seconds": round(time.monotonic() - started, 3)}, indent=2, default=str) + "\n")
-    for stale in previous - set(figures):
+    for stale in previous - set(files):
         (out / stale).unlink(missing_ok=True)
-    log.info("report with %d figures written to %s in %.1f s", len(figures), index, time.monotonic() - started)
+    log.info("report with %d figures written to %s in %.1f s", len(files), index, time.monotonic() - started)
     return index
 
 
 def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_figures: int,
            progress: ProgressFn | None, now: float) -> tuple[list[Drawn], dict[str, str], dict]:
-    overview = queries.overview(conn, since)
+    contents = facts.load_contents(conn, since, top_ports, max_anomaly_figures, MAX_TABLE_ROWS)
     tables: dict[str, str] = {}
-    if overview["rounds"] == 0 and overview["anomalies"] == 0 and overview["evaluations"] == 0 \
-            and overview["blacklist_entries"] == 0:
-        return [], tables, overview
+    if contents.empty:
+        return [], tables, contents.overview
     painter = figures.Painter(out)
-    ports = queries.most_anomalous_ports(conn, since, max(0, top_ports))
-    model_anomalies = facts.load_model_anomalies(conn, since, max_anomaly_figures)
-    entries = queries.blocked_addresses(conn)
+    entries = contents.entries
     steps: list[tuple[str, Callable[[], Drawn | None]]] = [
         ("traffic", lambda: figures.draw_traffic(painter, facts.load_traffic(conn, since, entries)))]
-    for port in ports:
+    for port in contents.ports:
         steps.append((f"port {port_label(port['value'], port['protocol'], long=True)}",
                       lambda port=port: figures.draw_port(painter, facts.load_port(conn, since, port, entries))))
     steps.append(("reconstruction error",
                   lambda: figures.draw_reconstruction(painter, facts.load_model_scores(conn, since))))
-    for anomaly in model_anomalies:
+    for anomaly in contents.model_anomalies:
         steps.append((f"contributions of anomaly #{anomaly.id}",
                       lambda anomaly=anomaly: figures.draw_contributions(painter, anomaly)))
     steps.append(("blocklist", lambda: figures.draw_blocklist(painter, facts.load_blocklist(conn, since, now))))
@@ -192,25 +188,23 @@ def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_fig
         if figure is not None:
             drawn.append(figure)
 
-    anomalies = queries.recent_anomalies(conn, since, MAX_TABLE_ROWS)
-    if anomalies:
+    if contents.recent_anomalies:
         tables["ports"] = "<h3>Recent anomalies</h3>" + _table(
             ["id", "time", "detector", "port", "score", "threshold", "source"],
             [[a["id"], fmt_time(a["created_at"]), a["detector"], port_label(a["value"], a["protocol"], long=True),
-              _number_text(a["score"]), _number_text(a["threshold"]), a["source"] or "-"] for a in anomalies], "")
-    without = [a for a in model_anomalies if not a.features]
+              _number_text(a["score"]), _number_text(a["threshold"]), a["source"] or "-"]
+             for a in contents.recent_anomalies], "")
+    without = [a for a in contents.model_anomalies if not a.features]
     if without:
         tables["contributions"] = "<p>Model anomalies without per-feature detail:</p>" + _table(
             ["anomaly", "port", "reasons"], [[a.id, a.port, (a.reasons or "-")[:200]] for a in without], "")
-    block_rows = queries.blacklist_entries(conn, since)
-    if block_rows:
+    if contents.blocklist_rows:
         tables["blocklist"] = _table(
             ["address", "status", "origin", "created", "expires", "drops", "reason"],
             [[b["address"], b["status"], b["origin"], fmt_time(b["created_at"]), fmt_time(b["expires_at"]),
-              b["drops"], b["reason"]] for b in block_rows[-MAX_TABLE_ROWS:]], "")
-    changes = occupancy.changes
-    if changes:
+              b["drops"], b["reason"]] for b in contents.blocklist_rows[-MAX_TABLE_ROWS:]], "")
+    if occupancy.changes:
         tables["occupancy"] = _table(["time", "port", "change", "process"],
                                      [[fmt_time(c.at), c.port, c.kind, c.detail]
-                                      for c in changes[-MAX_TABLE_ROWS:][::-1]], "")
-    return drawn, tables, overview
+                                      for c in occupancy.changes[-MAX_TABLE_ROWS:][::-1]], "")
+    return drawn, tables, contents.overview
