@@ -8,30 +8,45 @@ The TOML file has one table per section::
 
 Every key can be overridden by ``PORTWATCH_<SECTION>_<KEY>`` (``PORTWATCH_COLLECTOR_ROUND_SECONDS=5``);
 keys of the ``general`` section also by ``PORTWATCH_<KEY>`` (``PORTWATCH_DB=/tmp/x.db``).
-Unknown keys and values of the wrong type are reported by name (:class:`ConfigError`).
+Keys ending in ``_seconds`` also take a duration string (``"15m"``, ``"1h"``, ``"7d"``: app/durations.py).
+Every value is checked by kind and range at load (:data:`RULES`); unknown keys, values of the wrong type
+and values out of range are all collected and reported at once, each by key and source
+(:class:`ConfigError`).
 ``Settings.sources`` records where each effective value came from (``python -m app config show``).
 """
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from datetime import datetime
+from typing import Any, Callable, Mapping
+
+from app import durations
 
 DEFAULT_CONFIG_PATH = Path("/etc/portwatch/config.toml")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names the key."""
+    """A configuration problem a user can fix; the message names the key (every key, when several)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 @dataclass
 class General:
     db: str = "/var/lib/portwatch/ports.db"
-    state_dir: str = "/var/lib/portwatch"        # models, lock files, sniffer temp files
+    state_dir: str = "/var/lib/portwatch"        # models, sniffer temp files
+    run_dir: str = "/run/portwatch"              # lock files (root-only, 0700)
+    group: str = ""                              # group allowed to read the database, models, reports and logs
+                                                 # (0640/0750); empty: root only (0600/0700)
     pin_root: str = "/sys/fs/bpf/portwatch"       # pins live in <pin_root>/<interface>/
     interface: str = ""                           # empty: the default-route interface
     log_level: str = "INFO"
@@ -227,11 +242,20 @@ def _coerce(name: str, default: Any, value: Any, from_env: bool) -> Any:
         if want is float:
             if isinstance(value, bool):
                 raise ValueError
+            if name.endswith("_seconds") and (isinstance(value, str) or from_env):
+                try:
+                    return durations.seconds(value, allow_zero=True)
+                except ValueError as exc:
+                    raise ConfigError(f"config key {name!r} {exc}") from None
             if isinstance(value, (int, float)):
-                return float(value)
-            if from_env:
-                return float(str(value).strip())
-            raise ValueError
+                number = float(value)
+            elif from_env:
+                number = float(str(value).strip())
+            else:
+                raise ValueError
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {name!r} must be a finite number, got {value!r}")
+            return number
         if want is list:
             if isinstance(value, list):
                 return [str(v) for v in value]
@@ -252,6 +276,7 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
 
     ``path``: a TOML file; None uses ``$PORTWATCH_CONFIG`` or /etc/portwatch/config.toml when present.
     An explicitly named file that does not exist is an error; the default one may be absent.
+    Every problem (unknown key, wrong type, out of range) is collected; one ConfigError lists them all.
     """
     environ = os.environ if environ is None else environ
     settings = Settings()
@@ -264,20 +289,25 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
                 data = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {cfg_path} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {cfg_path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                              f"offset {exc.start}): save it as UTF-8") from None
         except OSError as exc:
             raise ConfigError(f"config file {cfg_path} cannot be read: {exc.strerror}") from None
         settings.config_path = str(cfg_path)
     elif explicit:
         raise ConfigError(f"config file {cfg_path} does not exist")
 
+    problems: list[str] = []
     for key, value in data.items():
         if isinstance(value, dict):
             if key not in SECTIONS:
-                raise ConfigError(f"unknown config section [{key}] in {cfg_path}")
+                problems.append(f"unknown config section [{key}] in {cfg_path}")
+                continue
             for sub, subval in value.items():
-                _apply(settings, key, sub, subval, f"file:{cfg_path}", from_env=False)
+                _apply(settings, key, sub, subval, f"file:{cfg_path}", False, problems)
         else:
-            _apply(settings, "general", key, value, f"file:{cfg_path}", from_env=False)
+            _apply(settings, "general", key, value, f"file:{cfg_path}", False, problems)
 
     known_env = set()
     for section in SECTIONS:
@@ -288,19 +318,159 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
             for env_name in names:
                 known_env.add(env_name)
                 if env_name in environ:
-                    _apply(settings, section, f.name, environ[env_name], f"env:{env_name}", from_env=True)
+                    _apply(settings, section, f.name, environ[env_name], f"env:{env_name}", True, problems)
     for env_name in environ:
         if env_name.startswith("PORTWATCH_") and env_name not in known_env and env_name != "PORTWATCH_CONFIG":
-            raise ConfigError(f"unknown environment setting {env_name}")
+            problems.append(f"unknown environment setting {env_name}")
+    problems += validate(settings)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems in the configuration: " + "; ".join(problems), problems)
     return settings
 
 
-def _apply(settings: Settings, section: str, key: str, value: Any, source: str, from_env: bool) -> None:
+def _apply(settings: Settings, section: str, key: str, value: Any, source: str, from_env: bool,
+           problems: list[str]) -> None:
     obj = getattr(settings, section)
     names = {f.name: f for f in dataclasses.fields(obj)}
     if key not in names:
         where = key if section == "general" else f"{section}.{key}"
-        raise ConfigError(f"unknown config key {where!r} ({source})")
+        problems.append(f"unknown config key {where!r} ({source})")
+        return
     default = getattr(SECTIONS[section](), key)
-    setattr(obj, key, _coerce(f"{section}.{key}", default, value, from_env))
+    try:
+        setattr(obj, key, _coerce(f"{section}.{key}", default, value, from_env))
+    except ConfigError as exc:
+        problems.append(f"{exc} ({source})")
+        settings.sources[f"{section}.{key}"] = "invalid"   # the default stays; validate() skips it
+        return
     settings.sources[f"{section}.{key}"] = source
+
+
+# --- ranges and kinds, checked at load ---------------------------------------------------------------
+
+def _at_least(low):
+    return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def _above(low):
+    return lambda v: None if v > low else f"must be above {low}"
+
+
+def _between(low, high):
+    return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
+
+
+def _one_of(*choices, fold=False):
+    def check(v):
+        if (v.upper() if fold else v) in choices:
+            return None
+        return "must be one of " + ", ".join(choices)
+    return check
+
+
+def _non_empty(v):
+    return None if v.strip() else "must not be empty"
+
+
+def _networks(values):
+    bad = []
+    for text in values:
+        try:
+            if "%" in text:
+                raise ValueError
+            ipaddress.ip_network(text, strict=True)
+        except ValueError:
+            bad.append(text)
+    return None if not bad else "holds entries that are not IPv4/IPv6 networks (ADDR or ADDR/LEN, host bits " \
+        "clear, no %zone): " + ", ".join(repr(b) for b in bad)
+
+
+RULE_DETECTORS = ("port_scan", "syn_flood", "unlistened_port", "new_listener")
+SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
+                     "authpriv", "ftp", *(f"local{i}" for i in range(8)))
+POSITIVE, NON_NEGATIVE = _above(0), _at_least(0)
+SHARE = _between(0, 1)
+MAP_SIZE = _between(1, 1 << 24)
+
+# "section.key" -> check(value) returning None or what is wrong; keys not listed accept any value of their type
+RULES: dict[str, Callable[[Any], str | None]] = {
+    "general.db": _non_empty, "general.state_dir": _non_empty, "general.run_dir": _non_empty,
+    "general.pin_root": _non_empty,
+    "general.log_level": _one_of("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", fold=True),
+    "collector.round_seconds": POSITIVE, "collector.rounds": NON_NEGATIVE,
+    "collector.xdp_mode": _one_of("auto", "native", "generic"),
+    "collector.top_flows": NON_NEGATIVE, "collector.many_ports_threshold": _at_least(1),
+    "collector.max_run_seconds": NON_NEGATIVE,
+    **{f"collector.{m}_map_size": MAP_SIZE for m in ("port", "source", "srcport", "flow", "blacklist")},
+    "sniffer.window_fraction": _between(0, 0.95), "sniffer.max_packets": NON_NEGATIVE,
+    "sniffer.drain_seconds": NON_NEGATIVE,
+    "evaluator.window": _at_least(2), "evaluator.warmup_rounds": NON_NEGATIVE,
+    "evaluator.alert_budget_per_day": POSITIVE, "evaluator.keep_models": _at_least(1),
+    "evaluator.epochs": _at_least(1), "evaluator.refit_epochs": NON_NEGATIVE,
+    "evaluator.batch_size": _at_least(1), "evaluator.max_ports": _at_least(1),
+    "evaluator.min_active_share": SHARE, "evaluator.seed": NON_NEGATIVE,
+    "evaluator.max_batch_rounds": _at_least(1), "evaluator.train_stride": _at_least(1),
+    "evaluator.max_train_windows": _at_least(1), "evaluator.min_train_steps": NON_NEGATIVE,
+    "evaluator.holdout_fraction": _between(0, 0.9), "evaluator.calibration_windows": _at_least(1),
+    "evaluator.lstm_units": _at_least(1), "evaluator.bottleneck": _at_least(1),
+    "evaluator.top_features": _at_least(1), "evaluator.scan_ports": _at_least(1),
+    "evaluator.scan_span_seconds": POSITIVE, "evaluator.syn_flood_syns": _at_least(1),
+    "evaluator.syn_flood_completion": SHARE, "evaluator.unlistened_min_packets": _at_least(1),
+    "blocklist.base_ttl_seconds": POSITIVE, "blocklist.max_ttl_seconds": POSITIVE,
+    "blocklist.escalation": _at_least(1), "blocklist.max_new_per_evaluation": NON_NEGATIVE,
+    "blocklist.max_entries": _at_least(1), "blocklist.model_source_share": _between(0, 1),
+    "blocklist.model_block_factor": POSITIVE, "blocklist.model_source_surge": POSITIVE,
+    "blocklist.surge_baseline_rounds": _at_least(1), "blocklist.allowlist": _networks,
+    "blocklist.manual_remove_grace_seconds": NON_NEGATIVE, "blocklist.manual_ttl_seconds": POSITIVE,
+    "blocklist.rule_detectors": lambda v: None if set(v) <= set(RULE_DETECTORS) else
+    "names unknown detectors " + ", ".join(repr(d) for d in v if d not in RULE_DETECTORS)
+    + " (known: " + ", ".join(RULE_DETECTORS) + ")",
+    "alerts.cooldown_seconds": NON_NEGATIVE, "alerts.webhook_timeout": POSITIVE,
+    "alerts.webhook_retries": NON_NEGATIVE, "alerts.smtp_port": _between(1, 65535),
+    "alerts.smtp_timeout": POSITIVE, "alerts.max_seconds": POSITIVE,
+    "alerts.syslog_facility": _one_of(*SYSLOG_FACILITIES),
+    "alerts.webhook_url": lambda v: None if not v or v.startswith(("http://", "https://")) else
+    "must start with http:// or https://",
+    "metrics.file_name": lambda v: None if v.strip() and "/" not in v else "must be a file name (no /)",
+    "reports.top_ports": _at_least(1), "reports.max_anomaly_figures": NON_NEGATIVE,
+    "reports.since": lambda v: _since(v),
+    "retention.keep_days": POSITIVE,
+}
+
+
+def _since(value: str) -> str | None:
+    text = value.strip()
+    if text.lower() in ("", "all"):
+        return None
+    try:
+        durations.seconds(text)
+        return None
+    except ValueError:
+        pass
+    try:
+        datetime.fromisoformat(text)
+        return None
+    except ValueError:
+        return "must be 'all', a span like 24h or 7d, or an ISO date/time"
+
+
+def validate(settings: Settings) -> list[str]:
+    """Every value out of range or of the wrong kind, as "config key 'k' = v must ... (source)"."""
+    problems = []
+    for section, key, value, source in settings.items():
+        if source == "invalid":
+            continue
+        check = RULES.get(f"{section}.{key}")
+        why = check(value) if check else None
+        if why:
+            problems.append(f"config key '{section}.{key}' = {value!r} {why} ({source})")
+    b = settings.blocklist
+    if not any(p.startswith("config key 'blocklist.") for p in problems):
+        for key in ("base_ttl_seconds", "manual_ttl_seconds"):
+            if getattr(b, key) > b.max_ttl_seconds:
+                problems.append(f"config key 'blocklist.{key}' = {getattr(b, key):g} must be at most "
+                                f"blocklist.max_ttl_seconds ({b.max_ttl_seconds:g}) "
+                                f"({settings.sources.get('blocklist.' + key, 'default')})")
+    return problems
