@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print_config_error(exc)
         return EXIT_USAGE
     configure_logging(settings.general.log_level, args.quiet, args.verbose)
+    from app import permissions
+    permissions.configure(settings)       # umask: nothing portwatch creates is world-readable
     try:
         return int(args.func(args, settings) or 0)
     except PortwatchError as exc:

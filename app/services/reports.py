@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
+from app import durations, permissions
 from app.db import reports as queries
 from app.db.connection import connect
 from app.errors import PortwatchError, UsageError
@@ -44,8 +45,6 @@ INDEX = "index.html"
 MANIFEST = "report.json"
 DPI = 100
 _FIGURE_NAME = re.compile(r"^[a-z0-9_\-]+\.png$")
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.I)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_TABLE_ROWS = 50
 ProgressFn = Callable[[int, int, str], None]
 
@@ -67,9 +66,8 @@ def parse_since(text: str | float | int | None, now: float | None = None) -> flo
     if value.lower() in ("", "all"):
         return None
     now = time.time() if now is None else now
-    match = _RELATIVE.match(value)
-    if match:
-        return now - float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+    if value[-1:].lower() in durations.UNIT_SECONDS:      # a span (24h, 7d): the one duration parser
+        return now - durations.flag("--since", value)
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
@@ -338,7 +336,7 @@ class _Painter:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fig.savefig(fh, format="png", dpi=DPI)
-            os.chmod(tmp, 0o644)
+            permissions.secure(tmp)      # 0600, or 0640 for general.group: never world-readable
             os.replace(tmp, self.out_dir / name)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -714,7 +712,7 @@ def _write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o644)
+        permissions.secure(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -744,7 +742,7 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, since: 
     since_ts = parse_since(since, now=now)
     out = Path(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        permissions.make_dir(out)
         probe = tempfile.NamedTemporaryFile(dir=out, prefix=".probe.", delete=True)
         probe.close()
     except OSError as exc:
