@@ -120,9 +120,9 @@ def _too_open(st: os.stat_result) -> str | None:
 def targets(settings) -> list[tuple[Path, bool]]:
     """(path, recursive) of everything portwatch keeps: state, database, reports, logs, locks."""
     db = Path(settings.general.db)
-    out = [(Path(settings.general.state_dir), True), (Path(settings.general.run_dir), True),
-           (Path(settings.reports.out_dir), True), (DEFAULT_LOG_DIR, True)]
-    out += [(p, False) for p in db_files(db)]
+    out = [(p, False) for p in db_files(db)]
+    out += [(Path(settings.general.state_dir), True), (Path(settings.general.run_dir), True),
+            (Path(settings.reports.out_dir), True), (DEFAULT_LOG_DIR, True)]
     out += [(p, False) for p in sorted(db.parent.glob(f"{db.name}.v*.bak"))] if db.parent.is_dir() else []
     return out
 

@@ -44,8 +44,7 @@ def connect(path: str | Path, readonly: bool = False, migrate: bool = True) -> s
         if readonly:
             if not path.exists():
                 raise DatabaseError(f"database {path} does not exist yet: run a collection first (python -m app collect)")
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
-                                   check_same_thread=False)
+            conn = _open_readonly(path)
         else:
             _prepare_file(path)
             conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
@@ -69,6 +68,26 @@ def connect(path: str | Path, readonly: bool = False, migrate: bool = True) -> s
         raise _explain(exc, path) from None
     except OSError as exc:
         raise DatabaseError(f"database {path} cannot be opened: {exc.strerror}") from None
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    """``mode=ro``; a reader that may read the file but not create its -shm (a general.group member:
+    the directory is not writable for it) gets a snapshot of the main file (``immutable=1``)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA user_version").fetchone()
+        return conn
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if not ("readonly" in str(exc) or "unable to open" in str(exc)) or os.geteuid() == 0:
+            raise
+    if not os.access(path, os.R_OK):
+        raise DatabaseError(f"database {path} is not readable by this user: run as root, or set general.group "
+                            "and join that group")
+    log.warning("cannot create %s-shm: reading the database as of its last checkpoint (a portwatch run's "
+                "newest rounds may be missing)", path)
+    return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                           check_same_thread=False)
 
 
 def _prepare_file(path: Path) -> None:
