@@ -71,7 +71,7 @@ def arg(allow_zero: bool = False):
 
 def describe(value: float) -> str:
     """A short human form: ``7d``, ``1.5h``, ``90s``."""
-    for unit in ("w", "d", "h", "m"):
+    for unit in ("d", "h", "m"):
         if value >= UNIT_SECONDS[unit] and value % (UNIT_SECONDS[unit] / 2) == 0:
             return f"{value / UNIT_SECONDS[unit]:g}{unit}"
     return f"{value:g}s"
