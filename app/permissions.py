@@ -40,6 +40,9 @@ def configure(settings) -> None:
     global _gid
     _gid = resolve_group(settings.general.group)
     os.umask(umask())
+    if os.geteuid() == 0:                 # the first run tightens the top directories (cheap: two stats)
+        for directory in (settings.general.state_dir, settings.reports.out_dir):
+            secure(directory)
 
 
 def umask() -> int:
@@ -65,6 +68,8 @@ def secure(path: str | Path) -> bool:
         return False
     if stat.S_ISLNK(st.st_mode) or (os.geteuid() != 0 and st.st_uid != os.geteuid()):
         return False
+    if stat.S_ISDIR(st.st_mode) and (st.st_mode & stat.S_ISVTX or path.resolve() == Path("/")):
+        return False                      # never /tmp-like shared directories or the root
     want = dir_mode() if stat.S_ISDIR(st.st_mode) else file_mode()
     if stat.S_ISREG(st.st_mode):
         want |= st.st_mode & 0o700 & 0o100          # keep the owner's execute bit of an executable
@@ -131,7 +136,7 @@ def _walk(settings):
     seen = set()
     for root, recursive in targets(settings):
         paths = [root]
-        if recursive and root.is_dir() and not root.is_symlink():
+        if recursive and root.is_dir() and not root.is_symlink() and not root.stat().st_mode & stat.S_ISVTX:
             paths += sorted(root.rglob("*"))
         for path in paths:
             if path in seen or path.is_symlink() or not path.exists():

@@ -7,8 +7,9 @@ Before its first write a process checks the database is sound (on its first writ
 file): a corrupt file is refused (DatabaseError, exit 4) before anything is written into it. Files up
 to QUICK_CHECK_MAX_BYTES get ``PRAGMA quick_check`` (measured: 0.46 s for 352 MB, warm cache, so
 about 0.33 s at the limit); larger ones a cheap check (header, page count against the file size, the
-schema read) so the minute collector does not read a large file end to end every minute. The file is created with the modes of app/permissions.py (0600, or 0640 for
-``general.group``; SQLite gives -wal/-shm the same), and an existing one is tightened on open.
+schema read) so the minute collector does not read a large file end to end every minute.
+The file is created with the modes of app/permissions.py (0600, or 0640 for ``general.group``;
+SQLite gives -wal/-shm the same), and an existing one is tightened on open.
 """
 from __future__ import annotations
 

@@ -126,6 +126,8 @@ def run(settings: Settings, conn: sqlite3.Connection | None = None, *, clock=tim
             try:
                 return _evaluate(conn, settings, started, clock)
             except Exception as exc:
+                if isinstance(exc, sqlite3.DatabaseError):     # nothing more is written into a failing database
+                    raise
                 with conn:
                     dbe.insert_evaluation(conn, started_at=started, finished_at=clock(), first_round_id=None,
                                           last_round_id=None, model_version=None, threshold=None, windows=0,
