@@ -38,7 +38,8 @@ def run_dir(settings) -> Path:
         if stat.S_IMODE(st.st_mode) != RUN_DIR_MODE:
             os.chmod(directory, RUN_DIR_MODE)
     except OSError as exc:
-        raise PortwatchError(f"run directory {directory} (general.run_dir) cannot be used: {exc.strerror}") from None
+        raise PortwatchError(f"run directory {directory} (general.run_dir) cannot be used: {exc.strerror} (run as "
+                             "root, or set general.run_dir to a directory of your own)") from None
     return directory
 
 
