@@ -21,8 +21,10 @@ from app.cli import add_command
 from app.errors import EXIT_BPF, EXIT_DB, EXIT_DEPENDENCY, EXIT_ROOT
 
 DESCRIPTION = """Check this host for what portwatch needs (root, kernel BPF support, bpffs, kernel
-headers for BCC, BCC, iproute2, tshark, cron, free disk, the venv's packages, the database) and
-print how to fix each problem. Exit 0 when every essential check passes."""
+headers for BCC, BCC, iproute2, tshark, cron, free disk, the venv's packages, the database, the file
+modes) and print how to fix each problem. Exit 0 when every essential check passes. --fix-modes first
+gives the database, state, reports, logs and locks their modes (0600/0700, or 0640/2750 for
+general.group)."""
 
 # where the checks look (module constants so tests can point them elsewhere)
 PROC_MOUNTS = Path("/proc/mounts")
