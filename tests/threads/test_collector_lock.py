@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -21,7 +22,7 @@ def collector(tmp_path: Path, name: str, interface: str, seconds: str) -> subpro
                PORTWATCH_DB=str(tmp_path / name / "ports.db"))
     return subprocess.Popen([sys.executable, "-m", "app", "collect", "--interface", interface, "--round-seconds",
                              seconds, "--no-sniffer", "--no-scanner"], env=env, cwd=str(REPO),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 @pytest.mark.kernel
@@ -45,5 +46,5 @@ def test_second_collector_with_other_state_dir_and_database_exits_6(lab, tmp_pat
                                "not overlap it")
         assert not (tmp_path / "b" / "ports.db").exists()       # refused before it opened its database
     finally:
-        first.kill()
+        os.killpg(first.pid, signal.SIGKILL)     # the collector and its loader child: no pin made after teardown
         first.wait(timeout=10)
