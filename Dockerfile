@@ -56,7 +56,7 @@ COPY bpf/ bpf/
 COPY app/ app/
 RUN .venv/bin/python -m pip install --no-deps --no-build-isolation -e . \
  && .venv/bin/python -c "import bcc, psutil, pyshark" \
- && mkdir -p /var/log/portwatch /var/lib/portwatch /etc/portwatch /run/lock \
+ && install -d -m 0700 /var/log/portwatch /var/lib/portwatch /run/portwatch && mkdir -p /etc/portwatch \
  && crontab -u root crontab.example \
  && ln -s /opt/portwatch/.venv/bin/portwatch /usr/local/bin/portwatch
 

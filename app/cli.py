@@ -75,6 +75,16 @@ def configure_logging(level: str, quiet: bool, verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def print_config_error(exc: config_mod.ConfigError) -> None:
+    """One line for one problem; a count and one line per problem when there are several."""
+    if len(exc.problems) == 1:
+        print(f"portwatch: error: {exc}", file=sys.stderr)
+        return
+    print(f"portwatch: error: {len(exc.problems)} problems in the configuration:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -85,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = config_mod.load(args.config)
         settings.override("general", "db", args.db)
     except config_mod.ConfigError as exc:
-        print(f"portwatch: error: {exc}", file=sys.stderr)
+        print_config_error(exc)
         return EXIT_USAGE
     configure_logging(settings.general.log_level, args.quiet, args.verbose)
+    from app import permissions
+    permissions.configure(settings)       # umask: nothing portwatch creates is world-readable
     try:
         return int(args.func(args, settings) or 0)
     except PortwatchError as exc:

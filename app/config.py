@@ -8,30 +8,44 @@ The TOML file has one table per section::
 
 Every key can be overridden by ``PORTWATCH_<SECTION>_<KEY>`` (``PORTWATCH_COLLECTOR_ROUND_SECONDS=5``);
 keys of the ``general`` section also by ``PORTWATCH_<KEY>`` (``PORTWATCH_DB=/tmp/x.db``).
-Unknown keys and values of the wrong type are reported by name (:class:`ConfigError`).
+Keys ending in ``_seconds`` also take a duration string (``"15m"``, ``"1h"``, ``"7d"``: app/durations.py).
+Every value is checked by kind and range at load (app/config_rules.py); unknown keys, values of the wrong type
+and values out of range are all collected and reported at once, each by key and source
+(:class:`ConfigError`).
 ``Settings.sources`` records where each effective value came from (``python -m app config show``).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from app import durations
+from app.config_rules import validate
+
 DEFAULT_CONFIG_PATH = Path("/etc/portwatch/config.toml")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names the key."""
+    """A configuration problem a user can fix; the message names the key (every key, when several)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 @dataclass
 class General:
     db: str = "/var/lib/portwatch/ports.db"
-    state_dir: str = "/var/lib/portwatch"        # models, lock files, sniffer temp files
+    state_dir: str = "/var/lib/portwatch"        # models, sniffer temp files
+    run_dir: str = "/run/portwatch"              # lock files (root-only, 0700)
+    group: str = ""                              # group allowed to read the database, models, reports and logs
+                                                 # (0640/0750); empty: root only (0600/0700)
     pin_root: str = "/sys/fs/bpf/portwatch"       # pins live in <pin_root>/<interface>/
     interface: str = ""                           # empty: the default-route interface
     log_level: str = "INFO"
@@ -227,11 +241,20 @@ def _coerce(name: str, default: Any, value: Any, from_env: bool) -> Any:
         if want is float:
             if isinstance(value, bool):
                 raise ValueError
+            if name.endswith("_seconds") and (isinstance(value, str) or from_env):
+                try:
+                    return durations.seconds(value, allow_zero=True)
+                except ValueError as exc:
+                    raise ConfigError(f"config key {name!r} {exc}") from None
             if isinstance(value, (int, float)):
-                return float(value)
-            if from_env:
-                return float(str(value).strip())
-            raise ValueError
+                number = float(value)
+            elif from_env:
+                number = float(str(value).strip())
+            else:
+                raise ValueError
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {name!r} must be a finite number, got {value!r}")
+            return number
         if want is list:
             if isinstance(value, list):
                 return [str(v) for v in value]
@@ -242,6 +265,8 @@ def _coerce(name: str, default: Any, value: Any, from_env: bool) -> Any:
             if isinstance(value, str):
                 return value
             raise ValueError
+    except ConfigError:
+        raise
     except ValueError:
         pass
     raise ConfigError(f"config key {name!r} must be {want.__name__}, got {value!r}")
@@ -252,6 +277,7 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
 
     ``path``: a TOML file; None uses ``$PORTWATCH_CONFIG`` or /etc/portwatch/config.toml when present.
     An explicitly named file that does not exist is an error; the default one may be absent.
+    Every problem (unknown key, wrong type, out of range) is collected; one ConfigError lists them all.
     """
     environ = os.environ if environ is None else environ
     settings = Settings()
@@ -264,20 +290,25 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
                 data = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {cfg_path} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {cfg_path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                              f"offset {exc.start}): save it as UTF-8") from None
         except OSError as exc:
             raise ConfigError(f"config file {cfg_path} cannot be read: {exc.strerror}") from None
         settings.config_path = str(cfg_path)
     elif explicit:
         raise ConfigError(f"config file {cfg_path} does not exist")
 
+    problems: list[str] = []
     for key, value in data.items():
         if isinstance(value, dict):
             if key not in SECTIONS:
-                raise ConfigError(f"unknown config section [{key}] in {cfg_path}")
+                problems.append(f"unknown config section [{key}] in {cfg_path}")
+                continue
             for sub, subval in value.items():
-                _apply(settings, key, sub, subval, f"file:{cfg_path}", from_env=False)
+                _apply(settings, key, sub, subval, f"file:{cfg_path}", False, problems)
         else:
-            _apply(settings, "general", key, value, f"file:{cfg_path}", from_env=False)
+            _apply(settings, "general", key, value, f"file:{cfg_path}", False, problems)
 
     known_env = set()
     for section in SECTIONS:
@@ -288,19 +319,31 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
             for env_name in names:
                 known_env.add(env_name)
                 if env_name in environ:
-                    _apply(settings, section, f.name, environ[env_name], f"env:{env_name}", from_env=True)
+                    _apply(settings, section, f.name, environ[env_name], f"env:{env_name}", True, problems)
     for env_name in environ:
         if env_name.startswith("PORTWATCH_") and env_name not in known_env and env_name != "PORTWATCH_CONFIG":
-            raise ConfigError(f"unknown environment setting {env_name}")
+            problems.append(f"unknown environment setting {env_name}")
+    problems += validate(settings)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems in the configuration: " + "; ".join(problems), problems)
     return settings
 
 
-def _apply(settings: Settings, section: str, key: str, value: Any, source: str, from_env: bool) -> None:
+def _apply(settings: Settings, section: str, key: str, value: Any, source: str, from_env: bool,
+           problems: list[str]) -> None:
     obj = getattr(settings, section)
     names = {f.name: f for f in dataclasses.fields(obj)}
     if key not in names:
         where = key if section == "general" else f"{section}.{key}"
-        raise ConfigError(f"unknown config key {where!r} ({source})")
+        problems.append(f"unknown config key {where!r} ({source})")
+        return
     default = getattr(SECTIONS[section](), key)
-    setattr(obj, key, _coerce(f"{section}.{key}", default, value, from_env))
+    try:
+        setattr(obj, key, _coerce(f"{section}.{key}", default, value, from_env))
+    except ConfigError as exc:
+        problems.append(f"{exc} ({source})")
+        settings.sources[f"{section}.{key}"] = "invalid"   # the default stays; validate() skips it
+        return
     settings.sources[f"{section}.{key}"] = source

@@ -89,4 +89,10 @@ fi
 
 "$VENV/bin/python" -c 'import bcc, psutil, pyshark, pyroute2' \
   || die "the venv cannot import bcc/psutil/pyshark/pyroute2: remove .venv and run make setup again."
+# Least privilege: what portwatch keeps (database, -wal/-shm, state dir, models, reports, logs, locks)
+# is root-only (0600/0700), or readable by general.group (0640/0750) — never world-readable. Files
+# made by an older portwatch (0644) are tightened here; `doctor` reports any that are loose again.
+# (doctor's exit code is about the other checks: only its first line, what it tightened, matters here)
+modes="$(cd "$ROOT" && "$VENV/bin/python" -m app doctor --fix-modes 2>/dev/null || true)"
+say "file modes: ${modes%%$'\n'*}"
 say "ready ($VENV)"

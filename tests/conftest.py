@@ -99,6 +99,7 @@ def state_env(tmp_path, monkeypatch):
     nothing a test decides can reach a real pinned map of this machine)."""
     monkeypatch.setenv("PORTWATCH_DB", str(tmp_path / "ports.db"))
     monkeypatch.setenv("PORTWATCH_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("PORTWATCH_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("PORTWATCH_PIN_ROOT", str(tmp_path / "no-pins"))
     monkeypatch.setenv("PORTWATCH_CONFIG", str(tmp_path / "none.toml"))
     (tmp_path / "none.toml").write_text("")

@@ -25,6 +25,7 @@ def make_settings(tmp_path, **collector):
     s = config.load(environ=env)
     s.general.db = str(tmp_path / "ports.db")
     s.general.state_dir = str(tmp_path / "state")
+    s.general.run_dir = str(tmp_path / "run")
     s.scanner.enabled = False
     s.sniffer.enabled = False
     for k, v in collector.items():

@@ -84,3 +84,74 @@ def test_override_records_the_command_line():
     s.override("retention", "keep_days", 3.0)
     s.override("retention", "keep_days", None)     # None leaves it
     assert s.retention.keep_days == 3.0 and s.sources["retention.keep_days"] == "command line"
+
+
+# --- durations and ranges (issue 10) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [("90", 90.0), (90, 90.0), ("15m", 900.0), ("1h", 3600.0),
+                                           ("7d", 604800.0), ("1.5h", 5400.0), ("2w", 1209600.0), (" 30s ", 30.0)])
+def test_one_duration_parser(text, seconds):
+    from app import durations
+    assert durations.seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text, says", [("nan", "finite"), ("inf", "finite"), ("-inf", "finite"),
+                                        (float("nan"), "finite"), ("-5", "negative"), (-5, "negative"),
+                                        ("0", "above 0"), ("5x", "duration like"), ("", "duration like"),
+                                        (True, "duration like"), ("1e400", "finite")])
+def test_duration_parser_refuses(text, says):
+    from app import durations
+    with pytest.raises(ValueError, match=says):
+        durations.seconds(text)
+
+
+def test_duration_flag_names_the_flag_and_bounds_it():
+    from app import durations
+    from app.errors import UsageError
+    assert durations.flag("--ttl", None) is None
+    assert durations.flag("--ttl", "2h", maximum=86400) == 7200
+    with pytest.raises(UsageError, match=r"^--ttl must be at most 1d \(86400 s\), got '2d'$"):
+        durations.flag("--ttl", "2d", maximum=86400)
+
+
+def test_seconds_keys_take_durations_in_the_file_and_environment(tmp_path):
+    s = load(write(tmp_path, '[blocklist]\nbase_ttl_seconds = "15m"\nmax_ttl_seconds = "7d"\n'),
+             environ={"PORTWATCH_ALERTS_COOLDOWN_SECONDS": "1h"})
+    assert (s.blocklist.base_ttl_seconds, s.blocklist.max_ttl_seconds, s.alerts.cooldown_seconds) == \
+        (900.0, 604800.0, 3600.0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[blocklist]\nbase_ttl_seconds = nan\n", "config key 'blocklist.base_ttl_seconds' must be a finite"),
+    ("[blocklist]\nbase_ttl_seconds = inf\n", "config key 'blocklist.base_ttl_seconds' must be a finite"),
+    ("[blocklist]\nbase_ttl_seconds = \"soon\"\n", "config key 'blocklist.base_ttl_seconds' must be a duration"),
+    ("[blocklist]\nmanual_ttl_seconds = \"30d\"\n", "'blocklist.manual_ttl_seconds' = 2592000 must be at most "
+                                                   "blocklist.max_ttl_seconds (604800)"),
+    ("[sniffer]\nwindow_fraction = 1.5\n", "'sniffer.window_fraction' = 1.5 must be between 0 and 0.95"),
+    ("[evaluator]\nwindow = 1\n", "'evaluator.window' = 1 must be at least 2"),
+    ("log_level = \"LOUD\"\n", "'general.log_level' = 'LOUD' must be one of DEBUG"),
+    ("[alerts]\nsyslog_facility = \"local9\"\n", "'alerts.syslog_facility' = 'local9' must be one of"),
+    ("[alerts]\nwebhook_url = \"ftp://x\"\n", "must start with http:// or https://"),
+    ("[blocklist]\nrule_detectors = [\"port_scna\"]\n", "names unknown detectors 'port_scna'"),
+    ("[blocklist]\nallowlist = [\"198.18.0.5/24\"]\n", "'198.18.0.5/24'"),
+    ("[reports]\nsince = \"yesterday\"\n", "'reports.since' = 'yesterday' must be 'all', a span"),
+])
+def test_values_are_checked_by_range_and_kind(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load(path, environ={})
+    assert message in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_non_utf8_file_is_one_sentence(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"db = \"/tmp/\xff.db\"\n")
+    with pytest.raises(ConfigError) as exc:
+        load(path, environ={})
+    assert str(exc.value) == f"config file {path} is not UTF-8 text (byte 0xff at offset 11): save it as UTF-8"
+
+
+def test_group_and_run_dir_keys():
+    s = load("/dev/null", environ={"PORTWATCH_GROUP": "portwatch", "PORTWATCH_RUN_DIR": "/tmp/x"})
+    assert (s.general.group, s.general.run_dir) == ("portwatch", "/tmp/x")
+    assert load("/dev/null", environ={}).general.run_dir == "/run/portwatch"

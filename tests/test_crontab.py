@@ -1,5 +1,6 @@
 """crontab.example at the repository root: every entry parses (5 time fields in range + command),
-runs under flock -n, uses absolute paths under /opt/portwatch, logs, and names entry points that
+sets a root-only umask, takes no lock of its own in a world-writable directory (each job locks in
+general.run_dir itself), uses absolute paths under /opt/portwatch, logs, and names entry points that
 exist in this repository."""
 from __future__ import annotations
 
@@ -88,9 +89,8 @@ def test_crontab_example_commands():
     scripts = []
     for entry in entries:
         words = shlex.split(entry["command"])
-        assert "flock" in words and words[words.index("flock") + 1] == "-n", entry["command"]
-        lock = words[words.index("flock") + 2]
-        assert lock.startswith("/") and lock.endswith(".lock")
+        assert words[:3] == ["umask", "077", "&&"], entry["command"]
+        assert "flock" not in words and "/run/lock" not in entry["command"]
         assert ">>" in words and words[words.index(">>") + 1].startswith("/var/log/portwatch/")
         assert words[-1] == "2>&1"
         python = f"{INSTALL_ROOT}/.venv/bin/python"
@@ -100,7 +100,7 @@ def test_crontab_example_commands():
                 assert word.startswith(INSTALL_ROOT), f"relative or foreign path {word!r}"
         after = words[words.index(python) + 1:]
         if after[0] == "-m":
-            assert after[1:3] == ["app", "cleanup"] and words[:3] == ["cd", INSTALL_ROOT, "&&"]
+            assert after[1:3] == ["app", "cleanup"] and words[3:6] == ["cd", INSTALL_ROOT, "&&"]
             scripts.append("cleanup")
         else:
             script = after[0]

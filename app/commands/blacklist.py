@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from app.cli import add_command
-from app.errors import EXIT_OK, NeedsRootError
+from app.errors import EXIT_OK, NeedsRootError, UsageError
 
 DESCRIPTION = """The blocklist: the `blacklist` table in the database is the truth, the pinned XDP map of
 every watched interface enforces it (blocked sources' packets are dropped before the network stack).
@@ -34,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--all", action="store_true", help="include expired and removed entries")
     p = add_command(actions, "add", "block an address or prefix")
     p.add_argument("address", metavar="ADDR[/LEN]")
-    p.add_argument("--ttl", type=float, metavar="S", help="seconds until it expires (default: blocklist.manual_ttl_seconds)")
+    p.add_argument("--ttl", metavar="T", help="time until it expires: 90, 15m, 1h, 7d (default: blocklist.manual_ttl_seconds)")
     p.add_argument("--reason", metavar="TEXT", help="why (stored in the ledger)")
     p.add_argument("--force", action="store_true",
                    help="block even a protected address (loopback, own, gateway, resolver, SSH peer, allowlisted)")
@@ -48,13 +48,18 @@ def run(args, settings) -> int:
     if args.action == "list":
         return list_entries(args, settings)
     from app.db.connection import connect
+    from app.durations import flag
     from app.services import blocklist
+    ttl = flag("--ttl", getattr(args, "ttl", None), maximum=settings.blocklist.max_ttl_seconds)
+    if "%" in getattr(args, "address", ""):
+        raise UsageError(f"{args.address} carries a zone (%...): the blocklist holds addresses without zones, "
+                         "give it without the %zone")
     if os.geteuid() != 0 and blocklist.pin_dirs(settings):
         raise NeedsRootError("changing the blocklist writes pinned XDP maps, which needs root: run it with sudo")
     conn = connect(settings.general.db)
     try:
         if args.action == "add":
-            decision = blocklist.add_manual(conn, settings, args.address, ttl=args.ttl, reason=args.reason,
+            decision = blocklist.add_manual(conn, settings, args.address, ttl=ttl, reason=args.reason,
                                             force=args.force)
             done = f"blocked {decision.address} until {_when(decision.expires_at)} ({decision.reason})"
         elif args.action == "remove":

@@ -11,7 +11,6 @@ Exit codes: 0 done; 2 bad --keep-days; 4 database problem; 6 another cleanup is 
 """
 from __future__ import annotations
 
-import fcntl
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ def register(sub) -> None:
 def run(args, settings) -> int:
     from app.db import retention
     from app.db.connection import connect
-    from app.errors import LockedError, UsageError
+    from app.errors import UsageError
     from app.services.files import database_bytes
     from app.services.metrics import job_metrics
 
@@ -57,13 +56,8 @@ def run(args, settings) -> int:
               f"older than {cutoff_text} ({keep_days:g} days)")
         return 0
 
-    state = Path(settings.general.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    with open(state / "cleanup.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockedError("another cleanup is running: this one does not overlap it") from None
+    from app.services import locks
+    with locks.holding(settings, "cleanup", "another cleanup is running: this one does not overlap it"):
         with job_metrics(settings, "cleanup") as metrics:
             before = database_bytes(db)
             conn = connect(db)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from app.cli import add_command
+from app.durations import arg as duration
 
 
 def register(sub) -> None:
@@ -10,7 +11,7 @@ def register(sub) -> None:
                     "compiles and attaches the XDP program (in a separate process); later runs only read its "
                     "pinned maps.")
     p.add_argument("--interface", "-i", help="interface to watch (default: general.interface, else the default-route one)")
-    p.add_argument("--round-seconds", type=float, help="seconds per round (default: collector.round_seconds, 60)")
+    p.add_argument("--round-seconds", type=duration(), help="seconds per round (default: collector.round_seconds, 60)")
     p.add_argument("--rounds", type=int, help="rounds to collect, 0 = until stopped (default: collector.rounds, 1)")
     p.add_argument("--no-sniffer", action="store_true", help="skip the pyshark sniffer")
     p.add_argument("--no-scanner", action="store_true", help="skip the occupancy scanner")

@@ -1,7 +1,8 @@
 """`python -m app doctor [--json]`: check what portwatch needs on this host and say how to fix each gap.
 
 Checks: root, kernel BPF support, bpffs mounted, kernel headers for BCC, BCC's Python module,
-iproute2, tshark, flock and cron, free disk under the database, the venv's imports, the database.
+iproute2, tshark and cron, free disk under the database, the venv's imports, the database, and the
+modes of what portwatch keeps (never world-readable; ``--fix-modes`` tightens them).
 Each result is ok, warn (portwatch runs with less: e.g. no tshark means no DNS names) or FAIL
 (an essential piece is missing). Exit code: 0 when nothing essential fails, else the code of the
 first failed essential check (3 root, 4 database, 5 kernel/BPF, 7 missing dependency).
@@ -20,8 +21,10 @@ from app.cli import add_command
 from app.errors import EXIT_BPF, EXIT_DB, EXIT_DEPENDENCY, EXIT_ROOT
 
 DESCRIPTION = """Check this host for what portwatch needs (root, kernel BPF support, bpffs, kernel
-headers for BCC, BCC, iproute2, tshark, cron, free disk, the venv's packages, the database) and
-print how to fix each problem. Exit 0 when every essential check passes."""
+headers for BCC, BCC, iproute2, tshark, cron, free disk, the venv's packages, the database, the file
+modes) and print how to fix each problem. Exit 0 when every essential check passes. --fix-modes first
+gives the database, state, reports, logs and locks their modes (0600/0700, or 0640/2750 for
+general.group)."""
 
 # where the checks look (module constants so tests can point them elsewhere)
 PROC_MOUNTS = Path("/proc/mounts")
@@ -184,22 +187,41 @@ def run_checks(settings) -> list[Check]:
               check_program("ip", True, "iproute2", "attaching and describing XDP"),
               check_program("tshark", False, "tshark", "the sniffer: DNS names and protocols",
                             settings.sniffer.tshark_path or None),
-              check_program("flock", False, "util-linux", "the cron entries' locks"),
               check_program("cron", False, "cron", "scheduling the collector and evaluator"),
               check_disk(db)]
     checks += check_modules()
     checks.append(check_database(db))
+    checks.append(check_modes(settings))
     return checks
+
+
+def check_modes(settings) -> Check:
+    """Database, -wal/-shm, state dir, models, reports, logs and locks: none looser than it should be."""
+    from app import permissions
+    loose = permissions.audit(settings)
+    if not loose:
+        who = f"root and group {settings.general.group}" if settings.general.group else "root only"
+        return _ok("file modes", f"database, state, reports, logs and locks are readable by {who}")
+    more = f" (and {len(loose) - 3} more)" if len(loose) > 3 else ""
+    return Check("file modes", "warn", "; ".join(loose[:3]) + more,
+                 "sudo .venv/bin/python -m app doctor --fix-modes (scripts/setup.sh does it too)")
 
 
 def register(sub) -> None:
     parser = add_command(sub, "doctor", "check kernel, BPF, headers, tools, disk and packages; say how to fix",
                          DESCRIPTION)
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
+    parser.add_argument("--fix-modes", action="store_true",
+                        help="first tighten the modes of the database, state, reports, logs and locks")
     parser.set_defaults(func=run)
 
 
 def run(args, settings) -> int:
+    if getattr(args, "fix_modes", False):
+        from app import permissions
+        changed = permissions.tighten(settings)
+        if not args.json:
+            print(f"tightened {len(changed)} path(s)" + "".join(f"\n  {p}" for p in changed))
     checks = run_checks(settings)
     failed = [c for c in checks if c.status == "FAIL"]
     if args.json:

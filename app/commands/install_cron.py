@@ -1,9 +1,11 @@
 """`python -m app install-cron [--user root] [--dry-run] [--cron-file PATH]`: schedule portwatch.
 
 Writes a system crontab (default /etc/cron.d/portwatch, the format with a user field) with three
-entries, each under ``flock -n`` so a slow run is never overlapped by the next one, with the
-venv's absolute python path and the repository's absolute paths, logging to
-<log-dir>/{collector,evaluator,cleanup}.log:
+entries, with the venv's absolute python path and the repository's absolute paths, logging to
+<log-dir>/{collector,evaluator,cleanup}.log (the directory 0700, or 0750 for general.group; each entry
+sets the umask first, so the logs are never world-readable). Each job takes its own lock in
+general.run_dir (root-only, app/services/locks.py): a run still busy makes the next one exit 6
+with one line in its log instead of overlapping it.
 
   every minute   app/port_collector.py --round-seconds 50   (rounds are differences since the
                  previous read, so the 10 s the run does not sleep are counted in the next round)
@@ -26,12 +28,11 @@ from app.cli import add_command
 
 DEFAULT_CRON_FILE = "/etc/cron.d/portwatch"
 DEFAULT_LOG_DIR = "/var/log/portwatch"
-LOCK_DIR = "/run/lock"
 COLLECTOR_ROUND_SECONDS = 50
 
 DESCRIPTION = """Write the cron entries that run portwatch: the collector every minute, the evaluator
-hourly and the cleanup daily, each under flock -n (no overlapping runs), with the venv's absolute
-python path, logging to --log-dir. --dry-run prints the file instead of writing it.
+hourly and the cleanup daily (each takes its lock in general.run_dir: no overlapping runs), with the
+venv's absolute python path, logging to --log-dir. --dry-run prints the file instead of writing it.
 
 examples:
   sudo .venv/bin/python -m app install-cron
@@ -47,24 +48,25 @@ def venv_python() -> Path:
     return Path(sys.executable).absolute()
 
 
-def entries(python: Path, root: Path, log_dir: Path, lock_dir: str = LOCK_DIR) -> list[tuple[str, str, str]]:
+def entries(python: Path, root: Path, log_dir: Path, umask: str = "077") -> list[tuple[str, str, str]]:
     """[(schedule, command, comment)] for the three jobs; paths absolute and shell-quoted."""
     py, rt, logs = shlex.quote(str(python)), Path(root), Path(log_dir)
+    mask = f"umask {umask} &&"
 
     def q(path) -> str:
         return shlex.quote(str(path))
 
     return [
         ("* * * * *",
-         f"flock -n {q(f'{lock_dir}/portwatch-collector.lock')} {py} {q(rt / 'app' / 'port_collector.py')} "
+         f"{mask} {py} {q(rt / 'app' / 'port_collector.py')} "
          f"--round-seconds {COLLECTOR_ROUND_SECONDS} >> {q(logs / 'collector.log')} 2>&1",
          "collector: one round per minute"),
         ("7 * * * *",
-         f"flock -n {q(f'{lock_dir}/portwatch-evaluator.lock')} {py} {q(rt / 'app' / 'port_detector.py')} "
+         f"{mask} {py} {q(rt / 'app' / 'port_detector.py')} "
          f">> {q(logs / 'evaluator.log')} 2>&1",
          "evaluator: one evaluation per hour (and the report)"),
         ("23 3 * * *",
-         f"cd {q(rt)} && flock -n {q(f'{lock_dir}/portwatch-cleanup.lock')} {py} -m app cleanup "
+         f"{mask} cd {q(rt)} && {py} -m app cleanup "
          f">> {q(logs / 'cleanup.log')} 2>&1",
          "cleanup: retention and vacuum, daily"),
     ]
@@ -74,12 +76,13 @@ def render(python: Path, root: Path, log_dir: Path, user: str | None, now: float
     """The crontab text; with ``user`` the /etc/cron.d format (a user field after the schedule)."""
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() if now is None else now))
     lines = [f"# portwatch cron entries, written by `python -m app install-cron` on {stamp}.",
-             "# A new install-cron run overwrites this file. Each job runs under flock -n: a run still busy",
-             "# makes the next one skip instead of piling up. Logs: " + str(log_dir) + "/*.log",
+             "# A new install-cron run overwrites this file. Each job takes its lock in general.run_dir: a run",
+             "# still busy makes the next one exit 6 instead of piling up. Logs: " + str(log_dir) + "/*.log",
              "SHELL=/bin/sh",
              "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
              ""]
-    for schedule, command, comment in entries(python, root, log_dir):
+    from app import permissions
+    for schedule, command, comment in entries(python, root, log_dir, f"{permissions.umask():03o}"):
         lines.append(f"# {comment}")
         lines.append(f"{schedule} {user} {command}" if user else f"{schedule} {command}")
     return "\n".join(lines) + "\n"
@@ -122,7 +125,9 @@ def run(args, settings) -> int:
         print(text, end="")
         return 0
     try:
-        log_dir.mkdir(parents=True, exist_ok=True)
+        from app import permissions
+        permissions.make_dir(log_dir)
+        permissions.secure(log_dir)           # an existing one too: the logs name sources and ports
         atomic_write(cron_file, text, mode=0o644)      # cron skips group/other-writable files
     except PermissionError as exc:
         raise NeedsRootError(f"cannot write {exc.filename or cron_file}: run install-cron as root (sudo)") from None

@@ -12,7 +12,6 @@ separate process) and no TensorFlow or matplotlib anywhere on this path.
 """
 from __future__ import annotations
 
-import fcntl
 import gc
 import logging
 import os
@@ -31,8 +30,8 @@ import numpy as np  # noqa: E402
 from app.db import rounds as rounds_db  # noqa: E402
 from app.db.connection import connect  # noqa: E402
 from app.db.ports import PortIds  # noqa: E402
-from app.errors import LockedError, NeedsRootError, PortwatchError  # noqa: E402
-from app.services import maps, ports, rounds, xdp  # noqa: E402
+from app.errors import NeedsRootError, PortwatchError  # noqa: E402
+from app.services import locks, maps, ports, rounds, xdp  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +135,8 @@ class Collector:
             self._lock_fh = None
 
     def _lock(self):
-        state = Path(self.settings.general.state_dir)
-        state.mkdir(parents=True, exist_ok=True)
-        fh = open(state / f"collector-{self.interface}.lock", "w")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise LockedError(f"another collector is running on {self.interface}: this run does not overlap it") from None
-        fh.write(str(os.getpid()))
-        fh.flush()
-        return fh
+        return locks.hold(self.settings, f"collector-{self.interface}",
+                          f"another collector is running on {self.interface}: this run does not overlap it")
 
     def _close_before_recreate(self, pdir: Path) -> None:
         """The pinned maps are about to be recreated: record their last counts as a round."""

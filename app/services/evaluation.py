@@ -15,16 +15,13 @@ detector, the port and the source(s), for the blocklist.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import shutil
 import sqlite3
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -32,8 +29,8 @@ from app.config import Evaluator, Settings
 from app.db import evaluations as dbe
 from app.db import series as dbs
 from app.db.connection import connect
-from app.errors import LockedError, UsageError
-from app.services import rules, series
+from app.errors import UsageError
+from app.services import locks, rules, series
 from app.services.rules import Finding
 
 log = logging.getLogger(__name__)
@@ -117,18 +114,20 @@ class EvaluationResult:
 def run(settings: Settings, conn: sqlite3.Connection | None = None, *, clock=time.time) -> EvaluationResult:
     """Evaluate the rounds not yet judged in ``settings.general.db`` (or ``conn``).
 
-    Holds ``<state_dir>/evaluate.lock`` (LockedError when another evaluation runs). A failure is
+    Holds the ``evaluate`` lock (LockedError when another evaluation runs). A failure is
     recorded as an evaluations row with status 'error: ...' and re-raised; its rounds stay unjudged.
     """
     own = conn is None
     if own:
         conn = connect(settings.general.db)
     try:
-        with _lock(settings.state_path / "evaluate.lock"):
+        with locks.holding(settings, "evaluate", "another evaluation is running: wait for it to finish"):
             started = clock()
             try:
                 return _evaluate(conn, settings, started, clock)
             except Exception as exc:
+                if isinstance(exc, sqlite3.DatabaseError):     # nothing more is written into a failing database
+                    raise
                 with conn:
                     dbe.insert_evaluation(conn, started_at=started, finished_at=clock(), first_round_id=None,
                                           last_round_id=None, model_version=None, threshold=None, windows=0,
@@ -138,20 +137,6 @@ def run(settings: Settings, conn: sqlite3.Connection | None = None, *, clock=tim
     finally:
         if own:
             conn.close()
-
-
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockedError(f"another evaluation is running (lock {path}): wait for it to finish") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, clock) -> EvaluationResult:

@@ -78,8 +78,8 @@ def test_add_list_remove_flush(cli, capsys):
     (("add", "198.18.250.0/23"), "overlaps 198.18.250.0/24 (allowlisted)"),
     (("add", "127.0.0.1"), "overlaps 127.0.0.0/8 (loopback)"),
     (("add", "::1"), "(loopback)"),
-    (("add", "198.18.0.9", "--ttl", "0"), "--ttl must be a positive number of seconds, not 0"),
-    (("add", "198.18.0.9", "--ttl", "-3"), "--ttl must be a positive number of seconds, not -3"),
+    (("add", "198.18.0.9", "--ttl", "0"), "--ttl must be above 0, got '0'"),
+    (("add", "198.18.0.9", "--ttl", "-3"), "--ttl must not be negative, got '-3'"),
     (("remove", "198.18.0.99"), "198.18.0.99/32 is not on the blocklist"),
     (("remove", "198.18.0.0/33"), "out of range"),
 ])

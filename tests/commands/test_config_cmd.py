@@ -83,3 +83,35 @@ def test_every_ops_command_has_help(command, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: portwatch {command}") and "exit codes:" in out
+
+
+def test_config_check_reports_every_bad_value_at_once(state_env, capsys):
+    path = state_env / "bad.toml"
+    path.write_text('[collector]\nxdp_mode = "turbo"\nport_map_size = 0\nrounds = "three"\n'
+                    '[evaluator]\nwindow = 0\n[blocklist]\nbase_ttl_seconds = -10\n'
+                    'allowlist = ["not-a-cidr", "198.18.0.0/15", "fe80::1%eth0"]\n'
+                    '[retention]\nkeep_days = -1\n[alerts]\nsmtp_port = 99999\n[colector]\nx = 1\n')
+    assert main(["config", "check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "portwatch: error: 9 problems in the configuration:"
+    where = f"(file:{path})"
+    assert sorted(line.strip() for line in err[1:]) == sorted([
+        f"unknown config section [colector] in {path}",
+        f"config key 'collector.rounds' must be int, got 'three' {where}",
+        f"config key 'collector.xdp_mode' = 'turbo' must be one of auto, native, generic {where}",
+        f"config key 'collector.port_map_size' = 0 must be between 1 and 16777216 {where}",
+        f"config key 'evaluator.window' = 0 must be at least 2 {where}",
+        f"config key 'blocklist.base_ttl_seconds' = -10.0 must be above 0 {where}",
+        "config key 'blocklist.allowlist' = ['not-a-cidr', '198.18.0.0/15', 'fe80::1%eth0'] holds entries that "
+        "are not IPv4/IPv6 networks (ADDR or ADDR/LEN, host bits clear, no %zone): 'not-a-cidr', "
+        f"'fe80::1%eth0' {where}",
+        f"config key 'retention.keep_days' = -1.0 must be above 0 {where}",
+        f"config key 'alerts.smtp_port' = 99999 must be between 1 and 65535 {where}",
+    ])
+
+
+def test_config_check_names_the_environment_variable(state_env, monkeypatch, capsys):
+    monkeypatch.setenv("PORTWATCH_EVALUATOR_WINDOW", "1")
+    assert main(["config", "check"]) == 2
+    assert capsys.readouterr().err.strip() == ("portwatch: error: config key 'evaluator.window' = 1 must be at "
+                                               "least 2 (env:PORTWATCH_EVALUATOR_WINDOW)")

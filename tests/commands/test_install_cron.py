@@ -20,7 +20,7 @@ def test_install_cron_writes_the_entries(state_env, capsys):
     assert main(["install-cron", "--cron-file", str(cron_file), "--log-dir", str(logs), "--user", "root"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"wrote {cron_file}:") and "user root" in out
-    assert logs.is_dir()
+    assert logs.is_dir() and oct(logs.stat().st_mode & 0o777) == "0o700"
     assert oct(cron_file.stat().st_mode & 0o777) == "0o644"
     entries = parse_crontab(cron_file.read_text(), with_user=True)
     assert [e["schedule"] for e in entries] == [["*", "*", "*", "*", "*"], ["7", "*", "*", "*", "*"],
@@ -29,7 +29,7 @@ def test_install_cron_writes_the_entries(state_env, capsys):
     for entry in entries:
         assert entry["user"] == "root"
         words = shlex.split(entry["command"])
-        assert "flock" in words and words[words.index("flock") + 1] == "-n"
+        assert words[:3] == ["umask", "077", "&&"] and "flock" not in words    # locks: general.run_dir
         assert python in words and os.path.isabs(python)
         assert words[-2] == ">>" or ">>" in words
         log_file = words[words.index(">>") + 1]
@@ -37,7 +37,7 @@ def test_install_cron_writes_the_entries(state_env, capsys):
     collector, evaluator, cleanup = (shlex.split(e["command"]) for e in entries)
     assert str(REPO_ROOT / "app" / "port_collector.py") in collector
     assert str(REPO_ROOT / "app" / "port_detector.py") in evaluator
-    assert cleanup[:3] == ["cd", str(REPO_ROOT), "&&"] and cleanup[-5:-3] == ["app", "cleanup"]
+    assert cleanup[3:6] == ["cd", str(REPO_ROOT), "&&"] and cleanup[-5:-3] == ["app", "cleanup"]
     for words in (collector, evaluator):
         script = next(w for w in words if w.endswith(".py"))
         assert Path(script).is_file()

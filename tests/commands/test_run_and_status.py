@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_run_prints_one_line_per_round_then_status_reports_it(lab, tmp_path):
     (tmp_path / "none.toml").write_text("")
     env = dict(os.environ, PORTWATCH_CONFIG=str(tmp_path / "none.toml"), PORTWATCH_DB=str(tmp_path / "ports.db"),
-               PORTWATCH_STATE_DIR=str(tmp_path / "state"), PORTWATCH_SNIFFER_ENABLED="false")
+               PORTWATCH_STATE_DIR=str(tmp_path / "state"), PORTWATCH_RUN_DIR=str(tmp_path / "run"),
+               PORTWATCH_SNIFFER_ENABLED="false")
     out = subprocess.run([sys.executable, "-m", "app", "run", "--interface", lab.interface, "--round-seconds", "1",
                           "--max-rounds", "3", "--evaluate-every", "100000"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)

@@ -70,3 +70,132 @@ def test_bad_address_and_bad_config_values(tmp_path, capsys):
     assert out.returncode == 2 and "198.18.0.300" in one_sentence(out.stderr)
     out = run("status", "--db", str(tmp_path / "p.db"), env={"PORTWATCH_COLLECTOR_ROUND_SECONDS": "soon"})
     assert out.returncode == 2 and "collector.round_seconds" in one_sentence(out.stderr)
+
+
+# --- refuse bad input before it lands (issue 10): exit code, one sentence, database byte-identical ---
+
+def sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def lab_env(tmp_path, **more):
+    return {"PORTWATCH_STATE_DIR": str(tmp_path / "state"), "PORTWATCH_RUN_DIR": str(tmp_path / "run"),
+            "PORTWATCH_PIN_ROOT": str(tmp_path / "no-pins"), **more}
+
+
+@pytest.fixture
+def good_db(tmp_path):
+    """A real portwatch database with one blocklist entry, every page on disk (no -wal left)."""
+    db = tmp_path / "ports.db"
+    out = run("blacklist", "add", "198.18.0.50", "--ttl", "1h", "--db", str(db), env=lab_env(tmp_path))
+    assert out.returncode == 0, out.stderr
+    from app.db.connection import connect
+    conn = connect(db)
+    with conn:                                  # enough rows that the tables span many pages
+        conn.execute("CREATE TABLE IF NOT EXISTS pw_filler(id INTEGER PRIMARY KEY, t TEXT)")
+        conn.executemany("INSERT INTO pw_filler(t) VALUES (?)", [("x" * 300 + str(i),) for i in range(3000)])
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return db
+
+
+@pytest.fixture
+def corrupt_db(good_db, tmp_path):
+    """A copy of a real database with bytes overwritten inside a b-tree page (the header stays valid)."""
+    bad = tmp_path / "corrupt.db"
+    data = bytearray(good_db.read_bytes())
+    page = 4096
+    start = len(data) - 40 * page + 64
+    data[start:start + 2000] = b"\xff" * 2000
+    bad.write_bytes(bytes(data))
+    return bad
+
+
+@pytest.mark.parametrize("args", [
+    ["evaluate"],
+    ["blacklist", "add", "198.18.0.9"],
+    ["blacklist", "remove", "198.18.0.50"],
+    ["blacklist", "flush"],
+    ["cleanup", "--keep-days", "1"],
+])
+def test_writers_refuse_a_corrupt_database_before_writing(corrupt_db, tmp_path, args):
+    before = sha256(corrupt_db)
+    out = run(*args, "--db", str(corrupt_db), env=lab_env(tmp_path))
+    assert out.returncode == 4, out.stderr
+    line = one_sentence(out.stderr)
+    assert "is corrupt (quick_check:" in line and "portwatch did not change it" in line
+    assert sha256(corrupt_db) == before
+    assert not corrupt_db.with_name("corrupt.db-wal").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["blacklist", "add", "198.18.0.9", "--ttl", "1e308"], "--ttl must be at most 7d (604800 s), got '1e308'"),
+    (["blacklist", "add", "198.18.0.9", "--ttl", "nan"], "--ttl must be a finite duration like 90, 15m, 1h or 7d"),
+    (["blacklist", "add", "198.18.0.9", "--ttl", "inf"], "--ttl must be a finite duration"),
+    (["blacklist", "add", "198.18.0.9", "--ttl", "-5"], "--ttl must not be negative, got '-5'"),
+    (["blacklist", "add", "198.18.0.9", "--ttl", "0"], "--ttl must be above 0"),
+    (["blacklist", "add", "198.18.0.9", "--ttl", "8d"], "--ttl must be at most 7d"),
+    (["blacklist", "add", "198.18.0.9", "--ttl", "soon"], "--ttl must be a duration like 90, 15m, 1h or 7d"),
+    (["blacklist", "add", "fe80::1%eth0"], "fe80::1%eth0 carries a zone"),
+    (["blacklist", "remove", "fe80::1%eth0"], "fe80::1%eth0 carries a zone"),
+    (["collect", "--round-seconds", "nan"], "argument --round-seconds: must be a finite duration"),
+    (["collect", "--round-seconds", "inf"], "argument --round-seconds: must be a finite duration"),
+    (["collect", "--round-seconds", "-1"], "argument --round-seconds: must not be negative"),
+    (["run", "--evaluate-every", "nan"], "argument --evaluate-every: must be a finite duration"),
+    (["report", "--since", "nan", "--out", "REPORTS"], "--since 'nan' is neither"),
+])
+def test_bad_flags_are_one_sentence_and_change_nothing(good_db, tmp_path, args, says):
+    before = sha256(good_db)
+    args = [a.replace("REPORTS", str(tmp_path / "reports")) for a in args]
+    out = run(*args, "--db", str(good_db), env=lab_env(tmp_path))
+    assert out.returncode == 2, out.stderr
+    errors = [l for l in out.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1 and says in errors[0] and "Traceback" not in out.stderr, out.stderr
+    assert sha256(good_db) == before
+    assert not (tmp_path / "reports").exists()
+
+
+def test_durations_accept_units(good_db, tmp_path):
+    for ttl, seconds in (("90", 90), ("15m", 900), ("1h", 3600), ("7d", 604800)):
+        out = run("blacklist", "add", "198.18.0.9", "--ttl", ttl, "--db", str(good_db), env=lab_env(tmp_path))
+        assert out.returncode == 0, out.stderr
+        conn = sqlite3.connect(good_db)
+        created, expires = conn.execute("SELECT created_at, expires_at FROM blacklist WHERE address = "
+                                        "'198.18.0.9/32'").fetchone()
+        conn.close()
+        assert abs((expires - created) - seconds) < 5, (ttl, expires - created)
+
+
+@pytest.mark.parametrize("toml, key", [
+    ("[evaluator]\nwindow = 0\n", "evaluator.window"),
+    ("[collector]\nxdp_mode = \"turbo\"\n", "collector.xdp_mode"),
+    ("[collector]\nport_map_size = 0\n", "collector.port_map_size"),
+    ("[blocklist]\nbase_ttl_seconds = -10\n", "blocklist.base_ttl_seconds"),
+    ("[blocklist]\nallowlist = [\"not-a-cidr\"]\n", "blocklist.allowlist"),
+    ("[blocklist]\nallowlist = [\"fe80::1%eth0\"]\n", "blocklist.allowlist"),
+    ("[retention]\nkeep_days = -1\n", "retention.keep_days"),
+    ("[alerts]\nsmtp_port = 99999\n", "alerts.smtp_port"),
+    ("[blocklist]\nbase_ttl_seconds = nan\n", "blocklist.base_ttl_seconds"),
+])
+@pytest.mark.parametrize("command", [["evaluate"], ["blacklist", "add", "198.18.0.9"], ["cleanup"]])
+def test_bad_config_values_stop_every_writer_before_it_writes(good_db, tmp_path, toml, key, command):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml)
+    before = sha256(good_db)
+    out = run(*command, "--db", str(good_db), "--config", str(cfg), env=lab_env(tmp_path))
+    assert out.returncode == 2, out.stderr
+    line = one_sentence(out.stderr)
+    assert f"config key '{key}'" in line and f"file:{cfg}" in line
+    assert sha256(good_db) == before
+
+
+def test_non_utf8_config_is_one_sentence(good_db, tmp_path):
+    cfg = tmp_path / "latin1.toml"
+    cfg.write_bytes("[alerts]\nmail_from = \"b\xe9atrice@example.org\"\n".encode("latin-1"))
+    before = sha256(good_db)
+    out = run("blacklist", "add", "198.18.0.9", "--db", str(good_db), "--config", str(cfg), env=lab_env(tmp_path))
+    assert out.returncode == 2
+    assert one_sentence(out.stderr) == (f"portwatch: error: config file {cfg} is not UTF-8 text (byte 0xe9 at "
+                                        "offset 23): save it as UTF-8")
+    assert sha256(good_db) == before

@@ -160,7 +160,8 @@ def test_second_run_does_not_compile(lab, tmp_path):
 def test_sigkill_mid_round_loses_nothing(lab, tmp_path):
     s = make_settings(tmp_path)
     collect(s, lab)
-    env = dict(os.environ, PORTWATCH_CONFIG=str(tmp_path / "none.toml"), PORTWATCH_STATE_DIR=s.general.state_dir)
+    env = dict(os.environ, PORTWATCH_CONFIG=str(tmp_path / "none.toml"), PORTWATCH_STATE_DIR=s.general.state_dir,
+               PORTWATCH_RUN_DIR=s.general.run_dir)
     proc = subprocess.Popen([sys.executable, str(REPO / "app" / "port_collector.py"), "--interface", lab.interface,
                              "--round-seconds", "30", "--no-sniffer", "--no-scanner", "--db", s.general.db],
                             env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -184,7 +185,8 @@ def test_overlapping_run_is_refused(lab, tmp_path):
     from app.errors import LockedError
     s = make_settings(tmp_path)
     collect(s, lab)
-    env = dict(os.environ, PORTWATCH_CONFIG=str(tmp_path / "none.toml"), PORTWATCH_STATE_DIR=s.general.state_dir)
+    env = dict(os.environ, PORTWATCH_CONFIG=str(tmp_path / "none.toml"), PORTWATCH_STATE_DIR=s.general.state_dir,
+               PORTWATCH_RUN_DIR=s.general.run_dir)
     proc = subprocess.Popen([sys.executable, "-m", "app", "collect", "--interface", lab.interface,
                              "--round-seconds", "5", "--no-sniffer", "--no-scanner", "--db", s.general.db],
                             env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterable
 
+from app import durations
 from app.db import reports as queries
 from app.errors import UsageError
 from app.services.findings import Finding
@@ -24,8 +25,6 @@ from app.services.ports import port_label
 
 log = logging.getLogger(__name__)
 
-_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.I)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # what a model finding's per-feature "share" is, for the contribution figure's axis
 CONTRIBUTION_MEASURE = "share of the reconstruction error (0-1)"
 
@@ -45,9 +44,8 @@ def parse_since(text: str | float | int | None, now: float | None = None) -> flo
     if value.lower() in ("", "all"):
         return None
     now = time.time() if now is None else now
-    match = _RELATIVE.match(value)
-    if match:
-        return now - float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+    if value[-1:].lower() in durations.UNIT_SECONDS:      # a span (24h, 7d): the one duration parser
+        return now - durations.flag("--since", value)
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:

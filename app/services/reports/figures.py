@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from app import permissions
 from app.services.files import atomic_writer
 from app.services.reports.facts import (CONTRIBUTION_MEASURE, Blocklist, ModelAnomaly, ModelScores, Occupancy,
                                         PortFacts, Traffic, fmt_time)
@@ -64,7 +65,7 @@ class Painter:
         ax.set_ylim(-0.05 * max(top, 1.0), max(top, 1.0) * 1.1)
 
     def save(self, fig, name: str) -> None:
-        with atomic_writer(self.out_dir / name, mode=0o644, binary=True) as fh:
+        with atomic_writer(self.out_dir / name, mode=permissions.file_mode(), binary=True) as fh:
             fig.savefig(fh, format="png", dpi=DPI)
 
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from app import permissions
 from app.db.connection import connect
 from app.errors import PortwatchError
 from app.services.files import atomic_write
@@ -132,7 +133,7 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, since: 
     since_ts = facts.parse_since(since, now=now)
     out = Path(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        permissions.make_dir(out)
         probe = tempfile.NamedTemporaryFile(dir=out, prefix=".probe.", delete=True)
         probe.close()
     except OSError as exc:
@@ -146,12 +147,14 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, since: 
     previous = _previous_figures(out)
     window = "everything in the database" if since_ts is None else f"since {fmt_time(since_ts)}"
     index = out / INDEX
-    atomic_write(index, _render_index("portwatch report", window, overview, drawn, tables, now))
+    atomic_write(index, _render_index("portwatch report", window, overview, drawn, tables, now),
+                 mode=permissions.file_mode())
     files = [d.file for d in drawn]
     atomic_write(out / MANIFEST, json.dumps({
         "generated_at": now, "since": since_ts, "database": str(db_path), "figures": files,
         "sections": {d.file: d.section for d in drawn}, "overview": overview,
-        "seconds": round(time.monotonic() - started, 3)}, indent=2, default=str) + "\n")
+        "seconds": round(time.monotonic() - started, 3)}, indent=2, default=str) + "\n",
+                 mode=permissions.file_mode())
     for stale in previous - set(files):
         (out / stale).unlink(missing_ok=True)
     log.info("report with %d figures written to %s in %.1f s", len(files), index, time.monotonic() - started)

@@ -1,0 +1,96 @@
+"""Run locks: one flock'ed file per job in a root-only run directory (``general.run_dir``).
+
+    hold(settings, name, busy) -> Lock     take it or raise LockedError(busy) (exit 6); release with close()
+    holding(settings, name, busy)          the same as a context manager
+    path(settings, name) -> Path           where lock ``name`` lives
+
+Names: ``collector-<interface>`` (one per interface, whatever the database or state dir),
+``evaluate``, ``cleanup``. The directory is created 0700 (an existing one we own is tightened), each
+file is opened for writing (O_WRONLY|O_CREAT|O_NOFOLLOW, 0600): a local user can neither open it
+nor flock it, so nobody but root can make root's runs exit 6.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from app.errors import LockedError, PortwatchError
+
+RUN_DIR_MODE = 0o700
+LOCK_FILE_MODE = 0o600
+
+
+def run_dir(settings) -> Path:
+    """The lock directory, created 0700 (tightened when it is ours and looser; refused when not ours)."""
+    directory = Path(settings.general.run_dir)
+    try:
+        directory.mkdir(mode=RUN_DIR_MODE, parents=True, exist_ok=True)
+        st = directory.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise PortwatchError(f"run directory {directory} (general.run_dir) is not a directory")
+        if st.st_uid != os.geteuid():
+            raise PortwatchError(f"run directory {directory} (general.run_dir) belongs to uid {st.st_uid}, not to "
+                                 "this user: remove it or choose another general.run_dir")
+        if stat.S_IMODE(st.st_mode) != RUN_DIR_MODE:
+            os.chmod(directory, RUN_DIR_MODE)
+    except OSError as exc:
+        raise PortwatchError(f"run directory {directory} (general.run_dir) cannot be used: {exc.strerror} (run as "
+                             "root, or set general.run_dir to a directory of your own)") from None
+    return directory
+
+
+def path(settings, name: str) -> Path:
+    return Path(settings.general.run_dir) / f"{name}.lock"
+
+
+class Lock:
+    """A held lock; ``close()`` releases it (so does the process's exit)."""
+
+    def __init__(self, lock_path: Path, fd: int):
+        self.path, self.fd = lock_path, fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)          # closing the only descriptor releases the flock
+            self.fd = None
+
+    def __enter__(self) -> "Lock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def hold(settings, name: str, busy: str) -> Lock:
+    """Take lock ``name`` without waiting; LockedError(``busy``) when another process holds it."""
+    lock_path = run_dir(settings) / f"{name}.lock"
+    try:
+        fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, LOCK_FILE_MODE)
+    except OSError as exc:
+        raise PortwatchError(f"lock file {lock_path} cannot be opened: {exc.strerror}") from None
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != LOCK_FILE_MODE:
+            os.fchmod(fd, LOCK_FILE_MODE)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockedError(busy) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return Lock(lock_path, fd)
+
+
+@contextmanager
+def holding(settings, name: str, busy: str) -> Iterator[Lock]:
+    lock = hold(settings, name, busy)
+    try:
+        yield lock
+    finally:
+        lock.close()
