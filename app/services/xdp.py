@@ -32,6 +32,7 @@ from typing import Callable
 
 from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
 from app.services import maps
+from app.services.bpf_structs import MAP_LAYOUT, PwMeta
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
         raise DependencyError(f"no kernel headers at {build}: run make setup (it links the distribution's headers)")
     pdir.mkdir(parents=True, exist_ok=True)
     if recreate:
-        for name in maps.MAP_LAYOUT:
+        for name in MAP_LAYOUT:
             (pdir / name).unlink(missing_ok=True)
     started = time.process_time() + _children_cpu()
     t0 = time.monotonic()
@@ -303,7 +304,7 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
         raise BpfError(f"cannot pin the program at {prog_pin}")
     now = attached_program(interface)
     program_id = now[0] if now else 0
-    meta = maps.PwMeta()
+    meta = PwMeta()
     ctypes.memmove(meta.source_hash, bytes.fromhex(want_hash), 32)
     meta.loaded_at = int(time.time())
     meta.program_id = program_id

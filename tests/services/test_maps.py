@@ -1,4 +1,5 @@
-"""ctypes mirrors against the maps the kernel really created (sizes and types from map info)."""
+"""PinnedMap and the map layouts against the maps the kernel really created (sizes and types from map info;
+the field-by-field checks of the mirrors are tests/services/test_bpf_structs.py)."""
 import ctypes
 import json
 import subprocess
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.services import maps
+from app.services import bpf_structs, maps
 from tests.helpers import collect, make_settings
 
 pytestmark = pytest.mark.kernel
@@ -16,7 +17,7 @@ def test_mirrors_match_kernel_maps_and_btf(lab, tmp_path):
     s = make_settings(tmp_path, flow_map_size=8192)
     collect(s, lab)
     pdir = Path(s.general.pin_root) / lab.interface
-    for name, (mtype, key_t, val_t) in maps.MAP_LAYOUT.items():
+    for name, (mtype, key_t, val_t) in bpf_structs.MAP_LAYOUT.items():
         with maps.PinnedMap(pdir / name) as m:
             assert m.info.type == mtype, name
             assert m.info.key_size == ctypes.sizeof(key_t), name
@@ -26,5 +27,5 @@ def test_mirrors_match_kernel_maps_and_btf(lab, tmp_path):
     # the BTF the kernel holds for the value type names the same size (a second, independent check)
     out = subprocess.run(["bpftool", "-j", "map", "show", "pinned", str(pdir / "flows")], capture_output=True, text=True)
     info = json.loads(out.stdout)
-    assert info["bytes_value"] == ctypes.sizeof(maps.PwFlowValue)
-    assert info["bytes_key"] == ctypes.sizeof(maps.PwFlowKey)
+    assert info["bytes_value"] == ctypes.sizeof(bpf_structs.PwFlowValue)
+    assert info["bytes_key"] == ctypes.sizeof(bpf_structs.PwFlowKey)
