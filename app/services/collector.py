@@ -33,7 +33,7 @@ from app.db.connection import connect  # noqa: E402
 from app.db.ports import PortIds  # noqa: E402
 from app.errors import LockedError, NeedsRootError, PortwatchError  # noqa: E402
 from app.services import maps, ports, rounds, xdp  # noqa: E402
-from app.services.bpf_structs import GLOBAL_NAMES, addr_text, lpm_key_text  # noqa: E402
+from app.services.bpf_structs import GLOBAL_NAMES, PwConfig, addr_text, lpm_key_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class Collector:
                 gc.enable()
 
     def _close_round(self, start, seen: Observations, compiled, reloaded, note) -> RoundSummary:
-        cfg = maps.read_config(self._maps["config"])
+        cfg = maps.read_struct(self._maps["config"], maps.INDEX_0, PwConfig)
         epoch = cfg.epoch
         readings = {name: rounds.read_map(self._maps[name], epoch if name == "port_stats" else None)
                     for name in SNAPSHOT_MAPS}
@@ -260,7 +260,7 @@ class Collector:
                 "sniffer_packets": sniffed})
         # the next round's payload extremes start now
         cfg.epoch = (epoch + 1) & 0xFFFFFFFF
-        maps.write_config(self._maps["config"], cfg)
+        self._maps["config"].update(maps.INDEX_0, bytes(cfg))
         self._after_round(round_id)
         return RoundSummary(round_id, self.interface, end - (since or start), g.get("total", 0), g.get("bytes", 0),
                             g.get("unparsed", 0), g.get("dropped", 0), n_ports, n_sources, n_listeners,

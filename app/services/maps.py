@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from app.errors import BpfError, DependencyError
-from app.services.bpf_structs import MAP_LAYOUT, PERCPU_TYPES, PwConfig, PwMeta
+from app.services.bpf_structs import PERCPU_TYPES
 
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 
@@ -258,48 +258,11 @@ def open_maps(pin_dir: str | Path, names=("port_stats", "sources", "srcports", "
     return out
 
 
-def layout_mismatch(pin_dir: str | Path, sizes: dict[str, int]) -> str | None:
-    """Why the pinned maps cannot be reused by a program built now (or None when they can).
-
-    sizes: map name -> max_entries the new build asks for.
-    """
-    for name, (mtype, key_t, val_t) in MAP_LAYOUT.items():
-        path = Path(pin_dir) / name
-        if not path.exists():
-            return f"map {name} is not pinned"
-        with PinnedMap(path) as m:
-            if m.info.type != mtype:
-                return f"map {name} has type {m.info.type}, expected {mtype}"
-            if m.info.key_size != ctypes.sizeof(key_t) or m.info.value_size != ctypes.sizeof(val_t):
-                return f"map {name} has key/value sizes {m.info.key_size}/{m.info.value_size}, expected {ctypes.sizeof(key_t)}/{ctypes.sizeof(val_t)}"
-            want = sizes.get(name)
-            if want is not None and m.info.max_entries != want:
-                return f"map {name} has {m.info.max_entries} entries, the configuration asks for {want}"
-    return None
+INDEX_0 = bytes(ctypes.c_uint32(0))     # the key of an array map's first (config, meta: only) entry
 
 
-_INDEX_0 = bytes(ctypes.c_uint32(0))    # the one key of an array map with one entry
-
-
-def read_config(config: PinnedMap) -> PwConfig:
-    """The struct pw_config of an open ``config`` map."""
-    raw = config.lookup(_INDEX_0)
-    return PwConfig.from_buffer_copy(raw[: ctypes.sizeof(PwConfig)])
-
-
-def write_config(config: PinnedMap, cfg: PwConfig) -> None:
-    config.update(_INDEX_0, bytes(cfg))
-
-
-def read_meta(pin_dir: str | Path) -> PwMeta | None:
-    path = Path(pin_dir) / "meta"
-    if not path.exists():
-        return None
-    with PinnedMap(path) as m:
-        raw = m.lookup(_INDEX_0)
-    return PwMeta.from_buffer_copy(raw[: ctypes.sizeof(PwMeta)]) if raw else None
-
-
-def write_meta(pin_dir: str | Path, meta: PwMeta) -> None:
-    with PinnedMap(Path(pin_dir) / "meta") as m:
-        m.update(_INDEX_0, bytes(meta))
+def read_struct(m: PinnedMap, key: bytes, ctype):
+    """The value of ``key`` as the ctypes struct ``ctype`` (the first CPU's slot of a per-CPU map),
+    or None when the key is absent. ``m`` is a PinnedMap or anything with its ``lookup``."""
+    raw = m.lookup(key)
+    return None if raw is None else ctype.from_buffer_copy(raw[: ctypes.sizeof(ctype)])

@@ -84,6 +84,35 @@ def source_hash(settings) -> str:
     return h.hexdigest()
 
 
+def layout_mismatch(pin_dir: str | Path, sizes: dict[str, int]) -> str | None:
+    """Why the pinned maps cannot be reused by a program built now (or None when they can).
+
+    sizes: map name -> max_entries the new build asks for.
+    """
+    for name, (mtype, key_t, val_t) in MAP_LAYOUT.items():
+        path = Path(pin_dir) / name
+        if not path.exists():
+            return f"map {name} is not pinned"
+        with maps.PinnedMap(path) as m:
+            if m.info.type != mtype:
+                return f"map {name} has type {m.info.type}, expected {mtype}"
+            if m.info.key_size != ctypes.sizeof(key_t) or m.info.value_size != ctypes.sizeof(val_t):
+                return f"map {name} has key/value sizes {m.info.key_size}/{m.info.value_size}, expected {ctypes.sizeof(key_t)}/{ctypes.sizeof(val_t)}"
+            want = sizes.get(name)
+            if want is not None and m.info.max_entries != want:
+                return f"map {name} has {m.info.max_entries} entries, the configuration asks for {want}"
+    return None
+
+
+def read_meta(pdir: Path) -> PwMeta | None:
+    """The struct pw_meta the loader wrote into the pinned ``meta`` map (None without one)."""
+    path = Path(pdir) / "meta"
+    if not path.exists():
+        return None
+    with maps.PinnedMap(path) as m:
+        return maps.read_struct(m, maps.INDEX_0, PwMeta)
+
+
 def pin_dir(settings, interface: str) -> Path:
     return Path(settings.general.pin_root) / interface
 
@@ -151,7 +180,7 @@ def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> 
     if info["pinned"]:
         try:
             info["pinned_program_id"] = maps.prog_info(pdir / "prog").id
-            meta = maps.read_meta(pdir)
+            meta = read_meta(pdir)
             if meta is not None:
                 info["source_hash"] = bytes(meta.source_hash).hex()
         except BpfError:
@@ -185,7 +214,7 @@ def ensure_loaded(settings, interface: str, on_recreate: Callable[[Path], None] 
         reason = "source-changed"
     recreate = False
     if (pdir / "port_stats").exists():
-        mismatch = maps.layout_mismatch(pdir, map_sizes(settings))
+        mismatch = layout_mismatch(pdir, map_sizes(settings))
         if mismatch:
             log.warning("pinned maps of %s cannot be reused (%s): recreating them", interface, mismatch)
             recreate = True
@@ -309,7 +338,8 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
     meta.loaded_at = int(time.time())
     meta.program_id = program_id
     meta.mode = MODE_NUMBERS[used]
-    maps.write_meta(pdir, meta)
+    with maps.PinnedMap(pdir / "meta") as m:
+        m.update(maps.INDEX_0, bytes(meta))
     return {"mode": used, "program_id": program_id, "compile_seconds": round(compile_seconds, 3),
             "cpu_seconds": round(time.process_time() + _children_cpu() - started, 3)}
 

@@ -167,7 +167,7 @@ def test_payload_extremes_come_from_this_epoch_and_the_epoch_advances(tmp_path, 
     try:
         first = c.close_round(0.0, Observations())
         assert port_rows(c, first.round_id) == [(8080, "tcp", 5, 0, 10, 40)]
-        assert maps.read_config(fakes["config"]).epoch == 8
+        assert maps.read_struct(fakes["config"], maps.INDEX_0, PwConfig).epoch == 8
     finally:
         c.close()
 

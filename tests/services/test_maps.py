@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.services import bpf_structs, maps
+from app.services import bpf_structs, maps, xdp
 from tests.helpers import collect, make_settings
 
 pytestmark = pytest.mark.kernel
@@ -22,8 +22,8 @@ def test_mirrors_match_kernel_maps_and_btf(lab, tmp_path):
             assert m.info.type == mtype, name
             assert m.info.key_size == ctypes.sizeof(key_t), name
             assert m.info.value_size == ctypes.sizeof(val_t), name
-    assert maps.layout_mismatch(pdir, {"flows": 8192}) is None
-    assert "8192" in maps.layout_mismatch(pdir, {"flows": 4096})
+    assert xdp.layout_mismatch(pdir, {"flows": 8192}) is None
+    assert "8192" in xdp.layout_mismatch(pdir, {"flows": 4096})
     # the BTF the kernel holds for the value type names the same size (a second, independent check)
     out = subprocess.run(["bpftool", "-j", "map", "show", "pinned", str(pdir / "flows")], capture_output=True, text=True)
     info = json.loads(out.stdout)

@@ -59,7 +59,7 @@ def test_load_once_then_read_without_compiling(lab, tmp_path):
     assert first.compiled and first.reason == "first-load" and first.mode in ("native", "generic")
     pdir = Path(s.general.pin_root) / lab.interface
     assert sorted(p.name for p in pdir.iterdir()) == sorted([*bpf_structs.MAP_LAYOUT, "prog"])
-    meta = maps.read_meta(pdir)
+    meta = xdp.read_meta(pdir)
     assert bytes(meta.source_hash).hex() == xdp.source_hash(s) == first.source_hash
     assert meta.program_id == first.program_id and xdp.MODE_NAMES[meta.mode] == first.mode
 
@@ -67,6 +67,6 @@ def test_load_once_then_read_without_compiling(lab, tmp_path):
     assert not again.compiled and again.program_id == first.program_id and again.mode == first.mode
     info = xdp.describe(lab.interface, s.general.pin_root)
     assert info["ours"] and info["pinned_program_id"] == first.program_id == xdp.attached_program(lab.interface)[0]
-    assert maps.layout_mismatch(pdir, xdp.map_sizes(s)) is None
+    assert xdp.layout_mismatch(pdir, xdp.map_sizes(s)) is None
     with maps.PinnedMap(pdir / "config") as config:
-        assert maps.read_config(config).epoch == 0
+        assert maps.read_struct(config, maps.INDEX_0, bpf_structs.PwConfig).epoch == 0
