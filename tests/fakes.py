@@ -3,15 +3,17 @@
 ``FakePinnedMap`` has the interface of app.services.maps.PinnedMap (name, path, info, percpu, ncpu,
 value_stride, record_size, items, lookup, count, update, delete, close, context manager) over a dict,
 with the layout of bpf_structs.MAP_LAYOUT[name] and the kernel's semantics where services rely on
-them: per-CPU values are one slot per CPU padded to 8 bytes; an LRU map evicts its least recently
-inserted key when full; a plain hash map refuses a new key when full (BpfError "is full"); an array
-map holds ``max_entries`` zeroed entries and refuses deletes; the LPM trie looks keys up by longest
-prefix, like bpf_map_lookup_elem does. ``put`` writes per-CPU values the way the XDP program would.
+them (tests/services/test_maps.py checks the fake against real pinned maps): per-CPU values are one
+slot per CPU padded to 8 bytes; an LRU map evicts its least recently INSERTED key when full (the
+kernel's LRU is approximate anyway); a plain hash map or the LPM trie refuses a new key when full
+(BpfError "is full"); an array map holds ``max_entries`` zeroed entries and refuses deletes; LPM
+lookups take the longest prefix, as bpf_map_lookup_elem does. ``put`` writes per-CPU values the way
+the XDP program would; ``evict`` drops a key the way an LRU map does.
 
 Usage::
 
     fakes = fake_maps(ncpu=2)
-    fakes["port_stats"].put(port_key(443, 6), PwPortValue(packets=3), PwPortValue(packets=1))
+    fakes["port_stats"].put(bytes(PwPortKey(port=443, proto=6)), PwPortValue(packets=3), PwPortValue(packets=1))
     collector._maps = fakes          # or blocklist reconciliation with fakes["blacklist"]
 """
 from __future__ import annotations
