@@ -8,6 +8,8 @@
    peak RSS of the whole collector process (targets <= 0.5 CPU-s and <= 60 MB at 50k).
 
 Runs as root; all traffic stays between lab hosts in 198.18.0.0/15. Cleans up after itself.
+Parallel runs on one machine take their own lab: PW_BENCH_PREFIX (default pwbc) and PW_BENCH_SUBNET
+(the third octet of 198.18.<n>.0/24, default 9).
 """
 from __future__ import annotations
 
@@ -194,7 +196,7 @@ def main() -> int:
         return 3
     tmp = Path(tempfile.mkdtemp(prefix="pw-bench-"))
     s = settings_for(tmp)
-    lab = Lab(prefix="pwbc", subnet=9)
+    lab = Lab(prefix=os.environ.get("PW_BENCH_PREFIX", "pwbc")[:6], subnet=int(os.environ.get("PW_BENCH_SUBNET", "9")))
     try:
         lab.create()
         collector_mod.run_collection(s, lab.interface, 0, 1, with_threads=False)

@@ -1,8 +1,9 @@
 /* portwatch: structs shared by the XDP program (bpf/port_flow.c) and user space.
  *
- * Every struct read from user space has exactly one ctypes mirror in app/services/maps.py,
- * commented with the C name; tests/services/test_maps.py checks the sizes against the BTF
- * the kernel loaded, so the two sides cannot drift apart silently.
+ * Every struct read from user space has exactly one ctypes mirror in app/services/bpf_structs.py,
+ * commented with the C name; tests/services/test_bpf_structs.py checks every field offset and
+ * size against this header (compiled with the host C compiler) and against the BTF of the
+ * program the kernel loaded, so the two sides cannot drift apart silently.
  * Padding is written out: the kernel compares keys byte for byte, so no byte may be left
  * to the compiler.
  */
@@ -89,10 +90,10 @@ struct pw_blacklist_value {
     __u64 last_drop_ns;
 };
 
-/* config (array, one entry): runtime switches that need no reload. Zero means defaults. */
+/* config (array, one entry): what user space tells the running program without a reload. */
 struct pw_config {
     __u32 epoch;                /* round epoch for round_min/round_max */
-    __u32 flags;                /* PW_F_* */
+    __u32 pad;                  /* zero; keeps the value (and the pinned map's layout) at 8 bytes */
 };
 
 /* meta (array, one entry): written by the loader after each attach, so the pins say which
@@ -104,12 +105,8 @@ struct pw_meta {
     __u32 mode;                 /* 1 native (driver), 2 generic (skb) */
 };
 
-#define PW_F_BLACKLIST_OFF  (1u << 0)  /* do not consult the blacklist (nothing is dropped) */
-#define PW_F_FLOWS_OFF      (1u << 1)  /* do not track flows */
-#define PW_F_SRCPORTS_OFF   (1u << 2)  /* do not track (source, port) pairs */
-
 /* global counters: one per-CPU array entry holding struct pw_global (one lookup per packet
- * instead of one per counter); index names mirrored in app/services/maps.py GLOBAL_NAMES.
+ * instead of one per counter); index names mirrored in app/services/bpf_structs.py GLOBAL_NAMES.
  * total = parsed + unparsed + non_ip. dropped is a subset of parsed. */
 enum pw_global_index {
     PW_G_TOTAL = 0,

@@ -197,7 +197,7 @@ static __always_inline void count_port(struct pw_global *g, struct parsed *p, __
     }
 }
 
-static __always_inline void count_source(struct pw_global *g, struct parsed *p, __u64 frame_len, __u32 flags)
+static __always_inline void count_source(struct pw_global *g, struct parsed *p, __u64 frame_len)
 {
     struct pw_source_value zero = {};
     struct pw_source_value *sv = sources.lookup(&p->src);
@@ -213,8 +213,7 @@ static __always_inline void count_source(struct pw_global *g, struct parsed *p, 
     if (p->proto == IPPROTO_TCP && (p->tcp_flags & 0x02) && !(p->tcp_flags & 0x10))
         sv->syn += 1;
 
-    if (!(flags & PW_F_SRCPORTS_OFF) && !p->nonfirst_frag &&
-        (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP)) {
+    if (!p->nonfirst_frag && (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP)) {
         struct pw_srcport_key sk = {};
         sk.src = p->src;
         sk.port = p->dport;
@@ -289,12 +288,10 @@ int xdp_port_flow(struct xdp_md *ctx)
     count(PW_G_TOTAL, 1);
     count(PW_G_BYTES, frame_len);
 
-    __u32 epoch = 0, flags = 0;
+    __u32 epoch = 0;
     struct pw_config *cfg = config.lookup(&zero_idx);
-    if (cfg) {
+    if (cfg)
         epoch = cfg->epoch;
-        flags = cfg->flags;
-    }
 
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > data_end)
@@ -387,20 +384,18 @@ int xdp_port_flow(struct xdp_md *ctx)
     }
 
     /* the blacklist comes first: a blocked source costs one lookup and nothing else */
-    if (!(flags & PW_F_BLACKLIST_OFF)) {
-        struct pw_lpm_key lk = {};
-        lk.prefixlen = 128;
-        __builtin_memcpy(lk.addr, p.src.addr, 16);
-        struct pw_blacklist_value *bv = blacklist.lookup(&lk);
-        if (bv) {
-            __sync_fetch_and_add(&bv->drops, 1);
-            __sync_fetch_and_add(&bv->drop_bytes, frame_len);
-            bv->last_drop_ns = bpf_ktime_get_coarse_ns();   /* the value is shared by CPUs: atomics above */
-            count(PW_G_PARSED, 1);
-            count(PW_G_DROPPED, 1);
-            count(PW_G_DROPPED_BYTES, frame_len);
-            return XDP_DROP;
-        }
+    struct pw_lpm_key lk = {};
+    lk.prefixlen = 128;
+    __builtin_memcpy(lk.addr, p.src.addr, 16);
+    struct pw_blacklist_value *bv = blacklist.lookup(&lk);
+    if (bv) {
+        __sync_fetch_and_add(&bv->drops, 1);
+        __sync_fetch_and_add(&bv->drop_bytes, frame_len);
+        bv->last_drop_ns = bpf_ktime_get_coarse_ns();   /* the value is shared by CPUs: atomics above */
+        count(PW_G_PARSED, 1);
+        count(PW_G_DROPPED, 1);
+        count(PW_G_DROPPED_BYTES, frame_len);
+        return XDP_DROP;
     }
 
     if (parse_l4(l4, data_end, &p) < 0)
@@ -419,9 +414,8 @@ int xdp_port_flow(struct xdp_md *ctx)
         count(PW_G_OTHER_L4, 1);
 
     count_port(g, &p, frame_len, epoch);
-    count_source(g, &p, frame_len, flags);
-    if (!(flags & PW_F_FLOWS_OFF))
-        count_flow(g, &p, frame_len, bpf_ktime_get_coarse_ns());
+    count_source(g, &p, frame_len);
+    count_flow(g, &p, frame_len, bpf_ktime_get_coarse_ns());
     return XDP_PASS;
 
 unparsed:

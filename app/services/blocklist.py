@@ -55,13 +55,14 @@ from app.db import blacklist as db
 from app.db import series as series_db
 from app.errors import BpfError, UsageError
 from app.services import maps
+from app.services.bpf_structs import PwBlacklistValue, lpm_key, lpm_key_text
 
 log = logging.getLogger(__name__)
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 RESOLV_PATHS = ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf")
 SSH_PORT = 22
-_ZERO_VALUE = bytes(maps.PwBlacklistValue())
+_ZERO_VALUE = bytes(PwBlacklistValue())
 _MAPPED_V4 = ipaddress.ip_network("::ffff:0:0/96")
 
 
@@ -104,20 +105,6 @@ def parse_network(text: str) -> Network:
         raise UsageError(f"{text} has host bits set: give {network} for the network or {addr} for the one "
                          "address") from None
     return normalise(network)
-
-
-def lpm_key(network: Network) -> bytes:
-    """The struct pw_lpm_key of a network (IPv4 as IPv4-mapped, prefixlen + 96)."""
-    network = normalise(network)
-    key = maps.PwLpmKey()
-    if network.version == 4:
-        key.prefixlen = network.prefixlen + 96
-        raw = maps.addr_bytes(str(network.network_address))
-    else:
-        key.prefixlen = network.prefixlen
-        raw = network.network_address.packed
-    ctypes.memmove(key.addr, raw, 16)
-    return bytes(key)
 
 
 # --- safety interlocks -------------------------------------------------------------------------------
@@ -520,12 +507,12 @@ def _read_map(blacklist: maps.PinnedMap) -> dict[str, tuple[bytes, int, int]]:
     """CIDR text -> (key bytes, drops, drop_bytes) of every entry in a blacklist map."""
     keys, values, n = blacklist.items()
     ks, rs = blacklist.info.key_size, blacklist.record_size
-    size = ctypes.sizeof(maps.PwBlacklistValue)
+    size = ctypes.sizeof(PwBlacklistValue)
     out = {}
     for i in range(n):
         key = keys[i * ks:(i + 1) * ks]
-        value = maps.PwBlacklistValue.from_buffer_copy(values[i * rs:i * rs + size])
-        out[maps.lpm_key_text(key)] = (key, value.drops, value.drop_bytes)
+        value = PwBlacklistValue.from_buffer_copy(values[i * rs:i * rs + size])
+        out[lpm_key_text(key)] = (key, value.drops, value.drop_bytes)
     return out
 
 
@@ -575,7 +562,7 @@ def _sync(conn, blacklist: maps.PinnedMap, result: ReconcileResult, now: float) 
             # read again right before the delete, so drops counted meanwhile are not lost
             raw = blacklist.lookup(key)
             if raw is not None:
-                value = maps.PwBlacklistValue.from_buffer_copy(raw[:ctypes.sizeof(maps.PwBlacklistValue)])
+                value = PwBlacklistValue.from_buffer_copy(raw[:ctypes.sizeof(PwBlacklistValue)])
                 drops = value.drops
             blacklist.delete(key)
             db.delete_map_counter(conn, interface, text)

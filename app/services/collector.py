@@ -32,14 +32,11 @@ from app.db.connection import connect  # noqa: E402
 from app.db.ports import PortIds  # noqa: E402
 from app.errors import NeedsRootError, PortwatchError  # noqa: E402
 from app.services import locks, maps, ports, rounds, xdp  # noqa: E402
+from app.services.bpf_structs import GLOBAL_NAMES, PwConfig, addr_text, lpm_key_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_MAPS = ("port_stats", "sources", "srcports", "flows", "global", "blacklist")
-# structured views of raw keys (struct pw_addr / pw_srcport_key / pw_flow_key of bpf/common.h)
-ADDR_KEY = [("a", "S16")]
-SRCPORT_KEY = [("src", "S16"), ("rest", "V4")]
-FLOW_KEY = [("src", "S16"), ("rest", "V24")]
 
 
 @dataclass
@@ -171,7 +168,7 @@ class Collector:
                 gc.enable()
 
     def _close_round(self, start, seen: Observations, compiled, reloaded, note) -> RoundSummary:
-        cfg = maps.read_config(self.pin_dir)
+        cfg = maps.read_struct(self._maps["config"], maps.INDEX_0, PwConfig)
         epoch = cfg.epoch
         readings = {name: rounds.read_map(self._maps[name], epoch if name == "port_stats" else None)
                     for name in SNAPSHOT_MAPS}
@@ -193,7 +190,7 @@ class Collector:
             deltas[name] = rounds.diff(readings[name], prev)
             prev_entries[name] = prev.entries
             del prev, snap
-        g = dict(zip(maps.GLOBAL_NAMES, deltas["global"].values[0].tolist() if len(deltas["global"]) else ()))
+        g = dict(zip(GLOBAL_NAMES, deltas["global"].values[0].tolist() if len(deltas["global"]) else ()))
         values = {
             "start_time": start, "end_time": end, "counts_since": since, "interface": self.interface,
             "xdp_mode": self.load_state.mode if self.load_state else None,
@@ -253,7 +250,7 @@ class Collector:
                 "sniffer_packets": sniffed})
         # the next round's payload extremes start now
         cfg.epoch = (epoch + 1) & 0xFFFFFFFF
-        maps.write_config(self.pin_dir, cfg)
+        self._maps["config"].update(maps.INDEX_0, bytes(cfg))
         self._after_round(round_id)
         return RoundSummary(round_id, self.interface, end - (since or start), g.get("total", 0), g.get("bytes", 0),
                             g.get("unparsed", 0), g.get("dropped", 0), n_ports, n_sources, n_listeners,
@@ -276,8 +273,10 @@ class Collector:
         """port_stats rows, the ephemeral ports folded per protocol. Returns the number of rows."""
         merged: dict[tuple[int, str], list] = {}
         ext = extras[delta.index].tolist() if len(delta) else []
-        for key, d, (rmin, rmax) in zip(delta.keys, delta.values.tolist(), ext):
-            port, proto = int.from_bytes(key[0:2], "little"), ports.protocol_name(key[2])
+        port_list = delta.field("port").tolist() if len(delta) else []
+        proto_list = delta.field("proto").tolist() if len(delta) else []
+        for port, proto_number, d, (rmin, rmax) in zip(port_list, proto_list, delta.values.tolist(), ext):
+            proto = ports.protocol_name(proto_number)
             value = ports.fold_port(port, proto, listening, low, high, fold)
             rmin = None if rmin == rounds.U32_MAX else rmin
             rmax = None if rmin is None else rmax
@@ -299,24 +298,25 @@ class Collector:
     def _write_sources(self, round_id, sources: rounds.Delta, srcports: rounds.Delta) -> set[bytes]:
         """source_stats rows (with distinct ports) and source_ports for many-port sources.
         Returns the raw addresses of the sources that reached many ports."""
-        # distinct (port, protocol) pairs per source, vectorised: srcport keys start with the address
+        # distinct (port, protocol) pairs per source, vectorised over the srcport keys' "src" field
         n_ports = np.zeros(len(sources), dtype=np.int64)
-        if len(srcports) and len(sources):
-            src_of_pair = srcports.field(SRCPORT_KEY, "src")
+        src_of_pair = srcports.field("src") if len(srcports) else None
+        if src_of_pair is not None and len(sources):
             uniq, counts = np.unique(src_of_pair, return_counts=True)
-            pos = rounds.match(sources.field(ADDR_KEY, "a"), uniq)
+            pos = rounds.match(sources.field("addr"), uniq)
             n_ports = np.where(pos >= 0, counts[np.maximum(pos, 0)], 0)
         threshold = self.settings.collector.many_ports_threshold
-        key = sources.reading.key
-        rows = [(maps.addr_text(key(i)), packets, bytes_, syn, n) for i, (packets, bytes_, syn), n in
+        key = sources.reading.key          # a sources key is one struct pw_addr
+        rows = [(addr_text(key(i)), packets, bytes_, syn, n) for i, (packets, bytes_, syn), n in
                 zip(sources.index.tolist(), sources.values.tolist(), n_ports.tolist())]
         many = {key(i) for i, n in zip(sources.index.tolist(), n_ports.tolist()) if n >= threshold}
         detail = []
-        if many:
-            for k, (n,) in zip(srcports.keys, srcports.values.tolist()):
-                if k[:16] in many:
-                    detail.append((maps.addr_text(k[:16]), int.from_bytes(k[16:18], "little"),
-                                   ports.protocol_name(k[18]), n))
+        if many and src_of_pair is not None:
+            hit = np.flatnonzero(np.isin(src_of_pair, np.array(sorted(many), dtype="S16")))
+            pairs = srcports.key_fields(hit)
+            for src, port, proto, (n,) in zip(pairs["src"].tolist(), pairs["port"].tolist(), pairs["proto"].tolist(),
+                                             srcports.values[hit].tolist()):
+                detail.append((addr_text(src), port, ports.protocol_name(proto), n))
         rows.sort()   # in address order: far cheaper inserts into the (address, round_id) index
         rounds_db.insert_source_stats(self.conn, round_id, rows)
         rounds_db.insert_source_ports(self.conn, round_id, detail)
@@ -331,25 +331,24 @@ class Collector:
         top = np.argsort(-by_bytes, kind="stable")[:top_n].tolist()
         chosen = {i: "top" for i in top}
         if many:
-            src = flows.field(FLOW_KEY, "src")
-            hit = np.isin(src, np.array(sorted(many), dtype="S16"))
+            hit = np.isin(flows.field("src"), np.array(sorted(many), dtype="S16"))
             for i in np.flatnonzero(hit).tolist():
                 chosen.setdefault(i, "many-ports")
         offset = time.time() - time.clock_gettime(6)   # CLOCK_MONOTONIC_COARSE = 6: coarse ktime (ns) -> epoch
-        ext = extras[flows.index]
+        rows_i = list(chosen)
+        keys = flows.key_fields(rows_i)
+        ext = extras[flows.index[rows_i]].tolist()
         rows = []
-        for i, reason in chosen.items():
-            key = flows.reading.key(int(flows.index[i]))
-            packets, bytes_ = flows.values[i].tolist()
-            first_ns, last_ns, flags = ext[i].tolist()
-            rows.append((maps.addr_text(key[0:16]), int.from_bytes(key[32:34], "little"), maps.addr_text(key[16:32]),
-                         int.from_bytes(key[34:36], "little"), ports.protocol_name(key[36]), packets, bytes_,
+        for src, sport, dst, dport, proto, (packets, bytes_), (first_ns, last_ns, flags), reason in zip(
+                keys["src"].tolist(), keys["sport"].tolist(), keys["dst"].tolist(), keys["dport"].tolist(),
+                keys["proto"].tolist(), flows.values[rows_i].tolist(), ext, chosen.values()):
+            rows.append((addr_text(src), sport, addr_text(dst), dport, ports.protocol_name(proto), packets, bytes_,
                          round(first_ns / 1e9 + offset, 3) if first_ns else None,
                          round(last_ns / 1e9 + offset, 3) if last_ns else None, flags, reason))
         rounds_db.insert_flows(self.conn, round_id, rows)
 
     def _write_blacklist_drops(self, round_id, delta: rounds.Delta) -> None:
-        rows = [(maps.lpm_key_text(key), d[0]) for key, d in zip(delta.keys, delta.values.tolist()) if d[0]]
+        rows = [(lpm_key_text(key), d[0]) for key, d in zip(delta.keys, delta.values.tolist()) if d[0]]
         rounds_db.insert_blacklist_drops(self.conn, round_id, rows)
 
 

@@ -1,123 +1,27 @@
 """Open pinned BPF maps and batch-read them WITHOUT BCC: libbpf (Debian's libbpf1) through ctypes.
 
 This is the collector's read path on every run after the first: no clang, no LLVM, no BCC
-import — a few syscalls per map. Each C struct of bpf/common.h has exactly one ctypes mirror
-below, commented with its C name; tests/services/test_maps.py checks their sizes against the
-key/value sizes the kernel reports for the maps the real program created.
+import — a few syscalls per map. Keys and values are raw bytes here; what they mean (the mirrors
+of bpf/common.h, their numpy dtypes, the address and LPM-key codecs, the map layouts) lives in
+app/services/bpf_structs.py. tests/services/test_maps.py checks the layouts against the key/value
+sizes the kernel reports for the maps the real program created.
 
-Per-CPU maps return one value per possible CPU, each rounded up to 8 bytes; they are summed
-here (counters), or min/max-reduced (payload extremes).
+Per-CPU maps return one value per possible CPU, each rounded up to 8 bytes (``value_stride``);
+callers sum or reduce them (app/services/rounds.py).
 """
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
-import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from app.errors import BpfError, DependencyError
+from app.services.bpf_structs import PERCPU_TYPES
 
-# --- ctypes mirrors of bpf/common.h -------------------------------------------------------
-
-
-class PwAddr(ctypes.Structure):            # struct pw_addr
-    _fields_ = [("addr", ctypes.c_uint8 * 16)]
-
-
-class PwPortKey(ctypes.Structure):         # struct pw_port_key
-    _fields_ = [("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
-
-
-class PwPortValue(ctypes.Structure):       # struct pw_port_value
-    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("payload_bytes", ctypes.c_uint64),
-                ("syn", ctypes.c_uint64), ("synack", ctypes.c_uint64), ("rst", ctypes.c_uint64),
-                ("fin", ctypes.c_uint64), ("min_payload", ctypes.c_uint32), ("max_payload", ctypes.c_uint32),
-                ("round_min", ctypes.c_uint32), ("round_max", ctypes.c_uint32), ("epoch", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32)]
-
-
-class PwSourceValue(ctypes.Structure):     # struct pw_source_value
-    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("syn", ctypes.c_uint64)]
-
-
-class PwSrcportKey(ctypes.Structure):      # struct pw_srcport_key
-    _fields_ = [("src", PwAddr), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
-
-
-class PwFlowKey(ctypes.Structure):         # struct pw_flow_key
-    _fields_ = [("src", PwAddr), ("dst", PwAddr), ("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16),
-                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
-
-
-class PwFlowValue(ctypes.Structure):       # struct pw_flow_value
-    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("first_seen_ns", ctypes.c_uint64),
-                ("last_seen_ns", ctypes.c_uint64), ("tcp_flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
-
-
-class PwGlobal(ctypes.Structure):          # struct pw_global
-    _fields_ = [("c", ctypes.c_uint64 * 20)]  # PW_G_MAX = len(GLOBAL_NAMES)
-
-
-class PwLpmKey(ctypes.Structure):          # struct pw_lpm_key
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
-
-
-class PwBlacklistValue(ctypes.Structure):  # struct pw_blacklist_value
-    _fields_ = [("drops", ctypes.c_uint64), ("drop_bytes", ctypes.c_uint64), ("last_drop_ns", ctypes.c_uint64)]
-
-
-class PwConfig(ctypes.Structure):          # struct pw_config
-    _fields_ = [("epoch", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
-
-
-class PwMeta(ctypes.Structure):            # struct pw_meta
-    _fields_ = [("source_hash", ctypes.c_uint8 * 32), ("loaded_at", ctypes.c_uint64),
-                ("program_id", ctypes.c_uint32), ("mode", ctypes.c_uint32)]
-
-
-PW_F_BLACKLIST_OFF = 1 << 0                # PW_F_* of common.h
-PW_F_FLOWS_OFF = 1 << 1
-PW_F_SRCPORTS_OFF = 1 << 2
-
-# enum pw_global, in order
-GLOBAL_NAMES = ("total", "bytes", "parsed", "unparsed", "non_ip", "dropped", "dropped_bytes", "ipv4", "ipv6",
-                "tcp", "udp", "icmp", "icmpv6", "other_l4", "fragments", "vlan", "flow_inserts",
-                "srcport_inserts", "source_inserts", "port_map_full")
-assert len(GLOBAL_NAMES) == len(PwGlobal._fields_[0][1]()), "GLOBAL_NAMES must name every PW_G_* counter"
-
-# map name -> (BPF map type number, key mirror, value mirror, per-CPU)
-BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY = 1, 2, 5, 6
-BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH, BPF_MAP_TYPE_LPM_TRIE = 9, 10, 11
-MAP_LAYOUT = {
-    "port_stats": (BPF_MAP_TYPE_PERCPU_HASH, PwPortKey, PwPortValue),
-    "sources": (BPF_MAP_TYPE_LRU_PERCPU_HASH, PwAddr, PwSourceValue),
-    "srcports": (BPF_MAP_TYPE_LRU_PERCPU_HASH, PwSrcportKey, ctypes.c_uint64),
-    "flows": (BPF_MAP_TYPE_LRU_PERCPU_HASH, PwFlowKey, PwFlowValue),
-    "global": (BPF_MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, PwGlobal),
-    "blacklist": (BPF_MAP_TYPE_LPM_TRIE, PwLpmKey, PwBlacklistValue),
-    "config": (BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, PwConfig),
-    "meta": (BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, PwMeta),
-}
-PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
-
-
-def struct_format(ctype) -> str:
-    """A struct-module format (no byte-order prefix) equal to a ctypes mirror's layout.
-
-    Byte arrays become 'Ns' (bytes), other arrays repeat their element, nested structs inline.
-    """
-    codes = {ctypes.c_uint64: "Q", ctypes.c_uint32: "I", ctypes.c_uint16: "H", ctypes.c_uint8: "B"}
-    if ctype in codes:
-        return codes[ctype]
-    if issubclass(ctype, ctypes.Array):
-        if ctype._type_ is ctypes.c_uint8:
-            return f"{ctype._length_}s"
-        return struct_format(ctype._type_) * ctype._length_
-    return "".join(struct_format(t) for _, t in ctype._fields_)
 
 
 # --- libbpf through ctypes -------------------------------------------------------------------
@@ -340,36 +244,6 @@ def prog_info(path: str | Path) -> BpfProgInfo:
         os.close(rc)
 
 
-# --- decoding ---------------------------------------------------------------------------------
-
-def addr_text(raw: bytes) -> str:
-    """Text of a 16-byte pw_addr: dotted IPv4 for IPv4-mapped addresses, else IPv6."""
-    if raw[:12] == b"\x00" * 10 + b"\xff\xff":
-        return "%d.%d.%d.%d" % tuple(raw[12:16])
-    import ipaddress
-    return str(ipaddress.IPv6Address(raw))
-
-
-def addr_bytes(text: str) -> bytes:
-    """Inverse of addr_text: IPv4 becomes IPv4-mapped IPv6."""
-    import ipaddress
-    ip = ipaddress.ip_address(text)
-    if ip.version == 4:
-        return b"\x00" * 10 + b"\xff\xff" + ip.packed
-    return ip.packed
-
-
-def lpm_key_text(key: bytes) -> str:
-    """CIDR text of a pw_lpm_key (IPv4-mapped prefixes become IPv4 CIDRs)."""
-    prefixlen = int.from_bytes(key[0:4], "little")
-    addr = key[4:20]
-    if addr[:12] == b"\x00" * 10 + b"\xff\xff" and prefixlen >= 96:
-        return f"{addr_text(addr)}/{prefixlen - 96}"
-    import ipaddress
-    return str(ipaddress.IPv6Network((addr, prefixlen), strict=False))
-
-
-
 def open_maps(pin_dir: str | Path, names=("port_stats", "sources", "srcports", "flows", "global", "blacklist",
                                           "config")) -> dict[str, PinnedMap]:
     pin_dir = Path(pin_dir)
@@ -384,46 +258,11 @@ def open_maps(pin_dir: str | Path, names=("port_stats", "sources", "srcports", "
     return out
 
 
-def layout_mismatch(pin_dir: str | Path, sizes: dict[str, int]) -> str | None:
-    """Why the pinned maps cannot be reused by a program built now (or None when they can).
-
-    sizes: map name -> max_entries the new build asks for.
-    """
-    for name, (mtype, key_t, val_t) in MAP_LAYOUT.items():
-        path = Path(pin_dir) / name
-        if not path.exists():
-            return f"map {name} is not pinned"
-        with PinnedMap(path) as m:
-            if m.info.type != mtype:
-                return f"map {name} has type {m.info.type}, expected {mtype}"
-            if m.info.key_size != ctypes.sizeof(key_t) or m.info.value_size != ctypes.sizeof(val_t):
-                return f"map {name} has key/value sizes {m.info.key_size}/{m.info.value_size}, expected {ctypes.sizeof(key_t)}/{ctypes.sizeof(val_t)}"
-            want = sizes.get(name)
-            if want is not None and m.info.max_entries != want:
-                return f"map {name} has {m.info.max_entries} entries, the configuration asks for {want}"
-    return None
+INDEX_0 = bytes(ctypes.c_uint32(0))     # the key of an array map's first (config, meta: only) entry
 
 
-def read_config(pin_dir: str | Path) -> PwConfig:
-    with PinnedMap(Path(pin_dir) / "config") as m:
-        raw = m.lookup(struct.pack("<I", 0))
-    return PwConfig.from_buffer_copy(raw[: ctypes.sizeof(PwConfig)])
-
-
-def write_config(pin_dir: str | Path, cfg: PwConfig) -> None:
-    with PinnedMap(Path(pin_dir) / "config") as m:
-        m.update(struct.pack("<I", 0), bytes(cfg))
-
-
-def read_meta(pin_dir: str | Path) -> PwMeta | None:
-    path = Path(pin_dir) / "meta"
-    if not path.exists():
-        return None
-    with PinnedMap(path) as m:
-        raw = m.lookup(struct.pack("<I", 0))
-    return PwMeta.from_buffer_copy(raw[: ctypes.sizeof(PwMeta)]) if raw else None
-
-
-def write_meta(pin_dir: str | Path, meta: PwMeta) -> None:
-    with PinnedMap(Path(pin_dir) / "meta") as m:
-        m.update(struct.pack("<I", 0), bytes(meta))
+def read_struct(m: PinnedMap, key: bytes, ctype):
+    """The value of ``key`` as the ctypes struct ``ctype`` (the first CPU's slot of a per-CPU map),
+    or None when the key is absent. ``m`` is a PinnedMap or anything with its ``lookup``."""
+    raw = m.lookup(key)
+    return None if raw is None else ctype.from_buffer_copy(raw[: ctypes.sizeof(ctype)])

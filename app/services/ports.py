@@ -11,7 +11,6 @@ from pathlib import Path
 
 EPHEMERAL = -1
 PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 132: "sctp", 47: "gre", 50: "esp", 51: "ah"}
-PROTOCOL_NUMBERS = {name: num for num, name in PROTOCOL_NAMES.items()}
 PORTED = ("tcp", "udp")          # protocols whose key is a real port (ICMP keys are types)
 
 

@@ -7,19 +7,18 @@ a reload that kept the pinned maps. A key whose counters went backwards (maps re
 an LRU entry evicted and re-inserted) is treated as restarted from zero: its delta is its
 current value.
 
-Values are decoded with numpy structured dtypes built from the ctypes mirrors in maps.py, so a
+Values are decoded with numpy structured dtypes built from the ctypes mirrors in bpf_structs.py, so a
 round over 50k entries costs milliseconds, not a Python loop per CPU per field. A snapshot is
 one BLOB per map: all keys (n * key_size bytes) followed by the counters (n * width u64, little
 endian).
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import numpy as np
 
-from app.services import maps
+from app.services import bpf_structs
 
 # counters kept per map in snapshots (in this order)
 COUNTERS = {
@@ -27,7 +26,7 @@ COUNTERS = {
     "sources": ("packets", "bytes", "syn"),
     "srcports": ("packets",),
     "flows": ("packets", "bytes"),
-    "global": maps.GLOBAL_NAMES,
+    "global": bpf_structs.GLOBAL_NAMES,
     "blacklist": ("drops", "drop_bytes"),
 }
 U32_MAX = np.uint64(0xFFFFFFFF)
@@ -67,27 +66,6 @@ class MapReading:
         return [self.raw_keys[i:i + ks] for i in range(0, len(self.counters) * ks, ks)]
 
 
-def _dtype(ctype, stride: int) -> np.dtype:
-    """numpy dtype of a ctypes mirror (scalar or Structure), padded to ``stride`` bytes."""
-    if not isinstance(ctype, type) or not issubclass(ctype, ctypes.Structure):
-        return np.dtype({"names": ["value"], "formats": ["<u8"], "offsets": [0], "itemsize": stride})
-    names, formats, offsets = [], [], []
-    for fname, ftype in ctype._fields_:
-        off = getattr(ctype, fname).offset
-        if issubclass(ftype, ctypes.Array):
-            fmt = (np.dtype(_scalar(ftype._type_)), ftype._length_)
-        else:
-            fmt = _scalar(ftype)
-        names.append(fname)
-        formats.append(fmt)
-        offsets.append(off)
-    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": stride})
-
-
-def _scalar(ctype) -> str:
-    return {ctypes.c_uint64: "<u8", ctypes.c_uint32: "<u4", ctypes.c_uint16: "<u2", ctypes.c_uint8: "u1"}[ctype]
-
-
 def empty(name: str, key_size: int = 1) -> MapReading:
     return MapReading(name, b"", key_size, np.zeros((0, len(COUNTERS[name])), dtype=np.uint64))
 
@@ -104,8 +82,7 @@ def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride:
     """
     if n == 0:
         return empty(name, key_size)
-    ctype = maps.MAP_LAYOUT[name][2]
-    arr = np.frombuffer(values, dtype=_dtype(ctype, stride), count=n * ncpu).reshape(n, ncpu)
+    arr = np.frombuffer(values, dtype=bpf_structs.value_dtype(name, stride), count=n * ncpu).reshape(n, ncpu)
     extras = None
     if name == "global":
         counters = arr["c"].sum(axis=1, dtype=np.uint64)
@@ -130,7 +107,8 @@ def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride:
     return MapReading(name, keys[: n * key_size], key_size, np.ascontiguousarray(counters, dtype=np.uint64), extras)
 
 
-def read_map(m: "maps.PinnedMap", epoch: int | None = None) -> MapReading:
+def read_map(m, epoch: int | None = None) -> MapReading:
+    """Read and decode one map (an app.services.maps.PinnedMap, or anything with its interface)."""
     keys, values, n = m.items()
     reading = decode(m.name, keys, values, n, m.info.key_size, m.value_stride, m.ncpu, epoch)
     reading.max_entries = m.info.max_entries
@@ -170,10 +148,17 @@ class Delta:
         key = self.reading.key
         return [key(i) for i in self.index.tolist()]
 
-    def field(self, dtype: list, name: str) -> np.ndarray:
-        """One field of the keys of this delta, keys viewed as the structured ``dtype``."""
-        arr = np.frombuffer(self.reading.raw_keys, dtype=dtype, count=self.reading.entries)
-        return arr[name][self.index]
+    def _key_records(self) -> np.ndarray:
+        return np.frombuffer(self.reading.raw_keys, dtype=bpf_structs.key_dtype(self.name),
+                             count=self.reading.entries)
+
+    def field(self, name: str) -> np.ndarray:
+        """One field of this delta's keys, by its C name (e.g. ``"src"`` of pw_flow_key): (k,) array."""
+        return self._key_records()[name][self.index]
+
+    def key_fields(self, rows) -> np.ndarray:
+        """The keys of delta rows ``rows`` as structured records (fields named as in bpf/common.h)."""
+        return self._key_records()[self.index[rows]]
 
     def as_dict(self) -> dict[bytes, tuple]:
         return {k: tuple(v) for k, v in zip(self.keys, self.values.tolist())}

@@ -32,6 +32,7 @@ from typing import Callable
 
 from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
 from app.services import maps
+from app.services.bpf_structs import MAP_LAYOUT, PwMeta
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,35 @@ def source_hash(settings) -> str:
         h.update(path.read_bytes())
     h.update(" ".join(build_flags(settings)).encode())
     return h.hexdigest()
+
+
+def layout_mismatch(pin_dir: str | Path, sizes: dict[str, int]) -> str | None:
+    """Why the pinned maps cannot be reused by a program built now (or None when they can).
+
+    sizes: map name -> max_entries the new build asks for.
+    """
+    for name, (mtype, key_t, val_t) in MAP_LAYOUT.items():
+        path = Path(pin_dir) / name
+        if not path.exists():
+            return f"map {name} is not pinned"
+        with maps.PinnedMap(path) as m:
+            if m.info.type != mtype:
+                return f"map {name} has type {m.info.type}, expected {mtype}"
+            if m.info.key_size != ctypes.sizeof(key_t) or m.info.value_size != ctypes.sizeof(val_t):
+                return f"map {name} has key/value sizes {m.info.key_size}/{m.info.value_size}, expected {ctypes.sizeof(key_t)}/{ctypes.sizeof(val_t)}"
+            want = sizes.get(name)
+            if want is not None and m.info.max_entries != want:
+                return f"map {name} has {m.info.max_entries} entries, the configuration asks for {want}"
+    return None
+
+
+def read_meta(pdir: Path) -> PwMeta | None:
+    """The struct pw_meta the loader wrote into the pinned ``meta`` map (None without one)."""
+    path = Path(pdir) / "meta"
+    if not path.exists():
+        return None
+    with maps.PinnedMap(path) as m:
+        return maps.read_struct(m, maps.INDEX_0, PwMeta)
 
 
 def pin_dir(settings, interface: str) -> Path:
@@ -150,7 +180,7 @@ def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> 
     if info["pinned"]:
         try:
             info["pinned_program_id"] = maps.prog_info(pdir / "prog").id
-            meta = maps.read_meta(pdir)
+            meta = read_meta(pdir)
             if meta is not None:
                 info["source_hash"] = bytes(meta.source_hash).hex()
         except BpfError:
@@ -184,7 +214,7 @@ def ensure_loaded(settings, interface: str, on_recreate: Callable[[Path], None] 
         reason = "source-changed"
     recreate = False
     if (pdir / "port_stats").exists():
-        mismatch = maps.layout_mismatch(pdir, map_sizes(settings))
+        mismatch = layout_mismatch(pdir, map_sizes(settings))
         if mismatch:
             log.warning("pinned maps of %s cannot be reused (%s): recreating them", interface, mismatch)
             recreate = True
@@ -265,7 +295,7 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
         raise DependencyError(f"no kernel headers at {build}: run make setup (it links the distribution's headers)")
     pdir.mkdir(parents=True, exist_ok=True)
     if recreate:
-        for name in maps.MAP_LAYOUT:
+        for name in MAP_LAYOUT:
             (pdir / name).unlink(missing_ok=True)
     started = time.process_time() + _children_cpu()
     t0 = time.monotonic()
@@ -303,12 +333,13 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
         raise BpfError(f"cannot pin the program at {prog_pin}")
     now = attached_program(interface)
     program_id = now[0] if now else 0
-    meta = maps.PwMeta()
+    meta = PwMeta()
     ctypes.memmove(meta.source_hash, bytes.fromhex(want_hash), 32)
     meta.loaded_at = int(time.time())
     meta.program_id = program_id
     meta.mode = MODE_NUMBERS[used]
-    maps.write_meta(pdir, meta)
+    with maps.PinnedMap(pdir / "meta") as m:
+        m.update(maps.INDEX_0, bytes(meta))
     return {"mode": used, "program_id": program_id, "compile_seconds": round(compile_seconds, 3),
             "cpu_seconds": round(time.process_time() + _children_cpu() - started, 3)}
 

@@ -16,7 +16,7 @@ from app.config import ConfigError
 from app.db import blacklist as queries
 from app.db.connection import connect
 from app.errors import UsageError
-from app.services import blocklist, maps
+from app.services import blocklist, bpf_structs, maps
 from app.services.blocklist import Protection, parse_network
 from tests.helpers import UdpSink, add_evaluation, blocklist_settings, pin_root, port_row, send_udp  # noqa: F401
 from tests.helpers import collect
@@ -64,7 +64,7 @@ def test_parse_network_refuses_with_one_sentence(text, says):
 
 def test_lpm_key_layout():
     key = blocklist.lpm_key(parse_network("198.18.3.0/24"))
-    assert key[:4] == (120).to_bytes(4, "little") and key[4:] == maps.addr_bytes("198.18.3.0")
+    assert key[:4] == (120).to_bytes(4, "little") and key[4:] == bpf_structs.addr_bytes("198.18.3.0")
     assert blocklist.lpm_key(parse_network("2001:db8::/64"))[:4] == (64).to_bytes(4, "little")
 
 
@@ -319,7 +319,7 @@ def _loaded(lab, tmp_path, pin_root, **blocklist_keys):
 def _map_drops(pdir, cidr) -> int | None:
     with maps.PinnedMap(pdir / "blacklist") as m:
         raw = m.lookup(blocklist.lpm_key(parse_network(cidr)))
-    return None if raw is None else maps.PwBlacklistValue.from_buffer_copy(raw[:24]).drops
+    return None if raw is None else bpf_structs.PwBlacklistValue.from_buffer_copy(raw[:24]).drops
 
 
 def _bpftool_entries(pdir) -> int:
@@ -457,7 +457,7 @@ def test_reconcile_after_hand_flush_with_bpftool(lab, tmp_path, pin_root):
     assert _bpftool_entries(pdir) == 0
     # an unknown entry someone added by hand is removed too
     with maps.PinnedMap(pdir / "blacklist") as m:
-        m.update(blocklist.lpm_key(parse_network(lab.host_v4(3))), bytes(maps.PwBlacklistValue()))
+        m.update(blocklist.lpm_key(parse_network(lab.host_v4(3))), bytes(bpf_structs.PwBlacklistValue()))
     with UdpSink(lab.root_v4, 7500) as sink:
         send_udp(lab, a, lab.root_v4, 7500, 5)
         assert sink.drain() == {a: 5}                 # unprotected while the map was empty

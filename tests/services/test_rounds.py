@@ -3,7 +3,7 @@ import struct
 
 import numpy as np
 
-from app.services import maps, rounds
+from app.services import bpf_structs, rounds
 
 
 def reading(name, d):
@@ -31,7 +31,7 @@ def test_snapshot_roundtrip():
 
 
 def test_decode_percpu_port_values_sums_cpus_and_keeps_round_extremes():
-    vfmt = "<" + maps.struct_format(maps.PwPortValue)
+    vfmt = "<" + bpf_structs.struct_format(bpf_structs.PwPortValue)
     key = struct.pack("<HBB", 443, 6, 0)
     # cpu0: 3 packets this epoch (7), payloads 10..40; cpu1: 2 packets in an older epoch (6)
     cpu0 = struct.pack(vfmt, 3, 300, 60, 1, 0, 0, 0, 5, 40, 10, 40, 7, 0)
@@ -42,41 +42,10 @@ def test_decode_percpu_port_values_sums_cpus_and_keeps_round_extremes():
 
 
 def test_decode_percpu_flows_reduces_times_and_flags():
-    vfmt = "<" + maps.struct_format(maps.PwFlowValue)
+    vfmt = "<" + bpf_structs.struct_format(bpf_structs.PwFlowValue)
     key = b"f" * 40
     cpu0 = struct.pack(vfmt, 2, 120, 1000, 5000, 0x02, 0)
     cpu1 = struct.pack(vfmt, 1, 60, 800, 4000, 0x10, 0)
     r = rounds.decode("flows", key, cpu0 + cpu1, 1, 40, 40, 2)
     assert r.counters.tolist() == [[3, 180]]
     assert r.extras.tolist() == [[800, 5000, 0x12]]
-
-
-def test_ctypes_mirror_sizes_match_common_h_layout():
-    # sizes as C lays out bpf/common.h (checked against the kernel's map info in the kernel test)
-    import ctypes
-    assert ctypes.sizeof(maps.PwPortKey) == 4
-    assert ctypes.sizeof(maps.PwPortValue) == 80
-    assert ctypes.sizeof(maps.PwSourceValue) == 24
-    assert ctypes.sizeof(maps.PwSrcportKey) == 20
-    assert ctypes.sizeof(maps.PwFlowKey) == 40
-    assert ctypes.sizeof(maps.PwFlowValue) == 40
-    assert ctypes.sizeof(maps.PwLpmKey) == 20
-    assert ctypes.sizeof(maps.PwBlacklistValue) == 24
-    assert ctypes.sizeof(maps.PwMeta) == 48
-    assert ctypes.sizeof(maps.PwGlobal) == 8 * len(maps.GLOBAL_NAMES)
-    for ctype in (maps.PwPortValue, maps.PwFlowKey, maps.PwLpmKey, maps.PwMeta):
-        assert struct.calcsize("<" + maps.struct_format(ctype)) == ctypes.sizeof(ctype)
-
-
-def test_addr_text_roundtrip():
-    for text in ("198.18.0.2", "2001:db8::1", "::1"):
-        assert maps.addr_text(maps.addr_bytes(text)) == text
-
-
-def test_global_names_follow_the_enum_in_common_h():
-    import re
-    from pathlib import Path
-    text = (Path(__file__).resolve().parents[2] / "bpf" / "common.h").read_text()
-    body = text[text.index("enum pw_global_index {"):text.index("PW_G_MAX")]
-    names = [m.lower() for m in re.findall(r"PW_G_([A-Z0-9_]+)", body)]
-    assert tuple(names) == maps.GLOBAL_NAMES

@@ -1,0 +1,72 @@
+"""The XDP service: build options, the source hash that decides reloads, interface checks (no root),
+and load-once-read-many against the real kernel (root + kernel; reload/recreate and `down` are
+covered end to end in tests/threads/test_collection.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.errors import UsageError
+from app.services import bpf_structs, maps, xdp
+from tests.helpers import make_settings
+
+
+def test_build_flags_are_map_sizes_and_only_d_flags(tmp_path):
+    s = make_settings(tmp_path, flow_map_size=4096, extra_cflags="-DPW_BUILD_REVISION=2")
+    flags = xdp.build_flags(s)
+    assert "-DFLOW_MAP_SIZE=4096" in flags and flags[-1] == "-DPW_BUILD_REVISION=2"
+    assert xdp.map_sizes(s)["flows"] == 4096
+    s.collector.extra_cflags = "-DOK=1 -include /etc/passwd"
+    with pytest.raises(UsageError, match="may only hold -D flags, not '-include'"):
+        xdp.build_flags(s)
+
+
+def test_source_hash_follows_the_build_flags(tmp_path):
+    s = make_settings(tmp_path)
+    before = xdp.source_hash(s)
+    assert xdp.source_hash(s) == before and len(before) == 64
+    s.collector.flow_map_size = 4096
+    assert xdp.source_hash(s) != before
+    assert set(xdp.HEADERS) == {xdp.BPF_DIR / "common.h"} and xdp.SOURCE.exists()
+
+
+def test_interface_names_are_checked_with_one_sentence():
+    for bad in ("", "a/b", "x" * 16):
+        with pytest.raises(UsageError, match="is not a valid interface name"):
+            xdp.check_interface(bad)
+    with pytest.raises(UsageError, match=r"^interface pwnosuch0 does not exist: pick one from `ip link`$"):
+        xdp.check_interface("pwnosuch0")
+
+
+def test_ebpf_flag_prints_the_program_with_its_flags(capsys):
+    assert xdp.loader_main(["load", "--interface", "lo", "--pin-dir", "/nonexistent", "--hash", "0" * 64,
+                            "--flag=-DFLOW_MAP_SIZE=8", "--ebpf"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("// cflags: -DFLOW_MAP_SIZE=8\n")
+    assert xdp.SOURCE.read_text() in out
+
+
+def test_describe_without_program_or_pins(tmp_path):
+    info = xdp.describe("pwnosuch0", tmp_path)
+    assert (info["attached"], info["pinned"], info["ours"], info["source_hash"]) == (False, False, False, None)
+
+
+@pytest.mark.kernel
+def test_load_once_then_read_without_compiling(lab, tmp_path):
+    s = make_settings(tmp_path)
+    first = xdp.ensure_loaded(s, lab.interface)
+    assert first.compiled and first.reason == "first-load" and first.mode in ("native", "generic")
+    pdir = Path(s.general.pin_root) / lab.interface
+    assert sorted(p.name for p in pdir.iterdir()) == sorted([*bpf_structs.MAP_LAYOUT, "prog"])
+    meta = xdp.read_meta(pdir)
+    assert bytes(meta.source_hash).hex() == xdp.source_hash(s) == first.source_hash
+    assert meta.program_id == first.program_id and xdp.MODE_NAMES[meta.mode] == first.mode
+
+    again = xdp.ensure_loaded(s, lab.interface)               # the pinned program is current: no compile
+    assert not again.compiled and again.program_id == first.program_id and again.mode == first.mode
+    info = xdp.describe(lab.interface, s.general.pin_root)
+    assert info["ours"] and info["pinned_program_id"] == first.program_id == xdp.attached_program(lab.interface)[0]
+    assert xdp.layout_mismatch(pdir, xdp.map_sizes(s)) is None
+    with maps.PinnedMap(pdir / "config") as config:
+        assert maps.read_struct(config, maps.INDEX_0, bpf_structs.PwConfig).epoch == 0
