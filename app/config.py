@@ -161,10 +161,52 @@ class Retention:
     keep_days: float = 14.0
 
 
+@dataclass
+class Crowdsec:
+    """A CrowdSec Local API shared by many hosts (app/services/fleet/crowdsec.py). Empty lapi_url: off."""
+    lapi_url: str = ""                           # http://127.0.0.1:8080 (https with ca_file for a remote LAPI)
+    bouncer_key: str = ""                        # pull: `cscli bouncers add portwatch-<host>` (ONE key per host)
+    machine_id: str = ""                         # push: `cscli machines add <id> --password ...`; empty: no push
+    machine_password: str = ""
+    push_detectors: list = field(default_factory=lambda: ["port_scan", "syn_flood"])  # 'manual' pushes hand blocks
+    timeout_seconds: float = 2.0                 # per HTTP request
+    max_seconds: float = 5.0                     # all LAPI work in one collector round
+    max_pending: int = 1000                      # pushes queued while the LAPI is unreachable (oldest dropped)
+    resync_seconds: float = 3600.0               # a full decision list (startup=true) at least this often
+    ca_file: str = ""                            # CA bundle for an https LAPI (empty: the system's)
+
+    def problems(self) -> list[str]:
+        """One sentence per invalid value (empty when the section is valid or unused)."""
+        out = []
+        if self.lapi_url:
+            from urllib.parse import urlsplit
+            parts = urlsplit(self.lapi_url)
+            try:
+                parts.port
+            except ValueError:
+                parts = None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                out.append(f"crowdsec.lapi_url {self.lapi_url!r} must be http(s)://HOST[:PORT]")
+            if not self.bouncer_key and not self.machine_id:
+                out.append("crowdsec.lapi_url is set but neither crowdsec.bouncer_key (pull) nor "
+                           "crowdsec.machine_id (push) is")
+            if self.machine_id and not self.machine_password:
+                out.append("crowdsec.machine_id is set without crowdsec.machine_password")
+        for name in ("timeout_seconds", "max_seconds", "resync_seconds"):
+            if not getattr(self, name) > 0:
+                out.append(f"crowdsec.{name} must be a positive number of seconds")
+        if self.max_pending < 1:
+            out.append("crowdsec.max_pending must be at least 1")
+        bad = [d for d in self.push_detectors if not d.replace("_", "").isalnum()]
+        if bad:
+            out.append(f"crowdsec.push_detectors holds names that are not detector names: {bad}")
+        return out
+
+
 SECTIONS: dict[str, type] = {
     "general": General, "collector": Collector, "scanner": Scanner, "sniffer": Sniffer,
     "evaluator": Evaluator, "blocklist": Blocklist, "alerts": Alerts, "metrics": Metrics,
-    "reports": Reports, "retention": Retention,
+    "reports": Reports, "retention": Retention, "crowdsec": Crowdsec,
 }
 
 
@@ -180,6 +222,7 @@ class Settings:
     metrics: Metrics = field(default_factory=Metrics)
     reports: Reports = field(default_factory=Reports)
     retention: Retention = field(default_factory=Retention)
+    crowdsec: Crowdsec = field(default_factory=Crowdsec)
     # "section.key" -> "default" | "file:<path>" | "env:<NAME>" | "command line"
     sources: dict = field(default_factory=dict)
     config_path: str | None = None
