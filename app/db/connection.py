@@ -116,6 +116,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
         raise DatabaseError(f"database {path} has schema version {version}, newer than this portwatch ({SCHEMA_VERSION}): upgrade portwatch")
     if version == SCHEMA_VERSION:
         return
+    created = version == 0
     if version == 0:
         # a brand-new file, or one made by hand without the schema: apply init.sql
         tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
@@ -125,10 +126,11 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
         version = 1
         log.info("created schema version 1 in %s", path)
     if version < SCHEMA_VERSION:
-        backup = path.with_name(f"{path.name}.v{version}.{int(time.time())}.bak")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        shutil.copy2(path, backup)
-        log.info("backed up %s to %s before migrating", path, backup)
+        if not created:                         # a database made just now holds nothing to back up
+            backup = path.with_name(f"{path.name}.v{version}.{int(time.time())}.bak")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            shutil.copy2(path, backup)
+            log.info("backed up %s to %s before migrating", path, backup)
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with conn:
                 conn.executescript(MIGRATIONS[target])

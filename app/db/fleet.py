@@ -160,3 +160,14 @@ def state(conn) -> dict[str, str]:
 def set_state(conn, values: dict) -> None:
     conn.executemany("INSERT INTO crowdsec_state (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
                      "value = excluded.value", ((k, None if v is None else str(v)) for k, v in values.items()))
+
+
+# --- models (the federated model) -----------------------------------------------------------------
+
+def set_model_origin(conn, version: int, origin: str) -> None:
+    conn.execute("UPDATE models SET origin = ? WHERE version = ?", (origin, version))
+
+
+def models_by_origin(conn) -> list[sqlite3.Row]:
+    return conn.execute("SELECT version, origin, status, created_at, threshold, train_windows, held_out_rate_per_day, "
+                        "budget_per_day FROM models ORDER BY version DESC").fetchall()
