@@ -163,7 +163,7 @@ def adopt(node_config, weights: list[np.ndarray], shape: dict, final: bool) -> t
         conn.close()
 
 
-def record_federation(state_dir: str, result, rounds: int) -> None:
+def record_federation(state_dir: str, result, rounds: int, hosts: int) -> None:
     """The coordinator's record of a finished federation (read by `fleet status`)."""
     if not state_dir:
         return
@@ -173,5 +173,6 @@ def record_federation(state_dir: str, result, rounds: int) -> None:
     train = {int(k): dict(v) for k, v in (getattr(result, "train_metrics_clientapp", None) or {}).items()}
     path.write_text(json.dumps({
         "federations": int(previous.get("federations", 0)) + 1, "finished_at": time.time(), "rounds": rounds,
+        "hosts": hosts,
         "train_metrics": {str(k): v for k, v in train.items()},
     }, indent=2, default=float) + "\n")

@@ -24,4 +24,4 @@ def main(grid: Grid, context: Context) -> None:
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, timeout=float(rc["round-timeout"]),
                             train_config=ConfigRecord({"rounds": rounds, **shape}),
                             evaluate_config=ConfigRecord({"rounds": rounds, **shape}))
-    learning.record_federation(str(rc["state-dir"]), result, rounds)
+    learning.record_federation(str(rc["state-dir"]), result, rounds, hosts=len(list(grid.get_node_ids())))
