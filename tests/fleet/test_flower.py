@@ -103,6 +103,11 @@ def test_one_round_gives_every_host_the_same_fleet_network_and_its_own_threshold
     assert out.returncode == 0, out.stderr
     state = json.loads(out.stdout)
     assert state["fleet_model"]["version"] == rows[0]["version"] and state["active_model"]["origin"] == "fleet"
+    # 60 rounds is far inside the local warm-up (360), but the fleet model judges at once
+    from app.services import evaluation
+    assert hosts[0].evaluator.warmup_rounds > 60
+    result = evaluation.run(hosts[0])
+    assert (result.status, result.model_version) == ("ok", rows[0]["version"]) and result.windows > 0
 
 
 def test_fleet_settings_refused_with_one_sentence(tmp_path):
