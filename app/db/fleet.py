@@ -35,16 +35,18 @@ def delete_ended(conn, now: float) -> int:
     return conn.execute("DELETE FROM crowdsec_decisions WHERE until <= ?", (now,)).rowcount
 
 
-def wanted(conn, now: float) -> list[sqlite3.Row]:
-    """Per address the mirror wants enforced (not refused, still running): the latest end, the first
+def wanted(conn, now: float, slack: float) -> list[sqlite3.Row]:
+    """Per address the mirror wants enforced (not refused, running past ``now``) and the ledger does
+    not already enforce until the decision's end (less ``slack`` seconds): the latest end, the first
     time seen, one scenario and origin, the decision ids; with the ledger row of that address
-    (status, origin, expires_at, removed_at, offences; NULL when none)."""
+    (status, origin, expires_at, removed_at, offences; NULL when none). In steady state: no rows."""
     return conn.execute(
         "SELECT d.address, d.until, d.seen_at, d.scenario, d.origin, d.ids, b.status, b.origin AS ledger_origin, "
         "b.expires_at, b.removed_at, b.offences FROM (SELECT address, MAX(until) AS until, MIN(seen_at) AS seen_at, "
         "MAX(scenario) AS scenario, MAX(origin) AS origin, GROUP_CONCAT(id) AS ids FROM crowdsec_decisions "
-        "WHERE refused IS NULL AND until > ? GROUP BY address) d LEFT JOIN blacklist b ON b.address = d.address",
-        (now,)).fetchall()
+        "WHERE refused IS NULL AND until > ? GROUP BY address) d LEFT JOIN blacklist b ON b.address = d.address "
+        "WHERE NOT (b.status IS NOT NULL AND b.status IN ('active', 'dry-run') "
+        "AND (b.expires_at IS NULL OR b.expires_at >= d.until - ?))", (now, slack)).fetchall()
 
 
 def refuse(conn, address: str, why: str) -> None:

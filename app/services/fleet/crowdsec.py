@@ -167,10 +167,8 @@ def _apply(conn, settings, now: float, result: SyncResult) -> None:
         if not settings.blocklist.enabled:
             return
         n_listed = ledger.count_status(conn, status)
-        for w in db.wanted(conn, now + EXPIRY_SLACK):
+        for w in db.wanted(conn, now + EXPIRY_SLACK, EXPIRY_SLACK):   # rows not enforced as long already
             listed = w["status"] in ledger.LISTED
-            if listed and (w["expires_at"] is None or w["expires_at"] >= w["until"] - EXPIRY_SLACK):
-                continue                                  # enforced already, as long or longer
             if w["status"] == "removed" and w["removed_at"] is not None and w["removed_at"] >= w["seen_at"]:
                 continue                                  # removed by hand after the decision came: stays removed
             if listed and w["ledger_origin"] == "crowdsec":
