@@ -67,8 +67,20 @@ def gather(settings) -> dict:
         "active_model": active, "fleet_model": fleet_versions[0] if fleet_versions else None,
         "fleet_versions": len(fleet_versions), "local_versions": len(models) - len(fleet_versions),
         "superlink": settings.fleet.superlink or None, "coordinator": record(settings) or None,
+        "superlink_reachable": _reachable(settings.fleet.superlink) if settings.fleet.superlink else None,
         "crowdsec": sync,
     }
+
+
+def _reachable(address: str, timeout: float = 2.0) -> bool:
+    """Whether the coordinator's SuperLink accepts a TCP connection now (no Flower needed)."""
+    import socket
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _when(t) -> str:
@@ -88,8 +100,11 @@ def render(state: dict) -> str:
         lines.append("no model yet (warming up)")
     lines.append(f"fleet model: v{fleet_model['version']} adopted {_when(fleet_model['created_at'])}" if fleet_model
                  else "fleet model: none adopted yet")
-    lines.append(f"coordinator: {state['superlink']}" if state["superlink"] else "coordinator: not configured "
-                 "(fleet.superlink); this host learns alone")
+    if state["superlink"]:
+        lines.append(f"coordinator: {state['superlink']} " + ("reachable" if state["superlink_reachable"] else
+                     "UNREACHABLE: this host keeps its local model and learns alone until it is back"))
+    else:
+        lines.append("coordinator: not configured (fleet.superlink); this host learns alone")
     rec = state["coordinator"]
     if rec:
         lines.append(f"federations run here: {rec.get('federations')}, last finished {_when(rec.get('finished_at'))}, "

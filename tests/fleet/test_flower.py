@@ -77,7 +77,8 @@ def test_one_round_gives_every_host_the_same_fleet_network_and_its_own_threshold
     nodes = []
     try:
         for name, s in zip(HOSTS, hosts):           # the nodes wait for the SuperLink (they retry)
-            nodes.append(flower.start(flower.supernode_command(s), tmp_path / name / "supernode.log"))
+            nodes.append(flower.start(flower.supernode_command(s), tmp_path / name / "supernode.log",
+                                      flower.node_home(s)))
         record = flower.serve(coordinator, once=True)
     finally:
         for proc in nodes:

@@ -128,17 +128,26 @@ def wait_for_federation(settings, before: int, timeout: float, superlink: subpro
                          f"({settings.fleet.min_hosts}) hosts' nodes connected?")
 
 
-def flower_env() -> dict:
+def flower_env(home: Path | None = None) -> dict:
     """The environment for Flower's processes: they start their helpers (flower-superexec,
-    flwr-serverapp, flwr-clientapp) by name, so this environment's bin directory comes first."""
+    flwr-serverapp, flwr-clientapp) by name, so this environment's bin directory comes first; and
+    they keep installed apps under FLWR_HOME, here portwatch's state dir rather than ~/.flwr."""
     bin_dir = str(Path(sys.executable).parent)
-    return dict(os.environ, PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]))
+    env = dict(os.environ, PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]))
+    if home is not None:
+        home.mkdir(parents=True, exist_ok=True)
+        env["FLWR_HOME"] = str(home)
+    return env
 
 
-def start(cmd: list[str], log_path: Path) -> subprocess.Popen:
+def start(cmd: list[str], log_path: Path, home: Path | None = None) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "ab")
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=flower_env())
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=flower_env(home))
+
+
+def node_home(settings) -> Path:
+    return Path(settings.general.state_dir) / "fleet" / "node-home"
 
 
 def stop(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
@@ -165,7 +174,7 @@ def serve(settings, once: bool = False, stop_event=None) -> dict:
     directory = coordinator_dir(settings)
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o750)
-    superlink = start(superlink_command(settings), directory / "superlink.log")
+    superlink = start(superlink_command(settings), directory / "superlink.log", directory / "link-home")
     try:
         time.sleep(2.0)
         if superlink.poll() is not None:
@@ -202,7 +211,7 @@ def node(settings) -> int:
     problems = settings.fleet.problems("node")
     if problems:
         raise UsageError("; ".join(problems))
-    proc = subprocess.Popen(supernode_command(settings), env=flower_env())
+    proc = subprocess.Popen(supernode_command(settings), env=flower_env(node_home(settings)))
     try:
         return proc.wait()
     except KeyboardInterrupt:
