@@ -4,6 +4,7 @@ stalled LAPI, the bounded queue; and (kernel) host A's scan block enforced by ho
 """
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -269,3 +270,26 @@ def test_host_a_scan_block_is_enforced_by_host_b_xdp(lapi, lab, tmp_path, pin_ro
         assert sink.drain() == {allowed: 9}
     conn_a.close()
     conn_b.close()
+
+
+def test_fleet_status_shows_the_sync(lapi, tmp_path, capsys):
+    from app.cli import main
+    s, conn = host(tmp_path, "b", lapi)
+    lapi.add("198.18.155.5")
+    eid = add_evaluation(conn, [scan("198.18.155.9")])
+    blocklist.decide(conn, s, eid, protection=blocklist.Protection())
+    assert crowdsec.sync_round(conn, s).error is None
+    conn.close()
+    env = {"PORTWATCH_CROWDSEC_LAPI_URL": s.crowdsec.lapi_url, "PORTWATCH_CROWDSEC_BOUNCER_KEY": s.crowdsec.bouncer_key}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        mp.setenv("PORTWATCH_CONFIG", str(tmp_path / "b" / "none.toml"))
+        assert main(["fleet", "status", "--json", "--db", s.general.db]) == 0
+        state = json.loads(capsys.readouterr().out)
+        assert main(["fleet", "status", "--db", s.general.db]) == 0
+        text = capsys.readouterr().out
+    cs = state["crowdsec"]
+    # the round pulls before it pushes: the LAPI's one decision mirrored and enforced, its own block pushed
+    assert (cs["lapi_down"], cs["decisions"], cs["enforced"], cs["pushed_total"], cs["pending"]) == (False, 1, 1, 1, 0)
+    assert "crowdsec: LAPI reachable" in text and "pushed 1, 0 pending" in text
