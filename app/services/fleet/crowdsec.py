@@ -106,6 +106,9 @@ def sync_round(conn, settings, now: float | None = None) -> SyncResult:
     except (PortwatchError, ConfigError, sqlite3.Error) as exc:
         result.error = result.error or str(exc)
         log.warning("crowdsec sync failed this round (the next round retries): %s", exc)
+    except Exception:  # a bug here must not cost the collector its reconcile: logged with its traceback
+        result.error = result.error or "unexpected failure (traceback in the log)"
+        log.exception("crowdsec sync failed unexpectedly this round (the next round retries)")
     result.seconds = time.monotonic() - started
     return result
 
