@@ -1,7 +1,8 @@
 """The federated model through Flower's deployment engine, for real: a coordinator (`fleet serve`'s
 SuperLink with TLS from certificates generated here) and three hosts' SuperNodes on the loopback, each
 host with its own state dir, config and database of synthetic rounds. After one federation round each
-host holds a model version with origin 'fleet': identical network weights, its own threshold.
+host holds a model version with origin 'fleet': identical network weights, its own threshold; a host
+with 20 rounds of history (a local model would warm up for 360) flags a traffic spike at once.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import pytest
 from app import config
 from app.db.connection import connect
 from app.services.fleet import flower
-from tests.services.synthetic import SyntheticStore
+from tests.services.synthetic import SyntheticStore, volume_spike
 
-HOSTS = ("h1", "h2", "h3")
+HOSTS = ("h1", "h2", "h3", "new")
 SMALL = "[evaluator]\nlstm_units = 8\nbottleneck = 4\nepochs = 1\nrefit_epochs = 1\nmin_train_steps = 20\n"
 
 
@@ -65,6 +66,7 @@ def weights(path: str) -> list:
 
 
 def test_one_round_gives_every_host_the_same_fleet_network_and_its_own_threshold(tmp_path):
+    """Hosts h1-h3 have 60 rounds each; 'new' has 20 (it could not even fit a local model)."""
     make_certs(tmp_path)
     port = free_port()
     coordinator = settings_for(tmp_path, "coordinator", port)
@@ -72,7 +74,7 @@ def test_one_round_gives_every_host_the_same_fleet_network_and_its_own_threshold
     for i, s in enumerate(hosts):
         store = SyntheticStore(s.general.db, seed=i, ports={(22, "tcp"): (20 + 30 * i, "sshd"),
                                                             (443, "tcp"): (900 * (i + 1), "nginx")})
-        store.add_rounds(60)
+        store.add_rounds(20 if i == 3 else 60)
         store.close()
     nodes = []
     try:
@@ -83,7 +85,7 @@ def test_one_round_gives_every_host_the_same_fleet_network_and_its_own_threshold
     finally:
         for proc in nodes:
             flower.stop(proc)
-    assert (record["federations"], record["rounds"], record["hosts"]) == (1, 1, 3)
+    assert (record["federations"], record["rounds"], record["hosts"]) == (1, 1, len(HOSTS))
     rows = []
     for s in hosts:
         conn = connect(s.general.db)
@@ -97,18 +99,25 @@ def test_one_round_gives_every_host_the_same_fleet_network_and_its_own_threshold
         other = weights(row["path"])
         assert [n for n, _ in other] == [n for n, _ in first]
         assert all((a == b).all() for (_, a), (_, b) in zip(first, other))      # identical fleet weights
-    assert len({round(r["threshold"], 9) for r in rows}) == 3                   # each calibrated locally
+    assert len({round(r["threshold"], 9) for r in rows}) == len(HOSTS)          # each calibrated locally
     out = subprocess.run([sys.executable, "-m", "app", "fleet", "status", "--json", "--db", hosts[0].general.db],
                          capture_output=True, text=True, timeout=60,
                          env={"PORTWATCH_CONFIG": str(tmp_path / "h1" / "config.toml"), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     state = json.loads(out.stdout)
     assert state["fleet_model"]["version"] == rows[0]["version"] and state["active_model"]["origin"] == "fleet"
-    # 60 rounds is far inside the local warm-up (360), but the fleet model judges at once
+    # the new host: 20 rounds, then 15 more with a spike on tcp/443 in the last; far inside the local
+    # warm-up (360 rounds), the fleet model judges its first evaluation and flags the spike
     from app.services import evaluation
-    assert hosts[0].evaluator.warmup_rounds > 60
-    result = evaluation.run(hosts[0])
-    assert (result.status, result.model_version) == ("ok", rows[0]["version"]) and result.windows > 0
+    new = hosts[-1]
+    assert new.evaluator.warmup_rounds > 35
+    store = SyntheticStore(new.general.db, seed=3, ports={(22, "tcp"): (110, "sshd"), (443, "tcp"): (3600, "nginx")})
+    store.add_rounds(15, events={14: [volume_spike(443, "tcp", 60000, "198.51.100.250")]})
+    store.close()
+    result = evaluation.run(new)
+    assert (result.status, result.model_version) == ("ok", rows[-1]["version"]) and result.windows > 0
+    flagged = [(a.port, a.last_round_id) for a in result.anomalies if a.detector == "model"]
+    assert flagged == [(443, result.last_round_id)]           # the spike, and nothing else
 
 
 def test_fleet_settings_refused_with_one_sentence(tmp_path):
