@@ -8,7 +8,11 @@ mirror checked against the ledger), and the same ledger enforced with CrowdSec o
 entries in the map costs the blocklist's reconcile, whatever their origin). Wall seconds and CPU seconds of the collector process per round,
 medians of ROUNDS rounds, as ratios against the round without CrowdSec.
 
-Runs as root; no traffic is sent (the decisions' addresses are data only, in 198.18.0.0/15).
+Then one federation (`fleet serve --once` with TLS and three hosts' SuperNodes on the loopback, the
+default network shape): its wall time, and the bytes on the wire per host (frames on lo to or from
+the SuperLink's port, both ways, counted with scapy, divided by the hosts) against the size of the weights.
+
+Runs as root; no traffic is sent but the loopback's own (the decisions' addresses are data only).
 """
 from __future__ import annotations
 
@@ -68,6 +72,58 @@ def fill(api: LocalApi, n: int) -> None:
     lapi.push_alerts(token, [alert], Deadline(300))
 
 
+def federation(tmp: Path) -> list[tuple[str, float]]:
+    """One federation of three hosts with TLS: [(label, value)]."""
+    import subprocess
+    import numpy as np
+    from app.services.fleet import flower
+    from tests.fleet.test_flower import free_port, make_certs, settings_for
+    from tests.services.synthetic import SyntheticStore
+    d = tmp / "federation"
+    d.mkdir()
+    make_certs(d)
+    port = free_port()
+    coordinator = settings_for(d, "coordinator", port)
+    hosts = [settings_for(d, f"h{i}", port) for i in range(3)]
+    for s in [coordinator, *hosts]:
+        s.evaluator.lstm_units, s.evaluator.bottleneck = 32, 8       # the default shape
+        s.fleet.min_hosts = 3
+    for i, s in enumerate(hosts):
+        store = SyntheticStore(s.general.db, seed=i)
+        store.add_rounds(120)
+        store.close()
+    from scapy.layers.inet import TCP
+    from scapy.sendrecv import AsyncSniffer
+    wire = [0]
+
+    def count(packet) -> None:
+        wire[0] += len(packet)
+    sniffer = AsyncSniffer(iface="lo", store=False, prn=count,
+                           lfilter=lambda p: TCP in p and port in (p[TCP].sport, p[TCP].dport))
+    sniffer.start()
+    nodes = []
+    try:
+        time.sleep(1.0)
+        for i, s in enumerate(hosts):
+            nodes.append(flower.start(flower.supernode_command(s), d / f"h{i}.log", flower.node_home(s)))
+        t0 = time.monotonic()
+        flower.serve(coordinator, once=True)
+        wall = time.monotonic() - t0
+    finally:
+        for proc in nodes:
+            flower.stop(proc)
+        time.sleep(0.5)
+        sniffer.stop()
+    wire = wire[0]
+    from app.services.fleet import learning
+    n_weights = sum(np.asarray(w).nbytes for w in learning.initial_weights(
+        learning.shape_from({"window": 15, "lstm-units": 32, "bottleneck": 8, "seed": 0})))
+    return [("federation wall time, 1 round, 3 hosts (s)", wall),
+            ("bytes on the wire per host, both ways", wire / 3),
+            ("network weights (bytes, float32)", n_weights),
+            ("wire bytes per host / weights", wire / 3 / n_weights)]
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("bench/fleet.py needs root (XDP on a lab veth)", file=sys.stderr)
@@ -117,6 +173,14 @@ def main() -> int:
         for pin in pins:
             shutil.rmtree(pin, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
+    fed_dir = Path(tempfile.mkdtemp(prefix="pw-bench-federation-"))
+    try:
+        fed = federation(fed_dir)
+    finally:
+        shutil.rmtree(fed_dir, ignore_errors=True)
+    print("\nOne federation round (Flower, TLS, loopback)")
+    for label, value in fed:
+        print(f"{label:50} {value:14,.2f}")
     print(f"\nCrowdSec pull cost per collector round (median of {ROUNDS}; a round includes its 0.05 s wait)")
     print(f"{'round':42} {'wall s':>8} {'x base':>7} {'CPU s':>8} {'x base':>7}")
     for label, _, wall, cpu in rows:
