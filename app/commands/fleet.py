@@ -109,6 +109,9 @@ def render(state: dict) -> str:
     if rec:
         lines.append(f"federations run here: {rec.get('federations')}, last finished {_when(rec.get('finished_at'))}, "
                      f"hosts in its last round: {rec.get('hosts', '-')}")
+        for k, h in enumerate(rec.get("per_host") or [], 1):
+            lines.append(f"  host {k}: {h['held_out_rate_per_day']:.2f} false alerts a day on held-out data against "
+                         f"a budget of {h['budget_per_day']:g} ({h['held_out_windows']} windows)")
     cs = state["crowdsec"]
     if cs is None:
         lines.append("crowdsec: not configured (crowdsec.lapi_url)")

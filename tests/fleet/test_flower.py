@@ -86,6 +86,10 @@ def test_one_round_gives_every_host_the_same_fleet_network_and_its_own_threshold
         for proc in nodes:
             flower.stop(proc)
     assert (record["federations"], record["rounds"], record["hosts"]) == (1, 1, len(HOSTS))
+    # the coordinator's view: each host's false-alert rate against its budget, counts only (no names)
+    assert len(record["per_host"]) == len(HOSTS)
+    assert all(h["budget_per_day"] == 1.0 and h["held_out_windows"] > 0 for h in record["per_host"])
+    assert set(record["per_host"][0]) == {"held_out_windows", "held_out_rate_per_day", "budget_per_day"}
     rows = []
     for s in hosts:
         conn = connect(s.general.db)

@@ -129,11 +129,12 @@ def local_update(node_config, weights: list[np.ndarray], shape: dict) -> tuple[l
         conn.close()
 
 
-def adopt(node_config, weights: list[np.ndarray], shape: dict, final: bool) -> tuple[int | None, int]:
+def adopt(node_config, weights: list[np.ndarray], shape: dict, final: bool) -> tuple[int | None, int, float, float]:
     """On the final round: store the fleet weights as a model version with origin 'fleet'.
-    Returns (version or None, held-out windows its threshold was calibrated on)."""
+    Returns (version or None, held-out windows its threshold was calibrated on, false alerts a day
+    that threshold gives on them, the alert budget a day) — counts and rates only."""
     if not final:
-        return None, 0
+        return None, 0, 0.0, 0.0
     settings = node_settings(node_config, shape)
     conn = connect(settings.general.db)
     try:
@@ -141,7 +142,7 @@ def adopt(node_config, weights: list[np.ndarray], shape: dict, final: bool) -> t
         model, row = _local_model(conn, settings, train, weights)
         if model is None:
             log.warning("fleet: no local model and no windows here: the fleet model cannot be calibrated yet")
-            return None, 0
+            return None, 0, 0.0, 0.0
         pool = np.concatenate([model.calibration_windows_, held])[-model.config.calibration_windows:]
         model.calibration_windows_ = pool
         model.recalibrate(per_day or 1.0, fallback=train)
@@ -158,12 +159,12 @@ def adopt(node_config, weights: list[np.ndarray], shape: dict, final: bool) -> t
             fleet_db.set_model_origin(conn, version, "fleet")
         log.info("fleet: model v%d (origin fleet) active, threshold %.4g on %d held-out windows", version,
                  model.threshold_, len(pool))
-        return version, int(len(pool))
+        return version, int(len(pool)), float(cal.observed_rate_per_day), float(cal.budget_per_day)
     finally:
         conn.close()
 
 
-def record_federation(state_dir: str, result, rounds: int, hosts: int) -> None:
+def record_federation(state_dir: str, result, rounds: int, hosts: int, per_host: list[dict]) -> None:
     """The coordinator's record of a finished federation (read by `fleet status`)."""
     if not state_dir:
         return
@@ -173,6 +174,8 @@ def record_federation(state_dir: str, result, rounds: int, hosts: int) -> None:
     train = {int(k): dict(v) for k, v in (getattr(result, "train_metrics_clientapp", None) or {}).items()}
     path.write_text(json.dumps({
         "federations": int(previous.get("federations", 0)) + 1, "finished_at": time.time(), "rounds": rounds,
-        "hosts": hosts,
+        "hosts": hosts, "per_host": [{"held_out_windows": int(h.get("num-windows", 0)),
+                                      "held_out_rate_per_day": float(h.get("held-out-rate-per-day", 0.0)),
+                                      "budget_per_day": float(h.get("budget-per-day", 0.0))} for h in per_host],
         "train_metrics": {str(k): v for k, v in train.items()},
     }, indent=2, default=float) + "\n")

@@ -28,6 +28,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     rounds = int(msg.content["config"]["rounds"])
     server_round = int(msg.content["config"]["server-round"])
     shape = learning.shape_from(msg.content["config"])
-    version, n_held = learning.adopt(context.node_config, weights, shape, final=server_round >= rounds)
-    content = RecordDict({"metrics": MetricRecord({"num-windows": max(n_held, 1), "version": version or 0})})
+    version, n_held, rate, budget = learning.adopt(context.node_config, weights, shape, final=server_round >= rounds)
+    content = RecordDict({"metrics": MetricRecord({"num-windows": max(n_held, 1), "version": version or 0,
+                                                   "held-out-rate-per-day": rate, "budget-per-day": budget})})
     return Message(content=content, reply_to=msg)
