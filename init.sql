@@ -1,4 +1,5 @@
--- portwatch schema, version 1 (PRAGMA user_version).
+-- portwatch schema, version 1 (PRAGMA user_version); later versions are the numbered MIGRATIONS in
+-- app/db/connection.py, run after this file on a fresh database (models.origin, crowdsec_* tables: 2).
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run (app/db/migrations.py).
 --
@@ -239,7 +240,7 @@ CREATE TABLE IF NOT EXISTS blacklist (
     reason       TEXT NOT NULL,
     evidence     TEXT,                       -- JSON
     anomaly_id   INTEGER,
-    origin       TEXT NOT NULL DEFAULT 'manual',  -- 'manual' or 'auto'
+    origin       TEXT NOT NULL DEFAULT 'manual',  -- 'manual', 'auto', or 'crowdsec' (pulled from a CrowdSec LAPI)
     created_at   REAL NOT NULL,
     expires_at   REAL,                       -- NULL = never
     status       TEXT NOT NULL,              -- 'active', 'expired', 'removed', 'dry-run'

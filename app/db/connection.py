@@ -28,8 +28,45 @@ log = logging.getLogger(__name__)
 INIT_SQL = Path(__file__).resolve().parent.parent.parent / "init.sql"
 BUSY_TIMEOUT_MS = 15000
 
-# version -> SQL that upgrades from version-1. Version 1 is init.sql itself.
-MIGRATIONS: dict[int, str] = {}
+# version -> SQL that upgrades from version-1. Version 1 is init.sql itself; a fresh database runs
+# init.sql and then every migration, so what a migration adds is not repeated in init.sql.
+MIGRATIONS: dict[int, str] = {
+    # the fleet (issue 13): models.origin; a CrowdSec LAPI's decisions mirrored here, pushes queued
+    2: """
+ALTER TABLE models ADD COLUMN origin TEXT NOT NULL DEFAULT 'local';   -- 'local' or 'fleet'
+CREATE TABLE IF NOT EXISTS crowdsec_decisions (
+    id       INTEGER PRIMARY KEY,            -- the LAPI's decision id
+    address  TEXT NOT NULL,                  -- CIDR, as in blacklist.address
+    scenario TEXT,
+    origin   TEXT,                           -- the LAPI's origin ('crowdsec', 'cscli', 'CAPI', ...)
+    until    REAL NOT NULL,                  -- epoch seconds: the decision's end
+    seen_at  REAL NOT NULL,                  -- first pulled
+    refused  TEXT                            -- why this host does not enforce it (an interlock), logged once
+);
+CREATE INDEX IF NOT EXISTS crowdsec_decisions_address ON crowdsec_decisions(address);
+CREATE TABLE IF NOT EXISTS crowdsec_pushes (
+    id               INTEGER PRIMARY KEY,
+    address          TEXT NOT NULL,          -- CIDR of the ledger row pushed
+    block_created_at REAL NOT NULL,          -- blacklist.created_at of that block (one push per block)
+    action           TEXT NOT NULL,          -- 'add' (an alert with its decision) or 'delete'
+    scenario         TEXT NOT NULL,          -- 'portwatch/<detector>'
+    message          TEXT,
+    expires_at       REAL,                   -- the block's expiry: the decision's duration is what is left
+    queued_at        REAL NOT NULL,
+    state            TEXT NOT NULL DEFAULT 'pending',  -- 'pending', 'sent', 'dropped', 'cancelled'
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    last_error       TEXT,
+    sent_at          REAL,
+    alert_id         TEXT,
+    UNIQUE (address, block_created_at, action)
+);
+CREATE INDEX IF NOT EXISTS crowdsec_pushes_state ON crowdsec_pushes(state, id);
+CREATE TABLE IF NOT EXISTS crowdsec_state (
+    key   TEXT PRIMARY KEY,
+    value TEXT
+) WITHOUT ROWID;
+""",
+}
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 QUICK_CHECK_MAX_BYTES = 256 << 20
 _checked: set[str] = set()       # databases this process has quick_check'ed (writers check once per process)
@@ -159,6 +196,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
         raise DatabaseError(f"database {path} has schema version {version}, newer than this portwatch ({SCHEMA_VERSION}): upgrade portwatch")
     if version == SCHEMA_VERSION:
         return
+    created = version == 0
     if version == 0:
         # a brand-new file, or one made by hand without the schema: apply init.sql
         tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
@@ -168,10 +206,11 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
         version = 1
         log.info("created schema version 1 in %s", path)
     if version < SCHEMA_VERSION:
-        backup = path.with_name(f"{path.name}.v{version}.{int(time.time())}.bak")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        shutil.copy2(path, backup)
-        log.info("backed up %s to %s before migrating", path, backup)
+        if not created:                         # a database made just now holds nothing to back up
+            backup = path.with_name(f"{path.name}.v{version}.{int(time.time())}.bak")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            shutil.copy2(path, backup)
+            log.info("backed up %s to %s before migrating", path, backup)
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with conn:
                 conn.executescript(MIGRATIONS[target])

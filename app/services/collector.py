@@ -257,7 +257,11 @@ class Collector:
                             sniffed, compiled, values["xdp_mode"])
 
     def _after_round(self, round_id: int) -> None:
-        """Reconcile the blocklist ledger with the pinned map (expiries, re-adds after a reload)."""
+        """Reconcile the blocklist ledger with the pinned map (expiries, re-adds after a reload),
+        after a CrowdSec sync when one is configured (bounded in time, never raises)."""
+        if self.settings.crowdsec.lapi_url:
+            from app.services.fleet import crowdsec
+            crowdsec.sync_round(self.conn, self.settings)
         try:
             from app.services import blocklist
         except ImportError:

@@ -289,7 +289,8 @@ def model_step(conn: sqlite3.Connection, settings: Settings, data: series.Series
     cfg = settings.evaluator
     window = cfg.window
     model, row = load_active_model(conn, cfg)
-    warm = model is not None and history >= cfg.warmup_rounds
+    # a fleet model (issue 13) was learned on many hosts' history: it judges from the first evaluation
+    warm = model is not None and (history >= cfg.warmup_rounds or row["origin"] == "fleet")
     round_ids = data.round_ids
     flagged = series.cell_mask(data, [c for f in findings for c in f.covers])
     flagged |= series.cell_mask(data, dbe.anomaly_spans(conn, int(round_ids[0]), int(round_ids[-1])))
