@@ -223,10 +223,10 @@ def test_pushes_queued_while_down_are_sent_when_the_lapi_is_back(lapi, tmp_path)
 # --- kernel: host A's block enforced by host B's XDP ------------------------------------------------------
 
 def _drops(pdir: Path, cidr: str) -> int | None:
-    from app.services import maps
+    from app.services import bpf_structs, maps
     with maps.PinnedMap(pdir / "blacklist") as m:
-        raw = m.lookup(blocklist.lpm_key(blocklist.parse_network(cidr)))
-    return None if raw is None else maps.PwBlacklistValue.from_buffer_copy(raw[:24]).drops
+        raw = m.lookup(bpf_structs.lpm_key(blocklist.parse_network(cidr)))
+    return None if raw is None else bpf_structs.PwBlacklistValue.from_buffer_copy(raw).drops
 
 
 @pytest.mark.kernel
