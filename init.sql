@@ -1,6 +1,7 @@
--- portwatch schema, version 1 (PRAGMA user_version).
+-- portwatch schema, version 2 (PRAGMA user_version).
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
--- The application applies this file itself on first run (app/db/migrations.py).
+-- The application applies this file itself on first run and upgrades older databases with the
+-- numbered MIGRATIONS of app/db/connection.py (a change here needs one there too).
 --
 -- Conventions for console users:
 --   * times are Unix epoch seconds (REAL, UTC); every view also shows them as text;
@@ -344,4 +345,4 @@ SELECT address, reason, origin, status, drops, offences,
 FROM blacklist WHERE status IN ('active', 'dry-run')
 ORDER BY created_at DESC;
 
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;

@@ -48,8 +48,8 @@ def run(args, settings) -> int:
     if args.action == "list":
         return list_entries(args, settings)
     from app.db.connection import connect
-    from app.services import blocklist
-    if os.geteuid() != 0 and blocklist.pin_dirs(settings):
+    from app.services import blocklist, enforcement
+    if os.geteuid() != 0 and enforcement.pin_dirs(settings):
         raise NeedsRootError("changing the blocklist writes pinned XDP maps, which needs root: run it with sudo")
     conn = connect(settings.general.db)
     try:
@@ -62,7 +62,7 @@ def run(args, settings) -> int:
         else:
             flushed = blocklist.flush(conn, settings)
             done = f"flushed {len(flushed)} entr{'y' if len(flushed) == 1 else 'ies'} from the blocklist"
-        results = blocklist.apply(conn, settings)
+        results = enforcement.apply(conn, settings)
     finally:
         conn.close()
     if results:
@@ -76,7 +76,7 @@ def run(args, settings) -> int:
 
 
 def list_entries(args, settings) -> int:
-    from app.services import blocklist
+    from app.services import enforcement
     rows, pending = [], {}
     db_path = Path(settings.general.db)
     if db_path.exists():
@@ -87,7 +87,7 @@ def list_entries(args, settings) -> int:
         try:
             rows = queries.entries(conn, None if args.all else queries.LISTED)
             try:
-                pending = blocklist.pending_drops(conn, settings)
+                pending = enforcement.pending_drops(conn, settings)
             except sqlite3.OperationalError:     # a database made before blacklist_map_counters existed
                 pending = {}
         finally:

@@ -18,8 +18,8 @@ def register(sub) -> None:
 
 
 def resolve_interface(args, settings) -> str:
-    from app.services import xdp
-    return args.interface or settings.general.interface or xdp.default_interface()
+    from app.services import host
+    return args.interface or settings.general.interface or host.default_interface()
 
 
 def run(args, settings) -> int:

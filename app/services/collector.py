@@ -272,11 +272,11 @@ class Collector:
     def _after_round(self, round_id: int) -> None:
         """Reconcile the blocklist ledger with the pinned map (expiries, re-adds after a reload)."""
         try:
-            from app.services import blocklist
+            from app.services import enforcement
         except ImportError:
             return
         try:
-            blocklist.reconcile(self.conn, self.settings, self.pin_dir)
+            enforcement.reconcile(self.conn, self.settings, self.pin_dir)
         except (PortwatchError, sqlite3.Error) as exc:
             # the round is already written; enforcement is retried by the next run
             log.warning("blocklist reconcile failed (the next run retries): %s", exc)
