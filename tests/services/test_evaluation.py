@@ -80,14 +80,14 @@ def test_warm_up_then_the_model_flags_a_spike(store, env, fits):
     assert len(flagged) == 1, second.anomalies
     spike = flagged[0]
     assert spike.first_round_id <= spike_round <= spike.last_round_id
-    assert spike.source == SPIKER and spike.sources[0] == SPIKER
+    assert spike.source == SPIKER and spike.addresses[0] == SPIKER
     assert spike.score > spike.threshold == pytest.approx(second.threshold)
     assert len(second.model_anomalies) <= 2                   # at most one stray alert besides the spike
-    features = {f["feature"]: f for f in spike.reasons["features"]}
+    features = {f["feature"]: f for f in spike.details["features"]}
     assert "packets" in features or "bytes" in features
-    top = spike.reasons["features"][0]
+    top = spike.details["features"][0]
     assert top["observed"] > 10 * top["reconstructed"]        # observed vs reconstructed, original units
-    assert spike.reasons["sources"][0]["share"] > 0.9
+    assert spike.sources[0].share > 0.9
     # the refit continued from v1 on unflagged windows only: the spike never reaches training
     assert fits[1][0] == "partial_fit" and max_feature(fits[1][1], "packets") < 100_000
     assert max_feature(fits[1][2], "packets") < 100_000

@@ -5,7 +5,7 @@ import pytest
 
 from app.config import Evaluator
 from app.db import series as dbs
-from app.services import rules
+from app.services import evaluation, rules
 from tests.services.synthetic import SyntheticStore, listen, port_scan, syn_flood
 
 SCANNER = "203.0.113.9"
@@ -19,8 +19,9 @@ def store(tmp_path):
 
 
 def detect(store, after=0, **cfg):
-    batch = dbs.rounds_after(store.conn, after, 10_000)
-    return rules.detect(store.conn, batch, Evaluator(**cfg))
+    cfg = Evaluator(**cfg)
+    rounds = dbs.rounds_after(store.conn, after, 10_000)
+    return rules.detect(evaluation.load_batch(store.conn, rounds, cfg), cfg)
 
 
 def by(findings, detector):
@@ -44,11 +45,11 @@ def test_port_scan_in_one_round_names_the_source_and_ports(store):
     scans = by(detect(store), "port_scan")
     assert len(scans) == 1
     scan = scans[0]
-    assert scan.source == SCANNER and scan.sources == [SCANNER]
+    assert scan.source == SCANNER and scan.addresses == [SCANNER]
     assert scan.first_round_id == scan.last_round_id == 4
     assert scan.score >= 30 and scan.threshold == 25
-    assert scan.reasons["ports"]["tcp"] == list(range(1000, 1030))
-    assert scan.reasons["max_ports_in_one_round"] >= 30
+    assert scan.details["ports"]["tcp"] == list(range(1000, 1030))
+    assert scan.details["max_ports_in_one_round"] >= 30
     covered = {pid for pid, lo, hi in scan.covers}
     assert len(covered) >= 30                                  # scanned ports stay out of the refit
 
@@ -60,7 +61,7 @@ def test_slow_scan_is_united_across_rounds_within_the_span(store):
     store.add_rounds(5, events)
     scans = by(detect(store), "port_scan")
     assert [s.source for s in scans] == [SCANNER]
-    assert scans[0].reasons["distinct_ports"] == 36
+    assert scans[0].details["distinct_ports"] == 36
     assert scans[0].first_round_id == 3                         # 27 ports reached by the 3rd round
     # the same pace spread over more than the span is not a scan
     assert by(detect(store, scan_span_seconds=100.0), "port_scan") == []
@@ -77,8 +78,8 @@ def test_syn_flood_with_few_completions(store):
     assert (flood.port, flood.protocol) == (22, "tcp")
     assert (flood.first_round_id, flood.last_round_id) == (3, 4)
     assert flood.source == "203.0.113.7"
-    assert flood.reasons["peak"]["completion_share"] < 0.2
-    assert flood.reasons["syn"] >= 5500
+    assert flood.details["peak"]["completion_share"] < 0.2
+    assert flood.details["syn"] >= 5500
 
 
 def test_completion_share():
@@ -92,11 +93,11 @@ def test_new_listener_and_process_change(store):
     found = detect(store)
     new = by(found, "new_listener")
     assert [(f.port, f.protocol, f.first_round_id) for f in new] == [(8080, "tcp", 5)]
-    assert new[0].reasons["holders"][0]["process"] == "nc"
+    assert new[0].details["holders"][0]["process"] == "nc"
     changed = by(found, "process_changed")
     assert [(f.port, f.first_round_id) for f in changed] == [(22, 7)]
-    assert changed[0].reasons["previous"]["holders"][0]["process"] == "sshd"
-    assert changed[0].reasons["holders"][0]["process"] == "evil-sshd"
+    assert changed[0].details["previous"]["holders"][0]["process"] == "sshd"
+    assert changed[0].details["holders"][0]["process"] == "evil-sshd"
     # a later batch compares with the rounds before it: nothing new any more
     store.add_rounds(3)
     assert by(detect(store, after=8), "new_listener") == [] and by(detect(store, after=8), "process_changed") == []
@@ -120,6 +121,6 @@ def test_traffic_to_a_port_nothing_listens_on(store):
     unlistened = by(found, "unlistened_port")
     assert [(f.port, f.protocol) for f in unlistened] == [(4444, "tcp")]
     f = unlistened[0]
-    assert f.source == "203.0.113.66" and f.reasons["packets"] == 50
-    assert f.reasons["sources"][0]["address"] == "203.0.113.66"
+    assert f.source == "203.0.113.66" and f.details["packets"] == 50
+    assert f.sources[0].address == "203.0.113.66"
     assert len(by(found, "port_scan")) == 1
