@@ -243,6 +243,7 @@ def test_syn_flood_blocks_source_and_named_dominant_sources(conn, tmp_path):
 # --- kernel: decisions enforced on the real XDP map ----------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_expiry_lifts_the_block_and_escalation_on_repeat(lab, tmp_path, pin_root):
     s, pdir = loaded(lab, tmp_path, pin_root, base_ttl_seconds=600.0, escalation=2.0)
     conn = connect(s.general.db)
@@ -272,6 +273,7 @@ def test_expiry_lifts_the_block_and_escalation_on_repeat(lab, tmp_path, pin_root
     conn.close()
 
 
+@pytest.mark.kernel
 def test_local_and_allowlisted_sources_are_never_blocked(lab, tmp_path, pin_root):
     s, pdir = loaded(lab, tmp_path, pin_root, allowlist=[lab.host_v4(1)])
     conn = connect(s.general.db)
@@ -292,6 +294,7 @@ def test_local_and_allowlisted_sources_are_never_blocked(lab, tmp_path, pin_root
     conn.close()
 
 
+@pytest.mark.kernel
 def test_port_scan_evaluated_then_blocked_end_to_end(lab, tmp_path, pin_root):
     """Real collector rounds, a SYN scan from one lab host, the real evaluator, then the blocklist."""
     from app.services import evaluation

@@ -35,6 +35,7 @@ def test_lpm_key_layout():
 # --- kernel: the real XDP map -------------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_blocked_source_is_dropped_exactly_others_pass(lab, tmp_path, pin_root):
     s, pdir = loaded(lab, tmp_path, pin_root)
     conn = connect(s.general.db)
@@ -57,6 +58,7 @@ def test_blocked_source_is_dropped_exactly_others_pass(lab, tmp_path, pin_root):
     conn.close()
 
 
+@pytest.mark.kernel
 def test_prefix_and_ipv6_entries(lab, tmp_path, pin_root):
     s, pdir = loaded(lab, tmp_path, pin_root)
     net = f"198.19.{lab.subnet}"                      # a second lab /24 behind the veth (the first holds our .1)
@@ -90,6 +92,7 @@ def _peer_mac(lab) -> str:
     return lab.run("cat", f"/sys/class/net/{lab.peer_interface}/address").stdout.strip()
 
 
+@pytest.mark.kernel
 def test_reconcile_after_hand_flush_with_bpftool(lab, tmp_path, pin_root):
     s, pdir = loaded(lab, tmp_path, pin_root)
     conn = connect(s.general.db)
@@ -127,6 +130,7 @@ def test_reconcile_after_hand_flush_with_bpftool(lab, tmp_path, pin_root):
     conn.close()
 
 
+@pytest.mark.kernel
 def test_reconcile_after_program_reload_and_map_recreation(lab, tmp_path, pin_root):
     s, pdir = loaded(lab, tmp_path, pin_root)
     conn = connect(s.general.db)
