@@ -167,6 +167,21 @@ class Batch:
         return self._by_port.get((value, protocol), [])
 
 
+def _tuples(cursor, text_columns: Sequence[int] = ()) -> list[tuple]:
+    """Rows as plain tuples, the text of ``text_columns`` shared (one str per distinct address,
+    protocol or process: a batch holds hundreds of thousands of rows naming a few thousand)."""
+    if not text_columns:
+        return [tuple(r) for r in cursor]
+    shared: dict = {}
+    out = []
+    for row in cursor:
+        row = list(row)
+        for i in text_columns:
+            row[i] = shared.setdefault(row[i], row[i])
+        out.append(tuple(row))
+    return out
+
+
 def load_batch(conn: sqlite3.Connection, rounds: Sequence, *, context_rounds: int = 0,
                since_time: float | None = None) -> Batch:
     """Everything an evaluation of ``rounds`` reads, one query per table.
@@ -180,27 +195,27 @@ def load_batch(conn: sqlite3.Connection, rounds: Sequence, *, context_rounds: in
     scan_rounds = rounds_since(conn, since_time, first) if since_time is not None else []
     batch = Batch(rounds, list(context), list(scan_rounds))
     lo, rules_lo = batch.lo, min([first, *(r["id"] for r in scan_rounds[:1])])
-    batch.port_stats = conn.execute(
+    batch.port_stats = _tuples(conn.execute(
         "SELECT round_id, port_id, packets, bytes, payload_bytes, COALESCE(max_payload, 0), syn, synack, rst "
-        "FROM port_stats WHERE round_id BETWEEN ? AND ?", (lo, last)).fetchall()
-    batch.occupancy = conn.execute(
+        "FROM port_stats WHERE round_id BETWEEN ? AND ?", (lo, last)))
+    batch.occupancy = _tuples(conn.execute(
         "SELECT round_id, port_id, pid, process, established, user, address FROM rounds_ports "
-        "WHERE round_id BETWEEN ? AND ? ORDER BY round_id, id", (lo, last)).fetchall()
+        "WHERE round_id BETWEEN ? AND ? ORDER BY round_id, id", (lo, last)), (3, 5, 6))
     batch.dns = conn.execute(
         "SELECT round_id, port_id, COUNT(*) FROM packets "
         "WHERE round_id BETWEEN ? AND ? AND port_id IS NOT NULL "
         "  AND (qry_name IS NOT NULL OR protocols LIKE '%dns%') GROUP BY round_id, port_id",
         (lo, last)).fetchall()
-    batch.source_stats = conn.execute(
+    batch.source_stats = _tuples(conn.execute(
         "SELECT round_id, address, packets, bytes, syn, distinct_ports FROM source_stats "
-        "WHERE round_id BETWEEN ? AND ?", (rules_lo, last)).fetchall()
-    batch.source_ports = [tuple(r) for r in conn.execute(
+        "WHERE round_id BETWEEN ? AND ?", (rules_lo, last)), (1,))
+    batch.source_ports = _tuples(conn.execute(
         "SELECT round_id, address, port, protocol, MAX(packets), MAX(bytes) FROM ("
         "  SELECT round_id, address, port, protocol, packets, 0 AS bytes FROM source_ports"
         "  WHERE round_id BETWEEN ?1 AND ?2"
         "  UNION ALL SELECT round_id, src_address, dst_port, protocol, SUM(packets), SUM(bytes) FROM flows"
         "  WHERE round_id BETWEEN ?1 AND ?2 GROUP BY round_id, src_address, dst_port, protocol"
-        ") GROUP BY round_id, address, port, protocol", (lo, last))]
+        ") GROUP BY round_id, address, port, protocol", (lo, last)), (1, 3))
     ids = {r[1] for r in batch.port_stats} | {r[1] for r in batch.occupancy} | {r[1] for r in batch.dns}
     batch.ports = ports_by_id(conn, ids)
     batch.ports.update(ports_by_value(conn, {r[2] for r in batch.source_ports} | {-1}))

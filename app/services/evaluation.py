@@ -156,6 +156,8 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     loaded = load_batch(conn, batch, cfg, context)
     findings = rules.detect(loaded, cfg)
     data = series.batch_series(loaded, model_ports(loaded, cfg))
+    # the model step reads only port_stats and source_ports (its findings' sources): the rest goes now
+    loaded.source_stats, loaded.occupancy, loaded.dns = [], [], []
     first_new = len(data.round_ids) - len(batch)
     step = ModelStep(model_version=None, trained_version=None, threshold=None, windows=0, findings=[])
     if data.ports:
