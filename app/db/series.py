@@ -11,6 +11,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+import numpy as np
+
 # A round's length in seconds: the counters cover (counts_since, end_time].
 _ROUND_SECONDS = "(r.end_time - COALESCE(r.counts_since, r.start_time))"
 
@@ -137,6 +139,7 @@ class Batch:
     previous_holders: dict = field(default_factory=dict)
     nominal_seconds: float | None = None
     _by_port: dict | None = field(default=None, repr=False, compare=False)
+    _stats_by_port: dict | None = field(default=None, repr=False, compare=False)
     _ids: dict | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -158,14 +161,45 @@ class Batch:
             self._ids = {key: pid for pid, key in self.ports.items()}
         return self._ids.get((value, protocol))
 
-    def source_ports_of(self, value: int, protocol: str) -> list[tuple]:
-        """The source_ports rows of one local port (indexed on first use)."""
+    def source_ports_of(self, value: int, protocol: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The source_ports rows of one local port as columns (round_ids, addresses, packets, bytes),
+        indexed on first use."""
         if self._by_port is None:
-            self._by_port = {}
+            grouped: dict = {}
             for row in self.source_ports:
-                self._by_port.setdefault((row[2], row[3]), []).append(row)
-        return self._by_port.get((value, protocol), [])
+                grouped.setdefault((row[2], row[3]), []).append(row)
+            self._by_port = {key: (np.array([r[0] for r in rows], dtype=np.int64),
+                                   np.array([r[1] for r in rows], dtype=object),
+                                   np.array([r[4] for r in rows], dtype=np.int64),
+                                   np.array([r[5] for r in rows], dtype=np.int64)) for key, rows in grouped.items()}
+        return self._by_port.get((value, protocol), _NO_SOURCES)
 
+    def port_stats_of(self, port_id: int) -> np.ndarray:
+        """The port_stats rows of one port, (n, 9) int64 (columns as in ``port_stats``), indexed on first use."""
+        if self._stats_by_port is None:
+            grouped: dict = {}
+            for row in self.port_stats:
+                grouped.setdefault(row[1], []).append(row)
+            self._stats_by_port = {pid: np.array(rows, dtype=np.int64) for pid, rows in grouped.items()}
+        return self._stats_by_port.get(port_id, _NO_STATS)
+
+    def keep_port_indexes_only(self) -> None:
+        """Keep only what :meth:`source_ports_of` and :meth:`port_stats_of` read, as compact
+        per-port arrays; every other row goes (what the model step needs, in a fraction of the memory)."""
+        self.source_ports_of(0, "")
+        self.port_stats_of(0)
+        self.port_stats, self.occupancy, self.dns, self.source_stats, self.source_ports = [], [], [], [], []
+
+    def release(self) -> None:
+        """Let every loaded row go (the rounds and ports stay): a caller done reading frees the
+        memory before something big (a model fit)."""
+        self.port_stats, self.occupancy, self.dns, self.source_stats, self.source_ports = [], [], [], [], []
+        self._by_port = self._stats_by_port = None
+
+
+_NO_SOURCES = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object), np.zeros(0, dtype=np.int64),
+               np.zeros(0, dtype=np.int64))
+_NO_STATS = np.zeros((0, 9), dtype=np.int64)
 
 def _tuples(cursor, text_columns: Sequence[int] = ()) -> list[tuple]:
     """Rows as plain tuples, the text of ``text_columns`` shared (one str per distinct address,

@@ -156,8 +156,7 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     loaded = load_batch(conn, batch, cfg, context)
     findings = rules.detect(loaded, cfg)
     data = series.batch_series(loaded, model_ports(loaded, cfg))
-    # the model step reads only port_stats and source_ports (its findings' sources): the rest goes now
-    loaded.source_stats, loaded.occupancy, loaded.dns = [], [], []
+    loaded.keep_port_indexes_only()      # all the model step reads (its findings' sources), compact
     first_new = len(data.round_ids) - len(batch)
     step = ModelStep(model_version=None, trained_version=None, threshold=None, windows=0, findings=[])
     if data.ports:
@@ -199,7 +198,7 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
                             remaining, history, cfg.warmup_rounds)
 
 
-# --- series ----------------------------------------------------------------------------------------
+# --- the batch -------------------------------------------------------------------------------------
 
 def load_batch(conn: sqlite3.Connection, rounds, cfg: Evaluator, context_rounds: int = 0) -> dbs.Batch:
     """The one read of the store an evaluation of ``rounds`` makes: the rules' scan span and
@@ -296,6 +295,8 @@ def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, d
             flagged |= series.cell_mask(data, f.covers)
         log.info("model v%d judged %d windows: %d above %.4g", row["version"], len(scores), int(hot.sum()),
                  model.threshold_)
+
+    batch.release()     # judged and explained: the rows go before training (peak memory)
 
     # training data: unflagged new rounds (context rounds were trained on or held out before);
     # a first fit may use every round loaded (earlier anomalies are flagged above)

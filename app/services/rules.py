@@ -77,12 +77,13 @@ def top_sources(batch: Batch, value: int, protocol: str, first: int, last: int,
     """The sources that sent most to local port (value, protocol) in rounds first..last:
     (address, packets, bytes), most packets first (then by address). Per round the larger of the
     source_ports and flows evidence (partial: a lower bound of what each sent)."""
+    rounds, addresses, packets, nbytes = batch.source_ports_of(value, protocol)
+    inside = (rounds >= first) & (rounds <= last)
     totals: dict[str, list[int]] = {}
-    for round_id, address, _port, _protocol, packets, nbytes in batch.source_ports_of(value, protocol):
-        if first <= round_id <= last:
-            total = totals.setdefault(address, [0, 0])
-            total[0] += packets
-            total[1] += nbytes
+    for address, sent, size in zip(addresses[inside], packets[inside].tolist(), nbytes[inside].tolist()):
+        total = totals.setdefault(address, [0, 0])
+        total[0] += sent
+        total[1] += size
     ranked = sorted(totals.items(), key=lambda kv: (-kv[1][0], kv[0]))[:limit]
     return [(address, packets, nbytes) for address, (packets, nbytes) in ranked]
 
@@ -106,11 +107,9 @@ def port_sources(batch: Batch, value: int, protocol: str, port_packets: int, fir
 
 def port_totals(batch: Batch, port_id: int, first: int, last: int) -> tuple[int, int, int]:
     """(packets, bytes, syn) of one port over rounds first..last."""
-    packets = nbytes = syn = 0
-    for row in batch.port_stats:
-        if row[1] == port_id and first <= row[0] <= last:
-            packets, nbytes, syn = packets + row[2], nbytes + row[3], syn + row[6]
-    return int(packets), int(nbytes), int(syn)
+    rows = batch.port_stats_of(port_id)
+    inside = rows[(rows[:, 0] >= first) & (rows[:, 0] <= last)]
+    return int(inside[:, 2].sum()), int(inside[:, 3].sum()), int(inside[:, 6].sum())
 
 
 # --- port scan -------------------------------------------------------------------------------------
