@@ -1,5 +1,6 @@
 """Helpers shared by kernel tests: settings for a tmp database, one collection on a lab, and the
-blocklist tests' fixtures (tests/services/test_blocklist.py, tests/commands/test_blacklist.py).
+blocklist tests' fixtures (tests/services/test_{blocklist,decisions,enforcement}.py,
+tests/commands/test_blacklist.py): stored findings, ledger events, the real pinned map.
 
 Blocklist tests pin under their OWN root (``pin_root`` fixture) rather than /sys/fs/bpf/portwatch:
 reconciling "every interface under pin_root" must never touch the maps of another test run's
