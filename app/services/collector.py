@@ -263,11 +263,11 @@ class Collector:
             from app.services.fleet import crowdsec
             crowdsec.sync_round(self.conn, self.settings)
         try:
-            from app.services import blocklist
+            from app.services import enforcement
         except ImportError:
             return
         try:
-            blocklist.reconcile(self.conn, self.settings, self.pin_dir)
+            enforcement.reconcile(self.conn, self.settings, self.pin_dir)
         except (PortwatchError, sqlite3.Error) as exc:
             # the round is already written; enforcement is retried by the next run
             log.warning("blocklist reconcile failed (the next run retries): %s", exc)

@@ -15,17 +15,18 @@ import pytest
 from app.db import blacklist as queries
 from app.db import fleet as fleet_db
 from app.db.connection import connect
-from app.services import blocklist
+from app.services import blocklist, decisions
+from app.services.host import local_addresses
 from app.services.fleet import crowdsec
 from app.services.fleet.lapi import go_duration
-from tests.helpers import UdpSink, add_evaluation, blocklist_settings, collect, send_udp
+from tests.helpers import UdpSink, add_evaluation, blocklist_settings, collect, finding, send_udp
 
 SCANNER = "198.18.150.66"
 
 
 def scan(source, port=22):
-    return dict(detector="port_scan", source=source, port=port,
-                reasons={"rule": "port scan", "sources": [source], "summary": f"{source} scanned 40 ports"})
+    return finding("port_scan", source=source, port=port, sources=[source], rule="port scan",
+                   summary=f"{source} scanned 40 ports")
 
 
 def host(tmp_path, name, lapi=None, pin_root=None, bouncer=True, machine=True, **blocklist_keys):
@@ -83,8 +84,8 @@ def test_unreachable_lapi_keeps_local_blocking_and_queues_bounded(tmp_path):
         port = closed.getsockname()[1]
     s.crowdsec.lapi_url, s.crowdsec.bouncer_key = f"http://127.0.0.1:{port}", "k"
     s.crowdsec.machine_id, s.crowdsec.machine_password, s.crowdsec.max_pending = "m", "p", 2
-    eid = add_evaluation(conn, [scan(f"198.18.150.{i}") for i in (1, 2, 3)])
-    assert [d.action for d in blocklist.decide(conn, s, eid, protection=blocklist.Protection())] == ["block"] * 3
+    found = add_evaluation(conn, [scan(f"198.18.150.{i}") for i in (1, 2, 3)])
+    assert [d.action for d in decisions.decide(conn, s, found, protection=decisions.Protection())] == ["block"] * 3
     r = crowdsec.sync_round(conn, s)
     assert "unreachable" in r.error and not r.pulled and r.queued == 3 and r.pending == 2
     assert fleet_db.push_counts(conn) == {"pending": 2, "dropped": 1}
@@ -117,7 +118,7 @@ def test_stalled_lapi_costs_the_round_at_most_max_seconds(tmp_path):
         s.crowdsec.lapi_url = f"http://127.0.0.1:{stalled.getsockname()[1]}"
         s.crowdsec.bouncer_key, s.crowdsec.machine_id, s.crowdsec.machine_password = "k", "m", "p"
         s.crowdsec.timeout_seconds, s.crowdsec.max_seconds = 1.0, 1.5
-        blocklist.add_manual(conn, s, "198.18.150.9", protection=blocklist.Protection())
+        blocklist.add_manual(conn, s, "198.18.150.9", protection=decisions.Protection())
         s.crowdsec.push_detectors = ["manual"]
         r = crowdsec.sync_round(conn, s)
         assert "timed out" in r.error and r.pending == 1
@@ -164,7 +165,7 @@ def test_pull_adds_renews_and_lifts_with_the_lapi(lapi, tmp_path):
 
 def test_interlocks_refuse_lapi_decisions_once(lapi, tmp_path, caplog):
     s, conn = host(tmp_path, "b", lapi, machine=False, allowlist=["198.18.153.0/24"])
-    own = next(a for a in blocklist.local_addresses() if ":" not in a and not a.startswith("127."))
+    own = next(a for a in local_addresses() if ":" not in a and not a.startswith("127."))
     for value in ("127.0.0.1", own, "198.18.153.20", "198.18.154.20"):
         lapi.add(value)
     with caplog.at_level("WARNING", logger="app.services.fleet.crowdsec"):
@@ -184,10 +185,10 @@ def test_interlocks_refuse_lapi_decisions_once(lapi, tmp_path, caplog):
 def test_scan_block_pushed_visible_in_cscli_and_hand_unblock_deletes_it(lapi, tmp_path):
     s, conn = host(tmp_path, "a", lapi, bouncer=False)
     s.blocklist.base_ttl_seconds = 5400.0
-    eid = add_evaluation(conn, [scan(SCANNER), dict(detector="syn_flood", port=80, source="198.18.150.77")])
+    found = add_evaluation(conn, [scan(SCANNER), finding("syn_flood", port=80, source="198.18.150.77")])
     s.crowdsec.push_detectors = ["port_scan"]                    # the SYN flood block stays local
-    decisions = blocklist.decide(conn, s, eid, protection=blocklist.Protection())
-    assert [d.action for d in decisions] == ["block", "block"]
+    made = decisions.decide(conn, s, found, protection=decisions.Protection())
+    assert [d.action for d in made] == ["block", "block"]
     r = crowdsec.sync_round(conn, s)
     assert (r.error, r.queued, r.pushed, r.pending) == (None, 1, 1, 0)
     [d] = lapi.decisions()
@@ -210,8 +211,8 @@ def test_pushes_queued_while_down_are_sent_when_the_lapi_is_back(lapi, tmp_path)
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         s.crowdsec.lapi_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    eid = add_evaluation(conn, [scan("198.18.150.31"), scan("198.18.150.32")])
-    blocklist.decide(conn, s, eid, protection=blocklist.Protection())
+    found = add_evaluation(conn, [scan("198.18.150.31"), scan("198.18.150.32")])
+    decisions.decide(conn, s, found, protection=decisions.Protection())
     assert crowdsec.sync_round(conn, s).pending == 2
     s.crowdsec.lapi_url = url
     r = crowdsec.sync_round(conn, s)
@@ -234,8 +235,8 @@ def test_host_a_scan_block_is_enforced_by_host_b_xdp(lapi, lab, tmp_path, pin_ro
     scanner, benign, allowed = lab.host_v4(2), lab.host_v4(0), lab.host_v4(1)
     # host A: no lab of its own needed; its database decides a scan block and its round pushes it
     a, conn_a = host(tmp_path, "a", lapi, bouncer=False)
-    eid = add_evaluation(conn_a, [scan(scanner)])
-    [d] = blocklist.decide(conn_a, a, eid, protection=blocklist.Protection())
+    found = add_evaluation(conn_a, [scan(scanner)])
+    [d] = decisions.decide(conn_a, a, found, protection=decisions.Protection())
     assert d.action == "block"
     assert crowdsec.sync_round(conn_a, a).pushed == 1
     assert [x["value"] for x in lapi.decisions()] == [scanner]
@@ -276,8 +277,8 @@ def test_fleet_status_shows_the_sync(lapi, tmp_path, capsys):
     from app.cli import main
     s, conn = host(tmp_path, "b", lapi)
     lapi.add("198.18.155.5")
-    eid = add_evaluation(conn, [scan("198.18.155.9")])
-    blocklist.decide(conn, s, eid, protection=blocklist.Protection())
+    found = add_evaluation(conn, [scan("198.18.155.9")])
+    decisions.decide(conn, s, found, protection=decisions.Protection())
     assert crowdsec.sync_round(conn, s).error is None
     conn.close()
     env = {"PORTWATCH_CROWDSEC_LAPI_URL": s.crowdsec.lapi_url, "PORTWATCH_CROWDSEC_BOUNCER_KEY": s.crowdsec.bouncer_key}

@@ -27,9 +27,9 @@ decision's end), pushes wait, and the round loses at most ``crowdsec.max_seconds
 has ``crowdsec.timeout_seconds``; the first failure ends the LAPI work of the round). Outages are
 logged when they begin and end, not every round. ``sync_round`` never raises.
 
-Integration surface with the blocklist (all in this module): ``blocklist.Protection.gather``,
-``blocklist.normalise``, ``blocklist.capacity``; the ledger through app/db/blacklist.py
-(``immediate``, ``ensure_schema``, ``get_entry``, ``upsert_entry``, ``insert_event``, ``count_status``).
+Integration surface with the blocklist (all in this module): ``decisions.Protection.gather``,
+``enforcement.normalise``, ``enforcement.capacity``; the ledger through app/db/blacklist.py
+(``immediate``, ``get_entry``, ``upsert_entry``, ``insert_event``, ``count_status``).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from app.config import ConfigError
 from app.db import blacklist as ledger
 from app.db import fleet as db
 from app.errors import PortwatchError
-from app.services import blocklist
+from app.services import decisions, enforcement
 from app.services.fleet.lapi import TOKENS, Deadline, Lapi, LapiError, go_duration
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,6 @@ def sync_round(conn, settings, now: float | None = None) -> SyncResult:
     deadline = Deadline(cfg.max_seconds)
     lapi = Lapi(cfg.lapi_url, cfg.timeout_seconds, cfg.ca_file)
     try:
-        ledger.ensure_schema(conn)
         state = db.state(conn)
         if cfg.bouncer_key:
             _pull(conn, settings, lapi, state, deadline, now, result)
@@ -120,7 +119,7 @@ def _decision_row(d: dict, now: float) -> tuple | None:
     if str(d.get("type", "")).lower() != "ban" or str(d.get("scope", "")).lower() not in ("ip", "range"):
         return None
     try:
-        network = blocklist.normalise(ipaddress.ip_network(str(d["value"]).strip(), strict=False))
+        network = enforcement.normalise(ipaddress.ip_network(str(d["value"]).strip(), strict=False))
         until = now + go_duration(str(d.get("duration", "")))
         return int(d["id"]), str(network), d.get("scenario"), d.get("origin"), until
     except (KeyError, TypeError, ValueError):
@@ -158,7 +157,7 @@ def _apply(conn, settings, now: float, result: SyncResult) -> None:
     """Make the ledger's crowdsec rows follow the mirror (one transaction)."""
     protection = None
     status = "dry-run" if settings.blocklist.dry_run else "active"
-    limit = blocklist.capacity(settings)
+    limit = enforcement.capacity(settings)
     full = 0
     with ledger.immediate(conn):
         db.delete_ended(conn, now)
@@ -181,7 +180,7 @@ def _apply(conn, settings, now: float, result: SyncResult) -> None:
             if listed:
                 continue                                  # a local block: it ends first, then the decision follows
             if protection is None:
-                protection = blocklist.Protection.gather(settings)
+                protection = decisions.Protection.gather(settings)
             why = protection.refusal(ipaddress.ip_network(w["address"]))
             if why:
                 db.refuse(conn, w["address"], why)

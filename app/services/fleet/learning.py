@@ -20,6 +20,7 @@ import numpy as np
 from app import config as config_mod
 from app.db import evaluations as dbe
 from app.db import fleet as fleet_db
+from app.db import rounds as rounds_db
 from app.db import series as dbs
 from app.db.connection import connect
 from app.services import evaluation, series
@@ -65,14 +66,16 @@ def local_windows(conn, settings) -> tuple[np.ndarray, np.ndarray, float]:
     """(train (N, W, F), held-out (M, W, F), port-rounds per day) from this host's latest rounds,
     leaving out every cell a stored anomaly covers."""
     cfg = settings.evaluator
-    last = conn.execute("SELECT MAX(id) FROM rounds").fetchone()[0]
+    newest = rounds_db.last_round(conn)
+    last = newest["id"] if newest is not None else None
     empty = np.zeros((0, cfg.window, len(series.FEATURES)), np.float32)
     if last is None:
         return empty, empty, 0.0
     batch = dbs.rounds_before(conn, last + 1, cfg.max_batch_rounds)
     if len(batch) < cfg.window:
         return empty, empty, 0.0
-    data = evaluation.load_series(conn, batch, cfg, 0)
+    loaded = evaluation.load_batch(conn, batch, cfg, 0)
+    data = series.batch_series(loaded, evaluation.model_ports(loaded, cfg))
     if not data.ports:
         return empty, empty, 0.0
     ids = data.round_ids
