@@ -1,4 +1,4 @@
--- portwatch schema, version 3 (PRAGMA user_version): the newest schema, for a fresh database; older
+-- portwatch schema, version 4 (PRAGMA user_version): the newest schema, for a fresh database; older
 -- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
@@ -46,7 +46,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     scanner_status   TEXT,                   -- 'ok', 'disabled', 'error: ...'
     sniffer_status   TEXT,                   -- 'ok', 'disabled', 'no-tshark', 'error: ...'
     sniffer_packets  INTEGER,
-    note             TEXT
+    note             TEXT,
+    baseline         INTEGER NOT NULL DEFAULT 0   -- 1: the counts before this database watched the interface,
+                                                  -- only stored as the snapshot: no traffic rows, never evaluated
 );
 CREATE INDEX IF NOT EXISTS rounds_interface_end ON rounds(interface, end_time);
 
@@ -170,8 +172,15 @@ CREATE TABLE IF NOT EXISTS counter_snapshots (
     program_id INTEGER,
     entries    INTEGER NOT NULL,
     data       BLOB NOT NULL,                -- packed key/value records (app/services/rounds.py)
+    map_id     INTEGER,                      -- kernel id of the map read: a snapshot of another map is no baseline
     PRIMARY KEY (interface, map_name)
 ) WITHOUT ROWID;
+
+-- this database's random identity: the pin directory of an interface records which database enforces it
+CREATE TABLE IF NOT EXISTS database_identity (
+    id         TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 
 -- every compile/attach of the XDP program
 CREATE TABLE IF NOT EXISTS xdp_loads (
@@ -380,4 +389,4 @@ CREATE TABLE IF NOT EXISTS crowdsec_state (
     value TEXT
 ) WITHOUT ROWID;
 
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;

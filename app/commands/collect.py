@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("--rounds", type=int, help="rounds to collect, 0 = until stopped (default: collector.rounds, 1)")
     p.add_argument("--no-sniffer", action="store_true", help="skip the pyshark sniffer")
     p.add_argument("--no-scanner", action="store_true", help="skip the occupancy scanner")
+    p.add_argument("--takeover", action="store_true",
+                   help="move the interface to this database when another database enforces it")
     p.set_defaults(func=run)
 
 
@@ -36,7 +38,8 @@ def run(args, settings) -> int:
     show = not getattr(args, "quiet", False)
     with job_metrics(settings, "collector") as values:
         summaries = run_collection(settings, interface, settings.collector.round_seconds, settings.collector.rounds,
-                                   on_round=(lambda s: print(s.line(), flush=True)) if show else None)
+                                   on_round=(lambda s: print(s.line(), flush=True)) if show else None,
+                                   takeover=getattr(args, "takeover", False))
         values["rounds"] = len(summaries)
         values["packets"] = sum(s.packets for s in summaries)
         values["bytes"] = sum(s.bytes for s in summaries)

@@ -154,6 +154,7 @@ def render(status: dict, now: float) -> str:
         extra = ""
         if x.get("attached") and x.get("pinned") and x.get("ours") is False:
             extra = "; the attached program is not portwatch's pinned one"
+        extra += f"; {x['problem']}" if x.get("problem") else ""
         lines.append(f"{label}{state}, {pins}{extra}")
     return "\n".join(lines)
 

@@ -18,13 +18,20 @@ def load_snapshot(conn: sqlite3.Connection, interface: str, map_name: str) -> tu
     return (row[0], row[1], row[2]) if row else None
 
 
+def snapshot_map_ids(conn, interface: str) -> dict[str, int | None]:
+    """map name -> kernel id of the map its last snapshot was read from (None: a snapshot from before
+    map ids were stored), without reading the snapshots themselves."""
+    rows = conn.execute("SELECT map_name, map_id FROM counter_snapshots WHERE interface = ?", (interface,))
+    return {r[0]: r[1] for r in rows}
+
+
 def save_snapshot(conn, interface: str, map_name: str, taken_at: float, round_id: int | None,
-                  program_id: int | None, entries: int, data: bytes) -> None:
-    conn.execute("INSERT INTO counter_snapshots (interface, map_name, taken_at, round_id, program_id, entries, data) "
-                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(interface, map_name) DO UPDATE SET "
+                  program_id: int | None, entries: int, data: bytes, map_id: int | None = None) -> None:
+    conn.execute("INSERT INTO counter_snapshots (interface, map_name, taken_at, round_id, program_id, entries, data, "
+                 "map_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(interface, map_name) DO UPDATE SET "
                  "taken_at = excluded.taken_at, round_id = excluded.round_id, program_id = excluded.program_id, "
-                 "entries = excluded.entries, data = excluded.data",
-                 (interface, map_name, taken_at, round_id, program_id, entries, data))
+                 "entries = excluded.entries, data = excluded.data, map_id = excluded.map_id",
+                 (interface, map_name, taken_at, round_id, program_id, entries, data, map_id))
 
 
 def drop_snapshots(conn, interface: str) -> None:
@@ -93,3 +100,28 @@ def last_round(conn, interface: str | None = None) -> sqlite3.Row | None:
     if interface:
         return conn.execute("SELECT * FROM rounds WHERE interface = ? ORDER BY id DESC LIMIT 1", (interface,)).fetchone()
     return conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
+
+
+def database_id(conn) -> str:
+    """This database's random identity (made on first use, in its own transaction)."""
+    row = conn.execute("SELECT id FROM database_identity LIMIT 1").fetchone()
+    if row:
+        return row[0]
+    import time
+    import uuid
+    with conn:
+        row = conn.execute("SELECT id FROM database_identity LIMIT 1").fetchone()
+        if row:
+            return row[0]
+        new_id = uuid.uuid4().hex
+        conn.execute("INSERT INTO database_identity (id, created_at) VALUES (?, ?)", (new_id, time.time()))
+    return new_id
+
+
+def read_database_id(conn) -> str | None:
+    """The identity, or None when it was never made (read-only)."""
+    try:
+        row = conn.execute("SELECT id FROM database_identity LIMIT 1").fetchone()
+    except sqlite3.OperationalError:        # a database older than the table
+        return None
+    return row[0] if row else None

@@ -3,7 +3,8 @@ one evaluation reads, loaded once (the rules and the series are pure functions o
 
 rounds, ports, port_stats, rounds_ports, packets, source_stats, source_ports and flows. Every
 function takes an open connection and returns plain tuples, sqlite3.Row objects or a Batch;
-nothing here writes. Round ranges are inclusive: ``first <= round_id <= last``.
+nothing here writes. Round ranges are inclusive: ``first <= round_id <= last``. Baseline rounds
+(rounds.baseline = 1: counts from before this database watched the interface) are never read as traffic.
 """
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ def rounds_after(conn: sqlite3.Connection, after_id: int, limit: int) -> list[sq
     """Up to ``limit`` rounds with id > after_id, ascending: id, start_time, end_time, seconds, scanner_status."""
     return conn.execute(
         f"SELECT r.id, r.start_time, r.end_time, {_ROUND_SECONDS} AS seconds, r.scanner_status "
-        "FROM rounds r WHERE r.id > ? ORDER BY r.id LIMIT ?", (after_id, limit)).fetchall()
+        "FROM rounds r WHERE r.id > ? AND r.baseline = 0 ORDER BY r.id LIMIT ?", (after_id, limit)).fetchall()
 
 
 def rounds_before(conn: sqlite3.Connection, before_id: int, count: int) -> list[sqlite3.Row]:
     """The ``count`` rounds just before ``before_id``, ascending (same columns as rounds_after)."""
     rows = conn.execute(
         f"SELECT r.id, r.start_time, r.end_time, {_ROUND_SECONDS} AS seconds, r.scanner_status "
-        "FROM rounds r WHERE r.id < ? ORDER BY r.id DESC LIMIT ?", (before_id, count)).fetchall()
+        "FROM rounds r WHERE r.id < ? AND r.baseline = 0 ORDER BY r.id DESC LIMIT ?", (before_id, count)).fetchall()
     return rows[::-1]
 
 
@@ -36,22 +37,22 @@ def rounds_since(conn: sqlite3.Connection, since_time: float, before_id: int) ->
     """Rounds that ended at or after ``since_time`` with id < before_id, ascending."""
     return conn.execute(
         f"SELECT r.id, r.start_time, r.end_time, {_ROUND_SECONDS} AS seconds, r.scanner_status "
-        "FROM rounds r WHERE r.end_time >= ? AND r.id < ? ORDER BY r.id", (since_time, before_id)).fetchall()
+        "FROM rounds r WHERE r.end_time >= ? AND r.id < ? AND r.baseline = 0 ORDER BY r.id", (since_time, before_id)).fetchall()
 
 
 def count_rounds(conn: sqlite3.Connection, upto_id: int) -> int:
     """Rounds with id <= upto_id (how much history exists at the end of a batch)."""
-    return conn.execute("SELECT COUNT(*) FROM rounds WHERE id <= ?", (upto_id,)).fetchone()[0]
+    return conn.execute("SELECT COUNT(*) FROM rounds WHERE id <= ? AND baseline = 0", (upto_id,)).fetchone()[0]
 
 
 def count_rounds_after(conn: sqlite3.Connection, after_id: int) -> int:
-    return conn.execute("SELECT COUNT(*) FROM rounds WHERE id > ?", (after_id,)).fetchone()[0]
+    return conn.execute("SELECT COUNT(*) FROM rounds WHERE id > ? AND baseline = 0", (after_id,)).fetchone()[0]
 
 
 def median_round_seconds(conn: sqlite3.Connection, upto_id: int, last: int = 500) -> float | None:
     """Median length (s) of the last ``last`` rounds up to ``upto_id``; None without rounds."""
     rows = conn.execute(
-        f"SELECT {_ROUND_SECONDS} FROM rounds r WHERE r.id <= ? ORDER BY r.id DESC LIMIT ?",
+        f"SELECT {_ROUND_SECONDS} FROM rounds r WHERE r.id <= ? AND r.baseline = 0 ORDER BY r.id DESC LIMIT ?",
         (upto_id, last)).fetchall()
     values = sorted(v[0] for v in rows if v[0] is not None and v[0] > 0)
     return values[len(values) // 2] if values else None

@@ -16,6 +16,7 @@ import gc
 import logging
 import os
 import resource
+import shutil
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ import numpy as np  # noqa: E402
 from app.db import rounds as rounds_db  # noqa: E402
 from app.db.connection import connect  # noqa: E402
 from app.db.ports import PortIds  # noqa: E402
-from app.errors import NeedsRootError, PortwatchError  # noqa: E402
-from app.services import locks, maps, ports, rounds, xdp  # noqa: E402
+from app.errors import DatabaseError, NeedsRootError, PortwatchError  # noqa: E402
+from app.services import enforcement, locks, maps, pin_owner, ports, rounds, xdp  # noqa: E402
 from app.services.bpf_structs import GLOBAL_NAMES, PwConfig, addr_text, lpm_key_text  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,12 @@ class RoundSummary:
     sniffed: int | None
     compiled: bool
     xdp_mode: str | None
+    baseline: bool = False                 # only the snapshot was stored (see Collector._baseline_plan)
 
     def line(self) -> str:
+        if self.baseline:
+            return (f"round {self.round_id} on {self.interface}: baseline (the counts before this database watched "
+                    f"{self.interface} are not history)")
         parts = [f"round {self.round_id} on {self.interface}: {self.packets} packets, {self.bytes} bytes in "
                  f"{self.seconds:.1f} s, {self.active_ports} active ports, {self.sources} sources"]
         if self.unparsed:
@@ -84,8 +89,11 @@ class Collector:
     schedules it). Use as a context manager: ``open()`` takes the per-interface lock, opens the
     database, makes sure the program is loaded and opens the pinned maps."""
 
-    def __init__(self, settings, interface: str):
+    def __init__(self, settings, interface: str, takeover: bool = False):
         self.settings = settings
+        self.takeover = takeover                  # claim the interface from another database on purpose
+        self.db_id: str | None = None
+        self._born: dict[str, int] = {}           # map name -> id of maps a load created for this database
         self.interface = interface
         self.db_path = Path(settings.general.db)
         self.pin_dir = xdp.pin_dir(settings, interface)
@@ -103,18 +111,54 @@ class Collector:
         self.close()
 
     def open(self) -> None:
+        """Lock the interface, open the database, claim the pin directory (refused when another database
+        enforces it), load the program if needed with the ledger's entries in its map before it is
+        attached, close a last round from maps a recreate replaced, and reconcile — all before the round."""
         if os.geteuid() != 0:
             raise NeedsRootError("collecting needs root (XDP, pinned maps, process owners): run it with sudo")
         xdp.check_interface(self.interface)
         self._lock_fh = self._lock()
         try:
             self.conn = connect(self.db_path)
-            self.load_state = xdp.ensure_loaded(self.settings, self.interface, on_recreate=self._close_before_recreate)
+            self.db_id = rounds_db.database_id(self.conn)
+            xdp.ensure_bpffs(Path(self.settings.general.pin_root))
+            pin_owner.claim(self.pin_dir, self.interface, self.db_id, self.db_path, self.takeover)
+            self.close_retired()                     # left by a run killed right after a recreate
+            self.load_state = xdp.ensure_loaded(self.settings, self.interface,
+                                                prefill=lambda: enforcement.active_cidrs(self.conn))
             if self.load_state.compiled:
                 with self.conn:
                     rounds_db.insert_xdp_load(self.conn, self.interface, time.time(), self.load_state.mode,
                                               self.load_state.program_id, self.load_state.source_hash,
                                               self.load_state.reason, self.load_state.compile_seconds)
+            self.close_retired()
+            if self.load_state.maps_created:         # the prefilled entries count their drops from zero
+                enforcement.forget_map(self.conn, self.interface)
+            self._born = (pin_owner.read(self.pin_dir) or {}).get("maps_born") or {}
+            self._maps = maps.open_maps(self.pin_dir)
+            self._reconcile()
+        except BaseException:
+            self.close()
+            raise
+
+    def open_as_is(self, expected_db_id: str | None = None) -> None:
+        """For `down` (which holds the interface lock and has detached the program): open the database and
+        the pinned maps as they are — nothing is loaded, claimed or reconciled. DatabaseError when the
+        database is not the one the pin record names."""
+        self.conn = connect(self.db_path)
+        try:
+            found = rounds_db.read_database_id(self.conn)
+            if expected_db_id and found != expected_db_id:
+                raise DatabaseError(f"database {self.db_path} is not the one that enforces {self.interface} "
+                                    "(its identity differs)")
+            self.db_id = found
+            self._born = (pin_owner.read(self.pin_dir) or {}).get("maps_born") or {}
+            meta = xdp.read_meta(self.pin_dir)
+            prog = self.pin_dir / "prog"
+            self.load_state = xdp.LoadState(
+                self.interface, self.pin_dir, {1: "native", 2: "generic"}.get(meta.mode) if meta else None,
+                maps.prog_info(prog).id if prog.exists() else None, bytes(meta.source_hash).hex() if meta else None)
+            self.close_retired()
             self._maps = maps.open_maps(self.pin_dir)
         except BaseException:
             self.close()
@@ -135,22 +179,41 @@ class Collector:
         return locks.hold(self.settings, f"collector-{self.interface}",
                           f"another collector is running on {self.interface}: this run does not overlap it")
 
-    def _close_before_recreate(self, pdir: Path) -> None:
-        """The pinned maps are about to be recreated: record their last counts as a round."""
-        log.info("closing a round from the old maps of %s before they are recreated", self.interface)
-        self._maps = maps.open_maps(pdir)
-        info = xdp.describe(self.interface, self.settings.general.pin_root)
-        self.load_state = xdp.LoadState(self.interface, pdir, info["mode"], info["program_id"], info["source_hash"])
+    def close_retired(self) -> RoundSummary | None:
+        """Close a last round from the maps a recreate replaced (``<pin_dir>/retired``: frozen since the
+        swap), add their last drops to the ledger, then remove them. None when there are none."""
+        retired = self.pin_dir / xdp.RETIRED
+        if not (retired / "port_stats").exists():
+            return None
+        log.info("closing a last round from the replaced maps of %s", self.interface)
+        prog = retired / "prog"
+        program_id = maps.prog_info(prog).id if prog.exists() else None
+        meta = xdp.read_meta(retired)
+        current, self._maps = self._maps, maps.open_maps(retired)
+        saved_state, self.load_state = self.load_state, xdp.LoadState(
+            self.interface, retired, self.load_state.mode if self.load_state else None, program_id,
+            bytes(meta.source_hash).hex() if meta else None)
         try:
-            self.close_round(time.time(), Observations(), note="closed before the maps were recreated")
+            summary = self.close_round(time.time(), Observations(), note="last counts of the replaced maps",
+                                       reconcile=False)
+            enforcement.retire_map(self.conn, self.interface, retired / "blacklist")
         finally:
             for m in self._maps.values():
                 m.close()
-            self._maps = {}
-        with self.conn:
-            rounds_db.drop_snapshots(self.conn, self.interface)
+            self._maps, self.load_state = current, saved_state
+            self._first = True
+        shutil.rmtree(retired, ignore_errors=True)
+        return summary
 
-    def close_round(self, start: float, seen: Observations, note: str | None = None) -> RoundSummary:
+    def _reconcile(self) -> None:
+        try:
+            enforcement.reconcile(self.conn, self.settings, self.pin_dir)
+        except (PortwatchError, sqlite3.Error) as exc:
+            # enforcement is retried by the next round or run
+            log.warning("blocklist reconcile failed (the next run retries): %s", exc)
+
+    def close_round(self, start: float, seen: Observations, note: str | None = None,
+                    reconcile: bool = True) -> RoundSummary:
         """Read the maps, difference them, write the round in one transaction, bump the epoch.
 
         The first round after open() records whether this run compiled or reloaded the program."""
@@ -162,12 +225,23 @@ class Collector:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._close_round(start, seen, compiled, reloaded, note)
+            return self._close_round(start, seen, compiled, reloaded, note, reconcile)
         finally:
             if gc_was_enabled:
                 gc.enable()
 
-    def _close_round(self, start, seen: Observations, compiled, reloaded, note) -> RoundSummary:
+    def _baseline_plan(self) -> tuple[dict[str, int], dict[str, int | None], bool]:
+        """(map ids now, map ids of the stored snapshots, baseline?) — a stored snapshot counts as the previous reading of a map only when it
+        was read from that very map (same kernel map id; NULL: stored before ids were); a map without one
+        counts from zero when a load created it for this database (``maps_born``); otherwise this round is
+        a baseline: its counts cover an unknown span before this database watched the interface."""
+        ids = {name: self._maps[name].info.id for name in SNAPSHOT_MAPS}
+        stored = rounds_db.snapshot_map_ids(self.conn, self.interface)
+        baseline = any(not (name in stored and stored[name] in (None, ids[name])) and self._born.get(name) != ids[name]
+                       for name in SNAPSHOT_MAPS)
+        return ids, stored, baseline
+
+    def _close_round(self, start, seen: Observations, compiled, reloaded, note, reconcile=True) -> RoundSummary:
         cfg = maps.read_struct(self._maps["config"], maps.INDEX_0, PwConfig)
         epoch = cfg.epoch
         readings = {name: rounds.read_map(self._maps[name], epoch if name == "port_stats" else None)
@@ -179,13 +253,23 @@ class Collector:
         fold = self.settings.collector.fold_ephemeral
 
         conn = self.conn
+        map_ids, stored, baseline = self._baseline_plan()
+        if baseline:
+            log.warning("round on %s is a baseline: the maps' counts predate this database (%s), so they are stored "
+                        "as the snapshot, not as traffic", self.interface, self.db_path)
+            note = "baseline: counts from before this database watched the interface (not traffic)"
+            seen = Observations(scanner_status=seen.scanner_status, sniffer_status=seen.sniffer_status)
         # one map at a time, so the previous snapshot of only one map is in memory at once
         deltas, prev_entries, since = {}, {}, None
         for name in SNAPSHOT_MAPS:
             snap = rounds_db.load_snapshot(conn, self.interface, name)
-            prev = (rounds.unpack_snapshot(name, self._maps[name].info.key_size, snap[1])
-                    if snap else rounds.empty(name))
-            if snap:
+            valid = snap is not None and stored.get(name) in (None, map_ids[name])
+            if baseline:
+                prev = readings[name]                 # nothing is history: every delta is zero
+            else:
+                prev = (rounds.unpack_snapshot(name, self._maps[name].info.key_size, snap[1])
+                        if valid else rounds.empty(name))
+            if snap and valid:
                 since = snap[0] if since is None else min(since, snap[0])
             deltas[name] = rounds.diff(readings[name], prev)
             prev_entries[name] = prev.entries
@@ -207,7 +291,7 @@ class Collector:
                                             prev_entries["srcports"]),
             "flow_evictions": _evictions(g.get("flow_inserts", 0), readings["flows"].entries, prev_entries["flows"]),
             "scanner_status": seen.scanner_status, "sniffer_status": seen.sniffer_status,
-            "note": note,
+            "note": note, "baseline": int(baseline),
         }
         program_id = self.load_state.program_id if self.load_state else None
         n_sources = len(deltas["sources"])
@@ -216,7 +300,7 @@ class Collector:
             """Store these maps' new snapshots and let their readings go."""
             for name in names:
                 rounds_db.save_snapshot(conn, self.interface, name, end, round_id, program_id,
-                                        readings[name].entries, rounds.pack_snapshot(readings[name]))
+                                        readings[name].entries, rounds.pack_snapshot(readings[name]), map_ids[name])
                 del readings[name], deltas[name]
 
         with conn:
@@ -251,10 +335,11 @@ class Collector:
         # the next round's payload extremes start now
         cfg.epoch = (epoch + 1) & 0xFFFFFFFF
         self._maps["config"].update(maps.INDEX_0, bytes(cfg))
-        self._after_round(round_id)
+        if reconcile:
+            self._after_round(round_id)
         return RoundSummary(round_id, self.interface, end - (since or start), g.get("total", 0), g.get("bytes", 0),
                             g.get("unparsed", 0), g.get("dropped", 0), n_ports, n_sources, n_listeners,
-                            sniffed, compiled, values["xdp_mode"])
+                            sniffed, compiled, values["xdp_mode"], bool(baseline))
 
     def _after_round(self, round_id: int) -> None:
         """Reconcile the blocklist ledger with the pinned map (expiries, re-adds after a reload),
@@ -262,15 +347,7 @@ class Collector:
         if self.settings.crowdsec.lapi_url:
             from app.services.fleet import crowdsec
             crowdsec.sync_round(self.conn, self.settings)
-        try:
-            from app.services import enforcement
-        except ImportError:
-            return
-        try:
-            enforcement.reconcile(self.conn, self.settings, self.pin_dir)
-        except (PortwatchError, sqlite3.Error) as exc:
-            # the round is already written; enforcement is retried by the next run
-            log.warning("blocklist reconcile failed (the next run retries): %s", exc)
+        self._reconcile()
 
     # --- writers --------------------------------------------------------------------------------
     def _write_ports(self, round_id, delta: rounds.Delta, extras, port_ids, listening, low, high, fold) -> int:

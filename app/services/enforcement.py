@@ -193,14 +193,61 @@ def _sync(conn, blacklist: maps.PinnedMap, result: ReconcileResult, now: float) 
         + len(result.readded)
 
 
+def owned_dirs(conn, settings) -> list[Path]:
+    """The pin directories this database may touch: claimed by it, or by none (pin_owner). Another
+    database's interface is skipped (logged): a second database never unblocks or merges there."""
+    from app.db.rounds import read_database_id
+    from app.services import pin_owner
+    db_id = read_database_id(conn)
+    dirs = []
+    for pdir in pin_dirs(settings):
+        if pin_owner.owned_by(pdir, db_id):
+            dirs.append(pdir)
+        else:
+            log.info("the blocklist of %s is enforced by another database: left alone", pdir.name)
+    return dirs
+
+
+def active_cidrs(conn, now: float | None = None) -> list[str]:
+    """The ledger's active, unexpired entries (CIDR texts): what a (re)loaded map must hold before it is consulted."""
+    now = time.time() if now is None else now
+    return [r["address"] for r in db.entries(conn, ("active",)) if r["expires_at"] is None or r["expires_at"] > now]
+
+
+def forget_map(conn, interface: str) -> None:
+    """Forget the drop baselines of ``interface``'s map: its entries are new elements counting from 0."""
+    with db.immediate(conn):
+        for text in db.map_counters(conn, interface):
+            db.delete_map_counter(conn, interface, text)
+
+
+def retire_map(conn, interface: str, path: str | Path) -> int:
+    """Add the last drops of a replaced (no longer consulted) blacklist map at ``path`` to the ledger, then
+    forget ``interface``'s baselines (the new map counts from 0). The map is not changed. Returns drops added."""
+    added = 0
+    with db.immediate(conn):
+        baselines = db.map_counters(conn, interface)
+        if Path(path).exists():
+            with maps.PinnedMap(path) as blacklist:
+                for text, (_, drops, _) in _read_map(blacklist).items():
+                    delta = _growth(drops, baselines.get(text))
+                    if delta and db.get_entry(conn, text) is not None:
+                        db.add_drops(conn, text, delta)
+                        added += delta
+        for text in baselines:
+            db.delete_map_counter(conn, interface, text)
+    return added
+
+
 def apply(conn, settings, now: float | None = None) -> list[ReconcileResult]:
-    """Reconcile the ledger with EVERY interface's pinned map under ``general.pin_root``.
+    """Reconcile the ledger with every interface's pinned map under ``general.pin_root`` that this
+    database enforces (:func:`owned_dirs`).
 
     With no pins anywhere, only expiries are recorded and the list is empty (the next collector
     run enforces the ledger).
     """
     now = time.time() if now is None else now
-    dirs = pin_dirs(settings)
+    dirs = owned_dirs(conn, settings)
     if not dirs:
         with db.immediate(conn):
             _expire(conn, now)
@@ -211,7 +258,7 @@ def apply(conn, settings, now: float | None = None) -> list[ReconcileResult]:
 def pending_drops(conn, settings) -> dict[str, int]:
     """Drops in the maps not yet added to the ledger (read-only: no baseline moves)."""
     out: dict[str, int] = {}
-    for pdir in pin_dirs(settings):
+    for pdir in owned_dirs(conn, settings):
         try:
             with maps.PinnedMap(pdir / "blacklist") as blacklist:
                 in_map = _read_map(blacklist)

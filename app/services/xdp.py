@@ -12,8 +12,14 @@ library's (importing TensorFlow and BCC into one process crashes on this platfor
 
 A changed source is reloaded on the next run without losing counts: the maps are declared
 ``BPF_TABLE_PINNED``, so the new program reuses the pinned maps and their counters. Only when
-the map layout or sizes changed must the maps be recreated; the caller then closes a round
-from the old maps first (``on_recreate``), so nothing is lost there either.
+the map layout or sizes changed must the maps be recreated: the loader moves the old pins to
+``<pin_dir>/retired/`` (the old program keeps running on them), compiles (new maps), and the
+caller closes a last round from the retired maps after the swap, so nothing is lost there either.
+
+Fail closed: before the new program is attached (the attach swaps programs atomically) the
+loader writes the ledger's active entries (``prefill``, from the caller) into the blacklist map
+the new program consults (:func:`prefill_blacklist`), so no packet of a blocked source passes.
+It records each step in the pin record BEFORE taking it (app/services/pin_owner.py).
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
-from app.services import maps
+from app.services import maps, pin_owner
 from app.services.bpf_structs import MAP_LAYOUT, PwMeta
 from app.services.host import xdp_attachment as attached_program  # host facts live in host.py
 
@@ -43,6 +49,7 @@ HEADERS = (BPF_DIR / "common.h",)
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 MODE_NUMBERS = {"native": 1, "generic": 2}
+RETIRED = "retired"          # <pin_dir>/retired/: maps replaced by a recreate, until their last round is closed
 
 
 @dataclass
@@ -56,6 +63,8 @@ class LoadState:
     reloaded: bool = False           # this run replaced an attached program
     reason: str = ""                 # why it (re)loaded: first-load, source-changed, not-attached, maps-recreated
     compile_seconds: float = 0.0
+    maps_created: bool = False       # this run's load created the maps (they count from zero)
+    retired: Path | None = None      # the replaced maps, to close a last round from (then removed)
 
 
 def build_flags(settings) -> list[str]:
@@ -138,7 +147,8 @@ def ensure_bpffs(root: Path) -> None:
 
 
 def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> dict:
-    """What is true now: {'attached', 'mode', 'program_id', 'pinned', 'pinned_program_id', 'source_hash', 'ours'}."""
+    """What is true now: {'attached', 'mode', 'program_id', 'pinned', 'pinned_program_id', 'source_hash', 'ours',
+    'owner_db', 'load_state', 'problem'} (the last three from the pin record: pin_owner.describe_attachment)."""
     attached = attached_program(interface)
     pdir = Path(pin_root) / interface
     info = {"interface": interface, "attached": attached is not None, "mode": attached[1] if attached else None,
@@ -153,14 +163,19 @@ def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> 
         except BpfError:
             pass
         info["ours"] = attached is not None and attached[0] == info["pinned_program_id"]
+    try:
+        att = pin_owner.describe_attachment(interface, pin_root)
+        info.update(owner_db=att["owner_db"], load_state=att["load_state"], problem=att["problem"])
+    except BpfError as exc:
+        log.debug("cannot read the pin record of %s: %s", interface, exc)
     return info
 
 
-def ensure_loaded(settings, interface: str, on_recreate: Callable[[Path], None] | None = None) -> LoadState:
+def ensure_loaded(settings, interface: str, prefill: Callable[[], list[str]] | None = None) -> LoadState:
     """Make sure our current program is attached to ``interface`` with maps pinned; compile only if not.
 
-    on_recreate(pin_dir): called before pinned maps are destroyed (their layout changed), so the
-    caller can record their last counts.
+    prefill(): the CIDRs the blacklist map must hold before a (re)loaded program is attached. When
+    the maps were recreated, ``LoadState.retired`` names the old maps' directory (see module doc).
     """
     if os.geteuid() != 0:
         raise NeedsRootError("portwatch needs root to load and read XDP programs: run it with sudo")
@@ -186,20 +201,20 @@ def ensure_loaded(settings, interface: str, on_recreate: Callable[[Path], None] 
             log.warning("pinned maps of %s cannot be reused (%s): recreating them", interface, mismatch)
             recreate = True
             reason = "maps-recreated"
-            if on_recreate is not None:
-                on_recreate(pdir)
     if info["attached"] and not info["ours"] and not info["pinned"]:
         log.warning("another XDP program (id %s) is attached to %s: portwatch replaces it", info["program_id"], interface)
-    result = run_loader(settings, interface, pdir, recreate=recreate)
+    result = run_loader(settings, interface, pdir, recreate=recreate, prefill=prefill() if prefill else [])
     state = LoadState(interface, pdir, result["mode"], result["program_id"], want_hash, compiled=True,
-                      reloaded=info["attached"], reason=reason, compile_seconds=result["compile_seconds"])
+                      reloaded=info["attached"], reason=reason, compile_seconds=result["compile_seconds"],
+                      maps_created=bool(result.get("maps_created")),
+                      retired=pdir / RETIRED if result.get("retired") else None)
     log.info("XDP program loaded on %s (%s mode, id %d, %s, compiled in %.1f s)", interface, state.mode,
              state.program_id, reason, state.compile_seconds)
     return state
 
 
-def run_loader(settings, interface: str, pdir: Path, recreate: bool = False) -> dict:
-    """Run the BCC loader in its own process; return its JSON result."""
+def run_loader(settings, interface: str, pdir: Path, recreate: bool = False, prefill: list[str] = ()) -> dict:
+    """Run the BCC loader in its own process; return its JSON result. ``prefill``: CIDRs (stdin, JSON)."""
     cmd = [sys.executable, "-m", "app.services.xdp", "load", "--interface", interface, "--pin-dir", str(pdir),
            "--mode", settings.collector.xdp_mode, "--hash", source_hash(settings)]
     if recreate:
@@ -207,7 +222,8 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False) -> 
     cmd += ["--flag=" + f for f in build_flags(settings)]
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(BPF_DIR.parent))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
+                          input=json.dumps({"prefill": list(prefill)}))
     if proc.stderr.strip():
         # compiler diagnostics: kept in the log, the user sees the one-sentence error below
         log.log(logging.ERROR if proc.returncode else logging.DEBUG, "XDP loader said:\n%s", proc.stderr.strip()[-4000:])
@@ -219,39 +235,40 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False) -> 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def down(settings, interface: str) -> list[str]:
-    """Detach our XDP program from ``interface`` and remove its pins. Returns what was done."""
-    if os.geteuid() != 0:
-        raise NeedsRootError("detaching XDP needs root: run it with sudo")
-    done = []
-    attached = attached_program(interface) if Path(f"/sys/class/net/{interface}").exists() else None
+def detach(settings, interface: str) -> str | None:
+    """Detach portwatch's XDP program from ``interface``: the pinned one, the one the pin record names,
+    or a leftover one nothing records (known by its name). Another program is left attached (logged).
+    Returns what was done, or None."""
+    att = pin_owner.describe_attachment(interface, settings.general.pin_root)
+    if att["program_id"] is None:
+        return None
+    if not (att["recorded"] or att["leftover"]):
+        log.warning("the XDP program on %s (id %s, %s) is not portwatch's: left attached", interface,
+                    att["program_id"], att["program_name"])
+        return None
+    for off in ("xdp", "xdpgeneric", "xdpdrv"):
+        subprocess.run(["ip", "link", "set", "dev", interface, off, "off"], capture_output=True)
+    what = "leftover " if att["leftover"] else ""
+    return f"detached {what}XDP program {att['program_id']} from {interface}"
+
+
+def unpin(settings, interface: str) -> str | None:
+    """Remove the pins of ``interface`` (maps, program, record); returns what was done, or None."""
     pdir = pin_dir(settings, interface)
-    if attached:
-        pinned_id = None
-        if (pdir / "prog").exists():
-            try:
-                pinned_id = maps.prog_info(pdir / "prog").id
-            except BpfError:
-                pass
-        if pinned_id is not None and pinned_id != attached[0]:
-            log.warning("the XDP program on %s (id %d) is not portwatch's: left attached", interface, attached[0])
-        else:
-            for off in ("xdp", "xdpgeneric", "xdpdrv"):
-                subprocess.run(["ip", "link", "set", "dev", interface, off, "off"], capture_output=True)
-            done.append(f"detached XDP program {attached[0]} ({attached[1]}) from {interface}")
-    if pdir.exists():
-        shutil.rmtree(pdir, ignore_errors=True)
-        done.append(f"removed pins {pdir}")
-        try:
-            pdir.parent.rmdir()
-        except OSError:
-            pass
-    return done
+    if not pdir.exists():
+        return None
+    shutil.rmtree(pdir, ignore_errors=True)
+    try:
+        pdir.parent.rmdir()
+    except OSError:
+        pass
+    return f"removed pins {pdir}"
 
 
 # --- the loader process ---------------------------------------------------------------------
 
-def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str], recreate: bool) -> dict:
+def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str], recreate: bool,
+          prefill: list[str] = ()) -> dict:
     try:
         from bcc import BPF  # Debian's python3-bpfcc, seen through --system-site-packages
         from bcc.libbcc import lib as libbcc
@@ -261,9 +278,10 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
     if not build.exists() and not os.environ.get("BCC_KERNEL_SOURCE"):
         raise DependencyError(f"no kernel headers at {build}: run make setup (it links the distribution's headers)")
     pdir.mkdir(parents=True, exist_ok=True)
+    pin_owner.record_load(pdir, "compiling")
     if recreate:
-        for name in MAP_LAYOUT:
-            (pdir / name).unlink(missing_ok=True)
+        retire_pins(pdir)
+    unborn = {name for name in MAP_LAYOUT if not (pdir / name).exists()}
     started = time.process_time() + _children_cpu()
     t0 = time.monotonic()
     cflags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{pdir}"', "-w", *flags]
@@ -273,6 +291,21 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
     except Exception as exc:
         raise BpfError(f"the XDP program failed to compile or load ({exc}): the compiler output is in the log; `python -m app doctor` checks headers and BPF support") from None
     compile_seconds = time.monotonic() - t0
+    prefill_blacklist(pdir, prefill)
+    born = {}
+    for name in sorted(unborn):
+        with maps.PinnedMap(pdir / name) as m:
+            born[name] = m.info.id
+    prog_pin = pdir / "prog"
+    prog_pin.unlink(missing_ok=True)
+    if libbcc.bpf_obj_pin(fn.fd, str(prog_pin).encode()) != 0:       # pinned first: it is never unrecorded
+        raise BpfError(f"cannot pin the program at {prog_pin}")
+    identity = maps.prog_info(prog_pin)
+    record = pin_owner.read(pdir) or {}
+    if born:
+        pin_owner.update(pdir, maps_born=born if len(born) == len(MAP_LAYOUT) else {**record.get("maps_born", {}), **born})
+    pin_owner.record_load(pdir, "attaching", program_id=identity.id, program_tag=bytes(identity.tag).hex(),
+                          retired=recreate)
     attached = attached_program(interface)
     wanted = {"auto": [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE], "native": [XDP_FLAGS_DRV_MODE],
               "generic": [XDP_FLAGS_SKB_MODE]}.get(mode)
@@ -294,10 +327,6 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
             last_err = exc
     if used is None:
         raise BpfError(f"cannot attach XDP to {interface} ({last_err})")
-    prog_pin = pdir / "prog"
-    prog_pin.unlink(missing_ok=True)
-    if libbcc.bpf_obj_pin(fn.fd, str(prog_pin).encode()) != 0:
-        raise BpfError(f"cannot pin the program at {prog_pin}")
     now = attached_program(interface)
     program_id = now[0] if now else 0
     meta = PwMeta()
@@ -307,8 +336,38 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
     meta.mode = MODE_NUMBERS[used]
     with maps.PinnedMap(pdir / "meta") as m:
         m.update(maps.INDEX_0, bytes(meta))
+    pin_owner.record_load(pdir, "attached", program_id=program_id, program_tag=bytes(identity.tag).hex(), mode=used,
+                          retired=recreate)
     return {"mode": used, "program_id": program_id, "compile_seconds": round(compile_seconds, 3),
-            "cpu_seconds": round(time.process_time() + _children_cpu() - started, 3)}
+            "cpu_seconds": round(time.process_time() + _children_cpu() - started, 3),
+            "maps_created": len(unborn) == len(MAP_LAYOUT), "retired": recreate}
+
+
+def retire_pins(pdir: Path) -> None:
+    """Move the pinned maps and program to ``<pdir>/retired/``: the attached program keeps counting into
+    them until the new one replaces it, and the collector then closes a last round from them."""
+    retired = pdir / RETIRED
+    if retired.exists():          # the collector closes these before it loads again; stale otherwise
+        shutil.rmtree(retired, ignore_errors=True)
+    retired.mkdir()
+    for name in (*MAP_LAYOUT, "prog"):
+        if (pdir / name).exists():
+            os.rename(pdir / name, retired / name)
+
+
+def prefill_blacklist(pdir: Path, cidrs: list[str]) -> int:
+    """Write ``cidrs`` (the ledger's active entries) into the blacklist map in ``pdir`` BEFORE the program
+    that consults it is attached; an entry already there keeps its drop counter. Returns how many were new."""
+    import ipaddress
+    from app.services.bpf_structs import PwBlacklistValue, lpm_key
+    new = 0
+    with maps.PinnedMap(pdir / "blacklist") as m:
+        for text in cidrs:
+            key = lpm_key(ipaddress.ip_network(text, strict=False))
+            if m.lookup(key) is None:
+                m.update(key, bytes(PwBlacklistValue()))
+                new += 1
+    return new
 
 
 def _children_cpu() -> float:
@@ -336,7 +395,9 @@ def loader_main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
-        result = _load(args.interface, args.pin_dir, args.mode, args.hash, args.flag, args.recreate)
+        request = json.loads(sys.stdin.read() or "{}") if not sys.stdin.isatty() else {}
+        result = _load(args.interface, args.pin_dir, args.mode, args.hash, args.flag, args.recreate,
+                       request.get("prefill", []))
     except (BpfError, DependencyError, UsageError) as exc:
         print(str(exc))
         return exc.exit_code
