@@ -134,6 +134,7 @@ class Collector:
             self.close_retired()
             if self.load_state.maps_created:         # the prefilled entries count their drops from zero
                 enforcement.forget_map(self.conn, self.interface)
+            enforcement.note_prefilled(self.conn, self.interface, self.load_state.prefilled)
             self._born = (pin_owner.read(self.pin_dir) or {}).get("maps_born") or {}
             self._maps = maps.open_maps(self.pin_dir)
             self._reconcile()

@@ -221,6 +221,20 @@ def forget_map(conn, interface: str) -> None:
             db.delete_map_counter(conn, interface, text)
 
 
+def note_prefilled(conn, interface: str, cidrs: list[str], now: float | None = None) -> None:
+    """Record the entries the loader wrote into ``interface``'s map before attaching the program: an event
+    each, and a drop baseline of 0 (new map elements count from 0)."""
+    if not cidrs:
+        return
+    now = time.time() if now is None else now
+    with db.immediate(conn):
+        for text in cidrs:
+            db.set_map_counter(conn, interface, text, 0, 0, now)
+            db.insert_event(conn, now, text, "map-prefill", f"{interface}: written before the program was attached")
+    log.info("%d blocklist entr%s in the map of %s before the program was attached", len(cidrs),
+             "y was" if len(cidrs) == 1 else "ies were", interface)
+
+
 def retire_map(conn, interface: str, path: str | Path) -> int:
     """Add the last drops of a replaced (no longer consulted) blacklist map at ``path`` to the ledger, then
     forget ``interface``'s baselines (the new map counts from 0). The map is not changed. Returns drops added."""

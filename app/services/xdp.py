@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -65,6 +65,7 @@ class LoadState:
     compile_seconds: float = 0.0
     maps_created: bool = False       # this run's load created the maps (they count from zero)
     retired: Path | None = None      # the replaced maps, to close a last round from (then removed)
+    prefilled: list = field(default_factory=list)   # CIDRs the loader wrote into the map before the attach
 
 
 def build_flags(settings) -> list[str]:
@@ -207,7 +208,8 @@ def ensure_loaded(settings, interface: str, prefill: Callable[[], list[str]] | N
     state = LoadState(interface, pdir, result["mode"], result["program_id"], want_hash, compiled=True,
                       reloaded=info["attached"], reason=reason, compile_seconds=result["compile_seconds"],
                       maps_created=bool(result.get("maps_created")),
-                      retired=pdir / RETIRED if result.get("retired") else None)
+                      retired=pdir / RETIRED if result.get("retired") else None,
+                      prefilled=result.get("prefilled", []))
     log.info("XDP program loaded on %s (%s mode, id %d, %s, compiled in %.1f s)", interface, state.mode,
              state.program_id, reason, state.compile_seconds)
     return state
@@ -291,7 +293,7 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
     except Exception as exc:
         raise BpfError(f"the XDP program failed to compile or load ({exc}): the compiler output is in the log; `python -m app doctor` checks headers and BPF support") from None
     compile_seconds = time.monotonic() - t0
-    prefill_blacklist(pdir, prefill)
+    prefilled = prefill_blacklist(pdir, prefill)
     born = {}
     for name in sorted(unborn):
         with maps.PinnedMap(pdir / name) as m:
@@ -340,7 +342,7 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
                           retired=recreate)
     return {"mode": used, "program_id": program_id, "compile_seconds": round(compile_seconds, 3),
             "cpu_seconds": round(time.process_time() + _children_cpu() - started, 3),
-            "maps_created": len(unborn) == len(MAP_LAYOUT), "retired": recreate}
+            "maps_created": len(unborn) == len(MAP_LAYOUT), "retired": recreate, "prefilled": prefilled}
 
 
 def retire_pins(pdir: Path) -> None:
@@ -355,18 +357,22 @@ def retire_pins(pdir: Path) -> None:
             os.rename(pdir / name, retired / name)
 
 
-def prefill_blacklist(pdir: Path, cidrs: list[str]) -> int:
+def prefill_blacklist(pdir: Path, cidrs: list[str]) -> list[str]:
     """Write ``cidrs`` (the ledger's active entries) into the blacklist map in ``pdir`` BEFORE the program
-    that consults it is attached; an entry already there keeps its drop counter. Returns how many were new."""
+    that consults it is attached; an entry already there keeps its drop counter. Returns those written."""
     import ipaddress
     from app.services.bpf_structs import PwBlacklistValue, lpm_key
-    new = 0
+    new = []
     with maps.PinnedMap(pdir / "blacklist") as m:
         for text in cidrs:
             key = lpm_key(ipaddress.ip_network(text, strict=False))
             if m.lookup(key) is None:
-                m.update(key, bytes(PwBlacklistValue()))
-                new += 1
+                try:
+                    m.update(key, bytes(PwBlacklistValue()))
+                except BpfError as exc:           # a full map: the collector's reconcile reports it
+                    log.warning("cannot prefill %s: %s", text, exc)
+                    continue
+                new.append(text)
     return new
 
 

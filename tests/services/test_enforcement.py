@@ -154,5 +154,5 @@ def test_reconcile_after_program_reload_and_map_recreation(lab, tmp_path, pin_ro
     row = queries.get_entry(conn, f"{src}/32")
     assert row["drops"] == sent == 90
     assert conn.execute("SELECT SUM(drops) FROM blacklist_drops WHERE address = ?", (f"{src}/32",)).fetchone()[0] == 90
-    assert (f"{src}/32", "reconcile-add") in ledger_events(conn)
+    assert (f"{src}/32", "map-prefill") in ledger_events(conn)      # in the new map before its program ran
     conn.close()

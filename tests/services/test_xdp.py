@@ -58,7 +58,7 @@ def test_load_once_then_read_without_compiling(lab, tmp_path):
     first = xdp.ensure_loaded(s, lab.interface)
     assert first.compiled and first.reason == "first-load" and first.mode in ("native", "generic")
     pdir = Path(s.general.pin_root) / lab.interface
-    assert sorted(p.name for p in pdir.iterdir()) == sorted([*bpf_structs.MAP_LAYOUT, "prog"])
+    assert sorted(p.name for p in pdir.iterdir()) == sorted([*bpf_structs.MAP_LAYOUT, "prog", "owner"])
     meta = xdp.read_meta(pdir)
     assert bytes(meta.source_hash).hex() == xdp.source_hash(s) == first.source_hash
     assert meta.program_id == first.program_id and host.XDP_MODE_NAMES[meta.mode] == first.mode

@@ -209,7 +209,7 @@ def test_reload_keeps_counts(lab, tmp_path):
     s.collector.extra_cflags = "-DPW_BUILD_REVISION=2"
     collect(s, lab)
     n3 = int(lab.send("--src", lab.host_v4(0), "--dst", lab.root_v4, "--ports", "6100", "--count", "17"))
-    # a new map size: the maps must be recreated; a round closes the old ones first
+    # a new map size: the maps must be recreated; a last round closes the old ones after the swap
     s.collector.flow_map_size = 4096
     collect(s, lab)
     n4 = int(lab.send("--src", lab.host_v4(0), "--dst", lab.root_v4, "--ports", "6100", "--count", "19"))
@@ -220,7 +220,8 @@ def test_reload_keeps_counts(lab, tmp_path):
     assert reasons == ["first-load", "source-changed", "maps-recreated"]
     ids = [r[0] for r in conn.execute("SELECT DISTINCT program_id FROM rounds ORDER BY id")]
     assert len(ids) == 3
-    assert conn.execute("SELECT COUNT(*) FROM rounds WHERE note LIKE 'closed before%'").fetchone()[0] == 1
+    assert conn.execute("SELECT COUNT(*) FROM rounds WHERE note = 'last counts of the replaced maps'").fetchone()[0] == 1
+    assert conn.execute("SELECT COUNT(*) FROM rounds WHERE baseline = 1").fetchone()[0] == 0
 
 
 def test_missing_interface_is_one_sentence(tmp_path):
@@ -239,7 +240,8 @@ def test_down_detaches_and_unpins(lab, tmp_path):
     assert (pins / "prog").exists() and (pins / "port_stats").exists()
     from app.services import xdp
     assert xdp.describe(lab.interface, s.general.pin_root)["ours"]
-    done = xdp.down(s, lab.interface)
+    from app.services import teardown
+    done = teardown.down(s, lab.interface)
     assert any("detached" in d for d in done)
     assert not pins.exists()
     assert xdp.attached_program(lab.interface) is None
