@@ -114,9 +114,7 @@ def claim(pdir: str | Path, interface: str, db_id: str, db_path: str | Path, tak
     db_path = str(Path(db_path).resolve())
     if record and record.get("db_id") and record["db_id"] != db_id:
         if not takeover:
-            raise UsageError(f"interface {interface} is enforced by another database ({record.get('db_path')}): "
-                             f"run `python -m app down --interface {interface}` first, or pass --takeover to move "
-                             "it to this database on purpose")
+            raise refusal(interface, record)
         log.warning("taking %s over from the database %s: its blocklist becomes this database's", interface,
                     record.get("db_path"))
         record = dict(record, maps_born={})
@@ -127,6 +125,13 @@ def claim(pdir: str | Path, interface: str, db_id: str, db_path: str | Path, tak
     record.setdefault("maps_born", {})
     write(pdir, record)
     return record
+
+
+def refusal(interface: str, record: dict) -> UsageError:
+    """The one sentence a run with another database gets."""
+    return UsageError(f"interface {interface} is enforced by another database ({record.get('db_path')}): run "
+                      f"`python -m app down --interface {interface}` first, or pass --takeover to move it to this "
+                      "database on purpose")
 
 
 def owned_by(pdir: str | Path, db_id: str | None) -> bool:
