@@ -1,5 +1,5 @@
 """Queries for rounds and their kernel counters (rounds, port_stats, source_stats, source_ports,
-flows, global_stats, counter_snapshots, xdp_loads, blacklist_drops).
+flows, global_stats, counter_snapshots, xdp_loads, blacklist_drops, database_identity).
 
 The collector writes one round with :func:`insert_round` and friends inside ONE transaction
 (``with conn:``), snapshot included, so a run killed mid-write leaves the previous snapshot in
@@ -32,11 +32,6 @@ def save_snapshot(conn, interface: str, map_name: str, taken_at: float, round_id
                  "taken_at = excluded.taken_at, round_id = excluded.round_id, program_id = excluded.program_id, "
                  "entries = excluded.entries, data = excluded.data, map_id = excluded.map_id",
                  (interface, map_name, taken_at, round_id, program_id, entries, data, map_id))
-
-
-def drop_snapshots(conn, interface: str) -> None:
-    """Forget every map snapshot of ``interface`` (its maps are being recreated)."""
-    conn.execute("DELETE FROM counter_snapshots WHERE interface = ?", (interface,))
 
 
 def insert_round(conn, values: dict) -> int:

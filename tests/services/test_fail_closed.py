@@ -143,6 +143,12 @@ def test_blocked_source_sending_through_a_recreating_reload_never_passes(lab, tm
     assert conn.execute("SELECT COUNT(*) FROM rounds WHERE note = 'last counts of the replaced maps'").fetchone()[0] == 1
     assert (f"{blocked}/32", "map-prefill") in [(r["address"], r["action"]) for r in queries.events(conn)]
     assert not (pdir / xdp.RETIRED).exists()
+    # the stream straddled the swap: the old map dropped some, the new one the rest
+    last_old = conn.execute("SELECT id FROM rounds WHERE note = 'last counts of the replaced maps'").fetchone()[0]
+    old, new = conn.execute("SELECT COALESCE(SUM(CASE WHEN round_id <= ? THEN drops END), 0), "
+                            "COALESCE(SUM(CASE WHEN round_id > ? THEN drops END), 0) FROM blacklist_drops",
+                            (last_old, last_old)).fetchone()
+    assert old > 0 and new > 0 and old + new == 4000
     conn.close()
 
 
