@@ -74,6 +74,9 @@ def run(args, settings) -> int:
         names = ", ".join(r.interface for r in results)
         failed = sorted({a for r in results for a in r.failed})
         print(f"{done}; maps updated on {names}" + (f" (could not write {', '.join(failed)}: map full)" if failed else ""))
+    elif enforcement.pin_dirs(settings):
+        print(f"{done}; the XDP pins under {settings.general.pin_root} are enforced by another database, so only "
+              "this ledger changed")
     else:
         print(f"{done}; no XDP pins under {settings.general.pin_root}, so only the ledger changed: "
               "the next collector run applies it")
