@@ -7,6 +7,7 @@ compared before and after.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import signal
 import subprocess
@@ -370,3 +371,43 @@ def test_snapshot_of_other_maps_is_no_baseline(tmp_path):
     second = c.close_round(time.time(), Observations())
     assert not second.baseline and second.packets == 15
     c.close()
+
+
+@pytest.mark.kernel
+def test_a_run_killed_between_the_swap_and_the_last_round_of_the_replaced_maps_loses_nothing(lab, tmp_path, pin_root):
+    s = settings_of(tmp_path, "a", pin_root)
+    collect(s, lab)
+    src = lab.host_v4(1)
+    pdir = Path(s.general.pin_root) / lab.interface
+    assert send_udp(lab, src, lab.root_v4, 7760, 300) == 300
+    s.collector.flow_map_size = 4096
+    state = xdp.ensure_loaded(s, lab.interface)          # the loader ran, then the collector "died"
+    assert state.reason == "maps-recreated" and state.retired == pdir / xdp.RETIRED and state.retired.exists()
+    assert send_udp(lab, src, lab.root_v4, 7760, 200) == 200          # counted by the new maps
+    summaries = collect(s, lab)                          # the next run closes the retired maps first
+    assert not (pdir / xdp.RETIRED).exists()
+    assert port_packets(s.general.db, 7760) == 500
+    conn = connect(s.general.db, readonly=True)
+    notes = [r[0] for r in conn.execute("SELECT note FROM rounds ORDER BY id")]
+    assert notes[-2:] == ["last counts of the replaced maps", None] and not summaries[-1].baseline
+    conn.close()
+
+
+@pytest.mark.kernel
+def test_opening_reconciles_before_the_round_starts(lab, tmp_path, pin_root):
+    s, pdir = loaded_with_block(lab, tmp_path, pin_root)
+    blocked = lab.host_v4(0)
+    with maps.PinnedMap(pdir / "blacklist") as m:        # emptied by hand between two runs
+        assert m.delete(bpf_structs.lpm_key(ipaddress.ip_network(f"{blocked}/32")))
+    c = Collector(s, lab.interface)
+    c.open()
+    try:
+        with UdpSink(lab.root_v4, 7770) as sink:         # during the round, before it closes
+            assert send_udp(lab, blocked, lab.root_v4, 7770, 50) == 50
+            assert sink.drain() == {}
+        c.close_round(time.time(), Observations())
+    finally:
+        c.close()
+    conn = connect(s.general.db, readonly=True)
+    assert queries.get_entry(conn, f"{blocked}/32")["drops"] == 50
+    conn.close()
