@@ -202,6 +202,9 @@ class Collector:
         retired = self.pin_dir / xdp.RETIRED
         if not (retired / "port_stats").exists():
             return None
+        if xdp.retired_still_attached(self.interface, self.pin_dir):     # a loader killed before the swap
+            xdp.restore_pins(self.pin_dir)
+            return None
         log.info("closing a last round from the replaced maps of %s", self.interface)
         prog = retired / "prog"
         program_id = maps.prog_info(prog).id if prog.exists() else None

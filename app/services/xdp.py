@@ -283,6 +283,17 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
     pin_owner.record_load(pdir, "compiling")
     if recreate:
         retire_pins(pdir)
+    try:
+        return _build_and_attach(BPF, libbcc, interface, pdir, mode, want_hash, flags, recreate, prefill)
+    except BaseException:
+        if recreate and retired_still_attached(interface, pdir):
+            restore_pins(pdir)           # the old program never stopped: put its pins back
+        raise
+
+
+def _build_and_attach(BPF, libbcc, interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str],
+                      recreate: bool, prefill: list[str]) -> dict:
+    """Compile (maps reused or created), prefill the blacklist, pin and record the program, attach."""
     unborn = {name for name in MAP_LAYOUT if not (pdir / name).exists()}
     started = time.process_time() + _children_cpu()
     t0 = time.monotonic()
@@ -355,6 +366,26 @@ def retire_pins(pdir: Path) -> None:
     for name in (*MAP_LAYOUT, "prog"):
         if (pdir / name).exists():
             os.rename(pdir / name, retired / name)
+
+
+def retired_still_attached(interface: str, pdir: Path) -> bool:
+    """True when the program of ``<pdir>/retired`` is still the attached one (the swap never happened)."""
+    prog = pdir / RETIRED / "prog"
+    attached = attached_program(interface) if Path(f"/sys/class/net/{interface}").exists() else None
+    try:
+        return bool(attached) and prog.exists() and maps.prog_info(prog).id == attached[0]
+    except BpfError:
+        return False
+
+
+def restore_pins(pdir: Path) -> None:
+    """Undo :func:`retire_pins`: the retired pins go back in place of whatever was pinned since."""
+    retired = pdir / RETIRED
+    for path in sorted(retired.iterdir()):
+        (pdir / path.name).unlink(missing_ok=True)
+        os.rename(path, pdir / path.name)
+    retired.rmdir()
+    log.warning("the reload of %s did not happen: the running program's maps are pinned again", pdir.name)
 
 
 def prefill_blacklist(pdir: Path, cidrs: list[str]) -> list[str]:

@@ -411,3 +411,45 @@ def test_opening_reconciles_before_the_round_starts(lab, tmp_path, pin_root):
     conn = connect(s.general.db, readonly=True)
     assert queries.get_entry(conn, f"{blocked}/32")["drops"] == 50
     conn.close()
+
+
+@pytest.mark.kernel
+def test_a_recreating_reload_that_fails_to_build_puts_the_running_maps_back(lab, tmp_path, pin_root):
+    from app.errors import BpfError
+    s, pdir = loaded_with_block(lab, tmp_path, pin_root)
+    src, blocked = lab.host_v4(1), lab.host_v4(0)
+    assert send_udp(lab, src, lab.root_v4, 7780, 100) == 100
+    s.collector.blacklist_map_size = 8192                # asks for new maps ...
+    s.collector.extra_cflags = "-DFLOW_MAP_SIZE=nonsense"  # ... with a build that cannot compile
+    with pytest.raises(BpfError, match="failed to compile"):
+        collect(s, lab)
+    assert not (pdir / xdp.RETIRED).exists() and (pdir / "port_stats").exists()
+    with UdpSink(lab.root_v4, 7781) as sink:             # the running program still enforces
+        assert send_udp(lab, blocked, lab.root_v4, 7781, 20) == 20
+        assert sink.drain() == {}
+    assert send_udp(lab, src, lab.root_v4, 7780, 50) == 50
+    s.collector.blacklist_map_size, s.collector.extra_cflags = 16384, ""
+    collect(s, lab)
+    assert port_packets(s.general.db, 7780) == 150
+    conn = connect(s.general.db, readonly=True)
+    assert [r[0] for r in conn.execute("SELECT reason FROM xdp_loads")] == ["first-load"]
+    assert queries.get_entry(conn, f"{blocked}/32")["drops"] == 20
+    conn.close()
+
+
+@pytest.mark.kernel
+def test_a_loader_killed_after_retiring_the_pins_before_the_swap_loses_nothing(lab, tmp_path, pin_root):
+    s = settings_of(tmp_path, "a", pin_root)
+    collect(s, lab)
+    pdir = Path(s.general.pin_root) / lab.interface
+    src = lab.host_v4(1)
+    assert send_udp(lab, src, lab.root_v4, 7790, 120) == 120
+    xdp.retire_pins(pdir)                                # what a loader did before it was killed
+    assert xdp.retired_still_attached(lab.interface, pdir)
+    assert send_udp(lab, src, lab.root_v4, 7790, 80) == 80
+    collect(s, lab)                                      # the pins go back; nothing is reloaded
+    assert not (pdir / xdp.RETIRED).exists()
+    assert port_packets(s.general.db, 7790) == 200
+    conn = connect(s.general.db, readonly=True)
+    assert [r[0] for r in conn.execute("SELECT reason FROM xdp_loads")] == ["first-load"]
+    conn.close()
