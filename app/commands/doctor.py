@@ -193,7 +193,8 @@ def run_checks(settings) -> list[Check]:
     checks.append(check_database(db))
     checks.append(check_modes(settings))
     from app.services.pin_owner import problems as xdp_problems   # unfinished loads, leftover programs (issue 10)
-    checks += [Check(f"xdp {name}", "warn", text) for name, text in xdp_problems(settings.general.pin_root)]
+    checks += [Check(f"xdp {name}", "warn", text, f"python -m app down --interface {name}")
+               for name, text in xdp_problems(settings.general.pin_root)]
     return checks
 
 
