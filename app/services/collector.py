@@ -119,7 +119,7 @@ class Collector:
         xdp.check_interface(self.interface)
         self._lock_fh = self._lock()
         try:
-            self._refuse_foreign()
+            pin_owner.refuse_other_database(self.pin_dir, self.interface, self.db_path, self.takeover)
             self.conn = connect(self.db_path)
             self.db_id = rounds_db.database_id(self.conn)
             xdp.ensure_bpffs(Path(self.settings.general.pin_root))
@@ -142,21 +142,6 @@ class Collector:
         except BaseException:
             self.close()
             raise
-
-    def _refuse_foreign(self) -> None:
-        """Refuse (UsageError) before this database is even opened when another one enforces the interface."""
-        record = pin_owner.read(self.pin_dir) if self.pin_dir.exists() else None
-        if self.takeover or not record or not record.get("db_id"):
-            return
-        mine = None
-        if self.db_path.exists():
-            conn = connect(self.db_path, readonly=True)
-            try:
-                mine = rounds_db.read_database_id(conn)
-            finally:
-                conn.close()
-        if mine != record["db_id"]:
-            raise pin_owner.refusal(self.interface, record)
 
     def open_as_is(self, expected_db_id: str | None = None) -> None:
         """For `down` (which holds the interface lock and has detached the program): open the database and

@@ -134,6 +134,25 @@ def refusal(interface: str, record: dict) -> UsageError:
                       "database on purpose")
 
 
+def refuse_other_database(pdir: str | Path, interface: str, db_path: str | Path, takeover: bool = False) -> None:
+    """Raise :func:`refusal` when another database enforces ``pdir`` — checked before ``db_path`` is opened
+    for writing (a database that does not exist yet is not created)."""
+    record = read(pdir) if Path(pdir).exists() else None
+    if takeover or not record or not record.get("db_id"):
+        return
+    mine = None
+    if Path(db_path).exists():
+        from app.db.connection import connect
+        from app.db.rounds import read_database_id
+        conn = connect(db_path, readonly=True)
+        try:
+            mine = read_database_id(conn)
+        finally:
+            conn.close()
+    if mine != record["db_id"]:
+        raise refusal(interface, record)
+
+
 def owned_by(pdir: str | Path, db_id: str | None) -> bool:
     """True when ``pdir`` is this database's to touch (claimed by it, or by no database)."""
     record = read(pdir)
