@@ -51,24 +51,27 @@ def cli(settings, *args, timeout=120) -> subprocess.CompletedProcess:
 
 
 class Stream:
-    """A paced UDP stream from a lab host (one datagram per ``gap`` seconds, bounded in count and time),
-    received by a UdpSink drained in a thread (so no datagram is lost to a full socket buffer)."""
+    """A paced UDP stream from a lab host (one datagram per ``gap`` seconds until :meth:`finish`, bounded in
+    count and time), received by a UdpSink drained in a thread (no datagram lost to a full socket buffer)."""
 
-    def __init__(self, lab, src: str, port: int, count: int, gap: float = 0.001):
+    def __init__(self, lab, src: str, port: int, count: int = 25000, gap: float = 0.001):
         self.sink = UdpSink(lab.root_v4, port)
         self.received: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()
-        code = ("import socket, sys, time\n"
+        code = ("import signal, socket, sys, time\n"
+                "stop = []\n"
+                "signal.signal(signal.SIGTERM, lambda *a: stop.append(1))\n"
                 "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 0))\n"
-                "n, deadline = 0, time.monotonic() + 30\n"
-                "for _ in range(int(sys.argv[4])):\n"
+                "n, deadline = 0, time.monotonic() + 60\n"
+                "print('ready', flush=True)\n"
+                "while n < int(sys.argv[4]) and not stop and time.monotonic() < deadline:\n"
                 "    s.sendto(b'x' * 32, (sys.argv[2], int(sys.argv[3]))); n += 1; time.sleep(float(sys.argv[5]))\n"
-                "    if time.monotonic() > deadline: break\n"
                 "print(n)\n")
         self.proc = lab.popen(sys.executable, "-c", code, src, lab.root_v4, str(port), str(count), str(gap),
                               stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
 
     def _drain(self):
         while not self._stop.is_set():
@@ -76,7 +79,9 @@ class Stream:
                 self.received[src] = self.received.get(src, 0) + n
 
     def finish(self) -> int:
-        """Wait for the sender; returns how many it sent (received counts are in ``received``)."""
+        """Stop the sender; returns how many it sent (received counts are in ``received``)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
         out, _ = self.proc.communicate(timeout=60)
         time.sleep(0.5)
         self._stop.set()
@@ -119,28 +124,30 @@ def test_blocked_source_sending_through_a_recreating_reload_never_passes(lab, tm
     s, pdir = loaded_with_block(lab, tmp_path, pin_root)
     blocked, other = lab.host_v4(0), lab.host_v4(1)
     old_map_id = maps.PinnedMap(pdir / "blacklist").info.id
-    blocked_stream = Stream(lab, blocked, 7710, 4000)
-    other_stream = Stream(lab, other, 7711, 4000)
+    blocked_stream = Stream(lab, blocked, 7710)
+    other_stream = Stream(lab, other, 7711)
     try:
         time.sleep(0.3)
         s.collector.blacklist_map_size = 8192           # a size change: the maps are recreated during the stream
         collect(s, lab)
+        time.sleep(0.3)
         sent_blocked, sent_other = blocked_stream.finish(), other_stream.finish()
     finally:
         blocked_stream.kill()
         other_stream.kill()
     collect(s, lab)
     assert maps.PinnedMap(pdir / "blacklist").info.id != old_map_id      # really a new map
-    assert sent_blocked == 4000 and sent_other == 4000
+    assert sent_blocked > 300 and sent_other > 300
     assert blocked_stream.received == {}                                # 0 packets of the blocked source passed
-    assert other_stream.received == {other: 4000}                        # and XDP let everything else through
+    assert other_stream.received == {other: sent_other}                  # and XDP let everything else through
     conn = connect(s.general.db)
     reasons = [r[0] for r in conn.execute("SELECT reason FROM xdp_loads ORDER BY id")]
     assert reasons == ["first-load", "maps-recreated"]
     # exact on that path too: the replaced maps' last round + the new maps' rounds hold every packet
-    assert queries.get_entry(conn, f"{blocked}/32")["drops"] == 4000
-    assert conn.execute("SELECT SUM(drops) FROM blacklist_drops WHERE address = ?", (f"{blocked}/32",)).fetchone()[0] == 4000
-    assert port_packets(s.general.db, 7711) == 4000
+    assert queries.get_entry(conn, f"{blocked}/32")["drops"] == sent_blocked
+    assert conn.execute("SELECT SUM(drops) FROM blacklist_drops WHERE address = ?",
+                        (f"{blocked}/32",)).fetchone()[0] == sent_blocked
+    assert port_packets(s.general.db, 7711) == sent_other
     assert conn.execute("SELECT COUNT(*) FROM rounds WHERE note = 'last counts of the replaced maps'").fetchone()[0] == 1
     assert (f"{blocked}/32", "map-prefill") in [(r["address"], r["action"]) for r in queries.events(conn)]
     assert not (pdir / xdp.RETIRED).exists()
@@ -149,7 +156,7 @@ def test_blocked_source_sending_through_a_recreating_reload_never_passes(lab, tm
     old, new = conn.execute("SELECT COALESCE(SUM(CASE WHEN round_id <= ? THEN drops END), 0), "
                             "COALESCE(SUM(CASE WHEN round_id > ? THEN drops END), 0) FROM blacklist_drops",
                             (last_old, last_old)).fetchone()
-    assert old > 0 and new > 0 and old + new == 4000
+    assert old > 0 and new > 0 and old + new == sent_blocked
     conn.close()
 
 
@@ -215,11 +222,12 @@ def test_down_mid_stream_stores_every_packet_counted_before_the_detach(lab, tmp_
     assert send_udp(lab, src, lab.root_v4, 7740, 500) == 500
     # hold the maps open: after `down` they are unpinned and detached, so what they hold is frozen
     port_map, global_map = maps.PinnedMap(pdir / "port_stats"), maps.PinnedMap(pdir / "global")
-    stream = Stream(lab, src, 7740, 3000)
+    stream = Stream(lab, src, 7740)
     other = settings_of(tmp_path, "other", pin_root)   # `down` run with another database: still works
     try:
         time.sleep(1.0)
         out = cli(other, "down", "--interface", lab.interface)
+        time.sleep(0.5)
         sent = stream.finish()
     finally:
         stream.kill()
@@ -232,8 +240,8 @@ def test_down_mid_stream_stores_every_packet_counted_before_the_detach(lab, tmp_
     total_at_detach = int(rounds.read_map(global_map).counters[0][bpf_structs.GLOBAL_NAMES.index("total")])
     port_map.close()
     global_map.close()
-    assert sent == 3000 and stream.received == {src: 3000}
-    assert 500 < at_detach < 3500                        # the detach fell inside the stream
+    assert stream.received == {src: sent}
+    assert 500 < at_detach < 500 + sent                  # the detach fell inside the stream
     assert port_packets(a.general.db, 7740) == at_detach                # every packet counted up to the detach
     conn = connect(a.general.db, readonly=True)
     assert conn.execute("SELECT SUM(total_packets) FROM rounds").fetchone()[0] == total_at_detach
