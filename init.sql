@@ -1,4 +1,4 @@
--- portwatch schema, version 3 (PRAGMA user_version): the newest schema, for a fresh database; older
+-- portwatch schema, version 4 (PRAGMA user_version): the newest schema, for a fresh database; older
 -- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
@@ -230,7 +230,8 @@ CREATE TABLE IF NOT EXISTS anomalies (
     first_round_id INTEGER,
     last_round_id  INTEGER,
     source         TEXT,                     -- the main source address, where one is responsible
-    created_at     REAL NOT NULL
+    created_at     REAL NOT NULL,
+    updated_at     REAL                      -- when the finding last grew (a scan that lasts is one finding)
 );
 CREATE INDEX IF NOT EXISTS anomalies_eval ON anomalies(evaluation_id);
 CREATE INDEX IF NOT EXISTS anomalies_port ON anomalies(port_id);
@@ -380,4 +381,12 @@ CREATE TABLE IF NOT EXISTS crowdsec_state (
     value TEXT
 ) WITHOUT ROWID;
 
-PRAGMA user_version = 3;
+-- the allowlist kept in the database (`python -m app allow add|remove|list`), beside the config's
+-- blocklist.allowlist: never blocked automatically; adding an entry lifts its active blocks
+CREATE TABLE IF NOT EXISTS allowlist (
+    address    TEXT PRIMARY KEY,             -- CIDR, as in blacklist.address
+    reason     TEXT,
+    created_at REAL NOT NULL
+);
+
+PRAGMA user_version = 4;

@@ -110,6 +110,16 @@ CREATE TABLE IF NOT EXISTS crowdsec_state (
     value TEXT
 ) WITHOUT ROWID;
 """,
+    # 4: issue 11: the allowlist kept in the database (`allow add|remove|list`), beside the config one;
+    #    anomalies.updated_at: when a finding last grew (a scan that lasts is one finding, updated)
+    4: """
+CREATE TABLE IF NOT EXISTS allowlist (
+    address    TEXT PRIMARY KEY,             -- CIDR, as in blacklist.address
+    reason     TEXT,
+    created_at REAL NOT NULL
+);
+ALTER TABLE anomalies ADD COLUMN updated_at REAL;
+""",
 }
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 QUICK_CHECK_MAX_BYTES = 256 << 20
