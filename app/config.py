@@ -132,6 +132,7 @@ class Blocklist:
     manual_remove_grace_seconds: float = 86400.0
     manual_ttl_seconds: float = 7 * 86400.0       # `blacklist add` without --ttl
     rule_detectors: list = field(default_factory=lambda: ["port_scan", "syn_flood"])  # rule findings that block their source
+    simulate: list = field(default_factory=list)  # detectors whose blocks are recorded as would-block, not enforced
 
 
 @dataclass

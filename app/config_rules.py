@@ -57,6 +57,7 @@ def _networks(values):
 
 
 RULE_DETECTORS = ("port_scan", "syn_flood", "unlistened_port", "new_listener")
+BLOCKING_DETECTORS = (*RULE_DETECTORS, "model")   # what blocklist.simulate may name
 SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
                      "authpriv", "ftp", *(f"local{i}" for i in range(8)))
 POSITIVE, NON_NEGATIVE = _above(0), _at_least(0)
@@ -96,6 +97,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "blocklist.rule_detectors": lambda v: None if set(v) <= set(RULE_DETECTORS) else
     "names unknown detectors " + ", ".join(repr(d) for d in v if d not in RULE_DETECTORS)
     + " (known: " + ", ".join(RULE_DETECTORS) + ")",
+    "blocklist.simulate": lambda v: None if set(v) <= set(BLOCKING_DETECTORS) else
+    "names detectors that never block " + ", ".join(repr(d) for d in v if d not in BLOCKING_DETECTORS)
+    + " (detectors that can block: " + ", ".join(BLOCKING_DETECTORS) + ")",
     "alerts.cooldown_seconds": NON_NEGATIVE, "alerts.webhook_timeout": POSITIVE,
     "alerts.webhook_retries": NON_NEGATIVE, "alerts.smtp_port": _between(1, 65535),
     "alerts.smtp_timeout": POSITIVE, "alerts.max_seconds": POSITIVE,

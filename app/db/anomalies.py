@@ -65,3 +65,18 @@ def block_events_of(conn: sqlite3.Connection, anomaly_id: int) -> list[sqlite3.R
 def alerts_sent(conn: sqlite3.Connection, key: str) -> list[sqlite3.Row]:
     """Channels an alert key last went out on: (channel, sent_at)."""
     return conn.execute("SELECT channel, sent_at FROM alerts_sent WHERE key = ? ORDER BY channel", (key,)).fetchall()
+
+
+def summaries(conn: sqlite3.Connection, anomaly_ids) -> dict[int, str]:
+    """id -> the finding's stored summary line (reasons ``$.summary``), for the ids that have one."""
+    ids = sorted({int(i) for i in anomaly_ids if i is not None})
+    out: dict[int, str] = {}
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(
+                "SELECT id, json_extract(CASE WHEN json_valid(reasons) THEN reasons END, '$.summary') FROM anomalies "
+                f"WHERE id IN ({marks})", chunk):
+            if row[1]:
+                out[row[0]] = row[1]
+    return out

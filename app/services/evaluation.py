@@ -35,7 +35,8 @@ from app.db import evaluations as dbe
 from app.db import series as dbs
 from app.db.connection import connect
 from app.errors import UsageError
-from app.services import explain, locks, rules, series
+from app.services import locks, rules, series
+from app.services.explain import fill_summaries
 from app.services.findings import Finding
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
             anomalies=len(all_findings), duration_s=now - started, status=status, note=json.dumps(note),
             rounds=len(batch), ports=len(data.ports),
             observed_rate_per_day=(len(step.findings) / judged_days) if warm and judged_days > 0 else None)
-        explain.fill_summaries(conn, all_findings)      # the one line every consumer reads
+        fill_summaries(conn, all_findings)      # the one line every consumer reads
         for f in all_findings:
             if f.id is not None:                # a stored scan that went on: the same finding, grown
                 dbe.update_anomaly(conn, f.id, score=f.score, reasons=f.to_json(), first_round_id=f.first_round_id,
