@@ -228,7 +228,8 @@ def lines(explained: dict) -> list[str]:
     e = explained
     out = [f"anomaly {e['id']}: {e['summary']}",
            f"  detector   {e['detector']} (evaluation {e['evaluation_id']})"]
-    when = f"rounds {e['rounds'][0]}-{e['rounds'][1]}"
+    first, last = e["rounds"]
+    when = f"round {first}" if first == last else f"rounds {first}-{last}"
     if e["started"]:
         when += f", {e['started']} to {e['ended']}"
     out.append(f"  when       {when}")
