@@ -16,15 +16,18 @@ def anomaly(conn: sqlite3.Connection, anomaly_id: int) -> sqlite3.Row | None:
 
 def anomalies(conn: sqlite3.Connection, since: float | None = None, detector: str | None = None,
               limit: int = 1000) -> list[sqlite3.Row]:
-    """Findings newest first: created (or grown, see ``updated_at``) at or after ``since``, of ``detector``."""
+    """Findings newest first: created (or grown, see ``updated_at``) at or after ``since``, of ``detector``
+    (a database opened read-only before migration 4 has no ``updated_at``: NULL)."""
     where, args = [], []
+    grown = any(r[1] == "updated_at" for r in conn.execute("PRAGMA table_info(anomalies)"))
+    sql = _FINDING if grown else _FINDING.replace("SELECT a.*,", "SELECT a.*, NULL AS updated_at,")
     if since is not None:
-        where.append("COALESCE(a.updated_at, a.created_at) >= ?")
+        where.append("COALESCE(a.updated_at, a.created_at) >= ?" if grown else "a.created_at >= ?")
         args.append(since)
     if detector:
         where.append("a.detector = ?")
         args.append(detector)
-    sql = _FINDING + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY a.id DESC LIMIT ?"
+    sql += (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY a.id DESC LIMIT ?"
     return conn.execute(sql, (*args, limit)).fetchall()
 
 

@@ -20,8 +20,6 @@ from app.cli import main
 from app.threads.collection import run_collection
 from tests.helpers import pin_root, send_udp  # noqa: F401
 
-pytestmark = pytest.mark.kernel
-
 LISTEN = r"""
 import socket, sys, time
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((sys.argv[1], int(sys.argv[2])))
@@ -98,6 +96,7 @@ def store(lab, tmp_path, pin_root, monkeypatch, capsys):  # noqa: F811
         receiver.close()
 
 
+@pytest.mark.kernel
 def test_anomalies_list_and_show_explain_the_lab(store):
     settings, run, facts = store
     scanner = facts["scanner"]
@@ -158,6 +157,7 @@ def test_anomalies_list_and_show_explain_the_lab(store):
     assert out.splitlines()[-1].startswith("explain a finding: python -m app anomalies show ID")
 
 
+@pytest.mark.kernel
 def test_allow_lifts_the_block_and_bad_input_changes_nothing(store):
     settings, run, facts = store
     scanner = facts["scanner"]
@@ -203,3 +203,19 @@ def test_allow_lifts_the_block_and_bad_input_changes_nothing(store):
     assert code == 0 and out.strip() == f"removed {scanner}/32 from the allowlist"
     code, out, _ = run("allow", "list")
     assert out.strip() == "the allowlist is empty"
+
+
+def test_without_a_database_or_with_a_corrupt_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PORTWATCH_CONFIG", str(tmp_path / "none.toml"))
+    (tmp_path / "none.toml").write_text(f'state_dir = "{tmp_path / "state"}"\npin_root = "{tmp_path / "no-pins"}"\n')
+    db = tmp_path / "ports.db"
+    assert main(["anomalies", "list", "--db", str(db)]) == 4
+    assert "does not exist yet" in capsys.readouterr().err and not db.exists()
+    assert main(["allow", "list", "--db", str(db)]) == 0
+    assert capsys.readouterr().out.strip() == "the allowlist is empty" and not db.exists()
+    db.write_bytes(b"this is not a database" * 200)
+    for argv in (["anomalies", "list"], ["anomalies", "show", "1"], ["allow", "list"], ["allow", "add", "198.18.0.9"]):
+        assert main([*argv, "--db", str(db)]) == 4, argv
+        err = capsys.readouterr().err
+        assert err.startswith("portwatch: error: database ") and err.count("\n") == 1, err
+    assert db.read_bytes() == b"this is not a database" * 200
