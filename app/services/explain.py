@@ -137,8 +137,9 @@ def summary(finding: Finding, holders: list[dict] | None = None) -> str:
         return text + (f", from {who}" if who else "") + f", {rounds}"
     if f.detector in ("new_listener", "process_changed"):
         now = d.get("holders") or holders or []
-        procs = ", ".join(f"{h.get('process') or '?'} (pid {h.get('pid', '?')}, user {h.get('user', '?')})"
-                          for h in now[:3]) or "an unknown process"
+        named = dict.fromkeys(f"{h.get('process') or '?'} (pid {h.get('pid', '?')}, user {h.get('user', '?')})"
+                              for h in now)          # one per process: a socket on IPv4 and IPv6 is one
+        procs = ", ".join(list(named)[:3]) or "an unknown process"
         if f.detector == "new_listener":
             return f"new listener on {f.port_label}: {procs}, round {d.get('round_id', f.first_round_id)}"
         before = ", ".join(sorted({h.get("process") or "?" for h in (d.get("previous") or {}).get("holders", [])}))

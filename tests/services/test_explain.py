@@ -33,7 +33,8 @@ def test_summary_of_each_detector():
         "SYN flood on tcp/80 (nginx): 9,000 SYNs in 2 round(s), peak 5,000 SYNs with 2% answered, "
         "from 198.18.0.7 (90%, one-way) and 39 more, rounds 7-8")
     new = Finding("new_listener", 4, 8099, "tcp", 5, 5, None, None,
-                  details={"round_id": 5, "holders": [{"pid": 77, "process": "nc", "user": "bob"}]})
+                  details={"round_id": 5, "holders": [{"pid": 77, "process": "nc", "user": "bob", "address": "::"},
+                                                      {"pid": 77, "process": "nc", "user": "bob", "address": "0.0.0.0"}]})
     assert explain.summary(new) == "new listener on tcp/8099: nc (pid 77, user bob), round 5"
     changed = Finding("process_changed", 2, 22, "tcp", 5, 5, None, None, details={
         "round_id": 5, "holders": [{"pid": 9, "process": "evil-sshd", "user": "root"}],
