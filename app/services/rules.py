@@ -2,7 +2,8 @@
 
   port_scan       a source reaching >= scan_ports distinct local (port, protocol) pairs within one
                   round (source_stats.distinct_ports) or within scan_span_seconds (source_ports and
-                  flows evidence united across rounds)
+                  flows evidence united across rounds: probes, at most SCAN_PROBES_PER_PORT packets
+                  to a port in a round); a scan that goes on grows its stored finding (batch.open_scans)
   syn_flood       >= syn_flood_syns SYNs to one TCP port in a round, with an answered share below
                   syn_flood_completion (see :func:`completion_share`)
   new_listener    a local port held for the first time since occupancy data began
@@ -145,16 +146,19 @@ def port_scans(batch: Batch, cfg: Evaluator) -> list[Finding]:
         if round_id >= first:
             stats[address]["packets"] += packets
             stats[address]["syn"] += syn
-    pairs: dict[str, dict[int, set]] = defaultdict(lambda: defaultdict(set))
-    for round_id, address, port, protocol, _packets, _bytes in batch.source_ports:
+    pairs: dict[str, dict[int, dict]] = defaultdict(lambda: defaultdict(dict))
+    for round_id, address, port, protocol, packets, _bytes in batch.source_ports:
         if lo <= round_id <= last:
-            pairs[address][round_id].add((port, protocol))
+            pairs[address][round_id][(port, protocol)] = packets
 
     findings = []
     for address in sorted(set(per_round_count) | set(pairs)):
         held = open_scans.get(address)
         attributed = held.last_round_id if held is not None else lo - 1      # rounds a finding already holds
-        by_round = {rid: p for rid, p in pairs.get(address, {}).items() if rid > attributed}
+        reached = {rid: p for rid, p in pairs.get(address, {}).items() if rid > attributed}
+        # what a scan is made of across rounds: probes (a few packets to a port), not a stream to one port
+        by_round = {rid: probed for rid, p in reached.items()
+                    if (probed := {k for k, n in p.items() if n <= SCAN_PROBES_PER_PORT})}
         counts = {rid: n for rid, n in per_round_count[address].items() if rid > attributed}
         seen_all = set().union(*by_round.values()) if by_round else set()
         if max(counts.values(), default=0) < cfg.scan_ports and len(seen_all) < cfg.scan_ports:
@@ -163,18 +167,18 @@ def port_scans(batch: Batch, cfg: Evaluator) -> list[Finding]:
         for r in batch.rounds:
             rid = r["id"]
             in_round = counts.get(rid, 0)
-            span = set()
+            span = set(reached.get(rid, ())) if in_round >= cfg.scan_ports else set()   # a scan in one round
             for other, other_ports in by_round.items():
                 if other <= rid and end_of.get(other, 0) > r["end_time"] - cfg.scan_span_seconds:
                     span |= other_ports
             count = max(in_round, len(span))
-            if count >= cfg.scan_ports and (in_round or rid in by_round):
+            if count >= cfg.scan_ports and (rid in by_round or in_round >= cfg.scan_ports):
                 flagged.append(rid)
                 ports |= span
                 best = max(best, count)
         if not flagged:
             continue
-        found = _scan_finding(batch, address, flagged, ports, best, counts, by_round, stats.get(address, {}), cfg)
+        found = _scan_finding(batch, address, flagged, ports, best, counts, reached, stats.get(address, {}), cfg)
         findings.append(_grow(held, found) if held is not None else found)
     return findings
 
@@ -190,7 +194,7 @@ def _ranges(ports) -> list[list[int]]:
     return out
 
 
-def _scan_finding(batch, address, flagged, ports, best, per_round_count, by_round, stats, cfg) -> Finding:
+def _scan_finding(batch, address, flagged, ports, best, per_round_count, reached_by_round, stats, cfg) -> Finding:
     by_proto: dict[str, list[int]] = defaultdict(list)
     for port, protocol in sorted(ports):
         by_proto[protocol].append(port)
@@ -200,9 +204,9 @@ def _scan_finding(batch, address, flagged, ports, best, per_round_count, by_roun
     # each scanned port is implicated in the rounds the source reached it (up to the last flagged
     # round), not the whole span: other traffic to it in other rounds is not the scan's
     reached: dict[tuple, list[int]] = {}
-    for rid, round_ports in by_round.items():
+    for rid, round_ports in reached_by_round.items():
         if rid <= last_round:
-            for key in round_ports & ports:
+            for key in round_ports.keys() & ports:
                 span = reached.setdefault(key, [rid, rid])
                 span[0], span[1] = min(span[0], rid), max(span[1], rid)
     covers = sorted((pid, lo, hi) for key, (lo, hi) in reached.items()

@@ -68,7 +68,7 @@ def store(lab, tmp_path, pin_root, monkeypatch, capsys):  # noqa: F811
     listener = None
     try:
         run_collection(settings, lab.interface, 0.5, 1)                         # round 1: the baseline
-        listener = subprocess.Popen([sys.executable, "-c", LISTEN, lab.root_v4, "5301", "120"],
+        listener = subprocess.Popen([sys.executable, "-c", LISTEN, lab.root_v4, "6391", "120"],
                                     stdout=subprocess.PIPE, text=True)
         assert listener.stdout.readline().strip() == "ready"
         nmap(lab, scanner, "2000-2039")
@@ -83,7 +83,7 @@ def store(lab, tmp_path, pin_root, monkeypatch, capsys):  # noqa: F811
         nmap(lab, scanner, "2040-2079")
         run_collection(settings, lab.interface, 0.5, 1)                         # round 3: the scan goes on
         assert run("evaluate")[0] == 0
-        sent = send_udp(lab, scanner, lab.root_v4, 6000, 500)
+        sent = send_udp(lab, scanner, lab.root_v4, 6393, 500)
         run_collection(settings, lab.interface, 0.5, 1)                         # round 4: a flood, no scan
         assert run("evaluate")[0] == 0
         facts = {"scanner": scanner, "sent": sent, "alerts": alerts,
@@ -110,10 +110,10 @@ def test_anomalies_list_and_show_explain_the_lab(store):
     assert scan["summary"].startswith(f"port scan from {scanner} (")
     assert "tcp 2000-2079 (80)" in scan["summary"]
     # the later UDP flood from the same source is its own finding, not filed under the scan
-    flood = [i for i in items if i["detector"] == "unlistened_port" and i["port"] == 6000]
+    flood = [i for i in items if i["detector"] == "unlistened_port" and i["port"] == 6393]
     assert len(flood) == 1 and flood[0]["source"] == scanner and flood[0]["rounds"] == [4, 4]
-    assert flood[0]["summary"].startswith(f"traffic to udp/6000, where nothing listens: {facts['sent']:,} packets")
-    listener = [i for i in items if i["detector"] == "new_listener" and i["port"] == 5301]
+    assert flood[0]["summary"].startswith(f"traffic to udp/6393, where nothing listens: {facts['sent']:,} packets")
+    listener = [i for i in items if i["detector"] == "new_listener" and i["port"] == 6391]
     assert len(listener) == 1 and facts["process"] in listener[0]["summary"]
 
     # the text table: one line per finding, newest first, the same summaries
@@ -141,9 +141,9 @@ def test_anomalies_list_and_show_explain_the_lab(store):
     assert shown["sources"][0]["address"] == scanner and shown["sources"][0]["evidence"] == "one-way"
     # the port and its process, from occupancy
     code, out, _ = run("anomalies", "show", str(listener[0]["id"]))
-    assert code == 0 and f"  port       udp/5301: {facts['process']} (pid {facts['pid']}" in out
+    assert code == 0 and f"  port       udp/6391: {facts['process']} (pid {facts['pid']}" in out
     code, out, _ = run("anomalies", "show", str(flood[0]["id"]))
-    assert code == 0 and "  port       udp/6000: nothing listening (occupancy)" in out
+    assert code == 0 and "  port       udp/6393: nothing listening (occupancy)" in out
     assert f"{facts['sent']:>9,}" in out and "100.0%" in out
 
     # the syslog alert of the first evaluation carried the finding's id and the same summary line

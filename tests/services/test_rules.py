@@ -243,3 +243,13 @@ def test_a_flood_in_the_scan_round_is_not_left_to_the_scan(store):
     assert (1005, "udp") in {(p, proto) for proto, ports in scan.details["ports"].items() for p in ports}
     # the scan's probes to the other ports stay with the scan; 501 packets to udp/1005 are more than probes
     assert [(f.port, f.protocol, f.details["packets"]) for f in by(found, "unlistened_port")] == [(1005, "udp", 501)]
+
+
+def test_a_stream_to_one_port_after_a_scan_in_the_same_batch_is_not_the_scan(store):
+    store.add_rounds(5, {1: [port_scan(SCANNER, range(1000, 1030))],              # round 2: the scan
+                         2: [traffic(9999, "udp", 49_100, SCANNER)]})             # round 3: a stream, within the span
+    found = detect(store)
+    [scan] = by(found, "port_scan")
+    assert (scan.first_round_id, scan.last_round_id, scan.details["flagged_rounds"]) == (2, 2, 1)
+    assert scan.details["port_ranges"] == {"tcp": [[1000, 1029]]}
+    assert [(f.port, f.first_round_id, f.details["packets"]) for f in by(found, "unlistened_port")] == [(9999, 3, 49_100)]
