@@ -213,7 +213,8 @@ def explain(conn, finding: Finding, settings=None) -> dict:
     blocks = []
     for row in db.blocks_of(conn, f.id):
         blocks.append({"address": row["address"], "status": row["status"], "origin": row["origin"],
-                       "expires_at": row["expires_at"], "until": _time(row["expires_at"]) if row["expires_at"] else "never",
+                       "expires_at": row["expires_at"],
+                       "until": _time(row["expires_at"]) if row["expires_at"] else "never",
                        "drops": row["drops"]})
     out["blocks"] = blocks
     out["block_events"] = [{"at": _time(r["at"]), "address": r["address"], "action": r["action"], "detail": r["detail"]}
@@ -240,7 +241,8 @@ def lines(explained: dict) -> list[str]:
                           for h in (e["holders"] or [])) or "nothing listening (occupancy)"
         out.append(f"  port       {e['port_label']}: {procs}")
     if e["score"] is not None:
-        out.append(f"  score      {_n(e['score'])}" + (f" (threshold {_n(e['threshold'])})" if e["threshold"] is not None else ""))
+        limit = f" (threshold {_n(e['threshold'])})" if e["threshold"] is not None else ""
+        out.append(f"  score      {_n(e['score'])}{limit}")
     if e.get("ports_text"):
         out.append(f"  ports      {e['ports_text']}")
     if e["sources"]:
