@@ -219,3 +219,39 @@ def test_without_a_database_or_with_a_corrupt_one(tmp_path, monkeypatch, capsys)
         err = capsys.readouterr().err
         assert err.startswith("portwatch: error: database ") and err.count("\n") == 1, err
     assert db.read_bytes() == b"this is not a database" * 200
+
+
+def test_show_a_model_finding_gives_its_features_in_units(tmp_path, monkeypatch, capsys):
+    """A model finding as the evaluation stores it (no TensorFlow here): show prints the features that
+    drove it, observed against usual (the reconstruction) in their units, and the block it caused."""
+    from app.db.connection import connect
+    from app.services import decisions
+    from app.services.explain import fill_summaries
+    from app.services.findings import Finding, Source
+    from tests.helpers import add_evaluation, blocklist_settings
+    s = blocklist_settings(tmp_path, model_block_factor=2.0)
+    monkeypatch.setenv("PORTWATCH_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("PORTWATCH_PIN_ROOT", s.general.pin_root)
+    conn = connect(s.general.db)
+    features = [{"feature": "packets", "observed": 600.0, "reconstructed": 41.5, "error": 0.8, "share": 0.7},
+                {"feature": "mean_payload", "observed": 1200.0, "reconstructed": 40.0, "error": 0.2, "share": 0.2}]
+    f = Finding("model", None, 5302, "udp", 1, 1, 0.9, 0.1, source="198.18.0.9",
+                sources=[Source("198.18.0.9", packets=590, bytes=700_000, share=0.983)],
+                details={"features": features, "packets": 600})
+    fill_summaries(conn, [f])
+    [f] = add_evaluation(conn, [f])
+    [d] = decisions.decide(conn, s, [f], protection=decisions.Protection())
+    assert d.action == "block"
+    conn.close()
+    assert main(["anomalies", "show", str(f.id), "--db", s.general.db]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"anomaly {f.id}: unusual traffic on udp/5302: packets 600 vs usual 41.5, mean_payload "
+                          "1,200 vs usual 40 (error 9.0x the threshold), from 198.18.0.9 (98%, one-way), round 1\n")
+    assert "  features   FEATURE            OBSERVED      USUAL  UNIT                  SHARE OF ERROR\n" in out
+    assert "             packets                 600       41.5  packets/round         70%\n" in out
+    assert "             mean_payload          1,200         40  bytes/packet          20%\n" in out
+    assert "  done       blocked (active) 198.18.0.9/32 until " in out
+    assert main(["anomalies", "list", "--since", "all", "--db", s.general.db]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("unusual traffic on udp/5302: packets 600 vs usual 41.5, "
+                                                            "mean_payload 1,200 vs usual 40 (error 9.0x the threshold), "
+                                                            "from 198.18.0.9 (98%, one-way), round 1")
