@@ -10,6 +10,8 @@ import time
 from app.cli import add_command
 from app.errors import EXIT_OK, UsageError
 
+LIMIT = 1000            # findings listed at most (newest first)
+
 DESCRIPTION = """Findings of the rule detectors and the model, explained: what, when (round times), which
 port and process (occupancy), which sources (packets, share, evidence class), the ports of a scan
 as ranges, the features that drove a model finding (observed vs usual) and what was done (blocked
@@ -80,7 +82,7 @@ def run(args, settings) -> int:
         if args.detector and args.detector not in queries.detectors(conn):
             known = ", ".join(queries.detectors(conn)) or "none yet"
             raise UsageError(f"no finding has detector {args.detector!r} (stored detectors: {known})")
-        rows = queries.anomalies(conn, since, args.detector)
+        rows = queries.anomalies(conn, since, args.detector, LIMIT)
         findings = [Finding.from_row(r) for r in rows]
         items = [{"id": f.id, "detector": f.detector, "created_at": r["created_at"], "updated_at": r["updated_at"],
                   "rounds": [f.first_round_id, f.last_round_id], "port": f.port, "protocol": f.protocol,
@@ -101,6 +103,8 @@ def run(args, settings) -> int:
     widths = [max(len(row[c]) for row in table) for c in range(len(header))]
     for row, summary in zip(table, ["SUMMARY"] + [i["summary"] for i in items]):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + summary)
+    if len(items) == LIMIT:
+        print(f"(the newest {LIMIT} only: narrow with --since or --detector)")
     return EXIT_OK
 
 
