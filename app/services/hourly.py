@@ -68,6 +68,9 @@ def run(settings) -> HourlyResult:
         if result.threshold is not None:
             values["threshold"] = result.threshold
         metrics.write_metrics(settings, "evaluator", values, duration_seconds=time.monotonic() - started)
+        if settings.metrics.textfile_dir:
+            from app.services import health
+            metrics.write_health(settings, health.check(settings))
     finally:
         conn.close()
     if settings.evaluator.report_after and result.status == "ok":

@@ -128,16 +128,16 @@ def check_interface(interface: str) -> int:
 
 
 def default_interface() -> str:
-    """The interface of the IPv4 (else IPv6) default route."""
-    for family in ("-4", "-6"):
-        out = subprocess.run(["ip", "-j", family, "route", "show", "default"], capture_output=True, text=True)
-        try:
-            routes = json.loads(out.stdout or "[]")
-        except json.JSONDecodeError:
-            routes = []
-        for route in routes:
-            if route.get("dev"):
-                return route["dev"]
+    """The interface of the IPv4 (else IPv6) default route (netlink, through pyroute2)."""
+    from pyroute2 import IPRoute
+    from socket import AF_INET, AF_INET6
+    with IPRoute() as ipr:
+        for family in (AF_INET, AF_INET6):
+            for route in ipr.get_default_routes(family=family):
+                oif = route.get_attr("RTA_OIF")
+                links = ipr.get_links(oif) if oif else []
+                if links:
+                    return links[0].get_attr("IFLA_IFNAME")
     raise UsageError("no default route, so no default interface: pass --interface IF")
 
 
@@ -151,23 +151,31 @@ def ensure_bpffs(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
 
 
+# IFLA_XDP_*_PROG_ID attribute -> mode name (uapi/linux/if_link.h); a multi-attached link has several
+_XDP_PROG_ATTRS = (("IFLA_XDP_DRV_PROG_ID", "native"), ("IFLA_XDP_SKB_PROG_ID", "generic"),
+                   ("IFLA_XDP_HW_PROG_ID", "offload"))
+_XDP_ATTACHED = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}
+
+
 def attached_program(interface: str) -> tuple[int, str] | None:
-    """(program id, mode name) of the XDP program attached to ``interface``, or None."""
-    out = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", interface], capture_output=True, text=True)
-    if out.returncode != 0:
-        return None
+    """(program id, mode name) of the XDP program attached to ``interface``, or None (netlink IFLA_XDP)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
     try:
-        link = json.loads(out.stdout)[0]
-    except (json.JSONDecodeError, IndexError):
+        with IPRoute() as ipr:
+            links = ipr.get_links(ifname=interface)
+    except NetlinkError:
         return None
-    xdp = link.get("xdp")
+    xdp = links[0].get_attr("IFLA_XDP") if links else None
     if not xdp:
         return None
-    mode = MODE_NAMES.get(xdp.get("mode"), str(xdp.get("mode")))
-    prog = xdp.get("prog") or {}
-    if not prog and xdp.get("attached"):
-        prog = (xdp["attached"][0] or {}).get("prog", {})
-    return int(prog.get("id", 0)), mode
+    attrs = dict(xdp.get("attrs", []))
+    for attr, mode in _XDP_PROG_ATTRS:
+        if attrs.get(attr):
+            return int(attrs[attr]), mode
+    if attrs.get("IFLA_XDP_PROG_ID"):
+        return int(attrs["IFLA_XDP_PROG_ID"]), _XDP_ATTACHED.get(attrs.get("IFLA_XDP_ATTACHED"), "native")
+    return None
 
 
 def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> dict:
