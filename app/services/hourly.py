@@ -73,7 +73,7 @@ def run(settings) -> HourlyResult:
             metrics.write_health(settings, health.check(settings))
     finally:
         conn.close()
-    if settings.evaluator.report_after and result.status == "ok":
+    if settings.evaluator.report_after and result.status in ("ok", "warm-up"):     # a report during warm-up too
         try:
             from app.services.reports import write_report
             hourly.report = write_report(settings.general.db, settings.reports.out_dir, settings.reports.since,
