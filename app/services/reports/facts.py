@@ -423,7 +423,9 @@ def reason_text(row, max_sources: int = 3) -> str:
         shown = []
         for s in finding.sources[:max_sources]:
             share = f", {s.share:.0%}" if s.share is not None else ""
-            shown.append(f"{s.address} ({s.packets} pkts{share}, {s.evidence.replace('_', '-')})")
+            packets = f"{s.packets} pkts, " if s.packets else ""
+            shown.append(f"{s.address} ({packets}{share.lstrip(', ')}{', ' if share else ''}"
+                         f"{s.evidence.replace('_', '-')})")
         more = (finding.source_count or len(finding.sources)) - len(shown)
         parts.append("sources " + "; ".join(shown) + (f" (+{more} more)" if more > 0 else ""))
     elif finding.source:

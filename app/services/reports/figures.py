@@ -64,6 +64,11 @@ class Painter:
         top = ax.get_ylim()[1]
         ax.set_ylim(-0.05 * max(top, 1.0), max(top, 1.0) * 1.1)
 
+    def rate_axis(self, ax) -> None:
+        """Rates: from zero, with headroom above the highest value so the legend never hides the data."""
+        top = ax.get_ylim()[1]
+        ax.set_ylim(0, top * 1.35 if top > 0 else 1.0)
+
     def save(self, fig, name: str) -> None:
         with atomic_writer(self.out_dir / name, mode=permissions.file_mode(), binary=True) as fh:
             fig.savefig(fh, format="png", dpi=DPI)
@@ -122,8 +127,8 @@ def draw_traffic(p: Painter, traffic: Traffic | None) -> Drawn | None:
     axes[1, 0].set_ylabel("packets per second")
     axes[1, 0].set_title(f"Packets dropped for blocked sources: {total} in this window")
     for ax in axes[:, 0]:
-        ax.set_ylim(bottom=0)
-        ax.legend(loc="upper left", fontsize="small")
+        p.rate_axis(ax)
+        ax.legend(loc="upper left", fontsize="small", ncols=3)
         p.time_axis(ax)
     axes[0, 0].set_xlabel("")
     p.save(fig, "traffic.png")
@@ -164,9 +169,9 @@ def draw_port(p: Painter, port: PortFacts) -> Drawn:
     ax_packets.set_ylabel("packets per second")
     ax_bytes.set_ylabel("kB per second")
     for ax in (ax_packets, ax_bytes):
-        ax.set_ylim(bottom=0)
+        p.rate_axis(ax)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper left", fontsize="small")
+            ax.legend(loc="upper left", fontsize="small", ncols=3)
         p.time_axis(ax)
     ax_packets.set_xlabel("")
     name = port.file
@@ -282,7 +287,8 @@ def draw_blocklist(p: Painter, blocklist: Blocklist | None) -> Drawn | None:
     if blocklist.drop_series:
         ax_drops.stackplot([_utc(t) for t in blocklist.round_ends], *blocklist.drop_series,
                            labels=blocklist.drop_labels, step="pre", alpha=0.8)
-        ax_drops.legend(loc="upper left", fontsize="small")
+        p.rate_axis(ax_drops)
+        ax_drops.legend(loc="upper left", fontsize="small", ncols=2)
     else:
         ax_drops.text(0.5, 0.5, "no packets dropped in this window", transform=ax_drops.transAxes,
                       ha="center", va="center", color="gray")

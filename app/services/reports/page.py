@@ -56,7 +56,7 @@ ProgressFn = Callable[[int, int, str], None]
 
 _SECTIONS = [
     ("overview", "Overview", "No rounds in this window."),
-    ("ports", "Most anomalous ports", "No anomaly on any port in this window."),
+    ("ports", "Ports: the most anomalous (red) and the busiest", "No traffic on any port in this window."),
     ("model", "Reconstruction error", "No model evaluation with a threshold in this window (the model may be warming up)."),
     ("contributions", "Per-feature contributions of model anomalies", "No model anomaly with per-feature detail in this window."),
     ("blocklist", "Blocklist activity", "No blocklist entry, event or drop in this window."),
@@ -67,7 +67,7 @@ _CSS = """body{font-family:sans-serif;margin:1.5em auto;max-width:1200px;color:#
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left}
-th{background:#f4f4f4}.empty{color:#777;font-style:italic}.nodata{font-size:1.3em;color:#a60}"""
+th{background:#f4f4f4}td:not(:last-child){white-space:nowrap}.empty{color:#777;font-style:italic}.nodata{font-size:1.3em;color:#a60}"""
 
 
 def _table(headers: list[str], rows: list[list], empty: str) -> str:
