@@ -209,7 +209,7 @@ def check_health(settings) -> list[Check]:
 def run_checks(settings) -> list[Check]:
     db = Path(settings.general.db)
     checks = [check_root(), check_kernel_bpf(), check_bpffs(), check_headers(), check_bcc(),
-              check_program("ip", True, "iproute2", "attaching and describing XDP"),
+              check_program("ip", True, "iproute2", "detaching XDP (down) and the network-namespace lab"),
               check_program("tshark", False, "tshark", "the sniffer: DNS names and protocols",
                             settings.sniffer.tshark_path or None),
               check_program("cron", False, "cron", "scheduling the collector and evaluator"),

@@ -1,7 +1,7 @@
 """`python -m app status [--json]`: is XDP attached and how, last round, last evaluation, model
 version, blocklist size, database size, and whether all of that is healthy.
 
-Reads only: the database is opened read-only, XDP state comes from netlink (pyroute2) and the pins
+Reads only: the database is opened read-only, XDP state comes from netlink (libbpf bpf_xdp_query) and the pins
 under ``<pin_root>/<interface>/``; the health checks are app/services/health.py's. Exit codes: 0
 healthy; 1 unhealthy (one line on stderr names the first failed check: no round for 3 x the round
 length, XDP not attached where pinned, the last evaluation failed, the model cannot alert, the

@@ -128,16 +128,16 @@ def check_interface(interface: str) -> int:
 
 
 def default_interface() -> str:
-    """The interface of the IPv4 (else IPv6) default route (netlink, through pyroute2)."""
-    from pyroute2 import IPRoute
-    from socket import AF_INET, AF_INET6
-    with IPRoute() as ipr:
-        for family in (AF_INET, AF_INET6):
-            for route in ipr.get_default_routes(family=family):
-                oif = route.get_attr("RTA_OIF")
-                links = ipr.get_links(oif) if oif else []
-                if links:
-                    return links[0].get_attr("IFLA_IFNAME")
+    """The interface of the IPv4 (else IPv6) default route."""
+    for family in ("-4", "-6"):
+        out = subprocess.run(["ip", "-j", family, "route", "show", "default"], capture_output=True, text=True)
+        try:
+            routes = json.loads(out.stdout or "[]")
+        except json.JSONDecodeError:
+            routes = []
+        for route in routes:
+            if route.get("dev"):
+                return route["dev"]
     raise UsageError("no default route, so no default interface: pass --interface IF")
 
 
@@ -151,30 +151,34 @@ def ensure_bpffs(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
 
 
-# IFLA_XDP_*_PROG_ID attribute -> mode name (uapi/linux/if_link.h); a multi-attached link has several
-_XDP_PROG_ATTRS = (("IFLA_XDP_DRV_PROG_ID", "native"), ("IFLA_XDP_SKB_PROG_ID", "generic"),
-                   ("IFLA_XDP_HW_PROG_ID", "offload"))
-_XDP_ATTACHED = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}
+class BpfXdpQueryOpts(ctypes.Structure):   # struct bpf_xdp_query_opts (libbpf 1.x bpf/libbpf.h), leading fields
+    _fields_ = [("sz", ctypes.c_size_t), ("prog_id", ctypes.c_uint32), ("drv_prog_id", ctypes.c_uint32),
+                ("hw_prog_id", ctypes.c_uint32), ("skb_prog_id", ctypes.c_uint32), ("attach_mode", ctypes.c_uint8)]
+
+
+# enum XDP_ATTACHED_* (uapi/linux/if_link.h) -> mode name; MULTI: several programs, one per mode
+_ATTACH_MODES = {1: "native", 2: "generic", 3: "offload"}
 
 
 def attached_program(interface: str) -> tuple[int, str] | None:
-    """(program id, mode name) of the XDP program attached to ``interface``, or None (netlink IFLA_XDP)."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    """(program id, mode name) of the XDP program attached to ``interface``, or None.
+
+    libbpf's bpf_xdp_query (one RTM_GETLINK netlink request, no root needed): microseconds, and
+    the collector pays neither a subprocess nor pyroute2's import (0.2 s, 19 MB per process)."""
     try:
-        with IPRoute() as ipr:
-            links = ipr.get_links(ifname=interface)
-    except NetlinkError:
+        ifindex = int(Path(f"/sys/class/net/{interface}/ifindex").read_text())
+    except (OSError, ValueError):
         return None
-    xdp = links[0].get_attr("IFLA_XDP") if links else None
-    if not xdp:
+    lib = maps.libbpf()
+    lib.bpf_xdp_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    opts = BpfXdpQueryOpts(sz=ctypes.sizeof(BpfXdpQueryOpts))
+    if lib.bpf_xdp_query(ifindex, 0, ctypes.byref(opts)) < 0 or opts.attach_mode == 0:
         return None
-    attrs = dict(xdp.get("attrs", []))
-    for attr, mode in _XDP_PROG_ATTRS:
-        if attrs.get(attr):
-            return int(attrs[attr]), mode
-    if attrs.get("IFLA_XDP_PROG_ID"):
-        return int(attrs["IFLA_XDP_PROG_ID"]), _XDP_ATTACHED.get(attrs.get("IFLA_XDP_ATTACHED"), "native")
+    if opts.attach_mode in _ATTACH_MODES:
+        return int(opts.prog_id), _ATTACH_MODES[opts.attach_mode]
+    for prog_id, mode in ((opts.drv_prog_id, "native"), (opts.skb_prog_id, "generic"), (opts.hw_prog_id, "offload")):
+        if prog_id:
+            return int(prog_id), mode
     return None
 
 
