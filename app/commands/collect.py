@@ -37,7 +37,7 @@ def start_line(collector, settings) -> str:
 
 def run(args, settings) -> int:
     from app.errors import UsageError
-    from app.services import xdp
+    from app.services import host, xdp
     from app.threads.collection import run_collection
     settings.override("collector", "round_seconds", args.round_seconds)
     settings.override("collector", "rounds", args.rounds)
@@ -48,7 +48,7 @@ def run(args, settings) -> int:
     if settings.collector.round_seconds < 0 or settings.collector.rounds < 0:
         raise UsageError("--round-seconds and --rounds must not be negative")
     settings.override("general", "interface", args.interface)
-    interface = settings.general.interface or xdp.default_interface()
+    interface = settings.general.interface or host.default_interface()
     from app.services.metrics import job_metrics
     show = not getattr(args, "quiet", False)
     if show and sys.stderr.isatty() and not (xdp.pin_dir(settings, interface) / "prog").exists():

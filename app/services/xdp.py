@@ -33,6 +33,7 @@ from typing import Callable
 from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
 from app.services import maps
 from app.services.bpf_structs import MAP_LAYOUT, PwMeta
+from app.services.host import xdp_attachment as attached_program  # host facts live in host.py
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ SOURCE = BPF_DIR / "port_flow.c"
 HEADERS = (BPF_DIR / "common.h",)
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
-MODE_NAMES = {1: "native", 2: "generic", 3: "offload"}
 MODE_NUMBERS = {"native": 1, "generic": 2}
 
 
@@ -127,20 +127,6 @@ def check_interface(interface: str) -> int:
         raise UsageError(f"interface {interface} does not exist: pick one from `ip link`") from None
 
 
-def default_interface() -> str:
-    """The interface of the IPv4 (else IPv6) default route."""
-    for family in ("-4", "-6"):
-        out = subprocess.run(["ip", "-j", family, "route", "show", "default"], capture_output=True, text=True)
-        try:
-            routes = json.loads(out.stdout or "[]")
-        except json.JSONDecodeError:
-            routes = []
-        for route in routes:
-            if route.get("dev"):
-                return route["dev"]
-    raise UsageError("no default route, so no default interface: pass --interface IF")
-
-
 def ensure_bpffs(root: Path) -> None:
     base = Path("/sys/fs/bpf")
     if subprocess.run(["mountpoint", "-q", str(base)]).returncode != 0:
@@ -149,37 +135,6 @@ def ensure_bpffs(root: Path) -> None:
             raise BpfError("cannot mount the BPF filesystem on /sys/fs/bpf: this kernel lacks bpffs support")
         log.info("mounted bpffs on /sys/fs/bpf")
     root.mkdir(parents=True, exist_ok=True)
-
-
-class BpfXdpQueryOpts(ctypes.Structure):   # struct bpf_xdp_query_opts (libbpf 1.x bpf/libbpf.h), leading fields
-    _fields_ = [("sz", ctypes.c_size_t), ("prog_id", ctypes.c_uint32), ("drv_prog_id", ctypes.c_uint32),
-                ("hw_prog_id", ctypes.c_uint32), ("skb_prog_id", ctypes.c_uint32), ("attach_mode", ctypes.c_uint8)]
-
-
-# enum XDP_ATTACHED_* (uapi/linux/if_link.h) -> mode name; MULTI: several programs, one per mode
-_ATTACH_MODES = {1: "native", 2: "generic", 3: "offload"}
-
-
-def attached_program(interface: str) -> tuple[int, str] | None:
-    """(program id, mode name) of the XDP program attached to ``interface``, or None.
-
-    libbpf's bpf_xdp_query (one RTM_GETLINK netlink request, no root needed): microseconds, and
-    the collector pays neither a subprocess nor pyroute2's import (0.2 s, 19 MB per process)."""
-    try:
-        ifindex = int(Path(f"/sys/class/net/{interface}/ifindex").read_text())
-    except (OSError, ValueError):
-        return None
-    lib = maps.libbpf()
-    lib.bpf_xdp_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    opts = BpfXdpQueryOpts(sz=ctypes.sizeof(BpfXdpQueryOpts))
-    if lib.bpf_xdp_query(ifindex, 0, ctypes.byref(opts)) < 0 or opts.attach_mode == 0:
-        return None
-    if opts.attach_mode in _ATTACH_MODES:
-        return int(opts.prog_id), _ATTACH_MODES[opts.attach_mode]
-    for prog_id, mode in ((opts.drv_prog_id, "native"), (opts.skb_prog_id, "generic"), (opts.hw_prog_id, "offload")):
-        if prog_id:
-            return int(prog_id), mode
-    return None
 
 
 def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> dict:
