@@ -413,12 +413,12 @@ def _value_text(value) -> str:
 
 
 def reason_text(row, max_sources: int = 3) -> str:
-    """Why a finding was raised, in one line: its sources (packets, share, evidence), for a model
-    finding the features that drove it (observed vs reconstructed), else its scalar details."""
+    """Why a finding was raised, in one line: its summary, its sources (packets, share, evidence),
+    for a model finding the features that drove it (observed vs reconstructed), else its scalar details."""
     finding = finding_of(row)
     if finding is None:
         return (row["reasons"] or "-")[:200]
-    parts = []
+    parts = [finding.summary] if finding.summary else []       # the contract's one line, when the detector wrote one
     if finding.sources:
         shown = []
         for s in finding.sources[:max_sources]:
