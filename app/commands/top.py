@@ -47,7 +47,7 @@ def register(sub) -> None:
 
 
 def pick_interface(settings, requested: str | None) -> str:
-    from app.services import xdp
+    from app.services import host
     if requested or settings.general.interface:
         return requested or settings.general.interface
     root = Path(settings.general.pin_root)
@@ -57,7 +57,10 @@ def pick_interface(settings, requested: str | None) -> str:
         pinned = []
     if len(pinned) == 1:
         return pinned[0]
-    return xdp.default_interface()
+    if len(pinned) > 1:
+        from app.errors import UsageError
+        raise UsageError(f"several interfaces have pinned maps ({', '.join(pinned)}): pass --interface IF")
+    return host.default_interface()
 
 
 def run(args, settings) -> int:

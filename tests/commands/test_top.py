@@ -104,3 +104,11 @@ def test_top_without_pins_says_what_to_do(state_env, capsys):
     with pytest.raises(SystemExit) as stopped:           # argparse: the duration parser refuses it
         main(["top", "--interface", "lo", "--interval", "0"])
     assert stopped.value.code == 2
+
+
+def test_top_asks_which_interface_when_several_are_pinned(state_env, capsys, monkeypatch):
+    for name in ("pwx0", "pwx1"):
+        (state_env / "no-pins" / name).mkdir(parents=True)
+        (state_env / "no-pins" / name / "port_stats").write_text("")
+    assert main(["top", "--count", "1"]) == 2
+    assert "several interfaces have pinned maps (pwx0, pwx1): pass --interface IF" in capsys.readouterr().err
