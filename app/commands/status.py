@@ -2,8 +2,9 @@
 version, blocklist size, database size, and whether all of that is healthy.
 
 Reads only (but for the health samples it puts into metrics.textfile_dir when that is set, so
-node_exporter sees what status sees): the database is opened read-only, XDP state comes from netlink (libbpf bpf_xdp_query) and the pins
-under ``<pin_root>/<interface>/``; the health checks are app/services/health.py's. Exit codes: 0
+node_exporter sees what status sees): the database is opened read-only, XDP state comes from
+netlink (host.xdp_attachment: libbpf's bpf_xdp_query) and the pins under
+``<pin_root>/<interface>/``; the health checks are app/services/health.py's. Exit codes: 0
 healthy; 1 unhealthy (one line on stderr names the first failed check: no round for 3 x the round
 length, XDP not attached where pinned, the last evaluation failed, the model cannot alert, the
 database above general.max_db_mb, the blocklist map out of step with the ledger); 2 bad interface
