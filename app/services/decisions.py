@@ -18,9 +18,9 @@ Interlocks (:class:`Protection`)
     Also refused: an address removed by hand less than ``manual_remove_grace_seconds`` ago, more
     than ``max_new_per_evaluation`` new blocks in one evaluation, more entries than
     ``min(max_entries, collector.blacklist_map_size)``. Dry-run records 'would-block' rows with
-    status 'dry-run', which no reconcile ever writes to a map; ``blocklist.simulate`` does the same for
-the detectors it names (``["syn_flood"]``: SYN-flood blocks are simulated, scans still block).
-Every action is a blacklist_events row.
+    status 'dry-run', which no reconcile ever writes to a map; ``blocklist.simulate`` does the same
+    for the detectors it names (``["syn_flood"]``: SYN-flood blocks are simulated, scans still
+    block). Every action is a blacklist_events row.
 
 Nothing here touches a map: :func:`after_evaluation` decides, then enforces with
 app/services/enforcement.py (which never imports this module).
@@ -233,7 +233,8 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
     over_new = over_total = 0
     with db.immediate(conn):
         # what already covers a source: enforced entries (and, for a simulated decision, simulated ones too)
-        listed = [(ipaddress.ip_network(r["address"]), r["address"], r["status"]) for r in db.entries(conn, db.LISTED)]
+        listed = [(ipaddress.ip_network(r["address"]), r["address"], r["status"])
+                  for r in db.entries(conn, db.LISTED)]
         n_listed = {s: db.count_status(conn, s) for s in db.LISTED}
         n_new = 0
         for c in found:
