@@ -63,8 +63,9 @@ def describe_interface(interface: str, pin_root: str) -> dict:
         info["pinned"] = (Path(pin_root) / interface).exists()
         return info
     try:
-        from app.services import xdp
+        from app.services import egress, xdp
         info.update(xdp.describe(interface, pin_root))
+        info["programs"] = egress.programs_text(info)       # both programs: XDP and TC egress
         info["exists"] = True
         return info
     except Exception as exc:    # no libbpf, no permission to read the pins, ...: fall back to ip(8)
@@ -169,6 +170,7 @@ def render(status: dict, now: float) -> str:
                                                                   f"--interface {x['interface']})" if x["pinned"] else ""))
             continue
         state = (f"attached ({x['mode']}, program {x['program_id']})" if x["attached"] else "not attached")
+        state = x.get("programs") or state
         pins = f"pinned at {x['pin_dir']}" if x["pinned"] else "no pins"
         extra = ""
         if x.get("attached") and x.get("pinned") and x.get("ours") is False:

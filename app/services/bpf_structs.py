@@ -231,6 +231,8 @@ def addr_text(raw: bytes) -> str:
     family, addr = raw[0], raw[1:17]
     if family == FAMILY_V4:
         return "%d.%d.%d.%d" % tuple(addr[12:16])
+    if addr[:12] == _V4_MAPPED:     # RFC 5952 form, whatever this Python's ipaddress prints
+        return "::ffff:%d.%d.%d.%d" % tuple(addr[12:16])
     return str(ipaddress.IPv6Address(addr))
 
 
@@ -266,4 +268,6 @@ def lpm_key_text(raw: bytes) -> str:
     bits = max(0, key.prefixlen - 8)
     if key.a.family == FAMILY_V4:
         return "%d.%d.%d.%d/%d" % (*addr[12:16], max(0, bits - 96))
+    if addr[:12] == _V4_MAPPED and bits >= 96:
+        return "::ffff:%d.%d.%d.%d/%d" % (*addr[12:16], bits)
     return str(ipaddress.IPv6Network((addr, bits), strict=False))

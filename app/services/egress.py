@@ -131,9 +131,11 @@ def mode_text(settings, interface: str, mode: str | None) -> str | None:
 
 
 def programs_text(info: dict) -> str:
-    """One line for status: both programs of an interface, e.g. 'XDP 41 (generic, ours), TC egress 42 (ours)'."""
+    """One line for status: both programs of an interface (``info`` from xdp.describe), e.g.
+    'XDP 41 (generic on veth, ours), TC egress 42 (ours)'."""
     if info.get("attached"):
-        xdp_part = f"XDP {info['program_id']} ({info['mode']}, {'ours' if info.get('ours') else 'not portwatch'})"
+        on = f" on {info['driver']}" if info.get("driver") else ""
+        xdp_part = f"XDP {info['program_id']} ({info['mode']}{on}, {'ours' if info.get('ours') else 'not portwatch'})"
     else:
         xdp_part = "XDP none"
     if info.get("egress_attached"):

@@ -80,9 +80,11 @@ def test_numpy_dtypes_have_the_mirrors_offsets():
     for name, (_, key_t, val_t) in bpf_structs.MAP_LAYOUT.items():
         for ctype, dtype in ((key_t, bpf_structs.key_dtype(name)), (val_t, bpf_structs.value_dtype(name))):
             assert dtype.itemsize == ctypes.sizeof(ctype), name
-            if issubclass(ctype, ctypes.Structure):
+            if ctype is bpf_structs.PwAddr:    # a map keyed by one pw_addr: one field holding all of it
+                assert dtype.names == ("addr",) and dtype.fields["addr"][0].itemsize == ctypes.sizeof(ctype)
+            elif issubclass(ctype, ctypes.Structure):
                 assert [(f, dtype.fields[f][1], dtype.fields[f][0].itemsize) for f in dtype.names] == c_fields(ctype)
-    assert bpf_structs.value_dtype("sources", 32).itemsize == 32       # a per-CPU slot, padded
+    assert bpf_structs.value_dtype("eg_dests", 32).itemsize == 32       # a per-CPU slot, padded
     # a flow key decoded by field name from its bytes
     key = bpf_structs.PwFlowKey(src=bpf_structs.PwAddr.from_buffer_copy(bpf_structs.addr_bytes("198.18.20.0")),
                                 dst=bpf_structs.PwAddr.from_buffer_copy(bpf_structs.addr_bytes("2001:db8::1")),
