@@ -143,14 +143,15 @@ class Collector:
     def _close_before_recreate(self, pdir: Path) -> None:
         """The pinned maps are about to be recreated: record their last counts as a round.
 
-        Maps whose key/value layout is not the one this code reads (made by an older bpf/common.h) cannot
-        be decoded: the round is closed from the others and its note names the ones left out."""
+        Maps whose key layout is not the one this code reads (made by an older bpf/common.h) cannot be
+        decoded: the round is closed from the others (a value struct that only grew at its end is read,
+        its new fields as zeros) and its note names the maps left out."""
         log.info("closing a round from the old maps of %s before they are recreated", self.interface)
         opened = maps.open_maps(pdir, missing_ok=True)
         self._maps, unreadable = {}, []
         for name, m in opened.items():
             _, key_t, val_t = MAP_LAYOUT[name]
-            if (m.info.key_size, m.info.value_size) == (ctypes.sizeof(key_t), ctypes.sizeof(val_t)):
+            if m.info.key_size == ctypes.sizeof(key_t) and m.info.value_size <= ctypes.sizeof(val_t):
                 self._maps[name] = m
             else:
                 unreadable.append(name)

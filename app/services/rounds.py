@@ -14,6 +14,7 @@ endian).
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,9 +120,20 @@ def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride:
 
 
 def read_map(m, epoch: int | None = None) -> MapReading:
-    """Read and decode one map (an app.services.maps.PinnedMap, or anything with its interface)."""
+    """Read and decode one map (an app.services.maps.PinnedMap, or anything with its interface).
+
+    A map made by an older layout whose value struct has since grown at its end (pw_global gained
+    counters) is read with the missing trailing fields as zeros."""
     keys, values, n = m.items()
-    reading = decode(m.name, keys, values, n, m.info.key_size, m.value_stride, m.ncpu, epoch)
+    stride = m.value_stride
+    want = ctypes.sizeof(bpf_structs.MAP_LAYOUT[m.name][2])
+    if n and m.info.value_size < want:
+        new_stride = (want + 7) // 8 * 8 if m.percpu else want
+        old = np.frombuffer(bytes(values), dtype=np.uint8).reshape(n * m.ncpu, stride)
+        padded = np.zeros((n * m.ncpu, new_stride), dtype=np.uint8)
+        padded[:, :min(stride, new_stride)] = old[:, :min(stride, new_stride)]
+        values, stride = padded.tobytes(), new_stride
+    reading = decode(m.name, keys, values, n, m.info.key_size, stride, m.ncpu, epoch)
     reading.max_entries = m.info.max_entries
     return reading
 
