@@ -51,17 +51,19 @@ def set_limit(pin_dir: str | Path, port: int, per_second: int, ttl_seconds: floa
     existing entry (its window and drop counter start again)."""
     if per_second < 0:
         raise UsageError(f"a SYN budget must be 0 or more per second, not {per_second}")
+    key = _key(port, protocol)
     value = PwSynlimitValue(per_second=per_second)
     if ttl_seconds is not None:
         value.expires_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + int(ttl_seconds * 1e9)
     with maps.PinnedMap(Path(pin_dir) / MAP_NAME) as m:
-        m.update(_key(port, protocol), bytes(value))
+        m.update(key, bytes(value))
 
 
 def clear_limit(pin_dir: str | Path, port: int, protocol: str = "tcp") -> bool:
     """Remove the limit of ``port``; True when there was one."""
+    key = _key(port, protocol)
     with maps.PinnedMap(Path(pin_dir) / MAP_NAME) as m:
-        return m.delete(_key(port, protocol))
+        return m.delete(key)
 
 
 def list_limits(pin_dir: str | Path) -> list[SynLimit]:

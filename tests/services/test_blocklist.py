@@ -64,8 +64,8 @@ def test_parse_network_refuses_with_one_sentence(text, says):
 
 def test_lpm_key_layout():
     key = blocklist.lpm_key(parse_network("198.18.3.0/24"))
-    assert key[:4] == (120).to_bytes(4, "little") and key[4:] == bpf_structs.addr_bytes("198.18.3.0")
-    assert blocklist.lpm_key(parse_network("2001:db8::/64"))[:4] == (64).to_bytes(4, "little")
+    assert key[:4] == (128).to_bytes(4, "little") and key[4:] == bpf_structs.addr_bytes("198.18.3.0")  # 8 family bits + 96 + 24
+    assert blocklist.lpm_key(parse_network("2001:db8::/64"))[:4] == (72).to_bytes(4, "little")  # 8 + 64
 
 
 # --- interlocks ---------------------------------------------------------------------------------------

@@ -107,3 +107,10 @@ def test_down_keeps_a_clsact_qdisc_portwatch_did_not_add(lab, tmp_path):
     assert not xdp.describe(lab.interface, s.general.pin_root)["clsact_added"]
     xdp.down(s, lab.interface)
     assert egress.attached_egress(lab.interface) is None and egress.has_clsact(lab.interface)
+
+
+def test_auto_mode_prefers_generic_on_virtual_drivers(monkeypatch):
+    monkeypatch.setattr(egress, "driver_of", lambda interface: "veth")
+    assert egress.auto_modes("x0") == (["generic"], "veth")
+    monkeypatch.setattr(egress, "driver_of", lambda interface: "mlx5_core")
+    assert egress.auto_modes("x0") == (["native", "generic"], "mlx5_core")
