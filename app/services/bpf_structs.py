@@ -123,7 +123,8 @@ GLOBAL_NAMES = ("total", "bytes", "parsed", "unparsed", "non_ip", "dropped", "dr
                 "srcport_inserts", "source_inserts", "port_map_full", "short_fragments", "syn_limited")
 assert len(GLOBAL_NAMES) == len(PwGlobal._fields_[0][1]()), "GLOBAL_NAMES must name every PW_G_* counter"
 
-# map name -> (BPF map type number of uapi/linux/bpf.h, key mirror, value mirror), as bpf/port_flow.c declares them
+# map name -> (BPF map type number of uapi/linux/bpf.h, key mirror, value mirror), as bpf/port_flow.c and
+# bpf/egress.c declare them
 BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY = 1, 2, 5, 6
 BPF_MAP_TYPE_LRU_HASH, BPF_MAP_TYPE_LRU_PERCPU_HASH, BPF_MAP_TYPE_LPM_TRIE = 9, 10, 11
 MAP_LAYOUT = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from functools import lru_cache
 from pathlib import Path
 
 from app.errors import BpfError
@@ -97,9 +98,10 @@ VIRTUAL_DRIVERS = frozenset({"veth", "tun", "tap", "bridge", "bond", "team", "du
                              "netkit", "nlmon", "vcan", "loopback"})
 
 
+@lru_cache(maxsize=64)
 def driver_of(interface: str) -> str:
     """The interface's driver: the link kind of a virtual device (``veth``), else the bound driver's
-    name (``virtio_net``, ``mlx5_core``), else 'unknown'."""
+    name (``virtio_net``, ``mlx5_core``), else 'unknown'. Cached per process (asked every round)."""
     out = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", interface], capture_output=True, text=True)
     try:
         link = json.loads(out.stdout or "[]")[0]

@@ -22,7 +22,7 @@ from app.db import egress as egress_db
 from app.db import peers as peers_db
 from app.db import rounds as rounds_db
 from app.services import ports, rounds
-from app.services.bpf_structs import ADDR_DTYPE, ADDR_SIZE, addr_text
+from app.services.bpf_structs import ADDR_DTYPE, ADDR_SIZE, addr_text, key_dtype
 
 TCP, UDP, TCP_ACK = 6, 17, 0x10
 _CONV = np.dtype([("remote", ADDR_DTYPE), ("rport", ">u2"), ("lport", ">u2"), ("proto", "u1")])
@@ -43,8 +43,8 @@ def two_way_addresses(inbound: rounds.Delta, outbound: rounds.Delta) -> set[str]
     rin, rout = inbound.reading, outbound.reading
     if not rin.entries or not rout.entries:
         return set()
-    in_keys = np.frombuffer(rin.raw_keys, dtype=inbound._key_records().dtype, count=rin.entries)
-    out_keys = np.frombuffer(rout.raw_keys, dtype=outbound._key_records().dtype, count=rout.entries)
+    in_keys = np.frombuffer(rin.raw_keys, dtype=key_dtype("flows"), count=rin.entries)
+    out_keys = np.frombuffer(rout.raw_keys, dtype=key_dtype("eg_flows"), count=rout.entries)
     flags = rin.extras[:, 2].astype(np.int64) if rin.extras is not None else np.zeros(rin.entries, np.int64)
     ok_in = (in_keys["proto"] == UDP) | ((in_keys["proto"] == TCP) & ((flags & TCP_ACK) != 0))
     in_active = np.zeros(rin.entries, dtype=bool)
