@@ -1,4 +1,5 @@
--- portwatch schema, version 2 (PRAGMA user_version).
+-- portwatch schema, version 4 (PRAGMA user_version): the newest schema, for a fresh database; older
+-- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
 -- numbered MIGRATIONS of app/db/connection.py (a change here needs one there too).
@@ -248,7 +249,8 @@ CREATE TABLE IF NOT EXISTS models (
     status         TEXT NOT NULL DEFAULT 'active',  -- 'active', 'retired', 'rolled-back', 'pruned' (files removed)
     metadata       TEXT,                     -- JSON: calibration, hyper-parameters, rounds trained on
     budget_per_day REAL,                     -- alert budget the threshold was calibrated to (whole host)
-    held_out_rate_per_day REAL               -- false alerts/day the threshold gives on held-out normal windows
+    held_out_rate_per_day REAL,              -- false alerts/day the threshold gives on held-out normal windows
+    origin         TEXT NOT NULL DEFAULT 'local'   -- 'local' (trained here) or 'fleet' (federated, issue 13)
 );
 
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -292,7 +294,7 @@ CREATE TABLE IF NOT EXISTS blacklist (
     reason       TEXT NOT NULL,
     evidence     TEXT,                       -- JSON
     anomaly_id   INTEGER,
-    origin       TEXT NOT NULL DEFAULT 'manual',  -- 'manual' or 'auto'
+    origin       TEXT NOT NULL DEFAULT 'manual',  -- 'manual', 'auto', or 'crowdsec' (pulled from a CrowdSec LAPI)
     created_at   REAL NOT NULL,
     expires_at   REAL,                       -- NULL = never
     status       TEXT NOT NULL,              -- 'active', 'expired', 'removed', 'dry-run'
@@ -397,4 +399,37 @@ SELECT address, reason, origin, status, drops, offences,
 FROM blacklist WHERE status IN ('active', 'dry-run')
 ORDER BY created_at DESC;
 
-PRAGMA user_version = 2;
+-- the fleet (issue 13): a CrowdSec LAPI's decisions mirrored here, pushes queued
+CREATE TABLE IF NOT EXISTS crowdsec_decisions (
+    id       INTEGER PRIMARY KEY,            -- the LAPI's decision id
+    address  TEXT NOT NULL,                  -- CIDR, as in blacklist.address
+    scenario TEXT,
+    origin   TEXT,                           -- the LAPI's origin ('crowdsec', 'cscli', 'CAPI', ...)
+    until    REAL NOT NULL,                  -- epoch seconds: the decision's end
+    seen_at  REAL NOT NULL,                  -- first pulled
+    refused  TEXT                            -- why this host does not enforce it (an interlock), logged once
+);
+CREATE INDEX IF NOT EXISTS crowdsec_decisions_address ON crowdsec_decisions(address);
+CREATE TABLE IF NOT EXISTS crowdsec_pushes (
+    id               INTEGER PRIMARY KEY,
+    address          TEXT NOT NULL,          -- CIDR of the ledger row pushed
+    block_created_at REAL NOT NULL,          -- blacklist.created_at of that block (one push per block)
+    action           TEXT NOT NULL,          -- 'add' (an alert with its decision) or 'delete'
+    scenario         TEXT NOT NULL,          -- 'portwatch/<detector>'
+    message          TEXT,
+    expires_at       REAL,                   -- the block's expiry: the decision's duration is what is left
+    queued_at        REAL NOT NULL,
+    state            TEXT NOT NULL DEFAULT 'pending',  -- 'pending', 'sent', 'dropped', 'cancelled'
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    last_error       TEXT,
+    sent_at          REAL,
+    alert_id         TEXT,
+    UNIQUE (address, block_created_at, action)
+);
+CREATE INDEX IF NOT EXISTS crowdsec_pushes_state ON crowdsec_pushes(state, id);
+CREATE TABLE IF NOT EXISTS crowdsec_state (
+    key   TEXT PRIMARY KEY,
+    value TEXT
+) WITHOUT ROWID;
+
+PRAGMA user_version = 4;

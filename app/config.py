@@ -179,10 +179,95 @@ class Retention:
     keep_days: float = 14.0
 
 
+@dataclass
+class Crowdsec:
+    """A CrowdSec Local API shared by many hosts (app/services/fleet/crowdsec.py). Empty lapi_url: off."""
+    lapi_url: str = ""                           # http://127.0.0.1:8080 (https with ca_file for a remote LAPI)
+    bouncer_key: str = ""                        # pull: `cscli bouncers add portwatch-<host>` (ONE key per host)
+    machine_id: str = ""                         # push: `cscli machines add <id> --password ...`; empty: no push
+    machine_password: str = ""
+    push_detectors: list = field(default_factory=lambda: ["port_scan", "syn_flood"])  # 'manual' pushes hand blocks
+    timeout_seconds: float = 2.0                 # per HTTP request
+    max_seconds: float = 5.0                     # all LAPI work in one collector round
+    max_pending: int = 1000                      # pushes queued while the LAPI is unreachable (oldest dropped)
+    resync_seconds: float = 3600.0               # a full decision list (startup=true) at least this often
+    ca_file: str = ""                            # CA bundle for an https LAPI (empty: the system's)
+
+    def problems(self) -> list[str]:
+        """One sentence per invalid value (empty when the section is valid or unused)."""
+        out = []
+        if self.lapi_url:
+            from urllib.parse import urlsplit
+            parts = urlsplit(self.lapi_url)
+            try:
+                parts.port
+            except ValueError:
+                parts = None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                out.append(f"crowdsec.lapi_url {self.lapi_url!r} must be http(s)://HOST[:PORT]")
+            if not self.bouncer_key and not self.machine_id:
+                out.append("crowdsec.lapi_url is set but neither crowdsec.bouncer_key (pull) nor "
+                           "crowdsec.machine_id (push) is")
+            if self.machine_id and not self.machine_password:
+                out.append("crowdsec.machine_id is set without crowdsec.machine_password")
+        for name in ("timeout_seconds", "max_seconds", "resync_seconds"):
+            if not getattr(self, name) > 0:
+                out.append(f"crowdsec.{name} must be a positive number of seconds")
+        if self.max_pending < 1:
+            out.append("crowdsec.max_pending must be at least 1")
+        bad = [d for d in self.push_detectors if not d.replace("_", "").isalnum()]
+        if bad:
+            out.append(f"crowdsec.push_detectors holds names that are not detector names: {bad}")
+        return out
+
+
+@dataclass
+class Fleet:
+    """The federated model (Flower; app/services/fleet/flower.py): coordinator and per-host node."""
+    superlink: str = ""                          # node: the coordinator's SuperLink as HOST:PORT
+    listen: str = "0.0.0.0:9092"                 # serve: where the SuperLink's API listens
+    rounds: int = 1                              # federation rounds per federation
+    min_hosts: int = 2                           # hosts that must take part in a round
+    fraction: float = 1.0                        # share of the connected hosts asked to train each round
+    round_timeout_seconds: float = 600.0         # a round waits this long for the hosts' replies
+    interval_seconds: float = 86400.0            # serve: one federation this often
+    ca_cert: str = ""                            # the CA that signed the SuperLink's certificate (both sides)
+    server_cert: str = ""                        # serve: the SuperLink's certificate (PEM) ...
+    server_key: str = ""                         # ... and key
+    insecure: bool = False                       # no TLS (tests on the loopback only; never across hosts)
+    node_port: int = 9094                        # node: its local Runtime API on 127.0.0.1
+
+    def problems(self, role: str) -> list[str]:
+        """One sentence per invalid value for ``role`` 'serve' or 'node'."""
+        out = []
+        if role == "node" and not self.superlink:
+            out.append("fleet.superlink is not set: give the coordinator's HOST:PORT")
+        address = self.listen if role == "serve" else self.superlink
+        host, _, port = address.rpartition(":")
+        if address and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+            out.append(f"fleet.{'listen' if role == 'serve' else 'superlink'} {address!r} must be HOST:PORT")
+        if not self.insecure:
+            need = ("ca_cert", "server_cert", "server_key") if role == "serve" else ("ca_cert",)
+            for key in need:
+                path = getattr(self, key)
+                if not path:
+                    out.append(f"fleet.{key} is not set (TLS): give its PEM file, or fleet.insecure = true on a lab")
+                elif not Path(path).is_file():
+                    out.append(f"fleet.{key} {path} does not exist")
+        if self.rounds < 1 or self.min_hosts < 1:
+            out.append("fleet.rounds and fleet.min_hosts must be at least 1")
+        if not 0 < self.fraction <= 1:
+            out.append("fleet.fraction must be in (0, 1]")
+        if not (self.round_timeout_seconds > 0 and self.interval_seconds > 0):
+            out.append("fleet.round_timeout_seconds and fleet.interval_seconds must be positive")
+        return out
+
+
 SECTIONS: dict[str, type] = {
     "general": General, "collector": Collector, "scanner": Scanner, "sniffer": Sniffer,
     "evaluator": Evaluator, "blocklist": Blocklist, "alerts": Alerts, "metrics": Metrics,
-    "reports": Reports, "retention": Retention,
+    "reports": Reports, "retention": Retention, "crowdsec": Crowdsec,
+    "fleet": Fleet,
 }
 
 
@@ -198,6 +283,8 @@ class Settings:
     metrics: Metrics = field(default_factory=Metrics)
     reports: Reports = field(default_factory=Reports)
     retention: Retention = field(default_factory=Retention)
+    crowdsec: Crowdsec = field(default_factory=Crowdsec)
+    fleet: Fleet = field(default_factory=Fleet)
     # "section.key" -> "default" | "file:<path>" | "env:<NAME>" | "command line"
     sources: dict = field(default_factory=dict)
     config_path: str | None = None

@@ -36,6 +36,33 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# CrowdSec (the fleet's shared blocklist, see README "Many hosts"): Debian's package, for `cscli` and
+# the tests' own LAPI (`crowdsec -no-cs` on the loopback). Installed offline: a non-empty
+# online_api_credentials.yaml made first keeps the post-install step from registering with CrowdSec's
+# online service (README.Debian). Setup never leaves it running: the unit the package enables (and,
+# under systemd, starts) is stopped and disabled when this script installs the package; a crowdsec
+# the operator installed and runs is left alone.
+if ! dpkg-query -W -f='${Status}' crowdsec 2>/dev/null | grep -q 'install ok installed'; then
+  mkdir -p /etc/crowdsec
+  if [ ! -s /etc/crowdsec/online_api_credentials.yaml ]; then
+    install -m 600 /dev/null /etc/crowdsec/online_api_credentials.yaml
+    echo "# no thanks: installed by portwatch's setup without CrowdSec's Central API (see README.Debian)" \
+      > /etc/crowdsec/online_api_credentials.yaml
+  fi
+  say "installing crowdsec (offline: no Central API registration; not left running)"
+  export DEBIAN_FRONTEND=noninteractive
+  if apt-cache policy crowdsec | grep -q 'Candidate: (none)'; then apt-get update -qq; fi
+  apt-get install -y -qq --no-install-recommends crowdsec >/dev/null
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now crowdsec.service >/dev/null 2>&1 || true
+  else
+    systemctl disable crowdsec.service >/dev/null 2>&1 || true   # no systemd running: drop the enable link
+  fi
+  if [ -d /run/systemd/system ] && systemctl is-active --quiet crowdsec.service; then
+    die "crowdsec.service is still running after its install: stop it (systemctl disable --now crowdsec)."
+  fi
+fi
+
 # Kernel headers: BCC compiles against /lib/modules/$(uname -r)/build. Container and cloud
 # kernels ship none; the distribution's headers are close enough for XDP (UAPI structs only).
 KREL="$(uname -r)"

@@ -1,5 +1,6 @@
 """Helpers shared by kernel tests: settings for a tmp database, one collection on a lab, and the
-blocklist tests' fixtures (tests/services/test_blocklist.py, tests/commands/test_blacklist.py).
+blocklist tests' fixtures (tests/services/test_{blocklist,decisions,enforcement}.py,
+tests/commands/test_blacklist.py): stored findings, ledger events, the real pinned map.
 
 Blocklist tests pin under their OWN root (``pin_root`` fixture) rather than /sys/fs/bpf/portwatch:
 reconciling "every interface under pin_root" must never touch the maps of another test run's
@@ -18,6 +19,8 @@ import pytest
 
 from app import config
 from app.threads import collection
+
+REPO = Path(__file__).resolve().parent.parent
 
 def make_settings(tmp_path, **collector):
     env = {"PORTWATCH_CONFIG": str(tmp_path / "none.toml")}
@@ -64,23 +67,33 @@ def blocklist_settings(tmp_path, pin_root=None, **blocklist):
     return s
 
 
-def add_evaluation(conn, anomalies: list[dict], at: float | None = None) -> int:
-    """An evaluations row with the given anomalies; each dict may hold detector, source, reasons (dict),
-    port/protocol (a ports row is made), first_round_id, last_round_id, score. Returns the evaluation id."""
+def add_evaluation(conn, findings: list, at: float | None = None) -> list:
+    """An evaluations row storing ``findings`` (findings.Finding) the way the evaluation does: each
+    one's to_json() in anomalies.reasons, a ports row made for its port, its id and evaluation_id set.
+    Returns the findings (stored), what the block decisions take."""
+    from app.db import evaluations as dbe
     at = time.time() if at is None else at
     with conn:
         eid = conn.execute("INSERT INTO evaluations (started_at, finished_at, status) VALUES (?, ?, 'ok')",
                            (at, at)).lastrowid
-        for a in anomalies:
-            port_id = None
-            if a.get("port") is not None:
-                port_id = port_row(conn, a["port"], a.get("protocol", "tcp"))
-            conn.execute("INSERT INTO anomalies (evaluation_id, port_id, detector, score, threshold, reasons, "
-                         "first_round_id, last_round_id, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (eid, port_id, a.get("detector", "port_scan"), a.get("score", 1.0), a.get("threshold", 0.5),
-                          json.dumps(a.get("reasons", {})), a.get("first_round_id"), a.get("last_round_id"),
-                          a.get("source"), at))
-    return eid
+        for f in findings:
+            if f.port is not None and f.port_id is None:
+                f.port_id = port_row(conn, f.port, f.protocol or "tcp")
+            f.evaluation_id = eid
+            f.id = dbe.insert_anomaly(conn, evaluation_id=eid, port_id=f.port_id, detector=f.detector, score=f.score,
+                                      threshold=f.threshold, reasons=f.to_json(), first_round_id=f.first_round_id,
+                                      last_round_id=f.last_round_id, source=f.source, created_at=at)
+    return findings
+
+
+def finding(detector="port_scan", source=None, port=None, protocol="tcp", sources=(), score=1.0, threshold=0.5,
+            first_round_id=1, last_round_id=1, summary="", **details):
+    """A findings.Finding for decision tests; ``sources``: addresses, or (address, share) pairs, or Source."""
+    from app.services.findings import Finding, Source
+    named = [s if isinstance(s, Source) else Source(s) if isinstance(s, str) else Source(s[0], share=s[1])
+             for s in sources]
+    return Finding(detector, None, port, protocol if port is not None else None, first_round_id, last_round_id,
+                   score, threshold, source=source, sources=named, details=details, summary=summary)
 
 
 def port_row(conn, value: int, protocol: str) -> int:
@@ -122,3 +135,41 @@ class UdpSink:
 def send_udp(lab, src: str, dst: str, port: int, count: int) -> int:
     """``count`` UDP datagrams from lab host ``src`` to ``dst``:``port``; returns how many were sent."""
     return int(lab.send("--src", src, "--dst", dst, "--ports", str(port), "--count", str(count)).strip())
+
+
+# --- blocklist tests: ledger events, a scan finding, the real XDP map --------------------------------
+
+def ledger_events(conn, action=None):
+    """(address, action) of every blacklist_events row (of ``action`` only when given), in order."""
+    from app.db import blacklist as queries
+    rows = queries.events(conn)
+    return [(r["address"], r["action"]) for r in rows if action is None or r["action"] == action]
+
+
+def scan(source, **kw):
+    """A stored-to-be port_scan finding naming ``source`` (kw: port, protocol, ...)."""
+    return finding("port_scan", source=source, sources=[source], rule="port scan", **kw)
+
+
+def loaded(lab, tmp_path, pin_root, **blocklist_keys):
+    """Settings pinned under ``pin_root`` and one collection on the lab (compile, attach, pin); (settings, pin dir)."""
+    s = blocklist_settings(tmp_path, pin_root, **blocklist_keys)
+    collect(s, lab)
+    return s, Path(s.general.pin_root) / lab.interface
+
+
+def map_drops(pdir, cidr) -> int | None:
+    """The drop counter of ``cidr``'s entry in the pinned blacklist map, None when it has none."""
+    from app.services import bpf_structs, maps
+    from app.services.blocklist import parse_network
+    with maps.PinnedMap(pdir / "blacklist") as m:
+        raw = m.lookup(bpf_structs.lpm_key(parse_network(cidr)))
+    return None if raw is None else bpf_structs.PwBlacklistValue.from_buffer_copy(raw[:24]).drops
+
+
+def bpftool_entries(pdir) -> int:
+    """Entries in the pinned blacklist map, as bpftool counts them."""
+    import subprocess
+    out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pdir / "blacklist")],
+                         capture_output=True, text=True, check=True)
+    return len(json.loads(out.stdout))

@@ -9,7 +9,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "app"
 # statement keywords as the SQL here is written (upper case), at the start of a string
-SQL = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER|PRAGMA|WITH|VACUUM|BEGIN|ATTACH)\b")
+# (followed by more text: a lone "DELETE" is an HTTP method, not a statement)
+SQL = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER|PRAGMA|WITH|VACUUM|BEGIN|ATTACH)\s+\S")
 EXECUTE = {"execute", "executemany", "executescript"}
 
 

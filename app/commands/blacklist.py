@@ -49,12 +49,12 @@ def run(args, settings) -> int:
         return list_entries(args, settings)
     from app.db.connection import connect
     from app.durations import flag
-    from app.services import blocklist
+    from app.services import blocklist, enforcement
     ttl = flag("--ttl", getattr(args, "ttl", None), maximum=settings.blocklist.max_ttl_seconds)
     if "%" in getattr(args, "address", ""):
         raise UsageError(f"{args.address} carries a zone (%...): the blocklist holds addresses without zones, "
                          "give it without the %zone")
-    if os.geteuid() != 0 and blocklist.pin_dirs(settings):
+    if os.geteuid() != 0 and enforcement.pin_dirs(settings):
         raise NeedsRootError("changing the blocklist writes pinned XDP maps, which needs root: run it with sudo")
     conn = connect(settings.general.db)
     try:
@@ -67,7 +67,7 @@ def run(args, settings) -> int:
         else:
             flushed = blocklist.flush(conn, settings)
             done = f"flushed {len(flushed)} entr{'y' if len(flushed) == 1 else 'ies'} from the blocklist"
-        results = blocklist.apply(conn, settings)
+        results = enforcement.apply(conn, settings)
     finally:
         conn.close()
     if results:
@@ -81,7 +81,7 @@ def run(args, settings) -> int:
 
 
 def list_entries(args, settings) -> int:
-    from app.services import blocklist
+    from app.services import enforcement
     rows, pending = [], {}
     db_path = Path(settings.general.db)
     if db_path.exists():
@@ -92,7 +92,7 @@ def list_entries(args, settings) -> int:
         try:
             rows = queries.entries(conn, None if args.all else queries.LISTED)
             try:
-                pending = blocklist.pending_drops(conn, settings)
+                pending = enforcement.pending_drops(conn, settings)
             except sqlite3.OperationalError:     # a database made before blacklist_map_counters existed
                 pending = {}
         finally:

@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 def run(args, settings) -> int:
     from app.errors import UsageError
-    from app.services import xdp
+    from app.services import host
     from app.threads.collection import run_collection
     settings.override("collector", "round_seconds", args.round_seconds)
     settings.override("collector", "rounds", args.rounds)
@@ -31,7 +31,7 @@ def run(args, settings) -> int:
     if settings.collector.round_seconds < 0 or settings.collector.rounds < 0:
         raise UsageError("--round-seconds and --rounds must not be negative")
     settings.override("general", "interface", args.interface)
-    interface = settings.general.interface or xdp.default_interface()
+    interface = settings.general.interface or host.default_interface()
     from app.services.metrics import job_metrics
     show = not getattr(args, "quiet", False)
     with job_metrics(settings, "collector") as values:

@@ -18,7 +18,7 @@ came from (default, file:<path>, env:<NAME>, command line). Every key can be set
 ([section] tables; general keys at the top level) or by PORTWATCH_<SECTION>_<KEY>.
 Secrets (smtp_password, the webhook URL's path) are masked."""
 
-SECRET_WORDS = ("password", "secret", "token")
+SECRET_WORDS = ("password", "secret", "token", "bouncer_key")
 MASK = "********"
 
 

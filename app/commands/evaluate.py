@@ -22,8 +22,8 @@ def register(sub) -> None:
 
 
 def run(args, settings) -> int:
-    from app.services import hourly
-    result = hourly.run(settings)
+    from app.services import evaluation_job
+    result = evaluation_job.run(settings)
     for line in result.lines():
         print(line, flush=True)
     return 0

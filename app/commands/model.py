@@ -40,7 +40,7 @@ def run(args, settings) -> int:
     if not rows:
         print("no model versions yet: the first evaluation with traffic trains one (python -m app evaluate).")
         return 0
-    print(f"{'version':>7}  {'created (UTC)':16}  {'status':11}  {'parent':>6}  {'threshold':>10}  "
+    print(f"{'version':>7}  {'created (UTC)':16}  {'status':11}  {'origin':6}  {'parent':>6}  {'threshold':>10}  "
           f"{'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  path")
     for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_at"]))
@@ -48,6 +48,7 @@ def run(args, settings) -> int:
         budget = f"{r['budget_per_day']:g}" if r["budget_per_day"] is not None else "-"
         rate = f"{r['held_out_rate_per_day']:.2f}" if r["held_out_rate_per_day"] is not None else "-"
         parent = str(r["parent_version"]) if r["parent_version"] is not None else "-"
-        print(f"{r['version']:>7}  {created:16}  {r['status']:11}  {parent:>6}  {threshold:>10}  "
+        origin = r["origin"] if "origin" in r.keys() else "local"
+        print(f"{r['version']:>7}  {created:16}  {r['status']:11}  {origin:6}  {parent:>6}  {threshold:>10}  "
               f"{r['train_windows'] or 0:>7}  {budget:>8}  {rate:>10}  {r['path']}")
     return 0

@@ -27,11 +27,11 @@ def register(sub) -> None:
 def run(args, settings) -> int:
     import threading
 
-    from app.services import xdp
+    from app.services import host
     from app.threads.collection import run_collection
     settings.override("collector", "round_seconds", args.round_seconds)
     settings.override("general", "interface", args.interface)
-    interface = settings.general.interface or xdp.default_interface()
+    interface = settings.general.interface or host.default_interface()
     print(f"portwatch: watching {interface}, rounds of {settings.collector.round_seconds:g} s, evaluation every "
           f"{args.evaluate_every:g} s, database {settings.general.db} (Ctrl-C stops; "
           f"`python -m app down --interface {interface}` detaches XDP)", flush=True)

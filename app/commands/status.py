@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ interface seen in the rounds (or --interface), the last round, the last evaluati
 model version, the blocklist size and the database size. --json prints the same as one JSON object."""
 
 _IFNAME = re.compile(r"^[^/\s:]{1,15}$")
-_MODE_NAMES = {1: "native", 2: "generic", 3: "offload"}
 
 
 def register(sub) -> None:
@@ -35,19 +33,6 @@ def register(sub) -> None:
     parser.set_defaults(func=run)
 
 
-def _ip_link(interface: str) -> dict | None:
-    try:
-        out = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", interface], capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    try:
-        links = json.loads(out.stdout)
-    except ValueError:
-        return None
-    return links[0] if links else None
 
 
 def describe_interface(interface: str, pin_root: str) -> dict:
@@ -70,14 +55,10 @@ def describe_interface(interface: str, pin_root: str) -> dict:
         return info
     except Exception as exc:    # no libbpf, no permission to read the pins, ...: fall back to ip(8)
         log.debug("xdp.describe(%s) failed (%s); reading ip link instead", interface, exc)
-    link = _ip_link(interface) or {}
-    xdp_info = link.get("xdp") or {}
-    prog = xdp_info.get("prog") or {}
-    if not prog and xdp_info.get("attached"):
-        prog = (xdp_info["attached"][0] or {}).get("prog") or {}
-    if xdp_info:
-        info.update(attached=True, mode=_MODE_NAMES.get(xdp_info.get("mode"), str(xdp_info.get("mode"))),
-                    program_id=prog.get("id"))
+    from app.services import host
+    attached = host.xdp_attachment(interface)
+    if attached:
+        info.update(attached=True, mode=attached[1], program_id=attached[0])
     pdir = Path(pin_root) / interface
     info["pinned"] = pdir.is_dir() and any(pdir.iterdir())
     return info

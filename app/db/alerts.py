@@ -17,8 +17,3 @@ def mark_sent(conn: sqlite3.Connection, keys: list[str], channel: str, at: float
                          " ON CONFLICT (key, channel) DO UPDATE SET sent_at = excluded.sent_at",
                          [(key, channel, at) for key in keys])
 
-
-def prune(conn: sqlite3.Connection, before: float) -> int:
-    """Forget deliveries older than ``before`` (their cooldown is over anyway)."""
-    with conn:
-        return conn.execute("DELETE FROM alerts_sent WHERE sent_at < ?", (before,)).rowcount

@@ -1,5 +1,5 @@
 """Queries for the blocklist: the ledger (blacklist), its events, the per-interface map counters,
-and the anomalies read to decide blocks (per-port source evidence comes from app/db/series.py).
+and a source's packet rate history (what decisions check before blocking for a model finding).
 
 Writers call these inside :func:`immediate` (``BEGIN IMMEDIATE``): a reconcile reads the pinned
 map and advances the ledger under SQLite's write lock, so two runs (a collector round and a
@@ -7,32 +7,14 @@ map and advances the ledger under SQLite's write lock, so two runs (a collector 
 """
 from __future__ import annotations
 
-import re
 import sqlite3
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
-from app.db.connection import INIT_SQL
-
 LISTED = ("active", "dry-run")           # statuses that are on the blocklist (enforced or simulated)
 
 
-# --- schema and transactions -------------------------------------------------------------------
-
-def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create the tables of init.sql's blocklist section that a database made before they existed lacks.
-
-    The section's statements are all ``IF NOT EXISTS``, so this is a no-op on a current database.
-    """
-    have = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'blacklist_map_counters'").fetchone()
-    if have:
-        return
-    text = INIT_SQL.read_text()
-    match = re.search(r"^-- blocklist -+\n(.*?)^-- operations -+$", text, re.S | re.M)
-    if match is None:
-        raise RuntimeError(f"{INIT_SQL} has no blocklist section")
-    conn.executescript(match.group(1))
-
+# --- transactions -------------------------------------------------------------------
 
 @contextmanager
 def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
@@ -129,15 +111,7 @@ def delete_map_counter(conn, interface: str, address: str) -> None:
     conn.execute("DELETE FROM blacklist_map_counters WHERE interface = ? AND address = ?", (interface, address))
 
 
-# --- evidence for decisions ------------------------------------------------------------------------
-
-def anomalies_of_evaluation(conn, evaluation_id: int) -> list[sqlite3.Row]:
-    """The evaluation's anomalies with their port (value, protocol; NULL when none), oldest first."""
-    return conn.execute(
-        "SELECT a.id, a.detector, a.port_id, a.score, a.threshold, a.reasons, a.first_round_id, a.last_round_id, "
-        "a.source, a.created_at, p.value AS port, p.protocol FROM anomalies a LEFT JOIN ports p ON p.id = a.port_id "
-        "WHERE a.evaluation_id = ? ORDER BY a.id", (evaluation_id,)).fetchall()
-
+# --- a source's history, for decisions ------------------------------------------------------------------------
 
 def source_rates(conn, address: str, first: int, last: int, baseline_rounds: int) -> tuple[float, float | None]:
     """(packets per round of ``address`` in rounds first..last, its packets per round over the

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 INIT_SQL = Path(__file__).resolve().parent.parent.parent / "init.sql"
 BUSY_TIMEOUT_MS = 15000
 
-# Issue 9/12 kernel counting: family-aware sources with fragments and TTL ranges, evictions and new
+# Migration 4 — issue 9/12 kernel counting: family-aware sources with fragments and TTL ranges, evictions and new
 # sources per round, SYN-limit drops, the TC egress program's tables (egress_port_stats,
 # destination_stats, outbound flows as flows.direction = 'out') and two-way peers. init.sql holds the
 # same for fresh databases.
@@ -88,7 +88,87 @@ CREATE INDEX IF NOT EXISTS peers_last ON peers(last_two_way);
 # version -> SQL that upgrades from version-1. Version 1 is the first init.sql; init.sql always
 # creates the newest schema (and sets its user_version) for a fresh database.
 MIGRATIONS: dict[int, str] = {
-    2: KERNEL_COUNTING_SQL,
+    # 2: the blocklist tables, for a version-1 database made before init.sql had them (the same
+    #    statements as init.sql's blocklist section; IF NOT EXISTS: a no-op where they exist)
+    2: """
+    CREATE TABLE IF NOT EXISTS blacklist (
+        address      TEXT PRIMARY KEY,           -- CIDR ('198.18.0.9/32', '2001:db8::/64')
+        reason       TEXT NOT NULL,
+        evidence     TEXT,                       -- JSON
+        anomaly_id   INTEGER,
+        origin       TEXT NOT NULL DEFAULT 'manual',  -- 'manual' or 'auto'
+        created_at   REAL NOT NULL,
+        expires_at   REAL,                       -- NULL = never
+        status       TEXT NOT NULL,              -- 'active', 'expired', 'removed', 'dry-run'
+        drops        INTEGER NOT NULL DEFAULT 0, -- packets dropped for this entry, all time
+        offences     INTEGER NOT NULL DEFAULT 1,
+        removed_at   REAL
+    );
+
+    CREATE TABLE IF NOT EXISTS blacklist_drops (
+        round_id INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
+        address  TEXT NOT NULL,
+        drops    INTEGER NOT NULL,
+        PRIMARY KEY (round_id, address)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE IF NOT EXISTS blacklist_events (
+        id       INTEGER PRIMARY KEY,
+        at       REAL NOT NULL,
+        address  TEXT NOT NULL,
+        action   TEXT NOT NULL,                  -- 'block', 'would-block', 'expire', 'remove', 'refused', 'reconcile-add', ...
+        detail   TEXT
+    );
+    CREATE INDEX IF NOT EXISTS blacklist_events_address ON blacklist_events(address, at);
+
+    -- per interface: each entry's in-map drop counter when reconcile last read it. blacklist.drops
+    -- grows by the counter's growth since then; an entry (re-)added to a map starts again from 0.
+    CREATE TABLE IF NOT EXISTS blacklist_map_counters (
+        interface  TEXT NOT NULL,
+        address    TEXT NOT NULL,                -- CIDR, as in blacklist.address
+        drops      INTEGER NOT NULL,             -- the map's cumulative counter at read_at
+        drop_bytes INTEGER NOT NULL,
+        read_at    REAL NOT NULL,
+        PRIMARY KEY (interface, address)
+    ) WITHOUT ROWID;
+""",
+    # 3: the fleet (issue 13): models.origin; a CrowdSec LAPI's decisions mirrored here, pushes queued
+    3: """
+ALTER TABLE models ADD COLUMN origin TEXT NOT NULL DEFAULT 'local';   -- 'local' or 'fleet'
+CREATE TABLE IF NOT EXISTS crowdsec_decisions (
+    id       INTEGER PRIMARY KEY,            -- the LAPI's decision id
+    address  TEXT NOT NULL,                  -- CIDR, as in blacklist.address
+    scenario TEXT,
+    origin   TEXT,                           -- the LAPI's origin ('crowdsec', 'cscli', 'CAPI', ...)
+    until    REAL NOT NULL,                  -- epoch seconds: the decision's end
+    seen_at  REAL NOT NULL,                  -- first pulled
+    refused  TEXT                            -- why this host does not enforce it (an interlock), logged once
+);
+CREATE INDEX IF NOT EXISTS crowdsec_decisions_address ON crowdsec_decisions(address);
+CREATE TABLE IF NOT EXISTS crowdsec_pushes (
+    id               INTEGER PRIMARY KEY,
+    address          TEXT NOT NULL,          -- CIDR of the ledger row pushed
+    block_created_at REAL NOT NULL,          -- blacklist.created_at of that block (one push per block)
+    action           TEXT NOT NULL,          -- 'add' (an alert with its decision) or 'delete'
+    scenario         TEXT NOT NULL,          -- 'portwatch/<detector>'
+    message          TEXT,
+    expires_at       REAL,                   -- the block's expiry: the decision's duration is what is left
+    queued_at        REAL NOT NULL,
+    state            TEXT NOT NULL DEFAULT 'pending',  -- 'pending', 'sent', 'dropped', 'cancelled'
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    last_error       TEXT,
+    sent_at          REAL,
+    alert_id         TEXT,
+    UNIQUE (address, block_created_at, action)
+);
+CREATE INDEX IF NOT EXISTS crowdsec_pushes_state ON crowdsec_pushes(state, id);
+CREATE TABLE IF NOT EXISTS crowdsec_state (
+    key   TEXT PRIMARY KEY,
+    value TEXT
+) WITHOUT ROWID;
+""",
+    # 4: issue 9/12 kernel counting (renumbering it is this one key plus init.sql's user_version)
+    4: KERNEL_COUNTING_SQL,
 }
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 QUICK_CHECK_MAX_BYTES = 256 << 20
@@ -219,6 +299,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
         raise DatabaseError(f"database {path} has schema version {version}, newer than this portwatch ({SCHEMA_VERSION}): upgrade portwatch")
     if version == SCHEMA_VERSION:
         return
+    created = version == 0
     if version == 0:
         # a brand-new file, or one made by hand without the schema: apply init.sql
         tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
@@ -228,10 +309,11 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         log.info("created schema version %d in %s", version, path)
     if version < SCHEMA_VERSION:
-        backup = path.with_name(f"{path.name}.v{version}.{int(time.time())}.bak")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        shutil.copy2(path, backup)
-        log.info("backed up %s to %s before migrating", path, backup)
+        if not created:                         # a database made just now holds nothing to back up
+            backup = path.with_name(f"{path.name}.v{version}.{int(time.time())}.bak")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            shutil.copy2(path, backup)
+            log.info("backed up %s to %s before migrating", path, backup)
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with conn:
                 conn.executescript(MIGRATIONS[target])

@@ -36,20 +36,15 @@ def insert_evaluation(conn: sqlite3.Connection, *, started_at: float, finished_a
          anomalies, duration_s, status, note, rounds, ports, observed_rate_per_day)).lastrowid
 
 
-def set_evaluation_anomalies(conn: sqlite3.Connection, evaluation_id: int, anomalies: int) -> None:
-    conn.execute("UPDATE evaluations SET anomalies = ? WHERE id = ?", (anomalies, evaluation_id))
-
-
 def insert_anomaly(conn: sqlite3.Connection, *, evaluation_id: int, port_id: int | None, detector: str,
-                   score: float | None, threshold: float | None, reasons: dict, first_round_id: int,
+                   score: float | None, threshold: float | None, reasons: str, first_round_id: int,
                    last_round_id: int, source: str | None, created_at: float) -> int:
-    """One anomalies row (reasons stored as JSON text); returns its id."""
+    """One anomalies row; ``reasons`` is the finding's JSON text (findings.Finding.to_json). Returns its id."""
     return conn.execute(
         "INSERT INTO anomalies (evaluation_id, port_id, detector, score, threshold, reasons, first_round_id, "
         "last_round_id, source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (evaluation_id, port_id, detector, _finite(score), _finite(threshold),
-         json.dumps(reasons, sort_keys=True, default=_json_default), first_round_id, last_round_id, source,
-         created_at)).lastrowid
+        (evaluation_id, port_id, detector, _finite(score), _finite(threshold), reasons, first_round_id,
+         last_round_id, source, created_at)).lastrowid
 
 
 def anomaly_spans(conn: sqlite3.Connection, first: int, last: int) -> list[tuple[int | None, int, int]]:
@@ -57,14 +52,6 @@ def anomaly_spans(conn: sqlite3.Connection, first: int, last: int) -> list[tuple
     return [tuple(r) for r in conn.execute(
         "SELECT port_id, first_round_id, last_round_id FROM anomalies "
         "WHERE first_round_id <= ? AND last_round_id >= ? AND port_id IS NOT NULL", (last, first))]
-
-
-def evaluation(conn: sqlite3.Connection, evaluation_id: int) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM evaluations WHERE id = ?", (evaluation_id,)).fetchone()
-
-
-def anomalies_of(conn: sqlite3.Connection, evaluation_id: int) -> list[sqlite3.Row]:
-    return conn.execute("SELECT * FROM anomalies WHERE evaluation_id = ? ORDER BY id", (evaluation_id,)).fetchall()
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -133,7 +120,7 @@ def _finite(value: float | None) -> float | None:
 
 
 def _json_default(value):
-    """numpy scalars and arrays in reasons/metadata."""
+    """numpy scalars and arrays in model metadata."""
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,13 +1,17 @@
-"""Read-only queries the evaluator runs on the collector's tables.
+"""Read-only queries the evaluator runs on the collector's tables, and :func:`load_batch`: everything
+one evaluation reads, loaded once (the rules and the series are pure functions of a :class:`Batch`).
 
 rounds, ports, port_stats, rounds_ports, packets, source_stats, source_ports and flows. Every
-function takes an open connection and returns plain tuples or sqlite3.Row objects; nothing here
-writes. Round ranges are inclusive: ``first <= round_id <= last``.
+function takes an open connection and returns plain tuples, sqlite3.Row objects or a Batch;
+nothing here writes. Round ranges are inclusive: ``first <= round_id <= last``.
 """
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
+
+import numpy as np
 
 # A round's length in seconds: the counters cover (counts_since, end_time].
 _ROUND_SECONDS = "(r.end_time - COALESCE(r.counts_since, r.start_time))"
@@ -64,48 +68,6 @@ def ports_by_id(conn: sqlite3.Connection, port_ids: Iterable[int]) -> dict[int, 
     return out
 
 
-def port_activity(conn: sqlite3.Connection, first: int, last: int) -> list[tuple[int, int, str, int, int]]:
-    """Ports with traffic in the range, busiest first: (port_id, value, protocol, packets, active rounds)."""
-    return [tuple(r) for r in conn.execute(
-        "SELECT ps.port_id, p.value, p.protocol, SUM(ps.packets) AS packets, COUNT(*) "
-        "FROM port_stats ps JOIN ports p ON p.id = ps.port_id "
-        "WHERE ps.round_id BETWEEN ? AND ? GROUP BY ps.port_id ORDER BY packets DESC, ps.port_id",
-        (first, last))]
-
-
-def port_stats(conn: sqlite3.Connection, first: int, last: int) -> list[tuple]:
-    """(round_id, port_id, packets, bytes, payload_bytes, max_payload, syn, synack, rst) per row."""
-    return conn.execute(
-        "SELECT round_id, port_id, packets, bytes, payload_bytes, COALESCE(max_payload, 0), syn, synack, rst "
-        "FROM port_stats WHERE round_id BETWEEN ? AND ?", (first, last)).fetchall()
-
-
-def occupancy(conn: sqlite3.Connection, first: int, last: int) -> list[tuple]:
-    """(round_id, port_id, pid, process, established) per socket holder."""
-    return conn.execute(
-        "SELECT round_id, port_id, pid, process, established FROM rounds_ports "
-        "WHERE round_id BETWEEN ? AND ?", (first, last)).fetchall()
-
-
-def held_ports(conn: sqlite3.Connection, first: int, last: int) -> set[int]:
-    """port_ids something held (rounds_ports) in any round of the range."""
-    return {r[0] for r in conn.execute(
-        "SELECT DISTINCT port_id FROM rounds_ports WHERE round_id BETWEEN ? AND ?", (first, last))}
-
-
-def occupancy_detail(conn: sqlite3.Connection, first: int, last: int) -> list[sqlite3.Row]:
-    """Holders with their port: round_id, port_id, value, protocol, pid, process, user, address."""
-    return conn.execute(
-        "SELECT rp.round_id, rp.port_id, p.value, p.protocol, rp.pid, rp.process, rp.user, rp.address "
-        "FROM rounds_ports rp JOIN ports p ON p.id = rp.port_id "
-        "WHERE rp.round_id BETWEEN ? AND ? ORDER BY rp.round_id", (first, last)).fetchall()
-
-
-def first_occupancy_round(conn: sqlite3.Connection) -> int | None:
-    """The first round with any scanner data (the baseline for 'new listener')."""
-    return conn.execute("SELECT MIN(round_id) FROM rounds_ports").fetchone()[0]
-
-
 def previous_holders(conn: sqlite3.Connection, port_ids: Sequence[int], before_id: int) -> dict[int, tuple[int, list[tuple]]]:
     """For each port, its most recent holders before ``before_id``: port_id -> (round_id, [(pid, process, user)])."""
     out: dict[int, tuple[int, list[tuple]]] = {}
@@ -122,82 +84,6 @@ def previous_holders(conn: sqlite3.Connection, port_ids: Sequence[int], before_i
     return out
 
 
-def dns_counts(conn: sqlite3.Connection, first: int, last: int) -> list[tuple]:
-    """(round_id, port_id, dns_packets) from the sniffer sample."""
-    return conn.execute(
-        "SELECT round_id, port_id, COUNT(*) FROM packets "
-        "WHERE round_id BETWEEN ? AND ? AND port_id IS NOT NULL "
-        "  AND (qry_name IS NOT NULL OR protocols LIKE '%dns%') GROUP BY round_id, port_id",
-        (first, last)).fetchall()
-
-
-def source_counts(conn: sqlite3.Connection, first: int, last: int) -> list[tuple]:
-    """(round_id, port_id, distinct sources) from flows and source_ports (real ports only)."""
-    return conn.execute(
-        "SELECT e.round_id, p.id, COUNT(DISTINCT e.address) FROM ("
-        "  SELECT round_id, src_address AS address, dst_port AS port, protocol FROM flows "
-        "  WHERE round_id BETWEEN ?1 AND ?2"
-        "  UNION SELECT round_id, address, port, protocol FROM source_ports WHERE round_id BETWEEN ?1 AND ?2"
-        ") e JOIN ports p ON p.value = e.port AND p.protocol = e.protocol "
-        "GROUP BY e.round_id, p.id", (first, last)).fetchall()
-
-
-def source_stats(conn: sqlite3.Connection, first: int, last: int) -> list[sqlite3.Row]:
-    """round_id, address, packets, bytes, syn, distinct_ports."""
-    return conn.execute(
-        "SELECT round_id, address, packets, bytes, syn, distinct_ports FROM source_stats "
-        "WHERE round_id BETWEEN ? AND ?", (first, last)).fetchall()
-
-
-def source_port_pairs(conn: sqlite3.Connection, first: int, last: int,
-                      addresses: Sequence[str] | None = None) -> list[tuple]:
-    """(round_id, address, port, protocol, packets): which local ports each source reached.
-
-    From source_ports (kept for sources reaching many ports) united with flows. ``addresses``
-    limits the sources.
-    """
-    where_src, where_flow, params = "", "", [first, last]
-    if addresses is not None:
-        if not addresses:
-            return []
-        marks = ",".join("?" * len(addresses))
-        where_src, where_flow = f" AND address IN ({marks})", f" AND src_address IN ({marks})"
-    rows = conn.execute(
-        "SELECT round_id, address, port, protocol, MAX(packets) FROM ("
-        f"  SELECT round_id, address, port, protocol, packets FROM source_ports WHERE round_id BETWEEN ? AND ?{where_src}"
-        f"  UNION ALL SELECT round_id, src_address, dst_port, protocol, SUM(packets) FROM flows"
-        f"  WHERE round_id BETWEEN ? AND ?{where_flow} GROUP BY round_id, src_address, dst_port, protocol"
-        ") GROUP BY round_id, address, port, protocol",
-        (*params, *(addresses or ()), *params, *(addresses or ()))).fetchall()
-    return rows
-
-
-def top_sources(conn: sqlite3.Connection, value: int, protocol: str, first: int, last: int,
-                limit: int = 5) -> list[tuple[str, int, int]]:
-    """The sources that sent most to local port (value, protocol) in the range: (address, packets, bytes).
-
-    Per round, the larger of the source_ports and flows evidence counts (flows also give bytes).
-    """
-    return [tuple(r) for r in conn.execute(
-        "SELECT address, SUM(packets) AS packets, SUM(bytes) AS bytes FROM ("
-        "  SELECT round_id, address, MAX(packets) AS packets, MAX(bytes) AS bytes FROM ("
-        "    SELECT round_id, address, packets, 0 AS bytes FROM source_ports"
-        "    WHERE port = ?1 AND protocol = ?2 AND round_id BETWEEN ?3 AND ?4"
-        "    UNION ALL SELECT round_id, src_address, SUM(packets), SUM(bytes) FROM flows"
-        "    WHERE dst_port = ?1 AND protocol = ?2 AND round_id BETWEEN ?3 AND ?4 GROUP BY round_id, src_address"
-        "  ) GROUP BY round_id, address"
-        ") GROUP BY address ORDER BY packets DESC, address LIMIT ?5",
-        (value, protocol, first, last, limit))]
-
-
-def port_totals(conn: sqlite3.Connection, port_id: int, first: int, last: int) -> tuple[int, int, int]:
-    """(packets, bytes, syn) of one port over the range."""
-    row = conn.execute(
-        "SELECT COALESCE(SUM(packets), 0), COALESCE(SUM(bytes), 0), COALESCE(SUM(syn), 0) FROM port_stats "
-        "WHERE port_id = ? AND round_id BETWEEN ? AND ?", (port_id, first, last)).fetchone()
-    return int(row[0]), int(row[1]), int(row[2])
-
-
 def _chunks(items: Sequence, size: int):
     for i in range(0, len(items), size):
         yield list(items[i:i + size])
@@ -211,3 +97,164 @@ def ports_by_value(conn: sqlite3.Connection, values: Iterable[int]) -> dict[int,
         for row in conn.execute(f"SELECT id, value, protocol FROM ports WHERE value IN ({marks})", chunk):
             out[row[0]] = (row[1], row[2])
     return out
+
+
+# --- the batch: loaded once per evaluation ---------------------------------------------------------
+
+@dataclass
+class Batch:
+    """What one evaluation reads (plain rows, loaded by :func:`load_batch`).
+
+    rounds: the rounds judged now; context: the rounds just before them that the series get as
+    context (ascending); scan_rounds: earlier rounds that ended within the scan span before the
+    batch (ascending). Each round is (id, start_time, end_time, seconds, scanner_status) with those
+    names (sqlite3.Row or dict). ``lo``: the first round any row below may belong to.
+    ports: port_id -> (value, protocol) for every port the rows name (and every protocol's row of
+    the port values sources reached, the ephemeral buckets included).
+    port_stats: (round_id, port_id, packets, bytes, payload_bytes, max_payload, syn, synack, rst), lo..last.
+    occupancy: (round_id, port_id, pid, process, established, user, address) per holder, lo..last,
+    ordered by round.
+    dns: (round_id, port_id, dns_packets) from the sniffer sample, lo..last.
+    source_stats: (round_id, address, packets, bytes, syn, distinct_ports), rules_lo..last (every
+    source of every round: read only where the rules look).
+    source_ports: (round_id, address, port, protocol, packets, bytes), lo..last: which local port
+    each source reached, per round the larger of the source_ports and flows evidence (packets);
+    bytes from flows (0 where only source_ports knew it).
+    first_occupancy_round: the first round with any scanner data (None: none yet).
+    previous_holders: port_id -> (round_id, [(pid, process, user)]) of the ports held in the batch,
+    their most recent holders before it.
+    nominal_seconds: median round length (s) up to the last round, None without rounds.
+    """
+
+    rounds: list
+    context: list = field(default_factory=list)
+    scan_rounds: list = field(default_factory=list)
+    ports: dict = field(default_factory=dict)
+    port_stats: list = field(default_factory=list)
+    occupancy: list = field(default_factory=list)
+    dns: list = field(default_factory=list)
+    source_stats: list = field(default_factory=list)
+    source_ports: list = field(default_factory=list)
+    first_occupancy_round: int | None = None
+    previous_holders: dict = field(default_factory=dict)
+    nominal_seconds: float | None = None
+    _by_port: dict | None = field(default=None, repr=False, compare=False)
+    _stats_by_port: dict | None = field(default=None, repr=False, compare=False)
+    _ids: dict | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def first(self) -> int:
+        return self.rounds[0]["id"]
+
+    @property
+    def last(self) -> int:
+        return self.rounds[-1]["id"]
+
+    @property
+    def lo(self) -> int:
+        earlier = [r["id"] for r in (*self.context[:1], *self.scan_rounds[:1])]
+        return min([self.first, *earlier])
+
+    def port_id(self, value: int, protocol: str) -> int | None:
+        """The ports.id of (value, protocol) among the loaded ports, or None."""
+        if self._ids is None:
+            self._ids = {key: pid for pid, key in self.ports.items()}
+        return self._ids.get((value, protocol))
+
+    def source_ports_of(self, value: int, protocol: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The source_ports rows of one local port as columns (round_ids, addresses, packets, bytes),
+        indexed on first use."""
+        if self._by_port is None:
+            grouped: dict = {}
+            for row in self.source_ports:
+                grouped.setdefault((row[2], row[3]), []).append(row)
+            self._by_port = {key: (np.array([r[0] for r in rows], dtype=np.int64),
+                                   np.array([r[1] for r in rows], dtype=object),
+                                   np.array([r[4] for r in rows], dtype=np.int64),
+                                   np.array([r[5] for r in rows], dtype=np.int64)) for key, rows in grouped.items()}
+        return self._by_port.get((value, protocol), _NO_SOURCES)
+
+    def port_stats_of(self, port_id: int) -> np.ndarray:
+        """The port_stats rows of one port, (n, 9) int64 (columns as in ``port_stats``), indexed on first use."""
+        if self._stats_by_port is None:
+            grouped: dict = {}
+            for row in self.port_stats:
+                grouped.setdefault(row[1], []).append(row)
+            self._stats_by_port = {pid: np.array(rows, dtype=np.int64) for pid, rows in grouped.items()}
+        return self._stats_by_port.get(port_id, _NO_STATS)
+
+    def keep_port_indexes_only(self) -> None:
+        """Keep only what :meth:`source_ports_of` and :meth:`port_stats_of` read, as compact
+        per-port arrays; every other row goes (what the model step needs, in a fraction of the memory)."""
+        self.source_ports_of(0, "")
+        self.port_stats_of(0)
+        self.port_stats, self.occupancy, self.dns, self.source_stats, self.source_ports = [], [], [], [], []
+
+    def release(self) -> None:
+        """Let every loaded row go (the rounds and ports stay): a caller done reading frees the
+        memory before something big (a model fit)."""
+        self.port_stats, self.occupancy, self.dns, self.source_stats, self.source_ports = [], [], [], [], []
+        self._by_port = self._stats_by_port = None
+
+
+_NO_SOURCES = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object), np.zeros(0, dtype=np.int64),
+               np.zeros(0, dtype=np.int64))
+_NO_STATS = np.zeros((0, 9), dtype=np.int64)
+
+def _tuples(cursor, text_columns: Sequence[int] = ()) -> list[tuple]:
+    """Rows as plain tuples, the text of ``text_columns`` shared (one str per distinct address,
+    protocol or process: a batch holds hundreds of thousands of rows naming a few thousand)."""
+    if not text_columns:
+        return [tuple(r) for r in cursor]
+    shared: dict = {}
+    out = []
+    for row in cursor:
+        row = list(row)
+        for i in text_columns:
+            row[i] = shared.setdefault(row[i], row[i])
+        out.append(tuple(row))
+    return out
+
+
+def load_batch(conn: sqlite3.Connection, rounds: Sequence, *, context_rounds: int = 0,
+               since_time: float | None = None) -> Batch:
+    """Everything an evaluation of ``rounds`` reads, one query per table.
+
+    context_rounds: how many rounds before the batch the series get as context; since_time: the
+    scan span's start (rounds ending at or after it before the batch are the rules' scan_rounds).
+    """
+    rounds = list(rounds)
+    first, last = rounds[0]["id"], rounds[-1]["id"]
+    context = rounds_before(conn, first, context_rounds) if context_rounds > 0 else []
+    scan_rounds = rounds_since(conn, since_time, first) if since_time is not None else []
+    batch = Batch(rounds, list(context), list(scan_rounds))
+    lo, rules_lo = batch.lo, min([first, *(r["id"] for r in scan_rounds[:1])])
+    batch.port_stats = _tuples(conn.execute(
+        "SELECT round_id, port_id, packets, bytes, payload_bytes, COALESCE(max_payload, 0), syn, synack, rst "
+        "FROM port_stats WHERE round_id BETWEEN ? AND ?", (lo, last)))
+    batch.occupancy = _tuples(conn.execute(
+        "SELECT round_id, port_id, pid, process, established, user, address FROM rounds_ports "
+        "WHERE round_id BETWEEN ? AND ? ORDER BY round_id, id", (lo, last)), (3, 5, 6))
+    batch.dns = conn.execute(
+        "SELECT round_id, port_id, COUNT(*) FROM packets "
+        "WHERE round_id BETWEEN ? AND ? AND port_id IS NOT NULL "
+        "  AND (qry_name IS NOT NULL OR protocols LIKE '%dns%') GROUP BY round_id, port_id",
+        (lo, last)).fetchall()
+    batch.source_stats = _tuples(conn.execute(
+        "SELECT round_id, address, packets, bytes, syn, distinct_ports FROM source_stats "
+        "WHERE round_id BETWEEN ? AND ?", (rules_lo, last)), (1,))
+    batch.source_ports = _tuples(conn.execute(
+        "SELECT round_id, address, port, protocol, MAX(packets), MAX(bytes) FROM ("
+        "  SELECT round_id, address, port, protocol, packets, 0 AS bytes FROM source_ports"
+        "  WHERE round_id BETWEEN ?1 AND ?2"
+        "  UNION ALL SELECT round_id, src_address, dst_port, protocol, SUM(packets), SUM(bytes) FROM flows"
+        "  WHERE round_id BETWEEN ?1 AND ?2 GROUP BY round_id, src_address, dst_port, protocol"
+        ") GROUP BY round_id, address, port, protocol", (lo, last)), (1, 3))
+    ids = {r[1] for r in batch.port_stats} | {r[1] for r in batch.occupancy} | {r[1] for r in batch.dns}
+    batch.ports = ports_by_id(conn, ids)
+    batch.ports.update(ports_by_value(conn, {r[2] for r in batch.source_ports} | {-1}))
+    batch.first_occupancy_round = conn.execute("SELECT MIN(round_id) FROM rounds_ports").fetchone()[0]
+    held = {r[1] for r in batch.occupancy if r[0] >= first}
+    batch.previous_holders = previous_holders(conn, held, first)
+    batch.nominal_seconds = median_round_seconds(conn, last)
+    return batch

@@ -36,10 +36,10 @@ from typing import Iterable
 
 from app import __version__
 from app.db import alerts as alerts_db
+from app.services.findings import Finding
 
 log = logging.getLogger(__name__)
 
-CHANNELS = ("syslog", "webhook", "email")
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 BACKOFF_SECONDS = 0.5
 
@@ -58,22 +58,27 @@ class AlertEvent:
     at: float | None = None
 
 
-def anomaly_event(detector: str, port: int | None, protocol: str | None, *, score: float | None = None,
-                  threshold: float | None = None, source: str | None = None, anomaly_id: int | None = None,
-                  details: dict | None = None, at: float | None = None) -> AlertEvent:
-    """An AlertEvent for one anomaly; the key is detector + port + source (an ongoing attack on the
-    same port from the same source alerts once per cooldown)."""
-    where = "host" if port is None else ("ephemeral" if port == -1 else str(port))
-    port_text = f"{protocol or '?'}/{where}"
-    parts = [f"{detector} anomaly on {port_text}"]
-    if score is not None:
-        parts.append(f"score {score:.4g}" + (f" > threshold {threshold:.4g}" if threshold is not None else ""))
-    if source:
-        parts.append(f"source {source}")
-    facts = {"detector": detector, "port": port, "protocol": protocol, "score": score, "threshold": threshold,
-             "source": source, "anomaly_id": anomaly_id}
-    facts.update(details or {})
-    return AlertEvent("anomaly", f"anomaly:{detector}:{port_text}:{source or '-'}", ", ".join(parts), facts, at)
+def anomaly_event(finding: Finding, *, at: float | None = None) -> AlertEvent:
+    """An AlertEvent for one stored finding; the key is detector + port + source (an ongoing attack
+    on the same port from the same source alerts once per cooldown). details: the finding's columns
+    (detector, port, protocol, score, threshold, source, anomaly_id) plus the sources it names
+    (address, share, evidence class)."""
+    where = "host" if finding.port is None else ("ephemeral" if finding.port == -1 else str(finding.port))
+    port_text = f"{finding.protocol or '?'}/{where}"
+    parts = [f"{finding.detector} anomaly on {port_text}"]
+    if finding.score is not None:
+        parts.append(f"score {finding.score:.4g}"
+                     + (f" > threshold {finding.threshold:.4g}" if finding.threshold is not None else ""))
+    if finding.source:
+        parts.append(f"source {finding.source}")
+    facts = {"detector": finding.detector, "port": finding.port, "protocol": finding.protocol,
+             "score": finding.score, "threshold": finding.threshold, "source": finding.source,
+             "anomaly_id": finding.id}
+    if finding.sources:
+        facts["sources"] = [{k: v for k, v in s.to_dict().items() if k in ("address", "share", "evidence")}
+                            for s in finding.sources]
+    return AlertEvent("anomaly", f"anomaly:{finding.detector}:{port_text}:{finding.source or '-'}", ", ".join(parts),
+                      facts, at)
 
 
 def block_event(address: str, reason: str, *, expires_at: float | None = None, dry_run: bool = False,

@@ -298,13 +298,17 @@ class Collector:
                             sniffed, compiled, values["xdp_mode"])
 
     def _after_round(self, round_id: int) -> None:
-        """Reconcile the blocklist ledger with the pinned map (expiries, re-adds after a reload)."""
+        """Reconcile the blocklist ledger with the pinned map (expiries, re-adds after a reload),
+        after a CrowdSec sync when one is configured (bounded in time, never raises)."""
+        if self.settings.crowdsec.lapi_url:
+            from app.services.fleet import crowdsec
+            crowdsec.sync_round(self.conn, self.settings)
         try:
-            from app.services import blocklist
+            from app.services import enforcement
         except ImportError:
             return
         try:
-            blocklist.reconcile(self.conn, self.settings, self.pin_dir)
+            enforcement.reconcile(self.conn, self.settings, self.pin_dir)
         except (PortwatchError, sqlite3.Error) as exc:
             # the round is already written; enforcement is retried by the next run
             log.warning("blocklist reconcile failed (the next run retries): %s", exc)

@@ -10,8 +10,13 @@
                out to recalibrate the threshold; the result is a new model version (keep_models kept)
     store      models row, evaluations row and anomalies rows in one transaction
 
-:func:`run` returns an :class:`EvaluationResult` whose ``anomalies`` carry their database ids, the
-detector, the port and the source(s), for the blocklist.
+:func:`run` returns an :class:`EvaluationResult` whose ``anomalies`` are the stored
+:class:`~app.services.findings.Finding` objects (id and evaluation_id set; ``anomalies.reasons`` is
+each one's ``to_json()``): what the block decisions and the alerts take, as they are.
+
+Model findings' ``details`` keys (stable: reports read them): port, protocol, model_version, window,
+rounds [first, last], peak_round_id, score, threshold, score_unit, hot_rounds [{round_id, error}],
+features [{feature, observed, reconstructed, error, share}], packets (the port's, over the rounds).
 """
 from __future__ import annotations
 
@@ -31,34 +36,11 @@ from app.db import series as dbs
 from app.db.connection import connect
 from app.errors import UsageError
 from app.services import locks, rules, series
-from app.services.rules import Finding
+from app.services.findings import Finding
 
 log = logging.getLogger(__name__)
 
 MIN_FIT_WINDOWS = 16    # a first fit needs at least this many training windows
-
-
-@dataclass(frozen=True)
-class Anomaly:
-    """A stored anomaly (one anomalies row), as the blocklist consumes it.
-
-    source: the main source address when one dominates, else None; sources: every address the
-    reasons name, main source first. port/protocol are None for multi-port findings (port_scan:
-    see reasons['ports']).
-    """
-
-    id: int
-    detector: str
-    port_id: int | None
-    port: int | None
-    protocol: str | None
-    source: str | None
-    sources: tuple[str, ...]
-    first_round_id: int
-    last_round_id: int
-    score: float | None
-    threshold: float | None
-    reasons: dict
 
 
 @dataclass(frozen=True)
@@ -75,14 +57,14 @@ class EvaluationResult:
     model_version: int | None       # the model that judged the batch (None in warm-up)
     trained_version: int | None     # the version this evaluation trained and saved, if any
     threshold: float | None
-    anomalies: tuple[Anomaly, ...]
+    anomalies: tuple[Finding, ...]   # stored: each has its id and evaluation_id
     duration_s: float
     remaining_rounds: int = 0
     history_rounds: int = 0
     warmup_rounds: int = 0
 
     @property
-    def model_anomalies(self) -> tuple[Anomaly, ...]:
+    def model_anomalies(self) -> tuple[Finding, ...]:
         return tuple(a for a in self.anomalies if a.detector == "model")
 
     def summary(self) -> str:
@@ -153,19 +135,20 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     first, last = batch[0]["id"], batch[-1]["id"]
     remaining = dbs.count_rounds_after(conn, last)
     history = dbs.count_rounds(conn, last)
-    findings = rules.detect(conn, batch, cfg)
-
     # a first fit learns from all recent history (small hosts would wait for many batches otherwise)
     has_model = dbe.active_model(conn) is not None
     context = cfg.window - 1 if has_model else max(cfg.window - 1, cfg.max_batch_rounds - len(batch))
-    data = load_series(conn, batch, cfg, context)
+    loaded = load_batch(conn, batch, cfg, context)
+    findings = rules.detect(loaded, cfg)
+    data = series.batch_series(loaded, model_ports(loaded, cfg))
+    loaded.keep_port_indexes_only()      # all the model step reads (its findings' sources), compact
     first_new = len(data.round_ids) - len(batch)
     step = ModelStep(model_version=None, trained_version=None, threshold=None, windows=0, findings=[])
     if data.ports:
-        step = model_step(conn, settings, data, first_new, findings, history)
+        step = model_step(conn, settings, loaded, data, first_new, findings, history)
     all_findings = step.findings + findings
 
-    seconds = dbs.median_round_seconds(conn, last) or 60.0
+    seconds = loaded.nominal_seconds or 60.0
     judged_days = len(batch) * seconds / 86400.0
     warm = step.model_version is not None or (
         not data.ports and history >= cfg.warmup_rounds and dbe.active_model(conn) is not None)
@@ -173,7 +156,6 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     note = {"rule_anomalies": len(findings), "model_anomalies": len(step.findings),
             "trained_version": step.trained_version, "remaining_rounds": remaining, "history_rounds": history}
     now = clock()
-    stored: list[Anomaly] = []
     with conn:
         if step.new_model is not None:
             dbe.insert_model(conn, **step.new_model)
@@ -184,52 +166,43 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
             rounds=len(batch), ports=len(data.ports),
             observed_rate_per_day=(len(step.findings) / judged_days) if warm and judged_days > 0 else None)
         for f in all_findings:
-            aid = dbe.insert_anomaly(conn, evaluation_id=eid, port_id=f.port_id, detector=f.detector,
-                                     score=f.score, threshold=f.threshold, reasons=f.reasons,
-                                     first_round_id=f.first_round_id, last_round_id=f.last_round_id,
-                                     source=f.source, created_at=now)
-            stored.append(Anomaly(aid, f.detector, f.port_id, f.port, f.protocol, f.source, tuple(f.sources),
-                                  f.first_round_id, f.last_round_id, f.score, f.threshold, f.reasons))
+            f.evaluation_id = eid
+            f.id = dbe.insert_anomaly(conn, evaluation_id=eid, port_id=f.port_id, detector=f.detector,
+                                      score=f.score, threshold=f.threshold, reasons=f.to_json(),
+                                      first_round_id=f.first_round_id, last_round_id=f.last_round_id,
+                                      source=f.source, created_at=now)
         pruned = dbe.prunable_models(conn, cfg.keep_models)
         dbe.mark_pruned(conn, [r["version"] for r in pruned])
     for row in pruned:
         _remove_model_dir(settings, row["path"])
     duration = clock() - started
     log.info("evaluation %d: rounds %d..%d, %s, %d anomalies, %.1f s", eid, first, last, status,
-             len(stored), duration)
+             len(all_findings), duration)
     return EvaluationResult(eid, status, first, last, len(batch), len(data.ports), step.windows,
-                            step.model_version, step.trained_version, step.threshold, tuple(stored), duration,
+                            step.model_version, step.trained_version, step.threshold, tuple(all_findings), duration,
                             remaining, history, cfg.warmup_rounds)
 
 
-# --- series ----------------------------------------------------------------------------------------
+# --- the batch -------------------------------------------------------------------------------------
 
-def load_series(conn: sqlite3.Connection, batch, cfg: Evaluator, context_rounds: int) -> series.Series:
-    """Series (P, T, F) over the batch plus up to ``context_rounds`` earlier rounds, for :func:`model_ports`."""
-    context = dbs.rounds_before(conn, batch[0]["id"], context_rounds)
-    rows = list(context) + list(batch)
-    round_ids = [r["id"] for r in rows]
-    lo, hi = round_ids[0], round_ids[-1]
-    active = model_ports(conn, batch, cfg)
-    ports = [series.PortKey(pid, value, proto) for pid, value, proto in active]
-    return series.build_series(round_ids, ports, dbs.port_stats(conn, lo, hi), dbs.occupancy(conn, lo, hi),
-                               dbs.dns_counts(conn, lo, hi), dbs.source_counts(conn, lo, hi),
-                               seconds=[r["seconds"] for r in rows],
-                               nominal_seconds=dbs.median_round_seconds(conn, hi))
+def load_batch(conn: sqlite3.Connection, rounds, cfg: Evaluator, context_rounds: int = 0) -> dbs.Batch:
+    """The one read of the store an evaluation of ``rounds`` makes: the rules' scan span and
+    ``context_rounds`` earlier rounds of series context included."""
+    return dbs.load_batch(conn, rounds, context_rounds=context_rounds,
+                          since_time=rounds[0]["end_time"] - cfg.scan_span_seconds)
 
 
-def model_ports(conn: sqlite3.Connection, batch, cfg: Evaluator) -> list[tuple[int, int, str]]:
-    """(port_id, value, protocol) of the ports the model judges, busiest first, at most cfg.max_ports.
+def model_ports(batch: dbs.Batch, cfg: Evaluator) -> list[series.PortKey]:
+    """The ports the model judges, busiest first, at most cfg.max_ports.
 
     A port qualifies with traffic in the batch and either something holding it (scanner) or
     traffic in at least cfg.min_active_share of the batch rounds, and never fewer than two. Stray
     packets to idle, unheld ports (background probes, scans) are the rules' business: as series
     they are single blips, however short the batch.
     """
-    first, last = batch[0]["id"], batch[-1]["id"]
-    need = max(2, int(np.ceil(cfg.min_active_share * len(batch))))
-    held = dbs.held_ports(conn, first, last)
-    active = [(pid, value, proto) for pid, value, proto, _packets, rounds in dbs.port_activity(conn, first, last)
+    need = max(2, int(np.ceil(cfg.min_active_share * len(batch.rounds))))
+    held = series.held_ports(batch)
+    active = [series.PortKey(pid, value, proto) for pid, value, proto, _packets, rounds in series.port_activity(batch)
               if rounds >= need or pid in held]
     if len(active) > cfg.max_ports:
         log.warning("%d active ports; the model judges the %d busiest (evaluator.max_ports)",
@@ -282,14 +255,15 @@ def load_active_model(conn: sqlite3.Connection, cfg: Evaluator):
     return model, row
 
 
-def model_step(conn: sqlite3.Connection, settings: Settings, data: series.Series, first_new: int,
-               findings: list[Finding], history: int) -> ModelStep:
+def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, data: series.Series,
+               first_new: int, findings: list[Finding], history: int) -> ModelStep:
     """Judge (after warm-up) and refit; returns the model findings and the new models row."""
     from app.services.model import CnnLstmAutoencoder
     cfg = settings.evaluator
     window = cfg.window
     model, row = load_active_model(conn, cfg)
-    warm = model is not None and history >= cfg.warmup_rounds
+    # a fleet model (issue 13) was learned on many hosts' history: it judges from the first evaluation
+    warm = model is not None and (history >= cfg.warmup_rounds or row["origin"] == "fleet")
     round_ids = data.round_ids
     flagged = series.cell_mask(data, [c for f in findings for c in f.covers])
     flagged |= series.cell_mask(data, dbe.anomaly_spans(conn, int(round_ids[0]), int(round_ids[-1])))
@@ -301,12 +275,14 @@ def model_step(conn: sqlite3.Connection, settings: Settings, data: series.Series
         scores = model.window_scores(errors, judge.judged)
         hot = scores > model.threshold_
         step.model_version, step.threshold, step.windows = row["version"], model.threshold_, len(scores)
-        step.findings = explain(conn, data, judge, errors, recon, hot, model.threshold_, row["version"],
+        step.findings = explain(batch, data, judge, errors, recon, hot, model.threshold_, row["version"],
                                 cfg.top_features)
         for f in step.findings:
             flagged |= series.cell_mask(data, f.covers)
         log.info("model v%d judged %d windows: %d above %.4g", row["version"], len(scores), int(hot.sum()),
                  model.threshold_)
+
+    batch.release()     # judged and explained: the rows go before training (peak memory)
 
     # training data: unflagged new rounds (context rounds were trained on or held out before);
     # a first fit may use every round loaded (earlier anomalies are flagged above)
@@ -321,7 +297,7 @@ def model_step(conn: sqlite3.Connection, settings: Settings, data: series.Series
     usable_train = usable & ~series.tile_mask(usable.shape, held_index, window)
     train, train_index = series.sliding_windows(data.values, window, cfg.train_stride, usable=usable_train)
     held = series.gather_windows(data.values, held_index, window)
-    seconds = dbs.median_round_seconds(conn, int(round_ids[-1])) or 60.0
+    seconds = batch.nominal_seconds or 60.0
     port_rounds_per_day = len(data.ports) * 86400.0 / seconds
     step.trained_windows, step.trained_index = train, train_index
 
@@ -353,7 +329,7 @@ def model_step(conn: sqlite3.Connection, settings: Settings, data: series.Series
     return step
 
 
-def explain(conn: sqlite3.Connection, data: series.Series, judge: series.JudgeWindows, errors: np.ndarray,
+def explain(batch: dbs.Batch, data: series.Series, judge: series.JudgeWindows, errors: np.ndarray,
             recon: np.ndarray, hot: np.ndarray, threshold: float, version: int, top_features: int) -> list[Finding]:
     """Model findings from flagged windows: one per port per run of hot rounds.
 
@@ -378,12 +354,12 @@ def explain(conn: sqlite3.Connection, data: series.Series, judge: series.JudgeWi
             else:
                 groups.append([cell])
         for group in groups:
-            findings.append(_model_finding(conn, data, p, group, errors, recon, per_round, threshold,
+            findings.append(_model_finding(batch, data, p, group, errors, recon, per_round, threshold,
                                            version, top_features, window))
     return findings
 
 
-def _model_finding(conn, data, p, group, errors, recon, per_round, threshold, version, top_features, window):
+def _model_finding(batch, data, p, group, errors, recon, per_round, threshold, version, top_features, window):
     key = data.ports[p]
     first_id, last_id = int(data.round_ids[group[0][0]]), int(data.round_ids[group[-1][0]])
     t, i, j = max(group, key=lambda c: per_round[c[1], c[2]])
@@ -394,19 +370,19 @@ def _model_finding(conn, data, p, group, errors, recon, per_round, threshold, ve
     features = [{"feature": series.FEATURES[f], "observed": round(float(data.values[p, t, f]), 3),
                  "reconstructed": round(float(recon[i, j, f]), 3), "error": round(float(feature_error[f]), 4),
                  "share": round(float(feature_error[f]) / total, 3)} for f in order]
-    packets, _, _ = dbs.port_totals(conn, key.port_id, first_id, last_id)
-    sources, dominant = rules.port_sources(conn, key.value, key.protocol, packets, first_id, last_id)
-    reasons = {
+    packets, _, _ = rules.port_totals(batch, key.port_id, first_id, last_id)
+    sources, dominant = rules.port_sources(batch, key.value, key.protocol, packets, first_id, last_id)
+    details = {
         "port": key.value, "protocol": key.protocol, "model_version": version, "window": window,
         "rounds": [first_id, last_id], "peak_round_id": int(data.round_ids[t]),
         "score": round(score, 5), "threshold": round(float(threshold), 5),
         "score_unit": "mean squared error of the scaled features in the worst judged round",
         "hot_rounds": [{"round_id": int(data.round_ids[c[0]]), "error": round(float(per_round[c[1], c[2]]), 5)}
                        for c in group][:30],
-        "features": features, "packets": packets, "sources": sources,
+        "features": features, "packets": packets,
     }
     return Finding("model", key.port_id, key.value, key.protocol, first_id, last_id, score, float(threshold),
-                   dominant, reasons, [(key.port_id, first_id, last_id)])
+                   source=dominant, sources=sources, details=details, covers=[(key.port_id, first_id, last_id)])
 
 
 # --- model versions --------------------------------------------------------------------------------

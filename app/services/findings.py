@@ -80,6 +80,7 @@ class Finding:
     details: dict = field(default_factory=dict)
     covers: list = field(default_factory=list)     # [(port_id | None, first_round_id, last_round_id)]
     source_count: int | None = None
+    summary: str = ""                              # one line for people (alerts, CLI, CrowdSec messages)
     id: int | None = None
     evaluation_id: int | None = None
 
@@ -121,6 +122,8 @@ class Finding:
         data["covers"] = [list(c) for c in self.covers]
         if self.source_count is not None:
             data["source_count"] = self.source_count
+        if self.summary:
+            data["summary"] = self.summary
         forged = self.forged_sources
         if forged:
             data["forged_sources"] = forged
@@ -138,7 +141,8 @@ class Finding:
                    threshold=threshold, source=data.get("source"),
                    sources=[Source.from_dict(s) for s in data.get("sources", [])],
                    details=details, covers=[tuple(c) for c in data.get("covers", [])],
-                   source_count=data.get("source_count"), id=id, evaluation_id=evaluation_id)
+                   source_count=data.get("source_count"), summary=data.get("summary") or "",
+                   id=id, evaluation_id=evaluation_id)
 
     @classmethod
     def from_row(cls, row) -> "Finding":

@@ -10,108 +10,129 @@
   unlistened_port traffic to a TCP/UDP port nothing held in that round (never the ephemeral bucket
                   -1, port 0 or ICMP types; ports a flagged scan touched are left to that finding)
 
-Each :class:`Finding` carries ``reasons`` (JSON-ready, naming sources and ports) and ``covers``:
-the (port_id, first_round_id, last_round_id) cells it implicates, which the evaluator keeps out of
-the model's refit.
+Every detector is a pure function of the evaluation's loaded :class:`~app.db.series.Batch` (no
+SQL here). Each returns :class:`app.services.findings.Finding` objects: the sources named as
+:class:`~app.services.findings.Source` rows (packets, bytes, share, syn, evidence class: see
+:func:`evidence_class`), the detector's facts in ``details`` and ``covers``: the (port_id,
+first_round_id, last_round_id) cells it implicates, which the evaluator keeps out of the model's refit.
+
+``details`` keys (stable: reports and alerts read them)
+  port_scan        rule, distinct_ports, ports_known, ports {protocol: [port, ...]}, ports_truncated,
+                   max_ports_in_one_round, rounds [first, last], flagged_rounds, ephemeral_range [low, high]
+  syn_flood        rule, port, protocol, rounds, flooded_rounds, syn, packets, synack, rst,
+                   peak {round_id, syn, completion_share}, top_syn_sources [{address, syn, share}]
+  new_listener,    port, protocol, round_id, holders [{pid, process, user, address}],
+  process_changed  previous {round_id, holders} (process_changed only)
+  unlistened_port  port, protocol, rounds, unlistened_rounds, packets, bytes, syn,
+                   more_ports_not_reported (on the last one, when capped)
 """
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from typing import Sequence
 
 from app.config import Evaluator
-from app.db import series as db
+from app.db.series import Batch
+from app.services.findings import ONE_WAY, Finding, Source
 from app.services.ports import EPHEMERAL, PORTED, ephemeral_range
 
 log = logging.getLogger(__name__)
 
-MAX_LISTED_PORTS = 100        # ports named in one scan finding's reasons
-MAX_UNLISTENED_FINDINGS = 200  # per evaluation; the rest is counted in the last finding's reasons
+MAX_LISTED_PORTS = 100        # ports named in one scan finding's details
+MAX_UNLISTENED_FINDINGS = 200  # per evaluation; the rest is counted in the last finding's details
 
 
-@dataclass
-class Finding:
-    """One anomaly before it is stored (rules and model alike).
-
-    port_id/port/protocol: the local port, None for findings spanning many ports (port_scan).
-    score/threshold: in the detector's units (SYNs per round, distinct ports, window error ...).
-    source: the main source address when one is responsible, else None.
-    """
-
-    detector: str
-    port_id: int | None
-    port: int | None
-    protocol: str | None
-    first_round_id: int
-    last_round_id: int
-    score: float | None
-    threshold: float | None
-    source: str | None
-    reasons: dict
-    covers: list = field(default_factory=list)   # [(port_id | None, first_round_id, last_round_id)]
-
-    @property
-    def sources(self) -> list[str]:
-        """Addresses the reasons name, main source first."""
-        named = [s["address"] for s in self.reasons.get("sources", []) if "address" in s]
-        if self.source and self.source not in named:
-            named.insert(0, self.source)
-        return named
-
-
-def detect(conn: sqlite3.Connection, batch: Sequence[sqlite3.Row], cfg: Evaluator) -> list[Finding]:
-    """All rule findings for the batch rounds (rows with id, end_time, seconds, scanner_status)."""
-    if not batch:
+def detect(batch: Batch, cfg: Evaluator) -> list[Finding]:
+    """All rule findings for the batch rounds."""
+    if not batch.rounds:
         return []
-    scans = port_scans(conn, batch, cfg)
-    findings = scans + syn_floods(conn, batch, cfg) + listener_changes(conn, batch)
-    findings += unlistened_traffic(conn, batch, scans, cfg)
-    log.info("rules: %d finding(s) in rounds %d..%d (%s)", len(findings), batch[0]["id"], batch[-1]["id"],
+    scans = port_scans(batch, cfg)
+    findings = scans + syn_floods(batch, cfg) + listener_changes(batch)
+    findings += unlistened_traffic(batch, scans, cfg)
+    log.info("rules: %d finding(s) in rounds %d..%d (%s)", len(findings), batch.first, batch.last,
              ", ".join(f"{k} {v}" for k, v in Counter(f.detector for f in findings).items()) or "none")
     return findings
 
 
 # --- sources ---------------------------------------------------------------------------------------
 
-def port_sources(conn: sqlite3.Connection, value: int, protocol: str, port_packets: int,
-                 first: int, last: int, limit: int = 5) -> tuple[list[dict], str | None]:
+def evidence_class(batch: Batch, address: str, first: int, last: int) -> str:
+    """The evidence class of what ``address`` sent in rounds first..last: findings.TWO_WAY or ONE_WAY.
+
+    The ONE place a source's evidence is classified. Today every count the rules see comes from
+    ingress counters (SYN-only, UDP, ICMP: anything a forger can send), so it is ONE_WAY; the
+    next step (completed handshakes, conversations this host answered) returns TWO_WAY here.
+    """
+    return ONE_WAY
+
+
+def source(batch: Batch, address: str, first: int, last: int, **numbers) -> Source:
+    """A :class:`Source` with its evidence class over rounds first..last."""
+    return Source(address, evidence=evidence_class(batch, address, first, last), **numbers)
+
+
+def top_sources(batch: Batch, value: int, protocol: str, first: int, last: int,
+                limit: int = 5) -> list[tuple[str, int, int]]:
+    """The sources that sent most to local port (value, protocol) in rounds first..last:
+    (address, packets, bytes), most packets first (then by address). Per round the larger of the
+    source_ports and flows evidence (partial: a lower bound of what each sent)."""
+    rounds, addresses, packets, nbytes = batch.source_ports_of(value, protocol)
+    inside = (rounds >= first) & (rounds <= last)
+    totals: dict[str, list[int]] = {}
+    for address, sent, size in zip(addresses[inside], packets[inside].tolist(), nbytes[inside].tolist()):
+        total = totals.setdefault(address, [0, 0])
+        total[0] += sent
+        total[1] += size
+    ranked = sorted(totals.items(), key=lambda kv: (-kv[1][0], kv[0]))[:limit]
+    return [(address, packets, nbytes) for address, (packets, nbytes) in ranked]
+
+
+def port_sources(batch: Batch, value: int, protocol: str, port_packets: int, first: int, last: int,
+                 limit: int = 5) -> tuple[list[Source], str | None]:
     """Top sources of one local port over rounds first..last and the dominant one.
 
-    Returns ([{address, packets, bytes, share}], dominant address or None). share = packets /
+    Returns ([Source(address, packets, bytes, share)], dominant address or None). share = packets /
     port_packets; a source dominates with share >= 0.5. The ephemeral bucket has no per-source
     evidence (its real ports are many) and gets no sources.
     """
     if value == EPHEMERAL:
         return [], None
-    rows = db.top_sources(conn, value, protocol, first, last, limit)
-    out = [{"address": a, "packets": int(p), "bytes": int(b),
-            "share": round(p / port_packets, 3) if port_packets else None} for a, p, b in rows]
-    dominant = out[0]["address"] if out and out[0]["share"] is not None and out[0]["share"] >= 0.5 else None
+    out = [source(batch, a, first, last, packets=int(p), bytes=int(b),
+                  share=round(p / port_packets, 3) if port_packets else None)
+           for a, p, b in top_sources(batch, value, protocol, first, last, limit)]
+    dominant = out[0].address if out and out[0].share is not None and out[0].share >= 0.5 else None
     return out, dominant
+
+
+def port_totals(batch: Batch, port_id: int, first: int, last: int) -> tuple[int, int, int]:
+    """(packets, bytes, syn) of one port over rounds first..last."""
+    rows = batch.port_stats_of(port_id)
+    inside = rows[(rows[:, 0] >= first) & (rows[:, 0] <= last)]
+    return int(inside[:, 2].sum()), int(inside[:, 3].sum()), int(inside[:, 6].sum())
 
 
 # --- port scan -------------------------------------------------------------------------------------
 
-def port_scans(conn: sqlite3.Connection, batch: Sequence[sqlite3.Row], cfg: Evaluator) -> list[Finding]:
+def port_scans(batch: Batch, cfg: Evaluator) -> list[Finding]:
     """One finding per scanning source over the batch (see module docstring)."""
-    first, last = batch[0]["id"], batch[-1]["id"]
-    earlier = db.rounds_since(conn, batch[0]["end_time"] - cfg.scan_span_seconds, first)
-    rounds = list(earlier) + list(batch)
+    first, last = batch.first, batch.last
+    rounds = list(batch.scan_rounds) + list(batch.rounds)
     end_of = {r["id"]: r["end_time"] for r in rounds}
     lo = rounds[0]["id"]
     per_round_count: dict[str, dict[int, int]] = defaultdict(dict)
     stats: dict[str, dict[str, int]] = defaultdict(lambda: {"packets": 0, "syn": 0})
-    for row in db.source_stats(conn, lo, last):
-        per_round_count[row["address"]][row["round_id"]] = row["distinct_ports"]
-        if row["round_id"] >= first:
-            stats[row["address"]]["packets"] += row["packets"]
-            stats[row["address"]]["syn"] += row["syn"]
+    for round_id, address, packets, _bytes, syn, distinct_ports in batch.source_stats:
+        if not lo <= round_id <= last:
+            continue
+        per_round_count[address][round_id] = distinct_ports
+        if round_id >= first:
+            stats[address]["packets"] += packets
+            stats[address]["syn"] += syn
     pairs: dict[str, dict[int, set]] = defaultdict(lambda: defaultdict(set))
-    for round_id, address, port, protocol, _packets in db.source_port_pairs(conn, lo, last):
-        pairs[address][round_id].add((port, protocol))
+    for round_id, address, port, protocol, _packets, _bytes in batch.source_ports:
+        if lo <= round_id <= last:
+            pairs[address][round_id].add((port, protocol))
 
     findings = []
     for address in sorted(set(per_round_count) | set(pairs)):
@@ -120,7 +141,7 @@ def port_scans(conn: sqlite3.Connection, batch: Sequence[sqlite3.Row], cfg: Eval
         if max(per_round_count[address].values(), default=0) < cfg.scan_ports and len(seen_all) < cfg.scan_ports:
             continue
         flagged, ports, best = [], set(), 0
-        for r in batch:
+        for r in batch.rounds:
             rid = r["id"]
             in_round = per_round_count[address].get(rid, 0)
             span = set()
@@ -134,46 +155,32 @@ def port_scans(conn: sqlite3.Connection, batch: Sequence[sqlite3.Row], cfg: Eval
                 best = max(best, count)
         if not flagged:
             continue
-        findings.append(_scan_finding(conn, address, flagged, ports, best, per_round_count[address],
+        findings.append(_scan_finding(batch, address, flagged, ports, best, per_round_count[address],
                                       stats.get(address, {}), cfg))
     return findings
 
 
-def _scan_finding(conn, address, flagged, ports, best, per_round_count, stats, cfg) -> Finding:
+def _scan_finding(batch, address, flagged, ports, best, per_round_count, stats, cfg) -> Finding:
     by_proto: dict[str, list[int]] = defaultdict(list)
     for port, protocol in sorted(ports):
         by_proto[protocol].append(port)
     listed = {proto: values[:MAX_LISTED_PORTS] for proto, values in by_proto.items()}
     first_round, last_round = min(flagged), max(flagged)
-    covers = []
     low, high = ephemeral_range()
-    ids = _port_ids(conn, {(p, proto) for p, proto in ports} | {(EPHEMERAL, proto) for proto in by_proto})
-    for (port, protocol), port_id in ids.items():
-        covers.append((port_id, first_round, last_round))
-    reasons = {
+    keys = set(ports) | {(EPHEMERAL, proto) for proto in by_proto}
+    ids = sorted(pid for pid in (batch.port_id(value, proto) for value, proto in keys) if pid is not None)
+    covers = [(port_id, first_round, last_round) for port_id in ids]
+    details = {
         "rule": f">= {cfg.scan_ports} distinct local ports within one round or {cfg.scan_span_seconds:g} s",
-        "source": address, "sources": [{"address": address, **stats}],
         "distinct_ports": best, "ports_known": len(ports), "ports": listed,
         "ports_truncated": any(len(v) > MAX_LISTED_PORTS for v in by_proto.values()),
         "max_ports_in_one_round": max((per_round_count.get(r, 0) for r in flagged), default=0),
         "rounds": [first_round, last_round], "flagged_rounds": len(flagged),
         "ephemeral_range": [low, high],
     }
-    return Finding("port_scan", None, None, None, first_round, last_round, float(best),
-                   float(cfg.scan_ports), address, reasons, covers)
-
-
-def _port_ids(conn: sqlite3.Connection, keys: set[tuple[int, str]]) -> dict[tuple[int, str], int]:
-    """(value, protocol) -> ports.id for the keys that have a row."""
-    if not keys:
-        return {}
-    wanted = set(keys)
-    values = sorted({v for v, _ in keys})
-    found = {}
-    for port_id, (value, protocol) in db.ports_by_value(conn, values).items():
-        if (value, protocol) in wanted:
-            found[(value, protocol)] = port_id
-    return found
+    sources = [source(batch, address, batch.first, batch.last, **stats)]
+    return Finding("port_scan", None, None, None, first_round, last_round, float(best), float(cfg.scan_ports),
+                   source=address, sources=sources, details=details, covers=covers)
 
 
 # --- SYN flood -------------------------------------------------------------------------------------
@@ -191,23 +198,22 @@ def completion_share(packets: int, syn: int, synack: int, rst: int) -> float:
     return max(0.0, min(1.0, (packets - syn - rst) / syn))
 
 
-def syn_floods(conn: sqlite3.Connection, batch: Sequence[sqlite3.Row], cfg: Evaluator) -> list[Finding]:
+def syn_floods(batch: Batch, cfg: Evaluator) -> list[Finding]:
     """One finding per TCP port per run of consecutive flooded rounds."""
-    first, last = batch[0]["id"], batch[-1]["id"]
-    order = {r["id"]: i for i, r in enumerate(batch)}
+    first, last = batch.first, batch.last
+    order = {r["id"]: i for i, r in enumerate(batch.rounds)}
     hits: dict[int, list[tuple]] = defaultdict(list)
-    for round_id, port_id, packets, _bytes, _payload, _max, syn, synack, rst in db.port_stats(conn, first, last):
-        if syn >= cfg.syn_flood_syns:
+    for round_id, port_id, packets, _bytes, _payload, _max, syn, synack, rst in batch.port_stats:
+        if first <= round_id <= last and syn >= cfg.syn_flood_syns:
             share = completion_share(packets, syn, synack, rst)
             if share < cfg.syn_flood_completion:
                 hits[port_id].append((round_id, packets, syn, synack, rst, share))
     if not hits:
         return []
-    names = db.ports_by_id(conn, hits)
-    syn_senders = db.source_stats(conn, first, last)
+    syn_senders = [s for s in batch.source_stats if first <= s[0] <= last and s[4]]
     findings = []
     for port_id, rows in sorted(hits.items()):
-        value, protocol = names[port_id]
+        value, protocol = batch.ports[port_id]
         if protocol != "tcp":
             continue
         rows.sort()
@@ -216,23 +222,26 @@ def syn_floods(conn: sqlite3.Connection, batch: Sequence[sqlite3.Row], cfg: Eval
             syns = sum(r[2] for r in run)
             packets = sum(r[1] for r in run)
             senders = Counter()
-            for s in syn_senders:
-                if lo <= s["round_id"] <= hi and s["syn"]:
-                    senders[s["address"]] += s["syn"]
+            for round_id, address, _packets, _bytes, syn, _distinct in syn_senders:
+                if lo <= round_id <= hi:
+                    senders[address] += syn
             top_syn = [{"address": a, "syn": n, "share": round(n / syns, 3)} for a, n in senders.most_common(5)]
-            sources, dominant = port_sources(conn, value, protocol, packets, lo, hi)
+            sources, dominant = port_sources(batch, value, protocol, packets, lo, hi)
             if dominant is None and top_syn and top_syn[0]["share"] >= 0.5:
                 dominant = top_syn[0]["address"]
+            if not sources:
+                sources = [source(batch, t["address"], lo, hi, syn=t["syn"], share=t["share"]) for t in top_syn]
             peak = max(run, key=lambda r: r[2])
-            reasons = {
+            details = {
                 "rule": f">= {cfg.syn_flood_syns} SYNs in a round with < {cfg.syn_flood_completion:g} answered",
                 "port": value, "protocol": protocol, "rounds": [lo, hi], "flooded_rounds": len(run),
                 "syn": syns, "packets": packets, "synack": sum(r[3] for r in run), "rst": sum(r[4] for r in run),
                 "peak": {"round_id": peak[0], "syn": peak[2], "completion_share": round(peak[5], 3)},
-                "sources": sources or top_syn, "top_syn_sources": top_syn,
+                "top_syn_sources": top_syn,
             }
             findings.append(Finding("syn_flood", port_id, value, protocol, lo, hi, float(peak[2]),
-                                    float(cfg.syn_flood_syns), dominant, reasons, [(port_id, lo, hi)]))
+                                    float(cfg.syn_flood_syns), source=dominant, sources=sources, details=details,
+                                    covers=[(port_id, lo, hi)]))
     return findings
 
 
@@ -249,28 +258,26 @@ def _runs(rows: list[tuple], order: dict[int, int]) -> list[list[tuple]]:
 
 # --- occupancy -------------------------------------------------------------------------------------
 
-def listener_changes(conn: sqlite3.Connection, batch: Sequence[sqlite3.Row]) -> list[Finding]:
+def listener_changes(batch: Batch) -> list[Finding]:
     """new_listener and process_changed findings, at most one of each per port per batch.
 
     A port is new when no earlier round held it and occupancy data existed before (the first
     round ever scanned is the baseline, never "new"). Unlistened-ephemeral UDP sockets (clients'
     bound ports) are ignored. A pid change with the same process name is a restart, not a change.
     """
-    first, last = batch[0]["id"], batch[-1]["id"]
-    baseline = db.first_occupancy_round(conn)
+    first, last = batch.first, batch.last
+    baseline = batch.first_occupancy_round
     if baseline is None:
         return []
-    rows = db.occupancy_detail(conn, first, last)
     holders: dict[int, dict[int, list]] = defaultdict(lambda: defaultdict(list))
-    keys: dict[int, tuple[int, str]] = {}
-    for row in rows:
-        holders[row["port_id"]][row["round_id"]].append((row["pid"], row["process"], row["user"], row["address"]))
-        keys[row["port_id"]] = (row["value"], row["protocol"])
-    previous = db.previous_holders(conn, list(holders), first)
+    for round_id, port_id, pid, process, _established, user, address in batch.occupancy:
+        if first <= round_id <= last:
+            holders[port_id][round_id].append((pid, process, user, address))
+    previous = batch.previous_holders
     low, high = ephemeral_range()
     findings = []
     for port_id in sorted(holders):
-        value, protocol = keys[port_id]
+        value, protocol = batch.ports[port_id]
         if protocol not in PORTED or value <= 0:
             continue
         before = previous.get(port_id)
@@ -301,34 +308,33 @@ def _holder(h) -> dict:
 
 
 def _listener_finding(detector, port_id, value, protocol, round_id, now, before) -> Finding:
-    reasons = {"port": value, "protocol": protocol, "round_id": round_id, "holders": [_holder(h) for h in now]}
+    details = {"port": value, "protocol": protocol, "round_id": round_id, "holders": [_holder(h) for h in now]}
     if before is not None:
-        reasons["previous"] = {"round_id": before[0], "holders": [_holder(h) for h in before[1]]}
-    return Finding(detector, port_id, value, protocol, round_id, round_id, None, None, None, reasons,
-                   [(port_id, round_id, round_id)])
+        details["previous"] = {"round_id": before[0], "holders": [_holder(h) for h in before[1]]}
+    return Finding(detector, port_id, value, protocol, round_id, round_id, None, None, details=details,
+                   covers=[(port_id, round_id, round_id)])
 
 
 # --- traffic to unlistened ports -------------------------------------------------------------------
 
-def unlistened_traffic(conn: sqlite3.Connection, batch: Sequence[sqlite3.Row], scans: list[Finding],
-                       cfg: Evaluator) -> list[Finding]:
+def unlistened_traffic(batch: Batch, scans: Sequence[Finding], cfg: Evaluator) -> list[Finding]:
     """One finding per TCP/UDP port that received traffic in batch rounds where nothing held it.
 
     Only rounds with scanner data count (no occupancy rows: nothing is known). Rounds where a
     flagged scan touched the port are left to that finding.
     """
-    first, last = batch[0]["id"], batch[-1]["id"]
-    occ = db.occupancy(conn, first, last)
+    first, last = batch.first, batch.last
+    occ = [row for row in batch.occupancy if first <= row[0] <= last]
     scanned_rounds = {row[0] for row in occ}
     held = {(row[0], row[1]) for row in occ}
     covered = {(pid, lo, hi) for f in scans for pid, lo, hi in f.covers}
-    stats = [r for r in db.port_stats(conn, first, last) if r[0] in scanned_rounds and (r[0], r[1]) not in held]
+    stats = [r for r in batch.port_stats
+             if first <= r[0] <= last and r[0] in scanned_rounds and (r[0], r[1]) not in held]
     if not stats:
         return []
-    names = db.ports_by_id(conn, {r[1] for r in stats})
     per_port: dict[int, list[tuple]] = defaultdict(list)
     for row in stats:
-        value, protocol = names[row[1]]
+        value, protocol = batch.ports[row[1]]
         if protocol not in PORTED or value <= 0:
             continue
         if any(pid == row[1] and lo <= row[0] <= hi for pid, lo, hi in covered):
@@ -342,14 +348,14 @@ def unlistened_traffic(conn: sqlite3.Connection, batch: Sequence[sqlite3.Row], s
         if len(findings) >= MAX_UNLISTENED_FINDINGS:
             skipped += 1
             continue
-        value, protocol = names[port_id]
+        value, protocol = batch.ports[port_id]
         lo, hi = min(r[0] for r in rows), max(r[0] for r in rows)
-        sources, dominant = port_sources(conn, value, protocol, packets, lo, hi)
-        reasons = {"port": value, "protocol": protocol, "rounds": [lo, hi], "unlistened_rounds": len(rows),
-                   "packets": packets, "bytes": sum(r[3] for r in rows), "syn": sum(r[6] for r in rows),
-                   "sources": sources}
+        sources, dominant = port_sources(batch, value, protocol, packets, lo, hi)
+        details = {"port": value, "protocol": protocol, "rounds": [lo, hi], "unlistened_rounds": len(rows),
+                   "packets": packets, "bytes": sum(r[3] for r in rows), "syn": sum(r[6] for r in rows)}
         findings.append(Finding("unlistened_port", port_id, value, protocol, lo, hi, float(packets),
-                                float(cfg.unlistened_min_packets), dominant, reasons, [(port_id, lo, hi)]))
+                                float(cfg.unlistened_min_packets), source=dominant, sources=sources,
+                                details=details, covers=[(port_id, lo, hi)]))
     if skipped and findings:
-        findings[-1].reasons["more_ports_not_reported"] = skipped
+        findings[-1].details["more_ports_not_reported"] = skipped
     return findings

@@ -1,4 +1,5 @@
-"""Store → per-port time series → scaled windows. Pure functions on numpy arrays, no SQL, no TensorFlow.
+"""Batch → per-port time series → scaled windows. Pure functions (of the loaded batch and of numpy
+arrays), no SQL, no TensorFlow.
 
 A *round* is one time step, whatever its length. For every (port, protocol) active in a range of
 rounds the evaluator builds one row per round of ``FEATURES`` (original units, see below); a round in
@@ -23,9 +24,12 @@ already-evaluated rounds for context. Windows for training (:func:`sliding_windo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from app.db.series import Batch
 
 # Feature names, in column order. Units are per round.
 FEATURES: tuple[str, ...] = (
@@ -151,6 +155,47 @@ def build_series(round_ids: Sequence[int], ports: Sequence[PortKey],
         cols = [f[name] for name in COUNT_FEATURES]
         values[:, :, cols] *= factor[None, :, None]
     return Series(round_ids=round_ids, ports=list(ports), values=values)
+
+
+# --- from the loaded batch -----------------------------------------------------------------------
+
+def port_activity(batch: "Batch") -> list[tuple[int, int, str, int, int]]:
+    """Ports with traffic in the batch rounds, busiest first: (port_id, value, protocol, packets, active rounds)."""
+    first, last = batch.first, batch.last
+    packets: dict[int, int] = {}
+    rounds: dict[int, int] = {}
+    for row in batch.port_stats:
+        if first <= row[0] <= last:
+            packets[row[1]] = packets.get(row[1], 0) + row[2]
+            rounds[row[1]] = rounds.get(row[1], 0) + 1
+    order = sorted(packets, key=lambda pid: (-packets[pid], pid))
+    return [(pid, *batch.ports[pid], packets[pid], rounds[pid]) for pid in order]
+
+
+def held_ports(batch: "Batch") -> set[int]:
+    """port_ids something held (scanner) in any batch round."""
+    return {row[1] for row in batch.occupancy if batch.first <= row[0] <= batch.last}
+
+
+def source_counts(batch: "Batch") -> list[tuple[int, int, int]]:
+    """(round_id, port_id, distinct sources) from the batch's flows/source_ports evidence (real ports only)."""
+    seen: dict[tuple[int, int], set[str]] = {}
+    for round_id, address, port, protocol, _packets, _bytes in batch.source_ports:
+        port_id = batch.port_id(port, protocol)
+        if port_id is not None:
+            seen.setdefault((round_id, port_id), set()).add(address)
+    return [(round_id, port_id, len(addresses)) for (round_id, port_id), addresses in seen.items()]
+
+
+def batch_series(batch: "Batch", ports: Sequence[PortKey]) -> Series:
+    """Series (P, T, F) of ``ports`` over the batch's context rounds plus the batch rounds."""
+    rounds = list(batch.context) + list(batch.rounds)
+    round_ids = [r["id"] for r in rounds]
+    lo = round_ids[0]
+    return build_series(round_ids, ports, [r for r in batch.port_stats if r[0] >= lo],
+                        [r[:5] for r in batch.occupancy if r[0] >= lo], [r for r in batch.dns if r[0] >= lo],
+                        [r for r in source_counts(batch) if r[0] >= lo], seconds=[r["seconds"] for r in rounds],
+                        nominal_seconds=batch.nominal_seconds)
 
 
 # --- windows -----------------------------------------------------------------------------------

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import json
 import logging
 import os
@@ -65,6 +64,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from app.errors import DependencyError, PortwatchError, UsageError
+from app.services.host import local_address_set
 from app.services.ports import protocol_name
 
 log = logging.getLogger(__name__)
@@ -171,20 +171,6 @@ def _find_dumpcap(tshark: str) -> str | None:
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
     return shutil.which("dumpcap") or shutil.which("dumpcap", path="/usr/bin:/usr/sbin:/usr/local/bin")
-
-
-def local_addresses() -> frozenset[str]:
-    """Every address of this host's interfaces (this network namespace), as tshark prints them."""
-    import psutil
-    found = set()
-    for addrs in psutil.net_if_addrs().values():
-        for addr in addrs:
-            text = addr.address.split("%", 1)[0]
-            try:
-                found.add(str(ipaddress.ip_address(text)))
-            except ValueError:
-                continue                       # MAC addresses (AF_PACKET)
-    return frozenset(found)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +306,7 @@ class Sniffer:
         tshark = self.check()
         self._records, self._skipped, self.pids = [], 0, []
         self.receiving.clear()
-        self._local = local_addresses()
+        self._local = local_address_set()
         if self.temp_root is not None:
             Path(self.temp_root).mkdir(parents=True, exist_ok=True)
         self.temp_dir = tempfile.mkdtemp(prefix="portwatch-sniffer-", dir=self.temp_root)

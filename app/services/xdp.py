@@ -36,6 +36,7 @@ from typing import Callable
 from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
 from app.services import egress, maps
 from app.services.bpf_structs import META_CLSACT_ADDED, MAP_LAYOUT, PwMeta
+from app.services.host import xdp_attachment as attached_program  # host facts live in host.py
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ SOURCE = SOURCES[0]
 HEADERS = (BPF_DIR / "parse.h", BPF_DIR / "common.h")
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
-MODE_NAMES = {1: "native", 2: "generic", 3: "offload"}
 MODE_NUMBERS = {"native": 1, "generic": 2}
 
 
@@ -133,20 +133,6 @@ def check_interface(interface: str) -> int:
         raise UsageError(f"interface {interface} does not exist: pick one from `ip link`") from None
 
 
-def default_interface() -> str:
-    """The interface of the IPv4 (else IPv6) default route."""
-    for family in ("-4", "-6"):
-        out = subprocess.run(["ip", "-j", family, "route", "show", "default"], capture_output=True, text=True)
-        try:
-            routes = json.loads(out.stdout or "[]")
-        except json.JSONDecodeError:
-            routes = []
-        for route in routes:
-            if route.get("dev"):
-                return route["dev"]
-    raise UsageError("no default route, so no default interface: pass --interface IF")
-
-
 def ensure_bpffs(root: Path) -> None:
     base = Path("/sys/fs/bpf")
     if subprocess.run(["mountpoint", "-q", str(base)]).returncode != 0:
@@ -155,25 +141,6 @@ def ensure_bpffs(root: Path) -> None:
             raise BpfError("cannot mount the BPF filesystem on /sys/fs/bpf: this kernel lacks bpffs support")
         log.info("mounted bpffs on /sys/fs/bpf")
     root.mkdir(parents=True, exist_ok=True)
-
-
-def attached_program(interface: str) -> tuple[int, str] | None:
-    """(program id, mode name) of the XDP program attached to ``interface``, or None."""
-    out = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", interface], capture_output=True, text=True)
-    if out.returncode != 0:
-        return None
-    try:
-        link = json.loads(out.stdout)[0]
-    except (json.JSONDecodeError, IndexError):
-        return None
-    xdp = link.get("xdp")
-    if not xdp:
-        return None
-    mode = MODE_NAMES.get(xdp.get("mode"), str(xdp.get("mode")))
-    prog = xdp.get("prog") or {}
-    if not prog and xdp.get("attached"):
-        prog = (xdp["attached"][0] or {}).get("prog", {})
-    return int(prog.get("id", 0)), mode
 
 
 def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> dict:

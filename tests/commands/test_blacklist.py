@@ -96,7 +96,7 @@ def test_bad_input_is_one_sentence_and_changes_nothing(cli, capsys, args, says):
 
 
 def test_own_address_refused_unless_forced(cli, capsys):
-    from app.services.blocklist import local_addresses
+    from app.services.host import local_addresses
     own = next(a for a in local_addresses() if not a.startswith("127.") and ":" not in a)
     assert cli("add", own) == 2
     assert "an address of this host" in capsys.readouterr().err

@@ -59,7 +59,8 @@ def test_ip_link_fallback_parses_xdp(monkeypatch, tmp_path):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_xdp)
-    monkeypatch.setattr(status, "_ip_link", lambda ifname: {"ifname": ifname, "xdp": {"mode": 2, "prog": {"id": 77}}})
+    from app.services import host
+    monkeypatch.setattr(host, "ip_link", lambda ifname: {"ifname": ifname, "xdp": {"mode": 2, "prog": {"id": 77}}})
     (tmp_path / "lo").mkdir()
     (tmp_path / "lo" / "prog").write_text("")
     info = status.describe_interface("lo", str(tmp_path))

@@ -20,6 +20,7 @@ from app.config import Settings
 from app.db.connection import connect
 from app.services import alerts
 from app.services.alerts import AlertEvent, anomaly_event, block_event, send_alerts, syslog_address
+from app.services.findings import Finding, Source
 
 
 # -- webhook receiver --------------------------------------------------------------------------------
@@ -91,7 +92,8 @@ def webhook_settings(url, retries=2, timeout=2.0, cooldown=3600.0, max_seconds=1
     return s
 
 
-EVENTS = [anomaly_event("model", 22, "tcp", score=0.42, threshold=0.06, source="198.18.0.9", anomaly_id=7),
+EVENTS = [anomaly_event(Finding("model", 3, 22, "tcp", 1, 2, score=0.42, threshold=0.06, source="198.18.0.9",
+                                 sources=[Source("198.18.0.9", packets=90, share=0.9)], id=7)),
           block_event("198.18.0.9/32", "port scan on tcp/22", expires_at=2_000_000_000.0)]
 
 
@@ -103,6 +105,7 @@ def test_webhook_delivers_json(conn):
     first = hook.requests[0]["json"]
     assert first["kind"] == "anomaly" and first["details"]["port"] == 22 and first["details"]["anomaly_id"] == 7
     assert first["key"] == "anomaly:model:tcp/22:198.18.0.9"
+    assert first["details"]["sources"] == [{"address": "198.18.0.9", "share": 0.9, "evidence": "one-way"}]
     assert "score 0.42 > threshold 0.06" in first["summary"]
     assert hook.requests[1]["json"]["kind"] == "block"
     assert hook.requests[1]["json"]["details"]["address"] == "198.18.0.9/32"

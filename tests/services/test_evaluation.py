@@ -11,6 +11,7 @@ import pytest
 from app import cli, config
 from app.db import evaluations as dbe
 from app.services import evaluation, series
+from app.services.findings import Finding
 from app.services.model import CnnLstmAutoencoder
 from tests.services.synthetic import SyntheticStore, port_scan, syn_flood, volume_spike
 
@@ -80,14 +81,14 @@ def test_warm_up_then_the_model_flags_a_spike(store, env, fits):
     assert len(flagged) == 1, second.anomalies
     spike = flagged[0]
     assert spike.first_round_id <= spike_round <= spike.last_round_id
-    assert spike.source == SPIKER and spike.sources[0] == SPIKER
+    assert spike.source == SPIKER and spike.addresses[0] == SPIKER
     assert spike.score > spike.threshold == pytest.approx(second.threshold)
     assert len(second.model_anomalies) <= 2                   # at most one stray alert besides the spike
-    features = {f["feature"]: f for f in spike.reasons["features"]}
+    features = {f["feature"]: f for f in spike.details["features"]}
     assert "packets" in features or "bytes" in features
-    top = spike.reasons["features"][0]
+    top = spike.details["features"][0]
     assert top["observed"] > 10 * top["reconstructed"]        # observed vs reconstructed, original units
-    assert spike.reasons["sources"][0]["share"] > 0.9
+    assert spike.sources[0].share > 0.9
     # the refit continued from v1 on unflagged windows only: the spike never reaches training
     assert fits[1][0] == "partial_fit" and max_feature(fits[1][1], "packets") < 100_000
     assert max_feature(fits[1][2], "packets") < 100_000
@@ -101,6 +102,10 @@ def test_warm_up_then_the_model_flags_a_spike(store, env, fits):
     stored = conn.execute("SELECT * FROM anomalies WHERE id = ?", (spike.id,)).fetchone()
     assert stored["detector"] == "model" and stored["source"] == SPIKER
     assert json.loads(stored["reasons"])["rounds"] == [spike.first_round_id, spike.last_round_id]
+    # what the store holds reads back as exactly the findings the evaluation returned (and decisions take)
+    rows = conn.execute("SELECT a.*, p.value AS port, p.protocol FROM anomalies a LEFT JOIN ports p ON p.id = a.port_id "
+                        "WHERE a.evaluation_id = ? ORDER BY a.id", (second.evaluation_id,)).fetchall()
+    assert [Finding.from_row(r) for r in rows] == list(second.anomalies)
     models = conn.execute("SELECT * FROM models ORDER BY version").fetchall()
     assert [(m["version"], m["status"], m["parent_version"]) for m in models] == [(1, "retired", None), (2, "active", 1)]
     assert models[1]["threshold"] > 0 and models[1]["budget_per_day"] == 1.0

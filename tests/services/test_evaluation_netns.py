@@ -1,6 +1,5 @@
 """The evaluator end to end on real collector rounds in network namespaces: benign traffic, a port
 scan found by the rules (naming its source and ports), and a traffic spike found by a warmed-up model."""
-import json
 import sys
 
 import pytest
@@ -72,7 +71,7 @@ def test_scan_by_rules_and_spike_by_model(lab, tmp_path):
     assert second.status == "ok" and second.model_version == 1
     scans = [a for a in second.anomalies if a.detector == "port_scan"]
     assert [a.source for a in scans] == [scanner]
-    ports = json.dumps(scans[0].reasons)
+    ports = scans[0].to_json()
     assert all(str(p) in ports for p in range(2000, 2040))
     spikes = [a for a in second.anomalies if a.detector == "model" and a.port == 5302]
     assert spikes, [(a.detector, a.port, a.score) for a in second.anomalies]

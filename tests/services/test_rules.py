@@ -5,7 +5,7 @@ import pytest
 
 from app.config import Evaluator
 from app.db import series as dbs
-from app.services import rules
+from app.services import evaluation, rules
 from tests.services.synthetic import SyntheticStore, listen, port_scan, syn_flood
 
 SCANNER = "203.0.113.9"
@@ -19,8 +19,9 @@ def store(tmp_path):
 
 
 def detect(store, after=0, **cfg):
-    batch = dbs.rounds_after(store.conn, after, 10_000)
-    return rules.detect(store.conn, batch, Evaluator(**cfg))
+    cfg = Evaluator(**cfg)
+    rounds = dbs.rounds_after(store.conn, after, 10_000)
+    return rules.detect(evaluation.load_batch(store.conn, rounds, cfg), cfg)
 
 
 def by(findings, detector):
@@ -44,11 +45,11 @@ def test_port_scan_in_one_round_names_the_source_and_ports(store):
     scans = by(detect(store), "port_scan")
     assert len(scans) == 1
     scan = scans[0]
-    assert scan.source == SCANNER and scan.sources == [SCANNER]
+    assert scan.source == SCANNER and scan.addresses == [SCANNER]
     assert scan.first_round_id == scan.last_round_id == 4
     assert scan.score >= 30 and scan.threshold == 25
-    assert scan.reasons["ports"]["tcp"] == list(range(1000, 1030))
-    assert scan.reasons["max_ports_in_one_round"] >= 30
+    assert scan.details["ports"]["tcp"] == list(range(1000, 1030))
+    assert scan.details["max_ports_in_one_round"] >= 30
     covered = {pid for pid, lo, hi in scan.covers}
     assert len(covered) >= 30                                  # scanned ports stay out of the refit
 
@@ -60,7 +61,7 @@ def test_slow_scan_is_united_across_rounds_within_the_span(store):
     store.add_rounds(5, events)
     scans = by(detect(store), "port_scan")
     assert [s.source for s in scans] == [SCANNER]
-    assert scans[0].reasons["distinct_ports"] == 36
+    assert scans[0].details["distinct_ports"] == 36
     assert scans[0].first_round_id == 3                         # 27 ports reached by the 3rd round
     # the same pace spread over more than the span is not a scan
     assert by(detect(store, scan_span_seconds=100.0), "port_scan") == []
@@ -77,8 +78,8 @@ def test_syn_flood_with_few_completions(store):
     assert (flood.port, flood.protocol) == (22, "tcp")
     assert (flood.first_round_id, flood.last_round_id) == (3, 4)
     assert flood.source == "203.0.113.7"
-    assert flood.reasons["peak"]["completion_share"] < 0.2
-    assert flood.reasons["syn"] >= 5500
+    assert flood.details["peak"]["completion_share"] < 0.2
+    assert flood.details["syn"] >= 5500
 
 
 def test_completion_share():
@@ -92,11 +93,11 @@ def test_new_listener_and_process_change(store):
     found = detect(store)
     new = by(found, "new_listener")
     assert [(f.port, f.protocol, f.first_round_id) for f in new] == [(8080, "tcp", 5)]
-    assert new[0].reasons["holders"][0]["process"] == "nc"
+    assert new[0].details["holders"][0]["process"] == "nc"
     changed = by(found, "process_changed")
     assert [(f.port, f.first_round_id) for f in changed] == [(22, 7)]
-    assert changed[0].reasons["previous"]["holders"][0]["process"] == "sshd"
-    assert changed[0].reasons["holders"][0]["process"] == "evil-sshd"
+    assert changed[0].details["previous"]["holders"][0]["process"] == "sshd"
+    assert changed[0].details["holders"][0]["process"] == "evil-sshd"
     # a later batch compares with the rounds before it: nothing new any more
     store.add_rounds(3)
     assert by(detect(store, after=8), "new_listener") == [] and by(detect(store, after=8), "process_changed") == []
@@ -120,6 +121,60 @@ def test_traffic_to_a_port_nothing_listens_on(store):
     unlistened = by(found, "unlistened_port")
     assert [(f.port, f.protocol) for f in unlistened] == [(4444, "tcp")]
     f = unlistened[0]
-    assert f.source == "203.0.113.66" and f.reasons["packets"] == 50
-    assert f.reasons["sources"][0]["address"] == "203.0.113.66"
+    assert f.source == "203.0.113.66" and f.details["packets"] == 50
+    assert f.sources[0].address == "203.0.113.66"
     assert len(by(found, "port_scan")) == 1
+
+
+# --- pure: a hand-made batch, no SQLite ------------------------------------------------------------
+
+def hand_batch(**rows):
+    """Three 60 s rounds (ids 1..3); ports 1 = tcp/22, 2 = tcp/4444, 3 = tcp/ephemeral."""
+    from app.db.series import Batch
+    rounds = [{"id": i, "start_time": 60.0 * i, "end_time": 60.0 * (i + 1), "seconds": 60.0,
+               "scanner_status": "ok"} for i in (1, 2, 3)]
+    return Batch(rounds, ports={1: (22, "tcp"), 2: (4444, "tcp"), 3: (-1, "tcp")}, nominal_seconds=60.0, **rows)
+
+
+def test_rules_are_pure_functions_of_the_batch():
+    from app.services.findings import ONE_WAY
+    held = [(r, 1, 100, "sshd", 1, "root", "0.0.0.0") for r in (1, 2, 3)]
+    batch = hand_batch(
+        port_stats=[(2, 1, 3000, 180_000, 0, 0, 2990, 0, 0),          # a SYN flood on tcp/22 in round 2
+                    (3, 2, 40, 2400, 0, 0, 40, 0, 0)],               # 40 packets to unheld tcp/4444 in round 3
+        source_stats=[(2, "203.0.113.7", 2990, 179_400, 2990, 1),
+                      (3, SCANNER, 60, 3600, 60, 30)],               # 30 distinct ports in one round
+        source_ports=[(2, "203.0.113.7", 22, "tcp", 2990, 0),
+                      (3, "198.51.100.4", 4444, "tcp", 30, 1800), (3, "198.51.100.3", 4444, "tcp", 10, 600)],
+        occupancy=held, first_occupancy_round=1)
+    found = rules.detect(batch, Evaluator(scan_ports=25, syn_flood_syns=1000, unlistened_min_packets=10))
+    assert sorted(f.detector for f in found) == ["port_scan", "syn_flood", "unlistened_port"]
+    [scan] = by(found, "port_scan")
+    assert (scan.source, scan.first_round_id, scan.details["max_ports_in_one_round"]) == (SCANNER, 3, 30)
+    assert scan.sources[0].packets == 60 and scan.sources[0].syn == 60
+    [flood] = by(found, "syn_flood")
+    assert (flood.port, flood.source, flood.covers) == (22, "203.0.113.7", [(1, 2, 2)])
+    assert flood.sources[0].share == round(2990 / 3000, 3)
+    [unheld] = by(found, "unlistened_port")
+    assert [(s.address, s.packets, s.share) for s in unheld.sources] == [("198.51.100.4", 30, 0.75),
+                                                                         ("198.51.100.3", 10, 0.25)]
+    assert unheld.source == "198.51.100.4" and unheld.details["packets"] == 40
+    # every source carries its evidence class (ingress counters: one-way), through the stored form too
+    assert {s.evidence for f in found for s in f.sources} == {ONE_WAY}
+    for f in found:
+        again = type(f).from_json(f.to_json(), detector=f.detector, port_id=f.port_id, port=f.port,
+                                  protocol=f.protocol, first_round_id=f.first_round_id,
+                                  last_round_id=f.last_round_id, score=f.score, threshold=f.threshold)
+        assert again == f
+
+
+def test_top_sources_take_the_larger_evidence_per_round_not_the_sum():
+    batch = hand_batch(source_ports=[(1, "198.18.0.70", 22, "tcp", 70, 700), (2, "198.18.0.70", 22, "tcp", 70, 0),
+                                     (1, "198.18.0.71", 22, "tcp", 20, 200), (1, "198.18.0.71", 9090, "tcp", 500, 1)])
+    assert rules.top_sources(batch, 22, "tcp", 1, 3) == [("198.18.0.70", 140, 700), ("198.18.0.71", 20, 200)]
+    assert rules.top_sources(batch, 22, "tcp", 2, 3) == [("198.18.0.70", 70, 0)]
+    named, dominant = rules.port_sources(batch, 22, "tcp", 200, 1, 3)
+    assert dominant == "198.18.0.70" and [s.share for s in named] == [0.7, 0.1]
+    assert rules.port_sources(batch, -1, "tcp", 200, 1, 3) == ([], None)       # the ephemeral bucket: none
+    batch.port_stats = [(1, 1, 120, 1, 0, 0, 5, 0, 0), (2, 1, 80, 1, 0, 0, 1, 0, 0), (2, 2, 9, 1, 0, 0, 0, 0, 0)]
+    assert rules.port_totals(batch, 1, 1, 3) == (200, 2, 6) and rules.port_totals(batch, 1, 2, 2) == (80, 1, 1)

@@ -163,3 +163,25 @@ def test_long_rounds_are_scaled_to_the_nominal_length():
     assert s.values[0, :, f["packets"]].tolist() == [60, 60, 60]
     assert s.values[0, :, f["bytes"]].tolist() == [6000, 6000, 6000]
     assert s.values[0, 1, f["mean_payload"]] == 10          # ratios are not scaled
+
+
+def test_series_of_a_hand_made_batch_without_sqlite():
+    """The batch's views (port activity, holders, distinct sources) and its series, no database."""
+    from app.db.series import Batch
+    rounds = [{"id": i, "start_time": 60.0 * i, "end_time": 60.0 * (i + 1), "seconds": 60.0} for i in (1, 2, 3)]
+    batch = Batch(rounds[1:], context=rounds[:1], ports={1: (22, "tcp"), 2: (53, "udp")}, nominal_seconds=60.0,
+                  port_stats=[(1, 1, 5, 500, 0, 0, 1, 0, 0), (2, 1, 10, 1000, 0, 0, 2, 0, 0),
+                              (3, 1, 12, 1200, 0, 0, 2, 0, 0), (3, 2, 40, 4000, 0, 0, 0, 0, 0)],
+                  occupancy=[(2, 2, 77, "dnsd", 0, "root", "0.0.0.0")],
+                  dns=[(3, 2, 6)],
+                  source_ports=[(2, "198.18.0.1", 22, "tcp", 5, 0), (2, "198.18.0.2", 22, "tcp", 5, 0),
+                                (3, "198.18.0.1", 22, "tcp", 12, 0), (3, "198.18.0.9", 7, "tcp", 1, 0)])
+    assert series.port_activity(batch) == [(2, 53, "udp", 40, 1), (1, 22, "tcp", 22, 2)]   # batch rounds only
+    assert series.held_ports(batch) == {2}
+    assert sorted(series.source_counts(batch)) == [(2, 1, 2), (3, 1, 1)]                   # unknown port 7: none
+    data = series.batch_series(batch, [series.PortKey(1, 22, "tcp"), series.PortKey(2, 53, "udp")])
+    assert list(data.round_ids) == [1, 2, 3] and data.shape == (2, 3, series.N_FEATURES)
+    f = series.FEATURE_INDEX
+    assert list(data.values[0, :, f["packets"]]) == [5, 10, 12]
+    assert list(data.values[0, :, f["sources"]]) == [0, 2, 1]
+    assert list(data.values[1, :, f["listening"]]) == [0, 1, 0] and data.values[1, 2, f["dns_packets"]] == 6

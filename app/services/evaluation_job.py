@@ -1,9 +1,10 @@
-"""The hourly job around one evaluation: evaluate, then block, alert, measure and report.
+"""The job around one evaluation: evaluate, then block, alert, measure and report.
 
-`python -m app evaluate` (and app/port_detector.py under cron) runs :func:`run`:
-1. ``evaluation.run``: rules + model over the rounds not yet evaluated (stores anomalies);
-2. ``blocklist.after_evaluation``: block decisions from those anomalies, applied to every pinned map;
-3. ``alerts.send_alerts``: one event per new anomaly and per block decision (cooldown-suppressed);
+`python -m app evaluate` (and app/port_detector.py under cron, hourly) runs :func:`run`:
+1. ``evaluation.run``: rules + model over the rounds not yet evaluated (stores the findings);
+2. ``decisions.after_evaluation``: block decisions from those same findings objects, enforced on
+   every pinned map;
+3. ``alerts.send_alerts``: one event per new finding and per block decision (cooldown-suppressed);
 4. ``metrics.write_metrics``: the evaluator's Prometheus textfile metrics;
 5. ``reports.write_report`` when ``evaluator.report_after`` is on.
 Steps 3–5 never fail the job: their problems are logged (the anomalies and blocks are already stored).
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.db import blacklist as blacklist_queries
+from app.db import blacklist as blacklist_db
 from app.db.connection import connect
 from app.errors import PortwatchError
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class HourlyResult:
+class JobResult:
     evaluation: object                      # evaluation.EvaluationResult
     decisions: list = field(default_factory=list)
     report: Path | None = None
@@ -45,24 +46,23 @@ class HourlyResult:
         return out
 
 
-def run(settings) -> HourlyResult:
-    from app.services import alerts, blocklist, evaluation, metrics
+def run(settings) -> JobResult:
+    from app.services import alerts, decisions, evaluation, metrics
     started = time.monotonic()
     result = evaluation.run(settings)
-    hourly = HourlyResult(result)
+    job = JobResult(result)
     conn = connect(settings.general.db)
     try:
         if settings.blocklist.enabled and result.evaluation_id is not None:
-            hourly.decisions, _ = blocklist.after_evaluation(conn, settings, result.evaluation_id)
-        events = [alerts.anomaly_event(a.detector, a.port, a.protocol, score=a.score, threshold=a.threshold,
-                                       source=a.source, anomaly_id=a.id) for a in result.anomalies]
+            job.decisions, _ = decisions.after_evaluation(conn, settings, result.anomalies)
+        events = [alerts.anomaly_event(f) for f in result.anomalies]
         events += [alerts.block_event(d.address, d.reason, expires_at=d.expires_at, dry_run=d.action == "would-block")
-                   for d in hourly.decisions if d.action in ("block", "would-block")]
+                   for d in job.decisions if d.action in ("block", "would-block")]
         if events:
             alerts.send_alerts(conn, settings, events)
         values = {"anomalies": len(result.anomalies), "windows": result.windows or 0,
-                  "blocks": sum(1 for d in hourly.decisions if d.action == "block"),
-                  "blocklist_entries": blacklist_queries.count_status(conn, "active")}
+                  "blocks": sum(1 for d in job.decisions if d.action == "block"),
+                  "blocklist_entries": blacklist_db.count_status(conn, "active")}
         if result.model_version is not None:
             values["model_version"] = result.model_version
         if result.threshold is not None:
@@ -73,9 +73,9 @@ def run(settings) -> HourlyResult:
     if settings.evaluator.report_after and result.status == "ok":
         try:
             from app.services.reports import write_report
-            hourly.report = write_report(settings.general.db, settings.reports.out_dir, settings.reports.since,
-                                         top_ports=settings.reports.top_ports,
-                                         max_anomaly_figures=settings.reports.max_anomaly_figures)
+            job.report = write_report(settings.general.db, settings.reports.out_dir, settings.reports.since,
+                                      top_ports=settings.reports.top_ports,
+                                      max_anomaly_figures=settings.reports.max_anomaly_figures)
         except (PortwatchError, OSError, sqlite3.Error) as exc:
             log.warning("the report after this evaluation failed: %s", exc)
-    return hourly
+    return job

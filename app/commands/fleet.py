@@ -1,0 +1,123 @@
+"""`python -m app fleet serve|node|status [--json]`: many hosts, one model (Flower), one blocklist (CrowdSec).
+
+serve    the coordinator: a Flower SuperLink (TLS from [fleet]) and a federation now and every
+         fleet.interval_seconds (--once: one federation, then exit).
+node     this host's Flower SuperNode in the foreground (run it as a service); it trains the fleet's
+         weights on this host's normal windows and adopts the result as a model version 'fleet'.
+status   this host's model versions by origin, the coordinator's record when this is the coordinator,
+         and the CrowdSec sync (pulled, pushed, pending); --json prints one object.
+
+Exit codes: 0 ok; 2 bad [fleet] settings; 7 Flower missing; 1 a federation that did not finish.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from app.cli import add_command, common_options
+
+
+def register(sub) -> None:
+    parser = add_command(sub, "fleet", "federated model (Flower) and shared blocklist (CrowdSec)",
+                         "Coordinator, per-host node and state of the fleet.")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    serve = actions.add_parser("serve", help="the coordinator: SuperLink + federations", parents=[common_options()])
+    serve.add_argument("--once", action="store_true", help="one federation, then exit")
+    serve.add_argument("--rounds", type=int, help="federation rounds (default: fleet.rounds)")
+    actions.add_parser("node", help="this host's SuperNode (foreground)", parents=[common_options()])
+    status = actions.add_parser("status", help="model origins, coordinator record, CrowdSec sync",
+                                parents=[common_options()])
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+
+
+def run(args, settings) -> int:
+    if args.action == "serve":
+        from app.services.fleet import flower
+        settings.override("fleet", "rounds", args.rounds)
+        rec = flower.serve(settings, once=args.once)
+        print(f"federation {rec.get('federations')} finished ({rec.get('rounds')} round(s)).")
+        return 0
+    if args.action == "node":
+        from app.services.fleet import flower
+        return flower.node(settings)
+    state = gather(settings)
+    if args.json:
+        print(json.dumps(state, indent=2, sort_keys=True))
+        return 0
+    print(render(state))
+    return 0
+
+
+def gather(settings) -> dict:
+    """Everything `fleet status` shows (no Flower, no TensorFlow: the database and files only)."""
+    from app.db import fleet as fleet_db
+    from app.db.connection import connect
+    from app.services.fleet import crowdsec
+    from app.services.fleet.flower import record
+    conn = connect(settings.general.db)
+    try:
+        models = [dict(r) for r in fleet_db.models_by_origin(conn)]
+        sync = crowdsec.status(conn) if settings.crowdsec.lapi_url else None
+    finally:
+        conn.close()
+    fleet_versions = [m for m in models if m["origin"] == "fleet"]
+    active = next((m for m in models if m["status"] == "active"), None)
+    return {
+        "active_model": active, "fleet_model": fleet_versions[0] if fleet_versions else None,
+        "fleet_versions": len(fleet_versions), "local_versions": len(models) - len(fleet_versions),
+        "superlink": settings.fleet.superlink or None, "coordinator": record(settings) or None,
+        "superlink_reachable": _reachable(settings.fleet.superlink) if settings.fleet.superlink else None,
+        "crowdsec": sync,
+    }
+
+
+def _reachable(address: str, timeout: float = 2.0) -> bool:
+    """Whether the coordinator's SuperLink accepts a TCP connection now (no Flower needed)."""
+    import socket
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _when(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)) if t else "never"
+
+
+def render(state: dict) -> str:
+    lines = []
+    active, fleet_model = state["active_model"], state["fleet_model"]
+    if active:
+        rate = active.get("held_out_rate_per_day")
+        budget = active.get("budget_per_day")
+        lines.append(f"active model v{active['version']} (origin {active['origin']}), false alerts on held-out "
+                     f"data {rate if rate is not None else '-'} a day against a budget of "
+                     f"{budget if budget is not None else '-'}")
+    else:
+        lines.append("no model yet (warming up)")
+    lines.append(f"fleet model: v{fleet_model['version']} adopted {_when(fleet_model['created_at'])}" if fleet_model
+                 else "fleet model: none adopted yet")
+    if state["superlink"]:
+        lines.append(f"coordinator: {state['superlink']} " + ("reachable" if state["superlink_reachable"] else
+                     "UNREACHABLE: this host keeps its local model and learns alone until it is back"))
+    else:
+        lines.append("coordinator: not configured (fleet.superlink); this host learns alone")
+    rec = state["coordinator"]
+    if rec:
+        lines.append(f"federations run here: {rec.get('federations')}, last finished {_when(rec.get('finished_at'))}, "
+                     f"hosts in its last round: {rec.get('hosts', '-')}")
+        for k, h in enumerate(rec.get("per_host") or [], 1):
+            lines.append(f"  host {k}: {h['held_out_rate_per_day']:.2f} false alerts a day on held-out data against "
+                         f"a budget of {h['budget_per_day']:g} ({h['held_out_windows']} windows)")
+    cs = state["crowdsec"]
+    if cs is None:
+        lines.append("crowdsec: not configured (crowdsec.lapi_url)")
+    else:
+        health = f"unreachable: {cs['last_error']}" if cs["lapi_down"] else "reachable"
+        lines.append(f"crowdsec: LAPI {health}; last pull {_when(cs['last_pull_at'])}; {cs['decisions']} decisions "
+                     f"mirrored, {cs['enforced']} enforced, {cs['refused']} refused; pushed {cs['pushed_total']}, "
+                     f"{cs['pending']} pending, {cs['dropped']} dropped")
+    return "\n".join(lines)

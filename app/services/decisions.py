@@ -1,0 +1,290 @@
+"""Block decisions: an evaluation's findings → ledger rows, behind the safety interlocks.
+
+Decisions (:func:`decide`, after each evaluation, on the evaluation's own findings objects)
+    Sources of rule findings listed in ``blocklist.rule_detectors`` (port scanners, SYN-flood
+    sources: the finding's ``source``, plus sources it names with a share at or above
+    ``model_source_share``, or every named source when it has no main source and states no
+    share), and the dominant sources of a model finding on a port: those that sent at least
+    ``model_source_share`` of the port's packets in the finding's rounds (the :class:`Source`
+    share the evaluation computed from flows/source_ports: a lower bound) and more than
+    ``model_source_surge`` times their usual rate. A model finding blocks only when its score is at
+    least ``model_block_factor`` times its threshold. Every source carries its evidence class
+    (findings.ONE_WAY / TWO_WAY) into the ledger's evidence JSON. The TTL escalates like
+    fail2ban's bantime.increment: ``base_ttl * escalation ** (offences - 1)`` capped at ``max_ttl``.
+Interlocks (:class:`Protection`)
+    Never blocked automatically: loopback, unspecified, every address of this host (root network
+    namespace), default gateways, resolv.conf name servers, peers of established SSH sessions, the
+    allowlist — nor any network overlapping one of them (the facts come from app/services/host.py).
+    Also refused: an address removed by hand less than ``manual_remove_grace_seconds`` ago, more
+    than ``max_new_per_evaluation`` new blocks in one evaluation, more entries than
+    ``min(max_entries, collector.blacklist_map_size)``. Dry-run records 'would-block' rows with
+    status 'dry-run', which no reconcile ever writes to a map. Every action is a blacklist_events row.
+
+Nothing here touches a map: :func:`after_evaluation` decides, then enforces with
+app/services/enforcement.py (which never imports this module).
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from app.config import ConfigError
+from app.db import blacklist as db
+from app.services import enforcement, host
+from app.services.enforcement import Network, capacity, normalise
+from app.services.findings import Finding
+
+log = logging.getLogger(__name__)
+
+
+# --- safety interlocks -------------------------------------------------------------------------------
+
+@dataclass
+class Protection:
+    """Networks never blocked automatically, each with why: (network, why) pairs."""
+    networks: list = field(default_factory=list)
+
+    def add(self, text: str, why: str) -> None:
+        try:
+            network = normalise(ipaddress.ip_network(text.split("%")[0], strict=False))
+        except ValueError:
+            log.debug("ignoring %r (%s): not an address", text, why)
+            return
+        self.networks.append((network, why))
+
+    def refusal(self, network: Network) -> str | None:
+        """Why ``network`` must not be blocked (it overlaps a protected network), or None."""
+        network = normalise(network)
+        for protected, why in self.networks:
+            if protected.version == network.version and protected.overlaps(network):
+                return f"overlaps {protected} ({why})"
+        return None
+
+    @classmethod
+    def gather(cls, settings) -> "Protection":
+        """Everything protected on this host now, plus the configured allowlist."""
+        p = cls()
+        for text, why in (("127.0.0.0/8", "loopback"), ("::1/128", "loopback"),
+                          ("0.0.0.0/32", "the unspecified address"), ("::/128", "the unspecified address")):
+            p.add(text, why)
+        for text in host.local_addresses():
+            p.add(text, "an address of this host")
+        for text in host.default_gateways():
+            p.add(text, "a default gateway")
+        for text in host.resolvers():
+            p.add(text, "a configured DNS resolver")
+        for text in host.ssh_peers():
+            p.add(text, "the peer of an established SSH session")
+        for text in settings.blocklist.allowlist:
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ConfigError(f"blocklist.allowlist entry {text!r} is not an address or prefix") from None
+            p.add(text, "allowlisted")
+        return p
+
+
+# --- decisions -------------------------------------------------------------------------------------
+
+@dataclass
+class Decision:
+    """One source considered after an evaluation (or one manual add).
+
+    action: 'block' (listed and enforced), 'would-block' (dry-run), 'refused' (an interlock, the
+    grace period or a cap said no: see ``detail``), 'skipped' (already covered by a listed entry).
+    Times are Unix seconds; ``expires_at`` None means never.
+    """
+    address: str
+    action: str
+    reason: str
+    anomaly_id: int | None
+    detector: str
+    created_at: float
+    expires_at: float | None = None
+    ttl_seconds: float | None = None
+    offences: int = 0
+    detail: str = ""
+    evidence: dict = field(default_factory=dict)
+
+
+@dataclass
+class Candidate:
+    network: Network
+    reason: str
+    anomaly_id: int
+    detector: str
+    evidence: dict
+
+
+def ttl_for(settings, offences: int) -> float:
+    """Block duration in seconds for the n-th offence: base * escalation^(n-1), capped at max_ttl."""
+    cfg = settings.blocklist
+    exponent = max(0, offences - 1)
+    try:
+        ttl = cfg.base_ttl_seconds * cfg.escalation ** exponent
+    except OverflowError:
+        ttl = math.inf
+    return min(ttl, cfg.max_ttl_seconds)
+
+
+def _share(value) -> float | None:
+    return value if value is not None and 0.0 <= value <= 1.0 else None
+
+
+def _what(finding: Finding) -> str:
+    port = _port(finding)
+    label = finding.detector.replace("_", " ")
+    if label == "syn flood":
+        label = "SYN flood"
+    return f"{label}{' on ' + port if port else ''} (anomaly {finding.id})"
+
+
+def _port(finding: Finding) -> str:
+    return finding.port_label if finding.port is not None else ""
+
+
+def candidates(conn, settings, findings: Sequence[Finding]) -> list[Candidate]:
+    """Sources the findings make responsible, in finding order (one per network)."""
+    cfg = settings.blocklist
+    out: dict[str, Candidate] = {}
+    for f in findings:
+        port = _port(f)
+        base = {"anomaly_id": f.id, "evaluation_id": f.evaluation_id, "detector": f.detector, "port": port or None,
+                "rounds": [f.first_round_id, f.last_round_id], "score": f.score, "threshold": f.threshold}
+        found: list[tuple[str, dict, str]] = []
+        if f.detector in cfg.rule_detectors:
+            what = _what(f)
+            if f.source:
+                main = f.source_of(f.source)
+                found.append((f.source, {"evidence": main.evidence} if main else {}, what))
+            for s in f.sources:
+                share = _share(s.share)
+                if (share is not None and share >= cfg.model_source_share) or (share is None and not f.source):
+                    extra = {"share": share} if share is not None else {}
+                    found.append((s.address, {**extra, "evidence": s.evidence}, what))
+        elif f.detector == "model":
+            if f.score is None or f.threshold is None or f.score < cfg.model_block_factor * f.threshold:
+                log.info("model anomaly %s (score %s, threshold %s) is below %g x its threshold: alert only, no block",
+                         f.id, f.score, f.threshold, cfg.model_block_factor)
+                continue
+            total = int(f.details.get("packets") or 0)
+            for s in f.sources:
+                share = _share(s.share) or 0.0
+                if share >= cfg.model_source_share and not _usual_for_source(conn, cfg, f, s.address):
+                    found.append((s.address, {"share": round(share, 4), "packets": s.packets, "port_packets": total,
+                                              "evidence": s.evidence},
+                                  f"model anomaly on {port or 'the host'}: {share:.0%} of its packets (anomaly {f.id})"))
+        for address, extra, what in found:
+            try:
+                network = normalise(ipaddress.ip_network(address, strict=True))
+            except ValueError:
+                log.warning("anomaly %s names %r as a source, which is not an address: ignored", f.id, address)
+                continue
+            out.setdefault(str(network), Candidate(network, what, f.id, f.detector, {**base, **extra}))
+    return list(out.values())
+
+
+def _usual_for_source(conn, cfg, finding: Finding, address: str) -> bool:
+    """True when ``address`` sent about its usual amount in the anomaly's rounds: the port behaved
+    oddly, but this source is not what changed (an autoencoder's error also spreads to rounds next
+    to the real change). Such a source is not blocked for a model finding."""
+    first, last = finding.first_round_id, finding.last_round_id
+    if first is None or last is None:
+        return False
+    now, usual = db.source_rates(conn, address, first, last, cfg.surge_baseline_rounds)
+    if usual is None or usual <= 0:
+        return False                                    # a new source: it is the change
+    if now < cfg.model_source_surge * usual:
+        log.info("anomaly %s: %s sent %.1f packets/round against its usual %.1f (< %g x): not blocked",
+                 finding.id, address, now, usual, cfg.model_source_surge)
+        return True
+    return False
+
+
+def decide(conn, settings, findings: Sequence[Finding], now: float | None = None, *,
+           protection: Protection | None = None) -> list[Decision]:
+    """Turn the findings of one evaluation (stored: ids set) into ledger rows; one Decision per source considered.
+
+    Writes the ledger and blacklist_events only (one transaction); no map is touched here — call
+    :func:`enforcement.apply` (or use :func:`after_evaluation`) to enforce. ``protection`` defaults to
+    :meth:`Protection.gather` (tests pass their own).
+    """
+    cfg = settings.blocklist
+    if not cfg.enabled:
+        log.info("blocklist disabled (blocklist.enabled = false): no decisions for %d finding(s)", len(findings))
+        return []
+    now = time.time() if now is None else now
+    found = candidates(conn, settings, findings)
+    if not found:
+        return []
+    protection = protection if protection is not None else Protection.gather(settings)
+    status = "dry-run" if cfg.dry_run else "active"
+    action = "would-block" if cfg.dry_run else "block"
+    limit = capacity(settings)
+    decisions: list[Decision] = []
+    over_new = over_total = 0
+    with db.immediate(conn):
+        # what already covers a source: enforced entries (and, in dry-run, simulated ones too)
+        listed = [(ipaddress.ip_network(r["address"]), r["address"])
+                  for r in db.entries(conn, db.LISTED if cfg.dry_run else ("active",))]
+        n_listed = db.count_status(conn, status)
+        n_new = 0
+        for c in found:
+            address = str(c.network)
+            d = Decision(address, "refused", c.reason, c.anomaly_id, c.detector, now, evidence=c.evidence)
+            decisions.append(d)
+            covering = next((text for net, text in listed
+                             if net.version == c.network.version and c.network.subnet_of(net)), None)
+            row = db.get_entry(conn, address)
+            why = protection.refusal(c.network)
+            if why:
+                d.detail = f"{address} {why}"
+            elif covering:
+                d.action, d.detail = "skipped", f"already listed as {covering}"
+                continue
+            elif (row is not None and row["status"] == "removed" and row["removed_at"] is not None
+                  and now - row["removed_at"] < cfg.manual_remove_grace_seconds):
+                until = row["removed_at"] + cfg.manual_remove_grace_seconds
+                d.detail = (f"removed by hand {now - row['removed_at']:.0f} s ago: not re-blocked automatically "
+                            f"before {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(until))}")
+            elif n_new >= cfg.max_new_per_evaluation:
+                over_new += 1
+                d.detail = f"cap of {cfg.max_new_per_evaluation} new blocks per evaluation reached"
+            elif n_listed >= limit:
+                over_total += 1
+                d.detail = f"blocklist full ({limit} entries)"
+            else:
+                d.offences = (row["offences"] + 1) if row is not None else 1
+                d.ttl_seconds = ttl_for(settings, d.offences)
+                d.expires_at = now + d.ttl_seconds
+                d.action = action
+                d.detail = f"offence {d.offences}, ttl {d.ttl_seconds:.0f} s"
+                db.upsert_entry(conn, address, c.reason, json.dumps(c.evidence, default=str), c.anomaly_id, "auto",
+                                now, d.expires_at, status, d.offences)
+                listed.append((c.network, address))
+                n_new += 1
+                n_listed += 1
+            db.insert_event(conn, now, address, d.action, f"{c.reason}: {d.detail}")
+            log.info("%s %s: %s (%s)", d.action, address, c.reason, d.detail)
+    if over_new:
+        log.warning("blocklist: the cap of %d new automatic blocks per evaluation was reached; %d more source(s) "
+                    "were not blocked (raise blocklist.max_new_per_evaluation to allow more)",
+                    cfg.max_new_per_evaluation, over_new)
+    if over_total:
+        log.warning("blocklist: full at %d entries (min of blocklist.max_entries and collector.blacklist_map_size); "
+                    "%d more source(s) were not blocked", limit, over_total)
+    return decisions
+
+
+def after_evaluation(conn, settings, findings: Sequence[Finding], now: float | None = None
+                     ) -> tuple[list[Decision], list[enforcement.ReconcileResult]]:
+    """What the evaluation job calls with the findings it just stored: :func:`decide`, then
+    :func:`enforcement.apply` on every interface."""
+    decisions = decide(conn, settings, findings, now)
+    results = enforcement.apply(conn, settings, now)
+    return decisions, results
