@@ -224,3 +224,29 @@ def test_scanner_reports_established_remote_addresses(lab):
     finally:
         client.kill()
         srv.close()
+
+
+def test_a_round_with_the_scanner_records_established_peers(lab, tmp_path):
+    from app.threads.collection import run_collection
+    s = make_settings(tmp_path)
+    s.scanner.enabled = True
+    collect(s, lab)
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((lab.root_v4, 6500))
+    srv.listen(1)
+    client = lab.popen(sys.executable, "-c", "import socket,sys,time; s=socket.create_connection((sys.argv[1], 6500), "
+                       "source_address=(sys.argv[2], 0)); time.sleep(20)", lab.root_v4, lab.host_v4(3))
+    try:
+        conn_sock, _ = srv.accept()
+        collect(s, lab)                                   # the handshake: a two-way exchange in the flows
+        run_collection(s, lab.interface, 1, 1)            # a quiet round, scanner on: the ESTABLISHED socket
+        conn_sock.close()
+    finally:
+        client.kill()
+        srv.close()
+    conn = db(s)
+    row = conn.execute("SELECT * FROM peers WHERE address = ?", (lab.host_v4(3),)).fetchone()
+    assert (row["two_way_rounds"], row["last_evidence"]) == (2, "established")
+    last = conn.execute("SELECT id, two_way_peers, scanner_status FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
+    assert row["last_round_id"] == last["id"] and last["scanner_status"] == "ok" and last["two_way_peers"] == 0
