@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     egress_packets   INTEGER, -- TC egress: packets sent (GSO segments counted)
     egress_bytes     INTEGER,
     egress_unparsed  INTEGER,
+    egress_dropped_packets INTEGER, -- TC egress: dropped by the off-by-default egress block
     destination_entries INTEGER,
     destination_evictions INTEGER,
     egress_flow_evictions INTEGER,

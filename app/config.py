@@ -136,6 +136,7 @@ class Blocklist:
     syn_limit_enabled: bool = False
     syn_limit_per_second: int = 100              # SYNs per second to one port let through; the rest are dropped
     syn_limit_ttl_seconds: float = 3600.0        # a limit expires like a block
+    egress_block_enabled: bool = False           # may destinations be blocked in TC egress (app/services/egress_block.py)
 
 
 @dataclass

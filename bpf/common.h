@@ -138,7 +138,7 @@ struct pw_egress_port_value {
 
 /* config (array, one entry): what user space tells the running program without a reload. */
 struct pw_config {
-    __u32 epoch;                /* round epoch for round_min/round_max */
+    __u32 epoch;                /* round epoch for round_min/round_max and the sources' TTL ranges */
     __u32 pad;                  /* zero; keeps the value (and the pinned map's layout) at 8 bytes */
 };
 

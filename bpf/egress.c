@@ -11,13 +11,16 @@
  *   eg_dstports  lru_percpu_hash  pw_srcport_key (remote, remote port)  u64 packets   SRCPORT_MAP_SIZE
  *   eg_flows     lru_percpu_hash  pw_flow_key (as sent: src = local)    pw_flow_value FLOW_MAP_SIZE
  *   eg_global    percpu_array     u32 (0)                     pw_global               1
+ *   eg_block     lpm_trie         pw_lpm_key (remote)         pw_blacklist_value      BLACKLIST_MAP_SIZE
  *
  * GSO: a TSO/GSO super-packet counts as its gso_segs packets, and its bytes as the frames on the
  * wire (skb->len + (segs - 1) * header length), so counts match what the peer receives.
  *
- * It never drops, redirects or modifies a packet: every path returns TC_ACT_OK. (Hook for the
- * off-by-default egress blocking switch of issue 12: a verdict would be decided where marked
- * EGRESS-BLOCKING below, from a map user space fills; not built.)
+ * It never redirects or modifies a packet, and drops one ONLY when its destination matches an
+ * entry of eg_block — empty unless user space switched egress blocking on (off by default:
+ * blocklist.egress_block_enabled, app/services/egress_block.py); the empty trie is the switch, so
+ * no flag can be lost between processes. A match is TC_ACT_SHOT, counted as dropped in eg_global
+ * and in the entry (like the ingress blacklist). Everything else returns TC_ACT_OK.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -36,12 +39,16 @@
 #ifndef FLOW_MAP_SIZE
 #define FLOW_MAP_SIZE 65536
 #endif
+#ifndef BLACKLIST_MAP_SIZE
+#define BLACKLIST_MAP_SIZE 16384
+#endif
 
 BPF_TABLE_PINNED("percpu_hash", struct pw_port_key, struct pw_egress_port_value, eg_ports, PORT_MAP_SIZE, PIN_DIR "/eg_ports");
 BPF_TABLE_PINNED("lru_percpu_hash", struct pw_addr, struct pw_dest_value, eg_dests, SOURCE_MAP_SIZE, PIN_DIR "/eg_dests");
 BPF_TABLE_PINNED("lru_percpu_hash", struct pw_srcport_key, __u64, eg_dstports, SRCPORT_MAP_SIZE, PIN_DIR "/eg_dstports");
 BPF_TABLE_PINNED("lru_percpu_hash", struct pw_flow_key, struct pw_flow_value, eg_flows, FLOW_MAP_SIZE, PIN_DIR "/eg_flows");
 BPF_TABLE_PINNED("percpu_array", __u32, struct pw_global, eg_global, 1, PIN_DIR "/eg_global");
+BPF_TABLE_PINNED("lpm_trie", struct pw_lpm_key, struct pw_blacklist_value, eg_block, BLACKLIST_MAP_SIZE, PIN_DIR "/eg_block", BPF_F_NO_PREALLOC);
 
 static __always_inline void eg_count(struct pw_global *g, struct parsed *p, __u64 packets, __u64 bytes, __u64 payload)
 {
@@ -138,6 +145,24 @@ int tc_egress(struct __sk_buff *skb)
         count(PW_G_BYTES, len);
         return TC_ACT_OK;
     }
+    if (rc == PARSE_OK) {
+        /* the off-by-default egress block: a lookup in an empty trie while it is off */
+        struct pw_lpm_key lk = {};
+        lk.prefixlen = PW_LPM_FULL;
+        lk.a = p.dst;
+        struct pw_blacklist_value *bv = eg_block.lookup(&lk);
+        if (bv) {
+            __sync_fetch_and_add(&bv->drops, segs);
+            __sync_fetch_and_add(&bv->drop_bytes, len);
+            bv->last_drop_ns = bpf_ktime_get_coarse_ns();
+            count(PW_G_TOTAL, segs);
+            count(PW_G_BYTES, len);
+            count(PW_G_PARSED, segs);
+            count(PW_G_DROPPED, segs);
+            count(PW_G_DROPPED_BYTES, len);
+            return TC_ACT_SHOT;
+        }
+    }
     if (rc != PARSE_OK || parse_l4(data, l4, data_end, &p) < 0) {
         count(PW_G_TOTAL, segs);
         count(PW_G_BYTES, len);
@@ -163,7 +188,5 @@ int tc_egress(struct __sk_buff *skb)
     else
         count(PW_G_OTHER_L4, segs);
     eg_count(g, &p, segs, bytes, payload);
-    /* EGRESS-BLOCKING: the off-by-default egress block would look p.dst up here and return
-     * TC_ACT_SHOT on a match (counted like the ingress blacklist). Not built. */
     return TC_ACT_OK;
 }

@@ -41,6 +41,7 @@ ALTER TABLE rounds ADD COLUMN syn_limited_packets INTEGER;
 ALTER TABLE rounds ADD COLUMN egress_packets INTEGER;
 ALTER TABLE rounds ADD COLUMN egress_bytes INTEGER;
 ALTER TABLE rounds ADD COLUMN egress_unparsed INTEGER;
+ALTER TABLE rounds ADD COLUMN egress_dropped_packets INTEGER;
 ALTER TABLE rounds ADD COLUMN destination_entries INTEGER;
 ALTER TABLE rounds ADD COLUMN destination_evictions INTEGER;
 ALTER TABLE rounds ADD COLUMN egress_flow_evictions INTEGER;

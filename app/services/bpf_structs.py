@@ -143,6 +143,7 @@ MAP_LAYOUT = {
     "eg_dstports": (BPF_MAP_TYPE_LRU_PERCPU_HASH, PwSrcportKey, ctypes.c_uint64),
     "eg_flows": (BPF_MAP_TYPE_LRU_PERCPU_HASH, PwFlowKey, PwFlowValue),
     "eg_global": (BPF_MAP_TYPE_PERCPU_ARRAY, ctypes.c_uint32, PwGlobal),
+    "eg_block": (BPF_MAP_TYPE_LPM_TRIE, PwLpmKey, PwBlacklistValue),
 }
 EGRESS_MAPS = ("eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
 PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH}

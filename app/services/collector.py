@@ -238,6 +238,7 @@ class Collector:
             "egress_packets": eg.get("total", 0) if "eg_global" in self._maps else None,
             "egress_bytes": eg.get("bytes", 0) if "eg_global" in self._maps else None,
             "egress_unparsed": eg.get("unparsed", 0) if "eg_global" in self._maps else None,
+            "egress_dropped_packets": eg.get("dropped", 0) if "eg_global" in self._maps else None,
             "destination_entries": readings["eg_dests"].entries, "destination_evictions": ev["eg_dests"],
             "egress_flow_evictions": ev["eg_flows"], "two_way_peers": len(two_way),
             "egress_program_id": _egress_program_id(self.pin_dir),

@@ -78,7 +78,8 @@ def map_sizes(settings) -> dict[str, int]:
     c = settings.collector
     return {"port_stats": c.port_map_size, "sources": c.source_map_size, "srcports": c.srcport_map_size,
             "flows": c.flow_map_size, "blacklist": c.blacklist_map_size, "eg_ports": c.port_map_size,
-            "eg_dests": c.source_map_size, "eg_dstports": c.srcport_map_size, "eg_flows": c.flow_map_size}
+            "eg_dests": c.source_map_size, "eg_dstports": c.srcport_map_size, "eg_flows": c.flow_map_size,
+            "eg_block": c.blacklist_map_size}
 
 
 def source_hash(settings) -> str:

@@ -250,3 +250,40 @@ def test_a_round_with_the_scanner_records_established_peers(lab, tmp_path):
     assert (row["two_way_rounds"], row["last_evidence"]) == (2, "established")
     last = conn.execute("SELECT id, two_way_peers, scanner_status FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
     assert row["last_round_id"] == last["id"] and last["scanner_status"] == "ok" and last["two_way_peers"] == 0
+
+
+def test_egress_block_is_off_by_default_and_drops_exactly_when_switched_on(lab, tmp_path):
+    import ipaddress
+    from app.errors import UsageError
+    from app.services import egress_block
+    s = make_settings(tmp_path)
+    collect(s, lab)
+    pdir = Path(s.general.pin_root) / lab.interface
+    target = ipaddress.ip_network(f"{lab.host_v4(1)}/32")
+    with pytest.raises(UsageError, match="egress blocking is off"):
+        egress_block.add(s, pdir, target)
+    s.blocklist.egress_block_enabled = True
+    egress_block.add(s, pdir, target)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind((lab.root_v4, 0))
+    before = peer_snmp(lab)
+    for _ in range(12):
+        udp.sendto(b"b" * 50, (lab.host_v4(1), 6600))     # blocked
+    for _ in range(3):
+        udp.sendto(b"b" * 50, (lab.host_v4(2), 6600))     # another destination: passes
+    time.sleep(0.2)
+    mid = peer_snmp(lab)
+    assert mid["Udp.NoPorts"] - before["Udp.NoPorts"] == 3
+    assert egress_block.entries(pdir) == {f"{lab.host_v4(1)}/32": 12}
+    assert egress_block.clear(pdir) == 1 and egress_block.entries(pdir) == {}
+    for _ in range(4):
+        udp.sendto(b"b" * 50, (lab.host_v4(1), 6600))     # unblocked again
+    udp.close()
+    time.sleep(0.2)
+    assert peer_snmp(lab)["Udp.NoPorts"] - mid["Udp.NoPorts"] == 4
+    collect(s, lab)
+    conn = db(s)
+    r = conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
+    assert r["egress_dropped_packets"] == 12
+    # dropped packets are counted as dropped only, not as sent to that destination
+    assert (destination(conn, lab.host_v4(1))["packets"], destination(conn, lab.host_v4(2))["packets"]) == (4, 3)
