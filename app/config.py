@@ -49,6 +49,7 @@ class General:
     pin_root: str = "/sys/fs/bpf/portwatch"       # pins live in <pin_root>/<interface>/
     interface: str = ""                           # empty: the default-route interface
     log_level: str = "INFO"
+    max_db_mb: float = 4096.0                    # `status` is unhealthy above this database size (MiB; 0: no limit)
 
 
 @dataclass

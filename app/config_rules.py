@@ -66,7 +66,7 @@ MAP_SIZE = _between(1, 1 << 24)
 # "section.key" -> check(value) returning None or what is wrong; keys not listed accept any value of their type
 RULES: dict[str, Callable[[Any], str | None]] = {
     "general.db": _non_empty, "general.state_dir": _non_empty, "general.run_dir": _non_empty,
-    "general.pin_root": _non_empty,
+    "general.pin_root": _non_empty, "general.max_db_mb": _at_least(0),
     "general.log_level": _one_of("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", fold=True),
     "collector.round_seconds": POSITIVE, "collector.rounds": NON_NEGATIVE,
     "collector.xdp_mode": _one_of("auto", "native", "generic"),

@@ -146,7 +146,8 @@ def ensure_bpffs(root: Path) -> None:
 
 def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> dict:
     """What is true now: {'attached', 'mode', 'program_id', 'pinned', 'pinned_program_id', 'source_hash', 'ours',
-    'driver', 'egress_attached', 'egress_program_id', 'egress_pinned_program_id', 'egress_ours', 'clsact_added'}."""
+    'driver', 'egress_attached', 'egress_program_id', 'egress_pinned_program_id', 'egress_ours', 'clsact_added',
+    'programs' (one line naming both programs, for status)}."""
     attached = attached_program(interface)
     pdir = Path(pin_root) / interface
     eg_id = egress.attached_egress(interface) if Path(f"/sys/class/net/{interface}").exists() else None
@@ -171,6 +172,7 @@ def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> 
         except BpfError:
             pass
         info["egress_ours"] = eg_id is not None and eg_id == info["egress_pinned_program_id"]
+    info["programs"] = egress.programs_text(info)       # one line for status: XDP and TC egress
     return info
 
 

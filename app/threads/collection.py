@@ -87,9 +87,12 @@ def collect_rounds(collector: Collector, round_seconds: float, n_rounds: int, st
 
 def run_collection(settings, interface: str, round_seconds: float, n_rounds: int,
                    on_round: Callable[[RoundSummary], None] | None = None, with_threads: bool = True,
-                   stop: threading.Event | None = None) -> list[RoundSummary]:
+                   stop: threading.Event | None = None,
+                   on_start: Callable[[Collector], None] | None = None) -> list[RoundSummary]:
     """The `collect` job: SIGTERM ends it after the current round; it is bounded in run time
-    (collector.max_run_seconds, default rounds x round_seconds + 120 s) by SIGALRM."""
+    (collector.max_run_seconds, default rounds x round_seconds + 120 s) by SIGALRM.
+    on_start(collector): called once the program is attached and the maps are open (its
+    ``load_state`` says the mode and whether this run compiled), before the first round."""
     stop = stop or threading.Event()
     limit = settings.collector.max_run_seconds or (n_rounds * round_seconds + 120 if n_rounds else 0)
 
@@ -109,6 +112,8 @@ def run_collection(settings, interface: str, round_seconds: float, n_rounds: int
             signal.setitimer(signal.ITIMER_REAL, limit)
     try:
         with Collector(settings, interface) as collector:
+            if on_start:
+                on_start(collector)
             return collect_rounds(collector, round_seconds, n_rounds, stop, on_round, with_threads)
     finally:
         if in_main:
