@@ -94,6 +94,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "blocklist.model_block_factor": POSITIVE, "blocklist.model_source_surge": POSITIVE,
     "blocklist.surge_baseline_rounds": _at_least(1), "blocklist.allowlist": _networks,
     "blocklist.manual_remove_grace_seconds": NON_NEGATIVE, "blocklist.manual_ttl_seconds": POSITIVE,
+    "blocklist.syn_limit_per_second": _at_least(1), "blocklist.syn_limit_ttl_seconds": POSITIVE,
     "blocklist.rule_detectors": lambda v: None if set(v) <= set(RULE_DETECTORS) else
     "names unknown detectors " + ", ".join(repr(d) for d in v if d not in RULE_DETECTORS)
     + " (known: " + ", ".join(RULE_DETECTORS) + ")",

@@ -140,6 +140,7 @@ def render(status: dict, now: float) -> str:
                                                                   f"--interface {x['interface']})" if x["pinned"] else ""))
             continue
         state = (f"attached ({x['mode']}, program {x['program_id']})" if x["attached"] else "not attached")
+        state = x.get("programs") or state                  # XDP and TC egress (app/services/xdp.py describe)
         pins = f"pinned at {x['pin_dir']}" if x["pinned"] else "no pins"
         extra = ""
         if x.get("attached") and x.get("pinned") and x.get("ours") is False:

@@ -1,8 +1,11 @@
-"""Compile, attach, pin, reload and detach the XDP program — the only user of BCC.
+"""Compile, attach, pin, reload and detach the XDP and TC egress programs — the only user of BCC.
 
-Load once, read many: the first collector run on an interface compiles bpf/port_flow.c with
-BCC, attaches it (native mode, else generic/skb; the mode used is recorded) and pins the
-program and its maps under ``<pin_root>/<interface>/``. Later runs only check, without any
+Load once, read many: the first collector run on an interface compiles the XDP program bpf/port_flow.c
+and the TC egress program bpf/egress.c (one BCC text, one compile) with BCC,
+attaches both (XDP in the mode ``collector.xdp_mode`` picks — ``auto``: generic on virtual drivers
+such as veth, where native XDP is a copy path, native else; the egress program on a clsact
+qdisc through app/services/egress.py) and pins the programs and their maps under
+``<pin_root>/<interface>/``. Later runs only check, without any
 compiler, that the attached program is the pinned one and was built from the current source
 (the ``meta`` map holds the source hash), then read the maps through libbpf (maps.py).
 
@@ -31,15 +34,17 @@ from pathlib import Path
 from typing import Callable
 
 from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
-from app.services import maps
-from app.services.bpf_structs import MAP_LAYOUT, PwMeta
+from app.services import egress, maps
+from app.services.bpf_structs import META_CLSACT_ADDED, MAP_LAYOUT, PwMeta
 from app.services.host import xdp_attachment as attached_program  # host facts live in host.py
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
-SOURCE = BPF_DIR / "port_flow.c"
-HEADERS = (BPF_DIR / "common.h",)
+# compiled as ONE BCC text (BCC takes programs only from its main source, not from #include'd files)
+SOURCES = (BPF_DIR / "port_flow.c", BPF_DIR / "egress.c")
+SOURCE = SOURCES[0]
+HEADERS = (BPF_DIR / "parse.h", BPF_DIR / "common.h")
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 MODE_NUMBERS = {"native": 1, "generic": 2}
@@ -72,13 +77,15 @@ def build_flags(settings) -> list[str]:
 def map_sizes(settings) -> dict[str, int]:
     c = settings.collector
     return {"port_stats": c.port_map_size, "sources": c.source_map_size, "srcports": c.srcport_map_size,
-            "flows": c.flow_map_size, "blacklist": c.blacklist_map_size}
+            "flows": c.flow_map_size, "blacklist": c.blacklist_map_size, "eg_ports": c.port_map_size,
+            "eg_dests": c.source_map_size, "eg_dstports": c.srcport_map_size, "eg_flows": c.flow_map_size,
+            "eg_block": c.blacklist_map_size}
 
 
 def source_hash(settings) -> str:
     """sha256 over the program source, the shared header and the build flags."""
     h = hashlib.sha256()
-    for path in (SOURCE, *HEADERS):
+    for path in (*SOURCES, *HEADERS):
         h.update(path.read_bytes())
     h.update(" ".join(build_flags(settings)).encode())
     return h.hexdigest()
@@ -138,22 +145,46 @@ def ensure_bpffs(root: Path) -> None:
 
 
 def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> dict:
-    """What is true now: {'attached', 'mode', 'program_id', 'pinned', 'pinned_program_id', 'source_hash', 'ours'}."""
+    """What is true now: {'attached', 'mode', 'program_id', 'pinned', 'pinned_program_id', 'source_hash', 'ours',
+    'driver', 'egress_attached', 'egress_program_id', 'egress_pinned_program_id', 'egress_ours', 'clsact_added',
+    'programs' (one line naming both programs, for status)}."""
     attached = attached_program(interface)
     pdir = Path(pin_root) / interface
+    eg_id = egress.attached_egress(interface) if Path(f"/sys/class/net/{interface}").exists() else None
     info = {"interface": interface, "attached": attached is not None, "mode": attached[1] if attached else None,
             "program_id": attached[0] if attached else None, "pinned": (pdir / "prog").exists(),
-            "pinned_program_id": None, "source_hash": None, "ours": False}
+            "pinned_program_id": None, "source_hash": None, "ours": False, "driver": egress.driver_of(interface),
+            "egress_attached": eg_id is not None, "egress_program_id": eg_id, "egress_pinned_program_id": None,
+            "egress_ours": False, "clsact_added": False}
     if info["pinned"]:
         try:
             info["pinned_program_id"] = maps.prog_info(pdir / "prog").id
             meta = read_meta(pdir)
             if meta is not None:
                 info["source_hash"] = bytes(meta.source_hash).hex()
+                info["clsact_added"] = bool(meta.flags & META_CLSACT_ADDED)
         except BpfError:
             pass
         info["ours"] = attached is not None and attached[0] == info["pinned_program_id"]
+    if (pdir / egress.PROG_PIN).exists():
+        try:
+            info["egress_pinned_program_id"] = maps.prog_info(pdir / egress.PROG_PIN).id
+        except BpfError:
+            pass
+        info["egress_ours"] = eg_id is not None and eg_id == info["egress_pinned_program_id"]
+    info["programs"] = egress.programs_text(info)       # one line for status: XDP and TC egress
     return info
+
+
+def _reattach_egress(interface: str, pdir: Path) -> None:
+    """Re-attach the pinned egress program (its filter or qdisc was removed): no compile."""
+    prog_id, added = egress.attach(interface, pdir)
+    with maps.PinnedMap(pdir / "meta") as m:
+        meta = maps.read_struct(m, maps.INDEX_0, PwMeta)
+        meta.egress_program_id = prog_id
+        meta.flags |= META_CLSACT_ADDED if added else 0
+        m.update(maps.INDEX_0, bytes(meta))
+    log.warning("the TC egress program of %s was not attached: re-attached the pinned one (id %d)", interface, prog_id)
 
 
 def ensure_loaded(settings, interface: str, on_recreate: Callable[[Path], None] | None = None) -> LoadState:
@@ -171,7 +202,10 @@ def ensure_loaded(settings, interface: str, on_recreate: Callable[[Path], None] 
     want_hash = source_hash(settings)
     info = describe(interface, root)
     if info["ours"] and info["source_hash"] == want_hash:
-        return LoadState(interface, pdir, info["mode"], info["program_id"], want_hash)
+        if not info["egress_ours"] and info["egress_pinned_program_id"] is not None:
+            _reattach_egress(interface, pdir)
+        if info["egress_ours"] or info["egress_pinned_program_id"] is not None:
+            return LoadState(interface, pdir, info["mode"], info["program_id"], want_hash)
 
     if not info["pinned"] and not (pdir / "port_stats").exists():
         reason = "first-load"
@@ -220,12 +254,19 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False) -> 
 
 
 def down(settings, interface: str) -> list[str]:
-    """Detach our XDP program from ``interface`` and remove its pins. Returns what was done."""
+    """Detach our XDP and TC egress programs from ``interface`` (and the clsact qdisc if portwatch added
+    it) and remove their pins. Returns what was done."""
     if os.geteuid() != 0:
         raise NeedsRootError("detaching XDP needs root: run it with sudo")
     done = []
     attached = attached_program(interface) if Path(f"/sys/class/net/{interface}").exists() else None
     pdir = pin_dir(settings, interface)
+    info = describe(interface, settings.general.pin_root)
+    if info["egress_attached"] and not info["egress_ours"] and info["egress_pinned_program_id"] is not None:
+        log.warning("the TC egress program on %s (id %d) is not portwatch's: left attached", interface,
+                    info["egress_program_id"])
+    elif info["egress_attached"] or info["clsact_added"]:
+        done += egress.detach(interface, remove_clsact=info["clsact_added"])
     if attached:
         pinned_id = None
         if (pdir / "prog").exists():
@@ -261,6 +302,7 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
     if not build.exists() and not os.environ.get("BCC_KERNEL_SOURCE"):
         raise DependencyError(f"no kernel headers at {build}: run make setup (it links the distribution's headers)")
     pdir.mkdir(parents=True, exist_ok=True)
+    old = read_meta(pdir)       # before a recreate removes it: whether portwatch added the clsact qdisc
     if recreate:
         for name in MAP_LAYOUT:
             (pdir / name).unlink(missing_ok=True)
@@ -268,15 +310,19 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
     t0 = time.monotonic()
     cflags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{pdir}"', "-w", *flags]
     try:
-        bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+        bpf = BPF(text="\n".join(p.read_text() for p in SOURCES).encode(), cflags=cflags)
         fn = bpf.load_func(b"xdp_port_flow", BPF.XDP)
+        eg_fn = bpf.load_func(b"tc_egress", BPF.SCHED_CLS)
     except Exception as exc:
         raise BpfError(f"the XDP program failed to compile or load ({exc}): the compiler output is in the log; `python -m app doctor` checks headers and BPF support") from None
     compile_seconds = time.monotonic() - t0
     attached = attached_program(interface)
-    wanted = {"auto": [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE], "native": [XDP_FLAGS_DRV_MODE],
-              "generic": [XDP_FLAGS_SKB_MODE]}.get(mode)
-    if wanted is None:
+    flag_of = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+    if mode == "auto":
+        wanted = [flag_of[m] for m in egress.auto_modes(interface)[0]]
+    elif mode in flag_of:
+        wanted = [flag_of[mode]]
+    else:
         raise UsageError(f"xdp_mode must be auto, native or generic, not {mode!r}")
     used, last_err = None, None
     for flag in wanted:
@@ -300,14 +346,23 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
         raise BpfError(f"cannot pin the program at {prog_pin}")
     now = attached_program(interface)
     program_id = now[0] if now else 0
+    eg_pin = pdir / egress.PROG_PIN
+    eg_pin.unlink(missing_ok=True)
+    if libbcc.bpf_obj_pin(eg_fn.fd, str(eg_pin).encode()) != 0:
+        raise BpfError(f"cannot pin the egress program at {eg_pin}")
+    eg_id, clsact_added = egress.attach(interface, pdir)
     meta = PwMeta()
+    meta.egress_program_id = eg_id
+    # portwatch added the qdisc now, or an earlier load of ours did (kept across reloads)
+    meta.flags = META_CLSACT_ADDED if clsact_added or (old is not None and old.flags & META_CLSACT_ADDED) else 0
     ctypes.memmove(meta.source_hash, bytes.fromhex(want_hash), 32)
     meta.loaded_at = int(time.time())
     meta.program_id = program_id
     meta.mode = MODE_NUMBERS[used]
     with maps.PinnedMap(pdir / "meta") as m:
         m.update(maps.INDEX_0, bytes(meta))
-    return {"mode": used, "program_id": program_id, "compile_seconds": round(compile_seconds, 3),
+    return {"mode": used, "program_id": program_id, "egress_program_id": eg_id,
+            "compile_seconds": round(compile_seconds, 3),
             "cpu_seconds": round(time.process_time() + _children_cpu() - started, 3)}
 
 
@@ -332,7 +387,7 @@ def loader_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ebpf:
         print("// cflags:", " ".join(args.flag))
-        print(SOURCE.read_text())
+        print("\n".join(p.read_text() for p in SOURCES))
         return 0
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:

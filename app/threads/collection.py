@@ -52,6 +52,7 @@ def stop_threads(threads: dict) -> Observations:
     if scanner is not None:
         seen.scanner_status = scanner.status
         seen.listeners = None if scanner.is_alive() else scanner.result
+        seen.peers = None if scanner.is_alive() else sorted(scanner.scanner.peers)
     if sniffer is not None:
         seen.sniffer_status = sniffer.status
         seen.packets = None if sniffer.is_alive() else sniffer.result
