@@ -1,4 +1,4 @@
--- portwatch schema, version 4 (PRAGMA user_version): the newest schema, for a fresh database; older
+-- portwatch schema, version 6 (PRAGMA user_version): the newest schema, for a fresh database; older
 -- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     end_time         REAL NOT NULL,          -- when the counters were read
     counts_since     REAL,                   -- time of the previous snapshot: the counters cover (counts_since, end_time]
     interface        TEXT NOT NULL,
-    xdp_mode         TEXT,                   -- 'native', 'generic', or NULL when XDP was not attached
+    xdp_mode         TEXT,                   -- 'native', 'generic' (with why under auto: 'generic (auto: veth)'), NULL: not attached
     program_id       INTEGER,                -- kernel id of the XDP program read
     source_hash      TEXT,                   -- hash of bpf/port_flow.c + build flags of that program
     compiled         INTEGER NOT NULL DEFAULT 0,  -- 1 when this run compiled (BCC) the program
@@ -47,6 +47,20 @@ CREATE TABLE IF NOT EXISTS rounds (
     sniffer_status   TEXT,                   -- 'ok', 'disabled', 'no-tshark', 'error: ...'
     sniffer_packets  INTEGER,
     note             TEXT,
+    source_evictions INTEGER, -- LRU evictions of the sources map in the round
+    new_sources      INTEGER, -- source keys inserted into the sources map in the round (new to it)
+    per_source_incomplete INTEGER NOT NULL DEFAULT 0, -- 1: sources/srcports evictions: per-source data incomplete
+    short_fragments  INTEGER, -- first fragments with a short L4 header (counted per source)
+    syn_limited_packets INTEGER, -- SYNs dropped by a per-port SYN limit (not in dropped_packets)
+    egress_packets   INTEGER, -- TC egress: packets sent (GSO segments counted)
+    egress_bytes     INTEGER,
+    egress_unparsed  INTEGER,
+    egress_dropped_packets INTEGER, -- TC egress: dropped by the off-by-default egress block
+    destination_entries INTEGER,
+    destination_evictions INTEGER,
+    egress_flow_evictions INTEGER,
+    egress_program_id INTEGER,
+    two_way_peers    INTEGER, -- remote addresses with a two-way exchange in the round
     baseline         INTEGER NOT NULL DEFAULT 0   -- 1: the counts before this database watched the interface,
                                                   -- only stored as the snapshot: no traffic rows, never evaluated
 );
@@ -102,6 +116,9 @@ CREATE TABLE IF NOT EXISTS source_stats (
     bytes          INTEGER NOT NULL,
     syn            INTEGER NOT NULL DEFAULT 0,
     distinct_ports INTEGER NOT NULL DEFAULT 0,  -- local (port, protocol) pairs this source reached in the round
+    fragments      INTEGER NOT NULL DEFAULT 0,  -- IP fragments from this source (nmap -f shows here)
+    ttl_min        INTEGER,                  -- IPv4 TTL / IPv6 hop limit range of the round's packets
+    ttl_max        INTEGER,
     PRIMARY KEY (round_id, address)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS source_stats_address ON source_stats(address, round_id);
@@ -129,10 +146,46 @@ CREATE TABLE IF NOT EXISTS flows (
     first_seen  REAL,                        -- epoch seconds
     last_seen   REAL,
     tcp_flags   INTEGER NOT NULL DEFAULT 0,  -- OR of the TCP flags seen (FIN=1 SYN=2 RST=4 PSH=8 ACK=16 URG=32)
-    reason      TEXT NOT NULL                -- 'top' or 'many-ports'
+    reason      TEXT NOT NULL,               -- 'top' or 'many-ports'
+    direction   TEXT NOT NULL DEFAULT 'in'   -- 'in' (XDP: src = remote) or 'out' (TC egress: src = this host)
 );
 CREATE INDEX IF NOT EXISTS flows_round ON flows(round_id);
 CREATE INDEX IF NOT EXISTS flows_dst_port ON flows(dst_port, round_id);
+
+-- TC egress (bpf/egress.c), differences for the round like port_stats/source_stats
+CREATE TABLE IF NOT EXISTS egress_port_stats (
+    round_id      INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
+    port_id       INTEGER NOT NULL REFERENCES ports(id),   -- the LOCAL (source) port, folded like port_stats
+    packets       INTEGER NOT NULL,
+    bytes         INTEGER NOT NULL,          -- frame bytes on the wire (GSO super-packets counted per segment)
+    payload_bytes INTEGER NOT NULL DEFAULT 0,
+    syn           INTEGER NOT NULL DEFAULT 0,  -- SYN without ACK sent
+    PRIMARY KEY (round_id, port_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS egress_port_stats_port ON egress_port_stats(port_id, round_id);
+
+CREATE TABLE IF NOT EXISTS destination_stats (
+    round_id       INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
+    address        TEXT NOT NULL,            -- remote address this host sent to
+    packets        INTEGER NOT NULL,
+    bytes          INTEGER NOT NULL,
+    syn            INTEGER NOT NULL DEFAULT 0,
+    distinct_ports INTEGER NOT NULL DEFAULT 0,  -- remote (port, protocol) pairs sent to in the round
+    PRIMARY KEY (round_id, address)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS destination_stats_address ON destination_stats(address, round_id);
+
+-- remote addresses that talked WITH this host: a two-way exchange seen in a round (TCP with the remote's
+-- ACK / UDP, both directions on the same ports) or an ESTABLISHED socket the scanner saw
+CREATE TABLE IF NOT EXISTS peers (
+    address        TEXT PRIMARY KEY,
+    first_seen     REAL NOT NULL,            -- first two-way exchange (epoch seconds)
+    last_two_way   REAL NOT NULL,            -- latest one
+    two_way_rounds INTEGER NOT NULL DEFAULT 0,  -- rounds with a two-way exchange
+    last_round_id  INTEGER,
+    last_evidence  TEXT                      -- 'flows', 'established' or 'flows+established'
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS peers_last ON peers(last_two_way);
 
 -- global kernel counters (total, parsed, unparsed, dropped, per protocol), differences for the round
 CREATE TABLE IF NOT EXISTS global_stats (
@@ -239,7 +292,8 @@ CREATE TABLE IF NOT EXISTS anomalies (
     first_round_id INTEGER,
     last_round_id  INTEGER,
     source         TEXT,                     -- the main source address, where one is responsible
-    created_at     REAL NOT NULL
+    created_at     REAL NOT NULL,
+    updated_at     REAL                      -- when the finding last grew (a scan that lasts is one finding)
 );
 CREATE INDEX IF NOT EXISTS anomalies_eval ON anomalies(evaluation_id);
 CREATE INDEX IF NOT EXISTS anomalies_port ON anomalies(port_id);
@@ -344,9 +398,11 @@ CREATE VIEW IF NOT EXISTS v_recent_anomalies AS
 SELECT a.id, datetime(a.created_at, 'unixepoch') AS at, a.detector,
        CASE WHEN p.value = -1 THEN 'ephemeral' ELSE CAST(p.value AS TEXT) END AS port, p.protocol,
        round(a.score, 3) AS score, round(a.threshold, 3) AS threshold, a.source,
-       a.first_round_id, a.last_round_id, a.reasons
+       a.first_round_id, a.last_round_id,
+       json_extract(CASE WHEN json_valid(a.reasons) THEN a.reasons END, '$.summary') AS summary,
+       datetime(a.updated_at, 'unixepoch') AS grown, a.reasons
 FROM anomalies a LEFT JOIN ports p ON p.id = a.port_id
-WHERE a.created_at >= strftime('%s', 'now') - 7 * 86400
+WHERE COALESCE(a.updated_at, a.created_at) >= strftime('%s', 'now') - 7 * 86400
 ORDER BY a.id DESC;
 
 CREATE VIEW IF NOT EXISTS v_active_blacklist AS
@@ -389,4 +445,12 @@ CREATE TABLE IF NOT EXISTS crowdsec_state (
     value TEXT
 ) WITHOUT ROWID;
 
-PRAGMA user_version = 4;
+-- the allowlist kept in the database (`python -m app allow add|remove|list`), beside the config's
+-- blocklist.allowlist: never blocked automatically; adding an entry lifts its active blocks
+CREATE TABLE IF NOT EXISTS allowlist (
+    address    TEXT PRIMARY KEY,             -- CIDR, as in blacklist.address
+    reason     TEXT,
+    created_at REAL NOT NULL
+);
+
+PRAGMA user_version = 6;

@@ -20,8 +20,8 @@ from app.errors import EXIT_DB, EXIT_ERROR, EXIT_USAGE, PortwatchError
 log = logging.getLogger("app")
 
 # subcommand module names, in --help order
-COMMAND_MODULES = ["run", "collect", "evaluate", "blacklist", "report", "status", "model", "down",
-                   "cleanup", "doctor", "install_cron", "config_cmd", "fleet"]
+COMMAND_MODULES = ["run", "collect", "evaluate", "anomalies", "blacklist", "allow", "report", "status", "top",
+                   "model", "down", "cleanup", "doctor", "install_cron", "config_cmd", "fleet"]
 
 EPILOG = """exit codes: 0 ok, 1 error, 2 bad usage or input, 3 needs root, 4 database problem,
 5 kernel/BPF problem, 6 another run holds the lock, 7 missing dependency"""

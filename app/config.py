@@ -49,6 +49,7 @@ class General:
     pin_root: str = "/sys/fs/bpf/portwatch"       # pins live in <pin_root>/<interface>/
     interface: str = ""                           # empty: the default-route interface
     log_level: str = "INFO"
+    max_db_mb: float = 4096.0                    # `status` is unhealthy above this database size (MiB; 0: no limit)
 
 
 @dataclass
@@ -132,6 +133,12 @@ class Blocklist:
     manual_remove_grace_seconds: float = 86400.0
     manual_ttl_seconds: float = 7 * 86400.0       # `blacklist add` without --ttl
     rule_detectors: list = field(default_factory=lambda: ["port_scan", "syn_flood"])  # rule findings that block their source
+    simulate: list = field(default_factory=list)  # detectors whose blocks are recorded as would-block, not enforced
+    # optional per-port SYN rate limit in XDP (app/services/synlimit.py); off unless enabled
+    syn_limit_enabled: bool = False
+    syn_limit_per_second: int = 100              # SYNs per second to one port let through; the rest are dropped
+    syn_limit_ttl_seconds: float = 3600.0        # a limit expires like a block
+    egress_block_enabled: bool = False           # may destinations be blocked in TC egress (app/services/egress_block.py)
 
 
 @dataclass

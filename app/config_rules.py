@@ -57,6 +57,7 @@ def _networks(values):
 
 
 RULE_DETECTORS = ("port_scan", "syn_flood", "unlistened_port", "new_listener")
+BLOCKING_DETECTORS = (*RULE_DETECTORS, "model")   # what blocklist.simulate may name
 SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
                      "authpriv", "ftp", *(f"local{i}" for i in range(8)))
 POSITIVE, NON_NEGATIVE = _above(0), _at_least(0)
@@ -66,7 +67,7 @@ MAP_SIZE = _between(1, 1 << 24)
 # "section.key" -> check(value) returning None or what is wrong; keys not listed accept any value of their type
 RULES: dict[str, Callable[[Any], str | None]] = {
     "general.db": _non_empty, "general.state_dir": _non_empty, "general.run_dir": _non_empty,
-    "general.pin_root": _non_empty,
+    "general.pin_root": _non_empty, "general.max_db_mb": _at_least(0),
     "general.log_level": _one_of("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", fold=True),
     "collector.round_seconds": POSITIVE, "collector.rounds": NON_NEGATIVE,
     "collector.xdp_mode": _one_of("auto", "native", "generic"),
@@ -93,9 +94,13 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "blocklist.model_block_factor": POSITIVE, "blocklist.model_source_surge": POSITIVE,
     "blocklist.surge_baseline_rounds": _at_least(1), "blocklist.allowlist": _networks,
     "blocklist.manual_remove_grace_seconds": NON_NEGATIVE, "blocklist.manual_ttl_seconds": POSITIVE,
+    "blocklist.syn_limit_per_second": _at_least(1), "blocklist.syn_limit_ttl_seconds": POSITIVE,
     "blocklist.rule_detectors": lambda v: None if set(v) <= set(RULE_DETECTORS) else
     "names unknown detectors " + ", ".join(repr(d) for d in v if d not in RULE_DETECTORS)
     + " (known: " + ", ".join(RULE_DETECTORS) + ")",
+    "blocklist.simulate": lambda v: None if set(v) <= set(BLOCKING_DETECTORS) else
+    "names detectors that never block " + ", ".join(repr(d) for d in v if d not in BLOCKING_DETECTORS)
+    + " (detectors that can block: " + ", ".join(BLOCKING_DETECTORS) + ")",
     "alerts.cooldown_seconds": NON_NEGATIVE, "alerts.webhook_timeout": POSITIVE,
     "alerts.webhook_retries": NON_NEGATIVE, "alerts.smtp_port": _between(1, 65535),
     "alerts.smtp_timeout": POSITIVE, "alerts.max_seconds": POSITIVE,

@@ -176,7 +176,7 @@ for i in range(count):
 def collector_round_cost(s, interface: str) -> tuple[float, float, float]:
     """(process CPU s, peak RSS MB, in-round CPU s recorded in the DB) of one `collect` process."""
     code = ("import resource, sys; from app.cli import main; rc = main(['collect', '--interface', %r, '--round-seconds', "
-            "'0', '--no-sniffer', '--no-scanner', '--db', %r, '-q']); r = resource.getrusage(resource.RUSAGE_SELF); "
+            "'0.01', '--no-sniffer', '--no-scanner', '--db', %r, '-q']); r = resource.getrusage(resource.RUSAGE_SELF); "
             "print(r.ru_utime + r.ru_stime, r.ru_maxrss)" % (interface, s.general.db))
     env = dict(os.environ, PORTWATCH_CONFIG="/dev/null", PORTWATCH_STATE_DIR=s.general.state_dir)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(REPO))

@@ -1,4 +1,5 @@
-/* portwatch: structs shared by the XDP program (bpf/port_flow.c) and user space.
+/* portwatch: structs shared by the XDP program (bpf/port_flow.c), the TC egress program
+ * (bpf/egress.c) and user space.
  *
  * Every struct read from user space has exactly one ctypes mirror in app/services/bpf_structs.py,
  * commented with the C name; tests/services/test_bpf_structs.py checks every field offset and
@@ -10,9 +11,16 @@
 #ifndef PORTWATCH_COMMON_H
 #define PORTWATCH_COMMON_H
 
-/* Addresses are one 16-byte form: IPv6 as is, IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d). */
+/* An address with its family. family is 4 or 6 (the IP header it came in); addr holds IPv6 as
+ * is and IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d). The family byte keeps an IPv6 packet whose
+ * source is ::ffff:a.b.c.d (which the kernel's own stack discards) apart from the IPv4 host
+ * a.b.c.d in every map keyed on addresses, the blacklist trie included. */
+#define PW_FAMILY_V4 4
+#define PW_FAMILY_V6 6
 struct pw_addr {
-    __u8 addr[16];
+    __u8  family;
+    __u8  addr[16];
+    __u8  pad[3];
 };
 
 /* port_stats key: local (destination) port and IP protocol. For ICMP/ICMPv6 the "port" is
@@ -43,11 +51,18 @@ struct pw_port_value {
     __u32 pad;
 };
 
-/* sources value (LRU, per CPU), key struct pw_addr */
+/* sources value (LRU, per CPU), key struct pw_addr. ttl_min/ttl_max: the IPv4 TTL / IPv6 hop
+ * limit range of this source's packets seen while the config epoch was `epoch` (per round, like
+ * pw_port_value.round_min). fragments: IP fragments (first or not) from this source. */
 struct pw_source_value {
     __u64 packets;
     __u64 bytes;
     __u64 syn;
+    __u64 fragments;
+    __u32 epoch;
+    __u8  ttl_min;
+    __u8  ttl_max;
+    __u8  pad[2];
 };
 
 /* srcports key (LRU, per CPU): which local ports a source reached; value: __u64 packets */
@@ -77,11 +92,14 @@ struct pw_flow_value {
     __u32 pad;
 };
 
-/* blacklist key (LPM trie). prefixlen counts bits of addr; IPv4 prefixes are mapped, so
- * an IPv4 /24 is prefixlen 96 + 24 = 120. */
+/* blacklist key (LPM trie). The trie's data is a struct pw_addr: the family byte first, so
+ * prefixlen counts 8 family bits + address bits: an IPv4 /24 is 8 + 96 + 24 = 128 (IPv4 is
+ * mapped), an IPv6 /64 is 8 + 64 = 72. An IPv4 entry never matches an IPv6 packet from
+ * ::ffff:a.b.c.d, nor the reverse. Lookups use prefixlen PW_LPM_FULL. */
+#define PW_LPM_FULL 136
 struct pw_lpm_key {
     __u32 prefixlen;
-    __u8  addr[16];
+    struct pw_addr a;
 };
 
 struct pw_blacklist_value {
@@ -90,9 +108,37 @@ struct pw_blacklist_value {
     __u64 last_drop_ns;
 };
 
+/* synlimit (hash, shared by CPUs: atomics): an optional per-port SYN budget, set by user space
+ * (app/services/synlimit.py). Key struct pw_port_key (local port, IPPROTO_TCP). TCP SYNs without
+ * ACK to that port beyond per_second in one one-second window are dropped (after being counted
+ * in port_stats/sources like any packet). The entry is ignored once expires_ns (CLOCK_MONOTONIC
+ * ns, bpf_ktime_get_ns) has passed; 0 = never. */
+struct pw_synlimit_value {
+    __u64 per_second;
+    __u64 expires_ns;
+    __u64 window_start_ns;
+    __u64 window_syns;          /* SYNs seen in the current window */
+    __u64 dropped;              /* SYNs dropped for this entry since it was set */
+};
+
+/* egress (TC, per CPU): per destination address, key struct pw_addr */
+struct pw_dest_value {
+    __u64 packets;
+    __u64 bytes;
+    __u64 syn;                  /* SYN without ACK sent */
+};
+
+/* egress per (local source port, protocol), key struct pw_port_key */
+struct pw_egress_port_value {
+    __u64 packets;
+    __u64 bytes;
+    __u64 payload_bytes;
+    __u64 syn;
+};
+
 /* config (array, one entry): what user space tells the running program without a reload. */
 struct pw_config {
-    __u32 epoch;                /* round epoch for round_min/round_max */
+    __u32 epoch;                /* round epoch for round_min/round_max and the sources' TTL ranges */
     __u32 pad;                  /* zero; keeps the value (and the pinned map's layout) at 8 bytes */
 };
 
@@ -103,7 +149,10 @@ struct pw_meta {
     __u64 loaded_at;            /* Unix seconds */
     __u32 program_id;
     __u32 mode;                 /* 1 native (driver), 2 generic (skb) */
+    __u32 egress_program_id;    /* the TC egress program (0: none) */
+    __u32 flags;                /* PW_META_CLSACT_ADDED: portwatch added the clsact qdisc */
 };
+#define PW_META_CLSACT_ADDED 1
 
 /* global counters: one per-CPU array entry holding struct pw_global (one lookup per packet
  * instead of one per counter); index names mirrored in app/services/bpf_structs.py GLOBAL_NAMES.
@@ -129,6 +178,8 @@ enum pw_global_index {
     PW_G_SRCPORT_INSERTS,
     PW_G_SOURCE_INSERTS,
     PW_G_PORT_MAP_FULL,         /* a new port key could not be stored (map full) */
+    PW_G_SHORT_FRAGMENTS,       /* first fragments whose L4 header is cut short (counted, port if readable) */
+    PW_G_SYN_LIMITED,           /* SYNs dropped by a per-port SYN limit (not in dropped) */
     PW_G_MAX
 };
 

@@ -101,6 +101,7 @@ def state_env(tmp_path, monkeypatch):
     monkeypatch.setenv("PORTWATCH_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("PORTWATCH_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("PORTWATCH_PIN_ROOT", str(tmp_path / "no-pins"))
+    monkeypatch.setenv("PORTWATCH_REPORTS_OUT_DIR", str(tmp_path / "reports"))   # the hourly job's report
     monkeypatch.setenv("PORTWATCH_CONFIG", str(tmp_path / "none.toml"))
     (tmp_path / "none.toml").write_text("")
     return tmp_path

@@ -141,13 +141,14 @@ class FakePinnedMap:
 
     def _longest_prefix(self, key: bytes) -> bytes | None:
         want = bpf_structs.PwLpmKey.from_buffer_copy(key)
-        want_bits = int.from_bytes(bytes(want.addr), "big")
+        width = 8 * bpf_structs.ADDR_SIZE       # the trie's data: a whole struct pw_addr, family first
+        want_bits = int.from_bytes(bytes(want.a), "big")
         best, best_len = None, -1
         for stored in self.entries:
             k = bpf_structs.PwLpmKey.from_buffer_copy(stored)
             if best_len < k.prefixlen <= want.prefixlen:
-                shift = 128 - k.prefixlen
-                if int.from_bytes(bytes(k.addr), "big") >> shift == want_bits >> shift:
+                shift = width - k.prefixlen
+                if int.from_bytes(bytes(k.a), "big") >> shift == want_bits >> shift:
                     best, best_len = stored, k.prefixlen
         return best
 

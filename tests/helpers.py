@@ -29,6 +29,7 @@ def make_settings(tmp_path, **collector):
     s.general.db = str(tmp_path / "ports.db")
     s.general.state_dir = str(tmp_path / "state")
     s.general.run_dir = str(tmp_path / "run")
+    s.reports.out_dir = str(tmp_path / "reports")          # the evaluation job reports (also in warm-up)
     s.scanner.enabled = False
     s.sniffer.enabled = False
     for k, v in collector.items():

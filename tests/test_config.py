@@ -155,3 +155,13 @@ def test_group_and_run_dir_keys():
     s = load("/dev/null", environ={"PORTWATCH_GROUP": "portwatch", "PORTWATCH_RUN_DIR": "/tmp/x"})
     assert (s.general.group, s.general.run_dir) == ("portwatch", "/tmp/x")
     assert load("/dev/null", environ={}).general.run_dir == "/run/portwatch"
+
+
+def test_blocklist_simulate_names_detectors_that_can_block(tmp_path):
+    s = load(write(tmp_path, '[blocklist]\nsimulate = ["syn_flood", "model"]\n'), environ={})
+    assert s.blocklist.simulate == ["syn_flood", "model"]
+    env = {"PORTWATCH_CONFIG": str(write(tmp_path, "")), "PORTWATCH_BLOCKLIST_SIMULATE": "port_scan,syn_flood"}
+    assert load(environ=env).blocklist.simulate == ["port_scan", "syn_flood"]
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, '[blocklist]\nsimulate = ["syn_flod"]\n'), environ={})
+    assert "config key 'blocklist.simulate' = ['syn_flod'] names detectors that never block 'syn_flod'" in str(exc.value)

@@ -12,7 +12,8 @@ from app.errors import EXIT_OK, NeedsRootError, UsageError
 DESCRIPTION = """The blocklist: the `blacklist` table in the database is the truth, the pinned XDP map of
 every watched interface enforces it (blocked sources' packets are dropped before the network stack).
 
-  list [--json] [--all]                      listed entries with status, reason, expiry, drops, offences
+  list [--json] [--all]                      listed entries with status, expiry, drops, offences and the
+                                             finding behind each (anomaly N: `anomalies show N` explains it)
   add ADDR[/LEN] [--ttl S] [--reason TEXT]   block an IPv4/IPv6 address or prefix (default ttl:
                                              blocklist.manual_ttl_seconds)
   remove ADDR[/LEN]                          unblock; automatic decisions then leave it alone for
@@ -85,7 +86,7 @@ def run(args, settings) -> int:
 
 def list_entries(args, settings) -> int:
     from app.services import enforcement
-    rows, pending = [], {}
+    rows, pending, summaries = [], {}, {}
     db_path = Path(settings.general.db)
     if db_path.exists():
         import sqlite3
@@ -94,6 +95,8 @@ def list_entries(args, settings) -> int:
         conn = connect(db_path, readonly=True)
         try:
             rows = queries.entries(conn, None if args.all else queries.LISTED)
+            from app.db import anomalies
+            summaries = anomalies.summaries(conn, [r["anomaly_id"] for r in rows])
             try:
                 pending = enforcement.pending_drops(conn, settings)
             except sqlite3.OperationalError:     # a database made before blacklist_map_counters existed
@@ -103,7 +106,9 @@ def list_entries(args, settings) -> int:
     items = [{"address": r["address"], "status": r["status"], "reason": r["reason"], "origin": r["origin"],
               "created_at": r["created_at"], "expires_at": r["expires_at"],
               "drops": r["drops"] + (pending.get(r["address"], 0) if r["status"] == "active" else 0),
-              "offences": r["offences"], "anomaly_id": r["anomaly_id"], "removed_at": r["removed_at"]}
+              "offences": r["offences"], "anomaly_id": r["anomaly_id"], "removed_at": r["removed_at"],
+              "finding": summaries.get(r["anomaly_id"]),
+              "show": f"python -m app anomalies show {r['anomaly_id']}" if r["anomaly_id"] is not None else None}
              for r in rows]
     if args.json:
         print(json.dumps(items, indent=2))
@@ -111,12 +116,15 @@ def list_entries(args, settings) -> int:
     if not items:
         print("the blocklist is empty")
         return EXIT_OK
-    header = ("ADDRESS", "STATUS", "EXPIRES", "DROPS", "OFFENCES", "ORIGIN", "REASON")
+    header = ("ADDRESS", "STATUS", "EXPIRES", "DROPS", "OFFENCES", "ORIGIN", "FINDING", "REASON")
     table = [header] + [(i["address"], i["status"], _when(i["expires_at"]), str(i["drops"]), str(i["offences"]),
-                         i["origin"], i["reason"]) for i in items]
+                         i["origin"], f"anomaly {i['anomaly_id']}" if i["anomaly_id"] is not None else "-",
+                         i["finding"] or i["reason"]) for i in items]
     widths = [max(len(row[c]) for row in table) for c in range(len(header) - 1)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    if any(i["anomaly_id"] is not None for i in items):
+        print("explain a finding: python -m app anomalies show ID (the number after 'anomaly')")
     return EXIT_OK
 
 

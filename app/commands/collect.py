@@ -1,6 +1,8 @@
 """`collect`: K rounds (default 1) of N seconds (default 60) on one interface."""
 from __future__ import annotations
 
+import sys
+
 from app.cli import add_command
 from app.durations import arg as duration
 
@@ -20,9 +22,24 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def start_line(collector, settings) -> str:
+    """'round 1 of 3 on eth0, 60 s each, XDP native (program 812, compiled in 4.1 s), database X'."""
+    state = collector.load_state
+    n = settings.collector.rounds
+    rounds = f"round 1 of {n}" if n else "rounds until stopped"
+    how = {"first-load": "compiled in", "source-changed": "recompiled (source changed) in",
+           "not-attached": "re-attached, compiled in", "maps-recreated": "recompiled (map layout changed) in"}
+    if state.compiled:
+        program = f"program {state.program_id}, {how.get(state.reason, 'compiled in')} {state.compile_seconds:.1f} s"
+    else:
+        program = f"program {state.program_id} already attached"
+    return (f"{rounds} on {collector.interface}, {settings.collector.round_seconds:g} s each, XDP {state.mode} "
+            f"({program}), database {settings.general.db}")
+
+
 def run(args, settings) -> int:
     from app.errors import UsageError
-    from app.services import host
+    from app.services import host, xdp
     from app.threads.collection import run_collection
     settings.override("collector", "round_seconds", args.round_seconds)
     settings.override("collector", "rounds", args.rounds)
@@ -36,9 +53,13 @@ def run(args, settings) -> int:
     interface = settings.general.interface or host.default_interface()
     from app.services.metrics import job_metrics
     show = not getattr(args, "quiet", False)
+    if show and sys.stderr.isatty() and not (xdp.pin_dir(settings, interface) / "prog").exists():
+        print(f"compiling and attaching the XDP program on {interface} (first run on this interface: "
+              "a few seconds)...", file=sys.stderr, flush=True)
     with job_metrics(settings, "collector") as values:
         summaries = run_collection(settings, interface, settings.collector.round_seconds, settings.collector.rounds,
                                    on_round=(lambda s: print(s.line(), flush=True)) if show else None,
+                                   on_start=(lambda c: print(start_line(c, settings), flush=True)) if show else None,
                                    takeover=getattr(args, "takeover", False))
         values["rounds"] = len(summaries)
         values["packets"] = sum(s.packets for s in summaries)

@@ -1,11 +1,12 @@
 """`python -m app doctor [--json]`: check what portwatch needs on this host and say how to fix each gap.
 
 Checks: root, kernel BPF support, bpffs mounted, kernel headers for BCC, BCC's Python module,
-iproute2, tshark and cron, free disk under the database, the venv's imports, the database, and the
-modes of what portwatch keeps (never world-readable; ``--fix-modes`` tightens them).
+iproute2, tshark and cron, free disk under the database, the venv's imports, the database, the
+modes of what portwatch keeps (never world-readable; ``--fix-modes`` tightens them), and once a
+database exists the health checks ``status`` exits on (app/services/health.py: 'health <name>').
 Each result is ok, warn (portwatch runs with less: e.g. no tshark means no DNS names) or FAIL
 (an essential piece is missing). Exit code: 0 when nothing essential fails, else the code of the
-first failed essential check (3 root, 4 database, 5 kernel/BPF, 7 missing dependency).
+first failed essential check (1 a health check, 3 root, 4 database, 5 kernel/BPF, 7 missing dependency).
 """
 from __future__ import annotations
 
@@ -181,10 +182,34 @@ def check_database(db: Path) -> Check:
     return _ok("database", f"{db} passes its integrity check")
 
 
+def check_health(settings) -> list[Check]:
+    """app/services/health.py's checks (what ``status`` exits on), as 'health <name>' rows: a failed
+    one is FAIL (exit 1). Left out while the database does not exist or fails its integrity check
+    (the database row says so already)."""
+    from app.errors import EXIT_ERROR
+    from app.services import health
+    try:
+        result = health.check(settings)
+    except Exception as exc:          # a corrupt database: check_database reports it
+        return [Check("health", "warn", f"not checked: {exc}", "fix the database first")]
+    fixes = {"rounds": "check the collector's cron job (python -m app install-cron) and its log",
+             "xdp": "run python -m app collect once (it re-attaches), or python -m app down to remove the pins",
+             "evaluation": "read the evaluator's log, then run python -m app evaluate",
+             "model": "run python -m app evaluate, or python -m app model list / rollback",
+             "database": "lower retention.keep_days and run python -m app cleanup, or raise general.max_db_mb",
+             "blocklist": "run python -m app collect once (each round reconciles the map with the ledger)"}
+    out = []
+    for c in result.checks:
+        status = {True: "ok", False: "FAIL", None: "warn"}[c.ok]
+        out.append(Check(f"health {c.name}", status, c.detail, "" if c.ok else fixes.get(c.name, ""),
+                         EXIT_ERROR if c.ok is False else 0))
+    return out
+
+
 def run_checks(settings) -> list[Check]:
     db = Path(settings.general.db)
     checks = [check_root(), check_kernel_bpf(), check_bpffs(), check_headers(), check_bcc(),
-              check_program("ip", True, "iproute2", "attaching and describing XDP"),
+              check_program("ip", True, "iproute2", "detaching XDP (down) and the network-namespace lab"),
               check_program("tshark", False, "tshark", "the sniffer: DNS names and protocols",
                             settings.sniffer.tshark_path or None),
               check_program("cron", False, "cron", "scheduling the collector and evaluator"),
@@ -192,6 +217,8 @@ def run_checks(settings) -> list[Check]:
     checks += check_modules()
     checks.append(check_database(db))
     checks.append(check_modes(settings))
+    if db.exists() and checks[-2].status != "FAIL":
+        checks += check_health(settings)
     from app.services.pin_owner import problems as xdp_problems   # unfinished loads, leftover programs (issue 10)
     checks += [Check(f"xdp {name}", "warn", text, f"python -m app down --interface {name}")
                for name, text in xdp_problems(settings.general.pin_root)]

@@ -1,43 +1,69 @@
-"""`python -m app install-cron [--user root] [--dry-run] [--cron-file PATH]`: schedule portwatch.
+"""`python -m app install-cron [--systemd] [--uninstall] [--interface IF] [--dry-run] ...`: schedule portwatch.
 
-Writes a system crontab (default /etc/cron.d/portwatch, the format with a user field) with three
-entries, with the venv's absolute python path and the repository's absolute paths, logging to
-<log-dir>/{collector,evaluator,cleanup}.log (the directory 0700, or 0750 for general.group; each entry
-sets the umask first, so the logs are never world-readable). Each job takes its own lock in
-general.run_dir (root-only, app/services/locks.py): a run still busy makes the next one exit 6
-with one line in its log instead of overlapping it.
+Writes a system crontab (default /etc/cron.d/portwatch, the format with a user field), or with
+--systemd three service + timer unit pairs (default into /etc/systemd/system; nothing is enabled:
+the command to do it is printed), and a logrotate file for the logs (default
+/etc/logrotate.d/portwatch). Every job runs with the venv's absolute python and carries what
+install-cron was run with: the database (--db), the config file (--config), the interface
+(--interface / general.interface, for the collector) and the PORTWATCH_* settings in its
+environment, so the scheduled jobs watch what the person who installed them was watching. Jobs log
+to <log-dir>/{collector,evaluator,cleanup}.log under a root-only umask (0700 directory, or 0750 for
+general.group). Each job takes its own lock in general.run_dir (app/services/locks.py): a run still
+busy makes the next one exit 6 with one line in its log instead of overlapping it.
 
   every minute   app/port_collector.py --round-seconds 50   (rounds are differences since the
                  previous read, so the 10 s the run does not sleep are counted in the next round)
   hourly (:07)   app/port_detector.py                       (one evaluation; writes the report)
   daily (03:23)  python -m app cleanup                       (retention.keep_days)
 
-crontab.example at the repository root holds the same entries for a user crontab.
-Exit codes: 0 written (or printed); 2 bad user, path or file name; 3 not allowed to write it.
+The jobs need root (XDP, pinned maps, process owners): --user must name a uid-0 account.
+--uninstall removes what an install wrote (the crontab or the units, and the logrotate file).
+crontab.example at the repository root holds the same entries for a user crontab;
+contrib/logrotate/portwatch the logrotate file for the default log directory.
+Exit codes: 0 written, removed (or printed); 2 bad user, path or file name; 3 not allowed to write it.
 """
 from __future__ import annotations
 
 import os
 import pwd
+import re
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.cli import add_command
 
 DEFAULT_CRON_FILE = "/etc/cron.d/portwatch"
+DEFAULT_UNIT_DIR = "/etc/systemd/system"
+DEFAULT_LOGROTATE_FILE = "/etc/logrotate.d/portwatch"
 DEFAULT_LOG_DIR = "/var/log/portwatch"
 COLLECTOR_ROUND_SECONDS = 50
+MARK = "written by `python -m app install-cron`"
+# PORTWATCH_* variables that become flags instead of being carried in the environment
+AS_FLAGS = {"PORTWATCH_CONFIG", "PORTWATCH_DB", "PORTWATCH_GENERAL_DB", "PORTWATCH_INTERFACE",
+            "PORTWATCH_GENERAL_INTERFACE"}
 
-DESCRIPTION = """Write the cron entries that run portwatch: the collector every minute, the evaluator
-hourly and the cleanup daily (each takes its lock in general.run_dir: no overlapping runs), with the
-venv's absolute python path, logging to --log-dir. --dry-run prints the file instead of writing it.
+DESCRIPTION = """Schedule portwatch: the collector every minute, the evaluator hourly and the cleanup
+daily, as a system crontab (default) or systemd timers (--systemd), plus a logrotate file for their
+logs. The jobs carry the --db, --config, --interface and PORTWATCH_* settings this command runs
+with. --dry-run prints what would be written; --uninstall removes it again.
 
 examples:
-  sudo .venv/bin/python -m app install-cron
-  .venv/bin/python -m app install-cron --dry-run
-  sudo .venv/bin/python -m app install-cron --cron-file /etc/cron.d/portwatch-eth1 --user root"""
+  sudo .venv/bin/python -m app install-cron --interface eth0
+  sudo .venv/bin/python -m app --db /srv/pw/ports.db install-cron --dry-run
+  sudo .venv/bin/python -m app install-cron --systemd      # then: systemctl enable --now portwatch-*.timer
+  sudo .venv/bin/python -m app install-cron --uninstall"""
+
+
+@dataclass
+class Job:
+    name: str            # collector, evaluator, cleanup
+    argv: list[str]      # the command, without redirection
+    schedule: str        # cron schedule
+    calendar: str        # systemd OnCalendar
+    comment: str
 
 
 def venv_python() -> Path:
@@ -48,91 +74,246 @@ def venv_python() -> Path:
     return Path(sys.executable).absolute()
 
 
-def entries(python: Path, root: Path, log_dir: Path, umask: str = "077") -> list[tuple[str, str, str]]:
-    """[(schedule, command, comment)] for the three jobs; paths absolute and shell-quoted."""
-    py, rt, logs = shlex.quote(str(python)), Path(root), Path(log_dir)
-    mask = f"umask {umask} &&"
+def carried_environment(environ=None) -> dict[str, str]:
+    """The PORTWATCH_* settings of this run that the jobs must see too (sorted by name)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in sorted(environ.items()) if k.startswith("PORTWATCH_") and k not in AS_FLAGS}
 
-    def q(path) -> str:
-        return shlex.quote(str(path))
 
+def jobs(python: Path, root: Path, db: str, config: str | None, interface: str | None) -> list[Job]:
+    """The three jobs with every path absolute."""
+    common = ["--db", str(Path(db).absolute())] + (["--config", str(Path(config).absolute())] if config else [])
+    collector = [str(python), str(root / "app" / "port_collector.py"), *common]
+    if interface:
+        collector += ["--interface", interface]
     return [
-        ("* * * * *",
-         f"{mask} {py} {q(rt / 'app' / 'port_collector.py')} "
-         f"--round-seconds {COLLECTOR_ROUND_SECONDS} >> {q(logs / 'collector.log')} 2>&1",
-         "collector: one round per minute"),
-        ("7 * * * *",
-         f"{mask} {py} {q(rt / 'app' / 'port_detector.py')} "
-         f">> {q(logs / 'evaluator.log')} 2>&1",
-         "evaluator: one evaluation per hour (and the report)"),
-        ("23 3 * * *",
-         f"{mask} cd {q(rt)} && {py} -m app cleanup "
-         f">> {q(logs / 'cleanup.log')} 2>&1",
-         "cleanup: retention and vacuum, daily"),
+        Job("collector", collector + ["--round-seconds", str(COLLECTOR_ROUND_SECONDS)], "* * * * *",
+            "*-*-* *:*:00", "collector: one round per minute"),
+        Job("evaluator", [str(python), str(root / "app" / "port_detector.py"), *common], "7 * * * *",
+            "*-*-* *:07:00", "evaluator: one evaluation per hour (and the report)"),
+        Job("cleanup", [str(python), "-m", "app", "cleanup", *common], "23 3 * * *", "*-*-* 03:23:00",
+            "cleanup: retention and vacuum, daily"),
     ]
 
 
-def render(python: Path, root: Path, log_dir: Path, user: str | None, now: float | None = None) -> str:
+# --- cron -----------------------------------------------------------------------------------------
+
+def cron_command(job: Job, root: Path, log_dir: Path, env: dict[str, str], umask: str) -> str:
+    """One shell command line; '%' escaped (cron turns a bare '%' into a newline)."""
+    assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    command = " ".join(shlex.quote(a) for a in job.argv)
+    text = (f"umask {umask} && cd {shlex.quote(str(root))} && {assignments + ' ' if assignments else ''}{command} "
+            f">> {shlex.quote(str(log_dir / (job.name + '.log')))} 2>&1")
+    return text.replace("%", "\\%")
+
+
+def render(the_jobs: list[Job], root: Path, log_dir: Path, user: str | None, env: dict[str, str],
+           now: float | None = None) -> str:
     """The crontab text; with ``user`` the /etc/cron.d format (a user field after the schedule)."""
+    from app import permissions
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() if now is None else now))
-    lines = [f"# portwatch cron entries, written by `python -m app install-cron` on {stamp}.",
-             "# A new install-cron run overwrites this file. Each job takes its lock in general.run_dir: a run",
-             "# still busy makes the next one exit 6 instead of piling up. Logs: " + str(log_dir) + "/*.log",
+    lines = [f"# portwatch cron entries, {MARK} on {stamp}.",
+             "# A new install-cron run overwrites this file; install-cron --uninstall removes it. Each job takes",
+             "# its lock in general.run_dir: a run still busy makes the next one exit 6 instead of piling up.",
+             f"# Logs: {log_dir}/*.log (rotated by the logrotate file install-cron writes).",
              "SHELL=/bin/sh",
              "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
              ""]
-    from app import permissions
-    for schedule, command, comment in entries(python, root, log_dir, f"{permissions.umask():03o}"):
-        lines.append(f"# {comment}")
-        lines.append(f"{schedule} {user} {command}" if user else f"{schedule} {command}")
+    for job in the_jobs:
+        command = cron_command(job, root, log_dir, env, f"{permissions.umask():03o}")
+        lines.append(f"# {job.comment}")
+        lines.append(f"{job.schedule} {user} {command}" if user else f"{job.schedule} {command}")
     return "\n".join(lines) + "\n"
 
 
+# --- systemd --------------------------------------------------------------------------------------
+
+def _unit_quote(word: str) -> str:
+    """One ExecStart/Environment word for systemd: specifiers ('%') and variables ('$') escaped,
+    double-quoted when it holds a space, quote or backslash."""
+    word = word.replace("%", "%%").replace("$", "$$")
+    if re.search(r'[\s"\'\\]', word):
+        return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return word
+
+
+def unit_files(the_jobs: list[Job], root: Path, log_dir: Path, env: dict[str, str]) -> dict[str, str]:
+    """{file name: text} of a service and a timer per job."""
+    from app import permissions
+    out = {}
+    for job in the_jobs:
+        log = log_dir / f"{job.name}.log"
+        service = [f"# {MARK}; install-cron --systemd --uninstall removes it.",
+                   "[Unit]", f"Description=portwatch {job.comment}", "After=network-online.target", "",
+                   "[Service]", "Type=oneshot", f"UMask={permissions.umask():04o}",
+                   f"WorkingDirectory={_unit_quote(str(root))}"]
+        service += [f"Environment={_unit_quote(f'{k}={v}')}" for k, v in env.items()]
+        service += [f"ExecStart={' '.join(_unit_quote(a) for a in job.argv)}",
+                    f"StandardOutput=append:{log}", f"StandardError=append:{log}", ""]
+        timer = [f"# {MARK}; install-cron --systemd --uninstall removes it.",
+                 "[Unit]", f"Description=portwatch {job.comment} (timer)", "",
+                 "[Timer]", f"OnCalendar={job.calendar}", "AccuracySec=1s",
+                 f"Persistent={'false' if job.name == 'collector' else 'true'}", "",
+                 "[Install]", "WantedBy=timers.target", ""]
+        out[f"portwatch-{job.name}.service"] = "\n".join(service)
+        out[f"portwatch-{job.name}.timer"] = "\n".join(timer)
+    return out
+
+
+def timer_names(the_jobs: list[Job]) -> list[str]:
+    return [f"portwatch-{job.name}.timer" for job in the_jobs]
+
+
+# --- logrotate ------------------------------------------------------------------------------------
+
+def logrotate_text(log_dir: Path, group: str = "") -> str:
+    """Weekly rotation of the jobs' logs, 8 kept, compressed, recreated root-only (or group-readable)."""
+    owner = f"root {group}" if group else "root root"
+    mode = "0640" if group else "0600"
+    return (f"# portwatch job logs, {MARK}; install-cron --uninstall removes it.\n"
+            f"{log_dir}/*.log {{\n"
+            "    weekly\n    rotate 8\n    maxsize 50M\n    compress\n    delaycompress\n"
+            "    missingok\n    notifempty\n"
+            f"    create {mode} {owner}\n"
+            f"    su {owner}\n"
+            "}\n")
+
+
+# --- the command ----------------------------------------------------------------------------------
+
 def register(sub) -> None:
-    parser = add_command(sub, "install-cron", "write the cron entries (collector, evaluator, cleanup)", DESCRIPTION)
-    parser.add_argument("--user", default="root", help="user the jobs run as (default: root; XDP needs root)")
+    parser = add_command(sub, "install-cron", "schedule the collector, evaluator and cleanup (cron or systemd) "
+                         "with logrotate", DESCRIPTION)
+    parser.add_argument("--interface", "-i", metavar="IF",
+                        help="interface the collector watches (default: general.interface, else the "
+                             "default-route one at each run)")
+    parser.add_argument("--user", default="root", help="user the jobs run as (default root; must have uid 0)")
     parser.add_argument("--cron-file", default=DEFAULT_CRON_FILE, metavar="PATH",
                         help=f"system crontab to write (default: {DEFAULT_CRON_FILE})")
+    parser.add_argument("--systemd", action="store_true",
+                        help="write systemd service and timer units instead of a crontab (not enabled)")
+    parser.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR, metavar="DIR",
+                        help=f"where --systemd writes the units (default: {DEFAULT_UNIT_DIR})")
+    parser.add_argument("--logrotate-file", default=DEFAULT_LOGROTATE_FILE, metavar="PATH",
+                        help=f"logrotate file for the logs (default: {DEFAULT_LOGROTATE_FILE}; '' to skip)")
     parser.add_argument("--log-dir", default=DEFAULT_LOG_DIR, metavar="DIR",
                         help=f"where the jobs log (default: {DEFAULT_LOG_DIR})")
     parser.add_argument("--python", metavar="PATH", help="python to run (default: this venv's python)")
-    parser.add_argument("--dry-run", action="store_true", help="print the entries, write nothing")
+    parser.add_argument("--uninstall", action="store_true",
+                        help="remove the crontab (or with --systemd the units) and the logrotate file")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be written or removed")
     parser.set_defaults(func=run)
 
 
-def run(args, settings) -> int:
-    from app.config import REPO_ROOT
+def _check_user(name: str) -> None:
+    from app.errors import UsageError
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise UsageError(f"user {name!r} does not exist on this host: pass an existing one with --user") from None
+    if entry.pw_uid != 0:
+        raise UsageError(f"user {name!r} is not root (uid {entry.pw_uid}): the jobs load XDP and read pinned maps, "
+                         "so they must run as root (--user root)")
+
+
+def _write(path: Path, text: str) -> None:
     from app.errors import NeedsRootError, UsageError
     from app.services.files import atomic_write
+    if not path.parent.is_dir():
+        raise UsageError(f"directory {path.parent} does not exist: create it or choose another path")
     try:
-        pwd.getpwnam(args.user)
-    except KeyError:
-        raise UsageError(f"user {args.user!r} does not exist on this host: pass an existing one with --user") from None
+        atomic_write(path, text, mode=0o644)      # cron and logrotate skip group/other-writable files
+    except PermissionError as exc:
+        raise NeedsRootError(f"cannot write {exc.filename or path}: run install-cron as root (sudo)") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _ours(path: Path) -> bool:
+    try:
+        return MARK in path.read_text(errors="replace")[:400]
+    except OSError:
+        return False
+
+
+def uninstall(args, targets: list[Path]) -> int:
+    from app.errors import NeedsRootError, UsageError
+    present = [p for p in targets if p.exists()]
+    foreign = [p for p in present if not _ours(p)]
+    if foreign:
+        raise UsageError(f"{foreign[0]} was not written by install-cron: remove it yourself if it is portwatch's")
+    if args.dry_run:
+        print("\n".join(f"would remove {p}" for p in present) or "nothing to remove")
+        return 0
+    if args.systemd and Path(args.unit_dir) == Path(DEFAULT_UNIT_DIR) and Path("/run/systemd/system").is_dir():
+        import subprocess
+        timers = [p.name for p in present if p.suffix == ".timer"]
+        if timers:
+            subprocess.run(["systemctl", "disable", "--now", *timers], capture_output=True, check=False)
+    for path in present:
+        try:
+            path.unlink()
+        except PermissionError:
+            raise NeedsRootError(f"cannot remove {path}: run install-cron --uninstall as root (sudo)") from None
+    print(f"removed {len(present)} file(s)" + "".join(f"\n  {p}" for p in present) if present
+          else "nothing to remove: " + ", ".join(str(p) for p in targets))
+    return 0
+
+
+def run(args, settings) -> int:
+    from app import permissions
+    from app.config import REPO_ROOT
+    from app.errors import UsageError
+    settings.override("general", "interface", args.interface)
+    _check_user(args.user)
     python = Path(args.python).absolute() if args.python else venv_python()
-    if not (python.is_file() and os.access(python, os.X_OK)):
-        raise UsageError(f"{python} is not an executable python: run make setup or pass --python")
     cron_file = Path(args.cron_file).absolute()
+    unit_dir = Path(args.unit_dir).absolute()
+    rotate = Path(args.logrotate_file).absolute() if args.logrotate_file else None
     log_dir = Path(args.log_dir).absolute()
-    text = render(python, REPO_ROOT, log_dir, args.user)
-    if cron_file.parent == Path("/etc/cron.d") and "." in cron_file.name:
+    if not args.systemd and cron_file.parent == Path("/etc/cron.d") and "." in cron_file.name:
         raise UsageError(f"cron ignores files in /etc/cron.d whose names contain a dot: choose a name like "
                          f"{cron_file.name.replace('.', '-')}")
-    if not cron_file.parent.is_dir():
-        raise UsageError(f"directory {cron_file.parent} does not exist: install cron (apt-get install cron) "
-                         "or choose another --cron-file")
+    the_jobs = jobs(python, REPO_ROOT, settings.general.db, settings.config_path, settings.general.interface or None)
+    if args.uninstall:
+        targets = ([unit_dir / name for name in unit_files(the_jobs, REPO_ROOT, log_dir, {})] if args.systemd
+                   else [cron_file]) + ([rotate] if rotate else [])
+        return uninstall(args, targets)
+    if not (python.is_file() and os.access(python, os.X_OK)):
+        raise UsageError(f"{python} is not an executable python: run make setup or pass --python")
+    env = carried_environment()
+    files: dict[Path, str] = {}
+    if args.systemd:
+        files.update({unit_dir / name: text for name, text in unit_files(the_jobs, REPO_ROOT, log_dir, env).items()})
+    else:
+        if not cron_file.parent.is_dir():
+            raise UsageError(f"directory {cron_file.parent} does not exist: install cron (apt-get install cron) "
+                             "or choose another --cron-file")
+        files[cron_file] = render(the_jobs, REPO_ROOT, log_dir, args.user, env)
+    if rotate:
+        files[rotate] = logrotate_text(log_dir, settings.general.group)
     if args.dry_run:
-        print(f"# would write {cron_file}")
-        print(text, end="")
+        for path, text in files.items():
+            print(f"# would write {path}")
+            print(text, end="" if text.endswith("\n") else "\n")
         return 0
+    for path in files:
+        if not path.parent.is_dir():
+            raise UsageError(f"directory {path.parent} does not exist: create it or choose another path")
     try:
-        from app import permissions
         permissions.make_dir(log_dir)
         permissions.secure(log_dir)           # an existing one too: the logs name sources and ports
-        atomic_write(cron_file, text, mode=0o644)      # cron skips group/other-writable files
     except PermissionError as exc:
-        raise NeedsRootError(f"cannot write {exc.filename or cron_file}: run install-cron as root (sudo)") from None
-    except OSError as exc:
-        raise UsageError(f"cannot write {cron_file}: {exc.strerror}") from None
-    print(f"wrote {cron_file}: collector every minute, evaluator hourly, cleanup daily (user {args.user}, "
-          f"python {python}); logs in {log_dir}")
+        from app.errors import NeedsRootError
+        raise NeedsRootError(f"cannot create {exc.filename or log_dir}: run install-cron as root (sudo)") from None
+    for path, text in files.items():
+        _write(path, text)
+    carried = [f"database {settings.general.db}"] + ([f"config {settings.config_path}"] if settings.config_path else []) \
+        + [f"interface {settings.general.interface or 'the default-route one'}"] \
+        + ([f"{len(env)} PORTWATCH_* setting(s)"] if env else [])
+    where = f"units in {unit_dir}" if args.systemd else str(cron_file)
+    print(f"wrote {where}: collector every minute, evaluator hourly, cleanup daily (user {args.user}, python "
+          f"{python}; {', '.join(carried)}); logs in {log_dir}" + (f", rotated by {rotate}" if rotate else ""))
+    if args.systemd:
+        print(f"enable them with: systemctl daemon-reload && systemctl enable --now {' '.join(timer_names(the_jobs))}")
     return 0

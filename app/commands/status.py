@@ -1,8 +1,13 @@
 """`python -m app status [--json]`: is XDP attached and how, last round, last evaluation, model
-version, blocklist size, database size.
+version, blocklist size, database size, and whether all of that is healthy.
 
-Reads only: the database is opened read-only, XDP state comes from ``ip -j -d link show`` and the
-pins under ``<pin_root>/<interface>/``. Exit codes: 0 shown (whatever the state); 2 bad interface
+Reads only (but for the health samples it puts into metrics.textfile_dir when that is set, so
+node_exporter sees what status sees): the database is opened read-only, XDP state comes from
+netlink (host.xdp_attachment: libbpf's bpf_xdp_query) and the pins under
+``<pin_root>/<interface>/``; the health checks are app/services/health.py's. Exit codes: 0
+healthy; 1 unhealthy (one line on stderr names the first failed check: no round for 3 x the round
+length, XDP not attached where pinned, the last evaluation failed, the model cannot alert, the
+database above general.max_db_mb, the blocklist map out of step with the ledger); 2 bad interface
 name; 4 corrupt database.
 """
 from __future__ import annotations
@@ -10,69 +15,46 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import time
 from pathlib import Path
 
 from app.cli import add_command
+from app.errors import EXIT_ERROR
 
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """Show what portwatch is doing on this host: XDP attached and in which mode on each
 interface seen in the rounds (or --interface), the last round, the last evaluation, the active
-model version, the blocklist size and the database size. --json prints the same as one JSON object."""
+model version, the blocklist size and the database size, then the health checks. Exits 1 with one
+line on stderr when a check fails (scripts and monitoring can use the exit code). --json prints the
+same as one JSON object; its "health" key holds every check as {name, ok, detail}."""
 
 _IFNAME = re.compile(r"^[^/\s:]{1,15}$")
 
 
 def register(sub) -> None:
-    parser = add_command(sub, "status", "show XDP state, last round/evaluation, model, blocklist, database size",
-                         DESCRIPTION)
+    parser = add_command(sub, "status", "show XDP state, last round/evaluation, model, blocklist, database size; "
+                         "exit 1 when unhealthy", DESCRIPTION)
     parser.add_argument("--interface", metavar="IF", action="append",
                         help="interface to describe (repeatable; default: every interface seen in the rounds)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (with every health check)")
     parser.set_defaults(func=run)
 
 
-
-
-def describe_interface(interface: str, pin_root: str) -> dict:
-    """{'interface', 'exists', 'attached', 'mode', 'program_id', 'pinned', ...} for one interface.
-
-    Uses app.services.xdp.describe when it is importable; otherwise reads ``ip -j -d link`` and
-    the pin directory itself.
-    """
-    exists = Path(f"/sys/class/net/{interface}").exists()
-    info = {"interface": interface, "exists": exists, "attached": False, "mode": None, "program_id": None,
-            "pinned": False, "pin_dir": str(Path(pin_root) / interface)}
-    if not exists:
-        info["pinned"] = (Path(pin_root) / interface).exists()
-        return info
-    try:
-        from app.services import xdp
-        info.update(xdp.describe(interface, pin_root))
-        info["exists"] = True
-        return info
-    except Exception as exc:    # no libbpf, no permission to read the pins, ...: fall back to ip(8)
-        log.debug("xdp.describe(%s) failed (%s); reading ip link instead", interface, exc)
-    from app.services import host
-    attached = host.xdp_attachment(interface)
-    if attached:
-        info.update(attached=True, mode=attached[1], program_id=attached[0])
-    pdir = Path(pin_root) / interface
-    info["pinned"] = pdir.is_dir() and any(pdir.iterdir())
-    return info
-
-
 def gather(settings, interfaces: list[str] | None = None, now: float | None = None) -> dict:
-    """Everything ``status`` shows, as a JSON-ready dict."""
+    """Everything ``status`` shows, as a JSON-ready dict; ``health`` holds the checks of
+    app.services.health (the same ones doctor and the metrics report)."""
     from app.db import reports as queries
     from app.db.connection import connect
-    from app.services.files import database_bytes
+    from app.services import health
     now = time.time() if now is None else now
+    facts = health.gather_facts(settings)
     db = Path(settings.general.db)
-    status: dict = {"database": {"path": str(db), "exists": db.exists(), "bytes": database_bytes(db)}}
+    status: dict = {"database": {"path": str(db), "exists": facts["exists"], "bytes": facts["bytes"],
+                                 "max_mb": settings.general.max_db_mb}}
     summary = None
-    if db.exists():
+    if facts["exists"]:
         conn = connect(db, readonly=True)
         try:
             summary = queries.status_summary(conn)
@@ -82,18 +64,22 @@ def gather(settings, interfaces: list[str] | None = None, now: float | None = No
     status["last_round"] = summary["last_round"] if summary else None
     if status["last_round"]:
         status["last_round"]["age_seconds"] = round(now - status["last_round"]["end_time"], 1)
-    status["last_evaluation"] = summary["last_evaluation"] if summary else None
+    # a no-op evaluation ('no-rounds') never hides the last real one
+    status["last_evaluation"] = facts["last_real"]
     if status["last_evaluation"]:
         at = status["last_evaluation"]["finished_at"] or status["last_evaluation"]["started_at"]
         status["last_evaluation"]["age_seconds"] = round(now - at, 1)
+    noop = facts["last_noop"]
+    status["last_noop_evaluation"] = noop if noop and (not facts["last_real"] or noop["id"] > facts["last_real"]["id"]) else None
     status["model"] = summary["model"] if summary else None
     status["blacklist"] = summary["blacklist"] if summary else {"active": 0, "dry_run": 0, "expired": 0, "removed": 0}
-    names = list(interfaces or [])
-    if not names:
-        names = list(summary["interfaces"]) if summary else []
-        if settings.general.interface and settings.general.interface not in names:
-            names.append(settings.general.interface)
-    status["xdp"] = [describe_interface(name, settings.general.pin_root) for name in names]
+    names = health.interfaces_to_check(settings, facts, interfaces)
+    status["xdp"] = [health.describe_interface(name, settings.general.pin_root) for name in names]
+    result = health.check(settings, interfaces, now, facts=facts, described=status["xdp"])
+    status["health"] = result.as_dict()
+    if not interfaces:                  # the whole picture: export it (metrics.textfile_dir, when set)
+        from app.services.metrics import write_health
+        write_health(settings, result)
     return status
 
 
@@ -134,6 +120,10 @@ def render(status: dict, now: float) -> str:
     lines.append("last evaluation: none" if not e else
                  f"last evaluation: #{e['id']} {_when(e['finished_at'] or e['started_at'], now)}, "
                  f"status {e['status'] or 'running'}, {e['anomalies'] or 0} anomalies")
+    if status.get("last_noop_evaluation"):
+        n = status["last_noop_evaluation"]
+        lines.append(f"                 (later: #{n['id']} {_when(n['finished_at'] or n['started_at'], now)} "
+                     "found no new rounds)")
     m = status["model"]
     lines.append("model:           none yet (warm-up)" if not m else
                  f"model:           version {m['version']}, threshold "
@@ -150,12 +140,18 @@ def render(status: dict, now: float) -> str:
                                                                   f"--interface {x['interface']})" if x["pinned"] else ""))
             continue
         state = (f"attached ({x['mode']}, program {x['program_id']})" if x["attached"] else "not attached")
+        state = x.get("programs") or state                  # XDP and TC egress (app/services/xdp.py describe)
         pins = f"pinned at {x['pin_dir']}" if x["pinned"] else "no pins"
         extra = ""
         if x.get("attached") and x.get("pinned") and x.get("ours") is False:
             extra = "; the attached program is not portwatch's pinned one"
         extra += f"; {x['problem']}" if x.get("problem") else ""
         lines.append(f"{label}{state}, {pins}{extra}")
+    h = status["health"]
+    lines.append("health:          " + ("ok" if h["healthy"] else "UNHEALTHY"))
+    for c in h["checks"]:
+        mark = {True: "ok  ", False: "FAIL", None: "?   "}[c["ok"]]
+        lines.append(f"  {mark} {c['name']:<11} {c['detail']}")
     return "\n".join(lines)
 
 
@@ -170,4 +166,7 @@ def run(args, settings) -> int:
         print(json.dumps(status, indent=2, sort_keys=True, default=str))
     else:
         print(render(status, now))
+    if not status["health"]["healthy"]:
+        print(f"portwatch: unhealthy: {status['health']['reason']}", file=sys.stderr)
+        return EXIT_ERROR
     return 0

@@ -28,6 +28,64 @@ log = logging.getLogger(__name__)
 INIT_SQL = Path(__file__).resolve().parent.parent.parent / "init.sql"
 BUSY_TIMEOUT_MS = 15000
 
+# Migration 4 — issue 9/12 kernel counting: family-aware sources with fragments and TTL ranges, evictions and new
+# sources per round, SYN-limit drops, the TC egress program's tables (egress_port_stats,
+# destination_stats, outbound flows as flows.direction = 'out') and two-way peers. init.sql holds the
+# same for fresh databases.
+KERNEL_COUNTING_SQL = """
+ALTER TABLE rounds ADD COLUMN source_evictions INTEGER;
+ALTER TABLE rounds ADD COLUMN new_sources INTEGER;
+ALTER TABLE rounds ADD COLUMN per_source_incomplete INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rounds ADD COLUMN short_fragments INTEGER;
+ALTER TABLE rounds ADD COLUMN syn_limited_packets INTEGER;
+ALTER TABLE rounds ADD COLUMN egress_packets INTEGER;
+ALTER TABLE rounds ADD COLUMN egress_bytes INTEGER;
+ALTER TABLE rounds ADD COLUMN egress_unparsed INTEGER;
+ALTER TABLE rounds ADD COLUMN egress_dropped_packets INTEGER;
+ALTER TABLE rounds ADD COLUMN destination_entries INTEGER;
+ALTER TABLE rounds ADD COLUMN destination_evictions INTEGER;
+ALTER TABLE rounds ADD COLUMN egress_flow_evictions INTEGER;
+ALTER TABLE rounds ADD COLUMN egress_program_id INTEGER;
+ALTER TABLE rounds ADD COLUMN two_way_peers INTEGER;
+ALTER TABLE source_stats ADD COLUMN fragments INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE source_stats ADD COLUMN ttl_min INTEGER;
+ALTER TABLE source_stats ADD COLUMN ttl_max INTEGER;
+ALTER TABLE flows ADD COLUMN direction TEXT NOT NULL DEFAULT 'in';   -- 'in' (XDP) or 'out' (TC egress)
+CREATE TABLE IF NOT EXISTS egress_port_stats (
+    round_id      INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
+    port_id       INTEGER NOT NULL REFERENCES ports(id),   -- the LOCAL (source) port, folded like port_stats
+    packets       INTEGER NOT NULL,
+    bytes         INTEGER NOT NULL,          -- frame bytes on the wire (GSO super-packets counted per segment)
+    payload_bytes INTEGER NOT NULL DEFAULT 0,
+    syn           INTEGER NOT NULL DEFAULT 0,  -- SYN without ACK sent
+    PRIMARY KEY (round_id, port_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS egress_port_stats_port ON egress_port_stats(port_id, round_id);
+
+CREATE TABLE IF NOT EXISTS destination_stats (
+    round_id       INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
+    address        TEXT NOT NULL,            -- remote address this host sent to
+    packets        INTEGER NOT NULL,
+    bytes          INTEGER NOT NULL,
+    syn            INTEGER NOT NULL DEFAULT 0,
+    distinct_ports INTEGER NOT NULL DEFAULT 0,  -- remote (port, protocol) pairs sent to in the round
+    PRIMARY KEY (round_id, address)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS destination_stats_address ON destination_stats(address, round_id);
+
+-- remote addresses that talked WITH this host: a two-way exchange seen in a round (TCP with the remote's
+-- ACK / UDP, both directions on the same ports) or an ESTABLISHED socket the scanner saw
+CREATE TABLE IF NOT EXISTS peers (
+    address        TEXT PRIMARY KEY,
+    first_seen     REAL NOT NULL,            -- first two-way exchange (epoch seconds)
+    last_two_way   REAL NOT NULL,            -- latest one
+    two_way_rounds INTEGER NOT NULL DEFAULT 0,  -- rounds with a two-way exchange
+    last_round_id  INTEGER,
+    last_evidence  TEXT                      -- 'flows', 'established' or 'flows+established'
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS peers_last ON peers(last_two_way);
+"""
+
 # version -> SQL that upgrades from version-1. Version 1 is the first init.sql; init.sql always
 # creates the newest schema (and sets its user_version) for a fresh database.
 MIGRATIONS: dict[int, str] = {
@@ -110,11 +168,35 @@ CREATE TABLE IF NOT EXISTS crowdsec_state (
     value TEXT
 ) WITHOUT ROWID;
 """,
-    # 4: fail closed, exact on every path (issue 10): a round that is only a baseline (its counts cover an
+    # 4: issue 11: the allowlist kept in the database (`allow add|remove|list`), beside the config one;
+    #    anomalies.updated_at: when a finding last grew (a scan that lasts is one finding, updated);
+    #    v_recent_anomalies shows each finding's summary line and when it last grew
+    4: """
+CREATE TABLE IF NOT EXISTS allowlist (
+    address    TEXT PRIMARY KEY,             -- CIDR, as in blacklist.address
+    reason     TEXT,
+    created_at REAL NOT NULL
+);
+ALTER TABLE anomalies ADD COLUMN updated_at REAL;
+DROP VIEW IF EXISTS v_recent_anomalies;
+CREATE VIEW v_recent_anomalies AS
+SELECT a.id, datetime(a.created_at, 'unixepoch') AS at, a.detector,
+       CASE WHEN p.value = -1 THEN 'ephemeral' ELSE CAST(p.value AS TEXT) END AS port, p.protocol,
+       round(a.score, 3) AS score, round(a.threshold, 3) AS threshold, a.source,
+       a.first_round_id, a.last_round_id,
+       json_extract(CASE WHEN json_valid(a.reasons) THEN a.reasons END, '$.summary') AS summary,
+       datetime(a.updated_at, 'unixepoch') AS grown, a.reasons
+FROM anomalies a LEFT JOIN ports p ON p.id = a.port_id
+WHERE COALESCE(a.updated_at, a.created_at) >= strftime('%s', 'now') - 7 * 86400
+ORDER BY a.id DESC;
+""",
+    # 5: issue 9/12 kernel counting (renumbering it is this one key plus init.sql's user_version)
+    5: KERNEL_COUNTING_SQL,
+    # 6: fail closed, exact on every path (issue 10): a round that is only a baseline (its counts cover an
     #    unknown span before this database watched the interface: stored, never evaluated); the kernel id
     #    of the map each snapshot was read from (a snapshot of other maps is no baseline for these); this
     #    database's random identity (the pin directory records which database enforces it)
-    4: """
+    6: """
 ALTER TABLE rounds ADD COLUMN baseline INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE counter_snapshots ADD COLUMN map_id INTEGER;
 CREATE TABLE IF NOT EXISTS database_identity (

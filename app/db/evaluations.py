@@ -47,6 +47,14 @@ def insert_anomaly(conn: sqlite3.Connection, *, evaluation_id: int, port_id: int
          last_round_id, source, created_at)).lastrowid
 
 
+def update_anomaly(conn: sqlite3.Connection, anomaly_id: int, *, score: float | None, reasons: str,
+                   first_round_id: int, last_round_id: int, updated_at: float) -> None:
+    """A stored finding that grew (a scan that goes on): same id, wider rounds, new reasons JSON."""
+    conn.execute("UPDATE anomalies SET score = ?, reasons = ?, first_round_id = ?, last_round_id = ?, "
+                 "updated_at = ? WHERE id = ?",
+                 (_finite(score), reasons, first_round_id, last_round_id, updated_at, anomaly_id))
+
+
 def anomaly_spans(conn: sqlite3.Connection, first: int, last: int) -> list[tuple[int | None, int, int]]:
     """(port_id, first_round_id, last_round_id) of stored anomalies overlapping rounds first..last."""
     return [tuple(r) for r in conn.execute(

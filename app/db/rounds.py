@@ -1,5 +1,6 @@
 """Queries for rounds and their kernel counters (rounds, port_stats, source_stats, source_ports,
-flows, global_stats, counter_snapshots, xdp_loads, blacklist_drops, database_identity).
+flows, global_stats, counter_snapshots, xdp_loads, blacklist_drops, database_identity; the egress tables
+are in app/db/egress.py, two-way peers in app/db/peers.py).
 
 The collector writes one round with :func:`insert_round` and friends inside ONE transaction
 (``with conn:``), snapshot included, so a run killed mid-write leaves the previous snapshot in
@@ -54,9 +55,9 @@ def insert_port_stats(conn, round_id: int, rows: Iterable[tuple]) -> None:
 
 
 def insert_source_stats(conn, round_id: int, rows: Iterable[tuple]) -> None:
-    """rows: (address, packets, bytes, syn, distinct_ports)."""
-    conn.executemany("INSERT INTO source_stats (round_id, address, packets, bytes, syn, distinct_ports) "
-                     "VALUES (?, ?, ?, ?, ?, ?)", ((round_id, *r) for r in rows))
+    """rows: (address, packets, bytes, syn, distinct_ports, fragments, ttl_min, ttl_max)."""
+    conn.executemany("INSERT INTO source_stats (round_id, address, packets, bytes, syn, distinct_ports, fragments, "
+                     "ttl_min, ttl_max) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", ((round_id, *r) for r in rows))
 
 
 def insert_source_ports(conn, round_id: int, rows: Iterable[tuple]) -> None:
@@ -65,12 +66,13 @@ def insert_source_ports(conn, round_id: int, rows: Iterable[tuple]) -> None:
                      ((round_id, *r) for r in rows))
 
 
-def insert_flows(conn, round_id: int, rows: Iterable[tuple]) -> None:
+def insert_flows(conn, round_id: int, rows: Iterable[tuple], direction: str = "in") -> None:
     """rows: (src_address, src_port, dst_address, dst_port, protocol, packets, bytes, first_seen, last_seen,
-    tcp_flags, reason)."""
+    tcp_flags, reason); direction 'in' (XDP ingress) or 'out' (TC egress)."""
     conn.executemany("INSERT INTO flows (round_id, src_address, src_port, dst_address, dst_port, protocol, packets, "
-                     "bytes, first_seen, last_seen, tcp_flags, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     ((round_id, *r) for r in rows))
+                     "bytes, first_seen, last_seen, tcp_flags, reason, direction) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     ((round_id, *r, direction) for r in rows))
 
 
 def insert_global_stats(conn, round_id: int, values: dict[str, int]) -> None:

@@ -125,6 +125,9 @@ class Batch:
     previous_holders: port_id -> (round_id, [(pid, process, user)]) of the ports held in the batch,
     their most recent holders before it.
     nominal_seconds: median round length (s) up to the last round, None without rounds.
+    open_scans: stored port_scan anomalies rows (the columns Finding.from_row reads) whose last
+    round is at or after the scan span's first round: a scan that goes on grows that finding, and
+    the rounds it already holds are not counted again.
     """
 
     rounds: list
@@ -139,6 +142,7 @@ class Batch:
     first_occupancy_round: int | None = None
     previous_holders: dict = field(default_factory=dict)
     nominal_seconds: float | None = None
+    open_scans: list = field(default_factory=list)
     _by_port: dict | None = field(default=None, repr=False, compare=False)
     _stats_by_port: dict | None = field(default=None, repr=False, compare=False)
     _ids: dict | None = field(default=None, repr=False, compare=False)
@@ -258,4 +262,8 @@ def load_batch(conn: sqlite3.Connection, rounds: Sequence, *, context_rounds: in
     held = {r[1] for r in batch.occupancy if r[0] >= first}
     batch.previous_holders = previous_holders(conn, held, first)
     batch.nominal_seconds = median_round_seconds(conn, last)
+    batch.open_scans = conn.execute(
+        "SELECT a.*, p.value AS port, p.protocol FROM anomalies a LEFT JOIN ports p ON p.id = a.port_id "
+        "WHERE a.detector = 'port_scan' AND a.last_round_id >= ? AND a.last_round_id < ? ORDER BY a.id",
+        (rules_lo, first)).fetchall()
     return batch

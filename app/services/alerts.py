@@ -58,27 +58,28 @@ class AlertEvent:
     at: float | None = None
 
 
-def anomaly_event(finding: Finding, *, at: float | None = None) -> AlertEvent:
-    """An AlertEvent for one stored finding; the key is detector + port + source (an ongoing attack
-    on the same port from the same source alerts once per cooldown). details: the finding's columns
-    (detector, port, protocol, score, threshold, source, anomaly_id) plus the sources it names
-    (address, share, evidence class)."""
+def anomaly_key(finding: Finding) -> str:
+    """The cooldown key of a finding's alert: detector + port + source (an ongoing attack on the same
+    port from the same source alerts once per cooldown, and a scan that grows keeps its key)."""
     where = "host" if finding.port is None else ("ephemeral" if finding.port == -1 else str(finding.port))
-    port_text = f"{finding.protocol or '?'}/{where}"
-    parts = [f"{finding.detector} anomaly on {port_text}"]
-    if finding.score is not None:
-        parts.append(f"score {finding.score:.4g}"
-                     + (f" > threshold {finding.threshold:.4g}" if finding.threshold is not None else ""))
-    if finding.source:
-        parts.append(f"source {finding.source}")
-    facts = {"detector": finding.detector, "port": finding.port, "protocol": finding.protocol,
-             "score": finding.score, "threshold": finding.threshold, "source": finding.source,
-             "anomaly_id": finding.id}
+    return f"anomaly:{finding.detector}:{finding.protocol or '?'}/{where}:{finding.source or '-'}"
+
+
+def anomaly_event(finding: Finding, *, at: float | None = None) -> AlertEvent:
+    """An AlertEvent for one stored finding: its summary line (the one ``anomalies show`` prints,
+    app/services/explain.py) after its stable id, ``anomaly 12: ...``. details: the finding's columns
+    (anomaly_id, detector, port, protocol, score, threshold, source, summary) plus the sources it
+    names (address, share, evidence class) and the command that explains it."""
+    from app.services.explain import summary
+    line = finding.summary or summary(finding)
+    facts = {"anomaly_id": finding.id, "detector": finding.detector, "port": finding.port,
+             "protocol": finding.protocol, "score": finding.score, "threshold": finding.threshold,
+             "source": finding.source, "summary": line, "rounds": [finding.first_round_id, finding.last_round_id],
+             "show": f"python -m app anomalies show {finding.id}"}
     if finding.sources:
         facts["sources"] = [{k: v for k, v in s.to_dict().items() if k in ("address", "share", "evidence")}
                             for s in finding.sources]
-    return AlertEvent("anomaly", f"anomaly:{finding.detector}:{port_text}:{finding.source or '-'}", ", ".join(parts),
-                      facts, at)
+    return AlertEvent("anomaly", anomaly_key(finding), f"anomaly {finding.id}: {line}", facts, at)
 
 
 def block_event(address: str, reason: str, *, expires_at: float | None = None, dry_run: bool = False,
@@ -206,7 +207,8 @@ def _message(events: list[AlertEvent], cfg, host: str, now: float) -> EmailMessa
     lines += ["", "Details:", ""]
     for e in events:
         lines.append(json.dumps(_payload(e, host, now), indent=2, default=str))
-    lines += ["", "Undo a block: python -m app blacklist remove ADDRESS"]
+    lines += ["", "Explain a finding: python -m app anomalies show ID",
+              "Undo a block: python -m app blacklist remove ADDRESS (or allow it: python -m app allow add ADDRESS)"]
     msg.set_content("\n".join(lines))
     return msg
 

@@ -12,6 +12,7 @@ separate process) and no TensorFlow or matplotlib anywhere on this path.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -31,13 +32,16 @@ import numpy as np  # noqa: E402
 from app.db import rounds as rounds_db  # noqa: E402
 from app.db.connection import connect  # noqa: E402
 from app.db.ports import PortIds  # noqa: E402
-from app.errors import DatabaseError, NeedsRootError, PortwatchError  # noqa: E402
-from app.services import enforcement, locks, maps, pin_owner, ports, rounds, xdp  # noqa: E402
-from app.services.bpf_structs import GLOBAL_NAMES, PwConfig, addr_text, lpm_key_text  # noqa: E402
+from app.errors import BpfError, DatabaseError, NeedsRootError, PortwatchError  # noqa: E402
+from app.services import egress, egress_rounds, enforcement, locks, maps, pin_owner, ports, rounds, xdp  # noqa: E402
+from app.services.bpf_structs import (ADDR_DTYPE, GLOBAL_NAMES, MAP_LAYOUT, PwConfig, addr_text,  # noqa: E402
+                                      lpm_key_text)
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_MAPS = ("port_stats", "sources", "srcports", "flows", "global", "blacklist")
+SNAPSHOT_MAPS = ("port_stats", "sources", "srcports", "flows", "global", "blacklist",
+                 "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
+EPOCH_MAPS = ("port_stats", "sources")     # per-round extremes keyed on the config epoch
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Observations:
     scanner_status: str = "disabled"
     packets: list | None = None            # sniffer: list[PacketRecord]
     sniffer_status: str = "disabled"
+    peers: list | None = None              # scanner: remote addresses of ESTABLISHED TCP sockets
 
 
 class Collector:
@@ -183,7 +188,11 @@ class Collector:
 
     def close_retired(self) -> RoundSummary | None:
         """Close a last round from the maps a recreate replaced (``<pin_dir>/retired``: frozen since the
-        swap), add their last drops to the ledger, then remove them. None when there are none."""
+        swap), add their last drops to the ledger, then remove them. None when there are none.
+
+        Maps whose key layout is not the one this code reads (made by an older bpf/common.h) cannot be
+        decoded: the round is closed from the others (a value struct that only grew at its end is read,
+        its new fields as zeros) and its note names the maps left out."""
         retired = self.pin_dir / xdp.RETIRED
         if not (retired / "port_stats").exists():
             return None
@@ -193,15 +202,33 @@ class Collector:
         log.info("closing a last round from the replaced maps of %s", self.interface)
         prog = retired / "prog"
         program_id = maps.prog_info(prog).id if prog.exists() else None
-        meta = xdp.read_meta(retired)
-        current, self._maps = self._maps, maps.open_maps(retired)
+        try:
+            meta = xdp.read_meta(retired)
+        except (BpfError, ValueError):        # a meta map of an older layout
+            meta = None
+        opened = maps.open_maps(retired, missing_ok=True)
+        current, self._maps, unreadable = self._maps, {}, []
+        for name, m in opened.items():
+            _, key_t, val_t = MAP_LAYOUT[name]
+            if m.info.key_size == ctypes.sizeof(key_t) and m.info.value_size <= ctypes.sizeof(val_t):
+                self._maps[name] = m
+            else:
+                unreadable.append(name)
+                m.close()
+        note = "last counts of the replaced maps"
+        if unreadable:
+            note += f" (not read, older layout: {', '.join(sorted(unreadable))})"
         saved_state, self.load_state = self.load_state, xdp.LoadState(
             self.interface, retired, self.load_state.mode if self.load_state else None, program_id,
             bytes(meta.source_hash).hex() if meta else None)
+        summary = None
         try:
-            summary = self.close_round(time.time(), Observations(), note="last counts of the replaced maps",
-                                       reconcile=False)
-            enforcement.retire_map(self.conn, self.interface, retired / "blacklist")
+            if "config" in self._maps:
+                summary = self.close_round(time.time(), Observations(), note=note, reconcile=False)
+            if "blacklist" in self._maps:
+                enforcement.retire_map(self.conn, self.interface, retired / "blacklist")
+            else:
+                enforcement.forget_map(self.conn, self.interface)
         finally:
             for m in self._maps.values():
                 m.close()
@@ -240,17 +267,17 @@ class Collector:
         was read from that very map (same kernel map id; NULL: stored before ids were); a map without one
         counts from zero when a load created it for this database (``maps_born``); otherwise this round is
         a baseline: its counts cover an unknown span before this database watched the interface."""
-        ids = {name: self._maps[name].info.id for name in SNAPSHOT_MAPS}
+        ids = {name: self._maps[name].info.id for name in SNAPSHOT_MAPS if name in self._maps}
         stored = rounds_db.snapshot_map_ids(self.conn, self.interface)
         baseline = any(not (name in stored and stored[name] in (None, ids[name])) and self._born.get(name) != ids[name]
-                       for name in SNAPSHOT_MAPS)
+                       for name in ids)
         return ids, stored, baseline
 
     def _close_round(self, start, seen: Observations, compiled, reloaded, note, reconcile=True) -> RoundSummary:
         cfg = maps.read_struct(self._maps["config"], maps.INDEX_0, PwConfig)
         epoch = cfg.epoch
-        readings = {name: rounds.read_map(self._maps[name], epoch if name == "port_stats" else None)
-                    for name in SNAPSHOT_MAPS}
+        readings = {name: (rounds.read_map(self._maps[name], epoch if name in EPOCH_MAPS else None)
+                           if name in self._maps else rounds.empty(name)) for name in SNAPSHOT_MAPS}
         end = time.time()
         listeners = seen.listeners
         listening = {(l.port, l.protocol) for l in listeners or []}
@@ -267,22 +294,29 @@ class Collector:
         # one map at a time, so the previous snapshot of only one map is in memory at once
         deltas, prev_entries, since = {}, {}, None
         for name in SNAPSHOT_MAPS:
-            snap = rounds_db.load_snapshot(conn, self.interface, name)
-            valid = snap is not None and stored.get(name) in (None, map_ids[name])
-            if baseline:
+            snap = rounds_db.load_snapshot(conn, self.interface, name) if name in self._maps else None
+            valid = snap is not None and stored.get(name) in (None, map_ids.get(name))
+            if baseline and name in self._maps:
                 prev = readings[name]                 # nothing is history: every delta is zero
             else:
                 prev = (rounds.unpack_snapshot(name, self._maps[name].info.key_size, snap[1])
                         if valid else rounds.empty(name))
-            if snap and valid:
+            if valid:
                 since = snap[0] if since is None else min(since, snap[0])
             deltas[name] = rounds.diff(readings[name], prev)
             prev_entries[name] = prev.entries
             del prev, snap
-        g = dict(zip(GLOBAL_NAMES, deltas["global"].values[0].tolist() if len(deltas["global"]) else ()))
+        g = _globals(deltas["global"])
+        eg = _globals(deltas["eg_global"])
+        ev = {name: _evictions(inserts, readings[name].entries, prev_entries[name]) for name, inserts in (
+            ("sources", g.get("source_inserts", 0)), ("srcports", g.get("srcport_inserts", 0)),
+            ("flows", g.get("flow_inserts", 0)), ("eg_dests", eg.get("source_inserts", 0)),
+            ("eg_flows", eg.get("flow_inserts", 0)))}
+        two_way = egress_rounds.two_way_addresses(deltas["flows"], deltas["eg_flows"])
+        mode = self.load_state.mode if self.load_state else None
         values = {
             "start_time": start, "end_time": end, "counts_since": since, "interface": self.interface,
-            "xdp_mode": self.load_state.mode if self.load_state else None,
+            "xdp_mode": egress.mode_text(self.settings, self.interface, mode),
             "program_id": self.load_state.program_id if self.load_state else None,
             "source_hash": self.load_state.source_hash if self.load_state else None,
             "compiled": int(compiled), "reloaded": int(reloaded),
@@ -292,9 +326,17 @@ class Collector:
             "port_entries": readings["port_stats"].entries, "source_entries": readings["sources"].entries,
             "srcport_entries": readings["srcports"].entries, "flow_entries": readings["flows"].entries,
             "blacklist_entries": readings["blacklist"].entries,
-            "srcport_evictions": _evictions(g.get("srcport_inserts", 0), readings["srcports"].entries,
-                                            prev_entries["srcports"]),
-            "flow_evictions": _evictions(g.get("flow_inserts", 0), readings["flows"].entries, prev_entries["flows"]),
+            "srcport_evictions": ev["srcports"], "flow_evictions": ev["flows"], "source_evictions": ev["sources"],
+            "new_sources": g.get("source_inserts", 0),
+            "per_source_incomplete": int(bool(ev["sources"] or ev["srcports"])),
+            "short_fragments": g.get("short_fragments", 0), "syn_limited_packets": g.get("syn_limited", 0),
+            "egress_packets": eg.get("total", 0) if "eg_global" in self._maps else None,
+            "egress_bytes": eg.get("bytes", 0) if "eg_global" in self._maps else None,
+            "egress_unparsed": eg.get("unparsed", 0) if "eg_global" in self._maps else None,
+            "egress_dropped_packets": eg.get("dropped", 0) if "eg_global" in self._maps else None,
+            "destination_entries": readings["eg_dests"].entries, "destination_evictions": ev["eg_dests"],
+            "egress_flow_evictions": ev["eg_flows"], "two_way_peers": len(two_way),
+            "egress_program_id": _egress_program_id(self.pin_dir),
             "scanner_status": seen.scanner_status, "sniffer_status": seen.sniffer_status,
             "note": note, "baseline": int(baseline),
         }
@@ -304,8 +346,10 @@ class Collector:
         def snapshot(*names):
             """Store these maps' new snapshots and let their readings go."""
             for name in names:
-                rounds_db.save_snapshot(conn, self.interface, name, end, round_id, program_id,
-                                        readings[name].entries, rounds.pack_snapshot(readings[name]), map_ids[name])
+                if name in self._maps:
+                    rounds_db.save_snapshot(conn, self.interface, name, end, round_id, program_id,
+                                            readings[name].entries, rounds.pack_snapshot(readings[name]),
+                                            map_ids[name])
                 del readings[name], deltas[name]
 
         with conn:
@@ -314,13 +358,18 @@ class Collector:
             n_ports = self._write_ports(round_id, deltas["port_stats"], readings["port_stats"].extras, port_ids,
                                         listening, low, high, fold)
             snapshot("port_stats")
-            many = self._write_sources(round_id, deltas["sources"], deltas["srcports"])
+            many = self._write_sources(round_id, deltas["sources"], readings["sources"].extras, deltas["srcports"])
             snapshot("sources", "srcports")
             self._write_flows(round_id, deltas["flows"], readings["flows"].extras, many)
             snapshot("flows")
             rounds_db.insert_global_stats(conn, round_id, g)
             self._write_blacklist_drops(round_id, deltas["blacklist"])
             snapshot("global", "blacklist")
+            egress_rounds.write_egress(conn, round_id, deltas, readings, port_ids,
+                                       lambda p, proto: ports.fold_port(p, proto, listening, low, high, fold),
+                                       self.settings.collector.top_flows, self.settings.collector.many_ports_threshold)
+            snapshot("eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
+            egress_rounds.record_peers(conn, round_id, end, two_way, seen.peers or ())
             n_listeners = None
             if listeners is not None:
                 from app.db.occupancy import insert_occupancy
@@ -337,7 +386,7 @@ class Collector:
             rounds_db.update_round(conn, round_id, {
                 "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_kb": ru.ru_maxrss,
                 "sniffer_packets": sniffed})
-        # the next round's payload extremes start now
+        # the next round's payload extremes and TTL ranges start now
         cfg.epoch = (epoch + 1) & 0xFFFFFFFF
         self._maps["config"].update(maps.INDEX_0, bytes(cfg))
         if reconcile:
@@ -381,9 +430,9 @@ class Collector:
         rounds_db.insert_port_stats(self.conn, round_id, rows)
         return len(rows)
 
-    def _write_sources(self, round_id, sources: rounds.Delta, srcports: rounds.Delta) -> set[bytes]:
-        """source_stats rows (with distinct ports) and source_ports for many-port sources.
-        Returns the raw addresses of the sources that reached many ports."""
+    def _write_sources(self, round_id, sources: rounds.Delta, extras, srcports: rounds.Delta) -> set[bytes]:
+        """source_stats rows (with distinct ports, fragments, the round's TTL range) and source_ports for
+        many-port sources. Returns the raw addresses of the sources that reached many ports."""
         # distinct (port, protocol) pairs per source, vectorised over the srcport keys' "src" field
         n_ports = np.zeros(len(sources), dtype=np.int64)
         src_of_pair = srcports.field("src") if len(srcports) else None
@@ -393,12 +442,15 @@ class Collector:
             n_ports = np.where(pos >= 0, counts[np.maximum(pos, 0)], 0)
         threshold = self.settings.collector.many_ports_threshold
         key = sources.reading.key          # a sources key is one struct pw_addr
-        rows = [(addr_text(key(i)), packets, bytes_, syn, n) for i, (packets, bytes_, syn), n in
-                zip(sources.index.tolist(), sources.values.tolist(), n_ports.tolist())]
+        ttl = extras[sources.index].tolist() if len(sources) else []
+        rows = [(addr_text(key(i)), packets, bytes_, syn, n, frags, None if lo == rounds.U32_MAX else lo,
+                 None if lo == rounds.U32_MAX else hi)
+                for i, (packets, bytes_, syn, frags), n, (lo, hi) in
+                zip(sources.index.tolist(), sources.values.tolist(), n_ports.tolist(), ttl)]
         many = {key(i) for i, n in zip(sources.index.tolist(), n_ports.tolist()) if n >= threshold}
         detail = []
         if many and src_of_pair is not None:
-            hit = np.flatnonzero(np.isin(src_of_pair, np.array(sorted(many), dtype="S16")))
+            hit = np.flatnonzero(np.isin(src_of_pair, np.array(sorted(many), dtype=ADDR_DTYPE)))
             pairs = srcports.key_fields(hit)
             for src, port, proto, (n,) in zip(pairs["src"].tolist(), pairs["port"].tolist(), pairs["proto"].tolist(),
                                              srcports.values[hit].tolist()):
@@ -417,7 +469,7 @@ class Collector:
         top = np.argsort(-by_bytes, kind="stable")[:top_n].tolist()
         chosen = {i: "top" for i in top}
         if many:
-            hit = np.isin(flows.field("src"), np.array(sorted(many), dtype="S16"))
+            hit = np.isin(flows.field("src"), np.array(sorted(many), dtype=ADDR_DTYPE))
             for i in np.flatnonzero(hit).tolist():
                 chosen.setdefault(i, "many-ports")
         offset = time.time() - time.clock_gettime(6)   # CLOCK_MONOTONIC_COARSE = 6: coarse ktime (ns) -> epoch
@@ -436,6 +488,18 @@ class Collector:
     def _write_blacklist_drops(self, round_id, delta: rounds.Delta) -> None:
         rows = [(lpm_key_text(key), d[0]) for key, d in zip(delta.keys, delta.values.tolist()) if d[0]]
         rounds_db.insert_blacklist_drops(self.conn, round_id, rows)
+
+
+def _globals(delta: rounds.Delta) -> dict[str, int]:
+    """The global counters' differences of one round by name (empty when the map was not read)."""
+    return dict(zip(GLOBAL_NAMES, delta.values[0].tolist() if len(delta) else ()))
+
+
+def _egress_program_id(pdir: Path) -> int | None:
+    try:
+        return maps.prog_info(pdir / egress.PROG_PIN).id if (pdir / egress.PROG_PIN).exists() else None
+    except PortwatchError:
+        return None
 
 
 def _evictions(inserts: int, entries_now: int, entries_before: int) -> int:

@@ -18,7 +18,9 @@ Interlocks (:class:`Protection`)
     Also refused: an address removed by hand less than ``manual_remove_grace_seconds`` ago, more
     than ``max_new_per_evaluation`` new blocks in one evaluation, more entries than
     ``min(max_entries, collector.blacklist_map_size)``. Dry-run records 'would-block' rows with
-    status 'dry-run', which no reconcile ever writes to a map. Every action is a blacklist_events row.
+    status 'dry-run', which no reconcile ever writes to a map; ``blocklist.simulate`` does the same
+    for the detectors it names (``["syn_flood"]``: SYN-flood blocks are simulated, scans still
+    block). Every action is a blacklist_events row.
 
 Nothing here touches a map: :func:`after_evaluation` decides, then enforces with
 app/services/enforcement.py (which never imports this module).
@@ -35,7 +37,7 @@ from typing import Sequence
 
 from app.config import ConfigError
 from app.db import blacklist as db
-from app.services import enforcement, host
+from app.services import allowlist, enforcement, host
 from app.services.enforcement import Network, capacity, normalise
 from app.services.findings import Finding
 
@@ -66,8 +68,9 @@ class Protection:
         return None
 
     @classmethod
-    def gather(cls, settings) -> "Protection":
-        """Everything protected on this host now, plus the configured allowlist."""
+    def gather(cls, settings, conn=None) -> "Protection":
+        """Everything protected on this host now, plus the allowlists: the configured one and the
+        database's (`allow add`; read through ``conn``, else from general.db when it exists)."""
         p = cls()
         for text, why in (("127.0.0.0/8", "loopback"), ("::1/128", "loopback"),
                           ("0.0.0.0/32", "the unspecified address"), ("::/128", "the unspecified address")):
@@ -86,6 +89,8 @@ class Protection:
             except ValueError:
                 raise ConfigError(f"blocklist.allowlist entry {text!r} is not an address or prefix") from None
             p.add(text, "allowlisted")
+        for text in allowlist.addresses(settings, conn):
+            p.add(text, "allowlisted (python -m app allow)")
         return p
 
 
@@ -222,24 +227,24 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
     found = candidates(conn, settings, findings)
     if not found:
         return []
-    protection = protection if protection is not None else Protection.gather(settings)
-    status = "dry-run" if cfg.dry_run else "active"
-    action = "would-block" if cfg.dry_run else "block"
+    protection = protection if protection is not None else Protection.gather(settings, conn)
     limit = capacity(settings)
     decisions: list[Decision] = []
     over_new = over_total = 0
     with db.immediate(conn):
-        # what already covers a source: enforced entries (and, in dry-run, simulated ones too)
-        listed = [(ipaddress.ip_network(r["address"]), r["address"])
-                  for r in db.entries(conn, db.LISTED if cfg.dry_run else ("active",))]
-        n_listed = db.count_status(conn, status)
+        # what already covers a source: enforced entries (and, for a simulated decision, simulated ones too)
+        listed = [(ipaddress.ip_network(r["address"]), r["address"], r["status"])
+                  for r in db.entries(conn, db.LISTED)]
+        n_listed = {s: db.count_status(conn, s) for s in db.LISTED}
         n_new = 0
         for c in found:
             address = str(c.network)
+            simulated = cfg.dry_run or c.detector in cfg.simulate      # recorded as would-block, never enforced
+            status, action = ("dry-run", "would-block") if simulated else ("active", "block")
             d = Decision(address, "refused", c.reason, c.anomaly_id, c.detector, now, evidence=c.evidence)
             decisions.append(d)
-            covering = next((text for net, text in listed
-                             if net.version == c.network.version and c.network.subnet_of(net)), None)
+            covering = next((text for net, text, st in listed if (simulated or st == "active")
+                             and net.version == c.network.version and c.network.subnet_of(net)), None)
             row = db.get_entry(conn, address)
             why = protection.refusal(c.network)
             if why:
@@ -255,7 +260,7 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
             elif n_new >= cfg.max_new_per_evaluation:
                 over_new += 1
                 d.detail = f"cap of {cfg.max_new_per_evaluation} new blocks per evaluation reached"
-            elif n_listed >= limit:
+            elif n_listed[status] >= limit:
                 over_total += 1
                 d.detail = f"blocklist full ({limit} entries)"
             else:
@@ -266,9 +271,9 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
                 d.detail = f"offence {d.offences}, ttl {d.ttl_seconds:.0f} s"
                 db.upsert_entry(conn, address, c.reason, json.dumps(c.evidence, default=str), c.anomaly_id, "auto",
                                 now, d.expires_at, status, d.offences)
-                listed.append((c.network, address))
+                listed.append((c.network, address, status))
                 n_new += 1
-                n_listed += 1
+                n_listed[status] += 1
             db.insert_event(conn, now, address, d.action, f"{c.reason}: {d.detail}")
             log.info("%s %s: %s (%s)", d.action, address, c.reason, d.detail)
     if over_new:

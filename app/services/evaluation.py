@@ -36,6 +36,7 @@ from app.db import series as dbs
 from app.db.connection import connect
 from app.errors import UsageError
 from app.services import locks, rules, series
+from app.services.explain import fill_summaries
 from app.services.findings import Finding
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,12 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
             anomalies=len(all_findings), duration_s=now - started, status=status, note=json.dumps(note),
             rounds=len(batch), ports=len(data.ports),
             observed_rate_per_day=(len(step.findings) / judged_days) if warm and judged_days > 0 else None)
+        fill_summaries(conn, all_findings)      # the one line every consumer reads
         for f in all_findings:
+            if f.id is not None:                # a stored scan that went on: the same finding, grown
+                dbe.update_anomaly(conn, f.id, score=f.score, reasons=f.to_json(), first_round_id=f.first_round_id,
+                                   last_round_id=f.last_round_id, updated_at=now)
+                continue
             f.evaluation_id = eid
             f.id = dbe.insert_anomaly(conn, evaluation_id=eid, port_id=f.port_id, detector=f.detector,
                                       score=f.score, threshold=f.threshold, reasons=f.to_json(),

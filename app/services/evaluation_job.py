@@ -68,9 +68,12 @@ def run(settings) -> JobResult:
         if result.threshold is not None:
             values["threshold"] = result.threshold
         metrics.write_metrics(settings, "evaluator", values, duration_seconds=time.monotonic() - started)
+        if settings.metrics.textfile_dir:
+            from app.services import health
+            metrics.write_health(settings, health.check(settings))
     finally:
         conn.close()
-    if settings.evaluator.report_after and result.status == "ok":
+    if settings.evaluator.report_after and result.status in ("ok", "warm-up"):     # a report during warm-up too
         try:
             from app.services.reports import write_report
             job.report = write_report(settings.general.db, settings.reports.out_dir, settings.reports.since,

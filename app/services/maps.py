@@ -244,12 +244,18 @@ def prog_info(path: str | Path) -> BpfProgInfo:
         os.close(rc)
 
 
-def open_maps(pin_dir: str | Path, names=("port_stats", "sources", "srcports", "flows", "global", "blacklist",
-                                          "config")) -> dict[str, PinnedMap]:
+COUNTING_MAPS = ("port_stats", "sources", "srcports", "flows", "global", "blacklist", "config",
+                 "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
+
+
+def open_maps(pin_dir: str | Path, names=COUNTING_MAPS, missing_ok: bool = False) -> dict[str, PinnedMap]:
+    """The pinned maps ``names`` of one interface; with ``missing_ok`` the absent ones are left out."""
     pin_dir = Path(pin_dir)
     out = {}
     try:
         for name in names:
+            if missing_ok and not (pin_dir / name).exists():
+                continue
             out[name] = PinnedMap(pin_dir / name)
     except Exception:
         for m in out.values():
@@ -265,4 +271,8 @@ def read_struct(m: PinnedMap, key: bytes, ctype):
     """The value of ``key`` as the ctypes struct ``ctype`` (the first CPU's slot of a per-CPU map),
     or None when the key is absent. ``m`` is a PinnedMap or anything with its ``lookup``."""
     raw = m.lookup(key)
-    return None if raw is None else ctype.from_buffer_copy(raw[: ctypes.sizeof(ctype)])
+    if raw is None:
+        return None
+    size = ctypes.sizeof(ctype)
+    # a shorter value (a map made by an older layout whose struct grew at its end) reads as zeros there
+    return ctype.from_buffer_copy(raw[:size].ljust(size, b"\x00"))

@@ -5,9 +5,11 @@ of a run (or wraps the run in :func:`job_metrics`). All jobs share ONE file,
 ``<metrics.textfile_dir>/<metrics.file_name>`` (default ``portwatch.prom``), with the job in the
 ``task`` label (``job`` is Prometheus' own target label): one file sidesteps node_exporter
 versions that read a metric from only one of several files. Each write reads the file, replaces
-this job's samples and renames a temporary file over it, under an flock on a hidden lock file in
-the same directory, so node_exporter never sees a half-written file and two jobs never lose
-each other's samples.
+this job's samples and writes the file through ``prometheus_client.write_to_textfile`` (a
+temporary file renamed over it), under an flock on a hidden lock file in the same directory, so
+node_exporter never sees a half-written file and two jobs never lose each other's samples.
+Parsing and exposition are prometheus_client's; what stays here is the merge of one job's samples
+into the shared file (prometheus_client has no notion of several writers to one textfile).
 
 Metrics (``task="<job>"`` on every sample)::
 
@@ -19,6 +21,11 @@ Metrics (``task="<job>"`` on every sample)::
   portwatch_last_run_timestamp_seconds, portwatch_last_success_timestamp_seconds (Unix time)
   portwatch_last_run_success          1 when the last run succeeded, else 0
 
+Health (app/services/health.py, written by ``status`` and the hourly job, no ``task`` label)::
+
+  portwatch_health_check{check="rounds"}   1 ok, 0 failed, NaN could not be checked
+  portwatch_healthy                        1 when every check passed
+
 Writing metrics never fails a run: problems are logged as warnings.
 """
 from __future__ import annotations
@@ -26,13 +33,13 @@ from __future__ import annotations
 import fcntl
 import logging
 import math
+import os
 import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from app.services.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,10 @@ GAUGES = {
     "windows": "Windows scored by the last evaluation.",
     "listeners": "Local ports with a listener in the last round.",
     "sources": "Distinct source addresses in the last round.",
+    "health_check": "1 when the health check named in 'check' passed, 0 when it failed, NaN when unknown.",
+    "healthy": "1 when every health check passed (python -m app status exits 0), else 0.",
 }
+HEALTH_JOB = "health"        # the samples write_health replaces (they carry no task label)
 RUN_METRICS = {
     "runs_total": ("counter", "Runs of the job."),
     "run_failures_total": ("counter", "Runs of the job that failed."),
@@ -72,8 +82,6 @@ RUN_METRICS = {
 }
 _NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _JOB = re.compile(r"^[a-zA-Z0-9_.-]{1,64}$")
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?$')
-_LABEL_PAIR = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
 
 
 def metric_name(key: str) -> tuple[str, str, str]:
@@ -90,59 +98,56 @@ def metric_name(key: str) -> tuple[str, str, str]:
     return PREFIX + key, "gauge", f"portwatch {key.replace('_', ' ')} (last run)."
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _unescape(value: str) -> str:
-    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
-
-
-def _format_value(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
-
-
 def parse_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """{(metric name, sorted label pairs): value} from Prometheus text (comments ignored)."""
+    """{(sample name, sorted label pairs): value} from Prometheus text (prometheus_client's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
     samples = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _SAMPLE.match(line)
-        if not match:
-            continue
-        labels = tuple(sorted((k, _unescape(v)) for k, v in _LABEL_PAIR.findall(match.group(2) or "")))
-        try:
-            samples[(match.group(1), labels)] = float(match.group(3))
-        except ValueError:
-            continue
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
+    except ValueError as exc:          # a hand-edited or truncated file: start over rather than fail the run
+        log.warning("ignoring the unreadable metrics textfile (%s)", exc)
+        return {}
     return samples
 
 
+class _Samples:
+    """A prometheus_client collector over merged samples: each family once, HELP and TYPE first."""
+
+    def __init__(self, samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float]):
+        self.samples = samples
+
+    def collect(self):
+        from prometheus_client.core import Metric
+        families: dict[str, list] = {}
+        for (name, labels), value in self.samples.items():
+            families.setdefault(name, []).append((labels, value))
+        for name in sorted(families):
+            key = name[len(PREFIX):] if name.startswith(PREFIX) else name
+            if key.endswith("_total") and key[:-6] in COUNTERS:
+                key = key[:-6]
+            _, kind, help_text = metric_name(key)
+            family = Metric(name[:-6] if kind == "counter" and name.endswith("_total") else name, help_text, kind)
+            for labels, value in sorted(families[name], key=lambda item: item[0]):
+                family.add_sample(name, dict(labels), value)
+            yield family
+
+
 def render(samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float]) -> str:
-    """Prometheus text format: each metric family once, HELP and TYPE first, samples sorted."""
-    families: dict[str, list] = {}
-    for (name, labels), value in samples.items():
-        families.setdefault(name, []).append((labels, value))
-    lines = []
-    for name in sorted(families):
-        key = name[len(PREFIX):] if name.startswith(PREFIX) else name
-        if key.endswith("_total") and key[:-6] in COUNTERS:
-            key = key[:-6]
-        _, kind, help_text = metric_name(key)
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in sorted(families[name]):
-            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-            lines.append(f"{name}{{{label_text}}} {_format_value(value)}" if labels else f"{name} {_format_value(value)}")
-    return "\n".join(lines) + "\n"
+    """Prometheus text format of ``samples`` (prometheus_client's exposition)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Samples(samples))
+    return generate_latest(registry).decode()
+
+
+def _write(path: Path, samples) -> None:
+    from prometheus_client import CollectorRegistry, write_to_textfile
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Samples(samples))
+    write_to_textfile(str(path), registry)
+    os.chmod(path, 0o644)           # node_exporter runs as its own user; the counts name no address
 
 
 def _merge(previous: dict, job: str, values: Mapping[str, float], duration_seconds: float | None,
@@ -206,12 +211,39 @@ def write_metrics(settings, job: str, values: Mapping[str, float] | None = None,
                 previous = parse_samples(path.read_text())
             except FileNotFoundError:
                 previous = {}
-            text = render(_merge(previous, job, dict(values or {}), duration_seconds, success, now))
-            atomic_write(path, text, mode=0o644)        # node_exporter runs as its own user
+            _write(path, _merge(previous, job, dict(values or {}), duration_seconds, success, now))
     except OSError as exc:
         log.warning("cannot write metrics to %s: %s (metrics.textfile_dir)", path, exc.strerror or exc)
         return None
     log.debug("metrics for %s written to %s", job, path)
+    return path
+
+
+def write_health(settings, health) -> Path | None:
+    """Replace the health samples (app.services.health.Health) in the textfile; None when
+    metrics.textfile_dir is not set or the file could not be written (logged)."""
+    from app.services.health import metric_values
+    directory = getattr(settings.metrics, "textfile_dir", "")
+    if not directory:
+        return None
+    path = Path(directory) / (getattr(settings.metrics, "file_name", "portwatch.prom") or "portwatch.prom")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                samples = parse_samples(path.read_text())
+            except FileNotFoundError:
+                samples = {}
+            samples = {k: v for k, v in samples.items()
+                       if k[0] not in (PREFIX + "health_check", PREFIX + "healthy")}
+            for (key, check), value in metric_values(health).items():
+                samples[(PREFIX + key, (("check", check),))] = value
+            samples[(PREFIX + "healthy", ())] = 1.0 if health.healthy else 0.0
+            _write(path, samples)
+    except OSError as exc:
+        log.warning("cannot write metrics to %s: %s (metrics.textfile_dir)", path, exc.strerror or exc)
+        return None
     return path
 
 

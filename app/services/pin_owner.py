@@ -118,6 +118,11 @@ def claim(pdir: str | Path, interface: str, db_id: str, db_path: str | Path, tak
         log.warning("taking %s over from the database %s: its blocklist becomes this database's", interface,
                     record.get("db_path"))
         record = dict(record, maps_born={})
+    if record is None and (Path(pdir) / "port_stats").exists():
+        # pins made before pin records existed (an older portwatch): adopted, their counts are this
+        # database's as before (a snapshot it stored keeps being used; without one, they count whole)
+        record = {"maps_born": _pinned_map_ids(Path(pdir))}
+        log.info("adopting the record-less pins of %s for %s", interface, db_path)
     record = dict(record or {})
     if record.get("db_id") == db_id and record.get("db_path") == db_path:
         return record
@@ -125,6 +130,19 @@ def claim(pdir: str | Path, interface: str, db_id: str, db_path: str | Path, tak
     record.setdefault("maps_born", {})
     write(pdir, record)
     return record
+
+
+def _pinned_map_ids(pdir: Path) -> dict[str, int]:
+    from app.services.bpf_structs import MAP_LAYOUT
+    ids = {}
+    for name in MAP_LAYOUT:
+        if (pdir / name).exists():
+            try:
+                with maps.PinnedMap(pdir / name) as m:
+                    ids[name] = m.info.id
+            except BpfError:
+                pass
+    return ids
 
 
 def refusal(interface: str, record: dict) -> UsageError:

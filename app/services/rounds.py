@@ -14,6 +14,7 @@ endian).
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,12 +24,21 @@ from app.services import bpf_structs
 # counters kept per map in snapshots (in this order)
 COUNTERS = {
     "port_stats": ("packets", "bytes", "payload_bytes", "syn", "synack", "rst", "fin"),
-    "sources": ("packets", "bytes", "syn"),
+    "sources": ("packets", "bytes", "syn", "fragments"),
     "srcports": ("packets",),
     "flows": ("packets", "bytes"),
     "global": bpf_structs.GLOBAL_NAMES,
     "blacklist": ("drops", "drop_bytes"),
+    # TC egress (bpf/egress.c)
+    "eg_ports": ("packets", "bytes", "payload_bytes", "syn"),
+    "eg_dests": ("packets", "bytes", "syn"),
+    "eg_dstports": ("packets",),
+    "eg_flows": ("packets", "bytes"),
+    "eg_global": bpf_structs.GLOBAL_NAMES,
 }
+GLOBAL_MAPS = ("global", "eg_global")
+SCALAR_MAPS = ("srcports", "eg_dstports")
+FLOW_MAPS = ("flows", "eg_flows")
 U32_MAX = np.uint64(0xFFFFFFFF)
 U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -77,26 +87,28 @@ def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride:
     Per-CPU counters are summed. Extras per key:
       port_stats: (round_min, round_max) payload bytes over CPUs whose round epoch equals ``epoch``
                   (U32_MAX / 0 when no packet of this round was seen);
-      flows:      (first_seen_ns, last_seen_ns, tcp_flags) reduced over CPUs (min, max, OR);
+      sources:    (ttl_min, ttl_max) the same way (U32_MAX / 0: no packet this round);
+      flows, eg_flows: (first_seen_ns, last_seen_ns, tcp_flags) reduced over CPUs (min, max, OR);
       blacklist:  (last_drop_ns,).
     """
     if n == 0:
         return empty(name, key_size)
     arr = np.frombuffer(values, dtype=bpf_structs.value_dtype(name, stride), count=n * ncpu).reshape(n, ncpu)
     extras = None
-    if name == "global":
+    if name in GLOBAL_MAPS:
         counters = arr["c"].sum(axis=1, dtype=np.uint64)
-    elif name == "srcports":
+    elif name in SCALAR_MAPS:
         counters = arr["value"].sum(axis=1, dtype=np.uint64).reshape(n, 1)
     else:
         counters = np.stack([arr[f].astype(np.uint64).sum(axis=1, dtype=np.uint64) for f in COUNTERS[name]], axis=1)
-        seen = arr["packets"] > 0 if name in ("port_stats", "flows") else None
-        if name == "port_stats":
+        seen = arr["packets"] > 0 if name in ("port_stats", "sources", *FLOW_MAPS) else None
+        if name in ("port_stats", "sources"):
+            lo, hi = ("round_min", "round_max") if name == "port_stats" else ("ttl_min", "ttl_max")
             mask = seen & (arr["epoch"] == (epoch if epoch is not None else -1))
-            rmin = np.where(mask, arr["round_min"].astype(np.uint64), U32_MAX).min(axis=1)
-            rmax = np.where(mask, arr["round_max"].astype(np.uint64), 0).max(axis=1)
+            rmin = np.where(mask, arr[lo].astype(np.uint64), U32_MAX).min(axis=1)
+            rmax = np.where(mask, arr[hi].astype(np.uint64), 0).max(axis=1)
             extras = np.stack([rmin, rmax], axis=1)
-        elif name == "flows":
+        elif name in FLOW_MAPS:
             first = np.where(seen, arr["first_seen_ns"], U64_MAX).min(axis=1)
             first = np.where(first == U64_MAX, 0, first)
             last = np.where(seen, arr["last_seen_ns"], 0).max(axis=1)
@@ -108,9 +120,20 @@ def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride:
 
 
 def read_map(m, epoch: int | None = None) -> MapReading:
-    """Read and decode one map (an app.services.maps.PinnedMap, or anything with its interface)."""
+    """Read and decode one map (an app.services.maps.PinnedMap, or anything with its interface).
+
+    A map made by an older layout whose value struct has since grown at its end (pw_global gained
+    counters) is read with the missing trailing fields as zeros."""
     keys, values, n = m.items()
-    reading = decode(m.name, keys, values, n, m.info.key_size, m.value_stride, m.ncpu, epoch)
+    stride = m.value_stride
+    want = ctypes.sizeof(bpf_structs.MAP_LAYOUT[m.name][2])
+    if n and m.info.value_size < want:
+        new_stride = (want + 7) // 8 * 8 if m.percpu else want
+        old = np.frombuffer(bytes(values), dtype=np.uint8).reshape(n * m.ncpu, stride)
+        padded = np.zeros((n * m.ncpu, new_stride), dtype=np.uint8)
+        padded[:, :min(stride, new_stride)] = old[:, :min(stride, new_stride)]
+        values, stride = padded.tobytes(), new_stride
+    reading = decode(m.name, keys, values, n, m.info.key_size, stride, m.ncpu, epoch)
     reading.max_entries = m.info.max_entries
     return reading
 
@@ -123,6 +146,9 @@ def pack_snapshot(reading: MapReading) -> bytes:
 def unpack_snapshot(name: str, key_size: int, blob: bytes) -> MapReading:
     width = len(COUNTERS[name])
     n = len(blob) // (key_size + 8 * width)
+    if n * (key_size + 8 * width) != len(blob):
+        # a snapshot of an older layout of this map (its maps were recreated since): nothing to subtract
+        return empty(name, key_size)
     counters = np.frombuffer(blob, dtype=np.uint64 if np.little_endian else "<u8", count=n * width,
                              offset=n * key_size).reshape(n, width)
     return MapReading(name, blob[: n * key_size], key_size, counters)

@@ -34,6 +34,7 @@ A pid whose process vanished or is not readable gets process/user None, pid kept
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from typing import Iterable, NamedTuple
@@ -78,6 +79,9 @@ class Scanner:
 
     def __init__(self) -> None:
         self._process_info: dict[int, tuple[float, str | None, str | None]] = {}
+        # remote addresses of ESTABLISHED TCP sockets seen by any scan of this scanner: a completed
+        # handshake the kernel verified, so two-way evidence (app/db/peers.py)
+        self.peers: set[str] = set()
 
     def scan(self) -> list[Listener]:
         """Every listening TCP and bound UDP socket, IPv4 and IPv6, sorted by (protocol, port,
@@ -93,6 +97,8 @@ class Scanner:
                     sockets.append(conn)
                 elif conn.status == psutil.CONN_ESTABLISHED:
                     established.append(conn)
+                    if conn.raddr and not ipaddress.ip_address(conn.raddr.ip).is_loopback:
+                        self.peers.add(conn.raddr.ip)
             elif conn.type == socket.SOCK_DGRAM and not conn.raddr:
                 sockets.append(conn)
 

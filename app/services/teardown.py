@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
 from app.errors import NeedsRootError, PortwatchError
-from app.services import enforcement, locks, pin_owner, xdp
+from app.services import egress, enforcement, locks, pin_owner, xdp
 from app.services.collector import Collector, Observations
 
 log = logging.getLogger(__name__)
@@ -34,15 +36,53 @@ def down(settings, interface: str) -> list[str]:
                        f"a collector is running on {interface}: stop it first (SIGTERM ends it after its round), "
                        "then run down again"):
         record = pin_owner.read(pdir) if pdir.exists() else None
-        detached = xdp.detach(settings, interface)
-        if detached:
-            done.append(detached)
+        done += detach(settings, interface)
         if (pdir / "port_stats").exists():
             done.append(final_round(settings, interface, record))
-        unpinned = xdp.unpin(settings, interface)
+        unpinned = unpin(settings, interface)
         if unpinned:
             done.append(unpinned)
     return done
+
+
+def detach(settings, interface: str) -> list[str]:
+    """Detach portwatch's programs from ``interface``: the XDP program that is pinned, that the pin record
+    names, or a leftover one nothing records (known by its name); the TC egress program (and the clsact
+    qdisc when portwatch added it). Programs that are not portwatch's are left attached (logged)."""
+    done: list[str] = []
+    if not Path(f"/sys/class/net/{interface}").exists():
+        return done
+    info = xdp.describe(interface, settings.general.pin_root)
+    if info["egress_attached"] and not info["egress_ours"] and info["egress_pinned_program_id"] is not None:
+        log.warning("the TC egress program on %s (id %d) is not portwatch's: left attached", interface,
+                    info["egress_program_id"])
+    elif info["egress_attached"] or info["clsact_added"]:
+        done += egress.detach(interface, remove_clsact=info["clsact_added"])
+    att = pin_owner.describe_attachment(interface, settings.general.pin_root)
+    if att["program_id"] is None:
+        return done
+    if not (att["recorded"] or att["leftover"]):
+        log.warning("the XDP program on %s (id %s, %s) is not portwatch's: left attached", interface,
+                    att["program_id"], att["program_name"])
+        return done
+    for off in ("xdp", "xdpgeneric", "xdpdrv"):
+        subprocess.run(["ip", "link", "set", "dev", interface, off, "off"], capture_output=True)
+    what = "leftover " if att["leftover"] else ""
+    done.append(f"detached {what}XDP program {att['program_id']} from {interface}")
+    return done
+
+
+def unpin(settings, interface: str) -> str | None:
+    """Remove the pins of ``interface`` (maps, programs, record); returns what was done, or None."""
+    pdir = xdp.pin_dir(settings, interface)
+    if not pdir.exists():
+        return None
+    shutil.rmtree(pdir, ignore_errors=True)
+    try:
+        pdir.parent.rmdir()
+    except OSError:
+        pass
+    return f"removed pins {pdir}"
 
 
 def final_round(settings, interface: str, record: dict | None) -> str:

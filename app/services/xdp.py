@@ -1,8 +1,11 @@
-"""Compile, attach, pin, reload and detach the XDP program — the only user of BCC.
+"""Compile, attach, pin, reload and detach the XDP and TC egress programs — the only user of BCC.
 
-Load once, read many: the first collector run on an interface compiles bpf/port_flow.c with
-BCC, attaches it (native mode, else generic/skb; the mode used is recorded) and pins the
-program and its maps under ``<pin_root>/<interface>/``. Later runs only check, without any
+Load once, read many: the first collector run on an interface compiles the XDP program bpf/port_flow.c
+and the TC egress program bpf/egress.c (one BCC text, one compile) with BCC,
+attaches both (XDP in the mode ``collector.xdp_mode`` picks — ``auto``: generic on virtual drivers
+such as veth, where native XDP is a copy path, native else; the egress program on a clsact
+qdisc through app/services/egress.py) and pins the programs and their maps under
+``<pin_root>/<interface>/``. Later runs only check, without any
 compiler, that the attached program is the pinned one and was built from the current source
 (the ``meta`` map holds the source hash), then read the maps through libbpf (maps.py).
 
@@ -28,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -37,19 +39,23 @@ from pathlib import Path
 from typing import Callable
 
 from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
-from app.services import maps, pin_owner
-from app.services.bpf_structs import MAP_LAYOUT, PwMeta
+from app.services import egress, maps, pin_owner
+from app.services.bpf_structs import META_CLSACT_ADDED, MAP_LAYOUT, PwMeta
+# the loader's fail-closed steps (re-exported: the collector and tests use them as xdp.*)
+from app.services.xdp_steps import (RETIRED, prefill_blacklist, restore_pins, retire_pins,  # noqa: F401
+                                    retired_still_attached)
 from app.services.host import xdp_attachment as attached_program  # host facts live in host.py
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
-SOURCE = BPF_DIR / "port_flow.c"
-HEADERS = (BPF_DIR / "common.h",)
+# compiled as ONE BCC text (BCC takes programs only from its main source, not from #include'd files)
+SOURCES = (BPF_DIR / "port_flow.c", BPF_DIR / "egress.c")
+SOURCE = SOURCES[0]
+HEADERS = (BPF_DIR / "parse.h", BPF_DIR / "common.h")
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 MODE_NUMBERS = {"native": 1, "generic": 2}
-RETIRED = "retired"          # <pin_dir>/retired/: maps replaced by a recreate, until their last round is closed
 
 
 @dataclass
@@ -82,13 +88,15 @@ def build_flags(settings) -> list[str]:
 def map_sizes(settings) -> dict[str, int]:
     c = settings.collector
     return {"port_stats": c.port_map_size, "sources": c.source_map_size, "srcports": c.srcport_map_size,
-            "flows": c.flow_map_size, "blacklist": c.blacklist_map_size}
+            "flows": c.flow_map_size, "blacklist": c.blacklist_map_size, "eg_ports": c.port_map_size,
+            "eg_dests": c.source_map_size, "eg_dstports": c.srcport_map_size, "eg_flows": c.flow_map_size,
+            "eg_block": c.blacklist_map_size}
 
 
 def source_hash(settings) -> str:
     """sha256 over the program source, the shared header and the build flags."""
     h = hashlib.sha256()
-    for path in (SOURCE, *HEADERS):
+    for path in (*SOURCES, *HEADERS):
         h.update(path.read_bytes())
     h.update(" ".join(build_flags(settings)).encode())
     return h.hexdigest()
@@ -149,27 +157,51 @@ def ensure_bpffs(root: Path) -> None:
 
 def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> dict:
     """What is true now: {'attached', 'mode', 'program_id', 'pinned', 'pinned_program_id', 'source_hash', 'ours',
-    'owner_db', 'load_state', 'problem'} (the last three from the pin record: pin_owner.describe_attachment)."""
+    'driver', 'egress_attached', 'egress_program_id', 'egress_pinned_program_id', 'egress_ours', 'clsact_added',
+    'programs' (one line naming both programs, for status), 'owner_db', 'load_state', 'problem' (the last three
+    from the pin record: pin_owner.describe_attachment)}."""
     attached = attached_program(interface)
     pdir = Path(pin_root) / interface
+    eg_id = egress.attached_egress(interface) if Path(f"/sys/class/net/{interface}").exists() else None
     info = {"interface": interface, "attached": attached is not None, "mode": attached[1] if attached else None,
             "program_id": attached[0] if attached else None, "pinned": (pdir / "prog").exists(),
-            "pinned_program_id": None, "source_hash": None, "ours": False}
+            "pinned_program_id": None, "source_hash": None, "ours": False, "driver": egress.driver_of(interface),
+            "egress_attached": eg_id is not None, "egress_program_id": eg_id, "egress_pinned_program_id": None,
+            "egress_ours": False, "clsact_added": False}
     if info["pinned"]:
         try:
             info["pinned_program_id"] = maps.prog_info(pdir / "prog").id
             meta = read_meta(pdir)
             if meta is not None:
                 info["source_hash"] = bytes(meta.source_hash).hex()
+                info["clsact_added"] = bool(meta.flags & META_CLSACT_ADDED)
         except BpfError:
             pass
         info["ours"] = attached is not None and attached[0] == info["pinned_program_id"]
+    if (pdir / egress.PROG_PIN).exists():
+        try:
+            info["egress_pinned_program_id"] = maps.prog_info(pdir / egress.PROG_PIN).id
+        except BpfError:
+            pass
+        info["egress_ours"] = eg_id is not None and eg_id == info["egress_pinned_program_id"]
+    info["programs"] = egress.programs_text(info)       # one line for status: XDP and TC egress
     try:
         att = pin_owner.describe_attachment(interface, pin_root)
         info.update(owner_db=att["owner_db"], load_state=att["load_state"], problem=att["problem"])
     except BpfError as exc:
         log.debug("cannot read the pin record of %s: %s", interface, exc)
     return info
+
+
+def _reattach_egress(interface: str, pdir: Path) -> None:
+    """Re-attach the pinned egress program (its filter or qdisc was removed): no compile."""
+    prog_id, added = egress.attach(interface, pdir)
+    with maps.PinnedMap(pdir / "meta") as m:
+        meta = maps.read_struct(m, maps.INDEX_0, PwMeta)
+        meta.egress_program_id = prog_id
+        meta.flags |= META_CLSACT_ADDED if added else 0
+        m.update(maps.INDEX_0, bytes(meta))
+    log.warning("the TC egress program of %s was not attached: re-attached the pinned one (id %d)", interface, prog_id)
 
 
 def ensure_loaded(settings, interface: str, prefill: Callable[[], list[str]] | None = None) -> LoadState:
@@ -187,7 +219,10 @@ def ensure_loaded(settings, interface: str, prefill: Callable[[], list[str]] | N
     want_hash = source_hash(settings)
     info = describe(interface, root)
     if info["ours"] and info["source_hash"] == want_hash:
-        return LoadState(interface, pdir, info["mode"], info["program_id"], want_hash)
+        if not info["egress_ours"] and info["egress_pinned_program_id"] is not None:
+            _reattach_egress(interface, pdir)
+        if info["egress_ours"] or info["egress_pinned_program_id"] is not None:
+            return LoadState(interface, pdir, info["mode"], info["program_id"], want_hash)
 
     if not info["pinned"] and not (pdir / "port_stats").exists():
         reason = "first-load"
@@ -237,34 +272,6 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False, pre
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def detach(settings, interface: str) -> str | None:
-    """Detach portwatch's XDP program from ``interface``: the pinned one, the one the pin record names,
-    or a leftover one nothing records (known by its name). Another program is left attached (logged).
-    Returns what was done, or None."""
-    att = pin_owner.describe_attachment(interface, settings.general.pin_root)
-    if att["program_id"] is None:
-        return None
-    if not (att["recorded"] or att["leftover"]):
-        log.warning("the XDP program on %s (id %s, %s) is not portwatch's: left attached", interface,
-                    att["program_id"], att["program_name"])
-        return None
-    for off in ("xdp", "xdpgeneric", "xdpdrv"):
-        subprocess.run(["ip", "link", "set", "dev", interface, off, "off"], capture_output=True)
-    what = "leftover " if att["leftover"] else ""
-    return f"detached {what}XDP program {att['program_id']} from {interface}"
-
-
-def unpin(settings, interface: str) -> str | None:
-    """Remove the pins of ``interface`` (maps, program, record); returns what was done, or None."""
-    pdir = pin_dir(settings, interface)
-    if not pdir.exists():
-        return None
-    shutil.rmtree(pdir, ignore_errors=True)
-    try:
-        pdir.parent.rmdir()
-    except OSError:
-        pass
-    return f"removed pins {pdir}"
 
 
 # --- the loader process ---------------------------------------------------------------------
@@ -280,11 +287,12 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
     if not build.exists() and not os.environ.get("BCC_KERNEL_SOURCE"):
         raise DependencyError(f"no kernel headers at {build}: run make setup (it links the distribution's headers)")
     pdir.mkdir(parents=True, exist_ok=True)
+    old = read_meta(pdir)       # before a recreate retires it: whether portwatch added the clsact qdisc
     pin_owner.record_load(pdir, "compiling")
     if recreate:
         retire_pins(pdir)
     try:
-        return _build_and_attach(BPF, libbcc, interface, pdir, mode, want_hash, flags, recreate, prefill)
+        return _build_and_attach(BPF, libbcc, interface, pdir, mode, want_hash, flags, recreate, prefill, old)
     except BaseException:
         if recreate and retired_still_attached(interface, pdir):
             restore_pins(pdir)           # the old program never stopped: put its pins back
@@ -292,15 +300,16 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
 
 
 def _build_and_attach(BPF, libbcc, interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str],
-                      recreate: bool, prefill: list[str]) -> dict:
+                      recreate: bool, prefill: list[str], old: PwMeta | None) -> dict:
     """Compile (maps reused or created), prefill the blacklist, pin and record the program, attach."""
     unborn = {name for name in MAP_LAYOUT if not (pdir / name).exists()}
     started = time.process_time() + _children_cpu()
     t0 = time.monotonic()
     cflags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{pdir}"', "-w", *flags]
     try:
-        bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+        bpf = BPF(text="\n".join(p.read_text() for p in SOURCES).encode(), cflags=cflags)
         fn = bpf.load_func(b"xdp_port_flow", BPF.XDP)
+        eg_fn = bpf.load_func(b"tc_egress", BPF.SCHED_CLS)
     except Exception as exc:
         raise BpfError(f"the XDP program failed to compile or load ({exc}): the compiler output is in the log; `python -m app doctor` checks headers and BPF support") from None
     compile_seconds = time.monotonic() - t0
@@ -320,9 +329,12 @@ def _build_and_attach(BPF, libbcc, interface: str, pdir: Path, mode: str, want_h
     pin_owner.record_load(pdir, "attaching", program_id=identity.id, program_tag=bytes(identity.tag).hex(),
                           retired=recreate)
     attached = attached_program(interface)
-    wanted = {"auto": [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE], "native": [XDP_FLAGS_DRV_MODE],
-              "generic": [XDP_FLAGS_SKB_MODE]}.get(mode)
-    if wanted is None:
+    flag_of = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+    if mode == "auto":
+        wanted = [flag_of[m] for m in egress.auto_modes(interface)[0]]
+    elif mode in flag_of:
+        wanted = [flag_of[mode]]
+    else:
         raise UsageError(f"xdp_mode must be auto, native or generic, not {mode!r}")
     used, last_err = None, None
     for flag in wanted:
@@ -342,7 +354,15 @@ def _build_and_attach(BPF, libbcc, interface: str, pdir: Path, mode: str, want_h
         raise BpfError(f"cannot attach XDP to {interface} ({last_err})")
     now = attached_program(interface)
     program_id = now[0] if now else 0
+    eg_pin = pdir / egress.PROG_PIN
+    eg_pin.unlink(missing_ok=True)
+    if libbcc.bpf_obj_pin(eg_fn.fd, str(eg_pin).encode()) != 0:
+        raise BpfError(f"cannot pin the egress program at {eg_pin}")
+    eg_id, clsact_added = egress.attach(interface, pdir)
     meta = PwMeta()
+    meta.egress_program_id = eg_id
+    # portwatch added the qdisc now, or an earlier load of ours did (kept across reloads)
+    meta.flags = META_CLSACT_ADDED if clsact_added or (old is not None and old.flags & META_CLSACT_ADDED) else 0
     ctypes.memmove(meta.source_hash, bytes.fromhex(want_hash), 32)
     meta.loaded_at = int(time.time())
     meta.program_id = program_id
@@ -351,60 +371,10 @@ def _build_and_attach(BPF, libbcc, interface: str, pdir: Path, mode: str, want_h
         m.update(maps.INDEX_0, bytes(meta))
     pin_owner.record_load(pdir, "attached", program_id=program_id, program_tag=bytes(identity.tag).hex(), mode=used,
                           retired=recreate)
-    return {"mode": used, "program_id": program_id, "compile_seconds": round(compile_seconds, 3),
+    return {"mode": used, "program_id": program_id, "egress_program_id": eg_id,
+            "compile_seconds": round(compile_seconds, 3),
             "cpu_seconds": round(time.process_time() + _children_cpu() - started, 3),
             "maps_created": len(unborn) == len(MAP_LAYOUT), "retired": recreate, "prefilled": prefilled}
-
-
-def retire_pins(pdir: Path) -> None:
-    """Move the pinned maps and program to ``<pdir>/retired/``: the attached program keeps counting into
-    them until the new one replaces it, and the collector then closes a last round from them."""
-    retired = pdir / RETIRED
-    if retired.exists():          # the collector closes these before it loads again; stale otherwise
-        shutil.rmtree(retired, ignore_errors=True)
-    retired.mkdir()
-    for name in (*MAP_LAYOUT, "prog"):
-        if (pdir / name).exists():
-            os.rename(pdir / name, retired / name)
-
-
-def retired_still_attached(interface: str, pdir: Path) -> bool:
-    """True when the program of ``<pdir>/retired`` is still the attached one (the swap never happened)."""
-    prog = pdir / RETIRED / "prog"
-    attached = attached_program(interface) if Path(f"/sys/class/net/{interface}").exists() else None
-    try:
-        return bool(attached) and prog.exists() and maps.prog_info(prog).id == attached[0]
-    except BpfError:
-        return False
-
-
-def restore_pins(pdir: Path) -> None:
-    """Undo :func:`retire_pins`: the retired pins go back in place of whatever was pinned since."""
-    retired = pdir / RETIRED
-    for path in sorted(retired.iterdir()):
-        (pdir / path.name).unlink(missing_ok=True)
-        os.rename(path, pdir / path.name)
-    retired.rmdir()
-    log.warning("the reload of %s did not happen: the running program's maps are pinned again", pdir.name)
-
-
-def prefill_blacklist(pdir: Path, cidrs: list[str]) -> list[str]:
-    """Write ``cidrs`` (the ledger's active entries) into the blacklist map in ``pdir`` BEFORE the program
-    that consults it is attached; an entry already there keeps its drop counter. Returns those written."""
-    import ipaddress
-    from app.services.bpf_structs import PwBlacklistValue, lpm_key
-    new = []
-    with maps.PinnedMap(pdir / "blacklist") as m:
-        for text in cidrs:
-            key = lpm_key(ipaddress.ip_network(text, strict=False))
-            if m.lookup(key) is None:
-                try:
-                    m.update(key, bytes(PwBlacklistValue()))
-                except BpfError as exc:           # a full map: the collector's reconcile reports it
-                    log.warning("cannot prefill %s: %s", text, exc)
-                    continue
-                new.append(text)
-    return new
 
 
 def _children_cpu() -> float:
@@ -428,7 +398,7 @@ def loader_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ebpf:
         print("// cflags:", " ".join(args.flag))
-        print(SOURCE.read_text())
+        print("\n".join(p.read_text() for p in SOURCES))
         return 0
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:

@@ -52,6 +52,7 @@ def stop_threads(threads: dict) -> Observations:
     if scanner is not None:
         seen.scanner_status = scanner.status
         seen.listeners = None if scanner.is_alive() else scanner.result
+        seen.peers = None if scanner.is_alive() else sorted(scanner.scanner.peers)
     if sniffer is not None:
         seen.sniffer_status = sniffer.status
         seen.packets = None if sniffer.is_alive() else sniffer.result
@@ -86,9 +87,12 @@ def collect_rounds(collector: Collector, round_seconds: float, n_rounds: int, st
 
 def run_collection(settings, interface: str, round_seconds: float, n_rounds: int,
                    on_round: Callable[[RoundSummary], None] | None = None, with_threads: bool = True,
-                   stop: threading.Event | None = None, takeover: bool = False) -> list[RoundSummary]:
+                   stop: threading.Event | None = None,
+                   on_start: Callable[[Collector], None] | None = None, takeover: bool = False) -> list[RoundSummary]:
     """The `collect` job: SIGTERM ends it after the current round; it is bounded in run time
-    (collector.max_run_seconds, default rounds x round_seconds + 120 s) by SIGALRM."""
+    (collector.max_run_seconds, default rounds x round_seconds + 120 s) by SIGALRM.
+    on_start(collector): called once the program is attached and the maps are open (its
+    ``load_state`` says the mode and whether this run compiled), before the first round."""
     stop = stop or threading.Event()
     limit = settings.collector.max_run_seconds or (n_rounds * round_seconds + 120 if n_rounds else 0)
 
@@ -108,6 +112,8 @@ def run_collection(settings, interface: str, round_seconds: float, n_rounds: int
             signal.setitimer(signal.ITIMER_REAL, limit)
     try:
         with Collector(settings, interface, takeover=takeover) as collector:
+            if on_start:
+                on_start(collector)
             return collect_rounds(collector, round_seconds, n_rounds, stop, on_round, with_threads)
     finally:
         if in_main:

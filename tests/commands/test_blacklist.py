@@ -51,7 +51,7 @@ def test_add_list_remove_flush(cli, capsys):
     capsys.readouterr()
     assert cli("list") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ADDRESS", "STATUS", "EXPIRES", "DROPS", "OFFENCES", "ORIGIN", "REASON"]
+    assert lines[0].split() == ["ADDRESS", "STATUS", "EXPIRES", "DROPS", "OFFENCES", "ORIGIN", "FINDING", "REASON"]
     assert {line.split()[0] for line in lines[1:]} == {"198.18.0.9/32", "2001:db8:5::/48", "198.18.3.0/24"}
     assert cli("remove", "198.18.0.9") == 0
     assert capsys.readouterr().out.startswith("removed 198.18.0.9/32 from the blocklist")

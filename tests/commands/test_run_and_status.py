@@ -28,5 +28,5 @@ def test_run_prints_one_line_per_round_then_status_reports_it(lab, tmp_path):
     assert status.returncode == 0, status.stderr
     info = json.loads(status.stdout)
     text = json.dumps(info)
-    assert lab.interface in text and "native" in text
+    assert lab.interface in text and "generic (auto: veth)" in text and "TC egress" in text
     assert '"attached": true' in text

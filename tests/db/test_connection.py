@@ -82,6 +82,20 @@ def test_version_1_database_is_migrated_with_its_rows_kept(tmp_path, with_blockl
     assert len([p for p in tmp_path.iterdir() if p.suffix == ".bak"]) == 1
 
 
+def test_migration_4_gives_an_old_database_the_allowlist_and_anomalies_updated_at(tmp_path):
+    """The migrated schema of the issue-11 tables equals a fresh one's (init.sql and MIGRATIONS agree)."""
+    def shape(conn):
+        return {t: [(r[1], r[2]) for r in conn.execute(f"PRAGMA table_info({t})")]
+                for t in ("allowlist", "anomalies", "v_recent_anomalies")}
+    v1_database(tmp_path / "old.db", True)
+    old, fresh = connect(tmp_path / "old.db"), connect(tmp_path / "new.db")
+    assert shape(old) == shape(fresh)
+    assert ("updated_at", "REAL") in shape(old)["anomalies"] and shape(old)["allowlist"][0] == ("address", "TEXT")
+    assert [c for c, _ in shape(old)["v_recent_anomalies"]][-3:] == ["summary", "grown", "reasons"]
+    old.close()
+    fresh.close()
+
+
 def test_newer_database_is_refused_with_one_sentence(tmp_path):
     path = tmp_path / "future.db"
     conn = connect(path)

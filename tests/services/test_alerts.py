@@ -106,7 +106,10 @@ def test_webhook_delivers_json(conn):
     assert first["kind"] == "anomaly" and first["details"]["port"] == 22 and first["details"]["anomaly_id"] == 7
     assert first["key"] == "anomaly:model:tcp/22:198.18.0.9"
     assert first["details"]["sources"] == [{"address": "198.18.0.9", "share": 0.9, "evidence": "one-way"}]
-    assert "score 0.42 > threshold 0.06" in first["summary"]
+    assert first["summary"] == ("anomaly 7: unusual traffic on tcp/22 (error 7.0x the threshold), from 198.18.0.9 "
+                                "(90%, one-way), rounds 1-2")
+    assert first["details"]["summary"] == first["summary"].split(": ", 1)[1]
+    assert first["details"]["show"] == "python -m app anomalies show 7"
     assert hook.requests[1]["json"]["kind"] == "block"
     assert hook.requests[1]["json"]["details"]["address"] == "198.18.0.9/32"
 
@@ -361,7 +364,7 @@ def test_syslog_over_udp(conn):
     assert result == {"syslog": {"sent": 2, "suppressed": 0, "failed": 0}}
     # <PRI> = facility local3 (19) * 8 + warning (4) = 156
     assert all(line.startswith("<156>portwatch: ") for line in lines)
-    assert "anomaly: model anomaly on tcp/22" in lines[0]
+    assert "anomaly: anomaly 7: unusual traffic on tcp/22 (error 7.0x the threshold)" in lines[0]
     assert "block: blocked 198.18.0.9/32" in lines[1]
 
 

@@ -26,13 +26,17 @@ def test_ctypes_mirror_sizes_match_common_h_layout():
     # sizes as C lays out bpf/common.h (checked against the compiler and the kernel's BTF below)
     assert ctypes.sizeof(bpf_structs.PwPortKey) == 4
     assert ctypes.sizeof(bpf_structs.PwPortValue) == 80
-    assert ctypes.sizeof(bpf_structs.PwSourceValue) == 24
-    assert ctypes.sizeof(bpf_structs.PwSrcportKey) == 20
-    assert ctypes.sizeof(bpf_structs.PwFlowKey) == 40
+    assert ctypes.sizeof(bpf_structs.PwAddr) == 20
+    assert ctypes.sizeof(bpf_structs.PwSourceValue) == 40
+    assert ctypes.sizeof(bpf_structs.PwSrcportKey) == 24
+    assert ctypes.sizeof(bpf_structs.PwFlowKey) == 48
     assert ctypes.sizeof(bpf_structs.PwFlowValue) == 40
-    assert ctypes.sizeof(bpf_structs.PwLpmKey) == 20
+    assert ctypes.sizeof(bpf_structs.PwLpmKey) == 24
     assert ctypes.sizeof(bpf_structs.PwBlacklistValue) == 24
-    assert ctypes.sizeof(bpf_structs.PwMeta) == 48
+    assert ctypes.sizeof(bpf_structs.PwSynlimitValue) == 40
+    assert ctypes.sizeof(bpf_structs.PwDestValue) == 24
+    assert ctypes.sizeof(bpf_structs.PwEgressPortValue) == 32
+    assert ctypes.sizeof(bpf_structs.PwMeta) == 56
     assert ctypes.sizeof(bpf_structs.PwGlobal) == 8 * len(bpf_structs.GLOBAL_NAMES)
     for ctype in (bpf_structs.PwPortValue, bpf_structs.PwFlowKey, bpf_structs.PwLpmKey, bpf_structs.PwMeta):
         assert struct.calcsize("<" + bpf_structs.struct_format(ctype)) == ctypes.sizeof(ctype)
@@ -76,9 +80,11 @@ def test_numpy_dtypes_have_the_mirrors_offsets():
     for name, (_, key_t, val_t) in bpf_structs.MAP_LAYOUT.items():
         for ctype, dtype in ((key_t, bpf_structs.key_dtype(name)), (val_t, bpf_structs.value_dtype(name))):
             assert dtype.itemsize == ctypes.sizeof(ctype), name
-            if issubclass(ctype, ctypes.Structure):
+            if ctype is bpf_structs.PwAddr:    # a map keyed by one pw_addr: one field holding all of it
+                assert dtype.names == ("addr",) and dtype.fields["addr"][0].itemsize == ctypes.sizeof(ctype)
+            elif issubclass(ctype, ctypes.Structure):
                 assert [(f, dtype.fields[f][1], dtype.fields[f][0].itemsize) for f in dtype.names] == c_fields(ctype)
-    assert bpf_structs.value_dtype("sources", 32).itemsize == 32       # a per-CPU slot, padded
+    assert bpf_structs.value_dtype("eg_dests", 32).itemsize == 32       # a per-CPU slot, padded
     # a flow key decoded by field name from its bytes
     key = bpf_structs.PwFlowKey(src=bpf_structs.PwAddr.from_buffer_copy(bpf_structs.addr_bytes("198.18.20.0")),
                                 dst=bpf_structs.PwAddr.from_buffer_copy(bpf_structs.addr_bytes("2001:db8::1")),
@@ -89,20 +95,25 @@ def test_numpy_dtypes_have_the_mirrors_offsets():
 
 
 def test_addr_text_roundtrip():
-    for text in ("198.18.0.2", "2001:db8::1", "::1"):
+    for text in ("198.18.0.2", "2001:db8::1", "::1", "::ffff:198.18.0.2"):
         assert bpf_structs.addr_text(bpf_structs.addr_bytes(text)) == text
-    # numpy's S16 strips trailing NUL bytes: addr_text pads them back
+    # an IPv6 ::ffff:a.b.c.d address keeps its family: never the IPv4 host's key
+    assert bpf_structs.addr_bytes("::ffff:198.18.0.2") != bpf_structs.addr_bytes("198.18.0.2")
+    assert bpf_structs.addr_bytes("::ffff:198.18.0.2")[1:17] == bpf_structs.addr_bytes("198.18.0.2")[1:17]
+    # numpy's S20 strips trailing NUL bytes: addr_text pads them back
     for text in ("198.18.0.0", "2001:db8::", "::"):
         assert bpf_structs.addr_text(bpf_structs.addr_bytes(text).rstrip(b"\x00")) == text
 
 
 def test_lpm_keys_encode_and_decode():
     key = bpf_structs.lpm_key(ipaddress.ip_network("198.18.3.0/24"))
-    assert key[:4] == (120).to_bytes(4, "little") and key[4:] == bpf_structs.addr_bytes("198.18.3.0")
-    assert bpf_structs.lpm_key(ipaddress.ip_network("2001:db8::/64"))[:4] == (64).to_bytes(4, "little")
-    # the IPv4-mapped IPv6 form of a network is the same key as its IPv4 form
-    assert bpf_structs.lpm_key(ipaddress.ip_network("::ffff:198.18.3.0/120")) == key
-    for text in ("198.18.3.0/24", "198.18.3.9/32", "0.0.0.0/0", "2001:db8::/64", "2001:db8::1/128", "::/0"):
+    # prefixlen counts the family byte: 8 + 96 + 24 for an IPv4 /24, 8 + 64 for an IPv6 /64
+    assert key[:4] == (128).to_bytes(4, "little") and key[4:] == bpf_structs.addr_bytes("198.18.3.0")
+    assert bpf_structs.lpm_key(ipaddress.ip_network("2001:db8::/64"))[:4] == (72).to_bytes(4, "little")
+    # the IPv4-mapped IPv6 form of a network is an IPv6 key: it never matches IPv4 packets
+    assert bpf_structs.lpm_key(ipaddress.ip_network("::ffff:198.18.3.0/120")) != key
+    for text in ("198.18.3.0/24", "198.18.3.9/32", "0.0.0.0/0", "2001:db8::/64", "2001:db8::1/128", "::/0",
+                 "::ffff:198.18.3.0/120"):
         assert bpf_structs.lpm_key_text(bpf_structs.lpm_key(ipaddress.ip_network(text))) == text
     assert bpf_structs.lpm_key_text(bpf_structs.lpm_key(ipaddress.ip_network("::fffe:0:0/95"))) == "::fffe:0:0/95"
 

@@ -320,3 +320,38 @@ def test_port_scan_evaluated_then_blocked_end_to_end(lab, tmp_path, pin_root):
     row = queries.get_entry(conn, f"{scanner}/32")
     assert row["origin"] == "auto" and row["anomaly_id"] == decisions[0].anomaly_id and "port scan" in row["reason"]
     conn.close()
+
+
+def test_simulate_per_detector_records_would_block_for_those_only(conn, tmp_path):
+    s = blocklist_settings(tmp_path, simulate=["syn_flood"])
+    found = add_evaluation(conn, [finding("syn_flood", source="198.18.0.70", port=80, sources=["198.18.0.70"]),
+                                  scan("198.18.0.71")], at=T0)
+    decisions = {d.address: d.action for d in decide(conn, s, found, now=T0, protection=NOBODY)}
+    assert decisions == {"198.18.0.70/32": "would-block", "198.18.0.71/32": "block"}
+    assert queries.get_entry(conn, "198.18.0.70/32")["status"] == "dry-run"
+    assert queries.get_entry(conn, "198.18.0.71/32")["status"] == "active"
+    assert [r["address"] for r in queries.entries(conn, ("active",))] == ["198.18.0.71/32"]   # what a map gets
+    # a scan by the simulated flood's source is enforced (a simulated row covers no real block) ...
+    found = add_evaluation(conn, [scan("198.18.0.70")], at=T0 + 1)
+    assert [d.action for d in decide(conn, s, found, now=T0 + 1, protection=NOBODY)] == ["block"]
+    assert queries.get_entry(conn, "198.18.0.70/32")["status"] == "active"
+    # ... and a simulated decision never downgrades an active block
+    found = add_evaluation(conn, [finding("syn_flood", source="198.18.0.71", port=80, sources=["198.18.0.71"])],
+                           at=T0 + 2)
+    assert [d.action for d in decide(conn, s, found, now=T0 + 2, protection=NOBODY)] == ["skipped"]
+    assert queries.get_entry(conn, "198.18.0.71/32")["status"] == "active"
+
+
+def test_the_database_allowlist_is_honoured_and_lifts_blocks(conn, tmp_path):
+    from app.services import allowlist
+    s = blocklist_settings(tmp_path)
+    found = add_evaluation(conn, [scan("198.18.0.80"), scan("198.18.0.81")], at=T0)
+    decide(conn, s, found, now=T0, protection=NOBODY)
+    address, lifted = allowlist.add(conn, "198.18.0.80/31", "lab hosts", now=T0 + 1)
+    assert address == "198.18.0.80/31" and sorted(lifted) == ["198.18.0.80/32", "198.18.0.81/32"]
+    assert queries.entries(conn, queries.LISTED) == []
+    protection = Protection.gather(s, conn)
+    assert "allowlisted (python -m app allow)" in protection.refusal(parse_network("198.18.0.81"))
+    found = add_evaluation(conn, [scan("198.18.0.81")], at=T0 + 2)
+    [d] = decide(conn, s, found, now=T0 + 2, protection=protection)
+    assert d.action == "refused" and "allowlisted" in d.detail

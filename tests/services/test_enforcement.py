@@ -28,8 +28,9 @@ def test_collector_path_never_imports_the_decisions():
 
 def test_lpm_key_layout():
     key = bpf_structs.lpm_key(parse_network("198.18.3.0/24"))
-    assert key[:4] == (120).to_bytes(4, "little") and key[4:] == bpf_structs.addr_bytes("198.18.3.0")
-    assert bpf_structs.lpm_key(parse_network("2001:db8::/64"))[:4] == (64).to_bytes(4, "little")
+    # prefixlen counts the family byte: 8 + 96 + 24 for an IPv4 /24, 8 + 64 for an IPv6 /64
+    assert key[:4] == (128).to_bytes(4, "little") and key[4:] == bpf_structs.addr_bytes("198.18.3.0")
+    assert bpf_structs.lpm_key(parse_network("2001:db8::/64"))[:4] == (72).to_bytes(4, "little")
 
 
 # --- kernel: the real XDP map -------------------------------------------------------------------------

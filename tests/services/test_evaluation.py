@@ -175,6 +175,7 @@ def test_evaluate_command_prints_a_summary_and_the_block(store, env, capsys):
     assert cli.main(["evaluate"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert "warm-up" in out[0] and "1 port_scan" in out[0]
-    assert out[1:] == ["blocked: 203.0.113.9/32 (port scan (anomaly 1))"]
+    assert out[1:] == ["blocked: 203.0.113.9/32 (port scan (anomaly 1))",
+                       f"report: {env / 'reports' / 'index.html'}"]          # a report during warm-up too
     assert cli.main(["evaluate"]) == 0
     assert capsys.readouterr().out.strip().startswith("no new rounds")

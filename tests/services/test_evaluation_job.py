@@ -55,8 +55,8 @@ def test_job_blocks_alerts_and_measures_from_the_evaluation_s_own_findings(tmp_p
     assert 'task="evaluator"' in text and "blocklist_entries" in text
     lines = job.lines()
     assert lines[0] == job.evaluation.summary() and "1 port_scan" in lines[0]
-    assert lines[1:] == [f"blocked: {SCANNER}/32 (port scan (anomaly 1))"]
-    assert job.report is None                          # warm-up: no report
+    assert lines[1:] == [f"blocked: {SCANNER}/32 (port scan (anomaly 1))", f"report: {job.report}"]
+    assert job.report == tmp_path / "reports" / "index.html" and job.report.exists()   # warm-up reports too
 
 
 def test_disabled_blocklist_still_alerts(tmp_path, monkeypatch):

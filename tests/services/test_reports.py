@@ -23,7 +23,8 @@ from tests.ops_helpers import ATTACKER, empty_database, fill_database
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXPECTED = {"traffic.png", "port_tcp_22.png", "port_tcp_80.png", "reconstruction_error.png",
-            "contributions_1.png", "blocklist.png", "occupancy.png"}
+            "contributions_1.png", "blocklist.png", "occupancy.png",
+            "port_tcp_ephemeral.png", "port_udp_53.png"}          # the busiest ports, charted though not flagged
 
 
 class Links(HTMLParser):
@@ -103,11 +104,63 @@ def test_report_window_and_stale_figures(filled, tmp_path):
     index = write_report(db, out, since=now + 6 * 3600, now=now)
     assert not list(out.glob("*.png"))
     assert "No data yet" in index.read_text()
-    # the last 20 minutes: rounds but no anomaly raised in them
+    # the last 20 minutes: rounds but no anomaly raised in them: only the busiest ports, none flagged
     index = write_report(db, out, since="20m", now=now)
     names = {p.name for p in out.glob("*.png")}
     assert {"traffic.png", "blocklist.png", "occupancy.png"} <= names
-    assert not any(n.startswith("port_") for n in names)
+    assert {n for n in names if n.startswith("port_")} == {"port_tcp_ephemeral.png", "port_tcp_80.png",
+                                                            "port_tcp_22.png", "port_udp_53.png"}
+    text = " ".join(links(index).text)
+    assert "FLAGGED" not in text and "one of the busiest ports, not flagged" in text
+
+
+def test_one_drop_total_everywhere_and_rates_per_second(tmp_path):
+    """The drop total is the ledger's (blacklist_drops): the overview, the traffic and blocklist
+    figures' captions and titles, the blocklist table's total and report.json show the same number,
+    although the rounds' XDP counter and the entry's lifetime counter say otherwise."""
+    now = time.time()
+    db = tmp_path / "ports.db"
+    ids = fill_database(db, end=now - 60)
+    conn = connect(db)
+    with conn:       # make the other counters disagree, as they do on a real host (reloads, lifetime totals)
+        conn.execute("UPDATE rounds SET dropped_packets = dropped_packets + 7")
+        conn.execute("UPDATE blacklist SET drops = drops + 1000")
+        expected = conn.execute("SELECT SUM(drops) FROM blacklist_drops").fetchone()[0]
+        # rounds of different lengths: a 6 s round with 600 packets on tcp/80 is 100 packets per second
+        last = ids["rounds"][-1]
+        conn.execute("UPDATE rounds SET start_time = end_time - 6 WHERE id = ?", (last,))
+        conn.execute("UPDATE port_stats SET packets = 600 WHERE round_id = ? AND port_id = ?", (last, ids["http"]))
+    conn.close()
+    index = write_report(db, tmp_path / "out", since="all")
+    page = index.read_text()
+    manifest = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert expected > 0 and manifest["drops"] == expected == manifest["overview"]["dropped_packets"]
+    overview_row = page.split("<tbody>")[1].split("</tr>")[0]
+    assert f"<td>{expected}</td>" in overview_row
+    assert f"({expected} packets dropped in this window)" in page                  # the traffic caption
+    assert f"{expected} packets dropped." in page                                  # the blocklist caption
+    assert f"<tr><td>total</td><td></td><td></td><td></td><td></td><td>{expected}</td>" in page
+    from app.db import report_rates
+    from app.services.reports.facts import load_blocklist, load_port, load_traffic
+    conn = connect(db, readonly=True)
+    try:
+        assert load_traffic(conn, None, []).total_drops == expected
+        assert load_blocklist(conn, None, now).total_drops == expected
+        http = next(r for r in report_rates.busiest_ports(conn, None, 10) if r["value"] == 80)
+        series = load_port(conn, None, http, []).series
+    finally:
+        conn.close()
+    assert series[-1]["packets"] / series[-1]["seconds"] == pytest.approx(100.0)
+    assert series[-2]["packets"] / series[-2]["seconds"] == pytest.approx(series[-2]["packets"] / 60.0)
+
+
+def test_the_anomaly_table_says_why(filled, tmp_path):
+    db, _, _ = filled
+    index = write_report(db, tmp_path, since="all")
+    table = index.read_text().split("<h3>Recent anomalies</h3>")[1].split("</table>")[0]
+    assert "<th>why</th>" in table
+    assert f"{ATTACKER} (" in table and "pkts" in table                 # sources with packets
+    assert "driven by " in table and " vs usual " in table              # the model's features
 
 
 def test_top_ports_limits_the_series(filled, tmp_path):
@@ -115,6 +168,7 @@ def test_top_ports_limits_the_series(filled, tmp_path):
     write_report(db, tmp_path, since="all", top_ports=1, max_anomaly_figures=0)
     names = {p.name for p in tmp_path.glob("*.png")}
     assert "port_tcp_22.png" in names and "port_tcp_80.png" not in names     # tcp/22 is the most anomalous
+    assert "port_tcp_ephemeral.png" in names                                  # ... and the busiest one
     assert not any(n.startswith("contributions_") for n in names)
 
 

@@ -23,11 +23,11 @@ def test_diff_new_changed_unchanged_and_restarted_keys():
 
 
 def test_snapshot_roundtrip():
-    r = reading("sources", {b"k" * 16: (1, 2, 3), b"j" * 16: (4, 5, 2**63 + 5)})
+    r = reading("sources", {b"k" * 20: (1, 2, 3, 0), b"j" * 20: (4, 5, 2**63 + 5, 1)})
     blob = rounds.pack_snapshot(r)
-    assert len(blob) == 2 * (16 + 24)
-    back = rounds.unpack_snapshot("sources", 16, blob)
-    assert back.keys == r.keys == [b"k" * 16, b"j" * 16] and back.counters.tolist() == r.counters.tolist()
+    assert len(blob) == 2 * (20 + 32)
+    back = rounds.unpack_snapshot("sources", 20, blob)
+    assert back.keys == r.keys == [b"k" * 20, b"j" * 20] and back.counters.tolist() == r.counters.tolist()
 
 
 def test_decode_percpu_port_values_sums_cpus_and_keeps_round_extremes():

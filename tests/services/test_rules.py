@@ -178,3 +178,78 @@ def test_top_sources_take_the_larger_evidence_per_round_not_the_sum():
     assert rules.port_sources(batch, -1, "tcp", 200, 1, 3) == ([], None)       # the ephemeral bucket: none
     batch.port_stats = [(1, 1, 120, 1, 0, 0, 5, 0, 0), (2, 1, 80, 1, 0, 0, 1, 0, 0), (2, 2, 9, 1, 0, 0, 0, 0, 0)]
     assert rules.port_totals(batch, 1, 1, 3) == (200, 2, 6) and rules.port_totals(batch, 1, 2, 2) == (80, 1, 1)
+
+
+# --- a scan that lasts is one finding --------------------------------------------------------------
+
+def evaluate_rules(store, cfg=None):
+    """The rules step of an evaluation and its store step (app/services/evaluation.py): new findings
+    inserted with their summaries, grown ones updated in place. Returns the findings."""
+    import time
+    from app.db import evaluations as dbe
+    from app.services.explain import fill_summaries
+    cfg = cfg or Evaluator()
+    after = dbe.last_evaluated_round(store.conn)
+    rounds = dbs.rounds_after(store.conn, after, 10_000)
+    found = rules.detect(evaluation.load_batch(store.conn, rounds, cfg), cfg)
+    now = time.time()
+    with store.conn:
+        eid = dbe.insert_evaluation(store.conn, started_at=now, finished_at=now, first_round_id=rounds[0]["id"],
+                                    last_round_id=rounds[-1]["id"], model_version=None, threshold=None, windows=0,
+                                    anomalies=len(found), duration_s=0.0, status="ok")
+        fill_summaries(store.conn, found)
+        for f in found:
+            if f.id is not None:
+                dbe.update_anomaly(store.conn, f.id, score=f.score, reasons=f.to_json(),
+                                   first_round_id=f.first_round_id, last_round_id=f.last_round_id, updated_at=now)
+            else:
+                f.evaluation_id = eid
+                f.id = dbe.insert_anomaly(store.conn, evaluation_id=eid, port_id=f.port_id, detector=f.detector,
+                                          score=f.score, threshold=f.threshold, reasons=f.to_json(),
+                                          first_round_id=f.first_round_id, last_round_id=f.last_round_id,
+                                          source=f.source, created_at=now)
+    return found
+
+
+def test_a_scan_that_goes_on_grows_one_finding_and_a_later_flood_is_its_own(store):
+    store.add_rounds(4, {2: [port_scan(SCANNER, range(1000, 1030))]})             # round 3
+    [first] = by(evaluate_rules(store), "port_scan")
+    assert (first.first_round_id, first.last_round_id) == (3, 3) and first.summary.startswith("port scan from")
+    store.add_rounds(2, {0: [port_scan(SCANNER, range(1030, 1060))]})             # round 5: it goes on
+    [grown] = by(evaluate_rules(store), "port_scan")
+    assert grown.id == first.id and grown.evaluation_id == first.evaluation_id
+    assert (grown.first_round_id, grown.last_round_id) == (3, 5)
+    assert grown.details["port_ranges"] == {"tcp": [[1000, 1059]]} and grown.details["flagged_rounds"] == 2
+    assert grown.details["evaluations"] == 2 and grown.sources[0].packets == 60
+    assert "tcp 1000-1059 (60)" in grown.summary
+    # the stored row grew in place: one port_scan row, its rounds and reasons widened
+    rows = store.conn.execute("SELECT id, first_round_id, last_round_id, updated_at, "
+                              "json_extract(reasons, '$.summary') FROM anomalies WHERE detector = 'port_scan'").fetchall()
+    assert [tuple(r)[:3] for r in rows] == [(first.id, 3, 5)] and rows[0][3] is not None and rows[0][4] == grown.summary
+    # within the scan span, 49,100 packets from the scanner to one unlistened UDP port: not the old scan again
+    store.add_rounds(1, {0: [traffic(9999, "udp", 49_100, SCANNER)]})              # round 7
+    found = evaluate_rules(store)
+    assert by(found, "port_scan") == []
+    [flood] = by(found, "unlistened_port")
+    assert (flood.port, flood.protocol, flood.source, flood.details["packets"]) == (9999, "udp", SCANNER, 49_100)
+    assert store.conn.execute("SELECT last_round_id FROM anomalies WHERE id = ?", (first.id,)).fetchone()[0] == 5
+
+
+def test_a_flood_in_the_scan_round_is_not_left_to_the_scan(store):
+    store.add_rounds(3, {1: [port_scan(SCANNER, range(1000, 1030)), port_scan(SCANNER, [1005], proto="udp"),
+                             traffic(1005, "udp", 500, SCANNER)]})
+    found = detect(store)
+    [scan] = by(found, "port_scan")
+    assert (1005, "udp") in {(p, proto) for proto, ports in scan.details["ports"].items() for p in ports}
+    # the scan's probes to the other ports stay with the scan; 501 packets to udp/1005 are more than probes
+    assert [(f.port, f.protocol, f.details["packets"]) for f in by(found, "unlistened_port")] == [(1005, "udp", 501)]
+
+
+def test_a_stream_to_one_port_after_a_scan_in_the_same_batch_is_not_the_scan(store):
+    store.add_rounds(5, {1: [port_scan(SCANNER, range(1000, 1030))],              # round 2: the scan
+                         2: [traffic(9999, "udp", 49_100, SCANNER)]})             # round 3: a stream, within the span
+    found = detect(store)
+    [scan] = by(found, "port_scan")
+    assert (scan.first_round_id, scan.last_round_id, scan.details["flagged_rounds"]) == (2, 2, 1)
+    assert scan.details["port_ranges"] == {"tcp": [[1000, 1029]]}
+    assert [(f.port, f.first_round_id, f.details["packets"]) for f in by(found, "unlistened_port")] == [(9999, 3, 49_100)]

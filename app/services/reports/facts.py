@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Iterable
 
 from app import durations
+from app.db import report_rates as rates
 from app.db import reports as queries
 from app.errors import UsageError
 from app.services.findings import Finding
@@ -190,14 +191,20 @@ def occupancy_changes(rows: Iterable, scanned: list[tuple[int, float]]) -> tuple
 
 @dataclass
 class Traffic:
-    """Per-round totals by interface, the host-wide anomalies (port scans) and what they got blocked."""
+    """Per-round rows by interface (round_id, start_time, end_time, seconds, interface, total_packets,
+    unparsed_packets, drops: the ledger's), the host-wide anomalies (port scans) and what they got
+    blocked."""
     by_interface: dict[str, list]
     hostwide: list
     blocked: list[str]
 
+    @property
+    def total_drops(self) -> int:
+        return sum(r["drops"] for rows in self.by_interface.values() for r in rows)
+
 
 def load_traffic(conn, since: float | None, entries) -> Traffic | None:
-    rows = queries.round_totals(conn, since)
+    rows = rates.round_rates(conn, since)
     if not rows:
         return None
     hostwide = queries.hostwide_anomalies(conn, since)
@@ -209,8 +216,9 @@ def load_traffic(conn, since: float | None, entries) -> Traffic | None:
 
 @dataclass
 class PortFacts:
-    """One port's series (round_id, end_time, packets, bytes, syn), its anomalies with their spans,
-    the blocked sources tied to them, its label and figure file name."""
+    """One port's series (round_id, start_time, end_time, seconds, packets, bytes, syn: divide by
+    seconds for rates), its anomalies with their spans, the blocked sources tied to them, its label
+    and figure file name."""
     protocol: str
     label: str
     file: str
@@ -218,13 +226,29 @@ class PortFacts:
     anomalies: list
     blocked: list[str]
 
+    @property
+    def flagged(self) -> bool:
+        return bool(self.anomalies)
+
 
 def load_port(conn, since: float | None, port, entries) -> PortFacts:
     anomalies = queries.port_anomalies(conn, port["port_id"], since)
     return PortFacts(port["protocol"], port_label(port["value"], port["protocol"], long=True),
                      figure_name_for_port(port["value"], port["protocol"]),
-                     queries.port_series(conn, port["port_id"], since), anomalies,
+                     rates.port_rate_series(conn, port["port_id"], since), anomalies,
                      blocked_for({a["id"] for a in anomalies}, anomaly_sources(anomalies), entries))
+
+
+def chart_ports(conn, since: float | None, top: int) -> list:
+    """The ports that get a figure: the ``top`` most anomalous, then the ``top`` busiest not already
+    in (so the busiest ports are always charted, flagged or not)."""
+    ports = list(queries.most_anomalous_ports(conn, since, max(0, top)))
+    seen = {p["port_id"] for p in ports}
+    for row in rates.busiest_ports(conn, since, max(0, top)):
+        if row["port_id"] not in seen:
+            ports.append(row)
+            seen.add(row["port_id"])
+    return ports
 
 
 @dataclass
@@ -277,22 +301,31 @@ def load_model_anomalies(conn, since: float | None, limit: int) -> list[ModelAno
 
 @dataclass
 class Blocklist:
-    """Entries in force over time, block/expire/remove events, drops per round by address (the five
-    addresses that lost most, the rest summed as 'other addresses')."""
+    """Entries in force over time, block/expire/remove events, drops per second by address and round
+    (the five addresses that lost most, the rest summed as 'other addresses'), and the window's
+    total of the ledger's drop rows (the one drop count the whole report shows)."""
     entries: list
     events: list
     times: list[float]
     in_force: list[int]
     round_ends: list[float]
     drop_labels: list[str]
-    drop_series: list[list[int]]
+    drop_series: list[list[float]]
     total_drops: int
+
+
+def drops_by_address(conn, since: float | None) -> dict[str, int]:
+    """The ledger's drops in the window per blocked address (sums to Blocklist.total_drops)."""
+    totals: dict[str, int] = {}
+    for row in rates.drops_by_round_and_address(conn, since):
+        totals[row["address"]] = totals.get(row["address"], 0) + row["drops"]
+    return totals
 
 
 def load_blocklist(conn, since: float | None, now: float) -> Blocklist | None:
     entries = queries.blacklist_entries(conn, since)
     events = queries.blacklist_events(conn, since)
-    drops = queries.blacklist_drops(conn, since)
+    drops = rates.drops_by_round_and_address(conn, since)
     if not entries and not events and not drops:
         return None
     round_times = queries.round_times(conn, since)
@@ -309,11 +342,11 @@ def load_blocklist(conn, since: float | None, now: float) -> Blocklist | None:
         top = sorted(totals, key=totals.get, reverse=True)[:5]
         round_ends = sorted({row["end_time"] for row in drops} | set(round_times))
         index = {t: i for i, t in enumerate(round_ends)}
-        stacks = {address: [0] * len(round_ends) for address in top}
-        other = [0] * len(round_ends)
+        stacks = {address: [0.0] * len(round_ends) for address in top}
+        other = [0.0] * len(round_ends)
         for row in drops:
             target = stacks.get(row["address"], other)
-            target[index[row["end_time"]]] += row["drops"]
+            target[index[row["end_time"]]] += row["drops"] / row["seconds"]
         labels = [f"{a} ({totals[a]} total)" for a in top]
         series = [stacks[a] for a in top]
         if any(other):
@@ -345,8 +378,9 @@ class Contents:
     ports: list = field(default_factory=list)
     entries: list = field(default_factory=list)
     model_anomalies: list[ModelAnomaly] = field(default_factory=list)
-    recent_anomalies: list = field(default_factory=list)
+    recent_anomalies: list = field(default_factory=list)      # [(row, reason text)]
     blocklist_rows: list = field(default_factory=list)
+    window_drops: dict = field(default_factory=dict)          # address -> the ledger's drops in the window
 
     @property
     def empty(self) -> bool:
@@ -357,12 +391,55 @@ class Contents:
 def load_contents(conn, since: float | None, top_ports: int, max_anomaly_figures: int, table_rows: int) -> Contents:
     """The report's contents; only the overview when the window holds nothing at all."""
     contents = Contents(queries.overview(conn, since))
+    contents.window_drops = drops_by_address(conn, since)
+    # one drop count everywhere: the ledger's rows, not the rounds' XDP counter
+    contents.overview["dropped_packets"] = sum(contents.window_drops.values())
     if contents.empty:
         return contents
-    contents.ports = queries.most_anomalous_ports(conn, since, max(0, top_ports))
+    contents.ports = chart_ports(conn, since, top_ports)
     contents.entries = queries.blocked_addresses(conn)
     contents.model_anomalies = load_model_anomalies(conn, since, max_anomaly_figures)
-    contents.recent_anomalies = queries.recent_anomalies(conn, since, table_rows)
+    contents.recent_anomalies = [(row, reason_text(row)) for row in rates.table_anomalies(conn, since, table_rows)]
     contents.blocklist_rows = queries.blacklist_entries(conn, since)
     return contents
+
+
+def _value_text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return f"{len(value)} items" if len(value) > 4 else ", ".join(_value_text(v) for v in value)
+    return str(value)
+
+
+def reason_text(row, max_sources: int = 3) -> str:
+    """Why a finding was raised, in one line: its summary, its sources (packets, share, evidence),
+    for a model finding the features that drove it (observed vs reconstructed), else its scalar details."""
+    finding = finding_of(row)
+    if finding is None:
+        return (row["reasons"] or "-")[:200]
+    parts = [finding.summary] if finding.summary else []       # the contract's one line, when the detector wrote one
+    if finding.sources:
+        shown = []
+        for s in finding.sources[:max_sources]:
+            share = f", {s.share:.0%}" if s.share is not None else ""
+            packets = f"{s.packets} pkts, " if s.packets else ""
+            shown.append(f"{s.address} ({packets}{share.lstrip(', ')}{', ' if share else ''}"
+                         f"{s.evidence.replace('_', '-')})")
+        more = (finding.source_count or len(finding.sources)) - len(shown)
+        parts.append("sources " + "; ".join(shown) + (f" (+{more} more)" if more > 0 else ""))
+    elif finding.source:
+        parts.append(f"source {finding.source}")
+    features = feature_contributions(finding)
+    if features:
+        top = sorted(features, key=lambda f: -f.contribution)[:3]
+        parts.append("driven by " + ", ".join(
+            f"{f.name} {_value_text(f.observed) if f.observed is not None else '?'} vs usual "
+            f"{_value_text(f.reconstructed) if f.reconstructed is not None else '?'} ({f.contribution:.0%})" for f in top))
+    else:
+        scalars = [(k, v) for k, v in sorted(finding.details.items())
+                   if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k not in ("port", "protocol")]
+        if scalars:
+            parts.append(", ".join(f"{k.replace('_', ' ')} {_value_text(v)}" for k, v in scalars[:5]))
+    return "; ".join(parts) or "-"
 

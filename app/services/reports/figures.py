@@ -64,6 +64,11 @@ class Painter:
         top = ax.get_ylim()[1]
         ax.set_ylim(-0.05 * max(top, 1.0), max(top, 1.0) * 1.1)
 
+    def rate_axis(self, ax) -> None:
+        """Rates: from zero, with headroom above the highest value so the legend never hides the data."""
+        top = ax.get_ylim()[1]
+        ax.set_ylim(0, top * 1.35 if top > 0 else 1.0)
+
     def save(self, fig, name: str) -> None:
         with atomic_writer(self.out_dir / name, mode=permissions.file_mode(), binary=True) as fh:
             fig.savefig(fh, format="png", dpi=DPI)
@@ -104,29 +109,33 @@ def draw_traffic(p: Painter, traffic: Traffic | None) -> Drawn | None:
     fig, axes = p.figure(2, 1, height=3.0, sharex=True)
     for interface, items in traffic.by_interface.items():
         times = [_utc(r["end_time"]) for r in items]
-        axes[0, 0].plot(times, [r["total_packets"] for r in items], drawstyle="steps-pre", label=f"{interface}: all packets")
-        axes[0, 0].plot(times, [r["unparsed_packets"] for r in items], drawstyle="steps-pre", linestyle=":",
-                        label=f"{interface}: unparsed (passed)")
-        axes[1, 0].plot(times, [r["dropped_packets"] for r in items], drawstyle="steps-pre", color="tab:red",
+        axes[0, 0].plot(times, [r["total_packets"] / r["seconds"] for r in items], drawstyle="steps-pre",
+                        label=f"{interface}: all packets")
+        axes[0, 0].plot(times, [r["unparsed_packets"] / r["seconds"] for r in items], drawstyle="steps-pre",
+                        linestyle=":", label=f"{interface}: unparsed (passed)")
+        axes[1, 0].plot(times, [r["drops"] / r["seconds"] for r in items], drawstyle="steps-pre", color="tab:red",
                         label=f"{interface}: dropped by the blocklist")
     _shade_anomalies(axes[0, 0], hostwide, with_labels=True)
     _shade_anomalies(axes[1, 0], hostwide, with_labels=False)
-    axes[0, 0].set_ylabel("packets per round")
+    axes[0, 0].set_ylabel("packets per second")
     title = "Traffic seen by XDP"
     if hostwide:
         title += (f"; {len(hostwide)} host-wide anomal{'y' if len(hostwide) == 1 else 'ies'} shaded"
                   + (f", blocked: {_short_list(blocked, 3)}" if blocked else ""))
     axes[0, 0].set_title(title)
-    axes[1, 0].set_ylabel("packets per round")
-    axes[1, 0].set_title("Packets dropped (blocked sources only)")
+    total = traffic.total_drops
+    axes[1, 0].set_ylabel("packets per second")
+    axes[1, 0].set_title(f"Packets dropped for blocked sources: {total} in this window")
     for ax in axes[:, 0]:
-        ax.legend(loc="upper left", fontsize="small")
+        p.rate_axis(ax)
+        ax.legend(loc="upper left", fontsize="small", ncols=3)
         p.time_axis(ax)
     axes[0, 0].set_xlabel("")
     p.save(fig, "traffic.png")
-    return Drawn("traffic.png", "overview", "Traffic per round",
-                 "All packets the XDP program saw per round and the packets it dropped for blocked sources; "
-                 "shaded: rounds flagged by host-wide detectors (port scans).")
+    return Drawn("traffic.png", "overview", "Traffic per second",
+                 "All packets the XDP program saw and the packets it dropped for blocked sources, per second "
+                 f"of each round ({total} packets dropped in this window); shaded: rounds flagged by host-wide "
+                 "detectors (port scans).")
 
 
 def draw_port(p: Painter, port: PortFacts) -> Drawn:
@@ -135,27 +144,40 @@ def draw_port(p: Painter, port: PortFacts) -> Drawn:
     ax_packets, ax_bytes = axes[0, 0], axes[1, 0]
     if series:
         times = [_utc(r["end_time"]) for r in series]
-        ax_packets.plot(times, [r["packets"] for r in series], drawstyle="steps-pre", color="tab:blue", label="packets")
+        ax_packets.plot(times, [r["packets"] / r["seconds"] for r in series], drawstyle="steps-pre",
+                        color="tab:blue", label="packets")
         if port.protocol == "tcp":
-            ax_packets.plot(times, [r["syn"] for r in series], drawstyle="steps-pre", color="tab:orange",
-                            linestyle="--", label="SYN (no ACK)")
-        ax_bytes.plot(times, [r["bytes"] / 1000.0 for r in series], drawstyle="steps-pre", color="tab:green",
-                      label="frame bytes")
+            ax_packets.plot(times, [r["syn"] / r["seconds"] for r in series], drawstyle="steps-pre",
+                            color="tab:orange", linestyle="--", label="SYN (no ACK)")
+        ax_bytes.plot(times, [r["bytes"] / 1000.0 / r["seconds"] for r in series], drawstyle="steps-pre",
+                      color="tab:green", label="frame bytes")
     _shade_anomalies(ax_packets, anomalies, with_labels=True)
     _shade_anomalies(ax_bytes, anomalies, with_labels=False)
-    title = f"{label}: {len(anomalies)} anomal{'y' if len(anomalies) == 1 else 'ies'}"
-    subtitle = f"blocked sources: {_short_list(blocked)}" if blocked else "no source blocked for this port"
-    fig.suptitle(f"{title}\n{subtitle}", fontsize="medium")
-    ax_packets.set_ylabel("packets per round")
-    ax_bytes.set_ylabel("kB per round")
+    packets = sum(r["packets"] for r in series)
+    if port.flagged:
+        title = f"{label}: FLAGGED, {len(anomalies)} anomal{'y' if len(anomalies) == 1 else 'ies'}"
+        subtitle = f"blocked sources: {_short_list(blocked)}" if blocked else "no source blocked for this port"
+    else:
+        title = f"{label}: one of the busiest ports, not flagged"
+        subtitle = f"{packets} packets in this window"
+    fig.suptitle(f"{title}\n{subtitle}", fontsize="medium", color="tab:red" if port.flagged else "black",
+                 fontweight="bold" if port.flagged else "normal")
+    if port.flagged:
+        for spine in ax_packets.spines.values():
+            spine.set_edgecolor("tab:red")
+            spine.set_linewidth(1.5)
+    ax_packets.set_ylabel("packets per second")
+    ax_bytes.set_ylabel("kB per second")
     for ax in (ax_packets, ax_bytes):
+        p.rate_axis(ax)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper left", fontsize="small")
+            ax.legend(loc="upper left", fontsize="small", ncols=3)
         p.time_axis(ax)
     ax_packets.set_xlabel("")
     name = port.file
     p.save(fig, name)
-    return Drawn(name, "ports", label, f"{title}; {subtitle}. Shaded: the rounds each detector flagged.")
+    shade = " Shaded: the rounds each detector flagged." if port.flagged else ""
+    return Drawn(name, "ports", label, f"{title}; {subtitle}.{shade}")
 
 
 def draw_reconstruction(p: Painter, model: ModelScores | None) -> Drawn | None:
@@ -264,13 +286,14 @@ def draw_blocklist(p: Painter, blocklist: Blocklist | None) -> Drawn | None:
     p.integer_axis(ax_entries)
     if blocklist.drop_series:
         ax_drops.stackplot([_utc(t) for t in blocklist.round_ends], *blocklist.drop_series,
-                           labels=blocklist.drop_labels, step="mid", alpha=0.8)
-        ax_drops.legend(loc="upper left", fontsize="small")
+                           labels=blocklist.drop_labels, step="pre", alpha=0.8)
+        p.rate_axis(ax_drops)
+        ax_drops.legend(loc="upper left", fontsize="small", ncols=2)
     else:
         ax_drops.text(0.5, 0.5, "no packets dropped in this window", transform=ax_drops.transAxes,
                       ha="center", va="center", color="gray")
-    ax_drops.set_ylabel("packets dropped per round")
-    ax_drops.set_title("Packets dropped per round, by blocked address")
+    ax_drops.set_ylabel("packets dropped per second")
+    ax_drops.set_title(f"Packets dropped per second, by blocked address ({blocklist.total_drops} in this window)")
     if ax_entries.get_legend_handles_labels()[0]:
         ax_entries.legend(loc="upper left", fontsize="small")
     for ax in (ax_entries, ax_drops):

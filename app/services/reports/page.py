@@ -7,9 +7,13 @@ writes index.html and report.json.
                         blocklist entries and occupancy changes
   report.json           what was drawn (figure files, window, counts), for machines and for
                         removing the previous report's figures that are no longer drawn
-  traffic.png           packets and drops per round, per interface
-  port_<proto>_<port>.png   per-port series of the most anomalous ports, flagged rounds shaded,
-                        blocked sources named
+  traffic.png           packets, unparsed packets and drops per second, per interface
+  port_<proto>_<port>.png   per-port rates of the most anomalous ports (flagged: red title,
+                        flagged rounds shaded, blocked sources named) and of the busiest ports
+
+Rates are per second of each round (rounds differ in length). Every drop figure (overview,
+traffic, blocklist figure, blocklist table, report.json ``drops``) is the sum of the ledger's
+per-round drop rows (``blacklist_drops``), so they agree.
   reconstruction_error.png  model anomaly scores against the threshold over time
   contributions_<id>.png    per-feature contributions of one model anomaly
   blocklist.png         entries in force and packets dropped per round
@@ -52,7 +56,7 @@ ProgressFn = Callable[[int, int, str], None]
 
 _SECTIONS = [
     ("overview", "Overview", "No rounds in this window."),
-    ("ports", "Most anomalous ports", "No anomaly on any port in this window."),
+    ("ports", "Ports: the most anomalous (red) and the busiest", "No traffic on any port in this window."),
     ("model", "Reconstruction error", "No model evaluation with a threshold in this window (the model may be warming up)."),
     ("contributions", "Per-feature contributions of model anomalies", "No model anomaly with per-feature detail in this window."),
     ("blocklist", "Blocklist activity", "No blocklist entry, event or drop in this window."),
@@ -63,7 +67,7 @@ _CSS = """body{font-family:sans-serif;margin:1.5em auto;max-width:1200px;color:#
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left}
-th{background:#f4f4f4}.empty{color:#777;font-style:italic}.nodata{font-size:1.3em;color:#a60}"""
+th{background:#f4f4f4}td:not(:last-child){white-space:nowrap}.empty{color:#777;font-style:italic}.nodata{font-size:1.3em;color:#a60}"""
 
 
 def _table(headers: list[str], rows: list[list], empty: str) -> str:
@@ -84,12 +88,13 @@ def _render_index(title: str, window: str, overview: dict | None, drawn: list[Dr
              f"<style>{_CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
              f"<p>Generated {html.escape(fmt_time(generated))}; window: {html.escape(window)}. "
-             "Times are UTC. Per-round values are what happened in that round.</p>"]
+             "Times are UTC. Traffic is shown per second of each round (rounds differ in length); every drop "
+             "count is the blocklist ledger's.</p>"]
     if not overview or overview["rounds"] == 0 and overview["anomalies"] == 0 and overview["evaluations"] == 0:
         parts.append('<p class="nodata">No data yet: no rounds were collected in this window. Run the collector '
                      "(python -m app collect) or widen the window (--since all).</p>")
     if overview:
-        parts.append(_table(["rounds", "first", "last", "interfaces", "packets", "dropped", "evaluations",
+        parts.append(_table(["rounds", "first", "last", "interfaces", "packets", "dropped (blocklist)", "evaluations",
                              "anomalies", "blocklist entries"],
                             [[overview["rounds"], fmt_time(overview["first_time"]), fmt_time(overview["last_time"]),
                               ", ".join(overview["interfaces"]) or "-", overview["packets"],
@@ -153,6 +158,7 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, since: 
     atomic_write(out / MANIFEST, json.dumps({
         "generated_at": now, "since": since_ts, "database": str(db_path), "figures": files,
         "sections": {d.file: d.section for d in drawn}, "overview": overview,
+        "drops": (overview or {}).get("dropped_packets", 0),
         "seconds": round(time.monotonic() - started, 3)}, indent=2, default=str) + "\n",
                  mode=permissions.file_mode())
     for stale in previous - set(files):
@@ -193,19 +199,24 @@ def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_fig
 
     if contents.recent_anomalies:
         tables["ports"] = "<h3>Recent anomalies</h3>" + _table(
-            ["id", "time", "detector", "port", "score", "threshold", "source"],
-            [[a["id"], fmt_time(a["created_at"]), a["detector"], port_label(a["value"], a["protocol"], long=True),
-              _number_text(a["score"]), _number_text(a["threshold"]), a["source"] or "-"]
-             for a in contents.recent_anomalies], "")
+            ["id", "time", "detector", "port", "score", "threshold", "source", "why"],
+            [[a["id"], fmt_time(a["created_at"]), a["detector"], port_label(a["port"], a["protocol"], long=True),
+              _number_text(a["score"]), _number_text(a["threshold"]), a["source"] or "-", why]
+             for a, why in contents.recent_anomalies], "")
     without = [a for a in contents.model_anomalies if not a.features]
     if without:
         tables["contributions"] = "<p>Model anomalies without per-feature detail:</p>" + _table(
             ["anomaly", "port", "reasons"], [[a.id, a.port, (a.reasons or "-")[:200]] for a in without], "")
     if contents.blocklist_rows:
-        tables["blocklist"] = _table(
-            ["address", "status", "origin", "created", "expires", "drops", "reason"],
-            [[b["address"], b["status"], b["origin"], fmt_time(b["created_at"]), fmt_time(b["expires_at"]),
-              b["drops"], b["reason"]] for b in contents.blocklist_rows[-MAX_TABLE_ROWS:]], "")
+        drops = contents.window_drops
+        rows = [[b["address"], b["status"], b["origin"], fmt_time(b["created_at"]), fmt_time(b["expires_at"]),
+                 drops.get(b["address"], 0), b["reason"]] for b in contents.blocklist_rows[-MAX_TABLE_ROWS:]]
+        listed = {b["address"] for b in contents.blocklist_rows[-MAX_TABLE_ROWS:]}
+        rows += [[address, "-", "-", "-", "-", n, "(entry no longer listed)"]
+                 for address, n in sorted(drops.items()) if address not in listed]
+        rows.append(["total", "", "", "", "", sum(drops.values()), ""])
+        tables["blocklist"] = _table(["address", "status", "origin", "created", "expires", "drops in window",
+                                      "reason"], rows, "")
     if occupancy.changes:
         tables["occupancy"] = _table(["time", "port", "change", "process"],
                                      [[fmt_time(c.at), c.port, c.kind, c.detail]

@@ -1,0 +1,104 @@
+"""`python -m app top [--interface IF] [--interval 1] [--count N] [--rows R]`: the live view.
+
+Reads the pinned maps of one interface twice per refresh interval and shows per-second rates:
+totals (packets, bytes, drops, unparsed), the busiest ports and sources, and the blocklist with
+its drop counters, in the spirit of ``xdp-filter poll`` and ``iftop``. Writes nothing (no database,
+no lock, no map update), so it runs beside the collector's cron job. On a terminal it redraws in
+place until Ctrl-C (or --count refreshes); otherwise it prints --count refreshes (default 1) as
+plain text, separated by blank lines, and exits.
+Exit codes: 0 done; 2 bad option or no pinned maps for the interface; 3 not root.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from app.cli import add_command
+from app.durations import arg as duration
+
+DESCRIPTION = """Live view of what XDP counts right now on one interface, from the pinned maps
+(nothing is written): rates per second of packets, bytes, drops and unparsed packets, the busiest
+ports and sources, and the blocklist with its drop counters. On a terminal it refreshes in place
+until Ctrl-C; piped, it prints --count refreshes (default 1) and exits.
+
+examples:
+  sudo .venv/bin/python -m app top
+  sudo .venv/bin/python -m app top --interface eth1 --interval 2
+  sudo .venv/bin/python -m app top --count 3 > snapshot.txt"""
+
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def register(sub) -> None:
+    parser = add_command(sub, "top", "live view of ports, sources, drops and the blocklist from the pinned maps",
+                         DESCRIPTION)
+    parser.add_argument("--interface", "-i", metavar="IF",
+                        help="interface (default: general.interface, else the only one with pins, else the "
+                             "default-route one)")
+    parser.add_argument("--interval", type=duration(), default=1.0, metavar="S",
+                        help="seconds between refreshes (default 1)")
+    parser.add_argument("--count", type=int, metavar="N",
+                        help="stop after N refreshes (default: until Ctrl-C on a terminal, 1 otherwise)")
+    parser.add_argument("--rows", type=int, default=None, metavar="R",
+                        help="lines per section (default: fits the terminal, 10 otherwise)")
+    parser.set_defaults(func=run)
+
+
+def pick_interface(settings, requested: str | None) -> str:
+    from app.services import host
+    if requested or settings.general.interface:
+        return requested or settings.general.interface
+    root = Path(settings.general.pin_root)
+    try:
+        pinned = sorted(p.name for p in root.iterdir() if (p / "port_stats").exists())
+    except OSError:
+        pinned = []
+    if len(pinned) == 1:
+        return pinned[0]
+    if len(pinned) > 1:
+        from app.errors import UsageError
+        raise UsageError(f"several interfaces have pinned maps ({', '.join(pinned)}): pass --interface IF")
+    return host.default_interface()
+
+
+def run(args, settings) -> int:
+    import os
+    from app.errors import NeedsRootError, UsageError
+    from app.services import live
+    if args.interval <= 0:
+        raise UsageError(f"--interval must be above 0 seconds, got {args.interval:g}")
+    if args.count is not None and args.count < 1:
+        raise UsageError(f"--count must be 1 or more, got {args.count}")
+    interface = pick_interface(settings, args.interface)
+    pin_dir = Path(settings.general.pin_root) / interface
+    if not (pin_dir / "port_stats").exists():
+        if os.geteuid() != 0 and Path(settings.general.pin_root).exists():
+            raise NeedsRootError(f"reading the pinned maps of {interface} needs root: run it with sudo")
+        raise UsageError(f"no pinned maps for {interface} under {settings.general.pin_root}: "
+                         f"run python -m app collect --interface {interface} first")
+    tty = sys.stdout.isatty()
+    count = args.count if args.count is not None else (0 if tty else 1)
+    previous = live.read(pin_dir)
+    shown = 0
+    try:
+        while count == 0 or shown < count:
+            time.sleep(args.interval)
+            current = live.read(pin_dir)
+            view = live.rates(previous, current)
+            previous = current
+            size = shutil.get_terminal_size((100, 40))
+            rows = args.rows or (max(3, (size.lines - 12) // 3) if tty else 10)
+            lines = live.render(view, rows=rows, width=size.columns if tty else 200)
+            if tty:
+                sys.stdout.write(CLEAR + "\n".join(lines) + "\n(Ctrl-C quits)\n")
+            else:
+                if shown:
+                    sys.stdout.write("\n")
+                sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
+            shown += 1
+    except KeyboardInterrupt:
+        pass
+    return 0
