@@ -98,7 +98,7 @@ class Collector:
         self.settings = settings
         self.takeover = takeover                  # claim the interface from another database on purpose
         self.db_id: str | None = None
-        self._born: dict[str, int] = {}           # map name -> id of maps a load created for this database
+        self._born: set[int] = set()              # kernel ids of maps that started at zero for this database
         self.interface = interface
         self.db_path = Path(settings.general.db)
         self.pin_dir = xdp.pin_dir(settings, interface)
@@ -141,7 +141,7 @@ class Collector:
             if self.load_state.maps_created:         # the prefilled entries count their drops from zero
                 enforcement.forget_map(self.conn, self.interface)
             enforcement.note_prefilled(self.conn, self.interface, self.load_state.prefilled)
-            self._born = (pin_owner.read(self.pin_dir) or {}).get("maps_born") or {}
+            self._born = pin_owner.born_ids(self.pin_dir)
             self._maps = maps.open_maps(self.pin_dir)
             self._reconcile()
         except BaseException:
@@ -159,7 +159,7 @@ class Collector:
                 raise DatabaseError(f"database {self.db_path} is not the one that enforces {self.interface} "
                                     "(its identity differs)")
             self.db_id = found
-            self._born = (pin_owner.read(self.pin_dir) or {}).get("maps_born") or {}
+            self._born = pin_owner.born_ids(self.pin_dir)
             meta = xdp.read_meta(self.pin_dir)
             prog = self.pin_dir / "prog"
             self.load_state = xdp.LoadState(
@@ -200,6 +200,7 @@ class Collector:
             xdp.restore_pins(self.pin_dir)
             return None
         log.info("closing a last round from the replaced maps of %s", self.interface)
+        self._born = pin_owner.born_ids(self.pin_dir)
         prog = retired / "prog"
         program_id = maps.prog_info(prog).id if prog.exists() else None
         try:
@@ -269,7 +270,7 @@ class Collector:
         a baseline: its counts cover an unknown span before this database watched the interface."""
         ids = {name: self._maps[name].info.id for name in SNAPSHOT_MAPS if name in self._maps}
         stored = rounds_db.snapshot_map_ids(self.conn, self.interface)
-        baseline = any(not (name in stored and stored[name] in (None, ids[name])) and self._born.get(name) != ids[name]
+        baseline = any(not (name in stored and stored[name] in (None, ids[name])) and ids[name] not in self._born
                        for name in ids)
         return ids, stored, baseline
 

@@ -5,7 +5,7 @@ bpffs holds only BPF objects, so the record is a pinned one-entry BPF array map,
 and dies with the pins: `down`, a reboot or an ``rm -r`` of the pin directory takes it along.
 
     {"db_id": "<hex>", "db_path": "/var/lib/portwatch/ports.db", "claimed_at": 1764120000.0,
-     "maps_born": {"port_stats": 812, ...},      # maps a load created (at zero) while this db owned them
+     "maps_born": [812, 813, ...],     # kernel ids of maps that started at zero while this db owned them
      "load": {"state": "compiling"|"attaching"|"attached", "pid": 4242, "at": ..., "program_id": 977,
               "program_tag": "a1b2...", "retired": false}}
 
@@ -117,17 +117,17 @@ def claim(pdir: str | Path, interface: str, db_id: str, db_path: str | Path, tak
             raise refusal(interface, record)
         log.warning("taking %s over from the database %s: its blocklist becomes this database's", interface,
                     record.get("db_path"))
-        record = dict(record, maps_born={})
+        record = dict(record, maps_born=[])
     if record is None and (Path(pdir) / "port_stats").exists():
         # pins made before pin records existed (an older portwatch): adopted, their counts are this
         # database's as before (a snapshot it stored keeps being used; without one, they count whole)
-        record = {"maps_born": _pinned_map_ids(Path(pdir))}
+        record = {"maps_born": sorted(_pinned_map_ids(Path(pdir)).values())}
         log.info("adopting the record-less pins of %s for %s", interface, db_path)
     record = dict(record or {})
     if record.get("db_id") == db_id and record.get("db_path") == db_path:
         return record
     record.update(db_id=db_id, db_path=db_path, claimed_at=time.time())
-    record.setdefault("maps_born", {})
+    record.setdefault("maps_born", [])
     write(pdir, record)
     return record
 
@@ -143,6 +143,19 @@ def _pinned_map_ids(pdir: Path) -> dict[str, int]:
             except BpfError:
                 pass
     return ids
+
+
+def born_ids(pdir: str | Path) -> set[int]:
+    """Kernel ids of the maps that started at zero while the recorded database owned ``pdir``."""
+    born = (read(pdir) or {}).get("maps_born") or []
+    return set(born) if isinstance(born, list) else set()
+
+
+def note_born(pdir: str | Path, ids) -> None:
+    """Add maps a load just created to ``maps_born``, keeping only ids still pinned here or in ``retired/``."""
+    pdir = Path(pdir)
+    pinned = set(_pinned_map_ids(pdir).values()) | set(_pinned_map_ids(pdir / "retired").values())
+    update(pdir, maps_born=sorted((born_ids(pdir) | set(ids)) & pinned))
 
 
 def refusal(interface: str, record: dict) -> UsageError:

@@ -323,9 +323,8 @@ def _build_and_attach(BPF, libbcc, interface: str, pdir: Path, mode: str, want_h
     if libbcc.bpf_obj_pin(fn.fd, str(prog_pin).encode()) != 0:       # pinned first: it is never unrecorded
         raise BpfError(f"cannot pin the program at {prog_pin}")
     identity = maps.prog_info(prog_pin)
-    record = pin_owner.read(pdir) or {}
     if born:
-        pin_owner.update(pdir, maps_born=born if len(born) == len(MAP_LAYOUT) else {**record.get("maps_born", {}), **born})
+        pin_owner.note_born(pdir, born.values())
     pin_owner.record_load(pdir, "attaching", program_id=identity.id, program_tag=bytes(identity.tag).hex(),
                           retired=recreate)
     attached = attached_program(interface)

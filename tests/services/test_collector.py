@@ -52,7 +52,7 @@ def collector_on(tmp_path, fakes, **collector_settings) -> Collector:
     c = Collector(s, "fake0")
     c.conn = connect(c.db_path)
     c._maps = fakes
-    c._born = {name: m.info.id for name, m in fakes.items()}    # fresh maps, as a first load creates them
+    c._born = {m.info.id for m in fakes.values()}             # fresh maps, as a first load creates them
     return c
 
 
