@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.services import bpf_structs, maps, synlimit
+from app.services import synlimit
 from tests.helpers import collect, make_settings
 
 pytestmark = pytest.mark.kernel
@@ -66,10 +66,14 @@ def test_ipv4_mapped_ipv6_sources_stay_ipv6_in_counts_and_in_the_blacklist(lab, 
     assert source_row(conn, rid, mapped)["packets"] == 7          # stored as IPv6 text
     assert source_row(conn, rid, v4)["packets"] == 5              # the IPv4 host: only its own packets
     # a blacklist entry for the IPv4 host drops its packets, never the IPv6 ::ffff: ones
-    pdir = Path(s.general.pin_root) / lab.interface
-    import ipaddress
-    with maps.PinnedMap(pdir / "blacklist") as bl:
-        bl.update(bpf_structs.lpm_key(ipaddress.ip_network(f"{v4}/32")), bytes(bpf_structs.PwBlacklistValue()))
+    # (through the ledger: a collector run reconciles the map before its round, so an entry written by
+    # hand would be gone before the round read its drops)
+    from app.db.connection import connect
+    from app.services import blocklist, enforcement
+    ledger = connect(s.general.db)
+    blocklist.add_manual(ledger, s, v4, reason="test")
+    enforcement.reconcile(ledger, s, Path(s.general.pin_root) / lab.interface)     # this lab's map only
+    ledger.close()
     assert send_frames(lab, both) == 12
     collect(s, lab)
     r = last_round(conn)
