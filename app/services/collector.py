@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from app.db import rounds as rounds_db  # noqa: E402
 from app.db.connection import connect  # noqa: E402
 from app.db.ports import PortIds  # noqa: E402
-from app.errors import BpfError, DatabaseError, NeedsRootError, PortwatchError  # noqa: E402
+from app.errors import BpfError, NeedsRootError, PortwatchError  # noqa: E402
 from app.services import egress, egress_rounds, enforcement, locks, maps, pin_owner, ports, rounds, xdp  # noqa: E402
 from app.services.bpf_structs import (ADDR_DTYPE, GLOBAL_NAMES, MAP_LAYOUT, PwConfig, addr_text,  # noqa: E402
                                       lpm_key_text)
@@ -144,29 +144,6 @@ class Collector:
             self._born = pin_owner.born_ids(self.pin_dir)
             self._maps = maps.open_maps(self.pin_dir)
             self._reconcile()
-        except BaseException:
-            self.close()
-            raise
-
-    def open_as_is(self, expected_db_id: str | None = None) -> None:
-        """For `down` (which holds the interface lock and has detached the program): open the database and
-        the pinned maps as they are — nothing is loaded, claimed or reconciled. DatabaseError when the
-        database is not the one the pin record names."""
-        self.conn = connect(self.db_path)
-        try:
-            found = rounds_db.read_database_id(self.conn)
-            if expected_db_id and found != expected_db_id:
-                raise DatabaseError(f"database {self.db_path} is not the one that enforces {self.interface} "
-                                    "(its identity differs)")
-            self.db_id = found
-            self._born = pin_owner.born_ids(self.pin_dir)
-            meta = xdp.read_meta(self.pin_dir)
-            prog = self.pin_dir / "prog"
-            self.load_state = xdp.LoadState(
-                self.interface, self.pin_dir, {1: "native", 2: "generic"}.get(meta.mode) if meta else None,
-                maps.prog_info(prog).id if prog.exists() else None, bytes(meta.source_hash).hex() if meta else None)
-            self.close_retired()
-            self._maps = maps.open_maps(self.pin_dir)
         except BaseException:
             self.close()
             raise

@@ -19,8 +19,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from app.errors import NeedsRootError, PortwatchError
-from app.services import egress, enforcement, locks, pin_owner, xdp
+from app.db import rounds as rounds_db
+from app.db.connection import connect
+from app.errors import DatabaseError, NeedsRootError, PortwatchError
+from app.services import egress, enforcement, locks, maps, pin_owner, xdp
 from app.services.collector import Collector, Observations
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ def final_round(settings, interface: str, record: dict | None) -> str:
     collector = Collector(settings, interface)
     collector.db_path = db_path
     try:
-        collector.open_as_is(record.get("db_id"))
+        open_as_is(collector, record.get("db_id"))
         summary = collector.close_round(time.time(), Observations(), note="final round: down", reconcile=False)
         enforcement.retire_map(collector.conn, interface, collector.pin_dir / "blacklist")
     except (PortwatchError, sqlite3.Error) as exc:
@@ -105,3 +107,28 @@ def final_round(settings, interface: str, record: dict | None) -> str:
     if summary.baseline:
         return f"stored a baseline round {summary.round_id} in {db_path}"
     return f"stored a final round {summary.round_id} ({summary.packets} packets) in {db_path}"
+
+
+def open_as_is(collector: Collector, expected_db_id: str | None = None) -> None:
+    """Open ``collector``'s database and pinned maps as they are — nothing is loaded, claimed or reconciled
+    (`down` holds the interface lock and has detached the program). DatabaseError when the database is not
+    the one the pin record names."""
+    collector.conn = connect(collector.db_path)
+    try:
+        found = rounds_db.read_database_id(collector.conn)
+        if expected_db_id and found != expected_db_id:
+            raise DatabaseError(f"database {collector.db_path} is not the one that enforces {collector.interface} "
+                                "(its identity differs)")
+        collector.db_id = found
+        pdir = collector.pin_dir
+        meta = xdp.read_meta(pdir)
+        prog = pdir / "prog"
+        collector.load_state = xdp.LoadState(
+            collector.interface, pdir, {1: "native", 2: "generic"}.get(meta.mode) if meta else None,
+            maps.prog_info(prog).id if prog.exists() else None, bytes(meta.source_hash).hex() if meta else None)
+        collector.close_retired()
+        collector._born = pin_owner.born_ids(pdir)
+        collector._maps = maps.open_maps(pdir)
+    except BaseException:
+        collector.close()
+        raise

@@ -272,8 +272,6 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False, pre
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-
-
 # --- the loader process ---------------------------------------------------------------------
 
 def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str], recreate: bool,
