@@ -137,7 +137,7 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     remaining = dbs.count_rounds_after(conn, last)
     history = dbs.count_rounds(conn, last)
     # a first fit learns from all recent history (small hosts would wait for many batches otherwise)
-    has_model = dbe.active_model(conn) is not None
+    has_model = has_loadable_model(conn)
     context = cfg.window - 1 if has_model else max(cfg.window - 1, cfg.max_batch_rounds - len(batch))
     loaded = load_batch(conn, batch, cfg, context)
     findings = rules.detect(loaded, cfg) + outbound_rules.detect(loaded, cfg) + dns_rules.detect(loaded, cfg)
@@ -227,6 +227,13 @@ class ModelStep:
     trained_index: np.ndarray | None = field(default=None, repr=False)     # (N, 2) [port, last t]
 
 
+def has_loadable_model(conn: sqlite3.Connection) -> bool:
+    """An active model this portwatch can load (a model of another format version needs a fresh fit)."""
+    from app.services.model import not_loadable
+    row = dbe.active_model(conn)
+    return row is not None and not_loadable(row["path"]) is None
+
+
 def model_config(cfg: Evaluator):
     from app.services.model import ModelConfig
     return ModelConfig(window=cfg.window, lstm_units=cfg.lstm_units, bottleneck=cfg.bottleneck,
@@ -239,8 +246,13 @@ def model_config(cfg: Evaluator):
 def load_active_model(conn: sqlite3.Connection, cfg: Evaluator):
     """(model, row) of the active version, or (None, None) when none is usable."""
     from app.services.model import CnnLstmAutoencoder
+    from app.services.model import not_loadable
     row = dbe.active_model(conn)
     if row is None:
+        return None, None
+    why = not_loadable(row["path"])
+    if why:
+        log.warning("model v%d is not loadable (%s): fitting a new one from scratch", row["version"], why)
         return None, None
     try:
         model = CnnLstmAutoencoder.load(row["path"])
@@ -405,6 +417,10 @@ def rollback(conn: sqlite3.Connection, version: int) -> list[int]:
         raise UsageError(f"there is no model version {version}: see python -m app model list")
     if row["status"] == "pruned" or not (Path(row["path"]) / "config.json").exists():
         raise UsageError(f"model version {version} has no files any more (pruned): choose another version")
+    from app.services.model import not_loadable
+    why = not_loadable(row["path"])
+    if why:
+        raise UsageError(f"model version {version} is not loadable by this portwatch ({why}): choose another version")
     with conn:
         return dbe.rollback_to(conn, version)
 
