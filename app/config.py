@@ -113,7 +113,8 @@ class Evaluator:
     unlistened_min_packets: int = 1              # packets in a batch to a port nothing holds
     # what leaves the host (app/services/outbound_rules.py, dns_rules.py): these findings alert, never block
     outbound_scan_ports: int = 25                # remote ports of one address this host opened within scan_span_seconds
-    outbound_scan_addresses: int = 50            # remote addresses this host opened connections to within the span
+    outbound_scan_addresses: int = 100           # remote addresses this host opened connections to within the span
+                                                 # (a busy browser opens dozens in 5 min: set above what it does)
     exfiltration_min_bytes: int = 20_000_000     # bytes out to one address (a round, or the batch) at least ...
     exfiltration_factor: float = 10.0            # ... and this many times the usual rate (the address's, else the host's)
     exfiltration_baseline_seconds: float = 86400.0  # the usual rates: rounds in this span before the batch

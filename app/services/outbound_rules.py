@@ -7,7 +7,8 @@
   exfiltration   bytes out to one remote address, in one round or over the batch, >= exfiltration_min_bytes
                  and >= exfiltration_factor x its usual rate: the address's own mean bytes per round
                  over the baseline (when it has >= exfiltration_min_history_rounds rounds there), else the
-                 host's median outbound bytes per round (baseline and batch rounds)
+                 host's median outbound bytes per round (baseline and batch rounds); score: that
+                 factor (the bytes themselves when the usual rate is 0), threshold: exfiltration_factor
   beaconing      connections (distinct outbound flow starts, flows.first_seen) to one remote address at a
                  near-constant interval: >= beacon_min_connections over >= beacon_min_rounds rounds within
                  beacon_span_seconds, inter-arrival coefficient of variation <= beacon_max_cv and mean

@@ -74,7 +74,8 @@ def test_tcp_syn_sweep_seen_by_the_counters_alone():
 def test_sweep_of_many_addresses():
     hosts = [f"198.18.21.{i}" for i in range(1, 61)]
     b = batch(ports=dict(PORTS), destination_stats=[(4, h, 1, 60, 1, 1) for h in hosts])
-    [sweep] = outbound_rules.outbound_scans(b, Evaluator())
+    assert outbound_rules.outbound_scans(b, Evaluator()) == []                     # default: 100 addresses
+    [sweep] = outbound_rules.outbound_scans(b, Evaluator(outbound_scan_addresses=50))
     assert sweep.details["kind"] == "addresses" and sweep.details["distinct_addresses"] == 60
     assert sweep.score == 60.0 and sweep.threshold == 50.0 and sweep.source is None
     assert sweep.source_count == 60 and len(sweep.sources) == 10
