@@ -1,4 +1,4 @@
--- portwatch schema, version 6 (PRAGMA user_version): the newest schema, for a fresh database; older
+-- portwatch schema, version 7 (PRAGMA user_version): the newest schema, for a fresh database; older
 -- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
@@ -211,7 +211,9 @@ CREATE TABLE IF NOT EXISTS packets (
     transport   TEXT,                        -- 'tcp', 'udp', 'icmp', ...
     payload     INTEGER,                     -- L4 payload length in bytes (no payload content is stored)
     length      INTEGER,                     -- frame length
-    round_id    INTEGER REFERENCES rounds(id) ON DELETE CASCADE
+    round_id    INTEGER REFERENCES rounds(id) ON DELETE CASCADE,
+    qry_type    INTEGER,                     -- DNS question's record type (1 A, 5 CNAME, 10 NULL, 16 TXT, 28 AAAA)
+    rcode       INTEGER                      -- a DNS response's code (0 NOERROR, 3 NXDOMAIN); NULL for a query
 );
 CREATE INDEX IF NOT EXISTS packets_round ON packets(round_id);
 CREATE INDEX IF NOT EXISTS packets_qry ON packets(qry_name);
@@ -394,6 +396,34 @@ SELECT qry_name, COUNT(*) AS queries, datetime(MAX(timestamp), 'unixepoch') AS l
 FROM packets WHERE qry_name IS NOT NULL
 GROUP BY qry_name ORDER BY queries DESC;
 
+CREATE VIEW IF NOT EXISTS v_top_destinations AS
+SELECT ds.address, SUM(ds.packets) AS packets, SUM(ds.bytes) AS bytes_out, SUM(ds.syn) AS syn,
+       MAX(ds.distinct_ports) AS max_ports_in_a_round, COUNT(*) AS rounds_active,
+       datetime(MAX(r.end_time), 'unixepoch') AS last_seen
+FROM destination_stats ds JOIN rounds r ON r.id = ds.round_id
+WHERE r.end_time >= strftime('%s', 'now') - 86400
+GROUP BY ds.address
+ORDER BY bytes_out DESC;
+
+-- DNS clients in the sniffer sample (last 24 h): queries are rows with a name and no rcode, the
+-- client is their source; responses (rcode set) count toward the client they went to
+CREATE VIEW IF NOT EXISTS v_dns_clients AS
+SELECT q.client, q.queries, q.distinct_names, q.mean_name_length, q.max_name_length,
+       q.txt_null_cname, COALESCE(a.responses, 0) AS responses, COALESCE(a.nxdomain, 0) AS nxdomain,
+       q.last_seen
+FROM (SELECT src_address AS client, COUNT(*) AS queries, COUNT(DISTINCT qry_name) AS distinct_names,
+             round(AVG(length(qry_name)), 1) AS mean_name_length, MAX(length(qry_name)) AS max_name_length,
+             SUM(qry_type IN (5, 10, 16)) AS txt_null_cname,
+             datetime(MAX(timestamp), 'unixepoch') AS last_seen
+      FROM packets
+      WHERE qry_name IS NOT NULL AND rcode IS NULL AND resp_name IS NULL AND src_address IS NOT NULL
+        AND timestamp >= strftime('%s', 'now') - 86400
+      GROUP BY src_address) q
+LEFT JOIN (SELECT dst_address AS client, COUNT(*) AS responses, SUM(rcode = 3) AS nxdomain
+           FROM packets WHERE rcode IS NOT NULL AND timestamp >= strftime('%s', 'now') - 86400
+           GROUP BY dst_address) a ON a.client = q.client
+ORDER BY q.queries DESC;
+
 CREATE VIEW IF NOT EXISTS v_recent_anomalies AS
 SELECT a.id, datetime(a.created_at, 'unixepoch') AS at, a.detector,
        CASE WHEN p.value = -1 THEN 'ephemeral' ELSE CAST(p.value AS TEXT) END AS port, p.protocol,
@@ -453,4 +483,4 @@ CREATE TABLE IF NOT EXISTS allowlist (
     created_at REAL NOT NULL
 );
 
-PRAGMA user_version = 6;
+PRAGMA user_version = 7;

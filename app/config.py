@@ -112,6 +112,27 @@ class Evaluator:
     syn_flood_syns: int = 200                    # SYNs per round on one port ...
     syn_flood_completion: float = 0.2            # ... with fewer than this share answered (non-SYN packets per SYN)
     unlistened_min_packets: int = 1              # packets in a batch to a port nothing holds
+    # what leaves the host (app/services/outbound_rules.py, dns_rules.py): these findings alert, never block
+    outbound_scan_ports: int = 25                # remote ports of one address this host opened within scan_span_seconds
+    outbound_scan_addresses: int = 100           # remote addresses this host opened connections to within the span
+                                                 # (a busy browser opens dozens in 5 min: set above what it does)
+    exfiltration_min_bytes: int = 20_000_000     # bytes out to one address (a round, or the batch) at least ...
+    exfiltration_factor: float = 10.0            # ... and this many times the usual rate (the address's, else the host's)
+    exfiltration_baseline_seconds: float = 86400.0  # the usual rates: rounds in this span before the batch
+    exfiltration_min_history_rounds: int = 30    # rounds an address needs in the baseline for its own usual rate
+    beacon_span_seconds: float = 7200.0          # connections to one address looked at, back from the batch's end
+    beacon_min_connections: int = 8              # connections (distinct outbound flow starts) at least ...
+    beacon_min_rounds: int = 4                   # ... spread over this many rounds at least
+    beacon_max_cv: float = 0.1                   # inter-arrival standard deviation / mean at most
+    beacon_min_interval_seconds: float = 5.0     # mean inter-arrival at least (bursts are not beacons)
+    beacon_ignore_ports: list = field(default_factory=lambda: [53, 123])  # remote ports of periodic protocols (DNS, NTP)
+    dns_min_queries: int = 50                    # queries from one client for one registered domain in a batch ...
+    dns_min_subdomains: int = 30                 # ... naming this many distinct names below it
+    dns_min_signals: int = 2                     # ... with at least this many of the four signals below:
+    dns_name_length: float = 40.0                # mean query name length (characters)
+    dns_label_entropy: float = 3.5               # mean Shannon entropy of the names' subdomain part (bits per character)
+    dns_record_type_share: float = 0.5           # share of TXT/NULL/CNAME questions
+    dns_nxdomain_share: float = 0.5              # share of responses that are NXDOMAIN
     report_after: bool = True
 
 

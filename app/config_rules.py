@@ -56,6 +56,11 @@ def _networks(values):
         "clear, no %zone): " + ", ".join(repr(b) for b in bad)
 
 
+def _ports(values):
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535]
+    return None if not bad else "holds entries that are not port numbers 0-65535: " + ", ".join(repr(b) for b in bad)
+
+
 RULE_DETECTORS = ("port_scan", "syn_flood", "unlistened_port", "new_listener")
 BLOCKING_DETECTORS = (*RULE_DETECTORS, "model")   # what blocklist.simulate may name
 SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
@@ -88,6 +93,16 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "evaluator.top_features": _at_least(1), "evaluator.scan_ports": _at_least(1),
     "evaluator.scan_span_seconds": POSITIVE, "evaluator.syn_flood_syns": _at_least(1),
     "evaluator.syn_flood_completion": SHARE, "evaluator.unlistened_min_packets": _at_least(1),
+    "evaluator.outbound_scan_ports": _at_least(2), "evaluator.outbound_scan_addresses": _at_least(2),
+    "evaluator.exfiltration_min_bytes": _at_least(1), "evaluator.exfiltration_factor": _above(1),
+    "evaluator.exfiltration_baseline_seconds": POSITIVE, "evaluator.exfiltration_min_history_rounds": _at_least(1),
+    "evaluator.beacon_span_seconds": POSITIVE, "evaluator.beacon_min_connections": _at_least(3),
+    "evaluator.beacon_min_rounds": _at_least(2), "evaluator.beacon_max_cv": _between(0, 1),
+    "evaluator.beacon_min_interval_seconds": NON_NEGATIVE, "evaluator.beacon_ignore_ports": _ports,
+    "evaluator.dns_min_queries": _at_least(1), "evaluator.dns_min_subdomains": _at_least(1),
+    "evaluator.dns_min_signals": _between(1, 4), "evaluator.dns_name_length": _between(1, 253),
+    "evaluator.dns_label_entropy": _between(0, 8), "evaluator.dns_record_type_share": SHARE,
+    "evaluator.dns_nxdomain_share": SHARE,
     "blocklist.base_ttl_seconds": POSITIVE, "blocklist.max_ttl_seconds": POSITIVE,
     "blocklist.escalation": _at_least(1), "blocklist.max_new_per_evaluation": NON_NEGATIVE,
     "blocklist.max_entries": _at_least(1), "blocklist.model_source_share": _between(0, 1),

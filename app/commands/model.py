@@ -3,7 +3,9 @@
 Every evaluation that trains saves a new version under <state_dir>/models/<version>/ (config.json,
 scaler.json, weights, held-out calibration windows) with a models row; the newest
 evaluator.keep_models keep their files. `rollback` makes an older version active again: the next
-evaluation scores with it and refits from it.
+evaluation scores with it and refits from it. `list` says which versions this portwatch can load:
+a model saved in another format version (the window's features changed) stays listed but cannot be
+rolled back to; the evaluator fits a new one from scratch instead.
 
 Exit codes: 0 done; 2 unknown or pruned version; 4 database problem.
 """
@@ -40,8 +42,10 @@ def run(args, settings) -> int:
     if not rows:
         print("no model versions yet: the first evaluation with traffic trains one (python -m app evaluate).")
         return 0
+    from app.services.model import not_loadable
+    why = {r["version"]: ("pruned" if r["status"] == "pruned" else not_loadable(r["path"])) for r in rows}
     print(f"{'version':>7}  {'created (UTC)':16}  {'status':11}  {'origin':6}  {'parent':>6}  {'threshold':>10}  "
-          f"{'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  path")
+          f"{'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  {'loadable':8}  path")
     for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_at"]))
         threshold = f"{r['threshold']:.4g}" if r["threshold"] is not None else "-"
@@ -50,5 +54,9 @@ def run(args, settings) -> int:
         parent = str(r["parent_version"]) if r["parent_version"] is not None else "-"
         origin = r["origin"] if "origin" in r.keys() else "local"
         print(f"{r['version']:>7}  {created:16}  {r['status']:11}  {origin:6}  {parent:>6}  {threshold:>10}  "
-              f"{r['train_windows'] or 0:>7}  {budget:>8}  {rate:>10}  {r['path']}")
+              f"{r['train_windows'] or 0:>7}  {budget:>8}  {rate:>10}  {'no' if why[r['version']] else 'yes':8}  "
+              f"{r['path']}")
+    for version, reason in why.items():
+        if reason and reason != "pruned":
+            print(f"v{version} is not loadable as the current model: {reason}")
     return 0

@@ -18,7 +18,8 @@ def insert_packets(conn: sqlite3.Connection, round_id: int, records: Iterable, p
     (TCP/UDP port, or ICMP type) passed through ``fold(port, protocol) -> stored value`` - the
     collector's ``functools.partial(fold_port, listening=..., low=..., high=..., fold=...)`` - so it
     matches port_stats; NULL when the packet has no such port (ARP, a non-first fragment).
-    ``dest_port``/``src_port`` keep the real ports. No payload content is stored, only lengths.
+    ``dest_port``/``src_port`` keep the real ports; qry_type/rcode the DNS question's record type and
+    a response's code (NULL for a query). No payload content is stored, only lengths.
     """
     rows = []
     for r in records:
@@ -26,8 +27,9 @@ def insert_packets(conn: sqlite3.Connection, round_id: int, records: Iterable, p
         if r.local_port is not None and r.transport is not None:
             port_id = port_ids(fold(r.local_port, r.transport), r.transport)
         rows.append((r.timestamp, r.protocols, r.qry_name, r.resp_name, r.server_name, port_id, r.dst_port,
-                     r.src_port, r.src_address, r.dst_address, r.transport, r.payload, r.length, round_id))
+                     r.src_port, r.src_address, r.dst_address, r.transport, r.payload, r.length, round_id,
+                     r.qry_type, r.rcode))
     conn.executemany("INSERT INTO packets (timestamp, protocols, qry_name, resp_name, server_name, port_id, dest_port, "
-                     "src_port, src_address, dst_address, transport, payload, length, round_id) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                     "src_port, src_address, dst_address, transport, payload, length, round_id, qry_type, rcode) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
     return len(rows)

@@ -1,7 +1,8 @@
 """Read-only queries the evaluator runs on the collector's tables, and :func:`load_batch`: everything
 one evaluation reads, loaded once (the rules and the series are pure functions of a :class:`Batch`).
 
-rounds, ports, port_stats, rounds_ports, packets, source_stats, source_ports and flows. Every
+rounds, ports, port_stats, rounds_ports, packets, source_stats, source_ports, flows, and what leaves
+the host: egress_port_stats, destination_stats and outbound flows (``flows.direction = 'out'``). Every
 function takes an open connection and returns plain tuples, sqlite3.Row objects or a Batch;
 nothing here writes. Round ranges are inclusive: ``first <= round_id <= last``. Baseline rounds
 (rounds.baseline = 1: counts from before this database watched the interface) are never read as traffic.
@@ -128,6 +129,19 @@ class Batch:
     open_scans: stored port_scan anomalies rows (the columns Finding.from_row reads) whose last
     round is at or after the scan span's first round: a scan that goes on grows that finding, and
     the rounds it already holds are not counted again.
+
+    What leaves the host (issue 12):
+    egress_port_stats: (round_id, port_id, packets, bytes) outbound per local port, lo..last.
+    destination_stats: (round_id, address, packets, bytes, syn, distinct_ports) per remote address
+    this host sent to, rules_lo..last.
+    outbound_flows: (round_id, dst_address, dst_port, protocol, src_port, packets, bytes, first_seen,
+    last_seen, tcp_flags) from flows with direction 'out', beacon_rounds' first..last.
+    beacon_rounds: earlier rounds that ended within the beaconing span before the batch (ascending).
+    destination_baseline: address -> (rounds, bytes, max_round_bytes) over baseline_rounds rounds
+    before the batch (the exfiltration rule's usual rates); host_out_bytes: [(round_id, bytes)] the
+    host's outbound bytes (all destinations) per baseline round that sent anything.
+    dns_queries: (round_id, timestamp, src_address, dst_address, qry_name, qry_type, rcode, response)
+    sniffer rows with a DNS name, batch rounds; response: 1 for a response (rcode or answers set).
     """
 
     rounds: list
@@ -143,6 +157,14 @@ class Batch:
     previous_holders: dict = field(default_factory=dict)
     nominal_seconds: float | None = None
     open_scans: list = field(default_factory=list)
+    egress_port_stats: list = field(default_factory=list)
+    destination_stats: list = field(default_factory=list)
+    outbound_flows: list = field(default_factory=list)
+    beacon_rounds: list = field(default_factory=list)
+    destination_baseline: dict = field(default_factory=dict)
+    baseline_rounds: int = 0
+    host_out_bytes: list = field(default_factory=list)
+    dns_queries: list = field(default_factory=list)
     _by_port: dict | None = field(default=None, repr=False, compare=False)
     _stats_by_port: dict | None = field(default=None, repr=False, compare=False)
     _ids: dict | None = field(default=None, repr=False, compare=False)
@@ -194,11 +216,17 @@ class Batch:
         self.source_ports_of(0, "")
         self.port_stats_of(0)
         self.port_stats, self.occupancy, self.dns, self.source_stats, self.source_ports = [], [], [], [], []
+        self._release_outbound()
+
+    def _release_outbound(self) -> None:
+        self.egress_port_stats, self.destination_stats, self.outbound_flows, self.dns_queries = [], [], [], []
+        self.destination_baseline, self.host_out_bytes = {}, []
 
     def release(self) -> None:
         """Let every loaded row go (the rounds and ports stay): a caller done reading frees the
         memory before something big (a model fit)."""
         self.port_stats, self.occupancy, self.dns, self.source_stats, self.source_ports = [], [], [], [], []
+        self._release_outbound()
         self._by_port = self._stats_by_port = None
 
 
@@ -222,11 +250,14 @@ def _tuples(cursor, text_columns: Sequence[int] = ()) -> list[tuple]:
 
 
 def load_batch(conn: sqlite3.Connection, rounds: Sequence, *, context_rounds: int = 0,
-               since_time: float | None = None) -> Batch:
+               since_time: float | None = None, beacon_since: float | None = None,
+               baseline_since: float | None = None) -> Batch:
     """Everything an evaluation of ``rounds`` reads, one query per table.
 
     context_rounds: how many rounds before the batch the series get as context; since_time: the
-    scan span's start (rounds ending at or after it before the batch are the rules' scan_rounds).
+    scan span's start (rounds ending at or after it before the batch are the rules' scan_rounds);
+    beacon_since: the beaconing span's start (outbound flows from then on); baseline_since: the
+    start of the usual outbound rates (destination_baseline, host_out_bytes).
     """
     rounds = list(rounds)
     first, last = rounds[0]["id"], rounds[-1]["id"]
@@ -255,9 +286,12 @@ def load_batch(conn: sqlite3.Connection, rounds: Sequence, *, context_rounds: in
         "  UNION ALL SELECT round_id, src_address, dst_port, protocol, SUM(packets), SUM(bytes) FROM flows"
         "  WHERE round_id BETWEEN ?1 AND ?2 GROUP BY round_id, src_address, dst_port, protocol"
         ") GROUP BY round_id, address, port, protocol", (lo, last)), (1, 3))
+    _load_outbound(conn, batch, rules_lo, beacon_since, baseline_since)
     ids = {r[1] for r in batch.port_stats} | {r[1] for r in batch.occupancy} | {r[1] for r in batch.dns}
+    ids |= {r[1] for r in batch.egress_port_stats}
     batch.ports = ports_by_id(conn, ids)
-    batch.ports.update(ports_by_value(conn, {r[2] for r in batch.source_ports} | {-1}))
+    batch.ports.update(ports_by_value(conn, {r[2] for r in batch.source_ports} | {r[4] for r in batch.outbound_flows}
+                                      | {-1, 53}))
     batch.first_occupancy_round = conn.execute("SELECT MIN(round_id) FROM rounds_ports").fetchone()[0]
     held = {r[1] for r in batch.occupancy if r[0] >= first}
     batch.previous_holders = previous_holders(conn, held, first)
@@ -267,3 +301,34 @@ def load_batch(conn: sqlite3.Connection, rounds: Sequence, *, context_rounds: in
         "WHERE a.detector = 'port_scan' AND a.last_round_id >= ? AND a.last_round_id < ? ORDER BY a.id",
         (rules_lo, first)).fetchall()
     return batch
+
+
+def _load_outbound(conn: sqlite3.Connection, batch: Batch, rules_lo: int, beacon_since: float | None,
+                   baseline_since: float | None) -> None:
+    """What left the host (egress tables, outbound flows, usual outbound rates) and the DNS sample."""
+    first, last, lo = batch.first, batch.last, batch.lo
+    batch.egress_port_stats = _tuples(conn.execute(
+        "SELECT round_id, port_id, packets, bytes FROM egress_port_stats WHERE round_id BETWEEN ? AND ?", (lo, last)))
+    batch.destination_stats = _tuples(conn.execute(
+        "SELECT round_id, address, packets, bytes, syn, distinct_ports FROM destination_stats "
+        "WHERE round_id BETWEEN ? AND ?", (rules_lo, last)), (1,))
+    batch.beacon_rounds = list(rounds_since(conn, beacon_since, first)) if beacon_since is not None else []
+    flows_lo = min([rules_lo, *(r["id"] for r in batch.beacon_rounds[:1])])
+    batch.outbound_flows = _tuples(conn.execute(
+        "SELECT round_id, dst_address, dst_port, protocol, src_port, packets, bytes, first_seen, last_seen, tcp_flags "
+        "FROM flows WHERE direction = 'out' AND round_id BETWEEN ? AND ? ORDER BY round_id", (flows_lo, last)), (1, 3))
+    if baseline_since is not None:
+        base = conn.execute("SELECT MIN(id), COUNT(*) FROM rounds WHERE end_time >= ? AND id < ? AND baseline = 0",
+                            (baseline_since, first)).fetchone()
+        if base[1]:
+            batch.baseline_rounds = base[1]
+            batch.destination_baseline = {row[0]: (row[1], row[2], row[3]) for row in conn.execute(
+                "SELECT address, COUNT(*), SUM(bytes), MAX(bytes) FROM destination_stats "
+                "WHERE round_id BETWEEN ? AND ? GROUP BY address", (base[0], first - 1))}
+            batch.host_out_bytes = [tuple(r) for r in conn.execute(
+                "SELECT round_id, SUM(bytes) FROM destination_stats WHERE round_id BETWEEN ? AND ? "
+                "GROUP BY round_id ORDER BY round_id", (base[0], first - 1))]
+    batch.dns_queries = _tuples(conn.execute(
+        "SELECT round_id, timestamp, src_address, dst_address, qry_name, qry_type, rcode, "
+        "       (rcode IS NOT NULL OR resp_name IS NOT NULL) FROM packets "
+        "WHERE round_id BETWEEN ? AND ? AND qry_name IS NOT NULL ORDER BY timestamp", (first, last)), (2, 3))

@@ -1,7 +1,8 @@
 """One evaluation end to end: the rounds not yet judged → rules + model → anomalies → safe refit.
 
     batch      rounds with id > the last judged round (at most evaluator.max_batch_rounds)
-    rules      app/services/rules.py over the batch (from the first evaluation on)
+    rules      app/services/rules.py over the batch (from the first evaluation on), and what leaves
+               the host: outbound_rules.py (outbound_scan, exfiltration, beaconing), dns_rules.py (dns_tunnel)
     series     per-port features over the batch plus window-1 earlier rounds of context
     score      the active model judges each new round once (series.judge_windows), when at least
                evaluator.warmup_rounds rounds exist; before that it trains only and raises nothing
@@ -35,7 +36,7 @@ from app.db import evaluations as dbe
 from app.db import series as dbs
 from app.db.connection import connect
 from app.errors import UsageError
-from app.services import locks, rules, series
+from app.services import dns_rules, locks, outbound_rules, rules, series
 from app.services.explain import fill_summaries
 from app.services.findings import Finding
 
@@ -137,10 +138,10 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     remaining = dbs.count_rounds_after(conn, last)
     history = dbs.count_rounds(conn, last)
     # a first fit learns from all recent history (small hosts would wait for many batches otherwise)
-    has_model = dbe.active_model(conn) is not None
+    has_model = has_loadable_model(conn)
     context = cfg.window - 1 if has_model else max(cfg.window - 1, cfg.max_batch_rounds - len(batch))
     loaded = load_batch(conn, batch, cfg, context)
-    findings = rules.detect(loaded, cfg)
+    findings = rules.detect(loaded, cfg) + outbound_rules.detect(loaded, cfg) + dns_rules.detect(loaded, cfg)
     data = series.batch_series(loaded, model_ports(loaded, cfg))
     loaded.keep_port_indexes_only()      # all the model step reads (its findings' sources), compact
     first_new = len(data.round_ids) - len(batch)
@@ -194,8 +195,10 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
 def load_batch(conn: sqlite3.Connection, rounds, cfg: Evaluator, context_rounds: int = 0) -> dbs.Batch:
     """The one read of the store an evaluation of ``rounds`` makes: the rules' scan span and
     ``context_rounds`` earlier rounds of series context included."""
-    return dbs.load_batch(conn, rounds, context_rounds=context_rounds,
-                          since_time=rounds[0]["end_time"] - cfg.scan_span_seconds)
+    start = rounds[0]["end_time"]
+    return dbs.load_batch(conn, rounds, context_rounds=context_rounds, since_time=start - cfg.scan_span_seconds,
+                          beacon_since=start - cfg.beacon_span_seconds,
+                          baseline_since=start - cfg.exfiltration_baseline_seconds)
 
 
 def model_ports(batch: dbs.Batch, cfg: Evaluator) -> list[series.PortKey]:
@@ -230,6 +233,13 @@ class ModelStep:
     trained_index: np.ndarray | None = field(default=None, repr=False)     # (N, 2) [port, last t]
 
 
+def has_loadable_model(conn: sqlite3.Connection) -> bool:
+    """An active model this portwatch can load (a model of another format version needs a fresh fit)."""
+    from app.services.model import not_loadable
+    row = dbe.active_model(conn)
+    return row is not None and not_loadable(row["path"]) is None
+
+
 def model_config(cfg: Evaluator):
     from app.services.model import ModelConfig
     return ModelConfig(window=cfg.window, lstm_units=cfg.lstm_units, bottleneck=cfg.bottleneck,
@@ -242,8 +252,13 @@ def model_config(cfg: Evaluator):
 def load_active_model(conn: sqlite3.Connection, cfg: Evaluator):
     """(model, row) of the active version, or (None, None) when none is usable."""
     from app.services.model import CnnLstmAutoencoder
+    from app.services.model import not_loadable
     row = dbe.active_model(conn)
     if row is None:
+        return None, None
+    why = not_loadable(row["path"])
+    if why:
+        log.warning("model v%d is not loadable (%s): fitting a new one from scratch", row["version"], why)
         return None, None
     try:
         model = CnnLstmAutoencoder.load(row["path"])
@@ -408,6 +423,10 @@ def rollback(conn: sqlite3.Connection, version: int) -> list[int]:
         raise UsageError(f"there is no model version {version}: see python -m app model list")
     if row["status"] == "pruned" or not (Path(row["path"]) / "config.json").exists():
         raise UsageError(f"model version {version} has no files any more (pruned): choose another version")
+    from app.services.model import not_loadable
+    why = not_loadable(row["path"])
+    if why:
+        raise UsageError(f"model version {version} is not loadable by this portwatch ({why}): choose another version")
     with conn:
         return dbe.rollback_to(conn, version)
 

@@ -38,7 +38,12 @@ from app.services.series import FEATURES, LevelDeviationScaler
 log = logging.getLogger(__name__)
 
 FORMAT = "portwatch-cnn-lstm-ae"
-FORMAT_VERSION = 1
+# The saved format; a change of the window's feature columns (series.FEATURES) is a new version. A
+# saved model of another version stays listed (`model list` says why it is not loadable) but is
+# never loaded as the current one: the evaluator fits a new model from scratch instead.
+#   1  13 features, ingress only
+#   2  + out_packets, out_bytes per local port (TC egress, issue 12): 15 features
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.weights.h5"
 PER_PACKET_FEATURES = ("mean_payload", "max_payload", "syn_share")
 
@@ -358,11 +363,13 @@ class CnnLstmAutoencoder:
 
     @classmethod
     def load(cls, directory: str | Path) -> "CnnLstmAutoencoder":
-        """Rebuild a saved model from ``directory`` (see save)."""
+        """Rebuild a saved model from ``directory`` (see save); ValueError when it is not loadable
+        by this portwatch (:func:`not_loadable`)."""
         directory = Path(directory)
         state = json.loads((directory / "config.json").read_text())
-        if state.get("format") != FORMAT:
-            raise ValueError(f"{directory} does not hold a {FORMAT} model")
+        why = _not_loadable(state, directory)
+        if why:
+            raise ValueError(why)
         model = cls(ModelConfig(**state["config"]))
         model.scaler_ = LevelDeviationScaler.from_dict(json.loads((directory / "scaler.json").read_text()))
         model.network_ = model._build()
@@ -377,3 +384,28 @@ class CnnLstmAutoencoder:
         model.n_fits_ = int(fitted["n_fits_"])
         model.history_ = list(fitted["history_"])
         return model
+
+
+def _not_loadable(state: dict, directory: Path) -> str | None:
+    if state.get("format") != FORMAT:
+        return f"{directory} does not hold a {FORMAT} model"
+    version = state.get("format_version")
+    if version != FORMAT_VERSION:
+        return f"saved in model format v{version}, this portwatch reads v{FORMAT_VERSION} (features changed)"
+    features = list(state.get("config", {}).get("features", []))
+    if features != list(FEATURES):
+        return f"built for features {features}, not this portwatch's {list(FEATURES)}"
+    return None
+
+
+def not_loadable(directory: str | Path) -> str | None:
+    """Why the model saved in ``directory`` cannot be the current one (other format version or
+    features, files missing or unreadable), or None when it can. Reads config.json only (no TensorFlow)."""
+    directory = Path(directory)
+    try:
+        state = json.loads((directory / "config.json").read_text())
+    except FileNotFoundError:
+        return "its files are gone (pruned)"
+    except (OSError, ValueError) as exc:
+        return f"its config.json cannot be read ({exc})"
+    return _not_loadable(state, directory)

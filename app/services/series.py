@@ -46,17 +46,19 @@ FEATURES: tuple[str, ...] = (
     "process_changed",   # 1 when the owning process name differs from its previous holder
     "established",       # established connections on the port (scanner)
     "dns_packets",       # DNS packets in the sniffer sample
+    "out_packets",       # packets this host sent FROM this local port (TC egress, egress_port_stats)
+    "out_bytes",         # frame bytes sent from this local port
 )
 N_FEATURES = len(FEATURES)
 FEATURE_INDEX = {name: i for i, name in enumerate(FEATURES)}
 # Features that are counts over the round (scaled to the nominal round length); the others are
 # ratios, sizes or states.
-COUNT_FEATURES = ("packets", "bytes", "syn", "rst", "dns_packets")
+COUNT_FEATURES = ("packets", "bytes", "syn", "rst", "dns_packets", "out_packets", "out_bytes")
 # How far a round's length may be stretched to the nominal one (a 10x longer round counts 1/10 each)
 MAX_STRETCH = 20.0
 # One "count" of each feature for log1p(x / softening): bytes and payload sizes in packet-sized units,
 # so a silent round of a small port is about as far from its level in bytes as in packets.
-SOFTENING = {"bytes": 500.0, "mean_payload": 50.0, "max_payload": 50.0, "syn_share": 0.05}
+SOFTENING = {"bytes": 500.0, "mean_payload": 50.0, "max_payload": 50.0, "syn_share": 0.05, "out_bytes": 500.0}
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,8 @@ class Series:
 def build_series(round_ids: Sequence[int], ports: Sequence[PortKey],
                  port_stats: Iterable[Sequence], occupancy: Iterable[Sequence] = (),
                  dns: Iterable[Sequence] = (), sources: Iterable[Sequence] = (),
-                 seconds: Sequence[float | None] | None = None, nominal_seconds: float | None = None) -> Series:
+                 seconds: Sequence[float | None] | None = None, nominal_seconds: float | None = None,
+                 egress: Iterable[Sequence] = ()) -> Series:
     """Assemble (P, T, F) series; rounds and ports absent from the rows stay zero.
 
     seconds: (T,) time each round's counters cover; with ``nominal_seconds``, COUNT_FEATURES of a
@@ -106,6 +109,7 @@ def build_series(round_ids: Sequence[int], ports: Sequence[PortKey],
     occupancy rows: (round_id, port_id, pid, process, established) — one per socket holder.
     dns rows: (round_id, port_id, dns_packets).
     sources rows: (round_id, port_id, distinct_sources).
+    egress rows: (round_id, port_id, packets, bytes) sent from the local port (egress_port_stats).
     Rows naming rounds or ports outside the requested ones are ignored.
     """
     round_ids = np.asarray(round_ids, dtype=np.int64)
@@ -149,6 +153,11 @@ def build_series(round_ids: Sequence[int], ports: Sequence[PortKey],
         t, p = t_of.get(round_id), p_of.get(port_id)
         if t is not None and p is not None:
             values[p, t, f["sources"]] = count
+    for round_id, port_id, packets, nbytes in egress:
+        t, p = t_of.get(round_id), p_of.get(port_id)
+        if t is not None and p is not None:
+            values[p, t, f["out_packets"]] = packets
+            values[p, t, f["out_bytes"]] = nbytes
     if seconds is not None and nominal_seconds:
         covered = np.array([s if s and s > 0 else nominal_seconds for s in seconds], dtype=np.float64)
         factor = np.clip(nominal_seconds / covered, 1.0 / MAX_STRETCH, MAX_STRETCH).astype(np.float32)
@@ -160,14 +169,16 @@ def build_series(round_ids: Sequence[int], ports: Sequence[PortKey],
 # --- from the loaded batch -----------------------------------------------------------------------
 
 def port_activity(batch: "Batch") -> list[tuple[int, int, str, int, int]]:
-    """Ports with traffic in the batch rounds, busiest first: (port_id, value, protocol, packets, active rounds)."""
+    """Ports with traffic either way in the batch rounds, busiest first: (port_id, value, protocol,
+    packets in + out, rounds with traffic)."""
     first, last = batch.first, batch.last
     packets: dict[int, int] = {}
-    rounds: dict[int, int] = {}
-    for row in batch.port_stats:
+    active: dict[int, set] = {}
+    for row in (*batch.port_stats, *batch.egress_port_stats):
         if first <= row[0] <= last:
             packets[row[1]] = packets.get(row[1], 0) + row[2]
-            rounds[row[1]] = rounds.get(row[1], 0) + 1
+            active.setdefault(row[1], set()).add(row[0])
+    rounds = {pid: len(ids) for pid, ids in active.items()}
     order = sorted(packets, key=lambda pid: (-packets[pid], pid))
     return [(pid, *batch.ports[pid], packets[pid], rounds[pid]) for pid in order]
 
@@ -195,7 +206,8 @@ def batch_series(batch: "Batch", ports: Sequence[PortKey]) -> Series:
     return build_series(round_ids, ports, [r for r in batch.port_stats if r[0] >= lo],
                         [r[:5] for r in batch.occupancy if r[0] >= lo], [r for r in batch.dns if r[0] >= lo],
                         [r for r in source_counts(batch) if r[0] >= lo], seconds=[r["seconds"] for r in rounds],
-                        nominal_seconds=batch.nominal_seconds)
+                        nominal_seconds=batch.nominal_seconds,
+                        egress=[r for r in batch.egress_port_stats if r[0] >= lo])
 
 
 # --- windows -----------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ FIELDS = (
     "ip.src", "ip.dst", "ip.proto", "ipv6.src", "ipv6.dst", "ipv6.nxt",
     "tcp.srcport", "tcp.dstport", "tcp.len", "udp.srcport", "udp.dstport", "udp.length",
     "icmp.type", "icmpv6.type",
-    "dns.flags.response", "dns.qry.name", "dns.resp.name",
+    "dns.flags.response", "dns.qry.name", "dns.resp.name", "dns.qry.type", "dns.flags.rcode",
     "tls.handshake.extensions_server_name",
 )
 TRANSPORTS = frozenset({"tcp", "udp", "udplite", "sctp", "icmp", "icmpv6", "igmp", "gre", "esp", "ah"})
@@ -98,7 +98,9 @@ class PacketRecord(NamedTuple):
     is a local address, else the source port when the source is, else the destination port; the
     ICMP type for ICMP/ICMPv6) - the key port_stats uses, before folding; qry_name: first DNS query
     name; resp_name: names of the DNS response's records, comma separated; server_name: TLS or
-    QUIC SNI; payload: L4 payload bytes (TCP/UDP) or None; length: frame bytes.
+    QUIC SNI; payload: L4 payload bytes (TCP/UDP) or None; length: frame bytes; qry_type: the
+    first DNS question's record type (1 A, 5 CNAME, 10 NULL, 16 TXT, 28 AAAA, ...) or None; rcode:
+    a DNS *response's* code (0 NOERROR, 3 NXDOMAIN, 5 REFUSED, ...), None for a query or non-DNS.
     """
 
     timestamp: float
@@ -114,6 +116,8 @@ class PacketRecord(NamedTuple):
     server_name: str | None
     payload: int | None
     length: int
+    qry_type: int | None = None
+    rcode: int | None = None
 
 
 class SniffResult(NamedTuple):
@@ -241,13 +245,15 @@ def record_from_fields(fields: dict, local: frozenset[str] | set[str]) -> Packet
         local_port = _int(fields, ICMP_TYPES[transport])
 
     qry_name = _name(_first(fields, "dns.qry.name"))
-    resp_name = None
+    resp_name = rcode = None
+    qry_type = _int(fields, "dns.qry.type") if qry_name is not None else None
     if _first(fields, "dns.flags.response") in ("1", "True", "true"):
+        rcode = _int(fields, "dns.flags.rcode")
         names = [n for n in dict.fromkeys(fields.get("dns.resp.name") or []) if isinstance(n, str) and n != DNS_ROOT]
         resp_name = _name(",".join(n[:MAX_NAME_CHARS] for n in names), MAX_NAMES_CHARS)
     server_name = _name(_first(fields, "tls.handshake.extensions_server_name"))
     return PacketRecord(timestamp, protocols, transport, src_address, dst_address, src_port, dst_port,
-                        local_port, qry_name, resp_name, server_name, payload, length)
+                        local_port, qry_name, resp_name, server_name, payload, length, qry_type, rcode)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,7 +102,8 @@ class SyntheticStore:
     def _add_round(self, events: list) -> int:
         rng = self.rng
         end = self.start_time + (self.n_rounds + 1) * self.round_seconds
-        rows = {"port_stats": {}, "sources": {}, "source_ports": {}, "flows": [], "dns": []}
+        rows = {"port_stats": {}, "sources": {}, "source_ports": {}, "flows": [], "dns": [], "egress": {},
+                "destinations": {}}
         cycle = 1.0 + 0.3 * np.sin(2 * np.pi * self.n_rounds / 240.0)
         for (value, proto), (base, _) in self.ports.items():
             packets = int(rng.poisson(base * cycle))
@@ -115,6 +116,7 @@ class SyntheticStore:
                 address = f"198.51.{100 + h // 250}.{h % 250 + 1}"
                 share = packets // 3
                 self.add_source_traffic(rows, address, value, proto, share, syn=syn // 3)
+                self.add_egress_traffic(rows, address, value, proto, share * 9 // 10, share * 900)
             if proto == "udp" and value == 53:
                 rows["dns"].extend([value] * int(rng.poisson(5)))
         for event in events:
@@ -143,6 +145,14 @@ class SyntheticStore:
                 "INSERT INTO flows (round_id, src_address, src_port, dst_address, dst_port, protocol, "
                 "packets, bytes, tcp_flags, reason) VALUES (?, ?, 40000, '192.0.2.1', ?, ?, ?, ?, 18, 'top')", few)
             self.conn.executemany(
+                "INSERT INTO egress_port_stats (round_id, port_id, packets, bytes) VALUES (?, ?, ?, ?)",
+                [(round_id, self.port_ids(value, proto), packets, nbytes)
+                 for (value, proto), (packets, nbytes) in rows["egress"].items()])
+            self.conn.executemany(
+                "INSERT INTO destination_stats (round_id, address, packets, bytes, syn, distinct_ports) "
+                "VALUES (?, ?, ?, ?, ?, ?)", [(round_id, address, packets, nbytes, syn, len(ports))
+                                              for address, (packets, nbytes, syn, ports) in rows["destinations"].items()])
+            self.conn.executemany(
                 "INSERT INTO rounds_ports (round_id, port_id, timestamp, pid, process, user, address, family, state, "
                 "established) VALUES (?, ?, ?, ?, ?, 'root', '0.0.0.0', 'ipv4', ?, ?)",
                 [(round_id, self.port_ids(value, proto), end, 1000 + value, process,
@@ -160,6 +170,17 @@ class SyntheticStore:
                          syn: int = 0, synack: int = 0, rst: int = 0) -> None:
         old = rows["port_stats"].get((value, proto), (0, 0, 0, 0, 0))
         rows["port_stats"][(value, proto)] = (old[0] + packets, old[1] + nbytes, old[2] + syn, old[3] + synack, old[4] + rst)
+
+    @staticmethod
+    def add_egress_traffic(rows: dict, address: str, value: int, proto: str, packets: int, nbytes: int,
+                           remote_port: int = 40000, syn: int = 0) -> None:
+        """What this host sent from local port (value, proto) to ``address`` (egress_port_stats and
+        destination_stats; the remote port counts toward the destination's distinct ports)."""
+        old = rows["egress"].get((value, proto), (0, 0))
+        rows["egress"][(value, proto)] = (old[0] + packets, old[1] + nbytes)
+        packets_old, bytes_old, syn_old, ports = rows["destinations"].get(address, (0, 0, 0, set()))
+        ports.add((remote_port, proto))
+        rows["destinations"][address] = (packets_old + packets, bytes_old + nbytes, syn_old + syn, ports)
 
     @staticmethod
     def add_source_traffic(rows: dict, address: str, value: int, proto: str, packets: int, syn: int = 0) -> None:
@@ -193,6 +214,13 @@ def volume_spike(value: int, proto: str, packets: int, address: str, payload: in
     def event(store: SyntheticStore, rows: dict) -> None:
         store.add_port_traffic(rows, value, proto, packets, packets * (payload + 54))
         store.add_source_traffic(rows, address, value, proto, packets)
+    return event
+
+
+def upload(address: str, nbytes: int, local_port: int = -1, remote_port: int = 443):
+    """This host sends ``nbytes`` (1,500-byte packets) to ``address`` (an upload or exfiltration)."""
+    def event(store: SyntheticStore, rows: dict) -> None:
+        store.add_egress_traffic(rows, address, local_port, "tcp", nbytes // 1500, nbytes, remote_port, syn=1)
     return event
 
 

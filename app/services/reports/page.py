@@ -18,6 +18,7 @@ per-round drop rows (``blacklist_drops``), so they agree.
   contributions_<id>.png    per-feature contributions of one model anomaly
   blocklist.png         entries in force and packets dropped per round
   occupancy.png         listeners per round, new/gone listeners and process changes
+  (no figure)           what leaves the host: top destinations by bytes out, outbound findings explained
 
 Every time is UTC (like the database views). A database without rounds yields a page that says
 "no data yet".
@@ -39,7 +40,7 @@ from app.db.connection import connect
 from app.errors import PortwatchError
 from app.services.files import atomic_write
 from app.services.ports import port_label
-from app.services.reports import facts, figures
+from app.services.reports import facts, figures, outbound
 from app.services.reports.facts import fmt_time
 from app.services.reports.figures import Drawn
 
@@ -61,6 +62,7 @@ _SECTIONS = [
     ("contributions", "Per-feature contributions of model anomalies", "No model anomaly with per-feature detail in this window."),
     ("blocklist", "Blocklist activity", "No blocklist entry, event or drop in this window."),
     ("occupancy", "Occupancy changes", "No scanner data in this window."),
+    outbound.SECTION,
 ]
 
 _CSS = """body{font-family:sans-serif;margin:1.5em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -221,4 +223,7 @@ def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_fig
         tables["occupancy"] = _table(["time", "port", "change", "process"],
                                      [[fmt_time(c.at), c.port, c.kind, c.detail]
                                       for c in occupancy.changes[-MAX_TABLE_ROWS:][::-1]], "")
+    leaving = outbound.load(conn, since, MAX_TABLE_ROWS)
+    if not leaving.empty:
+        tables[outbound.SECTION[0]] = outbound.section_html(leaving, _table)
     return drawn, tables, contents.overview
