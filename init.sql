@@ -1,4 +1,4 @@
--- portwatch schema, version 3 (PRAGMA user_version): the newest schema, for a fresh database; older
+-- portwatch schema, version 4 (PRAGMA user_version): the newest schema, for a fresh database; older
 -- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
@@ -380,4 +380,24 @@ CREATE TABLE IF NOT EXISTS crowdsec_state (
     value TEXT
 ) WITHOUT ROWID;
 
-PRAGMA user_version = 3;
+-- issue 9: addresses with two-way history (completed a TCP handshake with this host, or a
+-- conversation it answered); an address seen here within blocklist.peer_lookback_seconds is never
+-- blocked on one-way evidence (a forger can send that with any source)
+CREATE TABLE IF NOT EXISTS peers (
+    address        TEXT PRIMARY KEY,         -- '198.18.0.2', '2001:db8::1'
+    first_seen     REAL NOT NULL,            -- epoch seconds: first two-way round's end
+    last_two_way   REAL NOT NULL,            -- epoch seconds: last round with two-way traffic
+    two_way_rounds INTEGER NOT NULL DEFAULT 0 -- rounds with two-way traffic from it
+) WITHOUT ROWID;
+
+-- every source a finding names, with its evidence class ('two-way'/'one-way') and whether it is
+-- possibly forged (one-way evidence naming a two-way peer, or a hop count that does not match)
+CREATE VIEW IF NOT EXISTS v_anomaly_sources AS
+SELECT a.id AS anomaly_id, a.detector, a.evaluation_id,
+       json_extract(s.value, '$.address') AS address,
+       json_extract(s.value, '$.evidence') AS evidence,
+       COALESCE(json_extract(s.value, '$.forged'), 0) AS possibly_forged,
+       json_extract(s.value, '$.note') AS note
+FROM anomalies a, json_each(a.reasons, '$.sources') s;
+
+PRAGMA user_version = 4;

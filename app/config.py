@@ -111,6 +111,11 @@ class Evaluator:
     syn_flood_syns: int = 200                    # SYNs per round on one port ...
     syn_flood_completion: float = 0.2            # ... with fewer than this share answered (non-SYN packets per SYN)
     unlistened_min_packets: int = 1              # packets in a batch to a port nothing holds
+    flood_many_sources: int = 100                # a SYN flood from this many sources, none dominant: judged forged
+    source_flood_new_sources: int = 5000         # new sources in one round that make a source_flood finding
+    threshold_max_change: float = 2.0            # one refit moves the model's threshold at most x/÷ this factor
+    calibration_min_expected: float = 1.0        # the model alerts only once its held-out pool is big enough to
+                                                 # expect this many false alerts at the budget's rate (0: at once)
     report_after: bool = True
 
 
@@ -132,6 +137,12 @@ class Blocklist:
     manual_remove_grace_seconds: float = 86400.0
     manual_ttl_seconds: float = 7 * 86400.0       # `blacklist add` without --ttl
     rule_detectors: list = field(default_factory=lambda: ["port_scan", "syn_flood"])  # rule findings that block their source
+    peer_lookback_seconds: float = 86400.0       # a two-way peer within this span is never blocked on one-way evidence
+    ttl_tolerance: int = 2                       # one-way evidence whose IP TTL leaves the source's usual range by more: forged
+    max_new_per_forged_flood: int = 0            # blocklist entries one SYN flood judged forged may add
+    flood_syn_limit: float = 0.0                 # SYNs/s per port for a forged flood's port (XDP rate limit); 0: off
+    model_needs_corroboration: bool = True       # a model finding blocks a source only with a rule finding or
+                                                 # two-way evidence about it (else it alerts only)
 
 
 @dataclass

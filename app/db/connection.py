@@ -110,6 +110,23 @@ CREATE TABLE IF NOT EXISTS crowdsec_state (
     value TEXT
 ) WITHOUT ROWID;
 """,
+    # 4: issue 9: two-way peers (addresses that completed a conversation with this host) and a view
+    #    of every source a finding names with its evidence class and forgery judgement
+    4: """
+CREATE TABLE IF NOT EXISTS peers (
+    address        TEXT PRIMARY KEY,         -- '198.18.0.2', '2001:db8::1'
+    first_seen     REAL NOT NULL,            -- epoch seconds: first two-way round's end
+    last_two_way   REAL NOT NULL,            -- epoch seconds: last round with two-way traffic
+    two_way_rounds INTEGER NOT NULL DEFAULT 0 -- rounds with two-way traffic from it
+) WITHOUT ROWID;
+CREATE VIEW IF NOT EXISTS v_anomaly_sources AS
+SELECT a.id AS anomaly_id, a.detector, a.evaluation_id,
+       json_extract(s.value, '$.address') AS address,
+       json_extract(s.value, '$.evidence') AS evidence,
+       COALESCE(json_extract(s.value, '$.forged'), 0) AS possibly_forged,
+       json_extract(s.value, '$.note') AS note
+FROM anomalies a, json_each(a.reasons, '$.sources') s;
+""",
 }
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 QUICK_CHECK_MAX_BYTES = 256 << 20

@@ -124,6 +124,10 @@ class Batch:
     previous_holders: port_id -> (round_id, [(pid, process, user)]) of the ports held in the batch,
     their most recent holders before it.
     nominal_seconds: median round length (s) up to the last round, None without rounds.
+    handshakes: address -> {(round_id, port, protocol)} where it completed a TCP handshake with this
+    host, lo..last (app/db/peers.py; set by the evaluation: two-way evidence).
+    round_counts: round_id -> {new_sources, source_evictions, srcport_evictions}, lo..last, for the
+    columns that exist (app/db/peers.py; set by the evaluation).
     """
 
     rounds: list
@@ -138,6 +142,8 @@ class Batch:
     first_occupancy_round: int | None = None
     previous_holders: dict = field(default_factory=dict)
     nominal_seconds: float | None = None
+    handshakes: dict = field(default_factory=dict)
+    round_counts: dict = field(default_factory=dict)
     _by_port: dict | None = field(default=None, repr=False, compare=False)
     _stats_by_port: dict | None = field(default=None, repr=False, compare=False)
     _ids: dict | None = field(default=None, repr=False, compare=False)

@@ -11,6 +11,19 @@ Decisions (:func:`decide`, after each evaluation, on the evaluation's own findin
     least ``model_block_factor`` times its threshold. Every source carries its evidence class
     (findings.ONE_WAY / TWO_WAY) into the ledger's evidence JSON. The TTL escalates like
     fail2ban's bantime.increment: ``base_ttl * escalation ** (offences - 1)`` capped at ``max_ttl``.
+Evidence that survives spoofing (issue 9; :func:`judge_sources` runs before the findings are stored)
+    A source whose evidence is one-way (anything a forger can send) is *possibly forged* when the
+    address had a two-way conversation with this host within ``peer_lookback_seconds`` (the
+    ``peers`` table), or when the IP TTL it was seen with in the finding's rounds leaves its usual
+    range by more than ``ttl_tolerance`` (skipped where no TTLs are recorded). A possibly forged
+    source is never blocked: the finding is kept, flags it (Source.forged) and alerts. Two-way
+    evidence still blocks a peer. Unknown addresses may be blocked on one-way evidence, for the
+    usual (short, escalating) TTL, so a real scanner is stopped within one evaluation.
+    One finding adds at most ``max_new_per_evaluation`` entries, and a SYN flood judged forged
+    (many one-way sources, none dominant) at most ``max_new_per_forged_flood`` (0): it is mitigated
+    per port instead (``flood_syn_limit``, off by default: enforcement.limit_port_syns).
+    A model finding blocks a source only when a rule finding of the same evaluation names that
+    source (not forged) or its own evidence is two-way (``model_needs_corroboration``, default on).
 Interlocks (:class:`Protection`)
     Never blocked automatically: loopback, unspecified, every address of this host (root network
     namespace), default gateways, resolv.conf name servers, peers of established SSH sessions, the
@@ -35,9 +48,10 @@ from typing import Sequence
 
 from app.config import ConfigError
 from app.db import blacklist as db
+from app.db import peers
 from app.services import enforcement, host
 from app.services.enforcement import Network, capacity, normalise
-from app.services.findings import Finding
+from app.services.findings import TWO_WAY, Finding
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +133,53 @@ class Candidate:
     anomaly_id: int
     detector: str
     evidence: dict
+    forged: str = ""              # why the source is possibly forged (never blocked), else ""
+    cap: int | None = None        # most new entries the candidate's finding may add
+
+
+# --- forged or not ---------------------------------------------------------------------------------
+
+def judge_sources(conn, settings, findings: Sequence[Finding], now: float | None = None) -> int:
+    """Set Source.forged (and its note) on every source of every finding; returns how many are
+    possibly forged. Call before the findings are stored: their reasons JSON then carries it.
+
+    Two-way evidence is never forged. One-way evidence is forged when the address is a two-way peer
+    within blocklist.peer_lookback_seconds, or its TTL range in the finding's rounds leaves the range
+    of its earlier rounds by more than blocklist.ttl_tolerance. A flood's sources judged forged by
+    the rules stay so. Otherwise forged = False (judged: an unknown address).
+    """
+    cfg = settings.blocklist
+    now = time.time() if now is None else now
+    has_peers = peers.has_table(conn)
+    forged = 0
+    for f in findings:
+        for s in f.sources:
+            if s.evidence == TWO_WAY:
+                s.forged = False
+            elif not s.forged:
+                why = _forged_why(conn, cfg, s.address, f, now, has_peers)
+                s.forged = bool(why)
+                if why:
+                    s.note = why
+            forged += bool(s.forged)
+        names = f.forged_sources
+        if names and not f.summary:
+            f.summary = (f"{f.detector.replace('_', ' ')} on {f.port_label}: source possibly forged "
+                         f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}): alert only, not blocked")
+    return forged
+
+
+def _forged_why(conn, cfg, address: str, f: Finding, now: float, has_peers: bool) -> str:
+    if has_peers and peers.two_way_since(conn, address, now - cfg.peer_lookback_seconds):
+        row = peers.peer(conn, address)
+        last = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(row["last_two_way"]))
+        return f"possibly forged: one-way evidence naming a two-way peer (last two-way traffic {last})"
+    seen = peers.ttl_range(conn, address, f.first_round_id, f.last_round_id)
+    usual = peers.ttl_range(conn, address, 0, f.first_round_id - 1) if seen else None
+    if seen and usual and (seen[0] < usual[0] - cfg.ttl_tolerance or seen[1] > usual[1] + cfg.ttl_tolerance):
+        return (f"possibly forged: IP TTL {seen[0]}-{seen[1]} in these rounds, usually {usual[0]}-{usual[1]} "
+                "(another hop count)")
+    return ""
 
 
 def ttl_for(settings, offences: int) -> float:
@@ -152,10 +213,17 @@ def candidates(conn, settings, findings: Sequence[Finding]) -> list[Candidate]:
     """Sources the findings make responsible, in finding order (one per network)."""
     cfg = settings.blocklist
     out: dict[str, Candidate] = {}
+    # addresses a rule finding of this evaluation names, not forged: what corroborates a model finding
+    by_rules = {s.address for f in findings if f.detector != "model" for s in f.sources if not s.forged}
     for f in findings:
         port = _port(f)
         base = {"anomaly_id": f.id, "evaluation_id": f.evaluation_id, "detector": f.detector, "port": port or None,
                 "rounds": [f.first_round_id, f.last_round_id], "score": f.score, "threshold": f.threshold}
+        if f.source_count is not None:
+            base["source_count"] = f.source_count
+        cap = cfg.max_new_per_evaluation
+        if f.details.get("many_one_way_sources"):
+            cap = min(cap, cfg.max_new_per_forged_flood)
         found: list[tuple[str, dict, str]] = []
         if f.detector in cfg.rule_detectors:
             what = _what(f)
@@ -175,6 +243,11 @@ def candidates(conn, settings, findings: Sequence[Finding]) -> list[Candidate]:
             total = int(f.details.get("packets") or 0)
             for s in f.sources:
                 share = _share(s.share) or 0.0
+                if (cfg.model_needs_corroboration and s.evidence != TWO_WAY and s.address not in by_rules
+                        and share >= cfg.model_source_share):
+                    log.info("model anomaly %s names %s (%.0f%% of the port's packets) without a rule finding or "
+                             "two-way evidence about it: alert only, no block", f.id, s.address, 100 * share)
+                    continue
                 if share >= cfg.model_source_share and not _usual_for_source(conn, cfg, f, s.address):
                     found.append((s.address, {"share": round(share, 4), "packets": s.packets, "port_packets": total,
                                               "evidence": s.evidence},
@@ -185,7 +258,11 @@ def candidates(conn, settings, findings: Sequence[Finding]) -> list[Candidate]:
             except ValueError:
                 log.warning("anomaly %s names %r as a source, which is not an address: ignored", f.id, address)
                 continue
-            out.setdefault(str(network), Candidate(network, what, f.id, f.detector, {**base, **extra}))
+            named = f.source_of(address)
+            forged = (named.note or "possibly forged") if named is not None and named.forged else ""
+            if forged:
+                extra = {**extra, "forged": True}
+            out.setdefault(str(network), Candidate(network, what, f.id, f.detector, {**base, **extra}, forged, cap))
     return list(out.values())
 
 
@@ -234,6 +311,7 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
                   for r in db.entries(conn, db.LISTED if cfg.dry_run else ("active",))]
         n_listed = db.count_status(conn, status)
         n_new = 0
+        n_new_by_finding: dict[int, int] = {}
         for c in found:
             address = str(c.network)
             d = Decision(address, "refused", c.reason, c.anomaly_id, c.detector, now, evidence=c.evidence)
@@ -242,8 +320,15 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
                              if net.version == c.network.version and c.network.subnet_of(net)), None)
             row = db.get_entry(conn, address)
             why = protection.refusal(c.network)
+            cap = cfg.max_new_per_evaluation if c.cap is None else c.cap
             if why:
                 d.detail = f"{address} {why}"
+            elif c.forged:
+                d.detail = f"{c.forged}: alert only, never blocked on one-way evidence"
+            elif n_new_by_finding.get(c.anomaly_id, 0) >= cap:
+                d.detail = (f"cap of {cap} new blocks from one finding reached"
+                            + (" (a SYN flood judged forged: blocklist.max_new_per_forged_flood)"
+                               if cap < cfg.max_new_per_evaluation else ""))
             elif covering:
                 d.action, d.detail = "skipped", f"already listed as {covering}"
                 continue
@@ -268,6 +353,7 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
                                 now, d.expires_at, status, d.offences)
                 listed.append((c.network, address))
                 n_new += 1
+                n_new_by_finding[c.anomaly_id] = n_new_by_finding.get(c.anomaly_id, 0) + 1
                 n_listed += 1
             db.insert_event(conn, now, address, d.action, f"{c.reason}: {d.detail}")
             log.info("%s %s: %s (%s)", d.action, address, c.reason, d.detail)
@@ -286,5 +372,22 @@ def after_evaluation(conn, settings, findings: Sequence[Finding], now: float | N
     """What the evaluation job calls with the findings it just stored: :func:`decide`, then
     :func:`enforcement.apply` on every interface."""
     decisions = decide(conn, settings, findings, now)
+    limit_forged_floods(settings, findings, now)
     results = enforcement.apply(conn, settings, now)
     return decisions, results
+
+
+def limit_forged_floods(settings, findings: Sequence[Finding], now: float | None = None) -> list[int]:
+    """For each SYN flood judged forged, a per-port SYN rate limit in XDP (``blocklist.flood_syn_limit``
+    SYNs/s, expiring after ``base_ttl_seconds`` like a first block); off when the limit is 0.
+    Returns the ports limited."""
+    cfg = settings.blocklist
+    if cfg.flood_syn_limit <= 0 or not cfg.enabled or cfg.dry_run:
+        return []
+    now = time.time() if now is None else now
+    limited = []
+    for f in findings:
+        if f.detector == "syn_flood" and f.details.get("many_one_way_sources") and f.port is not None:
+            if enforcement.limit_port_syns(settings, f.port, cfg.flood_syn_limit, now + cfg.base_ttl_seconds):
+                limited.append(f.port)
+    return limited

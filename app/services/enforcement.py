@@ -222,3 +222,12 @@ def pending_drops(conn, settings) -> dict[str, int]:
         for text, (_, drops, _) in in_map.items():
             out[text] = out.get(text, 0) + _growth(drops, baselines.get(text))
     return out
+
+
+def limit_port_syns(settings, port: int, syns_per_second: float, until: float) -> bool:
+    """HOOK (issue 9): rate-limit SYNs to local TCP ``port`` in XDP until ``until`` (epoch s) on every
+    watched interface, for a SYN flood judged forged. The kernel half (a per-port SYN limit map and
+    its set/clear function) is not on this branch: nothing is enforced, it is logged, False returned."""
+    log.warning("a per-port SYN rate limit for tcp/%d (%g SYN/s) was asked for, but this build has no XDP SYN "
+                "limit map: the flood is only alerted", port, syns_per_second)
+    return False
