@@ -249,9 +249,10 @@ def syn_floods(batch: Batch, cfg: Evaluator) -> list[Finding]:
             lo, hi = run[0][0], run[-1][0]
             syns = sum(r[2] for r in run)
             packets = sum(r[1] for r in run)
-            senders = Counter()
+            senders = Counter()     # one-way SYN senders of the run (any port: one-SYN sources keep no port)
+            talking = {a for a, seen in batch.handshakes.items() if any(lo <= r[0] <= hi for r in seen)}
             for round_id, address, _packets, _bytes, syn, _distinct in syn_senders:
-                if lo <= round_id <= hi:
+                if lo <= round_id <= hi and address not in talking:
                     senders[address] += syn
             top_syn = [{"address": a, "syn": n, "share": round(n / syns, 3)} for a, n in senders.most_common(5)]
             sources, dominant = port_sources(batch, value, protocol, packets, lo, hi)
