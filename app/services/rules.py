@@ -249,10 +249,18 @@ def syn_floods(batch: Batch, cfg: Evaluator) -> list[Finding]:
             lo, hi = run[0][0], run[-1][0]
             syns = sum(r[2] for r in run)
             packets = sum(r[1] for r in run)
-            senders = Counter()     # one-way SYN senders of the run (any port: one-SYN sources keep no port)
+            # one-way SYN senders of the run toward this port: a sender whose ports are known (flows,
+            # source_ports) counts when this port is among them; one whose ports are not (a one-SYN
+            # source outside the kept flows) counts too
             talking = {a for a, seen in batch.handshakes.items() if any(lo <= r[0] <= hi for r in seen)}
+            reached: dict[str, set] = defaultdict(set)
+            for round_id, address, port, proto, _packets, _bytes in batch.source_ports:
+                if lo <= round_id <= hi:
+                    reached[address].add((port, proto))
+            senders = Counter()
             for round_id, address, _packets, _bytes, syn, _distinct in syn_senders:
-                if lo <= round_id <= hi and address not in talking:
+                if lo <= round_id <= hi and address not in talking and (
+                        address not in reached or (value, protocol) in reached[address]):
                     senders[address] += syn
             top_syn = [{"address": a, "syn": n, "share": round(n / syns, 3)} for a, n in senders.most_common(5)]
             sources, dominant = port_sources(batch, value, protocol, packets, lo, hi)
