@@ -20,7 +20,7 @@ command -v apt-get >/dev/null || die "apt-get not found: portwatch's setup suppo
 
 APT_PACKAGES=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools libbpf1 bpftool
               tshark iproute2 sqlite3 util-linux cron dnsmasq-base nftables iptables
-              procps ca-certificates)
+              procps ca-certificates hping3 nmap)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
