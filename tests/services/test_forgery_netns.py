@@ -217,6 +217,31 @@ def test_forged_scan_never_blocks_a_udp_request_response_peer(lab, tmp_path, pin
         conn.close()
 
 
+@pytest.mark.xfail(strict=True, reason="ingress-only two-way evidence is forgeable: two PSH|ACK packets on one "
+                   "5-tuple make the sender a 'peer' without any answer from this host; needs helper ik's egress "
+                   "peers (this host answered that address) before a peer is protected")
+def test_a_scanner_cannot_make_itself_a_peer_with_blind_acks(lab, tmp_path, pin_root):
+    s, pdir = loaded(lab, tmp_path, pin_root)
+    scanner = lab.host_v4(2)
+    server = EchoServer(lab.root_v4, SERVICE_PORT)
+    try:
+        # two blind PSH|ACK segments on one 5-tuple (no handshake: this host answers them with RSTs)
+        hping(lab, "-a", scanner, "-k", "-s", "40000", "-P", "-A", "-d", "64", "-p", str(SERVICE_PORT), "-c", "2")
+        hping(lab, "-a", scanner, *SCAN)
+        collect(s, lab, seconds=0.5)
+        result = evaluation.run(s)
+        conn = connect(s.general.db)
+        decisions, _ = after_evaluation(conn, s, result.anomalies)
+    finally:
+        server.close()
+    try:
+        scans = {f.source: f for f in findings_of(result, "port_scan")}
+        assert [(x.address, x.forged) for x in scans[scanner].sources] == [(scanner, False)]
+        assert [d.address for d in decisions if d.action == "block"] == [f"{scanner}/32"]
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def only_lab_sources(lab):
     """Drop, on the lab link only, every packet whose source is outside 198.18.0.0/15 before the
