@@ -398,6 +398,6 @@ SELECT a.id AS anomaly_id, a.detector, a.evaluation_id,
        json_extract(s.value, '$.evidence') AS evidence,
        COALESCE(json_extract(s.value, '$.forged'), 0) AS possibly_forged,
        json_extract(s.value, '$.note') AS note
-FROM anomalies a, json_each(a.reasons, '$.sources') s;
+FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE '{}' END, '$.sources') s;
 
 PRAGMA user_version = 4;

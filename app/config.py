@@ -141,8 +141,8 @@ class Blocklist:
     ttl_tolerance: int = 2                       # one-way evidence whose IP TTL leaves the source's usual range by more: forged
     max_new_per_forged_flood: int = 0            # blocklist entries one SYN flood judged forged may add
     flood_syn_limit: float = 0.0                 # SYNs/s per port for a forged flood's port (XDP rate limit); 0: off
-    model_needs_corroboration: bool = True       # a model finding blocks a source only with a rule finding or
-                                                 # two-way evidence about it (else it alerts only)
+    model_needs_corroboration: bool = True       # a model finding blocks a source only when a rule finding of
+                                                 # the same evaluation names it, not forged (else it alerts only)
 
 
 @dataclass

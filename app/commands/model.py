@@ -2,7 +2,9 @@
 
 Every evaluation that trains saves a new version under <state_dir>/models/<version>/ (config.json,
 scaler.json, weights, held-out calibration windows) with a models row; the newest
-evaluator.keep_models keep their files. `rollback` makes an older version active again: the next
+evaluator.keep_models keep their files. The list is the threshold history: each version's threshold,
+its move at that refit (``*``: held to evaluator.threshold_max_change) and the held-out pool against
+the windows its alert budget needs (``!``: the model does not alert yet). `rollback` makes an older version active again: the next
 evaluation scores with it and refits from it.
 
 Exit codes: 0 done; 2 unknown or pruned version; 4 database problem.
@@ -41,7 +43,7 @@ def run(args, settings) -> int:
         print("no model versions yet: the first evaluation with traffic trains one (python -m app evaluate).")
         return 0
     print(f"{'version':>7}  {'created (UTC)':16}  {'status':11}  {'origin':6}  {'parent':>6}  {'threshold':>10}  "
-          f"{'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  path")
+          f"{'change':>7}  {'pool':>11}  {'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  path")
     for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_at"]))
         threshold = f"{r['threshold']:.4g}" if r["threshold"] is not None else "-"
@@ -49,6 +51,9 @@ def run(args, settings) -> int:
         rate = f"{r['held_out_rate_per_day']:.2f}" if r["held_out_rate_per_day"] is not None else "-"
         parent = str(r["parent_version"]) if r["parent_version"] is not None else "-"
         origin = r["origin"] if "origin" in r.keys() else "local"
+        step = evaluation.threshold_history(r)
+        change, pool = step["change"], step["pool"]
         print(f"{r['version']:>7}  {created:16}  {r['status']:11}  {origin:6}  {parent:>6}  {threshold:>10}  "
-              f"{r['train_windows'] or 0:>7}  {budget:>8}  {rate:>10}  {r['path']}")
+              f"{change:>7}  {pool:>11}  {r['train_windows'] or 0:>7}  {budget:>8}  {rate:>10}  {r['path']}")
     return 0
+

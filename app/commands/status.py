@@ -87,6 +87,8 @@ def gather(settings, interfaces: list[str] | None = None, now: float | None = No
         at = status["last_evaluation"]["finished_at"] or status["last_evaluation"]["started_at"]
         status["last_evaluation"]["age_seconds"] = round(now - at, 1)
     status["model"] = summary["model"] if summary else None
+    if status["model"]:        # issue 9: the held-out pool the model must fill before it alerts
+        status["model"]["held_out_pool"] = json.loads(status["model"].pop("metadata") or "{}").get("pool")
     status["blacklist"] = summary["blacklist"] if summary else {"active": 0, "dry_run": 0, "expired": 0, "removed": 0}
     names = list(interfaces or [])
     if not names:
@@ -95,6 +97,16 @@ def gather(settings, interfaces: list[str] | None = None, now: float | None = No
             names.append(settings.general.interface)
     status["xdp"] = [describe_interface(name, settings.general.pin_root) for name in names]
     return status
+
+
+def _pool_text(pool: dict | None) -> str:
+    """'; not alerting yet: ...' while the model's held-out pool is short of what its budget needs."""
+    if not pool or pool.get("alerting", True):
+        return ""
+    fix = (f" (more than evaluator.calibration_windows = {pool['capacity']}: raise it)"
+           if pool["needed"] > pool.get("capacity", pool["needed"]) else "")
+    return (f"; not alerting yet: held-out pool {pool['windows']} of the {pool['needed']} windows its alert "
+            f"budget needs{fix}")
 
 
 def _when(t: float | None, now: float) -> str:
@@ -137,7 +149,8 @@ def render(status: dict, now: float) -> str:
     m = status["model"]
     lines.append("model:           none yet (warm-up)" if not m else
                  f"model:           version {m['version']}, threshold "
-                 f"{'-' if m['threshold'] is None else format(m['threshold'], '.4g')}, created {_when(m['created_at'], now)}")
+                 f"{'-' if m['threshold'] is None else format(m['threshold'], '.4g')}, created {_when(m['created_at'], now)}"
+                 + _pool_text(m.get("held_out_pool")))
     b = status["blacklist"]
     lines.append(f"blocklist:       {b['active']} active, {b['dry_run']} dry-run, {b['expired']} expired, "
                  f"{b['removed']} removed")

@@ -23,7 +23,10 @@ Evidence that survives spoofing (issue 9; :func:`judge_sources` runs before the 
     (many one-way sources, none dominant) at most ``max_new_per_forged_flood`` (0): it is mitigated
     per port instead (``flood_syn_limit``, off by default: enforcement.limit_port_syns).
     A model finding blocks a source only when a rule finding of the same evaluation names that
-    source (not forged) or its own evidence is two-way (``model_needs_corroboration``, default on).
+    source and does not judge it forged (``model_needs_corroboration``, default on): a rule on
+    two-way evidence corroborates even a known peer, one on one-way evidence only an unknown address.
+    Two-way traffic alone does not: it shows the source is real, not that it is hostile (a benign
+    iperf3 burst from a real client is two-way).
 Interlocks (:class:`Protection`)
     Never blocked automatically: loopback, unspecified, every address of this host (root network
     namespace), default gateways, resolv.conf name servers, peers of established SSH sessions, the
@@ -243,10 +246,9 @@ def candidates(conn, settings, findings: Sequence[Finding]) -> list[Candidate]:
             total = int(f.details.get("packets") or 0)
             for s in f.sources:
                 share = _share(s.share) or 0.0
-                if (cfg.model_needs_corroboration and s.evidence != TWO_WAY and s.address not in by_rules
-                        and share >= cfg.model_source_share):
-                    log.info("model anomaly %s names %s (%.0f%% of the port's packets) without a rule finding or "
-                             "two-way evidence about it: alert only, no block", f.id, s.address, 100 * share)
+                if cfg.model_needs_corroboration and s.address not in by_rules and share >= cfg.model_source_share:
+                    log.info("model anomaly %s names %s (%.0f%% of the port's packets, %s) and no rule finding "
+                             "names it: alert only, no block", f.id, s.address, 100 * share, s.evidence)
                     continue
                 if share >= cfg.model_source_share and not _usual_for_source(conn, cfg, f, s.address):
                     found.append((s.address, {"share": round(share, 4), "packets": s.packets, "port_packets": total,
