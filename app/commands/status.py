@@ -101,12 +101,14 @@ def gather(settings, interfaces: list[str] | None = None, now: float | None = No
 
 def _pool_text(pool: dict | None) -> str:
     """'; not alerting yet: ...' while the model's held-out pool is short of what its budget needs."""
-    if not pool or pool.get("alerting", True):
+    if not pool:
         return ""
-    fix = (f" (more than evaluator.calibration_windows = {pool['capacity']}: raise it)"
-           if pool["needed"] > pool.get("capacity", pool["needed"]) else "")
-    return (f"; not alerting yet: held-out pool {pool['windows']} of the {pool['needed']} windows its alert "
-            f"budget needs{fix}")
+    wanted = pool.get("budget_needs", pool["needed"])
+    short = (f" (the budget needs {wanted}: raise evaluator.calibration_windows from {pool['capacity']})"
+             if wanted > pool["needed"] else "")
+    if pool.get("alerting", True):
+        return f"; held-out pool full at {pool['windows']} windows{short}" if short else ""
+    return f"; not alerting yet: held-out pool {pool['windows']} of the {pool['needed']} windows needed{short}"
 
 
 def _when(t: float | None, now: float) -> str:

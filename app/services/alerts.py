@@ -71,12 +71,18 @@ def anomaly_event(finding: Finding, *, at: float | None = None) -> AlertEvent:
                      + (f" > threshold {finding.threshold:.4g}" if finding.threshold is not None else ""))
     if finding.source:
         parts.append(f"source {finding.source}")
+    if finding.forged_sources:      # issue 9: alerted, never blocked on one-way evidence
+        parts.append(f"source possibly forged ({', '.join(finding.forged_sources[:5])}): not blocked")
+    if finding.source_count is not None:
+        parts.append(f"{finding.source_count} sources")
     facts = {"detector": finding.detector, "port": finding.port, "protocol": finding.protocol,
              "score": finding.score, "threshold": finding.threshold, "source": finding.source,
              "anomaly_id": finding.id}
     if finding.sources:
-        facts["sources"] = [{k: v for k, v in s.to_dict().items() if k in ("address", "share", "evidence")}
+        facts["sources"] = [{k: v for k, v in s.to_dict().items() if k in ("address", "share", "evidence", "forged")}
                             for s in finding.sources]
+    if finding.source_count is not None:
+        facts["source_count"] = finding.source_count
     return AlertEvent("anomaly", f"anomaly:{finding.detector}:{port_text}:{finding.source or '-'}", ", ".join(parts),
                       facts, at)
 

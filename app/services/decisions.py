@@ -264,7 +264,9 @@ def candidates(conn, settings, findings: Sequence[Finding]) -> list[Candidate]:
             forged = (named.note or "possibly forged") if named is not None and named.forged else ""
             if forged:
                 extra = {**extra, "forged": True}
-            out.setdefault(str(network), Candidate(network, what, f.id, f.detector, {**base, **extra}, forged, cap))
+            key, candidate = str(network), Candidate(network, what, f.id, f.detector, {**base, **extra}, forged, cap)
+            if key not in out or (out[key].forged and not forged):     # evidence not forged wins over forged
+                out[key] = candidate
     return list(out.values())
 
 

@@ -354,10 +354,12 @@ def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, d
 def pool_state(model, cfg: Evaluator) -> dict:
     """The model's held-out pool against what its alert budget needs: {windows, needed, alerting}
     (alerting: the pool is big enough for the model to raise findings; see Calibration.windows_needed)."""
-    windows = int(len(model.calibration_windows_))
-    needed = model.calibration_.windows_needed(model.config.window, cfg.calibration_min_expected)
-    return {"windows": windows, "needed": needed, "alerting": windows >= needed,
-            "capacity": int(model.config.calibration_windows)}
+    windows, capacity = int(len(model.calibration_windows_)), int(model.config.calibration_windows)
+    wanted = model.calibration_.windows_needed(model.config.window, cfg.calibration_min_expected)
+    # a pool can never hold more than its capacity: a full pool alerts (status says it is short of the budget)
+    needed = min(wanted, capacity)
+    return {"windows": windows, "needed": needed, "alerting": windows >= needed, "capacity": capacity,
+            "budget_needs": wanted}
 
 
 def explain(batch: dbs.Batch, data: series.Series, judge: series.JudgeWindows, errors: np.ndarray,

@@ -220,3 +220,37 @@ def test_forged_flood_port_limit_is_a_hook_off_by_default(tmp_path, caplog):
     s = blocklist_settings(tmp_path, flood_syn_limit=100.0)
     assert decisions.limit_forged_floods(s, [flood]) == []         # no XDP SYN limit map in this build
     assert "no XDP SYN limit map" in caplog.text
+
+
+def test_alert_names_the_possibly_forged_source_and_the_source_count():
+    from app.services.alerts import anomaly_event
+    f = finding("syn_flood", source=PEER, port=8080, sources=[Source(PEER, share=1.0, forged=True)])
+    f.source_count = 1
+    event = anomaly_event(f)
+    assert "source possibly forged (198.18.0.10): not blocked" in event.summary and "1 sources" in event.summary
+    assert event.details["sources"] == [{"address": PEER, "share": 1.0, "evidence": ONE_WAY, "forged": True}]
+    assert event.details["source_count"] == 1
+
+
+def test_a_not_forged_finding_about_an_address_wins_over_a_forged_one(conn, tmp_path):
+    s = blocklist_settings(tmp_path)
+    forged = finding("port_scan", source=PEER, sources=[Source(PEER, forged=True, note="possibly forged: x")])
+    two_way = finding("port_scan", source=PEER, sources=[Source(PEER, evidence=TWO_WAY, forged=False)])
+    stored = add_evaluation(conn, [forged, two_way], at=T0)
+    out = decide(conn, s, stored, now=T0, protection=NOBODY)
+    assert [(d.address, d.action, d.anomaly_id) for d in out] == [(f"{PEER}/32", "block", stored[1].id)]
+
+
+def test_pool_needed_is_capped_at_the_pool_capacity():
+    from types import SimpleNamespace
+    import numpy as np
+    from app.services.evaluation import pool_state
+    from app.services.model import Calibration, ModelConfig
+    # 50 ports of minute rounds, budget 1/day, W 15: the budget wants 4,800 windows, the pool holds 4,000
+    cal = Calibration(1.0, "pot", 0, 72000.0, 1.0, 1 / 72000.0, 0, 0.0)
+    model = SimpleNamespace(calibration_windows_=np.zeros((4000, 15, 1)), calibration_=cal,
+                            config=ModelConfig(window=15, calibration_windows=4000))
+    assert pool_state(model, Evaluator()) == {"windows": 4000, "needed": 4000, "alerting": True, "capacity": 4000,
+                                              "budget_needs": 4800}
+    model.calibration_windows_ = np.zeros((120, 15, 1))
+    assert pool_state(model, Evaluator())["alerting"] is False
