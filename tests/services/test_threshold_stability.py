@@ -76,3 +76,26 @@ def test_benign_bursts_over_many_refits(env):
     # no benign source was ever blocked
     assert blocked == [] and events == []
     assert all(d.action != "block" for job in jobs for d in job.decisions)
+
+
+def test_one_refit_moves_the_threshold_at_most_the_bound():
+    """recalibrate() with a previous threshold: the pool's own value is kept as unbounded_threshold,
+    threshold_ stays within previous ÷/× max_threshold_change (no TensorFlow: errors are given)."""
+    import numpy as np
+    from app.services.model import CnnLstmAutoencoder, ModelConfig
+    model = CnnLstmAutoencoder(ModelConfig(window=5, max_threshold_change=2.0, alert_budget_per_day=1.0))
+    rng = np.random.default_rng(0)
+    model.calibration_windows_ = np.zeros((400, 5, 1), np.float32)
+    errors = {"low": rng.exponential(0.01, (400, 5)), "high": rng.exponential(10.0, (400, 5))}
+    model.round_errors = lambda windows: errors[state]          # noqa: E731
+    state = "low"
+    free = model.recalibrate(2000.0).threshold                   # a first fit: unbounded
+    state = "high"
+    cal = model.recalibrate(2000.0, previous=free)
+    assert cal.unbounded_threshold > 100 * free and cal.threshold == pytest.approx(2.0 * free)
+    assert cal.previous_threshold == free and cal.pool_windows == 400
+    assert cal.held_out_exceedances == int(np.sum(errors["high"] > cal.threshold))
+    state = "low"
+    back = model.recalibrate(2000.0, previous=cal.threshold)
+    assert back.threshold == pytest.approx(cal.threshold / 2.0) == pytest.approx(free)   # down again, at most /2
+    assert cal.windows_needed(5, 1.0) == int(np.ceil(1.0 / (cal.target_probability * 5)))
