@@ -29,6 +29,7 @@ def register(sub) -> None:
 def run(args, settings) -> int:
     from app.db.connection import connect
     from app.services import evaluation
+    from app.services.model import threshold_history
     conn = connect(settings.general.db)
     try:
         if args.action == "rollback":
@@ -51,7 +52,7 @@ def run(args, settings) -> int:
         rate = f"{r['held_out_rate_per_day']:.2f}" if r["held_out_rate_per_day"] is not None else "-"
         parent = str(r["parent_version"]) if r["parent_version"] is not None else "-"
         origin = r["origin"] if "origin" in r.keys() else "local"
-        step = evaluation.threshold_history(r)
+        step = threshold_history(r)
         change, pool = step["change"], step["pool"]
         print(f"{r['version']:>7}  {created:16}  {r['status']:11}  {origin:6}  {parent:>6}  {threshold:>10}  "
               f"{change:>7}  {pool:>11}  {r['train_windows'] or 0:>7}  {budget:>8}  {rate:>10}  {r['path']}")

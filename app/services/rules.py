@@ -268,6 +268,9 @@ def syn_floods(batch: Batch, cfg: Evaluator) -> list[Finding]:
                 dominant = top_syn[0]["address"]
             if not sources:
                 sources = [Source(t["address"], syn=t["syn"], share=t["share"]) for t in top_syn]
+            if dominant is not None and dominant not in {s.address for s in sources}:   # main source first
+                main = top_syn[0]
+                sources.insert(0, Source(dominant, syn=main["syn"], share=main["share"]))
             for s in sources:       # the flood's evidence is unanswered SYNs, whatever else a source sent
                 s.evidence = evidence_class(batch, s.address, lo, hi, kind="flood")
             forged = len(senders) >= cfg.flood_many_sources and dominant is None
