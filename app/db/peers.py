@@ -33,12 +33,16 @@ def has_table(conn: sqlite3.Connection) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'peers'").fetchone() is not None
 
 
-def handshake_flows(conn: sqlite3.Connection, lo: int, last: int) -> list[tuple[int, str, int, str]]:
-    """(round_id, source address, local port, protocol) of every stored flow in rounds lo..last
-    that shows a completed TCP handshake seen from ingress (see ``_TWO_WAY_FLOW``)."""
+def handshake_flows(conn: sqlite3.Connection, lo: int, last: int) -> list[tuple[int, str, int, str, int]]:
+    """(round_id, source address, local port, protocol, reset) of the stored flows in rounds lo..last
+    that show a completed TCP handshake seen from ingress (see ``_TWO_WAY_FLOW``), one row per
+    (round, address, port, protocol); reset 1 when one of them also carried an RST. A blind forger's
+    SYN then ACK under an address whose owner is online draws that owner's RST on the same 5-tuple
+    (it answers this host's SYN-ACK it never asked for): such flows are history, not evidence."""
     return [tuple(r) for r in conn.execute(
-        f"SELECT DISTINCT round_id, src_address, dst_port, protocol FROM flows "
-        f"WHERE round_id BETWEEN ? AND ? AND {_TWO_WAY_FLOW}", (lo, last))]
+        f"SELECT round_id, src_address, dst_port, protocol, MAX((tcp_flags & {RST}) != 0) FROM flows "
+        f"WHERE round_id BETWEEN ? AND ? AND {_TWO_WAY_FLOW} GROUP BY round_id, src_address, dst_port, protocol",
+        (lo, last))]
 
 
 def record_two_way(conn: sqlite3.Connection, rows: Iterable[tuple[str, int, float]]) -> int:

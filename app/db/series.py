@@ -125,7 +125,8 @@ class Batch:
     their most recent holders before it.
     nominal_seconds: median round length (s) up to the last round, None without rounds.
     handshakes: address -> {(round_id, port, protocol)} where it completed a TCP handshake with this
-    host, lo..last (app/db/peers.py; set by the evaluation: two-way evidence).
+    host and no RST came on that flow, lo..last (app/db/peers.py; set by the evaluation: two-way
+    evidence); peer_rounds: address -> {round_id} with any completed handshake (two-way history).
     round_counts: round_id -> {new_sources, source_evictions, srcport_evictions}, lo..last, for the
     columns that exist (app/db/peers.py; set by the evaluation).
     """
@@ -143,6 +144,7 @@ class Batch:
     previous_holders: dict = field(default_factory=dict)
     nominal_seconds: float | None = None
     handshakes: dict = field(default_factory=dict)
+    peer_rounds: dict = field(default_factory=dict)
     round_counts: dict = field(default_factory=dict)
     _by_port: dict | None = field(default=None, repr=False, compare=False)
     _stats_by_port: dict | None = field(default=None, repr=False, compare=False)

@@ -164,8 +164,8 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
         if step.new_model is not None:
             dbe.insert_model(conn, **step.new_model)
         end_of = {r["id"]: r["end_time"] for r in batch}
-        dbp.record_two_way(conn, [(address, rid, end_of[rid]) for address, seen in loaded.handshakes.items()
-                                  for rid, _port, _proto in seen if rid in end_of])
+        dbp.record_two_way(conn, [(address, rid, end_of[rid]) for address, seen in loaded.peer_rounds.items()
+                                  for rid in seen if rid in end_of])
         decisions.judge_sources(conn, settings, all_findings, now)
         eid = dbe.insert_evaluation(
             conn, started_at=started, finished_at=now, first_round_id=first, last_round_id=last,
@@ -198,8 +198,10 @@ def load_batch(conn: sqlite3.Connection, rounds, cfg: Evaluator, context_rounds:
     ``context_rounds`` earlier rounds of series context included."""
     batch = dbs.load_batch(conn, rounds, context_rounds=context_rounds,
                            since_time=rounds[0]["end_time"] - cfg.scan_span_seconds)
-    for round_id, address, port, protocol in dbp.handshake_flows(conn, batch.lo, batch.last):
-        batch.handshakes.setdefault(address, set()).add((round_id, port, protocol))
+    for round_id, address, port, protocol, reset in dbp.handshake_flows(conn, batch.lo, batch.last):
+        batch.peer_rounds.setdefault(address, set()).add(round_id)          # history, reset or not
+        if not reset:
+            batch.handshakes.setdefault(address, set()).add((round_id, port, protocol))   # evidence
     batch.round_counts = dbp.round_counts(conn, batch.lo, batch.last)
     return batch
 

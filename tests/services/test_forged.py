@@ -64,7 +64,11 @@ def test_handshake_flows_and_two_way_since(conn):
         conn.executemany("INSERT INTO flows (round_id, src_address, src_port, dst_address, dst_port, protocol, "
                          "packets, bytes, tcp_flags, reason) VALUES (?, ?, ?, '198.18.0.1', ?, ?, ?, 100, ?, 'top')",
                          rows)
-    assert sorted(peers.handshake_flows(conn, r1, r2)) == [(r1, PEER, 22, "tcp"), (r2, PEER, 22, "tcp")]
+        conn.execute("INSERT INTO flows (round_id, src_address, src_port, dst_address, dst_port, protocol, packets, "
+                     "bytes, tcp_flags, reason) VALUES (?, '198.18.0.68', 40003, '198.18.0.1', 90, 'tcp', 3, 1, ?, "
+                     "'top')", (r1, 0x16))                    # SYN, ACK and the real owner's RST: a blind forgery
+    assert sorted(peers.handshake_flows(conn, r1, r2)) == [(r1, PEER, 22, "tcp", 0), (r1, "198.18.0.68", 90, "tcp", 1),
+                                                           (r2, PEER, 22, "tcp", 0)]
     with conn:
         assert peers.record_two_way(conn, [(PEER, r1, T0), (PEER, r2, T0 + 60)]) == 1
         peers.record_two_way(conn, [(PEER, r2 + 1, T0 + 120)])

@@ -204,3 +204,65 @@ def test_syn_flood_from_10000_forged_sources_is_one_finding_and_no_block(lab, tm
         assert conn.execute("SELECT COUNT(*) FROM source_stats WHERE syn = 1").fetchone()[0] == 10000
     finally:
         conn.close()
+
+
+BLIND = r"""
+import sys, time
+from scapy.all import Ether, IP, TCP, conf, get_if_hwaddr, sendp
+conf.verb = 0
+iface, src, dst, dst_mac, first, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+mac = get_if_hwaddr(iface)
+for i in range(n):
+    l2 = Ether(src=mac, dst=dst_mac) / IP(src=src, dst=dst)
+    sendp(l2 / TCP(sport=50000 + i, dport=first + i, flags='S', seq=1000), iface=iface, verbose=False)
+    time.sleep(0.005)
+    sendp(l2 / TCP(sport=50000 + i, dport=first + i, flags='A', seq=1001, ack=12345), iface=iface, verbose=False)
+print(2 * n)
+"""
+
+
+def test_blind_forged_handshakes_under_a_peer_address_are_not_two_way(lab, tmp_path, pin_root):
+    """A forger sends SYN then ACK (blind) on 30 listening ports under the peer's address: to ingress
+    that looks like 30 completed handshakes, a 'scan of completed connections' that would block the
+    peer. The peer's own kernel answers this host's SYN-ACKs with RSTs on the same 5-tuples, so those
+    flows are history, not two-way evidence: the scan is one-way, possibly forged, not blocked."""
+    s, pdir = loaded(lab, tmp_path, pin_root)
+    s.evaluator.scan_ports = 25
+    benign = lab.host_v4(1)
+    listeners = []
+    for port in range(47000, 47030):                    # open ports: this host answers each SYN with a SYN-ACK
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((lab.root_v4, port))
+        sock.listen(1)
+        listeners.append(sock)
+    server = EchoServer(lab.root_v4, SERVICE)
+    client = lab.popen(sys.executable, "-c", CLIENT, benign, lab.root_v4, str(SERVICE), "20",
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "talked"
+        collect(s, lab)
+        root_mac = open(f"/sys/class/net/{lab.interface}/address").read().strip()
+        sent = lab.run(sys.executable, "-c", BLIND, lab.peer_interface, benign, lab.root_v4, root_mac, "47000", "30",
+                       timeout=120)
+        assert int(sent.stdout.strip()) == 60
+        collect(s, lab)
+        job = evaluation_job.run(s)
+    finally:
+        client.stdin.close()
+        client.wait(timeout=10)
+        server.close()
+        for sock in listeners:
+            sock.close()
+    conn = connect(s.general.db)
+    try:
+        # every forged flow carries SYN, ACK and the real owner's RST (0x16)
+        flows = conn.execute("SELECT COUNT(*) FROM flows WHERE src_address = ? AND dst_port BETWEEN 47000 AND 47029 "
+                             "AND (tcp_flags & 22) = 22", (benign,)).fetchone()[0]
+        assert flows == 30
+        assert queries.count_status(conn, "active") == 0 and bpftool_entries(pdir) == 0
+    finally:
+        conn.close()
+    [scan] = [f for f in job.evaluation.anomalies if f.detector == "port_scan"]
+    assert scan.source == benign and scan.sources[0].evidence == "one-way" and scan.sources[0].forged is True
+    assert [(d.address, d.action) for d in job.decisions] == [(f"{benign}/32", "refused")]
