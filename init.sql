@@ -1,4 +1,4 @@
--- portwatch schema, version 7 (PRAGMA user_version): the newest schema, for a fresh database; older
+-- portwatch schema, version 8 (PRAGMA user_version): the newest schema, for a fresh database; older
 -- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
@@ -483,4 +483,14 @@ CREATE TABLE IF NOT EXISTS allowlist (
     created_at REAL NOT NULL
 );
 
-PRAGMA user_version = 7;
+-- every source a finding names, with its evidence class ('two-way'/'one-way') and whether it is
+-- possibly forged (one-way evidence naming a two-way peer, or a hop count that does not match)
+CREATE VIEW IF NOT EXISTS v_anomaly_sources AS
+SELECT a.id AS anomaly_id, a.detector, a.evaluation_id,
+       json_extract(s.value, '$.address') AS address,
+       json_extract(s.value, '$.evidence') AS evidence,
+       COALESCE(json_extract(s.value, '$.forged'), 0) AS possibly_forged,
+       json_extract(s.value, '$.note') AS note
+FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE '{}' END, '$.sources') s;
+
+PRAGMA user_version = 8;

@@ -133,6 +133,11 @@ class Evaluator:
     dns_label_entropy: float = 3.5               # mean Shannon entropy of the names' subdomain part (bits per character)
     dns_record_type_share: float = 0.5           # share of TXT/NULL/CNAME questions
     dns_nxdomain_share: float = 0.5              # share of responses that are NXDOMAIN
+    flood_many_sources: int = 100                # a SYN flood from this many sources, none dominant: judged forged
+    source_flood_new_sources: int = 5000         # new sources in one round that make a source_flood finding
+    threshold_max_change: float = 2.0            # one refit moves the model's threshold at most x/÷ this factor
+    calibration_min_expected: float = 1.0        # the model alerts only once its held-out pool is big enough to
+                                                 # expect this many false alerts at the budget's rate (0: at once)
     report_after: bool = True
 
 
@@ -160,6 +165,11 @@ class Blocklist:
     syn_limit_per_second: int = 100              # SYNs per second to one port let through; the rest are dropped
     syn_limit_ttl_seconds: float = 3600.0        # a limit expires like a block
     egress_block_enabled: bool = False           # may destinations be blocked in TC egress (app/services/egress_block.py)
+    peer_lookback_seconds: float = 86400.0       # a two-way peer within this span is never blocked on one-way evidence
+    ttl_tolerance: int = 2                       # one-way evidence whose IP TTL leaves the source's usual range by more: forged
+    max_new_per_forged_flood: int = 0            # blocklist entries one SYN flood judged forged may add
+    model_needs_corroboration: bool = True       # a model finding blocks a source only when a rule finding of
+                                                 # the same evaluation names it, not forged (else it alerts only)
 
 
 @dataclass

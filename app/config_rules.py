@@ -103,6 +103,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "evaluator.dns_min_signals": _between(1, 4), "evaluator.dns_name_length": _between(1, 253),
     "evaluator.dns_label_entropy": _between(0, 8), "evaluator.dns_record_type_share": SHARE,
     "evaluator.dns_nxdomain_share": SHARE,
+    "evaluator.flood_many_sources": _at_least(2), "evaluator.source_flood_new_sources": _at_least(1),
+    "evaluator.threshold_max_change": _at_least(1), "evaluator.calibration_min_expected": NON_NEGATIVE,
     "blocklist.base_ttl_seconds": POSITIVE, "blocklist.max_ttl_seconds": POSITIVE,
     "blocklist.escalation": _at_least(1), "blocklist.max_new_per_evaluation": NON_NEGATIVE,
     "blocklist.max_entries": _at_least(1), "blocklist.model_source_share": _between(0, 1),
@@ -110,6 +112,8 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "blocklist.surge_baseline_rounds": _at_least(1), "blocklist.allowlist": _networks,
     "blocklist.manual_remove_grace_seconds": NON_NEGATIVE, "blocklist.manual_ttl_seconds": POSITIVE,
     "blocklist.syn_limit_per_second": _at_least(1), "blocklist.syn_limit_ttl_seconds": POSITIVE,
+    "blocklist.peer_lookback_seconds": NON_NEGATIVE, "blocklist.ttl_tolerance": _between(0, 255),
+    "blocklist.max_new_per_forged_flood": NON_NEGATIVE,
     "blocklist.rule_detectors": lambda v: None if set(v) <= set(RULE_DETECTORS) else
     "names unknown detectors " + ", ".join(repr(d) for d in v if d not in RULE_DETECTORS)
     + " (known: " + ", ".join(RULE_DETECTORS) + ")",

@@ -2,10 +2,12 @@
 
 Every evaluation that trains saves a new version under <state_dir>/models/<version>/ (config.json,
 scaler.json, weights, held-out calibration windows) with a models row; the newest
-evaluator.keep_models keep their files. `rollback` makes an older version active again: the next
-evaluation scores with it and refits from it. `list` says which versions this portwatch can load:
-a model saved in another format version (the window's features changed) stays listed but cannot be
-rolled back to; the evaluator fits a new one from scratch instead.
+evaluator.keep_models keep their files. The list is the threshold history: each version's threshold,
+its move at that refit (``*``: held to evaluator.threshold_max_change) and the held-out pool against
+the windows its alert budget needs (``!``: the model does not alert yet). `rollback` makes an older
+version active again: the next evaluation scores with it and refits from it. `list` says which versions
+this portwatch can load: a model saved in another format version (the window's features changed)
+stays listed but cannot be rolled back to; the evaluator fits a new one from scratch instead.
 
 Exit codes: 0 done; 2 unknown or pruned version; 4 database problem.
 """
@@ -29,6 +31,7 @@ def register(sub) -> None:
 def run(args, settings) -> int:
     from app.db.connection import connect
     from app.services import evaluation
+    from app.services.model import threshold_history
     conn = connect(settings.general.db)
     try:
         if args.action == "rollback":
@@ -45,7 +48,7 @@ def run(args, settings) -> int:
     from app.services.model import not_loadable
     why = {r["version"]: ("pruned" if r["status"] == "pruned" else not_loadable(r["path"])) for r in rows}
     print(f"{'version':>7}  {'created (UTC)':16}  {'status':11}  {'origin':6}  {'parent':>6}  {'threshold':>10}  "
-          f"{'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  {'loadable':8}  path")
+          f"{'change':>7}  {'pool':>11}  {'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  {'loadable':8}  path")
     for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_at"]))
         threshold = f"{r['threshold']:.4g}" if r["threshold"] is not None else "-"
@@ -53,10 +56,13 @@ def run(args, settings) -> int:
         rate = f"{r['held_out_rate_per_day']:.2f}" if r["held_out_rate_per_day"] is not None else "-"
         parent = str(r["parent_version"]) if r["parent_version"] is not None else "-"
         origin = r["origin"] if "origin" in r.keys() else "local"
+        step = threshold_history(r)
+        change, pool = step["change"], step["pool"]
         print(f"{r['version']:>7}  {created:16}  {r['status']:11}  {origin:6}  {parent:>6}  {threshold:>10}  "
-              f"{r['train_windows'] or 0:>7}  {budget:>8}  {rate:>10}  {'no' if why[r['version']] else 'yes':8}  "
-              f"{r['path']}")
+              f"{change:>7}  {pool:>11}  {r['train_windows'] or 0:>7}  {budget:>8}  {rate:>10}  "
+              f"{'no' if why[r['version']] else 'yes':8}  {r['path']}")
     for version, reason in why.items():
         if reason and reason != "pruned":
             print(f"v{version} is not loadable as the current model: {reason}")
     return 0
+

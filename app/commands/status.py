@@ -72,6 +72,8 @@ def gather(settings, interfaces: list[str] | None = None, now: float | None = No
     noop = facts["last_noop"]
     status["last_noop_evaluation"] = noop if noop and (not facts["last_real"] or noop["id"] > facts["last_real"]["id"]) else None
     status["model"] = summary["model"] if summary else None
+    if status["model"]:        # issue 9: the held-out pool the model must fill before it alerts
+        status["model"]["held_out_pool"] = json.loads(status["model"].pop("metadata") or "{}").get("pool")
     status["blacklist"] = summary["blacklist"] if summary else {"active": 0, "dry_run": 0, "expired": 0, "removed": 0}
     names = health.interfaces_to_check(settings, facts, interfaces)
     status["xdp"] = [health.describe_interface(name, settings.general.pin_root) for name in names]
@@ -81,6 +83,18 @@ def gather(settings, interfaces: list[str] | None = None, now: float | None = No
         from app.services.metrics import write_health
         write_health(settings, result)
     return status
+
+
+def _pool_text(pool: dict | None) -> str:
+    """'; not alerting yet: ...' while the model's held-out pool is short of what its budget needs."""
+    if not pool:
+        return ""
+    wanted = pool.get("budget_needs", pool["needed"])
+    short = (f" (the budget needs {wanted}: raise evaluator.calibration_windows from {pool['capacity']})"
+             if wanted > pool["needed"] else "")
+    if pool.get("alerting", True):
+        return f"; held-out pool full at {pool['windows']} windows{short}" if short else ""
+    return f"; not alerting yet: held-out pool {pool['windows']} of the {pool['needed']} windows needed{short}"
 
 
 def _when(t: float | None, now: float) -> str:
@@ -127,7 +141,8 @@ def render(status: dict, now: float) -> str:
     m = status["model"]
     lines.append("model:           none yet (warm-up)" if not m else
                  f"model:           version {m['version']}, threshold "
-                 f"{'-' if m['threshold'] is None else format(m['threshold'], '.4g')}, created {_when(m['created_at'], now)}")
+                 f"{'-' if m['threshold'] is None else format(m['threshold'], '.4g')}, created {_when(m['created_at'], now)}"
+                 + _pool_text(m.get("held_out_pool")))
     b = status["blacklist"]
     lines.append(f"blocklist:       {b['active']} active, {b['dry_run']} dry-run, {b['expired']} expired, "
                  f"{b['removed']} removed")

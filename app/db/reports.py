@@ -141,7 +141,10 @@ def model_anomalies(conn: sqlite3.Connection, since: float | None, limit: int) -
 def recent_anomalies(conn: sqlite3.Connection, since: float | None, limit: int) -> list[sqlite3.Row]:
     """Anomalies of every detector, newest first, for the report's table."""
     return conn.execute(
-        """SELECT a.id, a.created_at, a.detector, a.score, a.threshold, a.source, p.value, p.protocol
+        """SELECT a.id, a.created_at, a.detector, a.score, a.threshold, a.source, p.value, p.protocol,
+                  (SELECT group_concat(address || ' ' || evidence || CASE WHEN possibly_forged THEN
+                          ' (possibly forged)' ELSE '' END, ', ') FROM v_anomaly_sources s
+                    WHERE s.anomaly_id = a.id) AS evidence
            FROM anomalies a LEFT JOIN ports p ON p.id = a.port_id
            WHERE a.created_at >= ?
            ORDER BY a.created_at DESC, a.id DESC
@@ -235,7 +238,7 @@ def status_summary(conn: sqlite3.Connection) -> dict:
                               " dropped_packets FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
     last_eval = conn.execute("SELECT id, started_at, finished_at, model_version, status, anomalies, windows"
                              " FROM evaluations ORDER BY id DESC LIMIT 1").fetchone()
-    model = conn.execute("SELECT version, created_at, threshold, status FROM models"
+    model = conn.execute("SELECT version, created_at, threshold, status, metadata FROM models"
                          " WHERE status = 'active' ORDER BY version DESC LIMIT 1").fetchone()
     counts = {status: n for status, n in conn.execute("SELECT status, COUNT(*) FROM blacklist GROUP BY status")}
     rounds = conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]

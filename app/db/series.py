@@ -142,6 +142,11 @@ class Batch:
     host's outbound bytes (all destinations) per baseline round that sent anything.
     dns_queries: (round_id, timestamp, src_address, dst_address, qry_name, qry_type, rcode, response)
     sniffer rows with a DNS name, batch rounds; response: 1 for a response (rcode or answers set).
+    handshakes: address -> {(round_id, port, protocol)} where it completed a TCP handshake with this
+    host and no RST came on that flow, lo..last (app/db/peers.py; set by the evaluation: two-way
+    evidence); peer_rounds: address -> {round_id} with any completed handshake (two-way history).
+    round_counts: round_id -> {new_sources, source_evictions, srcport_evictions}, lo..last, for the
+    columns that exist (app/db/peers.py; set by the evaluation).
     """
 
     rounds: list
@@ -165,6 +170,9 @@ class Batch:
     baseline_rounds: int = 0
     host_out_bytes: list = field(default_factory=list)
     dns_queries: list = field(default_factory=list)
+    handshakes: dict = field(default_factory=dict)
+    peer_rounds: dict = field(default_factory=dict)
+    round_counts: dict = field(default_factory=dict)
     _by_port: dict | None = field(default=None, repr=False, compare=False)
     _stats_by_port: dict | None = field(default=None, repr=False, compare=False)
     _ids: dict | None = field(default=None, repr=False, compare=False)

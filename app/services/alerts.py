@@ -72,13 +72,19 @@ def anomaly_event(finding: Finding, *, at: float | None = None) -> AlertEvent:
     names (address, share, evidence class) and the command that explains it."""
     from app.services.explain import summary
     line = finding.summary or summary(finding)
+    if finding.forged_sources and "possibly forged" not in line:     # issue 9: alerted, never blocked on one-way evidence
+        line += f"; source possibly forged ({', '.join(finding.forged_sources[:5])}): not blocked"
+    if finding.source_count is not None and " sources" not in line:
+        line += f"; {finding.source_count} sources"
     facts = {"anomaly_id": finding.id, "detector": finding.detector, "port": finding.port,
              "protocol": finding.protocol, "score": finding.score, "threshold": finding.threshold,
              "source": finding.source, "summary": line, "rounds": [finding.first_round_id, finding.last_round_id],
              "show": f"python -m app anomalies show {finding.id}"}
     if finding.sources:
-        facts["sources"] = [{k: v for k, v in s.to_dict().items() if k in ("address", "share", "evidence")}
+        facts["sources"] = [{k: v for k, v in s.to_dict().items() if k in ("address", "share", "evidence", "forged")}
                             for s in finding.sources]
+    if finding.source_count is not None:
+        facts["source_count"] = finding.source_count
     return AlertEvent("anomaly", anomaly_key(finding), f"anomaly {finding.id}: {line}", facts, at)
 
 

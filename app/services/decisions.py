@@ -11,6 +11,22 @@ Decisions (:func:`decide`, after each evaluation, on the evaluation's own findin
     least ``model_block_factor`` times its threshold. Every source carries its evidence class
     (findings.ONE_WAY / TWO_WAY) into the ledger's evidence JSON. The TTL escalates like
     fail2ban's bantime.increment: ``base_ttl * escalation ** (offences - 1)`` capped at ``max_ttl``.
+Evidence that survives spoofing (issue 9; :func:`judge_sources` runs before the findings are stored)
+    A source whose evidence is one-way (anything a forger can send) is *possibly forged* when the
+    address had a two-way conversation with this host within ``peer_lookback_seconds`` (the
+    ``peers`` table), or when the IP TTL it was seen with in the finding's rounds leaves its usual
+    range by more than ``ttl_tolerance`` (skipped where no TTLs are recorded). A possibly forged
+    source is never blocked: the finding is kept, flags it (Source.forged) and alerts. Two-way
+    evidence still blocks a peer. Unknown addresses may be blocked on one-way evidence, for the
+    usual (short, escalating) TTL, so a real scanner is stopped within one evaluation.
+    One finding adds at most ``max_new_per_evaluation`` entries, and a SYN flood judged forged
+    (many one-way sources, none dominant) at most ``max_new_per_forged_flood`` (0): it is mitigated
+    per port instead (``blocklist.syn_limit_enabled``, off by default: enforcement.limit_port_syns).
+    A model finding blocks a source only when a rule finding of the same evaluation names that
+    source and does not judge it forged (``model_needs_corroboration``, default on): a rule on
+    two-way evidence corroborates even a known peer, one on one-way evidence only an unknown address.
+    Two-way traffic alone does not: it shows the source is real, not that it is hostile (a benign
+    iperf3 burst from a real client is two-way).
 Interlocks (:class:`Protection`)
     Never blocked automatically: loopback, unspecified, every address of this host (root network
     namespace), default gateways, resolv.conf name servers, peers of established SSH sessions, the
@@ -37,9 +53,10 @@ from typing import Sequence
 
 from app.config import ConfigError
 from app.db import blacklist as db
+from app.db import peers
 from app.services import allowlist, enforcement, host
 from app.services.enforcement import Network, capacity, normalise
-from app.services.findings import Finding
+from app.services.findings import TWO_WAY, Finding
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +141,53 @@ class Candidate:
     anomaly_id: int
     detector: str
     evidence: dict
+    forged: str = ""              # why the source is possibly forged (never blocked), else ""
+    cap: int | None = None        # most new entries the candidate's finding may add
+
+
+# --- forged or not ---------------------------------------------------------------------------------
+
+def judge_sources(conn, settings, findings: Sequence[Finding], now: float | None = None) -> int:
+    """Set Source.forged (and its note) on every source of every finding; returns how many are
+    possibly forged. Call before the findings are stored: their reasons JSON then carries it.
+
+    Two-way evidence is never forged. One-way evidence is forged when the address is a two-way peer
+    within blocklist.peer_lookback_seconds, or its TTL range in the finding's rounds leaves the range
+    of its earlier rounds by more than blocklist.ttl_tolerance. A flood's sources judged forged by
+    the rules stay so. Otherwise forged = False (judged: an unknown address).
+    """
+    cfg = settings.blocklist
+    now = time.time() if now is None else now
+    has_peers = peers.has_table(conn)
+    forged = 0
+    for f in findings:
+        for s in f.sources:
+            if s.evidence == TWO_WAY:
+                s.forged = False
+            elif not s.forged:
+                why = _forged_why(conn, cfg, s.address, f, now, has_peers)
+                s.forged = bool(why)
+                if why:
+                    s.note = why
+            forged += bool(s.forged)
+        names = f.forged_sources
+        if names and not f.summary:
+            f.summary = (f"{f.detector.replace('_', ' ')} on {f.port_label}: source possibly forged "
+                         f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}): alert only, not blocked")
+    return forged
+
+
+def _forged_why(conn, cfg, address: str, f: Finding, now: float, has_peers: bool) -> str:
+    if has_peers and peers.two_way_since(conn, address, now - cfg.peer_lookback_seconds):
+        row = peers.peer(conn, address)
+        last = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(row["last_two_way"]))
+        return f"possibly forged: one-way evidence naming a two-way peer (last two-way traffic {last})"
+    seen = peers.ttl_range(conn, address, f.first_round_id, f.last_round_id)
+    usual = peers.ttl_range(conn, address, 0, f.first_round_id - 1) if seen else None
+    if seen and usual and (seen[0] < usual[0] - cfg.ttl_tolerance or seen[1] > usual[1] + cfg.ttl_tolerance):
+        return (f"possibly forged: IP TTL {seen[0]}-{seen[1]} in these rounds, usually {usual[0]}-{usual[1]} "
+                "(another hop count)")
+    return ""
 
 
 def ttl_for(settings, offences: int) -> float:
@@ -157,10 +221,17 @@ def candidates(conn, settings, findings: Sequence[Finding]) -> list[Candidate]:
     """Sources the findings make responsible, in finding order (one per network)."""
     cfg = settings.blocklist
     out: dict[str, Candidate] = {}
+    # addresses a rule finding of this evaluation names, not forged: what corroborates a model finding
+    by_rules = {s.address for f in findings if f.detector != "model" for s in f.sources if not s.forged}
     for f in findings:
         port = _port(f)
         base = {"anomaly_id": f.id, "evaluation_id": f.evaluation_id, "detector": f.detector, "port": port or None,
                 "rounds": [f.first_round_id, f.last_round_id], "score": f.score, "threshold": f.threshold}
+        if f.source_count is not None:
+            base["source_count"] = f.source_count
+        cap = cfg.max_new_per_evaluation
+        if f.details.get("many_one_way_sources"):
+            cap = min(cap, cfg.max_new_per_forged_flood)
         found: list[tuple[str, dict, str]] = []
         if f.detector in cfg.rule_detectors:
             what = _what(f)
@@ -180,6 +251,10 @@ def candidates(conn, settings, findings: Sequence[Finding]) -> list[Candidate]:
             total = int(f.details.get("packets") or 0)
             for s in f.sources:
                 share = _share(s.share) or 0.0
+                if cfg.model_needs_corroboration and s.address not in by_rules and share >= cfg.model_source_share:
+                    log.info("model anomaly %s names %s (%.0f%% of the port's packets, %s) and no rule finding "
+                             "names it: alert only, no block", f.id, s.address, 100 * share, s.evidence)
+                    continue
                 if share >= cfg.model_source_share and not _usual_for_source(conn, cfg, f, s.address):
                     found.append((s.address, {"share": round(share, 4), "packets": s.packets, "port_packets": total,
                                               "evidence": s.evidence},
@@ -190,7 +265,13 @@ def candidates(conn, settings, findings: Sequence[Finding]) -> list[Candidate]:
             except ValueError:
                 log.warning("anomaly %s names %r as a source, which is not an address: ignored", f.id, address)
                 continue
-            out.setdefault(str(network), Candidate(network, what, f.id, f.detector, {**base, **extra}))
+            named = f.source_of(address)
+            forged = (named.note or "possibly forged") if named is not None and named.forged else ""
+            if forged:
+                extra = {**extra, "forged": True}
+            key, candidate = str(network), Candidate(network, what, f.id, f.detector, {**base, **extra}, forged, cap)
+            if key not in out or (out[key].forged and not forged):     # evidence not forged wins over forged
+                out[key] = candidate
     return list(out.values())
 
 
@@ -237,6 +318,7 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
                   for r in db.entries(conn, db.LISTED)]
         n_listed = {s: db.count_status(conn, s) for s in db.LISTED}
         n_new = 0
+        n_new_by_finding: dict[int, int] = {}
         for c in found:
             address = str(c.network)
             simulated = cfg.dry_run or c.detector in cfg.simulate      # recorded as would-block, never enforced
@@ -247,8 +329,15 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
                              and net.version == c.network.version and c.network.subnet_of(net)), None)
             row = db.get_entry(conn, address)
             why = protection.refusal(c.network)
+            cap = cfg.max_new_per_evaluation if c.cap is None else c.cap
             if why:
                 d.detail = f"{address} {why}"
+            elif c.forged:
+                d.detail = f"{c.forged}: alert only, never blocked on one-way evidence"
+            elif n_new_by_finding.get(c.anomaly_id, 0) >= cap:
+                d.detail = (f"cap of {cap} new blocks from one finding reached"
+                            + (" (a SYN flood judged forged: blocklist.max_new_per_forged_flood)"
+                               if cap < cfg.max_new_per_evaluation else ""))
             elif covering:
                 d.action, d.detail = "skipped", f"already listed as {covering}"
                 continue
@@ -273,6 +362,7 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
                                 now, d.expires_at, status, d.offences)
                 listed.append((c.network, address, status))
                 n_new += 1
+                n_new_by_finding[c.anomaly_id] = n_new_by_finding.get(c.anomaly_id, 0) + 1
                 n_listed[status] += 1
             db.insert_event(conn, now, address, d.action, f"{c.reason}: {d.detail}")
             log.info("%s %s: %s (%s)", d.action, address, c.reason, d.detail)
@@ -291,5 +381,20 @@ def after_evaluation(conn, settings, findings: Sequence[Finding], now: float | N
     """What the evaluation job calls with the findings it just stored: :func:`decide`, then
     :func:`enforcement.apply` on every interface."""
     decisions = decide(conn, settings, findings, now)
+    limit_forged_floods(conn, settings, findings, now)
     results = enforcement.apply(conn, settings, now)
     return decisions, results
+
+
+def limit_forged_floods(conn, settings, findings: Sequence[Finding], now: float | None = None) -> list[int]:
+    """For each SYN flood judged forged, a per-port SYN rate limit in XDP (``blocklist.syn_limit_enabled``,
+    off by default: ``syn_limit_per_second`` SYNs/s for ``syn_limit_ttl_seconds``). Returns the ports limited."""
+    cfg = settings.blocklist
+    if not cfg.syn_limit_enabled or not cfg.enabled or cfg.dry_run:
+        return []
+    limited = []
+    for f in findings:
+        if f.detector == "syn_flood" and f.details.get("many_one_way_sources") and f.port is not None:
+            if enforcement.limit_port_syns(conn, settings, f.port, cfg.syn_limit_per_second, cfg.syn_limit_ttl_seconds):
+                limited.append(f.port)
+    return limited

@@ -283,3 +283,20 @@ def pending_drops(conn, settings) -> dict[str, int]:
         for text, (_, drops, _) in in_map.items():
             out[text] = out.get(text, 0) + _growth(drops, baselines.get(text))
     return out
+
+
+def limit_port_syns(conn, settings, port: int, syns_per_second: int, ttl_seconds: float) -> bool:
+    """Rate-limit SYNs to local TCP ``port`` in XDP for ``ttl_seconds`` on every interface this
+    database enforces (app/services/synlimit.py writes the pinned ``synlimit`` map): a SYN flood judged
+    forged is mitigated per port, not by listing its thousands of sources. True when set anywhere."""
+    from app.services import synlimit
+    done = False
+    for pdir in owned_dirs(conn, settings):
+        try:
+            synlimit.set_limit(pdir, port, syns_per_second, ttl_seconds)
+            done = True
+            log.warning("tcp/%d: SYNs limited to %d/s for %.0f s on %s (a SYN flood from forged sources)",
+                        port, syns_per_second, ttl_seconds, pdir.name)
+        except (OSError, BpfError) as exc:
+            log.warning("tcp/%d: no SYN limit on %s (%s): the flood is only alerted", port, pdir.name, exc)
+    return done

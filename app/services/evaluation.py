@@ -33,10 +33,11 @@ import numpy as np
 
 from app.config import Evaluator, Settings
 from app.db import evaluations as dbe
+from app.db import peers as dbp
 from app.db import series as dbs
 from app.db.connection import connect
 from app.errors import UsageError
-from app.services import dns_rules, locks, outbound_rules, rules, series
+from app.services import decisions, dns_rules, locks, outbound_rules, rules, series
 from app.services.explain import fill_summaries
 from app.services.findings import Finding
 
@@ -148,6 +149,7 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     step = ModelStep(model_version=None, trained_version=None, threshold=None, windows=0, findings=[])
     if data.ports:
         step = model_step(conn, settings, loaded, data, first_new, findings, history)
+    rules.mark_incomplete(loaded, step.findings)
     all_findings = step.findings + findings
 
     seconds = loaded.nominal_seconds or 60.0
@@ -157,10 +159,16 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     status = "ok" if warm else "warm-up"
     note = {"rule_anomalies": len(findings), "model_anomalies": len(step.findings),
             "trained_version": step.trained_version, "remaining_rounds": remaining, "history_rounds": history}
+    if step.pool is not None:
+        note["model_pool"] = step.pool
     now = clock()
     with conn:
         if step.new_model is not None:
             dbe.insert_model(conn, **step.new_model)
+        end_of = {r["id"]: r["end_time"] for r in batch}
+        dbp.record_handshakes(conn, [(address, rid, end_of[rid]) for address, seen in loaded.peer_rounds.items()
+                                  for rid in seen if rid in end_of])
+        decisions.judge_sources(conn, settings, all_findings, now)
         eid = dbe.insert_evaluation(
             conn, started_at=started, finished_at=now, first_round_id=first, last_round_id=last,
             model_version=step.model_version, threshold=step.threshold, windows=step.windows,
@@ -196,9 +204,15 @@ def load_batch(conn: sqlite3.Connection, rounds, cfg: Evaluator, context_rounds:
     """The one read of the store an evaluation of ``rounds`` makes: the rules' scan span and
     ``context_rounds`` earlier rounds of series context included."""
     start = rounds[0]["end_time"]
-    return dbs.load_batch(conn, rounds, context_rounds=context_rounds, since_time=start - cfg.scan_span_seconds,
-                          beacon_since=start - cfg.beacon_span_seconds,
-                          baseline_since=start - cfg.exfiltration_baseline_seconds)
+    batch = dbs.load_batch(conn, rounds, context_rounds=context_rounds, since_time=start - cfg.scan_span_seconds,
+                           beacon_since=start - cfg.beacon_span_seconds,
+                           baseline_since=start - cfg.exfiltration_baseline_seconds)
+    for round_id, address, port, protocol, reset in dbp.handshake_flows(conn, batch.lo, batch.last):
+        batch.peer_rounds.setdefault(address, set()).add(round_id)          # history, reset or not
+        if not reset:
+            batch.handshakes.setdefault(address, set()).add((round_id, port, protocol))   # evidence
+    batch.round_counts = dbp.round_counts(conn, batch.lo, batch.last)
+    return batch
 
 
 def model_ports(batch: dbs.Batch, cfg: Evaluator) -> list[series.PortKey]:
@@ -229,6 +243,7 @@ class ModelStep:
     windows: int
     findings: list
     new_model: dict | None = None   # models row to insert
+    pool: dict | None = None        # the judging model's held-out pool: {windows, needed, alerting, suppressed}
     trained_windows: np.ndarray | None = field(default=None, repr=False)   # (N, W, F) passed to fit
     trained_index: np.ndarray | None = field(default=None, repr=False)     # (N, 2) [port, last t]
 
@@ -246,7 +261,8 @@ def model_config(cfg: Evaluator):
                        epochs=cfg.epochs, refit_epochs=cfg.refit_epochs, min_train_steps=cfg.min_train_steps,
                        batch_size=cfg.batch_size, max_train_windows=cfg.max_train_windows,
                        calibration_windows=cfg.calibration_windows,
-                       alert_budget_per_day=cfg.alert_budget_per_day, seed=cfg.seed)
+                       alert_budget_per_day=cfg.alert_budget_per_day,
+                       max_threshold_change=cfg.threshold_max_change, seed=cfg.seed)
 
 
 def load_active_model(conn: sqlite3.Connection, cfg: Evaluator):
@@ -271,7 +287,7 @@ def load_active_model(conn: sqlite3.Connection, cfg: Evaluator):
         return None, None
     fresh = model_config(cfg)
     for key in ("epochs", "refit_epochs", "batch_size", "max_train_windows", "calibration_windows",
-                "alert_budget_per_day", "min_train_steps"):
+                "alert_budget_per_day", "min_train_steps", "max_threshold_change"):
         setattr(model.config, key, getattr(fresh, key))
     return model, row
 
@@ -302,6 +318,13 @@ def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, d
             flagged |= series.cell_mask(data, f.covers)
         log.info("model v%d judged %d windows: %d above %.4g", row["version"], len(scores), int(hot.sum()),
                  model.threshold_)
+        step.pool = pool_state(model, cfg)
+        if not step.pool["alerting"] and step.findings:
+            step.pool["suppressed"] = len(step.findings)
+            log.warning("model v%d: %d finding(s) not raised: its held-out pool holds %d of the %d windows the alert "
+                        "budget needs (evaluator.calibration_min_expected); their rounds stay out of the refit",
+                        row["version"], len(step.findings), step.pool["windows"], step.pool["needed"])
+            step.findings = []
 
     batch.release()     # judged and explained: the rows go before training (peak memory)
 
@@ -341,13 +364,25 @@ def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, d
     step.new_model = {
         "version": version, "created_at": time.time(), "parent_version": parent, "path": str(path),
         "threshold": model.threshold_, "train_windows": len(train),
-        "metadata": {"calibration": cal.__dict__, "rounds": [int(round_ids[first_new]), int(round_ids[-1])],
+        "metadata": {"calibration": cal.__dict__, "pool": pool_state(model, cfg),
+                     "rounds": [int(round_ids[first_new]), int(round_ids[-1])],
                      "ports": len(data.ports), "held_out_windows_added": len(held),
                      "excluded_cells": int(flagged[:, first_new:].sum()), "window": window,
                      "round_seconds": seconds, "n_fits": model.n_fits_},
         "budget_per_day": cal.budget_per_day, "held_out_rate_per_day": cal.observed_rate_per_day,
     }
     return step
+
+
+def pool_state(model, cfg: Evaluator) -> dict:
+    """The model's held-out pool against what its alert budget needs: {windows, needed, alerting}
+    (alerting: the pool is big enough for the model to raise findings; see Calibration.windows_needed)."""
+    windows, capacity = int(len(model.calibration_windows_)), int(model.config.calibration_windows)
+    wanted = model.calibration_.windows_needed(model.config.window, cfg.calibration_min_expected)
+    # a pool can never hold more than its capacity: a full pool alerts (status says it is short of the budget)
+    needed = min(wanted, capacity)
+    return {"windows": windows, "needed": needed, "alerting": windows >= needed, "capacity": capacity,
+            "budget_needs": wanted}
 
 
 def explain(batch: dbs.Batch, data: series.Series, judge: series.JudgeWindows, errors: np.ndarray,

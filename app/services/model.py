@@ -76,6 +76,7 @@ class ModelConfig:
     max_train_windows: int = 20000      # random subsample above this (per fit)
     calibration_windows: int = 4000     # held-out windows kept for recalibration
     alert_budget_per_day: float = 1.0
+    max_threshold_change: float = 2.0   # one refit moves threshold_ at most ×/÷ this (1: frozen; inf: free)
     seed: int = 0
 
     @property
@@ -101,6 +102,17 @@ class Calibration:
     held_out_exceedances: int    # held-out normal per-round errors above the threshold
     observed_rate_per_day: float # held_out_exceedances / held_out_scores × trials_per_day
     tail: dict = field(default_factory=dict)
+    unbounded_threshold: float | None = None   # what the pool alone gave, before the per-refit bound
+    previous_threshold: float | None = None    # the threshold before this refit (None: a first fit)
+    pool_windows: int = 0                      # held-out windows in the pool (persisted with the model)
+
+    def windows_needed(self, window: int, min_expected: float) -> int:
+        """Held-out windows the pool must hold before the threshold is trusted to alert: enough
+        per-round errors (``window`` per window) to expect ``min_expected`` false alerts at the
+        budget's per-round probability (0: none needed)."""
+        if min_expected <= 0:
+            return 0
+        return int(math.ceil(min_expected / (max(self.target_probability, 1e-12) * window)))
 
 
 def calibrate_threshold(scores: np.ndarray, trials_per_day: float, budget_per_day: float,
@@ -252,22 +264,41 @@ class CnnLstmAutoencoder:
                         self.config.min_train_steps // 5)
         held_out = self._check_windows(held_out)
         self.calibration_windows_ = np.concatenate([self.calibration_windows_, held_out])[-self.config.calibration_windows:]
-        self.recalibrate(port_rounds_per_day, fallback=windows if len(windows) else None)
+        self.recalibrate(port_rounds_per_day, fallback=windows if len(windows) else None, previous=self.threshold_)
         return self
 
-    def recalibrate(self, port_rounds_per_day: float, fallback: np.ndarray | None = None) -> Calibration:
+    def recalibrate(self, port_rounds_per_day: float, fallback: np.ndarray | None = None,
+                    previous: float | None = None) -> Calibration:
         """Set threshold_ and calibration_ from the reservoir's per-round errors under the current weights.
 
         A window's score is the max of its judged per-round errors, so a per-round false-alert
         probability p gives at most p × (port-rounds per day) false alerts a day: calibrating on
-        per-round errors uses W times more held-out values than window scores would.
+        per-round errors uses W times more held-out values than window scores would. The reservoir
+        (calibration_windows_) persists across refits with the model (calibration.npz). With a
+        ``previous`` threshold the new one stays within previous ÷/× config.max_threshold_change
+        (the unbounded value is kept in calibration_.unbounded_threshold).
         """
         per_round = self.round_errors(self.calibration_windows_).ravel()
         if len(self.calibration_windows_) < 5 and fallback is not None and len(fallback):
             per_round = np.concatenate([per_round, self.round_errors(fallback).ravel()])
             log.warning("only %d held-out windows: threshold from in-sample errors too",
                         len(self.calibration_windows_))
-        self.calibration_ = calibrate_threshold(per_round, port_rounds_per_day, self.config.alert_budget_per_day)
+        cal = calibrate_threshold(per_round, port_rounds_per_day, self.config.alert_budget_per_day)
+        cal.unbounded_threshold, cal.pool_windows = cal.threshold, int(len(self.calibration_windows_))
+        bound = self.config.max_threshold_change
+        if previous is not None and math.isfinite(previous) and previous > 0 and bound >= 1:
+            cal.previous_threshold = float(previous)
+            if math.isfinite(cal.threshold):
+                cal.threshold = float(min(max(cal.threshold, previous / bound), previous * bound))
+            else:
+                cal.threshold = float(previous * bound)
+            if cal.threshold != cal.unbounded_threshold:
+                cal.held_out_exceedances = int(np.sum(per_round > cal.threshold))
+                cal.observed_rate_per_day = (cal.held_out_exceedances / len(per_round) * cal.trials_per_day
+                                             if len(per_round) else 0.0)
+                log.info("threshold bounded to %.4g (the pool alone gave %.4g; at most x/÷ %g per refit from %.4g)",
+                         cal.threshold, cal.unbounded_threshold, bound, previous)
+        self.calibration_ = cal
         self.threshold_ = self.calibration_.threshold
         log.info("threshold %.4g (%s over %d held-out round errors, %.0f port-rounds/day, %.2f false alerts/day "
                  "on held-out data, budget %g)", self.threshold_, self.calibration_.method,
@@ -409,3 +440,25 @@ def not_loadable(directory: str | Path) -> str | None:
     except (OSError, ValueError) as exc:
         return f"its config.json cannot be read ({exc})"
     return _not_loadable(state, directory)
+
+
+def threshold_history(row) -> dict:
+    """One models row as a step of the threshold history: {version, created_at, threshold, change,
+    pool}. change: the threshold's move at this refit ('x1.8', '/2' ; '*' when held to
+    evaluator.threshold_max_change; '-' on a first fit); pool: held-out windows against what the
+    alert budget needs ('120/960', '!' while the model does not alert)."""
+    try:
+        meta = json.loads(row["metadata"] or "{}")
+    except ValueError:
+        meta = {}
+    cal, pool = meta.get("calibration") or {}, meta.get("pool") or {}
+    change = "-"
+    before, now = cal.get("previous_threshold"), cal.get("threshold")
+    if before and now:
+        factor = now / before
+        change = f"x{factor:.2g}" if factor >= 1 else f"/{1 / factor:.2g}"
+        if cal.get("unbounded_threshold") not in (None, now):
+            change += "*"
+    held = f"{pool['windows']}/{pool['needed']}{'' if pool.get('alerting') else '!'}" if pool else "-"
+    return {"version": row["version"], "created_at": row["created_at"], "threshold": row["threshold"],
+            "change": change, "pool": held}

@@ -11,6 +11,14 @@
   unlistened_port traffic to a TCP/UDP port nothing held in that round (never the ephemeral bucket
                   -1, port 0 or ICMP types; a scan's probes, at most SCAN_PROBES_PER_PORT packets to
                   a port in a round the scan reached it, are left to that finding)
+  source_flood    a round with >= source_flood_new_sources new sources, or any source-map eviction
+                  (rounds.new_sources / source_evictions, where the collector records them): a flood
+                  of new (typically forged) sources that could hide a scanner is itself a finding
+
+A SYN flood from >= flood_many_sources distinct sources with none dominant is judged forged (its
+sources are one-way and many: details.many_one_way_sources, every named Source.forged): one finding
+for the port with Finding.source_count, never a blocklist full of random addresses. Per-source
+findings in rounds with map evictions get ``details.incomplete`` (their counts are lower bounds).
 
 Every detector is a pure function of the evaluation's loaded :class:`~app.db.series.Batch` (no
 SQL here). Each returns :class:`app.services.findings.Finding` objects: the sources named as
@@ -24,7 +32,11 @@ first_round_id, last_round_id) cells it implicates, which the evaluator keeps ou
                    max_ports_in_one_round, rounds [first, last], flagged_rounds, ephemeral_range [low, high],
                    evaluations (how many evaluations it grew in, when more than one)
   syn_flood        rule, port, protocol, rounds, flooded_rounds, syn, packets, synack, rst,
-                   peak {round_id, syn, completion_share}, top_syn_sources [{address, syn, share}]
+                   peak {round_id, syn, completion_share}, top_syn_sources [{address, syn, share}],
+                   many_one_way_sources (bool)
+  source_flood     rule, rounds [first, last], per_round [{round_id, new_sources, source_evictions,
+                   srcport_evictions}]
+  (any per-source) incomplete {rounds, why} when the rounds had source-map evictions
   new_listener,    port, protocol, round_id, holders [{pid, process, user, address}],
   process_changed  previous {round_id, holders} (process_changed only)
   unlistened_port  port, protocol, rounds, unlistened_rounds, packets, bytes, syn,
@@ -38,7 +50,7 @@ from typing import Sequence
 
 from app.config import Evaluator
 from app.db.series import Batch
-from app.services.findings import ONE_WAY, Finding, Source
+from app.services.findings import ONE_WAY, TWO_WAY, Finding, Source
 from app.services.ports import EPHEMERAL, PORTED, ephemeral_range
 
 log = logging.getLogger(__name__)
@@ -55,6 +67,8 @@ def detect(batch: Batch, cfg: Evaluator) -> list[Finding]:
     scans = port_scans(batch, cfg)
     findings = scans + syn_floods(batch, cfg) + listener_changes(batch)
     findings += unlistened_traffic(batch, scans, cfg)
+    findings += source_floods(batch, cfg)
+    mark_incomplete(batch, findings)
     log.info("rules: %d finding(s) in rounds %d..%d (%s)", len(findings), batch.first, batch.last,
              ", ".join(f"{k} {v}" for k, v in Counter(f.detector for f in findings).items()) or "none")
     return findings
@@ -62,19 +76,32 @@ def detect(batch: Batch, cfg: Evaluator) -> list[Finding]:
 
 # --- sources ---------------------------------------------------------------------------------------
 
-def evidence_class(batch: Batch, address: str, first: int, last: int) -> str:
+def evidence_class(batch: Batch, address: str, first: int, last: int, ports=None, need: int = 1,
+                   kind: str = "traffic") -> str:
     """The evidence class of what ``address`` sent in rounds first..last: findings.TWO_WAY or ONE_WAY.
 
-    The ONE place a source's evidence is classified. Today every count the rules see comes from
-    ingress counters (SYN-only, UDP, ICMP: anything a forger can send), so it is ONE_WAY; the
-    next step (completed handshakes, conversations this host answered) returns TWO_WAY here.
+    The ONE place a source's evidence is classified. Two-way evidence is a completed TCP handshake
+    with this host (``batch.handshakes``: flows showing SYN then ACK, or data with ACK, from that
+    source; app/db/peers.py) on ``need`` or more distinct local (port, protocol) pairs, among
+    ``ports`` when given. kind 'flood': the evidence is unanswered SYNs, one-way by definition;
+    kind 'scan': two-way only when the source completed handshakes with at least ``need`` of the
+    ports it is said to have scanned (a scan of completed connections); kind 'traffic': its traffic
+    to a port (``ports``) carried a completed handshake. Everything else (SYN-only, UDP, ICMP
+    toward ports) is one-way: a forger can send it with any source address.
     """
-    return ONE_WAY
+    if kind == "flood":
+        return ONE_WAY
+    done = {(port, proto) for round_id, port, proto in batch.handshakes.get(address, ())
+            if first <= round_id <= last}
+    if ports is not None:
+        done &= set(ports)
+    return TWO_WAY if len(done) >= max(1, need) else ONE_WAY
 
 
-def source(batch: Batch, address: str, first: int, last: int, **numbers) -> Source:
-    """A :class:`Source` with its evidence class over rounds first..last."""
-    return Source(address, evidence=evidence_class(batch, address, first, last), **numbers)
+def source(batch: Batch, address: str, first: int, last: int, *, ports=None, need: int = 1,
+           kind: str = "traffic", **numbers) -> Source:
+    """A :class:`Source` with its evidence class over rounds first..last (see :func:`evidence_class`)."""
+    return Source(address, evidence=evidence_class(batch, address, first, last, ports, need, kind), **numbers)
 
 
 def top_sources(batch: Batch, value: int, protocol: str, first: int, last: int,
@@ -103,7 +130,7 @@ def port_sources(batch: Batch, value: int, protocol: str, port_packets: int, fir
     """
     if value == EPHEMERAL:
         return [], None
-    out = [source(batch, a, first, last, packets=int(p), bytes=int(b),
+    out = [source(batch, a, first, last, ports={(value, protocol)}, packets=int(p), bytes=int(b),
                   share=round(p / port_packets, 3) if port_packets else None)
            for a, p, b in top_sources(batch, value, protocol, first, last, limit)]
     dominant = out[0].address if out and out[0].share is not None and out[0].share >= 0.5 else None
@@ -222,7 +249,8 @@ def _scan_finding(batch, address, flagged, ports, best, per_round_count, reached
         "rounds": [first_round, last_round], "flagged_rounds": len(flagged),
         "ephemeral_range": [low, high],
     }
-    sources = [source(batch, address, batch.first, batch.last, **stats)]
+    sources = [source(batch, address, batch.first, batch.last, ports=ports, need=cfg.scan_ports, kind="scan",
+                      **stats)]
     return Finding("port_scan", None, None, None, first_round, last_round, float(best), float(cfg.scan_ports),
                    source=address, sources=sources, details=details, covers=covers)
 
@@ -296,27 +324,47 @@ def syn_floods(batch: Batch, cfg: Evaluator) -> list[Finding]:
             lo, hi = run[0][0], run[-1][0]
             syns = sum(r[2] for r in run)
             packets = sum(r[1] for r in run)
+            # one-way SYN senders of the run toward this port: a sender whose ports are known (flows,
+            # source_ports) counts when this port is among them; one whose ports are not (a one-SYN
+            # source outside the kept flows) counts too
+            talking = {a for a, seen in batch.handshakes.items() if any(lo <= r[0] <= hi for r in seen)}
+            reached: dict[str, set] = defaultdict(set)
+            for round_id, address, port, proto, _packets, _bytes in batch.source_ports:
+                if lo <= round_id <= hi:
+                    reached[address].add((port, proto))
             senders = Counter()
             for round_id, address, _packets, _bytes, syn, _distinct in syn_senders:
-                if lo <= round_id <= hi:
+                if lo <= round_id <= hi and address not in talking and (
+                        address not in reached or (value, protocol) in reached[address]):
                     senders[address] += syn
             top_syn = [{"address": a, "syn": n, "share": round(n / syns, 3)} for a, n in senders.most_common(5)]
             sources, dominant = port_sources(batch, value, protocol, packets, lo, hi)
             if dominant is None and top_syn and top_syn[0]["share"] >= 0.5:
                 dominant = top_syn[0]["address"]
             if not sources:
-                sources = [source(batch, t["address"], lo, hi, syn=t["syn"], share=t["share"]) for t in top_syn]
+                sources = [Source(t["address"], syn=t["syn"], share=t["share"]) for t in top_syn]
+            if dominant is not None and dominant not in {s.address for s in sources}:   # main source first
+                main = top_syn[0]
+                sources.insert(0, Source(dominant, syn=main["syn"], share=main["share"]))
+            for s in sources:       # the flood's evidence is unanswered SYNs, whatever else a source sent
+                s.evidence = evidence_class(batch, s.address, lo, hi, kind="flood")
+            forged = len(senders) >= cfg.flood_many_sources and dominant is None
+            if forged:
+                for s in sources:
+                    s.forged, s.note = True, f"one of {len(senders)} one-way sources of a SYN flood"
             peak = max(run, key=lambda r: r[2])
             details = {
                 "rule": f">= {cfg.syn_flood_syns} SYNs in a round with < {cfg.syn_flood_completion:g} answered",
                 "port": value, "protocol": protocol, "rounds": [lo, hi], "flooded_rounds": len(run),
                 "syn": syns, "packets": packets, "synack": sum(r[3] for r in run), "rst": sum(r[4] for r in run),
                 "peak": {"round_id": peak[0], "syn": peak[2], "completion_share": round(peak[5], 3)},
-                "top_syn_sources": top_syn,
+                "top_syn_sources": top_syn, "many_one_way_sources": forged,
             }
+            summary = (f"SYN flood on tcp/{value} from {len(senders)} one-way sources (possibly forged): "
+                       "mitigated per port, no source blocked") if forged else ""
             findings.append(Finding("syn_flood", port_id, value, protocol, lo, hi, float(peak[2]),
                                     float(cfg.syn_flood_syns), source=dominant, sources=sources, details=details,
-                                    covers=[(port_id, lo, hi)]))
+                                    covers=[(port_id, lo, hi)], source_count=len(senders), summary=summary))
     return findings
 
 
@@ -434,3 +482,45 @@ def unlistened_traffic(batch: Batch, scans: Sequence[Finding], cfg: Evaluator) -
     if skipped and findings:
         findings[-1].details["more_ports_not_reported"] = skipped
     return findings
+
+
+# --- floods of new sources, and what map evictions make incomplete ------------------------------------
+
+def source_floods(batch: Batch, cfg: Evaluator) -> list[Finding]:
+    """One source_flood finding per run of consecutive batch rounds with >= source_flood_new_sources
+    new sources or any source-map eviction (nothing when the rounds do not record those counts)."""
+    hits = []
+    for r in batch.rounds:
+        counts = batch.round_counts.get(r["id"], {})
+        if counts.get("new_sources", 0) >= cfg.source_flood_new_sources or counts.get("source_evictions", 0) > 0:
+            hits.append((r["id"], counts))
+    order = {r["id"]: i for i, r in enumerate(batch.rounds)}
+    findings = []
+    for run in _runs(hits, order):
+        lo, hi = run[0][0], run[-1][0]
+        new = [c.get("new_sources", 0) for _, c in run]
+        details = {"rule": f">= {cfg.source_flood_new_sources} new sources in a round, or any source-map eviction",
+                   "rounds": [lo, hi],
+                   "per_round": [{"round_id": rid, **{k: c.get(k, 0) for k in ("new_sources", "source_evictions",
+                                                                               "srcport_evictions")}}
+                                 for rid, c in run][:60]}
+        findings.append(Finding("source_flood", None, None, None, lo, hi, float(max(new)),
+                                float(cfg.source_flood_new_sources), details=details, source_count=sum(new),
+                                covers=[(None, lo, hi)],
+                                summary=f"flood of {sum(new)} new sources in rounds {lo}..{hi}: per-source "
+                                        "counts there may be incomplete"))
+    return findings
+
+
+def mark_incomplete(batch: Batch, findings: Sequence[Finding]) -> None:
+    """Give every finding that names sources and overlaps a round with source or (source, port) map
+    evictions ``details['incomplete']``: its per-source counts there are lower bounds."""
+    evicted = sorted(rid for rid, c in batch.round_counts.items()
+                     if c.get("source_evictions", 0) > 0 or c.get("srcport_evictions", 0) > 0)
+    if not evicted:
+        return
+    for f in findings:
+        hit = [rid for rid in evicted if f.first_round_id <= rid <= f.last_round_id]
+        if hit and (f.sources or f.source) and "incomplete" not in f.details:
+            f.details["incomplete"] = {"rounds": hit[:60], "why": "source-map evictions in these rounds: "
+                                       "per-source counts are lower bounds, a source may be missing"}

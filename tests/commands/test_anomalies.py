@@ -229,7 +229,7 @@ def test_show_a_model_finding_gives_its_features_in_units(tmp_path, monkeypatch,
     from app.services.explain import fill_summaries
     from app.services.findings import Finding, Source
     from tests.helpers import add_evaluation, blocklist_settings
-    s = blocklist_settings(tmp_path, model_block_factor=2.0)
+    s = blocklist_settings(tmp_path, model_block_factor=2.0, model_needs_corroboration=False)   # blocks on its own here
     monkeypatch.setenv("PORTWATCH_CONFIG", str(tmp_path / "none.toml"))
     monkeypatch.setenv("PORTWATCH_PIN_ROOT", s.general.pin_root)
     conn = connect(s.general.db)

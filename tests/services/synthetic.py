@@ -139,11 +139,13 @@ class SyntheticStore:
                     if len(ports) >= 10 for (value, proto), n in ports.items()]
             self.conn.executemany("INSERT INTO source_ports (round_id, address, port, protocol, packets) "
                                   "VALUES (?, ?, ?, ?, ?)", many)
-            few = [(round_id, address, value, proto, n, n * 300) for address, (_, _, _, ports) in rows["sources"].items()
+            # a source that sent nothing but SYNs never completed a handshake (flags SYN); others SYN|ACK
+            few = [(round_id, address, value, proto, n, n * 300, 2 if packets == syn else 18)
+                   for address, (packets, _, syn, ports) in rows["sources"].items()
                    if len(ports) < 10 for (value, proto), n in ports.items()]
             self.conn.executemany(
                 "INSERT INTO flows (round_id, src_address, src_port, dst_address, dst_port, protocol, "
-                "packets, bytes, tcp_flags, reason) VALUES (?, ?, 40000, '192.0.2.1', ?, ?, ?, ?, 18, 'top')", few)
+                "packets, bytes, tcp_flags, reason) VALUES (?, ?, 40000, '192.0.2.1', ?, ?, ?, ?, ?, 'top')", few)
             self.conn.executemany(
                 "INSERT INTO egress_port_stats (round_id, port_id, packets, bytes) VALUES (?, ?, ?, ?)",
                 [(round_id, self.port_ids(value, proto), packets, nbytes)

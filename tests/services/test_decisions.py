@@ -166,7 +166,8 @@ def test_disabled_blocklist_decides_nothing(conn, tmp_path):
 
 
 def test_model_anomaly_blocks_dominant_sources_only(conn, tmp_path):
-    s = blocklist_settings(tmp_path, model_source_share=0.5)
+    # the model-only path (issue 9 makes corroboration the default: tests/services/test_forged.py)
+    s = blocklist_settings(tmp_path, model_source_share=0.5, model_needs_corroboration=False)
     with conn:
         rounds = [conn.execute("INSERT INTO rounds (start_time, end_time, interface) VALUES (?, ?, 'x')",
                                (T0 + i, T0 + i + 1)).lastrowid for i in range(3)]
@@ -201,7 +202,7 @@ def test_model_anomaly_blocks_dominant_sources_only(conn, tmp_path):
 
 
 def test_weak_model_anomaly_alerts_but_does_not_block(conn, tmp_path):
-    s = blocklist_settings(tmp_path, model_source_share=0.5, model_block_factor=2.0)
+    s = blocklist_settings(tmp_path, model_source_share=0.5, model_block_factor=2.0, model_needs_corroboration=False)
     found = add_evaluation(conn, [finding("model", port=53, protocol="udp", score=1.27, threshold=1.0,
                                           sources=[("198.18.0.90", 1.0)]),
                                   finding("model", port=80, score=3.1, threshold=1.0, sources=[("198.18.0.91", 0.9)])],
@@ -212,7 +213,7 @@ def test_weak_model_anomaly_alerts_but_does_not_block(conn, tmp_path):
 
 def test_model_finding_spares_a_source_at_its_usual_rate(conn, tmp_path):
     """The model flags the port, but only the source that surged is blocked."""
-    s = blocklist_settings(tmp_path, model_source_share=0.5, model_source_surge=3.0)
+    s = blocklist_settings(tmp_path, model_source_share=0.5, model_source_surge=3.0, model_needs_corroboration=False)
     with conn:
         rounds = [conn.execute("INSERT INTO rounds (start_time, end_time, interface) VALUES (?, ?, 'x')",
                                (T0 + i, T0 + i + 1)).lastrowid for i in range(12)]

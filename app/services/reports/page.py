@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Callable
 
 from app import permissions
+from app.db import evaluations as dbe
 from app.db.connection import connect
 from app.errors import PortwatchError
+from app.services.model import threshold_history
 from app.services.files import atomic_write
 from app.services.ports import port_label
 from app.services.reports import facts, figures, outbound
@@ -205,6 +207,12 @@ def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_fig
             [[a["id"], fmt_time(a["created_at"]), a["detector"], port_label(a["port"], a["protocol"], long=True),
               _number_text(a["score"]), _number_text(a["threshold"]), a["source"] or "-", why]
              for a, why in contents.recent_anomalies], "")
+    history = [threshold_history(r) for r in dbe.models(conn)][:MAX_TABLE_ROWS]
+    if history:     # issue 9: each refit's threshold, its bounded move and the held-out pool
+        tables["model"] = "<h3>Threshold history</h3>" + _table(
+            ["model", "created", "threshold", "change", "held-out pool"],
+            [[f"v{h['version']}", fmt_time(h["created_at"]), _number_text(h["threshold"]), h["change"], h["pool"]]
+             for h in history], "")
     without = [a for a in contents.model_anomalies if not a.features]
     if without:
         tables["contributions"] = "<p>Model anomalies without per-feature detail:</p>" + _table(
