@@ -136,8 +136,6 @@ def test_forged_peer_is_never_blocked_and_the_unknown_scanner_is(lab, tmp_path, 
         assert sink.drain() == {benign: 25}
 
 
-@pytest.mark.xfail(strict=True, reason="needs the egress program's peers (issue 9 kernel half, helper ik): a UDP "
-                   "request/response peer is two-way only once the collector fills the peers table from egress")
 def test_udp_request_response_peer_forged_is_not_blocked(lab, tmp_path, pin_root):
     s, pdir = loaded(lab, tmp_path, pin_root)
     benign = lab.host_v4(3)
