@@ -37,7 +37,7 @@ from app.db import peers as dbp
 from app.db import series as dbs
 from app.db.connection import connect
 from app.errors import UsageError
-from app.services import decisions, dns_rules, locks, outbound_rules, rules, series
+from app.services import decisions, dns_rules, finding_sources, locks, outbound_rules, rules, series
 from app.services.explain import fill_summaries
 from app.services.findings import Finding
 
@@ -426,8 +426,8 @@ def _model_finding(batch, data, p, group, errors, recon, per_round, threshold, v
     features = [{"feature": series.FEATURES[f], "observed": round(float(data.values[p, t, f]), 3),
                  "reconstructed": round(float(recon[i, j, f]), 3), "error": round(float(feature_error[f]), 4),
                  "share": round(float(feature_error[f]) / total, 3)} for f in order]
-    packets, _, _ = rules.port_totals(batch, key.port_id, first_id, last_id)
-    sources, dominant = rules.port_sources(batch, key.value, key.protocol, packets, first_id, last_id)
+    packets, _, _ = finding_sources.port_totals(batch, key.port_id, first_id, last_id)
+    sources, dominant = finding_sources.port_sources(batch, key.value, key.protocol, packets, first_id, last_id)
     details = {
         "port": key.value, "protocol": key.protocol, "model_version": version, "window": window,
         "rounds": [first_id, last_id], "peak_round_id": int(data.round_ids[t]),

@@ -13,7 +13,7 @@ from app.config import ConfigError
 from app.db import blacklist as queries
 from app.db import series as dbs
 from app.db.connection import connect
-from app.services import blocklist, enforcement, host, rules
+from app.services import blocklist, enforcement, finding_sources, host
 from app.services.blocklist import parse_network
 from app.services.decisions import Protection, after_evaluation, decide, ttl_for
 from tests.helpers import (UdpSink, add_evaluation, blocklist_settings, collect, finding, ledger_events, loaded,  # noqa: F401
@@ -187,8 +187,8 @@ def test_model_anomaly_blocks_dominant_sources_only(conn, tmp_path):
                          "bytes, reason) VALUES (?, '198.18.0.71', 4001, '198.18.0.1', 9090, 'tcp', 500, 1, 'top')", (r,))
     # the sources the evaluation names, from its loaded batch (port-specific counts from flows/source_ports)
     batch = dbs.load_batch(conn, dbs.rounds_after(conn, 0, 10))
-    packets = rules.port_totals(batch, pid, rounds[0], rounds[-1])[0]
-    named, _ = rules.port_sources(batch, 8080, "tcp", packets, rounds[0], rounds[-1])
+    packets = finding_sources.port_totals(batch, pid, rounds[0], rounds[-1])[0]
+    named, _ = finding_sources.port_sources(batch, 8080, "tcp", packets, rounds[0], rounds[-1])
     assert [(n.address, n.packets, n.share) for n in named] == [("198.18.0.70", 210, 0.7), ("198.18.0.71", 60, 0.2)]
     found = add_evaluation(conn, [finding("model", port=8080, sources=named, first_round_id=rounds[0],
                                           last_round_id=rounds[-1], packets=packets),

@@ -11,7 +11,7 @@ from app.config import Evaluator
 from app.db import peers
 from app.db import series as dbs
 from app.db.connection import connect
-from app.services import decisions, evaluation, rules
+from app.services import decisions, evaluation, finding_sources, rules
 from app.services.decisions import Protection, decide, judge_sources
 from app.services.findings import ONE_WAY, TWO_WAY, Source
 from tests.helpers import add_evaluation, blocklist_settings, finding
@@ -157,14 +157,14 @@ def test_evidence_classes_from_completed_handshakes(store):
     store.add_rounds(4, {2: [port_scan("203.0.113.9", range(1000, 1030))]})
     batch = batch_of(store, cfg)
     client = "198.51.100.1"        # a synthetic benign client: its flows carry SYN|ACK with many packets
-    assert rules.evidence_class(batch, client, 1, 4) == TWO_WAY
-    assert rules.evidence_class(batch, client, 1, 4, ports={(9, "tcp")}) == ONE_WAY
-    assert rules.evidence_class(batch, client, 1, 4, kind="flood") == ONE_WAY
+    assert finding_sources.evidence_class(batch, client, 1, 4) == TWO_WAY
+    assert finding_sources.evidence_class(batch, client, 1, 4, ports={(9, "tcp")}) == ONE_WAY
+    assert finding_sources.evidence_class(batch, client, 1, 4, kind="flood") == ONE_WAY
     scans = [f for f in rules.detect(batch, cfg) if f.detector == "port_scan"]
     assert [(f.source, f.sources[0].evidence) for f in scans] == [("203.0.113.9", ONE_WAY)]
     # a scan of completed connections (>= scan_ports ports with handshakes) is two-way
     batch.handshakes["203.0.113.9"] = {(3, p, "tcp") for p in range(1000, 1025)}
-    assert rules.evidence_class(batch, "203.0.113.9", 1, 4, ports={(p, "tcp") for p in range(1000, 1030)},
+    assert finding_sources.evidence_class(batch, "203.0.113.9", 1, 4, ports={(p, "tcp") for p in range(1000, 1030)},
                                 need=25, kind="scan") == TWO_WAY
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from app.config import Evaluator
 from app.db import series as dbs
-from app.services import evaluation, rules
+from app.services import evaluation, finding_sources, rules
 from tests.services.synthetic import SyntheticStore, listen, port_scan, syn_flood
 
 SCANNER = "203.0.113.9"
@@ -171,13 +171,13 @@ def test_rules_are_pure_functions_of_the_batch():
 def test_top_sources_take_the_larger_evidence_per_round_not_the_sum():
     batch = hand_batch(source_ports=[(1, "198.18.0.70", 22, "tcp", 70, 700), (2, "198.18.0.70", 22, "tcp", 70, 0),
                                      (1, "198.18.0.71", 22, "tcp", 20, 200), (1, "198.18.0.71", 9090, "tcp", 500, 1)])
-    assert rules.top_sources(batch, 22, "tcp", 1, 3) == [("198.18.0.70", 140, 700), ("198.18.0.71", 20, 200)]
-    assert rules.top_sources(batch, 22, "tcp", 2, 3) == [("198.18.0.70", 70, 0)]
-    named, dominant = rules.port_sources(batch, 22, "tcp", 200, 1, 3)
+    assert finding_sources.top_sources(batch, 22, "tcp", 1, 3) == [("198.18.0.70", 140, 700), ("198.18.0.71", 20, 200)]
+    assert finding_sources.top_sources(batch, 22, "tcp", 2, 3) == [("198.18.0.70", 70, 0)]
+    named, dominant = finding_sources.port_sources(batch, 22, "tcp", 200, 1, 3)
     assert dominant == "198.18.0.70" and [s.share for s in named] == [0.7, 0.1]
-    assert rules.port_sources(batch, -1, "tcp", 200, 1, 3) == ([], None)       # the ephemeral bucket: none
+    assert finding_sources.port_sources(batch, -1, "tcp", 200, 1, 3) == ([], None)       # the ephemeral bucket: none
     batch.port_stats = [(1, 1, 120, 1, 0, 0, 5, 0, 0), (2, 1, 80, 1, 0, 0, 1, 0, 0), (2, 2, 9, 1, 0, 0, 0, 0, 0)]
-    assert rules.port_totals(batch, 1, 1, 3) == (200, 2, 6) and rules.port_totals(batch, 1, 2, 2) == (80, 1, 1)
+    assert finding_sources.port_totals(batch, 1, 1, 3) == (200, 2, 6) and finding_sources.port_totals(batch, 1, 2, 2) == (80, 1, 1)
 
 
 # --- a scan that lasts is one finding --------------------------------------------------------------
