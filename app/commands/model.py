@@ -30,16 +30,16 @@ def register(sub) -> None:
 
 def run(args, settings) -> int:
     from app.db.connection import connect
-    from app.services import evaluation
-    from app.services.model import threshold_history
+    from app.services import model_versions
+    from app.services.model_versions import threshold_history
     conn = connect(settings.general.db)
     try:
         if args.action == "rollback":
-            undone = evaluation.rollback(conn, args.version)
+            undone = model_versions.rollback(conn, args.version)
             extra = f"; rolled back v{', v'.join(map(str, undone))}" if undone else ""
             print(f"model v{args.version} is active again{extra}.")
             return 0
-        rows = evaluation.list_models(conn)
+        rows = model_versions.list_models(conn)
     finally:
         conn.close()
     if not rows:

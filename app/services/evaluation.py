@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -36,8 +34,8 @@ from app.db import evaluations as dbe
 from app.db import peers as dbp
 from app.db import series as dbs
 from app.db.connection import connect
-from app.errors import UsageError
-from app.services import decisions, dns_rules, finding_sources, locks, outbound_rules, rules, series
+from app.services import (decisions, dns_rules, finding_sources, locks, model_versions, outbound_rules, rules,
+                          series)
 from app.services.explain import fill_summaries
 from app.services.findings import Finding
 
@@ -189,7 +187,7 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
         pruned = dbe.prunable_models(conn, cfg.keep_models)
         dbe.mark_pruned(conn, [r["version"] for r in pruned])
     for row in pruned:
-        _remove_model_dir(settings, row["path"])
+        model_versions.remove_model_dir(settings, row["path"])
     duration = clock() - started
     log.info("evaluation %d: rounds %d..%d, %s, %d anomalies, %.1f s", eid, first, last, status,
              len(all_findings), duration)
@@ -439,36 +437,3 @@ def _model_finding(batch, data, p, group, errors, recon, per_round, threshold, v
     }
     return Finding("model", key.port_id, key.value, key.protocol, first_id, last_id, score, float(threshold),
                    source=dominant, sources=sources, details=details, covers=[(key.port_id, first_id, last_id)])
-
-
-# --- model versions --------------------------------------------------------------------------------
-
-def list_models(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-    """Every model version, newest first."""
-    return dbe.models(conn)
-
-
-def rollback(conn: sqlite3.Connection, version: int) -> list[int]:
-    """Make ``version`` the active model again; returns the versions rolled back.
-
-    UsageError when the version does not exist or its files were pruned.
-    """
-    row = dbe.model(conn, version)
-    if row is None:
-        raise UsageError(f"there is no model version {version}: see python -m app model list")
-    if row["status"] == "pruned" or not (Path(row["path"]) / "config.json").exists():
-        raise UsageError(f"model version {version} has no files any more (pruned): choose another version")
-    from app.services.model import not_loadable
-    why = not_loadable(row["path"])
-    if why:
-        raise UsageError(f"model version {version} is not loadable by this portwatch ({why}): choose another version")
-    with conn:
-        return dbe.rollback_to(conn, version)
-
-
-def _remove_model_dir(settings: Settings, path: str) -> None:
-    root = (settings.state_path / "models").resolve()
-    target = Path(path).resolve()
-    if root in target.parents and target.exists():
-        shutil.rmtree(target, ignore_errors=True)
-        log.info("pruned model files %s", target)

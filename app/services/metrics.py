@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import math
 import os
 import re
 import time

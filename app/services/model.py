@@ -440,25 +440,3 @@ def not_loadable(directory: str | Path) -> str | None:
     except (OSError, ValueError) as exc:
         return f"its config.json cannot be read ({exc})"
     return _not_loadable(state, directory)
-
-
-def threshold_history(row) -> dict:
-    """One models row as a step of the threshold history: {version, created_at, threshold, change,
-    pool}. change: the threshold's move at this refit ('x1.8', '/2' ; '*' when held to
-    evaluator.threshold_max_change; '-' on a first fit); pool: held-out windows against what the
-    alert budget needs ('120/960', '!' while the model does not alert)."""
-    try:
-        meta = json.loads(row["metadata"] or "{}")
-    except ValueError:
-        meta = {}
-    cal, pool = meta.get("calibration") or {}, meta.get("pool") or {}
-    change = "-"
-    before, now = cal.get("previous_threshold"), cal.get("threshold")
-    if before and now:
-        factor = now / before
-        change = f"x{factor:.2g}" if factor >= 1 else f"/{1 / factor:.2g}"
-        if cal.get("unbounded_threshold") not in (None, now):
-            change += "*"
-    held = f"{pool['windows']}/{pool['needed']}{'' if pool.get('alerting') else '!'}" if pool else "-"
-    return {"version": row["version"], "created_at": row["created_at"], "threshold": row["threshold"],
-            "change": change, "pool": held}

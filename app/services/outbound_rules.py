@@ -101,7 +101,7 @@ def _local_covers(batch: Batch, flows: list[tuple], first: int, last: int) -> li
 
 def outbound_scans(batch: Batch, cfg: Evaluator) -> list[Finding]:
     """One finding per scanned remote address (many ports), plus one for a sweep of many addresses."""
-    first, last = batch.first, batch.last
+    last = batch.last
     rounds = list(batch.scan_rounds) + list(batch.rounds)
     end_of = {r["id"]: r["end_time"] for r in rounds}
     lo = rounds[0]["id"]

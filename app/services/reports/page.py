@@ -39,7 +39,7 @@ from app import permissions
 from app.db import evaluations as dbe
 from app.db.connection import connect
 from app.errors import PortwatchError
-from app.services.model import threshold_history
+from app.services.model_versions import threshold_history
 from app.services.files import atomic_write
 from app.services.ports import port_label
 from app.services.reports import facts, figures, outbound
