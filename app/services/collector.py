@@ -24,18 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The collector does no linear algebra: one BLAS thread spares each run ~0.1 CPU-s of thread
-# start-up inside `import numpy` (must come before that import; an explicit setting wins).
+# start-up inside `import numpy` (round_rows/rounds import it below: this must come first; an explicit
+# setting wins).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import numpy as np  # noqa: E402
 
 from app.db import rounds as rounds_db  # noqa: E402
 from app.db.connection import connect  # noqa: E402
 from app.db.ports import PortIds  # noqa: E402
 from app.errors import BpfError, NeedsRootError, PortwatchError  # noqa: E402
-from app.services import egress, egress_rounds, enforcement, locks, maps, pin_owner, ports, rounds, xdp  # noqa: E402
-from app.services.bpf_structs import (ADDR_DTYPE, GLOBAL_NAMES, MAP_LAYOUT, PwConfig, addr_text,  # noqa: E402
-                                      lpm_key_text)
+from app.services import (egress, egress_rounds, enforcement, locks, maps, pin_owner, ports, round_rows,  # noqa: E402
+                          rounds, xdp)
+from app.services.bpf_structs import GLOBAL_NAMES, MAP_LAYOUT, PwConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -333,15 +332,17 @@ class Collector:
         with conn:
             round_id = rounds_db.insert_round(conn, values)
             port_ids = PortIds(conn)
-            n_ports = self._write_ports(round_id, deltas["port_stats"], readings["port_stats"].extras, port_ids,
-                                        listening, low, high, fold)
+            n_ports = round_rows.write_ports(conn, round_id, deltas["port_stats"], readings["port_stats"].extras,
+                                             port_ids, listening, low, high, fold)
             snapshot("port_stats")
-            many = self._write_sources(round_id, deltas["sources"], readings["sources"].extras, deltas["srcports"])
+            many = round_rows.write_sources(conn, round_id, deltas["sources"], readings["sources"].extras,
+                                            deltas["srcports"], self.settings.collector.many_ports_threshold)
             snapshot("sources", "srcports")
-            self._write_flows(round_id, deltas["flows"], readings["flows"].extras, many)
+            round_rows.write_flows(conn, round_id, deltas["flows"], readings["flows"].extras, many,
+                                   self.settings.collector.top_flows)
             snapshot("flows")
             rounds_db.insert_global_stats(conn, round_id, g)
-            self._write_blacklist_drops(round_id, deltas["blacklist"])
+            round_rows.write_blacklist_drops(conn, round_id, deltas["blacklist"])
             snapshot("global", "blacklist")
             egress_rounds.write_egress(conn, round_id, deltas, readings, port_ids,
                                        lambda p, proto: ports.fold_port(p, proto, listening, low, high, fold),
@@ -380,92 +381,6 @@ class Collector:
             from app.services.fleet import crowdsec
             crowdsec.sync_round(self.conn, self.settings)
         self._reconcile()
-
-    # --- writers --------------------------------------------------------------------------------
-    def _write_ports(self, round_id, delta: rounds.Delta, extras, port_ids, listening, low, high, fold) -> int:
-        """port_stats rows, the ephemeral ports folded per protocol. Returns the number of rows."""
-        merged: dict[tuple[int, str], list] = {}
-        ext = extras[delta.index].tolist() if len(delta) else []
-        port_list = delta.field("port").tolist() if len(delta) else []
-        proto_list = delta.field("proto").tolist() if len(delta) else []
-        for port, proto_number, d, (rmin, rmax) in zip(port_list, proto_list, delta.values.tolist(), ext):
-            proto = ports.protocol_name(proto_number)
-            value = ports.fold_port(port, proto, listening, low, high, fold)
-            rmin = None if rmin == rounds.U32_MAX else rmin
-            rmax = None if rmin is None else rmax
-            row = merged.get((value, proto))
-            if row is None:
-                merged[(value, proto)] = [*d, rmin, rmax]
-                continue
-            for i in range(7):
-                row[i] += d[i]
-            if rmin is not None:
-                row[7] = rmin if row[7] is None else min(row[7], rmin)
-                row[8] = rmax if row[8] is None else max(row[8], rmax)
-        # (port_id, packets, bytes, payload_bytes, min_payload, max_payload, syn, synack, rst, fin)
-        rows = [(port_ids(value, proto), r[0], r[1], r[2], r[7], r[8], r[3], r[4], r[5], r[6])
-                for (value, proto), r in merged.items()]
-        rounds_db.insert_port_stats(self.conn, round_id, rows)
-        return len(rows)
-
-    def _write_sources(self, round_id, sources: rounds.Delta, extras, srcports: rounds.Delta) -> set[bytes]:
-        """source_stats rows (with distinct ports, fragments, the round's TTL range) and source_ports for
-        many-port sources. Returns the raw addresses of the sources that reached many ports."""
-        # distinct (port, protocol) pairs per source, vectorised over the srcport keys' "src" field
-        n_ports = np.zeros(len(sources), dtype=np.int64)
-        src_of_pair = srcports.field("src") if len(srcports) else None
-        if src_of_pair is not None and len(sources):
-            uniq, counts = np.unique(src_of_pair, return_counts=True)
-            pos = rounds.match(sources.field("addr"), uniq)
-            n_ports = np.where(pos >= 0, counts[np.maximum(pos, 0)], 0)
-        threshold = self.settings.collector.many_ports_threshold
-        key = sources.reading.key          # a sources key is one struct pw_addr
-        ttl = extras[sources.index].tolist() if len(sources) else []
-        rows = [(addr_text(key(i)), packets, bytes_, syn, n, frags, None if lo == rounds.U32_MAX else lo,
-                 None if lo == rounds.U32_MAX else hi)
-                for i, (packets, bytes_, syn, frags), n, (lo, hi) in
-                zip(sources.index.tolist(), sources.values.tolist(), n_ports.tolist(), ttl)]
-        many = {key(i) for i, n in zip(sources.index.tolist(), n_ports.tolist()) if n >= threshold}
-        detail = []
-        if many and src_of_pair is not None:
-            hit = np.flatnonzero(np.isin(src_of_pair, np.array(sorted(many), dtype=ADDR_DTYPE)))
-            pairs = srcports.key_fields(hit)
-            for src, port, proto, (n,) in zip(pairs["src"].tolist(), pairs["port"].tolist(), pairs["proto"].tolist(),
-                                             srcports.values[hit].tolist()):
-                detail.append((addr_text(src), port, ports.protocol_name(proto), n))
-        rows.sort()   # in address order: far cheaper inserts into the (address, round_id) index
-        rounds_db.insert_source_stats(self.conn, round_id, rows)
-        rounds_db.insert_source_ports(self.conn, round_id, detail)
-        return many
-
-    def _write_flows(self, round_id, flows: rounds.Delta, extras, many: set[bytes]) -> None:
-        """The top flows by bytes, plus every flow of a source that reached many ports."""
-        if not len(flows):
-            return
-        top_n = self.settings.collector.top_flows
-        by_bytes = flows.values[:, 1]
-        top = np.argsort(-by_bytes, kind="stable")[:top_n].tolist()
-        chosen = {i: "top" for i in top}
-        if many:
-            hit = np.isin(flows.field("src"), np.array(sorted(many), dtype=ADDR_DTYPE))
-            for i in np.flatnonzero(hit).tolist():
-                chosen.setdefault(i, "many-ports")
-        offset = time.time() - time.clock_gettime(6)   # CLOCK_MONOTONIC_COARSE = 6: coarse ktime (ns) -> epoch
-        rows_i = list(chosen)
-        keys = flows.key_fields(rows_i)
-        ext = extras[flows.index[rows_i]].tolist()
-        rows = []
-        for src, sport, dst, dport, proto, (packets, bytes_), (first_ns, last_ns, flags), reason in zip(
-                keys["src"].tolist(), keys["sport"].tolist(), keys["dst"].tolist(), keys["dport"].tolist(),
-                keys["proto"].tolist(), flows.values[rows_i].tolist(), ext, chosen.values()):
-            rows.append((addr_text(src), sport, addr_text(dst), dport, ports.protocol_name(proto), packets, bytes_,
-                         round(first_ns / 1e9 + offset, 3) if first_ns else None,
-                         round(last_ns / 1e9 + offset, 3) if last_ns else None, flags, reason))
-        rounds_db.insert_flows(self.conn, round_id, rows)
-
-    def _write_blacklist_drops(self, round_id, delta: rounds.Delta) -> None:
-        rows = [(lpm_key_text(key), d[0]) for key, d in zip(delta.keys, delta.values.tolist()) if d[0]]
-        rounds_db.insert_blacklist_drops(self.conn, round_id, rows)
 
 
 def _globals(delta: rounds.Delta) -> dict[str, int]:
