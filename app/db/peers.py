@@ -41,7 +41,7 @@ def handshake_flows(conn: sqlite3.Connection, lo: int, last: int) -> list[tuple[
     (it answers this host's SYN-ACK it never asked for): such flows are history, not evidence."""
     return [tuple(r) for r in conn.execute(
         f"SELECT round_id, src_address, dst_port, protocol, MAX((tcp_flags & {RST}) != 0) FROM flows "
-        f"WHERE round_id BETWEEN ? AND ? AND {_TWO_WAY_FLOW} GROUP BY round_id, src_address, dst_port, protocol",
+        f"WHERE round_id BETWEEN ? AND ? AND direction = 'in' AND {_TWO_WAY_FLOW} GROUP BY round_id, src_address, dst_port, protocol",
         (lo, last))]
 
 

@@ -92,11 +92,14 @@ def _n(value) -> str:
 
 
 def _who(finding: Finding, limit: int = 2) -> str:
+    if finding.details.get("many_one_way_sources") and finding.source_count:      # a flood judged forged
+        example = f" (e.g. {finding.sources[0].address})" if finding.sources else ""
+        return f"{finding.source_count} one-way sources, possibly forged{example}"
     named = []
     for s in finding.sources[:limit]:
         bits = [f"{s.share:.0%}" if s.share is not None else f"{_n(s.packets)} packets", s.evidence]
         if s.forged:
-            bits.append("likely forged")
+            bits.append("possibly forged")
         named.append(f"{s.address} ({', '.join(bits)})")
     if not named and finding.source:
         named.append(finding.source)
@@ -249,7 +252,7 @@ def lines(explained: dict) -> list[str]:
         out.append("  sources    ADDRESS                         PACKETS      SHARE  EVIDENCE")
         for s in e["sources"]:
             share = f"{s['share']:.1%}" if s.get("share") is not None else "-"
-            forged = "  (likely forged)" if s.get("forged") else ""
+            forged = "  (possibly forged)" if s.get("forged") else ""
             out.append(f"             {s['address']:<30}  {_n(s.get('packets', 0)):>9}  {share:>7}  "
                        f"{s.get('evidence', '-')}{forged}")
         if e["source_count"] and e["source_count"] > len(e["sources"]):

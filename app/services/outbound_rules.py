@@ -81,11 +81,17 @@ def _holders(batch: Batch) -> dict[tuple[int, int, str], list[tuple]]:
     return out
 
 
-def initiated_flows(batch: Batch, first: int, last: int) -> list[tuple]:
-    """Outbound flow rows of rounds first..last that this host opened (see module docstring)."""
+def initiated_flows(batch: Batch, first: int, last: int, *, syn_sent_only: bool = False) -> list[tuple]:
+    """Outbound flow rows of rounds first..last that this host opened (see module docstring).
+
+    syn_sent_only: a TCP flow counts only in a round where this host sent SYNs without ACK to that
+    address (destination_stats.syn, batch rounds): this host's SYN-ACKs and RSTs answering someone
+    else's scan leave from many local ports to many remote ports, but they open nothing."""
     served = _served_ports(batch)
+    syn_sent = {(r[0], r[1]) for r in batch.destination_stats if r[4]} if syn_sent_only else None
     return [f for f in batch.outbound_flows
-            if first <= f[0] <= last and (f[4], f[3]) not in served.get(f[0], ())]
+            if first <= f[0] <= last and (f[4], f[3]) not in served.get(f[0], ())
+            and (syn_sent is None or f[3] != "tcp" or (f[0], f[1]) in syn_sent)]
 
 
 def _local_covers(batch: Batch, flows: list[tuple], first: int, last: int) -> list[tuple]:
@@ -105,7 +111,7 @@ def outbound_scans(batch: Batch, cfg: Evaluator) -> list[Finding]:
     rounds = list(batch.scan_rounds) + list(batch.rounds)
     end_of = {r["id"]: r["end_time"] for r in rounds}
     lo = rounds[0]["id"]
-    flows = initiated_flows(batch, lo, last)
+    flows = initiated_flows(batch, lo, last, syn_sent_only=True)
     ports_by: dict[str, dict[int, set]] = defaultdict(lambda: defaultdict(set))   # address -> round -> ports
     for f in flows:
         ports_by[f[1]][f[0]].add((f[2], f[3]))

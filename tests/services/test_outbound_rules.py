@@ -63,6 +63,18 @@ def test_a_servers_replies_to_many_client_ports_are_not_a_scan():
     assert outbound_rules.outbound_scans(b, Evaluator()) == []
 
 
+def test_answers_to_someone_elses_scan_are_not_an_outbound_scan():
+    """A SYN scan of 150 closed ports of this host: its RST|ACK answers leave from 150 local ports (none
+    served) to the scanner's 150 source ports, but this host sent no SYN to it: nothing was opened."""
+    answers = [flow(3, CLIENT, 2000 + k, 1000 + k, flags=0x14) for k in range(150)]
+    b = batch(ports=dict(PORTS), outbound_flows=answers, destination_stats=[(3, CLIENT, 150, 8100, 0, 150)])
+    assert outbound_rules.outbound_scans(b, Evaluator()) == []
+    # the same flows in a round where this host did send SYNs to that address: a scan by this host
+    b.destination_stats = [(3, CLIENT, 150, 8100, 150, 150)]
+    [scan] = outbound_rules.outbound_scans(b, Evaluator())
+    assert scan.source == CLIENT and scan.details["distinct_ports"] == 150
+
+
 def test_tcp_syn_sweep_seen_by_the_counters_alone():
     """No outbound flow kept (a busy round): SYNs sent to 30 ports of one address in one round."""
     b = batch(ports=dict(PORTS), destination_stats=[(6, LAB, 30, 1800, 30, 30), (6, CLIENT, 500, 9000, 1, 30)])
