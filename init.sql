@@ -1,4 +1,4 @@
--- portwatch schema, version 8 (PRAGMA user_version): the newest schema, for a fresh database; older
+-- portwatch schema, version 9 (PRAGMA user_version): the newest schema, for a fresh database; older
 -- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
@@ -300,6 +300,18 @@ CREATE TABLE IF NOT EXISTS anomalies (
 CREATE INDEX IF NOT EXISTS anomalies_eval ON anomalies(evaluation_id);
 CREATE INDEX IF NOT EXISTS anomalies_port ON anomalies(port_id);
 
+-- the model's judged error per round (max and median over ports) and the threshold in force (issue 11)
+CREATE TABLE IF NOT EXISTS model_round_errors (
+    round_id      INTEGER PRIMARY KEY REFERENCES rounds(id) ON DELETE CASCADE,
+    evaluation_id INTEGER NOT NULL REFERENCES evaluations(id) ON DELETE CASCADE,
+    model_version INTEGER NOT NULL,
+    threshold     REAL,                      -- the judging model's threshold (NULL: infinite, it cannot alert)
+    max_error     REAL NOT NULL,             -- largest judged per-round error over the ports
+    median_error  REAL NOT NULL,             -- median over the ports
+    ports         INTEGER NOT NULL           -- ports judged in the round
+);
+CREATE INDEX IF NOT EXISTS model_round_errors_eval ON model_round_errors(evaluation_id);
+
 -- blocklist -------------------------------------------------------------------
 
 CREATE TABLE IF NOT EXISTS blacklist (
@@ -493,4 +505,4 @@ SELECT a.id AS anomaly_id, a.detector, a.evaluation_id,
        json_extract(s.value, '$.note') AS note
 FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE '{}' END, '$.sources') s;
 
-PRAGMA user_version = 8;
+PRAGMA user_version = 9;

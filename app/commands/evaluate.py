@@ -7,6 +7,8 @@ Exit codes: 0 done (anomalies or not); 4 database problem; 6 another evaluation 
 """
 from __future__ import annotations
 
+import sys
+
 from app.cli import add_command
 
 DESCRIPTION = """Judge every round recorded since the last evaluation: rule detectors (port scan, SYN
@@ -23,6 +25,9 @@ def register(sub) -> None:
 
 def run(args, settings) -> int:
     from app.services import evaluation_job
+    if sys.stderr.isatty():      # a person is watching: the model's training can take minutes
+        print(f"evaluating the rounds not yet judged in {settings.general.db} (training the model can take a few "
+              "minutes)...", file=sys.stderr, flush=True)
     result = evaluation_job.run(settings)
     for line in result.lines():
         print(line, flush=True)

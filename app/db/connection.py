@@ -28,6 +28,20 @@ log = logging.getLogger(__name__)
 INIT_SQL = Path(__file__).resolve().parent.parent.parent / "init.sql"
 BUSY_TIMEOUT_MS = 15000
 
+# Migration 9 (init.sql holds the same): one row per round the model judged.
+MODEL_ROUND_ERRORS_SQL = """
+CREATE TABLE IF NOT EXISTS model_round_errors (
+    round_id      INTEGER PRIMARY KEY REFERENCES rounds(id) ON DELETE CASCADE,
+    evaluation_id INTEGER NOT NULL REFERENCES evaluations(id) ON DELETE CASCADE,
+    model_version INTEGER NOT NULL,
+    threshold     REAL,                      -- the judging model's threshold (NULL: infinite, it cannot alert)
+    max_error     REAL NOT NULL,             -- largest judged per-round error over the ports
+    median_error  REAL NOT NULL,             -- median over the ports
+    ports         INTEGER NOT NULL           -- ports judged in the round
+);
+CREATE INDEX IF NOT EXISTS model_round_errors_eval ON model_round_errors(evaluation_id);
+"""
+
 # Migration 4 — issue 9/12 kernel counting: family-aware sources with fragments and TTL ranges, evictions and new
 # sources per round, SYN-limit drops, the TC egress program's tables (egress_port_stats,
 # destination_stats, outbound flows as flows.direction = 'out') and two-way peers. init.sql holds the
@@ -248,6 +262,9 @@ SELECT a.id AS anomaly_id, a.detector, a.evaluation_id,
        json_extract(s.value, '$.note') AS note
 FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE '{}' END, '$.sources') s;
 """,
+    # 9: issue 11: the model's error per judged round (max and median over ports) with the model version and
+    #    threshold in force: the report draws error over time against the threshold history
+    9: MODEL_ROUND_ERRORS_SQL,
 }
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 QUICK_CHECK_MAX_BYTES = 256 << 20

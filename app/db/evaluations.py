@@ -55,6 +55,17 @@ def update_anomaly(conn: sqlite3.Connection, anomaly_id: int, *, score: float | 
                  (_finite(score), reasons, first_round_id, last_round_id, updated_at, anomaly_id))
 
 
+def insert_round_errors(conn: sqlite3.Connection, evaluation_id: int, model_version: int, threshold: float | None,
+                        rows: Iterable[tuple[int, float, float, int]]) -> None:
+    """The model's error per judged round: rows of (round_id, max_error, median_error, ports), one
+    statement; a round judged again (never, normally) keeps its newest summary."""
+    conn.executemany(
+        "INSERT OR REPLACE INTO model_round_errors (round_id, evaluation_id, model_version, threshold, max_error, "
+        "median_error, ports) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(int(r), evaluation_id, model_version, _finite(threshold), float(hi), float(mid), int(n))
+         for r, hi, mid, n in rows])
+
+
 def anomaly_spans(conn: sqlite3.Connection, first: int, last: int) -> list[tuple[int | None, int, int]]:
     """(port_id, first_round_id, last_round_id) of stored anomalies overlapping rounds first..last."""
     return [tuple(r) for r in conn.execute(

@@ -114,16 +114,15 @@ def evaluation_thresholds(conn: sqlite3.Connection, since: float | None) -> list
            ORDER BY started_at""", (_since(since),)).fetchall()
 
 
-def evaluation_scores(conn: sqlite3.Connection, since: float | None) -> list[sqlite3.Row]:
-    """Per-window reconstruction errors when the evaluator stores them (table ``window_scores``
-    with columns at/score); an empty list otherwise."""
-    if not _has_table(conn, "window_scores"):
+def model_round_errors(conn: sqlite3.Connection, since: float | None) -> list[sqlite3.Row]:
+    """The model's error per judged round: (at = the round's end, max_error, median_error, model_version,
+    threshold), oldest first; empty for a database older than migration 9."""
+    if not _has_table(conn, "model_round_errors"):
         return []
-    try:
-        return conn.execute("SELECT at, score FROM window_scores WHERE at >= ? ORDER BY at",
-                            (_since(since),)).fetchall()
-    except sqlite3.OperationalError:   # a different shape than expected: leave it out of the report
-        return []
+    return conn.execute(
+        """SELECT r.end_time AS at, e.max_error, e.median_error, e.model_version, e.threshold
+           FROM model_round_errors e JOIN rounds r ON r.id = e.round_id
+           WHERE r.end_time >= ? ORDER BY r.end_time""", (_since(since),)).fetchall()
 
 
 def model_anomalies(conn: sqlite3.Connection, since: float | None, limit: int) -> list[sqlite3.Row]:

@@ -9,7 +9,8 @@
     refit      training continues from the current weights on batch windows that no detector
                flagged (nor any earlier anomaly covers); a random share of unflagged tiles is held
                out to recalibrate the threshold; the result is a new model version (keep_models kept)
-    store      models row, evaluations row and anomalies rows in one transaction
+    store      models row, evaluations row, anomalies rows and the model's error per judged round
+               (model_round_errors: max and median over ports, the threshold in force) in one transaction
 
 :func:`run` returns an :class:`EvaluationResult` whose ``anomalies`` are the stored
 :class:`~app.services.findings.Finding` objects (id and evaluation_id set; ``anomalies.reasons`` is
@@ -173,6 +174,8 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
             anomalies=len(all_findings), duration_s=now - started, status=status, note=json.dumps(note),
             rounds=len(batch), ports=len(data.ports),
             observed_rate_per_day=(len(step.findings) / judged_days) if warm and judged_days > 0 else None)
+        if step.round_errors:
+            dbe.insert_round_errors(conn, eid, step.model_version, step.threshold, step.round_errors)
         fill_summaries(conn, all_findings)      # the one line every consumer reads
         for f in all_findings:
             if f.id is not None:                # a stored scan that went on: the same finding, grown
@@ -242,6 +245,7 @@ class ModelStep:
     findings: list
     new_model: dict | None = None   # models row to insert
     pool: dict | None = None        # the judging model's held-out pool: {windows, needed, alerting, suppressed}
+    round_errors: list = field(default_factory=list)   # [(round_id, max, median, ports)] per judged round
     trained_windows: np.ndarray | None = field(default=None, repr=False)   # (N, W, F) passed to fit
     trained_index: np.ndarray | None = field(default=None, repr=False)     # (N, 2) [port, last t]
 
@@ -310,6 +314,7 @@ def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, d
         scores = model.window_scores(errors, judge.judged)
         hot = scores > model.threshold_
         step.model_version, step.threshold, step.windows = row["version"], model.threshold_, len(scores)
+        step.round_errors = series.round_errors(judge, errors.mean(axis=2), round_ids)
         step.findings = explain(batch, data, judge, errors, recon, hot, model.threshold_, row["version"],
                                 cfg.top_features)
         for f in step.findings:

@@ -288,6 +288,19 @@ def judge_windows(values: np.ndarray, window: int, first_new: int) -> JudgeWindo
     return JudgeWindows(windows, index, judged)
 
 
+def round_errors(judge: JudgeWindows, per_round: np.ndarray, round_ids: np.ndarray) -> list[tuple[int, float, float, int]]:
+    """(round_id, max, median, ports) of the judged per-round errors ``per_round`` (N, W) over the ports,
+    one row per judged round, in round order."""
+    window = judge.judged.shape[1] if judge.judged.ndim == 2 else 0
+    positions = judge.index[:, 1:2] - window + 1 + np.arange(window)[None, :]
+    t, values = positions[judge.judged], per_round[judge.judged]
+    out = []
+    for u in np.unique(t):
+        v = values[t == u]
+        out.append((int(round_ids[u]), float(v.max()), float(np.median(v)), int(len(v))))
+    return out
+
+
 def window_rounds(index_row: Sequence[int], window: int) -> np.ndarray:
     """Round positions t (W,) covered by a window ending at index_row[1]; negative = padding."""
     return np.arange(index_row[1] - window + 1, index_row[1] + 1)

@@ -113,9 +113,21 @@ def test_warm_up_then_the_model_flags_a_spike(store, env, fits):
     assert models[1]["threshold"] > 0 and models[1]["budget_per_day"] == 1.0
     assert json.loads(models[1]["metadata"])["calibration"]["method"] in ("quantile", "pot", "fallback")
     assert conn.execute("SELECT COUNT(*) FROM v_recent_anomalies").fetchone()[0] == len(first.anomalies) + len(second.anomalies)
+    # the model's error: exactly one row per judged round (warm-up judged none), the version and threshold in force
+    errors = conn.execute("SELECT * FROM model_round_errors ORDER BY round_id").fetchall()
+    assert [r["round_id"] for r in errors] == list(range(46, 91))
+    assert {(r["evaluation_id"], r["model_version"]) for r in errors} == {(second.evaluation_id, 1)}
+    assert all(r["threshold"] == pytest.approx(second.threshold) for r in errors)
+    assert all(r["max_error"] >= r["median_error"] >= 0 and r["ports"] >= 2 for r in errors)
+    by_round = {r["round_id"]: r for r in errors}
+    for hot in spike.details["hot_rounds"]:        # the flagged rounds' worst port is at least the finding's error
+        assert by_round[hot["round_id"]]["max_error"] >= hot["error"] - 1e-5 > second.threshold
+    assert sum(r["max_error"] > second.threshold for r in errors) <= 10     # the threshold is no flat line under all
     conn.close()
     third = evaluation.run(settings)
     assert third.status == "no-rounds" and third.anomalies == ()
+    with sqlite3.connect(settings.general.db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM model_round_errors").fetchone()[0] == 45
 
 
 def test_refit_excludes_windows_flagged_by_rules_and_earlier_anomalies(store, env, fits):

@@ -286,3 +286,45 @@ def test_matplotlib_is_imported_only_when_drawing():
     code = ("import sys, app.services.reports, app.cli; app.cli.build_parser(); "
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported at module level'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_reconstruction_figure_draws_the_error_per_round_against_each_versions_threshold(tmp_path, monkeypatch):
+    """The figure's lines are the stored model_round_errors rows: the worst and median port per round,
+    and one threshold step line per model version, from its first judged round on."""
+    from app.db import evaluations as dbe
+    from app.services.reports import figures
+    db = tmp_path / "ports.db"
+    ids = fill_database(db, end=time.time() - 60, rounds=60)
+    rounds, (e1, e2) = ids["rounds"], ids["evaluations"]
+    worst = [0.02 + 0.001 * (i % 7) for i in range(60)]
+    worst[40] = 0.9                                                      # the spike model v2 flagged
+    conn = connect(db)
+    with conn:
+        dbe.insert_round_errors(conn, e1, 1, 0.05, [(r, worst[i], worst[i] / 2, 3) for i, r in enumerate(rounds[:30])])
+        dbe.insert_round_errors(conn, e2, 2, 0.08, [(r, worst[i], worst[i] / 2, 3)
+                                                    for i, r in enumerate(rounds[30:], 30)])
+        dbe.insert_round_errors(conn, e2, 2, float("inf"), [])           # nothing judged: nothing stored
+    conn.close()
+    conn = connect(db, readonly=True)
+    model = facts.load_model_scores(conn, None)
+    conn.close()
+    assert [r["max_error"] for r in model.errors] == pytest.approx(worst)
+    assert [r["model_version"] for r in model.errors] == [1] * 30 + [2] * 30
+
+    drawn_figures = []
+    monkeypatch.setattr(figures.Painter, "save", lambda self, fig, name: drawn_figures.append((name, fig)))
+    drawn = figures.draw_reconstruction(figures.Painter(tmp_path), model)
+    assert "60 judged rounds by 2 model versions" in drawn.caption
+    (name, fig), = drawn_figures
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["error per round (worst port)"].get_ydata()) == pytest.approx(worst)
+    assert list(lines["error per round (median port)"].get_ydata()) == pytest.approx([w / 2 for w in worst])
+    v1, v2 = lines["threshold, model v1"], lines["threshold, model v2"]
+    assert v1.get_drawstyle() == v2.get_drawstyle() == "steps-post"
+    assert set(v1.get_ydata()) == {0.05} and set(v2.get_ydata()) == {0.08}
+    assert len(v1.get_xdata()) == 31 and v1.get_xdata()[-1] == v2.get_xdata()[0]   # v1 holds until v2 begins
+
+    monkeypatch.undo()
+    index = write_report(db, tmp_path / "out", since="all")
+    assert png_size(index.parent / "reconstruction_error.png")[0] > 0     # looked at: tests/ keeps no copy
+    assert "60 judged rounds by 2 model versions" in index.read_text()

@@ -253,25 +253,26 @@ def chart_ports(conn, since: float | None, top: int) -> list:
 
 @dataclass
 class ModelScores:
-    """Model anomalies' scores, each evaluation's threshold, per-window scores (when stored), and
-    ``end``: until when the last threshold holds (the last evaluation, anomaly or round)."""
+    """Model anomalies' scores, each evaluation's threshold, the model's error per judged round
+    (``errors``: at, max_error, median_error, model_version, threshold) and ``end``: until when the
+    last threshold holds (the last evaluation, anomaly or round)."""
     scores: list
     thresholds: list
-    windows: list
+    errors: list
     end: float | None
 
 
 def load_model_scores(conn, since: float | None) -> ModelScores | None:
     scores = queries.model_scores(conn, since)
     thresholds = queries.evaluation_thresholds(conn, since)
-    windows = queries.evaluation_scores(conn, since)
-    if not scores and not thresholds and not windows:
+    errors = queries.model_round_errors(conn, since)
+    if not scores and not thresholds and not errors:
         return None
     end = None
-    if thresholds:
-        end = max([r["at"] for r in thresholds] + [r["created_at"] for r in scores]
+    if thresholds or errors:
+        end = max([r["at"] for r in thresholds] + [r["created_at"] for r in scores] + [r["at"] for r in errors]
                   + queries.round_times(conn, since)[-1:])
-    return ModelScores(scores, thresholds, windows, end)
+    return ModelScores(scores, thresholds, errors, end)
 
 
 @dataclass

@@ -183,17 +183,24 @@ def draw_port(p: Painter, port: PortFacts) -> Drawn:
 def draw_reconstruction(p: Painter, model: ModelScores | None) -> Drawn | None:
     if model is None:
         return None
-    scores, thresholds, windows = model.scores, model.thresholds, model.windows
+    scores, errors = model.scores, model.errors
+    # evaluations' thresholds before the per-round errors began (a database older than migration 9)
+    thresholds = [r for r in model.thresholds if not errors or r["at"] < errors[0]["at"]]
     fig, axes = p.figure(1, 1, height=4.2)
     ax = axes[0, 0]
     values: list[float] = []
-    if windows:
-        ax.plot([_utc(r["at"]) for r in windows], [r["score"] for r in windows], color="tab:gray", alpha=0.6,
-                linewidth=0.8, label="window score")
-        values += [r["score"] for r in windows if r["score"] is not None]
+    if errors:
+        times = [_utc(r["at"]) for r in errors]
+        ax.plot(times, [r["max_error"] for r in errors], color="tab:blue", linewidth=1.0,
+                label="error per round (worst port)")
+        ax.plot(times, [r["median_error"] for r in errors], color="tab:gray", alpha=0.8, linewidth=0.8,
+                label="error per round (median port)")
+        values += [r["max_error"] for r in errors] + [r["median_error"] for r in errors]
+        values += _threshold_steps(ax, errors, model.end)
     if thresholds:
         # each threshold holds until the next evaluation; the last one until the end of the window
-        steps = list(thresholds) + [{"at": model.end, "threshold": thresholds[-1]["threshold"]}]
+        until = errors[0]["at"] if errors else model.end
+        steps = list(thresholds) + [{"at": until, "threshold": thresholds[-1]["threshold"]}]
         ax.plot([_utc(r["at"]) for r in steps], [r["threshold"] for r in steps], drawstyle="steps-post",
                 color="black", linewidth=1.5, label="threshold (per evaluation)")
         values += [r["threshold"] for r in thresholds]
@@ -202,7 +209,7 @@ def draw_reconstruction(p: Painter, model: ModelScores | None) -> Drawn | None:
                    zorder=3, label="anomaly (score above threshold)")
         values += [r["score"] for r in scores]
         per_score_threshold = [r for r in scores if r["threshold"] is not None]
-        if per_score_threshold and not thresholds:
+        if per_score_threshold and not thresholds and not errors:
             ax.scatter([_utc(r["created_at"]) for r in per_score_threshold],
                        [r["threshold"] for r in per_score_threshold], marker="_", s=200, color="black",
                        label="threshold at that anomaly")
@@ -211,13 +218,41 @@ def draw_reconstruction(p: Painter, model: ModelScores | None) -> Drawn | None:
     if positive and max(positive) / min(positive) > 100:
         ax.set_yscale("log")
     ax.set_ylabel("reconstruction error (scaled units)")
-    ax.set_title("Model: reconstruction error of flagged windows against the threshold")
+    ax.set_title("Model: error of each judged round against the threshold of each model version")
     ax.legend(loc="upper left", fontsize="small")
     p.time_axis(ax)
     p.save(fig, "reconstruction_error.png")
+    versions = len({r["model_version"] for r in errors})
+    judged = (f"{len(errors)} judged round{'' if len(errors) == 1 else 's'} by {versions} model "
+              f"version{'' if versions == 1 else 's'}; " if errors else "")
     return Drawn("reconstruction_error.png", "model", "Reconstruction error against the threshold",
-                 f"{len(scores)} model anomal{'y' if len(scores) == 1 else 'ies'}; the line is the threshold each "
-                 "evaluation used.")
+                 f"{judged}{len(scores)} model anomal{'y' if len(scores) == 1 else 'ies'}; the steps are the "
+                 "threshold each model version judged with.")
+
+
+def _threshold_steps(ax, errors: list, end: float | None) -> list[float]:
+    """One step line per model version: its threshold from its first judged round until the next
+    version's (the last until ``end``); an infinite threshold (stored NULL) leaves a gap."""
+    runs: list[list] = []
+    for r in errors:
+        if not runs or runs[-1][0]["model_version"] != r["model_version"]:
+            runs.append([])
+        runs[-1].append(r)
+    colors = ("black", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink")
+    labelled: set[int] = set()
+    drawn: list[float] = []
+    for k, run in enumerate(runs):
+        until = runs[k + 1][0]["at"] if k + 1 < len(runs) else max(end or run[-1]["at"], run[-1]["at"])
+        ys = [r["threshold"] if r["threshold"] is not None else float("nan") for r in run]
+        version = run[0]["model_version"]
+        label = None
+        if version not in labelled and len(labelled) < len(colors):
+            label = f"threshold, model v{version}"
+            labelled.add(version)
+        ax.plot([_utc(r["at"]) for r in run] + [_utc(until)], ys + ys[-1:], drawstyle="steps-post",
+                color=colors[version % len(colors)], linewidth=1.6, label=label)
+        drawn += [y for y in ys if y == y]
+    return drawn
 
 
 def draw_contributions(p: Painter, anomaly: ModelAnomaly, top: int = 12) -> Drawn | None:

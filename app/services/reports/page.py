@@ -14,7 +14,7 @@ writes index.html and report.json.
 Rates are per second of each round (rounds differ in length). Every drop figure (overview,
 traffic, blocklist figure, blocklist table, report.json ``drops``) is the sum of the ledger's
 per-round drop rows (``blacklist_drops``), so they agree.
-  reconstruction_error.png  model anomaly scores against the threshold over time
+  reconstruction_error.png  the model's error per judged round against each model version's threshold
   contributions_<id>.png    per-feature contributions of one model anomaly
   blocklist.png         entries in force and packets dropped per round
   occupancy.png         listeners per round, new/gone listeners and process changes
