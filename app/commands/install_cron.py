@@ -352,7 +352,8 @@ def run(args, settings) -> int:
         + [f"interface {settings.general.interface or 'the default-route one'}"] \
         + ([f"{len(env)} PORTWATCH_* setting(s)"] if env else [])
     where = f"units in {unit_dir}" if args.systemd else str(cron_file)
-    print(f"wrote {where}: collector every minute, evaluator hourly, cleanup daily{', fleet node service' if args.fleet_node else ''} (user {args.user}, python "
+    node = ", the fleet node as a service" if args.fleet_node else ""
+    print(f"wrote {where}: collector every minute, evaluator hourly, cleanup daily{node} (user {args.user}, python "
           f"{python}; {', '.join(carried)}); logs in {log_dir}" + (f", rotated by {rotate}" if rotate else ""))
     if args.systemd:
         print(f"enable them with: systemctl daemon-reload && systemctl enable --now {' '.join(timer_names(the_jobs))}"
