@@ -5,7 +5,8 @@ serve    the coordinator: a Flower SuperLink (TLS from [fleet]) and a federation
 node     this host's Flower SuperNode in the foreground (run it as a service); it trains the fleet's
          weights on this host's normal windows and adopts the result as a model version 'fleet'.
 status   this host's model versions by origin, the coordinator's record when this is the coordinator,
-         and the CrowdSec sync (pulled, pushed, pending); --json prints one object.
+         and the CrowdSec sync (pulled, pushed, pending); --json prints one object. Also written to
+         the metrics textfile (metrics.textfile_dir; see app/services/metrics.py, portwatch_fleet_*).
 
 Exit codes: 0 ok; 2 bad [fleet] settings; 7 Flower missing; 1 a federation that did not finish.
 """
@@ -42,6 +43,8 @@ def run(args, settings) -> int:
         from app.services.fleet import flower
         return flower.node(settings)
     state = gather(settings)
+    from app.services.fleet import view
+    view.write_status(settings, state)
     if args.json:
         print(json.dumps(state, indent=2, sort_keys=True))
         return 0
@@ -68,7 +71,7 @@ def gather(settings) -> dict:
         "fleet_versions": len(fleet_versions), "local_versions": len(models) - len(fleet_versions),
         "superlink": settings.fleet.superlink or None, "coordinator": record(settings) or None,
         "superlink_reachable": _reachable(settings.fleet.superlink) if settings.fleet.superlink else None,
-        "crowdsec": sync,
+        "crowdsec": sync, "models": models,
     }
 
 

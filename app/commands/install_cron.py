@@ -16,6 +16,10 @@ busy makes the next one exit 6 with one line in its log instead of overlapping i
   hourly (:07)   app/port_detector.py                       (one evaluation; writes the report)
   daily (03:23)  python -m app cleanup                       (retention.keep_days)
 
+  --fleet-node   (with --systemd) portwatch-fleet-node.service: `python -m app fleet node`, this host's
+                 Flower SuperNode, a long-running service (Restart=on-failure), not a timer. A node is a
+                 daemon, not a cron job: without --systemd --fleet-node is refused with that advice.
+
 The jobs need root (XDP, pinned maps, process owners): --user must name a uid-0 account.
 --uninstall removes what an install wrote (the crontab or the units, and the logrotate file).
 crontab.example at the repository root holds the same entries for a user crontab;
@@ -54,6 +58,7 @@ examples:
   sudo .venv/bin/python -m app install-cron --interface eth0
   sudo .venv/bin/python -m app --db /srv/pw/ports.db install-cron --dry-run
   sudo .venv/bin/python -m app install-cron --systemd      # then: systemctl enable --now portwatch-*.timer
+  sudo .venv/bin/python -m app install-cron --systemd --fleet-node   # and the fleet's per-host node
   sudo .venv/bin/python -m app install-cron --uninstall"""
 
 
@@ -160,6 +165,28 @@ def unit_files(the_jobs: list[Job], root: Path, log_dir: Path, env: dict[str, st
     return out
 
 
+FLEET_NODE_UNIT = "portwatch-fleet-node.service"
+
+
+def fleet_node_unit(python: Path, root: Path, db: str, config: str | None, log_dir: Path,
+                    env: dict[str, str]) -> str:
+    """The service of `python -m app fleet node` (the Flower SuperNode): long-running, restarted on failure."""
+    from app import permissions
+    argv = [str(python), "-m", "app", "fleet", "node", "--db", str(Path(db).absolute())] + \
+        (["--config", str(Path(config).absolute())] if config else [])
+    log = log_dir / "fleet-node.log"
+    lines = [f"# {MARK}; install-cron --systemd --uninstall removes it.",
+             "[Unit]", "Description=portwatch fleet node (Flower SuperNode of this host)",
+             "Wants=network-online.target", "After=network-online.target", "",
+             "[Service]", "Type=simple", f"UMask={permissions.umask():04o}",
+             f"WorkingDirectory={_unit_quote(str(root))}"]
+    lines += [f"Environment={_unit_quote(f'{k}={v}')}" for k, v in env.items()]
+    lines += [f"ExecStart={' '.join(_unit_quote(a) for a in argv)}", "Restart=on-failure", "RestartSec=30",
+              f"StandardOutput=append:{log}", f"StandardError=append:{log}", "",
+              "[Install]", "WantedBy=multi-user.target", ""]
+    return "\n".join(lines)
+
+
 def timer_names(the_jobs: list[Job]) -> list[str]:
     return [f"portwatch-{job.name}.timer" for job in the_jobs]
 
@@ -192,6 +219,9 @@ def register(sub) -> None:
                         help=f"system crontab to write (default: {DEFAULT_CRON_FILE})")
     parser.add_argument("--systemd", action="store_true",
                         help="write systemd service and timer units instead of a crontab (not enabled)")
+    parser.add_argument("--fleet-node", action="store_true",
+                        help=f"with --systemd also write {FLEET_NODE_UNIT} (python -m app fleet node, a "
+                             "long-running service restarted on failure)")
     parser.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR, metavar="DIR",
                         help=f"where --systemd writes the units (default: {DEFAULT_UNIT_DIR})")
     parser.add_argument("--logrotate-file", default=DEFAULT_LOGROTATE_FILE, metavar="PATH",
@@ -247,7 +277,7 @@ def uninstall(args, targets: list[Path]) -> int:
         return 0
     if args.systemd and Path(args.unit_dir) == Path(DEFAULT_UNIT_DIR) and Path("/run/systemd/system").is_dir():
         import subprocess
-        timers = [p.name for p in present if p.suffix == ".timer"]
+        timers = [p.name for p in present if p.suffix == ".timer" or p.name == FLEET_NODE_UNIT]
         if timers:
             subprocess.run(["systemctl", "disable", "--now", *timers], capture_output=True, check=False)
     for path in present:
@@ -274,9 +304,13 @@ def run(args, settings) -> int:
     if not args.systemd and cron_file.parent == Path("/etc/cron.d") and "." in cron_file.name:
         raise UsageError(f"cron ignores files in /etc/cron.d whose names contain a dot: choose a name like "
                          f"{cron_file.name.replace('.', '-')}")
+    if args.fleet_node and not args.systemd and not args.uninstall:
+        raise UsageError("a fleet node is a long-running daemon, not a cron job: install it as a service with "
+                         "--systemd --fleet-node")
     the_jobs = jobs(python, REPO_ROOT, settings.general.db, settings.config_path, settings.general.interface or None)
     if args.uninstall:
-        targets = ([unit_dir / name for name in unit_files(the_jobs, REPO_ROOT, log_dir, {})] if args.systemd
+        targets = ([unit_dir / name for name in [*unit_files(the_jobs, REPO_ROOT, log_dir, {}), FLEET_NODE_UNIT]]
+                   if args.systemd
                    else [cron_file]) + ([rotate] if rotate else [])
         return uninstall(args, targets)
     if not (python.is_file() and os.access(python, os.X_OK)):
@@ -285,6 +319,12 @@ def run(args, settings) -> int:
     files: dict[Path, str] = {}
     if args.systemd:
         files.update({unit_dir / name: text for name, text in unit_files(the_jobs, REPO_ROOT, log_dir, env).items()})
+        if args.fleet_node:
+            problems = settings.fleet.problems("node")       # a node that cannot start would restart forever
+            if problems:
+                raise UsageError(f"cannot install the fleet node: {'; '.join(problems)}")
+            files[unit_dir / FLEET_NODE_UNIT] = fleet_node_unit(python, REPO_ROOT, settings.general.db,
+                                                                settings.config_path, log_dir, env)
     else:
         if not cron_file.parent.is_dir():
             raise UsageError(f"directory {cron_file.parent} does not exist: install cron (apt-get install cron) "
@@ -312,8 +352,13 @@ def run(args, settings) -> int:
         + [f"interface {settings.general.interface or 'the default-route one'}"] \
         + ([f"{len(env)} PORTWATCH_* setting(s)"] if env else [])
     where = f"units in {unit_dir}" if args.systemd else str(cron_file)
-    print(f"wrote {where}: collector every minute, evaluator hourly, cleanup daily (user {args.user}, python "
+    node = ", the fleet node as a service" if args.fleet_node else ""
+    print(f"wrote {where}: collector every minute, evaluator hourly, cleanup daily{node} (user {args.user}, python "
           f"{python}; {', '.join(carried)}); logs in {log_dir}" + (f", rotated by {rotate}" if rotate else ""))
     if args.systemd:
-        print(f"enable them with: systemctl daemon-reload && systemctl enable --now {' '.join(timer_names(the_jobs))}")
+        print(f"enable them with: systemctl daemon-reload && systemctl enable --now {' '.join(timer_names(the_jobs))}"
+              + (f" {FLEET_NODE_UNIT}" if args.fleet_node else ""))
+    elif settings.fleet.superlink:
+        print(f"fleet.superlink is set: the fleet node is a daemon, not a cron job; install it as a service with "
+              f"install-cron --systemd --fleet-node ({FLEET_NODE_UNIT})")
     return 0

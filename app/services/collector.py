@@ -378,8 +378,9 @@ class Collector:
         """Reconcile the blocklist ledger with the pinned map (expiries, re-adds after a reload),
         after a CrowdSec sync when one is configured (bounded in time, never raises)."""
         if self.settings.crowdsec.lapi_url:
-            from app.services.fleet import crowdsec
+            from app.services.fleet import crowdsec, view
             crowdsec.sync_round(self.conn, self.settings)
+            view.write_sync(self.conn, self.settings)
         self._reconcile()
 
 

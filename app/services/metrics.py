@@ -26,6 +26,20 @@ Health (app/services/health.py, written by ``status`` and the hourly job, no ``t
   portwatch_health_check{check="rounds"}   1 ok, 0 failed, NaN could not be checked
   portwatch_healthy                        1 when every check passed
 
+Fleet (app/services/fleet/view.py, written by ``fleet status`` and by the collector's CrowdSec sync,
+no ``task`` label; NaN where unknown, e.g. no fleet model adopted yet)::
+
+  portwatch_fleet_model_version                      version of the latest model adopted from the fleet
+  portwatch_fleet_last_contribution_timestamp_seconds when this host last took part in a federation
+  portwatch_fleet_models{origin="local|fleet"}       model versions by origin
+  portwatch_fleet_hosts                              hosts in the coordinator's last federation
+  portwatch_fleet_superlink_up                       1 reachable, 0 not (written by ``fleet status`` only)
+  portwatch_crowdsec_pulled_total, portwatch_crowdsec_pushed_total   decisions pulled / alerts pushed
+  portwatch_crowdsec_pending, portwatch_crowdsec_dropped_total       pushes waiting / dropped (queue full)
+  portwatch_crowdsec_decisions, portwatch_crowdsec_enforced, portwatch_crowdsec_refused
+  portwatch_crowdsec_lapi_up                         0 when the last sync ended in an error (the last error)
+  portwatch_crowdsec_last_pull_timestamp_seconds, portwatch_crowdsec_last_push_timestamp_seconds
+
 Writing metrics never fails a run: problems are logged as warnings.
 """
 from __future__ import annotations
@@ -70,6 +84,23 @@ GAUGES = {
     "health_check": "1 when the health check named in 'check' passed, 0 when it failed, NaN when unknown.",
     "healthy": "1 when every health check passed (python -m app status exits 0), else 0.",
 }
+FLEET_GAUGES = {
+    "fleet_model_version": "Version of the latest model adopted from the fleet (NaN: none yet).",
+    "fleet_last_contribution_timestamp_seconds": "Unix time this host last took part in a federation (NaN: never).",
+    "fleet_models": "Model versions in this host's database by origin (local or fleet).",
+    "fleet_hosts": "Hosts in the coordinator's last federation (NaN: not the coordinator).",
+    "fleet_superlink_up": "1 when the fleet coordinator's SuperLink accepted a connection, else 0.",
+    "crowdsec_pulled_total": "Decisions pulled from the CrowdSec LAPI (all rounds).",
+    "crowdsec_pushed_total": "Alerts with a decision accepted by the CrowdSec LAPI (all rounds).",
+    "crowdsec_dropped_total": "Queued pushes dropped because the queue was full (crowdsec.max_pending).",
+    "crowdsec_pending": "Pushes waiting for the CrowdSec LAPI.",
+    "crowdsec_decisions": "LAPI ban decisions mirrored here.",
+    "crowdsec_enforced": "Blocklist entries in force of origin crowdsec.",
+    "crowdsec_refused": "Mirrored LAPI decisions refused by an interlock.",
+    "crowdsec_lapi_up": "0 when the last CrowdSec sync ended in an error (the LAPI down), else 1.",
+    "crowdsec_last_pull_timestamp_seconds": "Unix time of the last successful pull from the LAPI (NaN: never).",
+    "crowdsec_last_push_timestamp_seconds": "Unix time of the last successful push to the LAPI (NaN: never).",
+}
 HEALTH_JOB = "health"        # the samples write_health replaces (they carry no task label)
 RUN_METRICS = {
     "runs_total": ("counter", "Runs of the job."),
@@ -92,6 +123,8 @@ def metric_name(key: str) -> tuple[str, str, str]:
         return f"{PREFIX}{key}_total", "counter", COUNTERS[key]
     if key in GAUGES:
         return PREFIX + key, "gauge", GAUGES[key]
+    if key in FLEET_GAUGES:
+        return PREFIX + key, "counter" if key.endswith("_total") else "gauge", FLEET_GAUGES[key]
     if key.endswith("_total"):
         return PREFIX + key, "counter", f"portwatch {key[:-6].replace('_', ' ')} (accumulated across runs)."
     return PREFIX + key, "gauge", f"portwatch {key.replace('_', ' ')} (last run)."
@@ -218,10 +251,9 @@ def write_metrics(settings, job: str, values: Mapping[str, float] | None = None,
     return path
 
 
-def write_health(settings, health) -> Path | None:
-    """Replace the health samples (app.services.health.Health) in the textfile; None when
-    metrics.textfile_dir is not set or the file could not be written (logged)."""
-    from app.services.health import metric_values
+def _replace(settings, drop, new: Mapping) -> Path | None:
+    """Drop the samples ``drop(name)`` selects from the textfile and add ``new``, under the lock;
+    None when metrics.textfile_dir is not set or the file could not be written (logged)."""
     directory = getattr(settings.metrics, "textfile_dir", "")
     if not directory:
         return None
@@ -234,16 +266,37 @@ def write_health(settings, health) -> Path | None:
                 samples = parse_samples(path.read_text())
             except FileNotFoundError:
                 samples = {}
-            samples = {k: v for k, v in samples.items()
-                       if k[0] not in (PREFIX + "health_check", PREFIX + "healthy")}
-            for (key, check), value in metric_values(health).items():
-                samples[(PREFIX + key, (("check", check),))] = value
-            samples[(PREFIX + "healthy", ())] = 1.0 if health.healthy else 0.0
+            samples = {k: v for k, v in samples.items() if not drop(k[0])}
+            samples.update(new)
             _write(path, samples)
     except OSError as exc:
         log.warning("cannot write metrics to %s: %s (metrics.textfile_dir)", path, exc.strerror or exc)
         return None
     return path
+
+
+def write_health(settings, health) -> Path | None:
+    """Replace the health samples (app.services.health.Health) in the textfile; None when
+    metrics.textfile_dir is not set or the file could not be written (logged)."""
+    from app.services.health import metric_values
+    new = {(PREFIX + key, (("check", check),)): value for (key, check), value in metric_values(health).items()}
+    new[(PREFIX + "healthy", ())] = 1.0 if health.healthy else 0.0
+    return _replace(settings, lambda name: name in (PREFIX + "health_check", PREFIX + "healthy"), new)
+
+
+def write_fleet(settings, values: Mapping[str, float], keep_missing: bool = True) -> Path | None:
+    """Write the fleet samples ``values`` ({FLEET_GAUGES key, or (key, ((label, value), ...)): number}).
+    keep_missing: a fleet metric not in ``values`` keeps its last sample (the collector writes the
+    CrowdSec ones only, ``fleet status`` all of them)."""
+    new = {}
+    for key, value in values.items():
+        key, labels = key if isinstance(key, tuple) else (key, ())
+        if key not in FLEET_GAUGES:
+            raise ValueError(f"unknown fleet metric {key!r}")
+        new[(PREFIX + key, tuple(sorted(labels)))] = float("nan") if value is None else float(value)
+    names = {name for name, _ in new}
+    fleet = tuple(PREFIX + k for k in FLEET_GAUGES)
+    return _replace(settings, lambda name: name in names or (not keep_missing and name in fleet), new)
 
 
 @contextmanager

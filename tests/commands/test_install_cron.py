@@ -165,3 +165,49 @@ def test_logrotate_file_is_valid(paths, tmp_path):
     check = subprocess.run(["logrotate", "-d", "-s", str(tmp_path / "state2"), str(shipped)],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and "error" not in check.stderr.lower(), check.stderr
+
+
+def test_fleet_node_service(paths, state_env, capsys, monkeypatch, tmp_path):
+    """--systemd --fleet-node: `python -m app fleet node` as a long-running service restarted on failure;
+    the cron variant refuses it (a node is a daemon); a node that could not start is refused."""
+    monkeypatch.setenv("PORTWATCH_FLEET_SUPERLINK", "198.18.80.1:9092")
+    assert main([*_args(paths, "--fleet-node")]) == 2                       # cron: use systemd for it
+    assert "--systemd --fleet-node" in capsys.readouterr().err
+    assert not paths["cron"].exists() and not any(paths["units"].iterdir())
+    assert main([*_args(paths, "--systemd", "--fleet-node")]) == 2          # no TLS CA: it would never start
+    assert "fleet.ca_cert is not set" in capsys.readouterr().err and not any(paths["units"].iterdir())
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("PORTWATCH_FLEET_CA_CERT", str(ca))
+    db = state_env / "ports.db"
+    assert main(["--db", str(db), *_args(paths, "--systemd", "--fleet-node")]) == 0
+    out = capsys.readouterr().out
+    assert "portwatch-cleanup.timer portwatch-fleet-node.service" in out
+    unit = (paths["units"] / "portwatch-fleet-node.service").read_text()
+    lines = unit.splitlines()
+    assert "Type=simple" in lines and "Restart=on-failure" in lines and "WantedBy=multi-user.target" in lines
+    assert not (paths["units"] / "portwatch-fleet-node.timer").exists()
+    exec_start = next(line for line in lines if line.startswith("ExecStart="))
+    assert f"-m app fleet node --db {db} --config " in exec_start           # what this run was given
+    assert f"Environment=PORTWATCH_FLEET_SUPERLINK=198.18.80.1:9092" in lines
+    assert f"StandardOutput=append:{paths['logs']}/fleet-node.log" in lines
+    # the unit's command is one the CLI accepts (argparse of `fleet node`, not run)
+    from app.cli import build_parser
+    argv = shlex.split(exec_start.split("=", 1)[1])
+    assert argv[1:3] == ["-m", "app"]
+    parsed = build_parser().parse_args(argv[3:])
+    assert (parsed.command, parsed.action, parsed.db) == ("fleet", "node", str(db))
+    if shutil.which("systemd-analyze"):
+        check = subprocess.run(["systemd-analyze", "verify", str(paths["units"] / "portwatch-fleet-node.service")],
+                               capture_output=True, text=True, timeout=60)
+        problems = [line for line in check.stderr.splitlines() if "portwatch-" in line]
+        assert not problems, check.stderr
+    assert main([*_args(paths, "--systemd", "--uninstall")]) == 0
+    assert not any(paths["units"].iterdir())
+    assert "removed 8 file(s)" in capsys.readouterr().out
+
+
+def test_cron_with_a_fleet_says_to_use_systemd_for_the_node(paths, capsys, monkeypatch):
+    monkeypatch.setenv("PORTWATCH_FLEET_SUPERLINK", "198.18.80.1:9092")
+    assert main(_args(paths)) == 0
+    assert "install-cron --systemd --fleet-node" in capsys.readouterr().out

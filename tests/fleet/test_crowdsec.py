@@ -5,6 +5,7 @@ stalled LAPI, the bounded queue; and (kernel) host A's scan block enforced by ho
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -17,7 +18,7 @@ from app.db import fleet as fleet_db
 from app.db.connection import connect
 from app.services import blocklist, decisions
 from app.services.host import local_addresses
-from app.services.fleet import crowdsec
+from app.services.fleet import crowdsec, view
 from app.services.fleet.lapi import go_duration
 from tests.helpers import UdpSink, add_evaluation, blocklist_settings, collect, finding, send_udp
 
@@ -41,6 +42,13 @@ def host(tmp_path, name, lapi=None, pin_root=None, bouncer=True, machine=True, *
             lapi.machine(f"portwatch-{name}", f"pw-{name}-secret")
             s.crowdsec.machine_id, s.crowdsec.machine_password = f"portwatch-{name}", f"pw-{name}-secret"
     return s, connect(s.general.db)
+
+
+def prom_samples(path) -> dict:
+    """{(name, sorted labels): value} of a textfile, read with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return {(sm.name, tuple(sorted(sm.labels.items()))): sm.value
+            for f in text_string_to_metric_families(Path(path).read_text()) for sm in f.samples}
 
 
 def events(conn, action):
@@ -93,6 +101,15 @@ def test_unreachable_lapi_keeps_local_blocking_and_queues_bounded(tmp_path):
     assert crowdsec.status(conn)["lapi_down"] is True
     r = crowdsec.sync_round(conn, s)                             # nothing queued twice
     assert r.queued == 0 and r.pending == 2
+    # the collector's round exports the sync state (read back with prometheus_client's parser)
+    s.metrics.textfile_dir = str(tmp_path / "textfile")
+    got = prom_samples(view.write_sync(conn, s))
+    assert got[("portwatch_crowdsec_lapi_up", ())] == 0 and got[("portwatch_crowdsec_pending", ())] == 2
+    assert got[("portwatch_crowdsec_dropped_total", ())] == 1 and got[("portwatch_crowdsec_pulled_total", ())] == 0
+    assert got[("portwatch_crowdsec_enforced", ())] == 0         # the three blocks are local ('auto'), not crowdsec's
+    assert math.isnan(got[("portwatch_crowdsec_last_pull_timestamp_seconds", ())])
+    assert math.isnan(got[("portwatch_fleet_model_version", ())])
+    assert got[("portwatch_fleet_models", (("origin", "fleet"),))] == 0
     conn.close()
 
 
@@ -286,6 +303,7 @@ def test_fleet_status_shows_the_sync(lapi, tmp_path, capsys):
         for k, v in env.items():
             mp.setenv(k, v)
         mp.setenv("PORTWATCH_CONFIG", str(tmp_path / "b" / "none.toml"))
+        mp.setenv("PORTWATCH_METRICS_TEXTFILE_DIR", str(tmp_path / "textfile"))
         assert main(["fleet", "status", "--json", "--db", s.general.db]) == 0
         state = json.loads(capsys.readouterr().out)
         assert main(["fleet", "status", "--db", s.general.db]) == 0
@@ -294,3 +312,9 @@ def test_fleet_status_shows_the_sync(lapi, tmp_path, capsys):
     # the round pulls before it pushes: the LAPI's one decision mirrored and enforced, its own block pushed
     assert (cs["lapi_down"], cs["decisions"], cs["enforced"], cs["pushed_total"], cs["pending"]) == (False, 1, 1, 1, 0)
     assert "crowdsec: LAPI reachable" in text and "pushed 1, 0 pending" in text
+    got = prom_samples(tmp_path / "textfile" / "portwatch.prom")          # `fleet status` exports the same
+    assert (got[("portwatch_crowdsec_lapi_up", ())], got[("portwatch_crowdsec_decisions", ())],
+            got[("portwatch_crowdsec_enforced", ())], got[("portwatch_crowdsec_pushed_total", ())],
+            got[("portwatch_crowdsec_pending", ())]) == (1, 1, 1, 1, 0)
+    assert got[("portwatch_crowdsec_pulled_total", ())] == cs["pulled_total"] >= 1
+    assert got[("portwatch_crowdsec_last_pull_timestamp_seconds", ())] == pytest.approx(cs["last_pull_at"])

@@ -3,13 +3,17 @@ SuperLink with TLS from certificates generated here) and three hosts' SuperNodes
 host with its own state dir, config and database of synthetic rounds. After one federation round each
 host holds a model version with origin 'fleet': identical network weights, its own threshold; a host
 with 20 rounds of history (a local model would warm up for 360) flags a traffic spike at once.
+With tshark installed the round is captured on the loopback (the SuperLink's port and the nodes'): the
+weights cross it (bytes counted) but none of the hosts' source addresses or process names do.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +69,39 @@ def weights(path: str) -> list:
     return out
 
 
+def start_capture(path: Path, ports: list[int]) -> subprocess.Popen | None:
+    """tshark on lo for ``ports`` (bounded: 10 minutes at most), once it writes; None without tshark."""
+    if not shutil.which("tshark"):
+        return None
+    flt = " or ".join(f"tcp port {p}" for p in ports)
+    proc = subprocess.Popen(["tshark", "-i", "lo", "-f", flt, "-a", "duration:600", "-w", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and proc.poll() is None and not (path.exists() and path.stat().st_size):
+        time.sleep(0.2)
+    time.sleep(1.0)                                  # the file header is written before the capture starts
+    if proc.poll() is not None:
+        pytest.fail(f"tshark did not start: {proc.stderr.read().decode(errors='replace')}")
+    return proc
+
+
+def stop_capture(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def tcp_payload_bytes(path: Path, port: int) -> int:
+    out = subprocess.run(["tshark", "-r", str(path), "-Y", f"tcp.port == {port}", "-T", "fields", "-e", "tcp.len"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    return sum(int(x) for x in out.split())
+
+
 def test_one_round_gives_every_host_the_same_fleet_network_and_its_own_threshold(tmp_path):
     """Hosts h1-h3 have 60 rounds each; 'new' has 20 (it could not even fit a local model)."""
     make_certs(tmp_path)
@@ -77,6 +114,8 @@ def test_one_round_gives_every_host_the_same_fleet_network_and_its_own_threshold
         store.add_rounds(20 if i == 3 else 60)
         store.close()
     nodes = []
+    pcap = tmp_path / "lo.pcapng"
+    capture = start_capture(pcap, [port] + [s.fleet.node_port for s in hosts])
     try:
         for name, s in zip(HOSTS, hosts):           # the nodes wait for the SuperLink (they retry)
             nodes.append(flower.start(flower.supernode_command(s), tmp_path / name / "supernode.log",
@@ -85,6 +124,7 @@ def test_one_round_gives_every_host_the_same_fleet_network_and_its_own_threshold
     finally:
         for proc in nodes:
             flower.stop(proc)
+        stop_capture(capture)
     assert (record["federations"], record["rounds"], record["hosts"]) == (1, 1, len(HOSTS))
     # the coordinator's view: each host's false-alert rate against its budget, counts only (no names)
     assert len(record["per_host"]) == len(HOSTS)
@@ -104,6 +144,20 @@ def test_one_round_gives_every_host_the_same_fleet_network_and_its_own_threshold
         assert [n for n, _ in other] == [n for n, _ in first]
         assert all((a == b).all() for (_, a), (_, b) in zip(first, other))      # identical fleet weights
     assert len({round(r["threshold"], 9) for r in rows}) == len(HOSTS)          # each calibrated locally
+    if capture is not None:
+        # the loopback: the weights crossed it (each host: the fleet network in, its own out, then the
+        # aggregate in), yet no source address or process name of any host's store did
+        weight_bytes = sum(a.nbytes for _, a in first)
+        assert tcp_payload_bytes(pcap, port) > 3 * len(HOSTS) * weight_bytes
+        wire = pcap.read_bytes()
+        secrets = set()
+        for s in hosts:
+            conn = connect(s.general.db)
+            secrets |= {r[0] for r in conn.execute("SELECT DISTINCT address FROM source_stats")}
+            conn.close()
+        assert len(secrets) >= 3
+        secrets |= {"sshd", "nginx"}
+        assert not sorted(x for x in secrets if x.encode() in wire), "a host's address or process name on the wire"
     out = subprocess.run([sys.executable, "-m", "app", "fleet", "status", "--json", "--db", hosts[0].general.db],
                          capture_output=True, text=True, timeout=60,
                          env={"PORTWATCH_CONFIG": str(tmp_path / "h1" / "config.toml"), "PATH": "/usr/bin:/bin"})

@@ -171,3 +171,30 @@ def test_prometheus_client_parser_accepts_it(settings):
     families = {f.name: f for f in parser.text_string_to_metric_families(path.read_text())}
     assert families["portwatch_rounds"].type == "counter"
     assert families["portwatch_blocklist_entries"].samples[0].labels == {"task": "collector"}
+
+
+def test_fleet_samples_replace_only_their_own(settings):
+    from prometheus_client.parser import text_string_to_metric_families
+    write_metrics(settings, "collector", {"rounds": 1})
+    metrics.write_fleet(settings, {"crowdsec_pulled_total": 7, "crowdsec_pending": 2, "crowdsec_lapi_up": 1,
+                                   "fleet_model_version": 4, ("fleet_models", (("origin", "fleet"),)): 1})
+    path = metrics.write_fleet(settings, {"crowdsec_pending": 0, "crowdsec_lapi_up": 0,
+                                          "crowdsec_last_pull_timestamp_seconds": None})
+    text = path.read_text()
+    types = check_exposition(text)
+    assert types["portwatch_crowdsec_pulled_total"] == "counter" and types["portwatch_crowdsec_pending"] == "gauge"
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["portwatch_crowdsec_pulled"].type == "counter"
+    assert families["portwatch_crowdsec_pulled"].samples[0].value == 7          # kept: not mentioned (collector)
+    assert families["portwatch_crowdsec_pending"].samples[0].value == 0         # replaced
+    assert families["portwatch_fleet_model_version"].samples[0].value == 4
+    assert math.isnan(families["portwatch_crowdsec_last_pull_timestamp_seconds"].samples[0].value)
+    assert families["portwatch_fleet_models"].samples[0].labels == {"origin": "fleet"}
+    assert families["portwatch_rounds"].samples[0].labels == {"task": "collector"}   # other jobs untouched
+    path = metrics.write_fleet(settings, {"crowdsec_pending": 3}, keep_missing=False)   # `fleet status`
+    samples = parse_samples(path.read_text())
+    assert [k for k in samples if k[0].startswith(("portwatch_fleet", "portwatch_crowdsec"))] == [
+        ("portwatch_crowdsec_pending", ())]
+    assert ("portwatch_rounds_total", (("task", "collector"),)) in samples
+    with pytest.raises(ValueError, match="unknown fleet metric"):
+        metrics.write_fleet(settings, {"crowdsec_bogus": 1})
