@@ -1,4 +1,4 @@
--- portwatch schema, version 9 (PRAGMA user_version): the newest schema, for a fresh database; older
+-- portwatch schema, version 10 (PRAGMA user_version): the newest schema, for a fresh database; older
 -- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
@@ -325,7 +325,8 @@ CREATE TABLE IF NOT EXISTS blacklist (
     status       TEXT NOT NULL,              -- 'active', 'expired', 'removed', 'dry-run'
     drops        INTEGER NOT NULL DEFAULT 0, -- packets dropped for this entry, all time
     offences     INTEGER NOT NULL DEFAULT 1,
-    removed_at   REAL
+    removed_at   REAL,
+    direction    TEXT NOT NULL DEFAULT 'in'  -- 'in': a source (XDP blacklist), 'out': a destination (TC eg_block)
 );
 
 CREATE TABLE IF NOT EXISTS blacklist_drops (
@@ -505,4 +506,4 @@ SELECT a.id AS anomaly_id, a.detector, a.evaluation_id,
        json_extract(s.value, '$.note') AS note
 FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE '{}' END, '$.sources') s;
 
-PRAGMA user_version = 9;
+PRAGMA user_version = 10;

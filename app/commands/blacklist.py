@@ -12,7 +12,8 @@ from app.errors import EXIT_OK, NeedsRootError, UsageError
 DESCRIPTION = """The blocklist: the `blacklist` table in the database is the truth, the pinned XDP map of
 every watched interface enforces it (blocked sources' packets are dropped before the network stack).
 
-  list [--json] [--all]                      listed entries with status, expiry, drops, offences and the
+  list [--json] [--all]                      listed entries with direction (in: a source; out: a destination
+                                             blocked in TC egress), status, expiry, drops, offences and the
                                              finding behind each (anomaly N: `anomalies show N` explains it)
   add ADDR[/LEN] [--ttl S] [--reason TEXT]   block an IPv4/IPv6 address or prefix (default ttl:
                                              blocklist.manual_ttl_seconds)
@@ -103,7 +104,7 @@ def list_entries(args, settings) -> int:
                 pending = {}
         finally:
             conn.close()
-    items = [{"address": r["address"], "status": r["status"], "reason": r["reason"], "origin": r["origin"],
+    items = [{"address": r["address"], "direction": _direction(r), "status": r["status"], "reason": r["reason"], "origin": r["origin"],
               "created_at": r["created_at"], "expires_at": r["expires_at"],
               "drops": r["drops"] + (pending.get(r["address"], 0) if r["status"] == "active" else 0),
               "offences": r["offences"], "anomaly_id": r["anomaly_id"], "removed_at": r["removed_at"],
@@ -116,8 +117,8 @@ def list_entries(args, settings) -> int:
     if not items:
         print("the blocklist is empty")
         return EXIT_OK
-    header = ("ADDRESS", "STATUS", "EXPIRES", "DROPS", "OFFENCES", "ORIGIN", "FINDING", "REASON")
-    table = [header] + [(i["address"], i["status"], _when(i["expires_at"]), str(i["drops"]), str(i["offences"]),
+    header = ("ADDRESS", "DIR", "STATUS", "EXPIRES", "DROPS", "OFFENCES", "ORIGIN", "FINDING", "REASON")
+    table = [header] + [(i["address"], i["direction"], i["status"], _when(i["expires_at"]), str(i["drops"]), str(i["offences"]),
                          i["origin"], f"anomaly {i['anomaly_id']}" if i["anomaly_id"] is not None else "-",
                          i["finding"] or i["reason"]) for i in items]
     widths = [max(len(row[c]) for row in table) for c in range(len(header) - 1)]
@@ -126,6 +127,11 @@ def list_entries(args, settings) -> int:
     if any(i["anomaly_id"] is not None for i in items):
         print("explain a finding: python -m app anomalies show ID (the number after 'anomaly')")
     return EXIT_OK
+
+
+def _direction(row) -> str:
+    """'in' (a source, dropped in XDP) or 'out' (a destination this host may not send to, dropped in TC)."""
+    return row["direction"] if "direction" in row.keys() else "in"
 
 
 def _when(t: float | None) -> str:

@@ -36,14 +36,18 @@ def get_entry(conn, address: str) -> sqlite3.Row | None:
     return conn.execute("SELECT * FROM blacklist WHERE address = ?", (address,)).fetchone()
 
 
-def entries(conn, statuses: Iterable[str] | None = LISTED) -> list[sqlite3.Row]:
-    """Ledger rows with one of ``statuses`` (None: all), newest first."""
-    if statuses is None:
-        return conn.execute("SELECT * FROM blacklist ORDER BY created_at DESC, address").fetchall()
-    statuses = tuple(statuses)
-    marks = ", ".join("?" * len(statuses))
-    return conn.execute(f"SELECT * FROM blacklist WHERE status IN ({marks}) ORDER BY created_at DESC, address",
-                        statuses).fetchall()
+def entries(conn, statuses: Iterable[str] | None = LISTED, direction: str | None = None) -> list[sqlite3.Row]:
+    """Ledger rows with one of ``statuses`` (None: all) and ``direction`` ('in' | 'out'; None: both), newest first."""
+    where, args = [], []
+    if statuses is not None:
+        statuses = tuple(statuses)
+        where.append(f"status IN ({', '.join('?' * len(statuses))})")
+        args.extend(statuses)
+    if direction is not None:
+        where.append("direction = ?")
+        args.append(direction)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    return conn.execute(f"SELECT * FROM blacklist{clause} ORDER BY created_at DESC, address", args).fetchall()
 
 
 def count_status(conn, status: str) -> int:
@@ -51,15 +55,16 @@ def count_status(conn, status: str) -> int:
 
 
 def upsert_entry(conn, address: str, reason: str, evidence: str | None, anomaly_id: int | None, origin: str,
-                 created_at: float, expires_at: float | None, status: str, offences: int) -> None:
-    """Insert or replace the ledger row of ``address``, keeping its all-time ``drops``."""
+                 created_at: float, expires_at: float | None, status: str, offences: int, direction: str = "in") -> None:
+    """Insert or replace the ledger row of ``address``, keeping its all-time ``drops``. ``direction``:
+    'in' (a source: the XDP blacklist) or 'out' (a destination: the TC egress block)."""
     conn.execute(
         "INSERT INTO blacklist (address, reason, evidence, anomaly_id, origin, created_at, expires_at, status, "
-        "offences, removed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL) ON CONFLICT(address) DO UPDATE SET "
-        "reason = excluded.reason, evidence = excluded.evidence, anomaly_id = excluded.anomaly_id, "
+        "offences, removed_at, direction) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?) ON CONFLICT(address) DO UPDATE "
+        "SET reason = excluded.reason, evidence = excluded.evidence, anomaly_id = excluded.anomaly_id, "
         "origin = excluded.origin, created_at = excluded.created_at, expires_at = excluded.expires_at, "
-        "status = excluded.status, offences = excluded.offences, removed_at = NULL",
-        (address, reason, evidence, anomaly_id, origin, created_at, expires_at, status, offences))
+        "status = excluded.status, offences = excluded.offences, removed_at = NULL, direction = excluded.direction",
+        (address, reason, evidence, anomaly_id, origin, created_at, expires_at, status, offences, direction))
 
 
 def mark_removed(conn, address: str, at: float) -> None:

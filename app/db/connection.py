@@ -265,6 +265,11 @@ FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE 
     # 9: issue 11: the model's error per judged round (max and median over ports) with the model version and
     #    threshold in force: the report draws error over time against the threshold history
     9: MODEL_ROUND_ERRORS_SQL,
+    # 10: the blocklist's direction: 'in' (a source, dropped in XDP) or 'out' (a destination this host may
+    #    not send to, dropped in TC egress: eg_block); every existing entry is inbound
+    10: """
+ALTER TABLE blacklist ADD COLUMN direction TEXT NOT NULL DEFAULT 'in';
+""",
 }
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 QUICK_CHECK_MAX_BYTES = 256 << 20

@@ -27,6 +27,12 @@ Evidence that survives spoofing (issue 9; :func:`judge_sources` runs before the 
     two-way evidence corroborates even a known peer, one on one-way evidence only an unknown address.
     Two-way traffic alone does not: it shows the source is real, not that it is hostile (a benign
     iperf3 burst from a real client is two-way).
+Egress (issue 12; ``blocklist.egress_block_enabled``, off by default)
+    Outbound findings (``blocklist.egress_detectors``: outbound_scan, exfiltration, beaconing) only
+    alert unless the switch is on; then the destination they name (details 'destination') goes into
+    the same ledger with direction 'out', the same TTL/escalation, interlocks, caps and dry-run/simulate,
+    and enforcement reconciles it into the TC program's ``eg_block`` map. One row per address: an
+    address listed for one direction is not listed for the other too.
 Interlocks (:class:`Protection`)
     Never blocked automatically: loopback, unspecified, every address of this host (root network
     namespace), default gateways, resolv.conf name servers, peers of established SSH sessions, the
@@ -132,6 +138,7 @@ class Decision:
     offences: int = 0
     detail: str = ""
     evidence: dict = field(default_factory=dict)
+    direction: str = "in"         # 'out': a destination this host may not send to
 
 
 @dataclass
@@ -143,6 +150,7 @@ class Candidate:
     evidence: dict
     forged: str = ""              # why the source is possibly forged (never blocked), else ""
     cap: int | None = None        # most new entries the candidate's finding may add
+    direction: str = "in"         # 'in': a source (XDP blacklist); 'out': a destination (TC egress block)
 
 
 # --- forged or not ---------------------------------------------------------------------------------
@@ -220,7 +228,7 @@ def _port(finding: Finding) -> str:
 def candidates(conn, settings, findings: Sequence[Finding]) -> list[Candidate]:
     """Sources the findings make responsible, in finding order (one per network)."""
     cfg = settings.blocklist
-    out: dict[str, Candidate] = {}
+    out: dict[tuple[str, str], Candidate] = {}
     # addresses a rule finding of this evaluation names, not forged: what corroborates a model finding
     by_rules = {s.address for f in findings if f.detector != "model" for s in f.sources if not s.forged}
     for f in findings:
@@ -233,6 +241,11 @@ def candidates(conn, settings, findings: Sequence[Finding]) -> list[Candidate]:
         if f.details.get("many_one_way_sources"):
             cap = min(cap, cfg.max_new_per_forged_flood)
         found: list[tuple[str, dict, str]] = []
+        if f.detector in cfg.egress_detectors:
+            if cfg.egress_block_enabled:
+                for c in _destinations(f, base, cap):
+                    out.setdefault(("out", str(c.network)), c)
+            continue
         if f.detector in cfg.rule_detectors:
             what = _what(f)
             if f.source:
@@ -269,10 +282,27 @@ def candidates(conn, settings, findings: Sequence[Finding]) -> list[Candidate]:
             forged = (named.note or "possibly forged") if named is not None and named.forged else ""
             if forged:
                 extra = {**extra, "forged": True}
-            key, candidate = str(network), Candidate(network, what, f.id, f.detector, {**base, **extra}, forged, cap)
+            key, candidate = ("in", str(network)), Candidate(network, what, f.id, f.detector, {**base, **extra}, forged, cap)
             if key not in out or (out[key].forged and not forged):     # evidence not forged wins over forged
                 out[key] = candidate
     return list(out.values())
+
+
+def _destinations(f: Finding, base: dict, cap: int) -> list[Candidate]:
+    """The destination an outbound finding names (details 'destination': one remote address; a scan of
+    many addresses names none and only alerts), as an egress candidate. This host sent the packets,
+    so nothing about them is forged."""
+    address = f.details.get("destination")
+    if not address:
+        log.info("%s anomaly %s names no single destination: alert only, no egress block", f.detector, f.id)
+        return []
+    try:
+        network = normalise(ipaddress.ip_network(address, strict=True))
+    except ValueError:
+        log.warning("anomaly %s names %r as a destination, which is not an address: ignored", f.id, address)
+        return []
+    what = f"{f.detector.replace('_', ' ')} to {address} (anomaly {f.id})"
+    return [Candidate(network, what, f.id, f.detector, {**base, "direction": "out"}, "", cap, "out")]
 
 
 def _usual_for_source(conn, cfg, finding: Finding, address: str) -> bool:
@@ -314,7 +344,7 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
     over_new = over_total = 0
     with db.immediate(conn):
         # what already covers a source: enforced entries (and, for a simulated decision, simulated ones too)
-        listed = [(ipaddress.ip_network(r["address"]), r["address"], r["status"])
+        listed = [(ipaddress.ip_network(r["address"]), r["address"], r["status"], r["direction"])
                   for r in db.entries(conn, db.LISTED)]
         n_listed = {s: db.count_status(conn, s) for s in db.LISTED}
         n_new = 0
@@ -323,10 +353,12 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
             address = str(c.network)
             simulated = cfg.dry_run or c.detector in cfg.simulate      # recorded as would-block, never enforced
             status, action = ("dry-run", "would-block") if simulated else ("active", "block")
-            d = Decision(address, "refused", c.reason, c.anomaly_id, c.detector, now, evidence=c.evidence)
+            d = Decision(address, "refused", c.reason, c.anomaly_id, c.detector, now, evidence=c.evidence,
+                         direction=c.direction)
             decisions.append(d)
-            covering = next((text for net, text, st in listed if (simulated or st == "active")
-                             and net.version == c.network.version and c.network.subnet_of(net)), None)
+            covering = next((text for net, text, st, way in listed if (simulated or st == "active")
+                             and way == c.direction and net.version == c.network.version
+                             and c.network.subnet_of(net)), None)
             row = db.get_entry(conn, address)
             why = protection.refusal(c.network)
             cap = cfg.max_new_per_evaluation if c.cap is None else c.cap
@@ -338,6 +370,9 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
                 d.detail = (f"cap of {cap} new blocks from one finding reached"
                             + (" (a SYN flood judged forged: blocklist.max_new_per_forged_flood)"
                                if cap < cfg.max_new_per_evaluation else ""))
+            elif row is not None and row["status"] in db.LISTED and row["direction"] != c.direction:
+                d.detail = (f"already listed for the other direction ({row['direction']}); the ledger holds one "
+                            "entry per address")
             elif covering:
                 d.action, d.detail = "skipped", f"already listed as {covering}"
                 continue
@@ -359,13 +394,14 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
                 d.action = action
                 d.detail = f"offence {d.offences}, ttl {d.ttl_seconds:.0f} s"
                 db.upsert_entry(conn, address, c.reason, json.dumps(c.evidence, default=str), c.anomaly_id, "auto",
-                                now, d.expires_at, status, d.offences)
-                listed.append((c.network, address, status))
+                                now, d.expires_at, status, d.offences, c.direction)
+                listed.append((c.network, address, status, c.direction))
                 n_new += 1
                 n_new_by_finding[c.anomaly_id] = n_new_by_finding.get(c.anomaly_id, 0) + 1
                 n_listed[status] += 1
-            db.insert_event(conn, now, address, d.action, f"{c.reason}: {d.detail}")
-            log.info("%s %s: %s (%s)", d.action, address, c.reason, d.detail)
+            egress = " (egress: sending to it)" if c.direction == "out" else ""
+            db.insert_event(conn, now, address, d.action, f"{c.reason}{egress}: {d.detail}")
+            log.info("%s %s%s: %s (%s)", d.action, address, egress, c.reason, d.detail)
     if over_new:
         log.warning("blocklist: the cap of %d new automatic blocks per evaluation was reached; %d more source(s) "
                     "were not blocked (raise blocklist.max_new_per_evaluation to allow more)",

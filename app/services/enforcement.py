@@ -6,7 +6,9 @@ after every round; the evaluator and the CLI call :func:`apply` (every interface
 Truth and enforcement
     The ``blacklist`` table is the truth (one row per CIDR: reason, evidence, anomaly, created,
     expiry, status, drops, offences); the pinned LPM trie ``<pin_root>/<interface>/blacklist`` of
-    every watched interface is the enforcement. :func:`reconcile` makes one map equal the ledger's
+    every watched interface is the enforcement of its direction 'in' rows; direction 'out' rows
+    (destinations) go into the TC program's ``<pin_root>/<interface>/eg_block`` the same way, while
+    ``blocklist.egress_block_enabled`` is on (off: that map is kept empty). :func:`reconcile` makes one map equal the ledger's
     'active' rows: expired rows leave it, missing rows are (re-)added, entries the ledger does not
     know are removed and logged. Dry-run rows (status 'dry-run') are never written to a map.
 
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 _ZERO_VALUE = bytes(PwBlacklistValue())
+EGRESS_MAP = "eg_block"                  # the TC program's pinned egress block (app/services/egress_block.py)
 _MAPPED_V4 = ipaddress.ip_network("::ffff:0:0/96")
 
 
@@ -73,6 +76,7 @@ class ReconcileResult:
     failed: list = field(default_factory=list)           # could not be written (map full)
     drops: int = 0                       # drops added to the ledger by this run
     entries: int = 0                     # entries in the map afterwards
+    egress: "ReconcileResult | None" = None  # the same for the TC egress block (eg_block), where pinned
 
 
 def pin_dirs(settings) -> list[Path]:
@@ -131,7 +135,13 @@ def reconcile(conn, settings, pin_dir: str | Path, now: float | None = None) -> 
             result.pinned = False
             return result
         with maps.PinnedMap(pin_dir / "blacklist") as blacklist:
-            _sync(conn, blacklist, result, now)
+            _sync(conn, blacklist, result, now, _active(conn, "in"), result.interface)
+        if (pin_dir / EGRESS_MAP).exists():
+            result.egress = ReconcileResult(f"{pin_dir.name} egress")
+            # the empty trie is the switch: with egress blocking off, no 'out' entry is enforced
+            wanted = _active(conn, "out") if settings.blocklist.egress_block_enabled else {}
+            with maps.PinnedMap(pin_dir / EGRESS_MAP) as eg_block:
+                _sync(conn, eg_block, result.egress, now, wanted, egress_counter_key(pin_dir.name))
     if result.unknown_removed:
         log.warning("removed %d entr%s the ledger does not know from the blacklist map of %s: %s",
                     len(result.unknown_removed), "y" if len(result.unknown_removed) == 1 else "ies",
@@ -143,10 +153,20 @@ def reconcile(conn, settings, pin_dir: str | Path, now: float | None = None) -> 
     return result
 
 
-def _sync(conn, blacklist: maps.PinnedMap, result: ReconcileResult, now: float) -> None:
-    interface = result.interface
+def _active(conn, direction: str) -> dict:
+    return {r["address"]: r for r in db.entries(conn, ("active",), direction)}
+
+
+def egress_counter_key(interface: str) -> str:
+    """The blacklist_map_counters ``interface`` of an interface's egress block map (its own baselines)."""
+    return f"{interface}/egress"
+
+
+def _sync(conn, blacklist: maps.PinnedMap, result: ReconcileResult, now: float, active: dict,
+          interface: str) -> None:
+    """Make one LPM map (the XDP blacklist or the TC eg_block) hold exactly ``active``; count its drops
+    against the baselines kept under ``interface``."""
     in_map = _read_map(blacklist)
-    active = {r["address"]: r for r in db.entries(conn, ("active",))}
     baselines = db.map_counters(conn, interface)
     for text, (key, drops, drop_bytes) in in_map.items():
         row = active.get(text)
@@ -211,7 +231,7 @@ def owned_dirs(conn, settings) -> list[Path]:
 def active_cidrs(conn, now: float | None = None) -> list[str]:
     """The ledger's active, unexpired entries (CIDR texts): what a (re)loaded map must hold before it is consulted."""
     now = time.time() if now is None else now
-    return [r["address"] for r in db.entries(conn, ("active",)) if r["expires_at"] is None or r["expires_at"] > now]
+    return [r["address"] for r in db.entries(conn, ("active",), "in") if r["expires_at"] is None or r["expires_at"] > now]
 
 
 def forget_map(conn, interface: str) -> None:
