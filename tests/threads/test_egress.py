@@ -287,3 +287,61 @@ def test_egress_block_is_off_by_default_and_drops_exactly_when_switched_on(lab, 
     assert r["egress_dropped_packets"] == 12
     # dropped packets are counted as dropped only, not as sent to that destination
     assert (destination(conn, lab.host_v4(1))["packets"], destination(conn, lab.host_v4(2))["packets"]) == (4, 3)
+
+
+def test_an_outbound_finding_blocks_its_destination_in_tc_only_when_switched_on(lab, tmp_path):
+    """The decisions path end to end: an exfiltration finding to lab host 1, after_evaluation (real
+    interlocks), the collector's reconcile writing eg_block; exactly the packets to host 1 are dropped
+    while host 2 passes. With the switch off the same finding only alerts: nothing is dropped."""
+    from app.db import blacklist as ledger
+    from app.db.connection import connect
+    from app.services import egress_block
+    from app.services.decisions import after_evaluation
+    from tests.helpers import add_evaluation, finding
+    s = make_settings(tmp_path)
+    collect(s, lab)
+    pdir = Path(s.general.pin_root) / lab.interface
+    blocked, other = lab.host_v4(1), lab.host_v4(2)
+    cidr = f"{blocked}/32"
+
+    def send(n_blocked, n_other):
+        before = peer_snmp(lab)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((lab.root_v4, 0))
+        for _ in range(n_blocked):
+            udp.sendto(b"x" * 40, (blocked, 6601))
+        for _ in range(n_other):
+            udp.sendto(b"x" * 40, (other, 6601))
+        udp.close()
+        time.sleep(0.2)
+        return peer_snmp(lab)["Udp.NoPorts"] - before["Udp.NoPorts"]     # what reached the peer namespace
+
+    def evaluate(conn):
+        f = finding("exfiltration", destination=blocked, bytes=50 << 20, rule="exfiltration")
+        return after_evaluation(conn, s, add_evaluation(conn, [f]))
+
+    conn = connect(s.general.db)
+    try:
+        decisions, _ = evaluate(conn)                                    # switch off: alert only
+        assert decisions == [] and ledger.entries(conn, None) == [] and egress_block.entries(pdir) == {}
+        assert send(5, 2) == 7
+        s.blocklist.egress_block_enabled = True
+        decisions, results = evaluate(conn)
+        assert [(d.address, d.action, d.direction) for d in decisions] == [(cidr, "block", "out")]
+        assert [r.egress.added for r in results] == [[cidr]] and [r.added for r in results] == [[]]
+        assert egress_block.entries(pdir) == {cidr: 0}
+        assert send(9, 3) == 3                                           # 9 dropped in TC, 3 to host 2 passed
+        assert egress_block.entries(pdir) == {cidr: 9}
+    finally:
+        conn.close()
+    collect(s, lab)                                                      # the round and its reconcile
+    c = db(s)
+    r = c.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
+    assert r["egress_dropped_packets"] == 9
+    row = c.execute("SELECT direction, status, drops FROM blacklist WHERE address = ?", (cidr,)).fetchone()
+    assert tuple(row) == ("out", "active", 9)
+    # switched off again: the next reconcile empties eg_block and host 1 is reachable
+    s.blocklist.egress_block_enabled = False
+    collect(s, lab)
+    assert egress_block.entries(pdir) == {} and send(4, 0) == 4
+    c.close()
