@@ -109,3 +109,17 @@ def test_dry_run_and_simulate_record_would_block(conn, tmp_path):
     decide(conn, s, add_evaluation(conn, [exfil("198.18.63.3")], at=T0 + 1), now=T0 + 1, protection=NOBODY)
     assert rows(conn)["198.18.63.3/32"] == ("out", "dry-run")
     assert ledger_events(conn, "would-block") == [("198.18.63.2/32", "would-block"), ("198.18.63.3/32", "would-block")]
+
+
+def test_migration_9_marks_every_existing_entry_inbound(tmp_path):
+    from app.db.connection import SCHEMA_VERSION
+    old = tmp_path / "v8.db"
+    c = connect(old)
+    c.executescript("ALTER TABLE blacklist DROP COLUMN direction; PRAGMA user_version = 8;")
+    c.execute("INSERT INTO blacklist (address, reason, created_at, status) VALUES ('198.18.64.1/32', 'x', 1, 'active')")
+    c.commit()
+    c.close()
+    c = connect(old)
+    assert SCHEMA_VERSION == 9 and c.execute("PRAGMA user_version").fetchone()[0] == 9
+    assert rows(c) == {"198.18.64.1/32": ("in", "active")}
+    c.close()

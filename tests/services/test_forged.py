@@ -46,7 +46,8 @@ def test_migration_8_adds_the_sources_view_beside_the_peers_table(tmp_path):
     # a version-7 file (no sources view) is upgraded by migration 8
     old = tmp_path / "old.db"
     c = connect(old)
-    c.executescript("DROP VIEW v_anomaly_sources; PRAGMA user_version = 7;")
+    c.executescript("DROP VIEW v_anomaly_sources; ALTER TABLE blacklist DROP COLUMN direction; "
+                    "PRAGMA user_version = 7;")
     c.close()
     c = connect(old)
     assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
