@@ -302,6 +302,16 @@ def pending_drops(conn, settings) -> dict[str, int]:
         baselines = db.map_counters(conn, pdir.name)
         for text, (_, drops, _) in in_map.items():
             out[text] = out.get(text, 0) + _growth(drops, baselines.get(text))
+        if (pdir / EGRESS_MAP).exists():
+            try:
+                with maps.PinnedMap(pdir / EGRESS_MAP) as eg_block:
+                    in_map = _read_map(eg_block)
+            except BpfError as exc:
+                log.debug("cannot read %s: %s", pdir / EGRESS_MAP, exc)
+                continue
+            baselines = db.map_counters(conn, egress_counter_key(pdir.name))
+            for text, (_, drops, _) in in_map.items():
+                out[text] = out.get(text, 0) + _growth(drops, baselines.get(text))
     return out
 
 

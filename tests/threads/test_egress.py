@@ -295,7 +295,7 @@ def test_an_outbound_finding_blocks_its_destination_in_tc_only_when_switched_on(
     while host 2 passes. With the switch off the same finding only alerts: nothing is dropped."""
     from app.db import blacklist as ledger
     from app.db.connection import connect
-    from app.services import egress_block
+    from app.services import egress_block, enforcement
     from app.services.decisions import after_evaluation
     from tests.helpers import add_evaluation, finding
     s = make_settings(tmp_path)
@@ -332,6 +332,7 @@ def test_an_outbound_finding_blocks_its_destination_in_tc_only_when_switched_on(
         assert egress_block.entries(pdir) == {cidr: 0}
         assert send(9, 3) == 3                                           # 9 dropped in TC, 3 to host 2 passed
         assert egress_block.entries(pdir) == {cidr: 9}
+        assert enforcement.pending_drops(conn, s) == {cidr: 9}          # what `blacklist list` adds before a round
     finally:
         conn.close()
     collect(s, lab)                                                      # the round and its reconcile
