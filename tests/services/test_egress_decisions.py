@@ -111,15 +111,15 @@ def test_dry_run_and_simulate_record_would_block(conn, tmp_path):
     assert ledger_events(conn, "would-block") == [("198.18.63.2/32", "would-block"), ("198.18.63.3/32", "would-block")]
 
 
-def test_migration_9_marks_every_existing_entry_inbound(tmp_path):
+def test_migration_10_marks_every_existing_entry_inbound(tmp_path):
     from app.db.connection import SCHEMA_VERSION
-    old = tmp_path / "v8.db"
+    old = tmp_path / "v9.db"
     c = connect(old)
-    c.executescript("ALTER TABLE blacklist DROP COLUMN direction; PRAGMA user_version = 8;")
+    c.executescript("ALTER TABLE blacklist DROP COLUMN direction; PRAGMA user_version = 9;")
     c.execute("INSERT INTO blacklist (address, reason, created_at, status) VALUES ('198.18.64.1/32', 'x', 1, 'active')")
     c.commit()
     c.close()
     c = connect(old)
-    assert SCHEMA_VERSION == 9 and c.execute("PRAGMA user_version").fetchone()[0] == 9
+    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 10
     assert rows(c) == {"198.18.64.1/32": ("in", "active")}
     c.close()
