@@ -53,7 +53,11 @@ def test_scan_by_rules_and_spike_by_model(lab, tmp_path):
         for _ in range(40):                              # benign history: 40 rounds of 0.7 s
             collect(s, lab, seconds=0.7)
         first = evaluation.run(s)
-        assert first.status == "warm-up" and first.trained_version == 1 and not first.anomalies
+        # the scanner sees every socket of the machine: listeners that appear elsewhere while this runs
+        # (other tests, services) are their own findings, not this lab's benign traffic
+        lab_findings = [a for a in first.anomalies
+                        if a.detector not in ("new_listener", "process_changed") or a.port in (5301, 5302)]
+        assert first.status == "warm-up" and first.trained_version == 1 and not lab_findings
 
         scanner = lab.host_v4(2)
         lab.send("--kind", "syn", "--src", scanner, "--dst", lab.root_v4, "--ports", "2000-2039", "--count", "1",
