@@ -115,6 +115,7 @@ class Demo:
         (self.work / "config.toml").write_text(f"""# portwatch demo configuration (made by app/demo.py)
 db = "{self.db}"
 state_dir = "{self.work / 'state'}"
+run_dir = "{self.work / 'run'}"
 interface = "{self.lab.interface}"
 
 [collector]

@@ -53,6 +53,21 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_run_dir(tmp_path_factory):
+    """Lock files of every portwatch run the suite starts (in-process or a subprocess that inherits
+    the environment) go to a private directory, never the machine's /run/portwatch."""
+    run_dir = tmp_path_factory.mktemp("run")
+    before = os.environ.get("PORTWATCH_RUN_DIR")
+    os.environ["PORTWATCH_RUN_DIR"] = str(run_dir)
+    yield run_dir
+    if before is None:
+        os.environ.pop("PORTWATCH_RUN_DIR", None)
+    else:
+        os.environ["PORTWATCH_RUN_DIR"] = before
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 _counter = [0]
 
 
