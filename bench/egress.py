@@ -29,27 +29,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 import collector as bc  # noqa: E402  (bench/collector.py: frames, prog_run_ns, blast, round cost)
-from app.services import egress, xdp  # noqa: E402
+from app.services import egress  # noqa: E402
 from app.services.lab import Lab  # noqa: E402
 from app.threads import collection  # noqa: E402
-
-SENDER_ROOT = r"""
-import socket, sys, time
-iface, n, frames = sys.argv[1], int(sys.argv[2]), [bytes.fromhex(x) for x in sys.argv[3:]]
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-s.bind((iface, 0))
-send = s.send
-k = len(frames)
-t0 = time.perf_counter()
-for i in range(n):
-    send(frames[i % k])
-print(time.perf_counter() - t0)
-"""
 
 
 def blast_out(lab: Lab, frames: list[bytes], n: int) -> float:
     """n frames sent from THIS namespace out of lab.interface (through TC egress); packets/s."""
-    out = subprocess.run([sys.executable, "-c", SENDER_ROOT, lab.interface, str(n), *[f.hex() for f in frames]],
+    out = subprocess.run([sys.executable, "-c", bc.SENDER, lab.interface, str(n), *[f.hex() for f in frames]],
                          capture_output=True, text=True, timeout=120, check=True)
     return n / float(out.stdout.strip())
 
