@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 
-from app.cli import add_command, common_options
+from app.commands.registry import add_command, common_options
 
 
 def register(sub) -> None:
