@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from app.db.outbound import OUTBOUND_DETECTORS
+
 TWO_WAY = "two-way"
 ONE_WAY = "one-way"
 EVIDENCE_CLASSES = (TWO_WAY, ONE_WAY)
@@ -104,6 +106,13 @@ class Finding:
     @property
     def forged_sources(self) -> list[str]:
         return [s.address for s in self.sources if s.forged]
+
+    @property
+    def outbound(self) -> bool:
+        """True for what this host (or a client behind it) SENT: its ``sources`` are destinations
+        (a DNS tunnel's: the asking client), for which an evidence class means nothing: nobody can
+        forge what this host sent."""
+        return self.detector in OUTBOUND_DETECTORS
 
     # -- where ---------------------------------------------------------------------------------------
     @property

@@ -472,7 +472,9 @@ def reason_text(row, max_sources: int = 3) -> str:
     if finding is None:
         return (row["reasons"] or "-")[:200]
     parts = [finding.summary] if finding.summary else []       # the contract's one line, when the detector wrote one
-    if finding.sources:
+    if finding.outbound:           # its sources are destinations: the summary says what was sent to them
+        pass
+    elif finding.sources:
         shown = []
         for s in finding.sources[:max_sources]:
             share = f", {s.share:.0%}" if s.share is not None else ""
