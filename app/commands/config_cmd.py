@@ -63,6 +63,8 @@ def register(sub) -> None:
     check = actions.add_parser("check", help="load the configuration and report problems (exit 2 if any)",
                                description="Load the config file and PORTWATCH_* variables; exit 0 when valid.",
                                parents=[common_options()])
+    check.add_argument("--json", action="store_true",
+                       help='print one JSON object: {"valid": true|false, "config_file", "problems": [...]}')
     check.set_defaults(func=run_check)
     parser.set_defaults(func=run_missing, config_parser=parser)
 
@@ -88,6 +90,10 @@ def run_show(args, settings) -> int:
 
 def run_check(args, settings) -> int:
     changed = sum(1 for r in effective(settings) if r["source"] != "default")
+    if getattr(args, "json", False):      # an invalid configuration never gets here: app/cli.py prints that
+        print(json.dumps({"valid": True, "config_file": settings.config_path, "problems": [],
+                          "set_outside_defaults": changed}))
+        return 0
     print(f"configuration is valid ({settings.config_path or 'no config file'}; {changed} value(s) set "
           "outside the defaults)")
     return 0

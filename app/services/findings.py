@@ -165,6 +165,21 @@ class Finding:
                              evaluation_id=row["evaluation_id"])
 
 
+def readable_row(row) -> Finding:
+    """:meth:`Finding.from_row`, or for a row whose reasons are not the contract's JSON (written by
+    hand or by a much older portwatch) a Finding with the row's own columns and a summary saying so:
+    a listing shows every row rather than stopping at one."""
+    try:
+        return Finding.from_row(row)
+    except (ValueError, TypeError, AttributeError):
+        keys = row.keys()
+        return Finding(row["detector"], row["port_id"], row["port"] if "port" in keys else None,
+                       row["protocol"] if "protocol" in keys else None, row["first_round_id"], row["last_round_id"],
+                       row["score"], row["threshold"], source=row["source"] if "source" in keys else None,
+                       summary="(its stored reasons are not a finding's JSON)", id=row["id"],
+                       evaluation_id=row["evaluation_id"])
+
+
 def _json_default(value):
     """numpy scalars and arrays inside details."""
     if hasattr(value, "tolist"):
