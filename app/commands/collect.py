@@ -62,7 +62,7 @@ def run(args, settings) -> int:
         raise UsageError("--round-seconds and --rounds must not be negative")
     settings.override("general", "interface", args.interface)
     interface = settings.general.interface or host.default_interface()
-    from app.services.metrics import job_metrics
+    from app.services.ops.metrics import job_metrics
     show = not getattr(args, "quiet", False)
     with job_metrics(settings, "collector") as values:
         summaries = run_collection(settings, interface, settings.collector.round_seconds, settings.collector.rounds,

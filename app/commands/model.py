@@ -46,7 +46,7 @@ def register(sub) -> None:
 
 def run(args, settings) -> int:
     from app.db.connection import connect
-    from app.services import model_versions
+    from app.services.evaluation import model_versions
     if args.action == "rollback":
         conn = connect(settings.general.db)
         try:
@@ -88,8 +88,8 @@ def run(args, settings) -> int:
 
 def _item(row) -> dict:
     """One version as ``list --json`` prints it (and the table shows)."""
-    from app.services.model import not_loadable
-    from app.services.model_versions import threshold_history
+    from app.services.evaluation.model import not_loadable
+    from app.services.evaluation.model_versions import threshold_history
     why = "pruned" if row["status"] == "pruned" else not_loadable(row["path"])
     step = threshold_history(row)
     keys = row.keys()

@@ -72,7 +72,7 @@ def pick_interface(settings, requested: str | None) -> str:
 def run(args, settings) -> int:
     import os
     from app.errors import NeedsRootError, UsageError
-    from app.services import live
+    from app.services.ops import live
     if args.interval <= 0:
         raise UsageError(f"--interval must be above 0 seconds, got {args.interval:g}")
     if args.count is not None and args.count < 1:
@@ -125,7 +125,7 @@ def run(args, settings) -> int:
 def detached(interface: str, pin_root: str) -> str | None:
     """One sentence when the counters top shows cannot move: portwatch's XDP program is not attached
     to ``interface`` (detached by hand, replaced, or the interface gone); None when it is."""
-    from app.services.health import describe_interface
+    from app.services.ops.health import describe_interface
     x = describe_interface(interface, pin_root)
     if not x.get("exists", True):
         return f"interface {interface} no longer exists: its pins are left over (python -m app down --interface {interface})"

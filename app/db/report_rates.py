@@ -1,4 +1,4 @@
-"""Read-only queries behind the report's rates and its one drop count (app/services/reports/).
+"""Read-only queries behind the report's rates and its one drop count (app/services/ops/reports/).
 
 Rates: a round's counters are the difference since the previous snapshot, so they cover
 ``counts_since .. end_time`` (``counts_since`` NULL: the round's own start), not the round's length:

@@ -210,7 +210,7 @@ def test_tab_completion(tmp_path):
 
 def test_a_model_fit_shows_a_progress_line_on_a_terminal(tmp_path):
     """stderr on a pseudo-terminal: 'loading TensorFlow', then one line per epoch; stdout stays clean."""
-    script = ("import numpy as np\nfrom app.services.model import CnnLstmAutoencoder, ModelConfig\n"
+    script = ("import numpy as np\nfrom app.services.evaluation.model import CnnLstmAutoencoder, ModelConfig\n"
               "cfg = ModelConfig(epochs=2, min_train_steps=4)\n"
               "w = np.random.default_rng(0).random((40, cfg.window, cfg.n_features)).astype('float32')\n"
               "CnnLstmAutoencoder(cfg).fit(w, w[:16], 1440.0)\nprint('fitted')\n")
