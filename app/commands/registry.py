@@ -9,8 +9,9 @@ import importlib
 COMMAND_MODULES = ["run", "collect", "evaluate", "anomalies", "blacklist", "allow", "report", "status", "top",
                    "model", "down", "cleanup", "doctor", "install_cron", "config_cmd", "fleet"]
 
-EPILOG = """exit codes: 0 ok, 1 error, 2 bad usage or input, 3 needs root, 4 database problem,
-5 kernel/BPF problem, 6 another run holds the lock, 7 missing dependency"""
+EPILOG = """exit codes: 0 ok, 1 error (status, doctor: unhealthy), 2 bad usage or input, 3 needs root,
+4 database problem, 5 kernel/BPF problem, 6 another run holds the lock, 7 missing dependency,
+141 output pipe closed (e.g. piped into head): the rest is dropped quietly"""
 
 
 def common_options() -> argparse.ArgumentParser:

@@ -8,7 +8,8 @@ netlink (kernel/attachment.py xdp_attachment: libbpf's bpf_xdp_query) and the pi
 healthy; 1 unhealthy (one line on stderr names the first failed check: no round for 3 x the round
 length, XDP not attached where pinned, the last evaluation failed, the model cannot alert, the
 database above general.max_db_mb, the blocklist map out of step with the ledger); 2 bad interface
-name; 4 corrupt database.
+name, or an interface that does not exist and has no pins (a typo is not health); 3 the database
+is root-only and this user is not root; 4 corrupt database.
 """
 from __future__ import annotations
 
@@ -175,6 +176,9 @@ def run(args, settings) -> int:
     for name in args.interface or []:
         if not _IFNAME.match(name):
             raise UsageError(f"{name!r} is not a valid interface name (at most 15 characters, no '/', ':' or spaces)")
+        if not Path(f"/sys/class/net/{name}").exists() and not (Path(settings.general.pin_root) / name).exists():
+            raise UsageError(f"interface {name} does not exist and portwatch has no pins for it: pick one from "
+                             "`ip link` (or leave --interface out to check every interface seen in the rounds)")
     now = time.time()
     status = gather(settings, args.interface, now=now)
     if args.json:

@@ -13,8 +13,9 @@ from app.services.evaluation.findings import TWO_WAY, Finding
 
 
 def judge_sources(conn, settings, findings: Sequence[Finding], now: float | None = None) -> int:
-    """Set Source.forged (and its note) on every source of every finding; returns how many are
-    possibly forged. Call before the findings are stored: their reasons JSON then carries it.
+    """Set Source.forged (and its note) on every source of every inbound finding (an outbound one
+    names destinations, which nobody forges); returns how many are possibly forged. Call before the
+    findings are stored: their reasons JSON then carries it.
 
     Two-way evidence is never forged. One-way evidence is forged when the address is a two-way peer
     within blocklist.peer_lookback_seconds, or its TTL range in the finding's rounds leaves the range
@@ -26,6 +27,8 @@ def judge_sources(conn, settings, findings: Sequence[Finding], now: float | None
     has_peers = peers.has_table(conn)
     forged = 0
     for f in findings:
+        if f.outbound:             # this host sent it: nothing to forge (its sources are destinations)
+            continue
         for s in f.sources:
             if s.evidence == TWO_WAY:
                 s.forged = False

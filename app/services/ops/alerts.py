@@ -74,8 +74,9 @@ def anomaly_event(finding: Finding, *, at: float | None = None) -> AlertEvent:
              "source": finding.source, "summary": line, "rounds": [finding.first_round_id, finding.last_round_id],
              "show": f"python -m app anomalies show {finding.id}"}
     if finding.sources:
-        facts["sources"] = [{k: v for k, v in s.to_dict().items() if k in ("address", "share", "evidence", "forged")}
-                            for s in finding.sources]
+        keys = ("address", "packets", "bytes") if finding.outbound else ("address", "share", "evidence", "forged")
+        facts["sources" if not finding.outbound else "destinations"] = [
+            {k: v for k, v in s.to_dict().items() if k in keys} for s in finding.sources]
     if finding.source_count is not None:
         facts["source_count"] = finding.source_count
     return AlertEvent("anomaly", anomaly_key(finding), f"anomaly {finding.id}: {line}", facts, at)
