@@ -1,8 +1,8 @@
 -- portwatch schema, version 10 (PRAGMA user_version): the newest schema, for a fresh database; older
--- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
+-- databases are upgraded by the numbered migrations in app/db/migrations/ (one NNN_what.sql each).
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
--- numbered MIGRATIONS of app/db/connection.py (a change here needs one there too).
+-- numbered migrations of app/db/migrations/ (a change here needs a new file there too).
 --
 -- Conventions for console users:
 --   * times are Unix epoch seconds (REAL, UTC); every view also shows them as text;
