@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from app.commands.registry import add_command
 from app.errors import EXIT_OK, NeedsRootError
+from app.services.text import utc
 
 DESCRIPTION = """The allowlist: addresses and prefixes portwatch never blocks automatically (nor pulls from
 CrowdSec), kept in the database beside the config's blocklist.allowlist. Adding one lifts the
@@ -79,4 +79,4 @@ def run(args, settings) -> int:
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+    return utc(t, seconds=False)

@@ -9,6 +9,7 @@ import time
 
 from app.commands.registry import add_command
 from app.errors import EXIT_OK, UsageError
+from app.services.text import utc
 
 LIMIT = 1000            # findings listed at most (newest first)
 
@@ -109,4 +110,4 @@ def run(args, settings) -> int:
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+    return utc(t, seconds=False)

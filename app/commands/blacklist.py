@@ -8,7 +8,7 @@ from pathlib import Path
 
 from app.commands.registry import add_command
 from app.errors import EXIT_OK, NeedsRootError, UsageError
-from app.services.text import counted
+from app.services.text import counted, utc
 
 DESCRIPTION = """The blocklist: the `blacklist` table in the database is the truth, the pinned XDP map of
 every watched interface enforces it (blocked sources' packets are dropped before the network stack).
@@ -142,6 +142,4 @@ def _direction(row) -> str:
 
 
 def _when(t: float | None) -> str:
-    if t is None:
-        return "never"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return utc(t, missing="never")

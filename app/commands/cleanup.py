@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from app.commands.registry import add_command
+from app.services.text import utc
 
 DESCRIPTION = """Delete rounds (and everything recorded with them) and sniffer packets older than
 --keep-days days, then give the freed space back to the file system (incremental vacuum).
@@ -46,7 +47,7 @@ def run(args, settings) -> int:
     if not db.exists():
         raise UsageError(f"database {db} does not exist: nothing to clean up (check --db)")
     cutoff = time.time() - keep_days * 86400.0
-    cutoff_text = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cutoff))
+    cutoff_text = utc(cutoff, seconds=False)
 
     if args.dry_run:
         conn = connect(db, readonly=True)

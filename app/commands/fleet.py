@@ -13,9 +13,9 @@ Exit codes: 0 ok; 2 bad [fleet] settings; 7 Flower missing; 1 a federation that 
 from __future__ import annotations
 
 import json
-import time
 
 from app.commands.registry import add_command
+from app.services.text import utc
 
 
 DESCRIPTION = """Many hosts, one model (Flower) and one blocklist (CrowdSec).
@@ -104,7 +104,7 @@ def _reachable(address: str, timeout: float = 2.0) -> bool:
 
 
 def _when(t) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)) if t else "never"
+    return utc(t or None, seconds=False, missing="never")
 
 
 def render(state: dict) -> str:

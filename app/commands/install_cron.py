@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.commands.registry import add_command
+from app.services.text import utc
 
 DEFAULT_CRON_FILE = "/etc/cron.d/portwatch"
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
@@ -116,7 +117,7 @@ def render(the_jobs: list[Job], root: Path, log_dir: Path, user: str | None, env
            now: float | None = None) -> str:
     """The crontab text; with ``user`` the /etc/cron.d format (a user field after the schedule)."""
     from app import permissions
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() if now is None else now))
+    stamp = utc(time.time() if now is None else now, seconds=False)
     lines = [f"# portwatch cron entries, {MARK} on {stamp}.",
              "# A new install-cron run overwrites this file; install-cron --uninstall removes it. Each job takes",
              "# its lock in general.run_dir: a run still busy makes the next one exit 6 instead of piling up.",

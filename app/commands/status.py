@@ -22,6 +22,7 @@ from pathlib import Path
 
 from app.commands.registry import add_command
 from app.errors import EXIT_ERROR
+from app.services.text import when
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +100,7 @@ def _pool_text(pool: dict | None) -> str:
 
 
 def _when(t: float | None, now: float) -> str:
-    if t is None:
-        return "-"
-    age = now - t
-    text = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
-    if age < 120:
-        return f"{text} ({age:.0f} s ago)"
-    if age < 7200:
-        return f"{text} ({age / 60:.0f} min ago)"
-    if age < 172800:
-        return f"{text} ({age / 3600:.1f} h ago)"
-    return f"{text} ({age / 86400:.1f} days ago)"
+    return when(t, now)
 
 
 def _size(n: int) -> str:

@@ -17,11 +17,11 @@ Pure functions of a :class:`~app.services.evaluation.findings.Finding` except wh
 """
 from __future__ import annotations
 
-import time
 from typing import Iterable
 
 from app.db import anomalies as db
 from app.services.evaluation.findings import Finding, anomaly_key
+from app.services.text import utc
 
 # units of the model's features (app/services/evaluation/series.py FEATURES): counts are per nominal round
 FEATURE_UNITS = {
@@ -221,7 +221,7 @@ def fill_summaries(conn, findings: Iterable[Finding]) -> None:
 # --- the full explanation ------------------------------------------------------------------------------
 
 def _time(t: float | None) -> str | None:
-    return None if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return utc(t, missing=None)
 
 
 def explain(conn, finding: Finding, settings=None) -> dict:

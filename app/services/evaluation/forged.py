@@ -10,6 +10,7 @@ from typing import Sequence
 
 from app.db import peers
 from app.services.evaluation.findings import TWO_WAY, Finding
+from app.services.text import utc
 
 
 def judge_sources(conn, settings, findings: Sequence[Finding], now: float | None = None) -> int:
@@ -48,7 +49,7 @@ def judge_sources(conn, settings, findings: Sequence[Finding], now: float | None
 def _forged_why(conn, cfg, address: str, f: Finding, now: float, has_peers: bool) -> str:
     if has_peers and peers.two_way_since(conn, address, now - cfg.peer_lookback_seconds):
         row = peers.peer(conn, address)
-        last = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(row["last_two_way"]))
+        last = utc(row["last_two_way"], seconds=False)
         return f"possibly forged: one-way evidence naming a two-way peer (last two-way traffic {last})"
     seen = peers.ttl_range(conn, address, f.first_round_id, f.last_round_id)
     usual = peers.ttl_range(conn, address, 0, f.first_round_id - 1) if seen else None

@@ -47,6 +47,7 @@ from app.errors import PortwatchError
 from app.services.blocklist import decisions
 from app.services.kernel import enforcement
 from app.services.fleet.lapi import TOKENS, Deadline, Lapi, LapiError, go_duration
+from app.services.text import utc
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def _apply(conn, settings, now: float, result: SyncResult) -> None:
                                 json.dumps(evidence), None, "crowdsec", now, w["until"], status, w["offences"] or 1)
             ledger.insert_event(conn, now, w["address"], "block" if status == "active" else "would-block",
                                 f"crowdsec: {w['scenario']} ({w['origin']}) until "
-                                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(w['until']))}")
+                                f"{utc(w['until'])}")
             n_listed += 1
             result.added.append(w["address"])
     if full:

@@ -37,6 +37,7 @@ from typing import Iterable
 from app import __version__
 from app.db import alerts as alerts_db
 from app.services.evaluation.findings import Finding, anomaly_key
+from app.services.text import utc
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def anomaly_event(finding: Finding, *, at: float | None = None) -> AlertEvent:
 def block_event(address: str, reason: str, *, expires_at: float | None = None, dry_run: bool = False,
                 details: dict | None = None, at: float | None = None) -> AlertEvent:
     """An AlertEvent for one block decision (``dry_run``: what would have been blocked)."""
-    until = ("until " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires_at))) if expires_at else "without expiry"
+    until = ("until " + utc(expires_at, seconds=False)) if expires_at else "without expiry"
     verb = "would block (dry run)" if dry_run else "blocked"
     facts = {"address": address, "reason": reason, "expires_at": expires_at, "dry_run": dry_run}
     facts.update(details or {})

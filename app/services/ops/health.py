@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from app.errors import BpfError
+from app.services.text import duration, utc
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +73,6 @@ class Health:
         return {"healthy": self.healthy, "reason": self.reason, "checks": [c.as_dict() for c in self.checks]}
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
-
-
 def round_length(settings, recent_lengths: list[float]) -> float:
     """Seconds one round is expected to take: the configured length or the recent median, the longer."""
     median = statistics.median(recent_lengths) if recent_lengths else 0.0
@@ -108,9 +99,9 @@ def check_rounds(settings, facts: dict | None, now: float) -> Check:
     length = round_length(settings, facts["lengths"])
     age = now - last["end_time"]
     if age > STALE_FACTOR * length:
-        return Check("rounds", False, f"no round for {_duration(age)} (last #{last['id']} on {last['interface']}; "
-                                      f"one expected every {_duration(length)}): is the collector's cron job running?")
-    return Check("rounds", True, f"last round #{last['id']} on {last['interface']} ended {_duration(max(age, 0))} ago")
+        return Check("rounds", False, f"no round for {duration(age)} (last #{last['id']} on {last['interface']}; "
+                                      f"one expected every {duration(length)}): is the collector's cron job running?")
+    return Check("rounds", True, f"last round #{last['id']} on {last['interface']} ended {duration(max(age, 0))} ago")
 
 
 def check_xdp(described: list[dict]) -> Check:
@@ -140,7 +131,7 @@ def check_evaluation(last_real: dict | None, last_noop: dict | None) -> Check:
         return Check("evaluation", True, "no evaluation yet")
     status = last_real["status"] or "running"
     at = last_real["finished_at"] or last_real["started_at"]
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at))
+    when = utc(at, seconds=False)
     if status.startswith("error"):
         return Check("evaluation", False, f"the last evaluation (#{last_real['id']}, {when}) failed: "
                                           f"{status.removeprefix('error: ')}")

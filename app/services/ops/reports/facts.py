@@ -23,7 +23,7 @@ from app.db import reports as queries
 from app.errors import UsageError
 from app.services.evaluation.findings import Finding
 from app.services.ports import port_label
-from app.services.text import plural
+from app.services.text import plural, utc
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def parse_since(text: str | float | int | None, now: float | None = None) -> flo
 
 
 def fmt_time(t: float | None) -> str:
-    return "-" if t is None else datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return utc(t)
 
 
 # -- anomalies through the findings contract -------------------------------------------------------
