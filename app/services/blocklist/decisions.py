@@ -1,47 +1,8 @@
-"""Block decisions: an evaluation's findings → ledger rows, behind the safety interlocks.
-
-Decisions (:func:`decide`, after each evaluation, on the evaluation's own findings objects)
-    Sources of rule findings listed in ``blocklist.rule_detectors`` (port scanners, SYN-flood
-    sources: the finding's ``source``, plus sources it names with a share at or above
-    ``model_source_share``, or every named source when it has no main source and states no
-    share), and the dominant sources of a model finding on a port: those that sent at least
-    ``model_source_share`` of the port's packets in the finding's rounds (the :class:`Source`
-    share the evaluation computed from flows/source_ports: a lower bound) and more than
-    ``model_source_surge`` times their usual rate. A model finding blocks only when its score is at
-    least ``model_block_factor`` times its threshold. Every source carries its evidence class
-    (findings.ONE_WAY / TWO_WAY) into the ledger's evidence JSON. The TTL escalates like
-    fail2ban's bantime.increment: ``base_ttl * escalation ** (offences - 1)`` capped at ``max_ttl``.
-Evidence that survives spoofing
-    A possibly forged source (app/services/evaluation/forged.py marks it before the findings are
-    stored) is never blocked: the finding is kept, flags it and alerts. Two-way evidence still blocks
-    a peer; unknown addresses may be blocked on one-way evidence for the usual (short, escalating) TTL.
-    One finding adds at most ``max_new_per_evaluation`` entries, and a SYN flood judged forged
-    (many one-way sources, none dominant) at most ``max_new_per_forged_flood`` (0): it is mitigated
-    per port instead (``blocklist.syn_limit_enabled``, off by default: enforcement.limit_port_syns).
-    A model finding blocks a source only when a rule finding of the same evaluation names that
-    source and does not judge it forged (``model_needs_corroboration``, default on): a rule on
-    two-way evidence corroborates even a known peer, one on one-way evidence only an unknown address.
-    Two-way traffic alone does not: it shows the source is real, not that it is hostile (a benign
-    iperf3 burst from a real client is two-way).
-Egress (issue 12; ``blocklist.egress_block_enabled``, off by default)
-    Outbound findings (``blocklist.egress_detectors``: outbound_scan, exfiltration, beaconing) only
-    alert unless the switch is on; then the destination they name (details 'destination') goes into
-    the same ledger with direction 'out', the same TTL/escalation, interlocks, caps and dry-run/simulate,
-    and enforcement reconciles it into the TC program's ``eg_block`` map. One row per address: an
-    address listed for one direction is not listed for the other too.
-Interlocks (:class:`Protection`)
-    Never blocked automatically: loopback, unspecified, every address of this host (root network
-    namespace), default gateways, resolv.conf name servers, peers of established SSH sessions, the
-    allowlist — nor any network overlapping one of them (the facts come from app/services/host.py).
-    Also refused: an address removed by hand less than ``manual_remove_grace_seconds`` ago, more
-    than ``max_new_per_evaluation`` new blocks in one evaluation, more entries than
-    ``min(max_entries, collector.blacklist_map_size)``. Dry-run records 'would-block' rows with
-    status 'dry-run', which no reconcile ever writes to a map; ``blocklist.simulate`` does the same
-    for the detectors it names (``["syn_flood"]``: SYN-flood blocks are simulated, scans still
-    block). Every action is a blacklist_events row.
-
-Nothing here touches a map: :func:`after_evaluation` decides, then enforces with
-app/services/kernel/enforcement.py (which never imports this module).
+"""Block decisions: an evaluation's findings -> ledger rows, behind the safety interlocks
+(:class:`Protection`: this host's addresses, gateways, resolvers, SSH peers, the allowlist). Nothing
+here touches a map: :func:`after_evaluation` decides, then enforces with
+app/services/kernel/enforcement.py (which never imports this module). The README's "How blocking works"
+section gives the policy in full; each function below gives its part.
 """
 from __future__ import annotations
 
@@ -60,6 +21,7 @@ from app.services.blocklist import allowlist
 from app.services.kernel import enforcement
 from app.services.kernel.enforcement import Network, capacity, normalise
 from app.services.evaluation.findings import Finding
+from app.services.text import utc
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +140,16 @@ def _port(finding: Finding) -> str:
 
 
 def candidates(conn, settings, findings: Sequence[Finding]) -> list[Candidate]:
-    """Sources the findings make responsible, in finding order (one per network)."""
+    """Sources the findings make responsible, in finding order (one per network).
+
+    Rule findings of ``blocklist.rule_detectors``: the finding's ``source`` plus sources it names with
+    a share >= ``model_source_share`` (every named source when it has no main source and no share).
+    Model findings scoring >= ``model_block_factor`` x threshold: sources with that share of the
+    port's packets and > ``model_source_surge`` x their usual rate, only when a rule finding of the
+    same evaluation names them unforged (``model_needs_corroboration``). A possibly forged source is
+    a candidate that is refused; a SYN flood judged forged adds at most ``max_new_per_forged_flood``.
+    Outbound findings (``egress_detectors``) name their destination, direction 'out', only when
+    ``egress_block_enabled``. The TTL escalates like fail2ban's bantime.increment (:func:`ttl_for`)."""
     cfg = settings.blocklist
     out: dict[tuple[str, str], Candidate] = {}
     # addresses a rule finding of this evaluation names, not forged: what corroborates a model finding
@@ -280,7 +251,8 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
 
     Writes the ledger and blacklist_events only (one transaction); no map is touched here — call
     :func:`enforcement.apply` (or use :func:`after_evaluation`) to enforce. ``protection`` defaults to
-    :meth:`Protection.gather` (tests pass their own).
+    :meth:`Protection.gather` (tests pass their own). Dry-run (and ``blocklist.simulate`` for the
+    detectors it names) records 'would-block' rows with status 'dry-run', never enforced.
     """
     cfg = settings.blocklist
     if not cfg.enabled:
@@ -291,77 +263,108 @@ def decide(conn, settings, findings: Sequence[Finding], now: float | None = None
     if not found:
         return []
     protection = protection if protection is not None else Protection.gather(settings, conn)
-    limit = capacity(settings)
-    decisions: list[Decision] = []
-    over_new = over_total = 0
     with db.immediate(conn):
+        tally = _Tally.load(conn, capacity(settings))
+        decisions = [_decide_one(conn, settings, c, now, protection, tally) for c in found]
+    if tally.over_new:
+        log.warning("blocklist: the cap of %d new automatic blocks per evaluation was reached; %d more source(s) "
+                    "were not blocked (raise blocklist.max_new_per_evaluation to allow more)",
+                    cfg.max_new_per_evaluation, tally.over_new)
+    if tally.over_total:
+        log.warning("blocklist: full at %d entries (min of blocklist.max_entries and collector.blacklist_map_size); "
+                    "%d more source(s) were not blocked", tally.limit, tally.over_total)
+    return decisions
+
+
+@dataclass
+class _Tally:
+    """What one decide() call has listed so far, against its caps."""
+    limit: int                                  # capacity(settings): entries per status
+    listed: list                                # (network, address, status, direction) already covering
+    n_listed: dict                              # status -> entries
+    n_new: int = 0
+    n_new_by_finding: dict = field(default_factory=dict)
+    over_new: int = 0
+    over_total: int = 0
+
+    @classmethod
+    def load(cls, conn, limit: int) -> "_Tally":
         # what already covers a source: enforced entries (and, for a simulated decision, simulated ones too)
         listed = [(ipaddress.ip_network(r["address"]), r["address"], r["status"], r["direction"])
                   for r in db.entries(conn, db.LISTED)]
-        n_listed = {s: db.count_status(conn, s) for s in db.LISTED}
-        n_new = 0
-        n_new_by_finding: dict[int, int] = {}
-        for c in found:
-            address = str(c.network)
-            simulated = cfg.dry_run or c.detector in cfg.simulate      # recorded as would-block, never enforced
-            status, action = ("dry-run", "would-block") if simulated else ("active", "block")
-            d = Decision(address, "refused", c.reason, c.anomaly_id, c.detector, now, evidence=c.evidence,
-                         direction=c.direction)
-            decisions.append(d)
-            covering = next((text for net, text, st, way in listed if (simulated or st == "active")
-                             and way == c.direction and net.version == c.network.version
-                             and c.network.subnet_of(net)), None)
-            row = db.get_entry(conn, address)
-            why = protection.refusal(c.network)
-            cap = cfg.max_new_per_evaluation if c.cap is None else c.cap
-            if why:
-                d.detail = f"{address} {why}"
-            elif c.forged:
-                d.detail = f"{c.forged}: alert only, never blocked on one-way evidence"
-            elif n_new_by_finding.get(c.anomaly_id, 0) >= cap:
-                d.detail = (f"cap of {cap} new blocks from one finding reached"
-                            + (" (a SYN flood judged forged: blocklist.max_new_per_forged_flood)"
-                               if cap < cfg.max_new_per_evaluation else ""))
-            elif row is not None and row["status"] in db.LISTED and row["direction"] != c.direction:
-                d.detail = (f"already listed for the other direction ({row['direction']}); the ledger holds one "
-                            "entry per address")
-            elif covering:
-                d.action, d.detail = "skipped", f"already listed as {covering}"
-                continue
-            elif (row is not None and row["status"] == "removed" and row["removed_at"] is not None
-                  and now - row["removed_at"] < cfg.manual_remove_grace_seconds):
-                until = row["removed_at"] + cfg.manual_remove_grace_seconds
-                d.detail = (f"removed by hand {now - row['removed_at']:.0f} s ago: not re-blocked automatically "
-                            f"before {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(until))}")
-            elif n_new >= cfg.max_new_per_evaluation:
-                over_new += 1
-                d.detail = f"cap of {cfg.max_new_per_evaluation} new blocks per evaluation reached"
-            elif n_listed[status] >= limit:
-                over_total += 1
-                d.detail = f"blocklist full ({limit} entries)"
-            else:
-                d.offences = (row["offences"] + 1) if row is not None else 1
-                d.ttl_seconds = ttl_for(settings, d.offences)
-                d.expires_at = now + d.ttl_seconds
-                d.action = action
-                d.detail = f"offence {d.offences}, ttl {d.ttl_seconds:.0f} s"
-                db.upsert_entry(conn, address, c.reason, json.dumps(c.evidence, default=str), c.anomaly_id, "auto",
-                                now, d.expires_at, status, d.offences, c.direction)
-                listed.append((c.network, address, status, c.direction))
-                n_new += 1
-                n_new_by_finding[c.anomaly_id] = n_new_by_finding.get(c.anomaly_id, 0) + 1
-                n_listed[status] += 1
-            egress = " (egress: sending to it)" if c.direction == "out" else ""
-            db.insert_event(conn, now, address, d.action, f"{c.reason}{egress}: {d.detail}")
-            log.info("%s %s%s: %s (%s)", d.action, address, egress, c.reason, d.detail)
-    if over_new:
-        log.warning("blocklist: the cap of %d new automatic blocks per evaluation was reached; %d more source(s) "
-                    "were not blocked (raise blocklist.max_new_per_evaluation to allow more)",
-                    cfg.max_new_per_evaluation, over_new)
-    if over_total:
-        log.warning("blocklist: full at %d entries (min of blocklist.max_entries and collector.blacklist_map_size); "
-                    "%d more source(s) were not blocked", limit, over_total)
-    return decisions
+        return cls(limit, listed, {s: db.count_status(conn, s) for s in db.LISTED})
+
+
+def _decide_one(conn, settings, c: Candidate, now: float, protection: Protection, tally: _Tally) -> Decision:
+    """One candidate: refused, skipped (already covered) or listed, with its blacklist_events row
+    (none for a skip)."""
+    cfg = settings.blocklist
+    address = str(c.network)
+    simulated = cfg.dry_run or c.detector in cfg.simulate      # recorded as would-block, never enforced
+    status, action = ("dry-run", "would-block") if simulated else ("active", "block")
+    d = Decision(address, "refused", c.reason, c.anomaly_id, c.detector, now, evidence=c.evidence,
+                 direction=c.direction)
+    verdict, detail, row = _verdict(conn, cfg, c, now, protection, tally, simulated, status)
+    if verdict == "skipped":
+        d.action, d.detail = verdict, detail
+        return d
+    if verdict == "refused":
+        d.detail = detail
+    else:
+        d.offences = (row["offences"] + 1) if row is not None else 1
+        d.ttl_seconds = ttl_for(settings, d.offences)
+        d.expires_at = now + d.ttl_seconds
+        d.action = action
+        d.detail = f"offence {d.offences}, ttl {d.ttl_seconds:.0f} s"
+        db.upsert_entry(conn, address, c.reason, json.dumps(c.evidence, default=str), c.anomaly_id, "auto",
+                        now, d.expires_at, status, d.offences, c.direction)
+        tally.listed.append((c.network, address, status, c.direction))
+        tally.n_new += 1
+        tally.n_new_by_finding[c.anomaly_id] = tally.n_new_by_finding.get(c.anomaly_id, 0) + 1
+        tally.n_listed[status] += 1
+    egress = " (egress: sending to it)" if c.direction == "out" else ""
+    db.insert_event(conn, now, address, d.action, f"{c.reason}{egress}: {d.detail}")
+    log.info("%s %s%s: %s (%s)", d.action, address, egress, c.reason, d.detail)
+    return d
+
+
+def _verdict(conn, cfg, c: Candidate, now: float, protection: Protection, tally: _Tally, simulated: bool,
+             status: str) -> tuple[str | None, str, object]:
+    """('refused' or 'skipped', why, ledger row) for a candidate that is not listed now; (None, '', row)
+    when it may be. The interlocks in order: protected, forged, per-finding cap, listed for the other
+    direction, already covered, removed by hand lately, per-evaluation cap, blocklist full."""
+    address = str(c.network)
+    covering = next((text for net, text, st, way in tally.listed if (simulated or st == "active")
+                     and way == c.direction and net.version == c.network.version
+                     and c.network.subnet_of(net)), None)
+    row = db.get_entry(conn, address)
+    why = protection.refusal(c.network)
+    cap = cfg.max_new_per_evaluation if c.cap is None else c.cap
+    if why:
+        return "refused", f"{address} {why}", row
+    if c.forged:
+        return "refused", f"{c.forged}: alert only, never blocked on one-way evidence", row
+    if tally.n_new_by_finding.get(c.anomaly_id, 0) >= cap:
+        return "refused", (f"cap of {cap} new blocks from one finding reached"
+                           + (" (a SYN flood judged forged: blocklist.max_new_per_forged_flood)"
+                              if cap < cfg.max_new_per_evaluation else "")), row
+    if row is not None and row["status"] in db.LISTED and row["direction"] != c.direction:
+        return "refused", (f"already listed for the other direction ({row['direction']}); the ledger holds one "
+                           "entry per address"), row
+    if covering:
+        return "skipped", f"already listed as {covering}", row
+    if (row is not None and row["status"] == "removed" and row["removed_at"] is not None
+            and now - row["removed_at"] < cfg.manual_remove_grace_seconds):
+        until = row["removed_at"] + cfg.manual_remove_grace_seconds
+        return "refused", (f"removed by hand {now - row['removed_at']:.0f} s ago: not re-blocked automatically "
+                           f"before {utc(until)}"), row
+    if tally.n_new >= cfg.max_new_per_evaluation:
+        tally.over_new += 1
+        return "refused", f"cap of {cfg.max_new_per_evaluation} new blocks per evaluation reached", row
+    if tally.n_listed[status] >= tally.limit:
+        tally.over_total += 1
+        return "refused", f"blocklist full ({tally.limit} entries)", row
+    return None, "", row
 
 
 def after_evaluation(conn, settings, findings: Sequence[Finding], now: float | None = None

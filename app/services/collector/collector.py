@@ -262,25 +262,42 @@ class Collector:
         readings = {name: (rounds.read_map(self._maps[name], epoch if name in EPOCH_MAPS else None)
                            if name in self._maps else rounds.empty(name)) for name in SNAPSHOT_MAPS}
         end = time.time()
-        listeners = seen.listeners
-        listening = {(l.port, l.protocol) for l in listeners or []}
-        low, high = ports.ephemeral_range()
-        fold = self.settings.collector.fold_ephemeral
-
-        conn = self.conn
         map_ids, stored, baseline = self._baseline_plan()
         if baseline:
             log.warning("round on %s is a baseline: the maps' counts predate this database (%s), so they are stored "
                         "as the snapshot, not as traffic", self.interface, self.db_path)
             note = "baseline: counts from before this database watched the interface (not traffic)"
             seen = Observations(scanner_status=seen.scanner_status, sniffer_status=seen.sniffer_status)
-        # one map at a time, so the previous snapshot of only one map is in memory at once
+        deltas, prev_entries, since = self._differences(readings, map_ids, stored, baseline)
+        g, eg = _globals(deltas["global"]), _globals(deltas["eg_global"])
+        two_way = egress_rounds.two_way_addresses(deltas["flows"], deltas["eg_flows"])
+        values = self._round_values(readings, _round_evictions(g, eg, readings, prev_entries), g, eg, seen)
+        values.update({"start_time": start, "end_time": end, "counts_since": since, "compiled": int(compiled),
+                       "reloaded": int(reloaded), "two_way_peers": len(two_way), "note": note,
+                       "baseline": int(baseline)})
+        n_sources = len(deltas["sources"])
+        with self.conn:
+            round_id, n_ports, n_listeners, sniffed = self._write_round(values, readings, deltas, map_ids, seen,
+                                                                        two_way)
+        # the next round's payload extremes and TTL ranges start now
+        cfg.epoch = (epoch + 1) & 0xFFFFFFFF
+        self._maps["config"].update(maps.INDEX_0, bytes(cfg))
+        if reconcile:
+            self._after_round(round_id)
+        return RoundSummary(round_id, self.interface, end - (since or start), g.get("total", 0), g.get("bytes", 0),
+                            g.get("unparsed", 0), g.get("dropped", 0), n_ports, n_sources, n_listeners,
+                            sniffed, compiled, values["xdp_mode"], bool(baseline))
+
+    def _differences(self, readings: dict, map_ids: dict, stored: dict, baseline: bool) -> tuple[dict, dict, float]:
+        """(deltas by map, entries of each previous snapshot, earliest snapshot time or None). One map at a
+        time, so the previous snapshot of only one map is in memory at once; in a baseline every delta is
+        zero (the reading is its own previous)."""
         deltas, prev_entries, since = {}, {}, None
         for name in SNAPSHOT_MAPS:
-            snap = rounds_db.load_snapshot(conn, self.interface, name) if name in self._maps else None
+            snap = rounds_db.load_snapshot(self.conn, self.interface, name) if name in self._maps else None
             valid = snap is not None and stored.get(name) in (None, map_ids.get(name))
             if baseline and name in self._maps:
-                prev = readings[name]                 # nothing is history: every delta is zero
+                prev = readings[name]
             else:
                 prev = (rounds.unpack_snapshot(name, self._maps[name].info.key_size, snap[1])
                         if valid else rounds.empty(name))
@@ -289,20 +306,17 @@ class Collector:
             deltas[name] = rounds.diff(readings[name], prev)
             prev_entries[name] = prev.entries
             del prev, snap
-        g = _globals(deltas["global"])
-        eg = _globals(deltas["eg_global"])
-        ev = {name: _evictions(inserts, readings[name].entries, prev_entries[name]) for name, inserts in (
-            ("sources", g.get("source_inserts", 0)), ("srcports", g.get("srcport_inserts", 0)),
-            ("flows", g.get("flow_inserts", 0)), ("eg_dests", eg.get("source_inserts", 0)),
-            ("eg_flows", eg.get("flow_inserts", 0)))}
-        two_way = egress_rounds.two_way_addresses(deltas["flows"], deltas["eg_flows"])
-        mode = self.load_state.mode if self.load_state else None
-        values = {
-            "start_time": start, "end_time": end, "counts_since": since, "interface": self.interface,
-            "xdp_mode": egress.mode_text(self.settings, self.interface, mode),
-            "program_id": self.load_state.program_id if self.load_state else None,
-            "source_hash": self.load_state.source_hash if self.load_state else None,
-            "compiled": int(compiled), "reloaded": int(reloaded),
+        return deltas, prev_entries, since
+
+    def _round_values(self, readings: dict, ev: dict[str, int], g: dict, eg: dict, seen: Observations) -> dict:
+        """The ``rounds`` row's columns that come from the maps, the load and the threads (the caller adds
+        the times, the note and the flags)."""
+        egress_read = "eg_global" in self._maps
+        state = self.load_state
+        return {
+            "interface": self.interface,
+            "xdp_mode": egress.mode_text(self.settings, self.interface, state.mode if state else None),
+            "program_id": state.program_id if state else None, "source_hash": state.source_hash if state else None,
             "total_packets": g.get("total", 0), "total_bytes": g.get("bytes", 0),
             "parsed_packets": g.get("parsed", 0), "unparsed_packets": g.get("unparsed", 0),
             "dropped_packets": g.get("dropped", 0),
@@ -313,72 +327,77 @@ class Collector:
             "new_sources": g.get("source_inserts", 0),
             "per_source_incomplete": int(bool(ev["sources"] or ev["srcports"])),
             "short_fragments": g.get("short_fragments", 0), "syn_limited_packets": g.get("syn_limited", 0),
-            "egress_packets": eg.get("total", 0) if "eg_global" in self._maps else None,
-            "egress_bytes": eg.get("bytes", 0) if "eg_global" in self._maps else None,
-            "egress_unparsed": eg.get("unparsed", 0) if "eg_global" in self._maps else None,
-            "egress_dropped_packets": eg.get("dropped", 0) if "eg_global" in self._maps else None,
+            "egress_packets": eg.get("total", 0) if egress_read else None,
+            "egress_bytes": eg.get("bytes", 0) if egress_read else None,
+            "egress_unparsed": eg.get("unparsed", 0) if egress_read else None,
+            "egress_dropped_packets": eg.get("dropped", 0) if egress_read else None,
             "destination_entries": readings["eg_dests"].entries, "destination_evictions": ev["eg_dests"],
-            "egress_flow_evictions": ev["eg_flows"], "two_way_peers": len(two_way),
+            "egress_flow_evictions": ev["eg_flows"],
             "egress_program_id": _egress_program_id(self.pin_dir),
             "scanner_status": seen.scanner_status, "sniffer_status": seen.sniffer_status,
-            "note": note, "baseline": int(baseline),
         }
+
+    def _write_round(self, values: dict, readings: dict, deltas: dict, map_ids: dict, seen: Observations,
+                     two_way) -> tuple[int, int, int | None, int | None]:
+        """Write the round and its rows inside the caller's transaction, storing each map's new snapshot
+        (and letting its reading go) as soon as its rows are written. (round id, ports, listeners or
+        None, sniffed packets or None)."""
+        conn, cfg, end = self.conn, self.settings.collector, values["end_time"]
+        listening = {(l.port, l.protocol) for l in seen.listeners or []}
+        low, high = ports.ephemeral_range()
+
+        def fold(port, proto):
+            return ports.fold_port(port, proto, listening, low, high, cfg.fold_ephemeral)
+
+        round_id = rounds_db.insert_round(conn, values)
+        keep = lambda *names: self._store_snapshots(round_id, end, readings, deltas, map_ids, names)  # noqa: E731
+        port_ids = PortIds(conn)
+        n_ports = round_rows.write_ports(conn, round_id, deltas["port_stats"], readings["port_stats"].extras,
+                                         port_ids, listening, low, high, cfg.fold_ephemeral)
+        keep("port_stats")
+        many = round_rows.write_sources(conn, round_id, deltas["sources"], readings["sources"].extras,
+                                        deltas["srcports"], cfg.many_ports_threshold)
+        keep("sources", "srcports")
+        round_rows.write_flows(conn, round_id, deltas["flows"], readings["flows"].extras, many, cfg.top_flows)
+        keep("flows")
+        rounds_db.insert_global_stats(conn, round_id, _globals(deltas["global"]))
+        round_rows.write_blacklist_drops(conn, round_id, deltas["blacklist"])
+        keep("global", "blacklist")
+        egress_rounds.write_egress(conn, round_id, deltas, readings, port_ids, fold, cfg.top_flows,
+                                   cfg.many_ports_threshold)
+        keep("eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
+        egress_rounds.record_peers(conn, round_id, end, two_way, seen.peers or ())
+        n_listeners = self._write_observations(round_id, end, seen, port_ids, fold)
+        sniffed = len(seen.packets) if seen.packets is not None else None
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        rounds_db.update_round(conn, round_id, {
+            "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_kb": ru.ru_maxrss,
+            "sniffer_packets": sniffed})
+        return round_id, n_ports, n_listeners, sniffed
+
+    def _store_snapshots(self, round_id: int, end: float, readings: dict, deltas: dict, map_ids: dict,
+                         names) -> None:
+        """Store these maps' new snapshots and drop their readings and deltas (memory: one map at a time)."""
         program_id = self.load_state.program_id if self.load_state else None
-        n_sources = len(deltas["sources"])
+        for name in names:
+            if name in self._maps:
+                rounds_db.save_snapshot(self.conn, self.interface, name, end, round_id, program_id,
+                                        readings[name].entries, rounds.pack_snapshot(readings[name]),
+                                        map_ids[name])
+            del readings[name], deltas[name]
 
-        def snapshot(*names):
-            """Store these maps' new snapshots and let their readings go."""
-            for name in names:
-                if name in self._maps:
-                    rounds_db.save_snapshot(conn, self.interface, name, end, round_id, program_id,
-                                            readings[name].entries, rounds.pack_snapshot(readings[name]),
-                                            map_ids[name])
-                del readings[name], deltas[name]
-
-        with conn:
-            round_id = rounds_db.insert_round(conn, values)
-            port_ids = PortIds(conn)
-            n_ports = round_rows.write_ports(conn, round_id, deltas["port_stats"], readings["port_stats"].extras,
-                                             port_ids, listening, low, high, fold)
-            snapshot("port_stats")
-            many = round_rows.write_sources(conn, round_id, deltas["sources"], readings["sources"].extras,
-                                            deltas["srcports"], self.settings.collector.many_ports_threshold)
-            snapshot("sources", "srcports")
-            round_rows.write_flows(conn, round_id, deltas["flows"], readings["flows"].extras, many,
-                                   self.settings.collector.top_flows)
-            snapshot("flows")
-            rounds_db.insert_global_stats(conn, round_id, g)
-            round_rows.write_blacklist_drops(conn, round_id, deltas["blacklist"])
-            snapshot("global", "blacklist")
-            egress_rounds.write_egress(conn, round_id, deltas, readings, port_ids,
-                                       lambda p, proto: ports.fold_port(p, proto, listening, low, high, fold),
-                                       self.settings.collector.top_flows, self.settings.collector.many_ports_threshold)
-            snapshot("eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
-            egress_rounds.record_peers(conn, round_id, end, two_way, seen.peers or ())
-            n_listeners = None
-            if listeners is not None:
-                from app.db.occupancy import insert_occupancy
-                insert_occupancy(conn, round_id, end, listeners, port_ids)
-                n_listeners = len(listeners)
-            sniffed = None
-            if seen.packets is not None:
-                from app.db.packets import insert_packets
-                records = seen.packets
-                insert_packets(conn, round_id, records, port_ids, lambda p, proto: ports.fold_port(
-                    p, proto, listening, low, high, fold))
-                sniffed = len(records)
-            ru = resource.getrusage(resource.RUSAGE_SELF)
-            rounds_db.update_round(conn, round_id, {
-                "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_kb": ru.ru_maxrss,
-                "sniffer_packets": sniffed})
-        # the next round's payload extremes and TTL ranges start now
-        cfg.epoch = (epoch + 1) & 0xFFFFFFFF
-        self._maps["config"].update(maps.INDEX_0, bytes(cfg))
-        if reconcile:
-            self._after_round(round_id)
-        return RoundSummary(round_id, self.interface, end - (since or start), g.get("total", 0), g.get("bytes", 0),
-                            g.get("unparsed", 0), g.get("dropped", 0), n_ports, n_sources, n_listeners,
-                            sniffed, compiled, values["xdp_mode"], bool(baseline))
+    def _write_observations(self, round_id: int, end: float, seen: Observations, port_ids, fold) -> int | None:
+        """The scanner's occupancy and the sniffer's packet sample of the round; the number of listeners
+        (None when the scanner did not run)."""
+        n_listeners = None
+        if seen.listeners is not None:
+            from app.db.occupancy import insert_occupancy
+            insert_occupancy(self.conn, round_id, end, seen.listeners, port_ids)
+            n_listeners = len(seen.listeners)
+        if seen.packets is not None:
+            from app.db.packets import insert_packets
+            insert_packets(self.conn, round_id, seen.packets, port_ids, fold)
+        return n_listeners
 
     def _after_round(self, round_id: int) -> None:
         """Run the after-round hooks, then reconcile the blocklist ledger with the pinned map
@@ -398,6 +417,14 @@ def _egress_program_id(pdir: Path) -> int | None:
         return maps.prog_info(pdir / egress.PROG_PIN).id if (pdir / egress.PROG_PIN).exists() else None
     except PortwatchError:
         return None
+
+
+def _round_evictions(g: dict, eg: dict, readings: dict, prev_entries: dict) -> dict[str, int]:
+    """LRU evictions of the round per map, from the insert counters and the maps' growth."""
+    return {name: _evictions(inserts, readings[name].entries, prev_entries[name]) for name, inserts in (
+        ("sources", g.get("source_inserts", 0)), ("srcports", g.get("srcport_inserts", 0)),
+        ("flows", g.get("flow_inserts", 0)), ("eg_dests", eg.get("source_inserts", 0)),
+        ("eg_flows", eg.get("flow_inserts", 0)))}
 
 
 def _evictions(inserts: int, entries_now: int, entries_before: int) -> int:

@@ -11,35 +11,7 @@ Each record holds the time, tshark's protocol stack (``frame.protocols``), addre
 transport, L4 payload length, frame length, the DNS query name and answer names, and the TLS /
 QUIC server name (SNI) where tshark decodes one. Payload bytes are never read or stored.
 
-How the capture is run, and the pyshark traps it avoids (pyshark 0.6, pinned):
-
-- **Bounded window.** ``sniff(timeout=...)`` followed by iterating the capture starts a second,
-  endless capture; ``apply_on_packets(timeout=...)`` loses what tshark held back. Neither is used:
-  :meth:`Sniffer.run` reads tshark's stdout itself with its own monotonic deadline, then stops
-  dumpcap (SIGTERM), so tshark sees the end of its input, flushes, prints the closing ``]`` and
-  exits; the stream is drained for at most ``drain_seconds``, then every process left is killed.
-  A run returns within ``window_seconds + drain_seconds + ~2 s`` (process reaping), whatever
-  tshark does. The stop is immediate: packets the kernel still held for dumpcap at that instant
-  (milliseconds' worth) are not in the sample. ``max_packets`` is also passed as ``tshark -c``,
-  so tshark stops by itself there.
-- **JSON holds back the last packet.** pyshark's JSON framing emits a packet when it sees the
-  next one's separator; the drain above lets tshark write the final ``}]``, so the last packet
-  of the window is kept, not lost.
-- **JSON, fields only.** ``use_json=True`` (about 10x faster than pyshark's XML) plus tshark
-  ``-e`` field selection: tshark prints only the ~20 fields below instead of every layer, and
-  Python only ``json.loads`` a small dict per packet (no pyshark ``Packet``/``JsonLayer``
-  objects). ``include_raw`` stays False.
-- **Temp files.** tshark reading a pipe (pyshark's ``-i -``) runs its own dumpcap, which writes
-  a ``wireshark_*.pcapng`` temp file, left in /tmp whenever tshark is killed. Every capture gets
-  a private ``tempfile.mkdtemp`` directory (``--temp-dir`` and ``TMPDIR``), removed afterwards.
-- **No orphans.** dumpcap and tshark each start in their own session (process group); the group
-  is killed at the end, which takes tshark's dumpcap child with it. pyshark 0.6 also leaks both
-  ends of the dumpcap -> tshark pipe in the parent (so tshark would never see EOF); they are
-  closed here right after each spawn. Each run has its own asyncio event loop, closed at the end,
-  so the sniffer can run in any thread.
-- **Odd packets.** A packet tshark could only partly dissect is kept with what it gave (a bad
-  IPv4 header: ``protocols='eth:ethertype:ip'``, no addresses); one whose JSON or fields cannot
-  be turned into a record is skipped and counted (``SniffResult.skipped``).
+How the capture is run, and the pyshark traps it avoids: app/services/collector/capture.py.
 
 Cost (measured on the 2-core dev machine, veth lab, 33k small UDP packets offered): 5000 records
 (the cap) arrived 0.9 s after the capture was live, i.e. ~5.5k packets/s through tshark; the
@@ -51,12 +23,10 @@ the capture never makes a round late.
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -85,7 +55,6 @@ MAX_NAME_CHARS = 255           # a DNS name is at most 253 characters; longer te
 MAX_NAMES_CHARS = 1024         # resp_name: comma-separated names
 READ_BYTES = 1 << 16
 POLL_SECONDS = 0.25            # how often the stop event is checked while no packet arrives
-REAP_SECONDS = 2.0             # wait for a killed process to be reaped
 
 
 class PacketRecord(NamedTuple):
@@ -334,10 +303,11 @@ class Sniffer:
     async def _capture(self, tshark: str, deadline: float, loop) -> tuple[bool, bool]:
         """Run dumpcap | tshark until the deadline, drain, clean up. Returns (limit_reached,
         stopped_early)."""
-        capture = _private_capture(interface=self.interface, bpf_filter=self.bpf_filter or None, tshark_path=tshark,
-                                   temp_dir=self.temp_dir, eventloop=loop,
-                                   custom_parameters=["--temp-dir", self.temp_dir] +
-                                   [arg for field in FIELDS for arg in ("-e", field)])
+        from app.services.collector.capture import REAP_SECONDS, PrivateLiveCapture
+        capture = PrivateLiveCapture(interface=self.interface, bpf_filter=self.bpf_filter or None, tshark_path=tshark,
+                                     temp_dir=self.temp_dir, eventloop=loop,
+                                     custom_parameters=["--temp-dir", self.temp_dir] +
+                                     [arg for field in FIELDS for arg in ("-e", field)])
         parser = capture._setup_tshark_output_parser()
         stopped_early = False
         try:
@@ -396,98 +366,3 @@ class Sniffer:
             except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
                 self._skipped += 1
                 log.debug("sniffer: skipped a packet tshark printed: %s", exc)
-
-
-def _private_capture(*, temp_dir: str, **kwargs):
-    """A pyshark LiveCapture whose dumpcap and tshark run in their own sessions with a private
-    temp directory, with the parent's pipe ends closed (see the module docstring)."""
-    from pyshark import LiveCapture
-    from pyshark.tshark.tshark import get_process_path, tshark_supports_duplicate_keys
-
-    class PrivateLiveCapture(LiveCapture):
-        def __init__(self, **kw):
-            super().__init__(use_json=True, include_raw=False, **kw)
-            self.temp_dir = temp_dir
-            self.sessions: list = []           # asyncio processes, each its own process group
-            self.stderr_lines: dict = {}       # pid -> deque of its last stderr lines
-            self._feeder = None                # pyshark's dumpcap, writing pcapng into tshark's stdin
-
-        def _verify_capture_parameters(self):
-            """Skip pyshark's check (another `tshark -D`): Sniffer.check looked at /sys/class/net."""
-
-        async def _get_tshark_process(self, packet_count=None, stdin=None):
-            env = dict(os.environ, TMPDIR=self.temp_dir)
-            read_fd, write_fd = os.pipe()
-            try:
-                dumpcap = [get_process_path(process_name="dumpcap", tshark_path=self.tshark_path),
-                           *self._get_dumpcap_parameters()]
-                self._feeder = await asyncio.create_subprocess_exec(
-                    *dumpcap, stdin=asyncio.subprocess.DEVNULL, stdout=write_fd, stderr=asyncio.subprocess.PIPE,
-                    env=env, start_new_session=True)
-            except BaseException:
-                os.close(read_fd)
-                raise
-            finally:
-                os.close(write_fd)
-            self.sessions.append(self._feeder)
-            self._watch_stderr(self._feeder)
-            try:
-                tshark = [self._get_tshark_path(), "-l", "-n", "-T", "json"]
-                if tshark_supports_duplicate_keys(self._get_tshark_version()):
-                    tshark.append("--no-duplicate-keys")
-                tshark += self.get_parameters(packet_count=packet_count)
-                process = await asyncio.create_subprocess_exec(
-                    *tshark, stdin=read_fd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                    env=env, start_new_session=True)
-            finally:
-                os.close(read_fd)
-            self.sessions.append(process)
-            self._watch_stderr(process)
-            return process
-
-        def _watch_stderr(self, process):
-            """Keep each process's last stderr lines (pyshark keeps one line for all of them)."""
-            lines = self.stderr_lines.setdefault(process.pid, collections.deque(maxlen=20))
-
-            async def read():
-                while line := await process.stderr.readline():
-                    lines.append(line.decode(errors="replace").strip())
-
-            self._stderr_handling_tasks.append(asyncio.ensure_future(read()))
-
-        def failure(self) -> str | None:
-            """The error a process that failed (exit status > 0) gave, or None when none failed."""
-            for process in self.sessions:
-                if process.returncode is not None and process.returncode > 0:
-                    lines = [line for line in self.stderr_lines.get(process.pid, ()) if line]
-                    said = [line.split(":", 1)[1].strip() for line in lines
-                            if line.startswith(("dumpcap:", "tshark:")) and line.split(":", 1)[1].strip()]
-                    return (said or lines or [f"exit status {process.returncode}"])[0]
-            return None
-
-        def stop_feeding(self):
-            """End tshark's input: dumpcap stops on SIGTERM, closing the pipe."""
-            if self._feeder is not None and self._feeder.returncode is None:
-                try:
-                    self._feeder.terminate()
-                except ProcessLookupError:
-                    pass
-
-        async def kill_all(self):
-            """Kill every process group (also of a process that exited: tshark's own dumpcap is in
-            tshark's group), reap them, finish the stderr readers."""
-            for process in self.sessions:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            for process in self.sessions:
-                try:
-                    await asyncio.wait_for(process.wait(), REAP_SECONDS)
-                except asyncio.TimeoutError:
-                    log.warning("sniffer: process %d did not exit after SIGKILL", process.pid)
-            if self._stderr_handling_tasks:
-                await asyncio.wait(self._stderr_handling_tasks, timeout=REAP_SECONDS)
-            self._running_processes.clear()     # pyshark's __del__ would try to close them again
-
-    return PrivateLiveCapture(**kwargs)

@@ -298,43 +298,56 @@ def load_active_model(conn: sqlite3.Connection, cfg: Evaluator):
 def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, data: series.Series,
                first_new: int, findings: list[Finding], history: int) -> ModelStep:
     """Judge (after warm-up) and refit; returns the model findings and the new models row."""
-    from app.services.evaluation.model import CnnLstmAutoencoder
     cfg = settings.evaluator
-    window = cfg.window
     model, row = load_active_model(conn, cfg)
-    # a fleet model (issue 13) was learned on many hosts' history: it judges from the first evaluation
+    # a fleet model was learned on many hosts' history: it judges from the first evaluation
     warm = model is not None and (history >= cfg.warmup_rounds or row["origin"] == "fleet")
     round_ids = data.round_ids
     flagged = series.cell_mask(data, [c for f in findings for c in f.covers])
     flagged |= series.cell_mask(data, dbe.anomaly_spans(conn, int(round_ids[0]), int(round_ids[-1])))
-
     step = ModelStep(model_version=None, trained_version=None, threshold=None, windows=0, findings=[])
     if warm:
-        judge = series.judge_windows(data.values, window, first_new)
-        errors, recon = model.feature_errors(judge.windows)
-        scores = model.window_scores(errors, judge.judged)
-        hot = scores > model.threshold_
-        step.model_version, step.threshold, step.windows = row["version"], model.threshold_, len(scores)
-        step.round_errors = series.round_errors(judge, errors.mean(axis=2), round_ids)
-        step.findings = explain(batch, data, judge, errors, recon, hot, model.threshold_, row["version"],
-                                cfg.top_features)
-        for f in step.findings:
-            flagged |= series.cell_mask(data, f.covers)
-        log.info("model v%d judged %d windows: %d above %.4g", row["version"], len(scores), int(hot.sum()),
-                 model.threshold_)
-        step.pool = pool_state(model, cfg)
-        if not step.pool["alerting"] and step.findings:
-            step.pool["suppressed"] = len(step.findings)
-            log.warning("model v%d: %d finding(s) not raised: its held-out pool holds %d of the %d windows the alert "
-                        "budget needs (evaluator.calibration_min_expected); their rounds stay out of the refit",
-                        row["version"], len(step.findings), step.pool["windows"], step.pool["needed"])
-            step.findings = []
-
+        _judge(step, model, row, batch, data, first_new, flagged, cfg)
     batch.release()     # judged and explained: the rows go before training (peak memory)
+    train, train_index, held = _training_windows(data, flagged, first_new if model is not None else 0, cfg)
+    step.trained_windows, step.trained_index = train, train_index
+    if model is None and len(train) < MIN_FIT_WINDOWS:
+        log.info("%d training windows: not enough for a first fit yet", len(train))
+        return step
+    _refit(step, conn, settings, model, row, train, held, data, first_new, flagged, batch.nominal_seconds or 60.0)
+    return step
 
-    # training data: unflagged new rounds (context rounds were trained on or held out before);
-    # a first fit may use every round loaded (earlier anomalies are flagged above)
-    train_from = first_new if model is not None else 0
+
+def _judge(step: ModelStep, model, row, batch: dbs.Batch, data: series.Series, first_new: int, flagged, cfg) -> None:
+    """Score the new rounds' windows with the active model: the step's findings, scores and per-round
+    errors; the cells of its findings join ``flagged`` (kept out of the refit). A model whose held-out
+    pool is short of what the alert budget needs raises nothing (counted as suppressed)."""
+    judge = series.judge_windows(data.values, cfg.window, first_new)
+    errors, recon = model.feature_errors(judge.windows)
+    scores = model.window_scores(errors, judge.judged)
+    hot = scores > model.threshold_
+    step.model_version, step.threshold, step.windows = row["version"], model.threshold_, len(scores)
+    step.round_errors = series.round_errors(judge, errors.mean(axis=2), data.round_ids)
+    step.findings = explain(batch, data, judge, errors, recon, hot, model.threshold_, row["version"],
+                            cfg.top_features)
+    for f in step.findings:
+        flagged |= series.cell_mask(data, f.covers)
+    log.info("model v%d judged %d windows: %d above %.4g", row["version"], len(scores), int(hot.sum()),
+             model.threshold_)
+    step.pool = pool_state(model, cfg)
+    if not step.pool["alerting"] and step.findings:
+        step.pool["suppressed"] = len(step.findings)
+        log.warning("model v%d: %d finding(s) not raised: its held-out pool holds %d of the %d windows the alert "
+                    "budget needs (evaluator.calibration_min_expected); their rounds stay out of the refit",
+                    row["version"], len(step.findings), step.pool["windows"], step.pool["needed"])
+        step.findings = []
+
+
+def _training_windows(data: series.Series, flagged, train_from: int, cfg) -> tuple:
+    """(training windows, their (port, end) index, held-out windows) from the unflagged rounds from
+    ``train_from`` on (context rounds were trained on or held out before; a first fit uses every
+    round loaded, earlier anomalies flagged). Held-out tiles are drawn with a seed of the batch."""
+    window, round_ids = cfg.window, data.round_ids
     rng = np.random.default_rng(cfg.seed + int(round_ids[-1]))
     usable = ~flagged
     usable[:, :train_from] = False
@@ -344,14 +357,16 @@ def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, d
     held_index = held_index[held_ok]
     usable_train = usable & ~series.tile_mask(usable.shape, held_index, window)
     train, train_index = series.sliding_windows(data.values, window, cfg.train_stride, usable=usable_train)
-    held = series.gather_windows(data.values, held_index, window)
-    seconds = batch.nominal_seconds or 60.0
-    port_rounds_per_day = len(data.ports) * 86400.0 / seconds
-    step.trained_windows, step.trained_index = train, train_index
+    return train, train_index, series.gather_windows(data.values, held_index, window)
 
-    if model is None and len(train) < MIN_FIT_WINDOWS:
-        log.info("%d training windows: not enough for a first fit yet", len(train))
-        return step
+
+def _refit(step: ModelStep, conn, settings: Settings, model, row, train, held, data: series.Series,
+           first_new: int, flagged, seconds: float) -> None:
+    """Fit a first model or continue the active one, save it as the next version, and put its
+    ``models`` row (stored by the caller's transaction) in ``step.new_model``."""
+    from app.services.evaluation.model import CnnLstmAutoencoder
+    cfg = settings.evaluator
+    port_rounds_per_day = len(data.ports) * 86400.0 / seconds
     if model is None:
         model = CnnLstmAutoencoder(model_config(cfg)).fit(train, held, port_rounds_per_day)
         parent = None
@@ -369,13 +384,12 @@ def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, d
         "version": version, "created_at": time.time(), "parent_version": parent, "path": str(path),
         "threshold": model.threshold_, "train_windows": len(train),
         "metadata": {"calibration": cal.__dict__, "pool": pool_state(model, cfg),
-                     "rounds": [int(round_ids[first_new]), int(round_ids[-1])],
+                     "rounds": [int(data.round_ids[first_new]), int(data.round_ids[-1])],
                      "ports": len(data.ports), "held_out_windows_added": len(held),
-                     "excluded_cells": int(flagged[:, first_new:].sum()), "window": window,
+                     "excluded_cells": int(flagged[:, first_new:].sum()), "window": cfg.window,
                      "round_seconds": seconds, "n_fits": model.n_fits_},
         "budget_per_day": cal.budget_per_day, "held_out_rate_per_day": cal.observed_rate_per_day,
     }
-    return step
 
 
 def pool_state(model, cfg: Evaluator) -> dict:
