@@ -262,7 +262,7 @@ CREATE TABLE IF NOT EXISTS models (
     metadata       TEXT,                     -- JSON: calibration, hyper-parameters, rounds trained on
     budget_per_day REAL,                     -- alert budget the threshold was calibrated to (whole host)
     held_out_rate_per_day REAL,              -- false alerts/day the threshold gives on held-out normal windows
-    origin         TEXT NOT NULL DEFAULT 'local'   -- 'local' (trained here) or 'fleet' (federated, issue 13)
+    origin         TEXT NOT NULL DEFAULT 'local'   -- 'local' (trained here) or 'fleet' (federated across the fleet)
 );
 
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -300,7 +300,7 @@ CREATE TABLE IF NOT EXISTS anomalies (
 CREATE INDEX IF NOT EXISTS anomalies_eval ON anomalies(evaluation_id);
 CREATE INDEX IF NOT EXISTS anomalies_port ON anomalies(port_id);
 
--- the model's judged error per round (max and median over ports) and the threshold in force (issue 11)
+-- the model's judged error per round (max and median over ports) and the threshold in force (the report draws one against the other)
 CREATE TABLE IF NOT EXISTS model_round_errors (
     round_id      INTEGER PRIMARY KEY REFERENCES rounds(id) ON DELETE CASCADE,
     evaluation_id INTEGER NOT NULL REFERENCES evaluations(id) ON DELETE CASCADE,
@@ -455,7 +455,7 @@ SELECT address, reason, origin, status, drops, offences,
 FROM blacklist WHERE status IN ('active', 'dry-run')
 ORDER BY created_at DESC;
 
--- the fleet (issue 13): a CrowdSec LAPI's decisions mirrored here, pushes queued
+-- the fleet: a CrowdSec LAPI's decisions mirrored here, pushes queued
 CREATE TABLE IF NOT EXISTS crowdsec_decisions (
     id       INTEGER PRIMARY KEY,            -- the LAPI's decision id
     address  TEXT NOT NULL,                  -- CIDR, as in blacklist.address

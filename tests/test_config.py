@@ -86,7 +86,7 @@ def test_override_records_the_command_line():
     assert s.retention.keep_days == 3.0 and s.sources["retention.keep_days"] == "command line"
 
 
-# --- durations and ranges (issue 10) ---------------------------------------------------------------
+# --- durations and ranges ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, seconds", [("90", 90.0), (90, 90.0), ("15m", 900.0), ("1h", 3600.0),
                                            ("7d", 604800.0), ("1.5h", 5400.0), ("2w", 1209600.0), (" 30s ", 30.0)])

@@ -221,7 +221,7 @@ def run_checks(settings) -> list[Check]:
     checks.append(check_modes(settings))
     if db.exists() and checks[-2].status != "FAIL":
         checks += check_health(settings)
-    from app.services.kernel.pin_owner import problems as xdp_problems   # unfinished loads, leftover programs (issue 10)
+    from app.services.kernel.pin_owner import problems as xdp_problems   # unfinished loads, leftover programs: fail-closed leftovers
     checks += [Check(f"xdp {name}", "warn", text, f"python -m app down --interface {name}")
                for name, text in xdp_problems(settings.general.pin_root)]
     return checks

@@ -74,7 +74,7 @@ def gather(settings, interfaces: list[str] | None = None, now: float | None = No
     noop = facts["last_noop"]
     status["last_noop_evaluation"] = noop if noop and (not facts["last_real"] or noop["id"] > facts["last_real"]["id"]) else None
     status["model"] = summary["model"] if summary else None
-    if status["model"]:        # issue 9: the held-out pool the model must fill before it alerts
+    if status["model"]:        # the held-out pool the model must fill before it alerts
         status["model"]["held_out_pool"] = json.loads(status["model"].pop("metadata") or "{}").get("pool")
     status["blacklist"] = summary["blacklist"] if summary else {"active": 0, "dry_run": 0, "expired": 0, "removed": 0}
     names = health.interfaces_to_check(settings, facts, interfaces)

@@ -1,5 +1,5 @@
 """Two-way peers: remote addresses that talked WITH this host (the evidence class that decides
-whether a source may be blocked on one-way evidence, issue 9/12), hop counts per source and
+whether a source may be blocked on one-way evidence: a forged source cannot complete a handshake), hop counts per source and
 per-round source counts.
 
 Each round the collector records the addresses with a two-way exchange in it (app/services/

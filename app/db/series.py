@@ -130,7 +130,7 @@ class Batch:
     round is at or after the scan span's first round: a scan that goes on grows that finding, and
     the rounds it already holds are not counted again.
 
-    What leaves the host (issue 12):
+    What leaves the host:
     egress_port_stats: (round_id, port_id, packets, bytes) outbound per local port, lo..last.
     destination_stats: (round_id, address, packets, bytes, syn, distinct_ports) per remote address
     this host sent to, rules_lo..last.

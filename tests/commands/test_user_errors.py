@@ -72,7 +72,7 @@ def test_bad_address_and_bad_config_values(tmp_path, capsys):
     assert out.returncode == 2 and "collector.round_seconds" in one_sentence(out.stderr)
 
 
-# --- refuse bad input before it lands (issue 10): exit code, one sentence, database byte-identical ---
+# --- refuse bad input before it lands: exit code, one sentence, database byte-identical ---
 
 def sha256(path: Path) -> str:
     import hashlib

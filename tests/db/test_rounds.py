@@ -1,4 +1,4 @@
-"""Migration 4 (issue 10): rounds.baseline, counter_snapshots.map_id and the database's identity — the same
+"""Migration 7 (fail closed): rounds.baseline, counter_snapshots.map_id and the database's identity — the same
 columns in a migrated database as in a fresh one; old rows are traffic rounds (baseline 0) and old snapshots
 carry no map id (trusted as before); baseline rounds never reach the evaluator's queries."""
 from __future__ import annotations

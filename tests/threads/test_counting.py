@@ -1,4 +1,4 @@
-"""Counting that cannot be dodged (issue 9 item 5), through the real XDP program in network namespaces:
+"""Counting that cannot be dodged, through the real XDP program in network namespaces:
 IPv4-mapped IPv6 sources stay IPv6, fragment scans (nmap -f) are visible per source, LRU evictions
 and new sources are stored per round, per-source TTL ranges, and the per-port SYN limit.
 Frames are crafted with scapy (or sent by nmap) in the peer namespace; every assertion is an exact

@@ -15,7 +15,7 @@ from tests.helpers import collect, make_settings
 
 pytestmark = pytest.mark.kernel
 REPO = Path(__file__).resolve().parents[2]
-OLD_REV = "da5d03fac044b8ef171aea1073ea12f5f466d3c4"   # before issue 9/12's layouts
+OLD_REV = "da5d03fac044b8ef171aea1073ea12f5f466d3c4"   # before the map layouts grew (families, egress)
 
 
 def test_old_layout_pins_close_a_round_then_are_recreated(lab, tmp_path):

@@ -1,4 +1,4 @@
-"""DNS tunnelling, from the sniffer's DNS names: a pure function of the loaded batch (issue 12).
+"""DNS tunnelling, from the sniffer's DNS names: a pure function of the loaded batch.
 
 Both directions the sniffer sees: a remote client asking this host's resolver, and this host (or a
 client behind it) asking a resolver. Per (client, registered domain) over the batch rounds:

@@ -19,6 +19,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from app.db.outbound import OUTBOUND_DETECTORS
+from app.services.ports import port_label
 
 TWO_WAY = "two-way"
 ONE_WAY = "one-way"
@@ -117,10 +118,8 @@ class Finding:
     # -- where ---------------------------------------------------------------------------------------
     @property
     def port_label(self) -> str:
-        """'tcp/22', 'udp/ephemeral', or 'host' for a finding spanning ports."""
-        if self.port is None:
-            return "host"
-        return f"{self.protocol}/{'ephemeral' if self.port == -1 else self.port}"
+        """'tcp/22', 'udp/ephemeral', or 'host' for a finding spanning ports (ports.port_label)."""
+        return port_label(self.port, self.protocol)
 
     # -- the stored form -----------------------------------------------------------------------------
     def to_json(self) -> str:

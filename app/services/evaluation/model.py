@@ -42,7 +42,7 @@ FORMAT = "portwatch-cnn-lstm-ae"
 # saved model of another version stays listed (`model list` says why it is not loadable) but is
 # never loaded as the current one: the evaluator fits a new model from scratch instead.
 #   1  13 features, ingress only
-#   2  + out_packets, out_bytes per local port (TC egress, issue 12): 15 features
+#   2  + out_packets, out_bytes per local port (TC egress: what leaves the host): 15 features
 FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.weights.h5"
 PER_PACKET_FEATURES = ("mean_payload", "max_payload", "syn_share")

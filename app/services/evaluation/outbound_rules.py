@@ -1,4 +1,4 @@
-"""Rule detectors for what leaves the host (issue 12): pure functions of the loaded batch.
+"""Rule detectors for what leaves the host: pure functions of the loaded batch.
 
   outbound_scan  this host opening connections to >= outbound_scan_ports distinct remote ports of one
                  address, or to >= outbound_scan_addresses distinct remote addresses, within

@@ -69,9 +69,6 @@ class PortKey:
     value: int          # port number, ICMP type, or -1 for the ephemeral bucket
     protocol: str
 
-    def label(self) -> str:
-        return f"{'ephemeral' if self.value == -1 else self.value}/{self.protocol}"
-
 
 @dataclass
 class Series:

@@ -91,7 +91,7 @@ def detach(interface: str, remove_clsact: bool) -> list[str]:
 
 # --- which XDP mode costs less ------------------------------------------------------------------
 
-# drivers whose native XDP is a copy path or emulated (issue 12: on veth, native measured 0.71x of no
+# drivers whose native XDP is a copy path or emulated (measured: on veth, native measured 0.71x of no
 # program and generic 0.81x in the same run): generic costs less there
 VIRTUAL_DRIVERS = frozenset({"veth", "tun", "tap", "bridge", "bond", "team", "dummy", "macvlan", "macvtap", "ipvlan",
                              "vxlan", "geneve", "gre", "gretap", "ipip", "sit", "ip6tnl", "wireguard", "vrf", "ifb",

@@ -66,7 +66,7 @@ def anomaly_event(finding: Finding, *, at: float | None = None) -> AlertEvent:
     names (address, share, evidence class) and the command that explains it."""
     from app.services.evaluation.explain import summary
     line = finding.summary or summary(finding)
-    if finding.forged_sources and "not blocked" not in line:     # issue 9: alerted, never blocked on one-way evidence
+    if finding.forged_sources and "not blocked" not in line:     # alerted, never blocked: one-way evidence may be forged
         line += f"; source possibly forged ({', '.join(finding.forged_sources[:5])}): not blocked"
     if finding.source_count is not None and " sources" not in line:
         line += f"; {finding.source_count} sources"

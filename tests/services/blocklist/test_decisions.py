@@ -169,7 +169,7 @@ def test_disabled_blocklist_decides_nothing(conn, tmp_path):
 
 
 def test_model_anomaly_blocks_dominant_sources_only(conn, tmp_path):
-    # the model-only path (issue 9 makes corroboration the default: tests/services/evaluation/test_forged.py)
+    # the model-only path (corroboration is the default: tests/services/evaluation/test_forged.py)
     s = blocklist_settings(tmp_path, model_source_share=0.5, model_needs_corroboration=False)
     with conn:
         rounds = [conn.execute("INSERT INTO rounds (start_time, end_time, interface) VALUES (?, ?, 'x')",

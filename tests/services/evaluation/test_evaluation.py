@@ -23,7 +23,7 @@ FLOODER = "203.0.113.7"
 def env(state_env, monkeypatch):
     """Settings for small, quick models: warm-up after 45 rounds, two versions kept."""
     # CALIBRATION_MIN_EXPECTED 0: a 45-round store cannot hold the held-out pool a day's budget needs
-    # (issue 9's gate; tests/services/evaluation/test_threshold_stability.py covers it)
+    # (the alert budget's gate; tests/services/evaluation/test_threshold_stability.py covers it)
     for key, value in {"WARMUP_ROUNDS": "45", "MIN_TRAIN_STEPS": "300", "EPOCHS": "4", "KEEP_MODELS": "2",
                        "SEED": "0", "CALIBRATION_MIN_EXPECTED": "0"}.items():
         monkeypatch.setenv(f"PORTWATCH_EVALUATOR_{key}", value)

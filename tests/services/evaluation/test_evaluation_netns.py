@@ -43,7 +43,7 @@ def test_scan_by_rules_and_spike_by_model(lab, tmp_path):
         return run_collection(s, lab.interface, seconds, 1)
     ev = s.evaluator
     ev.window, ev.warmup_rounds, ev.train_stride, ev.epochs, ev.min_train_steps, ev.seed = 5, 10, 1, 6, 400, 0
-    ev.calibration_min_expected = 0     # 40 rounds of 0.7 s cannot hold a day's held-out pool (issue 9's gate)
+    ev.calibration_min_expected = 0     # 40 rounds of 0.7 s cannot hold a day's held-out pool (the alert budget's gate)
     s.blocklist.enabled = False
     listener = subprocess.Popen([sys.executable, "-c", LISTEN, lab.root_v4, "150"], stdout=subprocess.PIPE, text=True)
     assert listener.stdout.readline().strip() == "ready"

@@ -169,7 +169,7 @@ def test_one_round_gives_every_host_the_same_fleet_network_and_its_own_threshold
     from app.services.evaluation import evaluation
     new = hosts[-1]
     assert new.evaluator.warmup_rounds > 35
-    # issue 9 holds a model's alerts until its held-out pool can support the budget (a 35-round host's
+    # the alert budget holds a model's alerts until its held-out pool can support the budget (a 35-round host's
     # cannot): this acceptance check of the fleet switches that gate off (evaluator.calibration_min_expected)
     new.evaluator.calibration_min_expected = 0
     store = SyntheticStore(new.general.db, seed=3, ports={(22, "tcp"): (110, "sshd"), (443, "tcp"): (3600, "nginx")})

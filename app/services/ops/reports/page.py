@@ -211,7 +211,7 @@ def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_fig
               _number_text(a["score"]), _number_text(a["threshold"]), a["source"] or "-", why]
              for a, why in contents.recent_anomalies], "")
     history = [threshold_history(r) for r in dbe.models(conn)][:MAX_TABLE_ROWS]
-    if history:     # issue 9: each refit's threshold, its bounded move and the held-out pool
+    if history:     # the threshold history: each refit's threshold, its bounded move and the held-out pool
         tables["model"] = "<h3>Threshold history</h3>" + _table(
             ["model", "created", "threshold", "change", "held-out pool"],
             [[f"v{h['version']}", fmt_time(h["created_at"]), _number_text(h["threshold"]), h["change"], h["pool"]]
