@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,15 @@ class General:
     max_db_mb: float = 4096.0                    # `status` is unhealthy above this database size (MiB; 0: no limit)
 
 
+def map_size_defaults(header: Path = REPO_ROOT / "bpf" / "common.h") -> dict[str, int]:
+    """{'PORT_MAP_SIZE': 65536, ...}: the default map sizes, read from their one home in bpf/common.h."""
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r"^#define (\w+_MAP_SIZE) (\d+)$", header.read_text(), re.M)}
+
+
+MAP_SIZE_DEFAULTS = map_size_defaults()
+
+
 @dataclass
 class Collector:
     round_seconds: float = 60.0
@@ -62,11 +72,11 @@ class Collector:
     many_ports_threshold: int = 10               # a source reaching this many local ports keeps all its flows/ports
     max_run_seconds: float = 0.0                 # 0: rounds * round_seconds + 60
     # kernel map sizes (-D flags at compile time; a change reloads the program)
-    port_map_size: int = 65536
-    source_map_size: int = 65536
-    srcport_map_size: int = 131072
-    flow_map_size: int = 65536
-    blacklist_map_size: int = 16384
+    port_map_size: int = MAP_SIZE_DEFAULTS["PORT_MAP_SIZE"]
+    source_map_size: int = MAP_SIZE_DEFAULTS["SOURCE_MAP_SIZE"]
+    srcport_map_size: int = MAP_SIZE_DEFAULTS["SRCPORT_MAP_SIZE"]
+    flow_map_size: int = MAP_SIZE_DEFAULTS["FLOW_MAP_SIZE"]
+    blacklist_map_size: int = MAP_SIZE_DEFAULTS["BLACKLIST_MAP_SIZE"]
     extra_cflags: str = ""                       # more -D flags for the XDP build (a change reloads it)
 
 

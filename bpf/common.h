@@ -11,6 +11,27 @@
 #ifndef PORTWATCH_COMMON_H
 #define PORTWATCH_COMMON_H
 
+/* Map sizes (max entries): these defaults are the one home of them; the loader passes the config's
+ * collector.*_map_size as -D flags, and app/config.py reads its defaults from these lines. */
+#ifndef PORT_MAP_SIZE
+#define PORT_MAP_SIZE 65536
+#endif
+#ifndef SOURCE_MAP_SIZE
+#define SOURCE_MAP_SIZE 65536
+#endif
+#ifndef SRCPORT_MAP_SIZE
+#define SRCPORT_MAP_SIZE 131072
+#endif
+#ifndef FLOW_MAP_SIZE
+#define FLOW_MAP_SIZE 65536
+#endif
+#ifndef BLACKLIST_MAP_SIZE
+#define BLACKLIST_MAP_SIZE 16384
+#endif
+#ifndef SYNLIMIT_MAP_SIZE
+#define SYNLIMIT_MAP_SIZE 1024
+#endif
+
 /* An address with its family. family is 4 or 6 (the IP header it came in); addr holds IPv6 as
  * is and IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d). The family byte keeps an IPv6 packet whose
  * source is ::ffff:a.b.c.d (which the kernel's own stack discards) apart from the IPv4 host

@@ -27,21 +27,6 @@
 
 #include "parse.h"
 
-#ifndef PORT_MAP_SIZE
-#define PORT_MAP_SIZE 65536
-#endif
-#ifndef SOURCE_MAP_SIZE
-#define SOURCE_MAP_SIZE 65536
-#endif
-#ifndef SRCPORT_MAP_SIZE
-#define SRCPORT_MAP_SIZE 131072
-#endif
-#ifndef FLOW_MAP_SIZE
-#define FLOW_MAP_SIZE 65536
-#endif
-#ifndef BLACKLIST_MAP_SIZE
-#define BLACKLIST_MAP_SIZE 16384
-#endif
 
 BPF_TABLE_PINNED("percpu_hash", struct pw_port_key, struct pw_egress_port_value, eg_ports, PORT_MAP_SIZE, PIN_DIR "/eg_ports");
 BPF_TABLE_PINNED("lru_percpu_hash", struct pw_addr, struct pw_dest_value, eg_dests, SOURCE_MAP_SIZE, PIN_DIR "/eg_dests");

@@ -38,24 +38,6 @@
 #ifndef PIN_DIR
 #error "PIN_DIR must be given as a -D flag"
 #endif
-#ifndef PORT_MAP_SIZE
-#define PORT_MAP_SIZE 65536
-#endif
-#ifndef SOURCE_MAP_SIZE
-#define SOURCE_MAP_SIZE 65536
-#endif
-#ifndef SRCPORT_MAP_SIZE
-#define SRCPORT_MAP_SIZE 131072
-#endif
-#ifndef FLOW_MAP_SIZE
-#define FLOW_MAP_SIZE 65536
-#endif
-#ifndef BLACKLIST_MAP_SIZE
-#define BLACKLIST_MAP_SIZE 16384
-#endif
-#ifndef SYNLIMIT_MAP_SIZE
-#define SYNLIMIT_MAP_SIZE 1024
-#endif
 
 BPF_TABLE_PINNED("percpu_hash", struct pw_port_key, struct pw_port_value, port_stats, PORT_MAP_SIZE, PIN_DIR "/port_stats");
 BPF_TABLE_PINNED("lru_percpu_hash", struct pw_addr, struct pw_source_value, sources, SOURCE_MAP_SIZE, PIN_DIR "/sources");

@@ -2,6 +2,8 @@
 reported by name; sources say where each value came from."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from app import config
@@ -165,3 +167,18 @@ def test_blocklist_simulate_names_detectors_that_can_block(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load(write(tmp_path, '[blocklist]\nsimulate = ["syn_flod"]\n'), environ={})
     assert "config key 'blocklist.simulate' = ['syn_flod'] names detectors that never block 'syn_flod'" in str(exc.value)
+
+
+def test_map_size_defaults_have_one_home_in_common_h():
+    """bpf/common.h defines each default map size once; config.py reads them from there."""
+    from app.config import Collector, map_size_defaults
+    sizes = map_size_defaults()
+    assert sizes == {"PORT_MAP_SIZE": 65536, "SOURCE_MAP_SIZE": 65536, "SRCPORT_MAP_SIZE": 131072,
+                     "FLOW_MAP_SIZE": 65536, "BLACKLIST_MAP_SIZE": 16384, "SYNLIMIT_MAP_SIZE": 1024}
+    c = Collector()
+    assert (c.port_map_size, c.source_map_size, c.srcport_map_size, c.flow_map_size, c.blacklist_map_size) == (
+        65536, 65536, 131072, 65536, 16384)
+    bpf = Path(__file__).resolve().parent.parent / "bpf"
+    for source in ("port_flow.c", "egress.c", "parse.h"):
+        assert "_MAP_SIZE " not in "".join(line for line in (bpf / source).read_text().splitlines(True)
+                                           if line.startswith("#define")), source
