@@ -1,46 +1,13 @@
 """Prometheus text-format metrics for node_exporter's textfile collector.
 
-Every job (``collector``, ``evaluator``, ``cleanup``, ...) calls :func:`write_metrics` at the end
-of a run (or wraps the run in :func:`job_metrics`). All jobs share ONE file,
-``<metrics.textfile_dir>/<metrics.file_name>`` (default ``portwatch.prom``), with the job in the
-``task`` label (``job`` is Prometheus' own target label): one file sidesteps node_exporter
-versions that read a metric from only one of several files. Each write reads the file, replaces
-this job's samples and writes the file through ``prometheus_client.write_to_textfile`` (a
-temporary file renamed over it), under an flock on a hidden lock file in the same directory, so
-node_exporter never sees a half-written file and two jobs never lose each other's samples.
-Parsing and exposition are prometheus_client's; what stays here is the merge of one job's samples
-into the shared file (prometheus_client has no notion of several writers to one textfile).
-
-Metrics (``task="<job>"`` on every sample)::
-
-  portwatch_<counter>_total           counters accumulated across runs: rounds, packets, bytes,
-                                      dropped_packets, anomalies, blocks, alerts, deleted_rounds, ...
-  portwatch_<gauge>                   the last run's value: blocklist_entries, database_bytes, ...
-  portwatch_runs_total                runs, and portwatch_run_failures_total the failed ones
-  portwatch_run_duration_seconds      duration of the last run
-  portwatch_last_run_timestamp_seconds, portwatch_last_success_timestamp_seconds (Unix time)
-  portwatch_last_run_success          1 when the last run succeeded, else 0
-
-Health (app/services/ops/health.py, written by ``status`` and the hourly job, no ``task`` label)::
-
-  portwatch_health_check{check="rounds"}   1 ok, 0 failed, NaN could not be checked
-  portwatch_healthy                        1 when every check passed
-
-Fleet (app/services/fleet/view.py, written by ``fleet status`` and by the collector's CrowdSec sync,
-no ``task`` label; NaN where unknown, e.g. no fleet model adopted yet)::
-
-  portwatch_fleet_model_version                      version of the latest model adopted from the fleet
-  portwatch_fleet_last_contribution_timestamp_seconds when this host last took part in a federation
-  portwatch_fleet_models{origin="local|fleet"}       model versions by origin
-  portwatch_fleet_hosts                              hosts in the coordinator's last federation
-  portwatch_fleet_superlink_up                       1 reachable, 0 not (written by ``fleet status`` only)
-  portwatch_crowdsec_pulled_total, portwatch_crowdsec_pushed_total   decisions pulled / alerts pushed
-  portwatch_crowdsec_pending, portwatch_crowdsec_dropped_total       pushes waiting / dropped (queue full)
-  portwatch_crowdsec_decisions, portwatch_crowdsec_enforced, portwatch_crowdsec_refused
-  portwatch_crowdsec_lapi_up                         0 when the last sync ended in an error (the last error)
-  portwatch_crowdsec_last_pull_timestamp_seconds, portwatch_crowdsec_last_push_timestamp_seconds
-
-Writing metrics never fails a run: problems are logged as warnings.
+Every job (``collector``, ``evaluator``, ``cleanup``, ...) calls :func:`write_metrics` at the end of
+a run (or wraps the run in :func:`job_metrics`). All jobs share ONE file (``metrics.textfile_dir`` /
+``metrics.file_name``), the job in the ``task`` label; each write reads the file, replaces its own
+samples and renames a new file over it under an flock (:func:`_update`), so node_exporter never sees
+a half-written file and two jobs never lose each other's samples. Samples: ``portwatch_<counter>_total``
+and ``portwatch_<gauge>`` per task, run counts, durations and timestamps; the health checks
+(:func:`write_health`) and the fleet's gauges (:func:`write_fleet`, FLEET_GAUGES) without ``task``.
+The README's metrics lines list them. Writing metrics never fails a run: problems are logged.
 """
 from __future__ import annotations
 
@@ -227,33 +194,20 @@ def write_metrics(settings, job: str, values: Mapping[str, float] | None = None,
     values: {key: number}; keys in COUNTERS are added to their ``_total`` counter, other keys are
     gauges holding the last value. ``success`` False keeps the last success timestamp as it was.
     """
-    directory = getattr(settings.metrics, "textfile_dir", "")
-    if not directory:
-        return None
     if not _JOB.match(job):
         raise ValueError(f"job name {job!r} must match [a-zA-Z0-9_.-]{{1,64}}")
     now = time.time() if now is None else now
-    file_name = getattr(settings.metrics, "file_name", "portwatch.prom") or "portwatch.prom"
-    path = Path(directory) / file_name
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{file_name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                previous = parse_samples(path.read_text())
-            except FileNotFoundError:
-                previous = {}
-            _write(path, _merge(previous, job, dict(values or {}), duration_seconds, success, now))
-    except OSError as exc:
-        log.warning("cannot write metrics to %s: %s (metrics.textfile_dir)", path, exc.strerror or exc)
-        return None
-    log.debug("metrics for %s written to %s", job, path)
+    path = _update(settings, lambda previous: _merge(previous, job, dict(values or {}), duration_seconds,
+                                                      success, now))
+    if path is not None:
+        log.debug("metrics for %s written to %s", job, path)
     return path
 
 
-def _replace(settings, drop, new: Mapping) -> Path | None:
-    """Drop the samples ``drop(name)`` selects from the textfile and add ``new``, under the lock;
-    None when metrics.textfile_dir is not set or the file could not be written (logged)."""
+def _update(settings, change) -> Path | None:
+    """Read the textfile's samples, ``change(samples) -> samples``, write them back, all under the
+    flock of the hidden lock file beside it (the one read-merge-write of every writer). None when
+    ``metrics.textfile_dir`` is not set or the file could not be written (logged)."""
     directory = getattr(settings.metrics, "textfile_dir", "")
     if not directory:
         return None
@@ -263,16 +217,23 @@ def _replace(settings, drop, new: Mapping) -> Path | None:
         with open(path.parent / f".{path.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                samples = parse_samples(path.read_text())
+                previous = parse_samples(path.read_text())
             except FileNotFoundError:
-                samples = {}
-            samples = {k: v for k, v in samples.items() if not drop(k[0])}
-            samples.update(new)
-            _write(path, samples)
+                previous = {}
+            _write(path, change(previous))
     except OSError as exc:
         log.warning("cannot write metrics to %s: %s (metrics.textfile_dir)", path, exc.strerror or exc)
         return None
     return path
+
+
+def _replace(settings, drop, new: Mapping) -> Path | None:
+    """Drop the samples ``drop(name)`` selects from the textfile and add ``new`` (see :func:`_update`)."""
+    def change(samples: dict) -> dict:
+        kept = {k: v for k, v in samples.items() if not drop(k[0])}
+        kept.update(new)
+        return kept
+    return _update(settings, change)
 
 
 def write_health(settings, health) -> Path | None:
