@@ -1,46 +1,9 @@
-"""Rule detectors that run beside the model, from the first evaluation on (no training needed).
-
-  port_scan       a source reaching >= scan_ports distinct local (port, protocol) pairs within one
-                  round (source_stats.distinct_ports) or within scan_span_seconds (source_ports and
-                  flows evidence united across rounds: probes, at most SCAN_PROBES_PER_PORT packets
-                  to a port in a round); a scan that goes on grows its stored finding (batch.open_scans)
-  syn_flood       >= syn_flood_syns SYNs to one TCP port in a round, with an answered share below
-                  syn_flood_completion (see :func:`completion_share`)
-  new_listener    a local port held for the first time since occupancy data began
-  process_changed a local port whose owning process name differs from its previous holder's
-  unlistened_port traffic to a TCP/UDP port nothing held in that round (never the ephemeral bucket
-                  -1, port 0 or ICMP types; a scan's probes, at most SCAN_PROBES_PER_PORT packets to
-                  a port in a round the scan reached it, are left to that finding)
-  source_flood    a round with >= source_flood_new_sources new sources, or any source-map eviction
-                  (rounds.new_sources / source_evictions, where the collector records them): a flood
-                  of new (typically forged) sources that could hide a scanner is itself a finding
-
-A SYN flood from >= flood_many_sources distinct sources with none dominant is judged forged (its
-sources are one-way and many: details.many_one_way_sources, every named Source.forged): one finding
-for the port with Finding.source_count, never a blocklist full of random addresses. Per-source
-findings in rounds with map evictions get ``details.incomplete`` (their counts are lower bounds).
-
-Every detector is a pure function of the evaluation's loaded :class:`~app.db.series.Batch` (no
-SQL here). Each returns :class:`app.services.evaluation.findings.Finding` objects: the sources named as
-:class:`~app.services.evaluation.findings.Source` rows (packets, bytes, share, syn, evidence class: see
-:func:`evidence_class`), the detector's facts in ``details`` and ``covers``: the (port_id,
-first_round_id, last_round_id) cells it implicates, which the evaluator keeps out of the model's refit.
-
-``details`` keys (stable: reports and alerts read them)
-  port_scan        rule, distinct_ports, ports_known, ports {protocol: [port, ...]} (first 100),
-                   port_ranges {protocol: [[low, high], ...]} (every port), ports_truncated,
-                   max_ports_in_one_round, rounds [first, last], flagged_rounds, ephemeral_range [low, high],
-                   evaluations (how many evaluations it grew in, when more than one)
-  syn_flood        rule, port, protocol, rounds, flooded_rounds, syn, packets, synack, rst,
-                   peak {round_id, syn, completion_share}, top_syn_sources [{address, syn, share}],
-                   many_one_way_sources (bool)
-  source_flood     rule, rounds [first, last], per_round [{round_id, new_sources, source_evictions,
-                   srcport_evictions}]
-  (any per-source) incomplete {rounds, why} when the rounds had source-map evictions
-  new_listener,    port, protocol, round_id, holders [{pid, process, user, address}],
-  process_changed  previous {round_id, holders} (process_changed only)
-  unlistened_port  port, protocol, rounds, unlistened_rounds, packets, bytes, syn,
-                   more_ports_not_reported (on the last one, when capped)
+"""Rule detectors beside the model, from the first evaluation on (no training needed): port_scan,
+syn_flood, new_listener, process_changed, unlistened_port, source_flood — each described, with the
+``details`` keys it writes (stable: reports and alerts read them), in its function's docstring.
+Every detector is a pure function of the evaluation's loaded Batch (no SQL) returning Findings whose
+``covers`` cells the evaluator keeps out of the model's refit. Per-source findings in rounds with
+map evictions get ``details.incomplete`` {rounds, why} (their counts are lower bounds).
 """
 from __future__ import annotations
 
@@ -78,7 +41,13 @@ def detect(batch: Batch, cfg: Evaluator) -> list[Finding]:
 # --- port scan -------------------------------------------------------------------------------------
 
 def port_scans(batch: Batch, cfg: Evaluator) -> list[Finding]:
-    """One finding per scanning source over the batch (see module docstring).
+    """One finding per scanning source over the batch: a source reaching >= scan_ports distinct local
+    (port, protocol) pairs within one round (source_stats.distinct_ports) or within scan_span_seconds
+    (source_ports and flows evidence united across rounds: probes, at most SCAN_PROBES_PER_PORT
+    packets to a port in a round). details: rule, distinct_ports, ports_known, ports {protocol: [port,
+    ...]} (first 100), port_ranges {protocol: [[low, high], ...]}, ports_truncated,
+    max_ports_in_one_round, rounds [first, last], flagged_rounds, ephemeral_range [low, high],
+    evaluations (how many evaluations it grew in, when more than one).
 
     A scan is ONE finding that grows while it lasts: when ``batch.open_scans`` holds a stored scan
     by the same source that ended within the scan span, the rounds it already holds are not counted
@@ -233,7 +202,13 @@ def completion_share(packets: int, syn: int, synack: int, rst: int) -> float:
 
 
 def syn_floods(batch: Batch, cfg: Evaluator) -> list[Finding]:
-    """One finding per TCP port per run of consecutive flooded rounds."""
+    """One finding per TCP port per run of consecutive flooded rounds: >= syn_flood_syns SYNs in a
+    round with an answered share below syn_flood_completion (:func:`completion_share`). From >=
+    flood_many_sources sources with none dominant it is judged forged (every named Source.forged,
+    details.many_one_way_sources): one finding with Finding.source_count, never a blocklist full of
+    random addresses. details: rule, port, protocol, rounds, flooded_rounds, syn, packets, synack,
+    rst, peak {round_id, syn, completion_share}, top_syn_sources [{address, syn, share}],
+    many_one_way_sources."""
     first, last = batch.first, batch.last
     order = {r["id"]: i for i, r in enumerate(batch.rounds)}
     hits: dict[int, list[tuple]] = defaultdict(list)
@@ -313,7 +288,10 @@ def _runs(rows: list[tuple], order: dict[int, int]) -> list[list[tuple]]:
 # --- occupancy -------------------------------------------------------------------------------------
 
 def listener_changes(batch: Batch) -> list[Finding]:
-    """new_listener and process_changed findings, at most one of each per port per batch.
+    """new_listener (a local port held for the first time since occupancy data began) and
+    process_changed (its owning process name differs from its previous holder's) findings, at most
+    one of each per port per batch. details: port, protocol, round_id, holders [{pid, process, user,
+    address}], previous {round_id, holders} (process_changed only).
 
     A port is new when no earlier round held it and occupancy data existed before (the first
     round ever scanned is the baseline, never "new"). Unlistened-ephemeral UDP sockets (clients'
@@ -372,7 +350,9 @@ def _listener_finding(detector, port_id, value, protocol, round_id, now, before)
 # --- traffic to unlistened ports -------------------------------------------------------------------
 
 def unlistened_traffic(batch: Batch, scans: Sequence[Finding], cfg: Evaluator) -> list[Finding]:
-    """One finding per TCP/UDP port that received traffic in batch rounds where nothing held it.
+    """One finding per TCP/UDP port that received traffic in batch rounds where nothing held it (never
+    the ephemeral bucket -1, port 0 or ICMP types). details: port, protocol, rounds, unlistened_rounds,
+    packets, bytes, syn, more_ports_not_reported (on the last one, when capped).
 
     Only rounds with scanner data count (no occupancy rows: nothing is known). Rounds where a
     flagged scan touched the port are left to that finding.
@@ -419,7 +399,9 @@ def unlistened_traffic(batch: Batch, scans: Sequence[Finding], cfg: Evaluator) -
 
 def source_floods(batch: Batch, cfg: Evaluator) -> list[Finding]:
     """One source_flood finding per run of consecutive batch rounds with >= source_flood_new_sources
-    new sources or any source-map eviction (nothing when the rounds do not record those counts)."""
+    new sources or any source-map eviction (nothing when the rounds do not record those counts): a
+    flood of new (typically forged) sources could hide a scanner. details: rule, rounds [first, last],
+    per_round [{round_id, new_sources, source_evictions, srcport_evictions}]."""
     hits = []
     for r in batch.rounds:
         counts = batch.round_counts.get(r["id"], {})
