@@ -77,13 +77,18 @@ def write_sources(conn, round_id: int, sources: rounds.Delta, extras, srcports: 
 
 def write_flows(conn, round_id: int, flows: rounds.Delta, extras, many: set[bytes], top_n: int) -> None:
     """The ``top_n`` flows by bytes, plus every flow of a source that reached many ports."""
-    if not len(flows):
-        return
-    by_bytes = flows.values[:, 1]
-    top = np.argsort(-by_bytes, kind="stable")[:top_n].tolist()
-    chosen = {i: "top" for i in top}
+    if len(flows):
+        rounds_db.insert_flows(conn, round_id, flow_rows(flows, extras, many, top_n, "src"))
+
+
+def flow_rows(flows: rounds.Delta, extras, many: set[bytes], top_n: int, many_field: str) -> list[tuple]:
+    """``flows`` table rows (src, sport, dst, dport, protocol, packets, bytes, first_seen, last_seen,
+    tcp_flags, reason) of the ``top_n`` flows by bytes plus every flow whose ``many_field`` ('src'
+    inbound, 'dst' outbound) is in ``many``; first/last seen turned from the kernel's coarse
+    monotonic clock (ns) into epoch seconds. The one flow-row builder of both directions."""
+    chosen = {i: "top" for i in np.argsort(-flows.values[:, 1], kind="stable")[:top_n].tolist()}
     if many:
-        hit = np.isin(flows.field("src"), np.array(sorted(many), dtype=ADDR_DTYPE))
+        hit = np.isin(flows.field(many_field), np.array(sorted(many), dtype=ADDR_DTYPE))
         for i in np.flatnonzero(hit).tolist():
             chosen.setdefault(i, "many-ports")
     offset = time.time() - time.clock_gettime(6)   # CLOCK_MONOTONIC_COARSE = 6: coarse ktime (ns) -> epoch
@@ -97,7 +102,7 @@ def write_flows(conn, round_id: int, flows: rounds.Delta, extras, many: set[byte
         rows.append((addr_text(src), sport, addr_text(dst), dport, ports.protocol_name(proto), packets, bytes_,
                      round(first_ns / 1e9 + offset, 3) if first_ns else None,
                      round(last_ns / 1e9 + offset, 3) if last_ns else None, flags, reason))
-    rounds_db.insert_flows(conn, round_id, rows)
+    return rows
 
 
 def write_blacklist_drops(conn, round_id: int, delta: rounds.Delta) -> None:
