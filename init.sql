@@ -1,4 +1,4 @@
--- portwatch schema, version 10 (PRAGMA user_version): the newest schema, for a fresh database; older
+-- portwatch schema, version 13 (PRAGMA user_version): the newest schema, for a fresh database; older
 -- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
@@ -226,10 +226,21 @@ CREATE TABLE IF NOT EXISTS counter_snapshots (
     round_id   INTEGER,
     program_id INTEGER,
     entries    INTEGER NOT NULL,
-    data       BLOB NOT NULL,                -- packed key/value records (app/services/rounds.py)
+    data       BLOB NOT NULL,                -- packed key/value records (app/services/rounds.py) when buckets IS NULL
     map_id     INTEGER,                      -- kernel id of the map read: a snapshot of another map is no baseline
+    epoch      TEXT,                         -- the takeover epoch (pin record) it was read under: another is no baseline
+    buckets    INTEGER,                      -- the records are in snapshot_buckets, split by key into this many buckets
     PRIMARY KEY (interface, map_name)
 ) WITHOUT ROWID;
+
+-- a snapshot's records by bucket of their key: a round rewrites only the buckets whose keys changed
+CREATE TABLE IF NOT EXISTS snapshot_buckets (
+    interface  TEXT NOT NULL,
+    map_name   TEXT NOT NULL,
+    bucket     INTEGER NOT NULL,
+    data       BLOB NOT NULL,                -- packed key/value records of the keys in this bucket
+    PRIMARY KEY (interface, map_name, bucket)
+);
 
 -- this database's random identity: the pin directory of an interface records which database enforces it
 CREATE TABLE IF NOT EXISTS database_identity (
@@ -506,4 +517,4 @@ SELECT a.id AS anomaly_id, a.detector, a.evaluation_id,
        json_extract(s.value, '$.note') AS note
 FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE '{}' END, '$.sources') s;
 
-PRAGMA user_version = 10;
+PRAGMA user_version = 13;

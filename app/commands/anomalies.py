@@ -4,11 +4,11 @@ Exit codes: 0 ok; 2 bad --since, unknown id or detector; 4 missing or corrupt da
 """
 from __future__ import annotations
 
-import json
 import time
 
 from app.cli import add_command
 from app.errors import EXIT_OK, UsageError
+from app.services.text import json_dumps, utc
 
 LIMIT = 1000            # findings listed at most (newest first)
 
@@ -75,7 +75,7 @@ def run(args, settings) -> int:
                                  "shows the ids")
             explained = explain.explain(conn, Finding.from_row(row), settings)
             if args.json:
-                print(json.dumps(explained, indent=2, default=str))
+                print(json_dumps(explained, indent=2, default=str))
             else:
                 print("\n".join(explain.lines(explained)))
             return EXIT_OK
@@ -91,7 +91,7 @@ def run(args, settings) -> int:
     finally:
         conn.close()
     if args.json:
-        print(json.dumps(items, indent=2))
+        print(json_dumps(items, indent=2))
         return EXIT_OK
     if not items:
         print("no findings" + (f" of {args.detector}" if args.detector else "")
@@ -109,4 +109,4 @@ def run(args, settings) -> int:
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+    return utc(t, seconds=False)

@@ -1,13 +1,13 @@
 """`python -m app blacklist list|add|remove|flush`: the blocklist ledger and its XDP enforcement."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 from app.cli import add_command
 from app.errors import EXIT_OK, NeedsRootError, UsageError
+from app.services.text import inert, json_dumps, utc
 
 DESCRIPTION = """The blocklist: the `blacklist` table in the database is the truth, the pinned XDP map of
 every watched interface enforces it (blocked sources' packets are dropped before the network stack).
@@ -112,7 +112,7 @@ def list_entries(args, settings) -> int:
               "show": f"python -m app anomalies show {r['anomaly_id']}" if r["anomaly_id"] is not None else None}
              for r in rows]
     if args.json:
-        print(json.dumps(items, indent=2))
+        print(json_dumps(items, indent=2))
         return EXIT_OK
     if not items:
         print("the blocklist is empty")
@@ -120,7 +120,7 @@ def list_entries(args, settings) -> int:
     header = ("ADDRESS", "DIR", "STATUS", "EXPIRES", "DROPS", "OFFENCES", "ORIGIN", "FINDING", "REASON")
     table = [header] + [(i["address"], i["direction"], i["status"], _when(i["expires_at"]), str(i["drops"]), str(i["offences"]),
                          i["origin"], f"anomaly {i['anomaly_id']}" if i["anomaly_id"] is not None else "-",
-                         i["finding"] or i["reason"]) for i in items]
+                         inert(i["finding"] or i["reason"])) for i in items]
     widths = [max(len(row[c]) for row in table) for c in range(len(header) - 1)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
@@ -135,6 +135,4 @@ def _direction(row) -> str:
 
 
 def _when(t: float | None) -> str:
-    if t is None:
-        return "never"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return "never" if t is None else utc(t)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from app.cli import add_command
+from app.config_rules import count_arg
 from app.durations import arg as duration
 
 
@@ -14,7 +15,7 @@ def register(sub) -> None:
                     "pinned maps.")
     p.add_argument("--interface", "-i", help="interface to watch (default: general.interface, else the default-route one)")
     p.add_argument("--round-seconds", type=duration(), help="seconds per round (default: collector.round_seconds, 60)")
-    p.add_argument("--rounds", type=int, help="rounds to collect, 0 = until stopped (default: collector.rounds, 1)")
+    p.add_argument("--rounds", type=count_arg(), help="rounds to collect, 0 = until stopped (default: collector.rounds, 1)")
     p.add_argument("--no-sniffer", action="store_true", help="skip the pyshark sniffer")
     p.add_argument("--no-scanner", action="store_true", help="skip the occupancy scanner")
     p.add_argument("--takeover", action="store_true",
@@ -35,6 +36,13 @@ def start_line(collector, settings) -> str:
         program = f"program {state.program_id} already attached"
     return (f"{rounds} on {collector.interface}, {settings.collector.round_seconds:g} s each, XDP {state.mode} "
             f"({program}), database {settings.general.db}")
+
+
+def on_start(collector, settings) -> None:
+    """The takeover's baseline round (stored before the interface changed hands), then the start line."""
+    if collector.takeover_round is not None:
+        print(collector.takeover_round.line(), flush=True)
+    print(start_line(collector, settings), flush=True)
 
 
 def run(args, settings) -> int:
@@ -59,7 +67,7 @@ def run(args, settings) -> int:
     with job_metrics(settings, "collector") as values:
         summaries = run_collection(settings, interface, settings.collector.round_seconds, settings.collector.rounds,
                                    on_round=(lambda s: print(s.line(), flush=True)) if show else None,
-                                   on_start=(lambda c: print(start_line(c, settings), flush=True)) if show else None,
+                                   on_start=(lambda c: on_start(c, settings)) if show else None,
                                    takeover=getattr(args, "takeover", False))
         values["rounds"] = len(summaries)
         values["packets"] = sum(s.packets for s in summaries)

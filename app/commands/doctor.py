@@ -11,7 +11,6 @@ first failed essential check (1 a health check, 3 root, 4 database, 5 kernel/BPF
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import platform
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from app.cli import add_command
 from app.errors import EXIT_BPF, EXIT_DB, EXIT_DEPENDENCY, EXIT_ROOT
+from app.services.text import json_dumps
 
 DESCRIPTION = """Check this host for what portwatch needs (root, kernel BPF support, bpffs, kernel
 headers for BCC, BCC, iproute2, tshark, cron, free disk, the venv's packages, the database, the file
@@ -255,7 +255,7 @@ def run(args, settings) -> int:
     checks = run_checks(settings)
     failed = [c for c in checks if c.status == "FAIL"]
     if args.json:
-        print(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2))
+        print(json_dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2))
     else:
         width = max(len(c.name) for c in checks)
         for c in checks:

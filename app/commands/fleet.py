@@ -12,10 +12,11 @@ Exit codes: 0 ok; 2 bad [fleet] settings; 7 Flower missing; 1 a federation that 
 """
 from __future__ import annotations
 
-import json
 import time
 
 from app.cli import add_command, common_options
+from app.config_rules import count_arg
+from app.services.text import json_dumps, utc
 
 
 def register(sub) -> None:
@@ -24,7 +25,7 @@ def register(sub) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     serve = actions.add_parser("serve", help="the coordinator: SuperLink + federations", parents=[common_options()])
     serve.add_argument("--once", action="store_true", help="one federation, then exit")
-    serve.add_argument("--rounds", type=int, help="federation rounds (default: fleet.rounds)")
+    serve.add_argument("--rounds", type=count_arg(1, 1000), help="federation rounds (default: fleet.rounds)")
     actions.add_parser("node", help="this host's SuperNode (foreground)", parents=[common_options()])
     status = actions.add_parser("status", help="model origins, coordinator record, CrowdSec sync",
                                 parents=[common_options()])
@@ -46,7 +47,7 @@ def run(args, settings) -> int:
     from app.services.fleet import view
     view.write_status(settings, state)
     if args.json:
-        print(json.dumps(state, indent=2, sort_keys=True))
+        print(json_dumps(state, indent=2, sort_keys=True))
         return 0
     print(render(state))
     return 0
@@ -87,7 +88,7 @@ def _reachable(address: str, timeout: float = 2.0) -> bool:
 
 
 def _when(t) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)) if t else "never"
+    return utc(t, seconds=False) if t else "never"
 
 
 def render(state: dict) -> str:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 
 from app.cli import add_command, common_options
+from app.config_rules import count_arg
+from app.services.text import utc
 
 
 def register(sub) -> None:
@@ -24,7 +26,7 @@ def register(sub) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("list", help="model versions, newest first", parents=[common_options()])
     back = actions.add_parser("rollback", help="make VERSION the active model again", parents=[common_options()])
-    back.add_argument("version", type=int, metavar="VERSION")
+    back.add_argument("version", type=count_arg(1, 2 ** 62), metavar="VERSION")
     parser.set_defaults(func=run)
 
 
@@ -50,7 +52,7 @@ def run(args, settings) -> int:
     print(f"{'version':>7}  {'created (UTC)':16}  {'status':11}  {'origin':6}  {'parent':>6}  {'threshold':>10}  "
           f"{'change':>7}  {'pool':>11}  {'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  {'loadable':8}  path")
     for r in rows:
-        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_at"]))
+        created = utc(r["created_at"], seconds=False).removesuffix(" UTC")
         threshold = f"{r['threshold']:.4g}" if r["threshold"] is not None else "-"
         budget = f"{r['budget_per_day']:g}" if r["budget_per_day"] is not None else "-"
         rate = f"{r['held_out_rate_per_day']:.2f}" if r["held_out_rate_per_day"] is not None else "-"

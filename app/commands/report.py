@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 from app.cli import add_command
+from app.config_rules import count_arg
 
 DESCRIPTION = """Write the report: index.html linking PNG figures of the most anomalous ports
 (flagged rounds shaded, blocked sources named), the reconstruction error against the
@@ -26,7 +27,7 @@ def register(sub) -> None:
     parser.add_argument("--since", metavar="T",
                         help="start of the window: ISO date/time (UTC unless a zone is given), a span back "
                              "from now such as 30m, 24h, 7d, or 'all' (default: reports.since)")
-    parser.add_argument("--top-ports", type=int, metavar="N", help="ports with a series figure (default: reports.top_ports)")
+    parser.add_argument("--top-ports", type=count_arg(1, 1000), metavar="N", help="ports with a series figure (default: reports.top_ports)")
     parser.set_defaults(func=run)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from app.cli import add_command
 from app.errors import EXIT_ERROR
+from app.services.text import json_dumps, utc
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def _when(t: float | None, now: float) -> str:
     if t is None:
         return "-"
     age = now - t
-    text = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    text = utc(t)
     if age < 120:
         return f"{text} ({age:.0f} s ago)"
     if age < 7200:
@@ -178,7 +179,7 @@ def run(args, settings) -> int:
     now = time.time()
     status = gather(settings, args.interface, now=now)
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True, default=str))
+        print(json_dumps(status, indent=2, sort_keys=True, default=str))
     else:
         print(render(status, now))
     if not status["health"]["healthy"]:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from app.cli import add_command
+from app.config_rules import count_arg
 from app.durations import arg as duration
 
 DESCRIPTION = """Live view of what XDP counts right now on one interface, from the pinned maps
@@ -37,11 +38,11 @@ def register(sub) -> None:
     parser.add_argument("--interface", "-i", metavar="IF",
                         help="interface (default: general.interface, else the only one with pins, else the "
                              "default-route one)")
-    parser.add_argument("--interval", type=duration(), default=1.0, metavar="S",
+    parser.add_argument("--interval", type=duration(maximum=3600), default=1.0, metavar="S",
                         help="seconds between refreshes (default 1)")
-    parser.add_argument("--count", type=int, metavar="N",
+    parser.add_argument("--count", type=count_arg(1), metavar="N",
                         help="stop after N refreshes (default: until Ctrl-C on a terminal, 1 otherwise)")
-    parser.add_argument("--rows", type=int, default=None, metavar="R",
+    parser.add_argument("--rows", type=count_arg(1, 10000), default=None, metavar="R",
                         help="lines per section (default: fits the terminal, 10 otherwise)")
     parser.set_defaults(func=run)
 
@@ -92,7 +93,8 @@ def run(args, settings) -> int:
             rows = args.rows or (max(3, (size.lines - 12) // 3) if tty else 10)
             lines = live.render(view, rows=rows, width=size.columns if tty else 200)
             if tty:
-                sys.stdout.write(CLEAR + "\n".join(lines) + "\n(Ctrl-C quits)\n")
+                getattr(sys.stdout, "raw", sys.stdout).write(CLEAR)       # our own control sequence
+                sys.stdout.write("\n".join(lines) + "\n(Ctrl-C quits)\n")
             else:
                 if shown:
                     sys.stdout.write("\n")

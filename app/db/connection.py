@@ -270,8 +270,22 @@ FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE 
     10: """
 ALTER TABLE blacklist ADD COLUMN direction TEXT NOT NULL DEFAULT 'in';
 """,
+    # 13: a takeover is an epoch (the pin record's): each snapshot records the epoch it was read under;
+    #     a snapshot's records live in buckets by key, so a round rewrites only what changed
+    13: """
+ALTER TABLE counter_snapshots ADD COLUMN epoch TEXT;
+ALTER TABLE counter_snapshots ADD COLUMN buckets INTEGER;
+CREATE TABLE IF NOT EXISTS snapshot_buckets (
+    interface  TEXT NOT NULL,
+    map_name   TEXT NOT NULL,
+    bucket     INTEGER NOT NULL,
+    data       BLOB NOT NULL,
+    PRIMARY KEY (interface, map_name, bucket)
+);
+""",
 }
-SCHEMA_VERSION = 1 + len(MIGRATIONS)
+# numbers are reserved per change, so a number may be missing: the newest is the schema's version
+SCHEMA_VERSION = max(MIGRATIONS)
 QUICK_CHECK_MAX_BYTES = 256 << 20
 _checked: set[str] = set()       # databases this process has quick_check'ed (writers check once per process)
 
@@ -415,7 +429,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             shutil.copy2(path, backup)
             log.info("backed up %s to %s before migrating", path, backup)
-        for target in range(version + 1, SCHEMA_VERSION + 1):
+        for target in sorted(t for t in MIGRATIONS if t > version):
             with conn:
                 conn.executescript(MIGRATIONS[target])
                 conn.execute(f"PRAGMA user_version = {target}")

@@ -4,35 +4,70 @@ are in app/db/egress.py, two-way peers in app/db/peers.py).
 
 The collector writes one round with :func:`insert_round` and friends inside ONE transaction
 (``with conn:``), snapshot included, so a run killed mid-write leaves the previous snapshot in
-place and the next round counts everything since then.
+place and the next round counts everything since then. A snapshot is a header row
+(counter_snapshots) and its records split into buckets by key (snapshot_buckets): a round rewrites only
+the buckets whose keys changed, so its cost follows the round's traffic, not the maps' fill.
 """
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import dataclass
 from typing import Iterable
 
 
-def load_snapshot(conn: sqlite3.Connection, interface: str, map_name: str) -> tuple[float, bytes, int | None] | None:
-    """(taken_at, data, program_id) of the last snapshot of one map, or None."""
-    row = conn.execute("SELECT taken_at, data, program_id FROM counter_snapshots WHERE interface = ? AND map_name = ?",
-                       (interface, map_name)).fetchone()
-    return (row[0], row[1], row[2]) if row else None
+@dataclass
+class StoredSnapshot:
+    """The last stored snapshot of one map: its header and its packed parts (one per bucket, ordered;
+    a snapshot stored before buckets existed is one part, ``buckets`` None)."""
+    taken_at: float
+    program_id: int | None
+    map_id: int | None
+    epoch: str | None
+    entries: int
+    buckets: int | None
+    parts: list[bytes]
 
 
-def snapshot_map_ids(conn, interface: str) -> dict[str, int | None]:
-    """map name -> kernel id of the map its last snapshot was read from (None: a snapshot from before
-    map ids were stored), without reading the snapshots themselves."""
-    rows = conn.execute("SELECT map_name, map_id FROM counter_snapshots WHERE interface = ?", (interface,))
-    return {r[0]: r[1] for r in rows}
+def load_snapshot(conn: sqlite3.Connection, interface: str, map_name: str) -> StoredSnapshot | None:
+    """The last snapshot of one map, or None."""
+    row = conn.execute("SELECT taken_at, program_id, map_id, epoch, entries, buckets, data FROM counter_snapshots "
+                       "WHERE interface = ? AND map_name = ?", (interface, map_name)).fetchone()
+    if row is None:
+        return None
+    if row[5] is None:
+        parts = [row[6]]
+    else:
+        parts = [r[0] for r in conn.execute("SELECT data FROM snapshot_buckets WHERE interface = ? AND map_name = ? "
+                                            "ORDER BY bucket", (interface, map_name))]
+    return StoredSnapshot(row[0], row[1], row[2], row[3], row[4], row[5], parts)
+
+
+def snapshot_heads(conn, interface: str) -> dict[str, tuple[int | None, str | None]]:
+    """map name -> (kernel id of the map its last snapshot was read from, the takeover epoch it was read
+    under) — None for either: stored before ids / epochs were — without reading the snapshots themselves."""
+    rows = conn.execute("SELECT map_name, map_id, epoch FROM counter_snapshots WHERE interface = ?", (interface,))
+    return {r[0]: (r[1], r[2]) for r in rows}
 
 
 def save_snapshot(conn, interface: str, map_name: str, taken_at: float, round_id: int | None,
-                  program_id: int | None, entries: int, data: bytes, map_id: int | None = None) -> None:
+                  program_id: int | None, entries: int, map_id: int | None, epoch: str | None, buckets: int,
+                  parts: dict[int, bytes], whole: bool) -> None:
+    """Store one map's snapshot: the header, and the buckets in ``parts`` (bucket -> packed records; an
+    empty value removes the bucket). ``whole``: ``parts`` is the whole snapshot (every other bucket goes);
+    else the buckets not named are unchanged since the last snapshot and stay as they are."""
     conn.execute("INSERT INTO counter_snapshots (interface, map_name, taken_at, round_id, program_id, entries, data, "
-                 "map_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(interface, map_name) DO UPDATE SET "
-                 "taken_at = excluded.taken_at, round_id = excluded.round_id, program_id = excluded.program_id, "
-                 "entries = excluded.entries, data = excluded.data, map_id = excluded.map_id",
-                 (interface, map_name, taken_at, round_id, program_id, entries, data, map_id))
+                 "map_id, epoch, buckets) VALUES (?, ?, ?, ?, ?, ?, x'', ?, ?, ?) ON CONFLICT(interface, map_name) "
+                 "DO UPDATE SET taken_at = excluded.taken_at, round_id = excluded.round_id, "
+                 "program_id = excluded.program_id, entries = excluded.entries, data = x'', map_id = excluded.map_id, "
+                 "epoch = excluded.epoch, buckets = excluded.buckets",
+                 (interface, map_name, taken_at, round_id, program_id, entries, map_id, epoch, buckets))
+    if whole:
+        conn.execute("DELETE FROM snapshot_buckets WHERE interface = ? AND map_name = ?", (interface, map_name))
+    conn.executemany("DELETE FROM snapshot_buckets WHERE interface = ? AND map_name = ? AND bucket = ?",
+                     ((interface, map_name, b) for b, data in parts.items() if not data and not whole))
+    conn.executemany("INSERT INTO snapshot_buckets (interface, map_name, bucket, data) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT(interface, map_name, bucket) DO UPDATE SET data = excluded.data",
+                     ((interface, map_name, b, data) for b, data in parts.items() if data))
 
 
 def insert_round(conn, values: dict) -> int:

@@ -135,6 +135,16 @@ def pin_dir(settings, interface: str) -> Path:
     return Path(settings.general.pin_root) / interface
 
 
+def pinned_state(interface: str, pdir: Path) -> LoadState:
+    """The LoadState of the program pinned in ``pdir`` as it is (nothing loaded): mode and source hash from
+    its meta map, the program id from its pin (None when absent)."""
+    meta = read_meta(pdir)
+    prog = pdir / "prog"
+    return LoadState(interface, pdir, {1: "native", 2: "generic"}.get(meta.mode) if meta else None,
+                     maps.prog_info(prog).id if prog.exists() else None,
+                     bytes(meta.source_hash).hex() if meta else None)
+
+
 def check_interface(interface: str) -> int:
     """The interface's ifindex; UsageError with one sentence when it does not exist."""
     if not interface or "/" in interface or len(interface) > 15:

@@ -77,6 +77,7 @@ def collect_rounds(collector: Collector, round_seconds: float, n_rounds: int, st
                 stop.wait(min(left, 1.0))
         finally:
             seen = stop_threads(threads)
+        collector.check_attached()           # a detached program counts nothing: stop, never store empty rounds
         summary = collector.close_round(start, seen)
         summaries.append(summary)
         if on_round:
