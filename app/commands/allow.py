@@ -59,7 +59,7 @@ def run(args, settings) -> int:
     if os.geteuid() != 0 and enforcement.pin_dirs(settings):
         raise NeedsRootError("changing the allowlist may lift blocks from pinned XDP maps, which needs root: "
                              "run it with sudo")
-    conn = connect(settings.general.db)
+    conn = connect(settings.general.db, create=False)
     try:
         if args.action == "remove":
             print(f"removed {allowlist.remove(conn, args.address)} from the allowlist")

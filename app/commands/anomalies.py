@@ -62,7 +62,7 @@ def run(args, settings) -> int:
     from app.services.findings import Finding
     if args.action == "show":
         text = args.id.strip()
-        if not text.isdigit():
+        if not text.isdigit() or len(text) > 18:
             raise UsageError(f"{args.id!r} is not a finding id (a whole number, as `anomalies list` shows)")
     else:
         since = _since(args.since)

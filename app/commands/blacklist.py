@@ -58,7 +58,9 @@ def run(args, settings) -> int:
                          "give it without the %zone")
     if os.geteuid() != 0 and enforcement.pin_dirs(settings):
         raise NeedsRootError("changing the blocklist writes pinned XDP maps, which needs root: run it with sudo")
-    conn = connect(settings.general.db)
+    if args.action in ("add", "remove"):
+        blocklist.parse_network(args.address)          # bad input fails before anything is opened
+    conn = connect(settings.general.db, create=False)
     try:
         if args.action == "add":
             decision = blocklist.add_manual(conn, settings, args.address, ttl=ttl, reason=args.reason,

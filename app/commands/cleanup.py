@@ -60,7 +60,7 @@ def run(args, settings) -> int:
     with locks.holding(settings, "cleanup", "another cleanup is running: this one does not overlap it"):
         with job_metrics(settings, "cleanup") as metrics:
             before = database_bytes(db)
-            conn = connect(db)
+            conn = connect(db, create=False)
             try:
                 rounds, packets = retention.delete_old_rounds(conn, cutoff)
                 packets += retention.delete_old_packets(conn, cutoff)

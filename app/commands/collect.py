@@ -14,7 +14,7 @@ def register(sub) -> None:
                     "compiles and attaches the XDP program (in a separate process); later runs only read its "
                     "pinned maps.")
     p.add_argument("--interface", "-i", help="interface to watch (default: general.interface, else the default-route one)")
-    p.add_argument("--round-seconds", type=duration(), help="seconds per round (default: collector.round_seconds, 60)")
+    p.add_argument("--round-seconds", type=duration(maximum=86400), help="seconds per round (default: collector.round_seconds, 60)")
     p.add_argument("--rounds", type=count_arg(), help="rounds to collect, 0 = until stopped (default: collector.rounds, 1)")
     p.add_argument("--no-sniffer", action="store_true", help="skip the pyshark sniffer")
     p.add_argument("--no-scanner", action="store_true", help="skip the occupancy scanner")

@@ -59,7 +59,7 @@ def gather(settings) -> dict:
     from app.db.connection import connect
     from app.services.fleet import crowdsec
     from app.services.fleet.flower import record
-    conn = connect(settings.general.db)
+    conn = connect(settings.general.db, readonly=True)
     try:
         models = [dict(r) for r in fleet_db.models_by_origin(conn)]
         sync = crowdsec.status(conn) if settings.crowdsec.lapi_url else None

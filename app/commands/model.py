@@ -34,7 +34,7 @@ def run(args, settings) -> int:
     from app.db.connection import connect
     from app.services import model_versions
     from app.services.model_versions import threshold_history
-    conn = connect(settings.general.db)
+    conn = connect(settings.general.db, readonly=args.action == "list", create=False)
     try:
         if args.action == "rollback":
             undone = model_versions.rollback(conn, args.version)

@@ -35,6 +35,8 @@ def run(args, settings) -> int:
     from app.errors import UsageError
     from app.services.reports import parse_since, write_report
     settings.override("reports", "out_dir", args.out)
+    if args.since is not None:
+        parse_since(args.since)                    # its own sentence for a bad --since, before the setting's
     settings.override("reports", "since", args.since)
     settings.override("reports", "top_ports", args.top_ports)
     if settings.reports.top_ports < 0:

@@ -51,7 +51,7 @@ def run(settings) -> JobResult:
     started = time.monotonic()
     result = evaluation.run(settings)
     job = JobResult(result)
-    conn = connect(settings.general.db)
+    conn = connect(settings.general.db, create=False)
     try:
         if settings.blocklist.enabled and result.evaluation_id is not None:
             job.decisions, _ = decisions.after_evaluation(conn, settings, result.anomalies)
