@@ -148,6 +148,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "retention.keep_days": _above_up_to(0, 100 * 366),
     "crowdsec.timeout_seconds": TIMEOUT, "crowdsec.max_seconds": TIMEOUT, "crowdsec.resync_seconds": DURATION,
     "crowdsec.max_pending": _between(1, 10 ** 6),
+    "crowdsec.widest_prefix_ipv4": _between(0, 32), "crowdsec.widest_prefix_ipv6": _between(0, 128),
     "fleet.rounds": _between(1, 1000), "fleet.min_hosts": _between(1, 10 ** 6), "fleet.fraction": _above_up_to(0, 1),
     "fleet.round_timeout_seconds": _above_up_to(0, DAY), "fleet.interval_seconds": DURATION,
     "fleet.node_port": _between(1, 65535),
