@@ -17,15 +17,19 @@ from typing import Iterable
 
 @dataclass
 class StoredSnapshot:
-    """The last stored snapshot of one map: its header and its packed parts (one per bucket, ordered;
-    a snapshot stored before buckets existed is one part, ``buckets`` None)."""
+    """The last stored snapshot of one map: its header and, when ``buckets`` is set, its (keys, counters)
+    parts by bucket; a snapshot stored before buckets existed is one BLOB in ``blob``."""
     taken_at: float
     program_id: int | None
     map_id: int | None
     epoch: str | None
     entries: int
     buckets: int | None
-    parts: list[bytes]
+    parts: list[tuple[bytes, bytes]]
+    blob: bytes | None = None
+
+
+KEYS_PART, COUNTERS_PART = 0, 1
 
 
 def load_snapshot(conn: sqlite3.Connection, interface: str, map_name: str) -> StoredSnapshot | None:
@@ -35,11 +39,13 @@ def load_snapshot(conn: sqlite3.Connection, interface: str, map_name: str) -> St
     if row is None:
         return None
     if row[5] is None:
-        parts = [row[6]]
-    else:
-        parts = [r[0] for r in conn.execute("SELECT data FROM snapshot_buckets WHERE interface = ? AND map_name = ? "
-                                            "ORDER BY bucket", (interface, map_name))]
-    return StoredSnapshot(row[0], row[1], row[2], row[3], row[4], row[5], parts)
+        return StoredSnapshot(row[0], row[1], row[2], row[3], row[4], None, [], row[6])
+    found: dict[int, list] = {}
+    for part, bucket, data in conn.execute("SELECT part, bucket, data FROM snapshot_buckets WHERE interface = ? AND "
+                                           "map_name = ?", (interface, map_name)):
+        found.setdefault(bucket, [b"", b""])[part] = data
+    return StoredSnapshot(row[0], row[1], row[2], row[3], row[4], row[5],
+                          [tuple(found[b]) for b in sorted(found)])
 
 
 def snapshot_heads(conn, interface: str) -> dict[str, tuple[int | None, str | None]]:
@@ -51,10 +57,10 @@ def snapshot_heads(conn, interface: str) -> dict[str, tuple[int | None, str | No
 
 def save_snapshot(conn, interface: str, map_name: str, taken_at: float, round_id: int | None,
                   program_id: int | None, entries: int, map_id: int | None, epoch: str | None, buckets: int,
-                  parts: dict[int, bytes], whole: bool) -> None:
-    """Store one map's snapshot: the header, and the buckets in ``parts`` (bucket -> packed records; an
-    empty value removes the bucket). ``whole``: ``parts`` is the whole snapshot (every other bucket goes);
-    else the buckets not named are unchanged since the last snapshot and stay as they are."""
+                  parts: dict[int, dict[int, bytes]], whole: bool) -> None:
+    """Store one map's snapshot: the header, and ``parts`` {KEYS_PART or COUNTERS_PART: {bucket: data}} (empty
+    data removes that part of the bucket). ``whole``: ``parts`` is the whole snapshot (every other row goes);
+    else the parts not named are unchanged since the last snapshot and stay as they are."""
     conn.execute("INSERT INTO counter_snapshots (interface, map_name, taken_at, round_id, program_id, entries, data, "
                  "map_id, epoch, buckets) VALUES (?, ?, ?, ?, ?, ?, x'', ?, ?, ?) ON CONFLICT(interface, map_name) "
                  "DO UPDATE SET taken_at = excluded.taken_at, round_id = excluded.round_id, "
@@ -63,11 +69,29 @@ def save_snapshot(conn, interface: str, map_name: str, taken_at: float, round_id
                  (interface, map_name, taken_at, round_id, program_id, entries, map_id, epoch, buckets))
     if whole:
         conn.execute("DELETE FROM snapshot_buckets WHERE interface = ? AND map_name = ?", (interface, map_name))
-    conn.executemany("DELETE FROM snapshot_buckets WHERE interface = ? AND map_name = ? AND bucket = ?",
-                     ((interface, map_name, b) for b, data in parts.items() if not data and not whole))
-    conn.executemany("INSERT INTO snapshot_buckets (interface, map_name, bucket, data) VALUES (?, ?, ?, ?) "
-                     "ON CONFLICT(interface, map_name, bucket) DO UPDATE SET data = excluded.data",
-                     ((interface, map_name, b, data) for b, data in parts.items() if data))
+    for part, blobs in parts.items():
+        conn.executemany("DELETE FROM snapshot_buckets WHERE interface = ? AND map_name = ? AND part = ? AND bucket = ?",
+                         ((interface, map_name, part, b) for b, data in blobs.items() if not data and not whole))
+        conn.executemany("INSERT INTO snapshot_buckets (interface, map_name, part, bucket, data) VALUES (?, ?, ?, ?, ?) "
+                         "ON CONFLICT(interface, map_name, part, bucket) DO UPDATE SET data = excluded.data",
+                         ((interface, map_name, part, b, data) for b, data in blobs.items() if data))
+
+
+def load_snapshot_log(conn, interface: str, map_name: str) -> list[tuple[bytes, bytes, bytes]]:
+    """(keys, counters, gone) of each log record of one map's snapshot, oldest first."""
+    return [(r[0], r[1], r[2]) for r in conn.execute(
+        "SELECT keys, counters, gone FROM snapshot_log WHERE interface = ? AND map_name = ? ORDER BY seq",
+        (interface, map_name))]
+
+
+def append_snapshot_log(conn, interface: str, map_name: str, keys: bytes, counters: bytes, gone: bytes) -> None:
+    conn.execute("INSERT INTO snapshot_log (interface, map_name, seq, keys, counters, gone) VALUES (?, ?, "
+                 "(SELECT COALESCE(MAX(seq), 0) + 1 FROM snapshot_log WHERE interface = ? AND map_name = ?), ?, ?, ?)",
+                 (interface, map_name, interface, map_name, keys, counters, gone))
+
+
+def clear_snapshot_log(conn, interface: str, map_name: str) -> None:
+    conn.execute("DELETE FROM snapshot_log WHERE interface = ? AND map_name = ?", (interface, map_name))
 
 
 def insert_round(conn, values: dict) -> int:

@@ -33,7 +33,7 @@ from app.db.connection import connect  # noqa: E402
 from app.db.ports import PortIds  # noqa: E402
 from app.errors import BpfError, NeedsRootError, PortwatchError  # noqa: E402
 from app.services import (egress, egress_rounds, enforcement, locks, maps, pin_owner, ports, round_rows,  # noqa: E402
-                          rounds, xdp)
+                          rounds, snapshots, xdp)
 from app.services.bpf_structs import GLOBAL_NAMES, MAP_LAYOUT, PwConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -296,18 +296,6 @@ class Collector:
     def _snapshot_valid(self, head: tuple | None, map_id: int | None) -> bool:
         return head is not None and head[0] in (None, map_id) and pin_owner.epoch_accepts(self.record, head[1])
 
-    def _previous(self, name: str, reading, stored: dict, map_id, baseline: bool):
-        """(previous reading, its time or None, stored entries, buckets to rewrite: None = all) of one map."""
-        snap = rounds_db.load_snapshot(self.conn, self.interface, name)
-        valid = snap is not None and self._snapshot_valid(stored.get(name), map_id)
-        if baseline:
-            return reading, (snap.taken_at if valid else None), reading.entries, None   # nothing is history
-        if not valid:
-            return rounds.empty(name), None, 0, None
-        prev = rounds.join_parts(name, reading.key_size, snap.parts)
-        same = snap.buckets == rounds.bucket_count(reading.max_entries) and prev.entries == snap.entries
-        return prev, snap.taken_at, snap.entries, (None if not same else "changed")
-
     def _close_round(self, start, seen: Observations, compiled, reloaded, note, reconcile=True) -> RoundSummary:
         cfg = maps.read_struct(self._maps["config"], maps.INDEX_0, PwConfig)
         epoch = cfg.epoch
@@ -328,18 +316,17 @@ class Collector:
                 note = "baseline: counts from before this database watched the interface (not traffic)"
             seen = Observations(scanner_status=seen.scanner_status, sniffer_status=seen.sniffer_status)
         # one map at a time, so the previous snapshot of only one map is in memory at once
-        deltas, prev_entries, since, rewrite = {}, {}, None, {}
+        deltas, prev_entries, since, plans = {}, {}, None, {}
         for name in SNAPSHOT_MAPS:
             if name not in self._maps:
                 deltas[name], prev_entries[name] = rounds.diff(readings[name], rounds.empty(name)), 0
                 continue
-            prev, taken_at, prev_entries[name], how = self._previous(name, readings[name], stored, map_ids[name],
-                                                                     baseline)
-            if taken_at is not None:
-                since = taken_at if since is None else min(since, taken_at)
-            deltas[name] = rounds.diff(readings[name], prev)
-            nb = rounds.bucket_count(readings[name].max_entries)
-            rewrite[name] = (nb, rounds.changed_buckets(deltas[name], prev, nb) if how == "changed" else None)
+            valid = self._snapshot_valid(stored.get(name), map_ids[name])
+            prev = snapshots.load(conn, self.interface, name, readings[name], valid, baseline)
+            if prev.taken_at is not None:
+                since = prev.taken_at if since is None else min(since, prev.taken_at)
+            deltas[name], prev_entries[name] = rounds.diff(readings[name], prev.reading), prev.entries
+            plans[name] = snapshots.plan(readings[name], deltas[name], None if baseline else prev)
             del prev
         g = _globals(deltas["global"])
         eg = _globals(deltas["eg_global"])
@@ -384,10 +371,9 @@ class Collector:
             """Store these maps' new snapshots (only the buckets that changed) and let their readings go."""
             for name in names:
                 if name in self._maps:
-                    nb, which = rewrite[name]
-                    rounds_db.save_snapshot(conn, self.interface, name, end, round_id, program_id,
-                                            readings[name].entries, map_ids[name], owner_epoch, nb,
-                                            rounds.pack_buckets(readings[name], nb, which), which is None)
+                    snapshots.save(conn, self.interface, name, readings[name].entries, plans.pop(name),
+                                   {"taken_at": end, "round_id": round_id, "program_id": program_id,
+                                    "map_id": map_ids[name], "epoch": owner_epoch})
                 del readings[name], deltas[name]
 
         with conn:

@@ -10,8 +10,9 @@ current value.
 Values are decoded with numpy structured dtypes built from the ctypes mirrors in bpf_structs.py, so a
 round over 50k entries costs milliseconds, not a Python loop per CPU per field. A snapshot is stored
 in buckets by key (a hash of the key's bytes, :func:`bucket_of`; about BUCKET_ENTRIES keys each), each
-bucket one BLOB: its keys (n * key_size bytes) followed by their counters (n * width u64, little
-endian). A round rewrites only the buckets holding a key that changed, appeared or went away
+bucket two BLOBs: its keys (n * key_size bytes) and their counters (n * width u64, little endian),
+stored apart so the counters of many buckets share a page. A round rewrites the keys of the buckets
+whose key set changed (new keys, LRU evictions) and the counters of the buckets with a key that counted
 (:func:`changed_buckets`): a quiet round on full maps writes kilobytes, not the maps' megabytes.
 """
 from __future__ import annotations
@@ -145,7 +146,7 @@ def pack_snapshot(reading: MapReading) -> bytes:
     return reading.raw_keys + reading.counters.astype("<u8").tobytes()
 
 
-BUCKET_ENTRIES = 16          # keys per snapshot bucket, on average, when the map is full
+BUCKET_ENTRIES = 64          # keys per snapshot bucket, on average, when the map is full
 MAX_BUCKETS = 1 << 16
 _FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
 
@@ -172,56 +173,65 @@ def bucket_of(reading: MapReading, buckets: int) -> np.ndarray:
     return (h & np.uint64(buckets - 1)).astype(np.int64)
 
 
-def pack_buckets(reading: MapReading, buckets: int, which=None) -> dict[int, bytes]:
-    """bucket -> packed records of ``reading``'s keys in it, for the buckets ``which`` (None: every bucket
-    that holds a key). A bucket of ``which`` that holds no key maps to b"" (to be removed)."""
+def pack_buckets(reading: MapReading, buckets: int, which=None) -> dict[int, tuple[bytes, bytes]]:
+    """bucket -> (its keys back to back, their counters as <u8) for the buckets ``which`` (None: every bucket
+    that holds a key); keys sorted within a bucket, so a bucket whose keys stay keeps its layout. A bucket of
+    ``which`` that holds no key maps to (b"", b"") (to be removed)."""
     of = bucket_of(reading, buckets)
     wanted = np.unique(of) if which is None else np.asarray(sorted(which), dtype=np.int64)
-    out = {int(b): b"" for b in wanted.tolist()}
+    out = {int(b): (b"", b"") for b in wanted.tolist()}
     rows = np.flatnonzero(np.isin(of, wanted))
     if not len(rows):
         return out
-    rows = rows[np.argsort(of[rows], kind="stable")]
+    rows = rows[np.lexsort((reading.key_array[rows], of[rows]))]
+    raw = np.frombuffer(reading.raw_keys, dtype=np.uint8,
+                        count=reading.entries * reading.key_size).reshape(reading.entries, reading.key_size)
     bounds = np.flatnonzero(np.diff(of[rows])) + 1
     for group in np.split(rows, bounds):
-        out[int(of[group[0]])] = _raw_keys(reading, group) + reading.counters[group].astype("<u8").tobytes()
+        out[int(of[group[0]])] = (raw[group].tobytes(), reading.counters[group].astype("<u8").tobytes())
     return out
 
 
-def _raw_keys(reading: MapReading, rows: np.ndarray) -> bytes:
-    """The raw key bytes of ``rows`` back to back (NUL bytes kept)."""
-    raw = np.frombuffer(reading.raw_keys, dtype=np.uint8, count=reading.entries * reading.key_size)
-    return raw.reshape(reading.entries, reading.key_size)[rows].tobytes()
-
-
-def changed_buckets(delta: "Delta", previous: MapReading, buckets: int) -> set[int]:
-    """Buckets whose stored records differ from the current reading: keys with a non-zero delta or new
-    since ``previous``, and keys of ``previous`` that are gone (an LRU eviction)."""
+def changed_buckets(delta: "Delta", previous: MapReading, buckets: int) -> tuple[set[int], set[int]]:
+    """(buckets whose key set changed, buckets whose counters changed) against the stored ``previous``:
+    keys new since it or gone from it (an LRU eviction) change both; a non-zero delta changes the counters."""
     current = delta.reading
-    rows = np.flatnonzero(delta.matched < 0) if delta.matched is not None else np.arange(current.entries)
-    rows = np.union1d(rows, delta.index)
-    changed = set(bucket_of(current, buckets)[rows].tolist()) if len(rows) else set()
+    new = np.flatnonzero(delta.matched < 0) if delta.matched is not None else np.arange(current.entries)
+    of = bucket_of(current, buckets) if current.entries else np.zeros(0, dtype=np.int64)
+    keys = set(of[new].tolist())
     if previous.entries:
         kept = np.zeros(previous.entries, dtype=bool)
         if delta.matched is not None:
             kept[delta.matched[delta.matched >= 0]] = True
         gone = np.flatnonzero(~kept)
         if len(gone):
-            changed |= set(bucket_of(previous, buckets)[gone].tolist())
-    return changed
+            keys |= set(bucket_of(previous, buckets)[gone].tolist())
+    return keys, keys | set(of[delta.index].tolist())
 
 
-def join_parts(name: str, key_size: int, parts: list[bytes]) -> MapReading:
-    """One reading from a snapshot's packed parts (buckets); empty when any part is of another layout."""
-    readings = [unpack_snapshot(name, key_size, p) for p in parts if p]
-    if any(r is None for r in readings):
+def join_parts(name: str, key_size: int, parts: list[tuple[bytes, bytes]]) -> MapReading:
+    """One reading from a snapshot's (keys, counters) parts, one per bucket; empty when a part does not
+    fit this layout (a snapshot of maps with another key size)."""
+    width = len(COUNTERS[name])
+    keys, counters = [], []
+    for k, c in parts:
+        n = len(k) // key_size
+        if n * key_size != len(k) or len(c) != n * 8 * width:
+            return empty(name, key_size)
+        keys.append(k)
+        counters.append(c)
+    blob_keys, blob_counters = b"".join(keys), b"".join(counters)
+    n = len(blob_keys) // key_size
+    if not n:
         return empty(name, key_size)
-    if len(readings) == 1:
-        return readings[0]
-    if not readings:
-        return empty(name, key_size)
-    return MapReading(name, b"".join(r.raw_keys for r in readings), key_size,
-                      np.concatenate([r.counters for r in readings]))
+    return MapReading(name, blob_keys, key_size, np.frombuffer(blob_counters, dtype="<u8").reshape(n, width)
+                      .astype(np.uint64))
+
+
+def split_snapshot(name: str, key_size: int, blob: bytes) -> tuple[bytes, bytes]:
+    """A snapshot stored as one BLOB (before buckets) as one (keys, counters) part."""
+    n = len(blob) // (key_size + 8 * len(COUNTERS[name]))
+    return blob[:n * key_size], blob[n * key_size:]
 
 
 def unpack_snapshot(name: str, key_size: int, blob: bytes) -> MapReading | None:
