@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--no-scanner", action="store_true", help="skip the occupancy scanner")
     p.add_argument("--takeover", action="store_true",
                    help="move the interface to this database when another database enforces it")
+    p.add_argument("--replace", action="store_true",
+                   help="replace an XDP program portwatch did not load (it stops working): refused without this")
     p.set_defaults(func=run)
 
 
@@ -68,7 +70,7 @@ def run(args, settings) -> int:
         summaries = run_collection(settings, interface, settings.collector.round_seconds, settings.collector.rounds,
                                    on_round=(lambda s: print(s.line(), flush=True)) if show else None,
                                    on_start=(lambda c: on_start(c, settings)) if show else None,
-                                   takeover=getattr(args, "takeover", False))
+                                   takeover=getattr(args, "takeover", False), replace=getattr(args, "replace", False))
         values["rounds"] = len(summaries)
         values["packets"] = sum(s.packets for s in summaries)
         values["bytes"] = sum(s.bytes for s in summaries)

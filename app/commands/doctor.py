@@ -222,6 +222,9 @@ def run_checks(settings) -> list[Check]:
     from app.services.pin_owner import problems as xdp_problems   # unfinished loads, leftover programs (issue 10)
     checks += [Check(f"xdp {name}", "warn", text, f"python -m app down --interface {name}")
                for name, text in xdp_problems(settings.general.pin_root)]
+    from app.services.pin_owner import foreign_programs   # a program portwatch did not load: left alone
+    checks += [Check(f"xdp {name}", "warn", text, "leave it, or detach it (or collect --replace) to run portwatch there")
+               for name, text in foreign_programs(settings.general.pin_root)]
     return checks
 
 

@@ -162,6 +162,7 @@ def render(status: dict, now: float) -> str:
         if x.get("attached") and x.get("pinned") and x.get("ours") is False:
             extra = "; the attached program is not portwatch's pinned one"
         extra += f"; {x['problem']}" if x.get("problem") else ""
+        extra += f"; {x['foreign']}" if x.get("foreign") else ""
         lines.append(f"{label}{state}, {pins}{extra}")
     h = status["health"]
     lines.append("health:          " + ("ok" if h["healthy"] else "UNHEALTHY"))

@@ -93,9 +93,10 @@ class Collector:
     schedules it). Use as a context manager: ``open()`` takes the per-interface lock, opens the
     database, makes sure the program is loaded and opens the pinned maps."""
 
-    def __init__(self, settings, interface: str, takeover: bool = False):
+    def __init__(self, settings, interface: str, takeover: bool = False, replace: bool = False):
         self.settings = settings
         self.takeover = takeover                  # claim the interface from another database on purpose
+        self.replace = replace                    # replace an XDP program portwatch did not load, on purpose
         self.db_id: str | None = None
         self._born: set[int] = set()              # kernel ids of maps that started at zero for this database
         self.record: dict | None = None           # the pin record as claimed: its epoch judges stored snapshots
@@ -125,6 +126,7 @@ class Collector:
         xdp.check_interface(self.interface)
         self._lock_fh = self._lock()
         try:
+            pin_owner.refuse_foreign(self.interface, self.settings.general.pin_root, self.replace)
             pin_owner.refuse_other_database(self.pin_dir, self.interface, self.db_path, self.takeover)
             self.conn = connect(self.db_path)
             self.db_id = rounds_db.database_id(self.conn)

@@ -252,9 +252,10 @@ def program_name(program_id: int) -> str | None:
 def describe_attachment(interface: str, pin_root: str | Path) -> dict:
     """What is attached to ``interface`` and what portwatch recorded about it (status, doctor, down).
 
-    {'program_id', 'program_name', 'owner_db', 'load_state', 'recorded', 'leftover', 'problem'}:
+    {'program_id', 'program_name', 'owner_db', 'load_state', 'recorded', 'leftover', 'foreign', 'problem'}:
     ``recorded``: the attached program is the one the record or the pin names; ``leftover``: an
-    attached portwatch program (by its name) that nothing records; ``problem``: one sentence, or None.
+    attached portwatch program (by its name) that nothing records; ``foreign``: one sentence naming an
+    attached program portwatch did not load, or None; ``problem``: one sentence, or None.
     """
     from app.services.host import xdp_attachment
     pdir = Path(pin_root) / interface
@@ -270,10 +271,12 @@ def describe_attachment(interface: str, pin_root: str | Path) -> dict:
     info = {"interface": interface, "program_id": attached[0] if attached else None,
             "program_name": program_name(attached[0]) if attached and attached[0] else None,
             "owner_db": (record or {}).get("db_path"), "load_state": load.get("state"), "recorded": False,
-            "leftover": False, "problem": None}
+            "leftover": False, "foreign": None, "problem": None}
     if attached:
         info["recorded"] = attached[0] in (pinned_id, load.get("program_id"))
         info["leftover"] = not info["recorded"] and info["program_name"] == PROGRAM_NAME.decode()
+        if not (info["recorded"] or info["leftover"]):
+            info["foreign"] = foreign_text(interface, attached[0], info["program_name"])
     fix = f"`python -m app down --interface {interface}` removes it"
     if info["leftover"]:
         info["problem"] = (f"a portwatch XDP program (id {attached[0]}) is attached to {interface} with no record "
@@ -284,16 +287,52 @@ def describe_attachment(interface: str, pin_root: str | Path) -> dict:
     return info
 
 
-def problems(pin_root: str | Path) -> list[tuple[str, str]]:
-    """(interface, sentence) for every unfinished load and every leftover portwatch program on this host."""
+def foreign_text(interface: str, program_id: int, name: str | None) -> str:
+    """The one sentence naming a program portwatch did not load."""
+    return (f"XDP program {program_id} ({name or 'unnamed'}) on {interface} was not loaded by portwatch: portwatch "
+            "never replaces it (collect --replace takes the interface over on purpose, stopping what it does)")
+
+
+def refuse_foreign(interface: str, pin_root: str | Path, replace: bool = False) -> None:
+    """BpfError (exit 5) naming the program attached to ``interface`` when portwatch did not load it, unless
+    ``replace``: a load balancer or a DDoS filter there keeps working."""
+    info = describe_attachment(interface, pin_root)
+    if not info["foreign"]:
+        return
+    if not replace:
+        raise BpfError(info["foreign"])
+    log.warning("replacing XDP program %s (%s) on %s on purpose (--replace)", info["program_id"],
+                info["program_name"], interface)
+
+
+def foreign_programs(pin_root: str | Path) -> list[tuple[str, str]]:
+    """(interface, sentence) for every XDP program on this host that portwatch did not load."""
+    found = []
+    for name in _interfaces(pin_root):
+        try:
+            text = describe_attachment(name, pin_root)["foreign"]
+        except Exception as exc:   # a vanished interface, no libbpf: not this check's business
+            log.debug("cannot describe %s: %s", name, exc)
+            continue
+        if text:
+            found.append((name, text))
+    return found
+
+
+def _interfaces(pin_root: str | Path) -> list[str]:
     names = set()
     for base in (Path(pin_root), Path("/sys/class/net")):
         try:
             names.update(p.name for p in base.iterdir() if p.is_dir() or base.name == "net")
         except OSError:
             pass
+    return sorted(names)
+
+
+def problems(pin_root: str | Path) -> list[tuple[str, str]]:
+    """(interface, sentence) for every unfinished load and every leftover portwatch program on this host."""
     found = []
-    for name in sorted(names):
+    for name in _interfaces(pin_root):
         try:
             problem = describe_attachment(name, pin_root)["problem"]
         except Exception as exc:   # a vanished interface, no libbpf: not this check's business

@@ -197,7 +197,8 @@ def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> 
     info["programs"] = egress.programs_text(info)       # one line for status: XDP and TC egress
     try:
         att = pin_owner.describe_attachment(interface, pin_root)
-        info.update(owner_db=att["owner_db"], load_state=att["load_state"], problem=att["problem"])
+        info.update(owner_db=att["owner_db"], load_state=att["load_state"], problem=att["problem"],
+                    foreign=att["foreign"])
     except BpfError as exc:
         log.debug("cannot read the pin record of %s: %s", interface, exc)
     return info
@@ -247,8 +248,6 @@ def ensure_loaded(settings, interface: str, prefill: Callable[[], list[str]] | N
             log.warning("pinned maps of %s cannot be reused (%s): recreating them", interface, mismatch)
             recreate = True
             reason = "maps-recreated"
-    if info["attached"] and not info["ours"] and not info["pinned"]:
-        log.warning("another XDP program (id %s) is attached to %s: portwatch replaces it", info["program_id"], interface)
     result = run_loader(settings, interface, pdir, recreate=recreate, prefill=prefill() if prefill else [])
     state = LoadState(interface, pdir, result["mode"], result["program_id"], want_hash, compiled=True,
                       reloaded=info["attached"], reason=reason, compile_seconds=result["compile_seconds"],
