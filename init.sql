@@ -226,7 +226,7 @@ CREATE TABLE IF NOT EXISTS counter_snapshots (
     round_id   INTEGER,
     program_id INTEGER,
     entries    INTEGER NOT NULL,
-    data       BLOB NOT NULL,                -- packed key/value records (app/services/rounds.py) when buckets IS NULL
+    data       BLOB NOT NULL,                -- packed key/value records (app/services/collector/rounds.py) when buckets IS NULL
     map_id     INTEGER,                      -- kernel id of the map read: a snapshot of another map is no baseline
     epoch      TEXT,                         -- the takeover epoch (pin record) it was read under: another is no baseline
     buckets    INTEGER,                      -- the records are in snapshot_buckets, split by key into this many buckets

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.db import rounds as rounds_db  # noqa: E402
 from app.db.connection import connect  # noqa: E402
-from app.services import rounds, snapshots  # noqa: E402
-from app.services.collector import Collector, Observations  # noqa: E402
+from app.services.collector import rounds, snapshots  # noqa: E402
+from app.services.collector.collector import Collector, Observations  # noqa: E402
 from tests.fakes import FakePinnedMap, fake_maps  # noqa: E402
 from tests.helpers import make_settings  # noqa: E402
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from app.db.connection import connect
-from app.services import alerts, text
-from app.services.scanner import Scanner
+from app.services import text
+from app.services.collector.scanner import Scanner
+from app.services.ops import alerts
 from tests.helpers import REPO, add_evaluation, finding
 
 EVIL = "\x1b]0;owned\x07\x1b[2J"            # 14 bytes: fits a process name (15)
@@ -69,7 +70,7 @@ def test_every_surface_prints_untrusted_names_inert(tmp_path, evil_listener):
     from app.db import rounds as rounds_db
     from app.db.occupancy import insert_occupancy
     from app.db.ports import PortIds
-    from app.services import blocklist
+    from app.services.blocklist import blocklist
     from tests.helpers import make_settings
     pid, port = evil_listener
     [seen] = [l for l in Scanner().scan() if l.port == port and l.protocol == "tcp"]

@@ -1,4 +1,4 @@
-"""Text for people: untrusted strings made inert, and times that never crash a reader.
+"""Text for people: untrusted strings made inert, times that never crash a reader, words that depend on a count.
 
     inert(value) -> str          control characters (C0, DEL, C1) and lone surrogates escaped as \\xNN / \\uNNNN
     inert_lines(text) -> str     the same, keeping newlines and tabs (a whole output or log record)
@@ -6,6 +6,7 @@
     InertStream(stream)          a text stream that writes inert_lines() of everything (the CLI's stdout)
     InertFormatter(fmt)          a logging formatter whose records are inert_lines()
     utc(t, seconds=True) -> str  '2026-11-26 01:55:59 UTC'; a value no calendar holds is shown, never raised
+    plural(n, word) / counted(n, word)   words that depend on a count: "1 anomaly", "2 anomalies"
 
 Every string that comes from the network or from another user (process and user names, DNS and TLS
 names, HTTP hosts, CrowdSec scenarios and messages) is stored as received and passed through
@@ -97,3 +98,21 @@ def utc(t, seconds: bool = True, iso: bool = False) -> str:
         return time.strftime(fmt, time.gmtime(float(t)))
     except (OverflowError, OSError, ValueError, TypeError):
         return f"at {t!r} s (out of range)"
+
+
+# the plurals that are not the singular plus "s"
+_IRREGULAR = {"anomaly": "anomalies", "entry": "entries", "listener gone": "listeners gone",
+              "new listener": "new listeners", "address": "addresses", "process": "processes",
+              "process change": "process changes"}
+
+
+def plural(n: int, singular: str, many: str | None = None) -> str:
+    """``singular`` for n == 1, else its plural (``many``, a known irregular one, or singular + 's')."""
+    if n == 1:
+        return singular
+    return many or _IRREGULAR.get(singular, singular + "s")
+
+
+def counted(n: int, singular: str, many: str | None = None) -> str:
+    """'1 anomaly', '3 anomalies', '5 listeners gone'."""
+    return f"{n} {plural(n, singular, many)}"
