@@ -143,7 +143,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "alerts.webhook_url": lambda v: None if not v or v.startswith(("http://", "https://")) else
     "must start with http:// or https://",
     "metrics.file_name": lambda v: None if v.strip() and "/" not in v else "must be a file name (no /)",
-    "reports.top_ports": _between(1, 1000), "reports.max_anomaly_figures": _between(0, 1000),
+    "reports.top_ports": _between(0, 1000), "reports.max_anomaly_figures": _between(0, 1000),
     "reports.since": lambda v: _since(v),
     "retention.keep_days": _above_up_to(0, 100 * 366),
     "crowdsec.timeout_seconds": TIMEOUT, "crowdsec.max_seconds": TIMEOUT, "crowdsec.resync_seconds": DURATION,

@@ -28,7 +28,7 @@ def register(sub) -> None:
     parser.add_argument("--since", metavar="T",
                         help="start of the window: ISO date/time (UTC unless a zone is given), a span back "
                              "from now such as 30m, 24h, 7d, or 'all' (default: reports.since)")
-    parser.add_argument("--top-ports", type=count_arg(1, 1000), metavar="N", help="ports with a series figure (default: reports.top_ports)")
+    parser.add_argument("--top-ports", type=int, metavar="N", help="ports with a series figure (default: reports.top_ports)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: the index path and report.json's content (figures, counts, drops)")
     parser.set_defaults(func=run)
@@ -41,9 +41,9 @@ def run(args, settings) -> int:
     if args.since is not None:
         parse_since(args.since)                    # its own sentence for a bad --since, before the setting's
     settings.override("reports", "since", args.since)
+    if args.top_ports is not None and not 0 <= args.top_ports <= 1000:
+        raise UsageError(f"--top-ports must be 0 or more and at most 1000, got {args.top_ports}")
     settings.override("reports", "top_ports", args.top_ports)
-    if settings.reports.top_ports < 0:
-        raise UsageError(f"--top-ports must be 0 or more, got {settings.reports.top_ports}")
     since = parse_since(settings.reports.since)   # a bad value fails here, before any work
     index = write_report(settings.general.db, settings.reports.out_dir, since,
                          top_ports=settings.reports.top_ports,

@@ -154,7 +154,7 @@ def test_writers_refuse_a_corrupt_database_before_writing(corrupt_db, tmp_path, 
     (["model", "rollback", "99999999999999999999999"], "argument VERSION: must be between 1 and"),
     (["anomalies", "show", "99999999999999999999999"], "'99999999999999999999999' is not a finding id"),
     (["cleanup", "--keep-days", "1e300"], "--keep-days must be a number of days above 0 and at most 36500"),
-    (["report", "--top-ports", "1e9", "--out", "REPORTS"], "argument --top-ports: must be a whole number"),
+    (["report", "--top-ports", "1000000000", "--out", "REPORTS"], "--top-ports must be 0 or more and at most 1000"),
     (["report", "--since", "nan", "--out", "REPORTS"], "--since 'nan' is neither"),
 ])
 def test_bad_flags_are_one_sentence_and_change_nothing(good_db, tmp_path, args, says):
