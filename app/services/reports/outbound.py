@@ -66,8 +66,9 @@ def explain(f: Finding) -> str:
         return (f"{d.get('bytes')} bytes out to {d.get('destination')} in {rounds}, {d.get('factor')}x the "
                 f"{d.get('usual_from')}'s usual {d.get('usual_bytes_per_round')} bytes a round; rule: {d.get('rule')}")
     if f.detector == "dns_tunnel":
+        under = d.get("domain") or "no registered domain, to " + ", ".join(d.get("resolvers", []))
         return (f"{d.get('client')} asked {d.get('queries')} names ({d.get('subdomains')} distinct) under "
-                f"{d.get('domain')}: mean length {d.get('mean_name_length')}, entropy {d.get('label_entropy')} "
+                f"{under}: mean length {d.get('mean_name_length')}, entropy {d.get('label_entropy')} "
                 f"bits/char, types {d.get('record_types')}, NXDOMAIN share {d.get('nxdomain_share')}; "
                 f"signals: {', '.join(d.get('signals', []))}")
     return f.summary or f.detector
