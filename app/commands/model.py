@@ -8,6 +8,10 @@ the windows its alert budget needs (``!``: the model does not alert yet). `rollb
 version active again: the next evaluation scores with it and refits from it. `list` says which versions
 this portwatch can load: a model saved in another format version (the window's features changed)
 stays listed but cannot be rolled back to; the evaluator fits a new one from scratch instead.
+``held-out/d`` is the threshold's false alerts a day on the pool it was chosen on (in sample);
+``out-of-sample`` is the calibration's own check: a threshold chosen on one half of the pool, its
+false alerts a day counted on the other half, and their 95 % upper bound (a small pool cannot show
+a budget of one a day is met: the bound says how far it can vouch).
 
 Exit codes: 0 done; 2 unknown or pruned version; 4 database problem.
 """
@@ -48,7 +52,8 @@ def run(args, settings) -> int:
     from app.services.model import not_loadable
     why = {r["version"]: ("pruned" if r["status"] == "pruned" else not_loadable(r["path"])) for r in rows}
     print(f"{'version':>7}  {'created (UTC)':16}  {'status':11}  {'origin':6}  {'parent':>6}  {'threshold':>10}  "
-          f"{'change':>7}  {'pool':>11}  {'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  {'loadable':8}  path")
+          f"{'change':>7}  {'pool':>11}  {'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  {'out-of-sample':>20}  "
+          f"{'loadable':8}  path")
     for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_at"]))
         threshold = f"{r['threshold']:.4g}" if r["threshold"] is not None else "-"
@@ -60,7 +65,7 @@ def run(args, settings) -> int:
         change, pool = step["change"], step["pool"]
         print(f"{r['version']:>7}  {created:16}  {r['status']:11}  {origin:6}  {parent:>6}  {threshold:>10}  "
               f"{change:>7}  {pool:>11}  {r['train_windows'] or 0:>7}  {budget:>8}  {rate:>10}  "
-              f"{'no' if why[r['version']] else 'yes':8}  {r['path']}")
+              f"{step['out_of_sample']:>20}  {'no' if why[r['version']] else 'yes':8}  {r['path']}")
     for version, reason in why.items():
         if reason and reason != "pruned":
             print(f"v{version} is not loadable as the current model: {reason}")

@@ -24,7 +24,7 @@ Per (client, server address) too: a tunnel straight to its own server (dnscat2's
 two random labels and no domain ever reaches the volume gate. The questions whose names end in no
 known public suffix (an unknown top-level label) and whose (client, domain) did not reach the volume
 gate on its own are one conversation per (client, server): judged by the same gates and signals, the
-entropy taken over the whole name (there is no domain to strip). One finding per (client, server),
+entropy taken over every label left of the unknown top-level one (there is no domain to strip). One finding per (client, server),
 domain None. A name whose random last label happens to be a real top-level label (``.be``, ``.cd``)
 stays with the per-domain view, where it counts alone.
 
@@ -139,7 +139,7 @@ def client_domains(batch: Batch) -> dict[tuple[str, str], dict]:
 def client_servers(batch: Batch, judged: set[tuple[str, str]]) -> dict[tuple[str, str], dict]:
     """(client, server address) -> the measures of the questions under no registered domain whose
     (client, registered domain) is not in ``judged`` (the domain conversations that reached the
-    volume gate); the entropy is over the whole name, dots removed."""
+    volume gate); the entropy is over the labels left of the (unknown) top-level one."""
     stats: dict[tuple[str, str], dict] = defaultdict(_new_stats)
     for round_id, src, dst, name, qtype, rcode, response in _batch_questions(batch):
         if src is None or dst is None or not unregistered(name):
@@ -151,9 +151,13 @@ def client_servers(batch: Batch, judged: set[tuple[str, str]]) -> dict[tuple[str
             stats[(client, server)]["responses"] += 1
             stats[(client, server)]["nxdomain"] += rcode == NXDOMAIN
         else:
-            _add_question(stats[(client, server)], round_id, dst, name, qtype,
-                          name.strip().rstrip(".").lower().replace(".", ""))
+            _add_question(stats[(client, server)], round_id, dst, name, qtype, _without_top_label(name))
     return stats
+
+
+def _without_top_label(name: str) -> str:
+    """The labels of ``name`` left of its top-level one, without dots ('dnscat.ab.cd' -> 'dnscatab')."""
+    return name.strip().rstrip(".").lower().rpartition(".")[0].replace(".", "")
 
 
 def _signals(s: dict, cfg: Evaluator) -> tuple[list[str], dict]:
