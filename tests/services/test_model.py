@@ -141,7 +141,7 @@ def test_the_calibration_reports_its_own_out_of_sample_rate():
     errors = np.random.default_rng(4).exponential(1.0, size=(400, W))          # 6,000 per-round errors
     cal = out_of_sample(calibrate_threshold(errors.ravel(), 1000, 10), errors, 10)
     assert isinstance(cal, Calibration) and cal.out_of_sample_scores == 6000
-    assert 5 <= cal.out_of_sample_rate_per_day <= 20 < cal.out_of_sample_upper_per_day < 30
+    assert 5 <= cal.out_of_sample_rate_per_day <= 20 and cal.out_of_sample_rate_per_day < cal.out_of_sample_upper_per_day < 30
     assert cal.out_of_sample_rate_per_day == cal.out_of_sample_exceedances / 6000 * 1000
     # a pool too small for its budget vouches for little: no false alert seen, a wide bound
     tiny = out_of_sample(calibrate_threshold(errors[:40].ravel(), 1e6, 1), errors[:40], 1)
