@@ -118,7 +118,9 @@ def test_anomalies_list_and_show_explain_the_lab(store):
 
     # the text table: one line per finding, newest first, the same summaries
     code, out, _ = run("anomalies", "list")
-    lines = out.splitlines()
+    waiting = [line for line in out.splitlines() if ": warming up, " in line]   # the header: no baseline yet
+    lines = out.splitlines()[len(waiting):]
+    assert waiting[0].startswith("exfiltration: warming up, ") and waiting[0].endswith(" of 30 rounds")
     assert code == 0 and lines[0].split() == ["ID", "WHEN", "DETECTOR", "PORT", "SUMMARY"]
     assert [int(line.split()[0]) for line in lines[1:]] == [i["id"] for i in items]
     assert any(line.endswith(scan["summary"]) for line in lines)
