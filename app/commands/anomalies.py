@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.errors import EXIT_OK, UsageError
 
 LIMIT = 1000            # findings listed at most (newest first)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 
-from app.cli import add_command
+from app.commands.registry import add_command
 
 
 DESCRIPTION = """Many hosts, one model (Flower) and one blocklist (CrowdSec).

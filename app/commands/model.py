@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 
-from app.cli import add_command
+from app.commands.registry import add_command
 
 
 LEGEND = """columns: threshold = the reconstruction error above which a window is anomalous (scaled units);

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from app.cli import add_command
+from app.commands.registry import add_command
 
 DESCRIPTION = """Write the report: index.html linking PNG figures of the most anomalous ports
 (flagged rounds shaded, blocked sources named), the reconstruction error against the

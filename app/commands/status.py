@@ -3,7 +3,7 @@ version, blocklist size, database size, and whether all of that is healthy.
 
 Reads only (but for the health samples it puts into metrics.textfile_dir when that is set, so
 node_exporter sees what status sees): the database is opened read-only, XDP state comes from
-netlink (host.xdp_attachment: libbpf's bpf_xdp_query) and the pins under
+netlink (kernel/attachment.py xdp_attachment: libbpf's bpf_xdp_query) and the pins under
 ``<pin_root>/<interface>/``; the health checks are app/services/ops/health.py's. Exit codes: 0
 healthy; 1 unhealthy (one line on stderr names the first failed check: no round for 3 x the round
 length, XDP not attached where pinned, the last evaluation failed, the model cannot alert, the
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.errors import EXIT_ERROR
 
 log = logging.getLogger(__name__)

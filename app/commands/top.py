@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.durations import arg as duration
 
 DESCRIPTION = """Live view of what XDP counts right now on one interface, from the pinned maps

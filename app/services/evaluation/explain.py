@@ -21,7 +21,7 @@ import time
 from typing import Iterable
 
 from app.db import anomalies as db
-from app.services.evaluation.findings import Finding
+from app.services.evaluation.findings import Finding, anomaly_key
 
 # units of the model's features (app/services/evaluation/series.py FEATURES): counts are per nominal round
 FEATURE_UNITS = {
@@ -230,7 +230,6 @@ def _time(t: float | None) -> str | None:
 
 def explain(conn, finding: Finding, settings=None) -> dict:
     """Everything `anomalies show` prints about a stored finding (JSON-ready)."""
-    from app.services.ops import alerts
     f = finding
     span = db.round_span(conn, f.first_round_id, f.last_round_id)
     holders = holders_of(conn, f)
@@ -263,7 +262,7 @@ def explain(conn, finding: Finding, settings=None) -> dict:
                            for r in db.block_events_of(conn, f.id)]
     created = db.created_at(conn, f.id)
     out["alerts"] = [{"channel": r["channel"], "at": _time(r["sent_at"])}
-                     for r in db.alerts_sent(conn, alerts.anomaly_key(f)) if created is None or r["sent_at"] >= created]
+                     for r in db.alerts_sent(conn, anomaly_key(f)) if created is None or r["sent_at"] >= created]
     return out
 
 

@@ -12,7 +12,7 @@ from app.config import Evaluator
 from app.db import fleet as fleet_db
 from app.db import peers
 from app.db.connection import connect
-from app.services.blocklist import decisions
+from app.services.evaluation import forged
 from app.services.evaluation import dns_rules, explain, outbound_rules
 from app.services.evaluation.findings import Finding, Source
 from app.services.ops import alerts
@@ -66,7 +66,7 @@ def test_the_same_sentence_on_every_surface_and_no_forged_destination(tmp_path, 
     with conn:       # the destination is a two-way peer: inbound one-way evidence naming it would be "forged"
         peers.record_two_way(conn, 1, time.time() - 60, [DEST])
     exfil = exfiltration()
-    assert decisions.judge_sources(conn, s, [exfil]) == 0
+    assert forged.judge_sources(conn, s, [exfil]) == 0
     assert not exfil.sources[0].forged and exfil.forged_sources == []
     [stored] = add_evaluation(conn, [exfil])
     line = stored.summary
