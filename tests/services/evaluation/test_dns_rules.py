@@ -194,7 +194,7 @@ def test_a_direct_tunnel_captured_live_is_one_finding(lab, state_env, monkeypatc
     sniffer = Sniffer(lab.interface, window_seconds=60, temp_root=state_env / "tmp")
     (state_env / "tmp").mkdir()
     thread, outcome = run_in_thread(sniffer)
-    wait_until_receiving(sniffer, lab)
+    wait_until_receiving(sniffer, lab, 30)                                  # tshark starts slowly on a busy machine
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:        # no server answers: questions only
         sock.bind((lab.root_v4, 0))
         for k, name in enumerate(names):
