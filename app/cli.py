@@ -1,15 +1,14 @@
 # PYTHON_ARGCOMPLETE_OK  (argcomplete: tab completion of subcommands and options, see below)
 """The `python -m app` / `portwatch` command line: parse, configure logging, dispatch, exit code.
 
-Each subcommand lives in app/commands/<name>.py and exposes ``register(subparsers)``, which adds
-its parser and sets ``func(args, settings) -> int``. Command modules import nothing heavy at
-module level (TensorFlow, matplotlib, BCC are imported inside the functions that need them).
+Each subcommand lives in app/commands/<name>.py, listed in app/commands/registry.py, and exposes
+``register(subparsers)``, which adds its parser and sets ``func(args, settings) -> int``. Command
+modules import nothing heavy at module level (TensorFlow, matplotlib, BCC only inside functions).
 Errors a user can cause are PortwatchError: printed as one sentence, mapped to an exit code.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -18,34 +17,10 @@ import sys
 
 from app import __version__
 from app import config as config_mod
+from app.commands.registry import EPILOG, register_all
 from app.errors import EXIT_DB, EXIT_ERROR, EXIT_PIPE, EXIT_ROOT, EXIT_USAGE, PortwatchError
 
 log = logging.getLogger("app")
-
-# subcommand module names, in --help order
-COMMAND_MODULES = ["run", "collect", "evaluate", "anomalies", "blacklist", "allow", "report", "status", "top",
-                   "model", "down", "cleanup", "doctor", "install_cron", "config_cmd", "fleet"]
-
-EPILOG = """exit codes: 0 ok, 1 error (status, doctor: unhealthy), 2 bad usage or input, 3 needs root,
-4 database problem, 5 kernel/BPF problem, 6 another run holds the lock, 7 missing dependency,
-141 output pipe closed (e.g. piped into head): the rest is dropped quietly"""
-
-
-def common_options() -> argparse.ArgumentParser:
-    """Options every subcommand accepts after its name too (``collect --db X``)."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--config", default=argparse.SUPPRESS,
-                        help="TOML config file (default: $PORTWATCH_CONFIG or /etc/portwatch/config.toml)")
-    parent.add_argument("--db", default=argparse.SUPPRESS, help="SQLite database (default: general.db)")
-    parent.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-    parent.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
-    return parent
-
-
-def add_command(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
-    """Add subcommand ``name`` with the common options; the caller adds its own and set_defaults(func=...)."""
-    return sub.add_parser(name, help=help, description=description or help, parents=[common_options()],
-                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,14 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"app.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"app.commands.{name}":
-                raise
-            continue
-        module.register(sub)
+    register_all(sub)
     return parser
 
 

@@ -112,6 +112,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "evaluator.outbound_scan_ports": _between(2, 1 << 17), "evaluator.outbound_scan_addresses": _between(2, MAX_COUNT),
     "evaluator.exfiltration_min_bytes": _between(1, MAX_NUMBER), "evaluator.exfiltration_factor": _above_up_to(1, 1e6),
     "evaluator.exfiltration_baseline_seconds": DURATION, "evaluator.exfiltration_min_history_rounds": _between(1, MAX_COUNT),
+    "evaluator.exfiltration_warmup_rounds": COUNT, "evaluator.beacon_warmup_rounds": COUNT,
     "evaluator.beacon_span_seconds": DURATION, "evaluator.beacon_min_connections": _between(3, MAX_COUNT),
     "evaluator.beacon_min_rounds": _between(2, MAX_COUNT), "evaluator.beacon_max_cv": _between(0, 1),
     "evaluator.beacon_min_interval_seconds": DURATION_OR_ZERO, "evaluator.beacon_ignore_ports": _ports,

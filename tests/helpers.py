@@ -162,7 +162,7 @@ def loaded(lab, tmp_path, pin_root, **blocklist_keys):
 def map_drops(pdir, cidr) -> int | None:
     """The drop counter of ``cidr``'s entry in the pinned blacklist map, None when it has none."""
     from app.services.kernel import bpf_structs, maps
-    from app.services.blocklist.blocklist import parse_network
+    from app.services.kernel.enforcement import parse_network
     with maps.PinnedMap(pdir / "blacklist") as m:
         raw = m.lookup(bpf_structs.lpm_key(parse_network(cidr)))
     return None if raw is None else bpf_structs.PwBlacklistValue.from_buffer_copy(raw[:24]).drops
@@ -181,7 +181,7 @@ def attach_foreign_xdp(interface: str, name: bytes = b"foreign_pass") -> int:
     ``r0 = XDP_PASS; exit``, loaded and attached through libbpf (no compiler). Returns its kernel id."""
     import ctypes
     from app.services.kernel import maps
-    from app.services.host import xdp_attachment
+    from app.services.kernel.attachment import xdp_attachment
     lib = maps.libbpf()
     insns = bytes.fromhex("b700000002000000" "9500000000000000")
     lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,

@@ -5,7 +5,7 @@ import os
 import time
 from pathlib import Path
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.errors import EXIT_OK, NeedsRootError, UsageError
 from app.services.text import counted, inert, json_dumps, utc
 
@@ -51,7 +51,8 @@ def run(args, settings) -> int:
         return list_entries(args, settings)
     from app.db.connection import connect
     from app.durations import flag
-    from app.services.blocklist import blocklist, enforcement
+    from app.services.blocklist import blocklist
+    from app.services.kernel import enforcement
     ttl = flag("--ttl", getattr(args, "ttl", None), maximum=settings.blocklist.max_ttl_seconds)
     if "%" in getattr(args, "address", ""):
         raise UsageError(f"{args.address} carries a zone (%...): the blocklist holds addresses without zones, "
@@ -88,7 +89,7 @@ def run(args, settings) -> int:
 
 
 def list_entries(args, settings) -> int:
-    from app.services.blocklist import enforcement
+    from app.services.kernel import enforcement
     rows, pending, summaries, dropped = [], {}, {}, 0
     db_path = Path(settings.general.db)
     if db_path.exists():

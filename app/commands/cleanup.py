@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from app.cli import add_command
+from app.commands.registry import add_command
 
 DESCRIPTION = """Delete rounds (and everything recorded with them) and sniffer packets older than
 --keep-days days, then give the freed space back to the file system (incremental vacuum).

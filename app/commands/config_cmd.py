@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from urllib.parse import urlsplit
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.services.text import json_dumps
 
 DESCRIPTION = """Show the effective configuration: every key as section.key = value, with where the value

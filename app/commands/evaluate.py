@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from app.cli import add_command
+from app.commands.registry import add_command
 
 DESCRIPTION = """Judge every round recorded since the last evaluation: rule detectors (port scan, SYN
 flood, new listener or changed process, traffic to unlistened ports) and, once evaluator.warmup_rounds

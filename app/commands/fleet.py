@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.config_rules import count_arg
 from app.services.text import json_dumps, utc
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.config_rules import count_arg
 from app.services.text import json_dumps
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.config_rules import count_arg
 from app.durations import arg as duration
 from app.services.text import json_dumps

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from app.db import anomalies as db
-from app.services.evaluation.findings import Finding
+from app.services.evaluation.findings import Finding, anomaly_key
 from app.services.text import inert, inert_lines, utc
 
 # units of the model's features (app/services/evaluation/series.py FEATURES): counts are per nominal round
@@ -33,7 +33,7 @@ FEATURE_UNITS = {
 DETECTOR_NAMES = {"port_scan": "port scan", "syn_flood": "SYN flood", "new_listener": "new listener",
                   "process_changed": "process changed", "unlistened_port": "traffic to an unlistened port",
                   "model": "unusual traffic (model)", "exfiltration": "exfiltration", "outbound_scan": "outbound scan",
-                  "beaconing": "beaconing", "dns_tunnel": "DNS tunnel"}
+                  "beaconing": "beaconing", "dns_tunnel": "DNS tunnel", "source_flood": "source flood"}
 
 
 # --- ports ---------------------------------------------------------------------------------------------
@@ -143,7 +143,8 @@ def _summary(finding: Finding, holders: list[dict] | None) -> str:
         if answered is not None:
             text += f", peak {_n(peak.get('syn'))} SYNs with {answered:.0%} answered"
         who = _who(f)
-        return text + (f", from {who}" if who else "") + f", {rounds}"
+        mitigated = ": mitigated per port, no source blocked" if d.get("many_one_way_sources") else ""
+        return text + (f", from {who}" if who else "") + f", {rounds}{mitigated}"
     if f.detector in ("new_listener", "process_changed"):
         now = d.get("holders") or holders or []
         named = dict.fromkeys(f"{h.get('process') or '?'} (pid {h.get('pid', '?')}, user {h.get('user', '?')})"
@@ -171,6 +172,9 @@ def _summary(finding: Finding, holders: list[dict] | None) -> str:
         return text + (f", from {who}" if who else "") + f", {rounds}"
     if f.outbound:
         return _outbound(f, rounds)
+    if f.detector == "source_flood":
+        return (f"source flood: {_n(f.source_count)} new sources reached this host in {rounds} (at most "
+                f"{_n(f.score)} in one round): per-source counts there may be incomplete")
     # a detector this module does not know yet: the generic form
     text = f"{DETECTOR_NAMES.get(f.detector, f.detector.replace('_', ' '))} on {_where(f, holders)}"
     if f.score is not None:
@@ -206,7 +210,8 @@ def _outbound(f: Finding, rounds: str) -> str:
     client = d.get("client") or f.source or "?"
     resolvers = d.get("resolvers") or []
     via = f" {', '.join(resolvers[:2])}" if resolvers else ""
-    return (f"DNS tunnel suspected: {client} asked{via} {_n(d.get('queries'))} names under {d.get('domain', '?')} "
+    under = d.get("domain") or ("no registered domain" if d.get("grouped_by") == "server" else "?")
+    return (f"DNS tunnel suspected: {client} asked{via} {_n(d.get('queries'))} names under {under} "
             f"({_n(d.get('subdomains'))} distinct, {', '.join(d.get('signals') or [])}), {rounds}")
 
 
@@ -231,7 +236,6 @@ def _time(t: float | None) -> str | None:
 
 def explain(conn, finding: Finding, settings=None) -> dict:
     """Everything `anomalies show` prints about a stored finding (JSON-ready)."""
-    from app.services.ops import alerts
     f = finding
     span = db.round_span(conn, f.first_round_id, f.last_round_id)
     holders = holders_of(conn, f)
@@ -264,7 +268,7 @@ def explain(conn, finding: Finding, settings=None) -> dict:
                            for r in db.block_events_of(conn, f.id)]
     created = db.created_at(conn, f.id)
     out["alerts"] = [{"channel": r["channel"], "at": _time(r["sent_at"])}
-                     for r in db.alerts_sent(conn, alerts.anomaly_key(f)) if created is None or r["sent_at"] >= created]
+                     for r in db.alerts_sent(conn, anomaly_key(f)) if created is None or r["sent_at"] >= created]
     return out
 
 

@@ -257,7 +257,7 @@ def describe_attachment(interface: str, pin_root: str | Path) -> dict:
     attached portwatch program (by its name) that nothing records; ``foreign``: one sentence naming an
     attached program portwatch did not load, or None; ``problem``: one sentence, or None.
     """
-    from app.services.host import xdp_attachment
+    from app.services.kernel.attachment import xdp_attachment
     pdir = Path(pin_root) / interface
     attached = xdp_attachment(interface) if Path(f"/sys/class/net/{interface}").exists() else None
     record = read(pdir) if pdir.exists() else None

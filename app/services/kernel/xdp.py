@@ -45,7 +45,7 @@ from app.services.kernel.bpf_structs import META_CLSACT_ADDED, MAP_LAYOUT, PwMet
 # the loader's fail-closed steps (re-exported: the collector and tests use them as xdp.*)
 from app.services.kernel.xdp_steps import (RETIRED, prefill_blacklist, restore_pins, retire_pins,  # noqa: F401
                                     retired_still_attached)
-from app.services.host import xdp_attachment as attached_program  # host facts live in host.py
+from app.services.kernel.attachment import xdp_attachment as attached_program
 
 log = logging.getLogger(__name__)
 

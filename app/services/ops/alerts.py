@@ -35,7 +35,7 @@ from typing import Iterable
 
 from app import __version__
 from app.db import alerts as alerts_db
-from app.services.evaluation.findings import Finding
+from app.services.evaluation.findings import Finding, anomaly_key
 from app.services.text import inert, json_dumps, utc
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,6 @@ class AlertEvent:
     summary: str
     details: dict = field(default_factory=dict)
     at: float | None = None
-
-
-def anomaly_key(finding: Finding) -> str:
-    """The cooldown key of a finding's alert: detector + port + source (an ongoing attack on the same
-    port from the same source alerts once per cooldown, and a scan that grows keeps its key)."""
-    where = "host" if finding.port is None else ("ephemeral" if finding.port == -1 else str(finding.port))
-    return f"anomaly:{finding.detector}:{finding.protocol or '?'}/{where}:{finding.source or '-'}"
 
 
 def anomaly_event(finding: Finding, *, at: float | None = None) -> AlertEvent:

@@ -16,7 +16,8 @@ import pytest
 
 from app.db.connection import connect
 from app.services import locks
-from app.services.blocklist import blocklist, enforcement
+from app.services.blocklist import blocklist
+from app.services.kernel import enforcement
 from app.services.kernel import pin_owner, xdp
 from tests.helpers import (REPO, UdpSink, bpftool_entries, collect, map_drops, pin_root,  # noqa: F401
                            send_udp)
