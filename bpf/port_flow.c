@@ -262,7 +262,7 @@ int xdp_port_flow(struct xdp_md *ctx)
     if (bv) {
         __sync_fetch_and_add(&bv->drops, 1);
         __sync_fetch_and_add(&bv->drop_bytes, frame_len);
-        bv->last_drop_ns = bpf_ktime_get_coarse_ns();   /* the value is shared by CPUs: atomics above */
+        bv->last_drop_ns = pw_now(cfg);   /* the value is shared by CPUs: atomics above */
         count(PW_G_PARSED, 1);
         count(PW_G_DROPPED, 1);
         count(PW_G_DROPPED_BYTES, frame_len);
@@ -288,7 +288,7 @@ int xdp_port_flow(struct xdp_md *ctx)
 
     count_port(g, &p, frame_len, epoch);
     count_source(g, &p, frame_len, epoch);
-    count_flow(g, &p, frame_len, bpf_ktime_get_coarse_ns());
+    count_flow(g, &p, frame_len, pw_now(cfg));
     /* counted first (the flood stays visible), then an optional per-port SYN budget */
     if (is_syn(&p) && syn_over_budget(&p)) {
         count(PW_G_SYN_LIMITED, 1);

@@ -270,8 +270,16 @@ FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE 
     10: """
 ALTER TABLE blacklist ADD COLUMN direction TEXT NOT NULL DEFAULT 'in';
 """,
+    # 15: rounds made from a capture (python -m app replay) say so and name it; listeners a replay
+    #     inferred from the host's answers (no scanner saw them) are marked
+    15: """
+ALTER TABLE rounds ADD COLUMN replayed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rounds ADD COLUMN capture TEXT;
+ALTER TABLE rounds_ports ADD COLUMN inferred INTEGER NOT NULL DEFAULT 0;
+""",
 }
-SCHEMA_VERSION = 1 + len(MIGRATIONS)
+# numbers are reserved per change, so the sequence may have gaps: the newest is the version
+SCHEMA_VERSION = max(MIGRATIONS)
 QUICK_CHECK_MAX_BYTES = 256 << 20
 _checked: set[str] = set()       # databases this process has quick_check'ed (writers check once per process)
 
@@ -416,6 +424,8 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
             shutil.copy2(path, backup)
             log.info("backed up %s to %s before migrating", path, backup)
         for target in range(version + 1, SCHEMA_VERSION + 1):
+            if target not in MIGRATIONS:          # a reserved number never used
+                continue
             with conn:
                 conn.executescript(MIGRATIONS[target])
                 conn.execute(f"PRAGMA user_version = {target}")

@@ -82,3 +82,42 @@ def run(settings) -> JobResult:
         except (PortwatchError, OSError, sqlite3.Error) as exc:
             log.warning("the report after this evaluation failed: %s", exc)
     return job
+
+
+class ClosedLoop:
+    """A replay's evaluations at capture-time boundaries (``python -m app replay --evaluate-every``).
+
+    Called after every replayed round with the store's clock (the round's end, capture time): the
+    blocklist's expiries are reconciled with the replay's own map at that time; every ``every_seconds``
+    of capture time (and after the last round) the rounds so far are evaluated and the decisions enforced
+    on the maps under ``settings.general.pin_root`` — the replay's private pins, never the host's. Alerts,
+    metrics and reports are left out: nothing leaves the store. Every time-dependent step (TTL expiry,
+    peer look-back, "now" of findings and blocks) reads the same clock.
+    """
+
+    def __init__(self, every_seconds: float):
+        self.every_seconds = every_seconds
+        self.next_at: float | None = None
+        self.jobs: list[JobResult] = []
+
+    def __call__(self, conn, settings, start: float, now: float, last: bool = False) -> None:
+        """After the round (start, now] (capture-time Unix seconds); ``last``: the capture's last round."""
+        from app.services import enforcement
+        from app.services.replay import INTERFACE
+        enforcement.reconcile(conn, settings, Path(settings.general.pin_root) / INTERFACE, now)
+        if self.next_at is None:
+            self.next_at = start + self.every_seconds
+        if now >= self.next_at or last:
+            self.jobs.append(run_at(conn, settings, now))
+            while self.next_at <= now:
+                self.next_at += self.every_seconds
+
+
+def run_at(conn, settings, now: float) -> JobResult:
+    """One evaluation judged at store time ``now``, its decisions enforced (no alerts, metrics, report)."""
+    from app.services import decisions, evaluation
+    result = evaluation.run(settings, conn, clock=lambda: now)
+    job = JobResult(result)
+    if settings.blocklist.enabled and result.evaluation_id is not None:
+        job.decisions, _ = decisions.after_evaluation(conn, settings, result.anomalies, now)
+    return job
