@@ -16,7 +16,8 @@ time is when the finding was stored if that lies in the store's time (a replay e
 ``--evaluate-every``), else the end of its first round. Row ``all``: every finding, and every attack
 label matched by any finding whose detector it allows. Blocks: entries covering a benign-labelled
 address (innocents) or an attack-labelled one. False findings per benign hour: FP of all detectors
-over the hours of the store's span outside every attack label.
+over the hours of the store's span that benign-labelled traffic covers (without benign labels: the span
+outside every attack label).
 """
 from __future__ import annotations
 
@@ -208,7 +209,7 @@ def score(conn, labels: list[Label]) -> Score:
             overall.attacks_found += 1
             overall.detect_seconds.append(first_by[("all", i)] - lb.start)
     innocents, attackers = _blocks(conn, labels)
-    benign = _benign_hours(span, attacks)
+    benign = _benign_hours(span, [lb for lb in labels if not lb.attack], attacks)
     return Score([per[n] for n in names] + [overall], innocents, attackers, benign,
                  overall.false_positives / benign if benign > 0 else None)
 
@@ -228,16 +229,24 @@ def _blocks(conn, labels: list[Label]) -> tuple[list[str], list[str]]:
     return innocents, attackers
 
 
-def _benign_hours(span: tuple, attacks: list[Label]) -> float:
-    lo, hi = span
-    if lo is None or hi is None or hi <= lo:
-        return 0.0
-    covered, cur_lo, cur_hi = 0.0, None, None
-    for a, b in sorted((max(lb.start, lo), min(lb.end, hi)) for lb in attacks if lb.end > lo and lb.start < hi):
+def _union_seconds(lo: float, hi: float, spans) -> float:
+    """Seconds of [lo, hi] covered by the union of (start, end) ``spans``."""
+    total, cur_lo, cur_hi = 0.0, None, None
+    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in spans if b > lo and a < hi):
         if cur_hi is None or a > cur_hi:
-            covered += (cur_hi - cur_lo) if cur_hi is not None else 0.0
+            total += (cur_hi - cur_lo) if cur_hi is not None else 0.0
             cur_lo, cur_hi = a, b
         else:
             cur_hi = max(cur_hi, b)
-    covered += (cur_hi - cur_lo) if cur_hi is not None else 0.0
-    return max(0.0, hi - lo - covered) / 3600.0
+    return total + ((cur_hi - cur_lo) if cur_hi is not None else 0.0)
+
+
+def _benign_hours(span: tuple, benign: list[Label], attacks: list[Label]) -> float:
+    """Hours of the store's span with benign-labelled traffic; without benign labels, the span outside
+    every attack label."""
+    lo, hi = span
+    if lo is None or hi is None or hi <= lo:
+        return 0.0
+    if benign:
+        return _union_seconds(lo, hi, [(lb.start, lb.end) for lb in benign]) / 3600.0
+    return max(0.0, hi - lo - _union_seconds(lo, hi, [(lb.start, lb.end) for lb in attacks])) / 3600.0
