@@ -96,6 +96,13 @@ def labelled_capture(path, labels_path, subnet: int = 140, minutes: int = 12, se
         w.add(t, IP(src=host, dst=resolver) / UDP(sport=sport, dport=53) / DNS(id=qid, rd=1, qd=DNSQR(qname=name)), False)
         w.add(t + 0.004, IP(src=resolver, dst=host) / UDP(sport=53, dport=sport) / DNS(id=qid, qr=1, qd=DNSQR(qname=name)), True)
         t += 15 + rnd.random() * 10
+    # a peer asks the host's NTP server every minute (the host answers from UDP 123: a listener)
+    ntp_client, t = f"{net}.12", T0 + 2
+    plan.benign.append(ntp_client)
+    while t < end - 2:
+        w.add(t, IP(src=ntp_client, dst=host) / UDP(sport=40123, dport=123) / Raw(b"\x23" + b"\0" * 47), True)
+        w.add(t + 0.001, IP(src=host, dst=ntp_client) / UDP(sport=123, dport=40123) / Raw(b"\x24" + b"\0" * 47), False)
+        t += 60
     for label, start, length in (("benign", T0, end - T0),):
         for address in plan.benign:
             plan.labels.append((start, start + length, address, "", label))
