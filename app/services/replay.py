@@ -45,7 +45,10 @@ log = logging.getLogger(__name__)
 
 REPLAY_ROOT = Path("/sys/fs/bpf/portwatch-replay")
 INTERFACE = "replay"          # rounds.interface of replayed rounds (and the private pin directory's name)
-CLOCK_TICK_NS = 1_000_000     # the programs' clock moves per millisecond of capture time (live: a coarse tick)
+# the programs' clock moves in steps of capture time: the live clock (CLOCK_MONOTONIC_COARSE) moves by a
+# jiffy, 4 ms at HZ=250, so flow times keep the live resolution and the clock costs at most one map
+# update per 4 ms of capture
+CLOCK_TICK_NS = 4_000_000
 
 
 @dataclass
@@ -62,6 +65,7 @@ class ReplayResult:
     compile_seconds: float = 0.0
     first_ts: float = 0.0
     last_ts: float = 0.0
+    syscall_floor_ns: float | None = None   # one test-run call from Python, alone (measure_floor=True)
 
     def lines(self) -> list[str]:
         how = "the capture's most-answered address" if self.host_inferred else "--host"
@@ -128,8 +132,9 @@ def directions(h: capture_file.Headers, hosts: list[str]) -> np.ndarray:
 
 
 def replay(settings, capture_path: str | Path, hosts=(), round_seconds: float = 60.0,
-           after_round: Callable | None = None, sniff: bool = True) -> ReplayResult:
-    """Replay one capture into ``settings.general.db`` (see module doc)."""
+           after_round: Callable | None = None, sniff: bool = True, measure_floor: bool = False) -> ReplayResult:
+    """Replay one capture into ``settings.general.db`` (see module doc). ``measure_floor``: also time one
+    test-run call alone on the capture's first frame (bench/replay.py), after the replay."""
     if round_seconds <= 0:
         raise UsageError("--round-seconds must be positive")
     started = time.monotonic()
@@ -172,6 +177,10 @@ def replay(settings, capture_path: str | Path, hosts=(), round_seconds: float = 
                 if after_round is not None:
                     after_round(collector.conn, settings, bounds[0] / 1e9, end, k == len(cut) - 1)
                 lo = hi
+            if measure_floor:
+                first = int(order[0])
+                off = int(cap.offsets[first])
+                result.syscall_floor_ns = runner.syscall_ns(bytes(cap.buffer[off:off + int(cap.lengths[first])]))
         finally:
             runner.close()
     result.first_ts, result.last_ts = t0 / 1e9, int(ts_sorted[-1]) / 1e9
