@@ -47,14 +47,15 @@ class JobResult:
 
 
 def run(settings) -> JobResult:
-    from app.services import alerts, decisions, evaluation, metrics
+    from app.services import alerts, decisions, evaluation, metrics, store_clock
     started = time.monotonic()
-    result = evaluation.run(settings)
+    clock = store_clock.clock(settings.general.db)      # a replayed store is judged in its capture's time
+    result = evaluation.run(settings, clock=clock)
     job = JobResult(result)
     conn = connect(settings.general.db)
     try:
         if settings.blocklist.enabled and result.evaluation_id is not None:
-            job.decisions, _ = decisions.after_evaluation(conn, settings, result.anomalies)
+            job.decisions, _ = decisions.after_evaluation(conn, settings, result.anomalies, clock())
         events = [alerts.anomaly_event(f) for f in result.anomalies]
         events += [alerts.block_event(d.address, d.reason, expires_at=d.expires_at, dry_run=d.action == "would-block")
                    for d in job.decisions if d.action in ("block", "would-block")]
@@ -78,7 +79,7 @@ def run(settings) -> JobResult:
             from app.services.reports import write_report
             job.report = write_report(settings.general.db, settings.reports.out_dir, settings.reports.since,
                                       top_ports=settings.reports.top_ports,
-                                      max_anomaly_figures=settings.reports.max_anomaly_figures)
+                                      max_anomaly_figures=settings.reports.max_anomaly_figures, now=clock())
         except (PortwatchError, OSError, sqlite3.Error) as exc:
             log.warning("the report after this evaluation failed: %s", exc)
     return job

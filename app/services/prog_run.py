@@ -6,14 +6,15 @@ the host, TC egress for packets from it) and its maps count exactly as on an int
     .run(buffer, offsets, lengths, outbound, ticks_ns) -> RunStats   one call per packet
 
 Cost: one syscall per packet (the kernel offers no multi-packet test run for XDP without sending the
-frames) plus one config-map update per clock tick of capture time that has packets (the programs'
-clock, ``pw_config.clock_ns``; see replay.CLOCK_TICK_NS). The loop does nothing else per packet:
+frames); the programs' clock (``pw_config.clock_ns``) moves by a write into the mmap-ed config map
+per clock tick of capture time that has packets (see replay.CLOCK_TICK_NS), no syscall. The loop does nothing else per packet:
 pointers, sizes, directions and clock ticks are precomputed lists.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -67,8 +68,18 @@ class ProgramRunner:
         self._update = lib.bpf_map_update_elem
         self.fds = (_prog_fd(self.pin_dir / "prog"), _prog_fd(self.pin_dir / egress.PROG_PIN))
         self.config = maps.PinnedMap(self.pin_dir / "config")
+        try:        # the config array is mmap-able (bpf/port_flow.c): the clock is a memory write per tick
+            self._config_mem = mmap.mmap(self.config.fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            self._config_mem = None                # maps made without BPF_F_MMAPABLE: a syscall per tick
 
     def close(self) -> None:
+        if self._config_mem is not None:
+            try:
+                self._config_mem.close()
+            except BufferError:                    # a loop that raised still holds its view: the GC unmaps it
+                pass
+            self._config_mem = None
         for fd in self.fds:
             os.close(fd)
         self.fds = ()
@@ -95,6 +106,9 @@ class ProgramRunner:
         base = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer)) if len(buffer) else 0
         cfg = maps.read_struct(self.config, maps.INDEX_0, PwConfig) or PwConfig()
         cfg_fd, key, cfg_ref = self.config.fd, ctypes.c_char_p(maps.INDEX_0), ctypes.byref(cfg)
+        # element 0 of an mmap-ed array map starts at offset 0
+        clock_word = (ctypes.c_uint64.from_buffer(self._config_mem, PwConfig.clock_ns.offset)
+                      if self._config_mem is not None else None)
         opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts))
         opts_ref = ctypes.byref(opts)
         run, update, fds = self._run, self._update, self.fds
@@ -106,9 +120,12 @@ class ProgramRunner:
                 too_large += 1
                 continue
             if tick != last_tick:
-                cfg.clock_ns = tick
-                if update(cfg_fd, key, cfg_ref, 0) < 0:
-                    raise BpfError(f"cannot set the replay clock in {self.pin_dir / 'config'}")
+                if clock_word is not None:
+                    clock_word.value = tick
+                else:
+                    cfg.clock_ns = tick
+                    if update(cfg_fd, key, cfg_ref, 0) < 0:
+                        raise BpfError(f"cannot set the replay clock in {self.pin_dir / 'config'}")
                 last_tick = tick
             opts.data_in = base + off
             opts.data_size_in = size
@@ -128,4 +145,5 @@ class ProgramRunner:
         stats.too_large += too_large
         stats.program_seconds += program_ns / 1e9
         stats.loop_seconds += clock() - started
+        del clock_word                             # no export of the mapping may outlive the loop (close())
         return stats

@@ -76,6 +76,27 @@ def test_replay_evaluate_every_and_score(labelled, tmp_path, capsys):
     assert by["all"]["recall"] == 1.0
 
 
+@pytest.mark.slow
+def test_evaluate_and_report_judge_a_replayed_store_in_capture_time(labelled, tmp_path, capsys):
+    """Without the closed loop nothing is blocked during the replay; a later `evaluate` and `report` read the
+    store's clock (its last round's end), not the wall clock."""
+    d, plan = labelled
+    db, cfg = tmp_path / "ports.db", str(_config(tmp_path))
+    assert main(["replay", str(d / "lab.pcap"), "--db", str(db), "--config", cfg, "--round-seconds", "2m",
+                 "--no-sniffer", "-q"]) == 0
+    assert "6 rounds of capture time" in capsys.readouterr().out
+    c = sqlite3.connect(db)
+    assert c.execute("SELECT sum(dropped_packets) FROM rounds").fetchone()[0] == 0     # no loop: nothing blocked
+    assert c.execute("SELECT count(*) FROM packets").fetchone()[0] == 0               # --no-sniffer
+    assert main(["evaluate", "--db", str(db), "--config", cfg]) == 0
+    end = c.execute("SELECT max(end_time) FROM rounds").fetchone()[0]
+    assert {r[0] for r in c.execute("SELECT created_at FROM anomalies")} == {end}
+    assert {r[0] for r in c.execute("SELECT created_at FROM blacklist")} == {end}
+    assert main(["report", "--db", str(db), "--config", cfg, "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "No data yet" not in page and "port_scan" in page                         # "24h" back from the capture's end
+
+
 def test_bad_capture_and_labels_are_one_sentence(tmp_path, capsys):
     (tmp_path / "x.pcap").write_text("not a capture")
     db = tmp_path / "ports.db"
