@@ -37,7 +37,7 @@ import numpy as np
 from app.db import rounds as rounds_db
 from app.db.connection import connect
 from app.errors import NeedsRootError, UsageError
-from app.services import capture_file, maps, pin_owner, prog_run, sniffer_file, xdp
+from app.services import capture_file, maps, pin_owner, prog_run, sniffer_file, xdp, xdp_unattached
 from app.services.collector import Collector, Observations
 from app.services.scanner import Listener
 
@@ -99,7 +99,7 @@ class ReplayCollector(Collector):
         try:
             self.conn = connect(self.db_path)
             self.db_id = rounds_db.database_id(self.conn)
-            built = xdp.build_unattached(self.settings, self.pin_dir)
+            built = xdp_unattached.build_unattached(self.settings, self.pin_dir)
             self.compile_seconds = built["compile_seconds"]
             pin_owner.claim(self.pin_dir, self.interface, self.db_id, self.db_path)
             self._maps = maps.open_maps(self.pin_dir)

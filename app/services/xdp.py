@@ -274,8 +274,8 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False, pre
 
 # --- the loader process ---------------------------------------------------------------------
 
-def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str], recreate: bool,
-          prefill: list[str] = ()) -> dict:
+def bcc_modules():
+    """(BPF, libbcc) of BCC — imported only here, in a loader process; DependencyError when absent."""
     try:
         from bcc import BPF  # Debian's python3-bpfcc, seen through --system-site-packages
         from bcc.libbcc import lib as libbcc
@@ -284,6 +284,22 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
     build = Path(f"/lib/modules/{os.uname().release}/build")
     if not build.exists() and not os.environ.get("BCC_KERNEL_SOURCE"):
         raise DependencyError(f"no kernel headers at {build}: run make setup (it links the distribution's headers)")
+    return BPF, libbcc
+
+
+def compile_programs(BPF, pdir: Path, flags: list[str]):
+    """Compile both programs as ONE BCC text, maps pinned under ``pdir``: (bpf, xdp function, egress function)."""
+    cflags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{pdir}"', "-w", *flags]
+    try:
+        bpf = BPF(text="\n".join(p.read_text() for p in SOURCES).encode(), cflags=cflags)
+        return bpf, bpf.load_func(b"xdp_port_flow", BPF.XDP), bpf.load_func(b"tc_egress", BPF.SCHED_CLS)
+    except Exception as exc:
+        raise BpfError(f"the XDP program failed to compile or load ({exc}): the compiler output is in the log; `python -m app doctor` checks headers and BPF support") from None
+
+
+def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str], recreate: bool,
+          prefill: list[str] = ()) -> dict:
+    BPF, libbcc = bcc_modules()
     pdir.mkdir(parents=True, exist_ok=True)
     old = read_meta(pdir)       # before a recreate retires it: whether portwatch added the clsact qdisc
     pin_owner.record_load(pdir, "compiling")
@@ -303,13 +319,7 @@ def _build_and_attach(BPF, libbcc, interface: str, pdir: Path, mode: str, want_h
     unborn = {name for name in MAP_LAYOUT if not (pdir / name).exists()}
     started = time.process_time() + _children_cpu()
     t0 = time.monotonic()
-    cflags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{pdir}"', "-w", *flags]
-    try:
-        bpf = BPF(text="\n".join(p.read_text() for p in SOURCES).encode(), cflags=cflags)
-        fn = bpf.load_func(b"xdp_port_flow", BPF.XDP)
-        eg_fn = bpf.load_func(b"tc_egress", BPF.SCHED_CLS)
-    except Exception as exc:
-        raise BpfError(f"the XDP program failed to compile or load ({exc}): the compiler output is in the log; `python -m app doctor` checks headers and BPF support") from None
+    bpf, fn, eg_fn = compile_programs(BPF, pdir, flags)
     compile_seconds = time.monotonic() - t0
     prefilled = prefill_blacklist(pdir, prefill)
     born = {}
@@ -374,52 +384,6 @@ def _build_and_attach(BPF, libbcc, interface: str, pdir: Path, mode: str, want_h
             "maps_created": len(unborn) == len(MAP_LAYOUT), "retired": recreate, "prefilled": prefilled}
 
 
-def build_unattached(settings, pdir: Path) -> dict:
-    """Compile both programs (the same text and flags as a live load) into ``pdir`` — programs pinned as
-    ``prog`` / ``eg_prog``, maps pinned beside them, nothing attached anywhere: a replay feeds them
-    packets with BPF_PROG_TEST_RUN. Runs the BCC loader in its own process, like :func:`run_loader`."""
-    cmd = [sys.executable, "-m", "app.services.xdp", "build", "--pin-dir", str(pdir), "--hash", source_hash(settings)]
-    cmd += ["--flag=" + f for f in build_flags(settings)]
-    env = dict(os.environ)
-    env.setdefault("PYTHONPATH", str(BPF_DIR.parent))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        log.error("XDP loader said:\n%s", proc.stderr.strip()[-4000:])
-        msg = (proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise (DependencyError if proc.returncode == 7 else BpfError)(msg)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _build(pdir: Path, want_hash: str, flags: list[str]) -> dict:
-    """The loader process's side of :func:`build_unattached`."""
-    try:
-        from bcc import BPF
-        from bcc.libbcc import lib as libbcc
-    except ImportError:
-        raise DependencyError("the BCC Python module is missing: install python3-bpfcc (make setup does)") from None
-    pdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    try:
-        bpf = BPF(text="\n".join(p.read_text() for p in SOURCES).encode(),
-                  cflags=[f"-I{BPF_DIR}", f'-DPIN_DIR="{pdir}"', "-w", *flags])
-        fns = {"prog": bpf.load_func(b"xdp_port_flow", BPF.XDP), egress.PROG_PIN: bpf.load_func(b"tc_egress", BPF.SCHED_CLS)}
-    except Exception as exc:
-        raise BpfError(f"the XDP program failed to compile or load ({exc}): `python -m app doctor` checks headers "
-                       "and BPF support") from None
-    for name, fn in fns.items():
-        if libbcc.bpf_obj_pin(fn.fd, str(pdir / name).encode()) != 0:
-            raise BpfError(f"cannot pin the program at {pdir / name}")
-    meta = PwMeta()
-    ctypes.memmove(meta.source_hash, bytes.fromhex(want_hash), 32)
-    meta.loaded_at = int(time.time())
-    meta.program_id = maps.prog_info(pdir / "prog").id
-    meta.egress_program_id = maps.prog_info(pdir / egress.PROG_PIN).id
-    with maps.PinnedMap(pdir / "meta") as m:
-        m.update(maps.INDEX_0, bytes(meta))
-    return {"program_id": meta.program_id, "egress_program_id": meta.egress_program_id,
-            "compile_seconds": round(time.monotonic() - t0, 3)}
-
-
 def _children_cpu() -> float:
     import resource
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -438,19 +402,7 @@ def loader_main(argv: list[str] | None = None) -> int:
     load.add_argument("--recreate", action="store_true")
     load.add_argument("--flag", action="append", default=[])
     load.add_argument("--ebpf", action="store_true", help="print the C source with its flags and exit")
-    build = sub.add_parser("build", help="compile with BCC and pin, attach nothing (a replay's programs)")
-    build.add_argument("--pin-dir", required=True, type=Path)
-    build.add_argument("--hash", required=True)
-    build.add_argument("--flag", action="append", default=[])
     args = parser.parse_args(argv)
-    if args.cmd == "build":
-        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-        try:
-            print(json.dumps(_build(args.pin_dir, args.hash, args.flag)))
-        except (BpfError, DependencyError) as exc:
-            print(str(exc))
-            return exc.exit_code
-        return 0
     if args.ebpf:
         print("// cflags:", " ".join(args.flag))
         print("\n".join(p.read_text() for p in SOURCES))
