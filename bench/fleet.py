@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from app import config  # noqa: E402
 from app.services.fleet.lapi import Deadline, Lapi  # noqa: E402
-from app.services.lab import Lab  # noqa: E402
+from app.lab import Lab  # noqa: E402
 from app.threads import collection  # noqa: E402
 from tests.fleet.lapi import LocalApi, unavailable_reason  # noqa: E402
 

@@ -27,7 +27,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from app import config  # noqa: E402
-from app.services import replay  # noqa: E402
+from app.services.collector import replay  # noqa: E402
 
 HOST = bytes([198, 18, 150, 1])
 ETH_IN = bytes.fromhex("020000000001" "020000000002" "0800")

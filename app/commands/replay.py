@@ -30,13 +30,13 @@ def register(sub) -> None:
 
 
 def run(args, settings) -> int:
-    from app.services import replay
-    from app.services.capture_file import address_key
+    from app.services.collector import replay
+    from app.services.collector.capture_file import address_key
     for host in args.host:
         address_key(host)                          # one sentence for a bad address, before anything starts
     loop = None
     if args.evaluate_every:
-        from app.services.evaluation_job import ClosedLoop
+        from app.services.jobs import ClosedLoop
         loop = ClosedLoop(args.evaluate_every)
     result = replay.replay(settings, args.capture, args.host, args.round_seconds or settings.collector.round_seconds,
                            after_round=loop, sniff=not args.no_sniffer)

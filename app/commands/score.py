@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 def run(args, settings) -> int:
     from app.db.connection import connect
-    from app.services import score
+    from app.services.evaluation import score
     labels = score.read_labels(args.labels)
     conn = connect(settings.general.db, readonly=True)
     try:

@@ -278,7 +278,8 @@ ALTER TABLE rounds ADD COLUMN capture TEXT;
 ALTER TABLE rounds_ports ADD COLUMN inferred INTEGER NOT NULL DEFAULT 0;
 """,
 }
-# numbers are reserved per change, so the sequence may have gaps: the newest is the version
+# numbers may have gaps (numbers reserved by work not merged yet): the newest is the highest, and a database
+# gets every migration numbered above its version, in ascending order
 SCHEMA_VERSION = max(MIGRATIONS)
 QUICK_CHECK_MAX_BYTES = 256 << 20
 _checked: set[str] = set()       # databases this process has quick_check'ed (writers check once per process)
@@ -423,9 +424,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             shutil.copy2(path, backup)
             log.info("backed up %s to %s before migrating", path, backup)
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            if target not in MIGRATIONS:          # a reserved number never used
-                continue
+        for target in sorted(n for n in MIGRATIONS if n > version):
             with conn:
                 conn.executescript(MIGRATIONS[target])
                 conn.execute(f"PRAGMA user_version = {target}")
