@@ -118,7 +118,13 @@ class ReplayCollector(Collector):
 
 
 def private_settings(settings):
-    """A copy of ``settings`` whose pin root is this process's own (never the host's pins)."""
+    """A copy of ``settings`` whose pin root is this process's own (never the host's pins). Private roots
+    left by replays that were killed (their process is gone) are removed first: their pins keep programs
+    and maps alive in the kernel."""
+    if REPLAY_ROOT.is_dir():
+        for stale in REPLAY_ROOT.iterdir():
+            if stale.name.isdigit() and not Path(f"/proc/{stale.name}").exists():
+                shutil.rmtree(stale, ignore_errors=True)
     private = copy.deepcopy(settings)
     private.general.pin_root = str(REPLAY_ROOT / f"{os.getpid()}")
     return private
