@@ -5,7 +5,7 @@ Exit codes: 0 done; 2 not a capture / bad flag; 3 needs root; 4 database problem
 """
 from __future__ import annotations
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.durations import arg as duration
 
 DESCRIPTION = """Feed every packet of a capture through the compiled XDP (to the host) and TC egress (from

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from app.cli import add_command
+from app.commands.registry import add_command
 
 DESCRIPTION = """Match every finding in the database against a labels CSV (start,end,address,detector,label:
 see the README's "Try it on a capture") and print, per detector, the findings that match a labelled attack
