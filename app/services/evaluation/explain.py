@@ -33,7 +33,7 @@ FEATURE_UNITS = {
 DETECTOR_NAMES = {"port_scan": "port scan", "syn_flood": "SYN flood", "new_listener": "new listener",
                   "process_changed": "process changed", "unlistened_port": "traffic to an unlistened port",
                   "model": "unusual traffic (model)", "exfiltration": "exfiltration", "outbound_scan": "outbound scan",
-                  "beaconing": "beaconing", "dns_tunnel": "DNS tunnel"}
+                  "beaconing": "beaconing", "dns_tunnel": "DNS tunnel", "source_flood": "source flood"}
 
 
 # --- ports ---------------------------------------------------------------------------------------------
@@ -138,7 +138,8 @@ def summary(finding: Finding, holders: list[dict] | None = None) -> str:
         if answered is not None:
             text += f", peak {_n(peak.get('syn'))} SYNs with {answered:.0%} answered"
         who = _who(f)
-        return text + (f", from {who}" if who else "") + f", {rounds}"
+        mitigated = ": mitigated per port, no source blocked" if d.get("many_one_way_sources") else ""
+        return text + (f", from {who}" if who else "") + f", {rounds}{mitigated}"
     if f.detector in ("new_listener", "process_changed"):
         now = d.get("holders") or holders or []
         named = dict.fromkeys(f"{h.get('process') or '?'} (pid {h.get('pid', '?')}, user {h.get('user', '?')})"
@@ -166,6 +167,9 @@ def summary(finding: Finding, holders: list[dict] | None = None) -> str:
         return text + (f", from {who}" if who else "") + f", {rounds}"
     if f.outbound:
         return _outbound(f, rounds)
+    if f.detector == "source_flood":
+        return (f"source flood: {_n(f.source_count)} new sources reached this host in {rounds} (at most "
+                f"{_n(f.score)} in one round): per-source counts there may be incomplete")
     # a detector this module does not know yet: the generic form
     text = f"{DETECTOR_NAMES.get(f.detector, f.detector.replace('_', ' '))} on {_where(f, holders)}"
     if f.score is not None:
