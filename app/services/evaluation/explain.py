@@ -211,7 +211,8 @@ def _outbound(f: Finding, rounds: str) -> str:
     client = d.get("client") or f.source or "?"
     resolvers = d.get("resolvers") or []
     via = f" {', '.join(resolvers[:2])}" if resolvers else ""
-    return (f"DNS tunnel suspected: {client} asked{via} {_n(d.get('queries'))} names under {d.get('domain', '?')} "
+    under = d.get("domain") or ("no registered domain" if d.get("grouped_by") == "server" else "?")
+    return (f"DNS tunnel suspected: {client} asked{via} {_n(d.get('queries'))} names under {under} "
             f"({_n(d.get('subdomains'))} distinct, {', '.join(d.get('signals') or [])}), {rounds}")
 
 
