@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--evaluate-every", type=duration(), default=None,
                    help="evaluate and block every this much capture time (e.g. 1h) and after the last round")
     p.add_argument("--no-sniffer", action="store_true", help="skip the tshark fields (DNS, TLS, protocols)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: the replay (capture, hosts, packets, rounds) and each evaluation")
     p.set_defaults(func=run)
 
 
@@ -40,6 +42,13 @@ def run(args, settings) -> int:
         loop = ClosedLoop(args.evaluate_every)
     result = replay.replay(settings, args.capture, args.host, args.round_seconds or settings.collector.round_seconds,
                            after_round=loop, sniff=not args.no_sniffer)
+    if args.json:
+        import dataclasses
+        import json
+        print(json.dumps({"replay": dataclasses.asdict(result), "evaluations": [job.as_dict() for job in
+                                                                                (loop.jobs if loop else [])]},
+                         indent=2, default=str))
+        return 0
     quiet = getattr(args, "quiet", False)
     for line in result.lines() if not quiet else result.lines()[-1:]:
         print(line, flush=True)

@@ -165,3 +165,15 @@ def test_live_through_tcpreplay_and_replay_agree(lab, tmp_path):
     for table in got_live:
         assert got_live[table] == got_replay[table], table
     assert len(got_replay["flows"]) > 20 and len(got_replay["sources"]) >= 5 and len(got_replay["ports"]) > 50
+
+
+def test_replay_json_parses(labelled, tmp_path, capsys):
+    """--json: the replay (capture, hosts, packets, each round) as one JSON object, nothing else on stdout."""
+    d, plan = labelled
+    rc = main(["replay", str(d / "lab.pcap"), "--db", str(tmp_path / "ports.db"), "--config", str(_config(tmp_path)),
+               "--no-sniffer", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    data = json.loads(out)
+    assert data["replay"]["hosts"] == [plan.host] and len(data["replay"]["rounds"]) == 12
+    assert data["evaluations"] == []
