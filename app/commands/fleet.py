@@ -16,7 +16,7 @@ import time
 
 from app.commands.registry import add_command
 from app.config_rules import count_arg
-from app.services.text import json_dumps, utc
+from app.services.text import counted, json_dumps, utc
 
 
 DESCRIPTION = """Many hosts, one model (Flower) and one blocklist (CrowdSec).
@@ -55,7 +55,7 @@ def run(args, settings) -> int:
         from app.services.fleet import flower
         settings.override("fleet", "rounds", args.rounds)
         rec = flower.serve(settings, once=args.once)
-        print(f"federation {rec.get('federations')} finished ({rec.get('rounds')} round(s)).")
+        print(f"federation {rec.get('federations')} finished ({counted(int(rec.get('rounds') or 0), 'round')}).")
         return 0
     if args.action == "node":
         from app.services.fleet import flower

@@ -293,6 +293,13 @@ CREATE TABLE IF NOT EXISTS snapshot_log (
     PRIMARY KEY (interface, map_name, seq)
 );
 """,
+    # 15: rounds made from a capture (python -m app replay) say so and name it; listeners a replay
+    #     inferred from the host's answers (no scanner saw them) are marked
+    15: """
+ALTER TABLE rounds ADD COLUMN replayed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rounds ADD COLUMN capture TEXT;
+ALTER TABLE rounds_ports ADD COLUMN inferred INTEGER NOT NULL DEFAULT 0;
+""",
 }
 # numbers may have gaps (numbers reserved by work not merged yet): the newest is the highest, and a database
 # gets every migration numbered above its version, in ascending order

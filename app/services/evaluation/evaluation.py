@@ -170,7 +170,7 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     now = clock()
     with conn:
         if step.new_model is not None:
-            dbe.insert_model(conn, **step.new_model)
+            dbe.insert_model(conn, **{**step.new_model, "created_at": now})    # the store's clock
         end_of = {r["id"]: r["end_time"] for r in batch}
         dbp.record_handshakes(conn, [(address, rid, end_of[rid]) for address, seen in loaded.peer_rounds.items()
                                   for rid in seen if rid in end_of])

@@ -21,7 +21,7 @@ from typing import Iterable
 
 from app.db import anomalies as db
 from app.services.evaluation.findings import Finding, anomaly_key
-from app.services.text import inert, inert_lines, utc
+from app.services.text import counted, inert, inert_lines, utc
 
 # units of the model's features (app/services/evaluation/series.py FEATURES): counts are per nominal round
 FEATURE_UNITS = {
@@ -92,6 +92,11 @@ def _n(value) -> str:
     return f"{int(value):,}" if value.is_integer() else f"{value:,.3g}"
 
 
+def _rounds(n) -> str:
+    """'1 round', '3 rounds' ('- rounds' when unknown)."""
+    return counted(int(n), "round") if isinstance(n, (int, float)) else "- rounds"
+
+
 def _who(finding: Finding, limit: int = 2) -> str:
     if finding.details.get("many_one_way_sources") and finding.source_count:      # a flood judged forged
         example = f" (e.g. {finding.sources[0].address})" if finding.sources else ""
@@ -139,7 +144,7 @@ def _summary(finding: Finding, holders: list[dict] | None) -> str:
     if f.detector == "syn_flood":
         peak = d.get("peak") or {}
         answered = peak.get("completion_share")
-        text = f"SYN flood on {_where(f, holders)}: {_n(d.get('syn'))} SYNs in {_n(d.get('flooded_rounds'))} round(s)"
+        text = f"SYN flood on {_where(f, holders)}: {_n(d.get('syn'))} SYNs in {_rounds(d.get('flooded_rounds'))}"
         if answered is not None:
             text += f", peak {_n(peak.get('syn'))} SYNs with {answered:.0%} answered"
         who = _who(f)
@@ -156,7 +161,7 @@ def _summary(finding: Finding, holders: list[dict] | None) -> str:
         return f"{f.port_label} changed owner: {before or '?'} -> {procs}, round {d.get('round_id', f.first_round_id)}"
     if f.detector == "unlistened_port":
         text = (f"traffic to {f.port_label}, where nothing listens: {_n(d.get('packets'))} packets "
-                f"in {_n(d.get('unlistened_rounds'))} round(s)")
+                f"in {_rounds(d.get('unlistened_rounds'))}")
         who = _who(f)
         return text + (f" from {who}" if who else "") + f", {rounds}"
     if f.detector == "model":
@@ -306,7 +311,7 @@ def lines(explained: dict) -> list[str]:
             out.append(f"             {s['address']:<30}  {_n(s.get('packets', 0)):>9}  {share:>7}  "
                        f"{s.get('evidence', '-')}{forged}")
         if e["source_count"] and e["source_count"] > len(e["sources"]):
-            out.append(f"             ... {e['source_count'] - len(e['sources'])} more source(s)")
+            out.append(f"             ... {counted(e['source_count'] - len(e['sources']), 'more source', 'more sources')}")
     if e.get("features"):
         out.append("  features   FEATURE            OBSERVED      USUAL  UNIT                  SHARE OF ERROR")
         for x in e["features"]:
