@@ -130,6 +130,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "reports.top_ports": _at_least(1), "reports.max_anomaly_figures": NON_NEGATIVE,
     "reports.since": lambda v: _since(v),
     "retention.keep_days": POSITIVE,
+    "fleet.aggregation": _one_of("trimmed-mean", "median", "krum", "fedavg"),
+    "fleet.trim_fraction": _between(0, 0.49), "fleet.adopt_max_error_ratio": _above(1),
+    "fleet.adopt_budget_factor": _above(0),
     "crowdsec.widest_prefix_ipv4": _between(0, 32), "crowdsec.widest_prefix_ipv6": _between(0, 128),
 }
 
