@@ -7,12 +7,14 @@ its move at that refit (``*``: held to evaluator.threshold_max_change) and the h
 the windows its alert budget needs (``!``: the model does not alert yet). `rollback` makes an older
 version active again: the next evaluation scores with it and refits from it. `list` says which versions
 this portwatch can load: a model saved in another format version (the window's features changed)
-stays listed but cannot be rolled back to; the evaluator fits a new one from scratch instead.
+stays listed but cannot be rolled back to; the evaluator fits a new one from scratch instead. A fleet
+model this host checked and refused is listed 'not-adopted' with the reason (app/services/fleet/adoption.py).
 
 Exit codes: 0 done; 2 unknown or pruned version; 4 database problem.
 """
 from __future__ import annotations
 
+import json
 import time
 
 from app.cli import add_command, common_options
@@ -64,5 +66,9 @@ def run(args, settings) -> int:
     for version, reason in why.items():
         if reason and reason != "pruned":
             print(f"v{version} is not loadable as the current model: {reason}")
+    for r in rows:
+        if r["status"] == "not-adopted":
+            refused = (json.loads(r["metadata"] or "{}").get("fleet") or {}).get("why")
+            print(f"v{r['version']} (fleet) was kept but not adopted: {refused or 'no reason recorded'}")
     return 0
 
