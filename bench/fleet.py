@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO))
 
 from app import config  # noqa: E402
 from app.services.fleet.lapi import Deadline, Lapi  # noqa: E402
-from app.services.lab import Lab  # noqa: E402
+from app.lab import Lab  # noqa: E402
 from app.threads import collection  # noqa: E402
-from tests.fleet.lapi import LocalApi, unavailable_reason  # noqa: E402
+from tests.services.fleet.lapi import LocalApi, unavailable_reason  # noqa: E402
 
 ROUNDS = 5
 SIZES = (1000, 10000)
@@ -91,8 +91,8 @@ def federation(tmp: Path) -> list[tuple[str, float]]:
     import subprocess
     import numpy as np
     from app.services.fleet import flower
-    from tests.fleet.test_flower import free_port, make_certs, settings_for
-    from tests.services.synthetic import SyntheticStore
+    from tests.services.fleet.test_flower import free_port, make_certs, settings_for
+    from tests.services.evaluation.synthetic import SyntheticStore
     d = tmp / "federation"
     d.mkdir()
     make_certs(d)
@@ -154,7 +154,7 @@ def _spike_ratio(model, windows) -> float:
     """Median over ``windows`` (N, W, F) of the window score over the threshold once the last round's
     packets and bytes are x40 (a labelled volume spike): above 1 it flags."""
     import numpy as np
-    from app.services import series
+    from app.services.evaluation import series
     spiked = np.array(windows, copy=True)
     for name in ("packets", "bytes"):
         spiked[:, -1, series.FEATURE_INDEX[name]] *= 40
@@ -169,10 +169,10 @@ def poisoned_member(tmp: Path) -> list[tuple]:
     import statistics as st
     import numpy as np
     from app.db.connection import connect
-    from app.services import evaluation
+    from app.services.evaluation import evaluation
     from app.services.fleet import aggregation, learning
-    from tests.fleet.test_flower import settings_for
-    from tests.services.synthetic import SyntheticStore
+    from tests.services.fleet.test_flower import settings_for
+    from tests.services.evaluation.synthetic import SyntheticStore
     shape = {"window": 15, "lstm-units": 8, "bottleneck": 4, "seed": 0}
     hosts, updates = [], []
     initial = learning.initial_weights(shape)

@@ -1,7 +1,7 @@
 """Scheduling of a collection: K rounds of N seconds, with the scanner and sniffer threads
 running during each round, a stop on SIGTERM and a bound on the whole run's time.
 
-The work of a round (maps -> differences -> one transaction) is app/services/collector.py;
+The work of a round (maps -> differences -> one transaction) is app/services/collector/collector.py;
 this module only decides when it happens and what runs meanwhile.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from app.errors import PortwatchError
-from app.services.collector import Collector, Observations, RoundSummary
+from app.services.collector.collector import Collector, Observations, RoundSummary
 from app.threads.scanner import ScannerThread
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,19 @@ def collect_rounds(collector: Collector, round_seconds: float, n_rounds: int, st
     return summaries
 
 
+def after_round_hooks(settings) -> tuple:
+    """The collector's after-round hooks: the CrowdSec sync and its fleet-view samples when
+    ``crowdsec.lapi_url`` is set (the fleet is imported only then; bounded in time, never raises)."""
+    if not settings.crowdsec.lapi_url:
+        return ()
+
+    def crowdsec_sync(conn, settings) -> None:
+        from app.services.fleet import crowdsec, view
+        crowdsec.sync_round(conn, settings)
+        view.write_sync(conn, settings)
+    return (crowdsec_sync,)
+
+
 def run_collection(settings, interface: str, round_seconds: float, n_rounds: int,
                    on_round: Callable[[RoundSummary], None] | None = None, with_threads: bool = True,
                    stop: threading.Event | None = None,
@@ -111,7 +124,7 @@ def run_collection(settings, interface: str, round_seconds: float, n_rounds: int
             old_alarm = signal.signal(signal.SIGALRM, on_alarm)
             signal.setitimer(signal.ITIMER_REAL, limit)
     try:
-        with Collector(settings, interface, takeover=takeover) as collector:
+        with Collector(settings, interface, takeover=takeover, after_round=after_round_hooks(settings)) as collector:
             if on_start:
                 on_start(collector)
             return collect_rounds(collector, round_seconds, n_rounds, stop, on_round, with_threads)

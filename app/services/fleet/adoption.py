@@ -25,7 +25,7 @@ import numpy as np
 
 from app.db import rounds as rounds_db
 from app.db import series as dbs
-from app.services import evaluation, series
+from app.services.evaluation import evaluation, series
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def early_rounds(conn, settings) -> tuple[np.ndarray, np.ndarray, float]:
 def early_model(conn, settings, weights: list[np.ndarray]):
     """(model with the fleet weights, a scaler fitted here and a conservative threshold; its note),
     or (None, None) when this host has no rounds with traffic yet."""
-    from app.services.model import CnnLstmAutoencoder, LevelDeviationScaler, calibrate_threshold
+    from app.services.evaluation.model import CnnLstmAutoencoder, LevelDeviationScaler, calibrate_threshold
     windows, judged, per_day = early_rounds(conn, settings)
     if not len(windows):
         return None, None
