@@ -1,4 +1,4 @@
--- portwatch schema, version 10 (PRAGMA user_version): the newest schema, for a fresh database; older
+-- portwatch schema, version 15 (PRAGMA user_version): the newest schema, for a fresh database; older
 -- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
@@ -61,8 +61,11 @@ CREATE TABLE IF NOT EXISTS rounds (
     egress_flow_evictions INTEGER,
     egress_program_id INTEGER,
     two_way_peers    INTEGER, -- remote addresses with a two-way exchange in the round
-    baseline         INTEGER NOT NULL DEFAULT 0   -- 1: the counts before this database watched the interface,
+    baseline         INTEGER NOT NULL DEFAULT 0,  -- 1: the counts before this database watched the interface,
                                                   -- only stored as the snapshot: no traffic rows, never evaluated
+    replayed         INTEGER NOT NULL DEFAULT 0,  -- 1: a capture fed through the programs (python -m app replay),
+                                                  -- times are capture times
+    capture          TEXT                         -- the replayed capture's file name (NULL: live)
 );
 CREATE INDEX IF NOT EXISTS rounds_interface_end ON rounds(interface, end_time);
 
@@ -86,7 +89,9 @@ CREATE TABLE IF NOT EXISTS rounds_ports (
     address     TEXT,                        -- bound address ('0.0.0.0', '::', '127.0.0.1', ...)
     family      TEXT,                        -- 'ipv4' or 'ipv6'
     state       TEXT,                        -- 'LISTEN' (tcp) or 'BOUND' (udp)
-    established INTEGER NOT NULL DEFAULT 0   -- established connections on that local port
+    established INTEGER NOT NULL DEFAULT 0,  -- established connections on that local port
+    inferred    INTEGER NOT NULL DEFAULT 0   -- 1: no scanner saw it; a replay inferred it from what the host
+                                             -- answered (a SYN-ACK or a UDP reply sent from that port)
 );
 CREATE INDEX IF NOT EXISTS rounds_ports_round ON rounds_ports(round_id);
 CREATE INDEX IF NOT EXISTS rounds_ports_port ON rounds_ports(port_id, round_id);
@@ -506,4 +511,4 @@ SELECT a.id AS anomaly_id, a.detector, a.evaluation_id,
        json_extract(s.value, '$.note') AS note
 FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE '{}' END, '$.sources') s;
 
-PRAGMA user_version = 10;
+PRAGMA user_version = 15;

@@ -120,12 +120,14 @@ class Evaluator:
     exfiltration_factor: float = 10.0            # ... and this many times the usual rate (the address's, else the host's)
     exfiltration_baseline_seconds: float = 86400.0  # the usual rates: rounds in this span before the batch
     exfiltration_min_history_rounds: int = 30    # rounds an address needs in the baseline for its own usual rate
+    exfiltration_warmup_rounds: int = 30         # rounds in the baseline span before exfiltration raises anything
     beacon_span_seconds: float = 7200.0          # connections to one address looked at, back from the batch's end
     beacon_min_connections: int = 8              # connections (distinct outbound flow starts) at least ...
     beacon_min_rounds: int = 4                   # ... spread over this many rounds at least
     beacon_max_cv: float = 0.1                   # inter-arrival standard deviation / mean at most
     beacon_min_interval_seconds: float = 5.0     # mean inter-arrival at least (bursts are not beacons)
     beacon_ignore_ports: list = field(default_factory=lambda: [53, 123])  # remote ports of periodic protocols (DNS, NTP)
+    beacon_warmup_rounds: int = 30               # rounds in the beaconing span before beaconing raises anything
     dns_min_queries: int = 50                    # queries from one client for one registered domain in a batch ...
     dns_min_subdomains: int = 30                 # ... naming this many distinct names below it
     dns_min_signals: int = 2                     # ... with at least this many of the four signals below:

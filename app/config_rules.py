@@ -96,6 +96,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "evaluator.outbound_scan_ports": _at_least(2), "evaluator.outbound_scan_addresses": _at_least(2),
     "evaluator.exfiltration_min_bytes": _at_least(1), "evaluator.exfiltration_factor": _above(1),
     "evaluator.exfiltration_baseline_seconds": POSITIVE, "evaluator.exfiltration_min_history_rounds": _at_least(1),
+    "evaluator.exfiltration_warmup_rounds": NON_NEGATIVE, "evaluator.beacon_warmup_rounds": NON_NEGATIVE,
     "evaluator.beacon_span_seconds": POSITIVE, "evaluator.beacon_min_connections": _at_least(3),
     "evaluator.beacon_min_rounds": _at_least(2), "evaluator.beacon_max_cv": _between(0, 1),
     "evaluator.beacon_min_interval_seconds": NON_NEGATIVE, "evaluator.beacon_ignore_ports": _ports,

@@ -17,7 +17,8 @@ port and process (occupancy), which sources (packets, share, evidence class), th
 as ranges, the features that drove a model finding (observed vs usual) and what was done (blocked
 until ..., alerted on ...). Alerts and `blacklist list` name the same finding id.
 
-  list [--since 24h|all|ISO] [--detector D] [--json]   newest first (a scan that grew counts from its last growth)
+  list [--since 24h|all|ISO] [--detector D] [--json]   newest first (a scan that grew counts from its last growth),
+                                                       under a line per detector still warming up
   show ID [--json]                                     one finding in full
 
 examples:
@@ -58,7 +59,7 @@ def _since(text: str) -> float | None:
 def run(args, settings) -> int:
     from app.db import anomalies as queries
     from app.db.connection import connect
-    from app.services.evaluation import explain
+    from app.services.evaluation import explain, warmup
     from app.services.evaluation.findings import readable_row
     if args.action == "show":
         text = args.id.strip()
@@ -83,6 +84,8 @@ def run(args, settings) -> int:
             known = ", ".join(queries.detectors(conn)) or "none yet"
             raise UsageError(f"no finding has detector {args.detector!r} (stored detectors: {known})")
         rows = queries.anomalies(conn, since, args.detector, LIMIT)
+        waiting = [w.text() for w in warmup.pending(warmup.next_evaluation(conn, settings.evaluator, time.time()))
+                   if not args.detector or w.detector == args.detector]
         findings = [readable_row(r) for r in rows]
         items = [{"id": f.id, "detector": f.detector, "created_at": r["created_at"], "updated_at": r["updated_at"],
                   "rounds": [f.first_round_id, f.last_round_id], "port": f.port, "protocol": f.protocol,
@@ -93,6 +96,8 @@ def run(args, settings) -> int:
     if args.json:
         print(json.dumps(items, indent=2))
         return EXIT_OK
+    for line in waiting:          # a detector without its baseline raises nothing yet: say so first
+        print(line)
     if not items:
         print("no findings" + (f" of {args.detector}" if args.detector else "")
               + (f" since {_when(since)}" if since is not None else ""))

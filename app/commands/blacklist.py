@@ -70,7 +70,7 @@ def run(args, settings) -> int:
             done = f"removed {blocklist.remove_manual(conn, settings, args.address)} from the blocklist"
         else:
             flushed = blocklist.flush(conn, settings)
-            done = f"flushed {len(flushed)} entr{'y' if len(flushed) == 1 else 'ies'} from the blocklist"
+            done = f"flushed {counted(len(flushed), 'entry')} from the blocklist"
         results = enforcement.apply(conn, settings)
     finally:
         conn.close()

@@ -12,6 +12,7 @@ import json
 from urllib.parse import urlsplit
 
 from app.commands.registry import add_command
+from app.services.text import counted
 
 DESCRIPTION = """Show the effective configuration: every key as section.key = value, with where the value
 came from (default, file:<path>, env:<NAME>, command line). Every key can be set in the TOML file
@@ -94,6 +95,6 @@ def run_check(args, settings) -> int:
         print(json.dumps({"valid": True, "config_file": settings.config_path, "problems": [],
                           "set_outside_defaults": changed}))
         return 0
-    print(f"configuration is valid ({settings.config_path or 'no config file'}; {changed} value(s) set "
+    print(f"configuration is valid ({settings.config_path or 'no config file'}; {counted(changed, 'value')} set "
           "outside the defaults)")
     return 0

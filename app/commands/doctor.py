@@ -20,6 +20,7 @@ from pathlib import Path
 
 from app.commands.registry import add_command
 from app.errors import EXIT_BPF, EXIT_DB, EXIT_DEPENDENCY, EXIT_ROOT
+from app.services.text import counted
 
 DESCRIPTION = """Check this host for what portwatch needs (root, kernel BPF support, bpffs, kernel
 headers for BCC, BCC, iproute2, tshark, cron, free disk, the venv's packages, the database, the file
@@ -253,7 +254,7 @@ def run(args, settings) -> int:
         from app import permissions
         changed = permissions.tighten(settings)
         if not args.json:
-            print(f"tightened {len(changed)} path(s)" + "".join(f"\n  {p}" for p in changed))
+            print(f"tightened {counted(len(changed), 'path')}" + "".join(f"\n  {p}" for p in changed))
     checks = run_checks(settings)
     failed = [c for c in checks if c.status == "FAIL"]
     if args.json:
@@ -266,7 +267,7 @@ def run(args, settings) -> int:
                 print(f"      {'':<{width}}  fix: {c.fix}")
         warned = sum(1 for c in checks if c.status == "warn")
         if failed:
-            print(f"{len(failed)} essential check(s) failed: {', '.join(c.name for c in failed)}; "
+            print(f"{counted(len(failed), 'essential check')} failed: {', '.join(c.name for c in failed)}; "
                   "fix them and run python -m app doctor again")
         else:
             print(f"all essential checks passed ({warned} warning{'s' if warned != 1 else ''})")

@@ -18,6 +18,7 @@ import json
 import time
 
 from app.commands.registry import add_command
+from app.services.text import counted
 
 
 DESCRIPTION = """Many hosts, one model (Flower) and one blocklist (CrowdSec).
@@ -56,7 +57,7 @@ def run(args, settings) -> int:
         from app.services.fleet import flower
         settings.override("fleet", "rounds", args.rounds)
         rec = flower.serve(settings, once=args.once)
-        print(f"federation {rec.get('federations')} finished ({rec.get('rounds')} round(s)).")
+        print(f"federation {rec.get('federations')} finished ({counted(int(rec.get('rounds') or 0), 'round')}).")
         return 0
     if args.action == "node":
         from app.services.fleet import flower

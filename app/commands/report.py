@@ -40,10 +40,12 @@ def run(args, settings) -> int:
     settings.override("reports", "top_ports", args.top_ports)
     if settings.reports.top_ports < 0:
         raise UsageError(f"--top-ports must be 0 or more, got {settings.reports.top_ports}")
-    since = parse_since(settings.reports.since)   # a bad value fails here, before any work
+    from app.services import store_clock
+    now = store_clock.clock(settings.general.db)()  # a replayed store: "24h" back from its capture's end
+    since = parse_since(settings.reports.since, now=now)   # a bad value fails here, before any work
     index = write_report(settings.general.db, settings.reports.out_dir, since,
                          top_ports=settings.reports.top_ports,
-                         max_anomaly_figures=settings.reports.max_anomaly_figures,
+                         max_anomaly_figures=settings.reports.max_anomaly_figures, now=now,
                          progress=_progress if sys.stderr.isatty() and not getattr(args, "quiet", False) else None)
     if args.json:
         import json

@@ -48,6 +48,7 @@ def gather(settings, interfaces: list[str] | None = None, now: float | None = No
     app.services.ops.health (the same ones doctor and the metrics report)."""
     from app.db import reports as queries
     from app.db.connection import connect
+    from app.services.evaluation import warmup
     from app.services.ops import health
     now = time.time() if now is None else now
     facts = health.gather_facts(settings)
@@ -55,10 +56,12 @@ def gather(settings, interfaces: list[str] | None = None, now: float | None = No
     status: dict = {"database": {"path": str(db), "exists": facts["exists"], "bytes": facts["bytes"],
                                  "max_mb": settings.general.max_db_mb}}
     summary = None
+    status["warmup"] = []
     if facts["exists"]:
         conn = connect(db, readonly=True)
         try:
             summary = queries.status_summary(conn)
+            status["warmup"] = [w.as_dict() for w in warmup.next_evaluation(conn, settings.evaluator, now)]
         finally:
             conn.close()
         status["database"]["rounds"] = summary["rounds"]
@@ -144,6 +147,9 @@ def render(status: dict, now: float) -> str:
                  f"model:           version {m['version']}, threshold "
                  f"{'-' if m['threshold'] is None else format(m['threshold'], '.4g')}, created {_when(m['created_at'], now)}"
                  + _pool_text(m.get("held_out_pool")))
+    waiting = [w["text"] for w in status.get("warmup", []) if not w["ready"]]
+    if waiting:       # detectors that compare with usual raise nothing before their baseline
+        lines.append("warm-up:         " + "; ".join(waiting))
     b = status["blacklist"]
     lines.append(f"blocklist:       {b['active']} active, {b['dry_run']} dry-run, {b['expired']} expired, "
                  f"{b['removed']} removed")

@@ -270,6 +270,13 @@ FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE 
     10: """
 ALTER TABLE blacklist ADD COLUMN direction TEXT NOT NULL DEFAULT 'in';
 """,
+    # 15: rounds made from a capture (python -m app replay) say so and name it; listeners a replay
+    #     inferred from the host's answers (no scanner saw them) are marked
+    15: """
+ALTER TABLE rounds ADD COLUMN replayed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rounds ADD COLUMN capture TEXT;
+ALTER TABLE rounds_ports ADD COLUMN inferred INTEGER NOT NULL DEFAULT 0;
+""",
 }
 # numbers may have gaps (numbers reserved by work not merged yet): the newest is the highest, and a database
 # gets every migration numbered above its version, in ascending order

@@ -112,6 +112,8 @@ class Collector:
         self._maps: dict[str, maps.PinnedMap] = {}
         self._lock_fh = None
         self._first = True
+        self.clock_offset: float | None = None    # program clock -> Unix seconds (None: the live kernel's)
+        self.round_marks: dict = {}               # extra rounds columns of every round (a replay's marks)
 
     def __enter__(self) -> "Collector":
         self.open()
@@ -228,9 +230,10 @@ class Collector:
             log.warning("blocklist reconcile failed (the next run retries): %s", exc)
 
     def close_round(self, start: float, seen: Observations, note: str | None = None,
-                    reconcile: bool = True) -> RoundSummary:
+                    reconcile: bool = True, at: float | None = None) -> RoundSummary:
         """Read the maps, difference them, write the round in one transaction, bump the epoch.
 
+        ``at``: the round's end (Unix seconds; None: now — a replay passes capture time).
         The first round after open() records whether this run compiled or reloaded the program."""
         compiled = self._first and bool(self.load_state and self.load_state.compiled)
         reloaded = self._first and bool(self.load_state and self.load_state.reloaded)
@@ -240,7 +243,7 @@ class Collector:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._close_round(start, seen, compiled, reloaded, note, reconcile)
+            return self._close_round(start, seen, compiled, reloaded, note, reconcile, at)
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -256,12 +259,13 @@ class Collector:
                        for name in ids)
         return ids, stored, baseline
 
-    def _close_round(self, start, seen: Observations, compiled, reloaded, note, reconcile=True) -> RoundSummary:
+    def _close_round(self, start, seen: Observations, compiled, reloaded, note, reconcile=True,
+                     at: float | None = None) -> RoundSummary:
         cfg = maps.read_struct(self._maps["config"], maps.INDEX_0, PwConfig)
         epoch = cfg.epoch
         readings = {name: (rounds.read_map(self._maps[name], epoch if name in EPOCH_MAPS else None)
                            if name in self._maps else rounds.empty(name)) for name in SNAPSHOT_MAPS}
-        end = time.time()
+        end = time.time() if at is None else at
         listeners = seen.listeners
         listening = {(l.port, l.protocol) for l in listeners or []}
         low, high = ports.ephemeral_range()
@@ -323,6 +327,7 @@ class Collector:
             "scanner_status": seen.scanner_status, "sniffer_status": seen.sniffer_status,
             "note": note, "baseline": int(baseline),
         }
+        values.update(self.round_marks)
         program_id = self.load_state.program_id if self.load_state else None
         n_sources = len(deltas["sources"])
 
@@ -345,14 +350,15 @@ class Collector:
                                             deltas["srcports"], self.settings.collector.many_ports_threshold)
             snapshot("sources", "srcports")
             round_rows.write_flows(conn, round_id, deltas["flows"], readings["flows"].extras, many,
-                                   self.settings.collector.top_flows)
+                                   self.settings.collector.top_flows, self.clock_offset)
             snapshot("flows")
             rounds_db.insert_global_stats(conn, round_id, g)
             round_rows.write_blacklist_drops(conn, round_id, deltas["blacklist"])
             snapshot("global", "blacklist")
             egress_rounds.write_egress(conn, round_id, deltas, readings, port_ids,
                                        lambda p, proto: ports.fold_port(p, proto, listening, low, high, fold),
-                                       self.settings.collector.top_flows, self.settings.collector.many_ports_threshold)
+                                       self.settings.collector.top_flows, self.settings.collector.many_ports_threshold,
+                                       self.clock_offset)
             snapshot("eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
             egress_rounds.record_peers(conn, round_id, end, two_way, seen.peers or ())
             n_listeners = None

@@ -15,6 +15,7 @@ endian).
 from __future__ import annotations
 
 import ctypes
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,6 +137,13 @@ def read_map(m, epoch: int | None = None) -> MapReading:
     reading = decode(m.name, keys, values, n, m.info.key_size, stride, m.ncpu, epoch)
     reading.max_entries = m.info.max_entries
     return reading
+
+
+def kernel_clock_offset() -> float:
+    """Seconds to add to a kernel flow/drop time (ns of CLOCK_MONOTONIC_COARSE = 6, what the programs'
+    pw_now() reads live) to get Unix time. A replay sets the programs' clock to capture time in Unix ns
+    itself (config.clock_ns), and uses an offset of 0."""
+    return time.time() - time.clock_gettime(6)
 
 
 def pack_snapshot(reading: MapReading) -> bytes:

@@ -22,6 +22,7 @@ from typing import Iterable
 
 from app.db import anomalies as db
 from app.services.evaluation.findings import Finding, anomaly_key
+from app.services.text import counted
 
 # units of the model's features (app/services/evaluation/series.py FEATURES): counts are per nominal round
 FEATURE_UNITS = {
@@ -33,7 +34,7 @@ FEATURE_UNITS = {
 DETECTOR_NAMES = {"port_scan": "port scan", "syn_flood": "SYN flood", "new_listener": "new listener",
                   "process_changed": "process changed", "unlistened_port": "traffic to an unlistened port",
                   "model": "unusual traffic (model)", "exfiltration": "exfiltration", "outbound_scan": "outbound scan",
-                  "beaconing": "beaconing", "dns_tunnel": "DNS tunnel"}
+                  "beaconing": "beaconing", "dns_tunnel": "DNS tunnel", "source_flood": "source flood"}
 
 
 # --- ports ---------------------------------------------------------------------------------------------
@@ -92,6 +93,11 @@ def _n(value) -> str:
     return f"{int(value):,}" if value.is_integer() else f"{value:,.3g}"
 
 
+def _rounds(n) -> str:
+    """'1 round', '3 rounds' ('- rounds' when unknown)."""
+    return counted(int(n), "round") if isinstance(n, (int, float)) else "- rounds"
+
+
 def _who(finding: Finding, limit: int = 2) -> str:
     if finding.details.get("many_one_way_sources") and finding.source_count:      # a flood judged forged
         example = f" (e.g. {finding.sources[0].address})" if finding.sources else ""
@@ -134,11 +140,12 @@ def summary(finding: Finding, holders: list[dict] | None = None) -> str:
     if f.detector == "syn_flood":
         peak = d.get("peak") or {}
         answered = peak.get("completion_share")
-        text = f"SYN flood on {_where(f, holders)}: {_n(d.get('syn'))} SYNs in {_n(d.get('flooded_rounds'))} round(s)"
+        text = f"SYN flood on {_where(f, holders)}: {_n(d.get('syn'))} SYNs in {_rounds(d.get('flooded_rounds'))}"
         if answered is not None:
             text += f", peak {_n(peak.get('syn'))} SYNs with {answered:.0%} answered"
         who = _who(f)
-        return text + (f", from {who}" if who else "") + f", {rounds}"
+        mitigated = ": mitigated per port, no source blocked" if d.get("many_one_way_sources") else ""
+        return text + (f", from {who}" if who else "") + f", {rounds}{mitigated}"
     if f.detector in ("new_listener", "process_changed"):
         now = d.get("holders") or holders or []
         named = dict.fromkeys(f"{h.get('process') or '?'} (pid {h.get('pid', '?')}, user {h.get('user', '?')})"
@@ -150,7 +157,7 @@ def summary(finding: Finding, holders: list[dict] | None = None) -> str:
         return f"{f.port_label} changed owner: {before or '?'} -> {procs}, round {d.get('round_id', f.first_round_id)}"
     if f.detector == "unlistened_port":
         text = (f"traffic to {f.port_label}, where nothing listens: {_n(d.get('packets'))} packets "
-                f"in {_n(d.get('unlistened_rounds'))} round(s)")
+                f"in {_rounds(d.get('unlistened_rounds'))}")
         who = _who(f)
         return text + (f" from {who}" if who else "") + f", {rounds}"
     if f.detector == "model":
@@ -166,6 +173,9 @@ def summary(finding: Finding, holders: list[dict] | None = None) -> str:
         return text + (f", from {who}" if who else "") + f", {rounds}"
     if f.outbound:
         return _outbound(f, rounds)
+    if f.detector == "source_flood":
+        return (f"source flood: {_n(f.source_count)} new sources reached this host in {rounds} (at most "
+                f"{_n(f.score)} in one round): per-source counts there may be incomplete")
     # a detector this module does not know yet: the generic form
     text = f"{DETECTOR_NAMES.get(f.detector, f.detector.replace('_', ' '))} on {_where(f, holders)}"
     if f.score is not None:
@@ -201,7 +211,8 @@ def _outbound(f: Finding, rounds: str) -> str:
     client = d.get("client") or f.source or "?"
     resolvers = d.get("resolvers") or []
     via = f" {', '.join(resolvers[:2])}" if resolvers else ""
-    return (f"DNS tunnel suspected: {client} asked{via} {_n(d.get('queries'))} names under {d.get('domain', '?')} "
+    under = d.get("domain") or ("no registered domain" if d.get("grouped_by") == "server" else "?")
+    return (f"DNS tunnel suspected: {client} asked{via} {_n(d.get('queries'))} names under {under} "
             f"({_n(d.get('subdomains'))} distinct, {', '.join(d.get('signals') or [])}), {rounds}")
 
 
@@ -296,7 +307,7 @@ def lines(explained: dict) -> list[str]:
             out.append(f"             {s['address']:<30}  {_n(s.get('packets', 0)):>9}  {share:>7}  "
                        f"{s.get('evidence', '-')}{forged}")
         if e["source_count"] and e["source_count"] > len(e["sources"]):
-            out.append(f"             ... {e['source_count'] - len(e['sources'])} more source(s)")
+            out.append(f"             ... {counted(e['source_count'] - len(e['sources']), 'more source', 'more sources')}")
     if e.get("features"):
         out.append("  features   FEATURE            OBSERVED      USUAL  UNIT                  SHARE OF ERROR")
         for x in e["features"]:

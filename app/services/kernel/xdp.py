@@ -276,8 +276,8 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False, pre
 
 # --- the loader process ---------------------------------------------------------------------
 
-def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str], recreate: bool,
-          prefill: list[str] = ()) -> dict:
+def bcc_modules():
+    """(BPF, libbcc) of BCC — imported only here, in a loader process; DependencyError when absent."""
     try:
         from bcc import BPF  # Debian's python3-bpfcc, seen through --system-site-packages
         from bcc.libbcc import lib as libbcc
@@ -286,6 +286,22 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
     build = Path(f"/lib/modules/{os.uname().release}/build")
     if not build.exists() and not os.environ.get("BCC_KERNEL_SOURCE"):
         raise DependencyError(f"no kernel headers at {build}: run make setup (it links the distribution's headers)")
+    return BPF, libbcc
+
+
+def compile_programs(BPF, pdir: Path, flags: list[str]):
+    """Compile both programs as ONE BCC text, maps pinned under ``pdir``: (bpf, xdp function, egress function)."""
+    cflags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{pdir}"', "-w", *flags]
+    try:
+        bpf = BPF(text="\n".join(p.read_text() for p in SOURCES).encode(), cflags=cflags)
+        return bpf, bpf.load_func(b"xdp_port_flow", BPF.XDP), bpf.load_func(b"tc_egress", BPF.SCHED_CLS)
+    except Exception as exc:
+        raise BpfError(f"the XDP program failed to compile or load ({exc}): the compiler output is in the log; `python -m app doctor` checks headers and BPF support") from None
+
+
+def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str], recreate: bool,
+          prefill: list[str] = ()) -> dict:
+    BPF, libbcc = bcc_modules()
     pdir.mkdir(parents=True, exist_ok=True)
     old = read_meta(pdir)       # before a recreate retires it: whether portwatch added the clsact qdisc
     pin_owner.record_load(pdir, "compiling")
@@ -305,13 +321,7 @@ def _build_and_attach(BPF, libbcc, interface: str, pdir: Path, mode: str, want_h
     unborn = {name for name in MAP_LAYOUT if not (pdir / name).exists()}
     started = time.process_time() + _children_cpu()
     t0 = time.monotonic()
-    cflags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{pdir}"', "-w", *flags]
-    try:
-        bpf = BPF(text="\n".join(p.read_text() for p in SOURCES).encode(), cflags=cflags)
-        fn = bpf.load_func(b"xdp_port_flow", BPF.XDP)
-        eg_fn = bpf.load_func(b"tc_egress", BPF.SCHED_CLS)
-    except Exception as exc:
-        raise BpfError(f"the XDP program failed to compile or load ({exc}): the compiler output is in the log; `python -m app doctor` checks headers and BPF support") from None
+    bpf, fn, eg_fn = compile_programs(BPF, pdir, flags)
     compile_seconds = time.monotonic() - t0
     prefilled = prefill_blacklist(pdir, prefill)
     born = {}

@@ -37,6 +37,7 @@ from typing import Iterable
 from app import __version__
 from app.db import alerts as alerts_db
 from app.services.evaluation.findings import Finding, anomaly_key
+from app.services.text import counted
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def _message(events: list[AlertEvent], cfg, host: str, now: float) -> EmailMessa
     blocks = sum(1 for e in events if e.kind == "block")
     counts = []
     if anomalies:
-        counts.append(f"{anomalies} anomal{'y' if anomalies == 1 else 'ies'}")
+        counts.append(counted(anomalies, "anomaly"))
     if blocks:
         counts.append(f"{blocks} block{'s' if blocks != 1 else ''}")
     others = len(events) - anomalies - blocks

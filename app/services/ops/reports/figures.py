@@ -13,8 +13,9 @@ from pathlib import Path
 
 from app import permissions
 from app.services.files import atomic_writer
-from app.services.ops.reports.facts import (CONTRIBUTION_MEASURE, MIN_PORT_SHARE, Blocklist, ModelAnomaly,
-                                            ModelScores, Occupancy, PortFacts, Traffic, fmt_time, rate_steps)
+from app.services.ops.reports.drops import Blocklist
+from app.services.ops.reports.facts import (CONTRIBUTION_MEASURE, MIN_PORT_SHARE, ModelAnomaly, ModelScores,
+                                            Occupancy, PortFacts, Traffic, fmt_time, rate_steps)
 from app.services.text import counted
 
 DPI = 100

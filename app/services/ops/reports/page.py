@@ -44,7 +44,7 @@ from app.errors import PortwatchError
 from app.services.evaluation.model_versions import threshold_history
 from app.services.files import atomic_write
 from app.services.ports import port_label
-from app.services.ops.reports import facts, figures, outbound
+from app.services.ops.reports import drops, facts, figures, outbound
 from app.services.ops.reports.facts import fmt_time
 from app.services.ops.reports.figures import Drawn
 
@@ -173,6 +173,21 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, since: 
     return index
 
 
+def _blocklist_table(contents: facts.Contents) -> str:
+    """Entries with the window's drops each, the drops of entries no longer listed (and drops.GONE),
+    and the one total: the rounds' XDP drop counter (the same number as the overview and figures)."""
+    window = contents.window_drops
+    shown = contents.blocklist_rows[-MAX_TABLE_ROWS:]
+    rows = [[b["address"], b["status"], b["origin"], fmt_time(b["created_at"]), fmt_time(b["expires_at"]),
+             window.get(b["address"], 0), b["reason"]] for b in shown]
+    listed = {b["address"] for b in shown}
+    rows += [[address, "-", "-", "-", "-", n,
+              "removed or expired after the round's last read" if address == drops.GONE else "(entry no longer listed)"]
+             for address, n in sorted(window.items()) if address not in listed]
+    rows.append(["total", "", "", "", "", contents.overview["dropped_packets"], "the rounds' XDP drop counter"])
+    return _table(["address", "status", "origin", "created", "expires", "drops in window", "reason"], rows, "")
+
+
 def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_figures: int,
            progress: ProgressFn | None, now: float) -> tuple[list[Drawn], dict[str, str], dict]:
     contents = facts.load_contents(conn, since, top_ports, max_anomaly_figures, MAX_TABLE_ROWS)
@@ -192,7 +207,7 @@ def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_fig
     for anomaly in contents.model_anomalies:
         steps.append((f"contributions of anomaly #{anomaly.id}",
                       lambda anomaly=anomaly: figures.draw_contributions(painter, anomaly)))
-    steps.append(("blocklist", lambda: figures.draw_blocklist(painter, facts.load_blocklist(conn, since, now))))
+    steps.append(("blocklist", lambda: figures.draw_blocklist(painter, drops.load_blocklist(conn, since, now))))
     occupancy = facts.load_occupancy(conn, since)
     steps.append(("occupancy", lambda: figures.draw_occupancy(painter, occupancy)))
 
@@ -221,16 +236,7 @@ def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_fig
         tables["contributions"] = "<p>Model anomalies without per-feature detail:</p>" + _table(
             ["anomaly", "port", "reasons"], [[a.id, a.port, (a.reasons or "-")[:200]] for a in without], "")
     if contents.blocklist_rows or contents.window_drops:
-        drops = contents.window_drops
-        rows = [[b["address"], b["status"], b["origin"], fmt_time(b["created_at"]), fmt_time(b["expires_at"]),
-                 drops.get(b["address"], 0), b["reason"]] for b in contents.blocklist_rows[-MAX_TABLE_ROWS:]]
-        listed = {b["address"] for b in contents.blocklist_rows[-MAX_TABLE_ROWS:]}
-        rows += [[address, "-", "-", "-", "-", n,
-                  "removed or expired after the round's last read" if address == facts.GONE else "(entry no longer listed)"]
-                 for address, n in sorted(drops.items()) if address not in listed]
-        rows.append(["total", "", "", "", "", contents.overview["dropped_packets"], "the rounds' XDP drop counter"])
-        tables["blocklist"] = _table(["address", "status", "origin", "created", "expires", "drops in window",
-                                      "reason"], rows, "")
+        tables["blocklist"] = _blocklist_table(contents)
     if occupancy.changes:
         tables["occupancy"] = _table(["time", "port", "change", "process"],
                                      [[fmt_time(c.at), c.port, c.kind, c.detail]
