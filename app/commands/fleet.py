@@ -4,8 +4,10 @@ serve    the coordinator: a Flower SuperLink (TLS from [fleet]) and a federation
          fleet.interval_seconds (--once: one federation, then exit).
 node     this host's Flower SuperNode in the foreground (run it as a service); it trains the fleet's
          weights on this host's normal windows and adopts the result as a model version 'fleet'.
-status   this host's model versions by origin, the coordinator's record when this is the coordinator,
-         and the CrowdSec sync (pulled, pushed, pending); --json prints one object. Also written to
+status   this host's model versions by origin (and why the newest fleet model was not adopted, if it
+         was not), the coordinator's record when this is the coordinator (the hosts it knows: last
+         contribution, windows claimed and weighed, the model version each runs), and the CrowdSec
+         sync (pulled, pushed, pending); --json prints one object. Also written to
          the metrics textfile (metrics.textfile_dir; see app/services/ops/metrics.py, portwatch_fleet_*).
 
 Exit codes: 0 ok; 2 bad [fleet] settings; 7 Flower missing; 1 a federation that did not finish.
@@ -109,6 +111,7 @@ def _when(t) -> str:
 
 
 def render(state: dict) -> str:
+    from app.services.fleet import view
     lines = []
     active, fleet_model = state["active_model"], state["fleet_model"]
     if active:
@@ -119,8 +122,12 @@ def render(state: dict) -> str:
                      f"{budget if budget is not None else '-'}")
     else:
         lines.append("no model yet (warming up)")
-    lines.append(f"fleet model: v{fleet_model['version']} adopted {_when(fleet_model['created_at'])}" if fleet_model
-                 else "fleet model: none adopted yet")
+    if fleet_model and fleet_model["status"] == "not-adopted":
+        lines.append(f"fleet model: v{fleet_model['version']} received {_when(fleet_model['created_at'])}, NOT adopted: "
+                     f"{fleet_model['not_adopted_because']}; the active model stays")
+    else:
+        lines.append(f"fleet model: v{fleet_model['version']} adopted {_when(fleet_model['created_at'])}" if fleet_model
+                     else "fleet model: none adopted yet")
     if state["superlink"]:
         lines.append(f"coordinator: {state['superlink']} " + ("reachable" if state["superlink_reachable"] else
                      "UNREACHABLE: this host keeps its local model and learns alone until it is back"))
@@ -130,9 +137,14 @@ def render(state: dict) -> str:
     if rec:
         lines.append(f"federations run here: {rec.get('federations')}, last finished {_when(rec.get('finished_at'))}, "
                      f"hosts in its last round: {rec.get('hosts', '-')}")
-        for k, h in enumerate(rec.get("per_host") or [], 1):
-            lines.append(f"  host {k}: {h['held_out_rate_per_day']:.2f} false alerts a day on held-out data against "
-                         f"a budget of {h['budget_per_day']:g} ({h['held_out_windows']} windows)")
+        lines.append(f"aggregation: {rec.get('aggregation') or 'fedavg'}; hosts known: {len(rec.get('known_hosts') or {})}")
+        for node, h in sorted((rec.get("known_hosts") or {}).items()):
+            runs = f"runs model v{h['model_version']}" if h.get("model_version") else "runs no model yet"
+            took = ("adopted the fleet's" if h.get("adopted") else
+                    f"kept its own (refused the fleet's: {view.REFUSALS.get(h.get('refusal'), 'no model to check')})")
+            lines.append(f"  node {node}: last contribution {_when(h.get('last_contribution'))} "
+                         f"({h.get('reported_windows', 0)} windows claimed, {h.get('weighed_windows', 0)} weighed), "
+                         f"{runs}, {took}")
     cs = state["crowdsec"]
     if cs is None:
         lines.append("crowdsec: not configured (crowdsec.lapi_url)")

@@ -1,6 +1,6 @@
 """`python -m app model list|rollback VERSION`: the evaluator's model versions.
 
-Every evaluation that trains saves a new version under <state_dir>/models/<version>/ (config.json,
+Every evaluation that trains saves a new version under <state_dir>/models/<database id>/<version>/ (config.json,
 scaler.json, weights, held-out calibration windows) with a models row; the newest
 evaluator.keep_models keep their files. The list is the threshold history: each version's threshold,
 its move at that refit (``*``: held to evaluator.threshold_max_change) and the held-out pool against
@@ -11,7 +11,8 @@ stays listed but cannot be rolled back to; the evaluator fits a new one from scr
 ``held-out/d`` is the threshold's false alerts a day on the pool it was chosen on (in sample);
 ``out-of-sample`` is the calibration's own check: a threshold chosen on one half of the pool, its
 false alerts a day counted on the other half, and their 95 % upper bound (a small pool cannot show
-a budget of one a day is met: the bound says how far it can vouch).
+a budget of one a day is met: the bound says how far it can vouch). A fleet model this host checked
+and refused is listed 'not-adopted' with the reason (app/services/fleet/adoption.py).
 
 Exit codes: 0 done; 2 unknown or pruned version; 4 database problem.
 """
@@ -92,6 +93,8 @@ def run(args, settings) -> int:
     for i in items:
         if i["not_loadable"] and i["not_loadable"] != "pruned":
             print(f"v{i['version']} is not loadable as the current model: {i['not_loadable']}")
+        if i["not_adopted_because"]:
+            print(f"v{i['version']} (fleet) was kept but not adopted: {i['not_adopted_because']}")
     print(LEGEND)
     return 0
 
@@ -109,4 +112,13 @@ def _item(row) -> dict:
             "out_of_sample": step["out_of_sample"],
             "train_windows": row["train_windows"], "budget_per_day": row["budget_per_day"],
             "held_out_rate_per_day": row["held_out_rate_per_day"], "loadable": not why,
-            "not_loadable": why or None, "path": row["path"]}
+            "not_loadable": why or None, "path": row["path"],
+            "not_adopted_because": _not_adopted(row) if row["status"] == "not-adopted" else None}
+
+
+def _not_adopted(row) -> str:
+    """Why this host kept a fleet model without adopting it (app/services/fleet/adoption.py)."""
+    try:
+        return (json.loads(row["metadata"] or "{}").get("fleet") or {}).get("why") or "no reason recorded"
+    except ValueError:
+        return "no reason recorded"
