@@ -6,10 +6,14 @@ Two runs on one synthetic store (tests/services/evaluation/synthetic.py, written
   steady  60 more rounds with a scan, a flood and a spike, warmed up: rules + scoring + explanations
           + refit from the saved weights (what the hourly cron does every hour)
 Target: <= 60 s wall on 2 cores for each. Prints one table with the ratio target / measured.
+The cold run's store is benign: any finding there is a false alarm (a detector that judged before it
+had a baseline), and so is an outbound finding in the steady run (no outbound event is injected);
+either fails the bench (exit 1, one sentence).
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -19,9 +23,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.services.synthetic import SyntheticStore, port_scan, syn_flood, volume_spike  # noqa: E402
+from tests.services.evaluation.synthetic import SyntheticStore, port_scan, syn_flood, volume_spike  # noqa: E402
 
 TARGET_S = 60.0
+FOUND = re.compile(r"(\d+) anomalies \(([^)]*)\)")
+OUTBOUND = ("outbound_scan", "exfiltration", "beaconing", "dns_tunnel")
 N_PORTS = 1000
 ROUNDS = 60
 
@@ -80,6 +86,34 @@ def main() -> int:
         print(f"{name:<24} {wall:>8.1f} {rss:>13.0f} {TARGET_S / wall:>23.2f}x")
     for name, *_, line in rows:
         print(f"  {name}: {line}")
+    return false_alarms(rows[0][3], rows[1][3])
+
+
+def findings(line: str) -> dict[str, int]:
+    """{detector: count} from an evaluation's summary line ('... : 3 anomalies (2 port_scan, 1 model) ...')."""
+    match = FOUND.search(line)
+    if match is None:
+        raise SystemExit(f"evaluator bench: no anomaly count in the summary line {line!r}")
+    counts = {}
+    for part in match.group(2).split(", "):
+        if part != "none":
+            n, detector = part.split(" ", 1)
+            counts[detector] = int(n)
+    return counts
+
+
+def false_alarms(cold: str, steady: str) -> int:
+    """1 with one sentence on stderr when the benign cold run found anything, or the steady run found
+    an outbound finding (nothing outbound was injected); else 0."""
+    problems = []
+    if findings(cold):
+        problems.append(f"the cold run over a benign store found {findings(cold)}")
+    outbound = {d: n for d, n in findings(steady).items() if d in OUTBOUND}
+    if outbound:
+        problems.append(f"the steady run found outbound findings with no outbound event injected: {outbound}")
+    if problems:
+        print(f"evaluator bench: {'; '.join(problems)}.", file=sys.stderr)
+        return 1
     return 0
 
 

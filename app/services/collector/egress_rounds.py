@@ -21,7 +21,7 @@ from app.db import egress as egress_db
 from app.db import peers as peers_db
 from app.db import rounds as rounds_db
 from app.services import ports
-from app.services.collector import round_rows, rounds
+from app.services.collector import rounds
 from app.services.kernel.bpf_structs import ADDR_DTYPE, ADDR_SIZE, addr_text, key_dtype
 
 TCP, UDP, TCP_ACK = 6, 17, 0x10
@@ -59,10 +59,11 @@ def two_way_addresses(inbound: rounds.Delta, outbound: rounds.Delta) -> set[str]
 
 
 def write_egress(conn, round_id: int, deltas: dict, readings: dict, port_ids, fold, top_n: int,
-                 many_threshold: int) -> None:
+                 many_threshold: int, clock_offset: float | None = None) -> None:
     """egress_port_stats, destination_stats and the outbound flows of one round.
 
-    fold(port, protocol) -> the stored port value (the ephemeral bucket rule of port_stats)."""
+    fold(port, protocol) -> the stored port value (the ephemeral bucket rule of port_stats);
+    clock_offset: seconds from the program's clock to Unix time (None: the live kernel clock's)."""
     eg_ports, dests, dstports, flows = deltas["eg_ports"], deltas["eg_dests"], deltas["eg_dstports"], deltas["eg_flows"]
     merged: dict[tuple[int, str], list] = {}
     if len(eg_ports):
@@ -91,9 +92,25 @@ def write_egress(conn, round_id: int, deltas: dict, readings: dict, port_ids, fo
     rows.sort()
     egress_db.insert_destination_stats(conn, round_id, rows)
 
-    if len(flows):
-        rows = round_rows.flow_rows(flows, readings["eg_flows"].extras, many, top_n, "dst")
-        rounds_db.insert_flows(conn, round_id, rows, direction="out")
+    if not len(flows):
+        return
+    chosen = {i: "top" for i in np.argsort(-flows.values[:, 1], kind="stable")[:top_n].tolist()}
+    if many:
+        hit = np.isin(flows.field("dst"), np.array(sorted(many), dtype=ADDR_DTYPE))
+        for i in np.flatnonzero(hit).tolist():
+            chosen.setdefault(i, "many-ports")
+    offset = rounds.kernel_clock_offset() if clock_offset is None else clock_offset
+    rows_i = list(chosen)
+    keys = flows.key_fields(rows_i)
+    ext = readings["eg_flows"].extras[flows.index[rows_i]].tolist()
+    out = []
+    for src, sport, dst, dport, proto, (packets, bytes_), (first_ns, last_ns, flags), reason in zip(
+            keys["src"].tolist(), keys["sport"].tolist(), keys["dst"].tolist(), keys["dport"].tolist(),
+            keys["proto"].tolist(), flows.values[rows_i].tolist(), ext, chosen.values()):
+        out.append((addr_text(src), sport, addr_text(dst), dport, ports.protocol_name(proto), packets, bytes_,
+                    round(first_ns / 1e9 + offset, 3) if first_ns else None,
+                    round(last_ns / 1e9 + offset, 3) if last_ns else None, flags, reason))
+    rounds_db.insert_flows(conn, round_id, out, direction="out")
 
 
 def record_peers(conn, round_id: int, at: float, two_way: set[str], established) -> int:

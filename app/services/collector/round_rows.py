@@ -6,8 +6,6 @@ flows, blacklist drops. Field access by name through the mirrors of bpf/common.h
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from app.db import rounds as rounds_db
@@ -75,23 +73,21 @@ def write_sources(conn, round_id: int, sources: rounds.Delta, extras, srcports: 
     return many
 
 
-def write_flows(conn, round_id: int, flows: rounds.Delta, extras, many: set[bytes], top_n: int) -> None:
-    """The ``top_n`` flows by bytes, plus every flow of a source that reached many ports."""
-    if len(flows):
-        rounds_db.insert_flows(conn, round_id, flow_rows(flows, extras, many, top_n, "src"))
+def write_flows(conn, round_id: int, flows: rounds.Delta, extras, many: set[bytes], top_n: int,
+                clock_offset: float | None = None) -> None:
+    """The ``top_n`` flows by bytes, plus every flow of a source that reached many ports.
 
-
-def flow_rows(flows: rounds.Delta, extras, many: set[bytes], top_n: int, many_field: str) -> list[tuple]:
-    """``flows`` table rows (src, sport, dst, dport, protocol, packets, bytes, first_seen, last_seen,
-    tcp_flags, reason) of the ``top_n`` flows by bytes plus every flow whose ``many_field`` ('src'
-    inbound, 'dst' outbound) is in ``many``; first/last seen turned from the kernel's coarse
-    monotonic clock (ns) into epoch seconds. The one flow-row builder of both directions."""
-    chosen = {i: "top" for i in np.argsort(-flows.values[:, 1], kind="stable")[:top_n].tolist()}
+    clock_offset: seconds from the program's clock to Unix time (None: the live kernel clock's)."""
+    if not len(flows):
+        return
+    by_bytes = flows.values[:, 1]
+    top = np.argsort(-by_bytes, kind="stable")[:top_n].tolist()
+    chosen = {i: "top" for i in top}
     if many:
-        hit = np.isin(flows.field(many_field), np.array(sorted(many), dtype=ADDR_DTYPE))
+        hit = np.isin(flows.field("src"), np.array(sorted(many), dtype=ADDR_DTYPE))
         for i in np.flatnonzero(hit).tolist():
             chosen.setdefault(i, "many-ports")
-    offset = time.time() - time.clock_gettime(6)   # CLOCK_MONOTONIC_COARSE = 6: coarse ktime (ns) -> epoch
+    offset = rounds.kernel_clock_offset() if clock_offset is None else clock_offset
     rows_i = list(chosen)
     keys = flows.key_fields(rows_i)
     ext = extras[flows.index[rows_i]].tolist()
@@ -102,7 +98,7 @@ def flow_rows(flows: rounds.Delta, extras, many: set[bytes], top_n: int, many_fi
         rows.append((addr_text(src), sport, addr_text(dst), dport, ports.protocol_name(proto), packets, bytes_,
                      round(first_ns / 1e9 + offset, 3) if first_ns else None,
                      round(last_ns / 1e9 + offset, 3) if last_ns else None, flags, reason))
-    return rows
+    rounds_db.insert_flows(conn, round_id, rows)
 
 
 def write_blacklist_drops(conn, round_id: int, delta: rounds.Delta) -> None:
