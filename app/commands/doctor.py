@@ -11,7 +11,6 @@ first failed essential check (1 a health check, 3 root, 4 database, 5 kernel/BPF
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import platform
 import shutil
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from app.commands.registry import add_command
 from app.errors import EXIT_BPF, EXIT_DB, EXIT_DEPENDENCY, EXIT_ROOT
-from app.services.text import counted
+from app.services.text import counted, json_dumps
 
 DESCRIPTION = """Check this host for what portwatch needs (root, kernel BPF support, bpffs, kernel
 headers for BCC, BCC, iproute2, tshark, cron, free disk, the venv's packages, the database, the file
@@ -225,6 +224,9 @@ def run_checks(settings) -> list[Check]:
     from app.services.kernel.pin_owner import problems as xdp_problems   # unfinished loads, leftover programs (issue 10)
     checks += [Check(f"xdp {name}", "warn", text, f"python -m app down --interface {name}")
                for name, text in xdp_problems(settings.general.pin_root)]
+    from app.services.kernel.pin_owner import foreign_programs   # a program portwatch did not load: left alone
+    checks += [Check(f"xdp {name}", "warn", text, "leave it, or detach it (or collect --replace) to run portwatch there")
+               for name, text in foreign_programs(settings.general.pin_root)]
     return checks
 
 
@@ -258,7 +260,7 @@ def run(args, settings) -> int:
     checks = run_checks(settings)
     failed = [c for c in checks if c.status == "FAIL"]
     if args.json:
-        print(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2))
+        print(json_dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2))
     else:
         width = max(len(c.name) for c in checks)
         for c in checks:

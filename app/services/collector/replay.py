@@ -102,7 +102,7 @@ class ReplayCollector(Collector):
             self.db_id = rounds_db.database_id(self.conn)
             built = xdp_unattached.build_unattached(self.settings, self.pin_dir)
             self.compile_seconds = built["compile_seconds"]
-            pin_owner.claim(self.pin_dir, self.interface, self.db_id, self.db_path)
+            self.record = pin_owner.claim(self.pin_dir, self.interface, self.db_id, self.db_path)
             self._maps = maps.open_maps(self.pin_dir)
             self._born = {m.info.id for m in self._maps.values()}   # every map counts from zero for this store
             self.load_state = xdp.LoadState(self.interface, self.pin_dir, "test-run", built["program_id"],

@@ -136,6 +136,16 @@ def pin_dir(settings, interface: str) -> Path:
     return Path(settings.general.pin_root) / interface
 
 
+def pinned_state(interface: str, pdir: Path) -> LoadState:
+    """The LoadState of the program pinned in ``pdir`` as it is (nothing loaded): mode and source hash from
+    its meta map, the program id from its pin (None when absent)."""
+    meta = read_meta(pdir)
+    prog = pdir / "prog"
+    return LoadState(interface, pdir, {1: "native", 2: "generic"}.get(meta.mode) if meta else None,
+                     maps.prog_info(prog).id if prog.exists() else None,
+                     bytes(meta.source_hash).hex() if meta else None)
+
+
 def check_interface(interface: str) -> int:
     """The interface's ifindex; UsageError with one sentence when it does not exist."""
     if not interface or "/" in interface or len(interface) > 15:
@@ -188,7 +198,8 @@ def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> 
     info["programs"] = egress.programs_text(info)       # one line for status: XDP and TC egress
     try:
         att = pin_owner.describe_attachment(interface, pin_root)
-        info.update(owner_db=att["owner_db"], load_state=att["load_state"], problem=att["problem"])
+        info.update(owner_db=att["owner_db"], load_state=att["load_state"], problem=att["problem"],
+                    foreign=att["foreign"])
     except BpfError as exc:
         log.debug("cannot read the pin record of %s: %s", interface, exc)
     return info
@@ -238,8 +249,6 @@ def ensure_loaded(settings, interface: str, prefill: Callable[[], list[str]] | N
             log.warning("pinned maps of %s cannot be reused (%s): recreating them", interface, mismatch)
             recreate = True
             reason = "maps-recreated"
-    if info["attached"] and not info["ours"] and not info["pinned"]:
-        log.warning("another XDP program (id %s) is attached to %s: portwatch replaces it", info["program_id"], interface)
     result = run_loader(settings, interface, pdir, recreate=recreate, prefill=prefill() if prefill else [])
     state = LoadState(interface, pdir, result["mode"], result["program_id"], want_hash, compiled=True,
                       reloaded=info["attached"], reason=reason, compile_seconds=result["compile_seconds"],
