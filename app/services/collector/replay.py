@@ -98,7 +98,7 @@ class ReplayCollector(Collector):
             raise NeedsRootError("replaying needs root (BPF programs and maps): run it with sudo")
         xdp.ensure_bpffs(Path(self.settings.general.pin_root))
         try:
-            self.conn = connect(self.db_path)
+            self.conn = connect(self.db_path, create=True)      # a replay makes its store, like a collection
             self.db_id = rounds_db.database_id(self.conn)
             built = xdp_unattached.build_unattached(self.settings, self.pin_dir)
             self.compile_seconds = built["compile_seconds"]
