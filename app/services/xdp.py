@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from app import resources
 from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
 from app.services import egress, maps, pin_owner
 from app.services.bpf_structs import META_CLSACT_ADDED, MAP_LAYOUT, PwMeta
@@ -48,7 +49,7 @@ from app.services.host import xdp_attachment as attached_program  # host facts l
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parent.parent.parent / "bpf"
+BPF_DIR = resources.BPF_DIR
 # compiled as ONE BCC text (BCC takes programs only from its main source, not from #include'd files)
 SOURCES = (BPF_DIR / "port_flow.c", BPF_DIR / "egress.c")
 SOURCE = SOURCES[0]
@@ -258,7 +259,7 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False, pre
         cmd.append("--recreate")
     cmd += ["--flag=" + f for f in build_flags(settings)]
     env = dict(os.environ)
-    env.setdefault("PYTHONPATH", str(BPF_DIR.parent))
+    env.setdefault("PYTHONPATH", str(resources.IMPORT_ROOT))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
                           input=json.dumps({"prefill": list(prefill)}))
     if proc.stderr.strip():
