@@ -21,7 +21,9 @@ command -v apt-get >/dev/null || die "apt-get not found: portwatch's setup suppo
 APT_PACKAGES=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools libbpf1 bpftool
               tshark iproute2 sqlite3 util-linux cron dnsmasq-base nftables iptables
               procps ca-certificates logrotate
-              hping3 nmap)                              # attack tools of the kernel tests (issue 9)
+              hping3 nmap                               # attack tools of the kernel tests
+              chromium                                  # tests: the report page in a browser
+              podman mmdebstrap)                        # tests: the container image, built and run
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
