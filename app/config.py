@@ -228,6 +228,8 @@ class Crowdsec:
     max_pending: int = 1000                      # pushes queued while the LAPI is unreachable (oldest dropped)
     resync_seconds: float = 3600.0               # a full decision list (startup=true) at least this often
     ca_file: str = ""                            # CA bundle for an https LAPI (empty: the system's)
+    widest_prefix_ipv4: int = 16                 # a decision on a wider range (a shorter prefix) is refused
+    widest_prefix_ipv6: int = 32                 # ... and for IPv6
 
     def problems(self) -> list[str]:
         """One sentence per invalid value (empty when the section is valid or unused)."""

@@ -190,7 +190,7 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
         pruned = dbe.prunable_models(conn, cfg.keep_models)
         dbe.mark_pruned(conn, [r["version"] for r in pruned])
     for row in pruned:
-        model_versions.remove_model_dir(settings, row["path"])
+        model_versions.remove_model_dir(settings, conn, row["path"])
     duration = clock() - started
     log.info("evaluation %d: rounds %d..%d, %s, %d anomalies, %.1f s", eid, first, last, status,
              len(all_findings), duration)
@@ -358,7 +358,7 @@ def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, d
         model.partial_fit(train, held, port_rounds_per_day)
         parent = row["version"]
     version = dbe.next_model_version(conn)
-    path = settings.state_path / "models" / str(version)
+    path = model_versions.model_dir(settings, conn, version)
     model.save(path)
     cal = model.calibration_
     step.trained_version = version

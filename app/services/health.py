@@ -12,7 +12,8 @@ The checks (names are stable: scripts and the ``portwatch_health_check{check=...
   xdp          wherever <pin_root>/<interface>/prog is pinned, portwatch's pinned program is attached
   evaluation   the last real evaluation (a no-op 'no-rounds' one never hides it) did not fail
   model        past warm-up (evaluator.warmup_rounds rounds) an active model with a finite threshold
-               exists, i.e. the model can alert
+               exists, i.e. the model can alert; an active model whose files cannot be loaded (gone,
+               another format) is unhealthy at any time
   blocklist    every pinned blacklist map of an interface of this database holds exactly the
                ledger's active entries
 
@@ -157,6 +158,11 @@ def check_model(settings, rounds: int, model: dict | None) -> Check:
             return Check("model", True, f"warm-up: {rounds} of {warmup} rounds, the model alerts after that")
         return Check("model", False, f"no active model after {rounds} rounds (warm-up is {warmup}): "
                                      "run python -m app evaluate, or see python -m app model list")
+    from app.services.model import not_loadable      # reads config.json only: no TensorFlow
+    why = not_loadable(model["path"]) if model.get("path") else "it has no files"
+    if why:
+        return Check("model", False, f"the active model version {model['version']} is not loadable ({why}): "
+                                     "the next evaluation fits a new one; see python -m app model list")
     threshold = model["threshold"]
     if threshold is None or not math.isfinite(threshold):
         if in_warmup:

@@ -1,5 +1,9 @@
 """Model versions as the operator sees them: the list (the threshold history of each refit), a
-rollback to an older version, and the removal of a pruned version's files.
+rollback to an older version, where a version's files live and the removal of a pruned version's files.
+
+A version's files live in <state_dir>/models/<database identity>/<version>/: two databases sharing a
+state dir (a lab, a test, a second interface) number their versions independently, so each keeps its
+own directory and pruning one never touches the other's files.
 
 Reads config.json and the models table only: nothing here imports TensorFlow.
 """
@@ -13,6 +17,7 @@ from pathlib import Path
 
 from app.config import Settings
 from app.db import evaluations as dbe
+from app.db import rounds as rounds_db
 from app.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -41,13 +46,27 @@ def rollback(conn: sqlite3.Connection, version: int) -> list[int]:
         return dbe.rollback_to(conn, version)
 
 
-def remove_model_dir(settings: Settings, path: str) -> None:
-    """Remove a pruned version's files, only inside <state_dir>/models."""
-    root = (settings.state_path / "models").resolve()
+def models_root(settings: Settings, conn: sqlite3.Connection) -> Path:
+    """<state_dir>/models/<this database's identity>: the only directory its versions are written
+    to and pruned from (the identity is made on first use, outside any open transaction)."""
+    return settings.state_path / "models" / rounds_db.database_id(conn)
+
+
+def model_dir(settings: Settings, conn: sqlite3.Connection, version: int) -> Path:
+    """Where model ``version`` of this database is saved."""
+    return models_root(settings, conn) / str(version)
+
+
+def remove_model_dir(settings: Settings, conn: sqlite3.Connection, path: str) -> None:
+    """Remove a pruned version's files, only inside this database's models directory (a path of an
+    older layout, shared by every database of the state dir, is left alone)."""
+    root = models_root(settings, conn).resolve()
     target = Path(path).resolve()
     if root in target.parents and target.exists():
         shutil.rmtree(target, ignore_errors=True)
         log.info("pruned model files %s", target)
+    elif target.exists():
+        log.info("model files %s are not in this database's directory %s: left in place", target, root)
 
 
 def threshold_history(row) -> dict:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from app import config
+from app.config import ConfigError
 from app.db import blacklist as queries
 from app.db import fleet as fleet_db
 from app.db.connection import connect
@@ -197,6 +199,36 @@ def test_interlocks_refuse_lapi_decisions_once(lapi, tmp_path, caplog):
     assert sum("refused the LAPI's decision" in m for m in caplog.messages) == 3
     assert [row["address"] for row in queries.entries(conn)] == ["198.18.154.20/32"]
     conn.close()
+
+
+def test_decisions_wider_than_the_bound_are_refused_once(lapi, tmp_path, caplog):
+    """A LAPI decision on a quarter of the Internet is not enforced; /16 (IPv4) and /32 (IPv6) still are."""
+    s, conn = host(tmp_path, "b", lapi, machine=False)
+    # (ranges clear of this machine's own addresses: the labs put 198.18/15 and 2001:db8::/32 on it)
+    for value in ("128.0.0.0/2", "4000::/2", "203.0.0.0/15", "203.0.0.0/16", "3fff::/32", "3ffe::/31"):
+        lapi.add(value)
+    with caplog.at_level("WARNING", logger="app.services.fleet.crowdsec"):
+        r = crowdsec.sync_round(conn, s)
+        r2 = crowdsec.sync_round(conn, s)
+    assert sorted(r.added) == ["203.0.0.0/16", "3fff::/32"]
+    assert dict(r.refused) == {"128.0.0.0/2": "is wider than /16 (crowdsec.widest_prefix_ipv4)",
+                               "4000::/2": "is wider than /32 (crowdsec.widest_prefix_ipv6)",
+                               "203.0.0.0/15": "is wider than /16 (crowdsec.widest_prefix_ipv4)",
+                               "3ffe::/31": "is wider than /32 (crowdsec.widest_prefix_ipv6)"}
+    assert r2.refused == [] and r2.added == []                   # refused once, logged once
+    assert sum("refused the LAPI's decision" in m for m in caplog.messages) == 4
+    assert sorted(events(conn, "crowdsec-refused")) == sorted(dict(r.refused))
+    assert sorted(row["address"] for row in queries.entries(conn)) == ["203.0.0.0/16", "3fff::/32"]
+    assert crowdsec.status(conn)["refused"] == 4
+    conn.close()
+    # the bound is a setting (another host, /1 allowed); a value out of range is refused at load
+    s2, conn2 = host(tmp_path, "c", lapi, machine=False)
+    s2.crowdsec.widest_prefix_ipv4 = 1
+    assert "128.0.0.0/2" in crowdsec.sync_round(conn2, s2).added
+    conn2.close()
+    (tmp_path / "empty.toml").write_text("")
+    with pytest.raises(ConfigError, match="crowdsec.widest_prefix_ipv6"):
+        config.load(tmp_path / "empty.toml", environ={"PORTWATCH_CROWDSEC_WIDEST_PREFIX_IPV6": "129"})
 
 
 def test_scan_block_pushed_visible_in_cscli_and_hand_unblock_deletes_it(lapi, tmp_path):

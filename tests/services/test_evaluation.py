@@ -184,6 +184,48 @@ def test_versions_keep_n_and_rollback(store, env, capsys):
 WEIGHTS = "model.weights.h5"
 
 
+def test_two_databases_sharing_a_state_dir_keep_loadable_models(store, env, capsys):
+    """c.db and h.db, one state dir: each numbers its versions from 1; h.db's refits and pruning leave
+    c.db's active v1 loadable. A model whose files are gone is an unhealthy `status`."""
+    settings = config.load()
+    store.add_rounds(60)
+    evaluation.run(settings)                                  # c.db (the store's): v1
+    h_db = str(env / "h.db")
+    other = SyntheticStore(h_db, seed=4)
+    h_settings = config.load()
+    h_settings.override("general", "db", h_db, "test")
+    h_settings.evaluator.keep_models = 1
+    try:
+        for n in (60, 30):                                    # h.db: v1, then v2 and v1 pruned (keep 1)
+            other.add_rounds(n)
+            evaluation.run(h_settings)
+    finally:
+        other.close()
+    rows = {}
+    for db in (settings.general.db, h_db):
+        conn = sqlite3.connect(db)
+        conn.row_factory = sqlite3.Row
+        rows[db] = {r["version"]: r for r in dbe.models(conn)}
+        conn.close()
+    c_v1, h_v1 = rows[settings.general.db][1], rows[h_db][1]
+    assert {v: r["status"] for v, r in rows[h_db].items()} == {2: "active", 1: "pruned"}
+    assert c_v1["status"] == "active" and Path(c_v1["path"]).parent != Path(h_v1["path"]).parent
+    assert (Path(c_v1["path"]) / WEIGHTS).exists() and not Path(h_v1["path"]).exists()
+    assert CnnLstmAutoencoder.load(c_v1["path"]).threshold_ == pytest.approx(c_v1["threshold"])
+    assert cli.main(["model", "list", "--db", settings.general.db]) == 0
+    assert "not loadable" not in capsys.readouterr().out
+
+    def model_check(db):
+        cli.main(["status", "--json", "--db", db])
+        checks = json.loads(capsys.readouterr().out)["health"]["checks"]
+        return next(c for c in checks if c["name"] == "model")
+    assert model_check(settings.general.db)["ok"] is True
+    import shutil
+    shutil.rmtree(c_v1["path"])
+    check = model_check(settings.general.db)
+    assert check["ok"] is False and check["detail"].startswith("the active model version 1 is not loadable (its files")
+
+
 def test_evaluate_command_prints_a_summary_and_the_block(store, env, capsys):
     store.add_rounds(20, {5: [port_scan("203.0.113.9", range(1000, 1030))]})
     assert cli.main(["evaluate"]) == 0

@@ -23,7 +23,7 @@ from app.db import fleet as fleet_db
 from app.db import rounds as rounds_db
 from app.db import series as dbs
 from app.db.connection import connect
-from app.services import evaluation, series
+from app.services import evaluation, model_versions, series
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def adopt(node_config, weights: list[np.ndarray], shape: dict, final: bool) -> t
         model.calibration_windows_ = pool
         model.recalibrate(per_day or 1.0, fallback=train)
         version = dbe.next_model_version(conn)
-        path = settings.state_path / "models" / str(version)
+        path = model_versions.model_dir(settings, conn, version)
         model.save(path)
         cal = model.calibration_
         with conn:
