@@ -11,6 +11,10 @@ Each method scores the windows that judge the test rounds (15 rounds, each judge
 is positive when it holds an injected round. Thresholds: each method's own, calibrated on the held-out
 normal windows to the same alert budget (1 false alert/day for the 200 ports; the autoencoder uses its
 production per-round calibration). PR-AUC is threshold-free (average precision).
+
+Fails (exit 1, one sentence each) when a figure cannot be right: the autoencoder ranking windows no
+better than chance (PR-AUC at or below the share of windows with events), or flagging benign windows
+at more than 20 times the alert budget its threshold was calibrated to.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from sklearn.ensemble import IsolationForest  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_score, recall_score  # noqa: E402
 
 from app.services import series  # noqa: E402
+from bench.plausible import Plausibility  # noqa: E402
 from app.services.model import CnnLstmAutoencoder, ModelConfig, calibrate_threshold  # noqa: E402
 from app.services.series import FEATURE_INDEX as F, LevelDeviationScaler  # noqa: E402
 from tests.services.synthetic import normal_series  # noqa: E402
@@ -156,7 +161,15 @@ def main() -> int:
     print(f"PR-AUC ratio AE / IsolationForest = {ratio_vs_if:.2f}x, AE / z-score = {ratio_vs_z:.2f}x "
           f"(FP/day: benign test windows flagged, scaled to a day of {PORTS} ports; "
           f"{os.cpu_count()} cores, {time.perf_counter() - started:.0f} s in all)")
-    return 0
+    checks = Plausibility("bench/detection.py")
+    prevalence = float(y.mean())
+    ae_auc = average_precision_score(y, ae_scores)
+    checks.expect(ae_auc > prevalence, f"the autoencoder's PR-AUC {ae_auc:.3f} is no better than chance "
+                                       f"({prevalence:.3f}: the share of windows with events)")
+    ae_fp_per_day = float(((ae_scores > model.threshold_) & (y == 0)).sum()) / (TEST / ROUNDS_PER_DAY)
+    checks.expect(ae_fp_per_day <= 20 * BUDGET, f"the autoencoder flags {ae_fp_per_day:.1f} benign windows a day, "
+                                                f"over 20x the {BUDGET:g} its threshold was calibrated to")
+    return checks.exit_code()
 
 
 if __name__ == "__main__":
