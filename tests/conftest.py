@@ -125,7 +125,7 @@ def state_env(tmp_path, monkeypatch):
 _SAVED: list[str] = []
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def saved():
     """saved(line): name a file a test leaves for people to look at (a screenshot, a figure); the
     session's summary lists them under "saved by the tests", failed or not."""
