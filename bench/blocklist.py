@@ -42,9 +42,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from app.services import blocklist, bpf_structs, maps  # noqa: E402
+from app.services.blocklist import blocklist  # noqa: E402
+from app.services.kernel import bpf_structs, maps  # noqa: E402
 from app.threads import collection as collector_mod  # noqa: E402
-from app.services.lab import Lab  # noqa: E402
+from app.lab import Lab  # noqa: E402
 from bench.collector import mac_bytes, pass_program, prog_run_ns, settings_for, udp_frame  # noqa: E402
 from bench.plausible import Plausibility, smoke  # noqa: E402
 

@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from app import config  # noqa: E402
 from app.threads import collection as collector_mod  # noqa: E402
-from app.services import maps  # noqa: E402
-from app.services.lab import Lab  # noqa: E402
+from app.lab import Lab  # noqa: E402
+from app.services.kernel import maps  # noqa: E402
 from bench.plausible import Plausibility, smoke  # noqa: E402
 
 SMOKE = smoke()

@@ -33,10 +33,10 @@ sys.path.insert(0, str(REPO))
 
 from app import config  # noqa: E402
 from app.services.fleet.lapi import Deadline, Lapi  # noqa: E402
-from app.services.lab import Lab  # noqa: E402
+from app.lab import Lab  # noqa: E402
 from app.threads import collection  # noqa: E402
 from bench.plausible import Plausibility  # noqa: E402
-from tests.fleet.lapi import LocalApi, unavailable_reason  # noqa: E402
+from tests.services.fleet.lapi import LocalApi, unavailable_reason  # noqa: E402
 
 ROUNDS = 5
 SIZES = (1000, 10000)
@@ -89,8 +89,8 @@ def federation(tmp: Path) -> list[tuple[str, float]]:
     import subprocess
     import numpy as np
     from app.services.fleet import flower
-    from tests.fleet.test_flower import free_port, make_certs, settings_for
-    from tests.services.synthetic import SyntheticStore
+    from tests.services.fleet.test_flower import free_port, make_certs, settings_for
+    from tests.services.evaluation.synthetic import SyntheticStore
     d = tmp / "federation"
     d.mkdir()
     make_certs(d)

@@ -101,7 +101,7 @@ def fill_database(path: str | Path, end: float, rounds: int = 180, interface: st
                           " model_version, threshold, windows, anomalies, duration_s, status)"
                           " VALUES (?, ?, ?, ?, 1, 0.06, 60, 3, 5.0, 'ok')",
                           (end - 0.5 * HOUR, end - 0.5 * HOUR + 5, rid_at(attack_from), last)).lastrowid
-        # the shape app/services/evaluation.py writes for a model anomaly
+        # the shape app/services/evaluation/evaluation.py writes for a model anomaly
         reasons = {"port": 22, "protocol": "tcp", "model_version": 1, "score": 0.42, "threshold": 0.06,
                    "features": [
                        {"feature": "syn", "observed": 0.95, "reconstructed": 0.05, "error": 0.81, "share": 0.61},
@@ -146,8 +146,8 @@ def fill_database(path: str | Path, end: float, rounds: int = 180, interface: st
 
 def write_model_config(directory: str) -> None:
     """The config.json a loadable model directory holds (what `status` and `model list` read; no weights)."""
-    from app.services.model import FORMAT, FORMAT_VERSION
-    from app.services.series import FEATURES
+    from app.services.evaluation.model import FORMAT, FORMAT_VERSION
+    from app.services.evaluation.series import FEATURES
     Path(directory).mkdir(parents=True, exist_ok=True)
     (Path(directory) / "config.json").write_text(json.dumps(
         {"format": FORMAT, "format_version": FORMAT_VERSION, "config": {"features": list(FEATURES)}}))

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 
-from app.services.lab import Lab  # noqa: F401  (the lab fixture's type)
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "build" / "container-base"

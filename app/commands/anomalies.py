@@ -1,4 +1,4 @@
-"""`python -m app anomalies list|show`: the findings, explained (app/services/explain.py).
+"""`python -m app anomalies list|show`: the findings, explained (app/services/evaluation/explain.py).
 
 Exit codes: 0 ok; 2 bad --since, unknown id or detector; 4 missing or corrupt database.
 """
@@ -58,8 +58,8 @@ def _since(text: str) -> float | None:
 def run(args, settings) -> int:
     from app.db import anomalies as queries
     from app.db.connection import connect
-    from app.services import explain
-    from app.services.findings import Finding
+    from app.services.evaluation import explain
+    from app.services.evaluation.findings import Finding
     if args.action == "show":
         text = args.id.strip()
         if not text.isdigit():

@@ -51,7 +51,7 @@ def run(args, settings) -> int:
         return list_entries(args, settings)
     from app.db.connection import connect
     from app.durations import flag
-    from app.services import blocklist, enforcement
+    from app.services.blocklist import blocklist, enforcement
     ttl = flag("--ttl", getattr(args, "ttl", None), maximum=settings.blocklist.max_ttl_seconds)
     if "%" in getattr(args, "address", ""):
         raise UsageError(f"{args.address} carries a zone (%...): the blocklist holds addresses without zones, "
@@ -86,7 +86,7 @@ def run(args, settings) -> int:
 
 
 def list_entries(args, settings) -> int:
-    from app.services import enforcement
+    from app.services.blocklist import enforcement
     rows, pending, summaries = [], {}, {}
     db_path = Path(settings.general.db)
     if db_path.exists():

@@ -34,7 +34,7 @@ def run(args, settings) -> int:
     from app.db.connection import connect
     from app.errors import UsageError
     from app.services.files import database_bytes
-    from app.services.metrics import job_metrics
+    from app.services.ops.metrics import job_metrics
 
     settings.override("retention", "keep_days", args.keep_days)
     keep_days = settings.retention.keep_days

@@ -39,7 +39,8 @@ def start_line(collector, settings) -> str:
 
 def run(args, settings) -> int:
     from app.errors import UsageError
-    from app.services import host, xdp
+    from app.services import host
+    from app.services.kernel import xdp
     from app.threads.collection import run_collection
     settings.override("collector", "round_seconds", args.round_seconds)
     settings.override("collector", "rounds", args.rounds)
@@ -51,7 +52,7 @@ def run(args, settings) -> int:
         raise UsageError("--round-seconds and --rounds must not be negative")
     settings.override("general", "interface", args.interface)
     interface = settings.general.interface or host.default_interface()
-    from app.services.metrics import job_metrics
+    from app.services.ops.metrics import job_metrics
     show = not getattr(args, "quiet", False)
     if show and sys.stderr.isatty() and not (xdp.pin_dir(settings, interface) / "prog").exists():
         print(f"compiling and attaching the XDP program on {interface} (first run on this interface: "

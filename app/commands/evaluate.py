@@ -24,11 +24,11 @@ def register(sub) -> None:
 
 
 def run(args, settings) -> int:
-    from app.services import evaluation_job
+    from app.services import jobs
     if sys.stderr.isatty():      # a person is watching: the model's training can take minutes
         print(f"evaluating the rounds not yet judged in {settings.general.db} (training the model can take a few "
               "minutes)...", file=sys.stderr, flush=True)
-    result = evaluation_job.run(settings)
+    result = jobs.run(settings)
     for line in result.lines():
         print(line, flush=True)
     return 0

@@ -6,7 +6,7 @@ node     this host's Flower SuperNode in the foreground (run it as a service); i
          weights on this host's normal windows and adopts the result as a model version 'fleet'.
 status   this host's model versions by origin, the coordinator's record when this is the coordinator,
          and the CrowdSec sync (pulled, pushed, pending); --json prints one object. Also written to
-         the metrics textfile (metrics.textfile_dir; see app/services/metrics.py, portwatch_fleet_*).
+         the metrics textfile (metrics.textfile_dir; see app/services/ops/metrics.py, portwatch_fleet_*).
 
 Exit codes: 0 ok; 2 bad [fleet] settings; 7 Flower missing; 1 a federation that did not finish.
 """

@@ -30,8 +30,8 @@ def register(sub) -> None:
 
 def run(args, settings) -> int:
     from app.db.connection import connect
-    from app.services import model_versions
-    from app.services.model_versions import threshold_history
+    from app.services.evaluation import model_versions
+    from app.services.evaluation.model_versions import threshold_history
     conn = connect(settings.general.db)
     try:
         if args.action == "rollback":
@@ -45,7 +45,7 @@ def run(args, settings) -> int:
     if not rows:
         print("no model versions yet: the first evaluation with traffic trains one (python -m app evaluate).")
         return 0
-    from app.services.model import not_loadable
+    from app.services.evaluation.model import not_loadable
     why = {r["version"]: ("pruned" if r["status"] == "pruned" else not_loadable(r["path"])) for r in rows}
     print(f"{'version':>7}  {'created (UTC)':16}  {'status':11}  {'origin':6}  {'parent':>6}  {'threshold':>10}  "
           f"{'change':>7}  {'pool':>11}  {'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  {'loadable':8}  path")

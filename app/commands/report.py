@@ -32,7 +32,7 @@ def register(sub) -> None:
 
 def run(args, settings) -> int:
     from app.errors import UsageError
-    from app.services.reports import parse_since, write_report
+    from app.services.ops.reports import parse_since, write_report
     settings.override("reports", "out_dir", args.out)
     settings.override("reports", "since", args.since)
     settings.override("reports", "top_ports", args.top_ports)

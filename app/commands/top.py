@@ -66,7 +66,7 @@ def pick_interface(settings, requested: str | None) -> str:
 def run(args, settings) -> int:
     import os
     from app.errors import NeedsRootError, UsageError
-    from app.services import live
+    from app.services.ops import live
     if args.interval <= 0:
         raise UsageError(f"--interval must be above 0 seconds, got {args.interval:g}")
     if args.count is not None and args.count < 1:

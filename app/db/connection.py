@@ -271,7 +271,9 @@ FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE 
 ALTER TABLE blacklist ADD COLUMN direction TEXT NOT NULL DEFAULT 'in';
 """,
 }
-SCHEMA_VERSION = 1 + len(MIGRATIONS)
+# numbers may have gaps (numbers reserved by work not merged yet): the newest is the highest, and a database
+# gets every migration numbered above its version, in ascending order
+SCHEMA_VERSION = max(MIGRATIONS)
 QUICK_CHECK_MAX_BYTES = 256 << 20
 _checked: set[str] = set()       # databases this process has quick_check'ed (writers check once per process)
 
@@ -415,7 +417,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             shutil.copy2(path, backup)
             log.info("backed up %s to %s before migrating", path, backup)
-        for target in range(version + 1, SCHEMA_VERSION + 1):
+        for target in sorted(n for n in MIGRATIONS if n > version):
             with conn:
                 conn.executescript(MIGRATIONS[target])
                 conn.execute(f"PRAGMA user_version = {target}")

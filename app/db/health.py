@@ -1,4 +1,4 @@
-"""Read-only queries behind the health checks (app/services/health.py): status, doctor, metrics.
+"""Read-only queries behind the health checks (app/services/ops/health.py): status, doctor, metrics.
 
 Every function takes a connection (``connect(path, readonly=True)`` is enough). Times are Unix
 epoch seconds.

@@ -1,4 +1,4 @@
-"""Read-only queries behind the report's rates and its one drop count (app/services/reports/).
+"""Read-only queries behind the report's rates and its one drop count (app/services/ops/reports/).
 
 Rates: every per-round row carries its round's length (``seconds`` = end_time - start_time), so
 the report divides by it: rounds of 2 s and 56 s are comparable. Drops: the ledger's per-round drop
