@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from app.services.blocklist import blocklist  # noqa: E402
+from app.services.kernel import enforcement  # noqa: E402
 from app.services.kernel import bpf_structs, maps  # noqa: E402
 from app.threads import collection as collector_mod  # noqa: E402
 from app.lab import Lab  # noqa: E402
@@ -177,7 +177,7 @@ def measure_filters(lab: Lab, pdir: Path, blocked: str) -> list[tuple[str, float
     ifindex = int(Path(f"/sys/class/net/{lab.interface}/ifindex").read_text())
     dmac = mac_bytes(Path(f"/sys/class/net/{lab.interface}/address").read_text().strip())
     frame = udp_frame(blocked, lab.root_v4, 40000, DPORT, 18, dmac, b"\x02\x00\x00\x00\x00\x02")
-    key = bpf_structs.lpm_key(blocklist.parse_network(blocked))
+    key = bpf_structs.lpm_key(enforcement.parse_network(blocked))
     zero = bytes(bpf_structs.PwBlacklistValue())
     lib = libbpf()
     prog_fd = lib.bpf_obj_get(str(pdir / "prog").encode())
@@ -196,7 +196,7 @@ def measure_filters(lab: Lab, pdir: Path, blocked: str) -> list[tuple[str, float
     checks: dict[str, tuple[str, int | None, int]] = {}
     try:
         for i in range(RULES - 1):               # 999 other entries + the blocked one
-            bl.update(bpf_structs.lpm_key(blocklist.parse_network(other_ipv4(i))), zero)
+            bl.update(bpf_structs.lpm_key(enforcement.parse_network(other_ipv4(i))), zero)
         for _ in range(TRIALS):
             for name, kind, fd in conditions:
                 if kind == "xdp":
@@ -247,7 +247,7 @@ def measure_sizes(lab: Lab, pdir: Path, blocked: str) -> tuple[list[tuple[int, f
     with maps.PinnedMap(pdir / "blacklist") as bl:
         for key, _ in _keys(bl):
             bl.delete(key)
-        bl.update(bpf_structs.lpm_key(blocklist.parse_network(blocked)), zero)
+        bl.update(bpf_structs.lpm_key(enforcement.parse_network(blocked)), zero)
         have = 1
         try:
             sized_run(prog_fd, frame, ifindex)       # warm-up, not counted (caches, CPU frequency)
@@ -263,7 +263,7 @@ def measure_sizes(lab: Lab, pdir: Path, blocked: str) -> tuple[list[tuple[int, f
                         text = f"2001:db8:{rng.randrange(1 << 16):x}:{rng.randrange(1 << 16):x}::/64"
                     else:
                         text = f"2001:db8:ff::{rng.randrange(1 << 16):x}:{rng.randrange(1 << 16):x}"
-                    key = bpf_structs.lpm_key(blocklist.parse_network(text))
+                    key = bpf_structs.lpm_key(enforcement.parse_network(text))
                     if text.split("/")[0] == blocked or bl.lookup(key) is not None:
                         continue
                     bl.update(key, zero)

@@ -162,7 +162,7 @@ def loaded(lab, tmp_path, pin_root, **blocklist_keys):
 def map_drops(pdir, cidr) -> int | None:
     """The drop counter of ``cidr``'s entry in the pinned blacklist map, None when it has none."""
     from app.services.kernel import bpf_structs, maps
-    from app.services.blocklist.blocklist import parse_network
+    from app.services.kernel.enforcement import parse_network
     with maps.PinnedMap(pdir / "blacklist") as m:
         raw = m.lookup(bpf_structs.lpm_key(parse_network(cidr)))
     return None if raw is None else bpf_structs.PwBlacklistValue.from_buffer_copy(raw[:24]).drops

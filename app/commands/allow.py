@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.errors import EXIT_OK, NeedsRootError
 
 DESCRIPTION = """The allowlist: addresses and prefixes portwatch never blocks automatically (nor pulls from
@@ -36,7 +36,8 @@ def register(sub) -> None:
 
 def run(args, settings) -> int:
     from app.db.connection import connect
-    from app.services.blocklist import allowlist, enforcement
+    from app.services.blocklist import allowlist
+    from app.services.kernel import enforcement
     if args.action == "list":
         conn = connect(settings.general.db, readonly=True) if Path(settings.general.db).exists() else None
         try:

@@ -18,7 +18,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.errors import EXIT_BPF, EXIT_DB, EXIT_DEPENDENCY, EXIT_ROOT
 
 DESCRIPTION = """Check this host for what portwatch needs (root, kernel BPF support, bpffs, kernel
@@ -175,7 +175,7 @@ def check_modules() -> list[Check]:
 
 def check_database(db: Path) -> Check:
     from app.db.connection import check_integrity, connect
-    from app.errors import PortwatchError
+    from app.errors import EXIT_ROOT, NeedsRootError, PortwatchError
     if not db.exists():
         return Check("database", "warn", f"{db} does not exist yet", "run python -m app collect once")
     try:
@@ -184,6 +184,8 @@ def check_database(db: Path) -> Check:
             result = check_integrity(conn)
         finally:
             conn.close()
+    except NeedsRootError as exc:
+        return Check("database", "FAIL", str(exc), "run it as root: sudo .venv/bin/python -m app doctor", EXIT_ROOT)
     except PortwatchError as exc:
         return Check("database", "FAIL", str(exc), "restore a backup or move the file aside", EXIT_DB)
     except Exception as exc:     # sqlite3.DatabaseError during the check itself

@@ -7,9 +7,10 @@ Exit codes: 0 done (anomalies or not); 4 database problem; 6 another evaluation 
 """
 from __future__ import annotations
 
+import json
 import sys
 
-from app.cli import add_command
+from app.commands.registry import add_command
 
 DESCRIPTION = """Judge every round recorded since the last evaluation: rule detectors (port scan, SYN
 flood, new listener or changed process, traffic to unlistened ports) and, once evaluator.warmup_rounds
@@ -20,6 +21,8 @@ sources behind findings are blocked (blocklist), alerts go out, metrics and a re
 
 def register(sub) -> None:
     parser = add_command(sub, "evaluate", "evaluate the rounds not yet evaluated (rules + model)", DESCRIPTION)
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (the evaluation, its findings, block decisions, report)")
     parser.set_defaults(func=run)
 
 
@@ -29,6 +32,9 @@ def run(args, settings) -> int:
         print(f"evaluating the rounds not yet judged in {settings.general.db} (training the model can take a few "
               "minutes)...", file=sys.stderr, flush=True)
     result = jobs.run(settings)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, default=str))
+        return 0
     for line in result.lines():
         print(line, flush=True)
     return 0

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.cli import add_command
+from app.commands.registry import add_command
 
 DEFAULT_CRON_FILE = "/etc/cron.d/portwatch"
 DEFAULT_UNIT_DIR = "/etc/systemd/system"

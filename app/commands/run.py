@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.durations import arg as duration
 
 

@@ -3,12 +3,13 @@ version, blocklist size, database size, and whether all of that is healthy.
 
 Reads only (but for the health samples it puts into metrics.textfile_dir when that is set, so
 node_exporter sees what status sees): the database is opened read-only, XDP state comes from
-netlink (host.xdp_attachment: libbpf's bpf_xdp_query) and the pins under
+netlink (kernel/attachment.py xdp_attachment: libbpf's bpf_xdp_query) and the pins under
 ``<pin_root>/<interface>/``; the health checks are app/services/ops/health.py's. Exit codes: 0
 healthy; 1 unhealthy (one line on stderr names the first failed check: no round for 3 x the round
 length, XDP not attached where pinned, the last evaluation failed, the model cannot alert, the
 database above general.max_db_mb, the blocklist map out of step with the ledger); 2 bad interface
-name; 4 corrupt database.
+name, or an interface that does not exist and has no pins (a typo is not health); 3 the database
+is root-only and this user is not root; 4 corrupt database.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.errors import EXIT_ERROR
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,9 @@ def run(args, settings) -> int:
     for name in args.interface or []:
         if not _IFNAME.match(name):
             raise UsageError(f"{name!r} is not a valid interface name (at most 15 characters, no '/', ':' or spaces)")
+        if not Path(f"/sys/class/net/{name}").exists() and not (Path(settings.general.pin_root) / name).exists():
+            raise UsageError(f"interface {name} does not exist and portwatch has no pins for it: pick one from "
+                             "`ip link` (or leave --interface out to check every interface seen in the rounds)")
     now = time.time()
     status = gather(settings, args.interface, now=now)
     if args.json:

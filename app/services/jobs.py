@@ -30,6 +30,21 @@ class JobResult:
     decisions: list = field(default_factory=list)
     report: Path | None = None
 
+    def as_dict(self) -> dict:
+        """What ``evaluate --json`` prints: the evaluation, its findings (id, detector, summary), the
+        block decisions and the report written (times: Unix seconds)."""
+        e = self.evaluation
+        return {"evaluation_id": e.evaluation_id, "status": e.status, "rounds": [e.first_round_id, e.last_round_id],
+                "round_count": e.rounds, "ports": e.ports, "windows": e.windows, "model_version": e.model_version,
+                "trained_version": e.trained_version, "threshold": e.threshold, "duration_seconds": e.duration_s,
+                "remaining_rounds": e.remaining_rounds, "summary": e.summary(),
+                "anomalies": [{"id": f.id, "detector": f.detector, "port": f.port, "protocol": f.protocol,
+                               "source": f.source, "summary": f.summary} for f in e.anomalies],
+                "decisions": [{"address": d.address, "action": d.action, "reason": d.reason,
+                               "anomaly_id": d.anomaly_id, "expires_at": d.expires_at,
+                               "detail": getattr(d, "detail", "")} for d in self.decisions],
+                "report": str(self.report) if self.report else None}
+
     def lines(self) -> list[str]:
         out = [self.evaluation.summary()]
         blocked = [d for d in self.decisions if d.action == "block"]

@@ -85,6 +85,19 @@ def collect_rounds(collector: Collector, round_seconds: float, n_rounds: int, st
     return summaries
 
 
+def after_round_hooks(settings) -> tuple:
+    """The collector's after-round hooks: the CrowdSec sync and its fleet-view samples when
+    ``crowdsec.lapi_url`` is set (the fleet is imported only then; bounded in time, never raises)."""
+    if not settings.crowdsec.lapi_url:
+        return ()
+
+    def crowdsec_sync(conn, settings) -> None:
+        from app.services.fleet import crowdsec, view
+        crowdsec.sync_round(conn, settings)
+        view.write_sync(conn, settings)
+    return (crowdsec_sync,)
+
+
 def run_collection(settings, interface: str, round_seconds: float, n_rounds: int,
                    on_round: Callable[[RoundSummary], None] | None = None, with_threads: bool = True,
                    stop: threading.Event | None = None,
@@ -111,7 +124,7 @@ def run_collection(settings, interface: str, round_seconds: float, n_rounds: int
             old_alarm = signal.signal(signal.SIGALRM, on_alarm)
             signal.setitimer(signal.ITIMER_REAL, limit)
     try:
-        with Collector(settings, interface, takeover=takeover) as collector:
+        with Collector(settings, interface, takeover=takeover, after_round=after_round_hooks(settings)) as collector:
             if on_start:
                 on_start(collector)
             return collect_rounds(collector, round_seconds, n_rounds, stop, on_round, with_threads)

@@ -33,7 +33,7 @@ from app.db.connection import connect  # noqa: E402
 from app.db.ports import PortIds  # noqa: E402
 from app.errors import BpfError, NeedsRootError, PortwatchError  # noqa: E402
 from app.services import locks, ports  # noqa: E402
-from app.services.blocklist import enforcement  # noqa: E402
+from app.services.kernel import enforcement  # noqa: E402
 from app.services.collector import egress_rounds, round_rows, rounds  # noqa: E402
 from app.services.kernel import egress, maps, pin_owner, xdp  # noqa: E402
 from app.services.kernel.bpf_structs import GLOBAL_NAMES, MAP_LAYOUT, PwConfig  # noqa: E402
@@ -95,8 +95,12 @@ class Collector:
     schedules it). Use as a context manager: ``open()`` takes the per-interface lock, opens the
     database, makes sure the program is loaded and opens the pinned maps."""
 
-    def __init__(self, settings, interface: str, takeover: bool = False):
+    def __init__(self, settings, interface: str, takeover: bool = False, after_round=()):
+        """``after_round``: callables ``hook(conn, settings)`` run after each round, before the blocklist's
+        reconcile (so what a hook adds to the ledger is enforced in the same round); each bounds its
+        own time and never raises. The collection loop passes the CrowdSec sync (app/threads/)."""
         self.settings = settings
+        self.after_round = tuple(after_round)
         self.takeover = takeover                  # claim the interface from another database on purpose
         self.db_id: str | None = None
         self._born: set[int] = set()              # kernel ids of maps that started at zero for this database
@@ -377,12 +381,10 @@ class Collector:
                             sniffed, compiled, values["xdp_mode"], bool(baseline))
 
     def _after_round(self, round_id: int) -> None:
-        """Reconcile the blocklist ledger with the pinned map (expiries, re-adds after a reload),
-        after a CrowdSec sync when one is configured (bounded in time, never raises)."""
-        if self.settings.crowdsec.lapi_url:
-            from app.services.fleet import crowdsec, view
-            crowdsec.sync_round(self.conn, self.settings)
-            view.write_sync(self.conn, self.settings)
+        """Run the after-round hooks, then reconcile the blocklist ledger with the pinned map
+        (expiries, re-adds after a reload)."""
+        for hook in self.after_round:
+            hook(self.conn, self.settings)
         self._reconcile()
 
 

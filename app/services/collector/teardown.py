@@ -23,7 +23,7 @@ from app.db import rounds as rounds_db
 from app.db.connection import connect
 from app.errors import DatabaseError, NeedsRootError, PortwatchError
 from app.services import locks
-from app.services.blocklist import enforcement
+from app.services.kernel import enforcement
 from app.services.kernel import egress, maps, pin_owner, xdp
 from app.services.collector.collector import Collector, Observations
 

@@ -36,6 +36,7 @@ from collections import Counter, defaultdict
 
 from app.config import Evaluator
 from app.db.series import Batch
+from app.services.evaluation.explain import summary
 from app.services.evaluation.findings import ONE_WAY, Finding, Source
 
 log = logging.getLogger(__name__)
@@ -149,12 +150,12 @@ def dns_tunnels(batch: Batch, cfg: Evaluator) -> list[Finding]:
             "nxdomain_share": round(nx, 3) if nx is not None else None, "signals": signals,
             "examples": sorted(s["names"], key=len, reverse=True)[:MAX_EXAMPLES],
         }
-        summary = (f"{client} asked {n} names under {domain} ({len(s['names'])} distinct, "
-                   f"{', '.join(signals)}): DNS tunnel suspected")
-        findings.append(Finding("dns_tunnel", dns_port, 53 if dns_port else None, "udp" if dns_port else None,
-                                rounds[0], rounds[-1], float(len(signals)), float(cfg.dns_min_signals),
-                                source=client, sources=[Source(client, packets=n, evidence=ONE_WAY, note="dns client")],
-                                details=details, summary=summary))
+        finding = Finding("dns_tunnel", dns_port, 53 if dns_port else None, "udp" if dns_port else None,
+                          rounds[0], rounds[-1], float(len(signals)), float(cfg.dns_min_signals),
+                          source=client, sources=[Source(client, packets=n, evidence=ONE_WAY, note="dns client")],
+                          details=details)
+        finding.summary = summary(finding)           # explain's sentence, the same on every surface
+        findings.append(finding)
     return findings
 
 

@@ -36,8 +36,8 @@ from app.db import peers as dbp
 from app.db import series as dbs
 from app.db.connection import connect
 from app.services import locks
-from app.services.blocklist import decisions
-from app.services.evaluation import dns_rules, finding_sources, model_versions, outbound_rules, rules, series
+from app.services.evaluation import (dns_rules, finding_sources, forged, model_versions, outbound_rules, rules,
+                                     series)
 from app.services.evaluation.explain import fill_summaries
 from app.services.evaluation.findings import Finding
 
@@ -168,7 +168,7 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
         end_of = {r["id"]: r["end_time"] for r in batch}
         dbp.record_handshakes(conn, [(address, rid, end_of[rid]) for address, seen in loaded.peer_rounds.items()
                                   for rid in seen if rid in end_of])
-        decisions.judge_sources(conn, settings, all_findings, now)
+        forged.judge_sources(conn, settings, all_findings, now)
         eid = dbe.insert_evaluation(
             conn, started_at=started, finished_at=now, first_round_id=first, last_round_id=last,
             model_version=step.model_version, threshold=step.threshold, windows=step.windows,

@@ -21,7 +21,7 @@ import time
 from typing import Iterable
 
 from app.db import anomalies as db
-from app.services.evaluation.findings import Finding
+from app.services.evaluation.findings import Finding, anomaly_key
 
 # units of the model's features (app/services/evaluation/series.py FEATURES): counts are per nominal round
 FEATURE_UNITS = {
@@ -32,7 +32,8 @@ FEATURE_UNITS = {
 }
 DETECTOR_NAMES = {"port_scan": "port scan", "syn_flood": "SYN flood", "new_listener": "new listener",
                   "process_changed": "process changed", "unlistened_port": "traffic to an unlistened port",
-                  "model": "unusual traffic (model)"}
+                  "model": "unusual traffic (model)", "exfiltration": "exfiltration", "outbound_scan": "outbound scan",
+                  "beaconing": "beaconing", "dns_tunnel": "DNS tunnel"}
 
 
 # --- ports ---------------------------------------------------------------------------------------------
@@ -163,12 +164,45 @@ def summary(finding: Finding, holders: list[dict] | None = None) -> str:
             text += f" (error {f.score / f.threshold:.1f}x the threshold)"
         who = _who(f)
         return text + (f", from {who}" if who else "") + f", {rounds}"
-    # a detector this module does not know yet (outbound ...): the generic form
+    if f.outbound:
+        return _outbound(f, rounds)
+    # a detector this module does not know yet: the generic form
     text = f"{DETECTOR_NAMES.get(f.detector, f.detector.replace('_', ' '))} on {_where(f, holders)}"
     if f.score is not None:
         text += f", score {_n(f.score)}" + (f" (threshold {_n(f.threshold)})" if f.threshold is not None else "")
     who = _who(f)
     return text + (f", from {who}" if who else "") + f", {rounds}"
+
+
+def _outbound(f: Finding, rounds: str) -> str:
+    """What this host sent, to whom, in the detector's own words (app/services/outbound_rules.py,
+    dns_rules.py write the details): destinations, never "from", and no evidence class."""
+    d = f.details
+    to = d.get("destination") or f.source or "?"
+    ports = d.get("remote_ports") if isinstance(d.get("remote_ports"), list) else []   # a scan's: by protocol
+    on = f" (remote port{'s' if len(ports) != 1 else ''} {port_ranges(ports)})" if ports else ""
+    if f.detector == "exfiltration":
+        usual, factor = d.get("usual_bytes_per_round"), d.get("factor")
+        times = "far above" if factor is None else (f"{factor:,.0f}x" if factor >= 10 else f"{factor:.1f}x")
+        return (f"exfiltration: this host sent {_n(d.get('bytes'))} bytes out to {to}{on}, {times} the usual "
+                f"{_n(round(usual) if usual is not None else None)} bytes/round of the {d.get('usual_from', 'host')}, {rounds}")
+    if f.detector == "outbound_scan":
+        who = ", ".join(sorted({f"{p.get('process') or '?'} (pid {p.get('pid', '?')})"
+                                for p in d.get("processes") or []})) or "a process the scanner did not see"
+        if d.get("kind") == "addresses":
+            what = f"{_n(d.get('distinct_addresses'))} addresses"
+        else:
+            what = f"{_n(d.get('distinct_ports'))} ports of {to}"
+        return f"outbound scan: this host scanned {what}, from {who}, {rounds}"
+    if f.detector == "beaconing":
+        return (f"beaconing: this host contacted {to}{on} {_n(d.get('connections'))} times every "
+                f"{_n(d.get('interval_seconds'))} s (CV {_n(d.get('interval_cv'))}) over "
+                f"{_n(d.get('rounds_seen'))} rounds, {rounds}")
+    client = d.get("client") or f.source or "?"
+    resolvers = d.get("resolvers") or []
+    via = f" {', '.join(resolvers[:2])}" if resolvers else ""
+    return (f"DNS tunnel suspected: {client} asked{via} {_n(d.get('queries'))} names under {d.get('domain', '?')} "
+            f"({_n(d.get('subdomains'))} distinct, {', '.join(d.get('signals') or [])}), {rounds}")
 
 
 def holders_of(conn, finding: Finding) -> list[dict] | None:
@@ -192,7 +226,6 @@ def _time(t: float | None) -> str | None:
 
 def explain(conn, finding: Finding, settings=None) -> dict:
     """Everything `anomalies show` prints about a stored finding (JSON-ready)."""
-    from app.services.ops import alerts
     f = finding
     span = db.round_span(conn, f.first_round_id, f.last_round_id)
     holders = holders_of(conn, f)
@@ -204,6 +237,7 @@ def explain(conn, finding: Finding, settings=None) -> dict:
         "start_time": span[0] if span else None, "end_time": span[1] if span else None,
         "score": f.score, "threshold": f.threshold, "holders": holders,
         "sources": [s.to_dict() for s in f.sources], "source_count": f.source_count,
+        "direction": "out" if f.outbound else "in",
     }
     if f.detector == "port_scan":
         ports = scan_ports(f)
@@ -224,7 +258,7 @@ def explain(conn, finding: Finding, settings=None) -> dict:
                            for r in db.block_events_of(conn, f.id)]
     created = db.created_at(conn, f.id)
     out["alerts"] = [{"channel": r["channel"], "at": _time(r["sent_at"])}
-                     for r in db.alerts_sent(conn, alerts.anomaly_key(f)) if created is None or r["sent_at"] >= created]
+                     for r in db.alerts_sent(conn, anomaly_key(f)) if created is None or r["sent_at"] >= created]
     return out
 
 
@@ -248,7 +282,13 @@ def lines(explained: dict) -> list[str]:
         out.append(f"  score      {_n(e['score'])}{limit}")
     if e.get("ports_text"):
         out.append(f"  ports      {e['ports_text']}")
-    if e["sources"]:
+    if e["sources"] and e.get("direction") == "out":        # destinations: what this host sent them
+        out.append("  to         ADDRESS                         PACKETS        BYTES")
+        for s in e["sources"]:
+            out.append(f"             {s['address']:<30}  {_n(s.get('packets', 0)):>9}  {_n(s.get('bytes', 0)):>11}")
+        if e["source_count"] and e["source_count"] > len(e["sources"]):
+            out.append(f"             ... {e['source_count'] - len(e['sources'])} more")
+    elif e["sources"]:
         out.append("  sources    ADDRESS                         PACKETS      SHARE  EVIDENCE")
         for s in e["sources"]:
             share = f"{s['share']:.1%}" if s.get("share") is not None else "-"

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from app.db.outbound import OUTBOUND_DETECTORS
+
 TWO_WAY = "two-way"
 ONE_WAY = "one-way"
 EVIDENCE_CLASSES = (TWO_WAY, ONE_WAY)
@@ -105,6 +107,13 @@ class Finding:
     def forged_sources(self) -> list[str]:
         return [s.address for s in self.sources if s.forged]
 
+    @property
+    def outbound(self) -> bool:
+        """True for what this host (or a client behind it) SENT: its ``sources`` are destinations
+        (a DNS tunnel's: the asking client), for which an evidence class means nothing: nobody can
+        forge what this host sent."""
+        return self.detector in OUTBOUND_DETECTORS
+
     # -- where ---------------------------------------------------------------------------------------
     @property
     def port_label(self) -> str:
@@ -156,6 +165,21 @@ class Finding:
                              evaluation_id=row["evaluation_id"])
 
 
+def readable_row(row) -> Finding:
+    """:meth:`Finding.from_row`, or for a row whose reasons are not the contract's JSON (written by
+    hand or by a much older portwatch) a Finding with the row's own columns and a summary saying so:
+    a listing shows every row rather than stopping at one."""
+    try:
+        return Finding.from_row(row)
+    except (ValueError, TypeError, AttributeError):
+        keys = row.keys()
+        return Finding(row["detector"], row["port_id"], row["port"] if "port" in keys else None,
+                       row["protocol"] if "protocol" in keys else None, row["first_round_id"], row["last_round_id"],
+                       row["score"], row["threshold"], source=row["source"] if "source" in keys else None,
+                       summary="(its stored reasons are not a finding's JSON)", id=row["id"],
+                       evaluation_id=row["evaluation_id"])
+
+
 def _json_default(value):
     """numpy scalars and arrays inside details."""
     if hasattr(value, "tolist"):
@@ -163,3 +187,10 @@ def _json_default(value):
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def anomaly_key(finding: Finding) -> str:
+    """The cooldown key of a finding's alert: detector + port + source (an ongoing attack on the same
+    port from the same source alerts once per cooldown, and a scan that grows keeps its key)."""
+    where = "host" if finding.port is None else ("ephemeral" if finding.port == -1 else str(finding.port))
+    return f"anomaly:{finding.detector}:{finding.protocol or '?'}/{where}:{finding.source or '-'}"

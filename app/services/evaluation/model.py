@@ -27,12 +27,12 @@ import json
 import logging
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from app.services import progress
 from app.services.evaluation.series import FEATURES, LevelDeviationScaler
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,19 @@ FORMAT = "portwatch-cnn-lstm-ae"
 FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.weights.h5"
 PER_PACKET_FEATURES = ("mean_payload", "max_payload", "syn_share")
+
+
+class _EpochLine:
+    """A Keras callback (made on first use: Keras is imported lazily) that rewrites one progress
+    line per epoch: 'fitting the model on N windows: epoch k/E, loss L'."""
+
+    def __new__(cls, keras, windows: int, epochs: int):
+        class EpochLine(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                loss = (logs or {}).get("loss")
+                progress.line(f"fitting the model on {windows} windows: epoch {epoch + 1}/{epochs}"
+                              + (f", loss {loss:.4g}" if loss is not None else ""), final=epoch + 1 == epochs)
+        return EpochLine()
 
 
 def _keras():
@@ -223,10 +236,11 @@ class CnnLstmAutoencoder:
         keras_epochs = math.ceil(passes / copies)
         keras.utils.set_random_seed(cfg.seed + getattr(self, "n_fits_", 0))
         self.network_.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="mse")
-        verbose = 1 if sys.stdout.isatty() else 0    # progress bar on a terminal, silent under cron
         log.info("training on %d windows: %d passes, batches of %d", n, keras_epochs * copies, batch_size)
+        # one progress line on a terminal's stderr (stdout stays the command's output), silent under cron
+        shown = [_EpochLine(keras, n, keras_epochs)] if progress.enabled() else []
         history = self.network_.fit(scaled, scaled, epochs=keras_epochs, batch_size=batch_size,
-                                    shuffle=True, verbose=verbose)
+                                    shuffle=True, verbose=0, callbacks=shown)
         losses = [float(v) for v in history.history.get("loss", [])]
         self.history_ = (getattr(self, "history_", []) + [losses[-1] if losses else None])[-50:]
         self.train_windows_ = int(n)
@@ -242,6 +256,7 @@ class CnnLstmAutoencoder:
         if len(windows) == 0:
             raise ValueError("cannot fit on no windows")
         self.scaler_ = LevelDeviationScaler().fit(windows)
+        progress.line(f"fitting a new model on {len(windows)} windows: loading TensorFlow...")
         self.network_ = self._build()
         self._infer = None
         self.n_fits_ = 0

@@ -38,6 +38,7 @@ from collections import defaultdict
 
 from app.config import Evaluator
 from app.db.series import Batch
+from app.services.evaluation.explain import summary
 from app.services.evaluation.findings import ONE_WAY, Finding, Source
 from app.services.ports import EPHEMERAL, ephemeral_range
 
@@ -52,6 +53,12 @@ def detect(batch: Batch, cfg: Evaluator) -> list[Finding]:
     if not batch.rounds:
         return []
     return outbound_scans(batch, cfg) + exfiltrations(batch, cfg) + beacons(batch, cfg)
+
+
+def _said(finding: Finding) -> Finding:
+    """The finding with its one line (app/services/explain.py: the same sentence on every surface)."""
+    finding.summary = summary(finding)
+    return finding
 
 
 def _destination(address: str, **numbers) -> Source:
@@ -197,11 +204,10 @@ def _scan_finding(batch, cfg, kind, flagged, best, addresses, ports, flows) -> F
                "processes": processes[:20], "rounds": [first_round, last_round]}
     ranked = sorted(addresses, key=lambda a: (-sent[a][1], a))[:10]
     sources = [_destination(a, packets=sent[a][0], bytes=sent[a][1], syn=sent[a][2]) for a in ranked]
-    summary = f"this host scanned {where} ({best} {'ports' if kind == 'ports' else 'addresses'}) from {who}"
-    return Finding("outbound_scan", None, None, None, first_round, last_round, float(best), float(threshold),
+    del where, who          # the sentence is explain's, from these details (one home for it)
+    return _said(Finding("outbound_scan", None, None, None, first_round, last_round, float(best), float(threshold),
                    source=addresses[0] if kind == "ports" else None, sources=sources, details=details,
-                   covers=_local_covers(batch, flows, first_round, last_round), source_count=len(addresses),
-                   summary=summary)
+                   covers=_local_covers(batch, flows, first_round, last_round), source_count=len(addresses)))
 
 
 # --- exfiltration ----------------------------------------------------------------------------------
@@ -256,12 +262,10 @@ def exfiltrations(batch: Batch, cfg: Evaluator) -> list[Finding]:
         }
         packets = sum(p for p, _ in rows.values())
         score = float(factor) if factor is not None else float(max(peak, total))
-        summary = (f"{total} bytes out to {address} in rounds {min(rows)}..{max(rows)} "
-                   f"({details['factor'] or 'no'}x the usual {usual:.0f} bytes/round of the {usual_from})")
-        findings.append(Finding("exfiltration", None, None, None, min(rows), max(rows), score,
+        findings.append(_said(Finding("exfiltration", None, None, None, min(rows), max(rows), score,
                                 float(cfg.exfiltration_factor), source=address,
                                 sources=[_destination(address, packets=packets, bytes=total)], details=details,
-                                covers=_local_covers(batch, flows, lo, hi), summary=summary))
+                                covers=_local_covers(batch, flows, lo, hi))))
     return findings
 
 
@@ -308,8 +312,6 @@ def beacons(batch: Batch, cfg: Evaluator) -> list[Finding]:
             "remote_ports": sorted({s[2] for s in starts})[:MAX_LISTED],
             "first_seen": starts[0][0], "last_seen": starts[-1][0],
         }
-        summary = (f"this host contacted {address} {len(starts)} times every {mean:.1f} s "
-                   f"(CV {cv:.3f}) over {rounds_seen} rounds")
-        findings.append(Finding("beaconing", None, None, None, lo, hi, round(cv, 6), float(cfg.beacon_max_cv),
-                                source=address, sources=[_destination(address)], details=details, summary=summary))
+        findings.append(_said(Finding("beaconing", None, None, None, lo, hi, round(cv, 6), float(cfg.beacon_max_cv),
+                                source=address, sources=[_destination(address)], details=details)))
     return findings

@@ -221,7 +221,7 @@ def describe_attachment(interface: str, pin_root: str | Path) -> dict:
     ``recorded``: the attached program is the one the record or the pin names; ``leftover``: an
     attached portwatch program (by its name) that nothing records; ``problem``: one sentence, or None.
     """
-    from app.services.host import xdp_attachment
+    from app.services.kernel.attachment import xdp_attachment
     pdir = Path(pin_root) / interface
     attached = xdp_attachment(interface) if Path(f"/sys/class/net/{interface}").exists() else None
     record = read(pdir) if pdir.exists() else None

@@ -40,12 +40,13 @@ from typing import Callable
 
 from app import resources
 from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
+from app.services import progress
 from app.services.kernel import egress, maps, pin_owner
 from app.services.kernel.bpf_structs import META_CLSACT_ADDED, MAP_LAYOUT, PwMeta
 # the loader's fail-closed steps (re-exported: the collector and tests use them as xdp.*)
 from app.services.kernel.xdp_steps import (RETIRED, prefill_blacklist, restore_pins, retire_pins,  # noqa: F401
                                     retired_still_attached)
-from app.services.host import xdp_attachment as attached_program  # host facts live in host.py
+from app.services.kernel.attachment import xdp_attachment as attached_program
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,9 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False, pre
     cmd += ["--flag=" + f for f in build_flags(settings)]
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(resources.IMPORT_ROOT))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
-                          input=json.dumps({"prefill": list(prefill)}))
+    with progress.ticking(f"compiling and attaching the XDP program on {interface} (BCC, in its own process)"):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
+                              input=json.dumps({"prefill": list(prefill)}))
     if proc.stderr.strip():
         # compiler diagnostics: kept in the log, the user sees the one-sentence error below
         log.log(logging.ERROR if proc.returncode else logging.DEBUG, "XDP loader said:\n%s", proc.stderr.strip()[-4000:])

@@ -36,7 +36,7 @@ from typing import Iterable
 
 from app import __version__
 from app.db import alerts as alerts_db
-from app.services.evaluation.findings import Finding
+from app.services.evaluation.findings import Finding, anomaly_key
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,6 @@ class AlertEvent:
     at: float | None = None
 
 
-def anomaly_key(finding: Finding) -> str:
-    """The cooldown key of a finding's alert: detector + port + source (an ongoing attack on the same
-    port from the same source alerts once per cooldown, and a scan that grows keeps its key)."""
-    where = "host" if finding.port is None else ("ephemeral" if finding.port == -1 else str(finding.port))
-    return f"anomaly:{finding.detector}:{finding.protocol or '?'}/{where}:{finding.source or '-'}"
-
-
 def anomaly_event(finding: Finding, *, at: float | None = None) -> AlertEvent:
     """An AlertEvent for one stored finding: its summary line (the one ``anomalies show`` prints,
     app/services/evaluation/explain.py) after its stable id, ``anomaly 12: ...``. details: the finding's columns
@@ -81,8 +74,9 @@ def anomaly_event(finding: Finding, *, at: float | None = None) -> AlertEvent:
              "source": finding.source, "summary": line, "rounds": [finding.first_round_id, finding.last_round_id],
              "show": f"python -m app anomalies show {finding.id}"}
     if finding.sources:
-        facts["sources"] = [{k: v for k, v in s.to_dict().items() if k in ("address", "share", "evidence", "forged")}
-                            for s in finding.sources]
+        keys = ("address", "packets", "bytes") if finding.outbound else ("address", "share", "evidence", "forged")
+        facts["sources" if not finding.outbound else "destinations"] = [
+            {k: v for k, v in s.to_dict().items() if k in keys} for s in finding.sources]
     if finding.source_count is not None:
         facts["source_count"] = finding.source_count
     return AlertEvent("anomaly", anomaly_key(finding), f"anomaly {finding.id}: {line}", facts, at)

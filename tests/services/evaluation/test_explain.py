@@ -51,8 +51,8 @@ def test_summary_of_each_detector():
     assert explain.summary(model, [{"process": "dnsmasq"}]) == (
         "unusual traffic on udp/5302 (dnsmasq): packets 600 vs usual 40.2, bytes 48,000 vs usual 3,300 "
         "(error 9.0x the threshold), round 9")
-    other = Finding("beaconing", None, None, None, 1, 2, 3.0, 2.0, source="198.18.0.1")
-    assert explain.summary(other) == "beaconing on host, score 3 (threshold 2), from 198.18.0.1, rounds 1-2"
+    other = Finding("source_flood", None, None, None, 1, 2, 3.0, 2.0, source="198.18.0.1")
+    assert explain.summary(other) == "source flood on host, score 3 (threshold 2), from 198.18.0.1, rounds 1-2"
 
 
 def test_lines_show_features_in_units_and_what_was_done():

@@ -22,7 +22,8 @@ from app.db import blacklist as queries
 from app.db import series
 from app.db.connection import connect
 from app.errors import UsageError
-from app.services.blocklist import blocklist, enforcement
+from app.services.blocklist import blocklist
+from app.services.kernel import enforcement
 from app.services.collector import rounds, teardown
 from app.services.kernel import bpf_structs, maps, pin_owner, xdp
 from app.services.collector.collector import Collector, Observations

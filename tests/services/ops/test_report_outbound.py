@@ -29,11 +29,10 @@ def findings():
 def test_scan_and_beacon_are_explained_in_a_sentence():
     scan, beacon = findings()
     assert outbound.explain(scan) == (
-        f"this host probed 201 ports of {LAB} (udp 1000-1099, ...) in rounds 3..3 from sweeper "
-        f"(pid 4242, local udp/45000); rule: >= 25 remote ports of one address opened within 300 s")
+        f"outbound scan: this host scanned 201 ports of {LAB}, from sweeper (pid 4242), round 3; "
+        "ports udp 1000-1099, ...; rule: >= 25 remote ports of one address opened within 300 s")
     assert outbound.explain(beacon).startswith(
-        f"this host connected to {C2} 20 times, every 30.0 s (variation 0.0 of the interval) over 10 rounds, "
-        "remote ports 443")
+        f"beaconing: this host contacted {C2} (remote port 443) 20 times every 30 s (CV 0) over 10 rounds")
 
 
 def test_the_report_shows_top_destinations_and_explained_findings(tmp_path):
@@ -61,6 +60,6 @@ def test_the_report_shows_top_destinations_and_explained_findings(tmp_path):
     assert "What leaves the host" in section and "Top destinations by bytes out" in section
     # most bytes out first: the beacon's destination (52,429,800 bytes), then the scanned host
     assert section.index(f"<td>{C2}</td><td>52429800</td>") < section.index(f"<td>{LAB}</td><td>12060</td>")
-    assert "this host probed 201 ports of 198.18.20.2 (udp 1000-1099, ...)" in section
-    assert "sweeper (pid 4242, local udp/45000)" in section
-    assert f"this host connected to {C2} 20 times, every 30.0 s" in section
+    assert "this host scanned 201 ports of 198.18.20.2, from sweeper (pid 4242)" in section
+    assert "ports udp 1000-1099, ..." in section
+    assert f"this host contacted {C2} (remote port 443) 20 times every 30 s" in section

@@ -23,6 +23,7 @@ from app.db import reports as queries
 from app.errors import UsageError
 from app.services.evaluation.findings import Finding
 from app.services.ports import port_label
+from app.services.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +192,9 @@ def occupancy_changes(rows: Iterable, scanned: list[tuple[int, float]]) -> tuple
 
 @dataclass
 class Traffic:
-    """Per-round rows by interface (round_id, start_time, end_time, seconds, interface, total_packets,
-    unparsed_packets, drops: the ledger's), the host-wide anomalies (port scans) and what they got
-    blocked."""
+    """Per-round rows by interface (round_id, covered_from, end_time, seconds: the span the counts
+    cover, interface, total_packets, unparsed_packets, drops: the rounds' XDP drop counter,
+    attributed), the host-wide anomalies (port scans) and what they got blocked."""
     by_interface: dict[str, list]
     hostwide: list
     blocked: list[str]
@@ -201,6 +202,23 @@ class Traffic:
     @property
     def total_drops(self) -> int:
         return sum(r["drops"] for rows in self.by_interface.values() for r in rows)
+
+
+def rate_steps(rows, count) -> tuple[list[float], list[float]]:
+    """A step line of per-second rates: each round is a flat segment over the span its counts cover
+    (covered_from .. end_time), at ``count(row) / row["seconds"]``; segments that do not touch
+    (a span nothing covered) are separated by a NaN so no line is drawn across the hole.
+    Returns (times in epoch seconds, rates per second), for plot(..., drawstyle='default')."""
+    times: list[float] = []
+    values: list[float] = []
+    for row in rows:
+        rate = count(row) / row["seconds"]
+        if times and row["covered_from"] > times[-1] + 1e-6:
+            times.append(times[-1])
+            values.append(float("nan"))
+        times += [row["covered_from"], row["end_time"]]
+        values += [rate, rate]
+    return times, values
 
 
 def load_traffic(conn, since: float | None, entries) -> Traffic | None:
@@ -216,38 +234,54 @@ def load_traffic(conn, since: float | None, entries) -> Traffic | None:
 
 @dataclass
 class PortFacts:
-    """One port's series (round_id, start_time, end_time, seconds, packets, bytes, syn: divide by
+    """One port's series (round_id, covered_from, end_time, seconds, packets, bytes, syn: divide by
     seconds for rates), its anomalies with their spans, the blocked sources tied to them, its label
-    and figure file name."""
+    and figure file name. The folded small ports ("other ports") are one PortFacts too."""
     protocol: str
     label: str
     file: str
     series: list
     anomalies: list
     blocked: list[str]
+    other: bool = False
 
     @property
     def flagged(self) -> bool:
         return bool(self.anomalies)
 
 
+OTHER_PORTS_FILE = "port_other.png"
+MIN_PORT_SHARE = 0.01        # an unflagged port with less of the window's packets is folded into "other ports"
+
+
 def load_port(conn, since: float | None, port, entries) -> PortFacts:
+    if port["port_id"] is None:                 # the folded small ports (chart_ports)
+        label = f"other ports ({port['ports']} {plural(port['ports'], 'port')}, {port['packets']} packets)"
+        return PortFacts("other", label, OTHER_PORTS_FILE,
+                         rates.port_rate_series(conn, port["port_ids"], since), [], [], other=True)
     anomalies = queries.port_anomalies(conn, port["port_id"], since)
     return PortFacts(port["protocol"], port_label(port["value"], port["protocol"], long=True),
                      figure_name_for_port(port["value"], port["protocol"]),
-                     rates.port_rate_series(conn, port["port_id"], since), anomalies,
+                     rates.port_rate_series(conn, [port["port_id"]], since), anomalies,
                      blocked_for({a["id"] for a in anomalies}, anomaly_sources(anomalies), entries))
 
 
 def chart_ports(conn, since: float | None, top: int) -> list:
     """The ports that get a figure: the ``top`` most anomalous, then the ``top`` busiest not already
-    in (so the busiest ports are always charted, flagged or not)."""
-    ports = list(queries.most_anomalous_ports(conn, since, max(0, top)))
+    in that carry at least MIN_PORT_SHARE of the window's port packets (the busiest ports are
+    always charted, flagged or not); every other port with traffic is summed into one last entry
+    {port_id: None, port_ids, ports, packets, value: None, protocol: 'other'} ("other ports")."""
+    ports = [dict(p) for p in queries.most_anomalous_ports(conn, since, max(0, top))]
     seen = {p["port_id"] for p in ports}
+    n_ports, all_packets = rates.port_totals(conn, since)
     for row in rates.busiest_ports(conn, since, max(0, top)):
-        if row["port_id"] not in seen:
-            ports.append(row)
+        if row["port_id"] not in seen and row["packets"] >= MIN_PORT_SHARE * all_packets:
+            ports.append(dict(row))
             seen.add(row["port_id"])
+    rest = [r for r in rates.busiest_ports(conn, since, n_ports) if r["port_id"] not in seen]
+    if rest and top > 0:
+        ports.append({"port_id": None, "port_ids": [r["port_id"] for r in rest], "ports": len(rest),
+                      "packets": sum(r["packets"] for r in rest), "value": None, "protocol": "other"})
     return ports
 
 
@@ -303,8 +337,8 @@ def load_model_anomalies(conn, since: float | None, limit: int) -> list[ModelAno
 @dataclass
 class Blocklist:
     """Entries in force over time, block/expire/remove events, drops per second by address and round
-    (the five addresses that lost most, the rest summed as 'other addresses'), and the window's
-    total of the ledger's drop rows (the one drop count the whole report shows)."""
+    (the five addresses that lost most, the rest summed as 'other addresses', and GONE), and the
+    window's drop total (rates.drop_total: the one drop count the whole report shows)."""
     entries: list
     events: list
     times: list[float]
@@ -315,19 +349,52 @@ class Blocklist:
     total_drops: int
 
 
+GONE = "entries gone before the round closed"   # drops of entries removed or expired between rounds
+
+
 def drops_by_address(conn, since: float | None) -> dict[str, int]:
-    """The ledger's drops in the window per blocked address (sums to Blocklist.total_drops)."""
+    """The window's drops per blocked address (blacklist_drops), plus GONE: what the rounds' drop
+    counter holds beyond them. Sums to the one drop total (rates.drop_total)."""
     totals: dict[str, int] = {}
     for row in rates.drops_by_round_and_address(conn, since):
         totals[row["address"]] = totals.get(row["address"], 0) + row["drops"]
+    gone = rates.drop_total(conn, since) - sum(totals.values())
+    if gone > 0:
+        totals[GONE] = gone
     return totals
+
+
+def _drop_stacks(drops, rounds_rows, round_ends: list[float]) -> tuple[list[str], list[list[float]]]:
+    """Drops per second per round: the five addresses that lost most, 'other addresses', and GONE
+    (a round's XDP drop counter beyond its per-address rows)."""
+    totals: dict[str, int] = {}
+    for row in drops:
+        totals[row["address"]] = totals.get(row["address"], 0) + row["drops"]
+    top = sorted(totals, key=totals.get, reverse=True)[:5]
+    index = {t: i for i, t in enumerate(round_ends)}
+    stacks = {address: [0.0] * len(round_ends) for address in top}
+    other = [0.0] * len(round_ends)
+    gone = [0.0] * len(round_ends)
+    for row in drops:
+        stacks.get(row["address"], other)[index[row["end_time"]]] += row["drops"] / row["seconds"]
+    for row in rounds_rows:
+        if row["drops"] > row["attributed"] and row["end_time"] in index:
+            gone[index[row["end_time"]]] += (row["drops"] - row["attributed"]) / row["seconds"]
+    labels = [f"{a} ({totals[a]} total)" for a in top]
+    series = [stacks[a] for a in top]
+    for label, values in (("other addresses", other), (GONE, gone)):
+        if any(values):
+            labels.append(label)
+            series.append(values)
+    return labels, series
 
 
 def load_blocklist(conn, since: float | None, now: float) -> Blocklist | None:
     entries = queries.blacklist_entries(conn, since)
     events = queries.blacklist_events(conn, since)
     drops = rates.drops_by_round_and_address(conn, since)
-    if not entries and not events and not drops:
+    total = rates.drop_total(conn, since)
+    if not entries and not events and not drops and not total:
         return None
     round_times = queries.round_times(conn, since)
     marks = sorted({t for e in entries for t in (e["created_at"], e["removed_at"], e["expires_at"])
@@ -335,26 +402,11 @@ def load_blocklist(conn, since: float | None, now: float) -> Blocklist | None:
     times = sorted(set(round_times) | set(marks))
     round_ends: list[float] = []
     labels: list[str] = []
-    series: list[list[int]] = []
-    if drops:
-        totals: dict[str, int] = {}
-        for row in drops:
-            totals[row["address"]] = totals.get(row["address"], 0) + row["drops"]
-        top = sorted(totals, key=totals.get, reverse=True)[:5]
+    series: list[list[float]] = []
+    if total:
         round_ends = sorted({row["end_time"] for row in drops} | set(round_times))
-        index = {t: i for i, t in enumerate(round_ends)}
-        stacks = {address: [0.0] * len(round_ends) for address in top}
-        other = [0.0] * len(round_ends)
-        for row in drops:
-            target = stacks.get(row["address"], other)
-            target[index[row["end_time"]]] += row["drops"] / row["seconds"]
-        labels = [f"{a} ({totals[a]} total)" for a in top]
-        series = [stacks[a] for a in top]
-        if any(other):
-            labels.append("other addresses")
-            series.append(other)
-    return Blocklist(entries, events, times, active_counts(entries, times), round_ends, labels, series,
-                     sum(row["drops"] for row in drops))
+        labels, series = _drop_stacks(drops, rates.round_rates(conn, since), round_ends)
+    return Blocklist(entries, events, times, active_counts(entries, times), round_ends, labels, series, total)
 
 
 @dataclass
@@ -381,7 +433,7 @@ class Contents:
     model_anomalies: list[ModelAnomaly] = field(default_factory=list)
     recent_anomalies: list = field(default_factory=list)      # [(row, reason text)]
     blocklist_rows: list = field(default_factory=list)
-    window_drops: dict = field(default_factory=dict)          # address -> the ledger's drops in the window
+    window_drops: dict = field(default_factory=dict)          # address (or GONE) -> drops in the window
 
     @property
     def empty(self) -> bool:
@@ -393,8 +445,8 @@ def load_contents(conn, since: float | None, top_ports: int, max_anomaly_figures
     """The report's contents; only the overview when the window holds nothing at all."""
     contents = Contents(queries.overview(conn, since))
     contents.window_drops = drops_by_address(conn, since)
-    # one drop count everywhere: the ledger's rows, not the rounds' XDP counter
-    contents.overview["dropped_packets"] = sum(contents.window_drops.values())
+    # one drop count everywhere: the rounds' XDP drop counter (rates.drop_total), split by address
+    contents.overview["dropped_packets"] = rates.drop_total(conn, since)
     if contents.empty:
         return contents
     contents.ports = chart_ports(conn, since, top_ports)
@@ -420,7 +472,9 @@ def reason_text(row, max_sources: int = 3) -> str:
     if finding is None:
         return (row["reasons"] or "-")[:200]
     parts = [finding.summary] if finding.summary else []       # the contract's one line, when the detector wrote one
-    if finding.sources:
+    if finding.outbound:           # its sources are destinations: the summary says what was sent to them
+        pass
+    elif finding.sources:
         shown = []
         for s in finding.sources[:max_sources]:
             share = f", {s.share:.0%}" if s.share is not None else ""

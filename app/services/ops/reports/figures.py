@@ -13,8 +13,9 @@ from pathlib import Path
 
 from app import permissions
 from app.services.files import atomic_writer
-from app.services.ops.reports.facts import (CONTRIBUTION_MEASURE, Blocklist, ModelAnomaly, ModelScores, Occupancy,
-                                        PortFacts, Traffic, fmt_time)
+from app.services.ops.reports.facts import (CONTRIBUTION_MEASURE, MIN_PORT_SHARE, Blocklist, ModelAnomaly,
+                                            ModelScores, Occupancy, PortFacts, Traffic, fmt_time, rate_steps)
+from app.services.text import counted
 
 DPI = 100
 
@@ -88,6 +89,12 @@ def _short_list(items: list[str], limit: int = 4) -> str:
     return f"{', '.join(items[:limit])} (+{len(items) - limit} more)"
 
 
+def _plot_rate(ax, rows, count, **style) -> None:
+    """Counts per second of the span each round covers, one flat segment per round (facts.rate_steps)."""
+    times, values = rate_steps(rows, count)
+    ax.plot([_utc(t) for t in times], values, **style)
+
+
 def _shade_anomalies(ax, anomalies, with_labels: bool) -> None:
     """Shade each anomaly's flagged rounds (a dotted line at its time when the rounds are gone)."""
     shaded: set[str] = set()
@@ -108,19 +115,17 @@ def draw_traffic(p: Painter, traffic: Traffic | None) -> Drawn | None:
     hostwide, blocked = traffic.hostwide, traffic.blocked
     fig, axes = p.figure(2, 1, height=3.0, sharex=True)
     for interface, items in traffic.by_interface.items():
-        times = [_utc(r["end_time"]) for r in items]
-        axes[0, 0].plot(times, [r["total_packets"] / r["seconds"] for r in items], drawstyle="steps-pre",
-                        label=f"{interface}: all packets")
-        axes[0, 0].plot(times, [r["unparsed_packets"] / r["seconds"] for r in items], drawstyle="steps-pre",
-                        linestyle=":", label=f"{interface}: unparsed (passed)")
-        axes[1, 0].plot(times, [r["drops"] / r["seconds"] for r in items], drawstyle="steps-pre", color="tab:red",
-                        label=f"{interface}: dropped by the blocklist")
+        _plot_rate(axes[0, 0], items, lambda r: r["total_packets"], label=f"{interface}: all packets")
+        _plot_rate(axes[0, 0], items, lambda r: r["unparsed_packets"], linestyle=":",
+                   label=f"{interface}: unparsed (passed)")
+        _plot_rate(axes[1, 0], items, lambda r: r["drops"], color="tab:red",
+                   label=f"{interface}: dropped by the blocklist")
     _shade_anomalies(axes[0, 0], hostwide, with_labels=True)
     _shade_anomalies(axes[1, 0], hostwide, with_labels=False)
     axes[0, 0].set_ylabel("packets per second")
     title = "Traffic seen by XDP"
     if hostwide:
-        title += (f"; {len(hostwide)} host-wide anomal{'y' if len(hostwide) == 1 else 'ies'} shaded"
+        title += (f"; {counted(len(hostwide), 'host-wide anomaly', 'host-wide anomalies')} shaded"
                   + (f", blocked: {_short_list(blocked, 3)}" if blocked else ""))
     axes[0, 0].set_title(title)
     total = traffic.total_drops
@@ -134,8 +139,8 @@ def draw_traffic(p: Painter, traffic: Traffic | None) -> Drawn | None:
     p.save(fig, "traffic.png")
     return Drawn("traffic.png", "overview", "Traffic per second",
                  "All packets the XDP program saw and the packets it dropped for blocked sources, per second "
-                 f"of each round ({total} packets dropped in this window); shaded: rounds flagged by host-wide "
-                 "detectors (port scans).")
+                 f"of the span each round's counts cover ({counted(total, 'packet')} dropped in this window); "
+                 "shaded: rounds flagged by host-wide detectors (port scans).")
 
 
 def draw_port(p: Painter, port: PortFacts) -> Drawn:
@@ -143,23 +148,23 @@ def draw_port(p: Painter, port: PortFacts) -> Drawn:
     fig, axes = p.figure(2, 1, height=2.8, sharex=True)
     ax_packets, ax_bytes = axes[0, 0], axes[1, 0]
     if series:
-        times = [_utc(r["end_time"]) for r in series]
-        ax_packets.plot(times, [r["packets"] / r["seconds"] for r in series], drawstyle="steps-pre",
-                        color="tab:blue", label="packets")
+        _plot_rate(ax_packets, series, lambda r: r["packets"], color="tab:blue", label="packets")
         if port.protocol == "tcp":
-            ax_packets.plot(times, [r["syn"] / r["seconds"] for r in series], drawstyle="steps-pre",
-                            color="tab:orange", linestyle="--", label="SYN (no ACK)")
-        ax_bytes.plot(times, [r["bytes"] / 1000.0 / r["seconds"] for r in series], drawstyle="steps-pre",
-                      color="tab:green", label="frame bytes")
+            _plot_rate(ax_packets, series, lambda r: r["syn"], color="tab:orange", linestyle="--",
+                       label="SYN (no ACK)")
+        _plot_rate(ax_bytes, series, lambda r: r["bytes"] / 1000.0, color="tab:green", label="frame bytes")
     _shade_anomalies(ax_packets, anomalies, with_labels=True)
     _shade_anomalies(ax_bytes, anomalies, with_labels=False)
     packets = sum(r["packets"] for r in series)
     if port.flagged:
-        title = f"{label}: FLAGGED, {len(anomalies)} anomal{'y' if len(anomalies) == 1 else 'ies'}"
+        title = f"{label}: FLAGGED, {counted(len(anomalies), 'anomaly')}"
         subtitle = f"blocked sources: {_short_list(blocked)}" if blocked else "no source blocked for this port"
+    elif port.other:
+        title = f"{label}: each below {MIN_PORT_SHARE:.0%} of the packets, summed"
+        subtitle = f"{counted(packets, 'packet')} in this window"
     else:
         title = f"{label}: one of the busiest ports, not flagged"
-        subtitle = f"{packets} packets in this window"
+        subtitle = f"{counted(packets, 'packet')} in this window"
     fig.suptitle(f"{title}\n{subtitle}", fontsize="medium", color="tab:red" if port.flagged else "black",
                  fontweight="bold" if port.flagged else "normal")
     if port.flagged:
@@ -223,10 +228,10 @@ def draw_reconstruction(p: Painter, model: ModelScores | None) -> Drawn | None:
     p.time_axis(ax)
     p.save(fig, "reconstruction_error.png")
     versions = len({r["model_version"] for r in errors})
-    judged = (f"{len(errors)} judged round{'' if len(errors) == 1 else 's'} by {versions} model "
-              f"version{'' if versions == 1 else 's'}; " if errors else "")
+    judged = (f"{counted(len(errors), 'judged round')} by {counted(versions, 'model version')}; "
+              if errors else "")
     return Drawn("reconstruction_error.png", "model", "Reconstruction error against the threshold",
-                 f"{judged}{len(scores)} model anomal{'y' if len(scores) == 1 else 'ies'}; the steps are the "
+                 f"{judged}{counted(len(scores), 'model anomaly', 'model anomalies')}; the steps are the "
                  "threshold each model version judged with.")
 
 
@@ -337,8 +342,8 @@ def draw_blocklist(p: Painter, blocklist: Blocklist | None) -> Drawn | None:
     p.save(fig, "blocklist.png")
     total_drops = blocklist.total_drops
     return Drawn("blocklist.png", "blocklist", "Blocklist activity",
-                 f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} in force in this window; "
-                 f"{total_drops} packets dropped.")
+                 f"{counted(len(entries), 'entry')} in force in this window; "
+                 f"{counted(total_drops, 'packet')} dropped.")
 
 
 def draw_occupancy(p: Painter, occupancy: Occupancy) -> Drawn | None:
@@ -385,7 +390,7 @@ def draw_occupancy(p: Painter, occupancy: Occupancy) -> Drawn | None:
     kinds = {}
     for change in changes:
         kinds[change.kind] = kinds.get(change.kind, 0) + 1
-    summary = ", ".join(f"{n} {k}{'s' if n != 1 else ''}" for k, n in sorted(kinds.items())) or "no changes"
+    summary = ", ".join(counted(n, k) for k, n in sorted(kinds.items())) or "no changes"
     return Drawn("occupancy.png", "occupancy", "Occupancy changes", f"{summary}.")
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from app.db import outbound as queries
+from app.services.evaluation.explain import summary
 from app.services.evaluation.findings import Finding
 from app.services.ops.reports.facts import fmt_time
 
@@ -42,35 +43,25 @@ def _ranges(ports: list[int], limit: int = 6) -> str:
 
 
 def explain(f: Finding) -> str:
-    """One sentence for people: what was seen, against which rule."""
+    """The finding's one sentence (app/services/explain.py: the same on every surface), then what
+    the table has room for: the ports or first destinations of a scan, the DNS signals, the rule."""
     d = f.details
-    rounds = f"rounds {f.first_round_id}..{f.last_round_id}"
+    parts = [f.summary or summary(f)]
     if f.detector == "outbound_scan":
-        who = ", ".join(f"{p.get('process') or '?'} (pid {p.get('pid')}, local {p.get('protocol')}/{p.get('port')})"
-                        for p in d.get("processes", [])) or "a process the scanner did not see"
         if d.get("kind") == "addresses":
-            return (f"this host opened connections to {d.get('distinct_addresses')} addresses in {rounds} "
-                    f"(first: {', '.join(d.get('destinations', [])[:5])}) from {who}; rule: {d.get('rule')}")
-        listed = d.get("remote_ports", {})
-        ports = "; ".join(f"{proto} {_ranges(values)}" for proto, values in listed.items())
-        if sum(len(v) for v in listed.values()) < (d.get("distinct_ports") or 0) and not ports.endswith("..."):
-            ports += ", ..."
-        return (f"this host probed {d.get('distinct_ports')} ports of {d.get('destination')} ({ports}) in {rounds} "
-                f"from {who}; rule: {d.get('rule')}")
-    if f.detector == "beaconing":
-        return (f"this host connected to {d.get('destination')} {d.get('connections')} times, every "
-                f"{d.get('interval_seconds')} s (variation {d.get('interval_cv')} of the interval) over "
-                f"{d.get('rounds_seen')} rounds, remote ports {_ranges(d.get('remote_ports', []))}: a steady "
-                f"call-home looks like this; rule: {d.get('rule')}")
-    if f.detector == "exfiltration":
-        return (f"{d.get('bytes')} bytes out to {d.get('destination')} in {rounds}, {d.get('factor')}x the "
-                f"{d.get('usual_from')}'s usual {d.get('usual_bytes_per_round')} bytes a round; rule: {d.get('rule')}")
+            parts.append(f"first: {', '.join(d.get('destinations', [])[:5])}")
+        else:
+            listed = d.get("remote_ports", {})
+            ports = "; ".join(f"{proto} {_ranges(values)}" for proto, values in listed.items())
+            if sum(len(v) for v in listed.values()) < (d.get("distinct_ports") or 0) and not ports.endswith("..."):
+                ports += ", ..."
+            parts.append(f"ports {ports}")
     if f.detector == "dns_tunnel":
-        return (f"{d.get('client')} asked {d.get('queries')} names ({d.get('subdomains')} distinct) under "
-                f"{d.get('domain')}: mean length {d.get('mean_name_length')}, entropy {d.get('label_entropy')} "
-                f"bits/char, types {d.get('record_types')}, NXDOMAIN share {d.get('nxdomain_share')}; "
-                f"signals: {', '.join(d.get('signals', []))}")
-    return f.summary or f.detector
+        parts.append(f"mean length {d.get('mean_name_length')}, entropy {d.get('label_entropy')} bits/char, "
+                     f"types {d.get('record_types')}, NXDOMAIN share {d.get('nxdomain_share')}")
+    if d.get("rule"):
+        parts.append(f"rule: {d['rule']}")
+    return "; ".join(parts)
 
 
 def section_html(outbound: Outbound, table: Callable[[list, list, str], str]) -> str:

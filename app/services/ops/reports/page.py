@@ -11,9 +11,11 @@ writes index.html and report.json.
   port_<proto>_<port>.png   per-port rates of the most anomalous ports (flagged: red title,
                         flagged rounds shaded, blocked sources named) and of the busiest ports
 
-Rates are per second of each round (rounds differ in length). Every drop figure (overview,
-traffic, blocklist figure, blocklist table, report.json ``drops``) is the sum of the ledger's
-per-round drop rows (``blacklist_drops``), so they agree.
+Rates are per second of the span each round's counts cover (``counts_since`` .. ``end_time``: a
+round after a gap between collector runs holds the gap's packets). Every drop figure (overview,
+traffic, blocklist figure, blocklist table, report.json ``drops``) is the rounds' XDP drop counter
+(app/db/report_rates.drop_total, also under ``blacklist list``), split by address where the
+per-round rows allow, so they agree.
   reconstruction_error.png  the model's error per judged round against each model version's threshold
   contributions_<id>.png    per-feature contributions of one model anomaly
   blocklist.png         entries in force and packets dropped per round
@@ -95,8 +97,8 @@ def _render_index(title: str, window: str, overview: dict | None, drawn: list[Dr
              f"<style>{_CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
              f"<p>Generated {html.escape(fmt_time(generated))}; window: {html.escape(window)}. "
-             "Times are UTC. Traffic is shown per second of each round (rounds differ in length); every drop "
-             "count is the blocklist ledger's.</p>"]
+             "Times are UTC. Traffic is shown per second of the span each round's counts cover (a round after a "
+             "gap between collector runs covers the gap); every drop count is the rounds' XDP drop counter.</p>"]
     if not overview or overview["rounds"] == 0 and overview["anomalies"] == 0 and overview["evaluations"] == 0:
         parts.append('<p class="nodata">No data yet: no rounds were collected in this window. Run the collector '
                      "(python -m app collect) or widen the window (--since all).</p>")
@@ -185,7 +187,8 @@ def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_fig
     steps: list[tuple[str, Callable[[], Drawn | None]]] = [
         ("traffic", lambda: figures.draw_traffic(painter, facts.load_traffic(conn, since, entries)))]
     for port in contents.ports:
-        steps.append((f"port {port_label(port['value'], port['protocol'], long=True)}",
+        what = "other ports" if port["port_id"] is None else port_label(port["value"], port["protocol"], long=True)
+        steps.append((f"port {what}",
                       lambda port=port: figures.draw_port(painter, facts.load_port(conn, since, port, entries))))
     steps.append(("reconstruction error",
                   lambda: figures.draw_reconstruction(painter, facts.load_model_scores(conn, since))))
@@ -220,14 +223,15 @@ def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_fig
     if without:
         tables["contributions"] = "<p>Model anomalies without per-feature detail:</p>" + _table(
             ["anomaly", "port", "reasons"], [[a.id, a.port, (a.reasons or "-")[:200]] for a in without], "")
-    if contents.blocklist_rows:
+    if contents.blocklist_rows or contents.window_drops:
         drops = contents.window_drops
         rows = [[b["address"], b["status"], b["origin"], fmt_time(b["created_at"]), fmt_time(b["expires_at"]),
                  drops.get(b["address"], 0), b["reason"]] for b in contents.blocklist_rows[-MAX_TABLE_ROWS:]]
         listed = {b["address"] for b in contents.blocklist_rows[-MAX_TABLE_ROWS:]}
-        rows += [[address, "-", "-", "-", "-", n, "(entry no longer listed)"]
+        rows += [[address, "-", "-", "-", "-", n,
+                  "removed or expired after the round's last read" if address == facts.GONE else "(entry no longer listed)"]
                  for address, n in sorted(drops.items()) if address not in listed]
-        rows.append(["total", "", "", "", "", sum(drops.values()), ""])
+        rows.append(["total", "", "", "", "", contents.overview["dropped_packets"], "the rounds' XDP drop counter"])
         tables["blocklist"] = _table(["address", "status", "origin", "created", "expires", "drops in window",
                                       "reason"], rows, "")
     if occupancy.changes:
