@@ -2,8 +2,8 @@
 opens the index.html that `python -m app report` wrote for a small store, at 1280 px (a desktop) and
 390 px (a phone, mobile emulation). No console errors or failed loads, every image loads
 (naturalWidth > 0) and fits the page, the phone lays the page out at its own width (the viewport meta
-tag) without scrolling sideways, and a full-page screenshot of each is saved where the test summary
-names it ("saved by the tests").
+tag) without scrolling sideways, and a full-page screenshot of each is saved in build/test-output/,
+named in the test summary ("saved by the tests").
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from tests.conftest import IN_CI
 from tests.ops_helpers import fill_database
 
 REPO = Path(__file__).resolve().parent.parent.parent
+# kept after the run (pytest's own tmp dirs rotate away): build/ is the checkout's ignored scratch
+OUTPUT = REPO / "build" / "test-output"
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +69,8 @@ def test_report_page_in_chromium(chromium, report_index, width, mobile, saved):
     text_px = page.evaluate("parseFloat(getComputedStyle(document.querySelector('p')).fontSize)")
     assert text_px >= 14, f"body text is {text_px} px"
 
-    shot = page.screenshot(report_index.parent.parent / f"report-{width}px.png")
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    shot = page.screenshot(OUTPUT / f"report-{width}px.png")
     assert shot.stat().st_size > 10_000
     saved(f"report page at {width} px: {shot}")
     errors = page.errors()

@@ -72,7 +72,7 @@ _SECTIONS = [
 _CSS = """body{font-family:sans-serif;margin:1.5em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
-.wide{overflow-x:auto}
+.wide{overflow-x:auto}td:last-child{min-width:12em}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left}
 th{background:#f4f4f4}td:not(:last-child){white-space:nowrap}.empty{color:#777;font-style:italic}.nodata{font-size:1.3em;color:#a60}
 @media (max-width:600px){body{margin:.5em auto;padding:0 .6em}h1{font-size:1.3em}figure{margin:.6em 0}}"""
