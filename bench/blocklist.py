@@ -45,6 +45,7 @@ from app.services.kernel import enforcement  # noqa: E402
 from app.services.kernel import bpf_structs, maps  # noqa: E402
 from app.threads import collection as collector_mod  # noqa: E402
 from app.lab import Lab  # noqa: E402
+from app.services.kernel.prog_run import BpfTestRunOpts  # noqa: E402  (struct bpf_test_run_opts, mirrored once)
 from bench.collector import mac_bytes, pass_program, prog_run_ns, settings_for, udp_frame  # noqa: E402
 from bench.plausible import Plausibility, smoke  # noqa: E402
 
@@ -57,15 +58,6 @@ PROG_RUN_REPEAT = 100_000 if smoke() else 1_000_000
 MIN_REPEAT, MAX_REPEAT = 20_000, 2_000_000
 DPORT = 9                                # nothing listens there: the stack's "no socket" path
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
-
-
-class BpfTestRunOpts(ctypes.Structure):  # struct bpf_test_run_opts (libbpf bpf.h)
-    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
-                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
-                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
-                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32)]
 
 
 class XdpMd(ctypes.Structure):           # struct xdp_md (uapi/linux/bpf.h)

@@ -83,7 +83,7 @@ LAYERS = (
                     "app.resources")),
     ("db", ("app.db.",)),
     ("shared leaves", ("app.services", "app.services.host", "app.services.ports", "app.services.files",
-                       "app.services.locks", "app.services.progress", "app.services.text")),
+                       "app.services.locks", "app.services.progress", "app.services.text", "app.services.store_clock")),
     ("kernel", ("app.services.kernel.",)),
     ("collector/evaluation", ("app.services.collector.", "app.services.evaluation.")),
     ("blocklist", ("app.services.blocklist.",)),

@@ -11,7 +11,6 @@ first failed essential check (1 a health check, 3 root, 4 database, 5 kernel/BPF
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import platform
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from app.commands.registry import add_command
 from app.errors import EXIT_BPF, EXIT_DB, EXIT_DEPENDENCY, EXIT_ROOT
+from app.services.text import counted, json_dumps
 
 DESCRIPTION = """Check this host for what portwatch needs (root, kernel BPF support, bpffs, kernel
 headers for BCC, BCC, iproute2, tshark, cron, free disk, the venv's packages, the database, the file
@@ -236,6 +236,9 @@ def run_checks(settings) -> list[Check]:
     from app.services.kernel.pin_owner import problems as xdp_problems   # unfinished loads, leftover programs (issue 10)
     checks += [Check(f"xdp {name}", "warn", text, f"python -m app down --interface {name}")
                for name, text in xdp_problems(settings.general.pin_root)]
+    from app.services.kernel.pin_owner import foreign_programs   # a program portwatch did not load: left alone
+    checks += [Check(f"xdp {name}", "warn", text, "leave it, or detach it (or collect --replace) to run portwatch there")
+               for name, text in foreign_programs(settings.general.pin_root)]
     return checks
 
 
@@ -265,11 +268,11 @@ def run(args, settings) -> int:
         from app import permissions
         changed = permissions.tighten(settings)
         if not args.json:
-            print(f"tightened {len(changed)} path(s)" + "".join(f"\n  {p}" for p in changed))
+            print(f"tightened {counted(len(changed), 'path')}" + "".join(f"\n  {p}" for p in changed))
     checks = run_checks(settings)
     failed = [c for c in checks if c.status == "FAIL"]
     if args.json:
-        print(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2))
+        print(json_dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2))
     else:
         width = max(len(c.name) for c in checks)
         for c in checks:
@@ -278,7 +281,7 @@ def run(args, settings) -> int:
                 print(f"      {'':<{width}}  fix: {c.fix}")
         warned = sum(1 for c in checks if c.status == "warn")
         if failed:
-            print(f"{len(failed)} essential check(s) failed: {', '.join(c.name for c in failed)}; "
+            print(f"{counted(len(failed), 'essential check')} failed: {', '.join(c.name for c in failed)}; "
                   "fix them and run python -m app doctor again")
         else:
             print(f"all essential checks passed ({warned} warning{'s' if warned != 1 else ''})")

@@ -35,7 +35,7 @@ def test_doctor_text_reports_a_failure_with_its_fix(state_env, capsys, monkeypat
     assert code != 0
     assert "FAIL  bpffs" in out and "fix: mount -t bpf bpf /sys/fs/bpf" in out
     assert "FAIL  kernel headers" in out and "linux-headers-" in out
-    assert "essential check(s) failed" in out
+    assert "essential checks failed" in out
 
 
 def test_doctor_corrupt_database_exits_with_the_database_code(state_env, capsys, monkeypatch):

@@ -77,7 +77,7 @@ def test_a_failing_report_is_logged_and_does_not_fail_the_job(tmp_path, monkeypa
     s = blocklist_settings(tmp_path)
     s.evaluator.report_after = True
     ok = EvaluationResult(7, "ok", 1, 3, 3, 0, 0, None, None, None, (), 0.1)
-    monkeypatch.setattr(evaluation, "run", lambda settings: ok)
+    monkeypatch.setattr(evaluation, "run", lambda settings, **clock: ok)
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

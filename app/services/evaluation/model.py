@@ -19,7 +19,8 @@ Scores (PyOD style: fit() sets attributes with a trailing underscore; scoring re
 
 The threshold is calibrated on held-out normal windows (never trained on) to an alert budget:
 expected false alerts per day <= P(per-round error > threshold) × port-rounds per day (a window
-alerts when any of its judged rounds does). See :func:`calibrate_threshold` and recalibrate().
+alerts when any of its judged rounds does). See :func:`calibrate_threshold` and recalibrate(); each
+calibration also reports its own out-of-sample false-alert rate (:func:`out_of_sample`).
 """
 from __future__ import annotations
 
@@ -45,7 +46,12 @@ FORMAT = "portwatch-cnn-lstm-ae"
 #   2  + out_packets, out_bytes per local port (TC egress, issue 12): 15 features
 FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.weights.h5"
-PER_PACKET_FEATURES = ("mean_payload", "max_payload", "syn_share")
+# In a round where a count is 0 these features carry no news of their own: per-packet ones are
+# undefined, and a byte count is 0 exactly when its packet count is. The silence is counted once, by
+# the count's own error; counted again through bytes, every quiet round of a sparse port (Poisson
+# zeros: a 5-packet port is silent in ~1 % of its rounds) scored like a ×30 spike.
+SILENT_TWINS = {"packets": ("mean_payload", "max_payload", "syn_share", "bytes"), "out_packets": ("out_bytes",)}
+OUT_OF_SAMPLE_FOLDS = 2
 
 
 class _EpochLine:
@@ -118,6 +124,12 @@ class Calibration:
     unbounded_threshold: float | None = None   # what the pool alone gave, before the per-refit bound
     previous_threshold: float | None = None    # the threshold before this refit (None: a first fit)
     pool_windows: int = 0                      # held-out windows in the pool (persisted with the model)
+    # the calibration's own out-of-sample check (see out_of_sample): a threshold chosen on some folds
+    # of the pool, its false alerts counted on the fold it never saw; per day of the whole host
+    out_of_sample_scores: int = 0
+    out_of_sample_exceedances: int = 0
+    out_of_sample_rate_per_day: float | None = None
+    out_of_sample_upper_per_day: float | None = None   # 95 % upper bound (exact Poisson)
 
     def windows_needed(self, window: int, min_expected: float) -> int:
         """Held-out windows the pool must hold before the threshold is trusted to alert: enough
@@ -175,6 +187,37 @@ def calibrate_threshold(scores: np.ndarray, trials_per_day: float, budget_per_da
                        trials_per_day=trials_per_day, budget_per_day=float(budget_per_day),
                        target_probability=p, held_out_exceedances=exceed,
                        observed_rate_per_day=float(rate), tail=tail)
+
+
+def out_of_sample(cal: Calibration, per_round: np.ndarray, budget_per_day: float,
+                  folds: int = OUT_OF_SAMPLE_FOLDS) -> Calibration:
+    """Fill ``cal``'s out-of-sample fields from the pool's per-round errors (M, W), window by window.
+
+    The pool's windows are dealt into ``folds`` folds (every folds-th window); for each fold a
+    threshold is calibrated (:func:`calibrate_threshold`, same budget and trials) on the others and
+    its exceedances are counted on the fold. rate = exceedances / scores x trials per day; the 95 %
+    upper bound is the exact Poisson one. With p the per-round probability the budget allows, a pool
+    of n per-round errors expects n p false alerts out of sample: a small pool can show that the
+    threshold is far too low, never that it meets a budget of a few a day (the bound says how far).
+    """
+    per_round = np.asarray(per_round, np.float64)
+    if per_round.ndim != 2 or len(per_round) < 2 * folds:
+        return cal
+    exceed, scores = 0, 0
+    for k in range(folds):
+        test = np.arange(len(per_round)) % folds == k
+        threshold = calibrate_threshold(per_round[~test].ravel(), cal.trials_per_day, budget_per_day).threshold
+        held = per_round[test].ravel()
+        held = held[np.isfinite(held)]
+        exceed += int(np.sum(held > threshold))
+        scores += len(held)
+    if not scores:
+        return cal
+    from scipy.stats import chi2  # noqa: PLC0415
+    cal.out_of_sample_scores, cal.out_of_sample_exceedances = scores, exceed
+    cal.out_of_sample_rate_per_day = float(exceed / scores * cal.trials_per_day)
+    cal.out_of_sample_upper_per_day = float(chi2.ppf(0.95, 2 * (exceed + 1)) / 2 / scores * cal.trials_per_day)
+    return cal
 
 
 class NotFittedError(RuntimeError):
@@ -299,6 +342,7 @@ class CnnLstmAutoencoder:
             log.warning("only %d held-out windows: threshold from in-sample errors too",
                         len(self.calibration_windows_))
         cal = calibrate_threshold(per_round, port_rounds_per_day, self.config.alert_budget_per_day)
+        out_of_sample(cal, self.round_errors(self.calibration_windows_), self.config.alert_budget_per_day)
         cal.unbounded_threshold, cal.pool_windows = cal.threshold, int(len(self.calibration_windows_))
         bound = self.config.max_threshold_change
         if previous is not None and math.isfinite(previous) and previous > 0 and bound >= 1:
@@ -316,9 +360,10 @@ class CnnLstmAutoencoder:
         self.calibration_ = cal
         self.threshold_ = self.calibration_.threshold
         log.info("threshold %.4g (%s over %d held-out round errors, %.0f port-rounds/day, %.2f false alerts/day "
-                 "on held-out data, budget %g)", self.threshold_, self.calibration_.method,
-                 self.calibration_.held_out_scores, self.calibration_.trials_per_day,
-                 self.calibration_.observed_rate_per_day, self.config.alert_budget_per_day)
+                 "on held-out data, %s out of sample (95 %% upper bound %s), budget %g)", self.threshold_,
+                 self.calibration_.method, self.calibration_.held_out_scores, self.calibration_.trials_per_day,
+                 self.calibration_.observed_rate_per_day, self.calibration_.out_of_sample_rate_per_day,
+                 self.calibration_.out_of_sample_upper_per_day, self.config.alert_budget_per_day)
         return self.calibration_
 
     # --- scoring ----------------------------------------------------------------------------
@@ -346,18 +391,20 @@ class CnnLstmAutoencoder:
         """Per-feature squared error (N, W, F) in scaled units (deviation + level channel of each
         feature), and the reconstruction (N, W, F) in original units.
 
-        Per-packet features (payload sizes, SYN share) are undefined in a round without packets:
-        their deviation error there is 0, otherwise every quiet round of a sparse port would look
-        anomalous (its silence still shows in the packet and byte counts).
+        In a round without packets the deviation error of the count's twins (SILENT_TWINS: per-packet
+        features, bytes) is 0, otherwise every quiet round of a sparse port would look anomalous;
+        its silence still shows, once, in the packet count's own error.
         """
         windows = self._check_windows(windows)
         scaled, recon = self.reconstruct(windows)
         squared = (scaled - recon) ** 2
         n_features = self.config.n_features
         names = self.config.features
-        if "packets" in names:
-            silent = windows[..., names.index("packets")] <= 0
-            for name in PER_PACKET_FEATURES:
+        for count, twins in SILENT_TWINS.items():
+            if count not in names:
+                continue
+            silent = windows[..., names.index(count)] <= 0
+            for name in twins:
                 if name in names:
                     squared[..., names.index(name)][silent] = 0.0
         errors = squared[..., :n_features] + squared[..., n_features:]

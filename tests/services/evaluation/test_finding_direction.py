@@ -90,3 +90,17 @@ def test_the_same_sentence_on_every_surface_and_no_forged_destination(tmp_path, 
     page = write_report(s.general.db, tmp_path / "report", since="all").read_text()
     assert line.replace("'", "&#x27;") in page
     assert "possibly forged" not in page and "one-way" not in page
+
+
+def test_every_detector_speaks_in_its_own_words():
+    """No detector of the contract falls back to the generic 'X on host, score S' line."""
+    from app.services.evaluation.explain import DETECTOR_NAMES
+    for detector in DETECTOR_NAMES:
+        f = Finding(detector, None, None, None, 1, 2, 3.0, 2.0, source="198.18.7.9", source_count=3)
+        line = explain.summary(f)
+        assert ", score 3 (threshold 2)" not in line, (detector, line)
+        if f.outbound:
+            assert "from 198.18.7.9" not in line and "one-way" not in line, (detector, line)
+    flood = Finding("source_flood", None, None, None, 4, 6, 900.0, 500.0, source_count=2100)
+    assert explain.summary(flood) == ("source flood: 2,100 new sources reached this host in rounds 4-6 (at most "
+                                      "900 in one round): per-source counts there may be incomplete")
