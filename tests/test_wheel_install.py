@@ -113,8 +113,10 @@ def test_installed_command_runs_outside_the_checkout(installed, outside):
     help_ = portwatch(bin_dir, work, env, "--help", timeout=60)
     assert help_.returncode == 0 and "collect" in help_.stdout and "fleet" in help_.stdout, help_.stderr
 
-    # a writer creates the store from the wheel's own init.sql
-    created = portwatch(bin_dir, work, env, "allow", "add", "198.18.120.1", "--reason", "wheel test")
+    # the installed package creates the store from the wheel's own init.sql (as collect would)
+    created = subprocess.run([str(bin_dir / "python"), "-c", "import sys; from app.db.connection import connect; "
+                              "connect(sys.argv[1]).close()", str(work / "ports.db")],
+                             cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert created.returncode == 0, created.stdout + created.stderr
     fill_database(work / "ports.db", end=time.time(), rounds=40)
 
