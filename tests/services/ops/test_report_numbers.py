@@ -135,3 +135,16 @@ def test_small_ports_fold_into_other_and_plurals(store, tmp_path):
     page = index.read_text()
     assert "other ports (4 ports, 16 packets)" in page
     assert "5 listeners gone" in page and "listener gones" not in page
+
+
+def test_blacklist_list_names_egress_drops_apart(store, capsys):
+    """Drops of blocked destinations (TC egress) are said beside the XDP total, never added into it."""
+    db, ids, now = store
+    conn = connect(db)
+    with conn:
+        conn.execute("UPDATE rounds SET egress_dropped_packets = 12 WHERE id = ?", (ids["rounds"][-1],))
+    conn.close()
+    assert main(["--db", str(db), "blacklist", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"{DROPS} packets dropped by the blocklist" in out
+    assert "; 12 packets to blocked destinations dropped in TC egress" in out
