@@ -276,6 +276,12 @@ class Fleet:
     server_key: str = ""                         # ... and key
     insecure: bool = False                       # no TLS (tests on the loopback only; never across hosts)
     node_port: int = 9094                        # node: its local Runtime API on 127.0.0.1
+    aggregation: str = "trimmed-mean"            # serve: trimmed-mean, median, krum or fedavg (aggregation.py)
+    trim_fraction: float = 0.25                  # serve: trimmed-mean drops this share each side (>= 1 host)
+    adopt_max_error_ratio: float = 3.0           # node: a fleet model erring more than this x the local one on
+                                                 # this host's recent benign windows is kept, not adopted
+    adopt_budget_factor: float = 2.0             # node: ... or raising more false alerts a day there than this
+                                                 # x evaluator.alert_budget_per_day
 
     def problems(self, role: str) -> list[str]:
         """One sentence per invalid value for ``role`` 'serve' or 'node'."""
@@ -338,9 +344,15 @@ class Settings:
                 yield section, f.name, getattr(obj, f.name), self.sources.get(name, "default")
 
     def override(self, section: str, key: str, value: Any, source: str = "command line") -> None:
-        """Set one value (from the command line); ``None`` leaves the setting as it is."""
+        """Set one value (from the command line); ``None`` leaves the setting as it is. A value out of the
+        key's range raises ConfigError naming the flag (``--round-seconds`` for collector.round_seconds)."""
         if value is None:
             return
+        from app.config_rules import check
+        why = check(f"{section}.{key}", value)
+        if why:
+            name = f"--{key.replace('_', '-')}" if source == "command line" else f"config key '{section}.{key}'"
+            raise ConfigError(f"{name} {value!r} {why}")
         setattr(getattr(self, section), key, value)
         self.sources[f"{section}.{key}"] = source
 

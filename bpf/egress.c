@@ -50,7 +50,8 @@ BPF_TABLE_PINNED("lru_percpu_hash", struct pw_flow_key, struct pw_flow_value, eg
 BPF_TABLE_PINNED("percpu_array", __u32, struct pw_global, eg_global, 1, PIN_DIR "/eg_global");
 BPF_TABLE_PINNED("lpm_trie", struct pw_lpm_key, struct pw_blacklist_value, eg_block, BLACKLIST_MAP_SIZE, PIN_DIR "/eg_block", BPF_F_NO_PREALLOC);
 
-static __always_inline void eg_count(struct pw_global *g, struct parsed *p, __u64 packets, __u64 bytes, __u64 payload)
+static __always_inline void eg_count(struct pw_global *g, struct parsed *p, __u64 packets, __u64 bytes, __u64 payload,
+                                     __u64 now)
 {
     __u64 syn = is_syn(p) ? packets : 0;
     struct pw_port_key pk = {};
@@ -104,7 +105,6 @@ static __always_inline void eg_count(struct pw_global *g, struct parsed *p, __u6
     fk.sport = p->sport;
     fk.dport = p->dport;
     fk.proto = p->proto;
-    __u64 now = bpf_ktime_get_coarse_ns();
     struct pw_flow_value *fv = eg_flows.lookup(&fk);
     if (!fv) {
         struct pw_flow_value nv = {};
@@ -128,6 +128,8 @@ int tc_egress(struct __sk_buff *skb)
     struct pw_global *g = eg_global.lookup(&zero_idx);
     if (!g)
         return TC_ACT_OK;
+    /* the config map is port_flow.c's (one BCC text): its clock, as on ingress */
+    struct pw_config *cfg = config.lookup(&zero_idx);
     __u64 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
     __u64 len = skb->len;
 
@@ -154,7 +156,7 @@ int tc_egress(struct __sk_buff *skb)
         if (bv) {
             __sync_fetch_and_add(&bv->drops, segs);
             __sync_fetch_and_add(&bv->drop_bytes, len);
-            bv->last_drop_ns = bpf_ktime_get_coarse_ns();
+            bv->last_drop_ns = pw_now(cfg);
             count(PW_G_TOTAL, segs);
             count(PW_G_BYTES, len);
             count(PW_G_PARSED, segs);
@@ -187,6 +189,6 @@ int tc_egress(struct __sk_buff *skb)
         count(PW_G_ICMPV6, segs);
     else
         count(PW_G_OTHER_L4, segs);
-    eg_count(g, &p, segs, bytes, payload);
+    eg_count(g, &p, segs, bytes, payload, pw_now(cfg));
     return TC_ACT_OK;
 }

@@ -15,7 +15,7 @@
  *
  * Every counter map is per CPU: no atomic instructions on the hot path; user space sums.
  *   blacklist   lpm_trie         pw_lpm_key            pw_blacklist_value         BLACKLIST_MAP_SIZE
- *   config      array            u32 (0)               pw_config                  1
+ *   config      array (mmapable) u32 (0)               pw_config                  1
  *   meta        array            u32 (0)               pw_meta                    1  (user space only)
  *   synlimit    hash             pw_port_key           pw_synlimit_value          SYNLIMIT_MAP_SIZE
  *
@@ -64,7 +64,8 @@ BPF_TABLE_PINNED("lru_percpu_hash", struct pw_flow_key, struct pw_flow_value, fl
 BPF_TABLE_PINNED("percpu_array", __u32, struct pw_global, global, 1, PIN_DIR "/global");
 /* The kernel refuses an LPM trie without BPF_F_NO_PREALLOC. */
 BPF_TABLE_PINNED("lpm_trie", struct pw_lpm_key, struct pw_blacklist_value, blacklist, BLACKLIST_MAP_SIZE, PIN_DIR "/blacklist", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("array", __u32, struct pw_config, config, 1, PIN_DIR "/config");
+/* mmap-able: a replay moves the clock (pw_config.clock_ns) by a memory write, not a syscall per tick */
+BPF_TABLE_PINNED("array", __u32, struct pw_config, config, 1, PIN_DIR "/config", BPF_F_MMAPABLE);
 BPF_TABLE_PINNED("array", __u32, struct pw_meta, meta, 1, PIN_DIR "/meta");
 BPF_TABLE_PINNED("hash", struct pw_port_key, struct pw_synlimit_value, synlimit, SYNLIMIT_MAP_SIZE, PIN_DIR "/synlimit");
 
@@ -262,7 +263,7 @@ int xdp_port_flow(struct xdp_md *ctx)
     if (bv) {
         __sync_fetch_and_add(&bv->drops, 1);
         __sync_fetch_and_add(&bv->drop_bytes, frame_len);
-        bv->last_drop_ns = bpf_ktime_get_coarse_ns();   /* the value is shared by CPUs: atomics above */
+        bv->last_drop_ns = pw_now(cfg);   /* the value is shared by CPUs: atomics above */
         count(PW_G_PARSED, 1);
         count(PW_G_DROPPED, 1);
         count(PW_G_DROPPED_BYTES, frame_len);
@@ -288,7 +289,7 @@ int xdp_port_flow(struct xdp_md *ctx)
 
     count_port(g, &p, frame_len, epoch);
     count_source(g, &p, frame_len, epoch);
-    count_flow(g, &p, frame_len, bpf_ktime_get_coarse_ns());
+    count_flow(g, &p, frame_len, pw_now(cfg));
     /* counted first (the flood stays visible), then an optional per-port SYN budget */
     if (is_syn(&p) && syn_over_budget(&p)) {
         count(PW_G_SYN_LIMITED, 1);

@@ -38,10 +38,10 @@ def run(args, settings) -> int:
     from app.services.files import database_bytes
     from app.services.ops.metrics import job_metrics
 
-    settings.override("retention", "keep_days", args.keep_days)
-    keep_days = settings.retention.keep_days
+    keep_days = settings.retention.keep_days if args.keep_days is None else args.keep_days
     if not keep_days == keep_days or keep_days <= 0 or keep_days > 36500:   # NaN, zero, negative, absurd
-        raise UsageError(f"--keep-days must be a number of days above 0, got {keep_days:g}")
+        raise UsageError(f"--keep-days must be a number of days above 0 and at most 36500, got {keep_days:g}")
+    settings.override("retention", "keep_days", args.keep_days)
     db = Path(settings.general.db)
     if not db.exists():
         raise UsageError(f"database {db} does not exist: nothing to clean up (check --db)")
@@ -66,7 +66,7 @@ def run(args, settings) -> int:
     with locks.holding(settings, "cleanup", "another cleanup is running: this one does not overlap it"):
         with job_metrics(settings, "cleanup") as metrics:
             before = database_bytes(db)
-            conn = connect(db)
+            conn = connect(db, create=False)
             try:
                 rounds, packets = retention.delete_old_rounds(conn, cutoff)
                 packets += retention.delete_old_packets(conn, cutoff)

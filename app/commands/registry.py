@@ -7,7 +7,7 @@ import importlib
 
 # subcommand module names, in --help order
 COMMAND_MODULES = ["run", "collect", "evaluate", "anomalies", "blacklist", "allow", "report", "status", "top",
-                   "model", "down", "cleanup", "doctor", "install_cron", "config_cmd", "fleet"]
+                   "model", "down", "cleanup", "doctor", "install_cron", "config_cmd", "fleet", "replay", "score"]
 
 EPILOG = """exit codes: 0 ok, 1 error (status, doctor: unhealthy), 2 bad usage or input, 3 needs root,
 4 database problem, 5 kernel/BPF problem, 6 another run holds the lock, 7 missing dependency,

@@ -107,7 +107,7 @@ def run(settings: Settings, conn: sqlite3.Connection | None = None, *, clock=tim
     """
     own = conn is None
     if own:
-        conn = connect(settings.general.db)
+        conn = connect(settings.general.db, create=False)
     try:
         with locks.holding(settings, "evaluate", "another evaluation is running: wait for it to finish"):
             started = clock()
@@ -170,7 +170,7 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     now = clock()
     with conn:
         if step.new_model is not None:
-            dbe.insert_model(conn, **step.new_model)
+            dbe.insert_model(conn, **{**step.new_model, "created_at": now})    # the store's clock
         end_of = {r["id"]: r["end_time"] for r in batch}
         dbp.record_handshakes(conn, [(address, rid, end_of[rid]) for address, seen in loaded.peer_rounds.items()
                                   for rid in seen if rid in end_of])
@@ -329,6 +329,10 @@ def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, d
         log.info("model v%d judged %d windows: %d above %.4g", row["version"], len(scores), int(hot.sum()),
                  model.threshold_)
         step.pool = pool_state(model, cfg)
+        # a fleet model on a host with too few rounds for a pool has a deliberately conservative
+        # threshold (twice the largest error its rounds gave: fleet/adoption.py): it alerts at once
+        if row["origin"] == "fleet" and model.calibration_.method == "fallback":
+            step.pool["alerting"] = True
         if not step.pool["alerting"] and step.findings:
             step.pool["suppressed"] = len(step.findings)
             log.warning("model v%d: %d finding(s) not raised: its held-out pool holds %d of the %d windows the alert "
