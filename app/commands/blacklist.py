@@ -90,7 +90,7 @@ def run(args, settings) -> int:
 
 def list_entries(args, settings) -> int:
     from app.services.kernel import enforcement
-    rows, pending, summaries, dropped = [], {}, {}, 0
+    rows, pending, summaries, dropped, egress = [], {}, {}, 0, 0
     db_path = Path(settings.general.db)
     if db_path.exists():
         import sqlite3
@@ -99,8 +99,8 @@ def list_entries(args, settings) -> int:
         conn = connect(db_path, readonly=True)
         try:
             rows = queries.entries(conn, None if args.all else queries.LISTED)
-            from app.db.report_rates import drop_total
-            dropped = drop_total(conn)
+            from app.db.report_rates import drop_total, egress_drop_total
+            dropped, egress = drop_total(conn), egress_drop_total(conn)
             from app.db import anomalies
             summaries = anomalies.summaries(conn, [r["anomaly_id"] for r in rows])
             try:
@@ -120,7 +120,8 @@ def list_entries(args, settings) -> int:
         print(json_dumps(items, indent=2))
         return EXIT_OK
     total = (f"{counted(dropped, 'packet')} dropped by the blocklist in the stored rounds (every entry, "
-             "also removed and expired ones: the report's figure)")
+             "also removed and expired ones: the report's figure)"
+             + (f"; {counted(egress, 'packet')} to blocked destinations dropped in TC egress" if egress else ""))
     if not items:
         print("the blocklist is empty" + (f"; {total}" if dropped else ""))
         return EXIT_OK

@@ -20,12 +20,12 @@ import sqlite3
 import time
 from pathlib import Path
 
-from app import permissions
+from app import permissions, resources
 from app.errors import DatabaseError, NeedsRootError, UsageError
 
 log = logging.getLogger(__name__)
 
-INIT_SQL = Path(__file__).resolve().parent.parent.parent / "init.sql"
+INIT_SQL = resources.INIT_SQL
 BUSY_TIMEOUT_MS = 15000
 
 # Migration 9 (init.sql holds the same): one row per round the model judged.

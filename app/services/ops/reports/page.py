@@ -72,22 +72,24 @@ _SECTIONS = [
 
 _CSS = """body{font-family:sans-serif;margin:1.5em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
+.wide{overflow-x:auto}td:last-child{min-width:12em}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left}
-th{background:#f4f4f4}td:not(:last-child){white-space:nowrap}.empty{color:#777;font-style:italic}.nodata{font-size:1.3em;color:#a60}"""
-
+th{background:#f4f4f4}td:not(:last-child){white-space:nowrap}.empty{color:#777;font-style:italic}.nodata{font-size:1.3em;color:#a60}
+@media (max-width:600px){body{margin:.5em auto;padding:0 .6em}h1{font-size:1.3em}figure{margin:.6em 0}}"""
 
 
 def _h(value, quote: bool = True) -> str:
     """HTML text of ``value``: control characters escaped (text.inert), then HTML's own specials."""
     return html.escape(inert(str(value)), quote=quote)
 
+
 def _table(headers: list[str], rows: list[list], empty: str) -> str:
     if not rows:
         return f'<p class="empty">{_h(empty)}</p>'
     head = "".join(f"<th>{_h(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_h(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _number_text(value, digits: int = 4) -> str:
@@ -96,7 +98,8 @@ def _number_text(value, digits: int = 4) -> str:
 
 def _render_index(title: str, window: str, overview: dict | None, drawn: list[Drawn], tables: dict[str, str],
                   generated: float) -> str:
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_h(title)}</title>"
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_h(title)}</title>"
              f"<style>{_CSS}</style></head><body>",
              f"<h1>{_h(title)}</h1>",
              f"<p>Generated {_h(fmt_time(generated))}; window: {_h(window)}. "
