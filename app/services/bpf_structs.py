@@ -73,9 +73,9 @@ class PwGlobal(ctypes.Structure):          # struct pw_global
     _fields_ = [("c", ctypes.c_uint64 * 22)]  # PW_G_MAX = len(GLOBAL_NAMES)
 
 
-class PwLpmKey(ctypes.Structure):          # struct pw_lpm_key
+class PwLpmKey(ctypes.Structure):          # struct pw_lpm_key (pad: keeps trie values 8-byte aligned)
     _c_name_ = "pw_lpm_key"
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("a", PwAddr)]
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("a", PwAddr), ("pad", ctypes.c_uint8 * 4)]
 
 
 class PwBlacklistValue(ctypes.Structure):  # struct pw_blacklist_value

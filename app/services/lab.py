@@ -137,6 +137,23 @@ class Lab:
         return proc.stdout
 
 
+def prog_run(prog_pin, frame: bytes, repeat: int) -> tuple[int, float]:
+    """Run ``frame`` ``repeat`` times through the pinned program at ``prog_pin`` with
+    BPF_PROG_TEST_RUN (`bpftool prog run`): (its return code, e.g. XDP_DROP = 1, and ns per run as
+    the kernel timed the loop)."""
+    import json
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".bin") as fh:
+        fh.write(frame)
+        fh.flush()
+        out = subprocess.run(["bpftool", "-j", "prog", "run", "pinned", str(prog_pin), "data_in", fh.name,
+                              "repeat", str(repeat)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"bpftool prog run failed: {out.stderr.strip()}")
+    result = json.loads(out.stdout)
+    return int(result["retval"]), float(result["duration"])
+
+
 def _mac(ifname: str, ns: str | None = None) -> str:
     cmd = ["cat", f"/sys/class/net/{ifname}/address"]
     out = _ns(ns, *cmd) if ns else subprocess.run(cmd, check=True, capture_output=True, text=True)
