@@ -1,4 +1,4 @@
--- portwatch schema, version 10 (PRAGMA user_version): the newest schema, for a fresh database; older
+-- portwatch schema, version 11 (PRAGMA user_version): the newest schema, for a fresh database; older
 -- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
@@ -175,15 +175,20 @@ CREATE TABLE IF NOT EXISTS destination_stats (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS destination_stats_address ON destination_stats(address, round_id);
 
--- remote addresses that talked WITH this host: a two-way exchange seen in a round (TCP with the remote's
--- ACK / UDP, both directions on the same ports) or an ESTABLISHED socket the scanner saw
+-- verified peers: remote addresses that did what a blind forger cannot (app/db/peers.py): completed a
+-- handshake acknowledging this host's ISN, answered a conversation this host opened, or held an
+-- ESTABLISHED socket the scanner saw
 CREATE TABLE IF NOT EXISTS peers (
     address        TEXT PRIMARY KEY,
-    first_seen     REAL NOT NULL,            -- first two-way exchange (epoch seconds)
+    first_seen     REAL NOT NULL,            -- first proof (epoch seconds)
     last_two_way   REAL NOT NULL,            -- latest one
-    two_way_rounds INTEGER NOT NULL DEFAULT 0,  -- rounds with a two-way exchange
+    two_way_rounds INTEGER NOT NULL DEFAULT 0,  -- rounds with a proof
     last_round_id  INTEGER,
-    last_evidence  TEXT                      -- 'flows', 'established' or 'flows+established'
+    last_evidence  TEXT,                     -- the latest proof (as proof)
+    proof          TEXT,                     -- 'handshake', 'opened-tcp', 'opened-udp' or 'established'
+    ttl            INTEGER,                  -- IP TTL / hop limit of the latest proving packet
+    mac            TEXT,                     -- its source MAC ('02:00:00:00:00:02')
+    last_verified  REAL                      -- when (epoch seconds); NULL: no proof (older rows)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS peers_last ON peers(last_two_way);
 
@@ -333,6 +338,7 @@ CREATE TABLE IF NOT EXISTS blacklist_drops (
     round_id INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
     address  TEXT NOT NULL,
     drops    INTEGER NOT NULL,
+    replies  INTEGER NOT NULL DEFAULT 0,     -- answers to this host's own conversations passed in the round
     PRIMARY KEY (round_id, address)
 ) WITHOUT ROWID;
 
@@ -506,4 +512,4 @@ SELECT a.id AS anomaly_id, a.detector, a.evaluation_id,
        json_extract(s.value, '$.note') AS note
 FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE '{}' END, '$.sources') s;
 
-PRAGMA user_version = 10;
+PRAGMA user_version = 11;

@@ -88,9 +88,50 @@ struct pw_flow_value {
     __u64 bytes;
     __u64 first_seen_ns;        /* bpf_ktime_get_coarse_ns(): CLOCK_MONOTONIC_COARSE (a tick's resolution, far cheaper) */
     __u64 last_seen_ns;
-    __u32 tcp_flags;            /* OR of the TCP flag bytes seen */
+    __u32 tcp_flags;            /* OR of the TCP flag bytes seen, | PW_FLOW_REPLY (ingress flows) */
     __u32 pad;
 };
+/* an ingress flow whose packets answered a conversation this host opened (see conns): replies are
+ * never scan or flood evidence against their sender */
+#define PW_FLOW_REPLY 0x100
+
+/* conns (LRU hash, shared by CPUs; written by TC egress, read by XDP): conversations THIS host
+ * opened. Key: struct pw_flow_key as the answers arrive (src = the remote, dst = this host, sport =
+ * the remote port, dport = the local port). TCP: this host sent the SYN (isn: its sequence number);
+ * UDP: this host sent the first datagram (no inbound flow with that tuple was known then).
+ * last_out_ns: this host's latest packet on it (coarse ns); an answer is one only while the
+ * conversation has been idle less than REPLY_IDLE_SECONDS. */
+struct pw_conn_value {
+    __u64 last_out_ns;
+    __u32 isn;
+    __u32 flags;                /* PW_CONN_* */
+};
+#define PW_CONN_TCP      1
+#define PW_CONN_UDP      2
+#define PW_CONN_VERIFIED 4      /* its answer already made the remote a verified peer */
+
+/* synacks (LRU hash, shared; written by TC egress, read and deleted by XDP): the SYN-ACKs this host
+ * sent, key as the client's ACK will arrive. The ACK that acknowledges isn + 1 completes a handshake
+ * a blind forger cannot (it never saw isn). Its own map: a SYN flood evicts these, never conns. */
+struct pw_synack_value {
+    __u64 sent_ns;
+    __u32 isn;
+    __u32 pad;
+};
+
+/* verified (LRU hash, shared; written by XDP): addresses that proved they are who they say, key
+ * struct pw_addr. A packet a blind forger cannot send made it: proof PW_PROOF_*. ttl and mac are
+ * the fingerprint of that packet (IPv4 TTL / IPv6 hop limit, Ethernet source address). */
+struct pw_verified_value {
+    __u64 last_ns;              /* coarse ns of the latest proof */
+    __u64 proofs;               /* how many (atomic: the value is 8-byte aligned in a hash element) */
+    __u8  proof;                /* PW_PROOF_* of the latest */
+    __u8  ttl;
+    __u8  mac[6];
+};
+#define PW_PROOF_HANDSHAKE  1   /* its ACK acknowledged this host's SYN-ACK (ISN + 1) */
+#define PW_PROOF_OPENED_TCP 2   /* its SYN-ACK acknowledged this host's SYN (ISN + 1) */
+#define PW_PROOF_OPENED_UDP 3   /* it answered this host's datagram from the same address and port */
 
 /* blacklist key (LPM trie). The trie's data is a struct pw_addr: the family byte first, so
  * prefixlen counts 8 family bits + address bits: an IPv4 /24 is 8 + 96 + 24 = 128 (IPv4 is
@@ -116,6 +157,7 @@ struct pw_blacklist_value {
     __u64 drops;                /* packets dropped for this entry since it was added */
     __u64 drop_bytes;
     __u64 last_drop_ns;
+    __u64 replies;              /* packets passed as answers to conversations this host opened */
 };
 
 /* synlimit (hash, shared by CPUs: atomics; a hash element puts its value at round_up(key_size, 8) in
@@ -191,6 +233,9 @@ enum pw_global_index {
     PW_G_PORT_MAP_FULL,         /* a new port key could not be stored (map full) */
     PW_G_SHORT_FRAGMENTS,       /* first fragments whose L4 header is cut short (counted, port if readable) */
     PW_G_SYN_LIMITED,           /* SYNs dropped by a per-port SYN limit (not in dropped) */
+    PW_G_REPLIES,               /* answers to conversations this host opened (TC egress: conversations opened) */
+    PW_G_REPLIES_PASSED,        /* of them, from a blocked source (passed, not dropped) */
+    PW_G_VERIFIED,              /* proofs recorded in verified */
     PW_G_MAX
 };
 

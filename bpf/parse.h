@@ -74,6 +74,8 @@ struct parsed {
     __u8  nonfirst_frag;
     __u8  short_l4;         /* a first fragment whose L4 header is cut short */
     __u8  ttl;              /* IPv4 TTL / IPv6 hop limit */
+    __u32 seq;              /* TCP sequence and acknowledgement numbers, host byte order */
+    __u32 ack_seq;
 };
 
 #define PARSE_OK 0
@@ -223,6 +225,8 @@ static __always_inline int parse_l4(void *data, void *l4, void *data_end, struct
         p->dport = bpf_ntohs(th->dest);
         /* byte 13 of the TCP header holds the flags */
         p->tcp_flags = ((__u8 *)th)[13];
+        p->seq = bpf_ntohl(th->seq);
+        p->ack_seq = bpf_ntohl(th->ack_seq);
         p->l4_len -= doff;
         p->hdr_len = (__u32)(l4 - data) + doff;
         return 0;

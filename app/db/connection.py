@@ -270,8 +270,19 @@ FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE 
     10: """
 ALTER TABLE blacklist ADD COLUMN direction TEXT NOT NULL DEFAULT 'in';
 """,
+    # 11: verified peers (the proof a blind forger cannot give, and the fingerprint of the proving packet);
+    #    answers to this host's own conversations that passed a block, per entry and round. Two-way
+    #    flows an older portwatch recorded prove nothing (a forger can draw them): only sockets stay peers.
+    11: """
+ALTER TABLE peers ADD COLUMN proof TEXT;
+ALTER TABLE peers ADD COLUMN ttl INTEGER;
+ALTER TABLE peers ADD COLUMN mac TEXT;
+ALTER TABLE peers ADD COLUMN last_verified REAL;
+UPDATE peers SET proof = 'established', last_verified = last_two_way WHERE last_evidence LIKE '%established%';
+ALTER TABLE blacklist_drops ADD COLUMN replies INTEGER NOT NULL DEFAULT 0;
+""",
 }
-SCHEMA_VERSION = 1 + len(MIGRATIONS)
+SCHEMA_VERSION = max(MIGRATIONS)
 QUICK_CHECK_MAX_BYTES = 256 << 20
 _checked: set[str] = set()       # databases this process has quick_check'ed (writers check once per process)
 
@@ -415,7 +426,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             shutil.copy2(path, backup)
             log.info("backed up %s to %s before migrating", path, backup)
-        for target in range(version + 1, SCHEMA_VERSION + 1):
+        for target in sorted(t for t in MIGRATIONS if t > version):     # numbers may leave gaps
             with conn:
                 conn.executescript(MIGRATIONS[target])
                 conn.execute(f"PRAGMA user_version = {target}")

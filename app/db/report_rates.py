@@ -48,9 +48,11 @@ def busiest_ports(conn: sqlite3.Connection, since: float | None, limit: int) -> 
 
 
 def drops_by_round_and_address(conn: sqlite3.Connection, since: float | None) -> list[sqlite3.Row]:
-    """(round_id, end_time, seconds, address, drops) for every ledger drop row in the window."""
+    """(round_id, end_time, seconds, address, drops, replies) for every ledger drop row in the window
+    (replies: answers to this host's own conversations the entry passed)."""
     return conn.execute(
-        """SELECT r.id AS round_id, r.end_time, MAX(r.end_time - r.start_time, 0.001) AS seconds, bd.address, bd.drops
+        """SELECT r.id AS round_id, r.end_time, MAX(r.end_time - r.start_time, 0.001) AS seconds, bd.address, bd.drops,
+                  bd.replies
            FROM blacklist_drops bd JOIN rounds r ON r.id = bd.round_id
            WHERE r.end_time >= ? ORDER BY r.end_time, bd.address""", (_since(since),)).fetchall()
 

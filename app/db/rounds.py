@@ -81,8 +81,8 @@ def insert_global_stats(conn, round_id: int, values: dict[str, int]) -> None:
 
 
 def insert_blacklist_drops(conn, round_id: int, rows: Iterable[tuple]) -> None:
-    """rows: (address CIDR, drops in this round)."""
-    conn.executemany("INSERT INTO blacklist_drops (round_id, address, drops) VALUES (?, ?, ?)",
+    """rows: (address CIDR, drops in this round, answers to this host's conversations passed in it)."""
+    conn.executemany("INSERT INTO blacklist_drops (round_id, address, drops, replies) VALUES (?, ?, ?, ?)",
                      ((round_id, *r) for r in rows))
 
 

@@ -39,7 +39,7 @@ from app.services.bpf_structs import GLOBAL_NAMES, MAP_LAYOUT, PwConfig  # noqa:
 log = logging.getLogger(__name__)
 
 SNAPSHOT_MAPS = ("port_stats", "sources", "srcports", "flows", "global", "blacklist",
-                 "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
+                 "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global", "verified")
 EPOCH_MAPS = ("port_stats", "sources")     # per-round extremes keyed on the config epoch
 
 
@@ -289,7 +289,7 @@ class Collector:
             ("sources", g.get("source_inserts", 0)), ("srcports", g.get("srcport_inserts", 0)),
             ("flows", g.get("flow_inserts", 0)), ("eg_dests", eg.get("source_inserts", 0)),
             ("eg_flows", eg.get("flow_inserts", 0)))}
-        two_way = egress_rounds.two_way_addresses(deltas["flows"], deltas["eg_flows"])
+        two_way = egress_rounds.verified_peers(deltas["verified"])
         mode = self.load_state.mode if self.load_state else None
         values = {
             "start_time": start, "end_time": end, "counts_since": since, "interface": self.interface,
@@ -349,6 +349,7 @@ class Collector:
                                        self.settings.collector.top_flows, self.settings.collector.many_ports_threshold)
             snapshot("eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
             egress_rounds.record_peers(conn, round_id, end, two_way, seen.peers or ())
+            snapshot("verified")
             n_listeners = None
             if listeners is not None:
                 from app.db.occupancy import insert_occupancy

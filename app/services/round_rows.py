@@ -100,6 +100,6 @@ def write_flows(conn, round_id: int, flows: rounds.Delta, extras, many: set[byte
 
 
 def write_blacklist_drops(conn, round_id: int, delta: rounds.Delta) -> None:
-    """Per blacklist entry, the packets it dropped in the round."""
-    rows = [(lpm_key_text(key), d[0]) for key, d in zip(delta.keys, delta.values.tolist()) if d[0]]
+    """Per blacklist entry, the packets it dropped and the answers it passed in the round."""
+    rows = [(lpm_key_text(key), d[0], d[2]) for key, d in zip(delta.keys, delta.values.tolist()) if d[0] or d[2]]
     rounds_db.insert_blacklist_drops(conn, round_id, rows)

@@ -28,7 +28,8 @@ COUNTERS = {
     "srcports": ("packets",),
     "flows": ("packets", "bytes"),
     "global": bpf_structs.GLOBAL_NAMES,
-    "blacklist": ("drops", "drop_bytes"),
+    "blacklist": ("drops", "drop_bytes", "replies"),
+    "verified": ("proofs",),
     # TC egress (bpf/egress.c)
     "eg_ports": ("packets", "bytes", "payload_bytes", "syn"),
     "eg_dests": ("packets", "bytes", "syn"),
@@ -89,7 +90,8 @@ def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride:
                   (U32_MAX / 0 when no packet of this round was seen);
       sources:    (ttl_min, ttl_max) the same way (U32_MAX / 0: no packet this round);
       flows, eg_flows: (first_seen_ns, last_seen_ns, tcp_flags) reduced over CPUs (min, max, OR);
-      blacklist:  (last_drop_ns,).
+      blacklist:  (last_drop_ns,);
+      verified:   (proof, ttl, mac as a 48-bit integer) of the latest proof.
     """
     if n == 0:
         return empty(name, key_size)
@@ -116,6 +118,12 @@ def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride:
             extras = np.stack([first, last, flags], axis=1)
         elif name == "blacklist":
             extras = arr["last_drop_ns"].max(axis=1).reshape(n, 1)
+        elif name == "verified":
+            octets = np.frombuffer(arr["mac"][:, 0].tobytes(), dtype=np.uint8).reshape(n, 6).astype(np.uint64)
+            mac = np.zeros(n, dtype=np.uint64)
+            for i in range(6):
+                mac = (mac << np.uint64(8)) | octets[:, i]
+            extras = np.stack([arr["proof"][:, 0].astype(np.uint64), arr["ttl"][:, 0].astype(np.uint64), mac], axis=1)
     return MapReading(name, keys[: n * key_size], key_size, np.ascontiguousarray(counters, dtype=np.uint64), extras)
 
 

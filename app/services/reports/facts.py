@@ -315,11 +315,13 @@ class Blocklist:
     total_drops: int
 
 
-def drops_by_address(conn, since: float | None) -> dict[str, int]:
-    """The ledger's drops in the window per blocked address (sums to Blocklist.total_drops)."""
+def drops_by_address(conn, since: float | None, column: str = "drops") -> dict[str, int]:
+    """The ledger's drops in the window per blocked address (sums to Blocklist.total_drops); column
+    'replies': the answers to this host's own conversations each entry passed instead."""
     totals: dict[str, int] = {}
     for row in rates.drops_by_round_and_address(conn, since):
-        totals[row["address"]] = totals.get(row["address"], 0) + row["drops"]
+        if row[column]:
+            totals[row["address"]] = totals.get(row["address"], 0) + row[column]
     return totals
 
 
@@ -382,6 +384,7 @@ class Contents:
     recent_anomalies: list = field(default_factory=list)      # [(row, reason text)]
     blocklist_rows: list = field(default_factory=list)
     window_drops: dict = field(default_factory=dict)          # address -> the ledger's drops in the window
+    window_replies: dict = field(default_factory=dict)        # address -> answers it passed in the window
 
     @property
     def empty(self) -> bool:
@@ -393,6 +396,7 @@ def load_contents(conn, since: float | None, top_ports: int, max_anomaly_figures
     """The report's contents; only the overview when the window holds nothing at all."""
     contents = Contents(queries.overview(conn, since))
     contents.window_drops = drops_by_address(conn, since)
+    contents.window_replies = drops_by_address(conn, since, "replies")
     # one drop count everywhere: the ledger's rows, not the rounds' XDP counter
     contents.overview["dropped_packets"] = sum(contents.window_drops.values())
     if contents.empty:

@@ -218,15 +218,16 @@ def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_fig
         tables["contributions"] = "<p>Model anomalies without per-feature detail:</p>" + _table(
             ["anomaly", "port", "reasons"], [[a.id, a.port, (a.reasons or "-")[:200]] for a in without], "")
     if contents.blocklist_rows:
-        drops = contents.window_drops
+        drops, replies = contents.window_drops, contents.window_replies
         rows = [[b["address"], b["status"], b["origin"], fmt_time(b["created_at"]), fmt_time(b["expires_at"]),
-                 drops.get(b["address"], 0), b["reason"]] for b in contents.blocklist_rows[-MAX_TABLE_ROWS:]]
+                 drops.get(b["address"], 0), replies.get(b["address"], 0), b["reason"]]
+                for b in contents.blocklist_rows[-MAX_TABLE_ROWS:]]
         listed = {b["address"] for b in contents.blocklist_rows[-MAX_TABLE_ROWS:]}
-        rows += [[address, "-", "-", "-", "-", n, "(entry no longer listed)"]
-                 for address, n in sorted(drops.items()) if address not in listed]
-        rows.append(["total", "", "", "", "", sum(drops.values()), ""])
+        rows += [[address, "-", "-", "-", "-", drops.get(address, 0), replies.get(address, 0), "(entry no longer listed)"]
+                 for address in sorted(set(drops) | set(replies)) if address not in listed]
+        rows.append(["total", "", "", "", "", sum(drops.values()), sum(replies.values()), ""])
         tables["blocklist"] = _table(["address", "status", "origin", "created", "expires", "drops in window",
-                                      "reason"], rows, "")
+                                      "passed as replies", "reason"], rows, "")
     if occupancy.changes:
         tables["occupancy"] = _table(["time", "port", "change", "process"],
                                      [[fmt_time(c.at), c.port, c.kind, c.detail]
