@@ -32,7 +32,10 @@ def test_ctypes_mirror_sizes_match_common_h_layout():
     assert ctypes.sizeof(bpf_structs.PwFlowKey) == 48
     assert ctypes.sizeof(bpf_structs.PwFlowValue) == 40
     assert ctypes.sizeof(bpf_structs.PwLpmKey) == 28
-    assert ctypes.sizeof(bpf_structs.PwBlacklistValue) == 24
+    assert ctypes.sizeof(bpf_structs.PwBlacklistValue) == 32
+    assert ctypes.sizeof(bpf_structs.PwConnValue) == 16
+    assert ctypes.sizeof(bpf_structs.PwSynackValue) == 16
+    assert ctypes.sizeof(bpf_structs.PwVerifiedValue) == 24
     assert ctypes.sizeof(bpf_structs.PwSynlimitValue) == 40
     assert ctypes.sizeof(bpf_structs.PwDestValue) == 24
     assert ctypes.sizeof(bpf_structs.PwEgressPortValue) == 32
