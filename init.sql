@@ -231,7 +231,7 @@ CREATE TABLE IF NOT EXISTS counter_snapshots (
     round_id   INTEGER,
     program_id INTEGER,
     entries    INTEGER NOT NULL,
-    data       BLOB NOT NULL,                -- packed key/value records (app/services/rounds.py)
+    data       BLOB NOT NULL,                -- packed key/value records (app/services/collector/rounds.py)
     map_id     INTEGER,                      -- kernel id of the map read: a snapshot of another map is no baseline
     PRIMARY KEY (interface, map_name)
 ) WITHOUT ROWID;

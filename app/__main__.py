@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """`python -m app COMMAND ...` (see app/cli.py)."""
 import sys
 

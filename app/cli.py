@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete: tab completion of subcommands and options, see below)
 """The `python -m app` / `portwatch` command line: parse, configure logging, dispatch, exit code.
 
 Each subcommand lives in app/commands/<name>.py and exposes ``register(subparsers)``, which adds
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
+import os
 import sqlite3
 import sys
 
 from app import __version__
 from app import config as config_mod
-from app.errors import EXIT_DB, EXIT_ERROR, EXIT_USAGE, PortwatchError
+from app.errors import EXIT_DB, EXIT_ERROR, EXIT_PIPE, EXIT_ROOT, EXIT_USAGE, PortwatchError
 
 log = logging.getLogger("app")
 
@@ -23,8 +26,9 @@ log = logging.getLogger("app")
 COMMAND_MODULES = ["run", "collect", "evaluate", "anomalies", "blacklist", "allow", "report", "status", "top",
                    "model", "down", "cleanup", "doctor", "install_cron", "config_cmd", "fleet"]
 
-EPILOG = """exit codes: 0 ok, 1 error, 2 bad usage or input, 3 needs root, 4 database problem,
-5 kernel/BPF problem, 6 another run holds the lock, 7 missing dependency"""
+EPILOG = """exit codes: 0 ok, 1 error (status, doctor: unhealthy), 2 bad usage or input, 3 needs root,
+4 database problem, 5 kernel/BPF problem, 6 another run holds the lock, 7 missing dependency,
+141 output pipe closed (e.g. piped into head): the rest is dropped quietly"""
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -85,9 +89,41 @@ def print_config_error(exc: config_mod.ConfigError) -> None:
         print(f"  {problem}", file=sys.stderr)
 
 
+def closed_pipe() -> int:
+    """The reader of stdout went away (``status | head``): no traceback, no "Exception ignored" at
+    exit (stdout now points at /dev/null), and the exit code of a process killed by SIGPIPE."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_PIPE
+
+
+def complete(parser: argparse.ArgumentParser) -> None:
+    """Answer a shell's tab completion and exit, when the shell asked (argcomplete's _ARGCOMPLETE);
+    otherwise return at once. Installed by scripts/setup.sh for bash (register-python-argcomplete)."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    complete(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:              # --help, --version, a usage error: flush before leaving
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return closed_pipe()
+        raise done
+    except BrokenPipeError:
+        return closed_pipe()
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -96,12 +132,24 @@ def main(argv: list[str] | None = None) -> int:
         settings.override("general", "db", args.db)
     except config_mod.ConfigError as exc:
         print_config_error(exc)
+        if getattr(args, "json", False):     # `config check --json`: the verdict as data too
+            print(json.dumps({"valid": False, "config_file": args.config, "problems": list(exc.problems)}))
         return EXIT_USAGE
     configure_logging(settings.general.log_level, args.quiet, args.verbose)
     from app import permissions
     permissions.configure(settings)       # umask: nothing portwatch creates is world-readable
     try:
-        return int(args.func(args, settings) or 0)
+        code = int(args.func(args, settings) or 0)
+        sys.stdout.flush()                  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return closed_pipe()
+    except PermissionError as exc:          # a root-only file, directory or pinned map
+        if os.geteuid() == 0:
+            return _unexpected(args.command)
+        what = f": {exc.filename} is root-only" if exc.filename else ""
+        print(f"portwatch: error: '{args.command}' needs root{what}; run it with sudo", file=sys.stderr)
+        return EXIT_ROOT
     except PortwatchError as exc:
         print(f"portwatch: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -116,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         print("portwatch: interrupted", file=sys.stderr)
         return 130
     except Exception:  # a bug: keep the traceback in the log, one line for the user
-        log.exception("unexpected failure in %s", args.command)
-        print(f"portwatch: error: unexpected failure in '{args.command}' (traceback above); please report it", file=sys.stderr)
-        return EXIT_ERROR
+        return _unexpected(args.command)
+
+
+def _unexpected(command: str) -> int:
+    """A bug: the traceback goes to the log, one line to the user."""
+    log.exception("unexpected failure in %s", command)
+    print(f"portwatch: error: unexpected failure in '{command}' (traceback above); please report it", file=sys.stderr)
+    return EXIT_ERROR

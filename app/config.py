@@ -112,7 +112,7 @@ class Evaluator:
     syn_flood_syns: int = 200                    # SYNs per round on one port ...
     syn_flood_completion: float = 0.2            # ... with fewer than this share answered (non-SYN packets per SYN)
     unlistened_min_packets: int = 1              # packets in a batch to a port nothing holds
-    # what leaves the host (app/services/outbound_rules.py, dns_rules.py): these findings alert, never block
+    # what leaves the host (app/services/evaluation/outbound_rules.py, dns_rules.py): these findings alert, never block
     outbound_scan_ports: int = 25                # remote ports of one address this host opened within scan_span_seconds
     outbound_scan_addresses: int = 100           # remote addresses this host opened connections to within the span
                                                  # (a busy browser opens dozens in 5 min: set above what it does)
@@ -160,11 +160,11 @@ class Blocklist:
     manual_ttl_seconds: float = 7 * 86400.0       # `blacklist add` without --ttl
     rule_detectors: list = field(default_factory=lambda: ["port_scan", "syn_flood"])  # rule findings that block their source
     simulate: list = field(default_factory=list)  # detectors whose blocks are recorded as would-block, not enforced
-    # optional per-port SYN rate limit in XDP (app/services/synlimit.py); off unless enabled
+    # optional per-port SYN rate limit in XDP (app/services/kernel/synlimit.py); off unless enabled
     syn_limit_enabled: bool = False
     syn_limit_per_second: int = 100              # SYNs per second to one port let through; the rest are dropped
     syn_limit_ttl_seconds: float = 3600.0        # a limit expires like a block
-    egress_block_enabled: bool = False           # may destinations be blocked in TC egress (app/services/egress_block.py)
+    egress_block_enabled: bool = False           # may destinations be blocked in TC egress (app/services/kernel/egress_block.py)
     egress_detectors: list = field(default_factory=lambda: ["outbound_scan", "exfiltration", "beaconing"])
                                                  # outbound findings that block their destination (only with the switch on)
     peer_lookback_seconds: float = 86400.0       # a two-way peer within this span is never blocked on one-way evidence
@@ -228,6 +228,8 @@ class Crowdsec:
     max_pending: int = 1000                      # pushes queued while the LAPI is unreachable (oldest dropped)
     resync_seconds: float = 3600.0               # a full decision list (startup=true) at least this often
     ca_file: str = ""                            # CA bundle for an https LAPI (empty: the system's)
+    widest_prefix_ipv4: int = 16                 # a decision on a wider range (a shorter prefix) is refused
+    widest_prefix_ipv6: int = 32                 # ... and for IPv6
 
     def problems(self) -> list[str]:
         """One sentence per invalid value (empty when the section is valid or unused)."""

@@ -130,6 +130,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     "reports.top_ports": _at_least(1), "reports.max_anomaly_figures": NON_NEGATIVE,
     "reports.since": lambda v: _since(v),
     "retention.keep_days": POSITIVE,
+    "crowdsec.widest_prefix_ipv4": _between(0, 32), "crowdsec.widest_prefix_ipv6": _between(0, 128),
 }
 
 

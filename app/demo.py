@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from app.db import reports as queries
-from app.services.lab import Lab
+from app.lab import Lab
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable

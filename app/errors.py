@@ -2,7 +2,9 @@
 
 Exit codes (documented in the README):
   0 success, 1 other error, 2 bad usage or bad input, 3 needs root, 4 database problem,
-  5 kernel/BPF problem, 6 another run holds the lock, 7 missing dependency (tshark, BCC, headers).
+  5 kernel/BPF problem, 6 another run holds the lock, 7 missing dependency (tshark, BCC, headers),
+  141 the output pipe was closed (``status | head``): the rest of the output is dropped quietly, as a
+  process killed by SIGPIPE exits (128 + 13), so a ``set -o pipefail`` script sees it like any tool's.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ EXIT_DB = 4
 EXIT_BPF = 5
 EXIT_LOCKED = 6
 EXIT_DEPENDENCY = 7
+EXIT_PIPE = 141
 
 
 class PortwatchError(Exception):

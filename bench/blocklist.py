@@ -40,10 +40,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from app.services import blocklist, bpf_structs, maps  # noqa: E402
+from app.services.blocklist import blocklist  # noqa: E402
+from app.services.kernel import bpf_structs, maps  # noqa: E402
 from app.threads import collection as collector_mod  # noqa: E402
-from app.services.lab import Lab  # noqa: E402
-from app.services import egress, egress_block  # noqa: E402
+from app.lab import Lab  # noqa: E402
+from app.services.kernel import egress, egress_block  # noqa: E402
 from bench.collector import mac_bytes, prog_run_ns, settings_for, tcp_syn_frame, udp6_frame, udp_frame  # noqa: E402
 
 BENCH = "portwatch_bench"

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from app import config  # noqa: E402
 from app.threads import collection as collector_mod  # noqa: E402
-from app.services.lab import Lab, prog_run  # noqa: E402
+from app.lab import Lab, prog_run  # noqa: E402
 
 
 def settings_for(tmp: Path):

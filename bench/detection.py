@@ -1,7 +1,7 @@
 """Detection quality (issue 3): the CNN-LSTM autoencoder beside an IsolationForest and a per-port
 z-score baseline, on the same windows of one generated scenario set, in one table.
 
-Scenario (tests/services/synthetic.py, seeded): 200 benign ports (log-uniform rates, a daily-like
+Scenario (tests/services/evaluation/synthetic.py, seeded): 200 benign ports (log-uniform rates, a daily-like
 cycle, Poisson noise); 600 rounds to train on, 240 held-out normal rounds to calibrate, then 240 test
 rounds with injected
   volume spikes   one port, 1-3 rounds, packets ×5..×50 with big payloads (exfiltration / flood look)
@@ -27,9 +27,9 @@ sys.path.insert(0, str(REPO))
 from sklearn.ensemble import IsolationForest  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_score, recall_score  # noqa: E402
 
-from app.services import series  # noqa: E402
-from app.services.model import CnnLstmAutoencoder, ModelConfig, calibrate_threshold  # noqa: E402
-from app.services.series import FEATURE_INDEX as F, LevelDeviationScaler  # noqa: E402
+from app.services.evaluation import series  # noqa: E402
+from app.services.evaluation.model import CnnLstmAutoencoder, ModelConfig, calibrate_threshold  # noqa: E402
+from app.services.evaluation.series import FEATURE_INDEX as F, LevelDeviationScaler  # noqa: E402
 from tests.services.synthetic import normal_series  # noqa: E402
 
 W = 15

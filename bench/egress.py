@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 import collector as bc  # noqa: E402  (bench/collector.py: frames, prog_run_ns, blast, round cost)
-from app.services import egress  # noqa: E402
-from app.services.lab import Lab  # noqa: E402
+from app.services.kernel import egress  # noqa: E402
+from app.lab import Lab  # noqa: E402
 from app.threads import collection  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """Evaluator benchmark (issue 3): wall time and peak RSS of `python -m app evaluate` for 1,000 active
 ports × 60 rounds, TensorFlow import included, each run a fresh process (peak RSS from wait4).
 
-Two runs on one synthetic store (tests/services/synthetic.py, written through the real schema):
+Two runs on one synthetic store (tests/services/evaluation/synthetic.py, written through the real schema):
   cold    60 rounds, no model yet: rules + first fit (warm-up: trains only)
   steady  60 more rounds with a scan, a flood and a spike, warmed up: rules + scoring + explanations
           + refit from the saved weights (what the hourly cron does every hour)

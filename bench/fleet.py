@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from app import config  # noqa: E402
 from app.services.fleet.lapi import Deadline, Lapi  # noqa: E402
-from app.services.lab import Lab  # noqa: E402
+from app.lab import Lab  # noqa: E402
 from app.threads import collection  # noqa: E402
 from tests.fleet.lapi import LocalApi, unavailable_reason  # noqa: E402
 
@@ -49,11 +49,19 @@ def settings_for(tmp: Path, name: str, pin_root: Path):
     return s
 
 
-def one_round(settings, lab) -> tuple[float, float]:
+def one_round(settings, lab, takeover: bool = False) -> tuple[float, float]:
     """(wall s, CPU s) of one collector round of 0.05 s, the wait included (the same in every column)."""
     cpu, wall = time.process_time(), time.monotonic()
-    collection.run_collection(settings, lab.interface, 0.05, 1, with_threads=False)
+    collection.run_collection(settings, lab.interface, 0.05, 1, with_threads=False, takeover=takeover)
     return time.monotonic() - wall, time.process_time() - cpu
+
+
+def take_over(settings, lab) -> None:
+    """One unmeasured round in which this column's database takes the bench interface over (each column
+    has its own database, and the pins refuse a database that does not own them), CrowdSec off."""
+    url, settings.crowdsec.lapi_url = settings.crowdsec.lapi_url, ""
+    one_round(settings, lab, takeover=True)
+    settings.crowdsec.lapi_url = url
 
 
 def fill(api: LocalApi, n: int) -> None:
@@ -154,6 +162,7 @@ def main() -> int:
                 api.start()
                 fill(api, n)
                 s = settings_for(tmp, f"cs-{n}", pin)
+                take_over(s, lab)
                 s.crowdsec.lapi_url, s.crowdsec.bouncer_key = api.url, api.bouncer(f"bench-{n}")
                 s.crowdsec.max_seconds, s.crowdsec.timeout_seconds = 60.0, 60.0
                 first = one_round(s, lab)

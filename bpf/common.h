@@ -1,7 +1,7 @@
 /* portwatch: structs shared by the XDP program (bpf/port_flow.c), the TC egress program
  * (bpf/egress.c) and user space.
  *
- * Every struct read from user space has exactly one ctypes mirror in app/services/bpf_structs.py,
+ * Every struct read from user space has exactly one ctypes mirror in app/services/kernel/bpf_structs.py,
  * commented with the C name; tests/services/test_bpf_structs.py checks every field offset and
  * size against this header (compiled with the host C compiler) and against the BTF of the
  * program the kernel loaded, so the two sides cannot drift apart silently.
@@ -162,7 +162,7 @@ struct pw_blacklist_value {
 
 /* synlimit (hash, shared by CPUs: atomics; a hash element puts its value at round_up(key_size, 8) in
  * an 8-byte-aligned element, so these __u64 are aligned): an optional per-port SYN budget, set by user space
- * (app/services/synlimit.py). Key struct pw_port_key (local port, IPPROTO_TCP). TCP SYNs without
+ * (app/services/kernel/synlimit.py). Key struct pw_port_key (local port, IPPROTO_TCP). TCP SYNs without
  * ACK to that port beyond per_second in one one-second window are dropped (after being counted
  * in port_stats/sources like any packet). The entry is ignored once expires_ns (CLOCK_MONOTONIC
  * ns, bpf_ktime_get_ns) has passed; 0 = never. */
@@ -208,7 +208,7 @@ struct pw_meta {
 #define PW_META_CLSACT_ADDED 1
 
 /* global counters: one per-CPU array entry holding struct pw_global (one lookup per packet
- * instead of one per counter); index names mirrored in app/services/bpf_structs.py GLOBAL_NAMES.
+ * instead of one per counter); index names mirrored in app/services/kernel/bpf_structs.py GLOBAL_NAMES.
  * total = parsed + unparsed + non_ip. dropped is a subset of parsed. */
 enum pw_global_index {
     PW_G_TOTAL = 0,

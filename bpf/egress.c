@@ -1,7 +1,7 @@
 /* portwatch TC egress program: egress (the outbound sibling of bpf/port_flow.c)
  *
  * Hook: TC clsact egress (direct-action) of the same interface as the XDP program. Compiled in
- * the same BCC text as port_flow.c (app/services/xdp.py joins both; one compile), pinned under
+ * the same BCC text as port_flow.c (app/services/kernel/xdp.py joins both; one compile), pinned under
  * PIN_DIR with its own maps; parses with bpf/parse.h, the same rules as ingress.
  *
  * Maps (pinned under PIN_DIR; struct layouts in bpf/common.h):
@@ -24,7 +24,7 @@
  *
  * It never redirects or modifies a packet, and drops one ONLY when its destination matches an
  * entry of eg_block — empty unless user space switched egress blocking on (off by default:
- * blocklist.egress_block_enabled, app/services/egress_block.py); the empty trie is the switch, so
+ * blocklist.egress_block_enabled, app/services/kernel/egress_block.py); the empty trie is the switch, so
  * no flag can be lost between processes. A match is TC_ACT_SHOT, counted as dropped in eg_global
  * and in the entry (like the ingress blacklist). Everything else returns TC_ACT_OK.
  */

@@ -117,6 +117,14 @@ fi
 
 "$VENV/bin/python" -c 'import bcc, psutil, pyshark, pyroute2' \
   || die "the venv cannot import bcc/psutil/pyshark/pyroute2: remove .venv and run make setup again."
+# Tab completion of the `portwatch` command (argcomplete, pinned in requirements.txt) for bash:
+# bash-completion reads /etc/bash_completion.d; `ln -s $VENV/bin/portwatch /usr/local/bin/` puts
+# the command on PATH. Other shells: eval "$(.venv/bin/register-python-argcomplete --shell zsh portwatch)".
+if [ -d /etc/bash_completion.d ] && [ -x "$VENV/bin/register-python-argcomplete" ]; then
+  "$VENV/bin/register-python-argcomplete" portwatch > /etc/bash_completion.d/portwatch.tmp \
+    && mv /etc/bash_completion.d/portwatch.tmp /etc/bash_completion.d/portwatch \
+    && say "shell completion: /etc/bash_completion.d/portwatch (the portwatch command)"
+fi
 # Least privilege: what portwatch keeps (database, -wal/-shm, state dir, models, reports, logs, locks)
 # is root-only (0600/0700), or readable by general.group (0640/0750) — never world-readable. Files
 # made by an older portwatch (0644) are tightened here; `doctor` reports any that are loose again.

@@ -85,7 +85,7 @@ def lab(request):
     Cleans up the namespace, the link, attached XDP and the pins for that interface, even when
     the test fails.
     """
-    from app.services.lab import Lab
+    from app.lab import Lab
     tag = request.node.name.replace("test_", "")
     # Parallel runs on one machine (helpers, bench) each take their own band of 198.18.<n>.0/24:
     # PW_TEST_SUBNETS="40-79" (default 20-219).

@@ -1,9 +1,9 @@
 """In-memory stand-ins for the kernel side, so service logic runs without root (tests only).
 
-``FakePinnedMap`` has the interface of app.services.maps.PinnedMap (name, path, info, percpu, ncpu,
+``FakePinnedMap`` has the interface of app.services.kernel.maps.PinnedMap (name, path, info, percpu, ncpu,
 value_stride, record_size, items, lookup, count, update, delete, close, context manager) over a dict,
 with the layout of bpf_structs.MAP_LAYOUT[name] and the kernel's semantics where services rely on
-them (tests/services/test_maps.py checks the fake against real pinned maps): per-CPU values are one
+them (tests/services/kernel/test_maps.py checks the fake against real pinned maps): per-CPU values are one
 slot per CPU padded to 8 bytes; an LRU map evicts its least recently INSERTED key when full (the
 kernel's LRU is approximate anyway); a plain hash map or the LPM trie refuses a new key when full
 (BpfError "is full"); an array map holds ``max_entries`` zeroed entries and refuses deletes; LPM
@@ -25,11 +25,11 @@ import os
 from pathlib import Path
 
 from app.errors import BpfError
-from app.services import bpf_structs
-from app.services.bpf_structs import (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE,
+from app.services.kernel import bpf_structs
+from app.services.kernel.bpf_structs import (BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE,
                                       BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_PERCPU_HASH, MAP_LAYOUT,
                                       PERCPU_TYPES)
-from app.services.maps import BPF_ANY, BPF_EXIST, BPF_NOEXIST, MapInfo
+from app.services.kernel.maps import BPF_ANY, BPF_EXIST, BPF_NOEXIST, MapInfo
 
 ARRAY_TYPES = {BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY}
 PLAIN_HASH_TYPES = {BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_HASH}
@@ -154,6 +154,6 @@ class FakePinnedMap:
 
 
 def fake_maps(ncpu: int = 2, **max_entries: int) -> dict[str, FakePinnedMap]:
-    """The maps app.services.maps.open_maps opens, as fakes (``flows=8`` sets a size)."""
+    """The maps app.services.kernel.maps.open_maps opens, as fakes (``flows=8`` sets a size)."""
     names = ("port_stats", "sources", "srcports", "flows", "global", "blacklist", "config")
     return {name: FakePinnedMap(name, ncpu, max_entries.get(name)) for name in names}

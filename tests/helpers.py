@@ -1,5 +1,5 @@
 """Helpers shared by kernel tests: settings for a tmp database, one collection on a lab, and the
-blocklist tests' fixtures (tests/services/test_{blocklist,decisions,enforcement}.py,
+blocklist tests' fixtures (tests/services/blocklist/test_{blocklist,decisions,enforcement}.py,
 tests/commands/test_blacklist.py): stored findings, ledger events, the real pinned map.
 
 Blocklist tests pin under their OWN root (``pin_root`` fixture) rather than /sys/fs/bpf/portwatch:
@@ -91,7 +91,7 @@ def add_evaluation(conn, findings: list, at: float | None = None) -> list:
 def finding(detector="port_scan", source=None, port=None, protocol="tcp", sources=(), score=1.0, threshold=0.5,
             first_round_id=1, last_round_id=1, summary="", **details):
     """A findings.Finding for decision tests; ``sources``: addresses, or (address, share) pairs, or Source."""
-    from app.services.findings import Finding, Source
+    from app.services.evaluation.findings import Finding, Source
     named = [s if isinstance(s, Source) else Source(s) if isinstance(s, str) else Source(s[0], share=s[1])
              for s in sources]
     return Finding(detector, None, port, protocol if port is not None else None, first_round_id, last_round_id,
@@ -162,8 +162,8 @@ def loaded(lab, tmp_path, pin_root, **blocklist_keys):
 
 def map_drops(pdir, cidr) -> int | None:
     """The drop counter of ``cidr``'s entry in the pinned blacklist map, None when it has none."""
-    from app.services import bpf_structs, maps
-    from app.services.blocklist import parse_network
+    from app.services.kernel import bpf_structs, maps
+    from app.services.blocklist.blocklist import parse_network
     with maps.PinnedMap(pdir / "blacklist") as m:
         raw = m.lookup(bpf_structs.lpm_key(parse_network(cidr)))
     return None if raw is None else bpf_structs.PwBlacklistValue.from_buffer_copy(raw[:ctypes.sizeof(bpf_structs.PwBlacklistValue)]).drops

@@ -90,6 +90,7 @@ def fill_database(path: str | Path, end: float, rounds: int = 180, interface: st
         def rid_at(index: int) -> int:
             return ids["rounds"][max(0, min(index, rounds - 1))]
         model_path = str(Path(path).parent / "models" / "v1")
+        write_model_config(model_path)
         conn.execute("INSERT INTO models (version, created_at, path, threshold, train_windows, status)"
                      " VALUES (1, ?, ?, 0.05, 300, 'active')", (end - 2.5 * HOUR, model_path))
         e1 = conn.execute("INSERT INTO evaluations (started_at, finished_at, first_round_id, last_round_id,"
@@ -100,7 +101,7 @@ def fill_database(path: str | Path, end: float, rounds: int = 180, interface: st
                           " model_version, threshold, windows, anomalies, duration_s, status)"
                           " VALUES (?, ?, ?, ?, 1, 0.06, 60, 3, 5.0, 'ok')",
                           (end - 0.5 * HOUR, end - 0.5 * HOUR + 5, rid_at(attack_from), last)).lastrowid
-        # the shape app/services/evaluation.py writes for a model anomaly
+        # the shape app/services/evaluation/evaluation.py writes for a model anomaly
         reasons = {"port": 22, "protocol": "tcp", "model_version": 1, "score": 0.42, "threshold": 0.06,
                    "features": [
                        {"feature": "syn", "observed": 0.95, "reconstructed": 0.05, "error": 0.81, "share": 0.61},
@@ -141,3 +142,12 @@ def fill_database(path: str | Path, end: float, rounds: int = 180, interface: st
                      " 'remove', 'manual')", (end - 1 * HOUR,))
     conn.close()
     return ids
+
+
+def write_model_config(directory: str) -> None:
+    """The config.json a loadable model directory holds (what `status` and `model list` read; no weights)."""
+    from app.services.evaluation.model import FORMAT, FORMAT_VERSION
+    from app.services.evaluation.series import FEATURES
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / "config.json").write_text(json.dumps(
+        {"format": FORMAT, "format_version": FORMAT_VERSION, "config": {"features": list(FEATURES)}}))

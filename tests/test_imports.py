@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_collector_import_closure_has_no_tensorflow_matplotlib_or_bcc():
     code = ("import sys; import app.port_collector; from app.cli import build_parser; build_parser(); "
-            "import app.threads.collection, app.services.collector, app.commands.collect; "
+            "import app.threads.collection, app.services.collector.collector, app.commands.collect; "
             "heavy = [m for m in ('tensorflow', 'keras', 'matplotlib', 'bcc', 'sklearn') if m in sys.modules]; "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)

@@ -36,7 +36,7 @@ def register(sub) -> None:
 
 def run(args, settings) -> int:
     from app.db.connection import connect
-    from app.services import allowlist, enforcement
+    from app.services.blocklist import allowlist, enforcement
     if args.action == "list":
         conn = connect(settings.general.db, readonly=True) if Path(settings.general.db).exists() else None
         try:

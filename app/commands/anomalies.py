@@ -1,4 +1,4 @@
-"""`python -m app anomalies list|show`: the findings, explained (app/services/explain.py).
+"""`python -m app anomalies list|show`: the findings, explained (app/services/evaluation/explain.py).
 
 Exit codes: 0 ok; 2 bad --since, unknown id or detector; 4 missing or corrupt database.
 """
@@ -58,8 +58,8 @@ def _since(text: str) -> float | None:
 def run(args, settings) -> int:
     from app.db import anomalies as queries
     from app.db.connection import connect
-    from app.services import explain
-    from app.services.findings import Finding
+    from app.services.evaluation import explain
+    from app.services.evaluation.findings import readable_row
     if args.action == "show":
         text = args.id.strip()
         if not text.isdigit():
@@ -73,7 +73,7 @@ def run(args, settings) -> int:
             if row is None:
                 raise UsageError(f"there is no finding {int(text)}: `python -m app anomalies list --since all` "
                                  "shows the ids")
-            explained = explain.explain(conn, Finding.from_row(row), settings)
+            explained = explain.explain(conn, readable_row(row), settings)
             if args.json:
                 print(json.dumps(explained, indent=2, default=str))
             else:
@@ -83,7 +83,7 @@ def run(args, settings) -> int:
             known = ", ".join(queries.detectors(conn)) or "none yet"
             raise UsageError(f"no finding has detector {args.detector!r} (stored detectors: {known})")
         rows = queries.anomalies(conn, since, args.detector, LIMIT)
-        findings = [Finding.from_row(r) for r in rows]
+        findings = [readable_row(r) for r in rows]
         items = [{"id": f.id, "detector": f.detector, "created_at": r["created_at"], "updated_at": r["updated_at"],
                   "rounds": [f.first_round_id, f.last_round_id], "port": f.port, "protocol": f.protocol,
                   "source": f.source, "score": f.score, "threshold": f.threshold,

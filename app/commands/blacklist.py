@@ -8,6 +8,7 @@ from pathlib import Path
 
 from app.cli import add_command
 from app.errors import EXIT_OK, NeedsRootError, UsageError
+from app.services.text import counted
 
 DESCRIPTION = """The blocklist: the `blacklist` table in the database is the truth, the pinned XDP map of
 every watched interface enforces it (blocked sources' packets are dropped before the network stack).
@@ -51,7 +52,7 @@ def run(args, settings) -> int:
         return list_entries(args, settings)
     from app.db.connection import connect
     from app.durations import flag
-    from app.services import blocklist, enforcement
+    from app.services.blocklist import blocklist, enforcement
     ttl = flag("--ttl", getattr(args, "ttl", None), maximum=settings.blocklist.max_ttl_seconds)
     if "%" in getattr(args, "address", ""):
         raise UsageError(f"{args.address} carries a zone (%...): the blocklist holds addresses without zones, "
@@ -86,8 +87,8 @@ def run(args, settings) -> int:
 
 
 def list_entries(args, settings) -> int:
-    from app.services import enforcement
-    rows, pending, summaries, replies = [], {}, {}, {}
+    from app.services.blocklist import enforcement
+    rows, pending, summaries, dropped, replies = [], {}, {}, 0, {}
     db_path = Path(settings.general.db)
     if db_path.exists():
         import sqlite3
@@ -96,6 +97,8 @@ def list_entries(args, settings) -> int:
         conn = connect(db_path, readonly=True)
         try:
             rows = queries.entries(conn, None if args.all else queries.LISTED)
+            from app.db.report_rates import drop_total
+            dropped = drop_total(conn)
             from app.db import anomalies
             summaries = anomalies.summaries(conn, [r["anomaly_id"] for r in rows])
             try:
@@ -119,8 +122,10 @@ def list_entries(args, settings) -> int:
     if args.json:
         print(json.dumps(items, indent=2))
         return EXIT_OK
+    total = (f"{counted(dropped, 'packet')} dropped by the blocklist in the stored rounds (every entry, "
+             "also removed and expired ones: the report's figure)")
     if not items:
-        print("the blocklist is empty")
+        print("the blocklist is empty" + (f"; {total}" if dropped else ""))
         return EXIT_OK
     header = ("ADDRESS", "DIR", "STATUS", "EXPIRES", "DROPS", "REPLIES", "OFFENCES", "ORIGIN", "FINDING", "REASON")
     table = [header] + [(i["address"], i["direction"], i["status"], _when(i["expires_at"]), str(i["drops"]),
@@ -130,6 +135,7 @@ def list_entries(args, settings) -> int:
     widths = [max(len(row[c]) for row in table) for c in range(len(header) - 1)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    print(total)
     if any(i["replies_passed"] for i in items):
         print("REPLIES: answers to conversations this host opened, passed although the source is blocked")
     if any(i["anomaly_id"] is not None for i in items):

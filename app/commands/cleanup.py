@@ -11,6 +11,7 @@ Exit codes: 0 done; 2 bad --keep-days; 4 database problem; 6 another cleanup is 
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def register(sub) -> None:
     parser.add_argument("--keep-days", type=float, metavar="D",
                         help="keep this many days of rounds (default: retention.keep_days = 14)")
     parser.add_argument("--dry-run", action="store_true", help="count what would be deleted, change nothing")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (counts, cutoff, sizes)")
     parser.set_defaults(func=run)
 
 
@@ -34,7 +36,7 @@ def run(args, settings) -> int:
     from app.db.connection import connect
     from app.errors import UsageError
     from app.services.files import database_bytes
-    from app.services.metrics import job_metrics
+    from app.services.ops.metrics import job_metrics
 
     settings.override("retention", "keep_days", args.keep_days)
     keep_days = settings.retention.keep_days
@@ -52,6 +54,10 @@ def run(args, settings) -> int:
             counts = retention.count_old(conn, cutoff)
         finally:
             conn.close()
+        if args.json:
+            print(json.dumps({"dry_run": True, "keep_days": keep_days, "cutoff": cutoff,
+                              "rounds": counts["rounds"], "packets": counts["packets"]}))
+            return 0
         print(f"would delete {counts['rounds']} rounds and {counts['packets']} sniffer packets "
               f"older than {cutoff_text} ({keep_days:g} days)")
         return 0
@@ -70,6 +76,10 @@ def run(args, settings) -> int:
                 conn.close()
             after = database_bytes(db)
             metrics.update(deleted_rounds=rounds, deleted_packets=packets, database_bytes=after)
+    if args.json:
+        print(json.dumps({"dry_run": False, "keep_days": keep_days, "cutoff": cutoff, "rounds": rounds,
+                          "packets": packets, "bytes_before": before, "bytes_after": after, "vacuum": how}))
+        return 0
     print(f"deleted {rounds} rounds and {packets} sniffer packets older than {cutoff_text} ({keep_days:g} days); "
           f"database {before / 1048576:.1f} MiB -> {after / 1048576:.1f} MiB ({how} vacuum)")
     return 0

@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--rounds", type=int, help="rounds to collect, 0 = until stopped (default: collector.rounds, 1)")
     p.add_argument("--no-sniffer", action="store_true", help="skip the pyshark sniffer")
     p.add_argument("--no-scanner", action="store_true", help="skip the occupancy scanner")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per round on stdout (JSON Lines); the start line goes to stderr")
     p.add_argument("--takeover", action="store_true",
                    help="move the interface to this database when another database enforces it")
     p.set_defaults(func=run)
@@ -37,9 +39,18 @@ def start_line(collector, settings) -> str:
             f"({program}), database {settings.general.db}")
 
 
+def _round_printer(as_json: bool, show: bool):
+    """What each finished round prints: its line, or (--json) its summary as one JSON object."""
+    if as_json:
+        import dataclasses
+        import json
+        return lambda s: print(json.dumps(dataclasses.asdict(s), sort_keys=True), flush=True)
+    return (lambda s: print(s.line(), flush=True)) if show else None
+
+
 def run(args, settings) -> int:
     from app.errors import UsageError
-    from app.services import host, xdp
+    from app.services import host
     from app.threads.collection import run_collection
     settings.override("collector", "round_seconds", args.round_seconds)
     settings.override("collector", "rounds", args.rounds)
@@ -51,15 +62,14 @@ def run(args, settings) -> int:
         raise UsageError("--round-seconds and --rounds must not be negative")
     settings.override("general", "interface", args.interface)
     interface = settings.general.interface or host.default_interface()
-    from app.services.metrics import job_metrics
+    from app.services.ops.metrics import job_metrics
     show = not getattr(args, "quiet", False)
-    if show and sys.stderr.isatty() and not (xdp.pin_dir(settings, interface) / "prog").exists():
-        print(f"compiling and attaching the XDP program on {interface} (first run on this interface: "
-              "a few seconds)...", file=sys.stderr, flush=True)
     with job_metrics(settings, "collector") as values:
         summaries = run_collection(settings, interface, settings.collector.round_seconds, settings.collector.rounds,
-                                   on_round=(lambda s: print(s.line(), flush=True)) if show else None,
-                                   on_start=(lambda c: print(start_line(c, settings), flush=True)) if show else None,
+                                   on_round=_round_printer(args.json, show),
+                                   on_start=(lambda c: print(start_line(c, settings), flush=True,
+                                                             file=sys.stderr if args.json else sys.stdout))
+                                   if show else None,
                                    takeover=getattr(args, "takeover", False))
         values["rounds"] = len(summaries)
         values["packets"] = sum(s.packets for s in summaries)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from urllib.parse import urlsplit
 
-from app.cli import add_command, common_options
+from app.cli import add_command
 
 DESCRIPTION = """Show the effective configuration: every key as section.key = value, with where the value
 came from (default, file:<path>, env:<NAME>, command line). Every key can be set in the TOML file
@@ -55,14 +55,16 @@ def _text(value) -> str:
 def register(sub) -> None:
     parser = add_command(sub, "config", "show or check the effective configuration", DESCRIPTION)
     actions = parser.add_subparsers(dest="config_action", metavar="ACTION")
-    show = actions.add_parser("show", help="print every setting, its value and where it came from",
-                              description="Print every setting (section.key = value) and its source.",
-                              parents=[common_options()])
+    show = add_command(actions, "show", "print every setting, its value and where it came from",
+                       "Print every setting (section.key = value) and its source (default, file, env, "
+                       "command line); secrets masked.")
     show.add_argument("--json", action="store_true", help="print one JSON object")
     show.set_defaults(func=run_show)
-    check = actions.add_parser("check", help="load the configuration and report problems (exit 2 if any)",
-                               description="Load the config file and PORTWATCH_* variables; exit 0 when valid.",
-                               parents=[common_options()])
+    check = add_command(actions, "check", "load the configuration and report problems (exit 2 if any)",
+                        "Load the config file and PORTWATCH_* variables; report every problem at once with its "
+                        "key and file (exit 2), or exit 0 when valid.")
+    check.add_argument("--json", action="store_true",
+                       help='print one JSON object: {"valid": true|false, "config_file", "problems": [...]}')
     check.set_defaults(func=run_check)
     parser.set_defaults(func=run_missing, config_parser=parser)
 
@@ -88,6 +90,10 @@ def run_show(args, settings) -> int:
 
 def run_check(args, settings) -> int:
     changed = sum(1 for r in effective(settings) if r["source"] != "default")
+    if getattr(args, "json", False):      # an invalid configuration never gets here: app/cli.py prints that
+        print(json.dumps({"valid": True, "config_file": settings.config_path, "problems": [],
+                          "set_outside_defaults": changed}))
+        return 0
     print(f"configuration is valid ({settings.config_path or 'no config file'}; {changed} value(s) set "
           "outside the defaults)")
     return 0

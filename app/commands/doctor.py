@@ -3,7 +3,7 @@
 Checks: root, kernel BPF support, bpffs mounted, kernel headers for BCC, BCC's Python module,
 iproute2, tshark and cron, free disk under the database, the venv's imports, the database, the
 modes of what portwatch keeps (never world-readable; ``--fix-modes`` tightens them), and once a
-database exists the health checks ``status`` exits on (app/services/health.py: 'health <name>').
+database exists the health checks ``status`` exits on (app/services/ops/health.py: 'health <name>').
 Each result is ok, warn (portwatch runs with less: e.g. no tshark means no DNS names) or FAIL
 (an essential piece is missing). Exit code: 0 when nothing essential fails, else the code of the
 first failed essential check (1 a health check, 3 root, 4 database, 5 kernel/BPF, 7 missing dependency).
@@ -163,7 +163,7 @@ def check_modules() -> list[Check]:
 
 def check_database(db: Path) -> Check:
     from app.db.connection import check_integrity, connect
-    from app.errors import PortwatchError
+    from app.errors import EXIT_ROOT, NeedsRootError, PortwatchError
     if not db.exists():
         return Check("database", "warn", f"{db} does not exist yet", "run python -m app collect once")
     try:
@@ -172,6 +172,8 @@ def check_database(db: Path) -> Check:
             result = check_integrity(conn)
         finally:
             conn.close()
+    except NeedsRootError as exc:
+        return Check("database", "FAIL", str(exc), "run it as root: sudo .venv/bin/python -m app doctor", EXIT_ROOT)
     except PortwatchError as exc:
         return Check("database", "FAIL", str(exc), "restore a backup or move the file aside", EXIT_DB)
     except Exception as exc:     # sqlite3.DatabaseError during the check itself
@@ -183,11 +185,11 @@ def check_database(db: Path) -> Check:
 
 
 def check_health(settings) -> list[Check]:
-    """app/services/health.py's checks (what ``status`` exits on), as 'health <name>' rows: a failed
+    """app/services/ops/health.py's checks (what ``status`` exits on), as 'health <name>' rows: a failed
     one is FAIL (exit 1). Left out while the database does not exist or fails its integrity check
     (the database row says so already)."""
     from app.errors import EXIT_ERROR
-    from app.services import health
+    from app.services.ops import health
     try:
         result = health.check(settings)
     except Exception as exc:          # a corrupt database: check_database reports it
@@ -219,7 +221,7 @@ def run_checks(settings) -> list[Check]:
     checks.append(check_modes(settings))
     if db.exists() and checks[-2].status != "FAIL":
         checks += check_health(settings)
-    from app.services.pin_owner import problems as xdp_problems   # unfinished loads, leftover programs (issue 10)
+    from app.services.kernel.pin_owner import problems as xdp_problems   # unfinished loads, leftover programs (issue 10)
     checks += [Check(f"xdp {name}", "warn", text, f"python -m app down --interface {name}")
                for name, text in xdp_problems(settings.general.pin_root)]
     return checks

@@ -13,7 +13,7 @@ def register(sub) -> None:
 
 
 def run(args, settings) -> int:
-    from app.services import teardown
+    from app.services.collector import teardown
     done = teardown.down(settings, args.interface)
     print("; ".join(done) if done else f"nothing of portwatch's was attached to or pinned for {args.interface}")
     return 0

@@ -7,6 +7,7 @@ Exit codes: 0 done (anomalies or not); 4 database problem; 6 another evaluation 
 """
 from __future__ import annotations
 
+import json
 import sys
 
 from app.cli import add_command
@@ -20,15 +21,20 @@ sources behind findings are blocked (blocklist), alerts go out, metrics and a re
 
 def register(sub) -> None:
     parser = add_command(sub, "evaluate", "evaluate the rounds not yet evaluated (rules + model)", DESCRIPTION)
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (the evaluation, its findings, block decisions, report)")
     parser.set_defaults(func=run)
 
 
 def run(args, settings) -> int:
-    from app.services import evaluation_job
+    from app.services import jobs
     if sys.stderr.isatty():      # a person is watching: the model's training can take minutes
         print(f"evaluating the rounds not yet judged in {settings.general.db} (training the model can take a few "
               "minutes)...", file=sys.stderr, flush=True)
-    result = evaluation_job.run(settings)
+    result = jobs.run(settings)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, default=str))
+        return 0
     for line in result.lines():
         print(line, flush=True)
     return 0

@@ -6,7 +6,7 @@ node     this host's Flower SuperNode in the foreground (run it as a service); i
          weights on this host's normal windows and adopts the result as a model version 'fleet'.
 status   this host's model versions by origin, the coordinator's record when this is the coordinator,
          and the CrowdSec sync (pulled, pushed, pending); --json prints one object. Also written to
-         the metrics textfile (metrics.textfile_dir; see app/services/metrics.py, portwatch_fleet_*).
+         the metrics textfile (metrics.textfile_dir; see app/services/ops/metrics.py, portwatch_fleet_*).
 
 Exit codes: 0 ok; 2 bad [fleet] settings; 7 Flower missing; 1 a federation that did not finish.
 """
@@ -15,19 +15,36 @@ from __future__ import annotations
 import json
 import time
 
-from app.cli import add_command, common_options
+from app.cli import add_command
+
+
+DESCRIPTION = """Many hosts, one model (Flower) and one blocklist (CrowdSec).
+
+  serve [--once] [--rounds N]   the coordinator: Flower's SuperLink (TLS from [fleet]) and a federation
+                                now and every fleet.interval_seconds; --once: one federation, then exit
+  node                          this host's SuperNode in the foreground (run it as a service): trains the
+                                fleet's weights on this host's normal windows, adopts the result
+  status [--json]               model versions by origin, the coordinator's record, the CrowdSec sync
+
+Exit codes specific to fleet: 2 bad [fleet] settings; 7 Flower missing; 1 a federation that did not finish."""
 
 
 def register(sub) -> None:
-    parser = add_command(sub, "fleet", "federated model (Flower) and shared blocklist (CrowdSec)",
-                         "Coordinator, per-host node and state of the fleet.")
+    parser = add_command(sub, "fleet", "federated model (Flower) and shared blocklist (CrowdSec)", DESCRIPTION)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    serve = actions.add_parser("serve", help="the coordinator: SuperLink + federations", parents=[common_options()])
+    serve = add_command(actions, "serve", "the coordinator: SuperLink + federations",
+                        "Run the coordinator: Flower's SuperLink and a federation now and every "
+                        "fleet.interval_seconds, until stopped (or one federation with --once).")
     serve.add_argument("--once", action="store_true", help="one federation, then exit")
-    serve.add_argument("--rounds", type=int, help="federation rounds (default: fleet.rounds)")
-    actions.add_parser("node", help="this host's SuperNode (foreground)", parents=[common_options()])
-    status = actions.add_parser("status", help="model origins, coordinator record, CrowdSec sync",
-                                parents=[common_options()])
+    serve.add_argument("--rounds", type=int, metavar="N", help="federation rounds (default: fleet.rounds)")
+    add_command(actions, "node", "this host's SuperNode (foreground)",
+                "Run this host's Flower SuperNode in the foreground (a service: install-cron --systemd "
+                "--fleet-node). It trains the fleet's weights on this host's windows no detector flagged and "
+                "adopts each federation's result as a model version with origin 'fleet'.")
+    status = add_command(actions, "status", "model origins, coordinator record, CrowdSec sync",
+                         "This host's model versions by origin, the coordinator's record when this host is the "
+                         "coordinator, whether the SuperLink answers, and the CrowdSec sync (pulled, pushed, "
+                         "pending). Also written to the metrics textfile when metrics.textfile_dir is set.")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
 

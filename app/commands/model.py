@@ -13,56 +13,89 @@ Exit codes: 0 done; 2 unknown or pruned version; 4 database problem.
 """
 from __future__ import annotations
 
+import json
 import time
 
-from app.cli import add_command, common_options
+from app.cli import add_command
+
+
+LEGEND = """columns: threshold = the reconstruction error above which a window is anomalous (scaled units);
+  change = its move at this refit (x1.8 up, /2 down; * held to evaluator.threshold_max_change; - first fit);
+  pool = held-out windows / windows the alert budget needs (! = not alerting yet: too few to calibrate);
+  windows = training windows; budget/d = false alerts a day allowed (evaluator alert budget);
+  held-out/d = false alerts a day measured on held-out normal windows; loadable = this portwatch can load it"""
+
+DESCRIPTION = f"""List the evaluator's model versions (newest first) with their threshold history, or make an
+earlier version active again (the next evaluation scores with it and refits from it).
+
+  list [--json]       every version: created, status, origin (local or fleet), parent, threshold, ...
+  rollback VERSION    make VERSION the active model
+
+{LEGEND}"""
 
 
 def register(sub) -> None:
-    parser = add_command(sub, "model", "list model versions or roll back to one",
-                         "List the evaluator's model versions, or make an earlier one active again.")
+    parser = add_command(sub, "model", "list model versions or roll back to one", DESCRIPTION)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    actions.add_parser("list", help="model versions, newest first", parents=[common_options()])
-    back = actions.add_parser("rollback", help="make VERSION the active model again", parents=[common_options()])
+    p = add_command(actions, "list", "model versions, newest first (a legend follows the table)")
+    p.add_argument("--json", action="store_true", help="print a JSON array (one object per version)")
+    back = add_command(actions, "rollback", "make VERSION the active model again")
     back.add_argument("version", type=int, metavar="VERSION")
     parser.set_defaults(func=run)
 
 
 def run(args, settings) -> int:
     from app.db.connection import connect
-    from app.services import model_versions
-    from app.services.model_versions import threshold_history
-    conn = connect(settings.general.db)
-    try:
-        if args.action == "rollback":
+    from app.services.evaluation import model_versions
+    if args.action == "rollback":
+        conn = connect(settings.general.db)
+        try:
             undone = model_versions.rollback(conn, args.version)
-            extra = f"; rolled back v{', v'.join(map(str, undone))}" if undone else ""
-            print(f"model v{args.version} is active again{extra}.")
-            return 0
+        finally:
+            conn.close()
+        extra = f"; rolled back v{', v'.join(map(str, undone))}" if undone else ""
+        print(f"model v{args.version} is active again{extra}.")
+        return 0
+    conn = connect(settings.general.db, readonly=True)      # a listing never creates or migrates a database
+    try:
         rows = model_versions.list_models(conn)
     finally:
         conn.close()
-    if not rows:
+    items = [_item(r) for r in rows]
+    if args.json:
+        print(json.dumps(items, indent=2, sort_keys=True))
+        return 0
+    if not items:
         print("no model versions yet: the first evaluation with traffic trains one (python -m app evaluate).")
         return 0
-    from app.services.model import not_loadable
-    why = {r["version"]: ("pruned" if r["status"] == "pruned" else not_loadable(r["path"])) for r in rows}
     print(f"{'version':>7}  {'created (UTC)':16}  {'status':11}  {'origin':6}  {'parent':>6}  {'threshold':>10}  "
           f"{'change':>7}  {'pool':>11}  {'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  {'loadable':8}  path")
-    for r in rows:
-        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created_at"]))
-        threshold = f"{r['threshold']:.4g}" if r["threshold"] is not None else "-"
-        budget = f"{r['budget_per_day']:g}" if r["budget_per_day"] is not None else "-"
-        rate = f"{r['held_out_rate_per_day']:.2f}" if r["held_out_rate_per_day"] is not None else "-"
-        parent = str(r["parent_version"]) if r["parent_version"] is not None else "-"
-        origin = r["origin"] if "origin" in r.keys() else "local"
-        step = threshold_history(r)
-        change, pool = step["change"], step["pool"]
-        print(f"{r['version']:>7}  {created:16}  {r['status']:11}  {origin:6}  {parent:>6}  {threshold:>10}  "
-              f"{change:>7}  {pool:>11}  {r['train_windows'] or 0:>7}  {budget:>8}  {rate:>10}  "
-              f"{'no' if why[r['version']] else 'yes':8}  {r['path']}")
-    for version, reason in why.items():
-        if reason and reason != "pruned":
-            print(f"v{version} is not loadable as the current model: {reason}")
+    for i in items:
+        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(i["created_at"]))
+        threshold = f"{i['threshold']:.4g}" if i["threshold"] is not None else "-"
+        budget = f"{i['budget_per_day']:g}" if i["budget_per_day"] is not None else "-"
+        rate = f"{i['held_out_rate_per_day']:.2f}" if i["held_out_rate_per_day"] is not None else "-"
+        parent = str(i["parent_version"]) if i["parent_version"] is not None else "-"
+        print(f"{i['version']:>7}  {created:16}  {i['status']:11}  {i['origin']:6}  {parent:>6}  {threshold:>10}  "
+              f"{i['change']:>7}  {i['pool']:>11}  {i['train_windows'] or 0:>7}  {budget:>8}  {rate:>10}  "
+              f"{'yes' if i['loadable'] else 'no':8}  {i['path']}")
+    for i in items:
+        if i["not_loadable"] and i["not_loadable"] != "pruned":
+            print(f"v{i['version']} is not loadable as the current model: {i['not_loadable']}")
+    print(LEGEND)
     return 0
 
+
+def _item(row) -> dict:
+    """One version as ``list --json`` prints it (and the table shows)."""
+    from app.services.evaluation.model import not_loadable
+    from app.services.evaluation.model_versions import threshold_history
+    why = "pruned" if row["status"] == "pruned" else not_loadable(row["path"])
+    step = threshold_history(row)
+    keys = row.keys()
+    return {"version": row["version"], "created_at": row["created_at"], "status": row["status"],
+            "origin": row["origin"] if "origin" in keys else "local", "parent_version": row["parent_version"],
+            "threshold": row["threshold"], "change": step["change"], "pool": step["pool"],
+            "train_windows": row["train_windows"], "budget_per_day": row["budget_per_day"],
+            "held_out_rate_per_day": row["held_out_rate_per_day"], "loadable": not why,
+            "not_loadable": why or None, "path": row["path"]}

@@ -27,12 +27,14 @@ def register(sub) -> None:
                         help="start of the window: ISO date/time (UTC unless a zone is given), a span back "
                              "from now such as 30m, 24h, 7d, or 'all' (default: reports.since)")
     parser.add_argument("--top-ports", type=int, metavar="N", help="ports with a series figure (default: reports.top_ports)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: the index path and report.json's content (figures, counts, drops)")
     parser.set_defaults(func=run)
 
 
 def run(args, settings) -> int:
     from app.errors import UsageError
-    from app.services.reports import parse_since, write_report
+    from app.services.ops.reports import parse_since, write_report
     settings.override("reports", "out_dir", args.out)
     settings.override("reports", "since", args.since)
     settings.override("reports", "top_ports", args.top_ports)
@@ -43,6 +45,11 @@ def run(args, settings) -> int:
                          top_ports=settings.reports.top_ports,
                          max_anomaly_figures=settings.reports.max_anomaly_figures,
                          progress=_progress if sys.stderr.isatty() and not getattr(args, "quiet", False) else None)
+    if args.json:
+        import json
+        manifest = json.loads((index.parent / "report.json").read_text())
+        print(json.dumps({"index": str(index), **manifest}, indent=2, default=str))
+        return 0
     print(f"report written: {index}")
     return 0
 

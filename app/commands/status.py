@@ -4,11 +4,12 @@ version, blocklist size, database size, and whether all of that is healthy.
 Reads only (but for the health samples it puts into metrics.textfile_dir when that is set, so
 node_exporter sees what status sees): the database is opened read-only, XDP state comes from
 netlink (host.xdp_attachment: libbpf's bpf_xdp_query) and the pins under
-``<pin_root>/<interface>/``; the health checks are app/services/health.py's. Exit codes: 0
+``<pin_root>/<interface>/``; the health checks are app/services/ops/health.py's. Exit codes: 0
 healthy; 1 unhealthy (one line on stderr names the first failed check: no round for 3 x the round
 length, XDP not attached where pinned, the last evaluation failed, the model cannot alert, the
 database above general.max_db_mb, the blocklist map out of step with the ledger); 2 bad interface
-name; 4 corrupt database.
+name, or an interface that does not exist and has no pins (a typo is not health); 3 the database
+is root-only and this user is not root; 4 corrupt database.
 """
 from __future__ import annotations
 
@@ -44,10 +45,10 @@ def register(sub) -> None:
 
 def gather(settings, interfaces: list[str] | None = None, now: float | None = None) -> dict:
     """Everything ``status`` shows, as a JSON-ready dict; ``health`` holds the checks of
-    app.services.health (the same ones doctor and the metrics report)."""
+    app.services.ops.health (the same ones doctor and the metrics report)."""
     from app.db import reports as queries
     from app.db.connection import connect
-    from app.services import health
+    from app.services.ops import health
     now = time.time() if now is None else now
     facts = health.gather_facts(settings)
     db = Path(settings.general.db)
@@ -80,7 +81,7 @@ def gather(settings, interfaces: list[str] | None = None, now: float | None = No
     result = health.check(settings, interfaces, now, facts=facts, described=status["xdp"])
     status["health"] = result.as_dict()
     if not interfaces:                  # the whole picture: export it (metrics.textfile_dir, when set)
-        from app.services.metrics import write_health
+        from app.services.ops.metrics import write_health
         write_health(settings, result)
     return status
 
@@ -155,7 +156,7 @@ def render(status: dict, now: float) -> str:
                                                                   f"--interface {x['interface']})" if x["pinned"] else ""))
             continue
         state = (f"attached ({x['mode']}, program {x['program_id']})" if x["attached"] else "not attached")
-        state = x.get("programs") or state                  # XDP and TC egress (app/services/xdp.py describe)
+        state = x.get("programs") or state                  # XDP and TC egress (app/services/kernel/xdp.py describe)
         pins = f"pinned at {x['pin_dir']}" if x["pinned"] else "no pins"
         extra = ""
         if x.get("attached") and x.get("pinned") and x.get("ours") is False:
@@ -175,6 +176,9 @@ def run(args, settings) -> int:
     for name in args.interface or []:
         if not _IFNAME.match(name):
             raise UsageError(f"{name!r} is not a valid interface name (at most 15 characters, no '/', ':' or spaces)")
+        if not Path(f"/sys/class/net/{name}").exists() and not (Path(settings.general.pin_root) / name).exists():
+            raise UsageError(f"interface {name} does not exist and portwatch has no pins for it: pick one from "
+                             "`ip link` (or leave --interface out to check every interface seen in the rounds)")
     now = time.time()
     status = gather(settings, args.interface, now=now)
     if args.json:

@@ -6,10 +6,14 @@ its drop counters, in the spirit of ``xdp-filter poll`` and ``iftop``. Writes no
 no lock, no map update), so it runs beside the collector's cron job. On a terminal it redraws in
 place until Ctrl-C (or --count refreshes); otherwise it prints --count refreshes (default 1) as
 plain text, separated by blank lines, and exits.
-Exit codes: 0 done; 2 bad option or no pinned maps for the interface; 3 not root.
+Exit codes: 0 done; 2 bad option or no pinned maps for the interface; 3 not root; 5 portwatch's
+XDP program is not attached where its maps are pinned (the counters shown do not move: each
+refresh says so on its first line, and one sentence on stderr at the end).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import sys
 import time
@@ -43,6 +47,8 @@ def register(sub) -> None:
                         help="stop after N refreshes (default: until Ctrl-C on a terminal, 1 otherwise)")
     parser.add_argument("--rows", type=int, default=None, metavar="R",
                         help="lines per section (default: fits the terminal, 10 otherwise)")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per refresh (JSON Lines), as when piped: --count refreshes (default 1)")
     parser.set_defaults(func=run)
 
 
@@ -66,22 +72,24 @@ def pick_interface(settings, requested: str | None) -> str:
 def run(args, settings) -> int:
     import os
     from app.errors import NeedsRootError, UsageError
-    from app.services import live
+    from app.services.ops import live
     if args.interval <= 0:
         raise UsageError(f"--interval must be above 0 seconds, got {args.interval:g}")
     if args.count is not None and args.count < 1:
         raise UsageError(f"--count must be 1 or more, got {args.count}")
+    if os.geteuid() != 0:                # the bpf() system call: the pinned maps are root's
+        raise NeedsRootError("top reads the pinned XDP maps, which needs root: run it with sudo")
     interface = pick_interface(settings, args.interface)
     pin_dir = Path(settings.general.pin_root) / interface
     if not (pin_dir / "port_stats").exists():
-        if os.geteuid() != 0 and Path(settings.general.pin_root).exists():
-            raise NeedsRootError(f"reading the pinned maps of {interface} needs root: run it with sudo")
+        if not Path(f"/sys/class/net/{interface}").exists():
+            raise UsageError(f"interface {interface} does not exist: pick one from `ip link`")
         raise UsageError(f"no pinned maps for {interface} under {settings.general.pin_root}: "
                          f"run python -m app collect --interface {interface} first")
-    tty = sys.stdout.isatty()
+    tty = sys.stdout.isatty() and not args.json
     count = args.count if args.count is not None else (0 if tty else 1)
     previous = live.read(pin_dir)
-    shown = 0
+    shown, problem = 0, None
     try:
         while count == 0 or shown < count:
             time.sleep(args.interval)
@@ -91,7 +99,13 @@ def run(args, settings) -> int:
             size = shutil.get_terminal_size((100, 40))
             rows = args.rows or (max(3, (size.lines - 12) // 3) if tty else 10)
             lines = live.render(view, rows=rows, width=size.columns if tty else 200)
-            if tty:
+            problem = detached(interface, settings.general.pin_root)
+            if problem:
+                lines.insert(0, f"WARNING: {problem}")
+            if args.json:
+                sys.stdout.write(json.dumps({**dataclasses.asdict(view), "attached": problem is None,
+                                             "problem": problem}, sort_keys=True) + "\n")
+            elif tty:
                 sys.stdout.write(CLEAR + "\n".join(lines) + "\n(Ctrl-C quits)\n")
             else:
                 if shown:
@@ -101,4 +115,21 @@ def run(args, settings) -> int:
             shown += 1
     except KeyboardInterrupt:
         pass
+    if problem:
+        from app.errors import EXIT_BPF
+        print(f"portwatch: error: {problem}", file=sys.stderr)
+        return EXIT_BPF
     return 0
+
+
+def detached(interface: str, pin_root: str) -> str | None:
+    """One sentence when the counters top shows cannot move: portwatch's XDP program is not attached
+    to ``interface`` (detached by hand, replaced, or the interface gone); None when it is."""
+    from app.services.ops.health import describe_interface
+    x = describe_interface(interface, pin_root)
+    if not x.get("exists", True):
+        return f"interface {interface} no longer exists: its pins are left over (python -m app down --interface {interface})"
+    if not x.get("attached") or x.get("ours") is False:
+        return (f"portwatch's XDP program is not attached to {interface}: these counters do not move and its traffic "
+                f"is neither counted nor filtered (python -m app collect --interface {interface} re-attaches it)")
+    return None

@@ -1,4 +1,4 @@
-"""Read queries about stored findings (``anomalies``) for `anomalies list|show` and app/services/explain.py:
+"""Read queries about stored findings (``anomalies``) for `anomalies list|show` and app/services/evaluation/explain.py:
 the finding rows, their rounds' times, who held their port, and what was done about them (blocklist
 rows and events naming the finding, alerts sent). Writes of anomalies live in app/db/evaluations.py.
 """

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from app import permissions
-from app.errors import DatabaseError
+from app.errors import DatabaseError, NeedsRootError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,8 @@ UPDATE peers SET proof = 'established', last_verified = last_two_way WHERE last_
 ALTER TABLE blacklist_drops ADD COLUMN replies INTEGER NOT NULL DEFAULT 0;
 """,
 }
+# numbers may have gaps (numbers reserved by work not merged yet): the newest is the highest, and a database
+# gets every migration numbered above its version, in ascending order
 SCHEMA_VERSION = max(MIGRATIONS)
 QUICK_CHECK_MAX_BYTES = 256 << 20
 _checked: set[str] = set()       # databases this process has quick_check'ed (writers check once per process)
@@ -293,6 +295,7 @@ def connect(path: str | Path, readonly: bool = False, migrate: bool = True) -> s
     Raises DatabaseError with one sentence for a corrupt, locked, unreadable or too-new database.
     """
     path = Path(path)
+    _check_access(path, readonly)
     try:
         if readonly:
             if not path.exists():
@@ -321,6 +324,20 @@ def connect(path: str | Path, readonly: bool = False, migrate: bool = True) -> s
         raise _explain(exc, path) from None
     except OSError as exc:
         raise DatabaseError(f"database {path} cannot be opened: {exc.strerror}") from None
+
+
+def _check_access(path: Path, readonly: bool) -> None:
+    """One sentence before SQLite's own ("unable to open", "disk I/O error"): a directory named as
+    the database is bad input (exit 2); a root-only file opened by another user needs root (exit 3)."""
+    if path.is_dir():
+        raise UsageError(f"database path {path} is a directory: name the database file (e.g. {path / 'ports.db'})")
+    if os.geteuid() == 0 or not path.exists():
+        return
+    if not os.access(path, os.R_OK):
+        raise NeedsRootError(f"reading database {path} needs root (it is readable by root only): run it with sudo, "
+                             "or set general.group and join that group")
+    if not readonly and not os.access(path, os.W_OK):
+        raise NeedsRootError(f"writing database {path} needs root: run it with sudo")
 
 
 def _open_readonly(path: Path) -> sqlite3.Connection:
@@ -426,7 +443,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             shutil.copy2(path, backup)
             log.info("backed up %s to %s before migrating", path, backup)
-        for target in sorted(t for t in MIGRATIONS if t > version):     # numbers may leave gaps
+        for target in sorted(n for n in MIGRATIONS if n > version):
             with conn:
                 conn.executescript(MIGRATIONS[target])
                 conn.execute(f"PRAGMA user_version = {target}")

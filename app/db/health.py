@@ -1,4 +1,4 @@
-"""Read-only queries behind the health checks (app/services/health.py): status, doctor, metrics.
+"""Read-only queries behind the health checks (app/services/ops/health.py): status, doctor, metrics.
 
 Every function takes a connection (``connect(path, readonly=True)`` is enough). Times are Unix
 epoch seconds.
@@ -46,8 +46,8 @@ def last_noop_evaluation(conn: sqlite3.Connection) -> dict | None:
 
 
 def active_model(conn: sqlite3.Connection) -> dict | None:
-    """(version, created_at, threshold) of the active model; threshold NULL means infinite or unknown."""
-    row = conn.execute("SELECT version, created_at, threshold FROM models WHERE status = 'active'"
+    """(version, created_at, threshold, path) of the active model; threshold NULL means infinite or unknown."""
+    row = conn.execute("SELECT version, created_at, threshold, path FROM models WHERE status = 'active'"
                        " ORDER BY version DESC LIMIT 1").fetchone()
     return dict(row) if row else None
 

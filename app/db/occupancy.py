@@ -14,7 +14,7 @@ def insert_occupancy(conn: sqlite3.Connection, round_id: int, timestamp: float, 
                      port_ids: PortIds) -> int:
     """Insert one ``rounds_ports`` row per listener; returns the number of rows.
 
-    listeners: app.services.scanner.Listener tuples (port, protocol, address, family, state, pid,
+    listeners: app.services.collector.scanner.Listener tuples (port, protocol, address, family, state, pid,
     process, user, established); ports are stored as they are, never folded.
     timestamp: epoch seconds of the scan (the round's end).
     """

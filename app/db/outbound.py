@@ -1,5 +1,5 @@
 """Read-only queries on what left the host (destination_stats) and the outbound findings, for the
-report (app/services/reports/outbound.py). ``since``: Unix epoch seconds (UTC) or None for all."""
+report (app/services/ops/reports/outbound.py). ``since``: Unix epoch seconds (UTC) or None for all."""
 from __future__ import annotations
 
 import sqlite3

@@ -14,7 +14,7 @@ def insert_packets(conn: sqlite3.Connection, round_id: int, records: Iterable, p
                    fold: Callable[[int, str], int]) -> int:
     """Insert one ``packets`` row per record; returns the number of rows.
 
-    records: app.services.sniffer.PacketRecord tuples. ``port_id`` is the record's local port
+    records: app.services.collector.sniffer.PacketRecord tuples. ``port_id`` is the record's local port
     (TCP/UDP port, or ICMP type) passed through ``fold(port, protocol) -> stored value`` - the
     collector's ``functools.partial(fold_port, listening=..., low=..., high=..., fold=...)`` - so it
     matches port_stats; NULL when the packet has no such port (ARP, a non-first fragment).

@@ -1,4 +1,4 @@
-"""Read-only queries behind the report (app/services/reports/) and ``python -m app status``.
+"""Read-only queries behind the report (app/services/ops/reports/) and ``python -m app status``.
 
 Every function takes a connection (``connect(path, readonly=True)``) and ``since``: Unix epoch
 seconds (UTC) or None for the whole database. Times returned are epoch seconds; per-round

@@ -127,7 +127,7 @@ def xdp_attachment(interface: str) -> tuple[int, str] | None:
 
     libbpf's bpf_xdp_query: one RTM_GETLINK netlink request, no root needed, no subprocess, and no
     pyroute2 import on the collector's path (pyroute2 0.9 costs ~0.2 s and ~19 MB per process)."""
-    from app.services import maps
+    from app.services.kernel import maps
     try:
         ifindex = int(Path(f"/sys/class/net/{interface}/ifindex").read_text())
     except (OSError, ValueError):

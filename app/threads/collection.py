@@ -1,7 +1,7 @@
 """Scheduling of a collection: K rounds of N seconds, with the scanner and sniffer threads
 running during each round, a stop on SIGTERM and a bound on the whole run's time.
 
-The work of a round (maps -> differences -> one transaction) is app/services/collector.py;
+The work of a round (maps -> differences -> one transaction) is app/services/collector/collector.py;
 this module only decides when it happens and what runs meanwhile.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from app.errors import PortwatchError
-from app.services.collector import Collector, Observations, RoundSummary
+from app.services.collector.collector import Collector, Observations, RoundSummary
 from app.threads.scanner import ScannerThread
 
 log = logging.getLogger(__name__)

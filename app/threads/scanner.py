@@ -1,4 +1,4 @@
-"""ScannerThread: port occupancy for one round (the work is app.services.scanner).
+"""ScannerThread: port occupancy for one round (the work is app.services.collector.scanner).
 
 Schedule: one scan when the thread starts (the round's beginning) and one when the round ends
 (:meth:`stop`, or ``round_seconds`` after the start, whichever comes first); :attr:`result` is
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 
 from app.config import Scanner as ScannerConfig
-from app.services.scanner import Listener, Scanner, merge_scans
+from app.services.collector.scanner import Listener, Scanner, merge_scans
 from app.threads.base import WorkerThread
 
 log = logging.getLogger(__name__)

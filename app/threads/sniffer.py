@@ -1,4 +1,4 @@
-"""SnifferThread: the packet-metadata sample of one round (the work is app.services.sniffer).
+"""SnifferThread: the packet-metadata sample of one round (the work is app.services.collector.sniffer).
 
 Schedule: the capture starts with the thread (the round's beginning) and lasts
 ``window_fraction x round_seconds`` (45 s of a 60 s round), capped at ``max_packets``; the
@@ -28,7 +28,7 @@ import threading
 
 from app.config import Sniffer as SnifferConfig
 from app.errors import DependencyError
-from app.services.sniffer import PacketRecord, SniffResult, Sniffer, window_seconds
+from app.services.collector.sniffer import PacketRecord, SniffResult, Sniffer, window_seconds
 from app.threads.base import WorkerThread
 
 log = logging.getLogger(__name__)

@@ -191,7 +191,7 @@ def test_allow_lifts_the_block_and_bad_input_changes_nothing(store):
     assert entry["status"] == "removed"
     # an automatic decision now refuses it: the database allowlist is honoured by the interlocks
     from app.db.connection import connect
-    from app.services import decisions
+    from app.services.blocklist import decisions
     conn = connect(db)
     try:
         protection = decisions.Protection.gather(settings, conn)
@@ -225,9 +225,9 @@ def test_show_a_model_finding_gives_its_features_in_units(tmp_path, monkeypatch,
     """A model finding as the evaluation stores it (no TensorFlow here): show prints the features that
     drove it, observed against usual (the reconstruction) in their units, and the block it caused."""
     from app.db.connection import connect
-    from app.services import decisions
-    from app.services.explain import fill_summaries
-    from app.services.findings import Finding, Source
+    from app.services.blocklist import decisions
+    from app.services.evaluation.explain import fill_summaries
+    from app.services.evaluation.findings import Finding, Source
     from tests.helpers import add_evaluation, blocklist_settings
     s = blocklist_settings(tmp_path, model_block_factor=2.0, model_needs_corroboration=False)   # blocks on its own here
     monkeypatch.setenv("PORTWATCH_CONFIG", str(tmp_path / "none.toml"))

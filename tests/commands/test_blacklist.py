@@ -53,8 +53,10 @@ def test_add_list_remove_flush(cli, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["ADDRESS", "DIR", "STATUS", "EXPIRES", "DROPS", "REPLIES", "OFFENCES", "ORIGIN",
                                 "FINDING", "REASON"]
-    assert {line.split()[0] for line in lines[1:]} == {"198.18.0.9/32", "2001:db8:5::/48", "198.18.3.0/24"}
-    assert {line.split()[1] for line in lines[1:]} == {"in"}        # hand-added entries block a source
+    assert lines[-1] == ("0 packets dropped by the blocklist in the stored rounds (every entry, also removed and "
+                         "expired ones: the report's figure)")
+    assert {line.split()[0] for line in lines[1:-1]} == {"198.18.0.9/32", "2001:db8:5::/48", "198.18.3.0/24"}
+    assert {line.split()[1] for line in lines[1:-1]} == {"in"}        # hand-added entries block a source
     assert cli("remove", "198.18.0.9") == 0
     assert capsys.readouterr().out.startswith("removed 198.18.0.9/32 from the blocklist")
     assert cli("list", "--json") == 0

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from app.cli import main
-from app.services.metrics import parse_samples
+from app.services.ops.metrics import parse_samples
 from tests.ops_helpers import fill_database
 
 TABLES = ["rounds", "port_stats", "source_stats", "rounds_ports", "packets", "blacklist_drops"]

@@ -55,3 +55,19 @@ def test_start_line_and_first_compile_progress(lab, tmp_path):
     assert again.returncode == 0, again.stderr
     assert again.stdout.splitlines()[0].endswith(f"already attached), database {tmp_path / 'ports.db'}")
     assert "compiling" not in again.stderr
+
+
+@pytest.mark.kernel
+def test_json_lines_one_object_per_round(lab, tmp_path):
+    import json
+    env = dict(os.environ, PYTHONPATH=str(REPO), PORTWATCH_CONFIG=str(tmp_path / "none.toml"),
+               PORTWATCH_DB=str(tmp_path / "ports.db"), PORTWATCH_STATE_DIR=str(tmp_path / "state"),
+               PORTWATCH_RUN_DIR=str(tmp_path / "run"))
+    (tmp_path / "none.toml").write_text("")
+    out = subprocess.run([sys.executable, "-m", "app", "collect", "--interface", lab.interface, "--round-seconds",
+                          "0.3", "--rounds", "2", "--no-sniffer", "--no-scanner", "--json"], capture_output=True,
+                         text=True, env=env, timeout=180)
+    assert out.returncode == 0, out.stderr
+    rounds = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["round_id"] for r in rounds] == [1, 2] and all(r["interface"] == lab.interface for r in rounds)
+    assert f"round 1 of 2 on {lab.interface}" in out.stderr          # the start line is not data: stderr

@@ -5,7 +5,7 @@ import json
 import time
 
 from app.cli import main
-from app.services import health
+from app.services.ops import health
 from tests.ops_helpers import fill_database
 
 

@@ -112,3 +112,26 @@ def test_top_asks_which_interface_when_several_are_pinned(state_env, capsys, mon
         (state_env / "no-pins" / name / "port_stats").write_text("")
     assert main(["top", "--count", "1"]) == 2
     assert "several interfaces have pinned maps (pwx0, pwx1): pass --interface IF" in capsys.readouterr().err
+
+
+@pytest.mark.kernel
+def test_top_json_lines_and_a_detached_program_is_said(loaded, tmp_path):
+    """--json: one object per refresh. With the XDP program detached while traffic flows, every
+    refresh says so first and top exits 5 with one sentence: 0/s is not what the interface carries."""
+    import json
+    lab, src, stop, sender = loaded
+    sender.start()
+    cmd = [sys.executable, "-m", "app", "top", "--interface", lab.interface, "--interval", "0.5", "--count", "2"]
+    out = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=_env(tmp_path), timeout=60)
+    assert out.returncode == 0, out.stderr
+    views = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(views) == 2 and all(v["attached"] and v["problem"] is None for v in views)
+    assert any(p["key"] == f"udp/{PORT}" for v in views for p in v["ports"])
+    subprocess.run(["ip", "link", "set", "dev", lab.interface, "xdpgeneric", "off"], check=True)
+    subprocess.run(["ip", "link", "set", "dev", lab.interface, "xdp", "off"], check=True)
+    detached = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=60)
+    stop.set()
+    assert detached.returncode == 5, detached.stderr
+    assert detached.stdout.startswith(f"WARNING: portwatch's XDP program is not attached to {lab.interface}")
+    [said] = [l for l in detached.stderr.splitlines() if l.startswith("portwatch: error:")]
+    assert "re-attaches it" in said and "Traceback" not in detached.stderr

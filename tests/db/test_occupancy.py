@@ -4,7 +4,7 @@ from __future__ import annotations
 from app.db.connection import connect
 from app.db.occupancy import insert_occupancy
 from app.db.ports import PortIds
-from app.services.scanner import Listener
+from app.services.collector.scanner import Listener
 
 
 def test_listeners_are_stored_with_real_ports(db_path):

@@ -7,7 +7,7 @@ from app.db.connection import connect
 from app.db.packets import insert_packets
 from app.db.ports import PortIds
 from app.services.ports import fold_port
-from app.services.sniffer import PacketRecord
+from app.services.collector.sniffer import PacketRecord
 
 
 def record(**changes) -> PacketRecord:

@@ -55,7 +55,7 @@ def test_xdp_attachment_without_a_program():
 
 @pytest.mark.kernel
 def test_xdp_attachment_names_the_program_and_its_mode(lab, tmp_path):
-    from app.services import maps
+    from app.services.kernel import maps
     from tests.helpers import collect, make_settings
     settings = make_settings(tmp_path, xdp_mode="generic")
     collect(settings, lab)

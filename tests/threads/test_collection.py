@@ -238,9 +238,9 @@ def test_down_detaches_and_unpins(lab, tmp_path):
     collect(s, lab)
     pins = Path(s.general.pin_root) / lab.interface
     assert (pins / "prog").exists() and (pins / "port_stats").exists()
-    from app.services import xdp
+    from app.services.kernel import xdp
     assert xdp.describe(lab.interface, s.general.pin_root)["ours"]
-    from app.services import teardown
+    from app.services.collector import teardown
     done = teardown.down(s, lab.interface)
     assert any("detached" in d for d in done)
     assert not pins.exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from app.db.peers import two_way_since
-from app.services.scanner import Scanner
+from app.services.collector.scanner import Scanner
 from tests.helpers import collect, make_settings
 
 pytestmark = pytest.mark.kernel
@@ -255,7 +255,7 @@ def test_a_round_with_the_scanner_records_established_peers(lab, tmp_path):
 def test_egress_block_is_off_by_default_and_drops_exactly_when_switched_on(lab, tmp_path):
     import ipaddress
     from app.errors import UsageError
-    from app.services import egress_block
+    from app.services.kernel import egress_block
     s = make_settings(tmp_path)
     collect(s, lab)
     pdir = Path(s.general.pin_root) / lab.interface
@@ -295,8 +295,9 @@ def test_an_outbound_finding_blocks_its_destination_in_tc_only_when_switched_on(
     while host 2 passes. With the switch off the same finding only alerts: nothing is dropped."""
     from app.db import blacklist as ledger
     from app.db.connection import connect
-    from app.services import egress_block, enforcement
-    from app.services.decisions import after_evaluation
+    from app.services.blocklist import enforcement
+    from app.services.kernel import egress_block
+    from app.services.blocklist.decisions import after_evaluation
     from tests.helpers import add_evaluation, finding
     s = make_settings(tmp_path)
     collect(s, lab)

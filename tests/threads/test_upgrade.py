@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.services import xdp
+from app.services.kernel import xdp
 from tests.helpers import collect, make_settings
 
 pytestmark = pytest.mark.kernel
@@ -27,7 +27,7 @@ def test_old_layout_pins_close_a_round_then_are_recreated(lab, tmp_path):
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
     s = make_settings(tmp_path)
     pdir = Path(s.general.pin_root) / lab.interface
-    loaded = subprocess.run([sys.executable, "-m", "app.services.xdp", "load", "--interface", lab.interface,
+    loaded = subprocess.run([sys.executable, "-m", "app.services.kernel.xdp", "load", "--interface", lab.interface,
                              "--pin-dir", str(pdir), "--mode", "generic", "--hash", "0" * 64,
                              *("--flag=" + f for f in xdp.build_flags(s))],
                             cwd=old, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(old)},

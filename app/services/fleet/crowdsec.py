@@ -9,8 +9,8 @@ pull   The bouncer's decision stream (``GET /v1/decisions/stream``; a full list 
        ledger: an address with a running decision gets an 'active' row of origin 'crowdsec' that
        expires with the decision; when its last decision ends or is deleted in the LAPI the row is
        lifted ('expired'). The interlocks still apply: this host's addresses, gateways, resolvers,
-       SSH peers and the allowlist are never blocked whatever the LAPI says — such a decision is
-       refused once (a warning, a blacklist_events row, ``crowdsec_decisions.refused``). A local
+       SSH peers and the allowlist are never blocked whatever the LAPI says, nor a range wider than
+       ``crowdsec.widest_prefix_ipv4`` / ``_ipv6`` (/16, /32) — such a decision is refused once (a warning, a blacklist_events row, ``crowdsec_decisions.refused``). A local
        row already covering the address is left alone (its own expiry wins); an address removed by
        hand after the decision was first seen stays removed. ``blocklist.dry_run`` and the
        blocklist's capacity apply as to local decisions.
@@ -44,7 +44,7 @@ from app.config import ConfigError
 from app.db import blacklist as ledger
 from app.db import fleet as db
 from app.errors import PortwatchError
-from app.services import decisions, enforcement
+from app.services.blocklist import decisions, enforcement
 from app.services.fleet.lapi import TOKENS, Deadline, Lapi, LapiError, go_duration
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,11 @@ def _apply(conn, settings, now: float, result: SyncResult) -> None:
                 continue
             if listed:
                 continue                                  # a local block: it ends first, then the decision follows
-            if protection is None:
-                protection = decisions.Protection.gather(settings)
-            why = protection.refusal(ipaddress.ip_network(w["address"]))
+            why = too_wide(w["address"], settings.crowdsec)
+            if why is None:
+                if protection is None:
+                    protection = decisions.Protection.gather(settings)
+                why = protection.refusal(ipaddress.ip_network(w["address"]))
             if why:
                 db.refuse(conn, w["address"], why)
                 ledger.insert_event(conn, now, w["address"], "crowdsec-refused",
@@ -207,6 +209,18 @@ def _apply(conn, settings, now: float, result: SyncResult) -> None:
     if result.added or result.lifted:
         log.info("crowdsec: %d entr%s added or renewed, %d lifted", len(result.added),
                  "y" if len(result.added) == 1 else "ies", len(result.lifted))
+
+
+def too_wide(address: str, cfg) -> str | None:
+    """Why a decision on ``address`` (CIDR) covers more than one LAPI may block here, or None: a range
+    wider than crowdsec.widest_prefix_ipv4 / _ipv6 (a poisoned or mistaken LAPI must not be able to
+    drop a quarter of the Internet)."""
+    network = ipaddress.ip_network(address)
+    widest = cfg.widest_prefix_ipv4 if network.version == 4 else cfg.widest_prefix_ipv6
+    if network.prefixlen >= widest:
+        return None
+    key = f"crowdsec.widest_prefix_ipv{network.version}"
+    return f"is wider than /{widest} ({key})"
 
 
 # --- push -----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The federated model's work on each side (imports TensorFlow through app/services/model.py; never
+"""The federated model's work on each side (imports TensorFlow through app/services/evaluation/model.py; never
 on the collector's path): what a host contributes, what it takes back, and the coordinator's record.
 
 A host's contribution (:func:`local_update`): the fleet weights, trained ``evaluator.refit_epochs``
@@ -23,7 +23,7 @@ from app.db import fleet as fleet_db
 from app.db import rounds as rounds_db
 from app.db import series as dbs
 from app.db.connection import connect
-from app.services import evaluation, series
+from app.services.evaluation import evaluation, model_versions, series
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,14 @@ def shape_from(run_config) -> dict:
 
 
 def _model_config(shape: dict):
-    from app.services.model import ModelConfig
+    from app.services.evaluation.model import ModelConfig
     return ModelConfig(window=shape["window"], lstm_units=shape["lstm-units"], bottleneck=shape["bottleneck"],
                        seed=shape["seed"])
 
 
 def initial_weights(shape: dict) -> list[np.ndarray]:
     """The round-one network every host starts from (seeded: the same on any coordinator)."""
-    from app.services.model import CnnLstmAutoencoder
+    from app.services.evaluation.model import CnnLstmAutoencoder
     return CnnLstmAutoencoder(_model_config(shape))._build().get_weights()
 
 
@@ -94,7 +94,7 @@ def local_windows(conn, settings) -> tuple[np.ndarray, np.ndarray, float]:
 def _local_model(conn, settings, train: np.ndarray, weights: list[np.ndarray]):
     """The active local model with the fleet weights set (its scaler kept), or a new one whose scaler
     is fitted on this host's windows; None when there is neither."""
-    from app.services.model import CnnLstmAutoencoder, LevelDeviationScaler
+    from app.services.evaluation.model import CnnLstmAutoencoder, LevelDeviationScaler
     model, row = evaluation.load_active_model(conn, settings.evaluator)
     ev = settings.evaluator
     if model is not None and (model.config.lstm_units, model.config.bottleneck) != (ev.lstm_units, ev.bottleneck):
@@ -150,7 +150,7 @@ def adopt(node_config, weights: list[np.ndarray], shape: dict, final: bool) -> t
         model.calibration_windows_ = pool
         model.recalibrate(per_day or 1.0, fallback=train)
         version = dbe.next_model_version(conn)
-        path = settings.state_path / "models" / str(version)
+        path = model_versions.model_dir(settings, conn, version)
         model.save(path)
         cal = model.calibration_
         with conn:

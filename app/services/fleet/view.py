@@ -1,14 +1,14 @@
 """The fleet view as metrics: `fleet status`'s state and the CrowdSec sync state as textfile samples.
 
 Standard library and the database only (on the collector's path: no Flower, no TensorFlow).
-Names and help texts live in app/services/metrics.py (FLEET_GAUGES).
+Names and help texts live in app/services/ops/metrics.py (FLEET_GAUGES).
 """
 from __future__ import annotations
 
 import logging
 import sqlite3
 
-from app.services import metrics
+from app.services.ops import metrics
 
 log = logging.getLogger(__name__)
 

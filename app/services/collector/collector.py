@@ -1,0 +1,404 @@
+"""The collector's work: one round of one interface in one SQLite transaction.
+
+(The scheduling — K rounds of N seconds, the scanner and sniffer threads during each round, the
+run-time bound — is app/threads/collection.py.) At the end of a round the pinned maps
+are read (libbpf, no BCC), differenced against the last snapshot, and the round, its per-port,
+per-source and flow rows, occupancy, sniffer sample and the new snapshot are written in one
+transaction. Then the round epoch in the config map is bumped (per-round payload extremes) and
+the blocklist ledger is reconciled with the pinned blacklist map.
+
+Cheap by design: no BPF compile (unless the program must be (re)loaded, which happens in a
+separate process) and no TensorFlow or matplotlib anywhere on this path.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import os
+import resource
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# The collector does no linear algebra: one BLAS thread spares each run ~0.1 CPU-s of thread
+# start-up inside `import numpy` (round_rows/rounds import it below: this must come first; an explicit
+# setting wins).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from app.db import rounds as rounds_db  # noqa: E402
+from app.db.connection import connect  # noqa: E402
+from app.db.ports import PortIds  # noqa: E402
+from app.errors import BpfError, NeedsRootError, PortwatchError  # noqa: E402
+from app.services import locks, ports  # noqa: E402
+from app.services.blocklist import enforcement  # noqa: E402
+from app.services.collector import egress_rounds, round_rows, rounds  # noqa: E402
+from app.services.kernel import egress, maps, pin_owner, xdp  # noqa: E402
+from app.services.kernel.bpf_structs import GLOBAL_NAMES, MAP_LAYOUT, PwConfig  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_MAPS = ("port_stats", "sources", "srcports", "flows", "global", "blacklist",
+                 "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global", "verified")
+EPOCH_MAPS = ("port_stats", "sources")     # per-round extremes keyed on the config epoch
+
+
+@dataclass
+class RoundSummary:
+    """What one round recorded (for the one-line-per-round output and tests)."""
+    round_id: int
+    interface: str
+    seconds: float
+    packets: int
+    bytes: int
+    unparsed: int
+    dropped: int
+    active_ports: int
+    sources: int
+    listeners: int | None
+    sniffed: int | None
+    compiled: bool
+    xdp_mode: str | None
+    baseline: bool = False                 # only the snapshot was stored (see Collector._baseline_plan)
+
+    def line(self) -> str:
+        if self.baseline:
+            return (f"round {self.round_id} on {self.interface}: baseline (the counts before this database watched "
+                    f"{self.interface} are not history)")
+        parts = [f"round {self.round_id} on {self.interface}: {self.packets} packets, {self.bytes} bytes in "
+                 f"{self.seconds:.1f} s, {self.active_ports} active ports, {self.sources} sources"]
+        if self.unparsed:
+            parts.append(f"{self.unparsed} unparsed")
+        if self.dropped:
+            parts.append(f"{self.dropped} dropped")
+        if self.listeners is not None:
+            parts.append(f"{self.listeners} listeners")
+        if self.sniffed is not None:
+            parts.append(f"{self.sniffed} packets sniffed")
+        return ", ".join(parts)
+
+
+@dataclass
+class Observations:
+    """What the round's threads saw, handed to close_round (None: that part did not run)."""
+    listeners: list | None = None          # scanner: list[Listener]
+    scanner_status: str = "disabled"
+    packets: list | None = None            # sniffer: list[PacketRecord]
+    sniffer_status: str = "disabled"
+    peers: list | None = None              # scanner: remote addresses of ESTABLISHED TCP sockets
+
+
+class Collector:
+    """Writes rounds for one interface into one database (the work; app/threads/collection.py
+    schedules it). Use as a context manager: ``open()`` takes the per-interface lock, opens the
+    database, makes sure the program is loaded and opens the pinned maps."""
+
+    def __init__(self, settings, interface: str, takeover: bool = False):
+        self.settings = settings
+        self.takeover = takeover                  # claim the interface from another database on purpose
+        self.db_id: str | None = None
+        self._born: set[int] = set()              # kernel ids of maps that started at zero for this database
+        self.interface = interface
+        self.db_path = Path(settings.general.db)
+        self.pin_dir = xdp.pin_dir(settings, interface)
+        self.conn = None
+        self.load_state: xdp.LoadState | None = None
+        self._maps: dict[str, maps.PinnedMap] = {}
+        self._lock_fh = None
+        self._first = True
+
+    def __enter__(self) -> "Collector":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Lock the interface, open the database, claim the pin directory (refused when another database
+        enforces it), load the program if needed with the ledger's entries in its map before it is
+        attached, close a last round from maps a recreate replaced, and reconcile — all before the round."""
+        if os.geteuid() != 0:
+            raise NeedsRootError("collecting needs root (XDP, pinned maps, process owners): run it with sudo")
+        xdp.check_interface(self.interface)
+        self._lock_fh = self._lock()
+        try:
+            pin_owner.refuse_other_database(self.pin_dir, self.interface, self.db_path, self.takeover)
+            self.conn = connect(self.db_path)
+            self.db_id = rounds_db.database_id(self.conn)
+            xdp.ensure_bpffs(Path(self.settings.general.pin_root))
+            pin_owner.claim(self.pin_dir, self.interface, self.db_id, self.db_path, self.takeover)
+            self.close_retired()                     # left by a run killed right after a recreate
+            self.load_state = xdp.ensure_loaded(self.settings, self.interface,
+                                                prefill=lambda: enforcement.active_cidrs(self.conn))
+            if self.load_state.compiled:
+                with self.conn:
+                    rounds_db.insert_xdp_load(self.conn, self.interface, time.time(), self.load_state.mode,
+                                              self.load_state.program_id, self.load_state.source_hash,
+                                              self.load_state.reason, self.load_state.compile_seconds)
+            self.close_retired()
+            if self.load_state.maps_created:         # the prefilled entries count their drops from zero
+                enforcement.forget_map(self.conn, self.interface)
+            enforcement.note_prefilled(self.conn, self.interface, self.load_state.prefilled)
+            self._born = pin_owner.born_ids(self.pin_dir)
+            self._maps = maps.open_maps(self.pin_dir)
+            self._reconcile()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps = {}
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def _lock(self):
+        return locks.hold(self.settings, f"collector-{self.interface}",
+                          f"another collector is running on {self.interface}: this run does not overlap it")
+
+    def close_retired(self) -> RoundSummary | None:
+        """Close a last round from the maps a recreate replaced (``<pin_dir>/retired``: frozen since the
+        swap), add their last drops to the ledger, then remove them. None when there are none.
+
+        Maps whose key layout is not the one this code reads (made by an older bpf/common.h) cannot be
+        decoded: the round is closed from the others (a value struct that only grew at its end is read,
+        its new fields as zeros) and its note names the maps left out."""
+        retired = self.pin_dir / xdp.RETIRED
+        if not (retired / "port_stats").exists():
+            return None
+        if xdp.retired_still_attached(self.interface, self.pin_dir):     # a loader killed before the swap
+            xdp.restore_pins(self.pin_dir)
+            return None
+        log.info("closing a last round from the replaced maps of %s", self.interface)
+        self._born = pin_owner.born_ids(self.pin_dir)
+        prog = retired / "prog"
+        program_id = maps.prog_info(prog).id if prog.exists() else None
+        try:
+            meta = xdp.read_meta(retired)
+        except (BpfError, ValueError):        # a meta map of an older layout
+            meta = None
+        opened = maps.open_maps(retired, missing_ok=True)
+        current, self._maps, unreadable = self._maps, {}, []
+        for name, m in opened.items():
+            _, key_t, val_t = MAP_LAYOUT[name]
+            if m.info.key_size == ctypes.sizeof(key_t) and m.info.value_size <= ctypes.sizeof(val_t):
+                self._maps[name] = m
+            else:
+                unreadable.append(name)
+                m.close()
+        note = "last counts of the replaced maps"
+        if unreadable:
+            note += f" (not read, older layout: {', '.join(sorted(unreadable))})"
+        saved_state, self.load_state = self.load_state, xdp.LoadState(
+            self.interface, retired, self.load_state.mode if self.load_state else None, program_id,
+            bytes(meta.source_hash).hex() if meta else None)
+        summary = None
+        try:
+            if "config" in self._maps:
+                summary = self.close_round(time.time(), Observations(), note=note, reconcile=False)
+            if "blacklist" in self._maps:
+                enforcement.retire_map(self.conn, self.interface, retired / "blacklist")
+            else:
+                enforcement.forget_map(self.conn, self.interface)
+        finally:
+            for m in self._maps.values():
+                m.close()
+            self._maps, self.load_state = current, saved_state
+            self._first = True
+        shutil.rmtree(retired, ignore_errors=True)
+        return summary
+
+    def _reconcile(self) -> None:
+        try:
+            enforcement.reconcile(self.conn, self.settings, self.pin_dir)
+        except (PortwatchError, sqlite3.Error) as exc:
+            # enforcement is retried by the next round or run
+            log.warning("blocklist reconcile failed (the next run retries): %s", exc)
+
+    def close_round(self, start: float, seen: Observations, note: str | None = None,
+                    reconcile: bool = True) -> RoundSummary:
+        """Read the maps, difference them, write the round in one transaction, bump the epoch.
+
+        The first round after open() records whether this run compiled or reloaded the program."""
+        compiled = self._first and bool(self.load_state and self.load_state.compiled)
+        reloaded = self._first and bool(self.load_state and self.load_state.reloaded)
+        self._first = False
+        # tens of thousands of short-lived tuples and no cycles: the cyclic GC would rescan them
+        # over and over (measured: the larger part of a 50k-entry round)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._close_round(start, seen, compiled, reloaded, note, reconcile)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _baseline_plan(self) -> tuple[dict[str, int], dict[str, int | None], bool]:
+        """(map ids now, map ids of the stored snapshots, baseline?) — a stored snapshot counts as the previous reading of a map only when it
+        was read from that very map (same kernel map id; NULL: stored before ids were); a map without one
+        counts from zero when a load created it for this database (``maps_born``); otherwise this round is
+        a baseline: its counts cover an unknown span before this database watched the interface."""
+        ids = {name: self._maps[name].info.id for name in SNAPSHOT_MAPS if name in self._maps}
+        stored = rounds_db.snapshot_map_ids(self.conn, self.interface)
+        baseline = any(not (name in stored and stored[name] in (None, ids[name])) and ids[name] not in self._born
+                       for name in ids)
+        return ids, stored, baseline
+
+    def _close_round(self, start, seen: Observations, compiled, reloaded, note, reconcile=True) -> RoundSummary:
+        cfg = maps.read_struct(self._maps["config"], maps.INDEX_0, PwConfig)
+        epoch = cfg.epoch
+        readings = {name: (rounds.read_map(self._maps[name], epoch if name in EPOCH_MAPS else None)
+                           if name in self._maps else rounds.empty(name)) for name in SNAPSHOT_MAPS}
+        end = time.time()
+        listeners = seen.listeners
+        listening = {(l.port, l.protocol) for l in listeners or []}
+        low, high = ports.ephemeral_range()
+        fold = self.settings.collector.fold_ephemeral
+
+        conn = self.conn
+        map_ids, stored, baseline = self._baseline_plan()
+        if baseline:
+            log.warning("round on %s is a baseline: the maps' counts predate this database (%s), so they are stored "
+                        "as the snapshot, not as traffic", self.interface, self.db_path)
+            note = "baseline: counts from before this database watched the interface (not traffic)"
+            seen = Observations(scanner_status=seen.scanner_status, sniffer_status=seen.sniffer_status)
+        # one map at a time, so the previous snapshot of only one map is in memory at once
+        deltas, prev_entries, since = {}, {}, None
+        for name in SNAPSHOT_MAPS:
+            snap = rounds_db.load_snapshot(conn, self.interface, name) if name in self._maps else None
+            valid = snap is not None and stored.get(name) in (None, map_ids.get(name))
+            if baseline and name in self._maps:
+                prev = readings[name]                 # nothing is history: every delta is zero
+            else:
+                prev = (rounds.unpack_snapshot(name, self._maps[name].info.key_size, snap[1])
+                        if valid else rounds.empty(name))
+            if valid:
+                since = snap[0] if since is None else min(since, snap[0])
+            deltas[name] = rounds.diff(readings[name], prev)
+            prev_entries[name] = prev.entries
+            del prev, snap
+        g = _globals(deltas["global"])
+        eg = _globals(deltas["eg_global"])
+        ev = {name: _evictions(inserts, readings[name].entries, prev_entries[name]) for name, inserts in (
+            ("sources", g.get("source_inserts", 0)), ("srcports", g.get("srcport_inserts", 0)),
+            ("flows", g.get("flow_inserts", 0)), ("eg_dests", eg.get("source_inserts", 0)),
+            ("eg_flows", eg.get("flow_inserts", 0)))}
+        two_way = egress_rounds.verified_peers(deltas["verified"])
+        mode = self.load_state.mode if self.load_state else None
+        values = {
+            "start_time": start, "end_time": end, "counts_since": since, "interface": self.interface,
+            "xdp_mode": egress.mode_text(self.settings, self.interface, mode),
+            "program_id": self.load_state.program_id if self.load_state else None,
+            "source_hash": self.load_state.source_hash if self.load_state else None,
+            "compiled": int(compiled), "reloaded": int(reloaded),
+            "total_packets": g.get("total", 0), "total_bytes": g.get("bytes", 0),
+            "parsed_packets": g.get("parsed", 0), "unparsed_packets": g.get("unparsed", 0),
+            "dropped_packets": g.get("dropped", 0),
+            "port_entries": readings["port_stats"].entries, "source_entries": readings["sources"].entries,
+            "srcport_entries": readings["srcports"].entries, "flow_entries": readings["flows"].entries,
+            "blacklist_entries": readings["blacklist"].entries,
+            "srcport_evictions": ev["srcports"], "flow_evictions": ev["flows"], "source_evictions": ev["sources"],
+            "new_sources": g.get("source_inserts", 0),
+            "per_source_incomplete": int(bool(ev["sources"] or ev["srcports"])),
+            "short_fragments": g.get("short_fragments", 0), "syn_limited_packets": g.get("syn_limited", 0),
+            "egress_packets": eg.get("total", 0) if "eg_global" in self._maps else None,
+            "egress_bytes": eg.get("bytes", 0) if "eg_global" in self._maps else None,
+            "egress_unparsed": eg.get("unparsed", 0) if "eg_global" in self._maps else None,
+            "egress_dropped_packets": eg.get("dropped", 0) if "eg_global" in self._maps else None,
+            "destination_entries": readings["eg_dests"].entries, "destination_evictions": ev["eg_dests"],
+            "egress_flow_evictions": ev["eg_flows"], "two_way_peers": len(two_way),
+            "egress_program_id": _egress_program_id(self.pin_dir),
+            "scanner_status": seen.scanner_status, "sniffer_status": seen.sniffer_status,
+            "note": note, "baseline": int(baseline),
+        }
+        program_id = self.load_state.program_id if self.load_state else None
+        n_sources = len(deltas["sources"])
+
+        def snapshot(*names):
+            """Store these maps' new snapshots and let their readings go."""
+            for name in names:
+                if name in self._maps:
+                    rounds_db.save_snapshot(conn, self.interface, name, end, round_id, program_id,
+                                            readings[name].entries, rounds.pack_snapshot(readings[name]),
+                                            map_ids[name])
+                del readings[name], deltas[name]
+
+        with conn:
+            round_id = rounds_db.insert_round(conn, values)
+            port_ids = PortIds(conn)
+            n_ports = round_rows.write_ports(conn, round_id, deltas["port_stats"], readings["port_stats"].extras,
+                                             port_ids, listening, low, high, fold)
+            snapshot("port_stats")
+            many = round_rows.write_sources(conn, round_id, deltas["sources"], readings["sources"].extras,
+                                            deltas["srcports"], self.settings.collector.many_ports_threshold)
+            snapshot("sources", "srcports")
+            round_rows.write_flows(conn, round_id, deltas["flows"], readings["flows"].extras, many,
+                                   self.settings.collector.top_flows)
+            snapshot("flows")
+            rounds_db.insert_global_stats(conn, round_id, g)
+            round_rows.write_blacklist_drops(conn, round_id, deltas["blacklist"])
+            snapshot("global", "blacklist")
+            egress_rounds.write_egress(conn, round_id, deltas, readings, port_ids,
+                                       lambda p, proto: ports.fold_port(p, proto, listening, low, high, fold),
+                                       self.settings.collector.top_flows, self.settings.collector.many_ports_threshold)
+            snapshot("eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
+            egress_rounds.record_peers(conn, round_id, end, two_way, seen.peers or ())
+            snapshot("verified")
+            n_listeners = None
+            if listeners is not None:
+                from app.db.occupancy import insert_occupancy
+                insert_occupancy(conn, round_id, end, listeners, port_ids)
+                n_listeners = len(listeners)
+            sniffed = None
+            if seen.packets is not None:
+                from app.db.packets import insert_packets
+                records = seen.packets
+                insert_packets(conn, round_id, records, port_ids, lambda p, proto: ports.fold_port(
+                    p, proto, listening, low, high, fold))
+                sniffed = len(records)
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            rounds_db.update_round(conn, round_id, {
+                "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_kb": ru.ru_maxrss,
+                "sniffer_packets": sniffed})
+        # the next round's payload extremes and TTL ranges start now
+        cfg.epoch = (epoch + 1) & 0xFFFFFFFF
+        self._maps["config"].update(maps.INDEX_0, bytes(cfg))
+        if reconcile:
+            self._after_round(round_id)
+        return RoundSummary(round_id, self.interface, end - (since or start), g.get("total", 0), g.get("bytes", 0),
+                            g.get("unparsed", 0), g.get("dropped", 0), n_ports, n_sources, n_listeners,
+                            sniffed, compiled, values["xdp_mode"], bool(baseline))
+
+    def _after_round(self, round_id: int) -> None:
+        """Reconcile the blocklist ledger with the pinned map (expiries, re-adds after a reload),
+        after a CrowdSec sync when one is configured (bounded in time, never raises)."""
+        if self.settings.crowdsec.lapi_url:
+            from app.services.fleet import crowdsec, view
+            crowdsec.sync_round(self.conn, self.settings)
+            view.write_sync(self.conn, self.settings)
+        self._reconcile()
+
+
+def _globals(delta: rounds.Delta) -> dict[str, int]:
+    """The global counters' differences of one round by name (empty when the map was not read)."""
+    return dict(zip(GLOBAL_NAMES, delta.values[0].tolist() if len(delta) else ()))
+
+
+def _egress_program_id(pdir: Path) -> int | None:
+    try:
+        return maps.prog_info(pdir / egress.PROG_PIN).id if (pdir / egress.PROG_PIN).exists() else None
+    except PortwatchError:
+        return None
+
+
+def _evictions(inserts: int, entries_now: int, entries_before: int) -> int:
+    """LRU evictions in the round: new keys inserted minus the growth of the map (never negative)."""
+    return max(0, inserts - (entries_now - entries_before))

@@ -1,0 +1,229 @@
+"""Cumulative kernel snapshots -> per-round differences (array code, no I/O).
+
+The kernel never resets a counter. A round stores, per key, cumulative-now minus
+cumulative-at-the-last-snapshot; the last snapshot is kept in SQLite (counter_snapshots), so
+nothing is lost or counted twice across round boundaries, a SIGKILLed run, a skipped minute or
+a reload that kept the pinned maps. A key whose counters went backwards (maps recreated, reboot,
+an LRU entry evicted and re-inserted) is treated as restarted from zero: its delta is its
+current value.
+
+Values are decoded with numpy structured dtypes built from the ctypes mirrors in bpf_structs.py, so a
+round over 50k entries costs milliseconds, not a Python loop per CPU per field. A snapshot is
+one BLOB per map: all keys (n * key_size bytes) followed by the counters (n * width u64, little
+endian).
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.services.kernel import bpf_structs
+
+# counters kept per map in snapshots (in this order)
+COUNTERS = {
+    "port_stats": ("packets", "bytes", "payload_bytes", "syn", "synack", "rst", "fin"),
+    "sources": ("packets", "bytes", "syn", "fragments"),
+    "srcports": ("packets",),
+    "flows": ("packets", "bytes"),
+    "global": bpf_structs.GLOBAL_NAMES,
+    "blacklist": ("drops", "drop_bytes", "replies"),
+    "verified": ("proofs",),
+    # TC egress (bpf/egress.c)
+    "eg_ports": ("packets", "bytes", "payload_bytes", "syn"),
+    "eg_dests": ("packets", "bytes", "syn"),
+    "eg_dstports": ("packets",),
+    "eg_flows": ("packets", "bytes"),
+    "eg_global": bpf_structs.GLOBAL_NAMES,
+}
+GLOBAL_MAPS = ("global", "eg_global")
+SCALAR_MAPS = ("srcports", "eg_dstports")
+FLOW_MAPS = ("flows", "eg_flows")
+U32_MAX = np.uint64(0xFFFFFFFF)
+U64_MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@dataclass
+class MapReading:
+    """One map read at one time.
+
+    raw_keys: the n keys back to back (n * key_size bytes); counters: (n, width) uint64, columns
+    COUNTERS[name]; extras: (n, k) uint64 per-key extras (see decode), or None.
+    """
+    name: str
+    raw_keys: bytes
+    key_size: int
+    counters: np.ndarray
+    extras: np.ndarray | None = None
+    max_entries: int = 0
+
+    @property
+    def entries(self) -> int:
+        return len(self.counters)
+
+    @property
+    def key_array(self) -> np.ndarray:
+        """Keys as fixed-width byte strings ('S<key_size>'), for vectorised joins.
+        (Never turn these into Python bytes with tolist(): numpy strips trailing NULs.)"""
+        return np.frombuffer(self.raw_keys, dtype=f"S{self.key_size}", count=self.entries)
+
+    def key(self, i: int) -> bytes:
+        return self.raw_keys[i * self.key_size:(i + 1) * self.key_size]
+
+    @property
+    def keys(self) -> list[bytes]:
+        ks = self.key_size
+        return [self.raw_keys[i:i + ks] for i in range(0, len(self.counters) * ks, ks)]
+
+
+def empty(name: str, key_size: int = 1) -> MapReading:
+    return MapReading(name, b"", key_size, np.zeros((0, len(COUNTERS[name])), dtype=np.uint64))
+
+
+def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride: int, ncpu: int,
+           epoch: int | None = None) -> MapReading:
+    """Decode raw batch-read bytes of map ``name`` (n keys, n * ncpu values of ``stride`` bytes).
+
+    Per-CPU counters are summed. Extras per key:
+      port_stats: (round_min, round_max) payload bytes over CPUs whose round epoch equals ``epoch``
+                  (U32_MAX / 0 when no packet of this round was seen);
+      sources:    (ttl_min, ttl_max) the same way (U32_MAX / 0: no packet this round);
+      flows, eg_flows: (first_seen_ns, last_seen_ns, tcp_flags) reduced over CPUs (min, max, OR);
+      blacklist:  (last_drop_ns,);
+      verified:   (proof, ttl, mac as a 48-bit integer) of the latest proof.
+    """
+    if n == 0:
+        return empty(name, key_size)
+    arr = np.frombuffer(values, dtype=bpf_structs.value_dtype(name, stride), count=n * ncpu).reshape(n, ncpu)
+    extras = None
+    if name in GLOBAL_MAPS:
+        counters = arr["c"].sum(axis=1, dtype=np.uint64)
+    elif name in SCALAR_MAPS:
+        counters = arr["value"].sum(axis=1, dtype=np.uint64).reshape(n, 1)
+    else:
+        counters = np.stack([arr[f].astype(np.uint64).sum(axis=1, dtype=np.uint64) for f in COUNTERS[name]], axis=1)
+        seen = arr["packets"] > 0 if name in ("port_stats", "sources", *FLOW_MAPS) else None
+        if name in ("port_stats", "sources"):
+            lo, hi = ("round_min", "round_max") if name == "port_stats" else ("ttl_min", "ttl_max")
+            mask = seen & (arr["epoch"] == (epoch if epoch is not None else -1))
+            rmin = np.where(mask, arr[lo].astype(np.uint64), U32_MAX).min(axis=1)
+            rmax = np.where(mask, arr[hi].astype(np.uint64), 0).max(axis=1)
+            extras = np.stack([rmin, rmax], axis=1)
+        elif name in FLOW_MAPS:
+            first = np.where(seen, arr["first_seen_ns"], U64_MAX).min(axis=1)
+            first = np.where(first == U64_MAX, 0, first)
+            last = np.where(seen, arr["last_seen_ns"], 0).max(axis=1)
+            flags = np.bitwise_or.reduce(np.where(seen, arr["tcp_flags"].astype(np.uint64), 0), axis=1)
+            extras = np.stack([first, last, flags], axis=1)
+        elif name == "blacklist":
+            extras = arr["last_drop_ns"].max(axis=1).reshape(n, 1)
+        elif name == "verified":
+            octets = np.frombuffer(arr["mac"][:, 0].tobytes(), dtype=np.uint8).reshape(n, 6).astype(np.uint64)
+            mac = np.zeros(n, dtype=np.uint64)
+            for i in range(6):
+                mac = (mac << np.uint64(8)) | octets[:, i]
+            extras = np.stack([arr["proof"][:, 0].astype(np.uint64), arr["ttl"][:, 0].astype(np.uint64), mac], axis=1)
+    return MapReading(name, keys[: n * key_size], key_size, np.ascontiguousarray(counters, dtype=np.uint64), extras)
+
+
+def read_map(m, epoch: int | None = None) -> MapReading:
+    """Read and decode one map (an app.services.kernel.maps.PinnedMap, or anything with its interface).
+
+    A map made by an older layout whose value struct has since grown at its end (pw_global gained
+    counters) is read with the missing trailing fields as zeros."""
+    keys, values, n = m.items()
+    stride = m.value_stride
+    want = ctypes.sizeof(bpf_structs.MAP_LAYOUT[m.name][2])
+    if n and m.info.value_size < want:
+        new_stride = (want + 7) // 8 * 8 if m.percpu else want
+        old = np.frombuffer(bytes(values), dtype=np.uint8).reshape(n * m.ncpu, stride)
+        padded = np.zeros((n * m.ncpu, new_stride), dtype=np.uint8)
+        padded[:, :min(stride, new_stride)] = old[:, :min(stride, new_stride)]
+        values, stride = padded.tobytes(), new_stride
+    reading = decode(m.name, keys, values, n, m.info.key_size, stride, m.ncpu, epoch)
+    reading.max_entries = m.info.max_entries
+    return reading
+
+
+def pack_snapshot(reading: MapReading) -> bytes:
+    """The BLOB stored in counter_snapshots.data for one map."""
+    return reading.raw_keys + reading.counters.astype("<u8").tobytes()
+
+
+def unpack_snapshot(name: str, key_size: int, blob: bytes) -> MapReading:
+    width = len(COUNTERS[name])
+    n = len(blob) // (key_size + 8 * width)
+    if n * (key_size + 8 * width) != len(blob):
+        # a snapshot of an older layout of this map (its maps were recreated since): nothing to subtract
+        return empty(name, key_size)
+    counters = np.frombuffer(blob, dtype=np.uint64 if np.little_endian else "<u8", count=n * width,
+                             offset=n * key_size).reshape(n, width)
+    return MapReading(name, blob[: n * key_size], key_size, counters)
+
+
+@dataclass
+class Delta:
+    """Per-key differences of one map for one round: only keys with a non-zero delta.
+
+    values: (k, width) int64; index: (k,) row of each key in ``reading`` (the current reading:
+    keys and extras are looked up there, so no per-key Python object exists until needed).
+    """
+    name: str
+    values: np.ndarray
+    index: np.ndarray
+    reading: MapReading
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def keys(self) -> list[bytes]:
+        key = self.reading.key
+        return [key(i) for i in self.index.tolist()]
+
+    def _key_records(self) -> np.ndarray:
+        return np.frombuffer(self.reading.raw_keys, dtype=bpf_structs.key_dtype(self.name),
+                             count=self.reading.entries)
+
+    def field(self, name: str) -> np.ndarray:
+        """One field of this delta's keys, by its C name (e.g. ``"src"`` of pw_flow_key): (k,) array."""
+        return self._key_records()[name][self.index]
+
+    def key_fields(self, rows) -> np.ndarray:
+        """The keys of delta rows ``rows`` as structured records (fields named as in bpf/common.h)."""
+        return self._key_records()[self.index[rows]]
+
+    def as_dict(self) -> dict[bytes, tuple]:
+        return {k: tuple(v) for k, v in zip(self.keys, self.values.tolist())}
+
+
+def diff(current: MapReading, previous: MapReading) -> Delta:
+    """current - previous per key. A key new since the previous snapshot, or one with any
+    counter lower than before (restarted), contributes its whole current value."""
+    if not current.entries:
+        return Delta(current.name, np.zeros((0, current.counters.shape[1]), dtype=np.int64),
+                     np.zeros(0, dtype=np.int64), current)
+    cur = current.counters.astype(np.int64)
+    if previous.entries:
+        idx = match(current.key_array, previous.key_array)
+        known = idx >= 0
+        prev = np.zeros_like(cur)
+        prev[known] = previous.counters[idx[known]].astype(np.int64)
+        delta = cur - prev
+        restarted = (delta < 0).any(axis=1)
+        delta[restarted] = cur[restarted]
+    else:
+        delta = cur
+    rows = np.flatnonzero(delta.any(axis=1))
+    return Delta(current.name, delta[rows], rows, current)
+
+
+def match(keys: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """For each of ``keys``, its row in ``reference`` or -1 (both 'S<n>' arrays; sort + binary search)."""
+    order = np.argsort(reference, kind="stable")
+    ordered = reference[order]
+    pos = np.searchsorted(ordered, keys)
+    pos_c = np.minimum(pos, len(ordered) - 1)
+    found = ordered[pos_c] == keys
+    return np.where(found, order[pos_c], -1)

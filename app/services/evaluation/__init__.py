@@ -1,0 +1,2 @@
+"""Judging stored rounds: series and windows, the model and its versions, the rule detectors, findings
+and who they name, and their explanation. Imports leaves and app.db; never the collector or the kernel."""

@@ -1,0 +1,396 @@
+"""The report's figures: matplotlib, the Agg backend, one PNG per figure (the only matplotlib importer).
+
+Each ``draw_*`` takes a painter and the facts it shows (:mod:`app.services.ops.reports.facts`), writes
+its PNG atomically into the painter's directory and returns a :class:`Drawn` (or None when there
+is nothing to draw). matplotlib is imported when the painter is made, never at module import: the
+collector and the CLI parser never load it. Every time axis is UTC.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from app import permissions
+from app.services.files import atomic_writer
+from app.services.ops.reports.facts import (CONTRIBUTION_MEASURE, MIN_PORT_SHARE, Blocklist, ModelAnomaly,
+                                            ModelScores, Occupancy, PortFacts, Traffic, fmt_time, rate_steps)
+from app.services.text import counted
+
+DPI = 100
+
+
+@dataclass
+class Drawn:
+    """One figure written: file name, section, title and a one-line caption."""
+    file: str
+    section: str
+    title: str
+    caption: str
+
+
+def _utc(t: float) -> datetime:
+    return datetime.fromtimestamp(t, tz=timezone.utc)
+
+
+class Painter:
+    """Creates figures with constrained layout and UTC time axes, saves them atomically."""
+
+    def __init__(self, out_dir: Path):
+        import matplotlib
+        matplotlib.use("Agg", force=True)
+        from matplotlib import dates as mdates
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+        self.out_dir = out_dir
+        self.MaxNLocator = MaxNLocator
+        self.Figure = Figure
+        self.mdates = mdates
+
+    def figure(self, rows: int = 1, cols: int = 1, height: float = 4.0, width: float = 11.0, **kw):
+        fig = self.Figure(figsize=(width, height * rows), dpi=DPI, layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False, **kw)
+        return fig, axes
+
+    def time_axis(self, ax) -> None:
+        locator = self.mdates.AutoDateLocator(tz=timezone.utc, minticks=3, maxticks=9)
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(self.mdates.ConciseDateFormatter(locator, tz=timezone.utc))
+        ax.set_xlabel("time (UTC)")
+        ax.grid(True, alpha=0.3)
+
+    def integer_axis(self, ax) -> None:
+        """Counts of things: whole-number ticks, starting at zero."""
+        ax.yaxis.set_major_locator(self.MaxNLocator(integer=True))
+        top = ax.get_ylim()[1]
+        ax.set_ylim(-0.05 * max(top, 1.0), max(top, 1.0) * 1.1)
+
+    def rate_axis(self, ax) -> None:
+        """Rates: from zero, with headroom above the highest value so the legend never hides the data."""
+        top = ax.get_ylim()[1]
+        ax.set_ylim(0, top * 1.35 if top > 0 else 1.0)
+
+    def save(self, fig, name: str) -> None:
+        with atomic_writer(self.out_dir / name, mode=permissions.file_mode(), binary=True) as fh:
+            fig.savefig(fh, format="png", dpi=DPI)
+
+
+_DETECTOR_COLOURS = {"model": "tab:red", "port_scan": "tab:purple", "syn_flood": "tab:orange",
+                     "new_listener": "tab:green"}
+
+
+def _detector_colour(detector: str) -> str:
+    return _DETECTOR_COLOURS.get(detector, "tab:brown")
+
+
+def _short_list(items: list[str], limit: int = 4) -> str:
+    if len(items) <= limit:
+        return ", ".join(items)
+    return f"{', '.join(items[:limit])} (+{len(items) - limit} more)"
+
+
+def _plot_rate(ax, rows, count, **style) -> None:
+    """Counts per second of the span each round covers, one flat segment per round (facts.rate_steps)."""
+    times, values = rate_steps(rows, count)
+    ax.plot([_utc(t) for t in times], values, **style)
+
+
+def _shade_anomalies(ax, anomalies, with_labels: bool) -> None:
+    """Shade each anomaly's flagged rounds (a dotted line at its time when the rounds are gone)."""
+    shaded: set[str] = set()
+    for a in anomalies:
+        colour = _detector_colour(a["detector"])
+        label = f"flagged: {a['detector']}" if with_labels and a["detector"] not in shaded else None
+        shaded.add(a["detector"])
+        if a["span_start"] is not None and a["span_end"] is not None:
+            ax.axvspan(_utc(a["span_start"]), _utc(max(a["span_end"], a["span_start"] + 1)), color=colour,
+                       alpha=0.2, label=label)
+        else:   # the flagged rounds are gone (retention): mark when it was raised
+            ax.axvline(_utc(a["created_at"]), color=colour, alpha=0.6, linestyle=":", label=label)
+
+
+def draw_traffic(p: Painter, traffic: Traffic | None) -> Drawn | None:
+    if traffic is None:
+        return None
+    hostwide, blocked = traffic.hostwide, traffic.blocked
+    fig, axes = p.figure(2, 1, height=3.0, sharex=True)
+    for interface, items in traffic.by_interface.items():
+        _plot_rate(axes[0, 0], items, lambda r: r["total_packets"], label=f"{interface}: all packets")
+        _plot_rate(axes[0, 0], items, lambda r: r["unparsed_packets"], linestyle=":",
+                   label=f"{interface}: unparsed (passed)")
+        _plot_rate(axes[1, 0], items, lambda r: r["drops"], color="tab:red",
+                   label=f"{interface}: dropped by the blocklist")
+    _shade_anomalies(axes[0, 0], hostwide, with_labels=True)
+    _shade_anomalies(axes[1, 0], hostwide, with_labels=False)
+    axes[0, 0].set_ylabel("packets per second")
+    title = "Traffic seen by XDP"
+    if hostwide:
+        title += (f"; {counted(len(hostwide), 'host-wide anomaly', 'host-wide anomalies')} shaded"
+                  + (f", blocked: {_short_list(blocked, 3)}" if blocked else ""))
+    axes[0, 0].set_title(title)
+    total = traffic.total_drops
+    axes[1, 0].set_ylabel("packets per second")
+    axes[1, 0].set_title(f"Packets dropped for blocked sources: {total} in this window")
+    for ax in axes[:, 0]:
+        p.rate_axis(ax)
+        ax.legend(loc="upper left", fontsize="small", ncols=3)
+        p.time_axis(ax)
+    axes[0, 0].set_xlabel("")
+    p.save(fig, "traffic.png")
+    return Drawn("traffic.png", "overview", "Traffic per second",
+                 "All packets the XDP program saw and the packets it dropped for blocked sources, per second "
+                 f"of the span each round's counts cover ({counted(total, 'packet')} dropped in this window); "
+                 "shaded: rounds flagged by host-wide detectors (port scans).")
+
+
+def draw_port(p: Painter, port: PortFacts) -> Drawn:
+    series, anomalies, label, blocked = port.series, port.anomalies, port.label, port.blocked
+    fig, axes = p.figure(2, 1, height=2.8, sharex=True)
+    ax_packets, ax_bytes = axes[0, 0], axes[1, 0]
+    if series:
+        _plot_rate(ax_packets, series, lambda r: r["packets"], color="tab:blue", label="packets")
+        if port.protocol == "tcp":
+            _plot_rate(ax_packets, series, lambda r: r["syn"], color="tab:orange", linestyle="--",
+                       label="SYN (no ACK)")
+        _plot_rate(ax_bytes, series, lambda r: r["bytes"] / 1000.0, color="tab:green", label="frame bytes")
+    _shade_anomalies(ax_packets, anomalies, with_labels=True)
+    _shade_anomalies(ax_bytes, anomalies, with_labels=False)
+    packets = sum(r["packets"] for r in series)
+    if port.flagged:
+        title = f"{label}: FLAGGED, {counted(len(anomalies), 'anomaly')}"
+        subtitle = f"blocked sources: {_short_list(blocked)}" if blocked else "no source blocked for this port"
+    elif port.other:
+        title = f"{label}: each below {MIN_PORT_SHARE:.0%} of the packets, summed"
+        subtitle = f"{counted(packets, 'packet')} in this window"
+    else:
+        title = f"{label}: one of the busiest ports, not flagged"
+        subtitle = f"{counted(packets, 'packet')} in this window"
+    fig.suptitle(f"{title}\n{subtitle}", fontsize="medium", color="tab:red" if port.flagged else "black",
+                 fontweight="bold" if port.flagged else "normal")
+    if port.flagged:
+        for spine in ax_packets.spines.values():
+            spine.set_edgecolor("tab:red")
+            spine.set_linewidth(1.5)
+    ax_packets.set_ylabel("packets per second")
+    ax_bytes.set_ylabel("kB per second")
+    for ax in (ax_packets, ax_bytes):
+        p.rate_axis(ax)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper left", fontsize="small", ncols=3)
+        p.time_axis(ax)
+    ax_packets.set_xlabel("")
+    name = port.file
+    p.save(fig, name)
+    shade = " Shaded: the rounds each detector flagged." if port.flagged else ""
+    return Drawn(name, "ports", label, f"{title}; {subtitle}.{shade}")
+
+
+def draw_reconstruction(p: Painter, model: ModelScores | None) -> Drawn | None:
+    if model is None:
+        return None
+    scores, errors = model.scores, model.errors
+    # evaluations' thresholds before the per-round errors began (a database older than migration 9)
+    thresholds = [r for r in model.thresholds if not errors or r["at"] < errors[0]["at"]]
+    fig, axes = p.figure(1, 1, height=4.2)
+    ax = axes[0, 0]
+    values: list[float] = []
+    if errors:
+        times = [_utc(r["at"]) for r in errors]
+        ax.plot(times, [r["max_error"] for r in errors], color="tab:blue", linewidth=1.0,
+                label="error per round (worst port)")
+        ax.plot(times, [r["median_error"] for r in errors], color="tab:gray", alpha=0.8, linewidth=0.8,
+                label="error per round (median port)")
+        values += [r["max_error"] for r in errors] + [r["median_error"] for r in errors]
+        values += _threshold_steps(ax, errors, model.end)
+    if thresholds:
+        # each threshold holds until the next evaluation; the last one until the end of the window
+        until = errors[0]["at"] if errors else model.end
+        steps = list(thresholds) + [{"at": until, "threshold": thresholds[-1]["threshold"]}]
+        ax.plot([_utc(r["at"]) for r in steps], [r["threshold"] for r in steps], drawstyle="steps-post",
+                color="black", linewidth=1.5, label="threshold (per evaluation)")
+        values += [r["threshold"] for r in thresholds]
+    if scores:
+        ax.scatter([_utc(r["created_at"]) for r in scores], [r["score"] for r in scores], color="tab:red", s=24,
+                   zorder=3, label="anomaly (score above threshold)")
+        values += [r["score"] for r in scores]
+        per_score_threshold = [r for r in scores if r["threshold"] is not None]
+        if per_score_threshold and not thresholds and not errors:
+            ax.scatter([_utc(r["created_at"]) for r in per_score_threshold],
+                       [r["threshold"] for r in per_score_threshold], marker="_", s=200, color="black",
+                       label="threshold at that anomaly")
+            values += [r["threshold"] for r in per_score_threshold]
+    positive = [v for v in values if v and v > 0]
+    if positive and max(positive) / min(positive) > 100:
+        ax.set_yscale("log")
+    ax.set_ylabel("reconstruction error (scaled units)")
+    ax.set_title("Model: error of each judged round against the threshold of each model version")
+    ax.legend(loc="upper left", fontsize="small")
+    p.time_axis(ax)
+    p.save(fig, "reconstruction_error.png")
+    versions = len({r["model_version"] for r in errors})
+    judged = (f"{counted(len(errors), 'judged round')} by {counted(versions, 'model version')}; "
+              if errors else "")
+    return Drawn("reconstruction_error.png", "model", "Reconstruction error against the threshold",
+                 f"{judged}{counted(len(scores), 'model anomaly', 'model anomalies')}; the steps are the "
+                 "threshold each model version judged with.")
+
+
+def _threshold_steps(ax, errors: list, end: float | None) -> list[float]:
+    """One step line per model version: its threshold from its first judged round until the next
+    version's (the last until ``end``); an infinite threshold (stored NULL) leaves a gap."""
+    runs: list[list] = []
+    for r in errors:
+        if not runs or runs[-1][0]["model_version"] != r["model_version"]:
+            runs.append([])
+        runs[-1].append(r)
+    colors = ("black", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink")
+    labelled: set[int] = set()
+    drawn: list[float] = []
+    for k, run in enumerate(runs):
+        until = runs[k + 1][0]["at"] if k + 1 < len(runs) else max(end or run[-1]["at"], run[-1]["at"])
+        ys = [r["threshold"] if r["threshold"] is not None else float("nan") for r in run]
+        version = run[0]["model_version"]
+        label = None
+        if version not in labelled and len(labelled) < len(colors):
+            label = f"threshold, model v{version}"
+            labelled.add(version)
+        ax.plot([_utc(r["at"]) for r in run] + [_utc(until)], ys + ys[-1:], drawstyle="steps-post",
+                color=colors[version % len(colors)], linewidth=1.6, label=label)
+        drawn += [y for y in ys if y == y]
+    return drawn
+
+
+def draw_contributions(p: Painter, anomaly: ModelAnomaly, top: int = 12) -> Drawn | None:
+    features = sorted(anomaly.features, key=lambda f: abs(f.contribution), reverse=True)[:top]
+    if not features:
+        return None
+    features.reverse()   # largest at the top of a horizontal bar chart
+    names = [f.name for f in features]
+    with_values = [f for f in features if f.observed is not None and f.reconstructed is not None]
+    cols = 2 if with_values else 1
+    fig, axes = p.figure(1, cols, height=max(3.0, 0.38 * len(features) + 1.6), width=11.0)
+    ax = axes[0, 0]
+    ax.barh(range(len(features)), [f.contribution for f in features], color="tab:red", label="contribution")
+    ax.set_yticks(range(len(features)), names)
+    ax.set_xlabel(CONTRIBUTION_MEASURE)
+    ax.set_title("Per-feature contribution")
+    ax.grid(True, axis="x", alpha=0.3)
+    if with_values:
+        ax2 = axes[0, 1]
+        pos = range(len(features))
+        height = 0.4
+        ax2.barh([i + height / 2 for i in pos], [f.observed if f.observed is not None else 0 for f in features],
+                 height=height, color="tab:blue", label="observed")
+        ax2.barh([i - height / 2 for i in pos],
+                 [f.reconstructed if f.reconstructed is not None else 0 for f in features],
+                 height=height, color="tab:gray", label="reconstructed")
+        ax2.set_yticks(list(pos), [""] * len(features))
+        magnitudes = [abs(v) for f in features for v in (f.observed, f.reconstructed) if v]
+        if magnitudes and max(magnitudes) / min(magnitudes) > 100:   # packets next to bytes: keep both visible
+            ax2.set_xscale("symlog", linthresh=max(min(magnitudes), 1e-3))
+        ax2.set_xlabel("value in the feature's own units" + (" (symlog scale)" if ax2.get_xscale() == "symlog" else ""))
+        ax2.set_title("Observed vs reconstructed")
+        ax2.legend(loc="lower right", fontsize="small")
+        ax2.grid(True, axis="x", alpha=0.3)
+    port = anomaly.port
+    score = "-" if anomaly.score is None else f"{anomaly.score:.4g}"
+    threshold = "-" if anomaly.threshold is None else f"{anomaly.threshold:.4g}"
+    sources = _short_list(anomaly.sources, 3)
+    fig.suptitle(f"Anomaly #{anomaly.id} on {port} at {fmt_time(anomaly.created_at)}\n"
+                 f"score {score} (threshold {threshold})" + (f"; sources: {sources}" if sources else ""),
+                 fontsize="medium")
+    name = f"contributions_{int(anomaly.id)}.png"
+    p.save(fig, name)
+    return Drawn(name, "contributions", f"Anomaly #{anomaly.id} on {port}",
+                 f"The {len(features)} features that contributed most to anomaly #{anomaly.id}'s reconstruction error.")
+
+
+def draw_blocklist(p: Painter, blocklist: Blocklist | None) -> Drawn | None:
+    if blocklist is None:
+        return None
+    entries, events, times = blocklist.entries, blocklist.events, blocklist.times
+    fig, axes = p.figure(2, 1, height=3.0, sharex=True)
+    ax_entries, ax_drops = axes[0, 0], axes[1, 0]
+    if times:
+        ax_entries.plot([_utc(t) for t in times], blocklist.in_force, drawstyle="steps-post",
+                        color="black", label="entries in force")
+    kinds = {"block": ("^", "tab:red", "block"), "expire": ("v", "tab:gray", "expire"),
+             "remove": ("v", "tab:blue", "remove"), "would-block": ("^", "tab:orange", "would block (dry run)")}
+    for action, (marker, colour, label) in kinds.items():
+        at = [_utc(e["at"]) for e in events if e["action"] == action]
+        if at:
+            ax_entries.scatter(at, [0] * len(at), marker=marker, color=colour, s=40, zorder=3, label=label,
+                               clip_on=False)
+    ax_entries.set_ylabel("blocklist entries")
+    ax_entries.set_title("Blocklist entries in force, and block/expire/remove events")
+    p.integer_axis(ax_entries)
+    if blocklist.drop_series:
+        ax_drops.stackplot([_utc(t) for t in blocklist.round_ends], *blocklist.drop_series,
+                           labels=blocklist.drop_labels, step="pre", alpha=0.8)
+        p.rate_axis(ax_drops)
+        ax_drops.legend(loc="upper left", fontsize="small", ncols=2)
+    else:
+        ax_drops.text(0.5, 0.5, "no packets dropped in this window", transform=ax_drops.transAxes,
+                      ha="center", va="center", color="gray")
+    ax_drops.set_ylabel("packets dropped per second")
+    ax_drops.set_title(f"Packets dropped per second, by blocked address ({blocklist.total_drops} in this window)")
+    if ax_entries.get_legend_handles_labels()[0]:
+        ax_entries.legend(loc="upper left", fontsize="small")
+    for ax in (ax_entries, ax_drops):
+        p.time_axis(ax)
+    ax_entries.set_xlabel("")
+    p.save(fig, "blocklist.png")
+    total_drops = blocklist.total_drops
+    return Drawn("blocklist.png", "blocklist", "Blocklist activity",
+                 f"{counted(len(entries), 'entry')} in force in this window; "
+                 f"{counted(total_drops, 'packet')} dropped.")
+
+
+def draw_occupancy(p: Painter, occupancy: Occupancy) -> Drawn | None:
+    counts, changes = occupancy.counts, occupancy.changes
+    if not counts:
+        return None
+    fig, axes = p.figure(2, 1, height=3.0, sharex=True)
+    ax_count, ax_events = axes[0, 0], axes[1, 0]
+    ax_count.plot([_utc(t) for t, _ in counts], [n for _, n in counts], drawstyle="steps-post", color="black",
+                  label="listening ports")
+    ax_count.set_ylabel("listening ports")
+    p.integer_axis(ax_count)
+    ax_count.set_title("Occupancy: local ports with a listener")
+    ax_count.legend(loc="upper left", fontsize="small")
+    # the 20 ports with the most recent changes, one row each
+    recent = changes[-400:]
+    ports: list[str] = []
+    for change in reversed(recent):
+        if change.port not in ports:
+            ports.append(change.port)
+        if len(ports) == 20:
+            break
+    rows = {port: i for i, port in enumerate(sorted(ports))}
+    styles = {"new listener": ("^", "tab:green"), "listener gone": ("v", "tab:gray"),
+              "process change": ("o", "tab:orange")}
+    for kind, (marker, colour) in styles.items():
+        picked = [c for c in recent if c.kind == kind and c.port in rows]
+        if picked:
+            ax_events.scatter([_utc(c.at) for c in picked], [rows[c.port] for c in picked], marker=marker,
+                              color=colour, s=40, label=kind, zorder=3)
+    if rows:
+        ax_events.set_yticks(range(len(rows)), list(rows))
+        ax_events.set_ylim(-0.7, len(rows) - 0.3)
+        ax_events.legend(loc="upper left", fontsize="small")
+    else:
+        ax_events.set_yticks([])
+        ax_events.text(0.5, 0.5, "no listener appeared, went away or changed process", transform=ax_events.transAxes,
+                       ha="center", va="center", color="gray")
+    ax_events.set_title("New listeners, listeners gone and process changes")
+    for ax in (ax_count, ax_events):
+        p.time_axis(ax)
+    ax_count.set_xlabel("")
+    p.save(fig, "occupancy.png")
+    kinds = {}
+    for change in changes:
+        kinds[change.kind] = kinds.get(change.kind, 0) + 1
+    summary = ", ".join(counted(n, k) for k, n in sorted(kinds.items())) or "no changes"
+    return Drawn("occupancy.png", "occupancy", "Occupancy changes", f"{summary}.")
+
+
