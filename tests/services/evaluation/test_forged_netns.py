@@ -136,29 +136,39 @@ def test_forged_peer_is_never_blocked_and_the_unknown_scanner_is(lab, tmp_path, 
         assert sink.drain() == {benign: 25}
 
 
-def test_udp_request_response_peer_forged_is_not_blocked(lab, tmp_path, pin_root):
+def test_udp_server_this_host_asked_is_a_peer_and_not_blocked_when_forged(lab, tmp_path, pin_root):
+    """This host's datagrams answered from the same address and port prove the server (a blind forger
+    never sees them); an inbound request this host answered would prove nothing."""
     s, pdir = loaded(lab, tmp_path, pin_root)
     benign = lab.host_v4(3)
-    responder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    responder.bind((lab.root_v4, 5353))
-    responder.settimeout(0.5)
-    asker = lab.popen(sys.executable, "-c", r"""
+    responder = lab.popen(sys.executable, "-c", r"""
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 0)); s.settimeout(2)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 5353)); s.settimeout(10)
+print('ready', flush=True)
 for i in range(20):
-    s.sendto(b'q%d' % i, (sys.argv[2], 5353)); s.recv(100)
-""", benign, lab.root_v4)
+    data, addr = s.recvfrom(100); s.sendto(b'a' + data, addr)
+""", benign, stdout=subprocess.PIPE, text=True)
+    asker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    asker.bind((lab.root_v4, 0))
+    asker.settimeout(2)
     try:
-        for _ in range(20):                                      # this host answers every request
-            data, addr = responder.recvfrom(100)
-            responder.sendto(b"a" + data, addr)
-        asker.wait(timeout=10)
+        assert responder.stdout.readline().strip() == "ready"
+        for i in range(20):                                  # this host asks, the server answers
+            asker.sendto(b"q%d" % i, (benign, 5353))
+            assert asker.recv(100) == b"aq%d" % i
+        responder.wait(timeout=10)
     finally:
-        responder.close()
+        asker.close()
+        responder.kill()
     collect(s, lab)
     hping(lab, "-a", benign, "-S", "-p", "++1000", "-c", "150", "-i", "u500")
     collect(s, lab)
     job = jobs.run(s)
+    conn = connect(s.general.db)
+    try:
+        assert conn.execute("SELECT proof FROM peers WHERE address = ?", (benign,)).fetchone()[0] == "opened-udp"
+    finally:
+        conn.close()
     assert [d.action for d in job.decisions if d.address == f"{benign}/32"] == ["refused"]
 
 

@@ -26,9 +26,9 @@ import pytest
 from app.db import blacklist as queries
 from app.db import peers
 from app.db.connection import connect
-from app.services import evaluation_job
+from app.services import jobs
 from tests.helpers import REPO, collect, loaded, pin_root  # noqa: F401
-from tests.services.test_forged_netns import hping
+from tests.services.evaluation.test_forged_netns import hping
 
 pytestmark = pytest.mark.kernel
 
@@ -66,7 +66,7 @@ def test_forged_scan_under_a_server_address_never_cuts_this_host_off(lab, tmp_pa
         assert srv.stdout.readline().strip() == "ready"
         hping(lab, "-a", server, "-S", "-p", "++1000", "-c", "100", "-i", "u500")    # forged: 100 ports
         collect(s, lab)
-        job = evaluation_job.run(s)
+        job = jobs.run(s)
         assert [(d.address, d.action) for d in job.decisions] == [(f"{server}/32", "block")]   # an unknown address
         first = _curl(f"http://{server}:{HTTP_PORT}/")
         second = _curl(f"http://{server}:{HTTP_PORT}/")
@@ -117,7 +117,7 @@ def test_blind_psh_ack_then_a_scan_is_blocked(lab, tmp_path, pin_root):
         collect(s, lab)
         hping(lab, "-a", scanner, "-S", "-p", "++1000", "-c", "100", "-i", "u500")   # its own address
         collect(s, lab)
-        job = evaluation_job.run(s)
+        job = jobs.run(s)
     finally:
         listener.close()
     conn = connect(s.general.db)
@@ -152,7 +152,7 @@ def test_udp_scan_that_an_open_service_answers_is_blocked(lab, tmp_path, pin_roo
     try:
         assert int(lab.send("--src", scanner, "--dst", lab.root_v4, "--ports", "5300-5399", "--count", "1")) == 100
         collect(s, lab)
-        job = evaluation_job.run(s)
+        job = jobs.run(s)
     finally:
         stop.set()
         t.join(timeout=5)
@@ -188,7 +188,7 @@ def test_outbound_sweep_answers_are_no_inbound_scan(lab, tmp_path, pin_root):
                          timeout=120)
     assert out.stdout.strip() == "300"                      # every port closed: 300 RSTs to 300 ephemeral ports
     collect(s, lab)
-    job = evaluation_job.run(s)
+    job = jobs.run(s)
     inbound = [f for f in job.evaluation.anomalies if target in f.addresses and f.detector != "outbound_scan"]
     assert inbound == [] and job.decisions == []
     conn = connect(s.general.db)
