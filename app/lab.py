@@ -16,6 +16,7 @@ IPv4/IPv6 test traffic (ARP still counts as non-IP frames).
 """
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
 import os
@@ -152,6 +153,45 @@ def prog_run(prog_pin, frame: bytes, repeat: int) -> tuple[int, float]:
         raise RuntimeError(f"bpftool prog run failed: {out.stderr.strip()}")
     result = json.loads(out.stdout)
     return int(result["retval"]), float(result["duration"])
+
+
+class BpfTestRunOpts(ctypes.Structure):  # struct bpf_test_run_opts (libbpf bpf.h)
+    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
+                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
+                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
+                ("batch_size", ctypes.c_uint32)]
+
+
+def run_frames(prog_pin, frames) -> dict[int, int]:
+    """Run each frame of ``frames`` (an iterable of bytes) once through the pinned program at
+    ``prog_pin`` with BPF_PROG_TEST_RUN, in this process (one syscall per frame: ~250,000 frames in
+    a few seconds, nothing on any wire). Returns {return code: frames}."""
+    from app.services.kernel import maps
+    lib = maps.libbpf()
+    lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    fd = lib.bpf_obj_get(str(prog_pin).encode())
+    if fd < 0:
+        raise OSError(-fd, f"cannot open the pinned program {prog_pin}")
+    seen: dict[int, int] = {}
+    try:
+        opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts), repeat=1)
+        buf = ctypes.create_string_buffer(2048)          # one buffer, each frame copied in
+        opts.data_in = ctypes.addressof(buf)
+        run, ref = lib.bpf_prog_test_run_opts, ctypes.byref(opts)
+        for frame in frames:
+            if len(frame) > len(buf):
+                raise ValueError(f"a frame of {len(frame)} bytes: run_frames takes at most {len(buf)}")
+            ctypes.memmove(buf, frame, len(frame))
+            opts.data_size_in = len(frame)
+            rc = run(fd, ref)
+            if rc < 0:
+                raise OSError(-rc, f"BPF_PROG_TEST_RUN failed: {os.strerror(-rc)}")
+            seen[opts.retval] = seen.get(opts.retval, 0) + 1
+    finally:
+        os.close(fd)
+    return seen
 
 
 def _mac(ifname: str, ns: str | None = None) -> str:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from app.services.blocklist import blocklist  # noqa: E402
 from app.services.kernel import bpf_structs, maps  # noqa: E402
 from app.threads import collection as collector_mod  # noqa: E402
-from app.lab import Lab  # noqa: E402
+from app.lab import BpfTestRunOpts, Lab  # noqa: E402
 from app.services.kernel import egress, egress_block  # noqa: E402
 from bench.collector import mac_bytes, prog_run_ns, settings_for, tcp_syn_frame, udp6_frame, udp_frame  # noqa: E402
 
@@ -55,15 +55,6 @@ MIN_REPEAT, MAX_REPEAT = 20_000, 2_000_000
 DPORT = 9                                # nothing listens there: the stack's "no socket" path
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 BPF_PROG_TYPE_XDP = 6
-
-
-class BpfTestRunOpts(ctypes.Structure):  # struct bpf_test_run_opts (libbpf bpf.h)
-    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
-                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
-                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
-                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32)]
 
 
 class XdpMd(ctypes.Structure):           # struct xdp_md (uapi/linux/bpf.h)

@@ -53,7 +53,9 @@ struct pw_port_value {
 
 /* sources value (LRU, per CPU), key struct pw_addr. ttl_min/ttl_max: the IPv4 TTL / IPv6 hop
  * limit range of this source's packets seen while the config epoch was `epoch` (per round, like
- * pw_port_value.round_min). fragments: IP fragments (first or not) from this source. */
+ * pw_port_value.round_min). fragments: IP fragments (first or not) from this source. new_ports:
+ * (port, protocol) pairs of this source this CPU added to srcports (saturating): at PW_SCAN_PROMOTE
+ * the source is promoted into `scanners`, where a flood of new sources cannot evict it. */
 struct pw_source_value {
     __u64 packets;
     __u64 bytes;
@@ -62,7 +64,22 @@ struct pw_source_value {
     __u32 epoch;
     __u8  ttl_min;
     __u8  ttl_max;
-    __u8  pad[2];
+    __u16 new_ports;
+};
+
+/* scanners (hash, NOT LRU, shared; atomics, 8-byte aligned in a hash element): sources that reached
+ * PW_SCAN_PROMOTE distinct local ports. A spoofed flood evicts sources/srcports entries, never
+ * these: the evaluation reads them so a flood cannot hide a scanner. ports: distinct (port,
+ * protocol) pairs it reached (from the promotion on, starting at PW_SCAN_PROMOTE; a pair evicted from
+ * srcports and reached again counts again: an upper bound under eviction). User space removes an
+ * entry once it has been idle for a round. */
+#define PW_SCAN_PROMOTE 16
+struct pw_scanner_value {
+    __u64 ports;
+    __u64 packets;
+    __u64 syn;
+    __u64 first_ns;
+    __u64 last_ns;
 };
 
 /* srcports key (LRU, per CPU): which local ports a source reached; value: __u64 packets */
@@ -236,6 +253,8 @@ enum pw_global_index {
     PW_G_REPLIES,               /* answers to conversations this host opened (TC egress: conversations opened) */
     PW_G_REPLIES_PASSED,        /* of them, from a blocked source (passed, not dropped) */
     PW_G_VERIFIED,              /* proofs recorded in verified */
+    PW_G_SCANNER_PROMOTIONS,    /* sources promoted into scanners */
+    PW_G_SCANNERS_FULL,         /* a promotion found scanners full */
     PW_G_MAX
 };
 

@@ -21,6 +21,7 @@
  *   conns       lru_hash         pw_flow_key (answer)  pw_conn_value              CONN_MAP_SIZE   (TC writes)
  *   synacks     lru_hash         pw_flow_key (answer)  pw_synack_value            CONN_MAP_SIZE   (TC writes)
  *   verified    lru_hash         pw_addr               pw_verified_value          VERIFIED_MAP_SIZE
+ *   scanners    hash (no LRU)    pw_addr               pw_scanner_value           SCANNER_MAP_SIZE
  *
  * Answers: a TCP/UDP packet on the reverse tuple of a conversation THIS host opened (conns, written
  * by bpf/egress.c), idle less than REPLY_IDLE_SECONDS, and for TCP carrying ACK, is an answer: it
@@ -73,6 +74,9 @@
 #ifndef VERIFIED_MAP_SIZE
 #define VERIFIED_MAP_SIZE 16384
 #endif
+#ifndef SCANNER_MAP_SIZE
+#define SCANNER_MAP_SIZE 1024
+#endif
 #ifndef REPLY_IDLE_SECONDS
 #define REPLY_IDLE_SECONDS 300
 #endif
@@ -90,6 +94,7 @@ BPF_TABLE_PINNED("hash", struct pw_port_key, struct pw_synlimit_value, synlimit,
 BPF_TABLE_PINNED("lru_hash", struct pw_flow_key, struct pw_conn_value, conns, CONN_MAP_SIZE, PIN_DIR "/conns");
 BPF_TABLE_PINNED("lru_hash", struct pw_flow_key, struct pw_synack_value, synacks, CONN_MAP_SIZE, PIN_DIR "/synacks");
 BPF_TABLE_PINNED("lru_hash", struct pw_addr, struct pw_verified_value, verified, VERIFIED_MAP_SIZE, PIN_DIR "/verified");
+BPF_TABLE_PINNED("hash", struct pw_addr, struct pw_scanner_value, scanners, SCANNER_MAP_SIZE, PIN_DIR "/scanners");
 
 static __always_inline void count_port(struct pw_global *g, struct parsed *p, __u64 frame_len, __u32 epoch)
 {
@@ -134,7 +139,42 @@ static __always_inline void count_port(struct pw_global *g, struct parsed *p, __
     }
 }
 
-static __always_inline void count_source(struct pw_global *g, struct parsed *p, __u64 frame_len, __u32 epoch, int reply)
+/* A new (port, protocol) pair of p's source: counted in its scanners entry, or towards its promotion. */
+static __always_inline void new_port(struct pw_global *g, struct parsed *p, struct pw_source_value *sv, __u64 now)
+{
+    struct pw_scanner_value *scv = scanners.lookup(&p->src);
+    if (scv) {
+        __sync_fetch_and_add(&scv->ports, 1);
+        scv->last_ns = now;
+        return;
+    }
+    if (sv->new_ports < 0xFFFF)
+        sv->new_ports += 1;
+    if (sv->new_ports != PW_SCAN_PROMOTE)
+        return;
+    struct pw_scanner_value nv = {};
+    nv.ports = PW_SCAN_PROMOTE;
+    nv.first_ns = now;
+    nv.last_ns = now;
+    if (scanners.insert(&p->src, &nv) == 0)
+        count(PW_G_SCANNER_PROMOTIONS, 1);
+    else
+        count(PW_G_SCANNERS_FULL, 1);
+}
+
+/* packets and SYNs of a promoted source (looked up only for a source this CPU saw promoted) */
+static __always_inline void count_scanner(struct parsed *p)
+{
+    struct pw_scanner_value *scv = scanners.lookup(&p->src);
+    if (!scv)
+        return;
+    __sync_fetch_and_add(&scv->packets, 1);
+    if (is_syn(p))
+        __sync_fetch_and_add(&scv->syn, 1);
+}
+
+static __always_inline void count_source(struct pw_global *g, struct parsed *p, __u64 frame_len, __u32 epoch, int reply,
+                                         __u64 now)
 {
     struct pw_source_value zero = {};
     struct pw_source_value *sv = sources.lookup(&p->src);
@@ -162,6 +202,8 @@ static __always_inline void count_source(struct pw_global *g, struct parsed *p, 
         sv->syn += 1;
     if (p->frag)
         sv->fragments += 1;
+    if (sv->new_ports >= PW_SCAN_PROMOTE)
+        count_scanner(p);
 
     /* which local port: not for non-first fragments (no L4 header), nor a short first fragment
      * without its ports, nor an answer to this host's own conversation (never scan evidence) */
@@ -179,6 +221,7 @@ static __always_inline void count_source(struct pw_global *g, struct parsed *p, 
              * in this CPU's (zeroed) slot of it */
             if (srcports.insert(&sk, &one) == 0) {
                 count(PW_G_SRCPORT_INSERTS, 1);
+                new_port(g, p, sv, now);
             } else {
                 n = srcports.lookup(&sk);
                 if (n)
@@ -379,7 +422,7 @@ int xdp_port_flow(struct xdp_md *ctx)
         count(PW_G_OTHER_L4, 1);
 
     count_port(g, &p, frame_len, epoch);
-    count_source(g, &p, frame_len, epoch, reply);
+    count_source(g, &p, frame_len, epoch, reply, now);
     count_flow(g, &p, frame_len, now, reply);
     /* counted first (the flood stays visible), then an optional per-port SYN budget */
     if (is_syn(&p) && syn_over_budget(&p)) {

@@ -41,7 +41,7 @@ from app.services.kernel.bpf_structs import GLOBAL_NAMES, MAP_LAYOUT, PwConfig  
 log = logging.getLogger(__name__)
 
 SNAPSHOT_MAPS = ("port_stats", "sources", "srcports", "flows", "global", "blacklist",
-                 "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global", "verified")
+                 "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global", "verified", "scanners")
 EPOCH_MAPS = ("port_stats", "sources")     # per-round extremes keyed on the config epoch
 
 
@@ -338,8 +338,10 @@ class Collector:
                                              port_ids, listening, low, high, fold)
             snapshot("port_stats")
             many = round_rows.write_sources(conn, round_id, deltas["sources"], readings["sources"].extras,
-                                            deltas["srcports"], self.settings.collector.many_ports_threshold)
-            snapshot("sources", "srcports")
+                                            deltas["srcports"], self.settings.collector.many_ports_threshold,
+                                            deltas["scanners"])
+            idle = round_rows.idle_scanners(deltas["scanners"])
+            snapshot("sources", "srcports", "scanners")
             round_rows.write_flows(conn, round_id, deltas["flows"], readings["flows"].extras, many,
                                    self.settings.collector.top_flows)
             snapshot("flows")
@@ -368,6 +370,8 @@ class Collector:
             rounds_db.update_round(conn, round_id, {
                 "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_kb": ru.ru_maxrss,
                 "sniffer_packets": sniffed})
+        for key in idle if "scanners" in self._maps else ():
+            self._maps["scanners"].delete(key)
         # the next round's payload extremes and TTL ranges start now
         cfg.epoch = (epoch + 1) & 0xFFFFFFFF
         self._maps["config"].update(maps.INDEX_0, bytes(cfg))

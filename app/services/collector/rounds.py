@@ -30,6 +30,7 @@ COUNTERS = {
     "global": bpf_structs.GLOBAL_NAMES,
     "blacklist": ("drops", "drop_bytes", "replies"),
     "verified": ("proofs",),
+    "scanners": ("ports", "packets", "syn"),
     # TC egress (bpf/egress.c)
     "eg_ports": ("packets", "bytes", "payload_bytes", "syn"),
     "eg_dests": ("packets", "bytes", "syn"),

@@ -48,7 +48,7 @@ class PwSourceValue(ctypes.Structure):     # struct pw_source_value
     _c_name_ = "pw_source_value"
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("syn", ctypes.c_uint64),
                 ("fragments", ctypes.c_uint64), ("epoch", ctypes.c_uint32), ("ttl_min", ctypes.c_uint8),
-                ("ttl_max", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 2)]
+                ("ttl_max", ctypes.c_uint8), ("new_ports", ctypes.c_uint16)]
 
 
 class PwSrcportKey(ctypes.Structure):      # struct pw_srcport_key
@@ -87,13 +87,21 @@ class PwVerifiedValue(ctypes.Structure):   # struct pw_verified_value
                 ("ttl", ctypes.c_uint8), ("mac", ctypes.c_uint8 * 6)]
 
 
+class PwScannerValue(ctypes.Structure):    # struct pw_scanner_value
+    _c_name_ = "pw_scanner_value"
+    _fields_ = [("ports", ctypes.c_uint64), ("packets", ctypes.c_uint64), ("syn", ctypes.c_uint64),
+                ("first_ns", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+
+
+SCAN_PROMOTE = 16                          # PW_SCAN_PROMOTE
+
 # PW_PROOF_*: what made an address a verified peer (peers.proof in the database)
 PROOFS = {1: "handshake", 2: "opened-tcp", 3: "opened-udp"}
 
 
 class PwGlobal(ctypes.Structure):          # struct pw_global
     _c_name_ = "pw_global"
-    _fields_ = [("c", ctypes.c_uint64 * 25)]  # PW_G_MAX = len(GLOBAL_NAMES)
+    _fields_ = [("c", ctypes.c_uint64 * 27)]  # PW_G_MAX = len(GLOBAL_NAMES)
 
 
 class PwLpmKey(ctypes.Structure):          # struct pw_lpm_key (pad: keeps trie values 8-byte aligned)
@@ -140,13 +148,13 @@ META_CLSACT_ADDED = 1                      # PW_META_CLSACT_ADDED
 
 MIRRORS = (PwAddr, PwPortKey, PwPortValue, PwSourceValue, PwSrcportKey, PwFlowKey, PwFlowValue, PwGlobal,
            PwLpmKey, PwBlacklistValue, PwSynlimitValue, PwDestValue, PwEgressPortValue, PwConfig, PwMeta,
-           PwConnValue, PwSynackValue, PwVerifiedValue)
+           PwConnValue, PwSynackValue, PwVerifiedValue, PwScannerValue)
 
 # enum pw_global_index, in order
 GLOBAL_NAMES = ("total", "bytes", "parsed", "unparsed", "non_ip", "dropped", "dropped_bytes", "ipv4", "ipv6",
                 "tcp", "udp", "icmp", "icmpv6", "other_l4", "fragments", "vlan", "flow_inserts",
                 "srcport_inserts", "source_inserts", "port_map_full", "short_fragments", "syn_limited",
-                "replies", "replies_passed", "verified")
+                "replies", "replies_passed", "verified", "scanner_promotions", "scanners_full")
 assert len(GLOBAL_NAMES) == len(PwGlobal._fields_[0][1]()), "GLOBAL_NAMES must name every PW_G_* counter"
 
 # map name -> (BPF map type number of uapi/linux/bpf.h, key mirror, value mirror), as bpf/port_flow.c and
@@ -166,6 +174,7 @@ MAP_LAYOUT = {
     "conns": (BPF_MAP_TYPE_LRU_HASH, PwFlowKey, PwConnValue),
     "synacks": (BPF_MAP_TYPE_LRU_HASH, PwFlowKey, PwSynackValue),
     "verified": (BPF_MAP_TYPE_LRU_HASH, PwAddr, PwVerifiedValue),
+    "scanners": (BPF_MAP_TYPE_HASH, PwAddr, PwScannerValue),
     # bpf/egress.c (TC egress); eg_global's names are GLOBAL_NAMES too (dropped* stay 0)
     "eg_ports": (BPF_MAP_TYPE_PERCPU_HASH, PwPortKey, PwEgressPortValue),
     "eg_dests": (BPF_MAP_TYPE_LRU_PERCPU_HASH, PwAddr, PwDestValue),

@@ -11,11 +11,13 @@ default route, so the flood is sent with scapy).
 """
 from __future__ import annotations
 
+import ipaddress
 import random
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -274,3 +276,51 @@ def test_blind_forged_handshakes_under_a_peer_address_are_not_two_way(lab, tmp_p
     [scan] = [f for f in job.evaluation.anomalies if f.detector == "port_scan"]
     assert scan.source == benign and scan.sources[0].evidence == "one-way" and scan.sources[0].forged is True
     assert [(d.address, d.action) for d in job.decisions] == [(f"{benign}/32", "refused")]
+
+
+def _v6_syns(dst: str, port: int, n: int):
+    """n SYN frames to dst:port, each from another address of 2001:db8:ff::/48 (built by patching one
+    scapy frame: 250,000 in about a second)."""
+    from scapy.all import IPv6, TCP, Ether
+    raw = bytearray(bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IPv6(src="2001:db8:ff::1", dst=dst)
+                          / TCP(sport=40000, dport=port, flags="S")))
+    base = int(ipaddress.IPv6Address("2001:db8:ff::"))
+    for i in range(n):
+        raw[22:38] = (base + 1 + i * 7919).to_bytes(16, "big")        # the IPv6 source address
+        yield bytes(raw)
+
+
+@pytest.mark.slow
+def test_a_flood_of_250000_forged_sources_cannot_hide_a_scanner(lab, tmp_path, pin_root):
+    """One round: a real 100-port SYN scan (hping3), then 250,000 SYNs from distinct forged sources run
+    through the loaded XDP program (BPF_PROG_TEST_RUN: the same code path, nothing on the wire). The
+    flood evicts the scanner from the per-source LRU maps; its promotion into the non-evicting
+    scanners map keeps it: the round's port_scan names it, and the flood names only its own sources."""
+    from app.lab import run_frames
+    s, pdir = loaded(lab, tmp_path, pin_root)
+    scanner = lab.host_v4(2)
+    hping(lab, "-a", scanner, "-S", "-p", "++1000", "-c", "100", "-i", "u500")
+    t0 = time.monotonic()
+    seen = run_frames(pdir / "prog", _v6_syns(lab.root_v6, RANDOM_FLOODED, 250_000))
+    flood_seconds = time.monotonic() - t0
+    assert seen == {2: 250_000}                                       # XDP_PASS: counted, not dropped
+    collect(s, lab)
+    job = jobs.run(s)
+    conn = connect(s.general.db)
+    try:
+        r = conn.execute("SELECT new_sources, source_evictions, srcport_evictions FROM rounds ORDER BY id DESC "
+                         "LIMIT 1").fetchone()
+        row = conn.execute("SELECT packets, syn, distinct_ports FROM source_stats WHERE address = ? ORDER BY round_id "
+                           "DESC LIMIT 1", (scanner,)).fetchone()
+    finally:
+        conn.close()
+    found = job.evaluation.anomalies
+    scans = [f for f in found if f.detector == "port_scan"]
+    flood_named = {a for f in found if f.detector == "syn_flood" for a in f.addresses}
+    print(f"\n250,000 forged sources in {flood_seconds:.1f} s: new sources {r[0]}, source evictions {r[1]}, "
+          f"srcport evictions {r[2]}; scanner row {tuple(row) if row else None}; port_scan sources "
+          f"{[f.source for f in scans]} score {[f.score for f in scans]}; flood names {len(flood_named)} addresses")
+    assert r[1] > 100_000                                              # the flood did evict
+    assert [f.source for f in scans] == [scanner] and scans[0].score >= 100
+    assert all(ipaddress.ip_address(a) in ipaddress.ip_network("2001:db8:ff::/48") for a in flood_named)
+    assert (f"{scanner}/32", "block") in [(d.address, d.action) for d in job.decisions]

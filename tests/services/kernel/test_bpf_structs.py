@@ -36,6 +36,7 @@ def test_ctypes_mirror_sizes_match_common_h_layout():
     assert ctypes.sizeof(bpf_structs.PwConnValue) == 16
     assert ctypes.sizeof(bpf_structs.PwSynackValue) == 16
     assert ctypes.sizeof(bpf_structs.PwVerifiedValue) == 24
+    assert ctypes.sizeof(bpf_structs.PwScannerValue) == 40
     assert ctypes.sizeof(bpf_structs.PwSynlimitValue) == 40
     assert ctypes.sizeof(bpf_structs.PwDestValue) == 24
     assert ctypes.sizeof(bpf_structs.PwEgressPortValue) == 32
