@@ -119,6 +119,7 @@ CREATE TABLE IF NOT EXISTS source_stats (
     fragments      INTEGER NOT NULL DEFAULT 0,  -- IP fragments from this source (nmap -f shows here)
     ttl_min        INTEGER,                  -- IPv4 TTL / IPv6 hop limit range of the round's packets
     ttl_max        INTEGER,
+    mac            TEXT,                     -- Ethernet source of the round's packets; 'mixed': several
     PRIMARY KEY (round_id, address)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS source_stats_address ON source_stats(address, round_id);

@@ -53,7 +53,8 @@ struct pw_port_value {
 
 /* sources value (LRU, per CPU), key struct pw_addr. ttl_min/ttl_max: the IPv4 TTL / IPv6 hop
  * limit range of this source's packets seen while the config epoch was `epoch` (per round, like
- * pw_port_value.round_min). fragments: IP fragments (first or not) from this source. new_ports:
+ * pw_port_value.round_min), and its source MAC (the fingerprint a verified peer's one-way evidence is
+ * checked against). fragments: IP fragments (first or not) from this source. new_ports:
  * (port, protocol) pairs of this source this CPU added to srcports (saturating): at PW_SCAN_PROMOTE
  * the source is promoted into `scanners`, where a flood of new sources cannot evict it. */
 struct pw_source_value {
@@ -65,6 +66,9 @@ struct pw_source_value {
     __u8  ttl_min;
     __u8  ttl_max;
     __u16 new_ports;
+    __u8  mac[6];               /* Ethernet source of its first packet this round (epoch) */
+    __u8  mac_mixed;            /* 1: another source MAC came under this address this round */
+    __u8  pad;
 };
 
 /* scanners (hash, NOT LRU, shared; atomics, 8-byte aligned in a hash element): sources that reached

@@ -173,8 +173,13 @@ static __always_inline void count_scanner(struct parsed *p)
         __sync_fetch_and_add(&scv->syn, 1);
 }
 
+static __always_inline int same_mac(const __u8 *a, const __u8 *b)
+{
+    return *(__u32 *)a == *(__u32 *)b && *(__u16 *)(a + 4) == *(__u16 *)(b + 4);
+}
+
 static __always_inline void count_source(struct pw_global *g, struct parsed *p, __u64 frame_len, __u32 epoch, int reply,
-                                         __u64 now)
+                                         __u64 now, struct ethhdr *eth)
 {
     struct pw_source_value zero = {};
     struct pw_source_value *sv = sources.lookup(&p->src);
@@ -190,11 +195,15 @@ static __always_inline void count_source(struct pw_global *g, struct parsed *p, 
         sv->epoch = epoch;
         sv->ttl_min = p->ttl;
         sv->ttl_max = p->ttl;
+        __builtin_memcpy(sv->mac, eth->h_source, 6);
+        sv->mac_mixed = 0;
     } else {
         if (p->ttl < sv->ttl_min)
             sv->ttl_min = p->ttl;
         if (p->ttl > sv->ttl_max)
             sv->ttl_max = p->ttl;
+        if (!same_mac(sv->mac, eth->h_source))
+            sv->mac_mixed = 1;
     }
     sv->packets += 1;
     sv->bytes += frame_len;
@@ -422,7 +431,7 @@ int xdp_port_flow(struct xdp_md *ctx)
         count(PW_G_OTHER_L4, 1);
 
     count_port(g, &p, frame_len, epoch);
-    count_source(g, &p, frame_len, epoch, reply, now);
+    count_source(g, &p, frame_len, epoch, reply, now, data);
     count_flow(g, &p, frame_len, now, reply);
     /* counted first (the flood stays visible), then an optional per-port SYN budget */
     if (is_syn(&p) && syn_over_budget(&p)) {

@@ -280,6 +280,7 @@ ALTER TABLE peers ADD COLUMN mac TEXT;
 ALTER TABLE peers ADD COLUMN last_verified REAL;
 UPDATE peers SET proof = 'established', last_verified = last_two_way WHERE last_evidence LIKE '%established%';
 ALTER TABLE blacklist_drops ADD COLUMN replies INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE source_stats ADD COLUMN mac TEXT;
 """,
 }
 # numbers may have gaps (numbers reserved by work not merged yet): the newest is the highest, and a database

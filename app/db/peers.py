@@ -65,6 +65,15 @@ def ttl_range(conn: sqlite3.Connection, address: str, first: int, last: int) -> 
     return None if row is None or row[0] is None or row[1] is None else (int(row[0]), int(row[1]))
 
 
+def macs_seen(conn: sqlite3.Connection, address: str, first: int, last: int) -> set[str]:
+    """The source MACs ``address`` was seen with in rounds first..last (source_stats.mac; 'mixed' when
+    several came in one round); empty when the column does not exist or holds nothing."""
+    if "mac" not in _columns(conn, "source_stats"):
+        return set()
+    return {r[0] for r in conn.execute("SELECT DISTINCT mac FROM source_stats WHERE address = ? AND round_id "
+                                       "BETWEEN ? AND ? AND mac IS NOT NULL", (address, first, last))}
+
+
 def round_counts(conn: sqlite3.Connection, lo: int, last: int) -> dict[int, dict[str, int]]:
     """round_id -> {new_sources, source_evictions, srcport_evictions} for rounds lo..last, each
     column only where it exists and is not NULL ({} when none exists)."""

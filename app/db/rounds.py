@@ -55,9 +55,9 @@ def insert_port_stats(conn, round_id: int, rows: Iterable[tuple]) -> None:
 
 
 def insert_source_stats(conn, round_id: int, rows: Iterable[tuple]) -> None:
-    """rows: (address, packets, bytes, syn, distinct_ports, fragments, ttl_min, ttl_max)."""
+    """rows: (address, packets, bytes, syn, distinct_ports, fragments, ttl_min, ttl_max, mac)."""
     conn.executemany("INSERT INTO source_stats (round_id, address, packets, bytes, syn, distinct_ports, fragments, "
-                     "ttl_min, ttl_max) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", ((round_id, *r) for r in rows))
+                     "ttl_min, ttl_max, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", ((round_id, *r) for r in rows))
 
 
 def insert_source_ports(conn, round_id: int, rows: Iterable[tuple]) -> None:

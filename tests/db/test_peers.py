@@ -37,7 +37,8 @@ def test_migration_11_keeps_socket_peers_and_drops_flow_peers(tmp_path):
     c = connect(path)
     c.executescript("ALTER TABLE peers DROP COLUMN proof; ALTER TABLE peers DROP COLUMN ttl; "
                     "ALTER TABLE peers DROP COLUMN mac; ALTER TABLE peers DROP COLUMN last_verified; "
-                    "ALTER TABLE blacklist_drops DROP COLUMN replies; PRAGMA user_version = 10; "
+                    "ALTER TABLE blacklist_drops DROP COLUMN replies; "
+                    "ALTER TABLE source_stats DROP COLUMN mac; PRAGMA user_version = 10; "
                     "INSERT INTO peers (address, first_seen, last_two_way, two_way_rounds, last_evidence) VALUES "
                     "('198.18.0.2', 1, 5, 1, 'flows'), ('198.18.0.3', 1, 6, 1, 'flows+established');")
     c.close()

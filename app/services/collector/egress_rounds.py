@@ -23,6 +23,7 @@ from app.db import peers as peers_db
 from app.db import rounds as rounds_db
 from app.services import ports
 from app.services.collector import rounds
+from app.services.collector.round_rows import mac_text
 from app.services.kernel.bpf_structs import ADDR_DTYPE, PROOFS, addr_text
 
 def verified_peers(delta: rounds.Delta) -> dict[str, tuple[str, int, str]]:
@@ -32,8 +33,7 @@ def verified_peers(delta: rounds.Delta) -> dict[str, tuple[str, int, str]]:
     extras = delta.reading.extras[delta.index].tolist()
     out = {}
     for raw, (proof, ttl, mac) in zip(delta.field("addr").tolist(), extras):
-        octets = int(mac).to_bytes(6, "big")
-        out[addr_text(raw)] = (PROOFS.get(int(proof), "unknown"), int(ttl), ":".join(f"{b:02x}" for b in octets))
+        out[addr_text(raw)] = (PROOFS.get(int(proof), "unknown"), int(ttl), mac_text(mac))
     return out
 
 

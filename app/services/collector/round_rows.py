@@ -60,8 +60,8 @@ def write_sources(conn, round_id: int, sources: rounds.Delta, extras, srcports: 
     key = sources.reading.key          # a sources key is one struct pw_addr
     ttl = extras[sources.index].tolist() if len(sources) else []
     rows = [(addr_text(key(i)), packets, bytes_, syn, n, frags, None if lo == rounds.U32_MAX else lo,
-             None if lo == rounds.U32_MAX else hi)
-            for i, (packets, bytes_, syn, frags), n, (lo, hi) in
+             None if lo == rounds.U32_MAX else hi, mac_text(mac, mixed))
+            for i, (packets, bytes_, syn, frags), n, (lo, hi, mac, mixed) in
             zip(sources.index.tolist(), sources.values.tolist(), n_ports.tolist(), ttl)]
     many = {key(i) for i, n in zip(sources.index.tolist(), n_ports.tolist()) if n >= threshold}
     _merge_scanners(rows, many, scanners, threshold)
@@ -91,7 +91,14 @@ def _merge_scanners(rows: list, many: set[bytes], scanners: rounds.Delta | None,
             row = rows[at[address]]
             rows[at[address]] = (*row[:4], max(row[4], n_ports), *row[5:])
         elif n_ports:
-            rows.append((address, packets, 0, syn, n_ports, 0, None, None))
+            rows.append((address, packets, 0, syn, n_ports, 0, None, None, None))
+
+
+def mac_text(mac: int, mixed: int = 0) -> str | None:
+    """'02:00:00:00:00:02' for a 48-bit MAC, 'mixed' when several came under one address, None for 0."""
+    if mixed:
+        return "mixed"
+    return ":".join(f"{b:02x}" for b in int(mac).to_bytes(6, "big")) if mac else None
 
 
 def idle_scanners(scanners: rounds.Delta) -> list[bytes]:

@@ -48,7 +48,8 @@ class PwSourceValue(ctypes.Structure):     # struct pw_source_value
     _c_name_ = "pw_source_value"
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("syn", ctypes.c_uint64),
                 ("fragments", ctypes.c_uint64), ("epoch", ctypes.c_uint32), ("ttl_min", ctypes.c_uint8),
-                ("ttl_max", ctypes.c_uint8), ("new_ports", ctypes.c_uint16)]
+                ("ttl_max", ctypes.c_uint8), ("new_ports", ctypes.c_uint16), ("mac", ctypes.c_uint8 * 6),
+                ("mac_mixed", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
 
 
 class PwSrcportKey(ctypes.Structure):      # struct pw_srcport_key

@@ -118,6 +118,7 @@ def test_migration_10_marks_every_existing_entry_inbound(tmp_path):
     c.executescript("ALTER TABLE blacklist DROP COLUMN direction; ALTER TABLE peers DROP COLUMN proof; "
                     "ALTER TABLE peers DROP COLUMN ttl; ALTER TABLE peers DROP COLUMN mac; "
                     "ALTER TABLE peers DROP COLUMN last_verified; ALTER TABLE blacklist_drops DROP COLUMN replies; "
+                    "ALTER TABLE source_stats DROP COLUMN mac; "
                     "PRAGMA user_version = 9;")
     c.execute("INSERT INTO blacklist (address, reason, created_at, status) VALUES ('198.18.64.1/32', 'x', 1, 'active')")
     c.commit()

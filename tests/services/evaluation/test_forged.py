@@ -50,7 +50,8 @@ def test_migration_8_adds_the_sources_view_beside_the_peers_table(tmp_path):
     c.executescript("DROP VIEW v_anomaly_sources; ALTER TABLE blacklist DROP COLUMN direction; "
                     "ALTER TABLE peers DROP COLUMN proof; ALTER TABLE peers DROP COLUMN ttl; "
                     "ALTER TABLE peers DROP COLUMN mac; ALTER TABLE peers DROP COLUMN last_verified; "
-                    "ALTER TABLE blacklist_drops DROP COLUMN replies; PRAGMA user_version = 7;")
+                    "ALTER TABLE blacklist_drops DROP COLUMN replies; "
+                    "ALTER TABLE source_stats DROP COLUMN mac; PRAGMA user_version = 7;")
     c.close()
     c = connect(old)
     assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -101,6 +102,23 @@ def verify(conn, address: str, at: float, proof: str = "handshake", ttl: int = 6
 
 # --- judged forged or not ---------------------------------------------------------------------------
 
+def test_one_way_evidence_under_a_peer_is_its_own_only_with_its_fingerprint(conn, tmp_path):
+    """A verified peer proved itself with TTL 64 from MAC 02:..:02: a scan under its address with that TTL
+    and MAC is its own (judged: blocked like anyone's); another TTL or another MAC is forged (alert only)."""
+    s = blocklist_settings(tmp_path)
+    with conn:
+        verify(conn, PEER, T0 - 3600)                                 # TTL 64, MAC 02:00:00:00:00:02
+        rounds = [add_round(conn, T0 - 600 + 60 * i) for i in range(3)]
+        for rid, ttl, mac in zip(rounds, (63, 40, 64), ("02:00:00:00:00:02", "02:00:00:00:00:02", "0a:0b:0c:0d:0e:0f")):
+            conn.execute("INSERT INTO source_stats (round_id, address, packets, bytes, ttl_min, ttl_max, mac) "
+                         "VALUES (?, ?, 100, 6000, ?, ?, ?)", (rid, PEER, ttl, ttl, mac))
+    scans = [finding("port_scan", source=PEER, sources=[Source(PEER, evidence=ONE_WAY)], first_round_id=rid,
+                     last_round_id=rid) for rid in rounds]
+    assert judge_sources(conn, s, scans, now=T0) == 2
+    assert [f.sources[0].forged for f in scans] == [False, True, True]
+    assert "TTL 40-40, the peer's 64" in scans[1].sources[0].note
+    assert "MAC 0a:0b:0c:0d:0e:0f, the peer's 02:00:00:00:00:02" in scans[2].sources[0].note
+
 def test_one_way_evidence_naming_a_peer_is_possibly_forged(conn, tmp_path):
     s = blocklist_settings(tmp_path)
     with conn:
@@ -112,7 +130,8 @@ def test_one_way_evidence_naming_a_peer_is_possibly_forged(conn, tmp_path):
         verify(conn, "198.18.0.12", T0 - 60)
     assert judge_sources(conn, s, scans, now=T0) == 1
     assert [f.sources[0].forged for f in scans] == [True, False, False, False]   # .11: outside the 24 h look-back
-    assert "two-way peer" in scans[0].sources[0].note and "possibly forged" in scans[0].summary
+    assert "verified peer" in scans[0].sources[0].note and "no fingerprint" in scans[0].sources[0].note
+    assert "possibly forged" in scans[0].summary
     stored = add_evaluation(conn, scans, at=T0)
     reasons = json.loads(conn.execute("SELECT reasons FROM anomalies WHERE id = ?", (stored[0].id,)).fetchone()[0])
     assert reasons["forged_sources"] == [PEER] and reasons["sources"][0]["evidence"] == ONE_WAY

@@ -93,8 +93,9 @@ def test_forged_peer_is_never_blocked_and_the_unknown_scanner_is(lab, tmp_path, 
     try:
         assert client.stdout.readline().strip() == "talked"
         collect(s, lab)                                                  # round 2: the conversation
-        hping(lab, "-a", benign, "-S", "-p", "++1000", "-c", "150", "-i", "u500")   # forged SYN scan, 150 ports
-        hping(lab, "-a", benign, "-S", "-p", str(FLOODED), "-c", "600", "-i", "u200")  # forged SYN flood
+        # the forger is farther away than the benign host (TTL 40, not its 64): not the peer's fingerprint
+        hping(lab, "-a", benign, "-t", "40", "-S", "-p", "++1000", "-c", "150", "-i", "u500")   # forged SYN scan
+        hping(lab, "-a", benign, "-t", "40", "-S", "-p", str(FLOODED), "-c", "600", "-i", "u200")  # forged SYN flood
         hping(lab, "-a", scanner, "-S", "-p", "++1000", "-c", "150", "-i", "u500")  # the unknown scanner, same scan
         collect(s, lab)                                                  # round 3: the attacks
         job = jobs.run(s)
@@ -163,7 +164,7 @@ for i in range(20):
         asker.close()
         responder.kill()
     collect(s, lab)
-    hping(lab, "-a", benign, "-S", "-p", "++1000", "-c", "150", "-i", "u500")
+    hping(lab, "-a", benign, "-t", "40", "-S", "-p", "++1000", "-c", "150", "-i", "u500")   # another TTL
     collect(s, lab)
     job = jobs.run(s)
     conn = connect(s.general.db)
@@ -223,7 +224,7 @@ conf.verb = 0
 iface, src, dst, dst_mac, first, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
 mac = get_if_hwaddr(iface)
 for i in range(n):
-    l2 = Ether(src=mac, dst=dst_mac) / IP(src=src, dst=dst)
+    l2 = Ether(src=mac, dst=dst_mac) / IP(src=src, dst=dst, ttl=40)      # a forger farther away than the peer
     sendp(l2 / TCP(sport=50000 + i, dport=first + i, flags='S', seq=1000), iface=iface, verbose=False)
     time.sleep(0.005)
     sendp(l2 / TCP(sport=50000 + i, dport=first + i, flags='A', seq=1001, ack=12345), iface=iface, verbose=False)

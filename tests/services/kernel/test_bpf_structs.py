@@ -27,7 +27,7 @@ def test_ctypes_mirror_sizes_match_common_h_layout():
     assert ctypes.sizeof(bpf_structs.PwPortKey) == 4
     assert ctypes.sizeof(bpf_structs.PwPortValue) == 80
     assert ctypes.sizeof(bpf_structs.PwAddr) == 20
-    assert ctypes.sizeof(bpf_structs.PwSourceValue) == 40
+    assert ctypes.sizeof(bpf_structs.PwSourceValue) == 48
     assert ctypes.sizeof(bpf_structs.PwSrcportKey) == 24
     assert ctypes.sizeof(bpf_structs.PwFlowKey) == 48
     assert ctypes.sizeof(bpf_structs.PwFlowValue) == 40
