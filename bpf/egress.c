@@ -104,12 +104,8 @@ static __always_inline void eg_count(struct pw_global *g, struct parsed *p, __u6
         }
     }
 
-    struct pw_flow_key fk = {};
-    fk.src = p->src;
-    fk.dst = p->dst;
-    fk.sport = p->sport;
-    fk.dport = p->dport;
-    fk.proto = p->proto;
+    struct pw_flow_key fk;
+    flow_key(&fk, p, 0);
     __u64 now = bpf_ktime_get_coarse_ns();
     struct pw_flow_value *fv = eg_flows.lookup(&fk);
     if (!fv) {
@@ -131,14 +127,10 @@ static __always_inline void eg_count(struct pw_global *g, struct parsed *p, __u6
 /* conns and synacks (see the header comment); keys are the tuple as the answer will arrive */
 static __always_inline void eg_track(struct pw_global *g, struct parsed *p)
 {
-    if (p->nonfirst_frag || p->short_l4 || (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP))
+    if (!has_conversation(p))
         return;
-    struct pw_flow_key rk = {};
-    rk.src = p->dst;
-    rk.dst = p->src;
-    rk.sport = p->dport;
-    rk.dport = p->sport;
-    rk.proto = p->proto;
+    struct pw_flow_key rk;
+    flow_key(&rk, p, 1);
     __u64 now = bpf_ktime_get_coarse_ns();
     __u8 f = p->tcp_flags;
     if (p->proto == IPPROTO_TCP && (f & 0x12) == 0x02) {          /* this host's SYN: it opens */

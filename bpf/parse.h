@@ -257,4 +257,21 @@ static __always_inline int is_syn(struct parsed *p)
     return p->proto == IPPROTO_TCP && (p->tcp_flags & 0x02) && !(p->tcp_flags & 0x10);
 }
 
+/* The flow key of p as it travelled (reverse 0), or as its answer will travel (reverse 1). */
+static __always_inline void flow_key(struct pw_flow_key *k, struct parsed *p, int reverse)
+{
+    __builtin_memset(k, 0, sizeof(*k));
+    k->src = reverse ? p->dst : p->src;
+    k->dst = reverse ? p->src : p->dst;
+    k->sport = reverse ? p->dport : p->sport;
+    k->dport = reverse ? p->sport : p->dport;
+    k->proto = p->proto;
+}
+
+/* 1 when p belongs to a TCP or UDP conversation with both ports known (not a fragment's tail). */
+static __always_inline int has_conversation(struct parsed *p)
+{
+    return !p->nonfirst_frag && !p->short_l4 && (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP);
+}
+
 #endif /* PORTWATCH_PARSE_H */

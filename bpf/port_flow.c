@@ -243,12 +243,8 @@ static __always_inline void count_source(struct pw_global *g, struct parsed *p, 
 static __always_inline void count_flow(struct pw_global *g, struct parsed *p, __u64 frame_len, __u64 now, int reply)
 {
     __u32 flags = p->tcp_flags | (reply ? PW_FLOW_REPLY : 0);
-    struct pw_flow_key fk = {};
-    fk.src = p->src;
-    fk.dst = p->dst;
-    fk.sport = p->sport;
-    fk.dport = p->dport;
-    fk.proto = p->proto;
+    struct pw_flow_key fk;
+    flow_key(&fk, p, 0);
     struct pw_flow_value *fv = flows.lookup(&fk);
     if (fv) {
         if (fv->packets == 0)          /* this CPU's first packet of a flow another CPU created */
@@ -330,14 +326,10 @@ static __always_inline void verify(struct pw_global *g, struct parsed *p, __u8 p
  * TCP with ACK). Records the proofs a blind forger cannot give (see the header comment). */
 static __always_inline int answer_of(struct pw_global *g, struct parsed *p, void *data, __u64 now)
 {
-    if (p->nonfirst_frag || p->short_l4 || (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP))
+    if (!has_conversation(p))
         return 0;
-    struct pw_flow_key fk = {};
-    fk.src = p->src;
-    fk.dst = p->dst;
-    fk.sport = p->sport;
-    fk.dport = p->dport;
-    fk.proto = p->proto;
+    struct pw_flow_key fk;
+    flow_key(&fk, p, 0);
     struct pw_conn_value *cv = conns.lookup(&fk);
     if (cv) {
         if (now - cv->last_out_ns > REPLY_IDLE_SECONDS * 1000000000ULL)
