@@ -1,4 +1,4 @@
--- portwatch schema, version 11 (PRAGMA user_version): the newest schema, for a fresh database; older
+-- portwatch schema, version 15 (PRAGMA user_version): the newest schema, for a fresh database; older
 -- databases are upgraded by the numbered MIGRATIONS in app/db/connection.py.
 -- Usable on its own:  sqlite3 -init init.sql ports.db ""
 -- The application applies this file itself on first run and upgrades older databases with the
@@ -61,8 +61,11 @@ CREATE TABLE IF NOT EXISTS rounds (
     egress_flow_evictions INTEGER,
     egress_program_id INTEGER,
     two_way_peers    INTEGER, -- remote addresses with a two-way exchange in the round
-    baseline         INTEGER NOT NULL DEFAULT 0   -- 1: the counts before this database watched the interface,
+    baseline         INTEGER NOT NULL DEFAULT 0,  -- 1: the counts before this database watched the interface,
                                                   -- only stored as the snapshot: no traffic rows, never evaluated
+    replayed         INTEGER NOT NULL DEFAULT 0,  -- 1: a capture fed through the programs (python -m app replay),
+                                                  -- times are capture times
+    capture          TEXT                         -- the replayed capture's file name (NULL: live)
 );
 CREATE INDEX IF NOT EXISTS rounds_interface_end ON rounds(interface, end_time);
 
@@ -86,7 +89,9 @@ CREATE TABLE IF NOT EXISTS rounds_ports (
     address     TEXT,                        -- bound address ('0.0.0.0', '::', '127.0.0.1', ...)
     family      TEXT,                        -- 'ipv4' or 'ipv6'
     state       TEXT,                        -- 'LISTEN' (tcp) or 'BOUND' (udp)
-    established INTEGER NOT NULL DEFAULT 0   -- established connections on that local port
+    established INTEGER NOT NULL DEFAULT 0,  -- established connections on that local port
+    inferred    INTEGER NOT NULL DEFAULT 0   -- 1: no scanner saw it; a replay inferred it from what the host
+                                             -- answered (a SYN-ACK or a UDP reply sent from that port)
 );
 CREATE INDEX IF NOT EXISTS rounds_ports_round ON rounds_ports(round_id);
 CREATE INDEX IF NOT EXISTS rounds_ports_port ON rounds_ports(port_id, round_id);
@@ -232,10 +237,34 @@ CREATE TABLE IF NOT EXISTS counter_snapshots (
     round_id   INTEGER,
     program_id INTEGER,
     entries    INTEGER NOT NULL,
-    data       BLOB NOT NULL,                -- packed key/value records (app/services/collector/rounds.py)
+    data       BLOB NOT NULL,                -- packed key/value records (app/services/collector/rounds.py) when buckets IS NULL
     map_id     INTEGER,                      -- kernel id of the map read: a snapshot of another map is no baseline
+    epoch      TEXT,                         -- the takeover epoch (pin record) it was read under: another is no baseline
+    buckets    INTEGER,                      -- the records are in snapshot_buckets, split by key into this many buckets
     PRIMARY KEY (interface, map_name)
 ) WITHOUT ROWID;
+
+-- a snapshot's records by bucket of their key, keys and counters apart (part 0: the bucket's keys, 1: their
+-- counters, as little-endian u64): a round rewrites only the parts that changed
+CREATE TABLE IF NOT EXISTS snapshot_buckets (
+    interface  TEXT NOT NULL,
+    map_name   TEXT NOT NULL,
+    part       INTEGER NOT NULL,
+    bucket     INTEGER NOT NULL,
+    data       BLOB NOT NULL,
+    PRIMARY KEY (interface, map_name, part, bucket)
+);
+-- what changed in a snapshot since its base, one record per round (app/services/snapshots.py): the keys that
+-- counted or appeared with their counters then, and the keys that went away; folded into the base when it grows
+CREATE TABLE IF NOT EXISTS snapshot_log (
+    interface  TEXT NOT NULL,
+    map_name   TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    keys       BLOB NOT NULL,
+    counters   BLOB NOT NULL,                -- little-endian u64, the map's counters per key
+    gone       BLOB NOT NULL,
+    PRIMARY KEY (interface, map_name, seq)
+);
 
 -- this database's random identity: the pin directory of an interface records which database enforces it
 CREATE TABLE IF NOT EXISTS database_identity (
@@ -513,4 +542,4 @@ SELECT a.id AS anomaly_id, a.detector, a.evaluation_id,
        json_extract(s.value, '$.note') AS note
 FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE '{}' END, '$.sources') s;
 
-PRAGMA user_version = 11;
+PRAGMA user_version = 15;

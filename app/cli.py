@@ -1,16 +1,14 @@
 # PYTHON_ARGCOMPLETE_OK  (argcomplete: tab completion of subcommands and options, see below)
 """The `python -m app` / `portwatch` command line: parse, configure logging, dispatch, exit code.
 
-Each subcommand lives in app/commands/<name>.py and exposes ``register(subparsers)``, which adds
-its parser and sets ``func(args, settings) -> int``. Command modules import nothing heavy at
-module level (TensorFlow, matplotlib, BCC are imported inside the functions that need them).
+Each subcommand lives in app/commands/<name>.py, listed in app/commands/registry.py, and exposes
+``register(subparsers)``, which adds its parser and sets ``func(args, settings) -> int``. Command
+modules import nothing heavy at module level (TensorFlow, matplotlib, BCC only inside functions).
 Errors a user can cause are PortwatchError: printed as one sentence, mapped to an exit code.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
 import os
 import sqlite3
@@ -18,34 +16,10 @@ import sys
 
 from app import __version__
 from app import config as config_mod
+from app.commands.registry import EPILOG, register_all
 from app.errors import EXIT_DB, EXIT_ERROR, EXIT_PIPE, EXIT_ROOT, EXIT_USAGE, PortwatchError
 
 log = logging.getLogger("app")
-
-# subcommand module names, in --help order
-COMMAND_MODULES = ["run", "collect", "evaluate", "anomalies", "blacklist", "allow", "report", "status", "top",
-                   "model", "down", "cleanup", "doctor", "install_cron", "config_cmd", "fleet"]
-
-EPILOG = """exit codes: 0 ok, 1 error (status, doctor: unhealthy), 2 bad usage or input, 3 needs root,
-4 database problem, 5 kernel/BPF problem, 6 another run holds the lock, 7 missing dependency,
-141 output pipe closed (e.g. piped into head): the rest is dropped quietly"""
-
-
-def common_options() -> argparse.ArgumentParser:
-    """Options every subcommand accepts after its name too (``collect --db X``)."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--config", default=argparse.SUPPRESS,
-                        help="TOML config file (default: $PORTWATCH_CONFIG or /etc/portwatch/config.toml)")
-    parent.add_argument("--db", default=argparse.SUPPRESS, help="SQLite database (default: general.db)")
-    parent.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-    parent.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
-    return parent
-
-
-def add_command(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
-    """Add subcommand ``name`` with the common options; the caller adds its own and set_defaults(func=...)."""
-    return sub.add_parser(name, help=help, description=description or help, parents=[common_options()],
-                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,34 +33,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"app.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"app.commands.{name}":
-                raise
-            continue
-        module.register(sub)
+    register_all(sub)
     return parser
 
 
 def configure_logging(level: str, quiet: bool, verbose: bool) -> None:
+    from app.services.text import InertFormatter
     if verbose:
         level = "DEBUG"
     elif quiet:
         level = "WARNING"
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(InertFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def print_config_error(exc: config_mod.ConfigError) -> None:
     """One line for one problem; a count and one line per problem when there are several."""
+    from app.services.text import inert
     if len(exc.problems) == 1:
-        print(f"portwatch: error: {exc}", file=sys.stderr)
+        _error(exc)
         return
     print(f"portwatch: error: {len(exc.problems)} problems in the configuration:", file=sys.stderr)
     for problem in exc.problems:
-        print(f"  {problem}", file=sys.stderr)
+        print(f"  {inert(problem)}", file=sys.stderr)
 
 
 def closed_pipe() -> int:
@@ -112,6 +82,23 @@ def complete(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, configure, dispatch; everything the command prints goes through an InertStream (names from
+    the network or other users can carry terminal control sequences)."""
+    from app.services.text import InertStream
+    stdout = sys.stdout
+    sys.stdout = InertStream(stdout)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout = stdout
+
+
+def _error(message) -> None:
+    from app.services.text import inert
+    print(f"portwatch: error: {inert(message)}", file=sys.stderr)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     complete(parser)
     try:
@@ -133,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         print_config_error(exc)
         if getattr(args, "json", False):     # `config check --json`: the verdict as data too
-            print(json.dumps({"valid": False, "config_file": args.config, "problems": list(exc.problems)}))
+            from app.services.text import json_dumps
+            print(json_dumps({"valid": False, "config_file": args.config, "problems": list(exc.problems)}))
         return EXIT_USAGE
     configure_logging(settings.general.log_level, args.quiet, args.verbose)
     from app import permissions
@@ -151,14 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"portwatch: error: '{args.command}' needs root{what}; run it with sudo", file=sys.stderr)
         return EXIT_ROOT
     except PortwatchError as exc:
-        print(f"portwatch: error: {exc}", file=sys.stderr)
+        _error(exc)
         return exc.exit_code
     except config_mod.ConfigError as exc:
-        print(f"portwatch: error: {exc}", file=sys.stderr)
+        _error(exc)
         return EXIT_USAGE
     except sqlite3.DatabaseError as exc:
         from app.db.connection import explain
-        print(f"portwatch: error: {explain(exc, settings.general.db)}", file=sys.stderr)
+        _error(explain(exc, settings.general.db))
         return EXIT_DB
     except KeyboardInterrupt:
         print("portwatch: interrupted", file=sys.stderr)

@@ -120,12 +120,14 @@ class Evaluator:
     exfiltration_factor: float = 10.0            # ... and this many times the usual rate (the address's, else the host's)
     exfiltration_baseline_seconds: float = 86400.0  # the usual rates: rounds in this span before the batch
     exfiltration_min_history_rounds: int = 30    # rounds an address needs in the baseline for its own usual rate
+    exfiltration_warmup_rounds: int = 30         # rounds in the baseline span before exfiltration raises anything
     beacon_span_seconds: float = 7200.0          # connections to one address looked at, back from the batch's end
     beacon_min_connections: int = 8              # connections (distinct outbound flow starts) at least ...
     beacon_min_rounds: int = 4                   # ... spread over this many rounds at least
     beacon_max_cv: float = 0.1                   # inter-arrival standard deviation / mean at most
     beacon_min_interval_seconds: float = 5.0     # mean inter-arrival at least (bursts are not beacons)
     beacon_ignore_ports: list = field(default_factory=lambda: [53, 123])  # remote ports of periodic protocols (DNS, NTP)
+    beacon_warmup_rounds: int = 30               # rounds in the beaconing span before beaconing raises anything
     dns_min_queries: int = 50                    # queries from one client for one registered domain in a batch ...
     dns_min_subdomains: int = 30                 # ... naming this many distinct names below it
     dns_min_signals: int = 2                     # ... with at least this many of the four signals below:
@@ -274,6 +276,12 @@ class Fleet:
     server_key: str = ""                         # ... and key
     insecure: bool = False                       # no TLS (tests on the loopback only; never across hosts)
     node_port: int = 9094                        # node: its local Runtime API on 127.0.0.1
+    aggregation: str = "trimmed-mean"            # serve: trimmed-mean, median, krum or fedavg (aggregation.py)
+    trim_fraction: float = 0.25                  # serve: trimmed-mean drops this share each side (>= 1 host)
+    adopt_max_error_ratio: float = 3.0           # node: a fleet model erring more than this x the local one on
+                                                 # this host's recent benign windows is kept, not adopted
+    adopt_budget_factor: float = 2.0             # node: ... or raising more false alerts a day there than this
+                                                 # x evaluator.alert_budget_per_day
 
     def problems(self, role: str) -> list[str]:
         """One sentence per invalid value for ``role`` 'serve' or 'node'."""
@@ -336,9 +344,15 @@ class Settings:
                 yield section, f.name, getattr(obj, f.name), self.sources.get(name, "default")
 
     def override(self, section: str, key: str, value: Any, source: str = "command line") -> None:
-        """Set one value (from the command line); ``None`` leaves the setting as it is."""
+        """Set one value (from the command line); ``None`` leaves the setting as it is. A value out of the
+        key's range raises ConfigError naming the flag (``--round-seconds`` for collector.round_seconds)."""
         if value is None:
             return
+        from app.config_rules import check
+        why = check(f"{section}.{key}", value)
+        if why:
+            name = f"--{key.replace('_', '-')}" if source == "command line" else f"config key '{section}.{key}'"
+            raise ConfigError(f"{name} {value!r} {why}")
         setattr(getattr(self, section), key, value)
         self.sources[f"{section}.{key}"] = source
 

@@ -155,20 +155,12 @@ def prog_run(prog_pin, frame: bytes, repeat: int) -> tuple[int, float]:
     return int(result["retval"]), float(result["duration"])
 
 
-class BpfTestRunOpts(ctypes.Structure):  # struct bpf_test_run_opts (libbpf bpf.h)
-    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
-                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
-                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
-                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32)]
-
-
 def run_frames(prog_pin, frames) -> dict[int, int]:
     """Run each frame of ``frames`` (an iterable of bytes) once through the pinned program at
     ``prog_pin`` with BPF_PROG_TEST_RUN, in this process (one syscall per frame: ~250,000 frames in
     a few seconds, nothing on any wire). Returns {return code: frames}."""
     from app.services.kernel import maps
+    from app.services.kernel.prog_run import BpfTestRunOpts
     lib = maps.libbpf()
     lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.c_void_p]
     fd = lib.bpf_obj_get(str(prog_pin).encode())

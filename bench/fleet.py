@@ -8,9 +8,17 @@ mirror checked against the ledger), and the same ledger enforced with CrowdSec o
 entries in the map costs the blocklist's reconcile, whatever their origin). Wall seconds and CPU seconds of the collector process per round,
 medians of ROUNDS rounds, as ratios against the round without CrowdSec.
 
+A poisoned member, each aggregation side by side (the evidence for fleet.aggregation's default):
+three honest hosts and one sending weights x100 plus noise with a billion windows claimed; for each
+strategy, how many honest hosts' checks adopt the aggregate, its error against theirs, its false
+alerts a day on their held-out benign windows, and a x40 spike's score over its threshold.
+
 Then one federation (`fleet serve --once` with TLS and three hosts' SuperNodes on the loopback, the
 default network shape): its wall time, and the bytes on the wire per host (frames on lo to or from
 the SuperLink's port, both ways, counted with scapy, divided by the hosts) against the size of the weights.
+
+Fails (exit 1, one sentence each) when a figure cannot be right: fewer bytes on the wire per host
+than the weights it must send, a round that took no time or no CPU.
 
 Runs as root; no traffic is sent but the loopback's own (the decisions' addresses are data only).
 """
@@ -32,7 +40,8 @@ from app import config  # noqa: E402
 from app.services.fleet.lapi import Deadline, Lapi  # noqa: E402
 from app.lab import Lab  # noqa: E402
 from app.threads import collection  # noqa: E402
-from tests.fleet.lapi import LocalApi, unavailable_reason  # noqa: E402
+from bench.plausible import Plausibility  # noqa: E402
+from tests.services.fleet.lapi import LocalApi, unavailable_reason  # noqa: E402
 
 ROUNDS = 5
 SIZES = (1000, 10000)
@@ -45,6 +54,7 @@ def settings_for(tmp: Path, name: str, pin_root: Path):
     s = config.load(d / "none.toml", environ={})
     s.general.db, s.general.state_dir, s.general.pin_root = str(d / "bench.db"), str(d / "state"), str(pin_root)
     s.scanner.enabled = s.sniffer.enabled = False
+    s.general.run_dir = str(d / "run")
     s.blocklist.max_entries = 20000
     return s
 
@@ -85,8 +95,8 @@ def federation(tmp: Path) -> list[tuple[str, float]]:
     import subprocess
     import numpy as np
     from app.services.fleet import flower
-    from tests.fleet.test_flower import free_port, make_certs, settings_for
-    from tests.services.synthetic import SyntheticStore
+    from tests.services.fleet.test_flower import free_port, make_certs, settings_for
+    from tests.services.evaluation.synthetic import SyntheticStore
     d = tmp / "federation"
     d.mkdir()
     make_certs(d)
@@ -130,6 +140,76 @@ def federation(tmp: Path) -> list[tuple[str, float]]:
             ("bytes on the wire per host, both ways", wire / 3),
             ("network weights (bytes, float32)", n_weights),
             ("wire bytes per host / weights", wire / 3 / n_weights)]
+
+
+def _replies(updates: list[tuple[list, int]]):
+    """Train replies as the SuperLink hands them to the ServerApp's strategy."""
+    from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+    out = []
+    for k, (weights, n) in enumerate(updates):
+        meta = Metadata(run_id=1, message_id=f"r{k}", src_node_id=100 + k, dst_node_id=0, reply_to_message_id="m",
+                        group_id="1", created_at=time.time(), ttl=3600.0, message_type="train")
+        out.append(Message(content=RecordDict({"arrays": ArrayRecord(weights),
+                                               "metrics": MetricRecord({"num-windows": n})}), metadata=meta))
+    return out
+
+
+def _spike_ratio(model, windows) -> float:
+    """Median over ``windows`` (N, W, F) of the window score over the threshold once the last round's
+    packets and bytes are x40 (a labelled volume spike): above 1 it flags."""
+    import numpy as np
+    from app.services.evaluation import series
+    spiked = np.array(windows, copy=True)
+    for name in ("packets", "bytes"):
+        spiked[:, -1, series.FEATURE_INDEX[name]] *= 40
+    return float(np.median(model.decision_function(spiked) / model.threshold_))
+
+
+def poisoned_member(tmp: Path) -> list[tuple]:
+    """Three honest hosts (local models fitted, 120 rounds each) and a fourth sending the first one's
+    update x100 plus noise with a billion windows claimed: each strategy's aggregate, checked by each
+    honest host as it would be before adopting it (learning.check_fleet_model). Rows: (strategy,
+    adopted of 3, median error ratio, median false alerts a day, median spike score / threshold)."""
+    import statistics as st
+    import numpy as np
+    from app.db.connection import connect
+    from app.services.evaluation import evaluation
+    from app.services.fleet import aggregation, learning
+    from tests.services.fleet.test_flower import settings_for
+    from tests.services.evaluation.synthetic import SyntheticStore
+    shape = {"window": 15, "lstm-units": 8, "bottleneck": 4, "seed": 0}
+    hosts, updates = [], []
+    initial = learning.initial_weights(shape)
+    for i in range(3):
+        s = settings_for(tmp, f"p{i}", 9)
+        s.general.run_dir = str(tmp / f"p{i}" / "run")
+        store = SyntheticStore(s.general.db, seed=i, ports={(22, "tcp"): (20 + 30 * i, "sshd"),
+                                                            (443, "tcp"): (900 * (i + 1), "nginx")})
+        store.add_rounds(120)
+        store.close()
+        evaluation.run(s)                                          # the local model each host runs
+        node_config = {"db": s.general.db, "state-dir": s.general.state_dir, "config": str(tmp / f"p{i}" / "config.toml")}
+        updates.append(learning.local_update(node_config, initial, shape))
+        hosts.append(s)
+    rng = np.random.default_rng(666)
+    updates.append(([(w * 100 + rng.normal(0, 1, w.shape)).astype(w.dtype) for w in updates[0][0]], 10 ** 9))
+    rows = []
+    for name in aggregation.STRATEGIES:
+        arrays, _ = aggregation.strategy(name, 0.25, aggregation.Contributions()).aggregate_train(1, _replies(updates))
+        weights = arrays.to_numpy_ndarrays()
+        verdicts, spikes = [], []
+        for s in hosts:
+            conn = connect(s.general.db)
+            try:
+                c = learning.check_fleet_model(conn, s, weights)
+                _, held, _ = learning.local_windows(conn, s)
+            finally:
+                conn.close()
+            verdicts.append(c.verdict)
+            spikes.append(_spike_ratio(c.model, held))
+        rows.append((name, sum(v.adopted for v in verdicts), st.median(v.error_ratio for v in verdicts),
+                     st.median(v.false_alerts_per_day for v in verdicts), st.median(spikes)))
+    return rows
 
 
 def main() -> int:
@@ -182,6 +262,11 @@ def main() -> int:
         for pin in pins:
             shutil.rmtree(pin, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
+    poison_dir = Path(tempfile.mkdtemp(prefix="pw-bench-poison-"))
+    try:
+        poison = poisoned_member(poison_dir)
+    finally:
+        shutil.rmtree(poison_dir, ignore_errors=True)
     fed_dir = Path(tempfile.mkdtemp(prefix="pw-bench-federation-"))
     try:
         fed = federation(fed_dir)
@@ -190,11 +275,26 @@ def main() -> int:
     print("\nOne federation round (Flower, TLS, loopback)")
     for label, value in fed:
         print(f"{label:50} {value:14,.2f}")
+    print("\nOne poisoned member of four (x100 + noise, a billion windows claimed), each honest host's check")
+    print(f"{'aggregation':14} {'adopted':>8} {'error x local':>14} {'false alerts/d':>15} {'spike / threshold':>18}")
+    for name, adopted, ratio, alerts, spike in poison:
+        print(f"{name:14} {adopted:>6}/3 {ratio:14.3g} {alerts:15.2f} {spike:18.2f}")
     print(f"\nCrowdSec pull cost per collector round (median of {ROUNDS}; a round includes its 0.05 s wait)")
     print(f"{'round':42} {'wall s':>8} {'x base':>7} {'CPU s':>8} {'x base':>7}")
     for label, _, wall, cpu in rows:
         print(f"{label:42} {wall:8.3f} {wall / ref_wall:7.2f} {cpu:8.3f} {cpu / ref_cpu:7.2f}")
-    return 0
+    return plausible(dict(fed), rows).exit_code()
+
+
+def plausible(fed: dict[str, float], rows: list[tuple]) -> Plausibility:
+    checks = Plausibility("bench/fleet.py")
+    wire, weights = fed["bytes on the wire per host, both ways"], fed["network weights (bytes, float32)"]
+    checks.expect(wire >= weights, f"{wire:,.0f} bytes crossed the wire per host, fewer than the {weights:,.0f} "
+                                   "bytes of the weights each host sends (the capture missed the round)")
+    for label, _, wall, cpu in rows:
+        checks.expect(wall >= 0.05 and cpu > 0, f"'{label}': a round of {wall:.3f} s wall and {cpu:.3f} CPU s, "
+                                                "less than its own 0.05 s wait or no CPU at all")
+    return checks
 
 
 if __name__ == "__main__":

@@ -213,7 +213,11 @@ struct pw_egress_port_value {
 /* config (array, one entry): what user space tells the running program without a reload. */
 struct pw_config {
     __u32 epoch;                /* round epoch for round_min/round_max and the sources' TTL ranges */
-    __u32 pad;                  /* zero; keeps the value (and the pinned map's layout) at 8 bytes */
+    __u32 pad;                  /* zero */
+    __u64 clock_ns;             /* 0 (live): "now" is the kernel's coarse clock. A replay
+                                 * (app/services/collector/replay.py) sets the capture's time here (Unix ns)
+                                 * before its packets, so the SAME program stamps flows and drops in
+                                 * capture time: pw_now() in parse.h */
 };
 
 /* meta (array, one entry): written by the loader after each attach, so the pins say which

@@ -56,7 +56,8 @@ BPF_TABLE_PINNED("lru_percpu_hash", struct pw_flow_key, struct pw_flow_value, eg
 BPF_TABLE_PINNED("percpu_array", __u32, struct pw_global, eg_global, 1, PIN_DIR "/eg_global");
 BPF_TABLE_PINNED("lpm_trie", struct pw_lpm_key, struct pw_blacklist_value, eg_block, BLACKLIST_MAP_SIZE, PIN_DIR "/eg_block", BPF_F_NO_PREALLOC);
 
-static __always_inline void eg_count(struct pw_global *g, struct parsed *p, __u64 packets, __u64 bytes, __u64 payload)
+static __always_inline void eg_count(struct pw_global *g, struct parsed *p, __u64 packets, __u64 bytes, __u64 payload,
+                                     __u64 now)
 {
     __u64 syn = is_syn(p) ? packets : 0;
     struct pw_port_key pk = {};
@@ -106,7 +107,6 @@ static __always_inline void eg_count(struct pw_global *g, struct parsed *p, __u6
 
     struct pw_flow_key fk;
     flow_key(&fk, p, 0);
-    __u64 now = bpf_ktime_get_coarse_ns();
     struct pw_flow_value *fv = eg_flows.lookup(&fk);
     if (!fv) {
         struct pw_flow_value nv = {};
@@ -125,13 +125,12 @@ static __always_inline void eg_count(struct pw_global *g, struct parsed *p, __u6
 }
 
 /* conns and synacks (see the header comment); keys are the tuple as the answer will arrive */
-static __always_inline void eg_track(struct pw_global *g, struct parsed *p)
+static __always_inline void eg_track(struct pw_global *g, struct parsed *p, __u64 now)
 {
     if (!has_conversation(p))
         return;
     struct pw_flow_key rk;
     flow_key(&rk, p, 1);
-    __u64 now = bpf_ktime_get_coarse_ns();
     __u8 f = p->tcp_flags;
     if (p->proto == IPPROTO_TCP && (f & 0x12) == 0x02) {          /* this host's SYN: it opens */
         struct pw_conn_value cv = {};
@@ -171,6 +170,8 @@ int tc_egress(struct __sk_buff *skb)
     struct pw_global *g = eg_global.lookup(&zero_idx);
     if (!g)
         return TC_ACT_OK;
+    /* the config map is port_flow.c's (one BCC text): its clock, as on ingress */
+    struct pw_config *cfg = config.lookup(&zero_idx);
     __u64 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
     __u64 len = skb->len;
 
@@ -197,7 +198,7 @@ int tc_egress(struct __sk_buff *skb)
         if (bv) {
             __sync_fetch_and_add(&bv->drops, segs);
             __sync_fetch_and_add(&bv->drop_bytes, len);
-            bv->last_drop_ns = bpf_ktime_get_coarse_ns();
+            bv->last_drop_ns = pw_now(cfg);
             count(PW_G_TOTAL, segs);
             count(PW_G_BYTES, len);
             count(PW_G_PARSED, segs);
@@ -230,7 +231,8 @@ int tc_egress(struct __sk_buff *skb)
         count(PW_G_ICMPV6, segs);
     else
         count(PW_G_OTHER_L4, segs);
-    eg_count(g, &p, segs, bytes, payload);
-    eg_track(g, &p);
+    __u64 now = pw_now(cfg);                 /* capture time in a replay */
+    eg_count(g, &p, segs, bytes, payload, now);
+    eg_track(g, &p, now);
     return TC_ACT_OK;
 }

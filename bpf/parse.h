@@ -78,6 +78,16 @@ struct parsed {
     __u32 ack_seq;
 };
 
+/* "now" for flow first/last seen and drop times: the kernel's coarse clock (CLOCK_MONOTONIC_COARSE,
+ * a tick's resolution, far cheaper), unless user space set a clock in the config map (a replay
+ * feeding a capture through BPF_PROG_TEST_RUN: the capture's time). One program, two clocks. */
+static __always_inline __u64 pw_now(struct pw_config *cfg)
+{
+    if (cfg && cfg->clock_ns)
+        return cfg->clock_ns;
+    return bpf_ktime_get_coarse_ns();
+}
+
 #define PARSE_OK 0
 #define PARSE_NON_IP 1
 #define PARSE_BAD -1

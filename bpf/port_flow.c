@@ -15,7 +15,7 @@
  *
  * Every counter map is per CPU: no atomic instructions on the hot path; user space sums.
  *   blacklist   lpm_trie         pw_lpm_key            pw_blacklist_value         BLACKLIST_MAP_SIZE
- *   config      array            u32 (0)               pw_config                  1
+ *   config      array (mmapable) u32 (0)               pw_config                  1
  *   meta        array            u32 (0)               pw_meta                    1  (user space only)
  *   synlimit    hash             pw_port_key           pw_synlimit_value          SYNLIMIT_MAP_SIZE
  *   conns       lru_hash         pw_flow_key (answer)  pw_conn_value              CONN_MAP_SIZE   (TC writes)
@@ -88,7 +88,8 @@ BPF_TABLE_PINNED("lru_percpu_hash", struct pw_flow_key, struct pw_flow_value, fl
 BPF_TABLE_PINNED("percpu_array", __u32, struct pw_global, global, 1, PIN_DIR "/global");
 /* The kernel refuses an LPM trie without BPF_F_NO_PREALLOC. */
 BPF_TABLE_PINNED("lpm_trie", struct pw_lpm_key, struct pw_blacklist_value, blacklist, BLACKLIST_MAP_SIZE, PIN_DIR "/blacklist", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("array", __u32, struct pw_config, config, 1, PIN_DIR "/config");
+/* mmap-able: a replay moves the clock (pw_config.clock_ns) by a memory write, not a syscall per tick */
+BPF_TABLE_PINNED("array", __u32, struct pw_config, config, 1, PIN_DIR "/config", BPF_F_MMAPABLE);
 BPF_TABLE_PINNED("array", __u32, struct pw_meta, meta, 1, PIN_DIR "/meta");
 BPF_TABLE_PINNED("hash", struct pw_port_key, struct pw_synlimit_value, synlimit, SYNLIMIT_MAP_SIZE, PIN_DIR "/synlimit");
 BPF_TABLE_PINNED("lru_hash", struct pw_flow_key, struct pw_conn_value, conns, CONN_MAP_SIZE, PIN_DIR "/conns");
@@ -385,7 +386,7 @@ int xdp_port_flow(struct xdp_md *ctx)
     /* the blacklist comes first: a blocked source costs a lookup, its ports and the conns lookup
      * that tells an answer to this host's own conversation (passed: a block never cuts this host
      * off from a destination it talks to) */
-    __u64 now = bpf_ktime_get_coarse_ns();
+    __u64 now = pw_now(cfg);            /* capture time in a replay */
     int l4_ok = parse_l4(data, l4, data_end, &p) == 0;
     int reply = l4_ok && answer_of(g, &p, data, now);
     struct pw_lpm_key lk = {};

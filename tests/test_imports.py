@@ -52,12 +52,13 @@ def modules_imported(path: Path) -> set[str]:
 
 
 def test_commands_import_services_never_other_commands():
-    commands = sorted((REPO / "app" / "commands").glob("*.py"))
+    commands = sorted(p for p in (REPO / "app" / "commands").glob("*.py") if p.stem not in ("__init__", "registry"))
     assert len(commands) > 5
     for path in commands:
         own = f"app.commands.{path.stem}"
         bad = {n for n in modules_imported(path)
-               if (n.startswith("app.commands.") or n == "app.commands") and n != own}
+               if (n.startswith("app.commands.") or n == "app.commands") and n != own
+               and not (n == "app.commands.registry" or n.startswith("app.commands.registry."))}
         assert not bad, f"{path.name} imports another command: {sorted(bad)}"
 
 
@@ -73,3 +74,137 @@ def test_tensorflow_and_matplotlib_have_one_importer_each():
         users = [p.name for p in (REPO / "app").rglob("*.py") if any(n == lib or n.startswith(lib + ".")
                                                                      for n in imports_of(p))]
         assert users == [owner], (lib, users)
+
+
+# The declared layer order, lowest first. A module may import its own layer and any layer below; an
+# import that climbs fails. Every module of app/ must fall in exactly one layer (longest name wins).
+LAYERS = (
+    ("foundation", ("app", "app.errors", "app.durations", "app.permissions", "app.config", "app.config_rules",
+                    "app.resources")),
+    ("db", ("app.db.",)),
+    ("shared leaves", ("app.services", "app.services.host", "app.services.ports", "app.services.files",
+                       "app.services.locks", "app.services.progress", "app.services.text", "app.services.store_clock")),
+    ("kernel", ("app.services.kernel.",)),
+    ("collector/evaluation", ("app.services.collector.", "app.services.evaluation.")),
+    ("blocklist", ("app.services.blocklist.",)),
+    ("ops/fleet", ("app.services.ops.", "app.services.fleet.")),
+    ("jobs/threads", ("app.services.jobs", "app.threads.")),
+    ("commands", ("app.commands.",)),
+    ("entry points", ("app.cli", "app.__main__", "app.port_collector", "app.port_detector", "app.demo", "app.lab")),
+)
+
+
+def layer_of(module: str) -> int | None:
+    """The rank of a module in LAYERS: an entry ending in '.' names a package and everything in it
+    (the package itself included); any other entry names one module exactly."""
+    best, rank = -1, None
+    for i, (_, entries) in enumerate(LAYERS):
+        for entry in entries:
+            hit = (module == entry[:-1] or module.startswith(entry)) if entry.endswith(".") else module == entry
+            if hit and len(entry) > best:
+                best, rank = len(entry), i
+    return rank
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """module -> the app modules it imports (anywhere in the file, function bodies included);
+    ``from pkg import name`` counts as pkg.name when that is a module, else as pkg."""
+    files = {module_name(p, root): p for p in (root / "app").rglob("*.py")}
+    graph = {}
+    for mod, path in files.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name.split(".")[0] == "app")
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "app":
+                subs = {f"{node.module}.{a.name}" for a in node.names} & files.keys()
+                edges.update(subs or {node.module})
+                if len(subs) < len(node.names):
+                    edges.add(node.module)
+        graph[mod] = {e for e in edges if e in files and e != mod}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import loops: each strongly connected group of more than one module, sorted (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def climbs(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a higher layer, and every module in no declared layer, as one line each."""
+    problems = []
+    for mod in sorted(graph):
+        if layer_of(mod) is None:
+            problems.append(f"{mod} is in no layer of LAYERS")
+            continue
+        for dep in sorted(graph[mod]):
+            if layer_of(dep) is not None and layer_of(dep) > layer_of(mod):
+                problems.append(f"{mod} ({LAYERS[layer_of(mod)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})")
+    return problems
+
+
+def test_no_import_cycle_among_app_modules():
+    loops = cycles(import_graph(REPO))
+    assert not loops, "import loops:\n" + "\n".join(" <-> ".join(c) for c in loops)
+
+
+def test_no_import_climbs_the_layer_order():
+    problems = climbs(import_graph(REPO))
+    assert not problems, "imports that climb the layers:\n" + "\n".join(problems)
+
+
+def write_app(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_the_cycle_rule_sees_a_loop(tmp_path):
+    root = write_app(tmp_path, {"app/__init__.py": "", "app/services/__init__.py": "",
+                                "app/services/ops/__init__.py": "",
+                                "app/services/ops/alerts.py": "from app.services.ops import explain\n",
+                                "app/services/ops/explain.py": "def f():\n    from app.services.ops.alerts import x\n"})
+    assert cycles(import_graph(root)) == [["app.services.ops.alerts", "app.services.ops.explain"]]
+
+
+def test_the_layer_rule_sees_a_climb_and_an_undeclared_module(tmp_path):
+    root = write_app(tmp_path, {"app/__init__.py": "", "app/services/__init__.py": "",
+                                "app/services/collector/__init__.py": "",
+                                "app/services/collector/round.py": "from app.services.fleet import crowdsec\n",
+                                "app/services/fleet/__init__.py": "", "app/services/fleet/crowdsec.py": "",
+                                "app/services/stray.py": ""})
+    assert climbs(import_graph(root)) == [
+        "app.services.collector.round (collector/evaluation) imports app.services.fleet.crowdsec (ops/fleet)",
+        "app.services.stray is in no layer of LAYERS"]

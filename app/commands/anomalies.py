@@ -4,11 +4,11 @@ Exit codes: 0 ok; 2 bad --since, unknown id or detector; 4 missing or corrupt da
 """
 from __future__ import annotations
 
-import json
 import time
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.errors import EXIT_OK, UsageError
+from app.services.text import json_dumps, utc
 
 LIMIT = 1000            # findings listed at most (newest first)
 
@@ -17,7 +17,8 @@ port and process (occupancy), which sources (packets, share, evidence class), th
 as ranges, the features that drove a model finding (observed vs usual) and what was done (blocked
 until ..., alerted on ...). Alerts and `blacklist list` name the same finding id.
 
-  list [--since 24h|all|ISO] [--detector D] [--json]   newest first (a scan that grew counts from its last growth)
+  list [--since 24h|all|ISO] [--detector D] [--json]   newest first (a scan that grew counts from its last growth),
+                                                       under a line per detector still warming up
   show ID [--json]                                     one finding in full
 
 examples:
@@ -58,11 +59,11 @@ def _since(text: str) -> float | None:
 def run(args, settings) -> int:
     from app.db import anomalies as queries
     from app.db.connection import connect
-    from app.services.evaluation import explain
+    from app.services.evaluation import explain, warmup
     from app.services.evaluation.findings import readable_row
     if args.action == "show":
         text = args.id.strip()
-        if not text.isdigit():
+        if not text.isdigit() or len(text) > 18:
             raise UsageError(f"{args.id!r} is not a finding id (a whole number, as `anomalies list` shows)")
     else:
         since = _since(args.since)
@@ -75,7 +76,7 @@ def run(args, settings) -> int:
                                  "shows the ids")
             explained = explain.explain(conn, readable_row(row), settings)
             if args.json:
-                print(json.dumps(explained, indent=2, default=str))
+                print(json_dumps(explained, indent=2, default=str))
             else:
                 print("\n".join(explain.lines(explained)))
             return EXIT_OK
@@ -83,6 +84,8 @@ def run(args, settings) -> int:
             known = ", ".join(queries.detectors(conn)) or "none yet"
             raise UsageError(f"no finding has detector {args.detector!r} (stored detectors: {known})")
         rows = queries.anomalies(conn, since, args.detector, LIMIT)
+        waiting = [w.text() for w in warmup.pending(warmup.next_evaluation(conn, settings.evaluator, time.time()))
+                   if not args.detector or w.detector == args.detector]
         findings = [readable_row(r) for r in rows]
         items = [{"id": f.id, "detector": f.detector, "created_at": r["created_at"], "updated_at": r["updated_at"],
                   "rounds": [f.first_round_id, f.last_round_id], "port": f.port, "protocol": f.protocol,
@@ -91,8 +94,10 @@ def run(args, settings) -> int:
     finally:
         conn.close()
     if args.json:
-        print(json.dumps(items, indent=2))
+        print(json_dumps(items, indent=2))
         return EXIT_OK
+    for line in waiting:          # a detector without its baseline raises nothing yet: say so first
+        print(line)
     if not items:
         print("no findings" + (f" of {args.detector}" if args.detector else "")
               + (f" since {_when(since)}" if since is not None else ""))
@@ -109,4 +114,4 @@ def run(args, settings) -> int:
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+    return utc(t, seconds=False)

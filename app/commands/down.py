@@ -1,7 +1,7 @@
 """`down`: close a final round, detach portwatch's XDP program from an interface and remove its pins."""
 from __future__ import annotations
 
-from app.cli import add_command
+from app.commands.registry import add_command
 
 
 def register(sub) -> None:

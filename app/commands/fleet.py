@@ -4,18 +4,21 @@ serve    the coordinator: a Flower SuperLink (TLS from [fleet]) and a federation
          fleet.interval_seconds (--once: one federation, then exit).
 node     this host's Flower SuperNode in the foreground (run it as a service); it trains the fleet's
          weights on this host's normal windows and adopts the result as a model version 'fleet'.
-status   this host's model versions by origin, the coordinator's record when this is the coordinator,
-         and the CrowdSec sync (pulled, pushed, pending); --json prints one object. Also written to
+status   this host's model versions by origin (and why the newest fleet model was not adopted, if it
+         was not), the coordinator's record when this is the coordinator (the hosts it knows: last
+         contribution, windows claimed and weighed, the model version each runs), and the CrowdSec
+         sync (pulled, pushed, pending); --json prints one object. Also written to
          the metrics textfile (metrics.textfile_dir; see app/services/ops/metrics.py, portwatch_fleet_*).
 
 Exit codes: 0 ok; 2 bad [fleet] settings; 7 Flower missing; 1 a federation that did not finish.
 """
 from __future__ import annotations
 
-import json
 import time
 
-from app.cli import add_command
+from app.commands.registry import add_command
+from app.config_rules import count_arg
+from app.services.text import counted, json_dumps, utc
 
 
 DESCRIPTION = """Many hosts, one model (Flower) and one blocklist (CrowdSec).
@@ -36,7 +39,7 @@ def register(sub) -> None:
                         "Run the coordinator: Flower's SuperLink and a federation now and every "
                         "fleet.interval_seconds, until stopped (or one federation with --once).")
     serve.add_argument("--once", action="store_true", help="one federation, then exit")
-    serve.add_argument("--rounds", type=int, metavar="N", help="federation rounds (default: fleet.rounds)")
+    serve.add_argument("--rounds", type=count_arg(1, 1000), metavar="N", help="federation rounds (default: fleet.rounds)")
     add_command(actions, "node", "this host's SuperNode (foreground)",
                 "Run this host's Flower SuperNode in the foreground (a service: install-cron --systemd "
                 "--fleet-node). It trains the fleet's weights on this host's windows no detector flagged and "
@@ -54,7 +57,7 @@ def run(args, settings) -> int:
         from app.services.fleet import flower
         settings.override("fleet", "rounds", args.rounds)
         rec = flower.serve(settings, once=args.once)
-        print(f"federation {rec.get('federations')} finished ({rec.get('rounds')} round(s)).")
+        print(f"federation {rec.get('federations')} finished ({counted(int(rec.get('rounds') or 0), 'round')}).")
         return 0
     if args.action == "node":
         from app.services.fleet import flower
@@ -63,7 +66,7 @@ def run(args, settings) -> int:
     from app.services.fleet import view
     view.write_status(settings, state)
     if args.json:
-        print(json.dumps(state, indent=2, sort_keys=True))
+        print(json_dumps(state, indent=2, sort_keys=True))
         return 0
     print(render(state))
     return 0
@@ -75,7 +78,7 @@ def gather(settings) -> dict:
     from app.db.connection import connect
     from app.services.fleet import crowdsec
     from app.services.fleet.flower import record
-    conn = connect(settings.general.db)
+    conn = connect(settings.general.db, readonly=True)
     try:
         models = [dict(r) for r in fleet_db.models_by_origin(conn)]
         sync = crowdsec.status(conn) if settings.crowdsec.lapi_url else None
@@ -104,10 +107,11 @@ def _reachable(address: str, timeout: float = 2.0) -> bool:
 
 
 def _when(t) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)) if t else "never"
+    return utc(t, seconds=False) if t else "never"
 
 
 def render(state: dict) -> str:
+    from app.services.fleet import view
     lines = []
     active, fleet_model = state["active_model"], state["fleet_model"]
     if active:
@@ -118,8 +122,12 @@ def render(state: dict) -> str:
                      f"{budget if budget is not None else '-'}")
     else:
         lines.append("no model yet (warming up)")
-    lines.append(f"fleet model: v{fleet_model['version']} adopted {_when(fleet_model['created_at'])}" if fleet_model
-                 else "fleet model: none adopted yet")
+    if fleet_model and fleet_model["status"] == "not-adopted":
+        lines.append(f"fleet model: v{fleet_model['version']} received {_when(fleet_model['created_at'])}, NOT adopted: "
+                     f"{fleet_model['not_adopted_because']}; the active model stays")
+    else:
+        lines.append(f"fleet model: v{fleet_model['version']} adopted {_when(fleet_model['created_at'])}" if fleet_model
+                     else "fleet model: none adopted yet")
     if state["superlink"]:
         lines.append(f"coordinator: {state['superlink']} " + ("reachable" if state["superlink_reachable"] else
                      "UNREACHABLE: this host keeps its local model and learns alone until it is back"))
@@ -129,9 +137,14 @@ def render(state: dict) -> str:
     if rec:
         lines.append(f"federations run here: {rec.get('federations')}, last finished {_when(rec.get('finished_at'))}, "
                      f"hosts in its last round: {rec.get('hosts', '-')}")
-        for k, h in enumerate(rec.get("per_host") or [], 1):
-            lines.append(f"  host {k}: {h['held_out_rate_per_day']:.2f} false alerts a day on held-out data against "
-                         f"a budget of {h['budget_per_day']:g} ({h['held_out_windows']} windows)")
+        lines.append(f"aggregation: {rec.get('aggregation') or 'fedavg'}; hosts known: {len(rec.get('known_hosts') or {})}")
+        for node, h in sorted((rec.get("known_hosts") or {}).items()):
+            runs = f"runs model v{h['model_version']}" if h.get("model_version") else "runs no model yet"
+            took = ("adopted the fleet's" if h.get("adopted") else
+                    f"kept its own (refused the fleet's: {view.REFUSALS.get(h.get('refusal'), 'no model to check')})")
+            lines.append(f"  node {node}: last contribution {_when(h.get('last_contribution'))} "
+                         f"({h.get('reported_windows', 0)} windows claimed, {h.get('weighed_windows', 0)} weighed), "
+                         f"{runs}, {took}")
     cs = state["crowdsec"]
     if cs is None:
         lines.append("crowdsec: not configured (crowdsec.lapi_url)")

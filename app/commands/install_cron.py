@@ -37,7 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.cli import add_command
+from app.commands.registry import add_command
+from app.services.text import counted
 
 DEFAULT_CRON_FILE = "/etc/cron.d/portwatch"
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
@@ -285,7 +286,7 @@ def uninstall(args, targets: list[Path]) -> int:
             path.unlink()
         except PermissionError:
             raise NeedsRootError(f"cannot remove {path}: run install-cron --uninstall as root (sudo)") from None
-    print(f"removed {len(present)} file(s)" + "".join(f"\n  {p}" for p in present) if present
+    print(f"removed {counted(len(present), 'file')}" + "".join(f"\n  {p}" for p in present) if present
           else "nothing to remove: " + ", ".join(str(p) for p in targets))
     return 0
 
@@ -350,7 +351,7 @@ def run(args, settings) -> int:
         _write(path, text)
     carried = [f"database {settings.general.db}"] + ([f"config {settings.config_path}"] if settings.config_path else []) \
         + [f"interface {settings.general.interface or 'the default-route one'}"] \
-        + ([f"{len(env)} PORTWATCH_* setting(s)"] if env else [])
+        + ([counted(len(env), "PORTWATCH_* setting")] if env else [])
     where = f"units in {unit_dir}" if args.systemd else str(cron_file)
     node = ", the fleet node as a service" if args.fleet_node else ""
     print(f"wrote {where}: collector every minute, evaluator hourly, cleanup daily{node} (user {args.user}, python "

@@ -3,7 +3,7 @@ version, blocklist size, database size, and whether all of that is healthy.
 
 Reads only (but for the health samples it puts into metrics.textfile_dir when that is set, so
 node_exporter sees what status sees): the database is opened read-only, XDP state comes from
-netlink (host.xdp_attachment: libbpf's bpf_xdp_query) and the pins under
+netlink (kernel/attachment.py xdp_attachment: libbpf's bpf_xdp_query) and the pins under
 ``<pin_root>/<interface>/``; the health checks are app/services/ops/health.py's. Exit codes: 0
 healthy; 1 unhealthy (one line on stderr names the first failed check: no round for 3 x the round
 length, XDP not attached where pinned, the last evaluation failed, the model cannot alert, the
@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from app.cli import add_command
+from app.commands.registry import add_command
 from app.errors import EXIT_ERROR
+from app.services.text import json_dumps, utc
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def gather(settings, interfaces: list[str] | None = None, now: float | None = No
     app.services.ops.health (the same ones doctor and the metrics report)."""
     from app.db import reports as queries
     from app.db.connection import connect
+    from app.services.evaluation import warmup
     from app.services.ops import health
     now = time.time() if now is None else now
     facts = health.gather_facts(settings)
@@ -55,10 +57,12 @@ def gather(settings, interfaces: list[str] | None = None, now: float | None = No
     status: dict = {"database": {"path": str(db), "exists": facts["exists"], "bytes": facts["bytes"],
                                  "max_mb": settings.general.max_db_mb}}
     summary = None
+    status["warmup"] = []
     if facts["exists"]:
         conn = connect(db, readonly=True)
         try:
             summary = queries.status_summary(conn)
+            status["warmup"] = [w.as_dict() for w in warmup.next_evaluation(conn, settings.evaluator, now)]
         finally:
             conn.close()
         status["database"]["rounds"] = summary["rounds"]
@@ -102,7 +106,7 @@ def _when(t: float | None, now: float) -> str:
     if t is None:
         return "-"
     age = now - t
-    text = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    text = utc(t)
     if age < 120:
         return f"{text} ({age:.0f} s ago)"
     if age < 7200:
@@ -144,6 +148,9 @@ def render(status: dict, now: float) -> str:
                  f"model:           version {m['version']}, threshold "
                  f"{'-' if m['threshold'] is None else format(m['threshold'], '.4g')}, created {_when(m['created_at'], now)}"
                  + _pool_text(m.get("held_out_pool")))
+    waiting = [w["text"] for w in status.get("warmup", []) if not w["ready"]]
+    if waiting:       # detectors that compare with usual raise nothing before their baseline
+        lines.append("warm-up:         " + "; ".join(waiting))
     b = status["blacklist"]
     lines.append(f"blocklist:       {b['active']} active, {b['dry_run']} dry-run, {b['expired']} expired, "
                  f"{b['removed']} removed")
@@ -162,6 +169,7 @@ def render(status: dict, now: float) -> str:
         if x.get("attached") and x.get("pinned") and x.get("ours") is False:
             extra = "; the attached program is not portwatch's pinned one"
         extra += f"; {x['problem']}" if x.get("problem") else ""
+        extra += f"; {x['foreign']}" if x.get("foreign") else ""
         lines.append(f"{label}{state}, {pins}{extra}")
     h = status["health"]
     lines.append("health:          " + ("ok" if h["healthy"] else "UNHEALTHY"))
@@ -182,7 +190,7 @@ def run(args, settings) -> int:
     now = time.time()
     status = gather(settings, args.interface, now=now)
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True, default=str))
+        print(json_dumps(status, indent=2, sort_keys=True, default=str))
     else:
         print(render(status, now))
     if not status["health"]["healthy"]:

@@ -2,7 +2,8 @@
 
 Writers call these inside ``with conn:`` (one evaluation = one transaction). Exactly one model
 row is 'active' at a time (the one the next evaluation loads); older ones are 'retired',
-versions undone by a rollback 'rolled-back', and versions whose files were removed 'pruned'.
+versions undone by a rollback 'rolled-back', and versions whose files were removed 'pruned'; a fleet
+model this host checked and refused is 'not-adopted' (kept, never loaded unless rolled back to).
 """
 from __future__ import annotations
 
@@ -95,13 +96,16 @@ def next_model_version(conn: sqlite3.Connection) -> int:
 
 def insert_model(conn: sqlite3.Connection, *, version: int, created_at: float, parent_version: int | None,
                  path: str, threshold: float, train_windows: int, metadata: dict,
-                 budget_per_day: float, held_out_rate_per_day: float) -> None:
-    """Add ``version`` as the active model; the previously active one becomes 'retired'."""
-    conn.execute("UPDATE models SET status = 'retired' WHERE status = 'active'")
+                 budget_per_day: float, held_out_rate_per_day: float, active: bool = True) -> None:
+    """Add ``version`` as the active model; the previously active one becomes 'retired'. With
+    ``active`` False it is stored as 'not-adopted' (a fleet model this host checked and refused)."""
+    if active:
+        conn.execute("UPDATE models SET status = 'retired' WHERE status = 'active'")
     conn.execute(
         "INSERT INTO models (version, created_at, parent_version, path, threshold, train_windows, status, "
-        "metadata, budget_per_day, held_out_rate_per_day) VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?)",
+        "metadata, budget_per_day, held_out_rate_per_day) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (version, created_at, parent_version, path, _finite(threshold), train_windows,
+         "active" if active else "not-adopted",
          json.dumps(metadata, sort_keys=True, default=_json_default), budget_per_day, held_out_rate_per_day))
 
 

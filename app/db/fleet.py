@@ -172,4 +172,5 @@ def set_model_origin(conn, version: int, origin: str) -> None:
 
 def models_by_origin(conn) -> list[sqlite3.Row]:
     return conn.execute("SELECT version, origin, status, created_at, threshold, train_windows, held_out_rate_per_day, "
-                        "budget_per_day FROM models ORDER BY version DESC").fetchall()
+                        "budget_per_day, json_extract(metadata, '$.fleet.why') AS not_adopted_because "
+                        "FROM models ORDER BY version DESC").fetchall()

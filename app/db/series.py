@@ -46,6 +46,12 @@ def count_rounds(conn: sqlite3.Connection, upto_id: int) -> int:
     return conn.execute("SELECT COUNT(*) FROM rounds WHERE id <= ? AND baseline = 0", (upto_id,)).fetchone()[0]
 
 
+def count_rounds_since(conn: sqlite3.Connection, since_time: float, before_id: int) -> int:
+    """Rounds that ended at or after ``since_time`` with id < before_id (a detector's look-back)."""
+    return conn.execute("SELECT COUNT(*) FROM rounds WHERE end_time >= ? AND id < ? AND baseline = 0",
+                        (since_time, before_id)).fetchone()[0]
+
+
 def count_rounds_after(conn: sqlite3.Connection, after_id: int) -> int:
     return conn.execute("SELECT COUNT(*) FROM rounds WHERE id > ? AND baseline = 0", (after_id,)).fetchone()[0]
 

@@ -64,14 +64,16 @@ class JobResult:
 def run(settings) -> JobResult:
     from app.services.blocklist import decisions
     from app.services.evaluation import evaluation
+    from app.services import store_clock
     from app.services.ops import alerts, metrics
     started = time.monotonic()
-    result = evaluation.run(settings)
+    clock = store_clock.clock(settings.general.db)      # a replayed store is judged in its capture's time
+    result = evaluation.run(settings, clock=clock)
     job = JobResult(result)
-    conn = connect(settings.general.db)
+    conn = connect(settings.general.db, create=False)
     try:
         if settings.blocklist.enabled and result.evaluation_id is not None:
-            job.decisions, _ = decisions.after_evaluation(conn, settings, result.anomalies)
+            job.decisions, _ = decisions.after_evaluation(conn, settings, result.anomalies, clock())
         events = [alerts.anomaly_event(f) for f in result.anomalies]
         events += [alerts.block_event(d.address, d.reason, expires_at=d.expires_at, dry_run=d.action == "would-block")
                    for d in job.decisions if d.action in ("block", "would-block")]
@@ -95,7 +97,47 @@ def run(settings) -> JobResult:
             from app.services.ops.reports import write_report
             job.report = write_report(settings.general.db, settings.reports.out_dir, settings.reports.since,
                                       top_ports=settings.reports.top_ports,
-                                      max_anomaly_figures=settings.reports.max_anomaly_figures)
+                                      max_anomaly_figures=settings.reports.max_anomaly_figures, now=clock())
         except (PortwatchError, OSError, sqlite3.Error) as exc:
             log.warning("the report after this evaluation failed: %s", exc)
+    return job
+
+
+class ClosedLoop:
+    """A replay's evaluations at capture-time boundaries (``python -m app replay --evaluate-every``).
+
+    Called after every replayed round with the store's clock (the round's end, capture time): the
+    blocklist's expiries are reconciled with the replay's own map at that time; every ``every_seconds``
+    of capture time (and after the last round) the rounds so far are evaluated and the decisions enforced
+    on the maps under ``settings.general.pin_root`` — the replay's private pins, never the host's. Alerts,
+    metrics and reports are left out: nothing leaves the store. Every time-dependent step (TTL expiry,
+    peer look-back, "now" of findings and blocks) reads the same clock.
+    """
+
+    def __init__(self, every_seconds: float):
+        self.every_seconds = every_seconds
+        self.next_at: float | None = None
+        self.jobs: list[JobResult] = []
+
+    def __call__(self, conn, settings, start: float, now: float, last: bool = False) -> None:
+        """After the round (start, now] (capture-time Unix seconds); ``last``: the capture's last round."""
+        from app.services.kernel import enforcement
+        from app.services.collector.replay import INTERFACE
+        enforcement.reconcile(conn, settings, Path(settings.general.pin_root) / INTERFACE, now)
+        if self.next_at is None:
+            self.next_at = start + self.every_seconds
+        if now >= self.next_at or last:
+            self.jobs.append(run_at(conn, settings, now))
+            while self.next_at <= now:
+                self.next_at += self.every_seconds
+
+
+def run_at(conn, settings, now: float) -> JobResult:
+    """One evaluation judged at store time ``now``, its decisions enforced (no alerts, metrics, report)."""
+    from app.services.blocklist import decisions
+    from app.services.evaluation import evaluation
+    result = evaluation.run(settings, conn, clock=lambda: now)
+    job = JobResult(result)
+    if settings.blocklist.enabled and result.evaluation_id is not None:
+        job.decisions, _ = decisions.after_evaluation(conn, settings, result.anomalies, now)
     return job

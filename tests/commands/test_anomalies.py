@@ -118,7 +118,9 @@ def test_anomalies_list_and_show_explain_the_lab(store):
 
     # the text table: one line per finding, newest first, the same summaries
     code, out, _ = run("anomalies", "list")
-    lines = out.splitlines()
+    waiting = [line for line in out.splitlines() if ": warming up, " in line]   # the header: no baseline yet
+    lines = out.splitlines()[len(waiting):]
+    assert waiting[0].startswith("exfiltration: warming up, ") and waiting[0].endswith(" of 30 rounds")
     assert code == 0 and lines[0].split() == ["ID", "WHEN", "DETECTOR", "PORT", "SUMMARY"]
     assert [int(line.split()[0]) for line in lines[1:]] == [i["id"] for i in items]
     assert any(line.endswith(scan["summary"]) for line in lines)
@@ -252,6 +254,7 @@ def test_show_a_model_finding_gives_its_features_in_units(tmp_path, monkeypatch,
     assert "             mean_payload          1,200         40  bytes/packet          20%\n" in out
     assert "  done       blocked (active) 198.18.0.9/32 until " in out
     assert main(["anomalies", "list", "--since", "all", "--db", s.general.db]) == 0
-    assert capsys.readouterr().out.splitlines()[1].endswith("unusual traffic on udp/5302: packets 600 vs usual 41.5, "
+    listed = [line for line in capsys.readouterr().out.splitlines() if ": warming up, " not in line]   # header lines
+    assert listed[1].endswith("unusual traffic on udp/5302: packets 600 vs usual 41.5, "
                                                             "mean_payload 1,200 vs usual 40 (error 9.0x the threshold), "
                                                             "from 198.18.0.9 (98%, one-way), round 1")

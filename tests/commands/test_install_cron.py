@@ -45,7 +45,7 @@ def test_install_cron_writes_the_entries(paths, state_env, capsys, monkeypatch):
     from app.commands.install_cron import AS_FLAGS
     carried = [k for k in os.environ if k.startswith("PORTWATCH_") and k not in AS_FLAGS]   # + state_env's
     assert f"database {state_env / 'my.db'}" in out and "interface pwnoif0" in out
-    assert f"{len(carried)} PORTWATCH_* setting(s)" in out and len(carried) >= 2
+    assert f"{len(carried)} PORTWATCH_* settings" in out and len(carried) >= 2
     assert paths["logs"].is_dir() and oct(paths["logs"].stat().st_mode & 0o777) == "0o700"
     assert oct(paths["cron"].stat().st_mode & 0o777) == "0o644"
     entries = parse_crontab(paths["cron"].read_text(), with_user=True)
@@ -135,7 +135,7 @@ def test_systemd_units(paths, state_env, capsys, monkeypatch):
         assert not problems, check.stderr
     assert main([*_args(paths, "--systemd", "--uninstall")]) == 0
     assert not any(paths["units"].iterdir()) and not paths["rotate"].exists()
-    assert "removed 7 file(s)" in capsys.readouterr().out
+    assert "removed 7 files" in capsys.readouterr().out
 
 
 def test_uninstall_removes_only_what_it_wrote(paths, capsys):
@@ -204,7 +204,7 @@ def test_fleet_node_service(paths, state_env, capsys, monkeypatch, tmp_path):
         assert not problems, check.stderr
     assert main([*_args(paths, "--systemd", "--uninstall")]) == 0
     assert not any(paths["units"].iterdir())
-    assert "removed 8 file(s)" in capsys.readouterr().out
+    assert "removed 8 files" in capsys.readouterr().out
 
 
 def test_cron_with_a_fleet_says_to_use_systemd_for_the_node(paths, capsys, monkeypatch):

@@ -33,18 +33,16 @@ def test_peers_are_upserted_with_their_proof_and_answer_since_queries(tmp_path):
 
 
 def test_migration_11_keeps_socket_peers_and_drops_flow_peers(tmp_path):
-    path = tmp_path / "old.db"
-    c = connect(path)
+    from app.db.connection import MIGRATIONS
+    c = connect(tmp_path / "old.db")
     c.executescript("ALTER TABLE peers DROP COLUMN proof; ALTER TABLE peers DROP COLUMN ttl; "
                     "ALTER TABLE peers DROP COLUMN mac; ALTER TABLE peers DROP COLUMN last_verified; "
-                    "ALTER TABLE blacklist_drops DROP COLUMN replies; "
-                    "ALTER TABLE source_stats DROP COLUMN mac; PRAGMA user_version = 10; "
+                    "ALTER TABLE blacklist_drops DROP COLUMN replies; ALTER TABLE source_stats DROP COLUMN mac; "
                     "INSERT INTO peers (address, first_seen, last_two_way, two_way_rounds, last_evidence) VALUES "
                     "('198.18.0.2', 1, 5, 1, 'flows'), ('198.18.0.3', 1, 6, 1, 'flows+established');")
-    c.close()
-    c = connect(path)
-    assert c.execute("PRAGMA user_version").fetchone()[0] == 11
+    c.executescript(MIGRATIONS[11])
     assert not two_way_since(c, "198.18.0.2", 0)
     assert two_way_since(c, "198.18.0.3", 6) and peer(c, "198.18.0.3")["proof"] == "established"
     assert "replies" in {r[1] for r in c.execute("PRAGMA table_info(blacklist_drops)")}
+    assert "mac" in {r[1] for r in c.execute("PRAGMA table_info(source_stats)")}
     c.close()

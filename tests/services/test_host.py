@@ -48,21 +48,6 @@ def test_default_routes_give_gateways_and_the_interface(monkeypatch):
         host.default_interface()
 
 
-def test_xdp_attachment_without_a_program():
-    assert host.xdp_attachment("lo") is None                       # lo never carries XDP here
-    assert host.xdp_attachment("pw-absent0") is None
-
-
-@pytest.mark.kernel
-def test_xdp_attachment_names_the_program_and_its_mode(lab, tmp_path):
-    from app.services.kernel import maps
-    from tests.helpers import collect, make_settings
-    settings = make_settings(tmp_path, xdp_mode="generic")
-    collect(settings, lab)
-    pinned = maps.prog_info(f"{settings.general.pin_root}/{lab.interface}/prog").id
-    assert host.xdp_attachment(lab.interface) == (pinned, "generic")
-
-
 def test_local_addresses_are_this_namespace_s():
     found = host.local_addresses()
     assert "127.0.0.1" in found

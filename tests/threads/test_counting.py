@@ -69,7 +69,8 @@ def test_ipv4_mapped_ipv6_sources_stay_ipv6_in_counts_and_in_the_blacklist(lab, 
     # (through the ledger: a collector run reconciles the map before its round, so an entry written by
     # hand would be gone before the round read its drops)
     from app.db.connection import connect
-    from app.services.blocklist import blocklist, enforcement
+    from app.services.blocklist import blocklist
+    from app.services.kernel import enforcement
     ledger = connect(s.general.db)
     blocklist.add_manual(ledger, s, v4, reason="test")
     enforcement.reconcile(ledger, s, Path(s.general.pin_root) / lab.interface)     # this lab's map only

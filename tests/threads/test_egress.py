@@ -299,7 +299,7 @@ def test_an_outbound_finding_blocks_its_destination_in_tc_only_when_switched_on(
     while host 2 passes. With the switch off the same finding only alerts: nothing is dropped."""
     from app.db import blacklist as ledger
     from app.db.connection import connect
-    from app.services.blocklist import enforcement
+    from app.services.kernel import enforcement
     from app.services.kernel import egress_block
     from app.services.blocklist.decisions import after_evaluation
     from tests.helpers import add_evaluation, finding

@@ -3,7 +3,7 @@
 (:meth:`app.services.blocklist.decisions.Protection.gather`) and refuse a manual `blacklist add` without --force.
 
 Adding an address lifts the listed blocklist entries that overlap it (status 'removed', an
-'allow' event each); the caller then enforces with :func:`app.services.blocklist.enforcement.apply`, which
+'allow' event each); the caller then enforces with :func:`app.services.kernel.enforcement.apply`, which
 takes them out of every pinned map. Removing an address only stops protecting it.
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 from app.db import allowlist as db
 from app.db import blacklist as ledger
 from app.errors import PortwatchError, UsageError
+from app.services.kernel.enforcement import parse_network
 
 log = logging.getLogger(__name__)
 
 
 def parse(text: str):
     """ADDR or ADDR/LEN (no %zone, host bits clear) as a network; UsageError with one sentence otherwise."""
-    from app.services.blocklist.blocklist import parse_network
     if "%" in (text or ""):
         raise UsageError(f"{text} carries a zone (%...): the allowlist holds addresses without zones, give it "
                          "without the %zone")

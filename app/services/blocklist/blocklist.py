@@ -3,11 +3,10 @@ typed, check it against the same interlocks as automatic decisions, write the le
 
 Its own small module because it needs both halves and belongs to neither: the interlocks
 (:class:`decisions.Protection`) and the map's capacity (enforcement). Enforcement never imports
-it; the caller enforces with :func:`app.services.blocklist.enforcement.apply` after a change.
+it; the caller enforces with :func:`app.services.kernel.enforcement.apply` after a change.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import math
@@ -16,42 +15,9 @@ import time
 from app.db import blacklist as db
 from app.errors import UsageError
 from app.services.blocklist.decisions import Decision, Protection
-from app.services.blocklist.enforcement import Network, capacity, normalise
+from app.services.kernel.enforcement import capacity, parse_network
 
 log = logging.getLogger(__name__)
-
-
-def parse_network(text: str) -> Network:
-    """``ADDR`` or ``ADDR/LEN`` (IPv4 or IPv6) as a network; UsageError with one sentence otherwise.
-
-    Host bits set (``198.18.0.5/24``) are refused, not silently normalised: the user may have meant
-    the one address or the whole network.
-    """
-    text = (text or "").strip()
-    if not text:
-        raise UsageError("an address or prefix is required, e.g. 198.18.0.9 or 2001:db8::/64")
-    addr_text, slash, len_text = text.partition("/")
-    try:
-        addr = ipaddress.ip_address(addr_text)
-    except ValueError:
-        raise UsageError(f"{addr_text!r} is not an IPv4 or IPv6 address") from None
-    limit = addr.max_prefixlen
-    if slash:
-        if not len_text.isdigit():
-            raise UsageError(f"prefix length {len_text!r} of {text} is not a number from 0 to {limit}")
-        if int(len_text) > limit:
-            raise UsageError(f"prefix length {len_text} of {text} is out of range for IPv{addr.version} (0-{limit})")
-        prefixlen = int(len_text)
-    else:
-        prefixlen = limit
-    try:
-        network = ipaddress.ip_network((addr, prefixlen), strict=True)
-    except ValueError:
-        network = ipaddress.ip_network((addr, prefixlen), strict=False)
-        raise UsageError(f"{text} has host bits set: give {network} for the network or {addr} for the one "
-                         "address") from None
-    return normalise(network)
-
 
 
 def add_manual(conn, settings, text: str, ttl: float | None = None, reason: str | None = None, force: bool = False,

@@ -11,14 +11,10 @@ Decisions (:func:`decide`, after each evaluation, on the evaluation's own findin
     least ``model_block_factor`` times its threshold. Every source carries its evidence class
     (findings.ONE_WAY / TWO_WAY) into the ledger's evidence JSON. The TTL escalates like
     fail2ban's bantime.increment: ``base_ttl * escalation ** (offences - 1)`` capped at ``max_ttl``.
-Evidence that survives spoofing (issue 9; :func:`judge_sources` runs before the findings are stored)
-    A source whose evidence is one-way (anything a forger can send) is *possibly forged* when the
-    address had a two-way conversation with this host within ``peer_lookback_seconds`` (the
-    ``peers`` table), or when the IP TTL it was seen with in the finding's rounds leaves its usual
-    range by more than ``ttl_tolerance`` (skipped where no TTLs are recorded). A possibly forged
-    source is never blocked: the finding is kept, flags it (Source.forged) and alerts. Two-way
-    evidence still blocks a peer. Unknown addresses may be blocked on one-way evidence, for the
-    usual (short, escalating) TTL, so a real scanner is stopped within one evaluation.
+Evidence that survives spoofing
+    A possibly forged source (app/services/evaluation/forged.py marks it before the findings are
+    stored) is never blocked: the finding is kept, flags it and alerts. Two-way evidence still blocks
+    a peer; unknown addresses may be blocked on one-way evidence for the usual (short, escalating) TTL.
     One finding adds at most ``max_new_per_evaluation`` entries, and a SYN flood judged forged
     (many one-way sources, none dominant) at most ``max_new_per_forged_flood`` (0): it is mitigated
     per port instead (``blocklist.syn_limit_enabled``, off by default: enforcement.limit_port_syns).
@@ -45,7 +41,7 @@ Interlocks (:class:`Protection`)
     block). Every action is a blacklist_events row.
 
 Nothing here touches a map: :func:`after_evaluation` decides, then enforces with
-app/services/blocklist/enforcement.py (which never imports this module).
+app/services/kernel/enforcement.py (which never imports this module).
 """
 from __future__ import annotations
 
@@ -59,11 +55,11 @@ from typing import Sequence
 
 from app.config import ConfigError
 from app.db import blacklist as db
-from app.db import peers
 from app.services import host
-from app.services.blocklist import allowlist, enforcement
-from app.services.blocklist.enforcement import Network, capacity, normalise
-from app.services.evaluation.findings import TWO_WAY, Finding
+from app.services.blocklist import allowlist
+from app.services.kernel import enforcement
+from app.services.kernel.enforcement import Network, capacity, normalise
+from app.services.evaluation.findings import Finding
 
 log = logging.getLogger(__name__)
 
@@ -152,73 +148,6 @@ class Candidate:
     forged: str = ""              # why the source is possibly forged (never blocked), else ""
     cap: int | None = None        # most new entries the candidate's finding may add
     direction: str = "in"         # 'in': a source (XDP blacklist); 'out': a destination (TC egress block)
-
-
-# --- forged or not ---------------------------------------------------------------------------------
-
-def judge_sources(conn, settings, findings: Sequence[Finding], now: float | None = None) -> int:
-    """Set Source.forged (and its note) on every source of every inbound finding (an outbound one
-    names destinations, which nobody forges); returns how many are possibly forged. Call before the findings are stored: their reasons JSON then carries it.
-
-    Two-way evidence is never forged. One-way evidence naming a verified peer (within
-    blocklist.peer_lookback_seconds) is forged unless it carries the peer's fingerprint: its TTL range
-    in the finding's rounds within blocklist.ttl_tolerance of the TTL the peer proved itself with, and
-    no other source MAC than the peer's (then it is the peer's own, judged like anyone's). One-way
-    evidence naming any other address is forged when its TTL range leaves the range of its earlier
-    rounds by more than blocklist.ttl_tolerance. A flood's sources judged forged by the rules stay so.
-    Otherwise forged = False (judged).
-    """
-    cfg = settings.blocklist
-    now = time.time() if now is None else now
-    has_peers = peers.has_table(conn)
-    forged = 0
-    for f in findings:
-        if f.outbound:             # this host sent it: nothing to forge (its sources are destinations)
-            continue
-        for s in f.sources:
-            if s.evidence == TWO_WAY:
-                s.forged = False
-            elif not s.forged:
-                why = _forged_why(conn, cfg, s.address, f, now, has_peers)
-                s.forged = bool(why)
-                if why:
-                    s.note = why
-            forged += bool(s.forged)
-        names = f.forged_sources
-        if names and not f.summary:
-            f.summary = (f"{f.detector.replace('_', ' ')} on {f.port_label}: source possibly forged "
-                         f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}): alert only, not blocked")
-    return forged
-
-
-def _forged_why(conn, cfg, address: str, f: Finding, now: float, has_peers: bool) -> str:
-    seen = peers.ttl_range(conn, address, f.first_round_id, f.last_round_id)
-    if has_peers and peers.two_way_since(conn, address, now - cfg.peer_lookback_seconds):
-        row = peers.peer(conn, address)
-        mismatch = _fingerprint_mismatch(conn, cfg, row, f, seen)
-        if not mismatch:
-            return ""             # the verified peer's own fingerprint: its evidence is judged like anyone's
-        last = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(row["last_two_way"]))
-        return (f"possibly forged: one-way evidence naming a verified peer (last verified {last}) {mismatch}")
-    usual = peers.ttl_range(conn, address, 0, f.first_round_id - 1) if seen else None
-    if seen and usual and (seen[0] < usual[0] - cfg.ttl_tolerance or seen[1] > usual[1] + cfg.ttl_tolerance):
-        return (f"possibly forged: IP TTL {seen[0]}-{seen[1]} in these rounds, usually {usual[0]}-{usual[1]} "
-                "(another hop count)")
-    return ""
-
-
-def _fingerprint_mismatch(conn, cfg, row, f: Finding, seen: tuple[int, int] | None) -> str:
-    """Why one-way evidence in f's rounds does not carry the verified peer ``row``'s fingerprint (its
-    TTL within ttl_tolerance hops, its MAC), or '' when it does. No fingerprint to compare is a mismatch:
-    a peer is never blocked on evidence that cannot be told from a forgery."""
-    if row["ttl"] is None or seen is None:
-        return "with no fingerprint to compare"
-    if seen[0] < row["ttl"] - cfg.ttl_tolerance or seen[1] > row["ttl"] + cfg.ttl_tolerance:
-        return f"with IP TTL {seen[0]}-{seen[1]}, the peer's {row['ttl']}"
-    macs = peers.macs_seen(conn, row["address"], f.first_round_id, f.last_round_id)
-    if row["mac"] and macs - {row["mac"]}:
-        return f"from MAC {', '.join(sorted(macs - {row['mac']}))}, the peer's {row['mac']}"
-    return ""
 
 
 def ttl_for(settings, offences: int) -> float:

@@ -14,7 +14,6 @@ host's RST, and a forged UDP request draws this host's answer.
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
@@ -38,10 +37,11 @@ def verified_peers(delta: rounds.Delta) -> dict[str, tuple[str, int, str]]:
 
 
 def write_egress(conn, round_id: int, deltas: dict, readings: dict, port_ids, fold, top_n: int,
-                 many_threshold: int) -> None:
+                 many_threshold: int, clock_offset: float | None = None) -> None:
     """egress_port_stats, destination_stats and the outbound flows of one round.
 
-    fold(port, protocol) -> the stored port value (the ephemeral bucket rule of port_stats)."""
+    fold(port, protocol) -> the stored port value (the ephemeral bucket rule of port_stats);
+    clock_offset: seconds from the program's clock to Unix time (None: the live kernel clock's)."""
     eg_ports, dests, dstports, flows = deltas["eg_ports"], deltas["eg_dests"], deltas["eg_dstports"], deltas["eg_flows"]
     merged: dict[tuple[int, str], list] = {}
     if len(eg_ports):
@@ -77,7 +77,7 @@ def write_egress(conn, round_id: int, deltas: dict, readings: dict, port_ids, fo
         hit = np.isin(flows.field("dst"), np.array(sorted(many), dtype=ADDR_DTYPE))
         for i in np.flatnonzero(hit).tolist():
             chosen.setdefault(i, "many-ports")
-    offset = time.time() - time.clock_gettime(6)   # CLOCK_MONOTONIC_COARSE: coarse ktime (ns) -> epoch
+    offset = rounds.kernel_clock_offset() if clock_offset is None else clock_offset
     rows_i = list(chosen)
     keys = flows.key_fields(rows_i)
     ext = readings["eg_flows"].extras[flows.index[rows_i]].tolist()

@@ -6,8 +6,6 @@ flows, blacklist drops. Field access by name through the mirrors of bpf/common.h
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from app.db import rounds as rounds_db
@@ -107,8 +105,11 @@ def idle_scanners(scanners: rounds.Delta) -> list[bytes]:
     return [scanners.reading.key(i) for i in range(scanners.reading.entries) if i not in moved]
 
 
-def write_flows(conn, round_id: int, flows: rounds.Delta, extras, many: set[bytes], top_n: int) -> None:
-    """The ``top_n`` flows by bytes, plus every flow of a source that reached many ports."""
+def write_flows(conn, round_id: int, flows: rounds.Delta, extras, many: set[bytes], top_n: int,
+                clock_offset: float | None = None) -> None:
+    """The ``top_n`` flows by bytes, plus every flow of a source that reached many ports.
+
+    clock_offset: seconds from the program's clock to Unix time (None: the live kernel clock's)."""
     if not len(flows):
         return
     by_bytes = flows.values[:, 1]
@@ -118,7 +119,7 @@ def write_flows(conn, round_id: int, flows: rounds.Delta, extras, many: set[byte
         hit = np.isin(flows.field("src"), np.array(sorted(many), dtype=ADDR_DTYPE))
         for i in np.flatnonzero(hit).tolist():
             chosen.setdefault(i, "many-ports")
-    offset = time.time() - time.clock_gettime(6)   # CLOCK_MONOTONIC_COARSE = 6: coarse ktime (ns) -> epoch
+    offset = rounds.kernel_clock_offset() if clock_offset is None else clock_offset
     rows_i = list(chosen)
     keys = flows.key_fields(rows_i)
     ext = extras[flows.index[rows_i]].tolist()

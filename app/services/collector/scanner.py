@@ -69,6 +69,7 @@ class Listener(NamedTuple):
     process: str | None
     user: str | None
     established: int
+    inferred: int = 0          # 1: no scanner saw it; a replay inferred it from the host's answers
 
 
 class Scanner:

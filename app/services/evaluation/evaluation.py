@@ -6,6 +6,8 @@
     series     per-port features over the batch plus window-1 earlier rounds of context
     score      the active model judges each new round once (series.judge_windows), when at least
                evaluator.warmup_rounds rounds exist; before that it trains only and raises nothing
+               (every detector that compares with usual waits for its baseline: warmup.py; the
+               summary and evaluations.note name those still warming up)
     refit      training continues from the current weights on batch windows that no detector
                flagged (nor any earlier anomaly covers); a random share of unflagged tiles is held
                out to recalibrate the threshold; the result is a new model version (keep_models kept)
@@ -36,8 +38,8 @@ from app.db import peers as dbp
 from app.db import series as dbs
 from app.db.connection import connect
 from app.services import locks
-from app.services.blocklist import decisions
-from app.services.evaluation import dns_rules, finding_sources, model_versions, outbound_rules, rules, series
+from app.services.evaluation import (dns_rules, finding_sources, forged, model_versions, outbound_rules, rules,
+                                     series, warmup)
 from app.services.evaluation.explain import fill_summaries
 from app.services.evaluation.findings import Finding
 
@@ -65,6 +67,7 @@ class EvaluationResult:
     remaining_rounds: int = 0
     history_rounds: int = 0
     warmup_rounds: int = 0
+    warmups: tuple = ()              # warmup.Warmup of each detector that compares with usual
 
     @property
     def model_anomalies(self) -> tuple[Finding, ...]:
@@ -82,15 +85,15 @@ class EvaluationResult:
                 f"{self.ports} ports")
         if self.status == "warm-up":
             trained = f"trained model v{self.trained_version}" if self.trained_version else "no model trained yet"
-            head += (f"; warm-up: {trained}, the model alerts after {self.warmup_rounds} rounds, "
-                     f"{self.history_rounds} so far")
+            head += f"; warm-up: {trained}"
         elif self.model_version is None:
             head += ", no port traffic for the model"
         else:
             head += f", {self.windows} windows, model v{self.model_version}, threshold {self.threshold:.4g}"
             if self.trained_version:
                 head += f", refit as v{self.trained_version}"
-        tail = f"; {self.remaining_rounds} rounds remain for the next run" if self.remaining_rounds else ""
+        tail = "".join(f"; {w.text()}" for w in warmup.pending(list(self.warmups)))
+        tail += f"; {self.remaining_rounds} rounds remain for the next run" if self.remaining_rounds else ""
         return f"{head}): {len(self.anomalies)} anomalies ({found}){tail}."
 
 
@@ -104,7 +107,7 @@ def run(settings: Settings, conn: sqlite3.Connection | None = None, *, clock=tim
     """
     own = conn is None
     if own:
-        conn = connect(settings.general.db)
+        conn = connect(settings.general.db, create=False)
     try:
         with locks.holding(settings, "evaluate", "another evaluation is running: wait for it to finish"):
             started = clock()
@@ -142,6 +145,8 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     has_model = has_loadable_model(conn)
     context = cfg.window - 1 if has_model else max(cfg.window - 1, cfg.max_batch_rounds - len(batch))
     loaded = load_batch(conn, batch, cfg, context)
+    model_row = dbe.active_model(conn)
+    warmups = warmup.of_batch(loaded, cfg) + [warmup.of_model(history, cfg, model_row["origin"] if model_row else None)]
     findings = rules.detect(loaded, cfg) + outbound_rules.detect(loaded, cfg) + dns_rules.detect(loaded, cfg)
     data = series.batch_series(loaded, model_ports(loaded, cfg))
     loaded.keep_port_indexes_only()      # all the model step reads (its findings' sources), compact
@@ -158,14 +163,15 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
         not data.ports and history >= cfg.warmup_rounds and dbe.active_model(conn) is not None)
     status = "ok" if warm else "warm-up"
     note = {"rule_anomalies": len(findings), "model_anomalies": len(step.findings),
-            "trained_version": step.trained_version, "remaining_rounds": remaining, "history_rounds": history}
+            "trained_version": step.trained_version, "remaining_rounds": remaining, "history_rounds": history,
+            "warmup": {w.detector: {"rounds": w.rounds, "needed": w.needed} for w in warmups}}
     if step.pool is not None:
         note["model_pool"] = step.pool
     now = clock()
     with conn:
         if step.new_model is not None:
-            dbe.insert_model(conn, **step.new_model)
-        decisions.judge_sources(conn, settings, all_findings, now)
+            dbe.insert_model(conn, **{**step.new_model, "created_at": now})    # the store's clock
+        forged.judge_sources(conn, settings, all_findings, now)
         eid = dbe.insert_evaluation(
             conn, started_at=started, finished_at=now, first_round_id=first, last_round_id=last,
             model_version=step.model_version, threshold=step.threshold, windows=step.windows,
@@ -194,7 +200,7 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
              len(all_findings), duration)
     return EvaluationResult(eid, status, first, last, len(batch), len(data.ports), step.windows,
                             step.model_version, step.trained_version, step.threshold, tuple(all_findings), duration,
-                            remaining, history, cfg.warmup_rounds)
+                            remaining, history, cfg.warmup_rounds, tuple(warmups))
 
 
 # --- the batch -------------------------------------------------------------------------------------
@@ -303,7 +309,7 @@ def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, d
     window = cfg.window
     model, row = load_active_model(conn, cfg)
     # a fleet model (issue 13) was learned on many hosts' history: it judges from the first evaluation
-    warm = model is not None and (history >= cfg.warmup_rounds or row["origin"] == "fleet")
+    warm = model is not None and warmup.of_model(history, cfg, row["origin"]).ready
     round_ids = data.round_ids
     flagged = series.cell_mask(data, [c for f in findings for c in f.covers])
     flagged |= series.cell_mask(data, dbe.anomaly_spans(conn, int(round_ids[0]), int(round_ids[-1])))
@@ -323,6 +329,10 @@ def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, d
         log.info("model v%d judged %d windows: %d above %.4g", row["version"], len(scores), int(hot.sum()),
                  model.threshold_)
         step.pool = pool_state(model, cfg)
+        # a fleet model on a host with too few rounds for a pool has a deliberately conservative
+        # threshold (twice the largest error its rounds gave: fleet/adoption.py): it alerts at once
+        if row["origin"] == "fleet" and model.calibration_.method == "fallback":
+            step.pool["alerting"] = True
         if not step.pool["alerting"] and step.findings:
             step.pool["suppressed"] = len(step.findings)
             log.warning("model v%d: %d finding(s) not raised: its held-out pool holds %d of the %d windows the alert "

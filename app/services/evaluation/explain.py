@@ -17,11 +17,11 @@ Pure functions of a :class:`~app.services.evaluation.findings.Finding` except wh
 """
 from __future__ import annotations
 
-import time
 from typing import Iterable
 
 from app.db import anomalies as db
-from app.services.evaluation.findings import Finding
+from app.services.evaluation.findings import Finding, anomaly_key
+from app.services.text import counted, inert, inert_lines, utc
 
 # units of the model's features (app/services/evaluation/series.py FEATURES): counts are per nominal round
 FEATURE_UNITS = {
@@ -33,7 +33,7 @@ FEATURE_UNITS = {
 DETECTOR_NAMES = {"port_scan": "port scan", "syn_flood": "SYN flood", "new_listener": "new listener",
                   "process_changed": "process changed", "unlistened_port": "traffic to an unlistened port",
                   "model": "unusual traffic (model)", "exfiltration": "exfiltration", "outbound_scan": "outbound scan",
-                  "beaconing": "beaconing", "dns_tunnel": "DNS tunnel"}
+                  "beaconing": "beaconing", "dns_tunnel": "DNS tunnel", "source_flood": "source flood"}
 
 
 # --- ports ---------------------------------------------------------------------------------------------
@@ -92,6 +92,11 @@ def _n(value) -> str:
     return f"{int(value):,}" if value.is_integer() else f"{value:,.3g}"
 
 
+def _rounds(n) -> str:
+    """'1 round', '3 rounds' ('- rounds' when unknown)."""
+    return counted(int(n), "round") if isinstance(n, (int, float)) else "- rounds"
+
+
 def _who(finding: Finding, limit: int = 2) -> str:
     if finding.details.get("many_one_way_sources") and finding.source_count:      # a flood judged forged
         example = f" (e.g. {finding.sources[0].address})" if finding.sources else ""
@@ -123,7 +128,12 @@ def _where(finding: Finding, holders: list[dict] | None) -> str:
 
 def summary(finding: Finding, holders: list[dict] | None = None) -> str:
     """One line about ``finding`` for people. ``holders``: who held its port in its rounds
-    ([{pid, process, user, address}], from occupancy), None when unknown."""
+    ([{pid, process, user, address}], from occupancy), None when unknown. Names in it (processes, users,
+    DNS names) came from other users or the network: the line is made inert (text.inert)."""
+    return inert(_summary(finding, holders))
+
+
+def _summary(finding: Finding, holders: list[dict] | None) -> str:
     f, d = finding, finding.details
     rounds = (f"round {f.first_round_id}" if f.first_round_id == f.last_round_id
               else f"rounds {f.first_round_id}-{f.last_round_id}")
@@ -134,11 +144,12 @@ def summary(finding: Finding, holders: list[dict] | None = None) -> str:
     if f.detector == "syn_flood":
         peak = d.get("peak") or {}
         answered = peak.get("completion_share")
-        text = f"SYN flood on {_where(f, holders)}: {_n(d.get('syn'))} SYNs in {_n(d.get('flooded_rounds'))} round(s)"
+        text = f"SYN flood on {_where(f, holders)}: {_n(d.get('syn'))} SYNs in {_rounds(d.get('flooded_rounds'))}"
         if answered is not None:
             text += f", peak {_n(peak.get('syn'))} SYNs with {answered:.0%} answered"
         who = _who(f)
-        return text + (f", from {who}" if who else "") + f", {rounds}"
+        mitigated = ": mitigated per port, no source blocked" if d.get("many_one_way_sources") else ""
+        return text + (f", from {who}" if who else "") + f", {rounds}{mitigated}"
     if f.detector in ("new_listener", "process_changed"):
         now = d.get("holders") or holders or []
         named = dict.fromkeys(f"{h.get('process') or '?'} (pid {h.get('pid', '?')}, user {h.get('user', '?')})"
@@ -150,7 +161,7 @@ def summary(finding: Finding, holders: list[dict] | None = None) -> str:
         return f"{f.port_label} changed owner: {before or '?'} -> {procs}, round {d.get('round_id', f.first_round_id)}"
     if f.detector == "unlistened_port":
         text = (f"traffic to {f.port_label}, where nothing listens: {_n(d.get('packets'))} packets "
-                f"in {_n(d.get('unlistened_rounds'))} round(s)")
+                f"in {_rounds(d.get('unlistened_rounds'))}")
         who = _who(f)
         return text + (f" from {who}" if who else "") + f", {rounds}"
     if f.detector == "model":
@@ -166,6 +177,9 @@ def summary(finding: Finding, holders: list[dict] | None = None) -> str:
         return text + (f", from {who}" if who else "") + f", {rounds}"
     if f.outbound:
         return _outbound(f, rounds)
+    if f.detector == "source_flood":
+        return (f"source flood: {_n(f.source_count)} new sources reached this host in {rounds} (at most "
+                f"{_n(f.score)} in one round): per-source counts there may be incomplete")
     # a detector this module does not know yet: the generic form
     text = f"{DETECTOR_NAMES.get(f.detector, f.detector.replace('_', ' '))} on {_where(f, holders)}"
     if f.score is not None:
@@ -201,7 +215,8 @@ def _outbound(f: Finding, rounds: str) -> str:
     client = d.get("client") or f.source or "?"
     resolvers = d.get("resolvers") or []
     via = f" {', '.join(resolvers[:2])}" if resolvers else ""
-    return (f"DNS tunnel suspected: {client} asked{via} {_n(d.get('queries'))} names under {d.get('domain', '?')} "
+    under = d.get("domain") or ("no registered domain" if d.get("grouped_by") == "server" else "?")
+    return (f"DNS tunnel suspected: {client} asked{via} {_n(d.get('queries'))} names under {under} "
             f"({_n(d.get('subdomains'))} distinct, {', '.join(d.get('signals') or [])}), {rounds}")
 
 
@@ -221,12 +236,11 @@ def fill_summaries(conn, findings: Iterable[Finding]) -> None:
 # --- the full explanation ------------------------------------------------------------------------------
 
 def _time(t: float | None) -> str | None:
-    return None if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return None if t is None else utc(t)
 
 
 def explain(conn, finding: Finding, settings=None) -> dict:
     """Everything `anomalies show` prints about a stored finding (JSON-ready)."""
-    from app.services.ops import alerts
     f = finding
     span = db.round_span(conn, f.first_round_id, f.last_round_id)
     holders = holders_of(conn, f)
@@ -259,7 +273,7 @@ def explain(conn, finding: Finding, settings=None) -> dict:
                            for r in db.block_events_of(conn, f.id)]
     created = db.created_at(conn, f.id)
     out["alerts"] = [{"channel": r["channel"], "at": _time(r["sent_at"])}
-                     for r in db.alerts_sent(conn, alerts.anomaly_key(f)) if created is None or r["sent_at"] >= created]
+                     for r in db.alerts_sent(conn, anomaly_key(f)) if created is None or r["sent_at"] >= created]
     return out
 
 
@@ -274,7 +288,7 @@ def lines(explained: dict) -> list[str]:
         when += f", {e['started']} to {e['ended']}"
     out.append(f"  when       {when}")
     if e["port"] is not None:
-        procs = ", ".join(f"{h.get('process') or '?'} (pid {h.get('pid', '?')}, user {h.get('user', '?')}"
+        procs = ", ".join(f"{inert(h.get('process') or '?')} (pid {h.get('pid', '?')}, user {inert(h.get('user', '?'))}"
                           + (f", on {h['address']}" if h.get("address") else "") + ")"
                           for h in (e["holders"] or [])) or "nothing listening (occupancy)"
         out.append(f"  port       {e['port_label']}: {procs}")
@@ -297,7 +311,7 @@ def lines(explained: dict) -> list[str]:
             out.append(f"             {s['address']:<30}  {_n(s.get('packets', 0)):>9}  {share:>7}  "
                        f"{s.get('evidence', '-')}{forged}")
         if e["source_count"] and e["source_count"] > len(e["sources"]):
-            out.append(f"             ... {e['source_count'] - len(e['sources'])} more source(s)")
+            out.append(f"             ... {counted(e['source_count'] - len(e['sources']), 'more source', 'more sources')}")
     if e.get("features"):
         out.append("  features   FEATURE            OBSERVED      USUAL  UNIT                  SHARE OF ERROR")
         for x in e["features"]:
@@ -311,5 +325,5 @@ def lines(explained: dict) -> list[str]:
     if not e["blocks"]:
         done += [f"{ev['action']} {ev['address']} at {ev['at']}: {ev['detail']}" for ev in e["block_events"]
                  if ev["action"] in ("refused", "would-block")][:5]
-    out.append("  done       " + ("\n             ".join(done) if done else "nothing (no block, no alert)"))
-    return out
+    out.append("  done       " + ("\n             ".join(inert(d) for d in done) if done else "nothing (no block, no alert)"))
+    return [inert_lines(line) for line in out]

@@ -187,3 +187,10 @@ def _json_default(value):
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def anomaly_key(finding: Finding) -> str:
+    """The cooldown key of a finding's alert: detector + port + source (an ongoing attack on the same
+    port from the same source alerts once per cooldown, and a scan that grows keeps its key)."""
+    where = "host" if finding.port is None else ("ephemeral" if finding.port == -1 else str(finding.port))
+    return f"anomaly:{finding.detector}:{finding.protocol or '?'}/{where}:{finding.source or '-'}"

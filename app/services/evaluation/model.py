@@ -19,7 +19,8 @@ Scores (PyOD style: fit() sets attributes with a trailing underscore; scoring re
 
 The threshold is calibrated on held-out normal windows (never trained on) to an alert budget:
 expected false alerts per day <= P(per-round error > threshold) × port-rounds per day (a window
-alerts when any of its judged rounds does). See :func:`calibrate_threshold` and recalibrate().
+alerts when any of its judged rounds does). See recalibrate() and app/services/evaluation/calibration.py
+(calibrate_threshold; out_of_sample: each calibration's own out-of-sample false-alert rate).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from app.services import progress
+from app.services.evaluation.calibration import Calibration, calibrate_threshold, out_of_sample  # noqa: F401 (re-exported)
 from app.services.evaluation.series import FEATURES, LevelDeviationScaler
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,11 @@ FORMAT = "portwatch-cnn-lstm-ae"
 #   2  + out_packets, out_bytes per local port (TC egress, issue 12): 15 features
 FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.weights.h5"
-PER_PACKET_FEATURES = ("mean_payload", "max_payload", "syn_share")
+# In a round where a count is 0 these features carry no news of their own: per-packet ones are
+# undefined, and a byte count is 0 exactly when its packet count is. The silence is counted once, by
+# the count's own error; counted again through bytes, every quiet round of a sparse port (Poisson
+# zeros: a 5-packet port is silent in ~1 % of its rounds) scored like a ×30 spike.
+SILENT_TWINS = {"packets": ("mean_payload", "max_payload", "syn_share", "bytes"), "out_packets": ("out_bytes",)}
 
 
 class _EpochLine:
@@ -100,81 +106,6 @@ class ModelConfig:
     def channels(self) -> int:
         """Network input/output channels: a deviation and a level channel per feature."""
         return 2 * len(self.features)
-
-
-@dataclass
-class Calibration:
-    """How a threshold was chosen (stored in config.json and models.metadata)."""
-
-    threshold: float
-    method: str                  # 'quantile', 'pot' (peaks over threshold, GPD tail), 'fallback'
-    held_out_scores: int         # held-out normal per-round errors the threshold was chosen on
-    trials_per_day: float        # per-round errors per day on the whole host (port-rounds per day)
-    budget_per_day: float
-    target_probability: float    # per-round false-alert probability the budget allows
-    held_out_exceedances: int    # held-out normal per-round errors above the threshold
-    observed_rate_per_day: float # held_out_exceedances / held_out_scores × trials_per_day
-    tail: dict = field(default_factory=dict)
-    unbounded_threshold: float | None = None   # what the pool alone gave, before the per-refit bound
-    previous_threshold: float | None = None    # the threshold before this refit (None: a first fit)
-    pool_windows: int = 0                      # held-out windows in the pool (persisted with the model)
-
-    def windows_needed(self, window: int, min_expected: float) -> int:
-        """Held-out windows the pool must hold before the threshold is trusted to alert: enough
-        per-round errors (``window`` per window) to expect ``min_expected`` false alerts at the
-        budget's per-round probability (0: none needed)."""
-        if min_expected <= 0:
-            return 0
-        return int(math.ceil(min_expected / (max(self.target_probability, 1e-12) * window)))
-
-
-def calibrate_threshold(scores: np.ndarray, trials_per_day: float, budget_per_day: float,
-                        min_tail: int = 20) -> Calibration:
-    """Threshold on held-out normal scores (N,) for ``budget_per_day`` expected false alerts.
-
-    trials_per_day: how many such scores the host produces per day (the evaluator passes per-round
-    errors and port-rounds per day). p = budget / trials_per_day is the false-alert probability
-    allowed per trial. With at least
-    10 held-out scores above the (1-p) quantile the empirical quantile is used; otherwise the tail
-    is extrapolated by peaks over threshold: a generalised Pareto fit (scipy) to the excesses over
-    the top max(min_tail, 10 %) scores, threshold = u + GPD⁻¹(1 - p / tail share). The shape is
-    clipped to [-0.5, 0.5] so a few points cannot explode the threshold. Fewer than ``min_tail``
-    scores: max(score) × 2 ('fallback', deliberately conservative).
-    """
-    scores = np.asarray(scores, np.float64).ravel()
-    scores = np.sort(scores[np.isfinite(scores)])
-    n = len(scores)
-    trials_per_day = max(float(trials_per_day), 1.0)
-    p = min(max(budget_per_day / trials_per_day, 1e-12), 0.5)
-    tail: dict = {}
-    if n < min_tail:
-        threshold = float(scores[-1] * 2.0) if n else float("inf")
-        method = "fallback"
-    elif n * p >= 10:
-        threshold = float(np.quantile(scores, 1.0 - p, method="higher"))
-        method = "quantile"
-    else:
-        from scipy.stats import genpareto  # noqa: PLC0415
-        k = max(min_tail, int(0.1 * n))
-        u = float(scores[n - k - 1])
-        excess = scores[n - k:] - u
-        shape, scale = 0.0, float(np.mean(excess)) or 1e-9
-        try:
-            fitted_shape, _, fitted_scale = genpareto.fit(excess, floc=0.0)
-            if np.isfinite(fitted_shape) and np.isfinite(fitted_scale) and fitted_scale > 0:
-                shape, scale = float(np.clip(fitted_shape, -0.5, 0.5)), float(fitted_scale)
-        except Exception as exc:  # scipy's optimiser can fail on degenerate tails: exponential then
-            log.debug("GPD fit failed (%s); using an exponential tail", exc)
-        q = 1.0 - p * n / k
-        threshold = u + float(genpareto.ppf(q, shape, loc=0.0, scale=scale))
-        method = "pot"
-        tail = {"u": u, "tail_windows": k, "shape": shape, "scale": scale}
-    exceed = int(np.sum(scores > threshold))
-    rate = exceed / n * trials_per_day if n else 0.0
-    return Calibration(threshold=float(threshold), method=method, held_out_scores=n,
-                       trials_per_day=trials_per_day, budget_per_day=float(budget_per_day),
-                       target_probability=p, held_out_exceedances=exceed,
-                       observed_rate_per_day=float(rate), tail=tail)
 
 
 class NotFittedError(RuntimeError):
@@ -299,6 +230,7 @@ class CnnLstmAutoencoder:
             log.warning("only %d held-out windows: threshold from in-sample errors too",
                         len(self.calibration_windows_))
         cal = calibrate_threshold(per_round, port_rounds_per_day, self.config.alert_budget_per_day)
+        out_of_sample(cal, self.round_errors(self.calibration_windows_), self.config.alert_budget_per_day)
         cal.unbounded_threshold, cal.pool_windows = cal.threshold, int(len(self.calibration_windows_))
         bound = self.config.max_threshold_change
         if previous is not None and math.isfinite(previous) and previous > 0 and bound >= 1:
@@ -316,9 +248,10 @@ class CnnLstmAutoencoder:
         self.calibration_ = cal
         self.threshold_ = self.calibration_.threshold
         log.info("threshold %.4g (%s over %d held-out round errors, %.0f port-rounds/day, %.2f false alerts/day "
-                 "on held-out data, budget %g)", self.threshold_, self.calibration_.method,
-                 self.calibration_.held_out_scores, self.calibration_.trials_per_day,
-                 self.calibration_.observed_rate_per_day, self.config.alert_budget_per_day)
+                 "on held-out data, %s out of sample (95 %% upper bound %s), budget %g)", self.threshold_,
+                 self.calibration_.method, self.calibration_.held_out_scores, self.calibration_.trials_per_day,
+                 self.calibration_.observed_rate_per_day, self.calibration_.out_of_sample_rate_per_day,
+                 self.calibration_.out_of_sample_upper_per_day, self.config.alert_budget_per_day)
         return self.calibration_
 
     # --- scoring ----------------------------------------------------------------------------
@@ -346,18 +279,20 @@ class CnnLstmAutoencoder:
         """Per-feature squared error (N, W, F) in scaled units (deviation + level channel of each
         feature), and the reconstruction (N, W, F) in original units.
 
-        Per-packet features (payload sizes, SYN share) are undefined in a round without packets:
-        their deviation error there is 0, otherwise every quiet round of a sparse port would look
-        anomalous (its silence still shows in the packet and byte counts).
+        In a round without packets the deviation error of the count's twins (SILENT_TWINS: per-packet
+        features, bytes) is 0, otherwise every quiet round of a sparse port would look anomalous;
+        its silence still shows, once, in the packet count's own error.
         """
         windows = self._check_windows(windows)
         scaled, recon = self.reconstruct(windows)
         squared = (scaled - recon) ** 2
         n_features = self.config.n_features
         names = self.config.features
-        if "packets" in names:
-            silent = windows[..., names.index("packets")] <= 0
-            for name in PER_PACKET_FEATURES:
+        for count, twins in SILENT_TWINS.items():
+            if count not in names:
+                continue
+            silent = windows[..., names.index(count)] <= 0
+            for name in twins:
                 if name in names:
                     squared[..., names.index(name)][silent] = 0.0
         errors = squared[..., :n_features] + squared[..., n_features:]

@@ -69,11 +69,20 @@ def remove_model_dir(settings: Settings, conn: sqlite3.Connection, path: str) ->
         log.info("model files %s are not in this database's directory %s: left in place", target, root)
 
 
+def out_of_sample_text(cal: dict) -> str:
+    """'0.00/d (95 % <= 18)' from a stored calibration (models.metadata), '-' when it has no out-of-sample check."""
+    rate, upper = cal.get("out_of_sample_rate_per_day"), cal.get("out_of_sample_upper_per_day")
+    if rate is None or upper is None:
+        return "-"
+    return f"{rate:.2f}/d (95 % <= {upper:.3g})"
+
+
 def threshold_history(row) -> dict:
     """One models row as a step of the threshold history: {version, created_at, threshold, change,
     pool}. change: the threshold's move at this refit ('x1.8', '/2' ; '*' when held to
     evaluator.threshold_max_change; '-' on a first fit); pool: held-out windows against what the
-    alert budget needs ('120/960', '!' while the model does not alert)."""
+    alert budget needs ('120/960', '!' while the model does not alert); out_of_sample: the calibration's
+    own out-of-sample false alerts per day and their 95 % upper bound ('0.00/d (95 % <= 18)', '-')."""
     try:
         meta = json.loads(row["metadata"] or "{}")
     except ValueError:
@@ -88,4 +97,4 @@ def threshold_history(row) -> dict:
             change += "*"
     held = f"{pool['windows']}/{pool['needed']}{'' if pool.get('alerting') else '!'}" if pool else "-"
     return {"version": row["version"], "created_at": row["created_at"], "threshold": row["threshold"],
-            "change": change, "pool": held}
+            "change": change, "pool": held, "out_of_sample": out_of_sample_text(cal) if cal else "-"}

@@ -4,6 +4,7 @@
                  address, or to >= outbound_scan_addresses distinct remote addresses, within
                  scan_span_seconds (a compromised host or a worm); names the local process where the
                  scanner's occupancy shows the local port the probes left from
+  (exfiltration and beaconing raise nothing until they have their baseline: app/services/evaluation/warmup.py)
   exfiltration   bytes out to one remote address, in one round or over the batch, >= exfiltration_min_bytes
                  and >= exfiltration_factor x its usual rate: the address's own mean bytes per round
                  over the baseline (when it has >= exfiltration_min_history_rounds rounds there), else the
@@ -38,6 +39,7 @@ from collections import defaultdict
 
 from app.config import Evaluator
 from app.db.series import Batch
+from app.services.evaluation import warmup
 from app.services.evaluation.explain import summary
 from app.services.evaluation.findings import ONE_WAY, Finding, Source
 from app.services.ports import EPHEMERAL, ephemeral_range
@@ -49,10 +51,19 @@ TCP_SYN, TCP_ACK = 0x02, 0x10
 
 
 def detect(batch: Batch, cfg: Evaluator) -> list[Finding]:
-    """Every outbound finding for the batch rounds: scans, exfiltration, beacons."""
+    """Every outbound finding for the batch rounds: scans, and exfiltration and beacons once each has
+    its baseline (app/services/evaluation/warmup.py: on a fresh store there is no usual rate to exceed)."""
     if not batch.rounds:
         return []
-    return outbound_scans(batch, cfg) + exfiltrations(batch, cfg) + beacons(batch, cfg)
+    warmups = warmup.of_batch(batch, cfg)
+    findings = outbound_scans(batch, cfg)
+    for w in warmup.pending(warmups):
+        log.info("%s", w.text())
+    if warmup.ready(warmups, "exfiltration"):
+        findings += exfiltrations(batch, cfg)
+    if warmup.ready(warmups, "beaconing"):
+        findings += beacons(batch, cfg)
+    return findings
 
 
 def _said(finding: Finding) -> Finding:

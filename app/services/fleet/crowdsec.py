@@ -44,7 +44,8 @@ from app.config import ConfigError
 from app.db import blacklist as ledger
 from app.db import fleet as db
 from app.errors import PortwatchError
-from app.services.blocklist import decisions, enforcement
+from app.services.blocklist import decisions
+from app.services.kernel import enforcement
 from app.services.fleet.lapi import TOKENS, Deadline, Lapi, LapiError, go_duration
 
 log = logging.getLogger(__name__)

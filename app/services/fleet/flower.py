@@ -29,6 +29,7 @@ from app.errors import DependencyError, PortwatchError, UsageError
 log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
+PACKAGE_ROOT = Path(__file__).resolve().parents[3]          # the directory holding the app package
 CONNECTION = "portwatch"
 
 
@@ -71,6 +72,7 @@ def supernode_command(settings) -> list[str]:
 def run_config(settings) -> dict:
     cfg, ev = settings.fleet, settings.evaluator
     return {"num-server-rounds": cfg.rounds, "fraction": cfg.fraction, "min-hosts": cfg.min_hosts,
+            "aggregation": cfg.aggregation, "trim-fraction": cfg.trim_fraction,
             "round-timeout": float(cfg.round_timeout_seconds), "state-dir": str(coordinator_dir(settings).resolve()),
             "window": ev.window, "lstm-units": ev.lstm_units, "bottleneck": ev.bottleneck, "seed": ev.seed}
 
@@ -131,9 +133,12 @@ def wait_for_federation(settings, before: int, timeout: float, superlink: subpro
 def flower_env(home: Path | None = None) -> dict:
     """The environment for Flower's processes: they start their helpers (flower-superexec,
     flwr-serverapp, flwr-clientapp) by name, so this environment's bin directory comes first; and
-    they keep installed apps under FLWR_HOME, here portwatch's state dir rather than ~/.flwr."""
+    they keep installed apps under FLWR_HOME, here portwatch's state dir rather than ~/.flwr; and they
+    import this portwatch (PYTHONPATH), not another installed copy."""
     bin_dir = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]))
+    # the ServerApp/ClientApp import portwatch: the same portwatch as the command that starts them
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     if home is not None:
         home.mkdir(parents=True, exist_ok=True)
         env["FLWR_HOME"] = str(home)
@@ -206,14 +211,34 @@ def _submit_retrying(settings, superlink, attempts: int = 10) -> str:
     raise AssertionError("unreachable")
 
 
-def node(settings) -> int:
-    """This host's SuperNode in the foreground (a service: systemd or install-cron keep it up)."""
+RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)   # seconds before the SuperNode's 1st, 2nd, ... restart
+
+
+def node(settings, stop_event=None) -> int:
+    """This host's SuperNode in the foreground, restarted after it dies (a crash, a kill: the delays
+    of RESTART_DELAYS, the last one repeated) until SIGTERM/SIGINT or ``stop_event``; returns 0 then.
+    A lost coordinator does not end it: the SuperNode retries the SuperLink by itself."""
     problems = settings.fleet.problems("node")
     if problems:
         raise UsageError("; ".join(problems))
-    proc = subprocess.Popen(supernode_command(settings), env=flower_env(node_home(settings)))
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        return proc.wait(timeout=15)
+    import threading
+    stop_event = stop_event or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop_event.set())
+    restarts = 0
+    while not stop_event.is_set():
+        proc = subprocess.Popen(supernode_command(settings), env=flower_env(node_home(settings)),
+                                start_new_session=True)
+        log.info("fleet: SuperNode started (pid %d)", proc.pid)
+        while proc.poll() is None and not stop_event.wait(0.5):
+            pass
+        if stop_event.is_set():
+            stop(proc)
+            return 0
+        delay = RESTART_DELAYS[min(restarts, len(RESTART_DELAYS) - 1)]
+        restarts += 1
+        log.warning("fleet: the SuperNode exited (status %s): restarting it in %.0f s (restart %d)",
+                    proc.returncode, delay, restarts)
+        stop_event.wait(delay)
+    return 0

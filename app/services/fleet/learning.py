@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from app.db import rounds as rounds_db
 from app.db import series as dbs
 from app.db.connection import connect
 from app.services.evaluation import evaluation, model_versions, series
+from app.services.fleet import adoption
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +93,11 @@ def local_windows(conn, settings) -> tuple[np.ndarray, np.ndarray, float]:
     return train, held, len(data.ports) * 86400.0 / seconds
 
 
-def _local_model(conn, settings, train: np.ndarray, weights: list[np.ndarray]):
-    """The active local model with the fleet weights set (its scaler kept), or a new one whose scaler
-    is fitted on this host's windows; None when there is neither."""
+def _local_model(conn, settings, train: np.ndarray, weights: list[np.ndarray], check: np.ndarray | None = None):
+    """(model, active row, local error): the active local model with the fleet weights set (its
+    scaler kept), or a new one whose scaler is fitted on this host's windows; model None when there
+    is neither. local error: the local model's median per-round error on ``check`` (before the
+    fleet weights replace its own), None without a local model or check windows."""
     from app.services.evaluation.model import CnnLstmAutoencoder, LevelDeviationScaler
     model, row = evaluation.load_active_model(conn, settings.evaluator)
     ev = settings.evaluator
@@ -101,9 +105,10 @@ def _local_model(conn, settings, train: np.ndarray, weights: list[np.ndarray]):
         log.warning("fleet: the local model v%d has another shape than the fleet's: its scaler is not reused",
                     row["version"])
         model = None
+    local_error = adoption.median_error(model, check) if check is not None else None
     if model is None:
         if not len(train):
-            return None, None
+            return None, row, None
         model = CnnLstmAutoencoder(evaluation.model_config(settings.evaluator))
         model.scaler_ = LevelDeviationScaler().fit(train)
         model.network_ = model._build()
@@ -111,7 +116,7 @@ def _local_model(conn, settings, train: np.ndarray, weights: list[np.ndarray]):
         model.calibration_windows_ = np.zeros((0, settings.evaluator.window, len(series.FEATURES)), np.float32)
     model.network_.set_weights(weights)
     model._infer = None
-    return model, row
+    return model, row, local_error
 
 
 def local_update(node_config, weights: list[np.ndarray], shape: dict) -> tuple[list[np.ndarray], int]:
@@ -120,7 +125,7 @@ def local_update(node_config, weights: list[np.ndarray], shape: dict) -> tuple[l
     conn = connect(settings.general.db)
     try:
         train, _, _ = local_windows(conn, settings)
-        model, _ = _local_model(conn, settings, train, weights)
+        model, _, _ = _local_model(conn, settings, train, weights)
         if model is None or not len(train):
             log.info("fleet: no windows to train on here; contributing nothing this round")
             return weights, 0
@@ -132,53 +137,116 @@ def local_update(node_config, weights: list[np.ndarray], shape: dict) -> tuple[l
         conn.close()
 
 
-def adopt(node_config, weights: list[np.ndarray], shape: dict, final: bool) -> tuple[int | None, int, float, float]:
-    """On the final round: store the fleet weights as a model version with origin 'fleet'.
-    Returns (version or None, held-out windows its threshold was calibrated on, false alerts a day
-    that threshold gives on them, the alert budget a day) — counts and rates only."""
+EVALUATE_KEYS = ("num-windows", "version", "held-out-rate-per-day", "budget-per-day", "adopted", "refusal",
+                 "active-version", "error-ratio")
+
+
+def adopt(node_config, weights: list[np.ndarray], shape: dict, final: bool) -> dict:
+    """On the final round: check the fleet weights on this host's recent benign windows and store them
+    as a model version of origin 'fleet', active when the check passes (adoption.py), else kept as
+    'not-adopted'. Returns the evaluate reply's metrics (EVALUATE_KEYS: counts, rates and codes only)."""
+    out = dict.fromkeys(EVALUATE_KEYS, 0)
+    out.update({"num-windows": 1, "held-out-rate-per-day": 0.0, "budget-per-day": 0.0, "error-ratio": 0.0})
     if not final:
-        return None, 0, 0.0, 0.0
+        return out
     settings = node_settings(node_config, shape)
     conn = connect(settings.general.db)
     try:
-        train, held, per_day = local_windows(conn, settings)
-        model, row = _local_model(conn, settings, train, weights)
-        if model is None:
-            log.warning("fleet: no local model and no windows here: the fleet model cannot be calibrated yet")
-            return None, 0, 0.0, 0.0
-        pool = np.concatenate([model.calibration_windows_, held])[-model.config.calibration_windows:]
-        model.calibration_windows_ = pool
-        model.recalibrate(per_day or 1.0, fallback=train)
-        version = dbe.next_model_version(conn)
-        path = model_versions.model_dir(settings, conn, version)
-        model.save(path)
-        cal = model.calibration_
-        with conn:
-            dbe.insert_model(conn, version=version, created_at=time.time(),
-                             parent_version=row["version"] if row is not None else None, path=str(path),
-                             threshold=model.threshold_, train_windows=int(len(train)),
-                             metadata={"calibration": cal.__dict__, "fleet": True, "held_out_windows": len(pool)},
-                             budget_per_day=cal.budget_per_day, held_out_rate_per_day=cal.observed_rate_per_day)
-            fleet_db.set_model_origin(conn, version, "fleet")
-        log.info("fleet: model v%d (origin fleet) active, threshold %.4g on %d held-out windows", version,
-                 model.threshold_, len(pool))
-        return version, int(len(pool)), float(cal.observed_rate_per_day), float(cal.budget_per_day)
+        candidate = check_fleet_model(conn, settings, weights)
+        if candidate.model is None:
+            log.warning("fleet: no local model and no rounds here: the fleet model cannot be calibrated yet")
+            out["active-version"] = candidate.row["version"] if candidate.row is not None else 0
+            return out
+        version = _store(conn, settings, candidate)
+        cal, verdict, row = candidate.model.calibration_, candidate.verdict, candidate.row
+        active = version if verdict.adopted else (row["version"] if row is not None else 0)
+        out.update({"num-windows": max(len(candidate.model.calibration_windows_), 1), "version": version,
+                    "held-out-rate-per-day": float(cal.observed_rate_per_day), "budget-per-day": cal.budget_per_day,
+                    "adopted": int(verdict.adopted), "refusal": verdict.refusal, "active-version": active,
+                    "error-ratio": float(verdict.error_ratio or 0.0)})
+        return out
     finally:
         conn.close()
 
 
-def record_federation(state_dir: str, result, rounds: int, hosts: int, per_host: list[dict]) -> None:
-    """The coordinator's record of a finished federation (read by `fleet status`)."""
+@dataclass
+class Candidate:
+    """The fleet weights as this host's model: calibrated here, checked here (not stored yet)."""
+    model: object | None            # CnnLstmAutoencoder, None when this host has no rounds to calibrate on
+    row: object | None              # the active local models row (None: none)
+    verdict: adoption.Verdict | None
+    scaler: str | None              # whose scaler, in words
+    train_windows: int = 0
+
+
+def check_fleet_model(conn, settings, weights: list[np.ndarray]) -> Candidate:
+    """The fleet ``weights`` with this host's scaler (the local model's, else fitted on its windows,
+    else on its first rounds), the threshold calibrated on its held-out pool, and its verdict."""
+    train, held, per_day = local_windows(conn, settings)
+    # the windows it is checked on: recent held-out tiles; a host with fewer rounds than the window has
+    # none, its rounds padded to one window then (what its evaluations judge)
+    check = held if len(held) else adoption.early_rounds(conn, settings)[0]
+    model, row, local_error = _local_model(conn, settings, train, weights, check=check)
+    scaler = "this host's (the local model's)" if row is not None and model is not None else "fitted here"
+    if model is None:
+        model, scaler = adoption.early_model(conn, settings, weights)
+    if model is None:
+        return Candidate(None, row, None, None)
+    if len(train) or len(held):
+        model.calibration_windows_ = np.concatenate([model.calibration_windows_, held])[
+            -model.config.calibration_windows:]
+        model.recalibrate(per_day or 1.0, fallback=train)
+    verdict = adoption.judge(model, check, local_error, per_day or 1.0, settings)
+    return Candidate(model, row, verdict, scaler, int(len(train)))
+
+
+def _store(conn, settings, candidate: Candidate) -> int:
+    """Save the fleet model and its models row (active only when adopted); returns its version."""
+    model, row, verdict = candidate.model, candidate.row, candidate.verdict
+    version = dbe.next_model_version(conn)
+    path = model_versions.model_dir(settings, conn, version)
+    model.save(path)
+    cal = model.calibration_
+    fleet = {"adopted": verdict.adopted, "why": verdict.why, "error_ratio": verdict.error_ratio,
+             "false_alerts_per_day": verdict.false_alerts_per_day, "check_windows": verdict.check_windows,
+             "scaler": candidate.scaler}
+    with conn:
+        dbe.insert_model(conn, version=version, created_at=time.time(),
+                         parent_version=row["version"] if row is not None else None, path=str(path),
+                         threshold=model.threshold_, train_windows=candidate.train_windows,
+                         metadata={"calibration": cal.__dict__, "fleet": fleet,
+                                   "held_out_windows": len(model.calibration_windows_)},
+                         budget_per_day=cal.budget_per_day, held_out_rate_per_day=cal.observed_rate_per_day,
+                         active=verdict.adopted)
+        fleet_db.set_model_origin(conn, version, "fleet")
+    if verdict.adopted:
+        log.info("fleet: model v%d (origin fleet) active, threshold %.4g on %d held-out windows; scaler %s",
+                 version, model.threshold_, len(model.calibration_windows_), candidate.scaler)
+    else:
+        log.warning("fleet: model v%d kept but not adopted: %s", version, verdict.why)
+    return version
+
+
+def record_federation(state_dir: str, result, rounds: int, hosts: int, per_host: list[dict],
+                      contributions: dict | None = None, aggregation: str = "") -> None:
+    """The coordinator's record of a finished federation (read by `fleet status`). known_hosts: per
+    Flower node id, every host ever seen, its last contribution (time, windows claimed and weighed)
+    and the model version it runs (adopted or not), merged over federations."""
     if not state_dir:
         return
     path = Path(state_dir) / FLEET_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(path.read_text()) if path.exists() else {}
     train = {int(k): dict(v) for k, v in (getattr(result, "train_metrics_clientapp", None) or {}).items()}
+    known = dict(previous.get("known_hosts") or {})
+    for node, facts in (contributions or {}).items():
+        known[str(node)] = {**known.get(str(node), {}), **facts}
     path.write_text(json.dumps({
         "federations": int(previous.get("federations", 0)) + 1, "finished_at": time.time(), "rounds": rounds,
-        "hosts": hosts, "per_host": [{"held_out_windows": int(h.get("num-windows", 0)),
-                                      "held_out_rate_per_day": float(h.get("held-out-rate-per-day", 0.0)),
-                                      "budget_per_day": float(h.get("budget-per-day", 0.0))} for h in per_host],
+        "hosts": hosts, "aggregation": aggregation,
+        "per_host": [{"held_out_windows": int(h.get("num-windows", 0)),
+                      "held_out_rate_per_day": float(h.get("held-out-rate-per-day", 0.0)),
+                      "budget_per_day": float(h.get("budget-per-day", 0.0))} for h in per_host],
+        "known_hosts": known,
         "train_metrics": {str(k): v for k, v in train.items()},
     }, indent=2, default=float) + "\n")

@@ -12,6 +12,9 @@ from app.services.ops import metrics
 
 log = logging.getLogger(__name__)
 
+# why a host refused a fleet model, by the code its evaluate reply carries (fleet/adoption.py)
+REFUSALS = {1: "its error far above the local model's", 2: "false alerts above the budget"}
+
 
 def model_values(models: list[dict]) -> dict:
     """Samples of the model versions by origin (rows of app.db.fleet.models_by_origin, newest first)."""

@@ -135,7 +135,7 @@ class PwEgressPortValue(ctypes.Structure):  # struct pw_egress_port_value
 
 class PwConfig(ctypes.Structure):          # struct pw_config
     _c_name_ = "pw_config"
-    _fields_ = [("epoch", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+    _fields_ = [("epoch", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("clock_ns", ctypes.c_uint64)]
 
 
 class PwMeta(ctypes.Structure):            # struct pw_meta

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from app import resources
 from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
 from app.services import progress
 from app.services.kernel import egress, maps, pin_owner
@@ -45,11 +46,11 @@ from app.services.kernel.bpf_structs import META_CLSACT_ADDED, MAP_LAYOUT, PwMet
 # the loader's fail-closed steps (re-exported: the collector and tests use them as xdp.*)
 from app.services.kernel.xdp_steps import (RETIRED, prefill_blacklist, restore_pins, retire_pins,  # noqa: F401
                                     retired_still_attached)
-from app.services.host import xdp_attachment as attached_program  # host facts live in host.py
+from app.services.kernel.attachment import xdp_attachment as attached_program
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+BPF_DIR = resources.BPF_DIR
 # compiled as ONE BCC text (BCC takes programs only from its main source, not from #include'd files)
 SOURCES = (BPF_DIR / "port_flow.c", BPF_DIR / "egress.c")
 SOURCE = SOURCES[0]
@@ -136,6 +137,16 @@ def pin_dir(settings, interface: str) -> Path:
     return Path(settings.general.pin_root) / interface
 
 
+def pinned_state(interface: str, pdir: Path) -> LoadState:
+    """The LoadState of the program pinned in ``pdir`` as it is (nothing loaded): mode and source hash from
+    its meta map, the program id from its pin (None when absent)."""
+    meta = read_meta(pdir)
+    prog = pdir / "prog"
+    return LoadState(interface, pdir, {1: "native", 2: "generic"}.get(meta.mode) if meta else None,
+                     maps.prog_info(prog).id if prog.exists() else None,
+                     bytes(meta.source_hash).hex() if meta else None)
+
+
 def check_interface(interface: str) -> int:
     """The interface's ifindex; UsageError with one sentence when it does not exist."""
     if not interface or "/" in interface or len(interface) > 15:
@@ -188,7 +199,8 @@ def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> 
     info["programs"] = egress.programs_text(info)       # one line for status: XDP and TC egress
     try:
         att = pin_owner.describe_attachment(interface, pin_root)
-        info.update(owner_db=att["owner_db"], load_state=att["load_state"], problem=att["problem"])
+        info.update(owner_db=att["owner_db"], load_state=att["load_state"], problem=att["problem"],
+                    foreign=att["foreign"])
     except BpfError as exc:
         log.debug("cannot read the pin record of %s: %s", interface, exc)
     return info
@@ -238,8 +250,6 @@ def ensure_loaded(settings, interface: str, prefill: Callable[[], list[str]] | N
             log.warning("pinned maps of %s cannot be reused (%s): recreating them", interface, mismatch)
             recreate = True
             reason = "maps-recreated"
-    if info["attached"] and not info["ours"] and not info["pinned"]:
-        log.warning("another XDP program (id %s) is attached to %s: portwatch replaces it", info["program_id"], interface)
     result = run_loader(settings, interface, pdir, recreate=recreate, prefill=prefill() if prefill else [])
     state = LoadState(interface, pdir, result["mode"], result["program_id"], want_hash, compiled=True,
                       reloaded=info["attached"], reason=reason, compile_seconds=result["compile_seconds"],
@@ -259,7 +269,7 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False, pre
         cmd.append("--recreate")
     cmd += ["--flag=" + f for f in build_flags(settings)]
     env = dict(os.environ)
-    env.setdefault("PYTHONPATH", str(BPF_DIR.parent))
+    env.setdefault("PYTHONPATH", str(resources.IMPORT_ROOT))
     with progress.ticking(f"compiling and attaching the XDP program on {interface} (BCC, in its own process)"):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
                               input=json.dumps({"prefill": list(prefill)}))
@@ -276,8 +286,8 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False, pre
 
 # --- the loader process ---------------------------------------------------------------------
 
-def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str], recreate: bool,
-          prefill: list[str] = ()) -> dict:
+def bcc_modules():
+    """(BPF, libbcc) of BCC — imported only here, in a loader process; DependencyError when absent."""
     try:
         from bcc import BPF  # Debian's python3-bpfcc, seen through --system-site-packages
         from bcc.libbcc import lib as libbcc
@@ -286,6 +296,22 @@ def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str
     build = Path(f"/lib/modules/{os.uname().release}/build")
     if not build.exists() and not os.environ.get("BCC_KERNEL_SOURCE"):
         raise DependencyError(f"no kernel headers at {build}: run make setup (it links the distribution's headers)")
+    return BPF, libbcc
+
+
+def compile_programs(BPF, pdir: Path, flags: list[str]):
+    """Compile both programs as ONE BCC text, maps pinned under ``pdir``: (bpf, xdp function, egress function)."""
+    cflags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{pdir}"', "-w", *flags]
+    try:
+        bpf = BPF(text="\n".join(p.read_text() for p in SOURCES).encode(), cflags=cflags)
+        return bpf, bpf.load_func(b"xdp_port_flow", BPF.XDP), bpf.load_func(b"tc_egress", BPF.SCHED_CLS)
+    except Exception as exc:
+        raise BpfError(f"the XDP program failed to compile or load ({exc}): the compiler output is in the log; `python -m app doctor` checks headers and BPF support") from None
+
+
+def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str], recreate: bool,
+          prefill: list[str] = ()) -> dict:
+    BPF, libbcc = bcc_modules()
     pdir.mkdir(parents=True, exist_ok=True)
     old = read_meta(pdir)       # before a recreate retires it: whether portwatch added the clsact qdisc
     pin_owner.record_load(pdir, "compiling")
@@ -305,13 +331,7 @@ def _build_and_attach(BPF, libbcc, interface: str, pdir: Path, mode: str, want_h
     unborn = {name for name in MAP_LAYOUT if not (pdir / name).exists()}
     started = time.process_time() + _children_cpu()
     t0 = time.monotonic()
-    cflags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{pdir}"', "-w", *flags]
-    try:
-        bpf = BPF(text="\n".join(p.read_text() for p in SOURCES).encode(), cflags=cflags)
-        fn = bpf.load_func(b"xdp_port_flow", BPF.XDP)
-        eg_fn = bpf.load_func(b"tc_egress", BPF.SCHED_CLS)
-    except Exception as exc:
-        raise BpfError(f"the XDP program failed to compile or load ({exc}): the compiler output is in the log; `python -m app doctor` checks headers and BPF support") from None
+    bpf, fn, eg_fn = compile_programs(BPF, pdir, flags)
     compile_seconds = time.monotonic() - t0
     prefilled = prefill_blacklist(pdir, prefill)
     born = {}

@@ -20,7 +20,7 @@ from pathlib import Path
 from app.errors import BpfError
 from app.services.kernel import maps
 from app.services.kernel.bpf_structs import MAP_LAYOUT, PwBlacklistValue, lpm_key
-from app.services.host import xdp_attachment as attached_program
+from app.services.kernel.attachment import xdp_attachment as attached_program
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from app.errors import BpfError
+from app.services.text import counted
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +199,9 @@ def check_blocklist(settings, interfaces: list[str], ledger: list[str]) -> Check
             continue
         missing, extra = sorted(wanted - in_map), sorted(in_map - wanted)
         if missing or extra:
-            parts = ([f"{len(missing)} ledger entr{'y' if len(missing) == 1 else 'ies'} missing from the map "
+            parts = ([f"{counted(len(missing), 'ledger entry', 'ledger entries')} missing from the map "
                       f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"] if missing else []) + \
-                    ([f"{len(extra)} map entr{'y' if len(extra) == 1 else 'ies'} the ledger does not hold "
+                    ([f"{counted(len(extra), 'map entry', 'map entries')} the ledger does not hold "
                       f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})"] if extra else [])
             problems.append(f"{name}: " + " and ".join(parts))
         else:
@@ -210,8 +211,8 @@ def check_blocklist(settings, interfaces: list[str], ledger: list[str]) -> Check
     if unreadable and not checked:
         return Check("blocklist", None, "cannot read the pinned maps: " + "; ".join(unreadable))
     if not checked:
-        return Check("blocklist", True, f"{len(wanted)} active entr{'y' if len(wanted) == 1 else 'ies'}, no pinned map")
-    return Check("blocklist", True, f"{len(wanted)} active entr{'y' if len(wanted) == 1 else 'ies'}, "
+        return Check("blocklist", True, f"{counted(len(wanted), 'active entry', 'active entries')}, no pinned map")
+    return Check("blocklist", True, f"{counted(len(wanted), 'active entry', 'active entries')}, "
                                     f"in step with the map of {', '.join(checked)}")
 
 

@@ -10,7 +10,7 @@ from app.db import blacklist as queries
 from app.db.connection import connect
 from app.errors import UsageError
 from app.services.blocklist import blocklist
-from app.services.blocklist.blocklist import parse_network
+from app.services.kernel.enforcement import parse_network
 from app.services.blocklist.decisions import Protection
 from tests.helpers import blocklist_settings, ledger_events
 

@@ -14,9 +14,10 @@ from app.db import blacklist as queries
 from app.db import series as dbs
 from app.db.connection import connect
 from app.services import host
-from app.services.blocklist import blocklist, enforcement
+from app.services.blocklist import blocklist
+from app.services.kernel import enforcement
 from app.services.evaluation import finding_sources
-from app.services.blocklist.blocklist import parse_network
+from app.services.kernel.enforcement import parse_network
 from app.services.blocklist.decisions import Protection, after_evaluation, decide, ttl_for
 from tests.helpers import (UdpSink, add_evaluation, blocklist_settings, collect, finding, ledger_events, loaded,  # noqa: F401
                            map_drops, bpftool_entries, pin_root, port_row, scan, send_udp)

@@ -8,7 +8,7 @@ import pytest
 
 from app.db import blacklist as queries
 from app.db.connection import connect
-from app.services.blocklist import enforcement
+from app.services.kernel import enforcement
 from app.services.blocklist.decisions import Protection, decide, ttl_for
 from tests.helpers import add_evaluation, blocklist_settings, finding, ledger_events, scan
 

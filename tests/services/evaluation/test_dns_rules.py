@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 import random
 import string
+import time
+from collections import Counter
 
 import pytest
 
@@ -110,3 +112,109 @@ def test_one_finding_per_client_and_domain():
     assert sorted((f.source, f.details["domain"]) for f in found) == [
         (CLIENT, "exfil.example"), (CLIENT, "tunnel.test"), (other, "tunnel.test")]
     assert [f.details["record_types"] for f in found if f.source == other] == [{"NULL": 60}]
+
+
+def dnscat_names(n: int, seed: int = 11) -> list[str]:
+    """dnscat2 direct mode: 'dnscat.' + a hex-encoded packet in labels, under no registered domain."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        payload = "".join(rng.choice("0123456789abcdef") for _ in range(rng.randrange(40, 90)))
+        out.append("dnscat." + ".".join(payload[i:i + 30] for i in range(0, len(payload), 30)))
+    return out
+
+
+def test_unregistered_means_no_known_public_suffix():
+    assert dns_rules.unregistered("dnscat.a1b2.c3d4e5.ff") and dnscat_names(1)[0]
+    assert dns_rules.unregistered("x.pirate.sea") and dns_rules.unregistered("printer.local")
+    assert not dns_rules.unregistered("www.example.co.uk") and not dns_rules.unregistered("d1.cloudfront.net")
+
+
+def test_a_direct_tunnel_to_its_own_server_is_one_conversation():
+    """dnscat2 direct mode: every name's "registered domain" is its own last two labels (65+ domains,
+    none at the volume gate); per (client, server) it is one conversation: exactly one finding."""
+    names = dnscat_names(102)
+    server = "198.18.20.53"
+    types = [16, 5, 15]                                     # dnscat2 asks TXT, CNAME and MX
+    qs = [r for k, name in enumerate(names) for r in rows(CLIENT, [name], qtype=types[k % 3], rcode=0,
+                                                          start_round=1 + k // 20, resolver=server)]
+    b = batch(dns_queries=qs, ports={9: (53, "udp")})
+    assert len(dns_rules.client_domains(b)) == 102           # the per-domain view sees 102 one-name "domains"
+    [f] = dns_rules.dns_tunnels(b, Evaluator())
+    d = f.details
+    assert (f.source, d["client"], d["domain"], d["grouped_by"], d["resolvers"]) == (CLIENT, CLIENT, None, "server", [server])
+    assert d["queries"] == 102 and d["subdomains"] == 102 and d["responses"] == 102 and d["nxdomain_share"] == 0.0
+    assert d["record_types"] == {"TXT": 34, "CNAME": 34, "MX": 34} and d["odd_type_share"] == 0.667
+    assert d["signals"] == ["name_length", "label_entropy", "record_types"]
+    assert d["mean_name_length"] == round(sum(len(n) for n in names) / 102, 1)
+    assert f"asked {server} 102 names under no registered domain" in f.summary and (f.first_round_id, f.last_round_id) == (1, 6)
+
+
+def test_a_tunnel_under_its_own_domain_is_not_counted_twice_by_server():
+    """iodine under pirate.sea (an unknown top-level label) to one resolver: judged per domain, once;
+    the server view leaves out a domain that reached the volume gate on its own."""
+    names = [n.replace("tunnel.test", "pirate.sea") for n in tunnel_names(80)]
+    [f] = dns_rules.dns_tunnels(batch(dns_queries=rows(CLIENT, names, qtype=10, rcode=0)), Evaluator())
+    assert (f.details["domain"], f.details["grouped_by"]) == ("pirate.sea", "domain")
+
+
+def test_a_resolver_asked_ordinary_and_local_names_is_no_tunnel():
+    """Browsing (known suffixes) and a LAN's short names under .local/.lan to one resolver: the server
+    view holds only the latter, at the volume gate and without signals."""
+    local = [f"host-{k}.lan" for k in range(40)] + [f"printer{k}.office.local" for k in range(40)]
+    browsing = [n.replace(".example", ".com") for n in ordinary_names(200)]
+    b = batch(dns_queries=rows(CLIENT, browsing + local, rcode=3, per_round=28))
+    [(key, s)] = dns_rules.client_servers(b, set()).items()
+    assert key == (CLIENT, RESOLVER) and s["queries"] == 80 and s["nxdomain"] == 80
+    assert dns_rules.dns_tunnels(b, Evaluator()) == []
+
+
+def test_the_server_view_keeps_the_volume_gate():
+    b = batch(dns_queries=rows(CLIENT, dnscat_names(49), qtype=16, resolver="198.18.20.53"))
+    assert dns_rules.dns_tunnels(b, Evaluator()) == []
+    b = batch(dns_queries=rows(CLIENT, dnscat_names(50), qtype=16, resolver="198.18.20.53"))
+    assert len(dns_rules.dns_tunnels(b, Evaluator())) == 1
+
+
+@pytest.mark.kernel
+def test_a_direct_tunnel_captured_live_is_one_finding(lab, state_env, monkeypatch):
+    """The real path: dnscat2-style questions sent over the lab's veth to one server, captured by the
+    sniffer (tshark through pyshark), stored as round 1 of a real database, judged by a real
+    evaluation: exactly one dns_tunnel, grouped by server."""
+    import socket
+
+    from app import config
+    from app.services.collector.sniffer import Sniffer
+    from app.services.evaluation import evaluation
+    from tests.services.collector.test_sniffer import (SLACK, dns_query, finish, run_in_thread, stop_after_quiet, store,
+                                             wait_until_receiving)
+    monkeypatch.setenv("PORTWATCH_EVALUATOR_WARMUP_ROUNDS", "100000")      # rules only: no model fit
+    names = dnscat_names(80, seed=3)
+    types = [16, 5, 15]
+    sniffer = Sniffer(lab.interface, window_seconds=60, temp_root=state_env / "tmp")
+    (state_env / "tmp").mkdir()
+    thread, outcome = run_in_thread(sniffer)
+    wait_until_receiving(sniffer, lab, 30)                                  # tshark starts slowly on a busy machine
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:        # no server answers: questions only
+        sock.bind((lab.root_v4, 0))
+        for k, name in enumerate(names):
+            sock.sendto(dns_query(name, types[k % 3], 0x3000 + k), (lab.peer_v4, 53))
+            time.sleep(0.002)
+    stop_after_quiet(sniffer)
+    result = finish(thread, outcome, sniffer.drain_seconds + SLACK)
+    assert result.skipped == 0 and not result.limit_reached
+    conn, _round_id = store(state_env / "ports.db", lab.interface, result.records)
+    # (the peer's ICMP port-unreachable errors quote a question too: those rows come from the peer)
+    stored = [r[0] for r in conn.execute("SELECT qry_name FROM packets WHERE qry_name IS NOT NULL AND src_address = ? "
+                                         "ORDER BY timestamp", (lab.root_v4,))]
+    conn.close()
+    # parsed as sent (a loaded machine's capture may miss a few: the conversation is still one)
+    assert len(stored) >= 70 and stored == [n for n in names if n in set(stored)]
+    outcome = evaluation.run(config.load())
+    [f] = [a for a in outcome.anomalies if a.detector == "dns_tunnel"]
+    d = f.details
+    assert (f.source, d["grouped_by"], d["domain"], d["resolvers"]) == (lab.root_v4, "server", None, [lab.peer_v4])
+    assert d["queries"] == len(stored) and d["subdomains"] == len(stored)
+    sent = Counter(types[names.index(n) % 3] for n in stored)
+    assert d["record_types"] == {"TXT": sent[16], "CNAME": sent[5], "MX": sent[15]}
+    assert d["signals"] == ["name_length", "label_entropy", "record_types"]

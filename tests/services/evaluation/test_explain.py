@@ -30,7 +30,7 @@ def test_summary_of_each_detector():
                     sources=[Source("198.18.0.7", packets=9000, share=0.9)], source_count=40,
                     details={"syn": 9000, "flooded_rounds": 2, "peak": {"syn": 5000, "completion_share": 0.02}})
     assert explain.summary(flood, [{"process": "nginx", "pid": 10}]) == (
-        "SYN flood on tcp/80 (nginx): 9,000 SYNs in 2 round(s), peak 5,000 SYNs with 2% answered, "
+        "SYN flood on tcp/80 (nginx): 9,000 SYNs in 2 rounds, peak 5,000 SYNs with 2% answered, "
         "from 198.18.0.7 (90%, one-way) and 39 more, rounds 7-8")
     new = Finding("new_listener", 4, 8099, "tcp", 5, 5, None, None,
                   details={"round_id": 5, "holders": [{"pid": 77, "process": "nc", "user": "bob", "address": "::"},
@@ -43,7 +43,7 @@ def test_summary_of_each_detector():
     flooded = Finding("unlistened_port", 5, 9999, "udp", 3, 5, 49100.0, 1.0, source="198.18.0.9",
                       sources=[Source("198.18.0.9", packets=49100, share=1.0)],
                       details={"packets": 49100, "unlistened_rounds": 3})
-    assert explain.summary(flooded, []) == ("traffic to udp/9999, where nothing listens: 49,100 packets in 3 round(s) "
+    assert explain.summary(flooded, []) == ("traffic to udp/9999, where nothing listens: 49,100 packets in 3 rounds "
                                             "from 198.18.0.9 (100%, one-way), rounds 3-5")
     model = Finding("model", 6, 5302, "udp", 9, 9, 0.9, 0.1, details={"features": [
         {"feature": "packets", "observed": 600.0, "reconstructed": 40.2, "error": 0.5, "share": 0.6},
@@ -51,8 +51,8 @@ def test_summary_of_each_detector():
     assert explain.summary(model, [{"process": "dnsmasq"}]) == (
         "unusual traffic on udp/5302 (dnsmasq): packets 600 vs usual 40.2, bytes 48,000 vs usual 3,300 "
         "(error 9.0x the threshold), round 9")
-    other = Finding("source_flood", None, None, None, 1, 2, 3.0, 2.0, source="198.18.0.1")
-    assert explain.summary(other) == "source flood on host, score 3 (threshold 2), from 198.18.0.1, rounds 1-2"
+    other = Finding("future_rule", None, None, None, 1, 2, 3.0, 2.0, source="198.18.0.1")
+    assert explain.summary(other) == "future rule on host, score 3 (threshold 2), from 198.18.0.1, rounds 1-2"
 
 
 def test_lines_show_features_in_units_and_what_was_done():

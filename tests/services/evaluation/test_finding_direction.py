@@ -12,7 +12,7 @@ from app.config import Evaluator
 from app.db import fleet as fleet_db
 from app.db import peers
 from app.db.connection import connect
-from app.services.blocklist import decisions
+from app.services.evaluation import forged
 from app.services.evaluation import dns_rules, explain, outbound_rules
 from app.services.evaluation.findings import Finding, Source
 from app.services.ops import alerts
@@ -66,7 +66,7 @@ def test_the_same_sentence_on_every_surface_and_no_forged_destination(tmp_path, 
     with conn:       # the destination is a two-way peer: inbound one-way evidence naming it would be "forged"
         peers.record_two_way(conn, 1, time.time() - 60, {DEST: ("handshake", 64, None)})
     exfil = exfiltration()
-    assert decisions.judge_sources(conn, s, [exfil]) == 0
+    assert forged.judge_sources(conn, s, [exfil]) == 0
     assert not exfil.sources[0].forged and exfil.forged_sources == []
     [stored] = add_evaluation(conn, [exfil])
     line = stored.summary
@@ -90,3 +90,17 @@ def test_the_same_sentence_on_every_surface_and_no_forged_destination(tmp_path, 
     page = write_report(s.general.db, tmp_path / "report", since="all").read_text()
     assert line.replace("'", "&#x27;") in page
     assert "possibly forged" not in page and "one-way" not in page
+
+
+def test_every_detector_speaks_in_its_own_words():
+    """No detector of the contract falls back to the generic 'X on host, score S' line."""
+    from app.services.evaluation.explain import DETECTOR_NAMES
+    for detector in DETECTOR_NAMES:
+        f = Finding(detector, None, None, None, 1, 2, 3.0, 2.0, source="198.18.7.9", source_count=3)
+        line = explain.summary(f)
+        assert ", score 3 (threshold 2)" not in line, (detector, line)
+        if f.outbound:
+            assert "from 198.18.7.9" not in line and "one-way" not in line, (detector, line)
+    flood = Finding("source_flood", None, None, None, 4, 6, 900.0, 500.0, source_count=2100)
+    assert explain.summary(flood) == ("source flood: 2,100 new sources reached this host in rounds 4-6 (at most "
+                                      "900 in one round): per-source counts there may be incomplete")

@@ -13,7 +13,8 @@ from app.db import series as dbs
 from app.db.connection import connect
 from app.services.blocklist import decisions
 from app.services.evaluation import evaluation, finding_sources, rules
-from app.services.blocklist.decisions import Protection, decide, judge_sources
+from app.services.blocklist.decisions import Protection, decide
+from app.services.evaluation.forged import judge_sources
 from app.services.evaluation.findings import ONE_WAY, TWO_WAY, Source
 from tests.helpers import add_evaluation, blocklist_settings, finding
 from tests.services.evaluation.synthetic import SyntheticStore, port_scan, syn_flood

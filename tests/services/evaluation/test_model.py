@@ -132,3 +132,56 @@ def test_partial_fit_continues_from_the_weights_and_keeps_the_scaler(fitted, tmp
     assert np.array_equal(copy.scaler_.center_, scaler_center)
     assert len(copy.calibration_windows_) == len(model.calibration_windows_) + 2
     assert copy.n_fits_ == 2 and np.isfinite(copy.threshold_)
+
+
+def test_the_calibration_reports_its_own_out_of_sample_rate():
+    """A budget a small test can measure (1 % of 1,000 trials a day = 10/day): a threshold chosen on
+    one half of the pool, counted on the other, lands near the budget, and its 95 % bound above it."""
+    from app.services.evaluation.model import Calibration, out_of_sample
+    errors = np.random.default_rng(4).exponential(1.0, size=(400, W))          # 6,000 per-round errors
+    cal = out_of_sample(calibrate_threshold(errors.ravel(), 1000, 10), errors, 10)
+    assert isinstance(cal, Calibration) and cal.out_of_sample_scores == 6000
+    assert 5 <= cal.out_of_sample_rate_per_day <= 20 and cal.out_of_sample_rate_per_day < cal.out_of_sample_upper_per_day < 30
+    assert cal.out_of_sample_rate_per_day == cal.out_of_sample_exceedances / 6000 * 1000
+    # a pool too small for its budget vouches for little: no false alert seen, a wide bound
+    tiny = out_of_sample(calibrate_threshold(errors[:40].ravel(), 1e6, 1), errors[:40], 1)
+    assert tiny.out_of_sample_exceedances == 0 and tiny.out_of_sample_upper_per_day > 1000
+
+
+def test_out_of_sample_false_alerts_stay_in_the_bound_and_spikes_are_caught(fitted):
+    """The fitted model's own check (budget 1/day on 14,400 port-rounds a day): its out-of-sample
+    estimate covers every held-out round error, and on fresh benign rounds the false alerts stay
+    within its 95 % bound while ×30 spikes on every port are caught."""
+    model, _ = fitted
+    cal = model.calibration_
+    assert cal.out_of_sample_scores == cal.held_out_scores and cal.out_of_sample_upper_per_day is not None
+    fresh = normal_series(PORTS, 300, np.random.default_rng(5), start=420)
+    judge = series.judge_windows(fresh, W, 0)
+    false_per_day = (model.decision_function(judge.windows, judge.judged) > model.threshold_).sum() / (300 / 1440)
+    assert false_per_day <= cal.out_of_sample_upper_per_day
+    cells = [(p, t) for p in range(PORTS) for t in (100, 200)]
+    spiky = series.judge_windows(inject_spikes(fresh, cells, factor=30.0), W, 0)
+    has_spike = np.array([any(p == cp and end - W < ct <= end for cp, ct in cells) for p, end in spiky.index])
+    assert (model.decision_function(spiky.windows, spiky.judged)[has_spike] > model.threshold_).mean() >= 0.9
+
+
+def test_a_silent_round_of_a_sparse_port_is_counted_once(fitted):
+    """Bytes are 0 exactly when packets are: in a silent round only the packet count's deviation
+    speaks (a Poisson zero of a 5-packet port is no ×30 event), so the window stays below threshold."""
+    model, _ = fitted
+    f = series.FEATURE_INDEX
+    values = normal_series(PORTS, 60, np.random.default_rng(6), start=120)
+    p = int(np.argmin(values[..., f["packets"]].mean(axis=1)))                # the sparsest port
+    for name in ("packets", "bytes", "mean_payload", "max_payload", "syn", "syn_share", "syn_synack_ratio",
+                 "rst", "sources"):
+        values[p, 40, f[name]] = 0.0
+    judge = series.judge_windows(values[p:p + 1], W, 0)
+    i = int(np.flatnonzero(judge.index[:, 1] >= 40)[0])
+    j = 40 - (int(judge.index[i, 1]) - W + 1)
+    errors, _ = model.feature_errors(judge.windows[i:i + 1])
+    scaled = model.scaler_.transform(judge.windows[i:i + 1])
+    recon = model.reconstruct(judge.windows[i:i + 1])[1]
+    level = series.N_FEATURES + f["bytes"]                                      # the bytes level channel
+    assert errors[0, j, f["bytes"]] == pytest.approx((scaled[0, j, level] - recon[0, j, level]) ** 2, rel=1e-5)
+    assert errors[0, j, f["packets"]] > errors[0, j, f["bytes"]]
+    assert model.decision_function(judge.windows[i:i + 1], judge.judged[i:i + 1])[0] <= model.threshold_

@@ -3,6 +3,7 @@ is never loaded as the current one, and the evaluator fits a new one from scratc
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def test_an_old_format_model_stays_listed_and_a_new_one_is_fitted_from_scratch(e
         listing = capsys.readouterr().out
         lines = {line.split()[0]: line for line in listing.splitlines() if line.split() and line.split()[0].isdigit()}
         assert " yes " in lines["2"] and " no " in lines["1"]
+        # the calibration's own out-of-sample check: false alerts a day and their 95 % bound
+        assert "out-of-sample" in listing.splitlines()[0] and re.search(r" \d+\.\d\d/d \(95 % <= [\d.e+]+\) ", lines["2"])
         assert "v1 is not loadable as the current model: saved in model format v1" in listing
         assert cli.main(["model", "rollback", "1", "--db", db]) == 2
         assert "not loadable" in capsys.readouterr().err

@@ -183,16 +183,21 @@ def test_outbound_sweep_of_200_ports_names_destination_and_local_process(lab, tm
 
 
 @pytest.mark.kernel
-def test_50_mb_upload_against_small_transfers_is_exfiltration(lab, tmp_path):
+def test_an_upload_to_a_new_address_waits_for_the_baseline_then_is_one_exfiltration(lab, tmp_path):
+    """30 MB to a never-seen address in the first evaluation: no finding, "warming up" said; after
+    the warm-up (3 rounds here) the same upload is one exfiltration against the host's usual rate."""
     settings = lab_settings(tmp_path)
-    sink = lab.popen(sys.executable, "-c", "import socket\n"
+    settings.evaluator.exfiltration_warmup_rounds = 3
+    usual, new = lab.peer_v4, lab.host_v4(1)
+    sink = lab.popen(sys.executable, "-c", "import socket, threading\n"
                      "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-                     f"s.bind(('{lab.peer_v4}', 9100)); s.listen(8)\n"
-                     "while True:\n c, _ = s.accept()\n while c.recv(1 << 16): pass\n c.close()\n")
+                     "s.bind(('0.0.0.0', 9100)); s.listen(8)\n"
+                     "def drain(c):\n while c.recv(1 << 16): pass\n c.close()\n"
+                     "while True:\n c, _ = s.accept(); threading.Thread(target=drain, args=(c,)).start()\n")
     try:
         time.sleep(0.5)
 
-        def send(nbytes: int, host: str = lab.peer_v4) -> None:
+        def send(nbytes: int, host: str = usual) -> None:
             with socket.create_connection((host, 9100), timeout=10) as c:
                 c.sendall(b"\0" * nbytes)
 
@@ -200,13 +205,24 @@ def test_50_mb_upload_against_small_transfers_is_exfiltration(lab, tmp_path):
             for _ in range(20):
                 send(20_000)
 
+        def upload():
+            background()
+            send(30 * 1024 * 1024, new)
+
         collect_round_around(lab, settings, lambda: None, seconds=1.0)   # compile and attach first
-        collect_round_around(lab, settings, background)          # the usual rate: small transfers
-        evaluation.run(settings)
-        collect_round_around(lab, settings, lambda: (background(), send(50 * 1024 * 1024)))
-        outcome = evaluation.run(settings)
-        [exfil] = [f for f in outcome.anomalies if f.detector == "exfiltration"]
-        assert exfil.source == lab.peer_v4 and exfil.details["bytes"] >= 50 * 1024 * 1024
+        collect_round_around(lab, settings, upload)
+        first = evaluation.run(settings)
+        assert [f for f in first.anomalies if f.detector == "exfiltration"] == []
+        assert "exfiltration: warming up, 0 of 3 rounds" in first.summary()
+        collect_round_around(lab, settings, background)           # the usual rate: small transfers
+        collect_round_around(lab, settings, background)
+        second = evaluation.run(settings)
+        assert "exfiltration: warming up, 2 of 3 rounds" in second.summary()
+        collect_round_around(lab, settings, upload)
+        third = evaluation.run(settings)
+        assert "exfiltration: warming up" not in third.summary()
+        [exfil] = [f for f in third.anomalies if f.detector == "exfiltration"]
+        assert exfil.source == new and exfil.details["bytes"] >= 30 * 1024 * 1024
     finally:
         sink.kill()
         sink.wait(5)

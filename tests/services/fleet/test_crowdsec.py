@@ -22,6 +22,7 @@ from app.services.blocklist import blocklist, decisions
 from app.services.host import local_addresses
 from app.services.fleet import crowdsec, view
 from app.services.fleet.lapi import go_duration
+from app.services.kernel import enforcement
 from tests.helpers import UdpSink, add_evaluation, blocklist_settings, collect, finding, send_udp
 
 SCANNER = "198.18.150.66"
@@ -275,7 +276,7 @@ def test_pushes_queued_while_down_are_sent_when_the_lapi_is_back(lapi, tmp_path)
 def _drops(pdir: Path, cidr: str) -> int | None:
     from app.services.kernel import bpf_structs, maps
     with maps.PinnedMap(pdir / "blacklist") as m:
-        raw = m.lookup(bpf_structs.lpm_key(blocklist.parse_network(cidr)))
+        raw = m.lookup(bpf_structs.lpm_key(enforcement.parse_network(cidr)))
     return None if raw is None else bpf_structs.PwBlacklistValue.from_buffer_copy(raw).drops
 
 

@@ -20,7 +20,8 @@ from tests.services.evaluation.synthetic import SyntheticStore  # noqa: E402
 
 # the documented metric keys of each reply (client_app.py's docstring): counts and rates, nothing else
 TRAIN_KEYS = {"num-windows"}
-EVALUATE_KEYS = {"num-windows", "version", "held-out-rate-per-day", "budget-per-day"}
+EVALUATE_KEYS = {"num-windows", "version", "held-out-rate-per-day", "budget-per-day", "adopted", "refusal",
+                 "active-version", "error-ratio"}
 PORTS = {(2222, "tcp"): (40, "pwsecretd"), (8443, "tcp"): (700, "pwwebfront"), (5353, "udp"): (90, "pwmdns")}
 
 

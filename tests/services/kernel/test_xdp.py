@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from app.errors import UsageError
-from app.services import host
 from app.services.collector import teardown
 from app.services.kernel import bpf_structs, egress, maps, xdp
+from app.services.kernel.attachment import XDP_MODE_NAMES
 from tests.helpers import make_settings
 
 
@@ -67,7 +67,7 @@ def test_load_once_then_read_without_compiling(lab, tmp_path):
     assert sorted(p.name for p in pdir.iterdir()) == sorted([*bpf_structs.MAP_LAYOUT, "prog", "eg_prog", "owner"])
     meta = xdp.read_meta(pdir)
     assert bytes(meta.source_hash).hex() == xdp.source_hash(s) == first.source_hash
-    assert meta.program_id == first.program_id and host.XDP_MODE_NAMES[meta.mode] == first.mode
+    assert meta.program_id == first.program_id and XDP_MODE_NAMES[meta.mode] == first.mode
 
     again = xdp.ensure_loaded(s, lab.interface)               # the pinned program is current: no compile
     assert not again.compiled and again.program_id == first.program_id and again.mode == first.mode

@@ -17,7 +17,9 @@ from app.errors import PortwatchError, UsageError
 from app.services.evaluation.findings import Finding, Source
 from app.services.ports import port_label
 from app.services.ops.reports import facts, write_report
-from app.services.ops.reports.facts import OccupancyChange, active_counts, occupancy_changes, parse_since
+from app.services.ops.reports import drops
+from app.services.ops.reports.drops import active_counts
+from app.services.ops.reports.facts import OccupancyChange, occupancy_changes, parse_since
 from tests.ops_helpers import ATTACKER, empty_database, fill_database
 
 REPO = Path(__file__).resolve().parents[3]
@@ -141,9 +143,10 @@ def test_one_drop_total_everywhere_and_rates_per_second(tmp_path):
     assert f"({expected} packets dropped in this window)" in page                  # the traffic caption
     assert f"{expected} packets dropped." in page                                  # the blocklist caption
     assert f"<tr><td>total</td><td></td><td></td><td></td><td></td><td>{expected}</td>" in page
-    assert f"<td>{facts.GONE}</td><td>-</td><td>-</td><td>-</td><td>-</td><td>{expected - per_address}</td>" in page
+    assert f"<td>{drops.GONE}</td><td>-</td><td>-</td><td>-</td><td>-</td><td>{expected - per_address}</td>" in page
     from app.db import report_rates
-    from app.services.ops.reports.facts import load_blocklist, load_port, load_traffic
+    from app.services.ops.reports.drops import load_blocklist
+    from app.services.ops.reports.facts import load_port, load_traffic
     conn = connect(db, readonly=True)
     try:
         assert load_traffic(conn, None, []).total_drops == expected

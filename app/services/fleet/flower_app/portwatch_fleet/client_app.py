@@ -2,7 +2,8 @@
 
 train:    fleet weights in; weights trained on this host's windows no detector flagged, and their count, out.
 evaluate: the round's fleet weights in; on the last round they become a model version with origin 'fleet'
-          (scaler and threshold calibrated here, on this host's held-out pool); only counts go out.
+          (scaler and threshold calibrated here, on this host's held-out pool), active only when this
+          host's check passes (learning.adopt, adoption.py); only counts, rates and codes go out.
 Nothing else leaves the host: no rows, addresses, ports or names.
 """
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -28,7 +29,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     rounds = int(msg.content["config"]["rounds"])
     server_round = int(msg.content["config"]["server-round"])
     shape = learning.shape_from(msg.content["config"])
-    version, n_held, rate, budget = learning.adopt(context.node_config, weights, shape, final=server_round >= rounds)
-    content = RecordDict({"metrics": MetricRecord({"num-windows": max(n_held, 1), "version": version or 0,
-                                                   "held-out-rate-per-day": rate, "budget-per-day": budget})})
-    return Message(content=content, reply_to=msg)
+    metrics = learning.adopt(context.node_config, weights, shape, final=server_round >= rounds)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -16,15 +16,16 @@ import pytest
 from app.db import blacklist as queries
 from app.db.connection import connect
 from app.errors import UsageError
-from app.services.blocklist import blocklist, enforcement
+from app.services.blocklist import blocklist
+from app.services.kernel import enforcement
 from app.services.kernel import bpf_structs, egress, egress_block, maps
-from app.services.blocklist.blocklist import parse_network
+from app.services.kernel.enforcement import parse_network
 from tests.helpers import (REPO, UdpSink, bpftool_entries, collect, ledger_events, loaded, map_drops,  # noqa: F401
                            pin_root, send_udp)
 
 
 def test_collector_path_never_imports_the_decisions():
-    code = ("import sys, app.services.collector.collector, app.services.blocklist.enforcement; "
+    code = ("import sys, app.services.collector.collector, app.services.kernel.enforcement; "
             "print('app.services.blocklist.decisions' in sys.modules, 'app.services.evaluation.findings' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr

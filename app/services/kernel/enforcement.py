@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Union
 
 from app.db import blacklist as db
-from app.errors import BpfError
+from app.errors import BpfError, UsageError
 from app.services.kernel import maps
 from app.services.kernel.bpf_structs import PwBlacklistValue, lpm_key, lpm_key_text
 
@@ -54,6 +54,38 @@ def normalise(network: Network) -> Network:
     if network.version == 6 and network.prefixlen >= 96 and network.subnet_of(_MAPPED_V4):
         return ipaddress.IPv4Network((network.network_address.ipv4_mapped, network.prefixlen - 96))
     return network
+
+
+def parse_network(text: str) -> Network:
+    """``ADDR`` or ``ADDR/LEN`` (IPv4 or IPv6) as a network; UsageError with one sentence otherwise.
+
+    Host bits set (``198.18.0.5/24``) are refused, not silently normalised: the user may have meant
+    the one address or the whole network.
+    """
+    text = (text or "").strip()
+    if not text:
+        raise UsageError("an address or prefix is required, e.g. 198.18.0.9 or 2001:db8::/64")
+    addr_text, slash, len_text = text.partition("/")
+    try:
+        addr = ipaddress.ip_address(addr_text)
+    except ValueError:
+        raise UsageError(f"{addr_text!r} is not an IPv4 or IPv6 address") from None
+    limit = addr.max_prefixlen
+    if slash:
+        if not len_text.isdigit():
+            raise UsageError(f"prefix length {len_text!r} of {text} is not a number from 0 to {limit}")
+        if int(len_text) > limit:
+            raise UsageError(f"prefix length {len_text} of {text} is out of range for IPv{addr.version} (0-{limit})")
+        prefixlen = int(len_text)
+    else:
+        prefixlen = limit
+    try:
+        network = ipaddress.ip_network((addr, prefixlen), strict=True)
+    except ValueError:
+        network = ipaddress.ip_network((addr, prefixlen), strict=False)
+        raise UsageError(f"{text} has host bits set: give {network} for the network or {addr} for the one "
+                         "address") from None
+    return normalise(network)
 
 
 def capacity(settings) -> int:

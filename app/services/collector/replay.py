@@ -1,0 +1,227 @@
+"""Replay a capture through the same kernel programs: rounds in capture time, as a live collector writes them.
+
+    replay(settings, capture_path, hosts=(), round_seconds=60, after_round=None) -> ReplayResult
+
+Every packet of a pcap/pcapng file goes, in capture order, through the compiled programs — XDP port_flow
+for packets to the host, TC egress for packets from it — with BPF_PROG_TEST_RUN (app/services/kernel/prog_run.py):
+no interface, no namespace. The programs are compiled by the usual BCC loader process into a PRIVATE pin
+directory (``/sys/fs/bpf/portwatch-replay/<pid>/replay``, removed at the end): the host's real pins under
+``general.pin_root`` are never opened. Their clock (``pw_config.clock_ns``) follows the capture, so flows'
+first/last seen are capture times.
+
+Rounds are cut every ``round_seconds`` of capture time from the first packet and closed by the live
+collector's own code (Collector.close_round: snapshots, differences, rows, one transaction each), so a
+replayed store reads like a live one in sqlite3; its rounds say ``replayed = 1`` and name the capture.
+Listeners are inferred from what the host answered (capture_file.inferred_listeners: ``inferred = 1`` in
+rounds_ports, no pid). The sniffer's rows come from the same capture through pyshark/tshark
+(app/services/collector/sniffer_file.py), at most ``sniffer.max_packets`` per round like a live sniffer window.
+
+``after_round(conn, settings, capture_start, round_end, last)`` (the closed loop: evaluate and block at capture-time
+boundaries, app/services/jobs.py) runs after each round with the store's clock, against the
+replay's own maps: a source blocked there is dropped by the replay's XDP program from the next packet on.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from app.db import rounds as rounds_db
+from app.db.connection import connect
+from app.errors import NeedsRootError, UsageError
+from app.services.collector import capture_file, sniffer_file
+from app.services.collector.collector import Collector, Observations
+from app.services.collector.scanner import Listener
+from app.services.kernel import maps, pin_owner, prog_run, xdp, xdp_unattached
+
+log = logging.getLogger(__name__)
+
+REPLAY_ROOT = Path("/sys/fs/bpf/portwatch-replay")
+INTERFACE = "replay"          # rounds.interface of replayed rounds (and the private pin directory's name)
+# the programs' clock moves in steps of capture time: the live clock (CLOCK_MONOTONIC_COARSE) moves by a
+# jiffy, 4 ms at HZ=250, so flow times keep the live resolution and the clock costs at most one map
+# update per 4 ms of capture
+CLOCK_TICK_NS = 4_000_000
+
+
+@dataclass
+class ReplayResult:
+    capture: str
+    hosts: list[str]
+    host_inferred: bool                    # True: the capture's most-answered address, not --host
+    packets: int
+    rounds: list = field(default_factory=list)        # collector.RoundSummary per round
+    stats: prog_run.RunStats = field(default_factory=prog_run.RunStats)
+    listeners: list = field(default_factory=list)     # (port, protocol, address, first answer ns)
+    sniffed: int = 0
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
+    first_ts: float = 0.0
+    last_ts: float = 0.0
+    syscall_floor_ns: float | None = None   # one test-run call from Python, alone (measure_floor=True)
+
+    def lines(self) -> list[str]:
+        how = "the capture's most-answered address" if self.host_inferred else "--host"
+        s = self.stats
+        out = [f"replaying {self.capture}: {self.packets} packets, host {', '.join(self.hosts)} ({how}); "
+               f"{s.inbound} to the host through XDP, {s.outbound} from it through TC egress"]
+        out += [r.line() for r in self.rounds]
+        tail = (f"{len(self.rounds)} rounds of capture time in {self.seconds:.1f} s "
+                f"({self.packets / max(self.seconds, 1e-9):,.0f} packets/s), {len(self.listeners)} listeners inferred, "
+                f"{self.sniffed} packets sniffed")
+        if s.dropped:
+            tail += f", {s.dropped} packets dropped by the replay's blocklist"
+        if s.too_large:
+            tail += f", {s.too_large} frames over {prog_run.MAX_FRAME} bytes not fed (a test run refuses them)"
+        return out + [tail]
+
+
+class ReplayCollector(Collector):
+    """A Collector whose maps are the private, unattached programs' (see module doc)."""
+
+    def __init__(self, settings, capture_name: str):
+        super().__init__(settings, INTERFACE)
+        self.clock_offset = 0.0                        # the programs' clock is capture time in Unix ns
+        self.round_marks = {"replayed": 1, "capture": capture_name, "xdp_mode": "test-run"}
+        self.compile_seconds = 0.0
+
+    def open(self) -> None:
+        if Path(self.settings.general.pin_root).parent != REPLAY_ROOT:
+            raise UsageError("a replay needs its private pin root (replay.private_settings), never the host's")
+        if os.geteuid() != 0:
+            raise NeedsRootError("replaying needs root (BPF programs and maps): run it with sudo")
+        xdp.ensure_bpffs(Path(self.settings.general.pin_root))
+        try:
+            self.conn = connect(self.db_path, create=True)      # a replay makes its store, like a collection
+            self.db_id = rounds_db.database_id(self.conn)
+            built = xdp_unattached.build_unattached(self.settings, self.pin_dir)
+            self.compile_seconds = built["compile_seconds"]
+            self.record = pin_owner.claim(self.pin_dir, self.interface, self.db_id, self.db_path)
+            self._maps = maps.open_maps(self.pin_dir)
+            self._born = {m.info.id for m in self._maps.values()}   # every map counts from zero for this store
+            self.load_state = xdp.LoadState(self.interface, self.pin_dir, "test-run", built["program_id"],
+                                            xdp.source_hash(self.settings), compiled=True, reason="replay",
+                                            compile_seconds=self.compile_seconds, maps_created=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        super().close()
+        root = Path(self.settings.general.pin_root)
+        if root.parent == REPLAY_ROOT:                 # the private pins only, never a pin root of the host's
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def private_settings(settings):
+    """A copy of ``settings`` whose pin root is this process's own (never the host's pins). Private roots
+    left by replays that were killed (their process is gone) are removed first: their pins keep programs
+    and maps alive in the kernel."""
+    if REPLAY_ROOT.is_dir():
+        for stale in REPLAY_ROOT.iterdir():
+            if stale.name.isdigit() and not Path(f"/proc/{stale.name}").exists():
+                shutil.rmtree(stale, ignore_errors=True)
+    private = copy.deepcopy(settings)
+    private.general.pin_root = str(REPLAY_ROOT / f"{os.getpid()}")
+    return private
+
+
+def directions(h: capture_file.Headers, hosts: list[str]) -> np.ndarray:
+    """(n,) bool: True for packets the host sent (its address as source; non-IP frames by its MAC)."""
+    keys = np.array([capture_file.address_key(a) for a in hosts], dtype="V17")
+    outbound = np.isin(h.src, keys) & (h.ip > 0)
+    macs = np.unique(h.eth_src[outbound])
+    return outbound | ((h.ip == 0) & np.isin(h.eth_src, macs))
+
+
+def replay(settings, capture_path: str | Path, hosts=(), round_seconds: float = 60.0,
+           after_round: Callable | None = None, sniff: bool = True, measure_floor: bool = False) -> ReplayResult:
+    """Replay one capture into ``settings.general.db`` (see module doc). ``measure_floor``: also time one
+    test-run call alone on the capture's first frame (bench/replay.py), after the replay."""
+    if round_seconds <= 0:
+        raise UsageError("--round-seconds must be positive")
+    started = time.monotonic()
+    cap = capture_file.read(capture_path)
+    if not len(cap):
+        raise UsageError(f"{capture_path} holds no packets")
+    h = capture_file.headers(cap)
+    host_inferred = not hosts
+    hosts = list(hosts) or [a for a in [capture_file.most_answered(h, cap.ts_ns)] if a]
+    if not hosts:
+        raise UsageError(f"{capture_path} holds no IP packet: name the host with --host")
+    outbound = directions(h, hosts)
+    order = np.argsort(cap.ts_ns, kind="stable")
+    listeners = capture_file.inferred_listeners(h, cap.ts_ns, outbound)
+    result = ReplayResult(cap.name, hosts, host_inferred, len(cap), listeners=listeners)
+    settings = private_settings(settings)
+    ts_sorted = cap.ts_ns[order]
+    t0 = int(ts_sorted[0])
+    n_rounds = int((int(ts_sorted[-1]) - t0) // int(round_seconds * 1e9)) + 1
+    bounds = [t0 + int(k * round_seconds * 1e9) for k in range(n_rounds + 1)]
+    cut = np.searchsorted(ts_sorted, bounds[1:], side="left").tolist()
+    cut[-1] = len(order)
+    ticks = (cap.ts_ns // CLOCK_TICK_NS * CLOCK_TICK_NS)
+    sampled = _sniff(settings, cap, order, cut, hosts, bounds) if sniff and settings.sniffer.enabled else None
+    with ReplayCollector(settings, cap.name) as collector:
+        result.compile_seconds = collector.compile_seconds
+        runner = prog_run.ProgramRunner(collector.pin_dir)
+        try:
+            lo = 0
+            for k, hi in enumerate(cut):
+                idx = order[lo:hi]
+                runner.run(cap.buffer, cap.offsets[idx].tolist(), cap.lengths[idx].tolist(),
+                           outbound[idx].astype(np.int64).tolist(), ticks[idx].tolist(), result.stats)
+                end = bounds[k + 1] / 1e9
+                seen = Observations(listeners=_listeners(listeners, bounds[k + 1]), scanner_status="inferred")
+                if sampled is not None:
+                    seen.packets, seen.sniffer_status = sampled[k], "ok"
+                    result.sniffed += len(sampled[k])
+                result.rounds.append(collector.close_round(bounds[k] / 1e9, seen, reconcile=False, at=end))
+                if after_round is not None:
+                    after_round(collector.conn, settings, bounds[0] / 1e9, end, k == len(cut) - 1)
+                lo = hi
+            if measure_floor:
+                first = int(order[0])
+                off = int(cap.offsets[first])
+                result.syscall_floor_ns = runner.syscall_ns(bytes(cap.buffer[off:off + int(cap.lengths[first])]))
+        finally:
+            runner.close()
+    result.first_ts, result.last_ts = t0 / 1e9, int(ts_sorted[-1]) / 1e9
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _listeners(listeners, end_ns: int) -> list[Listener]:
+    """The inferred listeners the host had answered on before ``end_ns`` (no pid, process or user)."""
+    return [Listener(port, proto, address, "ipv6" if ":" in address else "ipv4", "LISTEN" if proto == "tcp" else "BOUND",
+                     None, None, None, 0, inferred=1)
+            for port, proto, address, first in listeners if first < end_ns]
+
+
+def _sniff(settings, cap, order, cut, hosts, bounds) -> list[list]:
+    """Per round, the sniffer records of its first ``sniffer.max_packets`` packets (a live sniffer's cap per
+    window): one tshark run over one file of all rounds' samples, split back by capture time."""
+    cap_per_round = settings.sniffer.max_packets
+    sample, lo = [], 0
+    for hi in cut:
+        sample.extend(order[lo:min(hi, lo + cap_per_round)].tolist())
+        lo = hi
+    with tempfile.TemporaryDirectory(prefix="portwatch-replay-") as tmp:
+        path = Path(tmp) / "sample.pcap"
+        sniffer_file.write_pcap(path, cap, sample)
+        records, skipped = sniffer_file.records_from_file(path, set(hosts), settings.sniffer.tshark_path)
+    if skipped:
+        log.info("replay sniffer: %d packets tshark printed could not be described", skipped)
+    per_round: list[list] = [[] for _ in cut]
+    edges = np.array(bounds[1:-1], dtype=np.float64) / 1e9
+    for record, k in zip(records, np.searchsorted(edges, [r.timestamp for r in records], side="right").tolist()):
+        per_round[k].append(record)
+    return per_round
