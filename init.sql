@@ -231,10 +231,34 @@ CREATE TABLE IF NOT EXISTS counter_snapshots (
     round_id   INTEGER,
     program_id INTEGER,
     entries    INTEGER NOT NULL,
-    data       BLOB NOT NULL,                -- packed key/value records (app/services/collector/rounds.py)
+    data       BLOB NOT NULL,                -- packed key/value records (app/services/collector/rounds.py) when buckets IS NULL
     map_id     INTEGER,                      -- kernel id of the map read: a snapshot of another map is no baseline
+    epoch      TEXT,                         -- the takeover epoch (pin record) it was read under: another is no baseline
+    buckets    INTEGER,                      -- the records are in snapshot_buckets, split by key into this many buckets
     PRIMARY KEY (interface, map_name)
 ) WITHOUT ROWID;
+
+-- a snapshot's records by bucket of their key, keys and counters apart (part 0: the bucket's keys, 1: their
+-- counters, as little-endian u64): a round rewrites only the parts that changed
+CREATE TABLE IF NOT EXISTS snapshot_buckets (
+    interface  TEXT NOT NULL,
+    map_name   TEXT NOT NULL,
+    part       INTEGER NOT NULL,
+    bucket     INTEGER NOT NULL,
+    data       BLOB NOT NULL,
+    PRIMARY KEY (interface, map_name, part, bucket)
+);
+-- what changed in a snapshot since its base, one record per round (app/services/snapshots.py): the keys that
+-- counted or appeared with their counters then, and the keys that went away; folded into the base when it grows
+CREATE TABLE IF NOT EXISTS snapshot_log (
+    interface  TEXT NOT NULL,
+    map_name   TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    keys       BLOB NOT NULL,
+    counters   BLOB NOT NULL,                -- little-endian u64, the map's counters per key
+    gone       BLOB NOT NULL,
+    PRIMARY KEY (interface, map_name, seq)
+);
 
 -- this database's random identity: the pin directory of an interface records which database enforces it
 CREATE TABLE IF NOT EXISTS database_identity (

@@ -9,7 +9,6 @@ Errors a user can cause are PortwatchError: printed as one sentence, mapped to a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sqlite3
@@ -39,22 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(level: str, quiet: bool, verbose: bool) -> None:
+    from app.services.text import InertFormatter
     if verbose:
         level = "DEBUG"
     elif quiet:
         level = "WARNING"
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(InertFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def print_config_error(exc: config_mod.ConfigError) -> None:
     """One line for one problem; a count and one line per problem when there are several."""
+    from app.services.text import inert
     if len(exc.problems) == 1:
-        print(f"portwatch: error: {exc}", file=sys.stderr)
+        _error(exc)
         return
     print(f"portwatch: error: {len(exc.problems)} problems in the configuration:", file=sys.stderr)
     for problem in exc.problems:
-        print(f"  {problem}", file=sys.stderr)
+        print(f"  {inert(problem)}", file=sys.stderr)
 
 
 def closed_pipe() -> int:
@@ -80,6 +82,23 @@ def complete(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, configure, dispatch; everything the command prints goes through an InertStream (names from
+    the network or other users can carry terminal control sequences)."""
+    from app.services.text import InertStream
+    stdout = sys.stdout
+    sys.stdout = InertStream(stdout)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout = stdout
+
+
+def _error(message) -> None:
+    from app.services.text import inert
+    print(f"portwatch: error: {inert(message)}", file=sys.stderr)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     complete(parser)
     try:
@@ -101,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         print_config_error(exc)
         if getattr(args, "json", False):     # `config check --json`: the verdict as data too
-            print(json.dumps({"valid": False, "config_file": args.config, "problems": list(exc.problems)}))
+            from app.services.text import json_dumps
+            print(json_dumps({"valid": False, "config_file": args.config, "problems": list(exc.problems)}))
         return EXIT_USAGE
     configure_logging(settings.general.log_level, args.quiet, args.verbose)
     from app import permissions
@@ -119,14 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"portwatch: error: '{args.command}' needs root{what}; run it with sudo", file=sys.stderr)
         return EXIT_ROOT
     except PortwatchError as exc:
-        print(f"portwatch: error: {exc}", file=sys.stderr)
+        _error(exc)
         return exc.exit_code
     except config_mod.ConfigError as exc:
-        print(f"portwatch: error: {exc}", file=sys.stderr)
+        _error(exc)
         return EXIT_USAGE
     except sqlite3.DatabaseError as exc:
         from app.db.connection import explain
-        print(f"portwatch: error: {explain(exc, settings.general.db)}", file=sys.stderr)
+        _error(explain(exc, settings.general.db))
         return EXIT_DB
     except KeyboardInterrupt:
         print("portwatch: interrupted", file=sys.stderr)

@@ -344,9 +344,15 @@ class Settings:
                 yield section, f.name, getattr(obj, f.name), self.sources.get(name, "default")
 
     def override(self, section: str, key: str, value: Any, source: str = "command line") -> None:
-        """Set one value (from the command line); ``None`` leaves the setting as it is."""
+        """Set one value (from the command line); ``None`` leaves the setting as it is. A value out of the
+        key's range raises ConfigError naming the flag (``--round-seconds`` for collector.round_seconds)."""
         if value is None:
             return
+        from app.config_rules import check
+        why = check(f"{section}.{key}", value)
+        if why:
+            name = f"--{key.replace('_', '-')}" if source == "command line" else f"config key '{section}.{key}'"
+            raise ConfigError(f"{name} {value!r} {why}")
         setattr(getattr(self, section), key, value)
         self.sources[f"{section}.{key}"] = source
 

@@ -28,7 +28,12 @@ def _above(low):
 
 
 def _between(low, high):
-    return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
+    return lambda v: None if low <= v <= high else f"must be between {_num(low)} and {_num(high)}"
+
+
+def _above_up_to(low, high):
+    """low < v <= high (a positive duration or factor with a ceiling)."""
+    return lambda v: None if low < v <= high else f"must be above {_num(low)} and at most {_num(high)}"
 
 
 def _one_of(*choices, fold=False):
@@ -68,74 +73,93 @@ SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", 
 POSITIVE, NON_NEGATIVE = _above(0), _at_least(0)
 SHARE = _between(0, 1)
 MAP_SIZE = _between(1, 1 << 24)
+# ceilings: a value above any of these is a typo (1e12, 1e308), refused before arithmetic or a calendar meets it
+DAY = 86400
+YEAR = 366 * DAY                   # the longest block, span, retention unit or timeout portwatch accepts
+MAX_ROUND_SECONDS = DAY
+MAX_COUNT = 10 ** 9                # rounds, windows, packets, entries: any count setting
+MAX_NUMBER = 2 ** 53               # any other number (exactly representable as a float and in SQLite)
+DURATION = _above_up_to(0, YEAR)
+DURATION_OR_ZERO = _between(0, YEAR)
+COUNT = _between(0, MAX_COUNT)
+TIMEOUT = _above_up_to(0, 3600)
+FACTOR = _above_up_to(0, 1e6)
 
 # "section.key" -> check(value) returning None or what is wrong; keys not listed accept any value of their type
 RULES: dict[str, Callable[[Any], str | None]] = {
     "general.db": _non_empty, "general.state_dir": _non_empty, "general.run_dir": _non_empty,
-    "general.pin_root": _non_empty, "general.max_db_mb": _at_least(0),
+    "general.pin_root": _non_empty, "general.max_db_mb": _between(0, 1 << 30),
     "general.log_level": _one_of("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", fold=True),
-    "collector.round_seconds": POSITIVE, "collector.rounds": NON_NEGATIVE,
+    "collector.round_seconds": _above_up_to(0, MAX_ROUND_SECONDS), "collector.rounds": COUNT,
     "collector.xdp_mode": _one_of("auto", "native", "generic"),
-    "collector.top_flows": NON_NEGATIVE, "collector.many_ports_threshold": _at_least(1),
-    "collector.max_run_seconds": NON_NEGATIVE,
+    "collector.top_flows": COUNT, "collector.many_ports_threshold": _between(1, 1 << 17),
+    "collector.max_run_seconds": DURATION_OR_ZERO,
     **{f"collector.{m}_map_size": MAP_SIZE for m in ("port", "source", "srcport", "flow", "blacklist")},
-    "sniffer.window_fraction": _between(0, 0.95), "sniffer.max_packets": NON_NEGATIVE,
-    "sniffer.drain_seconds": NON_NEGATIVE,
-    "evaluator.window": _at_least(2), "evaluator.warmup_rounds": NON_NEGATIVE,
-    "evaluator.alert_budget_per_day": POSITIVE, "evaluator.keep_models": _at_least(1),
-    "evaluator.epochs": _at_least(1), "evaluator.refit_epochs": NON_NEGATIVE,
-    "evaluator.batch_size": _at_least(1), "evaluator.max_ports": _at_least(1),
-    "evaluator.min_active_share": SHARE, "evaluator.seed": NON_NEGATIVE,
-    "evaluator.max_batch_rounds": _at_least(1), "evaluator.train_stride": _at_least(1),
-    "evaluator.max_train_windows": _at_least(1), "evaluator.min_train_steps": NON_NEGATIVE,
-    "evaluator.holdout_fraction": _between(0, 0.9), "evaluator.calibration_windows": _at_least(1),
-    "evaluator.lstm_units": _at_least(1), "evaluator.bottleneck": _at_least(1),
-    "evaluator.top_features": _at_least(1), "evaluator.scan_ports": _at_least(1),
-    "evaluator.scan_span_seconds": POSITIVE, "evaluator.syn_flood_syns": _at_least(1),
-    "evaluator.syn_flood_completion": SHARE, "evaluator.unlistened_min_packets": _at_least(1),
-    "evaluator.outbound_scan_ports": _at_least(2), "evaluator.outbound_scan_addresses": _at_least(2),
-    "evaluator.exfiltration_min_bytes": _at_least(1), "evaluator.exfiltration_factor": _above(1),
-    "evaluator.exfiltration_baseline_seconds": POSITIVE, "evaluator.exfiltration_min_history_rounds": _at_least(1),
-    "evaluator.exfiltration_warmup_rounds": NON_NEGATIVE, "evaluator.beacon_warmup_rounds": NON_NEGATIVE,
-    "evaluator.beacon_span_seconds": POSITIVE, "evaluator.beacon_min_connections": _at_least(3),
-    "evaluator.beacon_min_rounds": _at_least(2), "evaluator.beacon_max_cv": _between(0, 1),
-    "evaluator.beacon_min_interval_seconds": NON_NEGATIVE, "evaluator.beacon_ignore_ports": _ports,
-    "evaluator.dns_min_queries": _at_least(1), "evaluator.dns_min_subdomains": _at_least(1),
+    "sniffer.window_fraction": _between(0, 0.95), "sniffer.max_packets": COUNT,
+    "sniffer.drain_seconds": _between(0, 3600),
+    "evaluator.window": _between(2, 10000), "evaluator.warmup_rounds": COUNT,
+    "evaluator.alert_budget_per_day": FACTOR, "evaluator.keep_models": _between(1, 10000),
+    "evaluator.epochs": _between(1, 100000), "evaluator.refit_epochs": _between(0, 100000),
+    "evaluator.batch_size": _between(1, 1 << 20), "evaluator.max_ports": _between(1, 1 << 17),
+    "evaluator.min_active_share": SHARE, "evaluator.seed": _between(0, 2 ** 32 - 1),
+    "evaluator.max_batch_rounds": _between(1, MAX_COUNT), "evaluator.train_stride": _between(1, MAX_COUNT),
+    "evaluator.max_train_windows": _between(1, MAX_COUNT), "evaluator.min_train_steps": COUNT,
+    "evaluator.holdout_fraction": _between(0, 0.9), "evaluator.calibration_windows": _between(1, MAX_COUNT),
+    "evaluator.lstm_units": _between(1, 4096), "evaluator.bottleneck": _between(1, 4096),
+    "evaluator.top_features": _between(1, 1000), "evaluator.scan_ports": _between(1, 1 << 17),
+    "evaluator.scan_span_seconds": DURATION, "evaluator.syn_flood_syns": _between(1, MAX_COUNT),
+    "evaluator.syn_flood_completion": SHARE, "evaluator.unlistened_min_packets": _between(1, MAX_COUNT),
+    "evaluator.outbound_scan_ports": _between(2, 1 << 17), "evaluator.outbound_scan_addresses": _between(2, MAX_COUNT),
+    "evaluator.exfiltration_min_bytes": _between(1, MAX_NUMBER), "evaluator.exfiltration_factor": _above_up_to(1, 1e6),
+    "evaluator.exfiltration_baseline_seconds": DURATION, "evaluator.exfiltration_min_history_rounds": _between(1, MAX_COUNT),
+    "evaluator.exfiltration_warmup_rounds": COUNT, "evaluator.beacon_warmup_rounds": COUNT,
+    "evaluator.beacon_span_seconds": DURATION, "evaluator.beacon_min_connections": _between(3, MAX_COUNT),
+    "evaluator.beacon_min_rounds": _between(2, MAX_COUNT), "evaluator.beacon_max_cv": _between(0, 1),
+    "evaluator.beacon_min_interval_seconds": DURATION_OR_ZERO, "evaluator.beacon_ignore_ports": _ports,
+    "evaluator.dns_min_queries": _between(1, MAX_COUNT), "evaluator.dns_min_subdomains": _between(1, MAX_COUNT),
     "evaluator.dns_min_signals": _between(1, 4), "evaluator.dns_name_length": _between(1, 253),
     "evaluator.dns_label_entropy": _between(0, 8), "evaluator.dns_record_type_share": SHARE,
     "evaluator.dns_nxdomain_share": SHARE,
-    "evaluator.flood_many_sources": _at_least(2), "evaluator.source_flood_new_sources": _at_least(1),
-    "evaluator.threshold_max_change": _at_least(1), "evaluator.calibration_min_expected": NON_NEGATIVE,
-    "blocklist.base_ttl_seconds": POSITIVE, "blocklist.max_ttl_seconds": POSITIVE,
-    "blocklist.escalation": _at_least(1), "blocklist.max_new_per_evaluation": NON_NEGATIVE,
-    "blocklist.max_entries": _at_least(1), "blocklist.model_source_share": _between(0, 1),
-    "blocklist.model_block_factor": POSITIVE, "blocklist.model_source_surge": POSITIVE,
-    "blocklist.surge_baseline_rounds": _at_least(1), "blocklist.allowlist": _networks,
-    "blocklist.manual_remove_grace_seconds": NON_NEGATIVE, "blocklist.manual_ttl_seconds": POSITIVE,
-    "blocklist.syn_limit_per_second": _at_least(1), "blocklist.syn_limit_ttl_seconds": POSITIVE,
-    "blocklist.peer_lookback_seconds": NON_NEGATIVE, "blocklist.ttl_tolerance": _between(0, 255),
-    "blocklist.max_new_per_forged_flood": NON_NEGATIVE,
+    "evaluator.flood_many_sources": _between(2, MAX_COUNT), "evaluator.source_flood_new_sources": _between(1, MAX_COUNT),
+    "evaluator.threshold_max_change": _between(1, 1e6), "evaluator.calibration_min_expected": _between(0, 1e6),
+    "blocklist.base_ttl_seconds": DURATION, "blocklist.max_ttl_seconds": DURATION,
+    "blocklist.escalation": _between(1, 1000), "blocklist.max_new_per_evaluation": COUNT,
+    "blocklist.max_entries": _between(1, 1 << 24), "blocklist.model_source_share": _between(0, 1),
+    "blocklist.model_block_factor": FACTOR, "blocklist.model_source_surge": FACTOR,
+    "blocklist.surge_baseline_rounds": _between(1, MAX_COUNT), "blocklist.allowlist": _networks,
+    "blocklist.manual_remove_grace_seconds": DURATION_OR_ZERO, "blocklist.manual_ttl_seconds": DURATION,
+    "blocklist.syn_limit_per_second": _between(1, MAX_COUNT), "blocklist.syn_limit_ttl_seconds": DURATION,
+    "blocklist.peer_lookback_seconds": DURATION_OR_ZERO, "blocklist.ttl_tolerance": _between(0, 255),
+    "blocklist.max_new_per_forged_flood": COUNT,
     "blocklist.rule_detectors": lambda v: None if set(v) <= set(RULE_DETECTORS) else
     "names unknown detectors " + ", ".join(repr(d) for d in v if d not in RULE_DETECTORS)
     + " (known: " + ", ".join(RULE_DETECTORS) + ")",
     "blocklist.simulate": lambda v: None if set(v) <= set(BLOCKING_DETECTORS) else
     "names detectors that never block " + ", ".join(repr(d) for d in v if d not in BLOCKING_DETECTORS)
     + " (detectors that can block: " + ", ".join(BLOCKING_DETECTORS) + ")",
-    "alerts.cooldown_seconds": NON_NEGATIVE, "alerts.webhook_timeout": POSITIVE,
-    "alerts.webhook_retries": NON_NEGATIVE, "alerts.smtp_port": _between(1, 65535),
-    "alerts.smtp_timeout": POSITIVE, "alerts.max_seconds": POSITIVE,
+    "alerts.cooldown_seconds": DURATION_OR_ZERO, "alerts.webhook_timeout": TIMEOUT,
+    "alerts.webhook_retries": _between(0, 100), "alerts.smtp_port": _between(1, 65535),
+    "alerts.smtp_timeout": TIMEOUT, "alerts.max_seconds": TIMEOUT,
     "alerts.syslog_facility": _one_of(*SYSLOG_FACILITIES),
     "alerts.webhook_url": lambda v: None if not v or v.startswith(("http://", "https://")) else
     "must start with http:// or https://",
     "metrics.file_name": lambda v: None if v.strip() and "/" not in v else "must be a file name (no /)",
-    "reports.top_ports": _at_least(1), "reports.max_anomaly_figures": NON_NEGATIVE,
+    "reports.top_ports": _between(0, 1000), "reports.max_anomaly_figures": _between(0, 1000),
     "reports.since": lambda v: _since(v),
-    "retention.keep_days": POSITIVE,
+    "retention.keep_days": _above_up_to(0, 100 * 366),
+    "crowdsec.timeout_seconds": TIMEOUT, "crowdsec.max_seconds": TIMEOUT, "crowdsec.resync_seconds": DURATION,
+    "crowdsec.max_pending": _between(1, 10 ** 6),
     "fleet.aggregation": _one_of("trimmed-mean", "median", "krum", "fedavg"),
-    "fleet.trim_fraction": _between(0, 0.49), "fleet.adopt_max_error_ratio": _above(1),
-    "fleet.adopt_budget_factor": _above(0),
+    "fleet.trim_fraction": _between(0, 0.49), "fleet.adopt_max_error_ratio": _above_up_to(1, 1e6),
+    "fleet.adopt_budget_factor": FACTOR,
     "crowdsec.widest_prefix_ipv4": _between(0, 32), "crowdsec.widest_prefix_ipv6": _between(0, 128),
+    "fleet.rounds": _between(1, 1000), "fleet.min_hosts": _between(1, 10 ** 6), "fleet.fraction": _above_up_to(0, 1),
+    "fleet.round_timeout_seconds": _above_up_to(0, DAY), "fleet.interval_seconds": DURATION,
+    "fleet.node_port": _between(1, 65535),
 }
+
+
+MAX_SINCE_SECONDS = 100 * YEAR
 
 
 def _since(value: str) -> str | None:
@@ -143,15 +167,43 @@ def _since(value: str) -> str | None:
     if text.lower() in ("", "all"):
         return None
     try:
-        durations.seconds(text)
+        durations.seconds(text, maximum=MAX_SINCE_SECONDS)
         return None
-    except ValueError:
-        pass
+    except ValueError as exc:
+        if "at most" in str(exc):
+            return str(exc)
     try:
         datetime.fromisoformat(text)
         return None
     except ValueError:
         return "must be 'all', a span like 24h or 7d, or an ISO date/time"
+
+
+def check(name: str, value) -> str | None:
+    """What is wrong with ``value`` of setting ``name`` ("section.key"), or None: its rule, and for a number
+    without one the general ceiling (finite, at most MAX_NUMBER in size)."""
+    rule = RULES.get(name)
+    why = rule(value) if rule else None
+    if why is None and isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            not (abs(value) <= MAX_NUMBER):
+        why = f"must be at most {MAX_NUMBER} in size"
+    return why
+
+
+def count_arg(low: int = 0, high: int = MAX_COUNT):
+    """An argparse ``type=`` for a whole number flag within [low, high] (argparse names the flag, exit 2)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {text}")
+        return value
+    parse.__name__ = "count"
+    return parse
 
 
 def validate(settings) -> list[str]:
@@ -160,8 +212,7 @@ def validate(settings) -> list[str]:
     for section, key, value, source in settings.items():
         if source == "invalid":
             continue
-        check = RULES.get(f"{section}.{key}")
-        why = check(value) if check else None
+        why = check(f"{section}.{key}", value)
         if why:
             problems.append(f"config key '{section}.{key}' = {value!r} {why} ({source})")
     b = settings.blocklist

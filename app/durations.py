@@ -5,7 +5,8 @@
     arg(name, ...)                     an argparse ``type=`` that checks kind (finite, sign) at parse time
 
 A plain number is seconds. NaN, infinities and negative values are always refused; zero only where the
-caller allows it; ``maximum`` bounds the value (e.g. ``blocklist.max_ttl_seconds`` for a TTL).
+caller allows it; ``maximum`` bounds the value (e.g. ``blocklist.max_ttl_seconds`` for a TTL; a duration
+flag is never above MAX_SECONDS, and its setting's range in app/config_rules.py applies on top).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from app.errors import UsageError
 UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
 _PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*([smhdw]?)\s*$", re.IGNORECASE)
 EXAMPLES = "like 90, 15m, 1h or 7d"
+MAX_SECONDS = 100 * 366 * 86400.0      # no duration flag means more than a century (a typo: 1e12, 1e308)
 
 
 def seconds(value, *, allow_zero: bool = False, maximum: float | None = None) -> float:
@@ -48,7 +50,7 @@ def seconds(value, *, allow_zero: bool = False, maximum: float | None = None) ->
     return number
 
 
-def flag(name: str, value, *, allow_zero: bool = False, maximum: float | None = None) -> float | None:
+def flag(name: str, value, *, allow_zero: bool = False, maximum: float | None = MAX_SECONDS) -> float | None:
     """``value`` of command-line flag ``name`` in seconds (None stays None); UsageError names the flag."""
     if value is None:
         return None
@@ -58,11 +60,11 @@ def flag(name: str, value, *, allow_zero: bool = False, maximum: float | None = 
         raise UsageError(f"{name} {exc}") from None
 
 
-def arg(allow_zero: bool = False):
+def arg(allow_zero: bool = False, maximum: float | None = MAX_SECONDS):
     """An argparse ``type=`` for a duration flag (argparse names the flag and exits 2)."""
     def parse(text: str) -> float:
         try:
-            return seconds(text, allow_zero=allow_zero)
+            return seconds(text, allow_zero=allow_zero, maximum=maximum)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     parse.__name__ = "duration"

@@ -8,6 +8,12 @@
    and >= 2x iptables.
 2. XDP drop cost with 10, 100, 1,000 and 10,000 other prefixes in the blacklist (target: flat).
 
+Fails (exit 1, one sentence each) when a figure cannot be right: a blocked frame dearer than a
+passed one, a filter whose counter missed the frames it dropped, a drop cost that grows with the
+blacklist's size or differs between the two tables, a per-packet program cost in microseconds.
+--smoke: portwatch's drop and pass paths and the bare XDP_PASS program only (no netfilter), one short
+trial, sizes 10 and 1,000.
+
 How: frames are injected in the kernel by BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES and
 ``ingress_ifindex`` = the lab interface, so each frame runs the XDP program and, on XDP_PASS, the
 real receive path of the root namespace (netfilter, IP, UDP) exactly as a frame arriving on that
@@ -26,7 +32,6 @@ import os
 import random
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -40,17 +45,19 @@ from app.services.kernel import enforcement  # noqa: E402
 from app.services.kernel import bpf_structs, maps  # noqa: E402
 from app.threads import collection as collector_mod  # noqa: E402
 from app.lab import Lab  # noqa: E402
-from bench.collector import mac_bytes, prog_run_ns, settings_for, udp_frame  # noqa: E402
 from app.services.kernel.prog_run import BpfTestRunOpts  # noqa: E402  (struct bpf_test_run_opts, mirrored once)
+from bench.collector import mac_bytes, pass_program, prog_run_ns, settings_for, udp_frame  # noqa: E402
+from bench.plausible import Plausibility, smoke  # noqa: E402
 
 BENCH = "portwatch_bench"
 RULES = 1000
-TRIALS = 5
-TRIAL_SECONDS = 0.25                     # each measured run is sized to about this long
+TRIALS = 1 if smoke() else 5
+SIZES = (10, 1000) if smoke() else (10, 100, 1000, 10_000)
+TRIAL_SECONDS = 0.05 if smoke() else 0.25   # each measured run is sized to about this long
+PROG_RUN_REPEAT = 100_000 if smoke() else 1_000_000
 MIN_REPEAT, MAX_REPEAT = 20_000, 2_000_000
 DPORT = 9                                # nothing listens there: the stack's "no socket" path
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
-BPF_PROG_TYPE_XDP = 6
 
 
 class XdpMd(ctypes.Structure):           # struct xdp_md (uapi/linux/bpf.h)
@@ -62,8 +69,6 @@ class XdpMd(ctypes.Structure):           # struct xdp_md (uapi/linux/bpf.h)
 def libbpf() -> ctypes.CDLL:
     lib = maps.libbpf()
     lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.c_void_p]
-    lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t,
-                                  ctypes.c_void_p]
     return lib
 
 
@@ -79,16 +84,6 @@ def live_run_ns(prog_fd: int, frame: bytes, ifindex: int, repeat: int) -> float:
         code = -rc if rc < -1 else ctypes.get_errno()
         raise OSError(code, f"BPF_PROG_TEST_RUN (live frames) failed: {os.strerror(code)}")
     return float(opts.duration)
-
-
-def pass_program() -> int:
-    """A 2-instruction XDP program (r0 = XDP_PASS; exit): the bare stack behind an injector."""
-    insns = struct.pack("<BBhi", 0xB7, 0, 0, 2) + struct.pack("<BBhi", 0x95, 0, 0, 0)
-    buf = ctypes.create_string_buffer(insns, len(insns))
-    fd = libbpf().bpf_prog_load(BPF_PROG_TYPE_XDP, b"pw_bench_pass", b"GPL", buf, 2, None)
-    if fd < 0:
-        raise OSError(-fd, f"cannot load the XDP_PASS program: {os.strerror(-fd)}")
-    return fd
 
 
 def sized_run(prog_fd: int, frame: bytes, ifindex: int) -> tuple[float, int]:
@@ -167,8 +162,9 @@ def iptables_last_rule_packets() -> int:
 
 # --- the measurements -------------------------------------------------------------------------------
 
-def measure_filters(lab: Lab, pdir: Path, blocked: str) -> list[tuple[str, float, str]]:
-    """[(filter, median ns/packet, check)] for a blocked source's frames, interleaved trials."""
+def measure_filters(lab: Lab, pdir: Path, blocked: str) -> list[tuple[str, float, str, int | None, int]]:
+    """[(filter, median ns/packet, check, frames its counter saw in the last run or None, frames
+    injected in that run)] for a blocked source's frames, interleaved trials."""
     ifindex = int(Path(f"/sys/class/net/{lab.interface}/ifindex").read_text())
     dmac = mac_bytes(Path(f"/sys/class/net/{lab.interface}/address").read_text().strip())
     frame = udp_frame(blocked, lab.root_v4, 40000, DPORT, 18, dmac, b"\x02\x00\x00\x00\x00\x02")
@@ -186,9 +182,9 @@ def measure_filters(lab: Lab, pdir: Path, blocked: str) -> list[tuple[str, float
         (f"nftables set of {RULES:,}, inet input", "nft-input", prog_fd),
         (f"nftables set of {RULES:,}, netdev ingress", "nft-ingress", prog_fd),
         (f"iptables ({backend}), {RULES:,} rules", "iptables", prog_fd),
-    ]
+    ][:3 if smoke() else None]
     runs: dict[str, list[float]] = {name: [] for name, _, _ in conditions}
-    checks: dict[str, str] = {}
+    checks: dict[str, tuple[str, int | None, int]] = {}
     try:
         for i in range(RULES - 1):               # 999 other entries + the blocked one
             bl.update(bpf_structs.lpm_key(enforcement.parse_network(other_ipv4(i))), zero)
@@ -206,30 +202,35 @@ def measure_filters(lab: Lab, pdir: Path, blocked: str) -> list[tuple[str, float
                     if kind == "xdp":
                         raw = bl.lookup(key)
                         dropped = bpf_structs.PwBlacklistValue.from_buffer_copy(raw[:24]).drops if raw else 0
-                        checks[name] = f"last run: map drop counter {dropped:,} of {injected:,} injected"
+                        checks[name] = (f"last run: map drop counter {dropped:,} of {injected:,} injected",
+                                        dropped, injected)
                         bl.delete(key)
                     elif kind == "iptables":
-                        checks[name] = f"last run: last rule matched {iptables_last_rule_packets():,}"
+                        matched = iptables_last_rule_packets()
+                        checks[name] = (f"last run: last rule matched {matched:,}", matched, injected)
                         hook(kind, lab.interface, False)
                         sh("iptables", "-Z", BENCH)
                     elif kind.startswith("nft"):
                         family, chain, _ = nft_chain(kind, lab.interface)
                         listing = sh("nft", "list", "chain", family, BENCH, chain).stdout
-                        checks[name] = "last run: rule counter " + listing.split("counter packets ")[1].split()[0]
+                        matched = int(listing.split("counter packets ")[1].split()[0])
+                        checks[name] = (f"last run: rule counter {matched:,}", matched, injected)
                         hook(kind, lab.interface, False)
     finally:
         bl.close()
         os.close(prog_fd)
         os.close(bare_fd)
-    return [(name, statistics.median(runs[name]), checks.get(name, "stack: UDP to a closed port"))
+    return [(name, statistics.median(runs[name]), *checks.get(name, ("stack: UDP to a closed port", None, 0)))
             for name, _, _ in conditions]
 
 
-def measure_sizes(lab: Lab, pdir: Path, blocked: str) -> list[tuple[int, float, float]]:
-    """[(entries, bpftool ns/packet, live ns/packet)] of a blocked frame with growing blacklists."""
+def measure_sizes(lab: Lab, pdir: Path, blocked: str) -> tuple[list[tuple[int, float, float]], float]:
+    """([(entries, bpftool ns/packet, live ns/packet)] of a blocked frame with growing blacklists,
+    bpftool ns/packet of a frame the program passes (another source, the program alone))."""
     ifindex = int(Path(f"/sys/class/net/{lab.interface}/ifindex").read_text())
     dmac = mac_bytes(Path(f"/sys/class/net/{lab.interface}/address").read_text().strip())
     frame = udp_frame(blocked, lab.root_v4, 40000, DPORT, 18, dmac, b"\x02\x00\x00\x00\x00\x02")
+    passed = udp_frame(lab.host_v4(1), lab.root_v4, 40000, DPORT, 18, dmac, b"\x02\x00\x00\x00\x00\x02")
     rng = random.Random(4)
     zero = bytes(bpf_structs.PwBlacklistValue())
     prog_fd = libbpf().bpf_obj_get(str(pdir / "prog").encode())
@@ -241,7 +242,8 @@ def measure_sizes(lab: Lab, pdir: Path, blocked: str) -> list[tuple[int, float, 
         have = 1
         try:
             sized_run(prog_fd, frame, ifindex)       # warm-up, not counted (caches, CPU frequency)
-            for size in (10, 100, 1000, 10_000):
+            pass_plain = min(prog_run_ns(pdir / "prog", passed, PROG_RUN_REPEAT) for _ in range(TRIALS))
+            for size in SIZES:
                 while have < size:                   # other prefixes: IPv4 /32 and /24, IPv6 /64 and /128
                     kind = rng.random()
                     if kind < 0.6:
@@ -258,12 +260,12 @@ def measure_sizes(lab: Lab, pdir: Path, blocked: str) -> list[tuple[int, float, 
                     bl.update(key, zero)
                     have += 1
                 # best of TRIALS: the least disturbed run (other processes share these 2 CPUs)
-                plain = min(prog_run_ns(pdir / "prog", frame, 1_000_000) for _ in range(TRIALS))
+                plain = min(prog_run_ns(pdir / "prog", frame, PROG_RUN_REPEAT) for _ in range(TRIALS))
                 live = min(sized_run(prog_fd, frame, ifindex)[0] for _ in range(TRIALS))
                 rows.append((bl.count(), plain, live))
         finally:
             os.close(prog_fd)
-    return rows
+    return rows, pass_plain
 
 
 def _keys(bl: maps.PinnedMap):
@@ -288,10 +290,11 @@ def main() -> int:
         collector_mod.run_collection(s, lab.interface, 0.1, 1, with_threads=False)   # compile, attach, pin
         pdir = pin_root / lab.interface
         blocked = lab.host_v4(0)
-        prepare_netfilter(lab.interface, blocked)
+        if not smoke():
+            prepare_netfilter(lab.interface, blocked)
         t0 = time.monotonic()
         filters = measure_filters(lab, pdir, blocked)
-        sizes = measure_sizes(lab, pdir, blocked)
+        sizes, pass_plain = measure_sizes(lab, pdir, blocked)
         elapsed = time.monotonic() - t0
     except OSError as exc:
         if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
@@ -311,7 +314,7 @@ def main() -> int:
     print(f"   median of {TRIALS} interleaved runs of ~{TRIAL_SECONDS} s; ratio = XDP blacklist rate / row rate")
     print(f"{'filter':<44} {'ns/packet':>10} {'packets/s':>13} {'XDP is':>8}  {'target':<8} check")
     targets = {1: ">= 1.7x", 5: ">= 2x"}
-    for i, (name, ns, check) in enumerate(filters):
+    for i, (name, ns, check, _, _) in enumerate(filters):
         ratio = ns / xdp_ns
         print(f"{name:<44} {ns:>10.0f} {1e9 / ns:>13,.0f} {ratio:>7.2f}x  {targets.get(i, ''):<8} {check}")
     print(f"\n== XDP drop cost by blacklist size (the blocked source's frame; best of {TRIALS}) ==")
@@ -319,9 +322,42 @@ def main() -> int:
     plain0, live0 = sizes[0][1], sizes[0][2]
     for entries, plain, live in sizes:
         print(f"{entries:>8,} {plain:>12.0f} {plain / plain0:>6.2f}x {live:>9.0f} {live / live0:>6.2f}x")
-    print(f"\n'prog run ns' = `bpftool prog run` (the program alone, 1M repeats); 'live ns' also recycles each "
+    print(f"{'passed':>8} {pass_plain:>12.0f} {pass_plain / plain0:>6.2f}x   (a frame from a source not blocked)")
+    print(f"\n'prog run ns' = `bpftool prog run` (the program alone, {PROG_RUN_REPEAT:,} repeats); 'live ns' also recycles each "
           f"dropped frame as a real receive would.\nmeasured in {elapsed:.1f} s")
-    return 0
+    return plausible(filters, sizes, pass_plain).exit_code()
+
+
+def plausible(filters: list[tuple], sizes: list[tuple[int, float, float]], pass_plain: float) -> Plausibility:
+    """What the tables must show if they are true (filters: measure_filters' rows, the XDP blacklist
+    first, then portwatch passing, then the bare XDP_PASS program; sizes: measure_sizes' rows;
+    pass_plain: the program alone on a frame it passes)."""
+    checks = Plausibility("bench/blocklist.py")
+    (_, drop_ns, _, dropped, injected), (_, pass_ns, *_), (_, bare_ns, *_) = filters[:3]
+    checks.expect(drop_ns < pass_ns, f"a blocked source's frame costs {drop_ns:,.0f} ns in portwatch's XDP drop "
+                                     f"path, not less than the {pass_ns:,.0f} ns of a frame it passes to the stack")
+    checks.expect(pass_ns > 0.5 * bare_ns, f"a frame portwatch passes costs {pass_ns:,.0f} ns, under half the "
+                                           f"{bare_ns:,.0f} ns of a bare XDP_PASS program in front of the same stack")
+    for name, _, _, counted, sent in filters:
+        if counted is not None:
+            checks.expect(counted == sent, f"{name}: its counter saw {counted:,} of the {sent:,} frames injected "
+                                           "in the last run (each one is dropped there exactly once)")
+    checks.program_cost("the XDP program passing a frame (bpftool prog run)", pass_plain)
+    for entries, plain, live in sizes:
+        checks.program_cost(f"the XDP drop with {entries:,} blacklist entries (bpftool prog run)", plain)
+        # the drop path is the lookup and one counter; the pass path is the same lookup and every counter
+        checks.expect(plain < 1.5 * pass_plain + 20, f"the program alone drops a blocked frame in {plain:,.0f} ns "
+                                                     f"({entries:,} entries) but passes another in {pass_plain:,.0f} ns: "
+                                                     "the drop path is the dearer one")
+    (first, _, live0), (last, _, live_n) = sizes[0], sizes[-1]
+    same = [live for entries, _, live in sizes if entries == RULES]
+    if same:
+        low, high = sorted((same[0], drop_ns))
+        checks.expect(high < 3 * low, f"the same drop ({RULES:,} entries, live frames) measured {drop_ns:,.0f} ns "
+                                      f"in the filters table and {same[0]:,.0f} ns in the sizes table")
+    checks.expect(live_n < 3 * live0, f"the drop costs {live_n:,.0f} ns with {last:,} entries against "
+                                      f"{live0:,.0f} ns with {first:,}: an LPM trie lookup does not grow like that")
+    return checks
 
 
 if __name__ == "__main__":

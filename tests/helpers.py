@@ -174,3 +174,24 @@ def bpftool_entries(pdir) -> int:
     out = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", str(pdir / "blacklist")],
                          capture_output=True, text=True, check=True)
     return len(json.loads(out.stdout))
+
+
+def attach_foreign_xdp(interface: str, name: bytes = b"foreign_pass") -> int:
+    """Attach a program portwatch did not load to ``interface`` (generic mode): two instructions,
+    ``r0 = XDP_PASS; exit``, loaded and attached through libbpf (no compiler). Returns its kernel id."""
+    import ctypes
+    from app.services.kernel import maps
+    from app.services.kernel.attachment import xdp_attachment
+    lib = maps.libbpf()
+    insns = bytes.fromhex("b700000002000000" "9500000000000000")
+    lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
+                                  ctypes.c_void_p]
+    fd = lib.bpf_prog_load(6, name, b"GPL", insns, 2, None)          # BPF_PROG_TYPE_XDP
+    assert fd >= 0, f"bpf_prog_load failed ({fd})"
+    lib.bpf_xdp_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
+    try:
+        ifindex = int(Path(f"/sys/class/net/{interface}/ifindex").read_text())
+        assert lib.bpf_xdp_attach(ifindex, fd, 1 << 1, None) == 0      # XDP_FLAGS_SKB_MODE
+    finally:
+        os.close(fd)                       # the attachment keeps the program
+    return xdp_attachment(interface)[0]

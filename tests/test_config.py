@@ -55,6 +55,12 @@ def test_bad_file_values_are_named(tmp_path, text, message):
     ({"PORTWATCH_COLLECTOR_ROUNDS": "x"}, "config key 'collector.rounds' must be int, got 'x'"),
     ({"PORTWATCH_ALERTS_SYSLOG": "maybe"}, "config key 'alerts.syslog' must be bool"),
     ({"PORTWATCH_RETENTION_KEEP_DAYZ": "3"}, "unknown environment setting PORTWATCH_RETENTION_KEEP_DAYZ"),
+    ({"PORTWATCH_COLLECTOR_ROUND_SECONDS": "1e12"}, "config key 'collector.round_seconds' = 1000000000000.0 must be "
+                                                   "above 0 and at most 86400 (env:PORTWATCH_COLLECTOR_ROUND_SECONDS)"),
+    ({"PORTWATCH_BLOCKLIST_MAX_TTL_SECONDS": "1e308"}, "config key 'blocklist.max_ttl_seconds' = 1e+308 must be above "
+                                                       "0 and at most 31622400"),
+    ({"PORTWATCH_EVALUATOR_SEED": "99999999999999999999"}, "config key 'evaluator.seed' = 99999999999999999999 must "
+                                                           "be between 0 and 4294967295"),
 ])
 def test_bad_environment_values_are_named(tmp_path, env, message):
     env = dict(env, PORTWATCH_CONFIG=str(write(tmp_path, "")))
@@ -128,7 +134,15 @@ def test_seconds_keys_take_durations_in_the_file_and_environment(tmp_path):
     ("[blocklist]\nmanual_ttl_seconds = \"30d\"\n", "'blocklist.manual_ttl_seconds' = 2592000 must be at most "
                                                    "blocklist.max_ttl_seconds (604800)"),
     ("[sniffer]\nwindow_fraction = 1.5\n", "'sniffer.window_fraction' = 1.5 must be between 0 and 0.95"),
-    ("[evaluator]\nwindow = 1\n", "'evaluator.window' = 1 must be at least 2"),
+    ("[evaluator]\nwindow = 1\n", "'evaluator.window' = 1 must be between 2 and 10000"),
+    ("[blocklist]\nmax_ttl_seconds = 1e308\n", "'blocklist.max_ttl_seconds' = 1e+308 must be above 0 and at most 31622400"),
+    ("[collector]\nround_seconds = \"1e12\"\n", "'collector.round_seconds' = 1000000000000.0 must be above 0 and at "
+                                                "most 86400"),
+    ("[collector]\nrounds = 100000000000\n", "'collector.rounds' = 100000000000 must be between 0 and 1000000000"),
+    ("[alerts]\nwebhook_timeout = 1e9\n", "'alerts.webhook_timeout' = 1000000000.0 must be above 0 and at most 3600"),
+    ("[retention]\nkeep_days = 1e300\n", "'retention.keep_days' = 1e+300 must be above 0 and at most 36600"),
+    ("[crowdsec]\nresync_seconds = \"1e10\"\n", "'crowdsec.resync_seconds' = 10000000000.0 must be above 0"),
+    ("[reports]\nsince = \"1e12\"\n", "'reports.since' = '1e12' must be at most"),
     ("log_level = \"LOUD\"\n", "'general.log_level' = 'LOUD' must be one of DEBUG"),
     ("[alerts]\nsyslog_facility = \"local9\"\n", "'alerts.syslog_facility' = 'local9' must be one of"),
     ("[alerts]\nwebhook_url = \"ftp://x\"\n", "must start with http:// or https://"),

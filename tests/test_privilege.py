@@ -145,6 +145,21 @@ def test_ordinary_user_cannot_take_or_block_a_lock(tmp_path, user):
         held.close()
 
 
+def test_ordinary_user_cannot_take_or_block_an_interface_lock(user):
+    """The interface lock (collect, --takeover, down) lives at a fixed root-only place."""
+    from app.services import locks
+    name = f"{PREFIX}lk0"
+    with locks.hold_interface(name, "busy"):
+        lock = locks.interface_path(name)
+        assert lock.parent == locks.INTERFACE_DIR == Path("/run/portwatch/interfaces")
+        assert stat.S_IMODE(lock.stat().st_mode) == 0o600 and stat.S_IMODE(lock.parent.stat().st_mode) == 0o700
+        out = as_user(user, "flock", "-n", "-s", str(lock), "true")
+        assert out.returncode != 0 and "Permission denied" in out.stderr, out
+        with pytest.raises(LockedError, match="busy"):
+            locks.hold_interface(name, "busy")
+    lock.unlink()
+
+
 def test_before_the_fix_a_0644_lock_let_a_user_block_root(tmp_path, user):
     """The control: the old lock (0644 in a world-traversable dir) can be flock'ed read-only by anyone."""
     open_world(tmp_path)

@@ -4,13 +4,13 @@ Exit codes: 0 ok; 2 bad address, zoned address, not listed; 3 a map to change ne
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 from app.commands.registry import add_command
 from app.errors import EXIT_OK, NeedsRootError
+from app.services.text import json_dumps, utc
 
 DESCRIPTION = """The allowlist: addresses and prefixes portwatch never blocks automatically (nor pulls from
 CrowdSec), kept in the database beside the config's blocklist.allowlist. Adding one lifts the
@@ -46,7 +46,7 @@ def run(args, settings) -> int:
             if conn is not None:
                 conn.close()
         if args.json:
-            print(json.dumps(items, indent=2))
+            print(json_dumps(items, indent=2))
         elif not items:
             print("the allowlist is empty")
         else:
@@ -60,7 +60,7 @@ def run(args, settings) -> int:
     if os.geteuid() != 0 and enforcement.pin_dirs(settings):
         raise NeedsRootError("changing the allowlist may lift blocks from pinned XDP maps, which needs root: "
                              "run it with sudo")
-    conn = connect(settings.general.db)
+    conn = connect(settings.general.db, create=False)
     try:
         if args.action == "remove":
             print(f"removed {allowlist.remove(conn, args.address)} from the allowlist")
@@ -79,4 +79,4 @@ def run(args, settings) -> int:
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+    return utc(t, seconds=False)

@@ -4,11 +4,11 @@ Exit codes: 0 ok; 2 bad --since, unknown id or detector; 4 missing or corrupt da
 """
 from __future__ import annotations
 
-import json
 import time
 
 from app.commands.registry import add_command
 from app.errors import EXIT_OK, UsageError
+from app.services.text import json_dumps, utc
 
 LIMIT = 1000            # findings listed at most (newest first)
 
@@ -63,7 +63,7 @@ def run(args, settings) -> int:
     from app.services.evaluation.findings import readable_row
     if args.action == "show":
         text = args.id.strip()
-        if not text.isdigit():
+        if not text.isdigit() or len(text) > 18:
             raise UsageError(f"{args.id!r} is not a finding id (a whole number, as `anomalies list` shows)")
     else:
         since = _since(args.since)
@@ -76,7 +76,7 @@ def run(args, settings) -> int:
                                  "shows the ids")
             explained = explain.explain(conn, readable_row(row), settings)
             if args.json:
-                print(json.dumps(explained, indent=2, default=str))
+                print(json_dumps(explained, indent=2, default=str))
             else:
                 print("\n".join(explain.lines(explained)))
             return EXIT_OK
@@ -94,7 +94,7 @@ def run(args, settings) -> int:
     finally:
         conn.close()
     if args.json:
-        print(json.dumps(items, indent=2))
+        print(json_dumps(items, indent=2))
         return EXIT_OK
     for line in waiting:          # a detector without its baseline raises nothing yet: say so first
         print(line)
@@ -114,4 +114,4 @@ def run(args, settings) -> int:
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+    return utc(t, seconds=False)

@@ -1,14 +1,13 @@
 """`python -m app blacklist list|add|remove|flush`: the blocklist ledger and its XDP enforcement."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 from app.commands.registry import add_command
 from app.errors import EXIT_OK, NeedsRootError, UsageError
-from app.services.text import counted
+from app.services.text import counted, inert, json_dumps, utc
 
 DESCRIPTION = """The blocklist: the `blacklist` table in the database is the truth, the pinned XDP map of
 every watched interface enforces it (blocked sources' packets are dropped before the network stack).
@@ -60,7 +59,9 @@ def run(args, settings) -> int:
                          "give it without the %zone")
     if os.geteuid() != 0 and enforcement.pin_dirs(settings):
         raise NeedsRootError("changing the blocklist writes pinned XDP maps, which needs root: run it with sudo")
-    conn = connect(settings.general.db)
+    if args.action in ("add", "remove"):
+        blocklist.parse_network(args.address)          # bad input fails before anything is opened
+    conn = connect(settings.general.db, create=False)
     try:
         if args.action == "add":
             decision = blocklist.add_manual(conn, settings, args.address, ttl=ttl, reason=args.reason,
@@ -89,7 +90,7 @@ def run(args, settings) -> int:
 
 def list_entries(args, settings) -> int:
     from app.services.kernel import enforcement
-    rows, pending, summaries, dropped = [], {}, {}, 0
+    rows, pending, summaries, dropped, egress = [], {}, {}, 0, 0
     db_path = Path(settings.general.db)
     if db_path.exists():
         import sqlite3
@@ -98,8 +99,8 @@ def list_entries(args, settings) -> int:
         conn = connect(db_path, readonly=True)
         try:
             rows = queries.entries(conn, None if args.all else queries.LISTED)
-            from app.db.report_rates import drop_total
-            dropped = drop_total(conn)
+            from app.db.report_rates import drop_total, egress_drop_total
+            dropped, egress = drop_total(conn), egress_drop_total(conn)
             from app.db import anomalies
             summaries = anomalies.summaries(conn, [r["anomaly_id"] for r in rows])
             try:
@@ -116,17 +117,18 @@ def list_entries(args, settings) -> int:
               "show": f"python -m app anomalies show {r['anomaly_id']}" if r["anomaly_id"] is not None else None}
              for r in rows]
     if args.json:
-        print(json.dumps(items, indent=2))
+        print(json_dumps(items, indent=2))
         return EXIT_OK
     total = (f"{counted(dropped, 'packet')} dropped by the blocklist in the stored rounds (every entry, "
-             "also removed and expired ones: the report's figure)")
+             "also removed and expired ones: the report's figure)"
+             + (f"; {counted(egress, 'packet')} to blocked destinations dropped in TC egress" if egress else ""))
     if not items:
         print("the blocklist is empty" + (f"; {total}" if dropped else ""))
         return EXIT_OK
     header = ("ADDRESS", "DIR", "STATUS", "EXPIRES", "DROPS", "OFFENCES", "ORIGIN", "FINDING", "REASON")
     table = [header] + [(i["address"], i["direction"], i["status"], _when(i["expires_at"]), str(i["drops"]), str(i["offences"]),
                          i["origin"], f"anomaly {i['anomaly_id']}" if i["anomaly_id"] is not None else "-",
-                         i["finding"] or i["reason"]) for i in items]
+                         inert(i["finding"] or i["reason"])) for i in items]
     widths = [max(len(row[c]) for row in table) for c in range(len(header) - 1)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
@@ -142,6 +144,4 @@ def _direction(row) -> str:
 
 
 def _when(t: float | None) -> str:
-    if t is None:
-        return "never"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return "never" if t is None else utc(t)

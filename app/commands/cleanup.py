@@ -11,11 +11,11 @@ Exit codes: 0 done; 2 bad --keep-days; 4 database problem; 6 another cleanup is 
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from app.commands.registry import add_command
+from app.services.text import json_dumps
 
 DESCRIPTION = """Delete rounds (and everything recorded with them) and sniffer packets older than
 --keep-days days, then give the freed space back to the file system (incremental vacuum).
@@ -38,10 +38,10 @@ def run(args, settings) -> int:
     from app.services.files import database_bytes
     from app.services.ops.metrics import job_metrics
 
-    settings.override("retention", "keep_days", args.keep_days)
-    keep_days = settings.retention.keep_days
+    keep_days = settings.retention.keep_days if args.keep_days is None else args.keep_days
     if not keep_days == keep_days or keep_days <= 0 or keep_days > 36500:   # NaN, zero, negative, absurd
-        raise UsageError(f"--keep-days must be a number of days above 0, got {keep_days:g}")
+        raise UsageError(f"--keep-days must be a number of days above 0 and at most 36500, got {keep_days:g}")
+    settings.override("retention", "keep_days", args.keep_days)
     db = Path(settings.general.db)
     if not db.exists():
         raise UsageError(f"database {db} does not exist: nothing to clean up (check --db)")
@@ -55,7 +55,7 @@ def run(args, settings) -> int:
         finally:
             conn.close()
         if args.json:
-            print(json.dumps({"dry_run": True, "keep_days": keep_days, "cutoff": cutoff,
+            print(json_dumps({"dry_run": True, "keep_days": keep_days, "cutoff": cutoff,
                               "rounds": counts["rounds"], "packets": counts["packets"]}))
             return 0
         print(f"would delete {counts['rounds']} rounds and {counts['packets']} sniffer packets "
@@ -66,7 +66,7 @@ def run(args, settings) -> int:
     with locks.holding(settings, "cleanup", "another cleanup is running: this one does not overlap it"):
         with job_metrics(settings, "cleanup") as metrics:
             before = database_bytes(db)
-            conn = connect(db)
+            conn = connect(db, create=False)
             try:
                 rounds, packets = retention.delete_old_rounds(conn, cutoff)
                 packets += retention.delete_old_packets(conn, cutoff)
@@ -77,7 +77,7 @@ def run(args, settings) -> int:
             after = database_bytes(db)
             metrics.update(deleted_rounds=rounds, deleted_packets=packets, database_bytes=after)
     if args.json:
-        print(json.dumps({"dry_run": False, "keep_days": keep_days, "cutoff": cutoff, "rounds": rounds,
+        print(json_dumps({"dry_run": False, "keep_days": keep_days, "cutoff": cutoff, "rounds": rounds,
                           "packets": packets, "bytes_before": before, "bytes_after": after, "vacuum": how}))
         return 0
     print(f"deleted {rounds} rounds and {packets} sniffer packets older than {cutoff_text} ({keep_days:g} days); "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from app.commands.registry import add_command
+from app.config_rules import count_arg
 from app.durations import arg as duration
 
 
@@ -13,14 +14,16 @@ def register(sub) -> None:
                     "compiles and attaches the XDP program (in a separate process); later runs only read its "
                     "pinned maps.")
     p.add_argument("--interface", "-i", help="interface to watch (default: general.interface, else the default-route one)")
-    p.add_argument("--round-seconds", type=duration(), help="seconds per round (default: collector.round_seconds, 60)")
-    p.add_argument("--rounds", type=int, help="rounds to collect, 0 = until stopped (default: collector.rounds, 1)")
+    p.add_argument("--round-seconds", type=duration(maximum=86400), help="seconds per round (default: collector.round_seconds, 60)")
+    p.add_argument("--rounds", type=count_arg(), help="rounds to collect, 0 = until stopped (default: collector.rounds, 1)")
     p.add_argument("--no-sniffer", action="store_true", help="skip the pyshark sniffer")
     p.add_argument("--no-scanner", action="store_true", help="skip the occupancy scanner")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per round on stdout (JSON Lines); the start line goes to stderr")
     p.add_argument("--takeover", action="store_true",
                    help="move the interface to this database when another database enforces it")
+    p.add_argument("--replace", action="store_true",
+                   help="replace an XDP program portwatch did not load (it stops working): refused without this")
     p.set_defaults(func=run)
 
 
@@ -39,12 +42,20 @@ def start_line(collector, settings) -> str:
             f"({program}), database {settings.general.db}")
 
 
+def on_start(collector, settings, as_json: bool = False) -> None:
+    """The takeover's baseline round (stored before the interface changed hands), then the start line (on
+    stderr under --json, so stdout holds only the rounds' objects)."""
+    out = sys.stderr if as_json else sys.stdout
+    if collector.takeover_round is not None:
+        print(collector.takeover_round.line(), flush=True, file=out)
+    print(start_line(collector, settings), flush=True, file=out)
+
+
 def _round_printer(as_json: bool, show: bool):
     """What each finished round prints: its line, or (--json) its summary as one JSON object."""
     if as_json:
         import dataclasses
-        import json
-        return lambda s: print(json.dumps(dataclasses.asdict(s), sort_keys=True), flush=True)
+        return lambda s: print(json_dumps(dataclasses.asdict(s), sort_keys=True), flush=True)
     return (lambda s: print(s.line(), flush=True)) if show else None
 
 
@@ -67,10 +78,8 @@ def run(args, settings) -> int:
     with job_metrics(settings, "collector") as values:
         summaries = run_collection(settings, interface, settings.collector.round_seconds, settings.collector.rounds,
                                    on_round=_round_printer(args.json, show),
-                                   on_start=(lambda c: print(start_line(c, settings), flush=True,
-                                                             file=sys.stderr if args.json else sys.stdout))
-                                   if show else None,
-                                   takeover=getattr(args, "takeover", False))
+                                   on_start=(lambda c: on_start(c, settings, args.json)) if show else None,
+                                   takeover=getattr(args, "takeover", False), replace=getattr(args, "replace", False))
         values["rounds"] = len(summaries)
         values["packets"] = sum(s.packets for s in summaries)
         values["bytes"] = sum(s.bytes for s in summaries)

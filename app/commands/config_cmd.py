@@ -12,7 +12,7 @@ import json
 from urllib.parse import urlsplit
 
 from app.commands.registry import add_command
-from app.services.text import counted
+from app.services.text import counted, json_dumps
 
 DESCRIPTION = """Show the effective configuration: every key as section.key = value, with where the value
 came from (default, file:<path>, env:<NAME>, command line). Every key can be set in the TOML file
@@ -78,7 +78,7 @@ def run_missing(args, settings) -> int:
 def run_show(args, settings) -> int:
     rows = effective(settings)
     if getattr(args, "json", False):
-        print(json.dumps({"config_file": settings.config_path,
+        print(json_dumps({"config_file": settings.config_path,
                           "settings": {r["key"]: {"value": r["value"], "source": r["source"]} for r in rows}},
                          indent=2))
         return 0
@@ -92,7 +92,7 @@ def run_show(args, settings) -> int:
 def run_check(args, settings) -> int:
     changed = sum(1 for r in effective(settings) if r["source"] != "default")
     if getattr(args, "json", False):      # an invalid configuration never gets here: app/cli.py prints that
-        print(json.dumps({"valid": True, "config_file": settings.config_path, "problems": [],
+        print(json_dumps({"valid": True, "config_file": settings.config_path, "problems": [],
                           "set_outside_defaults": changed}))
         return 0
     print(f"configuration is valid ({settings.config_path or 'no config file'}; {counted(changed, 'value')} set "

@@ -11,7 +11,6 @@ first failed essential check (1 a health check, 3 root, 4 database, 5 kernel/BPF
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import platform
 import shutil
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from app.commands.registry import add_command
 from app.errors import EXIT_BPF, EXIT_DB, EXIT_DEPENDENCY, EXIT_ROOT
-from app.services.text import counted
+from app.services.text import counted, json_dumps
 
 DESCRIPTION = """Check this host for what portwatch needs (root, kernel BPF support, bpffs, kernel
 headers for BCC, BCC, iproute2, tshark, cron, free disk, the venv's packages, the database, the file
@@ -121,6 +120,18 @@ def check_bcc() -> Check:
                  EXIT_DEPENDENCY)
 
 
+def check_data_files() -> Check:
+    """The BPF sources and the schema, where app/resources.py finds them (a checkout or a wheel)."""
+    from app import resources
+    wanted = [resources.BPF_DIR / name for name in ("port_flow.c", "egress.c", "parse.h", "common.h")]
+    missing = [str(p) for p in [*wanted, resources.INIT_SQL] if not p.is_file()]
+    if missing:
+        return Check("data files", "FAIL", f"missing: {', '.join(missing)}",
+                     "reinstall portwatch from a complete checkout (pip install .), or run from the checkout",
+                     EXIT_DEPENDENCY)
+    return _ok("data files", f"BPF sources in {resources.BPF_DIR}, schema {resources.INIT_SQL}")
+
+
 def check_program(name: str, essential: bool, package: str, purpose: str, path: str | None = None) -> Check:
     found = path if path and Path(path).is_file() and os.access(path, os.X_OK) else shutil.which(name)
     if found:
@@ -211,7 +222,7 @@ def check_health(settings) -> list[Check]:
 
 def run_checks(settings) -> list[Check]:
     db = Path(settings.general.db)
-    checks = [check_root(), check_kernel_bpf(), check_bpffs(), check_headers(), check_bcc(),
+    checks = [check_root(), check_kernel_bpf(), check_bpffs(), check_headers(), check_bcc(), check_data_files(),
               check_program("ip", True, "iproute2", "detaching XDP (down) and the network-namespace lab"),
               check_program("tshark", False, "tshark", "the sniffer: DNS names and protocols",
                             settings.sniffer.tshark_path or None),
@@ -225,6 +236,9 @@ def run_checks(settings) -> list[Check]:
     from app.services.kernel.pin_owner import problems as xdp_problems   # unfinished loads, leftover programs (issue 10)
     checks += [Check(f"xdp {name}", "warn", text, f"python -m app down --interface {name}")
                for name, text in xdp_problems(settings.general.pin_root)]
+    from app.services.kernel.pin_owner import foreign_programs   # a program portwatch did not load: left alone
+    checks += [Check(f"xdp {name}", "warn", text, "leave it, or detach it (or collect --replace) to run portwatch there")
+               for name, text in foreign_programs(settings.general.pin_root)]
     return checks
 
 
@@ -258,7 +272,7 @@ def run(args, settings) -> int:
     checks = run_checks(settings)
     failed = [c for c in checks if c.status == "FAIL"]
     if args.json:
-        print(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2))
+        print(json_dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, indent=2))
     else:
         width = max(len(c.name) for c in checks)
         for c in checks:

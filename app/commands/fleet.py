@@ -14,11 +14,11 @@ Exit codes: 0 ok; 2 bad [fleet] settings; 7 Flower missing; 1 a federation that 
 """
 from __future__ import annotations
 
-import json
 import time
 
 from app.commands.registry import add_command
-from app.services.text import counted
+from app.config_rules import count_arg
+from app.services.text import counted, json_dumps, utc
 
 
 DESCRIPTION = """Many hosts, one model (Flower) and one blocklist (CrowdSec).
@@ -39,7 +39,7 @@ def register(sub) -> None:
                         "Run the coordinator: Flower's SuperLink and a federation now and every "
                         "fleet.interval_seconds, until stopped (or one federation with --once).")
     serve.add_argument("--once", action="store_true", help="one federation, then exit")
-    serve.add_argument("--rounds", type=int, metavar="N", help="federation rounds (default: fleet.rounds)")
+    serve.add_argument("--rounds", type=count_arg(1, 1000), metavar="N", help="federation rounds (default: fleet.rounds)")
     add_command(actions, "node", "this host's SuperNode (foreground)",
                 "Run this host's Flower SuperNode in the foreground (a service: install-cron --systemd "
                 "--fleet-node). It trains the fleet's weights on this host's windows no detector flagged and "
@@ -66,7 +66,7 @@ def run(args, settings) -> int:
     from app.services.fleet import view
     view.write_status(settings, state)
     if args.json:
-        print(json.dumps(state, indent=2, sort_keys=True))
+        print(json_dumps(state, indent=2, sort_keys=True))
         return 0
     print(render(state))
     return 0
@@ -78,7 +78,7 @@ def gather(settings) -> dict:
     from app.db.connection import connect
     from app.services.fleet import crowdsec
     from app.services.fleet.flower import record
-    conn = connect(settings.general.db)
+    conn = connect(settings.general.db, readonly=True)
     try:
         models = [dict(r) for r in fleet_db.models_by_origin(conn)]
         sync = crowdsec.status(conn) if settings.crowdsec.lapi_url else None
@@ -107,7 +107,7 @@ def _reachable(address: str, timeout: float = 2.0) -> bool:
 
 
 def _when(t) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)) if t else "never"
+    return utc(t, seconds=False) if t else "never"
 
 
 def render(state: dict) -> str:

@@ -19,9 +19,10 @@ Exit codes: 0 done; 2 unknown or pruned version; 4 database problem.
 from __future__ import annotations
 
 import json
-import time
 
 from app.commands.registry import add_command
+from app.config_rules import count_arg
+from app.services.text import json_dumps, utc
 
 
 LEGEND = """columns: threshold = the reconstruction error above which a window is anomalous (scaled units);
@@ -48,7 +49,7 @@ def register(sub) -> None:
     p = add_command(actions, "list", "model versions, newest first (a legend follows the table)")
     p.add_argument("--json", action="store_true", help="print a JSON array (one object per version)")
     back = add_command(actions, "rollback", "make VERSION the active model again")
-    back.add_argument("version", type=int, metavar="VERSION")
+    back.add_argument("version", type=count_arg(1, 2 ** 62), metavar="VERSION")
     parser.set_defaults(func=run)
 
 
@@ -56,7 +57,7 @@ def run(args, settings) -> int:
     from app.db.connection import connect
     from app.services.evaluation import model_versions
     if args.action == "rollback":
-        conn = connect(settings.general.db)
+        conn = connect(settings.general.db, create=False)
         try:
             undone = model_versions.rollback(conn, args.version)
         finally:
@@ -71,7 +72,7 @@ def run(args, settings) -> int:
         conn.close()
     items = [_item(r) for r in rows]
     if args.json:
-        print(json.dumps(items, indent=2, sort_keys=True))
+        print(json_dumps(items, indent=2, sort_keys=True))
         return 0
     if not items:
         print("no model versions yet: the first evaluation with traffic trains one (python -m app evaluate).")
@@ -80,7 +81,7 @@ def run(args, settings) -> int:
           f"{'change':>7}  {'pool':>11}  {'windows':>7}  {'budget/d':>8}  {'held-out/d':>10}  {'out-of-sample':>20}  "
           f"{'loadable':8}  path")
     for i in items:
-        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(i["created_at"]))
+        created = utc(i["created_at"], seconds=False).removesuffix(" UTC")
         threshold = f"{i['threshold']:.4g}" if i["threshold"] is not None else "-"
         budget = f"{i['budget_per_day']:g}" if i["budget_per_day"] is not None else "-"
         rate = f"{i['held_out_rate_per_day']:.2f}" if i["held_out_rate_per_day"] is not None else "-"

@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 
 from app.commands.registry import add_command
+from app.config_rules import count_arg
+from app.services.text import json_dumps
 
 DESCRIPTION = """Write the report: index.html linking PNG figures of the most anomalous ports
 (flagged rounds shaded, blocked sources named), the reconstruction error against the
@@ -36,10 +38,12 @@ def run(args, settings) -> int:
     from app.errors import UsageError
     from app.services.ops.reports import parse_since, write_report
     settings.override("reports", "out_dir", args.out)
+    if args.since is not None:
+        parse_since(args.since)                    # its own sentence for a bad --since, before the setting's
     settings.override("reports", "since", args.since)
+    if args.top_ports is not None and not 0 <= args.top_ports <= 1000:
+        raise UsageError(f"--top-ports must be 0 or more and at most 1000, got {args.top_ports}")
     settings.override("reports", "top_ports", args.top_ports)
-    if settings.reports.top_ports < 0:
-        raise UsageError(f"--top-ports must be 0 or more, got {settings.reports.top_ports}")
     from app.services import store_clock
     now = store_clock.clock(settings.general.db)()  # a replayed store: "24h" back from its capture's end
     since = parse_since(settings.reports.since, now=now)   # a bad value fails here, before any work
@@ -50,7 +54,7 @@ def run(args, settings) -> int:
     if args.json:
         import json
         manifest = json.loads((index.parent / "report.json").read_text())
-        print(json.dumps({"index": str(index), **manifest}, indent=2, default=str))
+        print(json_dumps({"index": str(index), **manifest}, indent=2, default=str))
         return 0
     print(f"report written: {index}")
     return 0

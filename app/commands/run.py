@@ -12,15 +12,16 @@ import sys
 import time
 
 from app.commands.registry import add_command
+from app.config_rules import count_arg
 from app.durations import arg as duration
 
 
 def register(sub) -> None:
     p = add_command(sub, "run", "collect continuously and evaluate every hour, in the foreground")
     p.add_argument("--interface", "-i", help="interface (default: the default-route interface)")
-    p.add_argument("--round-seconds", type=duration(), help="seconds per round (default 60)")
-    p.add_argument("--evaluate-every", type=duration(), default=3600.0, help="seconds between evaluations (default 3600)")
-    p.add_argument("--max-rounds", type=int, default=0, help="stop after this many rounds (default: never)")
+    p.add_argument("--round-seconds", type=duration(maximum=86400), help="seconds per round (default 60)")
+    p.add_argument("--evaluate-every", type=duration(maximum=366 * 86400), default=3600.0, help="seconds between evaluations (default 3600)")
+    p.add_argument("--max-rounds", type=count_arg(), default=0, help="stop after this many rounds (default: never)")
     p.set_defaults(func=run)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from app.commands.registry import add_command
 from app.errors import EXIT_ERROR
+from app.services.text import json_dumps, utc
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def _when(t: float | None, now: float) -> str:
     if t is None:
         return "-"
     age = now - t
-    text = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    text = utc(t)
     if age < 120:
         return f"{text} ({age:.0f} s ago)"
     if age < 7200:
@@ -168,6 +169,7 @@ def render(status: dict, now: float) -> str:
         if x.get("attached") and x.get("pinned") and x.get("ours") is False:
             extra = "; the attached program is not portwatch's pinned one"
         extra += f"; {x['problem']}" if x.get("problem") else ""
+        extra += f"; {x['foreign']}" if x.get("foreign") else ""
         lines.append(f"{label}{state}, {pins}{extra}")
     h = status["health"]
     lines.append("health:          " + ("ok" if h["healthy"] else "UNHEALTHY"))
@@ -188,7 +190,7 @@ def run(args, settings) -> int:
     now = time.time()
     status = gather(settings, args.interface, now=now)
     if args.json:
-        print(json.dumps(status, indent=2, sort_keys=True, default=str))
+        print(json_dumps(status, indent=2, sort_keys=True, default=str))
     else:
         print(render(status, now))
     if not status["health"]["healthy"]:

@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 from app.commands.registry import add_command
+from app.config_rules import count_arg
 from app.durations import arg as duration
+from app.services.text import json_dumps
 
 DESCRIPTION = """Live view of what XDP counts right now on one interface, from the pinned maps
 (nothing is written): rates per second of packets, bytes, drops and unparsed packets, the busiest
@@ -41,11 +43,11 @@ def register(sub) -> None:
     parser.add_argument("--interface", "-i", metavar="IF",
                         help="interface (default: general.interface, else the only one with pins, else the "
                              "default-route one)")
-    parser.add_argument("--interval", type=duration(), default=1.0, metavar="S",
+    parser.add_argument("--interval", type=duration(maximum=3600), default=1.0, metavar="S",
                         help="seconds between refreshes (default 1)")
-    parser.add_argument("--count", type=int, metavar="N",
+    parser.add_argument("--count", type=count_arg(1), metavar="N",
                         help="stop after N refreshes (default: until Ctrl-C on a terminal, 1 otherwise)")
-    parser.add_argument("--rows", type=int, default=None, metavar="R",
+    parser.add_argument("--rows", type=count_arg(1, 10000), default=None, metavar="R",
                         help="lines per section (default: fits the terminal, 10 otherwise)")
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per refresh (JSON Lines), as when piped: --count refreshes (default 1)")
@@ -103,10 +105,11 @@ def run(args, settings) -> int:
             if problem:
                 lines.insert(0, f"WARNING: {problem}")
             if args.json:
-                sys.stdout.write(json.dumps({**dataclasses.asdict(view), "attached": problem is None,
+                sys.stdout.write(json_dumps({**dataclasses.asdict(view), "attached": problem is None,
                                              "problem": problem}, sort_keys=True) + "\n")
             elif tty:
-                sys.stdout.write(CLEAR + "\n".join(lines) + "\n(Ctrl-C quits)\n")
+                getattr(sys.stdout, "raw", sys.stdout).write(CLEAR)       # our own control sequence
+                sys.stdout.write("\n".join(lines) + "\n(Ctrl-C quits)\n")
             else:
                 if shown:
                     sys.stdout.write("\n")

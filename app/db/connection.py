@@ -20,12 +20,12 @@ import sqlite3
 import time
 from pathlib import Path
 
-from app import permissions
+from app import permissions, resources
 from app.errors import DatabaseError, NeedsRootError, UsageError
 
 log = logging.getLogger(__name__)
 
-INIT_SQL = Path(__file__).resolve().parent.parent.parent / "init.sql"
+INIT_SQL = resources.INIT_SQL
 BUSY_TIMEOUT_MS = 15000
 
 # Migration 9 (init.sql holds the same): one row per round the model judged.
@@ -270,6 +270,29 @@ FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE 
     10: """
 ALTER TABLE blacklist ADD COLUMN direction TEXT NOT NULL DEFAULT 'in';
 """,
+    # 13: a takeover is an epoch (the pin record's): each snapshot records the epoch it was read under;
+    #     a snapshot's records live in buckets by key, so a round rewrites only what changed
+    13: """
+ALTER TABLE counter_snapshots ADD COLUMN epoch TEXT;
+ALTER TABLE counter_snapshots ADD COLUMN buckets INTEGER;
+CREATE TABLE IF NOT EXISTS snapshot_buckets (
+    interface  TEXT NOT NULL,
+    map_name   TEXT NOT NULL,
+    part       INTEGER NOT NULL,
+    bucket     INTEGER NOT NULL,
+    data       BLOB NOT NULL,
+    PRIMARY KEY (interface, map_name, part, bucket)
+);
+CREATE TABLE IF NOT EXISTS snapshot_log (
+    interface  TEXT NOT NULL,
+    map_name   TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    keys       BLOB NOT NULL,
+    counters   BLOB NOT NULL,
+    gone       BLOB NOT NULL,
+    PRIMARY KEY (interface, map_name, seq)
+);
+""",
     # 15: rounds made from a capture (python -m app replay) say so and name it; listeners a replay
     #     inferred from the host's answers (no scanner saw them) are marked
     15: """
@@ -285,13 +308,19 @@ QUICK_CHECK_MAX_BYTES = 256 << 20
 _checked: set[str] = set()       # databases this process has quick_check'ed (writers check once per process)
 
 
-def connect(path: str | Path, readonly: bool = False, migrate: bool = True) -> sqlite3.Connection:
-    """Open the database at ``path`` (created with the schema when absent unless ``readonly``).
+def connect(path: str | Path, readonly: bool = False, migrate: bool = True, create: bool = True) -> sqlite3.Connection:
+    """Open the database at ``path`` (created with the schema when absent, if ``create`` and not ``readonly``).
 
-    Raises DatabaseError with one sentence for a corrupt, locked, unreadable or too-new database.
+    Raises DatabaseError with one sentence for a missing (``create`` False, or ``readonly``), corrupt,
+    locked, unreadable or too-new database. Only the commands that make a database (collect, run,
+    setup) create one: any other writer given a path that does not exist names it and stops, so a
+    mistyped --db never becomes a new empty database.
     """
     path = Path(path)
     _check_access(path, readonly)
+    if not readonly and not create and not path.exists():
+        raise DatabaseError(f"database {path} does not exist: check --db (or general.db); only collect, run and "
+                            "setup create a database")
     try:
         if readonly:
             if not path.exists():
@@ -337,8 +366,13 @@ def _check_access(path: Path, readonly: bool) -> None:
 
 
 def _open_readonly(path: Path) -> sqlite3.Connection:
-    """``mode=ro``; a reader that may read the file but not create its -shm (a general.group member:
-    the directory is not writable for it) gets a snapshot of the main file (``immutable=1``)."""
+    """``mode=ro``; a reader never creates a file. With no ``-wal`` beside the database no writer has it
+    open and every commit is in the main file: the reader opens it ``immutable=1`` (SQLite would otherwise
+    create ``-wal`` and ``-shm``, with the main file's mode). A reader that may read the file but not create
+    its -shm (a general.group member: the directory is not writable for it) gets the main file the same way."""
+    if not path.with_name(path.name + "-wal").exists():
+        return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                               check_same_thread=False)
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
     try:
         conn.execute("PRAGMA user_version").fetchone()

@@ -40,8 +40,16 @@ def round_rates(conn: sqlite3.Connection, since: float | None) -> list[sqlite3.R
 
 
 def drop_total(conn: sqlite3.Connection, since: float | None = None) -> int:
-    """Packets the blocklist dropped in the rounds that ended at or after ``since`` (every interface)."""
+    """Packets the XDP blocklist dropped (blocked sources, ingress) in the rounds that ended at or
+    after ``since`` (every interface)."""
     return int(conn.execute("SELECT COALESCE(SUM(dropped_packets), 0) FROM rounds WHERE end_time >= ?",
+                            (_since(since),)).fetchone()[0])
+
+
+def egress_drop_total(conn: sqlite3.Connection, since: float | None = None) -> int:
+    """Packets to blocked destinations the TC egress program dropped in those rounds (0 while egress
+    blocking is off, or on a database older than the egress program)."""
+    return int(conn.execute("SELECT COALESCE(SUM(egress_dropped_packets), 0) FROM rounds WHERE end_time >= ?",
                             (_since(since),)).fetchone()[0])
 
 

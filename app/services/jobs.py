@@ -70,7 +70,7 @@ def run(settings) -> JobResult:
     clock = store_clock.clock(settings.general.db)      # a replayed store is judged in its capture's time
     result = evaluation.run(settings, clock=clock)
     job = JobResult(result)
-    conn = connect(settings.general.db)
+    conn = connect(settings.general.db, create=False)
     try:
         if settings.blocklist.enabled and result.evaluation_id is not None:
             job.decisions, _ = decisions.after_evaluation(conn, settings, result.anomalies, clock())

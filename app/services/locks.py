@@ -1,13 +1,17 @@
-"""Run locks: one flock'ed file per job in a root-only run directory (``general.run_dir``).
+"""Run locks: one flock'ed file per job in a root-only directory.
 
     hold(settings, name, busy) -> Lock     take it or raise LockedError(busy) (exit 6); release with close()
     holding(settings, name, busy)          the same as a context manager
     path(settings, name) -> Path           where lock ``name`` lives
+    hold_interface(interface, busy) -> Lock   the interface's lock (collect, --takeover, down)
+    interface_path(interface) -> Path      where it lives: INTERFACE_DIR, which no setting moves
 
-Names: ``collector-<interface>`` (one per interface, whatever the database or state dir),
-``evaluate``, ``cleanup``. The directory is created 0700 (an existing one we own is tightened), each
-file is opened for writing (O_WRONLY|O_CREAT|O_NOFOLLOW, 0600): a local user can neither open it
-nor flock it, so nobody but root can make root's runs exit 6.
+Job locks (``evaluate``, ``cleanup``) live in ``general.run_dir``. The interface lock lives at a FIXED
+place, ``/run/portwatch/interfaces/<interface>.lock``: a run with another ``PORTWATCH_RUN_DIR``, config
+file, database or pin root still meets it, so no setting lets `down` detach under a running collector
+or two collectors share an interface. Directories are created 0700 (an existing one we own is
+tightened), each file is opened for writing (O_WRONLY|O_CREAT|O_NOFOLLOW, 0600): a local user can
+neither open it nor flock it, so nobody but root can make root's runs exit 6.
 """
 from __future__ import annotations
 
@@ -22,25 +26,44 @@ from app.errors import LockedError, PortwatchError
 
 RUN_DIR_MODE = 0o700
 LOCK_FILE_MODE = 0o600
+# fixed, never from a setting: /run is root's tmpfs (a local user cannot create /run/portwatch first)
+INTERFACE_DIR = Path("/run/portwatch/interfaces")
 
 
 def run_dir(settings) -> Path:
     """The lock directory, created 0700 (tightened when it is ours and looser; refused when not ours)."""
-    directory = Path(settings.general.run_dir)
+    return _own_dir(Path(settings.general.run_dir), "general.run_dir",
+                    "run as root, or set general.run_dir to a directory of your own")
+
+
+def _own_dir(directory: Path, what: str, fix: str) -> Path:
     try:
         directory.mkdir(mode=RUN_DIR_MODE, parents=True, exist_ok=True)
         st = directory.lstat()
         if not stat.S_ISDIR(st.st_mode):
-            raise PortwatchError(f"run directory {directory} (general.run_dir) is not a directory")
+            raise PortwatchError(f"lock directory {directory} ({what}) is not a directory")
         if st.st_uid != os.geteuid():
-            raise PortwatchError(f"run directory {directory} (general.run_dir) belongs to uid {st.st_uid}, not to "
-                                 "this user: remove it or choose another general.run_dir")
+            raise PortwatchError(f"lock directory {directory} ({what}) belongs to uid {st.st_uid}, not to "
+                                 f"this user: remove it ({fix})")
         if stat.S_IMODE(st.st_mode) != RUN_DIR_MODE:
             os.chmod(directory, RUN_DIR_MODE)
     except OSError as exc:
-        raise PortwatchError(f"run directory {directory} (general.run_dir) cannot be used: {exc.strerror} (run as "
-                             "root, or set general.run_dir to a directory of your own)") from None
+        raise PortwatchError(f"lock directory {directory} ({what}) cannot be used: {exc.strerror} ({fix})") from None
     return directory
+
+
+def interface_path(interface: str) -> Path:
+    """The interface's lock file (fixed place: INTERFACE_DIR)."""
+    return INTERFACE_DIR / f"{interface}.lock"
+
+
+def hold_interface(interface: str, busy: str) -> "Lock":
+    """Take ``interface``'s lock without waiting (collect, --takeover, down); LockedError(``busy``) when held.
+    Whatever the settings say, every run on ``interface`` meets this one file."""
+    if not interface or "/" in interface or interface in (".", ".."):
+        raise PortwatchError(f"{interface!r} is not a valid interface name")
+    _own_dir(INTERFACE_DIR, "the interface locks", "only root runs collect and down")
+    return _take(interface_path(interface), busy)
 
 
 def path(settings, name: str) -> Path:
@@ -67,7 +90,10 @@ class Lock:
 
 def hold(settings, name: str, busy: str) -> Lock:
     """Take lock ``name`` without waiting; LockedError(``busy``) when another process holds it."""
-    lock_path = run_dir(settings) / f"{name}.lock"
+    return _take(run_dir(settings) / f"{name}.lock", busy)
+
+
+def _take(lock_path: Path, busy: str) -> Lock:
     try:
         fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, LOCK_FILE_MODE)
     except OSError as exc:

@@ -77,6 +77,7 @@ def collect_rounds(collector: Collector, round_seconds: float, n_rounds: int, st
                 stop.wait(min(left, 1.0))
         finally:
             seen = stop_threads(threads)
+        collector.check_attached()           # a detached program counts nothing: stop, never store empty rounds
         summary = collector.close_round(start, seen)
         summaries.append(summary)
         if on_round:
@@ -101,7 +102,8 @@ def after_round_hooks(settings) -> tuple:
 def run_collection(settings, interface: str, round_seconds: float, n_rounds: int,
                    on_round: Callable[[RoundSummary], None] | None = None, with_threads: bool = True,
                    stop: threading.Event | None = None,
-                   on_start: Callable[[Collector], None] | None = None, takeover: bool = False) -> list[RoundSummary]:
+                   on_start: Callable[[Collector], None] | None = None, takeover: bool = False,
+                   replace: bool = False) -> list[RoundSummary]:
     """The `collect` job: SIGTERM ends it after the current round; it is bounded in run time
     (collector.max_run_seconds, default rounds x round_seconds + 120 s) by SIGALRM.
     on_start(collector): called once the program is attached and the maps are open (its
@@ -124,7 +126,8 @@ def run_collection(settings, interface: str, round_seconds: float, n_rounds: int
             old_alarm = signal.signal(signal.SIGALRM, on_alarm)
             signal.setitimer(signal.ITIMER_REAL, limit)
     try:
-        with Collector(settings, interface, takeover=takeover, after_round=after_round_hooks(settings)) as collector:
+        with Collector(settings, interface, takeover=takeover, replace=replace,
+                       after_round=after_round_hooks(settings)) as collector:
             if on_start:
                 on_start(collector)
             return collect_rounds(collector, round_seconds, n_rounds, stop, on_round, with_threads)

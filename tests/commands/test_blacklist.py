@@ -21,6 +21,8 @@ def cli(tmp_path, monkeypatch):
                    '[blocklist]\nallowlist = ["198.18.250.0/24"]\n')
     monkeypatch.setenv("PORTWATCH_CONFIG", str(cfg))
     db = tmp_path / "bl.db"
+    from app.db.connection import connect
+    connect(db).close()                     # as a collector made it: `blacklist add` creates no database
 
     def run(*args):
         return main(["blacklist", *args, "--db", str(db)])

@@ -100,12 +100,12 @@ def test_config_check_reports_every_bad_value_at_once(state_env, capsys):
         f"config key 'collector.rounds' must be int, got 'three' {where}",
         f"config key 'collector.xdp_mode' = 'turbo' must be one of auto, native, generic {where}",
         f"config key 'collector.port_map_size' = 0 must be between 1 and 16777216 {where}",
-        f"config key 'evaluator.window' = 0 must be at least 2 {where}",
-        f"config key 'blocklist.base_ttl_seconds' = -10.0 must be above 0 {where}",
+        f"config key 'evaluator.window' = 0 must be between 2 and 10000 {where}",
+        f"config key 'blocklist.base_ttl_seconds' = -10.0 must be above 0 and at most 31622400 {where}",
         "config key 'blocklist.allowlist' = ['not-a-cidr', '198.18.0.0/15', 'fe80::1%eth0'] holds entries that "
         "are not IPv4/IPv6 networks (ADDR or ADDR/LEN, host bits clear, no %zone): 'not-a-cidr', "
         f"'fe80::1%eth0' {where}",
-        f"config key 'retention.keep_days' = -1.0 must be above 0 {where}",
+        f"config key 'retention.keep_days' = -1.0 must be above 0 and at most 36600 {where}",
         f"config key 'alerts.smtp_port' = 99999 must be between 1 and 65535 {where}",
     ])
 
@@ -113,5 +113,5 @@ def test_config_check_reports_every_bad_value_at_once(state_env, capsys):
 def test_config_check_names_the_environment_variable(state_env, monkeypatch, capsys):
     monkeypatch.setenv("PORTWATCH_EVALUATOR_WINDOW", "1")
     assert main(["config", "check"]) == 2
-    assert capsys.readouterr().err.strip() == ("portwatch: error: config key 'evaluator.window' = 1 must be at "
-                                               "least 2 (env:PORTWATCH_EVALUATOR_WINDOW)")
+    assert capsys.readouterr().err.strip() == ("portwatch: error: config key 'evaluator.window' = 1 must be between "
+                                               "2 and 10000 (env:PORTWATCH_EVALUATOR_WINDOW)")

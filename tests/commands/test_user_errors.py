@@ -88,9 +88,10 @@ def lab_env(tmp_path, **more):
 def good_db(tmp_path):
     """A real portwatch database with one blocklist entry, every page on disk (no -wal left)."""
     db = tmp_path / "ports.db"
+    from app.db.connection import connect
+    connect(db).close()                         # made as collect makes it: `blacklist add` creates no database
     out = run("blacklist", "add", "198.18.0.50", "--ttl", "1h", "--db", str(db), env=lab_env(tmp_path))
     assert out.returncode == 0, out.stderr
-    from app.db.connection import connect
     conn = connect(db)
     with conn:                                  # enough rows that the tables span many pages
         conn.execute("CREATE TABLE IF NOT EXISTS pw_filler(id INTEGER PRIMARY KEY, t TEXT)")
@@ -143,6 +144,17 @@ def test_writers_refuse_a_corrupt_database_before_writing(corrupt_db, tmp_path, 
     (["collect", "--round-seconds", "inf"], "argument --round-seconds: must be a finite duration"),
     (["collect", "--round-seconds", "-1"], "argument --round-seconds: must not be negative"),
     (["run", "--evaluate-every", "nan"], "argument --evaluate-every: must be a finite duration"),
+    (["collect", "--round-seconds", "1e12"], "argument --round-seconds: must be at most 1d (86400 s), got '1e12'"),
+    (["run", "--round-seconds", "2d"], "argument --round-seconds: must be at most 1d (86400 s), got '2d'"),
+    (["collect", "--rounds", "100000000000000"], "argument --rounds: must be between 0 and 1000000000"),
+    (["blacklist", "add", "198.18.0.9", "--ttl", "1e18"], "--ttl must be at most 7d (604800 s), got '1e18'"),
+    (["blacklist", "add", "198.18.0.9", "--ttl", "1e11"], "--ttl must be at most 7d (604800 s), got '1e11'"),
+    (["top", "--interval", "1e9"], "argument --interval: must be at most 1h (3600 s), got '1e9'"),
+    (["top", "--count", "0"], "argument --count: must be between 1 and 1000000000, got 0"),
+    (["model", "rollback", "99999999999999999999999"], "argument VERSION: must be between 1 and"),
+    (["anomalies", "show", "99999999999999999999999"], "'99999999999999999999999' is not a finding id"),
+    (["cleanup", "--keep-days", "1e300"], "--keep-days must be a number of days above 0 and at most 36500"),
+    (["report", "--top-ports", "1000000000", "--out", "REPORTS"], "--top-ports must be 0 or more and at most 1000"),
     (["report", "--since", "nan", "--out", "REPORTS"], "--since 'nan' is neither"),
 ])
 def test_bad_flags_are_one_sentence_and_change_nothing(good_db, tmp_path, args, says):
@@ -199,3 +211,63 @@ def test_non_utf8_config_is_one_sentence(good_db, tmp_path):
     assert one_sentence(out.stderr) == (f"portwatch: error: config file {cfg} is not UTF-8 text (byte 0xe9 at "
                                         "offset 23): save it as UTF-8")
     assert sha256(good_db) == before
+
+
+def test_an_out_of_range_setting_is_refused_naming_its_key(good_db, tmp_path):
+    before = sha256(good_db)
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[blocklist]\nmax_ttl_seconds = 1e308\n")
+    out = run("config", "check", "--config", str(cfg), "--db", str(good_db), env=lab_env(tmp_path))
+    assert out.returncode == 2
+    assert "config key 'blocklist.max_ttl_seconds' = 1e+308 must be above 0 and at most 31622400" in out.stderr
+    out = run("blacklist", "add", "198.18.0.9", "--ttl", "1e18", "--config", str(cfg), "--db", str(good_db),
+              env=lab_env(tmp_path))
+    assert out.returncode == 2 and "blocklist.max_ttl_seconds" in one_sentence(out.stderr)
+    out = run("collect", "--db", str(good_db), env=lab_env(tmp_path, PORTWATCH_COLLECTOR_ROUND_SECONDS="1e12"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert one_sentence(out.stderr) == ("portwatch: error: config key 'collector.round_seconds' = 1000000000000.0 must "
+                                        "be above 0 and at most 86400 (env:PORTWATCH_COLLECTOR_ROUND_SECONDS)")
+    assert sha256(good_db) == before
+
+
+def test_readers_survive_a_stored_value_out_of_range(good_db, tmp_path):
+    conn = sqlite3.connect(good_db)
+    with conn:
+        conn.execute("UPDATE blacklist SET expires_at = 1e18, created_at = -1e300")
+    conn.close()
+    before = sha256(good_db)
+    out = run("blacklist", "list", "--db", str(good_db), env=lab_env(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "at 1e+18 s (out of range)" in out.stdout
+    out = run("blacklist", "list", "--json", "--db", str(good_db), env=lab_env(tmp_path))
+    assert out.returncode == 0 and __import__("json").loads(out.stdout)[0]["expires_at"] == 1e18
+    out = run("report", "--out", str(tmp_path / "r"), "--since", "all", "--db", str(good_db), env=lab_env(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert sha256(good_db) == before
+
+
+@pytest.mark.parametrize("args", [
+    ["evaluate"], ["blacklist", "add", "198.18.0.9"], ["blacklist", "remove", "198.18.0.9"], ["blacklist", "flush"],
+    ["allow", "add", "198.18.0.9"], ["allow", "remove", "198.18.0.9"], ["model", "rollback", "1"],
+])
+def test_writers_refuse_a_database_path_that_does_not_exist(tmp_path, args):
+    db = tmp_path / "typo" / "ports.db"
+    out = run(*args, "--db", str(db), env=lab_env(tmp_path))
+    assert out.returncode == 4, out.stderr
+    assert one_sentence(out.stderr) == (f"portwatch: error: database {db} does not exist: check --db (or general.db); "
+                                        "only collect, run and setup create a database")
+    assert not db.parent.exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["status"], ["anomalies", "list"], ["blacklist", "list"], ["allow", "list"], ["model", "list"],
+    ["fleet", "status"], ["config", "show"],
+])
+def test_readers_create_no_file_beside_a_0644_database(good_db, tmp_path, args):
+    good_db.chmod(0o644)
+    beside = lambda: sorted(p.name for p in good_db.parent.iterdir() if p.name.startswith(good_db.name))  # noqa: E731
+    before, digest = beside(), sha256(good_db)
+    assert before == ["ports.db"]
+    run(*args, "--db", str(good_db), env=lab_env(tmp_path))
+    assert beside() == before                                            # no -wal, no -shm
+    assert sha256(good_db) == digest

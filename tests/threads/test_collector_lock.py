@@ -1,4 +1,4 @@
-"""One collector per interface, whatever its database or state dir: the lock lives in general.run_dir."""
+"""One collector per interface, whatever its database, state dir or run dir: the lock lives at a fixed place."""
 from __future__ import annotations
 
 import os
@@ -15,10 +15,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def collector(tmp_path: Path, name: str, interface: str, seconds: str) -> subprocess.Popen:
-    """A `collect` run with its own database and state dir, sharing tmp_path/run with the others."""
+    """A `collect` run with its own database, state dir and run dir."""
     (tmp_path / "none.toml").write_text("")
     env = dict(os.environ, PORTWATCH_CONFIG=str(tmp_path / "none.toml"),
-               PORTWATCH_STATE_DIR=str(tmp_path / name / "state"), PORTWATCH_RUN_DIR=str(tmp_path / "run"),
+               PORTWATCH_STATE_DIR=str(tmp_path / name / "state"), PORTWATCH_RUN_DIR=str(tmp_path / name / "run"),
                PORTWATCH_DB=str(tmp_path / name / "ports.db"))
     return subprocess.Popen([sys.executable, "-m", "app", "collect", "--interface", interface, "--round-seconds",
                              seconds, "--no-sniffer", "--no-scanner"], env=env, cwd=str(REPO),
@@ -26,9 +26,11 @@ def collector(tmp_path: Path, name: str, interface: str, seconds: str) -> subpro
 
 
 @pytest.mark.kernel
-def test_second_collector_with_other_state_dir_and_database_exits_6(lab, tmp_path):
+def test_second_collector_with_other_state_dir_run_dir_and_database_exits_6(lab, tmp_path):
+    from app.services import locks
     first = collector(tmp_path, "a", lab.interface, "20")
-    lock = tmp_path / "run" / f"collector-{lab.interface}.lock"
+    lock = locks.interface_path(lab.interface)
+    assert lock.parent == Path("/run/portwatch/interfaces")
     try:
         deadline = time.monotonic() + 60                 # the first run compiles the program: bounded wait
         while time.monotonic() < deadline and first.poll() is None:

@@ -34,7 +34,7 @@ from app.db.ports import PortIds  # noqa: E402
 from app.errors import BpfError, NeedsRootError, PortwatchError  # noqa: E402
 from app.services import locks, ports  # noqa: E402
 from app.services.kernel import enforcement  # noqa: E402
-from app.services.collector import egress_rounds, round_rows, rounds  # noqa: E402
+from app.services.collector import egress_rounds, round_rows, rounds, snapshots  # noqa: E402
 from app.services.kernel import egress, maps, pin_owner, xdp  # noqa: E402
 from app.services.kernel.bpf_structs import GLOBAL_NAMES, MAP_LAYOUT, PwConfig  # noqa: E402
 
@@ -95,15 +95,20 @@ class Collector:
     schedules it). Use as a context manager: ``open()`` takes the per-interface lock, opens the
     database, makes sure the program is loaded and opens the pinned maps."""
 
-    def __init__(self, settings, interface: str, takeover: bool = False, after_round=()):
+    def __init__(self, settings, interface: str, takeover: bool = False, replace: bool = False, after_round=()):
         """``after_round``: callables ``hook(conn, settings)`` run after each round, before the blocklist's
         reconcile (so what a hook adds to the ledger is enforced in the same round); each bounds its
-        own time and never raises. The collection loop passes the CrowdSec sync (app/threads/)."""
+        own time and never raises. The collection loop passes the CrowdSec sync (app/threads/).
+        ``takeover``: claim the interface from another database on purpose; ``replace``: replace an XDP
+        program portwatch did not load, on purpose."""
         self.settings = settings
         self.after_round = tuple(after_round)
         self.takeover = takeover                  # claim the interface from another database on purpose
+        self.replace = replace                    # replace an XDP program portwatch did not load, on purpose
         self.db_id: str | None = None
         self._born: set[int] = set()              # kernel ids of maps that started at zero for this database
+        self.record: dict | None = None           # the pin record as claimed: its epoch judges stored snapshots
+        self.takeover_round: RoundSummary | None = None   # the baseline a takeover stored before claiming
         self.interface = interface
         self.db_path = Path(settings.general.db)
         self.pin_dir = xdp.pin_dir(settings, interface)
@@ -131,11 +136,16 @@ class Collector:
         xdp.check_interface(self.interface)
         self._lock_fh = self._lock()
         try:
+            pin_owner.refuse_foreign(self.interface, self.settings.general.pin_root, self.replace)
             pin_owner.refuse_other_database(self.pin_dir, self.interface, self.db_path, self.takeover)
             self.conn = connect(self.db_path)
             self.db_id = rounds_db.database_id(self.conn)
             xdp.ensure_bpffs(Path(self.settings.general.pin_root))
-            pin_owner.claim(self.pin_dir, self.interface, self.db_id, self.db_path, self.takeover)
+            epoch = None
+            if self.takeover and pin_owner.claimed_by_other(self.pin_dir, self.db_id):
+                epoch = self._takeover_baseline()    # this database's first write, before the pins change
+            self.record = pin_owner.claim(self.pin_dir, self.interface, self.db_id, self.db_path, self.takeover,
+                                          epoch=epoch)
             self.close_retired()                     # left by a run killed right after a recreate
             self.load_state = xdp.ensure_loaded(self.settings, self.interface,
                                                 prefill=lambda: enforcement.active_cidrs(self.conn))
@@ -145,6 +155,7 @@ class Collector:
                                               self.load_state.program_id, self.load_state.source_hash,
                                               self.load_state.reason, self.load_state.compile_seconds)
             self.close_retired()
+            self.record = pin_owner.read(self.pin_dir) or self.record
             if self.load_state.maps_created:         # the prefilled entries count their drops from zero
                 enforcement.forget_map(self.conn, self.interface)
             enforcement.note_prefilled(self.conn, self.interface, self.load_state.prefilled)
@@ -167,8 +178,42 @@ class Collector:
             self._lock_fh = None
 
     def _lock(self):
-        return locks.hold(self.settings, f"collector-{self.interface}",
-                          f"another collector is running on {self.interface}: this run does not overlap it")
+        return locks.hold_interface(self.interface,
+                                    f"another collector is running on {self.interface}: this run does not overlap it")
+
+    def _takeover_baseline(self) -> str | None:
+        """Store a baseline round of the maps as they are, under a new epoch, BEFORE the pin record names this
+        database: a takeover whose database cannot write (a full disk) fails here and leaves the pins, the
+        map and the old owner's blocks as they were. Returns the new epoch (None: no maps to read)."""
+        maps_now = maps.open_maps(self.pin_dir, missing_ok=True)
+        if "config" not in maps_now:
+            for m in maps_now.values():
+                m.close()
+            return None
+        epoch = pin_owner.new_epoch()
+        self._maps, self.record, self._born = maps_now, {"epoch": epoch}, set()
+        self.load_state = xdp.pinned_state(self.interface, self.pin_dir)
+        try:
+            self.takeover_round = self.close_round(time.time(), Observations(), reconcile=False,
+                                                   note="baseline: taken over from another database")
+        finally:
+            for m in self._maps.values():
+                m.close()
+            self._maps, self.load_state, self._first = {}, None, True
+        return epoch
+
+    def check_attached(self) -> None:
+        """BpfError (exit 5) when the program this collector counts with is no longer attached to the
+        interface (detached or replaced under it): its maps stop counting, so a round now would store
+        nothing as if nothing came. The last snapshot stays; the next `collect` re-attaches and counts on."""
+        want = self.load_state.program_id if self.load_state else None
+        now = xdp.attached_program(self.interface)
+        if want is None or (now and now[0] == want):
+            return
+        what = ("nothing is attached now" if not now else
+                f"program {now[0]} ({pin_owner.program_name(now[0]) or 'unnamed'}) is attached instead")
+        raise BpfError(f"portwatch's XDP program {want} was detached from {self.interface} while this collector ran "
+                       f"({what}): it stopped without storing the round; run collect again to re-attach it")
 
     def close_retired(self) -> RoundSummary | None:
         """Close a last round from the maps a recreate replaced (``<pin_dir>/retired``: frozen since the
@@ -248,16 +293,21 @@ class Collector:
             if gc_was_enabled:
                 gc.enable()
 
-    def _baseline_plan(self) -> tuple[dict[str, int], dict[str, int | None], bool]:
-        """(map ids now, map ids of the stored snapshots, baseline?) — a stored snapshot counts as the previous reading of a map only when it
-        was read from that very map (same kernel map id; NULL: stored before ids were); a map without one
-        counts from zero when a load created it for this database (``maps_born``); otherwise this round is
-        a baseline: its counts cover an unknown span before this database watched the interface."""
+    def _baseline_plan(self) -> tuple[dict[str, int], dict[str, tuple], bool]:
+        """(map ids now, (map id, epoch) of the stored snapshots, baseline?) — a stored snapshot counts as the
+        previous reading of a map only when it was read from that very map (same kernel map id; NULL: stored
+        before ids were) in the pin record's current epoch (another epoch: another database owned the
+        interface since, and counted what came meanwhile); a map without one counts from zero when a load
+        created it for this database (``maps_born``); otherwise this round is a baseline: its counts cover
+        an unknown span before this database watched the interface."""
         ids = {name: self._maps[name].info.id for name in SNAPSHOT_MAPS if name in self._maps}
-        stored = rounds_db.snapshot_map_ids(self.conn, self.interface)
-        baseline = any(not (name in stored and stored[name] in (None, ids[name])) and ids[name] not in self._born
+        stored = rounds_db.snapshot_heads(self.conn, self.interface)
+        baseline = any(not self._snapshot_valid(stored.get(name), ids[name]) and ids[name] not in self._born
                        for name in ids)
         return ids, stored, baseline
+
+    def _snapshot_valid(self, head: tuple | None, map_id: int | None) -> bool:
+        return head is not None and head[0] in (None, map_id) and pin_owner.epoch_accepts(self.record, head[1])
 
     def _close_round(self, start, seen: Observations, compiled, reloaded, note, reconcile=True,
                      at: float | None = None) -> RoundSummary:
@@ -276,23 +326,22 @@ class Collector:
         if baseline:
             log.warning("round on %s is a baseline: the maps' counts predate this database (%s), so they are stored "
                         "as the snapshot, not as traffic", self.interface, self.db_path)
-            note = "baseline: counts from before this database watched the interface (not traffic)"
+            if not (note or "").startswith("baseline"):
+                note = "baseline: counts from before this database watched the interface (not traffic)"
             seen = Observations(scanner_status=seen.scanner_status, sniffer_status=seen.sniffer_status)
         # one map at a time, so the previous snapshot of only one map is in memory at once
-        deltas, prev_entries, since = {}, {}, None
+        deltas, prev_entries, since, plans = {}, {}, None, {}
         for name in SNAPSHOT_MAPS:
-            snap = rounds_db.load_snapshot(conn, self.interface, name) if name in self._maps else None
-            valid = snap is not None and stored.get(name) in (None, map_ids.get(name))
-            if baseline and name in self._maps:
-                prev = readings[name]                 # nothing is history: every delta is zero
-            else:
-                prev = (rounds.unpack_snapshot(name, self._maps[name].info.key_size, snap[1])
-                        if valid else rounds.empty(name))
-            if valid:
-                since = snap[0] if since is None else min(since, snap[0])
-            deltas[name] = rounds.diff(readings[name], prev)
-            prev_entries[name] = prev.entries
-            del prev, snap
+            if name not in self._maps:
+                deltas[name], prev_entries[name] = rounds.diff(readings[name], rounds.empty(name)), 0
+                continue
+            valid = self._snapshot_valid(stored.get(name), map_ids[name])
+            prev = snapshots.load(conn, self.interface, name, readings[name], valid, baseline)
+            if prev.taken_at is not None:
+                since = prev.taken_at if since is None else min(since, prev.taken_at)
+            deltas[name], prev_entries[name] = rounds.diff(readings[name], prev.reading), prev.entries
+            plans[name] = snapshots.plan(readings[name], deltas[name], None if baseline else prev)
+            del prev
         g = _globals(deltas["global"])
         eg = _globals(deltas["eg_global"])
         ev = {name: _evictions(inserts, readings[name].entries, prev_entries[name]) for name, inserts in (
@@ -331,13 +380,15 @@ class Collector:
         program_id = self.load_state.program_id if self.load_state else None
         n_sources = len(deltas["sources"])
 
+        owner_epoch = (self.record or {}).get("epoch")
+
         def snapshot(*names):
-            """Store these maps' new snapshots and let their readings go."""
+            """Store these maps' new snapshots (only the buckets that changed) and let their readings go."""
             for name in names:
                 if name in self._maps:
-                    rounds_db.save_snapshot(conn, self.interface, name, end, round_id, program_id,
-                                            readings[name].entries, rounds.pack_snapshot(readings[name]),
-                                            map_ids[name])
+                    snapshots.save(conn, self.interface, name, readings[name].entries, plans.pop(name),
+                                   {"taken_at": end, "round_id": round_id, "program_id": program_id,
+                                    "map_id": map_ids[name], "epoch": owner_epoch})
                 del readings[name], deltas[name]
 
         with conn:

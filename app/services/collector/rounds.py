@@ -8,9 +8,12 @@ an LRU entry evicted and re-inserted) is treated as restarted from zero: its del
 current value.
 
 Values are decoded with numpy structured dtypes built from the ctypes mirrors in bpf_structs.py, so a
-round over 50k entries costs milliseconds, not a Python loop per CPU per field. A snapshot is
-one BLOB per map: all keys (n * key_size bytes) followed by the counters (n * width u64, little
-endian).
+round over 50k entries costs milliseconds, not a Python loop per CPU per field. A snapshot is stored
+in buckets by key (a hash of the key's bytes, :func:`bucket_of`; about BUCKET_ENTRIES keys each), each
+bucket two BLOBs: its keys (n * key_size bytes) and their counters (n * width u64, little endian),
+stored apart so the counters of many buckets share a page. A round rewrites the keys of the buckets
+whose key set changed (new keys, LRU evictions) and the counters of the buckets with a key that counted
+(:func:`changed_buckets`): a quiet round on full maps writes kilobytes, not the maps' megabytes.
 """
 from __future__ import annotations
 
@@ -151,12 +154,100 @@ def pack_snapshot(reading: MapReading) -> bytes:
     return reading.raw_keys + reading.counters.astype("<u8").tobytes()
 
 
-def unpack_snapshot(name: str, key_size: int, blob: bytes) -> MapReading:
+BUCKET_ENTRIES = 64          # keys per snapshot bucket, on average, when the map is full
+MAX_BUCKETS = 1 << 16
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+
+
+def bucket_count(max_entries: int) -> int:
+    """Buckets of a map's snapshot: the power of two nearest above max_entries / BUCKET_ENTRIES (1..MAX_BUCKETS)."""
+    want = max(1, int(max_entries) // BUCKET_ENTRIES)
+    return min(MAX_BUCKETS, 1 << (want - 1).bit_length())
+
+
+def bucket_of(reading: MapReading, buckets: int) -> np.ndarray:
+    """(n,) bucket of each key: FNV-1a over the key's 32-bit words (stable across runs and hosts)."""
+    n, ks = reading.entries, reading.key_size
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    width = 4 if ks % 4 == 0 else 1
+    words = np.frombuffer(reading.raw_keys, dtype="<u4" if width == 4 else np.uint8, count=n * ks // width)
+    words = words.reshape(n, ks // width).astype(np.uint64)
+    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    for col in range(words.shape[1]):
+        h ^= words[:, col]
+        h *= _FNV_PRIME
+    h ^= h >> np.uint64(29)
+    return (h & np.uint64(buckets - 1)).astype(np.int64)
+
+
+def pack_buckets(reading: MapReading, buckets: int, which=None) -> dict[int, tuple[bytes, bytes]]:
+    """bucket -> (its keys back to back, their counters as <u8) for the buckets ``which`` (None: every bucket
+    that holds a key); keys sorted within a bucket, so a bucket whose keys stay keeps its layout. A bucket of
+    ``which`` that holds no key maps to (b"", b"") (to be removed)."""
+    of = bucket_of(reading, buckets)
+    wanted = np.unique(of) if which is None else np.asarray(sorted(which), dtype=np.int64)
+    out = {int(b): (b"", b"") for b in wanted.tolist()}
+    rows = np.flatnonzero(np.isin(of, wanted))
+    if not len(rows):
+        return out
+    rows = rows[np.lexsort((reading.key_array[rows], of[rows]))]
+    raw = np.frombuffer(reading.raw_keys, dtype=np.uint8,
+                        count=reading.entries * reading.key_size).reshape(reading.entries, reading.key_size)
+    bounds = np.flatnonzero(np.diff(of[rows])) + 1
+    for group in np.split(rows, bounds):
+        out[int(of[group[0]])] = (raw[group].tobytes(), reading.counters[group].astype("<u8").tobytes())
+    return out
+
+
+def changed_buckets(delta: "Delta", previous: MapReading, buckets: int) -> tuple[set[int], set[int]]:
+    """(buckets whose key set changed, buckets whose counters changed) against the stored ``previous``:
+    keys new since it or gone from it (an LRU eviction) change both; a non-zero delta changes the counters."""
+    current = delta.reading
+    new = np.flatnonzero(delta.matched < 0) if delta.matched is not None else np.arange(current.entries)
+    of = bucket_of(current, buckets) if current.entries else np.zeros(0, dtype=np.int64)
+    keys = set(of[new].tolist())
+    if previous.entries:
+        kept = np.zeros(previous.entries, dtype=bool)
+        if delta.matched is not None:
+            kept[delta.matched[delta.matched >= 0]] = True
+        gone = np.flatnonzero(~kept)
+        if len(gone):
+            keys |= set(bucket_of(previous, buckets)[gone].tolist())
+    return keys, keys | set(of[delta.index].tolist())
+
+
+def join_parts(name: str, key_size: int, parts: list[tuple[bytes, bytes]]) -> MapReading:
+    """One reading from a snapshot's (keys, counters) parts, one per bucket; empty when a part does not
+    fit this layout (a snapshot of maps with another key size)."""
+    width = len(COUNTERS[name])
+    keys, counters = [], []
+    for k, c in parts:
+        n = len(k) // key_size
+        if n * key_size != len(k) or len(c) != n * 8 * width:
+            return empty(name, key_size)
+        keys.append(k)
+        counters.append(c)
+    blob_keys, blob_counters = b"".join(keys), b"".join(counters)
+    n = len(blob_keys) // key_size
+    if not n:
+        return empty(name, key_size)
+    return MapReading(name, blob_keys, key_size, np.frombuffer(blob_counters, dtype="<u8").reshape(n, width)
+                      .astype(np.uint64))
+
+
+def split_snapshot(name: str, key_size: int, blob: bytes) -> tuple[bytes, bytes]:
+    """A snapshot stored as one BLOB (before buckets) as one (keys, counters) part."""
+    n = len(blob) // (key_size + 8 * len(COUNTERS[name]))
+    return blob[:n * key_size], blob[n * key_size:]
+
+
+def unpack_snapshot(name: str, key_size: int, blob: bytes) -> MapReading | None:
     width = len(COUNTERS[name])
     n = len(blob) // (key_size + 8 * width)
     if n * (key_size + 8 * width) != len(blob):
         # a snapshot of an older layout of this map (its maps were recreated since): nothing to subtract
-        return empty(name, key_size)
+        return None
     counters = np.frombuffer(blob, dtype=np.uint64 if np.little_endian else "<u8", count=n * width,
                              offset=n * key_size).reshape(n, width)
     return MapReading(name, blob[: n * key_size], key_size, counters)
@@ -167,12 +258,14 @@ class Delta:
     """Per-key differences of one map for one round: only keys with a non-zero delta.
 
     values: (k, width) int64; index: (k,) row of each key in ``reading`` (the current reading:
-    keys and extras are looked up there, so no per-key Python object exists until needed).
+    keys and extras are looked up there, so no per-key Python object exists until needed);
+    matched: (n,) row of each current key in the previous reading, -1 when new (None: no previous).
     """
     name: str
     values: np.ndarray
     index: np.ndarray
     reading: MapReading
+    matched: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -205,6 +298,7 @@ def diff(current: MapReading, previous: MapReading) -> Delta:
         return Delta(current.name, np.zeros((0, current.counters.shape[1]), dtype=np.int64),
                      np.zeros(0, dtype=np.int64), current)
     cur = current.counters.astype(np.int64)
+    idx = None
     if previous.entries:
         idx = match(current.key_array, previous.key_array)
         known = idx >= 0
@@ -216,7 +310,7 @@ def diff(current: MapReading, previous: MapReading) -> Delta:
     else:
         delta = cur
     rows = np.flatnonzero(delta.any(axis=1))
-    return Delta(current.name, delta[rows], rows, current)
+    return Delta(current.name, delta[rows], rows, current, idx)
 
 
 def match(keys: np.ndarray, reference: np.ndarray) -> np.ndarray:

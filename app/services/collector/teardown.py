@@ -36,9 +36,8 @@ def down(settings, interface: str) -> list[str]:
         raise NeedsRootError("detaching XDP needs root: run it with sudo")
     done: list[str] = []
     pdir = xdp.pin_dir(settings, interface)
-    with locks.holding(settings, f"collector-{interface}",
-                       f"a collector is running on {interface}: stop it first (SIGTERM ends it after its round), "
-                       "then run down again"):
+    with locks.hold_interface(interface, f"a collector is running on {interface}: stop it first (SIGTERM ends it "
+                                         "after its round), then run down again"):
         record = pin_owner.read(pdir) if pdir.exists() else None
         done += detach(settings, interface)
         if (pdir / "port_stats").exists():
@@ -123,11 +122,8 @@ def open_as_is(collector: Collector, expected_db_id: str | None = None) -> None:
                                 "(its identity differs)")
         collector.db_id = found
         pdir = collector.pin_dir
-        meta = xdp.read_meta(pdir)
-        prog = pdir / "prog"
-        collector.load_state = xdp.LoadState(
-            collector.interface, pdir, {1: "native", 2: "generic"}.get(meta.mode) if meta else None,
-            maps.prog_info(prog).id if prog.exists() else None, bytes(meta.source_hash).hex() if meta else None)
+        collector.record = pin_owner.read(pdir)
+        collector.load_state = xdp.pinned_state(collector.interface, pdir)
         collector.close_retired()
         collector._born = pin_owner.born_ids(pdir)
         collector._maps = maps.open_maps(pdir)

@@ -107,7 +107,7 @@ def run(settings: Settings, conn: sqlite3.Connection | None = None, *, clock=tim
     """
     own = conn is None
     if own:
-        conn = connect(settings.general.db)
+        conn = connect(settings.general.db, create=False)
     try:
         with locks.holding(settings, "evaluate", "another evaluation is running: wait for it to finish"):
             started = clock()

@@ -17,12 +17,11 @@ Pure functions of a :class:`~app.services.evaluation.findings.Finding` except wh
 """
 from __future__ import annotations
 
-import time
 from typing import Iterable
 
 from app.db import anomalies as db
 from app.services.evaluation.findings import Finding, anomaly_key
-from app.services.text import counted
+from app.services.text import counted, inert, inert_lines, utc
 
 # units of the model's features (app/services/evaluation/series.py FEATURES): counts are per nominal round
 FEATURE_UNITS = {
@@ -129,7 +128,12 @@ def _where(finding: Finding, holders: list[dict] | None) -> str:
 
 def summary(finding: Finding, holders: list[dict] | None = None) -> str:
     """One line about ``finding`` for people. ``holders``: who held its port in its rounds
-    ([{pid, process, user, address}], from occupancy), None when unknown."""
+    ([{pid, process, user, address}], from occupancy), None when unknown. Names in it (processes, users,
+    DNS names) came from other users or the network: the line is made inert (text.inert)."""
+    return inert(_summary(finding, holders))
+
+
+def _summary(finding: Finding, holders: list[dict] | None) -> str:
     f, d = finding, finding.details
     rounds = (f"round {f.first_round_id}" if f.first_round_id == f.last_round_id
               else f"rounds {f.first_round_id}-{f.last_round_id}")
@@ -232,7 +236,7 @@ def fill_summaries(conn, findings: Iterable[Finding]) -> None:
 # --- the full explanation ------------------------------------------------------------------------------
 
 def _time(t: float | None) -> str | None:
-    return None if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return None if t is None else utc(t)
 
 
 def explain(conn, finding: Finding, settings=None) -> dict:
@@ -284,7 +288,7 @@ def lines(explained: dict) -> list[str]:
         when += f", {e['started']} to {e['ended']}"
     out.append(f"  when       {when}")
     if e["port"] is not None:
-        procs = ", ".join(f"{h.get('process') or '?'} (pid {h.get('pid', '?')}, user {h.get('user', '?')}"
+        procs = ", ".join(f"{inert(h.get('process') or '?')} (pid {h.get('pid', '?')}, user {inert(h.get('user', '?'))}"
                           + (f", on {h['address']}" if h.get("address") else "") + ")"
                           for h in (e["holders"] or [])) or "nothing listening (occupancy)"
         out.append(f"  port       {e['port_label']}: {procs}")
@@ -321,5 +325,5 @@ def lines(explained: dict) -> list[str]:
     if not e["blocks"]:
         done += [f"{ev['action']} {ev['address']} at {ev['at']}: {ev['detail']}" for ev in e["block_events"]
                  if ev["action"] in ("refused", "would-block")][:5]
-    out.append("  done       " + ("\n             ".join(done) if done else "nothing (no block, no alert)"))
-    return out
+    out.append("  done       " + ("\n             ".join(inert(d) for d in done) if done else "nothing (no block, no alert)"))
+    return [inert_lines(line) for line in out]

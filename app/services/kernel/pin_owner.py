@@ -5,6 +5,8 @@ bpffs holds only BPF objects, so the record is a pinned one-entry BPF array map,
 and dies with the pins: `down`, a reboot or an ``rm -r`` of the pin directory takes it along.
 
     {"db_id": "<hex>", "db_path": "/var/lib/portwatch/ports.db", "claimed_at": 1764120000.0,
+     "epoch": "<hex>",                 # random, new at every claim by another database (a takeover is an epoch)
+     "null_epoch": "<hex>",            # (only after an upgrade) snapshots stored before epochs belong to this one
      "maps_born": [812, 813, ...],     # kernel ids of maps that started at zero while this db owned them
      "load": {"state": "compiling"|"attaching"|"attached", "pid": 4242, "at": ..., "program_id": 977,
               "program_tag": "a1b2...", "retired": false}}
@@ -17,6 +19,9 @@ Who writes what
     anywhere leaves a record; :func:`describe_attachment` (status, doctor) reports it, and `down`
     removes what it names. ``maps_born`` tells the collector that these maps started from zero for
     this database, so their first round counts everything (otherwise that round is only a baseline).
+    ``epoch`` changes whenever another database claims the directory: a database's snapshot records the
+    epoch it was read under, and a round against a snapshot of another epoch is only a baseline — so a
+    database taking an interface back never counts what the other one counted meanwhile.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -103,12 +109,25 @@ def record_load(pdir: str | Path, state: str, **details) -> None:
     write(pdir, record)
 
 
-def claim(pdir: str | Path, interface: str, db_id: str, db_path: str | Path, takeover: bool = False) -> dict:
+def new_epoch() -> str:
+    """A random takeover epoch."""
+    return secrets.token_hex(8)
+
+
+def claimed_by_other(pdir: str | Path, db_id: str) -> bool:
+    """True when ``pdir``'s record names a database other than ``db_id``."""
+    record = read(pdir) if Path(pdir).exists() else None
+    return bool(record and record.get("db_id") and record["db_id"] != db_id)
+
+
+def claim(pdir: str | Path, interface: str, db_id: str, db_path: str | Path, takeover: bool = False,
+          epoch: str | None = None) -> dict:
     """Make ``pdir`` enforced by the database ``db_id`` (at ``db_path``), or refuse.
 
     A directory with no record (or one no database claimed) is claimed; one claimed by this database
     is kept (its path brought up to date); one claimed by another database raises UsageError unless
-    ``takeover`` — then the record names this database and no map counts as born for it.
+    ``takeover`` — then the record names this database and no map counts as born for it. Every claim by a
+    database the record did not name starts a new epoch (``epoch``, or a random one).
     """
     record = read(pdir)
     db_path = str(Path(db_path).resolve())
@@ -117,19 +136,35 @@ def claim(pdir: str | Path, interface: str, db_id: str, db_path: str | Path, tak
             raise refusal(interface, record)
         log.warning("taking %s over from the database %s: its blocklist becomes this database's", interface,
                     record.get("db_path"))
-        record = dict(record, maps_born=[])
+        record = {k: v for k, v in record.items() if k not in ("epoch", "null_epoch")}
+        record["maps_born"] = []
     if record is None and (Path(pdir) / "port_stats").exists():
         # pins made before pin records existed (an older portwatch): adopted, their counts are this
         # database's as before (a snapshot it stored keeps being used; without one, they count whole)
-        record = {"maps_born": sorted(_pinned_map_ids(Path(pdir)).values())}
+        record = {"maps_born": sorted(_pinned_map_ids(Path(pdir)).values()), "null_epoch": True}
         log.info("adopting the record-less pins of %s for %s", interface, db_path)
     record = dict(record or {})
-    if record.get("db_id") == db_id and record.get("db_path") == db_path:
+    if not record.get("epoch"):
+        record["epoch"] = epoch or new_epoch()
+        if record.get("db_id") == db_id or record.get("null_epoch") is True:
+            record["null_epoch"] = record["epoch"]     # an upgrade: this database's older snapshots stay valid
+        else:
+            record.pop("null_epoch", None)
+    elif record.get("db_id") == db_id and record.get("db_path") == db_path:
         return record
     record.update(db_id=db_id, db_path=db_path, claimed_at=time.time())
     record.setdefault("maps_born", [])
     write(pdir, record)
     return record
+
+
+def epoch_accepts(record: dict | None, snapshot_epoch: str | None) -> bool:
+    """Was a snapshot read under ``snapshot_epoch`` taken in the record's current epoch? (No record: only
+    snapshots without an epoch are.)"""
+    epoch = (record or {}).get("epoch")
+    if snapshot_epoch is None:
+        return epoch is None or (record or {}).get("null_epoch") == epoch
+    return snapshot_epoch == epoch
 
 
 def _pinned_map_ids(pdir: Path) -> dict[str, int]:
@@ -217,9 +252,10 @@ def program_name(program_id: int) -> str | None:
 def describe_attachment(interface: str, pin_root: str | Path) -> dict:
     """What is attached to ``interface`` and what portwatch recorded about it (status, doctor, down).
 
-    {'program_id', 'program_name', 'owner_db', 'load_state', 'recorded', 'leftover', 'problem'}:
+    {'program_id', 'program_name', 'owner_db', 'load_state', 'recorded', 'leftover', 'foreign', 'problem'}:
     ``recorded``: the attached program is the one the record or the pin names; ``leftover``: an
-    attached portwatch program (by its name) that nothing records; ``problem``: one sentence, or None.
+    attached portwatch program (by its name) that nothing records; ``foreign``: one sentence naming an
+    attached program portwatch did not load, or None; ``problem``: one sentence, or None.
     """
     from app.services.kernel.attachment import xdp_attachment
     pdir = Path(pin_root) / interface
@@ -235,10 +271,12 @@ def describe_attachment(interface: str, pin_root: str | Path) -> dict:
     info = {"interface": interface, "program_id": attached[0] if attached else None,
             "program_name": program_name(attached[0]) if attached and attached[0] else None,
             "owner_db": (record or {}).get("db_path"), "load_state": load.get("state"), "recorded": False,
-            "leftover": False, "problem": None}
+            "leftover": False, "foreign": None, "problem": None}
     if attached:
         info["recorded"] = attached[0] in (pinned_id, load.get("program_id"))
         info["leftover"] = not info["recorded"] and info["program_name"] == PROGRAM_NAME.decode()
+        if not (info["recorded"] or info["leftover"]):
+            info["foreign"] = foreign_text(interface, attached[0], info["program_name"])
     fix = f"`python -m app down --interface {interface}` removes it"
     if info["leftover"]:
         info["problem"] = (f"a portwatch XDP program (id {attached[0]}) is attached to {interface} with no record "
@@ -249,8 +287,36 @@ def describe_attachment(interface: str, pin_root: str | Path) -> dict:
     return info
 
 
+def foreign_text(interface: str, program_id: int, name: str | None) -> str:
+    """The one sentence naming a program portwatch did not load."""
+    return (f"XDP program {program_id} ({name or 'unnamed'}) on {interface} was not loaded by portwatch: portwatch "
+            "never replaces it (collect --replace takes the interface over on purpose, stopping what it does)")
+
+
+def refuse_foreign(interface: str, pin_root: str | Path, replace: bool = False) -> None:
+    """BpfError (exit 5) naming the program attached to ``interface`` when portwatch did not load it, unless
+    ``replace``: a load balancer or a DDoS filter there keeps working."""
+    info = describe_attachment(interface, pin_root)
+    if not info["foreign"]:
+        return
+    if not replace:
+        raise BpfError(info["foreign"])
+    log.warning("replacing XDP program %s (%s) on %s on purpose (--replace)", info["program_id"],
+                info["program_name"], interface)
+
+
+def foreign_programs(pin_root: str | Path) -> list[tuple[str, str]]:
+    """(interface, sentence) for every XDP program on this host that portwatch did not load."""
+    return _sentences(pin_root, "foreign")
+
+
 def problems(pin_root: str | Path) -> list[tuple[str, str]]:
     """(interface, sentence) for every unfinished load and every leftover portwatch program on this host."""
+    return _sentences(pin_root, "problem")
+
+
+def _sentences(pin_root: str | Path, field: str) -> list[tuple[str, str]]:
+    """(interface, describe_attachment()[field]) for every interface and pin directory where it is set."""
     names = set()
     for base in (Path(pin_root), Path("/sys/class/net")):
         try:
@@ -260,10 +326,10 @@ def problems(pin_root: str | Path) -> list[tuple[str, str]]:
     found = []
     for name in sorted(names):
         try:
-            problem = describe_attachment(name, pin_root)["problem"]
+            sentence = describe_attachment(name, pin_root)[field]
         except Exception as exc:   # a vanished interface, no libbpf: not this check's business
             log.debug("cannot describe %s: %s", name, exc)
             continue
-        if problem:
-            found.append((name, problem))
+        if sentence:
+            found.append((name, sentence))
     return found

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from app import resources
 from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
 from app.services import progress
 from app.services.kernel import egress, maps, pin_owner
@@ -49,7 +50,7 @@ from app.services.kernel.attachment import xdp_attachment as attached_program
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+BPF_DIR = resources.BPF_DIR
 # compiled as ONE BCC text (BCC takes programs only from its main source, not from #include'd files)
 SOURCES = (BPF_DIR / "port_flow.c", BPF_DIR / "egress.c")
 SOURCE = SOURCES[0]
@@ -136,6 +137,16 @@ def pin_dir(settings, interface: str) -> Path:
     return Path(settings.general.pin_root) / interface
 
 
+def pinned_state(interface: str, pdir: Path) -> LoadState:
+    """The LoadState of the program pinned in ``pdir`` as it is (nothing loaded): mode and source hash from
+    its meta map, the program id from its pin (None when absent)."""
+    meta = read_meta(pdir)
+    prog = pdir / "prog"
+    return LoadState(interface, pdir, {1: "native", 2: "generic"}.get(meta.mode) if meta else None,
+                     maps.prog_info(prog).id if prog.exists() else None,
+                     bytes(meta.source_hash).hex() if meta else None)
+
+
 def check_interface(interface: str) -> int:
     """The interface's ifindex; UsageError with one sentence when it does not exist."""
     if not interface or "/" in interface or len(interface) > 15:
@@ -188,7 +199,8 @@ def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> 
     info["programs"] = egress.programs_text(info)       # one line for status: XDP and TC egress
     try:
         att = pin_owner.describe_attachment(interface, pin_root)
-        info.update(owner_db=att["owner_db"], load_state=att["load_state"], problem=att["problem"])
+        info.update(owner_db=att["owner_db"], load_state=att["load_state"], problem=att["problem"],
+                    foreign=att["foreign"])
     except BpfError as exc:
         log.debug("cannot read the pin record of %s: %s", interface, exc)
     return info
@@ -238,8 +250,6 @@ def ensure_loaded(settings, interface: str, prefill: Callable[[], list[str]] | N
             log.warning("pinned maps of %s cannot be reused (%s): recreating them", interface, mismatch)
             recreate = True
             reason = "maps-recreated"
-    if info["attached"] and not info["ours"] and not info["pinned"]:
-        log.warning("another XDP program (id %s) is attached to %s: portwatch replaces it", info["program_id"], interface)
     result = run_loader(settings, interface, pdir, recreate=recreate, prefill=prefill() if prefill else [])
     state = LoadState(interface, pdir, result["mode"], result["program_id"], want_hash, compiled=True,
                       reloaded=info["attached"], reason=reason, compile_seconds=result["compile_seconds"],
@@ -259,7 +269,7 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False, pre
         cmd.append("--recreate")
     cmd += ["--flag=" + f for f in build_flags(settings)]
     env = dict(os.environ)
-    env.setdefault("PYTHONPATH", str(BPF_DIR.parent))
+    env.setdefault("PYTHONPATH", str(resources.IMPORT_ROOT))
     with progress.ticking(f"compiling and attaching the XDP program on {interface} (BCC, in its own process)"):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
                               input=json.dumps({"prefill": list(prefill)}))

@@ -19,7 +19,6 @@ counted, never raised.
 """
 from __future__ import annotations
 
-import json
 import logging
 import logging.handlers
 import smtplib
@@ -37,7 +36,7 @@ from typing import Iterable
 from app import __version__
 from app.db import alerts as alerts_db
 from app.services.evaluation.findings import Finding, anomaly_key
-from app.services.text import counted
+from app.services.text import counted, inert, json_dumps, utc
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +79,17 @@ def anomaly_event(finding: Finding, *, at: float | None = None) -> AlertEvent:
             {k: v for k, v in s.to_dict().items() if k in keys} for s in finding.sources]
     if finding.source_count is not None:
         facts["source_count"] = finding.source_count
-    return AlertEvent("anomaly", anomaly_key(finding), f"anomaly {finding.id}: {line}", facts, at)
+    return AlertEvent("anomaly", anomaly_key(finding), f"anomaly {finding.id}: {inert(line)}", facts, at)
 
 
 def block_event(address: str, reason: str, *, expires_at: float | None = None, dry_run: bool = False,
                 details: dict | None = None, at: float | None = None) -> AlertEvent:
     """An AlertEvent for one block decision (``dry_run``: what would have been blocked)."""
-    until = ("until " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires_at))) if expires_at else "without expiry"
+    until = ("until " + utc(expires_at, seconds=False)) if expires_at else "without expiry"
     verb = "would block (dry run)" if dry_run else "blocked"
     facts = {"address": address, "reason": reason, "expires_at": expires_at, "dry_run": dry_run}
     facts.update(details or {})
-    return AlertEvent("block", f"block:{address}", f"{verb} {address} {until}: {reason}", facts, at)
+    return AlertEvent("block", f"block:{address}", f"{verb} {address} {until}: {inert(reason)}", facts, at)
 
 
 class _Deadline:
@@ -105,7 +104,7 @@ def _payload(event: AlertEvent, host: str, now: float) -> dict:
     at = event.at if event.at is not None else now
     return {"source": "portwatch", "version": __version__, "host": host, "kind": event.kind, "key": event.key,
             "summary": event.summary, "text": f"[portwatch {host}] {event.summary}", "details": event.details,
-            "at": at, "at_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))}
+            "at": at, "at_iso": utc(at, iso=True)}
 
 
 # -- webhook ---------------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ def _send_webhook(events: list[AlertEvent], cfg, deadline: _Deadline, host: str,
         return [], len(events)
     sent: list[str] = []
     for index, event in enumerate(events):
-        body = json.dumps(_payload(event, host, now), default=str).encode()
+        body = json_dumps(_payload(event, host, now), default=str).encode()
         try:
             _post(url, body, cfg, deadline)
             sent.append(event.key)
@@ -207,7 +206,7 @@ def _message(events: list[AlertEvent], cfg, host: str, now: float) -> EmailMessa
     lines += [f"- {e.summary}" for e in events]
     lines += ["", "Details:", ""]
     for e in events:
-        lines.append(json.dumps(_payload(e, host, now), indent=2, default=str))
+        lines.append(json_dumps(_payload(e, host, now), indent=2, default=str))
     lines += ["", "Explain a finding: python -m app anomalies show ID",
               "Undo a block: python -m app blacklist remove ADDRESS (or allow it: python -m app allow add ADDRESS)"]
     msg.set_content("\n".join(lines))

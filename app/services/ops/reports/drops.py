@@ -84,7 +84,7 @@ def load_blocklist(conn, since: float | None, now: float) -> Blocklist | None:
         return None
     round_times = queries.round_times(conn, since)
     marks = sorted({t for e in entries for t in (e["created_at"], e["removed_at"], e["expires_at"])
-                    if t is not None and (since is None or t >= since) and t <= now})
+                    if t is not None and (since is None or t >= since) and 0 <= t <= now})
     times = sorted(set(round_times) | set(marks))
     round_ends: list[float] = []
     labels: list[str] = []

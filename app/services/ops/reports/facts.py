@@ -26,6 +26,8 @@ from app.services.ops.reports.drops import drops_by_address
 from app.services.ports import port_label
 from app.services.text import plural
 
+from app.services.text import utc
+
 log = logging.getLogger(__name__)
 
 # what a model finding's per-feature "share" is, for the contribution figure's axis
@@ -60,7 +62,7 @@ def parse_since(text: str | float | int | None, now: float | None = None) -> flo
 
 
 def fmt_time(t: float | None) -> str:
-    return "-" if t is None else datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return utc(t)
 
 
 # -- anomalies through the findings contract -------------------------------------------------------

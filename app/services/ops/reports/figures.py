@@ -30,8 +30,12 @@ class Drawn:
     caption: str
 
 
+_LAST_SECOND = 253402300799.0          # 9999-12-31 23:59:59 UTC: the calendar's end
+
+
 def _utc(t: float) -> datetime:
-    return datetime.fromtimestamp(t, tz=timezone.utc)
+    """A time axis value; a stored time no calendar holds is drawn at the nearest end, never raised."""
+    return datetime.fromtimestamp(min(max(float(t), 0.0), _LAST_SECOND), tz=timezone.utc)
 
 
 class Painter:

@@ -47,6 +47,7 @@ from app.services.ports import port_label
 from app.services.ops.reports import drops, facts, figures, outbound
 from app.services.ops.reports.facts import fmt_time
 from app.services.ops.reports.figures import Drawn
+from app.services.text import inert, json_dumps
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +72,24 @@ _SECTIONS = [
 
 _CSS = """body{font-family:sans-serif;margin:1.5em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
+.wide{overflow-x:auto}td:last-child{min-width:12em}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left}
-th{background:#f4f4f4}td:not(:last-child){white-space:nowrap}.empty{color:#777;font-style:italic}.nodata{font-size:1.3em;color:#a60}"""
+th{background:#f4f4f4}td:not(:last-child){white-space:nowrap}.empty{color:#777;font-style:italic}.nodata{font-size:1.3em;color:#a60}
+@media (max-width:600px){body{margin:.5em auto;padding:0 .6em}h1{font-size:1.3em}figure{margin:.6em 0}}"""
+
+
+def _h(value, quote: bool = True) -> str:
+    """HTML text of ``value``: control characters escaped (text.inert), then HTML's own specials."""
+    return html.escape(inert(str(value)), quote=quote)
 
 
 def _table(headers: list[str], rows: list[list], empty: str) -> str:
     if not rows:
-        return f'<p class="empty">{html.escape(empty)}</p>'
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return f'<p class="empty">{_h(empty)}</p>'
+    head = "".join(f"<th>{_h(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_h(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _number_text(value, digits: int = 4) -> str:
@@ -90,10 +98,11 @@ def _number_text(value, digits: int = 4) -> str:
 
 def _render_index(title: str, window: str, overview: dict | None, drawn: list[Drawn], tables: dict[str, str],
                   generated: float) -> str:
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_h(title)}</title>"
              f"<style>{_CSS}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>",
-             f"<p>Generated {html.escape(fmt_time(generated))}; window: {html.escape(window)}. "
+             f"<h1>{_h(title)}</h1>",
+             f"<p>Generated {_h(fmt_time(generated))}; window: {_h(window)}. "
              "Times are UTC. Traffic is shown per second of the span each round's counts cover (a round after a "
              "gap between collector runs covers the gap); every drop count is the rounds' XDP drop counter.</p>"]
     if not overview or overview["rounds"] == 0 and overview["anomalies"] == 0 and overview["evaluations"] == 0:
@@ -107,14 +116,14 @@ def _render_index(title: str, window: str, overview: dict | None, drawn: list[Dr
                               overview["dropped_packets"], overview["evaluations"], overview["anomalies"],
                               overview["blacklist_entries"]]], ""))
     for key, heading, empty in _SECTIONS:
-        parts.append(f'<h2 id="{key}">{html.escape(heading)}</h2>')
+        parts.append(f'<h2 id="{key}">{_h(heading)}</h2>')
         shown = [d for d in drawn if d.section == key]
         if not shown and key not in tables:
-            parts.append(f'<p class="empty">{html.escape(empty)}</p>')
+            parts.append(f'<p class="empty">{_h(empty)}</p>')
         for d in shown:
-            src = html.escape(d.file, quote=True)
-            parts.append(f'<figure><a href="{src}"><img src="{src}" alt="{html.escape(d.title, quote=True)}"></a>'
-                         f"<figcaption>{html.escape(d.caption)}</figcaption></figure>")
+            src = _h(d.file, quote=True)
+            parts.append(f'<figure><a href="{src}"><img src="{src}" alt="{_h(d.title, quote=True)}"></a>'
+                         f"<figcaption>{_h(d.caption)}</figcaption></figure>")
         if key in tables:
             parts.append(tables[key])
     parts.append("</body></html>\n")
@@ -161,7 +170,7 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, since: 
     atomic_write(index, _render_index("portwatch report", window, overview, drawn, tables, now),
                  mode=permissions.file_mode())
     files = [d.file for d in drawn]
-    atomic_write(out / MANIFEST, json.dumps({
+    atomic_write(out / MANIFEST, json_dumps({
         "generated_at": now, "since": since_ts, "database": str(db_path), "figures": files,
         "sections": {d.file: d.section for d in drawn}, "overview": overview,
         "drops": (overview or {}).get("dropped_packets", 0),
