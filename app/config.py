@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from app import durations
+from app import durations, resources
 from app.config_rules import validate
 
 DEFAULT_CONFIG_PATH = Path("/etc/portwatch/config.toml")
@@ -53,7 +53,7 @@ class General:
     max_db_mb: float = 4096.0                    # `status` is unhealthy above this database size (MiB; 0: no limit)
 
 
-def map_size_defaults(header: Path = REPO_ROOT / "bpf" / "common.h") -> dict[str, int]:
+def map_size_defaults(header: Path = resources.BPF_DIR / "common.h") -> dict[str, int]:
     """{'PORT_MAP_SIZE': 65536, ...}: the default map sizes, read from their one home in bpf/common.h."""
     return {m.group(1): int(m.group(2))
             for m in re.finditer(r"^#define (\w+_MAP_SIZE) (\d+)$", header.read_text(), re.M)}

@@ -5,8 +5,13 @@
 2. veth throughput with both programs attached against none, interleaved runs, median of 5:
    inbound frames (peer -> this host: XDP) for XDP generic and native, marking what
    `collector.xdp_mode = auto` picks on veth, and outbound frames (this host -> peer: TC egress).
+   Beside them a bare XDP_PASS program (what any XDP program costs on that driver).
 3. A collector round (no sniffer, no scanner) with the egress maps (eg_dests, eg_dstports, eg_flows)
    at 10k and 50k entries: CPU seconds and peak RSS of the whole collector process.
+
+Fails (exit 1, one sentence each) when a figure cannot be right: a per-packet cost in microseconds,
+portwatch's programs passing more packets than a bare XDP_PASS program or none (beyond noise), a
+round whose recorded CPU exceeds its whole process's.
 
 Runs as root; all traffic stays between lab hosts in 198.18.0.0/15. Cleans up after itself.
 Parallel runs take their own lab: PW_BENCH_PREFIX (default pwbe) and PW_BENCH_SUBNET (default 171).
@@ -32,6 +37,7 @@ import collector as bc  # noqa: E402  (bench/collector.py: frames, prog_run_ns, 
 from app.services.kernel import egress  # noqa: E402
 from app.lab import Lab  # noqa: E402
 from app.threads import collection  # noqa: E402
+from bench.plausible import Plausibility  # noqa: E402
 
 
 def blast_out(lab: Lab, frames: list[bytes], n: int) -> float:
@@ -80,6 +86,7 @@ def main() -> int:
         return 3
     tmp = Path(tempfile.mkdtemp(prefix="pw-bench-eg-"))
     s = bc.settings_for(tmp)
+    checks = Plausibility("bench/egress.py")
     lab = Lab(prefix=os.environ.get("PW_BENCH_PREFIX", "pwbe")[:6], subnet=int(os.environ.get("PW_BENCH_SUBNET", "171")))
     pdir = Path(s.general.pin_root) / lab.interface
     try:
@@ -100,6 +107,8 @@ def main() -> int:
             tc = statistics.median(bc.prog_run_ns(pdir / egress.PROG_PIN, frame, 200000) for _ in range(3))
             xd = statistics.median(bc.prog_run_ns(pdir / "prog", frame, 200000) for _ in range(3))
             print(f"{name:<16} {tc:>8.1f} {xd:>8.1f} {tc / xd:>7.2f}x")
+            checks.program_cost(f"the TC egress program on a {name} frame", tc)
+            checks.program_cost(f"the XDP program on a {name} frame", xd)
 
         n = 200000
         rmac = bc.mac_bytes(Path(f"/sys/class/net/{lab.interface}/address").read_text().strip())
@@ -109,13 +118,17 @@ def main() -> int:
                     for i in range(16)]
         sink = __import__("socket").socket(2, 2)
         sink.bind((lab.root_v4, 9))
-        runs = {"none": [], "generic": [], "native": [], "out none": [], "out tc": []}
+        runs = {"none": [], "generic": [], "native": [], "bare generic": [], "bare native": [], "out none": [],
+                "out tc": []}
         try:
             for _ in range(5):
                 detach_all(lab)
                 runs["none"].append(bc.blast(lab, inbound, n))
                 runs["out none"].append(blast_out(lab, outbound, n))
                 for mode in ("generic", "native"):
+                    detach_all(lab)
+                    bc.attach_pass_program(lab.interface, mode)
+                    runs["bare " + mode].append(bc.blast(lab, inbound, n))
                     attach_pinned(lab, pdir, mode)
                     runs[mode].append(bc.blast(lab, inbound, n))
                 attach_pinned(lab, pdir, auto_pick)
@@ -129,32 +142,36 @@ def main() -> int:
         print(f"{'inbound (XDP)':<34} {'pkt/s':>12} {'vs none':>8}")
         print(f"{'no program':<34} {med['none']:>12,.0f} {1:>7.3f}x")
         for mode in ("generic", "native"):
+            print(f"{'bare XDP_PASS program, ' + mode:<34} {med['bare ' + mode]:>12,.0f} "
+                  f"{med['bare ' + mode] / med['none']:>7.3f}x")
             tag = f"XDP {mode} + TC" + ("  <- auto on " + driver if mode == auto_pick else "")
             print(f"{tag:<34} {med[mode]:>12,.0f} {med[mode] / med['none']:>7.3f}x")
+            checks.not_faster(f"inbound {mode}: portwatch's programs", runs[mode], runs["bare " + mode],
+                              "a bare XDP_PASS program")
         print(f"{'outbound (TC egress)':<34} {'pkt/s':>12} {'vs none':>8}")
         print(f"{'no program':<34} {med['out none']:>12,.0f} {1:>7.3f}x")
         print(f"{'TC egress + XDP ' + auto_pick:<34} {med['out tc']:>12,.0f} {med['out tc'] / med['out none']:>7.3f}x")
+        checks.not_faster("outbound through TC egress", runs["out tc"], runs["out none"], "no program")
 
         print("\n== collector round (no sniffer/scanner) with the egress maps at N entries: whole process ==")
         print(f"{'entries':>8} {'CPU s':>7} {'peak RSS MB':>12} {'CPU target 0.5/x':>17}")
-        cpu0, rss0, _ = bc.collector_round_cost(s, lab.interface)
+        cpu0, rss0, in0 = bc.collector_round_cost(s, lab.interface)
+        checks.expect(0 < in0 <= cpu0 * 1.05 + 0.01, f"an empty round recorded {in0:.3f} CPU s, its process {cpu0:.3f} s")
         print(f"{0:>8} {cpu0:>7.3f} {rss0:>12.1f} {0.5 / cpu0:>16.2f}x")
         filled = 0
         for target in (10000, 50000):
             fill_destinations(lab, target - filled, base=str(ipaddress.IPv4Address("198.19.0.0") + filled))
             filled = target
-            cpu, rss, _ = bc.collector_round_cost(s, lab.interface)
+            cpu, rss, in_round = bc.collector_round_cost(s, lab.interface)
             print(f"{target:>8} {cpu:>7.3f} {rss:>12.1f} {0.5 / cpu:>16.2f}x   ({cpu / cpu0:.2f}x the empty round)")
+            checks.expect(0 < in_round <= cpu * 1.05 + 0.01,
+                          f"a round with {target:,} egress entries recorded {in_round:.3f} CPU s, its process {cpu:.3f} s")
     finally:
         detach_all(lab)
         lab.destroy()
-        shutil.rmtree(pdir, ignore_errors=True)
-        try:
-            Path(s.general.pin_root).rmdir()
-        except OSError:
-            pass
+        shutil.rmtree(s.general.pin_root, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    return checks.exit_code()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ Then one federation (`fleet serve --once` with TLS and three hosts' SuperNodes o
 default network shape): its wall time, and the bytes on the wire per host (frames on lo to or from
 the SuperLink's port, both ways, counted with scapy, divided by the hosts) against the size of the weights.
 
+Fails (exit 1, one sentence each) when a figure cannot be right: fewer bytes on the wire per host
+than the weights it must send, a round that took no time or no CPU.
+
 Runs as root; no traffic is sent but the loopback's own (the decisions' addresses are data only).
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ from app import config  # noqa: E402
 from app.services.fleet.lapi import Deadline, Lapi  # noqa: E402
 from app.lab import Lab  # noqa: E402
 from app.threads import collection  # noqa: E402
+from bench.plausible import Plausibility  # noqa: E402
 from tests.services.fleet.lapi import LocalApi, unavailable_reason  # noqa: E402
 
 ROUNDS = 5
@@ -279,7 +283,18 @@ def main() -> int:
     print(f"{'round':42} {'wall s':>8} {'x base':>7} {'CPU s':>8} {'x base':>7}")
     for label, _, wall, cpu in rows:
         print(f"{label:42} {wall:8.3f} {wall / ref_wall:7.2f} {cpu:8.3f} {cpu / ref_cpu:7.2f}")
-    return 0
+    return plausible(dict(fed), rows).exit_code()
+
+
+def plausible(fed: dict[str, float], rows: list[tuple]) -> Plausibility:
+    checks = Plausibility("bench/fleet.py")
+    wire, weights = fed["bytes on the wire per host, both ways"], fed["network weights (bytes, float32)"]
+    checks.expect(wire >= weights, f"{wire:,.0f} bytes crossed the wire per host, fewer than the {weights:,.0f} "
+                                   "bytes of the weights each host sends (the capture missed the round)")
+    for label, _, wall, cpu in rows:
+        checks.expect(wall >= 0.05 and cpu > 0, f"'{label}': a round of {wall:.3f} s wall and {cpu:.3f} CPU s, "
+                                                "less than its own 0.05 s wait or no CPU at all")
+    return checks
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ APT_PACKAGES=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools libbpf1
               tshark iproute2 sqlite3 util-linux cron dnsmasq-base nftables iptables
               procps ca-certificates logrotate
               hping3 nmap                               # attack tools of the kernel tests
-              tcpreplay)                                # replays a capture live into a lab (replay test)
+              tcpreplay                                 # replays a capture live into a lab (replay test)
+              chromium                                  # tests: the report page in a browser
+              podman mmdebstrap)                        # tests: the container image, built and run
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -107,11 +109,11 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import bcc' 2>/dev/nu
 fi
 
 stamp="$VENV/.requirements.sha256"
-want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+want="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing pinned Python requirements (TensorFlow is large: this takes a few minutes the first time)"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip==25.0.1 >/dev/null
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements.txt"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements-dev.txt"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT" >/dev/null
   echo "$want" > "$stamp"
 fi

@@ -120,3 +120,20 @@ def state_env(tmp_path, monkeypatch):
     monkeypatch.setenv("PORTWATCH_CONFIG", str(tmp_path / "none.toml"))
     (tmp_path / "none.toml").write_text("")
     return tmp_path
+
+
+_SAVED: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def saved():
+    """saved(line): name a file a test leaves for people to look at (a screenshot, a figure); the
+    session's summary lists them under "saved by the tests", failed or not."""
+    return _SAVED.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SAVED:
+        terminalreporter.section("saved by the tests")
+        for line in _SAVED:
+            terminalreporter.write_line(line)

@@ -47,7 +47,10 @@ def test_hadolint_passes():
 
 def test_base_image_and_foreground_cron():
     steps = instructions()
-    assert steps[0][0] == "FROM" and re.match(r"debian:bookworm(-slim)?$", steps[0][1])
+    # the base is an argument (tests/test_container.py builds on a base bootstrapped from this
+    # machine's sources) whose default is Debian's image
+    assert steps[0][0] == "ARG" and re.match(r"BASE=debian:bookworm(-slim)?$", steps[0][1]), steps[0]
+    assert steps[1] == ("FROM", "${BASE}")
     assert steps[-1] == ("CMD", '["cron", "-f"]')
     run = " ".join(args for word, args in steps if word == "RUN")
     assert "crontab -u root crontab.example" in run
@@ -66,11 +69,28 @@ def test_packages_come_from_setup_sh():
     assert packages <= listed, f"not in setup.sh: {packages - listed}"
 
 
+def copy_sources() -> list[str]:
+    return [source for word, args in instructions() if word == "COPY" for source in args.split()[:-1]]
+
+
 def test_copy_sources_exist():
-    for word, args in instructions():
-        if word == "COPY":
-            for source in args.split()[:-1]:
-                assert (REPO / source).exists(), f"COPY {source}: no such file in the repository"
+    for source in copy_sources():
+        assert (REPO / source).exists(), f"COPY {source}: no such file in the repository"
+
+
+def test_healthcheck_runs_status():
+    (check,) = [args for word, args in instructions() if word == "HEALTHCHECK"]
+    assert check.endswith('CMD ["portwatch", "status"]'), check
+
+
+def test_dockerignore_sends_only_what_the_dockerfile_copies():
+    """The context excludes everything (.venv is ~2 GB) but the COPY sources."""
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0] == "*"
+    kept = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    assert {source.rstrip("/") for source in copy_sources()} <= kept, kept
+    assert not kept & {".venv", ".git", "tests", "bench", "build"}
 
 
 def test_run_flags_are_documented():

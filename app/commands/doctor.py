@@ -120,6 +120,18 @@ def check_bcc() -> Check:
                  EXIT_DEPENDENCY)
 
 
+def check_data_files() -> Check:
+    """The BPF sources and the schema, where app/resources.py finds them (a checkout or a wheel)."""
+    from app import resources
+    wanted = [resources.BPF_DIR / name for name in ("port_flow.c", "egress.c", "parse.h", "common.h")]
+    missing = [str(p) for p in [*wanted, resources.INIT_SQL] if not p.is_file()]
+    if missing:
+        return Check("data files", "FAIL", f"missing: {', '.join(missing)}",
+                     "reinstall portwatch from a complete checkout (pip install .), or run from the checkout",
+                     EXIT_DEPENDENCY)
+    return _ok("data files", f"BPF sources in {resources.BPF_DIR}, schema {resources.INIT_SQL}")
+
+
 def check_program(name: str, essential: bool, package: str, purpose: str, path: str | None = None) -> Check:
     found = path if path and Path(path).is_file() and os.access(path, os.X_OK) else shutil.which(name)
     if found:
@@ -210,7 +222,7 @@ def check_health(settings) -> list[Check]:
 
 def run_checks(settings) -> list[Check]:
     db = Path(settings.general.db)
-    checks = [check_root(), check_kernel_bpf(), check_bpffs(), check_headers(), check_bcc(),
+    checks = [check_root(), check_kernel_bpf(), check_bpffs(), check_headers(), check_bcc(), check_data_files(),
               check_program("ip", True, "iproute2", "detaching XDP (down) and the network-namespace lab"),
               check_program("tshark", False, "tshark", "the sniffer: DNS names and protocols",
                             settings.sniffer.tshark_path or None),

@@ -20,13 +20,13 @@ import sqlite3
 import time
 from pathlib import Path
 
-from app import permissions
+from app import permissions, resources
 from app.db.migrations import MIGRATIONS
 from app.errors import DatabaseError, NeedsRootError, UsageError
 
 log = logging.getLogger(__name__)
 
-INIT_SQL = Path(__file__).resolve().parent.parent.parent / "init.sql"
+INIT_SQL = resources.INIT_SQL
 BUSY_TIMEOUT_MS = 15000
 
 # numbers may have gaps (numbers reserved by work not merged yet): the newest is the highest, and a database

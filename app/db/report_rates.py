@@ -40,8 +40,16 @@ def round_rates(conn: sqlite3.Connection, since: float | None) -> list[sqlite3.R
 
 
 def drop_total(conn: sqlite3.Connection, since: float | None = None) -> int:
-    """Packets the blocklist dropped in the rounds that ended at or after ``since`` (every interface)."""
+    """Packets the XDP blocklist dropped (blocked sources, ingress) in the rounds that ended at or
+    after ``since`` (every interface)."""
     return int(conn.execute("SELECT COALESCE(SUM(dropped_packets), 0) FROM rounds WHERE end_time >= ?",
+                            (_since(since),)).fetchone()[0])
+
+
+def egress_drop_total(conn: sqlite3.Connection, since: float | None = None) -> int:
+    """Packets to blocked destinations the TC egress program dropped in those rounds (0 while egress
+    blocking is off, or on a database older than the egress program)."""
+    return int(conn.execute("SELECT COALESCE(SUM(egress_dropped_packets), 0) FROM rounds WHERE end_time >= ?",
                             (_since(since),)).fetchone()[0])
 
 
@@ -78,9 +86,10 @@ def port_totals(conn: sqlite3.Connection, since: float | None) -> tuple[int, int
 
 
 def drops_by_round_and_address(conn: sqlite3.Connection, since: float | None) -> list[sqlite3.Row]:
-    """(round_id, end_time, seconds, address, drops) for every per-round drop row in the window."""
+    """(round_id, end_time, seconds, address, drops, replies) for every per-round drop row in the window
+    (replies: answers to this host's own conversations the entry passed)."""
     return conn.execute(
-        f"""SELECT r.id AS round_id, r.end_time, {_SECONDS} AS seconds, bd.address, bd.drops
+        f"""SELECT r.id AS round_id, r.end_time, {_SECONDS} AS seconds, bd.address, bd.drops, bd.replies
            FROM blacklist_drops bd JOIN rounds r ON r.id = bd.round_id
            WHERE r.end_time >= ? ORDER BY r.end_time, bd.address""", (_since(since),)).fetchall()
 

@@ -67,3 +67,15 @@ def test_doctor_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["doctor", "--help"])
     assert exc.value.code == 0 and "fix each problem" in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_doctor_fails_without_the_data_files(state_env, capsys, monkeypatch, tmp_path):
+    """An install that lost bpf/ or init.sql (a wheel built without them) is an essential failure."""
+    from app import resources
+    from app.errors import EXIT_DEPENDENCY
+    empty_database(state_env / "ports.db")
+    assert doctor.check_data_files().status == "ok"
+    monkeypatch.setattr(resources, "BPF_DIR", tmp_path / "no-bpf")
+    check = doctor.check_data_files()
+    assert check.status == "FAIL" and check.exit_code == EXIT_DEPENDENCY
+    assert str(tmp_path / "no-bpf" / "port_flow.c") in check.detail and "pip install ." in check.fix

@@ -41,7 +41,7 @@ from app.services.kernel.bpf_structs import GLOBAL_NAMES, MAP_LAYOUT, PwConfig  
 log = logging.getLogger(__name__)
 
 SNAPSHOT_MAPS = ("port_stats", "sources", "srcports", "flows", "global", "blacklist",
-                 "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
+                 "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global", "verified", "scanners")
 EPOCH_MAPS = ("port_stats", "sources")     # per-round extremes keyed on the config epoch
 
 
@@ -325,7 +325,7 @@ class Collector:
             seen = Observations(scanner_status=seen.scanner_status, sniffer_status=seen.sniffer_status)
         deltas, prev_entries, since, plans = self._differences(readings, map_ids, stored, baseline)
         g, eg = _globals(deltas["global"]), _globals(deltas["eg_global"])
-        two_way = egress_rounds.two_way_addresses(deltas["flows"], deltas["eg_flows"])
+        two_way = egress_rounds.verified_peers(deltas["verified"])
         values = self._round_values(readings, _round_evictions(g, eg, readings, prev_entries), g, eg, seen)
         values.update({"start_time": start, "end_time": end, "counts_since": since, "compiled": int(compiled),
                        "reloaded": int(reloaded), "two_way_peers": len(two_way), "note": note,
@@ -333,8 +333,10 @@ class Collector:
         values.update(self.round_marks)
         n_sources = len(deltas["sources"])
         with self.conn:
-            round_id, n_ports, n_listeners, sniffed = self._write_round(values, readings, deltas, map_ids, plans,
-                                                                        seen, two_way)
+            round_id, n_ports, n_listeners, sniffed, idle = self._write_round(values, readings, deltas, map_ids,
+                                                                              plans, seen, two_way)
+        for key in idle if "scanners" in self._maps else ():
+            self._maps["scanners"].delete(key)
         # the next round's payload extremes and TTL ranges start now
         cfg.epoch = (epoch + 1) & 0xFFFFFFFF
         self._maps["config"].update(maps.INDEX_0, bytes(cfg))
@@ -392,10 +394,10 @@ class Collector:
         }
 
     def _write_round(self, values: dict, readings: dict, deltas: dict, map_ids: dict, plans: dict,
-                     seen: Observations, two_way) -> tuple[int, int, int | None, int | None]:
+                     seen: Observations, two_way) -> tuple:
         """Write the round and its rows inside the caller's transaction, storing each map's new snapshot
         (and letting its reading go) as soon as its rows are written. (round id, ports, listeners or
-        None, sniffed packets or None)."""
+        None, sniffed packets or None, keys of the scanners map gone idle)."""
         conn, cfg, end = self.conn, self.settings.collector, values["end_time"]
         listening = {(l.port, l.protocol) for l in seen.listeners or []}
         low, high = ports.ephemeral_range()
@@ -410,8 +412,9 @@ class Collector:
                                          port_ids, listening, low, high, cfg.fold_ephemeral)
         keep("port_stats")
         many = round_rows.write_sources(conn, round_id, deltas["sources"], readings["sources"].extras,
-                                        deltas["srcports"], cfg.many_ports_threshold)
-        keep("sources", "srcports")
+                                        deltas["srcports"], cfg.many_ports_threshold, deltas["scanners"])
+        idle = round_rows.idle_scanners(deltas["scanners"])
+        keep("sources", "srcports", "scanners")
         round_rows.write_flows(conn, round_id, deltas["flows"], readings["flows"].extras, many, cfg.top_flows,
                                self.clock_offset)
         keep("flows")
@@ -422,13 +425,14 @@ class Collector:
                                    cfg.many_ports_threshold, self.clock_offset)
         keep("eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
         egress_rounds.record_peers(conn, round_id, end, two_way, seen.peers or ())
+        keep("verified")
         n_listeners = self._write_observations(round_id, end, seen, port_ids, fold)
         sniffed = len(seen.packets) if seen.packets is not None else None
         ru = resource.getrusage(resource.RUSAGE_SELF)
         rounds_db.update_round(conn, round_id, {
             "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_kb": ru.ru_maxrss,
             "sniffer_packets": sniffed})
-        return round_id, n_ports, n_listeners, sniffed
+        return round_id, n_ports, n_listeners, sniffed, idle
 
     def _store_snapshots(self, round_id: int, end: float, readings: dict, deltas: dict, map_ids: dict, plans: dict,
                          names) -> None:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from app import resources
 from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
 from app.services import progress
 from app.services.kernel import egress, maps, pin_owner
@@ -49,7 +50,7 @@ from app.services.kernel.attachment import xdp_attachment as attached_program
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
+BPF_DIR = resources.BPF_DIR
 # compiled as ONE BCC text (BCC takes programs only from its main source, not from #include'd files)
 SOURCES = (BPF_DIR / "port_flow.c", BPF_DIR / "egress.c")
 SOURCE = SOURCES[0]
@@ -268,7 +269,7 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False, pre
         cmd.append("--recreate")
     cmd += ["--flag=" + f for f in build_flags(settings)]
     env = dict(os.environ)
-    env.setdefault("PYTHONPATH", str(BPF_DIR.parent))
+    env.setdefault("PYTHONPATH", str(resources.IMPORT_ROOT))
     with progress.ticking(f"compiling and attaching the XDP program on {interface} (BCC, in its own process)"):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
                               input=json.dumps({"prefill": list(prefill)}))

@@ -31,7 +31,9 @@ def labelled(tmp_path_factory):
 def _config(tmp_path):
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[general]\nstate_dir = "{tmp_path}/state"\nrun_dir = "{tmp_path}/run"\n'
-                   f'pin_root = "{tmp_path}/no-pins"\n[evaluator]\nexfiltration_min_bytes = 1000000\n')
+                   f'pin_root = "{tmp_path}/no-pins"\n[evaluator]\nexfiltration_min_bytes = 1000000\n'
+                   # a 12-minute capture: the outbound detectors' baselines may warm up in 5 rounds, not 30
+                   'exfiltration_warmup_rounds = 5\nbeacon_warmup_rounds = 5\n')
     return cfg
 
 

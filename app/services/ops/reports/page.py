@@ -72,22 +72,24 @@ _SECTIONS = [
 
 _CSS = """body{font-family:sans-serif;margin:1.5em auto;max-width:1200px;color:#222;padding:0 1em}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
+.wide{overflow-x:auto}td:last-child{min-width:12em}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left}
-th{background:#f4f4f4}td:not(:last-child){white-space:nowrap}.empty{color:#777;font-style:italic}.nodata{font-size:1.3em;color:#a60}"""
-
+th{background:#f4f4f4}td:not(:last-child){white-space:nowrap}.empty{color:#777;font-style:italic}.nodata{font-size:1.3em;color:#a60}
+@media (max-width:600px){body{margin:.5em auto;padding:0 .6em}h1{font-size:1.3em}figure{margin:.6em 0}}"""
 
 
 def _h(value, quote: bool = True) -> str:
     """HTML text of ``value``: control characters escaped (text.inert), then HTML's own specials."""
     return html.escape(inert(str(value)), quote=quote)
 
+
 def _table(headers: list[str], rows: list[list], empty: str) -> str:
     if not rows:
         return f'<p class="empty">{_h(empty)}</p>'
     head = "".join(f"<th>{_h(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_h(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _number_text(value, digits: int = 4) -> str:
@@ -96,7 +98,8 @@ def _number_text(value, digits: int = 4) -> str:
 
 def _render_index(title: str, window: str, overview: dict | None, drawn: list[Drawn], tables: dict[str, str],
                   generated: float) -> str:
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_h(title)}</title>"
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_h(title)}</title>"
              f"<style>{_CSS}</style></head><body>",
              f"<h1>{_h(title)}</h1>",
              f"<p>Generated {_h(fmt_time(generated))}; window: {_h(window)}. "
@@ -182,16 +185,18 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, since: 
 def _blocklist_table(contents: facts.Contents) -> str:
     """Entries with the window's drops each, the drops of entries no longer listed (and drops.GONE),
     and the one total: the rounds' XDP drop counter (the same number as the overview and figures)."""
-    window = contents.window_drops
+    window, replies = contents.window_drops, contents.window_replies
     shown = contents.blocklist_rows[-MAX_TABLE_ROWS:]
     rows = [[b["address"], b["status"], b["origin"], fmt_time(b["created_at"]), fmt_time(b["expires_at"]),
-             window.get(b["address"], 0), b["reason"]] for b in shown]
+             window.get(b["address"], 0), replies.get(b["address"], 0), b["reason"]] for b in shown]
     listed = {b["address"] for b in shown}
-    rows += [[address, "-", "-", "-", "-", n,
+    rows += [[address, "-", "-", "-", "-", window.get(address, 0), replies.get(address, 0),
               "removed or expired after the round's last read" if address == drops.GONE else "(entry no longer listed)"]
-             for address, n in sorted(window.items()) if address not in listed]
-    rows.append(["total", "", "", "", "", contents.overview["dropped_packets"], "the rounds' XDP drop counter"])
-    return _table(["address", "status", "origin", "created", "expires", "drops in window", "reason"], rows, "")
+             for address in sorted(set(window) | set(replies)) if address not in listed]
+    rows.append(["total", "", "", "", "", contents.overview["dropped_packets"], sum(replies.values()),
+                 "the rounds' XDP drop counter"])
+    return _table(["address", "status", "origin", "created", "expires", "drops in window", "passed as replies",
+                   "reason"], rows, "")
 
 
 def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_figures: int,
@@ -241,7 +246,7 @@ def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_fig
     if without:
         tables["contributions"] = "<p>Model anomalies without per-feature detail:</p>" + _table(
             ["anomaly", "port", "reasons"], [[a.id, a.port, (a.reasons or "-")[:200]] for a in without], "")
-    if contents.blocklist_rows or contents.window_drops:
+    if contents.blocklist_rows or contents.window_drops or contents.window_replies:
         tables["blocklist"] = _blocklist_table(contents)
     if occupancy.changes:
         tables["occupancy"] = _table(["time", "port", "change", "process"],
