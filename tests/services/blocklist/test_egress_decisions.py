@@ -4,6 +4,8 @@ escalation, interlocks, caps and dry-run/simulate (tmp SQLite, no maps; the kern
 tests/threads/test_egress.py)."""
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
 from app.db import blacklist as queries
@@ -113,13 +115,11 @@ def test_dry_run_and_simulate_record_would_block(conn, tmp_path):
 
 def test_migration_10_marks_every_existing_entry_inbound(tmp_path):
     from app.db.connection import SCHEMA_VERSION
+    from tests.db.test_migrations import database_at
     old = tmp_path / "v9.db"
-    c = connect(old)
-    c.executescript("ALTER TABLE blacklist DROP COLUMN direction; ALTER TABLE peers DROP COLUMN proof; "
-                    "ALTER TABLE peers DROP COLUMN ttl; ALTER TABLE peers DROP COLUMN mac; "
-                    "ALTER TABLE peers DROP COLUMN last_verified; ALTER TABLE blacklist_drops DROP COLUMN replies; "
-                    "ALTER TABLE source_stats DROP COLUMN mac; "
-                    "PRAGMA user_version = 9;")
+    database_at(old, 9)                      # the first init.sql and migrations 2..9, as a version-9 host has it
+    c = sqlite3.connect(old)
+    c.execute("DELETE FROM blacklist")
     c.execute("INSERT INTO blacklist (address, reason, created_at, status) VALUES ('198.18.64.1/32', 'x', 1, 'active')")
     c.commit()
     c.close()

@@ -46,14 +46,9 @@ def test_migration_8_adds_the_sources_view_beside_the_peers_table(tmp_path):
     assert cols[:4] == ["address", "first_seen", "last_two_way", "two_way_rounds"]
     c.close()
     # a version-7 file (no sources view) is upgraded by migration 8
+    from tests.db.test_migrations import database_at
     old = tmp_path / "old.db"
-    c = connect(old)
-    c.executescript("DROP VIEW v_anomaly_sources; ALTER TABLE blacklist DROP COLUMN direction; "
-                    "ALTER TABLE peers DROP COLUMN proof; ALTER TABLE peers DROP COLUMN ttl; "
-                    "ALTER TABLE peers DROP COLUMN mac; ALTER TABLE peers DROP COLUMN last_verified; "
-                    "ALTER TABLE blacklist_drops DROP COLUMN replies; "
-                    "ALTER TABLE source_stats DROP COLUMN mac; PRAGMA user_version = 7;")
-    c.close()
+    database_at(old, 7)                      # the first init.sql and migrations 2..7
     c = connect(old)
     assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert c.execute("SELECT 1 FROM sqlite_master WHERE name = 'v_anomaly_sources'").fetchone()
