@@ -37,6 +37,9 @@
 #ifndef VERIFIED_MAP_SIZE
 #define VERIFIED_MAP_SIZE 16384
 #endif
+#ifndef SCANNER_MAP_SIZE
+#define SCANNER_MAP_SIZE 1024
+#endif
 
 /* An address with its family. family is 4 or 6 (the IP header it came in); addr holds IPv6 as
  * is and IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d). The family byte keeps an IPv6 packet whose

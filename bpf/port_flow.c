@@ -50,6 +50,9 @@
 #ifndef PIN_DIR
 #error "PIN_DIR must be given as a -D flag"
 #endif
+#ifndef REPLY_IDLE_SECONDS
+#define REPLY_IDLE_SECONDS 300
+#endif
 
 BPF_TABLE_PINNED("percpu_hash", struct pw_port_key, struct pw_port_value, port_stats, PORT_MAP_SIZE, PIN_DIR "/port_stats");
 BPF_TABLE_PINNED("lru_percpu_hash", struct pw_addr, struct pw_source_value, sources, SOURCE_MAP_SIZE, PIN_DIR "/sources");

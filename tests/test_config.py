@@ -189,7 +189,7 @@ def test_map_size_defaults_have_one_home_in_common_h():
     sizes = map_size_defaults()
     assert sizes == {"PORT_MAP_SIZE": 65536, "SOURCE_MAP_SIZE": 65536, "SRCPORT_MAP_SIZE": 131072,
                      "FLOW_MAP_SIZE": 65536, "BLACKLIST_MAP_SIZE": 16384, "SYNLIMIT_MAP_SIZE": 1024,
-                     "CONN_MAP_SIZE": 65536, "VERIFIED_MAP_SIZE": 16384}
+                     "CONN_MAP_SIZE": 65536, "VERIFIED_MAP_SIZE": 16384, "SCANNER_MAP_SIZE": 1024}
     c = Collector()
     assert (c.port_map_size, c.source_map_size, c.srcport_map_size, c.flow_map_size, c.blacklist_map_size) == (
         65536, 65536, 131072, 65536, 16384)
