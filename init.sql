@@ -124,6 +124,7 @@ CREATE TABLE IF NOT EXISTS source_stats (
     fragments      INTEGER NOT NULL DEFAULT 0,  -- IP fragments from this source (nmap -f shows here)
     ttl_min        INTEGER,                  -- IPv4 TTL / IPv6 hop limit range of the round's packets
     ttl_max        INTEGER,
+    mac            TEXT,                     -- Ethernet source of the round's packets; 'mixed': several
     PRIMARY KEY (round_id, address)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS source_stats_address ON source_stats(address, round_id);
@@ -180,15 +181,20 @@ CREATE TABLE IF NOT EXISTS destination_stats (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS destination_stats_address ON destination_stats(address, round_id);
 
--- remote addresses that talked WITH this host: a two-way exchange seen in a round (TCP with the remote's
--- ACK / UDP, both directions on the same ports) or an ESTABLISHED socket the scanner saw
+-- verified peers: remote addresses that did what a blind forger cannot (app/db/peers.py): completed a
+-- handshake acknowledging this host's ISN, answered a conversation this host opened, or held an
+-- ESTABLISHED socket the scanner saw
 CREATE TABLE IF NOT EXISTS peers (
     address        TEXT PRIMARY KEY,
-    first_seen     REAL NOT NULL,            -- first two-way exchange (epoch seconds)
+    first_seen     REAL NOT NULL,            -- first proof (epoch seconds)
     last_two_way   REAL NOT NULL,            -- latest one
-    two_way_rounds INTEGER NOT NULL DEFAULT 0,  -- rounds with a two-way exchange
+    two_way_rounds INTEGER NOT NULL DEFAULT 0,  -- rounds with a proof
     last_round_id  INTEGER,
-    last_evidence  TEXT                      -- 'flows', 'established' or 'flows+established'
+    last_evidence  TEXT,                     -- the latest proof (as proof)
+    proof          TEXT,                     -- 'handshake', 'opened-tcp', 'opened-udp' or 'established'
+    ttl            INTEGER,                  -- IP TTL / hop limit of the latest proving packet
+    mac            TEXT,                     -- its source MAC ('02:00:00:00:00:02')
+    last_verified  REAL                      -- when (epoch seconds); NULL: no proof (older rows)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS peers_last ON peers(last_two_way);
 
@@ -362,6 +368,7 @@ CREATE TABLE IF NOT EXISTS blacklist_drops (
     round_id INTEGER NOT NULL REFERENCES rounds(id) ON DELETE CASCADE,
     address  TEXT NOT NULL,
     drops    INTEGER NOT NULL,
+    replies  INTEGER NOT NULL DEFAULT 0,     -- answers to this host's own conversations passed in the round
     PRIMARY KEY (round_id, address)
 ) WITHOUT ROWID;
 

@@ -9,7 +9,6 @@ Errors a user can cause are PortwatchError: printed as one sentence, mapped to a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sqlite3
@@ -121,7 +120,8 @@ def _main(argv: list[str] | None) -> int:
     except config_mod.ConfigError as exc:
         print_config_error(exc)
         if getattr(args, "json", False):     # `config check --json`: the verdict as data too
-            print(json.dumps({"valid": False, "config_file": args.config, "problems": list(exc.problems)}))
+            from app.services.text import json_dumps
+            print(json_dumps({"valid": False, "config_file": args.config, "problems": list(exc.problems)}))
         return EXIT_USAGE
     configure_logging(settings.general.log_level, args.quiet, args.verbose)
     from app import permissions

@@ -7,6 +7,10 @@
    iptables list of 1,000 rules (the source matches the last one). Targets: XDP >= 1.7x no filter
    and >= 2x iptables.
 2. XDP drop cost with 10, 100, 1,000 and 10,000 other prefixes in the blacklist (target: flat).
+3. The drop cost of EACH entry: 64 random IPv4 and IPv6 addresses blocked both ways (XDP blacklist and TC
+   eg_block), one frame from (to) each, beside the pass path (UDP, TCP SYN, TCP ACK): every drop a few
+   tens of ns and never slower than a pass (an entry whose counters an atomic add could not reach
+   aligned cost thousands). ``--entries`` runs this table alone.
 
 Fails (exit 1, one sentence each) when a figure cannot be right: a blocked frame dearer than a
 passed one, a filter whose counter missed the frames it dropped, a drop cost that grows with the
@@ -46,8 +50,10 @@ from app.services.kernel import enforcement  # noqa: E402
 from app.services.kernel import bpf_structs, maps  # noqa: E402
 from app.threads import collection as collector_mod  # noqa: E402
 from app.lab import Lab  # noqa: E402
+from app.services.kernel import egress, egress_block  # noqa: E402
 from app.services.kernel.prog_run import BpfTestRunOpts  # noqa: E402  (struct bpf_test_run_opts, mirrored once)
-from bench.collector import mac_bytes, pass_program, prog_run_ns, settings_for, udp_frame  # noqa: E402
+from bench.collector import (mac_bytes, pass_program, prog_run_ns, settings_for, tcp_syn_frame, udp6_frame,  # noqa: E402
+                             udp_frame)
 from bench.plausible import Plausibility, smoke  # noqa: E402
 
 BENCH = "portwatch_bench"
@@ -202,7 +208,8 @@ def measure_filters(lab: Lab, pdir: Path, blocked: str) -> list[tuple[str, float
                 finally:
                     if kind == "xdp":
                         raw = bl.lookup(key)
-                        dropped = bpf_structs.PwBlacklistValue.from_buffer_copy(raw[:24]).drops if raw else 0
+                        dropped = bpf_structs.PwBlacklistValue.from_buffer_copy(
+                            raw[:ctypes.sizeof(bpf_structs.PwBlacklistValue)]).drops if raw else 0
                         checks[name] = (f"last run: map drop counter {dropped:,} of {injected:,} injected",
                                         dropped, injected)
                         bl.delete(key)
@@ -269,13 +276,67 @@ def measure_sizes(lab: Lab, pdir: Path, blocked: str) -> tuple[list[tuple[int, f
     return rows, pass_plain
 
 
+ENTRY_REPEAT = 100_000
+
+
+def _frame(src: str, dst: str, kind: str) -> bytes:
+    dmac, smac = b"\x02\x00\x00\x00\x00\x01", b"\x02\x00\x00\x00\x00\x02"
+    if ":" in src:
+        return udp6_frame(src, dst, DPORT, dmac, smac)
+    if kind == "udp":
+        return udp_frame(src, dst, 40000, DPORT, 18, dmac, smac)
+    return tcp_syn_frame(src, dst, 22, dmac, smac, 0x02 if kind == "syn" else 0x10)
+
+
+def measure_entries(lab: Lab, s, pdir: Path, n: int = 64) -> tuple[dict, dict]:
+    """({path: (XDP ns, TC ns)} of the pass path, {address: (XDP drop ns, TC drop ns)}) with ``n`` random
+    addresses (half IPv4 in 198.19.0.0/16, half IPv6 in 2001:db8:ff00::/40) in both LPM tries."""
+    rng = random.Random(64)
+    v4 = [f"198.19.{rng.randrange(256)}.{rng.randrange(1, 255)}" for _ in range(n // 2)]
+    v6 = [f"2001:db8:ff{rng.randrange(256):02x}:{rng.randrange(1 << 16):x}::{rng.randrange(1 << 16):x}"
+          for _ in range(n // 2)]
+    s.blocklist.egress_block_enabled = True
+    with maps.PinnedMap(pdir / "blacklist") as bl:
+        for text in v4 + v6:
+            bl.update(bpf_structs.lpm_key(blocklist.parse_network(text)), bytes(bpf_structs.PwBlacklistValue()))
+            egress_block.add(s, pdir, blocklist.parse_network(text))
+    xdp, tc = pdir / "prog", pdir / egress.PROG_PIN
+
+    def best(pin, frame):
+        return min(prog_run_ns(pin, frame, ENTRY_REPEAT) for _ in range(3))
+    peer, local = lab.host_v4(1), lab.root_v4
+    passing = {kind: (best(xdp, _frame(peer, local, kind)), best(tc, _frame(local, peer, kind)))
+               for kind in ("udp", "syn", "ack")}
+    drops = {}
+    for text in v4 + v6:
+        here = lab.root_v6 if ":" in text else local
+        drops[text] = (best(xdp, _frame(text, here, "udp")), best(tc, _frame(here, text, "udp")))
+    return passing, drops
+
+
+def print_entries(passing: dict, drops: dict) -> None:
+    print(f"\n== the drop cost of each entry: {len(drops)} random IPv4/IPv6 addresses blocked both ways "
+          f"(bpftool prog run, best of 3 x {ENTRY_REPEAT:,}) ==")
+    print(f"{'path':<34} {'XDP ns':>8} {'TC ns':>8}")
+    names = {"udp": "pass: IPv4 UDP 64 B", "syn": "pass: IPv4 TCP SYN", "ack": "pass: IPv4 TCP ACK"}
+    for kind, (x, t) in passing.items():
+        print(f"{names[kind]:<34} {x:>8.0f} {t:>8.0f}")
+    xs, ts = sorted(v[0] for v in drops.values()), sorted(v[1] for v in drops.values())
+    for label, i in (("drop: fastest entry", 0), ("drop: median entry", len(xs) // 2), ("drop: slowest entry", -1)):
+        print(f"{label:<34} {xs[i]:>8.0f} {ts[i]:>8.0f}")
+    px, pt = min(v[0] for v in passing.values()), min(v[1] for v in passing.values())
+    print(f"{'slowest drop / cheapest pass':<34} {xs[-1] / px:>7.2f}x {ts[-1] / pt:>7.2f}x   target: <= 1.0x")
+    print(f"{'entries over 1 us':<34} {sum(x > 1000 for x in xs):>8} {sum(t > 1000 for t in ts):>8}   target: 0")
+
+
 def _keys(bl: maps.PinnedMap):
     keys, _, n = bl.items()
     ks = bl.info.key_size
     return [(keys[i * ks:(i + 1) * ks], None) for i in range(n)]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    only_entries = "--entries" in (sys.argv[1:] if argv is None else argv)
     if os.geteuid() != 0:
         print("bench/blocklist.py needs root (XDP, namespaces, netfilter)", file=sys.stderr)
         return 3
@@ -291,11 +352,13 @@ def main() -> int:
         collector_mod.run_collection(s, lab.interface, 0.1, 1, with_threads=False)   # compile, attach, pin
         pdir = pin_root / lab.interface
         blocked = lab.host_v4(0)
-        if not smoke():
-            prepare_netfilter(lab.interface, blocked)
         t0 = time.monotonic()
-        filters = measure_filters(lab, pdir, blocked)
-        sizes, pass_plain = measure_sizes(lab, pdir, blocked)
+        if not only_entries:
+            if not smoke():
+                prepare_netfilter(lab.interface, blocked)
+            filters = measure_filters(lab, pdir, blocked)
+            sizes, pass_plain = measure_sizes(lab, pdir, blocked)
+        entries = measure_entries(lab, s, pdir)
         elapsed = time.monotonic() - t0
     except OSError as exc:
         if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
@@ -309,6 +372,10 @@ def main() -> int:
         shutil.rmtree(pin_root, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
+    print_entries(*entries)
+    if only_entries:
+        print(f"measured in {elapsed:.1f} s")
+        return 0
     xdp_ns = filters[0][1]
     print(f"\n== frames from one blocked source disposed of by the receiving side ({lab.interface}, one CPU) ==")
     print("   BPF_PROG_TEST_RUN live frames injected at the veth's ingress; UDP 64 B frames to a closed port;")

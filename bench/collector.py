@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import json
 import os
 import socket
 import statistics
@@ -34,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from app import config  # noqa: E402
 from app.threads import collection as collector_mod  # noqa: E402
-from app.lab import Lab  # noqa: E402
+from app.lab import Lab, prog_run  # noqa: E402
 from app.services.kernel import maps  # noqa: E402
 from bench.plausible import Plausibility, smoke  # noqa: E402
 
@@ -75,8 +74,9 @@ def udp_frame(src: str, dst: str, sport: int, dport: int, payload: int, dst_mac:
     return dst_mac + src_mac + b"\x08\x00" + ip + udp
 
 
-def tcp_syn_frame(src: str, dst: str, dport: int, dst_mac: bytes, src_mac: bytes) -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", 40000, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+def tcp_syn_frame(src: str, dst: str, dport: int, dst_mac: bytes, src_mac: bytes, flags: int = 0x02) -> bytes:
+    """A TCP frame (a SYN unless ``flags`` says otherwise: 0x10 is a bare ACK) from src:40000 to dst:dport."""
+    tcp = struct.pack("!HHIIBBHHH", 40000, dport, 1, 2 if flags & 0x10 else 0, 5 << 4, flags, 65535, 0, 0)
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0,
                      ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
     ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
@@ -95,14 +95,7 @@ def mac_bytes(text: str) -> bytes:
 
 
 def prog_run_ns(prog_pin: Path, frame: bytes, repeat: int) -> float:
-    with tempfile.NamedTemporaryFile(suffix=".bin") as fh:
-        fh.write(frame)
-        fh.flush()
-        out = subprocess.run(["bpftool", "-j", "prog", "run", "pinned", str(prog_pin), "data_in", fh.name,
-                              "repeat", str(repeat)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr.strip())
-    return float(json.loads(out.stdout)["duration"])
+    return prog_run(prog_pin, frame, repeat)[1]
 
 
 SENDER = r"""

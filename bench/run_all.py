@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["collector.py", "egress.py", "blocklist.py", "evaluator.py", "detection.py", "fleet.py", "replay.py"]
+ORDER = ["collector.py", "snapshots.py", "egress.py", "blocklist.py", "evaluator.py", "detection.py", "fleet.py", "replay.py"]
 SMOKE = ["blocklist.py", "evaluator.py"]
 
 

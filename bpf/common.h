@@ -53,7 +53,10 @@ struct pw_port_value {
 
 /* sources value (LRU, per CPU), key struct pw_addr. ttl_min/ttl_max: the IPv4 TTL / IPv6 hop
  * limit range of this source's packets seen while the config epoch was `epoch` (per round, like
- * pw_port_value.round_min). fragments: IP fragments (first or not) from this source. */
+ * pw_port_value.round_min), and its source MAC (the fingerprint a verified peer's one-way evidence is
+ * checked against). fragments: IP fragments (first or not) from this source. new_ports:
+ * (port, protocol) pairs of this source this CPU added to srcports (saturating): at PW_SCAN_PROMOTE
+ * the source is promoted into `scanners`, where a flood of new sources cannot evict it. */
 struct pw_source_value {
     __u64 packets;
     __u64 bytes;
@@ -62,7 +65,25 @@ struct pw_source_value {
     __u32 epoch;
     __u8  ttl_min;
     __u8  ttl_max;
-    __u8  pad[2];
+    __u16 new_ports;
+    __u8  mac[6];               /* Ethernet source of its first packet this round (epoch) */
+    __u8  mac_mixed;            /* 1: another source MAC came under this address this round */
+    __u8  pad;
+};
+
+/* scanners (hash, NOT LRU, shared; atomics, 8-byte aligned in a hash element): sources that reached
+ * PW_SCAN_PROMOTE distinct local ports. A spoofed flood evicts sources/srcports entries, never
+ * these: the evaluation reads them so a flood cannot hide a scanner. ports: distinct (port,
+ * protocol) pairs it reached (from the promotion on, starting at PW_SCAN_PROMOTE; a pair evicted from
+ * srcports and reached again counts again: an upper bound under eviction). User space removes an
+ * entry once it has been idle for a round. */
+#define PW_SCAN_PROMOTE 16
+struct pw_scanner_value {
+    __u64 ports;
+    __u64 packets;
+    __u64 syn;
+    __u64 first_ns;
+    __u64 last_ns;
 };
 
 /* srcports key (LRU, per CPU): which local ports a source reached; value: __u64 packets */
@@ -88,27 +109,80 @@ struct pw_flow_value {
     __u64 bytes;
     __u64 first_seen_ns;        /* bpf_ktime_get_coarse_ns(): CLOCK_MONOTONIC_COARSE (a tick's resolution, far cheaper) */
     __u64 last_seen_ns;
-    __u32 tcp_flags;            /* OR of the TCP flag bytes seen */
+    __u32 tcp_flags;            /* OR of the TCP flag bytes seen, | PW_FLOW_REPLY (ingress flows) */
     __u32 pad;
 };
+/* an ingress flow whose packets answered a conversation this host opened (see conns): replies are
+ * never scan or flood evidence against their sender */
+#define PW_FLOW_REPLY 0x100
+
+/* conns (LRU hash, shared by CPUs; written by TC egress, read by XDP): conversations THIS host
+ * opened. Key: struct pw_flow_key as the answers arrive (src = the remote, dst = this host, sport =
+ * the remote port, dport = the local port). TCP: this host sent the SYN (isn: its sequence number);
+ * UDP: this host sent the first datagram (no inbound flow with that tuple was known then).
+ * last_out_ns: this host's latest packet on it (coarse ns); an answer is one only while the
+ * conversation has been idle less than REPLY_IDLE_SECONDS. */
+struct pw_conn_value {
+    __u64 last_out_ns;
+    __u32 isn;
+    __u32 flags;                /* PW_CONN_* */
+};
+#define PW_CONN_TCP      1
+#define PW_CONN_UDP      2
+#define PW_CONN_VERIFIED 4      /* its answer already made the remote a verified peer */
+
+/* synacks (LRU hash, shared; written by TC egress, read and deleted by XDP): the SYN-ACKs this host
+ * sent, key as the client's ACK will arrive. The ACK that acknowledges isn + 1 completes a handshake
+ * a blind forger cannot (it never saw isn). Its own map: a SYN flood evicts these, never conns. */
+struct pw_synack_value {
+    __u64 sent_ns;
+    __u32 isn;
+    __u32 pad;
+};
+
+/* verified (LRU hash, shared; written by XDP): addresses that proved they are who they say, key
+ * struct pw_addr. A packet a blind forger cannot send made it: proof PW_PROOF_*. ttl and mac are
+ * the fingerprint of that packet (IPv4 TTL / IPv6 hop limit, Ethernet source address). */
+struct pw_verified_value {
+    __u64 last_ns;              /* coarse ns of the latest proof */
+    __u64 proofs;               /* how many (atomic: the value is 8-byte aligned in a hash element) */
+    __u8  proof;                /* PW_PROOF_* of the latest */
+    __u8  ttl;
+    __u8  mac[6];
+};
+#define PW_PROOF_HANDSHAKE  1   /* its ACK acknowledged this host's SYN-ACK (ISN + 1) */
+#define PW_PROOF_OPENED_TCP 2   /* its SYN-ACK acknowledged this host's SYN (ISN + 1) */
+#define PW_PROOF_OPENED_UDP 3   /* it answered this host's datagram from the same address and port */
 
 /* blacklist key (LPM trie). The trie's data is a struct pw_addr: the family byte first, so
  * prefixlen counts 8 family bits + address bits: an IPv4 /24 is 8 + 96 + 24 = 128 (IPv4 is
  * mapped), an IPv6 /64 is 8 + 64 = 72. An IPv4 entry never matches an IPv6 packet from
- * ::ffff:a.b.c.d, nor the reverse. Lookups use prefixlen PW_LPM_FULL. */
+ * ::ffff:a.b.c.d, nor the reverse. Lookups use prefixlen PW_LPM_FULL.
+ *
+ * Alignment: a trie node stores the key's data (everything after prefixlen) and then the value,
+ * so the value sits at (node data offset + data size). With 20 bytes of data the value's __u64
+ * counters were only 4-byte aligned and an atomic add on them straddled a cache line in about
+ * half the nodes: a split lock, thousands of ns per dropped packet where the others took tens.
+ * pad[4] makes the data 24 bytes so every value is 8-byte aligned (checked below and in
+ * tests/services/test_enforcement.py). pad stays zero; it lies beyond every prefix. */
 #define PW_LPM_FULL 136
 struct pw_lpm_key {
     __u32 prefixlen;
     struct pw_addr a;
+    __u8  pad[4];
 };
+_Static_assert((sizeof(struct pw_lpm_key) - sizeof(__u32)) % 8 == 0,
+               "LPM trie data must be a multiple of 8 bytes so the values' atomics stay aligned");
 
 struct pw_blacklist_value {
     __u64 drops;                /* packets dropped for this entry since it was added */
     __u64 drop_bytes;
     __u64 last_drop_ns;
+    __u64 replies;              /* packets passed as answers to conversations this host opened */
 };
 
-/* synlimit (hash, shared by CPUs: atomics): an optional per-port SYN budget, set by user space
+/* synlimit (hash, shared by CPUs: atomics; a hash element puts its value at round_up(key_size, 8) in
+ * an 8-byte-aligned element, so these __u64 are aligned): an optional per-port SYN budget, set by user space
  * (app/services/kernel/synlimit.py). Key struct pw_port_key (local port, IPPROTO_TCP). TCP SYNs without
  * ACK to that port beyond per_second in one one-second window are dropped (after being counted
  * in port_stats/sources like any packet). The entry is ignored once expires_ns (CLOCK_MONOTONIC
@@ -184,6 +258,11 @@ enum pw_global_index {
     PW_G_PORT_MAP_FULL,         /* a new port key could not be stored (map full) */
     PW_G_SHORT_FRAGMENTS,       /* first fragments whose L4 header is cut short (counted, port if readable) */
     PW_G_SYN_LIMITED,           /* SYNs dropped by a per-port SYN limit (not in dropped) */
+    PW_G_REPLIES,               /* answers to conversations this host opened (TC egress: conversations opened) */
+    PW_G_REPLIES_PASSED,        /* of them, from a blocked source (passed, not dropped) */
+    PW_G_VERIFIED,              /* proofs recorded in verified */
+    PW_G_SCANNER_PROMOTIONS,    /* sources promoted into scanners */
+    PW_G_SCANNERS_FULL,         /* a promotion found scanners full */
     PW_G_MAX
 };
 

@@ -13,6 +13,12 @@
  *   eg_global    percpu_array     u32 (0)                     pw_global               1
  *   eg_block     lpm_trie         pw_lpm_key (remote)         pw_blacklist_value      BLACKLIST_MAP_SIZE
  *
+ * It also writes two maps of bpf/port_flow.c (one BCC text, so both programs see them): conns, the
+ * conversations this host opens (its TCP SYNs with their ISN; its first UDP datagram to an address
+ * and port that had not written first — an answer to an inbound request opens nothing), refreshed by
+ * every later packet of them; and synacks, the ISN of every SYN-ACK it sends. XDP reads them to pass
+ * answers and to verify peers (see port_flow.c).
+ *
  * GSO: a TSO/GSO super-packet counts as its gso_segs packets, and its bytes as the frames on the
  * wire (skb->len + (segs - 1) * header length), so counts match what the peer receives.
  *
@@ -99,12 +105,8 @@ static __always_inline void eg_count(struct pw_global *g, struct parsed *p, __u6
         }
     }
 
-    struct pw_flow_key fk = {};
-    fk.src = p->src;
-    fk.dst = p->dst;
-    fk.sport = p->sport;
-    fk.dport = p->dport;
-    fk.proto = p->proto;
+    struct pw_flow_key fk;
+    flow_key(&fk, p, 0);
     struct pw_flow_value *fv = eg_flows.lookup(&fk);
     if (!fv) {
         struct pw_flow_value nv = {};
@@ -120,6 +122,46 @@ static __always_inline void eg_count(struct pw_global *g, struct parsed *p, __u6
     fv->bytes += bytes;
     fv->last_seen_ns = now;
     fv->tcp_flags |= p->tcp_flags;
+}
+
+/* conns and synacks (see the header comment); keys are the tuple as the answer will arrive */
+static __always_inline void eg_track(struct pw_global *g, struct parsed *p, __u64 now)
+{
+    if (!has_conversation(p))
+        return;
+    struct pw_flow_key rk;
+    flow_key(&rk, p, 1);
+    __u8 f = p->tcp_flags;
+    if (p->proto == IPPROTO_TCP && (f & 0x12) == 0x02) {          /* this host's SYN: it opens */
+        struct pw_conn_value cv = {};
+        cv.last_out_ns = now;
+        cv.isn = p->seq;
+        cv.flags = PW_CONN_TCP;
+        if (conns.update(&rk, &cv) == 0)
+            count(PW_G_REPLIES, 1);
+        return;
+    }
+    if (p->proto == IPPROTO_TCP && (f & 0x12) == 0x12) {          /* this host's SYN-ACK: its ISN */
+        struct pw_synack_value sv = {};
+        sv.sent_ns = now;
+        sv.isn = p->seq;
+        synacks.update(&rk, &sv);
+        return;
+    }
+    struct pw_conn_value *cv = conns.lookup(&rk);
+    if (cv) {
+        cv->last_out_ns = now;
+        return;
+    }
+    /* a UDP datagram on a tuple the remote wrote first (an inbound flow exists) answers a request:
+     * that opens nothing, or a forger's request would open a way through a block */
+    if (p->proto == IPPROTO_UDP && !flows.lookup(&rk)) {
+        struct pw_conn_value nv = {};
+        nv.last_out_ns = now;
+        nv.flags = PW_CONN_UDP;
+        if (conns.insert(&rk, &nv) == 0)
+            count(PW_G_REPLIES, 1);
+    }
 }
 
 int tc_egress(struct __sk_buff *skb)
@@ -189,6 +231,8 @@ int tc_egress(struct __sk_buff *skb)
         count(PW_G_ICMPV6, segs);
     else
         count(PW_G_OTHER_L4, segs);
-    eg_count(g, &p, segs, bytes, payload, pw_now(cfg));
+    __u64 now = pw_now(cfg);                 /* capture time in a replay */
+    eg_count(g, &p, segs, bytes, payload, now);
+    eg_track(g, &p, now);
     return TC_ACT_OK;
 }

@@ -74,6 +74,8 @@ struct parsed {
     __u8  nonfirst_frag;
     __u8  short_l4;         /* a first fragment whose L4 header is cut short */
     __u8  ttl;              /* IPv4 TTL / IPv6 hop limit */
+    __u32 seq;              /* TCP sequence and acknowledgement numbers, host byte order */
+    __u32 ack_seq;
 };
 
 /* "now" for flow first/last seen and drop times: the kernel's coarse clock (CLOCK_MONOTONIC_COARSE,
@@ -233,6 +235,8 @@ static __always_inline int parse_l4(void *data, void *l4, void *data_end, struct
         p->dport = bpf_ntohs(th->dest);
         /* byte 13 of the TCP header holds the flags */
         p->tcp_flags = ((__u8 *)th)[13];
+        p->seq = bpf_ntohl(th->seq);
+        p->ack_seq = bpf_ntohl(th->ack_seq);
         p->l4_len -= doff;
         p->hdr_len = (__u32)(l4 - data) + doff;
         return 0;
@@ -261,6 +265,23 @@ static __always_inline int parse_l4(void *data, void *l4, void *data_end, struct
 static __always_inline int is_syn(struct parsed *p)
 {
     return p->proto == IPPROTO_TCP && (p->tcp_flags & 0x02) && !(p->tcp_flags & 0x10);
+}
+
+/* The flow key of p as it travelled (reverse 0), or as its answer will travel (reverse 1). */
+static __always_inline void flow_key(struct pw_flow_key *k, struct parsed *p, int reverse)
+{
+    __builtin_memset(k, 0, sizeof(*k));
+    k->src = reverse ? p->dst : p->src;
+    k->dst = reverse ? p->src : p->dst;
+    k->sport = reverse ? p->dport : p->sport;
+    k->dport = reverse ? p->sport : p->dport;
+    k->proto = p->proto;
+}
+
+/* 1 when p belongs to a TCP or UDP conversation with both ports known (not a fragment's tail). */
+static __always_inline int has_conversation(struct parsed *p)
+{
+    return !p->nonfirst_frag && !p->short_l4 && (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP);
 }
 
 #endif /* PORTWATCH_PARSE_H */

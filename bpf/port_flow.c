@@ -18,6 +18,18 @@
  *   config      array (mmapable) u32 (0)               pw_config                  1
  *   meta        array            u32 (0)               pw_meta                    1  (user space only)
  *   synlimit    hash             pw_port_key           pw_synlimit_value          SYNLIMIT_MAP_SIZE
+ *   conns       lru_hash         pw_flow_key (answer)  pw_conn_value              CONN_MAP_SIZE   (TC writes)
+ *   synacks     lru_hash         pw_flow_key (answer)  pw_synack_value            CONN_MAP_SIZE   (TC writes)
+ *   verified    lru_hash         pw_addr               pw_verified_value          VERIFIED_MAP_SIZE
+ *   scanners    hash (no LRU)    pw_addr               pw_scanner_value           SCANNER_MAP_SIZE
+ *
+ * Answers: a TCP/UDP packet on the reverse tuple of a conversation THIS host opened (conns, written
+ * by bpf/egress.c), idle less than REPLY_IDLE_SECONDS, and for TCP carrying ACK, is an answer: it
+ * passes even from a blocked source (counted in the entry's `replies`, PW_G_REPLIES_PASSED), is
+ * never counted in srcports (scan evidence) and marks its flow PW_FLOW_REPLY. Verified peers: the
+ * ACK acknowledging this host's SYN-ACK ISN + 1 (synacks), the SYN-ACK acknowledging this host's
+ * SYN ISN + 1, and the first answer to this host's UDP datagram record their source in verified,
+ * with the packet's TTL and source MAC.
  *
  * Parsing (bpf/parse.h): addresses keep their family (an IPv6 ::ffff:a.b.c.d source is never the
  * IPv4 host a.b.c.d); fragments count per source (sources.fragments), a first fragment with a
@@ -25,7 +37,7 @@
  * (port 0, the inner packet is not parsed). Per source, the TTL/hop-limit range of the round.
  * LRU evictions are user space's inserts - growth (PW_G_*_INSERTS).
  *
- * What it drops: packets whose source matches the blacklist; and, only where user space set a
+ * What it drops: packets whose source matches the blacklist (except answers, above); and, only where user space set a
  * per-port SYN budget in synlimit (off unless configured), SYNs over that budget (counted first).
  * What it never does: it never drops any other packet, never
  * modifies a packet, and never resets a counter (user space takes differences). Packets it
@@ -56,6 +68,18 @@
 #ifndef SYNLIMIT_MAP_SIZE
 #define SYNLIMIT_MAP_SIZE 1024
 #endif
+#ifndef CONN_MAP_SIZE
+#define CONN_MAP_SIZE 65536
+#endif
+#ifndef VERIFIED_MAP_SIZE
+#define VERIFIED_MAP_SIZE 16384
+#endif
+#ifndef SCANNER_MAP_SIZE
+#define SCANNER_MAP_SIZE 1024
+#endif
+#ifndef REPLY_IDLE_SECONDS
+#define REPLY_IDLE_SECONDS 300
+#endif
 
 BPF_TABLE_PINNED("percpu_hash", struct pw_port_key, struct pw_port_value, port_stats, PORT_MAP_SIZE, PIN_DIR "/port_stats");
 BPF_TABLE_PINNED("lru_percpu_hash", struct pw_addr, struct pw_source_value, sources, SOURCE_MAP_SIZE, PIN_DIR "/sources");
@@ -68,6 +92,10 @@ BPF_TABLE_PINNED("lpm_trie", struct pw_lpm_key, struct pw_blacklist_value, black
 BPF_TABLE_PINNED("array", __u32, struct pw_config, config, 1, PIN_DIR "/config", BPF_F_MMAPABLE);
 BPF_TABLE_PINNED("array", __u32, struct pw_meta, meta, 1, PIN_DIR "/meta");
 BPF_TABLE_PINNED("hash", struct pw_port_key, struct pw_synlimit_value, synlimit, SYNLIMIT_MAP_SIZE, PIN_DIR "/synlimit");
+BPF_TABLE_PINNED("lru_hash", struct pw_flow_key, struct pw_conn_value, conns, CONN_MAP_SIZE, PIN_DIR "/conns");
+BPF_TABLE_PINNED("lru_hash", struct pw_flow_key, struct pw_synack_value, synacks, CONN_MAP_SIZE, PIN_DIR "/synacks");
+BPF_TABLE_PINNED("lru_hash", struct pw_addr, struct pw_verified_value, verified, VERIFIED_MAP_SIZE, PIN_DIR "/verified");
+BPF_TABLE_PINNED("hash", struct pw_addr, struct pw_scanner_value, scanners, SCANNER_MAP_SIZE, PIN_DIR "/scanners");
 
 static __always_inline void count_port(struct pw_global *g, struct parsed *p, __u64 frame_len, __u32 epoch)
 {
@@ -112,7 +140,47 @@ static __always_inline void count_port(struct pw_global *g, struct parsed *p, __
     }
 }
 
-static __always_inline void count_source(struct pw_global *g, struct parsed *p, __u64 frame_len, __u32 epoch)
+/* A new (port, protocol) pair of p's source: counted in its scanners entry, or towards its promotion. */
+static __always_inline void new_port(struct pw_global *g, struct parsed *p, struct pw_source_value *sv, __u64 now)
+{
+    struct pw_scanner_value *scv = scanners.lookup(&p->src);
+    if (scv) {
+        __sync_fetch_and_add(&scv->ports, 1);
+        scv->last_ns = now;
+        return;
+    }
+    if (sv->new_ports < 0xFFFF)
+        sv->new_ports += 1;
+    if (sv->new_ports != PW_SCAN_PROMOTE)
+        return;
+    struct pw_scanner_value nv = {};
+    nv.ports = PW_SCAN_PROMOTE;
+    nv.first_ns = now;
+    nv.last_ns = now;
+    if (scanners.insert(&p->src, &nv) == 0)
+        count(PW_G_SCANNER_PROMOTIONS, 1);
+    else
+        count(PW_G_SCANNERS_FULL, 1);
+}
+
+/* packets and SYNs of a promoted source (looked up only for a source this CPU saw promoted) */
+static __always_inline void count_scanner(struct parsed *p)
+{
+    struct pw_scanner_value *scv = scanners.lookup(&p->src);
+    if (!scv)
+        return;
+    __sync_fetch_and_add(&scv->packets, 1);
+    if (is_syn(p))
+        __sync_fetch_and_add(&scv->syn, 1);
+}
+
+static __always_inline int same_mac(const __u8 *a, const __u8 *b)
+{
+    return *(__u32 *)a == *(__u32 *)b && *(__u16 *)(a + 4) == *(__u16 *)(b + 4);
+}
+
+static __always_inline void count_source(struct pw_global *g, struct parsed *p, __u64 frame_len, __u32 epoch, int reply,
+                                         __u64 now, struct ethhdr *eth)
 {
     struct pw_source_value zero = {};
     struct pw_source_value *sv = sources.lookup(&p->src);
@@ -128,11 +196,15 @@ static __always_inline void count_source(struct pw_global *g, struct parsed *p, 
         sv->epoch = epoch;
         sv->ttl_min = p->ttl;
         sv->ttl_max = p->ttl;
+        __builtin_memcpy(sv->mac, eth->h_source, 6);
+        sv->mac_mixed = 0;
     } else {
         if (p->ttl < sv->ttl_min)
             sv->ttl_min = p->ttl;
         if (p->ttl > sv->ttl_max)
             sv->ttl_max = p->ttl;
+        if (!same_mac(sv->mac, eth->h_source))
+            sv->mac_mixed = 1;
     }
     sv->packets += 1;
     sv->bytes += frame_len;
@@ -140,10 +212,12 @@ static __always_inline void count_source(struct pw_global *g, struct parsed *p, 
         sv->syn += 1;
     if (p->frag)
         sv->fragments += 1;
+    if (sv->new_ports >= PW_SCAN_PROMOTE)
+        count_scanner(p);
 
     /* which local port: not for non-first fragments (no L4 header), nor a short first fragment
-     * without its ports */
-    if (!p->nonfirst_frag && !(p->short_l4 && p->dport == 0) && (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP)) {
+     * without its ports, nor an answer to this host's own conversation (never scan evidence) */
+    if (!reply && !p->nonfirst_frag && !(p->short_l4 && p->dport == 0) && (p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP)) {
         struct pw_srcport_key sk = {};
         sk.src = p->src;
         sk.port = p->dport;
@@ -157,6 +231,7 @@ static __always_inline void count_source(struct pw_global *g, struct parsed *p, 
              * in this CPU's (zeroed) slot of it */
             if (srcports.insert(&sk, &one) == 0) {
                 count(PW_G_SRCPORT_INSERTS, 1);
+                new_port(g, p, sv, now);
             } else {
                 n = srcports.lookup(&sk);
                 if (n)
@@ -166,14 +241,11 @@ static __always_inline void count_source(struct pw_global *g, struct parsed *p, 
     }
 }
 
-static __always_inline void count_flow(struct pw_global *g, struct parsed *p, __u64 frame_len, __u64 now)
+static __always_inline void count_flow(struct pw_global *g, struct parsed *p, __u64 frame_len, __u64 now, int reply)
 {
-    struct pw_flow_key fk = {};
-    fk.src = p->src;
-    fk.dst = p->dst;
-    fk.sport = p->sport;
-    fk.dport = p->dport;
-    fk.proto = p->proto;
+    __u32 flags = p->tcp_flags | (reply ? PW_FLOW_REPLY : 0);
+    struct pw_flow_key fk;
+    flow_key(&fk, p, 0);
     struct pw_flow_value *fv = flows.lookup(&fk);
     if (fv) {
         if (fv->packets == 0)          /* this CPU's first packet of a flow another CPU created */
@@ -181,7 +253,7 @@ static __always_inline void count_flow(struct pw_global *g, struct parsed *p, __
         fv->packets += 1;
         fv->bytes += frame_len;
         fv->last_seen_ns = now;
-        fv->tcp_flags |= p->tcp_flags;
+        fv->tcp_flags |= flags;
         return;
     }
     struct pw_flow_value nv = {};
@@ -189,7 +261,7 @@ static __always_inline void count_flow(struct pw_global *g, struct parsed *p, __
     nv.bytes = frame_len;
     nv.first_seen_ns = now;
     nv.last_seen_ns = now;
-    nv.tcp_flags = p->tcp_flags;
+    nv.tcp_flags = flags;
     if (flows.insert(&fk, &nv) == 0) {
         count(PW_G_FLOW_INSERTS, 1);
         return;
@@ -200,7 +272,7 @@ static __always_inline void count_flow(struct pw_global *g, struct parsed *p, __
         fv->packets += 1;
         fv->bytes += frame_len;
         fv->last_seen_ns = now;
-        fv->tcp_flags |= p->tcp_flags;
+        fv->tcp_flags |= flags;
     }
 }
 
@@ -226,6 +298,62 @@ static __always_inline int syn_over_budget(struct parsed *p)
         return 0;
     __sync_fetch_and_add(&v->dropped, 1);
     return 1;
+}
+
+/* Record p's source as a verified peer (proof PW_PROOF_*), with the packet's TTL and source MAC. */
+static __always_inline void verify(struct pw_global *g, struct parsed *p, __u8 proof, void *data, __u64 now)
+{
+    struct ethhdr *eth = data;          /* parse_ip checked the Ethernet header is there */
+    struct pw_verified_value *vv = verified.lookup(&p->src);
+    if (vv) {
+        vv->last_ns = now;
+        vv->proof = proof;
+        vv->ttl = p->ttl;
+        __builtin_memcpy(vv->mac, eth->h_source, 6);
+        __sync_fetch_and_add(&vv->proofs, 1);
+    } else {
+        struct pw_verified_value nv = {};
+        nv.last_ns = now;
+        nv.proofs = 1;
+        nv.proof = proof;
+        nv.ttl = p->ttl;
+        __builtin_memcpy(nv.mac, eth->h_source, 6);
+        verified.update(&p->src, &nv);
+    }
+    count(PW_G_VERIFIED, 1);
+}
+
+/* 1 when p answers a conversation this host opened (conns: reverse tuple, idle < REPLY_IDLE_SECONDS,
+ * TCP with ACK). Records the proofs a blind forger cannot give (see the header comment). */
+static __always_inline int answer_of(struct pw_global *g, struct parsed *p, void *data, __u64 now)
+{
+    if (!has_conversation(p))
+        return 0;
+    struct pw_flow_key fk;
+    flow_key(&fk, p, 0);
+    struct pw_conn_value *cv = conns.lookup(&fk);
+    if (cv) {
+        if (now - cv->last_out_ns > REPLY_IDLE_SECONDS * 1000000000ULL)
+            return 0;
+        if (p->proto == IPPROTO_TCP && !(p->tcp_flags & 0x10))
+            return 0;                   /* an answer acknowledges something: a bare SYN opens, not answers */
+        if (!(cv->flags & PW_CONN_VERIFIED) && (p->proto == IPPROTO_UDP ||
+                ((p->tcp_flags & 0x12) == 0x12 && p->ack_seq == cv->isn + 1))) {
+            cv->flags |= PW_CONN_VERIFIED;
+            verify(g, p, p->proto == IPPROTO_UDP ? PW_PROOF_OPENED_UDP : PW_PROOF_OPENED_TCP, data, now);
+        }
+        count(PW_G_REPLIES, 1);
+        return 1;
+    }
+    if (p->proto == IPPROTO_TCP && (p->tcp_flags & 0x16) == 0x10) {
+        /* an ACK (no SYN, no RST): does it complete a handshake this host answered? */
+        struct pw_synack_value *sv = synacks.lookup(&fk);
+        if (sv && p->ack_seq == sv->isn + 1) {
+            verify(g, p, PW_PROOF_HANDSHAKE, data, now);
+            synacks.delete(&fk);
+        }
+    }
+    return 0;
 }
 
 int xdp_port_flow(struct xdp_md *ctx)
@@ -255,22 +383,30 @@ int xdp_port_flow(struct xdp_md *ctx)
     if (rc != PARSE_OK)
         goto unparsed;
 
-    /* the blacklist comes first: a blocked source costs one lookup and nothing else */
+    /* the blacklist comes first: a blocked source costs a lookup, its ports and the conns lookup
+     * that tells an answer to this host's own conversation (passed: a block never cuts this host
+     * off from a destination it talks to) */
+    __u64 now = pw_now(cfg);            /* capture time in a replay */
+    int l4_ok = parse_l4(data, l4, data_end, &p) == 0;
+    int reply = l4_ok && answer_of(g, &p, data, now);
     struct pw_lpm_key lk = {};
     lk.prefixlen = PW_LPM_FULL;
     lk.a = p.src;
     struct pw_blacklist_value *bv = blacklist.lookup(&lk);
-    if (bv) {
+    if (bv && !reply) {
         __sync_fetch_and_add(&bv->drops, 1);
         __sync_fetch_and_add(&bv->drop_bytes, frame_len);
-        bv->last_drop_ns = pw_now(cfg);   /* the value is shared by CPUs: atomics above */
+        bv->last_drop_ns = now;         /* the value is shared by CPUs: atomics above */
         count(PW_G_PARSED, 1);
         count(PW_G_DROPPED, 1);
         count(PW_G_DROPPED_BYTES, frame_len);
         return XDP_DROP;
     }
-
-    if (parse_l4(data, l4, data_end, &p) < 0)
+    if (bv) {
+        __sync_fetch_and_add(&bv->replies, 1);
+        count(PW_G_REPLIES_PASSED, 1);
+    }
+    if (!l4_ok)
         goto unparsed;
 
     count(PW_G_PARSED, 1);
@@ -288,8 +424,8 @@ int xdp_port_flow(struct xdp_md *ctx)
         count(PW_G_OTHER_L4, 1);
 
     count_port(g, &p, frame_len, epoch);
-    count_source(g, &p, frame_len, epoch);
-    count_flow(g, &p, frame_len, pw_now(cfg));
+    count_source(g, &p, frame_len, epoch, reply, now, data);
+    count_flow(g, &p, frame_len, now, reply);
     /* counted first (the flood stays visible), then an optional per-port SYN budget */
     if (is_syn(&p) && syn_over_budget(&p)) {
         count(PW_G_SYN_LIMITED, 1);

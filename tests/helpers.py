@@ -8,6 +8,7 @@ labs that share this machine.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -165,7 +166,7 @@ def map_drops(pdir, cidr) -> int | None:
     from app.services.kernel.enforcement import parse_network
     with maps.PinnedMap(pdir / "blacklist") as m:
         raw = m.lookup(bpf_structs.lpm_key(parse_network(cidr)))
-    return None if raw is None else bpf_structs.PwBlacklistValue.from_buffer_copy(raw[:24]).drops
+    return None if raw is None else bpf_structs.PwBlacklistValue.from_buffer_copy(raw[:ctypes.sizeof(bpf_structs.PwBlacklistValue)]).drops
 
 
 def bpftool_entries(pdir) -> int:

@@ -90,7 +90,7 @@ def run(args, settings) -> int:
 
 def list_entries(args, settings) -> int:
     from app.services.kernel import enforcement
-    rows, pending, summaries, dropped, egress = [], {}, {}, 0, 0
+    rows, pending, summaries, dropped, egress, replies = [], {}, {}, 0, 0, {}
     db_path = Path(settings.general.db)
     if db_path.exists():
         import sqlite3
@@ -107,11 +107,16 @@ def list_entries(args, settings) -> int:
                 pending = enforcement.pending_drops(conn, settings)
             except sqlite3.OperationalError:     # a database made before blacklist_map_counters existed
                 pending = {}
+            try:
+                replies = queries.replies_passed(conn)
+            except sqlite3.OperationalError:     # a database made before blacklist_drops.replies existed
+                replies = {}
         finally:
             conn.close()
     items = [{"address": r["address"], "direction": _direction(r), "status": r["status"], "reason": r["reason"], "origin": r["origin"],
               "created_at": r["created_at"], "expires_at": r["expires_at"],
               "drops": r["drops"] + (pending.get(r["address"], 0) if r["status"] == "active" else 0),
+              "replies_passed": replies.get(r["address"], 0),
               "offences": r["offences"], "anomaly_id": r["anomaly_id"], "removed_at": r["removed_at"],
               "finding": summaries.get(r["anomaly_id"]),
               "show": f"python -m app anomalies show {r['anomaly_id']}" if r["anomaly_id"] is not None else None}
@@ -125,14 +130,17 @@ def list_entries(args, settings) -> int:
     if not items:
         print("the blocklist is empty" + (f"; {total}" if dropped else ""))
         return EXIT_OK
-    header = ("ADDRESS", "DIR", "STATUS", "EXPIRES", "DROPS", "OFFENCES", "ORIGIN", "FINDING", "REASON")
-    table = [header] + [(i["address"], i["direction"], i["status"], _when(i["expires_at"]), str(i["drops"]), str(i["offences"]),
+    header = ("ADDRESS", "DIR", "STATUS", "EXPIRES", "DROPS", "REPLIES", "OFFENCES", "ORIGIN", "FINDING", "REASON")
+    table = [header] + [(i["address"], i["direction"], i["status"], _when(i["expires_at"]), str(i["drops"]),
+                         str(i["replies_passed"]), str(i["offences"]),
                          i["origin"], f"anomaly {i['anomaly_id']}" if i["anomaly_id"] is not None else "-",
                          inert(i["finding"] or i["reason"])) for i in items]
     widths = [max(len(row[c]) for row in table) for c in range(len(header) - 1)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
     print(total)
+    if any(i["replies_passed"] for i in items):
+        print("REPLIES: answers to conversations this host opened, passed although the source is blocked")
     if any(i["anomaly_id"] is not None for i in items):
         print("explain a finding: python -m app anomalies show ID (the number after 'anomaly')")
     return EXIT_OK

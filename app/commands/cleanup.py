@@ -11,11 +11,11 @@ Exit codes: 0 done; 2 bad --keep-days; 4 database problem; 6 another cleanup is 
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from app.commands.registry import add_command
+from app.services.text import json_dumps
 
 DESCRIPTION = """Delete rounds (and everything recorded with them) and sniffer packets older than
 --keep-days days, then give the freed space back to the file system (incremental vacuum).
@@ -55,7 +55,7 @@ def run(args, settings) -> int:
         finally:
             conn.close()
         if args.json:
-            print(json.dumps({"dry_run": True, "keep_days": keep_days, "cutoff": cutoff,
+            print(json_dumps({"dry_run": True, "keep_days": keep_days, "cutoff": cutoff,
                               "rounds": counts["rounds"], "packets": counts["packets"]}))
             return 0
         print(f"would delete {counts['rounds']} rounds and {counts['packets']} sniffer packets "
@@ -77,7 +77,7 @@ def run(args, settings) -> int:
             after = database_bytes(db)
             metrics.update(deleted_rounds=rounds, deleted_packets=packets, database_bytes=after)
     if args.json:
-        print(json.dumps({"dry_run": False, "keep_days": keep_days, "cutoff": cutoff, "rounds": rounds,
+        print(json_dumps({"dry_run": False, "keep_days": keep_days, "cutoff": cutoff, "rounds": rounds,
                           "packets": packets, "bytes_before": before, "bytes_after": after, "vacuum": how}))
         return 0
     print(f"deleted {rounds} rounds and {packets} sniffer packets older than {cutoff_text} ({keep_days:g} days); "

@@ -92,7 +92,7 @@ def run_show(args, settings) -> int:
 def run_check(args, settings) -> int:
     changed = sum(1 for r in effective(settings) if r["source"] != "default")
     if getattr(args, "json", False):      # an invalid configuration never gets here: app/cli.py prints that
-        print(json.dumps({"valid": True, "config_file": settings.config_path, "problems": [],
+        print(json_dumps({"valid": True, "config_file": settings.config_path, "problems": [],
                           "set_outside_defaults": changed}))
         return 0
     print(f"configuration is valid ({settings.config_path or 'no config file'}; {counted(changed, 'value')} set "

@@ -7,10 +7,10 @@ Exit codes: 0 done (anomalies or not); 4 database problem; 6 another evaluation 
 """
 from __future__ import annotations
 
-import json
 import sys
 
 from app.commands.registry import add_command
+from app.services.text import json_dumps
 
 DESCRIPTION = """Judge every round recorded since the last evaluation: rule detectors (port scan, SYN
 flood, new listener or changed process, traffic to unlistened ports) and, once evaluator.warmup_rounds
@@ -33,7 +33,7 @@ def run(args, settings) -> int:
               "minutes)...", file=sys.stderr, flush=True)
     result = jobs.run(settings)
     if args.json:
-        print(json.dumps(result.as_dict(), indent=2, default=str))
+        print(json_dumps(result.as_dict(), indent=2, default=str))
         return 0
     for line in result.lines():
         print(line, flush=True)

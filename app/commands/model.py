@@ -19,7 +19,6 @@ Exit codes: 0 done; 2 unknown or pruned version; 4 database problem.
 from __future__ import annotations
 
 import json
-import time
 
 from app.commands.registry import add_command
 from app.config_rules import count_arg

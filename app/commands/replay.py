@@ -44,8 +44,8 @@ def run(args, settings) -> int:
                            after_round=loop, sniff=not args.no_sniffer)
     if args.json:
         import dataclasses
-        import json
-        print(json.dumps({"replay": dataclasses.asdict(result), "evaluations": [job.as_dict() for job in
+        from app.services.text import json_dumps
+        print(json_dumps({"replay": dataclasses.asdict(result), "evaluations": [job.as_dict() for job in
                                                                                 (loop.jobs if loop else [])]},
                          indent=2, default=str))
         return 0

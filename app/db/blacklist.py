@@ -50,6 +50,15 @@ def entries(conn, statuses: Iterable[str] | None = LISTED, direction: str | None
     return conn.execute(f"SELECT * FROM blacklist{clause} ORDER BY created_at DESC, address", args).fetchall()
 
 
+def replies_passed(conn) -> dict[str, int]:
+    """address -> answers to this host's own conversations the entry let through (XDP passes them even
+    from a blocked source), summed over the collector rounds since the entry was created."""
+    rows = conn.execute("SELECT d.address, SUM(d.replies) FROM blacklist_drops d JOIN rounds r ON r.id = d.round_id "
+                        "JOIN blacklist b ON b.address = d.address WHERE r.end_time >= b.created_at "
+                        "GROUP BY d.address HAVING SUM(d.replies) > 0").fetchall()
+    return {address: int(n) for address, n in rows}
+
+
 def count_status(conn, status: str) -> int:
     return conn.execute("SELECT COUNT(*) FROM blacklist WHERE status = ?", (status,)).fetchone()[0]
 

@@ -270,6 +270,18 @@ FROM anomalies a, json_each(CASE WHEN json_valid(a.reasons) THEN a.reasons ELSE 
     10: """
 ALTER TABLE blacklist ADD COLUMN direction TEXT NOT NULL DEFAULT 'in';
 """,
+    # 11: verified peers (the proof a blind forger cannot give, and the fingerprint of the proving packet);
+    #    answers to this host's own conversations that passed a block, per entry and round. Two-way
+    #    flows an older portwatch recorded prove nothing (a forger can draw them): only sockets stay peers.
+    11: """
+ALTER TABLE peers ADD COLUMN proof TEXT;
+ALTER TABLE peers ADD COLUMN ttl INTEGER;
+ALTER TABLE peers ADD COLUMN mac TEXT;
+ALTER TABLE peers ADD COLUMN last_verified REAL;
+UPDATE peers SET proof = 'established', last_verified = last_two_way WHERE last_evidence LIKE '%established%';
+ALTER TABLE blacklist_drops ADD COLUMN replies INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE source_stats ADD COLUMN mac TEXT;
+""",
     # 13: a takeover is an epoch (the pin record's): each snapshot records the epoch it was read under;
     #     a snapshot's records live in buckets by key, so a round rewrites only what changed
     13: """

@@ -1,13 +1,15 @@
-"""Two-way peers: remote addresses that talked WITH this host (the evidence class that decides
-whether a source may be blocked on one-way evidence, issue 9/12), hop counts per source and
-per-round source counts.
+"""Verified peers: remote addresses that proved they talked WITH this host (the evidence class that
+decides whether a source may be blocked on one-way evidence), their fingerprints, hop counts per
+source and per-round source counts.
 
-Each round the collector records the addresses with a two-way exchange in it (app/services/
-egress_rounds.py: both directions of one TCP/UDP conversation on matching ports, TCP only with
-the remote's ACK) and the remote addresses of the ESTABLISHED sockets the scanner saw
-(:func:`record_two_way`). The evaluation adds the addresses whose ingress flows show a completed
-handshake (:func:`handshake_flows`, :func:`record_handshakes`). One row per address;
-:func:`two_way_since` answers "has this address talked with us since T" in one indexed lookup.
+A peer is an address that did something a blind forger cannot (``peers.proof``): 'handshake' (its
+ACK acknowledged this host's SYN-ACK ISN + 1), 'opened-tcp' (its SYN-ACK acknowledged this host's
+SYN), 'opened-udp' (it answered this host's datagram from the same address and port) — all three
+seen by the XDP program (bpf/port_flow.c, map ``verified``) — or 'established' (an ESTABLISHED
+socket the scanner saw). Each round the collector records them (:func:`record_two_way`) with the
+fingerprint of the proving packet (IP TTL / hop limit, source MAC). An inbound UDP request this host
+answered, or a segment that does not acknowledge this host's sequence number, makes no peer.
+:func:`two_way_since` answers "has this address proved itself since T" in one indexed lookup.
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from typing import Iterable
 
 # TCP flags (flows.tcp_flags is the OR of the flags seen)
 SYN, RST, PSH, ACK = 0x02, 0x04, 0x08, 0x10
+REPLY = 0x100      # PW_FLOW_REPLY: the flow answered a conversation this host opened (never evidence)
 # a flow shows a completed handshake from ingress when it carries SYN and ACK (the client's SYN
 # then its ACK, or a server's SYN-ACK to this host's own SYN), or data with ACK (a conversation
 # whose SYN was counted in an earlier flow entry), and at least 2 packets
-_TWO_WAY_FLOW = (f"protocol = 'tcp' AND packets >= 2 AND ((tcp_flags & {SYN | ACK}) = {SYN | ACK} "
-                 f"OR (tcp_flags & {PSH | ACK}) = {PSH | ACK})")
+_TWO_WAY_FLOW = (f"protocol = 'tcp' AND packets >= 2 AND (tcp_flags & {REPLY}) = 0 AND "
+                 f"((tcp_flags & {SYN | ACK}) = {SYN | ACK} OR (tcp_flags & {PSH | ACK}) = {PSH | ACK})")
 
 ROUND_COUNT_COLUMNS = ("new_sources", "source_evictions", "srcport_evictions")
 
@@ -45,23 +48,10 @@ def handshake_flows(conn: sqlite3.Connection, lo: int, last: int) -> list[tuple[
         (lo, last))]
 
 
-def record_handshakes(conn: sqlite3.Connection, rows: Iterable[tuple[str, int, float]]) -> int:
-    """Upsert peers from ingress handshakes: (address, round_id, round end time) rows (one per address and round).
-    The caller owns the transaction. Returns the number of addresses touched."""
-    per: dict[str, list] = {}
-    for address, round_id, at in rows:
-        seen = per.setdefault(address, [at, at, set()])
-        seen[0], seen[1] = min(seen[0], at), max(seen[1], at)
-        seen[2].add(round_id)
-    conn.executemany(
-        "INSERT INTO peers (address, first_seen, last_two_way, two_way_rounds, last_evidence) VALUES (?, ?, ?, ?, 'handshake') "
-        "ON CONFLICT(address) DO UPDATE SET first_seen = MIN(first_seen, excluded.first_seen), "
-        "last_two_way = MAX(last_two_way, excluded.last_two_way), "
-        "two_way_rounds = two_way_rounds + excluded.two_way_rounds",
-        [(a, first, last, len(ids)) for a, (first, last, ids) in per.items()])
-    return len(per)
-
-
+def verified_since(conn: sqlite3.Connection, since: float) -> set[str]:
+    """Addresses with a proof (``peers.proof``) at or after ``since`` (epoch seconds)."""
+    return {r[0] for r in conn.execute("SELECT address FROM peers WHERE proof IS NOT NULL AND last_verified >= ?",
+                                       (since,))}
 
 
 def ttl_range(conn: sqlite3.Connection, address: str, first: int, last: int) -> tuple[int, int] | None:
@@ -73,6 +63,15 @@ def ttl_range(conn: sqlite3.Connection, address: str, first: int, last: int) -> 
                        "WHERE address = ? AND round_id BETWEEN ? AND ? AND ttl_min IS NOT NULL AND ttl_max IS NOT NULL",
                        (address, first, last)).fetchone()
     return None if row is None or row[0] is None or row[1] is None else (int(row[0]), int(row[1]))
+
+
+def macs_seen(conn: sqlite3.Connection, address: str, first: int, last: int) -> set[str]:
+    """The source MACs ``address`` was seen with in rounds first..last (source_stats.mac; 'mixed' when
+    several came in one round); empty when the column does not exist or holds nothing."""
+    if "mac" not in _columns(conn, "source_stats"):
+        return set()
+    return {r[0] for r in conn.execute("SELECT DISTINCT mac FROM source_stats WHERE address = ? AND round_id "
+                                       "BETWEEN ? AND ? AND mac IS NOT NULL", (address, first, last))}
 
 
 def round_counts(conn: sqlite3.Connection, lo: int, last: int) -> dict[int, dict[str, int]]:
@@ -90,30 +89,33 @@ def round_counts(conn: sqlite3.Connection, lo: int, last: int) -> dict[int, dict
 
 
 
-def record_two_way(conn, round_id: int | None, at: float, flow_peers: Iterable[str],
+def record_two_way(conn, round_id: int | None, at: float, verified: dict[str, tuple[str, int | None, str | None]],
                    established: Iterable[str] = ()) -> int:
-    """Upsert the peers of one round (addresses as text, e.g. '198.18.0.2', '2001:db8::2').
+    """Upsert the verified peers of one round: ``verified`` maps an address (text, e.g. '198.18.0.2',
+    '2001:db8::2') to (proof, TTL, MAC text or None) of its latest proof in the round; ``established``
+    holds the remote addresses of ESTABLISHED sockets (proof 'established', no fingerprint).
 
     Returns the number of distinct addresses recorded."""
-    flows, est = set(flow_peers), set(established)
     rows = []
-    for address in sorted(flows | est):
-        evidence = "flows+established" if address in flows and address in est else (
-            "flows" if address in flows else "established")
-        rows.append((address, at, at, round_id, evidence))
+    for address in sorted(set(verified) | set(established)):
+        proof, ttl, mac = verified.get(address, ("established", None, None))
+        rows.append((address, at, at, round_id, proof, proof, ttl, mac, at))
     conn.executemany(
-        "INSERT INTO peers (address, first_seen, last_two_way, two_way_rounds, last_round_id, last_evidence) "
-        "VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT(address) DO UPDATE SET "
+        "INSERT INTO peers (address, first_seen, last_two_way, two_way_rounds, last_round_id, last_evidence, proof, "
+        "ttl, mac, last_verified) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?) ON CONFLICT(address) DO UPDATE SET "
         "last_two_way = MAX(last_two_way, excluded.last_two_way), two_way_rounds = two_way_rounds + 1, "
-        "last_round_id = excluded.last_round_id, last_evidence = excluded.last_evidence", rows)
+        "last_round_id = excluded.last_round_id, last_evidence = excluded.last_evidence, proof = excluded.proof, "
+        "ttl = COALESCE(excluded.ttl, ttl), mac = COALESCE(excluded.mac, mac), "
+        "last_verified = MAX(COALESCE(last_verified, 0), excluded.last_verified)", rows)
     return len(rows)
 
 
 def two_way_since(conn: sqlite3.Connection, address: str, since: float) -> bool:
     """True when ``address`` (text as stored: '198.18.0.2', '2001:db8::2', '::ffff:198.18.0.2' is an
-    IPv6 peer, not the IPv4 one) had a two-way exchange with this host at or after ``since``
-    (epoch seconds)."""
-    row = conn.execute("SELECT 1 FROM peers WHERE address = ? AND last_two_way >= ?", (address, since)).fetchone()
+    IPv6 peer, not the IPv4 one) proved itself a peer (see the module docstring) at or after ``since``
+    (epoch seconds). Rows without a proof (an older portwatch's unverified two-way flows) do not count."""
+    row = conn.execute("SELECT 1 FROM peers WHERE address = ? AND proof IS NOT NULL AND last_verified >= ?",
+                       (address, since)).fetchone()
     return row is not None
 
 

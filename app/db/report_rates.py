@@ -86,9 +86,10 @@ def port_totals(conn: sqlite3.Connection, since: float | None) -> tuple[int, int
 
 
 def drops_by_round_and_address(conn: sqlite3.Connection, since: float | None) -> list[sqlite3.Row]:
-    """(round_id, end_time, seconds, address, drops) for every per-round drop row in the window."""
+    """(round_id, end_time, seconds, address, drops, replies) for every per-round drop row in the window
+    (replies: answers to this host's own conversations the entry passed)."""
     return conn.execute(
-        f"""SELECT r.id AS round_id, r.end_time, {_SECONDS} AS seconds, bd.address, bd.drops
+        f"""SELECT r.id AS round_id, r.end_time, {_SECONDS} AS seconds, bd.address, bd.drops, bd.replies
            FROM blacklist_drops bd JOIN rounds r ON r.id = bd.round_id
            WHERE r.end_time >= ? ORDER BY r.end_time, bd.address""", (_since(since),)).fetchall()
 

@@ -114,9 +114,9 @@ def insert_port_stats(conn, round_id: int, rows: Iterable[tuple]) -> None:
 
 
 def insert_source_stats(conn, round_id: int, rows: Iterable[tuple]) -> None:
-    """rows: (address, packets, bytes, syn, distinct_ports, fragments, ttl_min, ttl_max)."""
+    """rows: (address, packets, bytes, syn, distinct_ports, fragments, ttl_min, ttl_max, mac)."""
     conn.executemany("INSERT INTO source_stats (round_id, address, packets, bytes, syn, distinct_ports, fragments, "
-                     "ttl_min, ttl_max) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", ((round_id, *r) for r in rows))
+                     "ttl_min, ttl_max, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", ((round_id, *r) for r in rows))
 
 
 def insert_source_ports(conn, round_id: int, rows: Iterable[tuple]) -> None:
@@ -140,8 +140,8 @@ def insert_global_stats(conn, round_id: int, values: dict[str, int]) -> None:
 
 
 def insert_blacklist_drops(conn, round_id: int, rows: Iterable[tuple]) -> None:
-    """rows: (address CIDR, drops in this round)."""
-    conn.executemany("INSERT INTO blacklist_drops (round_id, address, drops) VALUES (?, ?, ?)",
+    """rows: (address CIDR, drops in this round, answers to this host's conversations passed in it)."""
+    conn.executemany("INSERT INTO blacklist_drops (round_id, address, drops, replies) VALUES (?, ?, ?, ?)",
                      ((round_id, *r) for r in rows))
 
 

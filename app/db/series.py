@@ -298,7 +298,8 @@ def load_batch(conn: sqlite3.Connection, rounds: Sequence, *, context_rounds: in
         "  SELECT round_id, address, port, protocol, packets, 0 AS bytes FROM source_ports"
         "  WHERE round_id BETWEEN ?1 AND ?2"
         "  UNION ALL SELECT round_id, src_address, dst_port, protocol, SUM(packets), SUM(bytes) FROM flows"
-        "  WHERE round_id BETWEEN ?1 AND ?2 AND direction = 'in' GROUP BY round_id, src_address, dst_port, protocol"
+        "  WHERE round_id BETWEEN ?1 AND ?2 AND direction = 'in' AND (tcp_flags & 256) = 0"   # 256: an answer
+        "  GROUP BY round_id, src_address, dst_port, protocol"
         ") GROUP BY round_id, address, port, protocol", (lo, last)), (1, 3))
     _load_outbound(conn, batch, rules_lo, beacon_since, baseline_since)
     ids = {r[1] for r in batch.port_stats} | {r[1] for r in batch.occupancy} | {r[1] for r in batch.dns}

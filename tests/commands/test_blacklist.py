@@ -53,8 +53,8 @@ def test_add_list_remove_flush(cli, capsys):
     capsys.readouterr()
     assert cli("list") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ADDRESS", "DIR", "STATUS", "EXPIRES", "DROPS", "OFFENCES", "ORIGIN", "FINDING",
-                                "REASON"]
+    assert lines[0].split() == ["ADDRESS", "DIR", "STATUS", "EXPIRES", "DROPS", "REPLIES", "OFFENCES", "ORIGIN",
+                                "FINDING", "REASON"]
     assert lines[-1] == ("0 packets dropped by the blocklist in the stored rounds (every entry, also removed and "
                          "expired ones: the report's figure)")
     assert {line.split()[0] for line in lines[1:-1]} == {"198.18.0.9/32", "2001:db8:5::/48", "198.18.3.0/24"}
@@ -65,7 +65,7 @@ def test_add_list_remove_flush(cli, capsys):
     items = json.loads(capsys.readouterr().out)
     assert {i["address"] for i in items} == {"2001:db8:5::/48", "198.18.3.0/24"}
     assert all(i["status"] == "active" and i["drops"] == 0 and i["offences"] == 1 and i["direction"] == "in"
-               for i in items)
+               and i["replies_passed"] == 0 for i in items)
     assert cli("flush") == 0
     assert capsys.readouterr().out.startswith("flushed 2 entries from the blocklist")
     assert cli("list", "--all", "--json") == 0

@@ -76,6 +76,7 @@ def test_disabled_blocklist_still_alerts(tmp_path, monkeypatch):
 def test_a_failing_report_is_logged_and_does_not_fail_the_job(tmp_path, monkeypatch, caplog):
     s = blocklist_settings(tmp_path)
     s.evaluator.report_after = True
+    connect(s.general.db).close()       # the store a collection made (the job itself never creates one)
     ok = EvaluationResult(7, "ok", 1, 3, 3, 0, 0, None, None, None, (), 0.1)
     monkeypatch.setattr(evaluation, "run", lambda settings, **clock: ok)
 

@@ -147,7 +147,7 @@ def test_exact_egress_counts_across_a_kill_9(lab, tmp_path):
         (lab.root_v4, lab.host_v4(1), 6001, "udp", 45), (lab.root_v4, lab.host_v4(0), 6002, "tcp", t["packets"])]
 
 
-def test_two_way_peers_udp_and_tcp_but_not_a_host_that_only_sent(lab, tmp_path):
+def test_verified_peer_is_the_tcp_client_not_an_answered_udp_request_nor_a_host_that_only_sent(lab, tmp_path):
     s = make_settings(tmp_path)
     collect(s, lab)
     stop = threading.Event()
@@ -197,13 +197,17 @@ def test_two_way_peers_udp_and_tcp_but_not_a_host_that_only_sent(lab, tmp_path):
     conn = db(s)
     r = conn.execute("SELECT id, two_way_peers FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
     rows = {x["address"]: x for x in conn.execute("SELECT * FROM peers")}
-    assert set(rows) == {udp_host, tcp_host} and r["two_way_peers"] == 2
-    assert all(x["two_way_rounds"] == 1 and x["last_round_id"] == r["id"] and x["last_evidence"] == "flows"
-               for x in rows.values())
+    # the TCP client's ACK acknowledged this host's SYN-ACK ISN + 1: verified, with its fingerprint; the UDP
+    # client's requests were answered, which a blind forger gets too: no peer
+    assert set(rows) == {tcp_host} and r["two_way_peers"] == 1
+    peer_mac = lab.run("cat", f"/sys/class/net/{lab.peer_interface}/address").stdout.strip()
+    x = rows[tcp_host]
+    assert (x["two_way_rounds"], x["last_round_id"], x["proof"], x["ttl"], x["mac"]) == (1, r["id"], "handshake",
+                                                                                        64, peer_mac)
     day_ago = time.time() - 86400
-    assert two_way_since(conn, udp_host, day_ago) and two_way_since(conn, tcp_host, day_ago)
+    assert two_way_since(conn, tcp_host, day_ago) and not two_way_since(conn, udp_host, day_ago)
     assert not two_way_since(conn, one_way, day_ago)
-    assert not two_way_since(conn, udp_host, time.time() + 1)
+    assert not two_way_since(conn, tcp_host, time.time() + 1)
     # this host did answer the forged SYN: an outbound flow exists, yet no peer
     assert destination(conn, one_way)["packets"] >= 1
 

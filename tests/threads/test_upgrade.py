@@ -27,9 +27,9 @@ def test_old_layout_pins_close_a_round_then_are_recreated(lab, tmp_path):
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
     s = make_settings(tmp_path)
     pdir = Path(s.general.pin_root) / lab.interface
-    loaded = subprocess.run([sys.executable, "-m", "app.services.kernel.xdp", "load", "--interface", lab.interface,
+    loaded = subprocess.run([sys.executable, "-m", "app.services.xdp", "load", "--interface", lab.interface,
                              "--pin-dir", str(pdir), "--mode", "generic", "--hash", "0" * 64,
-                             *("--flag=" + f for f in xdp.build_flags(s))],
+                             *("--flag=" + f for f in xdp.build_flags(s))],   # OLD_REV's own loader module
                             cwd=old, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(old)},
                             capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stdout + loaded.stderr

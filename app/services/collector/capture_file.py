@@ -13,6 +13,7 @@ adds 14 bytes per frame for raw IP and changes nothing for cooked ones (16 -> 14
 """
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +48,15 @@ def read(path: str | Path) -> Capture:
     """Read a pcap or pcapng file (UsageError with one sentence when it is neither, or truncated badly)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:            # straight into the buffer the programs get pointers into
+            data = bytearray(os.fstat(fh.fileno()).st_size)
+            fh.readinto(data)
     except OSError as exc:
         raise UsageError(f"cannot read the capture {path}: {exc.strerror}") from None
-    if data[:4] in _PCAP_MAGIC:
+    magic = bytes(data[:4])
+    if magic in _PCAP_MAGIC:
         records = _pcap_records(data, path)
-    elif data[:4] == _PCAPNG_SHB:
+    elif magic == _PCAPNG_SHB:
         records = _pcapng_records(data, path)
     else:
         raise UsageError(f"{path} is neither a pcap nor a pcapng file")
@@ -60,21 +64,22 @@ def read(path: str | Path) -> Capture:
 
 
 def _pcap_records(data: bytes, path: Path):
-    order, ns_per_tick = _PCAP_MAGIC[data[:4]]
+    order, ns_per_tick = _PCAP_MAGIC[bytes(data[:4])]
     if len(data) < 24:
         raise UsageError(f"{path} is a truncated pcap file (no header)")
     linktype = struct.unpack_from(order + "I", data, 20)[0] & 0x0FFFFFFF
-    head = struct.Struct(order + "IIII")
+    unpack = struct.Struct(order + "IIII").unpack_from
     offsets, lengths, ts = [], [], []
+    add_offset, add_length, add_ts = offsets.append, lengths.append, ts.append     # the one per-record loop
     pos, end = 24, len(data)
     while pos + 16 <= end:
-        sec, frac, incl, _orig = head.unpack_from(data, pos)
+        sec, frac, incl, _orig = unpack(data, pos)
         pos += 16
         if pos + incl > end:
             break                                   # a truncated last record (a capture still being written)
-        offsets.append(pos)
-        lengths.append(incl)
-        ts.append(sec * 1_000_000_000 + frac * ns_per_tick)
+        add_offset(pos)
+        add_length(incl)
+        add_ts(sec * 1_000_000_000 + frac * ns_per_tick)
         pos += incl
     return offsets, lengths, ts, [linktype] * len(offsets)
 
@@ -123,7 +128,7 @@ def _tsresol(data: bytes, pos: int, end: int, order: str) -> tuple[int, int]:
     return 1_000_000, 1000
 
 
-def _frame(name: str, data: bytes, offsets, lengths, ts, links) -> Capture:
+def _frame(name: str, data: bytearray, offsets, lengths, ts, links) -> Capture:
     """Every frame Ethernet framed, in one buffer the programs can be handed pointers into."""
     offsets = np.asarray(offsets, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -133,7 +138,7 @@ def _frame(name: str, data: bytes, offsets, lengths, ts, links) -> Capture:
     if bad:
         raise UsageError(f"{name}: link type {min(bad)} is not supported (Ethernet, raw IP and Linux cooked captures are)")
     if kinds <= {LINKTYPE_ETHERNET}:
-        return Capture(name, bytearray(data), offsets, lengths, ts_ns)
+        return Capture(name, data, offsets, lengths, ts_ns)
     parts, new_offsets, pos = [], [], 0
     for off, length, link in zip(offsets.tolist(), lengths.tolist(), links):
         frame = data[off:off + length]

@@ -41,7 +41,7 @@ from app.services.kernel.bpf_structs import GLOBAL_NAMES, MAP_LAYOUT, PwConfig  
 log = logging.getLogger(__name__)
 
 SNAPSHOT_MAPS = ("port_stats", "sources", "srcports", "flows", "global", "blacklist",
-                 "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
+                 "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global", "verified", "scanners")
 EPOCH_MAPS = ("port_stats", "sources")     # per-round extremes keyed on the config epoch
 
 
@@ -348,7 +348,7 @@ class Collector:
             ("sources", g.get("source_inserts", 0)), ("srcports", g.get("srcport_inserts", 0)),
             ("flows", g.get("flow_inserts", 0)), ("eg_dests", eg.get("source_inserts", 0)),
             ("eg_flows", eg.get("flow_inserts", 0)))}
-        two_way = egress_rounds.two_way_addresses(deltas["flows"], deltas["eg_flows"])
+        two_way = egress_rounds.verified_peers(deltas["verified"])
         mode = self.load_state.mode if self.load_state else None
         values = {
             "start_time": start, "end_time": end, "counts_since": since, "interface": self.interface,
@@ -398,8 +398,10 @@ class Collector:
                                              port_ids, listening, low, high, fold)
             snapshot("port_stats")
             many = round_rows.write_sources(conn, round_id, deltas["sources"], readings["sources"].extras,
-                                            deltas["srcports"], self.settings.collector.many_ports_threshold)
-            snapshot("sources", "srcports")
+                                            deltas["srcports"], self.settings.collector.many_ports_threshold,
+                                            deltas["scanners"])
+            idle = round_rows.idle_scanners(deltas["scanners"])
+            snapshot("sources", "srcports", "scanners")
             round_rows.write_flows(conn, round_id, deltas["flows"], readings["flows"].extras, many,
                                    self.settings.collector.top_flows, self.clock_offset)
             snapshot("flows")
@@ -412,6 +414,7 @@ class Collector:
                                        self.clock_offset)
             snapshot("eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
             egress_rounds.record_peers(conn, round_id, end, two_way, seen.peers or ())
+            snapshot("verified")
             n_listeners = None
             if listeners is not None:
                 from app.db.occupancy import insert_occupancy
@@ -428,6 +431,8 @@ class Collector:
             rounds_db.update_round(conn, round_id, {
                 "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_kb": ru.ru_maxrss,
                 "sniffer_packets": sniffed})
+        for key in idle if "scanners" in self._maps else ():
+            self._maps["scanners"].delete(key)
         # the next round's payload extremes and TTL ranges start now
         cfg.epoch = (epoch + 1) & 0xFFFFFFFF
         self._maps["config"].update(maps.INDEX_0, bytes(cfg))

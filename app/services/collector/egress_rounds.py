@@ -1,4 +1,4 @@
-"""One round of the TC egress program's counters into SQLite, and the round's two-way peers.
+"""One round of the TC egress program's counters into SQLite, and the round's verified peers.
 
 Called by app/services/collector/collector.py inside the round's transaction, with the same snapshot rules
 as ingress (the deltas come from rounds.diff against the last snapshot): egress_port_stats per
@@ -6,11 +6,11 @@ LOCAL (source) port, folded into the ephemeral bucket like port_stats; destinati
 remote address with its distinct remote (port, protocol) pairs; the top outbound flows by bytes
 (plus every flow to a destination reached on many ports) as flows rows with direction 'out'.
 
-Two-way peers (:func:`two_way_addresses`): a remote address had a two-way exchange in a round when
-one of its TCP/UDP conversations was seen in BOTH directions on matching ports (ingress flow
-remote:rp -> local:lp and egress flow local:lp -> remote:rp), at least one direction in this round,
-and — for TCP — the remote's packets carried ACK (a forged SYN draws this host's SYN-ACK, which
-alone must not make the forged address a peer; an RST-only answer does not count either).
+Verified peers (:func:`verified_peers`): the addresses whose proofs grew in the XDP program's
+``verified`` map this round (a handshake acknowledging this host's ISN, an answer to a conversation
+this host opened: app/db/peers.py), with the fingerprint of the proving packet. Both directions of
+a conversation on matching ports prove nothing by themselves: a blind forger's PSH|ACK draws this
+host's RST, and a forged UDP request draws this host's answer.
 """
 from __future__ import annotations
 
@@ -22,40 +22,18 @@ from app.db import peers as peers_db
 from app.db import rounds as rounds_db
 from app.services import ports
 from app.services.collector import rounds
-from app.services.kernel.bpf_structs import ADDR_DTYPE, ADDR_SIZE, addr_text, key_dtype
+from app.services.collector.round_rows import mac_text
+from app.services.kernel.bpf_structs import ADDR_DTYPE, PROOFS, addr_text
 
-TCP, UDP, TCP_ACK = 6, 17, 0x10
-_CONV = np.dtype([("remote", ADDR_DTYPE), ("rport", ">u2"), ("lport", ">u2"), ("proto", "u1")])
-
-
-def _conversations(keys: np.ndarray, outbound: bool) -> np.ndarray:
-    """(remote, remote port, local port, proto) of flow keys as one comparable 'S<n>' array."""
-    conv = np.zeros(len(keys), dtype=_CONV)
-    conv["remote"] = keys["dst"] if outbound else keys["src"]
-    conv["rport"] = keys["dport"] if outbound else keys["sport"]
-    conv["lport"] = keys["sport"] if outbound else keys["dport"]
-    conv["proto"] = keys["proto"]
-    return conv.view(f"S{_CONV.itemsize}")
-
-
-def two_way_addresses(inbound: rounds.Delta, outbound: rounds.Delta) -> set[str]:
-    """Remote addresses (text) with a two-way exchange in this round (see the module docstring)."""
-    rin, rout = inbound.reading, outbound.reading
-    if not rin.entries or not rout.entries:
-        return set()
-    in_keys = np.frombuffer(rin.raw_keys, dtype=key_dtype("flows"), count=rin.entries)
-    out_keys = np.frombuffer(rout.raw_keys, dtype=key_dtype("eg_flows"), count=rout.entries)
-    flags = rin.extras[:, 2].astype(np.int64) if rin.extras is not None else np.zeros(rin.entries, np.int64)
-    ok_in = (in_keys["proto"] == UDP) | ((in_keys["proto"] == TCP) & ((flags & TCP_ACK) != 0))
-    in_active = np.zeros(rin.entries, dtype=bool)
-    in_active[inbound.index] = True
-    out_active = np.zeros(rout.entries, dtype=bool)
-    out_active[outbound.index] = True
-    cin, cout = _conversations(in_keys, False), _conversations(out_keys, True)
-    pos = rounds.match(cin, cout)
-    both = ok_in & (pos >= 0)
-    both &= in_active | np.where(pos >= 0, out_active[np.maximum(pos, 0)], False)
-    return {addr_text(bytes(a)) for a in np.unique(in_keys["src"][both]).tolist()}
+def verified_peers(delta: rounds.Delta) -> dict[str, tuple[str, int, str]]:
+    """address -> (proof name, TTL, MAC text) of the addresses that proved themselves in this round."""
+    if not len(delta):
+        return {}
+    extras = delta.reading.extras[delta.index].tolist()
+    out = {}
+    for raw, (proof, ttl, mac) in zip(delta.field("addr").tolist(), extras):
+        out[addr_text(raw)] = (PROOFS.get(int(proof), "unknown"), int(ttl), mac_text(mac))
+    return out
 
 
 def write_egress(conn, round_id: int, deltas: dict, readings: dict, port_ids, fold, top_n: int,
@@ -113,11 +91,10 @@ def write_egress(conn, round_id: int, deltas: dict, readings: dict, port_ids, fo
     rounds_db.insert_flows(conn, round_id, out, direction="out")
 
 
-def record_peers(conn, round_id: int, at: float, two_way: set[str], established) -> int:
-    """The round's two-way peers and the scanner's ESTABLISHED remote addresses into ``peers``."""
+def record_peers(conn, round_id: int, at: float, two_way: dict, established) -> int:
+    """The round's verified peers (:func:`verified_peers`) and the scanner's ESTABLISHED remote
+    addresses into ``peers``."""
     if not two_way and not established:
         return 0
     return peers_db.record_two_way(conn, round_id, at, two_way, established)
 
-
-assert ADDR_SIZE == _CONV.fields["remote"][0].itemsize

@@ -94,11 +94,13 @@ class ReplayCollector(Collector):
         self.compile_seconds = 0.0
 
     def open(self) -> None:
+        if Path(self.settings.general.pin_root).parent != REPLAY_ROOT:
+            raise UsageError("a replay needs its private pin root (replay.private_settings), never the host's")
         if os.geteuid() != 0:
             raise NeedsRootError("replaying needs root (BPF programs and maps): run it with sudo")
         xdp.ensure_bpffs(Path(self.settings.general.pin_root))
         try:
-            self.conn = connect(self.db_path)
+            self.conn = connect(self.db_path, create=True)      # a replay makes its store, like a collection
             self.db_id = rounds_db.database_id(self.conn)
             built = xdp_unattached.build_unattached(self.settings, self.pin_dir)
             self.compile_seconds = built["compile_seconds"]
@@ -114,7 +116,9 @@ class ReplayCollector(Collector):
 
     def close(self) -> None:
         super().close()
-        shutil.rmtree(Path(self.settings.general.pin_root), ignore_errors=True)   # the private pins only
+        root = Path(self.settings.general.pin_root)
+        if root.parent == REPLAY_ROOT:                 # the private pins only, never a pin root of the host's
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def private_settings(settings):

@@ -42,10 +42,12 @@ def write_ports(conn, round_id: int, delta: rounds.Delta, extras, port_ids, list
 
 
 def write_sources(conn, round_id: int, sources: rounds.Delta, extras, srcports: rounds.Delta,
-                  threshold: int) -> set[bytes]:
+                  threshold: int, scanners: rounds.Delta | None = None) -> set[bytes]:
     """source_stats rows (with distinct ports, fragments, the round's TTL range) and source_ports for
     many-port sources (``threshold`` distinct ports or more). Returns the raw addresses of the sources
-    that reached many ports."""
+    that reached many ports. ``scanners``: the round's delta of the non-evicting ``scanners`` map: a
+    promoted source's distinct ports are at least its count there, and a scanner whose ``sources``
+    entry a flood evicted still gets its row (packets and SYNs since its promotion)."""
     # distinct (port, protocol) pairs per source, vectorised over the srcport keys' "src" field
     n_ports = np.zeros(len(sources), dtype=np.int64)
     src_of_pair = srcports.field("src") if len(srcports) else None
@@ -56,10 +58,11 @@ def write_sources(conn, round_id: int, sources: rounds.Delta, extras, srcports: 
     key = sources.reading.key          # a sources key is one struct pw_addr
     ttl = extras[sources.index].tolist() if len(sources) else []
     rows = [(addr_text(key(i)), packets, bytes_, syn, n, frags, None if lo == rounds.U32_MAX else lo,
-             None if lo == rounds.U32_MAX else hi)
-            for i, (packets, bytes_, syn, frags), n, (lo, hi) in
+             None if lo == rounds.U32_MAX else hi, mac_text(mac, mixed))
+            for i, (packets, bytes_, syn, frags), n, (lo, hi, mac, mixed) in
             zip(sources.index.tolist(), sources.values.tolist(), n_ports.tolist(), ttl)]
     many = {key(i) for i, n in zip(sources.index.tolist(), n_ports.tolist()) if n >= threshold}
+    _merge_scanners(rows, many, scanners, threshold)
     detail = []
     if many and src_of_pair is not None:
         hit = np.flatnonzero(np.isin(src_of_pair, np.array(sorted(many), dtype=ADDR_DTYPE)))
@@ -71,6 +74,35 @@ def write_sources(conn, round_id: int, sources: rounds.Delta, extras, srcports: 
     rounds_db.insert_source_stats(conn, round_id, rows)
     rounds_db.insert_source_ports(conn, round_id, detail)
     return many
+
+
+def _merge_scanners(rows: list, many: set[bytes], scanners: rounds.Delta | None, threshold: int) -> None:
+    """Fold the scanners delta into the source_stats rows (see write_sources), in place."""
+    if scanners is None or not len(scanners):
+        return
+    at = {row[0]: i for i, row in enumerate(rows)}
+    for raw, (n_ports, packets, syn) in zip(scanners.keys, scanners.values.tolist()):
+        address = addr_text(raw)
+        if n_ports >= threshold:
+            many.add(raw)
+        if address in at:
+            row = rows[at[address]]
+            rows[at[address]] = (*row[:4], max(row[4], n_ports), *row[5:])
+        elif n_ports:
+            rows.append((address, packets, 0, syn, n_ports, 0, None, None, None))
+
+
+def mac_text(mac: int, mixed: int = 0) -> str | None:
+    """'02:00:00:00:00:02' for a 48-bit MAC, 'mixed' when several came under one address, None for 0."""
+    if mixed:
+        return "mixed"
+    return ":".join(f"{b:02x}" for b in int(mac).to_bytes(6, "big")) if mac else None
+
+
+def idle_scanners(scanners: rounds.Delta) -> list[bytes]:
+    """Keys of the scanners map that did not move this round: removed so the map keeps room."""
+    moved = set(scanners.index.tolist())
+    return [scanners.reading.key(i) for i in range(scanners.reading.entries) if i not in moved]
 
 
 def write_flows(conn, round_id: int, flows: rounds.Delta, extras, many: set[bytes], top_n: int,
@@ -102,6 +134,6 @@ def write_flows(conn, round_id: int, flows: rounds.Delta, extras, many: set[byte
 
 
 def write_blacklist_drops(conn, round_id: int, delta: rounds.Delta) -> None:
-    """Per blacklist entry, the packets it dropped in the round."""
-    rows = [(lpm_key_text(key), d[0]) for key, d in zip(delta.keys, delta.values.tolist()) if d[0]]
+    """Per blacklist entry, the packets it dropped and the answers it passed in the round."""
+    rows = [(lpm_key_text(key), d[0], d[2]) for key, d in zip(delta.keys, delta.values.tolist()) if d[0] or d[2]]
     rounds_db.insert_blacklist_drops(conn, round_id, rows)

@@ -32,7 +32,9 @@ COUNTERS = {
     "srcports": ("packets",),
     "flows": ("packets", "bytes"),
     "global": bpf_structs.GLOBAL_NAMES,
-    "blacklist": ("drops", "drop_bytes"),
+    "blacklist": ("drops", "drop_bytes", "replies"),
+    "verified": ("proofs",),
+    "scanners": ("ports", "packets", "syn"),
     # TC egress (bpf/egress.c)
     "eg_ports": ("packets", "bytes", "payload_bytes", "syn"),
     "eg_dests": ("packets", "bytes", "syn"),
@@ -91,9 +93,11 @@ def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride:
     Per-CPU counters are summed. Extras per key:
       port_stats: (round_min, round_max) payload bytes over CPUs whose round epoch equals ``epoch``
                   (U32_MAX / 0 when no packet of this round was seen);
-      sources:    (ttl_min, ttl_max) the same way (U32_MAX / 0: no packet this round);
+      sources:    (ttl_min, ttl_max) the same way (U32_MAX / 0: no packet this round), then (mac as a
+                  48-bit integer, 0: none this round; 1 when several MACs came under the address);
       flows, eg_flows: (first_seen_ns, last_seen_ns, tcp_flags) reduced over CPUs (min, max, OR);
-      blacklist:  (last_drop_ns,).
+      blacklist:  (last_drop_ns,);
+      verified:   (proof, ttl, mac as a 48-bit integer) of the latest proof.
     """
     if n == 0:
         return empty(name, key_size)
@@ -112,6 +116,8 @@ def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride:
             rmin = np.where(mask, arr[lo].astype(np.uint64), U32_MAX).min(axis=1)
             rmax = np.where(mask, arr[hi].astype(np.uint64), 0).max(axis=1)
             extras = np.stack([rmin, rmax], axis=1)
+            if name == "sources":
+                extras = np.concatenate([extras, _round_mac(arr, mask)], axis=1)
         elif name in FLOW_MAPS:
             first = np.where(seen, arr["first_seen_ns"], U64_MAX).min(axis=1)
             first = np.where(first == U64_MAX, 0, first)
@@ -120,7 +126,29 @@ def decode(name: str, keys: bytes, values: bytes, n: int, key_size: int, stride:
             extras = np.stack([first, last, flags], axis=1)
         elif name == "blacklist":
             extras = arr["last_drop_ns"].max(axis=1).reshape(n, 1)
+        elif name == "verified":
+            extras = np.stack([arr["proof"][:, 0].astype(np.uint64), arr["ttl"][:, 0].astype(np.uint64),
+                               mac_ints(arr["mac"])[:, 0]], axis=1)
     return MapReading(name, keys[: n * key_size], key_size, np.ascontiguousarray(counters, dtype=np.uint64), extras)
+
+
+def mac_ints(field: np.ndarray) -> np.ndarray:
+    """A ``__u8 mac[6]`` field (numpy 'S6', any shape) as 48-bit integers of the same shape."""
+    octets = np.frombuffer(field.tobytes(), dtype=np.uint8).reshape(*field.shape, 6).astype(np.uint64)
+    mac = np.zeros(field.shape, dtype=np.uint64)
+    for i in range(6):
+        mac = (mac << np.uint64(8)) | octets[..., i]
+    return mac
+
+
+def _round_mac(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(n, 2): a source's MAC this round (0: no packet) and 1 when more than one MAC came under it,
+    over the CPUs whose slot belongs to this round (``mask``)."""
+    mac = mac_ints(arr["mac"])
+    hi = np.where(mask, mac, 0).max(axis=1)
+    lo = np.where(mask, mac, U64_MAX).min(axis=1)
+    mixed = (np.where(mask, arr["mac_mixed"], 0).max(axis=1) > 0) | (mask.any(axis=1) & (lo != hi))
+    return np.stack([hi, mixed.astype(np.uint64)], axis=1)
 
 
 def read_map(m, epoch: int | None = None) -> MapReading:

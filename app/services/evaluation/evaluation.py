@@ -171,9 +171,6 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     with conn:
         if step.new_model is not None:
             dbe.insert_model(conn, **{**step.new_model, "created_at": now})    # the store's clock
-        end_of = {r["id"]: r["end_time"] for r in batch}
-        dbp.record_handshakes(conn, [(address, rid, end_of[rid]) for address, seen in loaded.peer_rounds.items()
-                                  for rid in seen if rid in end_of])
         forged.judge_sources(conn, settings, all_findings, now)
         eid = dbe.insert_evaluation(
             conn, started_at=started, finished_at=now, first_round_id=first, last_round_id=last,
@@ -215,9 +212,12 @@ def load_batch(conn: sqlite3.Connection, rounds, cfg: Evaluator, context_rounds:
     batch = dbs.load_batch(conn, rounds, context_rounds=context_rounds, since_time=start - cfg.scan_span_seconds,
                            beacon_since=start - cfg.beacon_span_seconds,
                            baseline_since=start - cfg.exfiltration_baseline_seconds)
+    # handshake flows are two-way evidence only from an address that proved itself (app/db/peers.py):
+    # SYN then ACK, or PSH|ACK, is what a blind forger sends too
+    verified = dbp.verified_since(conn, start - cfg.scan_span_seconds)
     for round_id, address, port, protocol, reset in dbp.handshake_flows(conn, batch.lo, batch.last):
         batch.peer_rounds.setdefault(address, set()).add(round_id)          # history, reset or not
-        if not reset:
+        if not reset and address in verified:
             batch.handshakes.setdefault(address, set()).add((round_id, port, protocol))   # evidence
     batch.round_counts = dbp.round_counts(conn, batch.lo, batch.last)
     return batch

@@ -1,6 +1,6 @@
-"""Is a finding's source possibly forged? One-way evidence (anything a forger can send) naming an
-address that had a two-way conversation with this host within ``blocklist.peer_lookback_seconds``
-(the ``peers`` table), or seen with an IP TTL outside its usual range by more than
+"""Is a finding's source possibly forged? One-way evidence (anything a forger can send) naming a
+verified peer (the ``peers`` table, within ``blocklist.peer_lookback_seconds``) without the peer's
+fingerprint (TTL, MAC), or seen with an IP TTL outside its usual range by more than
 ``blocklist.ttl_tolerance``, is possibly forged: the evaluation marks it before storing its
 findings, alerts say so and block decisions never act on it."""
 from __future__ import annotations
@@ -17,10 +17,13 @@ def judge_sources(conn, settings, findings: Sequence[Finding], now: float | None
     names destinations, which nobody forges); returns how many are possibly forged. Call before the
     findings are stored: their reasons JSON then carries it.
 
-    Two-way evidence is never forged. One-way evidence is forged when the address is a two-way peer
-    within blocklist.peer_lookback_seconds, or its TTL range in the finding's rounds leaves the range
-    of its earlier rounds by more than blocklist.ttl_tolerance. A flood's sources judged forged by
-    the rules stay so. Otherwise forged = False (judged: an unknown address).
+    Two-way evidence is never forged. One-way evidence naming a verified peer (within
+    blocklist.peer_lookback_seconds) is forged unless it carries the peer's fingerprint: its TTL range
+    in the finding's rounds within blocklist.ttl_tolerance of the TTL the peer proved itself with, and
+    no other source MAC than the peer's (then it is the peer's own, judged like anyone's). One-way
+    evidence naming any other address is forged when its TTL range leaves the range of its earlier
+    rounds by more than blocklist.ttl_tolerance. A flood's sources judged forged by the rules stay so.
+    Otherwise forged = False (judged).
     """
     cfg = settings.blocklist
     now = time.time() if now is None else now
@@ -46,13 +49,30 @@ def judge_sources(conn, settings, findings: Sequence[Finding], now: float | None
 
 
 def _forged_why(conn, cfg, address: str, f: Finding, now: float, has_peers: bool) -> str:
+    seen = peers.ttl_range(conn, address, f.first_round_id, f.last_round_id)
     if has_peers and peers.two_way_since(conn, address, now - cfg.peer_lookback_seconds):
         row = peers.peer(conn, address)
+        mismatch = _fingerprint_mismatch(conn, cfg, row, f, seen)
+        if not mismatch:
+            return ""             # the verified peer's own fingerprint: its evidence is judged like anyone's
         last = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(row["last_two_way"]))
-        return f"possibly forged: one-way evidence naming a two-way peer (last two-way traffic {last})"
-    seen = peers.ttl_range(conn, address, f.first_round_id, f.last_round_id)
+        return f"possibly forged: one-way evidence naming a verified peer (last verified {last}) {mismatch}"
     usual = peers.ttl_range(conn, address, 0, f.first_round_id - 1) if seen else None
     if seen and usual and (seen[0] < usual[0] - cfg.ttl_tolerance or seen[1] > usual[1] + cfg.ttl_tolerance):
         return (f"possibly forged: IP TTL {seen[0]}-{seen[1]} in these rounds, usually {usual[0]}-{usual[1]} "
                 "(another hop count)")
+    return ""
+
+
+def _fingerprint_mismatch(conn, cfg, row, f: Finding, seen: tuple[int, int] | None) -> str:
+    """Why one-way evidence in f's rounds does not carry the verified peer ``row``'s fingerprint (its
+    TTL within ttl_tolerance hops, its MAC), or '' when it does. No fingerprint to compare is a mismatch:
+    a peer is never blocked on evidence that cannot be told from a forgery."""
+    if row["ttl"] is None or seen is None:
+        return "with no fingerprint to compare"
+    if seen[0] < row["ttl"] - cfg.ttl_tolerance or seen[1] > row["ttl"] + cfg.ttl_tolerance:
+        return f"with IP TTL {seen[0]}-{seen[1]}, the peer's {row['ttl']}"
+    macs = peers.macs_seen(conn, row["address"], f.first_round_id, f.last_round_id)
+    if row["mac"] and macs - {row["mac"]}:
+        return f"from MAC {', '.join(sorted(macs - {row['mac']}))}, the peer's {row['mac']}"
     return ""

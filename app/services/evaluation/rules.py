@@ -270,6 +270,9 @@ def syn_floods(batch: Batch, cfg: Evaluator) -> list[Finding]:
                     senders[address] += syn
             top_syn = [{"address": a, "syn": n, "share": round(n / syns, 3)} for a, n in senders.most_common(5)]
             sources, dominant = port_sources(batch, value, protocol, packets, lo, hi)
+            # a flood names only its own SYN senders: the port's busiest source may be a live peer
+            sources = [s for s in sources if s.address in senders]
+            dominant = dominant if dominant in senders else None
             if dominant is None and top_syn and top_syn[0]["share"] >= 0.5:
                 dominant = top_syn[0]["address"]
             if not sources:

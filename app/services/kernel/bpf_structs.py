@@ -48,7 +48,8 @@ class PwSourceValue(ctypes.Structure):     # struct pw_source_value
     _c_name_ = "pw_source_value"
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("syn", ctypes.c_uint64),
                 ("fragments", ctypes.c_uint64), ("epoch", ctypes.c_uint32), ("ttl_min", ctypes.c_uint8),
-                ("ttl_max", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 2)]
+                ("ttl_max", ctypes.c_uint8), ("new_ports", ctypes.c_uint16), ("mac", ctypes.c_uint8 * 6),
+                ("mac_mixed", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
 
 
 class PwSrcportKey(ctypes.Structure):      # struct pw_srcport_key
@@ -68,19 +69,51 @@ class PwFlowValue(ctypes.Structure):       # struct pw_flow_value
                 ("last_seen_ns", ctypes.c_uint64), ("tcp_flags", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
+FLOW_REPLY = 0x100                         # PW_FLOW_REPLY in pw_flow_value.tcp_flags
+
+
+class PwConnValue(ctypes.Structure):       # struct pw_conn_value
+    _c_name_ = "pw_conn_value"
+    _fields_ = [("last_out_ns", ctypes.c_uint64), ("isn", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class PwSynackValue(ctypes.Structure):     # struct pw_synack_value
+    _c_name_ = "pw_synack_value"
+    _fields_ = [("sent_ns", ctypes.c_uint64), ("isn", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class PwVerifiedValue(ctypes.Structure):   # struct pw_verified_value
+    _c_name_ = "pw_verified_value"
+    _fields_ = [("last_ns", ctypes.c_uint64), ("proofs", ctypes.c_uint64), ("proof", ctypes.c_uint8),
+                ("ttl", ctypes.c_uint8), ("mac", ctypes.c_uint8 * 6)]
+
+
+class PwScannerValue(ctypes.Structure):    # struct pw_scanner_value
+    _c_name_ = "pw_scanner_value"
+    _fields_ = [("ports", ctypes.c_uint64), ("packets", ctypes.c_uint64), ("syn", ctypes.c_uint64),
+                ("first_ns", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+
+
+SCAN_PROMOTE = 16                          # PW_SCAN_PROMOTE
+
+# PW_PROOF_*: what made an address a verified peer (peers.proof in the database)
+PROOFS = {1: "handshake", 2: "opened-tcp", 3: "opened-udp"}
+
+
 class PwGlobal(ctypes.Structure):          # struct pw_global
     _c_name_ = "pw_global"
-    _fields_ = [("c", ctypes.c_uint64 * 22)]  # PW_G_MAX = len(GLOBAL_NAMES)
+    _fields_ = [("c", ctypes.c_uint64 * 27)]  # PW_G_MAX = len(GLOBAL_NAMES)
 
 
-class PwLpmKey(ctypes.Structure):          # struct pw_lpm_key
+class PwLpmKey(ctypes.Structure):          # struct pw_lpm_key (pad: keeps trie values 8-byte aligned)
     _c_name_ = "pw_lpm_key"
-    _fields_ = [("prefixlen", ctypes.c_uint32), ("a", PwAddr)]
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("a", PwAddr), ("pad", ctypes.c_uint8 * 4)]
 
 
 class PwBlacklistValue(ctypes.Structure):  # struct pw_blacklist_value
     _c_name_ = "pw_blacklist_value"
-    _fields_ = [("drops", ctypes.c_uint64), ("drop_bytes", ctypes.c_uint64), ("last_drop_ns", ctypes.c_uint64)]
+    _fields_ = [("drops", ctypes.c_uint64), ("drop_bytes", ctypes.c_uint64), ("last_drop_ns", ctypes.c_uint64),
+                ("replies", ctypes.c_uint64)]
 
 
 class PwSynlimitValue(ctypes.Structure):   # struct pw_synlimit_value
@@ -115,12 +148,14 @@ class PwMeta(ctypes.Structure):            # struct pw_meta
 META_CLSACT_ADDED = 1                      # PW_META_CLSACT_ADDED
 
 MIRRORS = (PwAddr, PwPortKey, PwPortValue, PwSourceValue, PwSrcportKey, PwFlowKey, PwFlowValue, PwGlobal,
-           PwLpmKey, PwBlacklistValue, PwSynlimitValue, PwDestValue, PwEgressPortValue, PwConfig, PwMeta)
+           PwLpmKey, PwBlacklistValue, PwSynlimitValue, PwDestValue, PwEgressPortValue, PwConfig, PwMeta,
+           PwConnValue, PwSynackValue, PwVerifiedValue, PwScannerValue)
 
 # enum pw_global_index, in order
 GLOBAL_NAMES = ("total", "bytes", "parsed", "unparsed", "non_ip", "dropped", "dropped_bytes", "ipv4", "ipv6",
                 "tcp", "udp", "icmp", "icmpv6", "other_l4", "fragments", "vlan", "flow_inserts",
-                "srcport_inserts", "source_inserts", "port_map_full", "short_fragments", "syn_limited")
+                "srcport_inserts", "source_inserts", "port_map_full", "short_fragments", "syn_limited",
+                "replies", "replies_passed", "verified", "scanner_promotions", "scanners_full")
 assert len(GLOBAL_NAMES) == len(PwGlobal._fields_[0][1]()), "GLOBAL_NAMES must name every PW_G_* counter"
 
 # map name -> (BPF map type number of uapi/linux/bpf.h, key mirror, value mirror), as bpf/port_flow.c and
@@ -137,6 +172,10 @@ MAP_LAYOUT = {
     "config": (BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, PwConfig),
     "meta": (BPF_MAP_TYPE_ARRAY, ctypes.c_uint32, PwMeta),
     "synlimit": (BPF_MAP_TYPE_HASH, PwPortKey, PwSynlimitValue),
+    "conns": (BPF_MAP_TYPE_LRU_HASH, PwFlowKey, PwConnValue),
+    "synacks": (BPF_MAP_TYPE_LRU_HASH, PwFlowKey, PwSynackValue),
+    "verified": (BPF_MAP_TYPE_LRU_HASH, PwAddr, PwVerifiedValue),
+    "scanners": (BPF_MAP_TYPE_HASH, PwAddr, PwScannerValue),
     # bpf/egress.c (TC egress); eg_global's names are GLOBAL_NAMES too (dropped* stay 0)
     "eg_ports": (BPF_MAP_TYPE_PERCPU_HASH, PwPortKey, PwEgressPortValue),
     "eg_dests": (BPF_MAP_TYPE_LRU_PERCPU_HASH, PwAddr, PwDestValue),

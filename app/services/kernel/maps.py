@@ -245,7 +245,7 @@ def prog_info(path: str | Path) -> BpfProgInfo:
 
 
 COUNTING_MAPS = ("port_stats", "sources", "srcports", "flows", "global", "blacklist", "config",
-                 "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global")
+                 "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global", "verified", "scanners")
 
 
 def open_maps(pin_dir: str | Path, names=COUNTING_MAPS, missing_ok: bool = False) -> dict[str, PinnedMap]:

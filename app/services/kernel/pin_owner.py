@@ -307,37 +307,29 @@ def refuse_foreign(interface: str, pin_root: str | Path, replace: bool = False) 
 
 def foreign_programs(pin_root: str | Path) -> list[tuple[str, str]]:
     """(interface, sentence) for every XDP program on this host that portwatch did not load."""
-    found = []
-    for name in _interfaces(pin_root):
-        try:
-            text = describe_attachment(name, pin_root)["foreign"]
-        except Exception as exc:   # a vanished interface, no libbpf: not this check's business
-            log.debug("cannot describe %s: %s", name, exc)
-            continue
-        if text:
-            found.append((name, text))
-    return found
+    return _sentences(pin_root, "foreign")
 
 
-def _interfaces(pin_root: str | Path) -> list[str]:
+def problems(pin_root: str | Path) -> list[tuple[str, str]]:
+    """(interface, sentence) for every unfinished load and every leftover portwatch program on this host."""
+    return _sentences(pin_root, "problem")
+
+
+def _sentences(pin_root: str | Path, field: str) -> list[tuple[str, str]]:
+    """(interface, describe_attachment()[field]) for every interface and pin directory where it is set."""
     names = set()
     for base in (Path(pin_root), Path("/sys/class/net")):
         try:
             names.update(p.name for p in base.iterdir() if p.is_dir() or base.name == "net")
         except OSError:
             pass
-    return sorted(names)
-
-
-def problems(pin_root: str | Path) -> list[tuple[str, str]]:
-    """(interface, sentence) for every unfinished load and every leftover portwatch program on this host."""
     found = []
-    for name in _interfaces(pin_root):
+    for name in sorted(names):
         try:
-            problem = describe_attachment(name, pin_root)["problem"]
+            sentence = describe_attachment(name, pin_root)[field]
         except Exception as exc:   # a vanished interface, no libbpf: not this check's business
             log.debug("cannot describe %s: %s", name, exc)
             continue
-        if problem:
-            found.append((name, problem))
+        if sentence:
+            found.append((name, sentence))
     return found

@@ -1,46 +1,34 @@
-"""Two-way exchanges from ingress and egress flow readings (no kernel): matching ports both ways, the
-remote's ACK for TCP, activity in this round."""
+"""The round's verified peers from the XDP program's ``verified`` map (no kernel): decoded through the
+same mirrors as the collector, only proofs that grew this round, with their fingerprints."""
 from __future__ import annotations
 
-import numpy as np
+import ctypes
 
 from app.services.collector import egress_rounds, rounds
-from app.services.kernel.bpf_structs import PwAddr, PwFlowKey, addr_bytes
-
-TCP, UDP = 6, 17
+from app.services.kernel.bpf_structs import PwVerifiedValue, addr_bytes
 
 
-def flow(src, sport, dst, dport, proto) -> bytes:
-    return bytes(PwFlowKey(src=PwAddr.from_buffer_copy(addr_bytes(src)), dst=PwAddr.from_buffer_copy(addr_bytes(dst)),
-                           sport=sport, dport=dport, proto=proto))
+def verified(entries) -> rounds.MapReading:
+    """A reading of the verified map: entries (address, proofs, proof number, ttl, mac bytes)."""
+    keys, values = b"", b""
+    for address, proofs, proof, ttl, mac in entries:
+        keys += addr_bytes(address)
+        v = PwVerifiedValue(last_ns=1, proofs=proofs, proof=proof, ttl=ttl)
+        ctypes.memmove(v.mac, mac, 6)
+        values += bytes(v)
+    size = ctypes.sizeof(PwVerifiedValue)
+    return rounds.decode("verified", keys, values, len(entries), len(addr_bytes("::1")), size, 1)
 
 
-def reading(name, keys_flags, packets):
-    keys = b"".join(k for k, _ in keys_flags)
-    counters = np.array([[p, 100 * p] for p in packets], dtype=np.uint64).reshape(len(packets), 2)
-    extras = np.array([[1, 2, f] for _, f in keys_flags], dtype=np.uint64).reshape(len(packets), 3)
-    return rounds.MapReading(name, keys, len(keys_flags[0][0]), counters, extras)
-
-
-def test_two_way_needs_both_directions_matching_ports_and_the_remotes_ack():
-    me = "198.18.0.1"
-    inbound = reading("flows", [
-        (flow("198.18.0.2", 5000, me, 53, UDP), 0),          # UDP request ...
-        (flow("198.18.0.3", 40000, me, 80, TCP), 0x02),      # forged SYN: this host answered SYN-ACK
-        (flow("198.18.0.4", 41000, me, 22, TCP), 0x18),      # a real TCP conversation (ACK, PSH)
-        (flow("198.18.0.5", 5000, me, 53, UDP), 0),          # ... answered from another port: no match
-        (flow("::ffff:198.18.0.6", 5000, me, 53, UDP), 0),   # IPv6 peer, answered over IPv4: not the same
-    ], [3, 1, 5, 2, 1])
-    outbound = reading("eg_flows", [
-        (flow(me, 53, "198.18.0.2", 5000, UDP), 0),
-        (flow(me, 80, "198.18.0.3", 40000, TCP), 0x12),
-        (flow(me, 22, "198.18.0.4", 41000, TCP), 0x18),
-        (flow(me, 54, "198.18.0.5", 5000, UDP), 0),
-        (flow(me, 53, "198.18.0.6", 5000, UDP), 0),
-    ], [3, 1, 4, 2, 1])
-    d_in, d_out = rounds.diff(inbound, rounds.empty("flows")), rounds.diff(outbound, rounds.empty("eg_flows"))
-    assert egress_rounds.two_way_addresses(d_in, d_out) == {"198.18.0.2", "198.18.0.4"}
-    # nothing new in either direction this round: no two-way exchange IN this round
-    assert egress_rounds.two_way_addresses(rounds.diff(inbound, inbound), rounds.diff(outbound, outbound)) == set()
-    # only the answer is new (the request was counted last round): still this round's exchange
-    assert egress_rounds.two_way_addresses(rounds.diff(inbound, inbound), d_out) == {"198.18.0.2", "198.18.0.4"}
+def test_verified_peers_are_the_proofs_that_grew_with_their_fingerprint():
+    before = verified([("198.18.0.2", 1, 1, 64, b"\x02\x00\x00\x00\x00\x02"),
+                       ("2001:db8::3", 4, 3, 63, b"\x0a\x0b\x0c\x0d\x0e\x0f")])
+    now = verified([("198.18.0.2", 1, 1, 64, b"\x02\x00\x00\x00\x00\x02"),          # nothing new
+                    ("2001:db8::3", 5, 2, 61, b"\x0a\x0b\x0c\x0d\x0e\x0f"),          # one more proof
+                    ("::ffff:198.18.0.4", 1, 3, 255, b"\xfe\xdc\xba\x98\x76\x54")])  # new: an IPv6 address
+    assert egress_rounds.verified_peers(rounds.diff(now, before)) == {
+        "2001:db8::3": ("opened-tcp", 61, "0a:0b:0c:0d:0e:0f"),
+        "::ffff:198.18.0.4": ("opened-udp", 255, "fe:dc:ba:98:76:54")}
+    assert egress_rounds.verified_peers(rounds.diff(now, now)) == {}
+    assert egress_rounds.verified_peers(rounds.diff(now, rounds.empty("verified")))["198.18.0.2"] == (
+        "handshake", 64, "02:00:00:00:00:02")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.db.connection import connect
+from app.db.peers import record_two_way
 from app.db.ports import PortIds
 from app.services.evaluation.series import FEATURE_INDEX, N_FEATURES
 
@@ -146,6 +147,10 @@ class SyntheticStore:
             self.conn.executemany(
                 "INSERT INTO flows (round_id, src_address, src_port, dst_address, dst_port, protocol, "
                 "packets, bytes, tcp_flags, reason) VALUES (?, ?, 40000, '192.0.2.1', ?, ?, ?, ?, ?, 'top')", few)
+            # what the collector records from the XDP program's verified map: the clients whose
+            # handshakes acknowledged this host's ISN
+            shaken = {r[1] for r in few if r[3] == "tcp" and r[6] == 18}
+            record_two_way(self.conn, round_id, end, {a: ("handshake", 64, None) for a in sorted(shaken)})
             self.conn.executemany(
                 "INSERT INTO egress_port_stats (round_id, port_id, packets, bytes) VALUES (?, ?, ?, ?)",
                 [(round_id, self.port_ids(value, proto), packets, nbytes)

@@ -1,6 +1,7 @@
 """dns_tunnel as a pure function of hand-made batches (exact numbers), and its helpers."""
 from __future__ import annotations
 
+import json
 import math
 import random
 import string
@@ -218,3 +219,47 @@ def test_a_direct_tunnel_captured_live_is_one_finding(lab, state_env, monkeypatc
     sent = Counter(types[names.index(n) % 3] for n in stored)
     assert d["record_types"] == {"TXT": sent[16], "CNAME": sent[5], "MX": sent[15]}
     assert d["signals"] == ["name_length", "label_entropy", "record_types"]
+
+
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_a_replayed_direct_tunnel_capture_is_one_finding(tmp_path, capsys):
+    """The issue's own path: a capture written with scapy (dnscat2 direct mode: 102 questions, TXT,
+    CNAME and MX, to one server, each answered), replayed through the real programs and the real
+    pyshark parsing (`replay`), then `evaluate`: exactly one dns_tunnel, grouped by server."""
+    import sqlite3
+
+    from scapy.layers.dns import DNS, DNSQR, DNSRR
+    from scapy.layers.inet import IP, UDP
+
+    from app.cli import main
+    from tests.services.collector.replay_captures import T0, Writer
+    host, server = "198.18.70.1", "198.18.70.53"
+    names = dnscat_names(102, seed=5)
+    types = [16, 5, 15]
+    w = Writer(tmp_path / "dnscat.pcap")
+    for k, name in enumerate(names):
+        t, sport, qtype = T0 + 1.0 + k * 0.9, 40000 + k, types[k % 3]
+        w.add(t, IP(src=host, dst=server, ttl=64) / UDP(sport=sport, dport=53)
+              / DNS(id=k, rd=1, qd=DNSQR(qname=name, qtype=qtype)), inbound=False)
+        answer = DNSRR(rrname=name, type=qtype, rdata="00" * 8 if qtype == 16 else "a.b")
+        w.add(t + 0.02, IP(src=server, dst=host, ttl=60) / UDP(sport=53, dport=sport)
+              / DNS(id=k, qr=1, rd=1, ra=1, qd=DNSQR(qname=name, qtype=qtype), an=answer), inbound=True)
+    assert w.close() == 204
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[general]\nstate_dir = "{tmp_path}/state"\nrun_dir = "{tmp_path}/run"\n'
+                   f'pin_root = "{tmp_path}/no-pins"\n[evaluator]\nwarmup_rounds = 100000\n')
+    db = str(tmp_path / "ports.db")
+    assert main(["replay", str(tmp_path / "dnscat.pcap"), "--db", db, "--config", str(cfg), "--host", host]) == 0
+    assert main(["evaluate", "--db", db, "--config", str(cfg)]) == 0
+    capsys.readouterr()
+    conn = sqlite3.connect(db)
+    asked = conn.execute("SELECT COUNT(*), COUNT(DISTINCT qry_name) FROM packets WHERE src_address = ? "
+                         "AND qry_name IS NOT NULL", (host,)).fetchone()
+    found = conn.execute("SELECT reasons FROM anomalies WHERE detector = 'dns_tunnel'").fetchall()    # details: top level
+    conn.close()
+    assert asked == (102, 102)
+    [(details,)] = found
+    d = json.loads(details)
+    assert (d["client"], d["grouped_by"], d["domain"], d["resolvers"]) == (host, "server", None, [server])
+    assert d["queries"] == 102 and d["responses"] == 102 and d["record_types"] == {"TXT": 34, "CNAME": 34, "MX": 34}

@@ -64,7 +64,7 @@ def test_the_same_sentence_on_every_surface_and_no_forged_destination(tmp_path, 
     s = make_settings(tmp_path)
     conn = connect(s.general.db)
     with conn:       # the destination is a two-way peer: inbound one-way evidence naming it would be "forged"
-        peers.record_two_way(conn, 1, time.time() - 60, [DEST])
+        peers.record_two_way(conn, 1, time.time() - 60, {DEST: ("handshake", 64, None)})
     exfil = exfiltration()
     assert forged.judge_sources(conn, s, [exfil]) == 0
     assert not exfil.sources[0].forged and exfil.forged_sources == []

@@ -49,7 +49,10 @@ def test_migration_8_adds_the_sources_view_beside_the_peers_table(tmp_path):
     old = tmp_path / "old.db"
     c = connect(old)
     c.executescript("DROP VIEW v_anomaly_sources; ALTER TABLE blacklist DROP COLUMN direction; "
-                    "PRAGMA user_version = 7;")
+                    "ALTER TABLE peers DROP COLUMN proof; ALTER TABLE peers DROP COLUMN ttl; "
+                    "ALTER TABLE peers DROP COLUMN mac; ALTER TABLE peers DROP COLUMN last_verified; "
+                    "ALTER TABLE blacklist_drops DROP COLUMN replies; "
+                    "ALTER TABLE source_stats DROP COLUMN mac; PRAGMA user_version = 7;")
     c.close()
     c = connect(old)
     assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -73,28 +76,63 @@ def test_handshake_flows_and_two_way_since(conn):
                      "'top')", (r1, 0x16))                    # SYN, ACK and the real owner's RST: a blind forgery
     assert sorted(peers.handshake_flows(conn, r1, r2)) == [(r1, PEER, 22, "tcp", 0), (r1, "198.18.0.68", 90, "tcp", 1),
                                                            (r2, PEER, 22, "tcp", 0)]
+    # an answer to this host's own connection (PW_FLOW_REPLY) is no handshake of the remote's
     with conn:
-        assert peers.record_handshakes(conn, [(PEER, r1, T0), (PEER, r2, T0 + 60)]) == 1
-        peers.record_handshakes(conn, [(PEER, r2 + 1, T0 + 120)])
+        conn.execute("INSERT INTO flows (round_id, src_address, src_port, dst_address, dst_port, protocol, packets, "
+                     "bytes, tcp_flags, reason) VALUES (?, '198.18.0.69', 80, '198.18.0.1', 41234, 'tcp', 5, 1, ?, "
+                     "'top')", (r1, 0x118))
+    assert sorted(peers.handshake_flows(conn, r1, r2)) == [(r1, PEER, 22, "tcp", 0), (r1, "198.18.0.68", 90, "tcp", 1),
+                                                           (r2, PEER, 22, "tcp", 0)]
+    # flows prove nothing: only a proof the kernel saw (or a socket) makes a peer
+    assert not peers.two_way_since(conn, PEER, 0)
+    with conn:
+        assert verify(conn, PEER, T0) == 1
+        verify(conn, PEER, T0 + 120)
     row = peers.peer(conn, PEER)
-    assert (row["first_seen"], row["last_two_way"], row["two_way_rounds"]) == (T0, T0 + 120, 3)
+    assert (row["first_seen"], row["last_two_way"], row["two_way_rounds"], row["proof"]) == (T0, T0 + 120, 2,
+                                                                                             "handshake")
     assert peers.two_way_since(conn, PEER, T0 + 120) and not peers.two_way_since(conn, PEER, T0 + 121)
     assert not peers.two_way_since(conn, STRANGER, 0)
+    assert peers.verified_since(conn, T0 + 60) == {PEER}
+
+
+def verify(conn, address: str, at: float, proof: str = "handshake", ttl: int = 64) -> int:
+    """``address`` proved itself at ``at`` (as the collector records the kernel's verified map)."""
+    return peers.record_two_way(conn, None, at, {address: (proof, ttl, "02:00:00:00:00:02")})
 
 
 # --- judged forged or not ---------------------------------------------------------------------------
 
+def test_one_way_evidence_under_a_peer_is_its_own_only_with_its_fingerprint(conn, tmp_path):
+    """A verified peer proved itself with TTL 64 from MAC 02:..:02: a scan under its address with that TTL
+    and MAC is its own (judged: blocked like anyone's); another TTL or another MAC is forged (alert only)."""
+    s = blocklist_settings(tmp_path)
+    with conn:
+        verify(conn, PEER, T0 - 3600)                                 # TTL 64, MAC 02:00:00:00:00:02
+        rounds = [add_round(conn, T0 - 600 + 60 * i) for i in range(3)]
+        for rid, ttl, mac in zip(rounds, (63, 40, 64), ("02:00:00:00:00:02", "02:00:00:00:00:02", "0a:0b:0c:0d:0e:0f")):
+            conn.execute("INSERT INTO source_stats (round_id, address, packets, bytes, ttl_min, ttl_max, mac) "
+                         "VALUES (?, ?, 100, 6000, ?, ?, ?)", (rid, PEER, ttl, ttl, mac))
+    scans = [finding("port_scan", source=PEER, sources=[Source(PEER, evidence=ONE_WAY)], first_round_id=rid,
+                     last_round_id=rid) for rid in rounds]
+    assert judge_sources(conn, s, scans, now=T0) == 2
+    assert [f.sources[0].forged for f in scans] == [False, True, True]
+    assert "TTL 40-40, the peer's 64" in scans[1].sources[0].note
+    assert "MAC 0a:0b:0c:0d:0e:0f, the peer's 02:00:00:00:00:02" in scans[2].sources[0].note
+
 def test_one_way_evidence_naming_a_peer_is_possibly_forged(conn, tmp_path):
     s = blocklist_settings(tmp_path)
     with conn:
-        peers.record_handshakes(conn, [(PEER, 1, T0 - 3600), ("198.18.0.11", 1, T0 - 2 * 86400)])
+        verify(conn, PEER, T0 - 3600)
+        verify(conn, "198.18.0.11", T0 - 2 * 86400)
     scans = [finding("port_scan", source=a, sources=[Source(a, evidence=e)])
              for a, e in ((PEER, ONE_WAY), (STRANGER, ONE_WAY), ("198.18.0.11", ONE_WAY), ("198.18.0.12", TWO_WAY))]
     with conn:
-        peers.record_handshakes(conn, [("198.18.0.12", 1, T0 - 60)])
+        verify(conn, "198.18.0.12", T0 - 60)
     assert judge_sources(conn, s, scans, now=T0) == 1
     assert [f.sources[0].forged for f in scans] == [True, False, False, False]   # .11: outside the 24 h look-back
-    assert "two-way peer" in scans[0].sources[0].note and "possibly forged" in scans[0].summary
+    assert "verified peer" in scans[0].sources[0].note and "no fingerprint" in scans[0].sources[0].note
+    assert "possibly forged" in scans[0].summary
     stored = add_evaluation(conn, scans, at=T0)
     reasons = json.loads(conn.execute("SELECT reasons FROM anomalies WHERE id = ?", (stored[0].id,)).fetchone()[0])
     assert reasons["forged_sources"] == [PEER] and reasons["sources"][0]["evidence"] == ONE_WAY

@@ -11,11 +11,13 @@ default route, so the flood is sent with scapy).
 """
 from __future__ import annotations
 
+import ipaddress
 import random
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -91,8 +93,9 @@ def test_forged_peer_is_never_blocked_and_the_unknown_scanner_is(lab, tmp_path, 
     try:
         assert client.stdout.readline().strip() == "talked"
         collect(s, lab)                                                  # round 2: the conversation
-        hping(lab, "-a", benign, "-S", "-p", "++1000", "-c", "150", "-i", "u500")   # forged SYN scan, 150 ports
-        hping(lab, "-a", benign, "-S", "-p", str(FLOODED), "-c", "600", "-i", "u200")  # forged SYN flood
+        # the forger is farther away than the benign host (TTL 40, not its 64): not the peer's fingerprint
+        hping(lab, "-a", benign, "-t", "40", "-S", "-p", "++1000", "-c", "150", "-i", "u500")   # forged SYN scan
+        hping(lab, "-a", benign, "-t", "40", "-S", "-p", str(FLOODED), "-c", "600", "-i", "u200")  # forged SYN flood
         hping(lab, "-a", scanner, "-S", "-p", "++1000", "-c", "150", "-i", "u500")  # the unknown scanner, same scan
         collect(s, lab)                                                  # round 3: the attacks
         job = jobs.run(s)
@@ -136,29 +139,39 @@ def test_forged_peer_is_never_blocked_and_the_unknown_scanner_is(lab, tmp_path, 
         assert sink.drain() == {benign: 25}
 
 
-def test_udp_request_response_peer_forged_is_not_blocked(lab, tmp_path, pin_root):
+def test_udp_server_this_host_asked_is_a_peer_and_not_blocked_when_forged(lab, tmp_path, pin_root):
+    """This host's datagrams answered from the same address and port prove the server (a blind forger
+    never sees them); an inbound request this host answered would prove nothing."""
     s, pdir = loaded(lab, tmp_path, pin_root)
     benign = lab.host_v4(3)
-    responder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    responder.bind((lab.root_v4, 5353))
-    responder.settimeout(0.5)
-    asker = lab.popen(sys.executable, "-c", r"""
+    responder = lab.popen(sys.executable, "-c", r"""
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 0)); s.settimeout(2)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 5353)); s.settimeout(10)
+print('ready', flush=True)
 for i in range(20):
-    s.sendto(b'q%d' % i, (sys.argv[2], 5353)); s.recv(100)
-""", benign, lab.root_v4)
+    data, addr = s.recvfrom(100); s.sendto(b'a' + data, addr)
+""", benign, stdout=subprocess.PIPE, text=True)
+    asker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    asker.bind((lab.root_v4, 0))
+    asker.settimeout(2)
     try:
-        for _ in range(20):                                      # this host answers every request
-            data, addr = responder.recvfrom(100)
-            responder.sendto(b"a" + data, addr)
-        asker.wait(timeout=10)
+        assert responder.stdout.readline().strip() == "ready"
+        for i in range(20):                                  # this host asks, the server answers
+            asker.sendto(b"q%d" % i, (benign, 5353))
+            assert asker.recv(100) == b"aq%d" % i
+        responder.wait(timeout=10)
     finally:
-        responder.close()
+        asker.close()
+        responder.kill()
     collect(s, lab)
-    hping(lab, "-a", benign, "-S", "-p", "++1000", "-c", "150", "-i", "u500")
+    hping(lab, "-a", benign, "-t", "40", "-S", "-p", "++1000", "-c", "150", "-i", "u500")   # another TTL
     collect(s, lab)
     job = jobs.run(s)
+    conn = connect(s.general.db)
+    try:
+        assert conn.execute("SELECT proof FROM peers WHERE address = ?", (benign,)).fetchone()[0] == "opened-udp"
+    finally:
+        conn.close()
     assert [d.action for d in job.decisions if d.address == f"{benign}/32"] == ["refused"]
 
 
@@ -211,7 +224,7 @@ conf.verb = 0
 iface, src, dst, dst_mac, first, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
 mac = get_if_hwaddr(iface)
 for i in range(n):
-    l2 = Ether(src=mac, dst=dst_mac) / IP(src=src, dst=dst)
+    l2 = Ether(src=mac, dst=dst_mac) / IP(src=src, dst=dst, ttl=40)      # a forger farther away than the peer
     sendp(l2 / TCP(sport=50000 + i, dport=first + i, flags='S', seq=1000), iface=iface, verbose=False)
     time.sleep(0.005)
     sendp(l2 / TCP(sport=50000 + i, dport=first + i, flags='A', seq=1001, ack=12345), iface=iface, verbose=False)
@@ -264,3 +277,51 @@ def test_blind_forged_handshakes_under_a_peer_address_are_not_two_way(lab, tmp_p
     [scan] = [f for f in job.evaluation.anomalies if f.detector == "port_scan"]
     assert scan.source == benign and scan.sources[0].evidence == "one-way" and scan.sources[0].forged is True
     assert [(d.address, d.action) for d in job.decisions] == [(f"{benign}/32", "refused")]
+
+
+def _v6_syns(dst: str, port: int, n: int):
+    """n SYN frames to dst:port, each from another address of 2001:db8:ff::/48 (built by patching one
+    scapy frame: 250,000 in about a second)."""
+    from scapy.all import IPv6, TCP, Ether
+    raw = bytearray(bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / IPv6(src="2001:db8:ff::1", dst=dst)
+                          / TCP(sport=40000, dport=port, flags="S")))
+    base = int(ipaddress.IPv6Address("2001:db8:ff::"))
+    for i in range(n):
+        raw[22:38] = (base + 1 + i * 7919).to_bytes(16, "big")        # the IPv6 source address
+        yield bytes(raw)
+
+
+@pytest.mark.slow
+def test_a_flood_of_250000_forged_sources_cannot_hide_a_scanner(lab, tmp_path, pin_root):
+    """One round: a real 100-port SYN scan (hping3), then 250,000 SYNs from distinct forged sources run
+    through the loaded XDP program (BPF_PROG_TEST_RUN: the same code path, nothing on the wire). The
+    flood evicts the scanner from the per-source LRU maps; its promotion into the non-evicting
+    scanners map keeps it: the round's port_scan names it, and the flood names only its own sources."""
+    from app.lab import run_frames
+    s, pdir = loaded(lab, tmp_path, pin_root)
+    scanner = lab.host_v4(2)
+    hping(lab, "-a", scanner, "-S", "-p", "++1000", "-c", "100", "-i", "u500")
+    t0 = time.monotonic()
+    seen = run_frames(pdir / "prog", _v6_syns(lab.root_v6, RANDOM_FLOODED, 250_000))
+    flood_seconds = time.monotonic() - t0
+    assert seen == {2: 250_000}                                       # XDP_PASS: counted, not dropped
+    collect(s, lab)
+    job = jobs.run(s)
+    conn = connect(s.general.db)
+    try:
+        r = conn.execute("SELECT new_sources, source_evictions, srcport_evictions FROM rounds ORDER BY id DESC "
+                         "LIMIT 1").fetchone()
+        row = conn.execute("SELECT packets, syn, distinct_ports FROM source_stats WHERE address = ? ORDER BY round_id "
+                           "DESC LIMIT 1", (scanner,)).fetchone()
+    finally:
+        conn.close()
+    found = job.evaluation.anomalies
+    scans = [f for f in found if f.detector == "port_scan"]
+    flood_named = {a for f in found if f.detector == "syn_flood" for a in f.addresses}
+    print(f"\n250,000 forged sources in {flood_seconds:.1f} s: new sources {r[0]}, source evictions {r[1]}, "
+          f"srcport evictions {r[2]}; scanner row {tuple(row) if row else None}; port_scan sources "
+          f"{[f.source for f in scans]} score {[f.score for f in scans]}; flood names {len(flood_named)} addresses")
+    assert r[1] > 100_000                                              # the flood did evict
+    assert [f.source for f in scans] == [scanner] and scans[0].score >= 100
+    assert all(ipaddress.ip_address(a) in ipaddress.ip_network("2001:db8:ff::/48") for a in flood_named)
+    assert (f"{scanner}/32", "block") in [(d.address, d.action) for d in job.decisions]

@@ -27,12 +27,16 @@ def test_ctypes_mirror_sizes_match_common_h_layout():
     assert ctypes.sizeof(bpf_structs.PwPortKey) == 4
     assert ctypes.sizeof(bpf_structs.PwPortValue) == 80
     assert ctypes.sizeof(bpf_structs.PwAddr) == 20
-    assert ctypes.sizeof(bpf_structs.PwSourceValue) == 40
+    assert ctypes.sizeof(bpf_structs.PwSourceValue) == 48
     assert ctypes.sizeof(bpf_structs.PwSrcportKey) == 24
     assert ctypes.sizeof(bpf_structs.PwFlowKey) == 48
     assert ctypes.sizeof(bpf_structs.PwFlowValue) == 40
-    assert ctypes.sizeof(bpf_structs.PwLpmKey) == 24
-    assert ctypes.sizeof(bpf_structs.PwBlacklistValue) == 24
+    assert ctypes.sizeof(bpf_structs.PwLpmKey) == 28
+    assert ctypes.sizeof(bpf_structs.PwBlacklistValue) == 32
+    assert ctypes.sizeof(bpf_structs.PwConnValue) == 16
+    assert ctypes.sizeof(bpf_structs.PwSynackValue) == 16
+    assert ctypes.sizeof(bpf_structs.PwVerifiedValue) == 24
+    assert ctypes.sizeof(bpf_structs.PwScannerValue) == 40
     assert ctypes.sizeof(bpf_structs.PwSynlimitValue) == 40
     assert ctypes.sizeof(bpf_structs.PwDestValue) == 24
     assert ctypes.sizeof(bpf_structs.PwEgressPortValue) == 32
@@ -108,8 +112,12 @@ def test_addr_text_roundtrip():
 def test_lpm_keys_encode_and_decode():
     key = bpf_structs.lpm_key(ipaddress.ip_network("198.18.3.0/24"))
     # prefixlen counts the family byte: 8 + 96 + 24 for an IPv4 /24, 8 + 64 for an IPv6 /64
-    assert key[:4] == (128).to_bytes(4, "little") and key[4:] == bpf_structs.addr_bytes("198.18.3.0")
+    assert key[:4] == (128).to_bytes(4, "little") and key[4:24] == bpf_structs.addr_bytes("198.18.3.0")
     assert bpf_structs.lpm_key(ipaddress.ip_network("2001:db8::/64"))[:4] == (72).to_bytes(4, "little")
+    # the trie stores key[4:] as a node's data with the value right after it: data of a multiple of 8
+    # bytes keeps the value's u64 counters (which XDP and TC add to atomically) naturally aligned, so
+    # no atomic ever straddles a cache line (a split lock: thousands of ns per drop)
+    assert (len(key) - 4) % 8 == 0 and key[24:] == bytes(len(key) - 24)
     # the IPv4-mapped IPv6 form of a network is an IPv6 key: it never matches IPv4 packets
     assert bpf_structs.lpm_key(ipaddress.ip_network("::ffff:198.18.3.0/120")) != key
     for text in ("198.18.3.0/24", "198.18.3.9/32", "0.0.0.0/0", "2001:db8::/64", "2001:db8::1/128", "::/0",

@@ -67,7 +67,7 @@ def test_the_fake_pinned_map_behaves_like_the_real_one(lab, tmp_path):
             with pytest.raises(BpfError, match="is full"):
                 m.update(net("2001:db8::/64"), zero)
             keys, _, n = m.items()
-            assert n == 2 and sorted(bpf_structs.lpm_key_text(keys[i * 24:(i + 1) * 24]) for i in range(n)) == \
+            assert n == 2 and sorted(bpf_structs.lpm_key_text(keys[i * m.info.key_size:(i + 1) * m.info.key_size]) for i in range(n)) == \
                 ["198.18.0.0/24", "198.18.0.9/32"]
             assert m.delete(net("198.18.0.9/32")) and not m.delete(net("198.18.0.9/32"))
             assert m.lookup(net("198.18.0.9/32")) == zero

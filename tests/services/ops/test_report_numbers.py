@@ -148,3 +148,38 @@ def test_blacklist_list_names_egress_drops_apart(store, capsys):
     out = capsys.readouterr().out
     assert f"{DROPS} packets dropped by the blocklist" in out
     assert "; 12 packets to blocked destinations dropped in TC egress" in out
+
+
+@pytest.mark.kernel
+def test_a_real_block_removed_between_rounds_is_counted_everywhere(lab, tmp_path):
+    """Block a lab source, let it send 246 datagrams, unblock it, close the next round: the drops reach
+    the rounds' counter and the ledger but no per-round row (the entry left the map before the round
+    read it). The report, report.json and `blacklist list` all say 246."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[3]
+    env = dict(os.environ, PYTHONPATH=str(repo), PORTWATCH_CONFIG="/dev/null", PORTWATCH_DB=str(tmp_path / "p.db"),
+               PORTWATCH_STATE_DIR=str(tmp_path / "state"), PORTWATCH_RUN_DIR=str(tmp_path / "run"))
+
+    def app(*args):
+        out = subprocess.run([sys.executable, "-m", "app", *args], cwd=repo, env=env, capture_output=True, text=True,
+                             timeout=180)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+    app("collect", "--interface", lab.interface, "--round-seconds", "0.5", "--no-sniffer", "--no-scanner")
+    src = lab.host_v4(0)
+    app("blacklist", "add", src, "--ttl", "1h")
+    assert lab.send("--src", src, "--dst", lab.root_v4, "--ports", "7500", "--count", "246").strip() == "246"
+    app("blacklist", "remove", src)
+    app("collect", "--interface", lab.interface, "--round-seconds", "0.5", "--no-sniffer", "--no-scanner")
+    conn = connect(tmp_path / "p.db", readonly=True)
+    counts = [conn.execute(q).fetchone()[0] for q in ("SELECT SUM(dropped_packets) FROM rounds",
+                                                      "SELECT SUM(drops) FROM blacklist",
+                                                      "SELECT COALESCE(SUM(drops), 0) FROM blacklist_drops")]
+    conn.close()
+    assert counts == [DROPS, DROPS, 0]
+    report = json.loads(app("report", "--out", str(tmp_path / "r"), "--since", "all", "--json"))
+    assert report["drops"] == report["overview"]["dropped_packets"] == DROPS
+    assert app("blacklist", "list", "--all").splitlines()[-1].startswith(f"{DROPS} packets dropped by the blocklist")

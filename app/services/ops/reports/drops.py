@@ -50,6 +50,15 @@ def drops_by_address(conn, since: float | None) -> dict[str, int]:
     return totals
 
 
+def replies_by_address(conn, since: float | None) -> dict[str, int]:
+    """The window's answers to this host's own conversations each blocked address let through."""
+    totals: dict[str, int] = {}
+    for row in rates.drops_by_round_and_address(conn, since):
+        if row["replies"]:
+            totals[row["address"]] = totals.get(row["address"], 0) + row["replies"]
+    return totals
+
+
 def _drop_stacks(drops, rounds_rows, round_ends: list[float]) -> tuple[list[str], list[list[float]]]:
     """Drops per second per round: the five addresses that lost most, 'other addresses', and GONE
     (a round's XDP drop counter beyond its per-address rows)."""

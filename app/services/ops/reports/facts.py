@@ -22,7 +22,7 @@ from app.db import report_rates as rates
 from app.db import reports as queries
 from app.errors import UsageError
 from app.services.evaluation.findings import Finding
-from app.services.ops.reports.drops import drops_by_address
+from app.services.ops.reports.drops import drops_by_address, replies_by_address
 from app.services.ports import port_label
 from app.services.text import plural
 
@@ -353,6 +353,7 @@ class Contents:
     recent_anomalies: list = field(default_factory=list)      # [(row, reason text)]
     blocklist_rows: list = field(default_factory=list)
     window_drops: dict = field(default_factory=dict)          # address (or GONE) -> drops in the window
+    window_replies: dict = field(default_factory=dict)        # address -> answers it passed in the window
 
     @property
     def empty(self) -> bool:
@@ -364,6 +365,7 @@ def load_contents(conn, since: float | None, top_ports: int, max_anomaly_figures
     """The report's contents; only the overview when the window holds nothing at all."""
     contents = Contents(queries.overview(conn, since))
     contents.window_drops = drops_by_address(conn, since)
+    contents.window_replies = replies_by_address(conn, since)
     # one drop count everywhere: the rounds' XDP drop counter (rates.drop_total), split by address
     contents.overview["dropped_packets"] = rates.drop_total(conn, since)
     if contents.empty:

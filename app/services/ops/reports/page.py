@@ -185,16 +185,18 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, since: 
 def _blocklist_table(contents: facts.Contents) -> str:
     """Entries with the window's drops each, the drops of entries no longer listed (and drops.GONE),
     and the one total: the rounds' XDP drop counter (the same number as the overview and figures)."""
-    window = contents.window_drops
+    window, replies = contents.window_drops, contents.window_replies
     shown = contents.blocklist_rows[-MAX_TABLE_ROWS:]
     rows = [[b["address"], b["status"], b["origin"], fmt_time(b["created_at"]), fmt_time(b["expires_at"]),
-             window.get(b["address"], 0), b["reason"]] for b in shown]
+             window.get(b["address"], 0), replies.get(b["address"], 0), b["reason"]] for b in shown]
     listed = {b["address"] for b in shown}
-    rows += [[address, "-", "-", "-", "-", n,
+    rows += [[address, "-", "-", "-", "-", window.get(address, 0), replies.get(address, 0),
               "removed or expired after the round's last read" if address == drops.GONE else "(entry no longer listed)"]
-             for address, n in sorted(window.items()) if address not in listed]
-    rows.append(["total", "", "", "", "", contents.overview["dropped_packets"], "the rounds' XDP drop counter"])
-    return _table(["address", "status", "origin", "created", "expires", "drops in window", "reason"], rows, "")
+             for address in sorted(set(window) | set(replies)) if address not in listed]
+    rows.append(["total", "", "", "", "", contents.overview["dropped_packets"], sum(replies.values()),
+                 "the rounds' XDP drop counter"])
+    return _table(["address", "status", "origin", "created", "expires", "drops in window", "passed as replies",
+                   "reason"], rows, "")
 
 
 def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_figures: int,
@@ -244,7 +246,7 @@ def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_fig
     if without:
         tables["contributions"] = "<p>Model anomalies without per-feature detail:</p>" + _table(
             ["anomaly", "port", "reasons"], [[a.id, a.port, (a.reasons or "-")[:200]] for a in without], "")
-    if contents.blocklist_rows or contents.window_drops:
+    if contents.blocklist_rows or contents.window_drops or contents.window_replies:
         tables["blocklist"] = _blocklist_table(contents)
     if occupancy.changes:
         tables["occupancy"] = _table(["time", "port", "change", "process"],
