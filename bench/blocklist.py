@@ -298,8 +298,8 @@ def measure_entries(lab: Lab, s, pdir: Path, n: int = 64) -> tuple[dict, dict]:
     s.blocklist.egress_block_enabled = True
     with maps.PinnedMap(pdir / "blacklist") as bl:
         for text in v4 + v6:
-            bl.update(bpf_structs.lpm_key(blocklist.parse_network(text)), bytes(bpf_structs.PwBlacklistValue()))
-            egress_block.add(s, pdir, blocklist.parse_network(text))
+            bl.update(bpf_structs.lpm_key(enforcement.parse_network(text)), bytes(bpf_structs.PwBlacklistValue()))
+            egress_block.add(s, pdir, enforcement.parse_network(text))
     xdp, tc = pdir / "prog", pdir / egress.PROG_PIN
 
     def best(pin, frame):
