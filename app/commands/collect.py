@@ -5,6 +5,7 @@ import sys
 
 from app.commands.registry import add_command
 from app.config_rules import count_arg
+from app.services.text import json_dumps
 from app.durations import arg as duration
 
 
