@@ -10,7 +10,7 @@ from app.db import blacklist as queries
 from app.db.connection import connect
 from app.services.kernel import enforcement
 from app.services.blocklist.decisions import Protection, decide, ttl_for
-from tests.helpers import add_evaluation, blocklist_settings, finding, ledger_events, scan
+from tests.helpers import add_evaluation, blocklist_settings, downgrade, finding, ledger_events, scan
 
 T0 = 1_800_000_000.0
 NOBODY = Protection()
@@ -115,11 +115,7 @@ def test_migration_10_marks_every_existing_entry_inbound(tmp_path):
     from app.db.connection import SCHEMA_VERSION
     old = tmp_path / "v9.db"
     c = connect(old)
-    c.executescript("ALTER TABLE blacklist DROP COLUMN direction; ALTER TABLE peers DROP COLUMN proof; "
-                    "ALTER TABLE peers DROP COLUMN ttl; ALTER TABLE peers DROP COLUMN mac; "
-                    "ALTER TABLE peers DROP COLUMN last_verified; ALTER TABLE blacklist_drops DROP COLUMN replies; "
-                    "ALTER TABLE source_stats DROP COLUMN mac; "
-                    "PRAGMA user_version = 9;")
+    downgrade(c, 9, "ALTER TABLE blacklist DROP COLUMN direction;")
     c.execute("INSERT INTO blacklist (address, reason, created_at, status) VALUES ('198.18.64.1/32', 'x', 1, 'active')")
     c.commit()
     c.close()

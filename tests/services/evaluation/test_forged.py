@@ -16,7 +16,7 @@ from app.services.evaluation import evaluation, finding_sources, rules
 from app.services.blocklist.decisions import Protection, decide
 from app.services.evaluation.forged import judge_sources
 from app.services.evaluation.findings import ONE_WAY, TWO_WAY, Source
-from tests.helpers import add_evaluation, blocklist_settings, finding
+from tests.helpers import add_evaluation, blocklist_settings, downgrade, finding
 from tests.services.evaluation.synthetic import SyntheticStore, port_scan, syn_flood
 
 T0 = 1_800_000_000.0
@@ -48,11 +48,7 @@ def test_migration_8_adds_the_sources_view_beside_the_peers_table(tmp_path):
     # a version-7 file (no sources view) is upgraded by migration 8
     old = tmp_path / "old.db"
     c = connect(old)
-    c.executescript("DROP VIEW v_anomaly_sources; ALTER TABLE blacklist DROP COLUMN direction; "
-                    "ALTER TABLE peers DROP COLUMN proof; ALTER TABLE peers DROP COLUMN ttl; "
-                    "ALTER TABLE peers DROP COLUMN mac; ALTER TABLE peers DROP COLUMN last_verified; "
-                    "ALTER TABLE blacklist_drops DROP COLUMN replies; "
-                    "ALTER TABLE source_stats DROP COLUMN mac; PRAGMA user_version = 7;")
+    downgrade(c, 7, "DROP VIEW v_anomaly_sources; ALTER TABLE blacklist DROP COLUMN direction;")
     c.close()
     c = connect(old)
     assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
