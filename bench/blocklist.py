@@ -25,7 +25,8 @@ veth would. The kernel times the whole batch loop: ns/packet is receive-side CPU
 CPU, with no sender and no veth transfer cost in it (a Python sender could not outrun any of these
 paths). Table 2 uses plain ``bpftool prog run`` (the program alone) beside the live figure.
 
-Runs as root; the frames go from lab host 198.18.240.2 to 198.18.240.1 only. Cleans up its lab,
+Runs as root; the frames go from lab host 198.18.<n>.2 to 198.18.<n>.1 only (n: PW_BENCH_SUBNET,
+default 240; the lab's names start with PW_BENCH_PREFIX, default pwbb). Cleans up its lab,
 pins and the nft tables / iptables chain named portwatch_bench even on failure.
 """
 from __future__ import annotations
@@ -297,8 +298,8 @@ def measure_entries(lab: Lab, s, pdir: Path, n: int = 64) -> tuple[dict, dict]:
     s.blocklist.egress_block_enabled = True
     with maps.PinnedMap(pdir / "blacklist") as bl:
         for text in v4 + v6:
-            bl.update(bpf_structs.lpm_key(blocklist.parse_network(text)), bytes(bpf_structs.PwBlacklistValue()))
-            egress_block.add(s, pdir, blocklist.parse_network(text))
+            bl.update(bpf_structs.lpm_key(enforcement.parse_network(text)), bytes(bpf_structs.PwBlacklistValue()))
+            egress_block.add(s, pdir, enforcement.parse_network(text))
     xdp, tc = pdir / "prog", pdir / egress.PROG_PIN
 
     def best(pin, frame):
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/blocklist.py needs root (XDP, namespaces, netfilter)", file=sys.stderr)
         return 3
     tmp = Path(tempfile.mkdtemp(prefix="pwbench-bl-"))
-    lab = Lab(prefix=os.environ.get("PW_BENCH_PREFIX", "pwbb")[:6], subnet=240)
+    lab = Lab(prefix=os.environ.get("PW_BENCH_PREFIX", "pwbb")[:6], subnet=int(os.environ.get("PW_BENCH_SUBNET", "240")))
     pin_root = Path(f"/sys/fs/bpf/{BENCH}-{os.getpid()}")
     had_filter_table = sh("nft", "list", "table", "ip", "filter", check=False).returncode == 0
     try:

@@ -98,6 +98,8 @@ def lab(request):
     finally:
         the_lab.destroy()
         shutil.rmtree(f"/sys/fs/bpf/portwatch/{the_lab.interface}", ignore_errors=True)
+        # the interface lock lives at a fixed place (app/services/locks.py): no file left per test link
+        Path(f"/run/portwatch/interfaces/{the_lab.interface}.lock").unlink(missing_ok=True)
         pin_root = Path("/sys/fs/bpf/portwatch")
         if pin_root.exists() and not any(pin_root.iterdir()):
             pin_root.rmdir()

@@ -38,6 +38,28 @@ def make_settings(tmp_path, **collector):
     return s
 
 
+# what each later migration added, undone: a test that makes an older schema out of today's undoes every
+# migration after the version it wants (drop columns and tables in reverse order)
+UNDO_MIGRATION = {
+    11: "ALTER TABLE peers DROP COLUMN proof; ALTER TABLE peers DROP COLUMN ttl; ALTER TABLE peers DROP COLUMN mac; "
+        "ALTER TABLE peers DROP COLUMN last_verified; ALTER TABLE blacklist_drops DROP COLUMN replies; "
+        "ALTER TABLE source_stats DROP COLUMN mac;",
+    13: "ALTER TABLE counter_snapshots DROP COLUMN epoch; ALTER TABLE counter_snapshots DROP COLUMN buckets; "
+        "DROP TABLE snapshot_buckets; DROP TABLE snapshot_log;",
+    # SQLite cannot drop the last column of rounds (its definition ends in a comment): renamed out of the way
+    15: "ALTER TABLE rounds RENAME COLUMN replayed TO replayed_undone; ALTER TABLE rounds RENAME COLUMN capture "
+        "TO capture_undone; ALTER TABLE rounds_ports DROP COLUMN inferred;",
+}
+
+
+def downgrade(conn, version: int, extra_sql: str = "") -> None:
+    """Make today's schema in ``conn`` look like schema ``version``: undo the later migrations listed in
+    UNDO_MIGRATION, run ``extra_sql`` (what the migrations up to the tested one added), set user_version."""
+    for number in sorted((n for n in UNDO_MIGRATION if n > version), reverse=True):
+        conn.executescript(UNDO_MIGRATION[number])
+    conn.executescript(f"{extra_sql} PRAGMA user_version = {int(version)};")
+
+
 def collect(settings, lab, seconds=0.2, rounds=1):
     return collection.run_collection(settings, lab.interface, seconds, rounds, with_threads=False)
 

@@ -92,6 +92,10 @@ def list_entries(args, settings) -> int:
     from app.services.kernel import enforcement
     rows, pending, summaries, dropped, egress, replies = [], {}, {}, 0, 0, {}
     db_path = Path(settings.general.db)
+    if not db_path.exists():              # the ledger lives only there: a mistyped --db is not "empty"
+        from app.errors import DatabaseError
+        raise DatabaseError(f"database {db_path} does not exist: check --db (or general.db); the blocklist ledger "
+                            "is kept in the database")
     if db_path.exists():
         import sqlite3
         from app.db import blacklist as queries

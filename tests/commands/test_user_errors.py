@@ -271,3 +271,12 @@ def test_readers_create_no_file_beside_a_0644_database(good_db, tmp_path, args):
     run(*args, "--db", str(good_db), env=lab_env(tmp_path))
     assert beside() == before                                            # no -wal, no -shm
     assert sha256(good_db) == digest
+
+
+def test_blacklist_list_on_a_database_that_does_not_exist_says_so(tmp_path):
+    db = tmp_path / "typo" / "ports.db"
+    out = run("blacklist", "list", "--db", str(db), env=lab_env(tmp_path))
+    assert out.returncode == 4 and one_sentence(out.stderr) == (
+        f"portwatch: error: database {db} does not exist: check --db (or general.db); the blocklist ledger is kept "
+        "in the database")
+    assert not db.parent.exists()

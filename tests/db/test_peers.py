@@ -34,11 +34,9 @@ def test_peers_are_upserted_with_their_proof_and_answer_since_queries(tmp_path):
 
 def test_migration_11_keeps_socket_peers_and_drops_flow_peers(tmp_path):
     from app.db.connection import MIGRATIONS
+    from tests.helpers import UNDO_MIGRATION
     c = connect(tmp_path / "old.db")
-    c.executescript("ALTER TABLE peers DROP COLUMN proof; ALTER TABLE peers DROP COLUMN ttl; "
-                    "ALTER TABLE peers DROP COLUMN mac; ALTER TABLE peers DROP COLUMN last_verified; "
-                    "ALTER TABLE blacklist_drops DROP COLUMN replies; ALTER TABLE source_stats DROP COLUMN mac; "
-                    "INSERT INTO peers (address, first_seen, last_two_way, two_way_rounds, last_evidence) VALUES "
+    c.executescript(UNDO_MIGRATION[11] + " INSERT INTO peers (address, first_seen, last_two_way, two_way_rounds, last_evidence) VALUES "
                     "('198.18.0.2', 1, 5, 1, 'flows'), ('198.18.0.3', 1, 6, 1, 'flows+established');")
     c.executescript(MIGRATIONS[11])
     assert not two_way_since(c, "198.18.0.2", 0)

@@ -1,10 +1,8 @@
-"""Egress blocking decisions: outbound findings' destinations in the blocklist ledger with
+"""Egress blocking decisions (issue 12): outbound findings' destinations in the blocklist ledger with
 direction 'out' — only while blocklist.egress_block_enabled — with the ingress blocklist's TTL,
 escalation, interlocks, caps and dry-run/simulate (tmp SQLite, no maps; the kernel half is in
 tests/threads/test_egress.py)."""
 from __future__ import annotations
-
-import sqlite3
 
 import pytest
 
@@ -12,7 +10,7 @@ from app.db import blacklist as queries
 from app.db.connection import connect
 from app.services.kernel import enforcement
 from app.services.blocklist.decisions import Protection, decide, ttl_for
-from tests.helpers import add_evaluation, blocklist_settings, finding, ledger_events, scan
+from tests.helpers import add_evaluation, blocklist_settings, downgrade, finding, ledger_events, scan
 
 T0 = 1_800_000_000.0
 NOBODY = Protection()
@@ -115,11 +113,9 @@ def test_dry_run_and_simulate_record_would_block(conn, tmp_path):
 
 def test_migration_10_marks_every_existing_entry_inbound(tmp_path):
     from app.db.connection import SCHEMA_VERSION
-    from tests.db.test_migrations import database_at
     old = tmp_path / "v9.db"
-    database_at(old, 9)                      # the first init.sql and migrations 2..9, as a version-9 host has it
-    c = sqlite3.connect(old)
-    c.execute("DELETE FROM blacklist")
+    c = connect(old)
+    downgrade(c, 9, "ALTER TABLE blacklist DROP COLUMN direction;")
     c.execute("INSERT INTO blacklist (address, reason, created_at, status) VALUES ('198.18.64.1/32', 'x', 1, 'active')")
     c.commit()
     c.close()

@@ -16,7 +16,7 @@ from app.services.evaluation import evaluation, finding_sources, rules
 from app.services.blocklist.decisions import Protection, decide
 from app.services.evaluation.forged import judge_sources
 from app.services.evaluation.findings import ONE_WAY, TWO_WAY, Source
-from tests.helpers import add_evaluation, blocklist_settings, finding
+from tests.helpers import add_evaluation, blocklist_settings, downgrade, finding
 from tests.services.evaluation.synthetic import SyntheticStore, port_scan, syn_flood
 
 T0 = 1_800_000_000.0
@@ -46,9 +46,10 @@ def test_migration_8_adds_the_sources_view_beside_the_peers_table(tmp_path):
     assert cols[:4] == ["address", "first_seen", "last_two_way", "two_way_rounds"]
     c.close()
     # a version-7 file (no sources view) is upgraded by migration 8
-    from tests.db.test_migrations import database_at
     old = tmp_path / "old.db"
-    database_at(old, 7)                      # the first init.sql and migrations 2..7
+    c = connect(old)
+    downgrade(c, 7, "DROP VIEW v_anomaly_sources; ALTER TABLE blacklist DROP COLUMN direction;")
+    c.close()
     c = connect(old)
     assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert c.execute("SELECT 1 FROM sqlite_master WHERE name = 'v_anomaly_sources'").fetchone()
