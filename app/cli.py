@@ -145,8 +145,8 @@ def _main(argv: list[str] | None) -> int:
         _error(exc)
         return EXIT_USAGE
     except sqlite3.DatabaseError as exc:
-        from app.db.connection import explain
-        _error(explain(exc, settings.general.db))
+        from app.db.connection import database_error
+        _error(database_error(exc, settings.general.db))
         return EXIT_DB
     except KeyboardInterrupt:
         print("portwatch: interrupted", file=sys.stderr)

@@ -74,7 +74,7 @@ def connect(path: str | Path, readonly: bool = False, migrate: bool = True, crea
             raise DatabaseError(f"database {path} has schema version {version}, newer than this portwatch ({SCHEMA_VERSION}): upgrade portwatch")
         return conn
     except sqlite3.DatabaseError as exc:
-        raise _explain(exc, path) from None
+        raise _database_error(exc, path) from None
     except OSError as exc:
         raise DatabaseError(f"database {path} cannot be opened: {exc.strerror}") from None
 
@@ -141,7 +141,7 @@ def _check_sound(conn: sqlite3.Connection, path: Path) -> None:
             result = _cheap_check(conn, path, size)
     except sqlite3.DatabaseError as exc:
         conn.close()
-        raise _explain(exc, path) from None
+        raise _database_error(exc, path) from None
     if result != "ok":
         conn.close()
         first = " ".join(line for line in result.splitlines() if not line.startswith("***"))
@@ -165,7 +165,7 @@ def _cheap_check(conn: sqlite3.Connection, path: Path, size: int) -> str:
     return "ok"
 
 
-def _explain(exc: sqlite3.Error, path: Path) -> DatabaseError:
+def _database_error(exc: sqlite3.Error, path: Path) -> DatabaseError:
     text = str(exc)
     if "locked" in text or "busy" in text:
         return DatabaseError(f"database {path} is locked by another process for more than {BUSY_TIMEOUT_MS // 1000} s: try again later")
@@ -176,9 +176,9 @@ def _explain(exc: sqlite3.Error, path: Path) -> DatabaseError:
     return DatabaseError(f"database {path}: {text}")
 
 
-def explain(exc: sqlite3.Error, path: str | Path) -> DatabaseError:
+def database_error(exc: sqlite3.Error, path: str | Path) -> DatabaseError:
     """The one-sentence DatabaseError for an sqlite3 error raised while using ``path``."""
-    return _explain(exc, Path(path))
+    return _database_error(exc, Path(path))
 
 
 def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:

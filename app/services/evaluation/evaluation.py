@@ -334,7 +334,7 @@ def _judge(step: ModelStep, model, row, batch: dbs.Batch, data: series.Series, f
     hot = scores > model.threshold_
     step.model_version, step.threshold, step.windows = row["version"], model.threshold_, len(scores)
     step.round_errors = series.round_errors(judge, errors.mean(axis=2), data.round_ids)
-    step.findings = explain(batch, data, judge, errors, recon, hot, model.threshold_, row["version"],
+    step.findings = model_findings(batch, data, judge, errors, recon, hot, model.threshold_, row["version"],
                             cfg.top_features)
     for f in step.findings:
         flagged |= series.cell_mask(data, f.covers)
@@ -413,8 +413,9 @@ def pool_state(model, cfg: Evaluator) -> dict:
             "budget_needs": wanted}
 
 
-def explain(batch: dbs.Batch, data: series.Series, judge: series.JudgeWindows, errors: np.ndarray,
-            recon: np.ndarray, hot: np.ndarray, threshold: float, version: int, top_features: int) -> list[Finding]:
+def model_findings(batch: dbs.Batch, data: series.Series, judge: series.JudgeWindows, errors: np.ndarray,
+                   recon: np.ndarray, hot: np.ndarray, threshold: float, version: int,
+                   top_features: int) -> list[Finding]:
     """Model findings from flagged windows: one per port per run of hot rounds.
 
     errors (N, W, F) per-feature squared errors; recon (N, W, F) reconstruction in original units;

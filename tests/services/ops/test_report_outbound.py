@@ -28,10 +28,10 @@ def findings():
 
 def test_scan_and_beacon_are_explained_in_a_sentence():
     scan, beacon = findings()
-    assert outbound.explain(scan) == (
+    assert outbound.sentence(scan) == (
         f"outbound scan: this host scanned 201 ports of {LAB}, from sweeper (pid 4242), round 3; "
         "ports udp 1000-1099, ...; rule: >= 25 remote ports of one address opened within 300 s")
-    assert outbound.explain(beacon).startswith(
+    assert outbound.sentence(beacon).startswith(
         f"beaconing: this host contacted {C2} (remote port 443) 20 times every 30 s (CV 0) over 10 rounds")
 
 

@@ -42,7 +42,7 @@ def _ranges(ports: list[int], limit: int = 6) -> str:
     return text + (", ..." if len(runs) > limit else "")
 
 
-def explain(f: Finding) -> str:
+def sentence(f: Finding) -> str:
     """The finding's one sentence (app/services/explain.py: the same on every surface), then what
     the table has room for: the ports or first destinations of a scan, the DNS signals, the rule."""
     d = f.details
@@ -73,6 +73,6 @@ def section_html(outbound: Outbound, table: Callable[[list, list, str], str]) ->
         "No destination counted in this window.")]
     parts += ["<h3>Outbound findings, explained</h3>", table(
         ["id", "time", "detector", "destination / client", "what was seen"],
-        [[f.id, fmt_time(at), f.detector, f.source or "-", explain(f)] for at, f in outbound.findings],
+        [[f.id, fmt_time(at), f.detector, f.source or "-", sentence(f)] for at, f in outbound.findings],
         "No outbound scan, exfiltration, beacon or DNS tunnel in this window.")]
     return "\n".join(parts)
