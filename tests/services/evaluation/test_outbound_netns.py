@@ -144,7 +144,18 @@ def collect_round_around(lab, settings, traffic, seconds: float = 8.0) -> None:
     (the egress program attached beside XDP fills the egress tables)."""
     import threading
     from app.threads.collection import run_collection
-    worker = threading.Timer(1.0, traffic)
+
+    def when_attached():
+        # the first round starts after the BCC compile (seconds, more under load): traffic sent before the
+        # TC egress program is attached is counted by nobody
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "bpf" not in subprocess.run(
+                ["tc", "filter", "show", "dev", lab.interface, "egress"], capture_output=True, text=True).stdout:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        traffic()
+
+    worker = threading.Timer(1.0, when_attached)
     worker.start()
     try:
         run_collection(settings, lab.interface, seconds, 1)
