@@ -119,6 +119,10 @@ class ReplayCollector(Collector):
         root = Path(self.settings.general.pin_root)
         if root.parent == REPLAY_ROOT:                 # the private pins only, never a pin root of the host's
             shutil.rmtree(root, ignore_errors=True)
+            try:
+                REPLAY_ROOT.rmdir()                    # the last replay leaves no empty directory in bpffs
+            except OSError:
+                pass                                   # another replay still runs (or the directory is gone)
 
 
 def private_settings(settings):
