@@ -15,6 +15,7 @@ Exit codes: 0 ok; 2 bad [fleet] settings; 7 Flower missing; 1 a federation that 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from app.commands.registry import add_command
 from app.config_rules import count_arg
@@ -78,18 +79,22 @@ def gather(settings) -> dict:
     from app.db.connection import connect
     from app.services.fleet import crowdsec
     from app.services.fleet.flower import record
-    conn = connect(settings.general.db, readonly=True)
-    try:
-        models = [dict(r) for r in fleet_db.models_by_origin(conn)]
-        sync = crowdsec.status(conn) if settings.crowdsec.lapi_url else None
-    finally:
-        conn.close()
+    coordinator = record(settings) or None
+    models, sync = [], None
+    # a coordinator-only machine keeps no store of its own: its record is the fleet's state
+    if coordinator is None or Path(settings.general.db).exists():
+        conn = connect(settings.general.db, readonly=True)
+        try:
+            models = [dict(r) for r in fleet_db.models_by_origin(conn)]
+            sync = crowdsec.status(conn) if settings.crowdsec.lapi_url else None
+        finally:
+            conn.close()
     fleet_versions = [m for m in models if m["origin"] == "fleet"]
     active = next((m for m in models if m["status"] == "active"), None)
     return {
         "active_model": active, "fleet_model": fleet_versions[0] if fleet_versions else None,
         "fleet_versions": len(fleet_versions), "local_versions": len(models) - len(fleet_versions),
-        "superlink": settings.fleet.superlink or None, "coordinator": record(settings) or None,
+        "superlink": settings.fleet.superlink or None, "coordinator": coordinator,
         "superlink_reachable": _reachable(settings.fleet.superlink) if settings.fleet.superlink else None,
         "crowdsec": sync, "models": models,
     }
