@@ -17,7 +17,6 @@ FUNCTIONS_OVER = {
     "app/services/evaluation/rules.py:syn_floods": 72,
 }
 MODULES_OVER = {
-    "app/config.py": 512,
     "app/services/collector/collector.py": 503,
     "app/services/evaluation/evaluation.py": 480,
     "app/services/evaluation/rules.py": 452,
