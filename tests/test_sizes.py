@@ -17,7 +17,6 @@ FUNCTIONS_OVER = {
     "app/services/evaluation/rules.py:syn_floods": 72,
 }
 MODULES_OVER = {
-    "app/services/collector/collector.py": 503,
     "app/services/evaluation/evaluation.py": 480,
     "app/services/evaluation/rules.py": 452,
     "app/services/kernel/xdp.py": 445,
