@@ -12,15 +12,12 @@ MAX_MODULE_LINES = 400
 # 10 a module) for work in flight; split one and take it off the list
 FUNCTIONS_OVER = {
     "app/services/evaluation/evaluation.py:_evaluate": 79,
-    "app/commands/install_cron.py:run": 77,
     "app/services/evaluation/rules.py:syn_floods": 72,
 }
 MODULES_OVER = {
     "app/services/evaluation/evaluation.py": 480,
     "app/services/evaluation/rules.py": 452,
     "app/services/evaluation/series.py": 441,
-    "app/services/ops/reports/facts.py": 431,
-    "app/services/ops/reports/figures.py": 411,
 }
 
 
