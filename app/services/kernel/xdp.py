@@ -41,7 +41,7 @@ from typing import Callable
 from app import resources
 from app.errors import BpfError, DependencyError, NeedsRootError, UsageError
 from app.services import progress
-from app.services.kernel import egress, maps, pin_owner
+from app.services.kernel import egress, libxdp, maps, pin_owner
 from app.services.kernel.bpf_structs import META_CLSACT_ADDED, MAP_LAYOUT, PwMeta
 # the loader's fail-closed steps (re-exported: the collector and tests use them as xdp.*)
 from app.services.kernel.xdp_steps import (RETIRED, prefill_blacklist, restore_pins, retire_pins,  # noqa: F401
@@ -200,7 +200,7 @@ def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> 
     try:
         att = pin_owner.describe_attachment(interface, pin_root)
         info.update(owner_db=att["owner_db"], load_state=att["load_state"], problem=att["problem"],
-                    foreign=att["foreign"])
+                    foreign=att["foreign"], attach=att["attach"])
     except BpfError as exc:
         log.debug("cannot read the pin record of %s: %s", interface, exc)
     return info
@@ -389,7 +389,7 @@ def _build_and_attach(BPF, libbcc, interface: str, pdir: Path, mode: str, want_h
     with maps.PinnedMap(pdir / "meta") as m:
         m.update(maps.INDEX_0, bytes(meta))
     pin_owner.record_load(pdir, "attached", program_id=program_id, program_tag=bytes(identity.tag).hex(), mode=used,
-                          retired=recreate)
+                          retired=recreate, attach=libxdp.attach_text())
     return {"mode": used, "program_id": program_id, "egress_program_id": eg_id,
             "compile_seconds": round(compile_seconds, 3),
             "cpu_seconds": round(time.process_time() + _children_cpu() - started, 3),
