@@ -32,10 +32,6 @@ def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
     return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
 
 
-def has_table(conn: sqlite3.Connection) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'peers'").fetchone() is not None
-
-
 def handshake_flows(conn: sqlite3.Connection, lo: int, last: int) -> list[tuple[int, str, int, str, int]]:
     """(round_id, source address, local port, protocol, reset) of the stored flows in rounds lo..last
     that show a completed TCP handshake seen from ingress (see ``_TWO_WAY_FLOW``), one row per
@@ -52,6 +48,13 @@ def verified_since(conn: sqlite3.Connection, since: float) -> set[str]:
     """Addresses with a proof (``peers.proof``) at or after ``since`` (epoch seconds)."""
     return {r[0] for r in conn.execute("SELECT address FROM peers WHERE proof IS NOT NULL AND last_verified >= ?",
                                        (since,))}
+
+
+def verified_peers(conn: sqlite3.Connection, since: float) -> list[sqlite3.Row]:
+    """The peers rows (address, last_verified, last_two_way, ttl, mac) of the addresses with a proof
+    (``peers.proof``) at or after ``since`` (epoch seconds): what an evaluation loads once."""
+    return conn.execute("SELECT address, last_verified, last_two_way, ttl, mac FROM peers "
+                        "WHERE proof IS NOT NULL AND last_verified >= ?", (since,)).fetchall()
 
 
 def ttl_range(conn: sqlite3.Connection, address: str, first: int, last: int) -> tuple[int, int] | None:

@@ -44,7 +44,7 @@ import math
 from collections import Counter, defaultdict
 
 from app.config import Evaluator
-from app.db.series import Batch
+from app.services.evaluation.batch import Batch
 from app.services.evaluation.explain import summary
 from app.services.evaluation.findings import ONE_WAY, Finding, Source
 

@@ -34,12 +34,12 @@ import numpy as np
 
 from app.config import Evaluator, Settings
 from app.db import evaluations as dbe
-from app.db import peers as dbp
 from app.db import series as dbs
 from app.db.connection import connect
 from app.services import locks
 from app.services.evaluation import (dns_rules, finding_sources, forged, model_versions, outbound_rules, rules,
                                      series, warmup)
+from app.services.evaluation.batch import Batch, load_batch
 from app.services.evaluation.explain import fill_summaries
 from app.services.evaluation.findings import Finding
 
@@ -144,7 +144,7 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     # a first fit learns from all recent history (small hosts would wait for many batches otherwise)
     has_model = has_loadable_model(conn)
     context = cfg.window - 1 if has_model else max(cfg.window - 1, cfg.max_batch_rounds - len(batch))
-    loaded = load_batch(conn, batch, cfg, context)
+    loaded = load_batch(conn, batch, cfg, context, peers_since=started - settings.blocklist.peer_lookback_seconds)
     model_row = dbe.active_model(conn)
     warmups = warmup.of_batch(loaded, cfg) + [warmup.of_model(history, cfg, model_row["origin"] if model_row else None)]
     findings = rules.detect(loaded, cfg) + outbound_rules.detect(loaded, cfg) + dns_rules.detect(loaded, cfg)
@@ -171,7 +171,7 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     with conn:
         if step.new_model is not None:
             dbe.insert_model(conn, **{**step.new_model, "created_at": now})    # the store's clock
-        forged.judge_sources(conn, settings, all_findings, now)
+        forged.judge_sources(conn, settings, all_findings, loaded, now)
         eid = dbe.insert_evaluation(
             conn, started_at=started, finished_at=now, first_round_id=first, last_round_id=last,
             model_version=step.model_version, threshold=step.threshold, windows=step.windows,
@@ -203,27 +203,9 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
                             remaining, history, cfg.warmup_rounds, tuple(warmups))
 
 
-# --- the batch -------------------------------------------------------------------------------------
+# --- the ports the model judges ------------------------------------------------------------------
 
-def load_batch(conn: sqlite3.Connection, rounds, cfg: Evaluator, context_rounds: int = 0) -> dbs.Batch:
-    """The one read of the store an evaluation of ``rounds`` makes: the rules' scan span and
-    ``context_rounds`` earlier rounds of series context included."""
-    start = rounds[0]["end_time"]
-    batch = dbs.load_batch(conn, rounds, context_rounds=context_rounds, since_time=start - cfg.scan_span_seconds,
-                           beacon_since=start - cfg.beacon_span_seconds,
-                           baseline_since=start - cfg.exfiltration_baseline_seconds)
-    # handshake flows are two-way evidence only from an address that proved itself (app/db/peers.py):
-    # SYN then ACK, or PSH|ACK, is what a blind forger sends too
-    verified = dbp.verified_since(conn, start - cfg.scan_span_seconds)
-    for round_id, address, port, protocol, reset in dbp.handshake_flows(conn, batch.lo, batch.last):
-        batch.peer_rounds.setdefault(address, set()).add(round_id)          # history, reset or not
-        if not reset and address in verified:
-            batch.handshakes.setdefault(address, set()).add((round_id, port, protocol))   # evidence
-    batch.round_counts = dbp.round_counts(conn, batch.lo, batch.last)
-    return batch
-
-
-def model_ports(batch: dbs.Batch, cfg: Evaluator) -> list[series.PortKey]:
+def model_ports(batch: Batch, cfg: Evaluator) -> list[series.PortKey]:
     """The ports the model judges, busiest first, at most cfg.max_ports.
 
     A port qualifies with traffic in the batch and either something holding it (scanner) or
@@ -301,7 +283,7 @@ def load_active_model(conn: sqlite3.Connection, cfg: Evaluator):
     return model, row
 
 
-def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, data: series.Series,
+def model_step(conn: sqlite3.Connection, settings: Settings, batch: Batch, data: series.Series,
                first_new: int, findings: list[Finding], history: int) -> ModelStep:
     """Judge (after warm-up) and refit; returns the model findings and the new models row."""
     cfg = settings.evaluator
@@ -324,7 +306,7 @@ def model_step(conn: sqlite3.Connection, settings: Settings, batch: dbs.Batch, d
     return step
 
 
-def _judge(step: ModelStep, model, row, batch: dbs.Batch, data: series.Series, first_new: int, flagged, cfg) -> None:
+def _judge(step: ModelStep, model, row, batch: Batch, data: series.Series, first_new: int, flagged, cfg) -> None:
     """Score the new rounds' windows with the active model: the step's findings, scores and per-round
     errors; the cells of its findings join ``flagged`` (kept out of the refit). A model whose held-out
     pool is short of what the alert budget needs raises nothing (counted as suppressed)."""
@@ -413,7 +395,7 @@ def pool_state(model, cfg: Evaluator) -> dict:
             "budget_needs": wanted}
 
 
-def model_findings(batch: dbs.Batch, data: series.Series, judge: series.JudgeWindows, errors: np.ndarray,
+def model_findings(batch: Batch, data: series.Series, judge: series.JudgeWindows, errors: np.ndarray,
                    recon: np.ndarray, hot: np.ndarray, threshold: float, version: int,
                    top_features: int) -> list[Finding]:
     """Model findings from flagged windows: one per port per run of hot rounds.

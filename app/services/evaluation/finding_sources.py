@@ -1,12 +1,12 @@
 """Who a finding names, from the evaluation's loaded batch: each source's evidence class (the ONE
 place it is classified), its counts toward a port or in all, and the top sources of a port.
 
-Pure functions of an :class:`app.db.series.Batch` (no SQL); used by the rule detectors
+Pure functions of an :class:`app.services.evaluation.batch.Batch` (no SQL); used by the rule detectors
 (app/services/evaluation/rules.py) and the model's findings (app/services/evaluation/evaluation.py).
 """
 from __future__ import annotations
 
-from app.db.series import Batch
+from app.services.evaluation.batch import Batch
 from app.services.evaluation.findings import ONE_WAY, TWO_WAY, Source
 from app.services.ports import EPHEMERAL
 

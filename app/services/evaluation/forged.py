@@ -1,5 +1,5 @@
 """Is a finding's source possibly forged? One-way evidence (anything a forger can send) naming a
-verified peer (the ``peers`` table, within ``blocklist.peer_lookback_seconds``) without the peer's
+verified peer (the batch's ``peers``, within ``blocklist.peer_lookback_seconds``) without the peer's
 fingerprint (TTL, MAC), or seen with an IP TTL outside its usual range by more than
 ``blocklist.ttl_tolerance``, is possibly forged: the evaluation marks it before storing its
 findings, alerts say so and block decisions never act on it."""
@@ -9,14 +9,16 @@ import time
 from typing import Sequence
 
 from app.db import peers
+from app.services.evaluation.batch import Batch
 from app.services.evaluation.findings import TWO_WAY, Finding
 from app.services.text import utc
 
 
-def judge_sources(conn, settings, findings: Sequence[Finding], now: float | None = None) -> int:
+def judge_sources(conn, settings, findings: Sequence[Finding], batch: Batch, now: float | None = None) -> int:
     """Set Source.forged (and its note) on every source of every inbound finding (an outbound one
     names destinations, which nobody forges); returns how many are possibly forged. Call before the
-    findings are stored: their reasons JSON then carries it.
+    findings are stored: their reasons JSON then carries it. The verified peers come from
+    ``batch.peers`` (loaded once, from ``batch.peers_since``: at or before now - the look-back).
 
     Two-way evidence is never forged. One-way evidence naming a verified peer (within
     blocklist.peer_lookback_seconds) is forged unless it carries the peer's fingerprint: its TTL range
@@ -28,7 +30,10 @@ def judge_sources(conn, settings, findings: Sequence[Finding], now: float | None
     """
     cfg = settings.blocklist
     now = time.time() if now is None else now
-    has_peers = peers.has_table(conn)
+    since = now - cfg.peer_lookback_seconds
+    if batch.peers_since is None or batch.peers_since > since:
+        raise ValueError(f"the batch's peers start at {batch.peers_since}: judging sources needs those since {since}")
+    verified = {a: row for a, row in batch.peers.items() if row["last_verified"] >= since}
     forged = 0
     for f in findings:
         if f.outbound:             # this host sent it: nothing to forge (its sources are destinations)
@@ -37,7 +42,7 @@ def judge_sources(conn, settings, findings: Sequence[Finding], now: float | None
             if s.evidence == TWO_WAY:
                 s.forged = False
             elif not s.forged:
-                why = _forged_why(conn, cfg, s.address, f, now, has_peers)
+                why = _forged_why(conn, cfg, s.address, f, verified.get(s.address))
                 s.forged = bool(why)
                 if why:
                     s.note = why
@@ -49,10 +54,11 @@ def judge_sources(conn, settings, findings: Sequence[Finding], now: float | None
     return forged
 
 
-def _forged_why(conn, cfg, address: str, f: Finding, now: float, has_peers: bool) -> str:
+def _forged_why(conn, cfg, address: str, f: Finding, row) -> str:
+    """Why one-way evidence from ``address`` in f's rounds is possibly forged ('' when it is not);
+    ``row``: its peers row when it is a verified peer within the look-back, else None."""
     seen = peers.ttl_range(conn, address, f.first_round_id, f.last_round_id)
-    if has_peers and peers.two_way_since(conn, address, now - cfg.peer_lookback_seconds):
-        row = peers.peer(conn, address)
+    if row is not None:
         mismatch = _fingerprint_mismatch(conn, cfg, row, f, seen)
         if not mismatch:
             return ""             # the verified peer's own fingerprint: its evidence is judged like anyone's

@@ -38,7 +38,7 @@ import statistics
 from collections import defaultdict
 
 from app.config import Evaluator
-from app.db.series import Batch
+from app.services.evaluation.batch import Batch
 from app.services.evaluation import warmup
 from app.services.evaluation.explain import summary
 from app.services.evaluation.findings import ONE_WAY, Finding, Source

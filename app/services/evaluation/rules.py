@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from typing import Sequence
 
 from app.config import Evaluator
-from app.db.series import Batch
+from app.services.evaluation.batch import Batch
 from app.services.evaluation.finding_sources import evidence_class, port_sources, source
 from app.services.evaluation.findings import Finding, Source
 from app.services.ports import EPHEMERAL, PORTED, ephemeral_range

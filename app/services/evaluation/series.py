@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from app.db.series import Batch
+    from app.services.evaluation.batch import Batch
 
 # Feature names, in column order. Units are per round.
 FEATURES: tuple[str, ...] = (

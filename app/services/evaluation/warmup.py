@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from app.config import Evaluator
 from app.db import evaluations as dbe
 from app.db import series as dbs
+from app.services.evaluation.batch import Batch
 
 ALL = 2 ** 62           # a round id above every stored one
 
@@ -47,7 +48,7 @@ class Warmup:
         return {**asdict(self), "ready": self.ready, "text": self.text()}
 
 
-def of_batch(batch: dbs.Batch, cfg: Evaluator) -> list[Warmup]:
+def of_batch(batch: Batch, cfg: Evaluator) -> list[Warmup]:
     """The rule detectors' baselines for a loaded batch (exfiltration, beaconing)."""
     return [Warmup("exfiltration", int(batch.baseline_rounds), int(cfg.exfiltration_warmup_rounds)),
             Warmup("beaconing", len(batch.beacon_rounds), int(cfg.beacon_warmup_rounds))]

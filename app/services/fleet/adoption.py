@@ -26,6 +26,7 @@ import numpy as np
 from app.db import rounds as rounds_db
 from app.db import series as dbs
 from app.services.evaluation import evaluation, series
+from app.services.evaluation.batch import load_batch
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def early_rounds(conn, settings) -> tuple[np.ndarray, np.ndarray, float]:
     if newest is None:
         return empty
     batch = dbs.rounds_before(conn, newest["id"] + 1, cfg.window)
-    loaded = evaluation.load_batch(conn, batch, cfg, 0)
+    loaded = load_batch(conn, batch, cfg, 0)
     data = series.batch_series(loaded, evaluation.model_ports(loaded, cfg))
     if not data.ports:
         return empty

@@ -25,6 +25,7 @@ from app.db import rounds as rounds_db
 from app.db import series as dbs
 from app.db.connection import connect
 from app.services.evaluation import evaluation, model_versions, series
+from app.services.evaluation.batch import load_batch
 from app.services.fleet import adoption
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def local_windows(conn, settings) -> tuple[np.ndarray, np.ndarray, float]:
     batch = dbs.rounds_before(conn, last + 1, cfg.max_batch_rounds)
     if len(batch) < cfg.window:
         return empty, empty, 0.0
-    loaded = evaluation.load_batch(conn, batch, cfg, 0)
+    loaded = load_batch(conn, batch, cfg, 0)
     data = series.batch_series(loaded, evaluation.model_ports(loaded, cfg))
     if not data.ports:
         return empty, empty, 0.0

@@ -17,6 +17,7 @@ from app.services import host
 from app.services.blocklist import blocklist
 from app.services.kernel import enforcement
 from app.services.evaluation import finding_sources
+from app.services.evaluation.batch import assemble
 from app.services.kernel.enforcement import parse_network
 from app.services.blocklist.decisions import Protection, after_evaluation, decide, ttl_for
 from tests.helpers import (UdpSink, add_evaluation, blocklist_settings, collect, finding, ledger_events, loaded,  # noqa: F401
@@ -189,7 +190,7 @@ def test_model_anomaly_blocks_dominant_sources_only(conn, tmp_path):
             conn.execute("INSERT INTO flows (round_id, src_address, src_port, dst_address, dst_port, protocol, packets, "
                          "bytes, reason) VALUES (?, '198.18.0.71', 4001, '198.18.0.1', 9090, 'tcp', 500, 1, 'top')", (r,))
     # the sources the evaluation names, from its loaded batch (port-specific counts from flows/source_ports)
-    batch = dbs.load_batch(conn, dbs.rounds_after(conn, 0, 10))
+    batch = assemble(conn, dbs.rounds_after(conn, 0, 10))
     packets = finding_sources.port_totals(batch, pid, rounds[0], rounds[-1])[0]
     named, _ = finding_sources.port_sources(batch, 8080, "tcp", packets, rounds[0], rounds[-1])
     assert [(n.address, n.packets, n.share) for n in named] == [("198.18.0.70", 210, 0.7), ("198.18.0.71", 60, 0.2)]

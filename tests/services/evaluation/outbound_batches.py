@@ -1,7 +1,7 @@
 """Hand-made batches for the outbound and DNS detectors (pure functions: no database)."""
 from __future__ import annotations
 
-from app.db.series import Batch
+from app.services.evaluation.batch import Batch
 
 T0 = 1_000_000.0            # end of round 0; round i covers (T0 + 60 (i-1), T0 + 60 i]
 

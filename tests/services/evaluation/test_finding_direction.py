@@ -66,7 +66,8 @@ def test_the_same_sentence_on_every_surface_and_no_forged_destination(tmp_path, 
     with conn:       # the destination is a two-way peer: inbound one-way evidence naming it would be "forged"
         peers.record_two_way(conn, 1, time.time() - 60, {DEST: ("handshake", 64, None)})
     exfil = exfiltration()
-    assert forged.judge_sources(conn, s, [exfil]) == 0
+    verified = batch(peers={r["address"]: r for r in peers.verified_peers(conn, 0)}, peers_since=0)
+    assert DEST in verified.peers and forged.judge_sources(conn, s, [exfil], verified) == 0
     assert not exfil.sources[0].forged and exfil.forged_sources == []
     [stored] = add_evaluation(conn, [exfil])
     line = stored.summary

@@ -12,7 +12,8 @@ from app.db import peers
 from app.db import series as dbs
 from app.db.connection import connect
 from app.services.blocklist import decisions
-from app.services.evaluation import evaluation, finding_sources, rules
+from app.services.evaluation import finding_sources, rules
+from app.services.evaluation.batch import Batch, load_batch
 from app.services.blocklist.decisions import Protection, decide
 from app.services.evaluation.forged import judge_sources
 from app.services.evaluation.findings import ONE_WAY, TWO_WAY, Source
@@ -99,6 +100,11 @@ def verify(conn, address: str, at: float, proof: str = "handshake", ttl: int = 6
 
 # --- judged forged or not ---------------------------------------------------------------------------
 
+def peers_of(conn) -> Batch:
+    """A batch holding every verified peer (what the evaluation's load_batch reads once)."""
+    return Batch([], peers={row["address"]: row for row in peers.verified_peers(conn, 0)}, peers_since=0)
+
+
 def test_one_way_evidence_under_a_peer_is_its_own_only_with_its_fingerprint(conn, tmp_path):
     """A verified peer proved itself with TTL 64 from MAC 02:..:02: a scan under its address with that TTL
     and MAC is its own (judged: blocked like anyone's); another TTL or another MAC is forged (alert only)."""
@@ -111,7 +117,7 @@ def test_one_way_evidence_under_a_peer_is_its_own_only_with_its_fingerprint(conn
                          "VALUES (?, ?, 100, 6000, ?, ?, ?)", (rid, PEER, ttl, ttl, mac))
     scans = [finding("port_scan", source=PEER, sources=[Source(PEER, evidence=ONE_WAY)], first_round_id=rid,
                      last_round_id=rid) for rid in rounds]
-    assert judge_sources(conn, s, scans, now=T0) == 2
+    assert judge_sources(conn, s, scans, peers_of(conn), now=T0) == 2
     assert [f.sources[0].forged for f in scans] == [False, True, True]
     assert "TTL 40-40, the peer's 64" in scans[1].sources[0].note
     assert "MAC 0a:0b:0c:0d:0e:0f, the peer's 02:00:00:00:00:02" in scans[2].sources[0].note
@@ -125,7 +131,7 @@ def test_one_way_evidence_naming_a_peer_is_possibly_forged(conn, tmp_path):
              for a, e in ((PEER, ONE_WAY), (STRANGER, ONE_WAY), ("198.18.0.11", ONE_WAY), ("198.18.0.12", TWO_WAY))]
     with conn:
         verify(conn, "198.18.0.12", T0 - 60)
-    assert judge_sources(conn, s, scans, now=T0) == 1
+    assert judge_sources(conn, s, scans, peers_of(conn), now=T0) == 1
     assert [f.sources[0].forged for f in scans] == [True, False, False, False]   # .11: outside the 24 h look-back
     assert "verified peer" in scans[0].sources[0].note and "no fingerprint" in scans[0].sources[0].note
     assert "possibly forged" in scans[0].summary
@@ -142,23 +148,48 @@ def test_one_way_evidence_naming_a_peer_is_possibly_forged(conn, tmp_path):
     assert out[3].evidence["evidence"] == TWO_WAY        # a peer is still blocked on two-way evidence
 
 
+def test_the_batch_loads_the_peers_once_and_judging_reads_no_peers_table(conn, tmp_path):
+    """load_batch reads the verified peers in one query, from the earlier of the scan span's start and
+    the judge's look-back; judge_sources then reads them from the batch (no peers query per source)
+    and refuses a batch whose peers start after its look-back."""
+    s = blocklist_settings(tmp_path)
+    with conn:
+        verify(conn, PEER, T0 - 3600)                         # within the 24 h look-back, before the scan span
+        verify(conn, "198.18.0.11", T0 - 2 * 86400)           # outside it
+        add_round(conn, T0)
+    rounds = dbs.rounds_after(conn, 0, 10)
+    statements = []
+    conn.set_trace_callback(statements.append)
+    near = load_batch(conn, rounds, Evaluator())               # the scan span only: 5 min before the batch
+    wide = load_batch(conn, rounds, Evaluator(), peers_since=T0 - s.blocklist.peer_lookback_seconds)
+    assert sum("FROM peers" in q for q in statements) == 2   # one query per load
+    assert set(near.peers) == set() and set(wide.peers) == {PEER}
+    scans = [finding("port_scan", source=a, sources=[Source(a, evidence=ONE_WAY)]) for a in (PEER, STRANGER, PEER)]
+    statements.clear()
+    assert judge_sources(conn, s, scans, wide, now=T0) == 2
+    conn.set_trace_callback(None)
+    assert not [q for q in statements if "peers" in q]
+    with pytest.raises(ValueError, match="judging sources needs those since"):
+        judge_sources(conn, s, scans, near, now=T0)
+
+
 def test_hop_count_mismatch_marks_one_way_evidence_forged_and_is_skipped_without_ttls_recorded(conn, tmp_path):
     s = blocklist_settings(tmp_path)
     with conn:
         rounds = [add_round(conn, T0 + 60 * i) for i in range(4)]
     f = finding("syn_flood", source=STRANGER, port=80, sources=[Source(STRANGER, share=1.0)],
                 first_round_id=rounds[3], last_round_id=rounds[3])
-    assert judge_sources(conn, s, [f], now=T0) == 0 and f.sources[0].forged is False   # no TTLs recorded: skipped
+    assert judge_sources(conn, s, [f], peers_of(conn), now=T0) == 0 and f.sources[0].forged is False   # no TTLs recorded: skipped
     with conn:
         for r, lo, hi in ((rounds[0], 63, 63), (rounds[1], 62, 63), (rounds[2], None, None), (rounds[3], 63, 120)):
             conn.execute("INSERT INTO source_stats (round_id, address, packets, bytes, ttl_min, ttl_max) "
                          "VALUES (?, ?, 5, 500, ?, ?)", (r, STRANGER, lo, hi))
     f.sources[0].forged = None
-    assert judge_sources(conn, s, [f], now=T0) == 1
+    assert judge_sources(conn, s, [f], peers_of(conn), now=T0) == 1
     assert f.sources[0].note == "possibly forged: IP TTL 63-120 in these rounds, usually 62-63 (another hop count)"
     same = finding("syn_flood", source=STRANGER, port=80, sources=[Source(STRANGER, share=1.0)],
                    first_round_id=rounds[1], last_round_id=rounds[1])
-    assert judge_sources(conn, s, [same], now=T0) == 0     # 62-63 within 2 of its usual 63
+    assert judge_sources(conn, s, [same], peers_of(conn), now=T0) == 0     # 62-63 within 2 of its usual 63
 
 
 # --- caps ---------------------------------------------------------------------------------------------
@@ -186,7 +217,7 @@ def store(tmp_path):
 
 
 def batch_of(store, cfg):
-    return evaluation.load_batch(store.conn, dbs.rounds_after(store.conn, 0, 10_000), cfg)
+    return load_batch(store.conn, dbs.rounds_after(store.conn, 0, 10_000), cfg)
 
 
 def test_evidence_classes_from_completed_handshakes(store):

@@ -10,6 +10,7 @@ from app import config
 from app.db import series as dbs
 from app.db.connection import connect
 from app.services.evaluation import evaluation
+from app.services.evaluation.batch import assemble
 from tests.services.evaluation.synthetic import SyntheticStore, upload
 
 LAB = "198.18.20.2"
@@ -44,7 +45,7 @@ def test_the_batch_loads_egress_destinations_outbound_flows_and_dns(tmp_path):
                           (200.1, "a.t.tunnel.test", "198.18.20.1", LAB, 16, 3, None, 4),
                           (10.0, "old.example", LAB, "198.18.20.1", 1, None, None, 1)])
     rounds = dbs.rounds_after(conn, 3, 10)
-    batch = dbs.load_batch(conn, rounds, since_time=100.0, beacon_since=0.0, baseline_since=0.0)
+    batch = assemble(conn, rounds, since_time=100.0, beacon_since=0.0, baseline_since=0.0)
     assert batch.egress_port_stats == [(4, 1, 200, 12_000), (5, 2, 7, 700)]
     # the scan span: rounds ending at or after 100 s (2, 3) and the batch
     assert batch.destination_stats == [(2, LAB, 3, 300, 0, 1), (4, LAB, 200, 12_000, 0, 200)]

@@ -5,7 +5,8 @@ import pytest
 
 from app.config import Evaluator
 from app.db import series as dbs
-from app.services.evaluation import evaluation, finding_sources, rules
+from app.services.evaluation import finding_sources, rules
+from app.services.evaluation.batch import load_batch
 from tests.services.evaluation.synthetic import SyntheticStore, listen, port_scan, syn_flood
 
 SCANNER = "203.0.113.9"
@@ -21,7 +22,7 @@ def store(tmp_path):
 def detect(store, after=0, **cfg):
     cfg = Evaluator(**cfg)
     rounds = dbs.rounds_after(store.conn, after, 10_000)
-    return rules.detect(evaluation.load_batch(store.conn, rounds, cfg), cfg)
+    return rules.detect(load_batch(store.conn, rounds, cfg), cfg)
 
 
 def by(findings, detector):
@@ -130,7 +131,7 @@ def test_traffic_to_a_port_nothing_listens_on(store):
 
 def hand_batch(**rows):
     """Three 60 s rounds (ids 1..3); ports 1 = tcp/22, 2 = tcp/4444, 3 = tcp/ephemeral."""
-    from app.db.series import Batch
+    from app.services.evaluation.batch import Batch
     rounds = [{"id": i, "start_time": 60.0 * i, "end_time": 60.0 * (i + 1), "seconds": 60.0,
                "scanner_status": "ok"} for i in (1, 2, 3)]
     return Batch(rounds, ports={1: (22, "tcp"), 2: (4444, "tcp"), 3: (-1, "tcp")}, nominal_seconds=60.0, **rows)
@@ -191,7 +192,7 @@ def evaluate_rules(store, cfg=None):
     cfg = cfg or Evaluator()
     after = dbe.last_evaluated_round(store.conn)
     rounds = dbs.rounds_after(store.conn, after, 10_000)
-    found = rules.detect(evaluation.load_batch(store.conn, rounds, cfg), cfg)
+    found = rules.detect(load_batch(store.conn, rounds, cfg), cfg)
     now = time.time()
     with store.conn:
         eid = dbe.insert_evaluation(store.conn, started_at=now, finished_at=now, first_round_id=rounds[0]["id"],

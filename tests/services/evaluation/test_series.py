@@ -167,7 +167,7 @@ def test_long_rounds_are_scaled_to_the_nominal_length():
 
 def test_series_of_a_hand_made_batch_without_sqlite():
     """The batch's views (port activity, holders, distinct sources) and its series, no database."""
-    from app.db.series import Batch
+    from app.services.evaluation.batch import Batch
     rounds = [{"id": i, "start_time": 60.0 * i, "end_time": 60.0 * (i + 1), "seconds": 60.0} for i in (1, 2, 3)]
     batch = Batch(rounds[1:], context=rounds[:1], ports={1: (22, "tcp"), 2: (53, "udp")}, nominal_seconds=60.0,
                   port_stats=[(1, 1, 5, 500, 0, 0, 1, 0, 0), (2, 1, 10, 1000, 0, 0, 2, 0, 0),

@@ -37,6 +37,7 @@ from app.db import evaluations as dbe
 from app.db.connection import connect
 from app.errors import PortwatchError
 from app.services.evaluation import evaluation, series
+from app.services.evaluation.batch import load_batch
 from app.services.fleet import flower, learning
 from tests.services.fleet.test_flower import (SMALL, free_port, make_certs, settings_for, start_capture, stop_capture,
                                      tcp_payload_bytes, weights)
@@ -165,7 +166,7 @@ def figures_of(f: Fleet, name: str, s, row: dict) -> dict:
     conn = connect(s.general.db)
     try:
         batch = dbe_rounds_tail(conn, s.evaluator.window)
-        loaded = evaluation.load_batch(conn, batch, s.evaluator, 0)
+        loaded = load_batch(conn, batch, s.evaluator, 0)
         data = series.batch_series(loaded, evaluation.model_ports(loaded, s.evaluator))
     finally:
         conn.close()
