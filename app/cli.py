@@ -81,6 +81,15 @@ def complete(parser: argparse.ArgumentParser) -> None:
     argcomplete.autocomplete(parser)
 
 
+def secure_files(settings) -> None:
+    """Once per process: the umask and group of app.permissions (nothing portwatch creates is
+    world-readable), and its step for every database file a writer opens (app/db knows no modes)."""
+    from app import permissions
+    from app.db import connection
+    permissions.configure(settings)
+    connection.use_file_step(permissions.prepare_db)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, configure, dispatch; everything the command prints goes through an InertStream (names from
     the network or other users can carry terminal control sequences)."""
@@ -124,8 +133,7 @@ def _main(argv: list[str] | None) -> int:
             print(json_dumps({"valid": False, "config_file": args.config, "problems": list(exc.problems)}))
         return EXIT_USAGE
     configure_logging(settings.general.log_level, args.quiet, args.verbose)
-    from app import permissions
-    permissions.configure(settings)       # umask: nothing portwatch creates is world-readable
+    secure_files(settings)
     try:
         code = int(args.func(args, settings) or 0)
         sys.stdout.flush()                  # a closed pipe shows here, not in the interpreter's exit

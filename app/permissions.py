@@ -4,7 +4,8 @@
     file_mode(), dir_mode()   0600/0700, or 0640/2750 with the group (setgid: new files inherit it)
     make_dir(path)            mkdir -p with dir_mode() (only the directories it creates are changed)
     secure(path)              give one existing file or directory its mode and group (if we own it)
-    tighten_db(path)          the database and its -wal/-shm (every writer's open)
+    tighten_db(path)          the database and its -wal/-shm
+    prepare_db(path)          create or tighten the database: every writer's open (installed by the CLI)
     audit(settings)           what is looser than it should be (``doctor``)
     tighten(settings)         fix all of it, recursively (``doctor --fix-modes``, scripts/setup.sh)
 
@@ -111,6 +112,18 @@ def db_files(path: str | Path) -> list[Path]:
 def tighten_db(path: str | Path) -> list[Path]:
     """Give the database and its -wal/-shm/-journal their mode; the ones changed."""
     return [p for p in db_files(path) if secure(p)]
+
+
+def prepare_db(path: str | Path) -> None:
+    """Create the database file (and its directories) with portwatch's modes, or tighten it and its
+    -wal/-shm: the file step the CLI installs for every writable open (app.db.connection.use_file_step)."""
+    path = Path(path)
+    make_dir(path.parent)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, file_mode()))
+    except FileExistsError:
+        pass
+    tighten_db(path)
 
 
 def _too_open(st: os.stat_result) -> str | None:

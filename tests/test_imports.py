@@ -1,6 +1,6 @@
 """Design rules about imports: the collector's path never loads TensorFlow, matplotlib or BCC;
-services never import threads or commands; db imports no service; commands never import each other
-(SQL staying inside app/db/ is tests/test_no_sql_outside_db.py)."""
+services never import threads or commands; db imports nothing of portwatch but app.errors; commands
+never import each other (SQL staying inside app/db/ is tests/test_no_sql_outside_db.py)."""
 import ast
 import subprocess
 import sys
@@ -184,6 +184,17 @@ def test_no_import_climbs_the_layer_order():
     assert not problems, "imports that climb the layers:\n" + "\n".join(problems)
 
 
+def db_imports_outside(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of app/db that names portwatch outside app.db and app.errors, one line each."""
+    return [f"{mod} imports {dep}" for mod in sorted(graph) if mod == "app.db" or mod.startswith("app.db.")
+            for dep in sorted(graph[mod]) if dep != "app.errors" and dep != "app.db" and not dep.startswith("app.db.")]
+
+
+def test_db_imports_nothing_of_portwatch_but_errors():
+    problems = db_imports_outside(import_graph(REPO))
+    assert not problems, "app/db imports beyond app.errors:\n" + "\n".join(problems)
+
+
 def write_app(root: Path, files: dict[str, str]) -> Path:
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -208,3 +219,13 @@ def test_the_layer_rule_sees_a_climb_and_an_undeclared_module(tmp_path):
     assert climbs(import_graph(root)) == [
         "app.services.collector.round (collector/evaluation) imports app.services.fleet.crowdsec (ops/fleet)",
         "app.services.stray is in no layer of LAYERS"]
+
+
+def test_the_db_rule_sees_an_import_of_portwatch_beyond_errors(tmp_path):
+    root = write_app(tmp_path, {"app/__init__.py": "", "app/errors.py": "", "app/permissions.py": "",
+                                "app/db/__init__.py": "", "app/db/rows.py": "from app.errors import DatabaseError\n",
+                                "app/db/connection.py": "from app import permissions\nfrom app.db import rows\n"
+                                                        "def f():\n    from app.services import host\n",
+                                "app/services/__init__.py": "", "app/services/host.py": ""})
+    assert db_imports_outside(import_graph(root)) == ["app.db.connection imports app.permissions",
+                                                      "app.db.connection imports app.services.host"]

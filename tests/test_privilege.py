@@ -79,9 +79,9 @@ def portwatch(tmp_path, *args, env=None):
 def make_database(tmp_path, env=None) -> Path:
     """A database written by the CLI (blacklist add: a writer), with a non-empty -wal kept open. Only
     collect, run and setup create a store, so it is made first as they make it: same settings, same modes."""
-    made = subprocess.run([sys.executable, "-c", "from app import config, permissions\n"
+    made = subprocess.run([sys.executable, "-c", "from app import config\nfrom app.cli import secure_files\n"
                            "from app.db.connection import connect\n"
-                           "s = config.load(); permissions.configure(s); connect(s.general.db).close()"],
+                           "s = config.load(); secure_files(s); connect(s.general.db).close()"],
                           capture_output=True, text=True, cwd=REPO, timeout=120,
                           env=dict(os.environ, PORTWATCH_CONFIG="/dev/null", PORTWATCH_DB=str(tmp_path / "db" / "ports.db"),
                                    PORTWATCH_STATE_DIR=str(tmp_path / "state"), **(env or {})))

@@ -8,8 +8,11 @@ file): a corrupt file is refused (DatabaseError, exit 4) before anything is writ
 to QUICK_CHECK_MAX_BYTES get ``PRAGMA quick_check`` (measured: 0.46 s for 352 MB, warm cache, so
 about 0.33 s at the limit); larger ones a cheap check (header, page count against the file size, the
 schema read) so the minute collector does not read a large file end to end every minute.
-The file is created with the modes of app/permissions.py (0600, or 0640 for ``general.group``;
-SQLite gives -wal/-shm the same), and an existing one is tightened on open.
+Before SQLite opens a file for writing, the process's file step runs (:func:`use_file_step`): it
+creates the file and its directories with their modes and tightens an existing one (SQLite gives
+-wal/-shm the database's mode). The CLI installs app.permissions' step (0600, or 0640 for
+``general.group``); a process that installs none gets :func:`root_only`. This package imports
+nothing of portwatch but app.errors.
 """
 from __future__ import annotations
 
@@ -17,16 +20,21 @@ import logging
 import os
 import shutil
 import sqlite3
+import stat
 import time
 from pathlib import Path
+from typing import Callable
 
-from app import permissions, resources
 from app.db.migrations import MIGRATIONS
 from app.errors import DatabaseError, NeedsRootError, UsageError
 
 log = logging.getLogger(__name__)
 
-INIT_SQL = resources.INIT_SQL
+# the schema: an installed wheel's copy (app/_data/init.sql), else the checkout's at the repository root
+# (the rule of app/resources.py, which finds the BPF sources; tests/db/test_connection.py checks they agree)
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+_WHEEL_SCHEMA = _PACKAGE_DIR / "_data" / "init.sql"
+INIT_SQL = _WHEEL_SCHEMA if _WHEEL_SCHEMA.exists() else _PACKAGE_DIR.parent / "init.sql"
 BUSY_TIMEOUT_MS = 15000
 
 # numbers may have gaps (numbers reserved by work not merged yet): the newest is the highest, and a database
@@ -118,14 +126,47 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
                            check_same_thread=False)
 
 
-def _prepare_file(path: Path) -> None:
-    """Create the database file (and its directories) with portwatch's modes, or tighten it."""
-    permissions.make_dir(path.parent)
+def root_only(path: Path) -> None:
+    """The file step of a process that installed none: missing directories 0700, the file created
+    0600, and an existing database file (and its -wal/-shm/-journal) that this user owns (any, as
+    root) and that is no symbolic link given 0600."""
+    missing = []
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(directory, 0o700)           # mkdir's mode passes through the umask
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, permissions.file_mode()))
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     except FileExistsError:
         pass
-    permissions.tighten_db(path)
+    for name in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
+        try:
+            st = name.lstat()
+            if stat.S_ISREG(st.st_mode) and (os.geteuid() == 0 or st.st_uid == os.geteuid()) \
+                    and stat.S_IMODE(st.st_mode) != 0o600:
+                os.chmod(name, 0o600)
+        except (FileNotFoundError, PermissionError):
+            continue
+
+
+_file_step: Callable[[Path], None] = root_only
+
+
+def use_file_step(step: Callable[[Path], None]) -> None:
+    """Install ``step(path)``, run before every writable open of a database file in this process: it
+    creates the file (and its directories) with their modes, or tightens an existing one."""
+    global _file_step
+    _file_step = step
+
+
+def _prepare_file(path: Path) -> None:
+    _file_step(path)
 
 
 def _check_sound(conn: sqlite3.Connection, path: Path) -> None:

@@ -117,3 +117,44 @@ def test_newer_database_is_refused_with_one_sentence(tmp_path):
     conn.close()
     with pytest.raises(DatabaseError, match="newer than this portwatch"):
         connect(path)
+
+
+# --- the file step: app/db knows no modes; the caller installs them ---------------------------------
+
+def test_the_schema_is_the_one_app_resources_names():
+    from app import resources
+    assert INIT_SQL == resources.INIT_SQL and INIT_SQL.is_file()
+
+
+def test_without_an_installed_step_a_new_database_is_root_only_and_a_loose_one_tightened(tmp_path):
+    import os
+    import stat
+    old = os.umask(0o022)                 # a permissive umask: the modes come from the step, not from it
+    try:
+        db = tmp_path / "a" / "b" / "ports.db"
+        connect(db).close()
+        assert stat.S_IMODE(db.stat().st_mode) == 0o600
+        assert [stat.S_IMODE(d.stat().st_mode) for d in (db.parent, db.parent.parent)] == [0o700, 0o700]
+        db.chmod(0o644)
+        connect(db).close()
+        assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_an_installed_step_runs_before_every_writable_open_and_never_for_a_reader(tmp_path):
+    from app.db import connection
+    seen = []
+
+    def step(path):
+        seen.append(path)
+        connection.root_only(path)
+
+    connection.use_file_step(step)
+    try:
+        connect(tmp_path / "ports.db").close()
+        connect(tmp_path / "ports.db", readonly=True).close()
+        connect(tmp_path / "ports.db", create=False).close()
+    finally:
+        connection.use_file_step(connection.root_only)
+    assert seen == [tmp_path / "ports.db", tmp_path / "ports.db"]
