@@ -37,7 +37,8 @@ from sklearn.metrics import average_precision_score, precision_score, recall_sco
 
 from app.services.evaluation import series  # noqa: E402
 from app.services.evaluation.model import CnnLstmAutoencoder, ModelConfig, calibrate_threshold  # noqa: E402
-from app.services.evaluation.series import FEATURE_INDEX as F, LevelDeviationScaler  # noqa: E402
+from app.services.evaluation.scaler import LevelDeviationScaler  # noqa: E402
+from app.services.evaluation.series import FEATURE_INDEX as F  # noqa: E402
 from tests.services.evaluation.synthetic import normal_series  # noqa: E402
 
 W = 15

@@ -4,7 +4,7 @@ The only module that imports TensorFlow/Keras, and only inside functions (``_ker
 this module is cheap; nothing on the collector's path imports it.
 
 Network (input and output (N, W, 2F): W rounds × F features, each as a deviation and a level
-channel, see series.LevelDeviationScaler):
+channel, see scaler.LevelDeviationScaler):
 
     Conv1D(conv_filters, kernel_size, 'same', relu) over time
     → LSTM(lstm_units) encoder over time          → Dense(bottleneck, relu)
@@ -35,7 +35,8 @@ import numpy as np
 
 from app.services import progress
 from app.services.evaluation.calibration import Calibration, calibrate_threshold, out_of_sample  # noqa: F401 (re-exported)
-from app.services.evaluation.series import FEATURES, LevelDeviationScaler
+from app.services.evaluation.scaler import LevelDeviationScaler
+from app.services.evaluation.series import FEATURES
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from app.db import rounds as rounds_db
 from app.db import series as dbs
-from app.services.evaluation import evaluation, series
+from app.services.evaluation import evaluation, model_step, series
 from app.services.evaluation.batch import load_batch
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def early_model(conn, settings, weights: list[np.ndarray]):
     windows, judged, per_day = early_rounds(conn, settings)
     if not len(windows):
         return None, None
-    model = CnnLstmAutoencoder(evaluation.model_config(settings.evaluator))
+    model = CnnLstmAutoencoder(model_step.model_config(settings.evaluator))
     model.scaler_ = LevelDeviationScaler().fit(windows)
     model.network_ = model._build()
     model.network_.set_weights(weights)

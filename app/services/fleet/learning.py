@@ -24,7 +24,7 @@ from app.db import fleet as fleet_db
 from app.db import rounds as rounds_db
 from app.db import series as dbs
 from app.db.connection import connect
-from app.services.evaluation import evaluation, model_versions, series
+from app.services.evaluation import evaluation, model_step, model_versions, series
 from app.services.evaluation.batch import load_batch
 from app.services.fleet import adoption
 
@@ -100,7 +100,7 @@ def _local_model(conn, settings, train: np.ndarray, weights: list[np.ndarray], c
     is neither. local error: the local model's median per-round error on ``check`` (before the
     fleet weights replace its own), None without a local model or check windows."""
     from app.services.evaluation.model import CnnLstmAutoencoder, LevelDeviationScaler
-    model, row = evaluation.load_active_model(conn, settings.evaluator)
+    model, row = model_step.load_active_model(conn, settings.evaluator)
     ev = settings.evaluator
     if model is not None and (model.config.lstm_units, model.config.bottleneck) != (ev.lstm_units, ev.bottleneck):
         log.warning("fleet: the local model v%d has another shape than the fleet's: its scaler is not reused",
@@ -110,7 +110,7 @@ def _local_model(conn, settings, train: np.ndarray, weights: list[np.ndarray], c
     if model is None:
         if not len(train):
             return None, row, None
-        model = CnnLstmAutoencoder(evaluation.model_config(settings.evaluator))
+        model = CnnLstmAutoencoder(model_step.model_config(settings.evaluator))
         model.scaler_ = LevelDeviationScaler().fit(train)
         model.network_ = model._build()
         model.n_fits_, model.history_, model.train_windows_ = 0, [], 0

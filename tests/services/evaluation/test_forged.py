@@ -312,7 +312,7 @@ def test_a_not_forged_finding_about_an_address_wins_over_a_forged_one(conn, tmp_
 def test_pool_needed_is_capped_at_the_pool_capacity():
     from types import SimpleNamespace
     import numpy as np
-    from app.services.evaluation.evaluation import pool_state
+    from app.services.evaluation.model_step import pool_state
     from app.services.evaluation.model import Calibration, ModelConfig
     # 50 ports of minute rounds, budget 1/day, W 15: the budget wants 4,800 windows, the pool holds 4,000
     cal = Calibration(1.0, "pot", 0, 72000.0, 1.0, 1 / 72000.0, 0, 0.0)

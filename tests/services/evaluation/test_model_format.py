@@ -11,7 +11,7 @@ import pytest
 
 from app import cli, config
 from app.db import evaluations as dbe
-from app.services.evaluation import evaluation, series
+from app.services.evaluation import evaluation, model_step, series
 from app.services.evaluation.model import FORMAT, FORMAT_VERSION, CnnLstmAutoencoder, not_loadable
 from tests.services.evaluation.synthetic import SyntheticStore
 
@@ -75,7 +75,7 @@ def test_an_old_format_model_stays_listed_and_a_new_one_is_fitted_from_scratch(e
         state = json.loads((path / "config.json").read_text())
         state["format_version"], state["config"]["features"] = 1, OLD_FEATURES
         (path / "config.json").write_text(json.dumps(state))
-        assert not evaluation.has_loadable_model(conn)
+        assert not model_step.has_loadable_model(conn)
 
         store.add_rounds(30)
         second = evaluation.run(settings)

@@ -5,7 +5,7 @@ import pytest
 
 from app.config import Evaluator
 from app.db import series as dbs
-from app.services.evaluation import finding_sources, rules
+from app.services.evaluation import finding_sources, flood_rules, rules
 from app.services.evaluation.batch import load_batch
 from tests.services.evaluation.synthetic import SyntheticStore, listen, port_scan, syn_flood
 
@@ -84,9 +84,9 @@ def test_syn_flood_with_few_completions(store):
 
 
 def test_completion_share():
-    assert rules.completion_share(packets=1000, syn=1000, synack=0, rst=0) == 0.0
-    assert rules.completion_share(packets=5000, syn=500, synack=0, rst=0) == 1.0
-    assert rules.completion_share(packets=1100, syn=1000, synack=0, rst=50) == pytest.approx(0.05)
+    assert flood_rules.completion_share(packets=1000, syn=1000, synack=0, rst=0) == 0.0
+    assert flood_rules.completion_share(packets=5000, syn=500, synack=0, rst=0) == 1.0
+    assert flood_rules.completion_share(packets=1100, syn=1000, synack=0, rst=50) == pytest.approx(0.05)
 
 
 def test_new_listener_and_process_change(store):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from app.services.evaluation import series
-from app.services.evaluation.series import FEATURE_INDEX as F, LevelDeviationScaler, PortKey
+from app.services.evaluation.scaler import LevelDeviationScaler
+from app.services.evaluation.series import FEATURE_INDEX as F, PortKey
 
 
 def ramp(n_ports: int, n_rounds: int) -> np.ndarray:
@@ -135,7 +136,7 @@ def test_level_deviation_scaler_shapes_no_leakage_and_round_trip():
     busy = rng.poisson(5000, size=(40, 6, series.N_FEATURES)).astype(np.float32)
     quiet = rng.poisson(5, size=(40, 6, series.N_FEATURES)).astype(np.float32)
     train = np.concatenate([busy, quiet])
-    scaler = series.LevelDeviationScaler().fit(train)
+    scaler = LevelDeviationScaler().fit(train)
     fitted = (scaler.center_.copy(), scaler.level_scale_.copy(), scaler.dev_scale_.copy())
     test = busy[:3].copy()
     test[0, 2, F["packets"]] *= 30                            # a x30 spike in one round of a busy port
@@ -149,7 +150,7 @@ def test_level_deviation_scaler_shapes_no_leakage_and_round_trip():
     assert np.abs(scaler.transform(quiet)[..., F["packets"]]).max() < 5
     back = scaler.inverse_transform(scaler.transform(train))
     assert np.allclose(back, train, rtol=1e-2, atol=1e-2)
-    restored = series.LevelDeviationScaler.from_dict(scaler.to_dict())
+    restored = LevelDeviationScaler.from_dict(scaler.to_dict())
     assert np.array_equal(restored.transform(test), scaled)
 
 
