@@ -42,6 +42,8 @@ from app.services.evaluation.model_step import ModelStep, has_loadable_model, mo
 
 log = logging.getLogger(__name__)
 
+PEERS_MARGIN_SECONDS = 3600.0
+
 
 @dataclass(frozen=True)
 class EvaluationResult:
@@ -133,7 +135,10 @@ def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, cloc
     history = dbs.count_rounds(conn, last)
     # a first fit learns from all recent history (small hosts would wait for many batches otherwise)
     context = cfg.window - 1 if has_loadable_model(conn) else max(cfg.window - 1, cfg.max_batch_rounds - len(batch))
-    loaded = load_batch(conn, batch, cfg, context, peers_since=started - settings.blocklist.peer_lookback_seconds)
+    # the peers the forged-source judge compares with, from its look-back as of the store step (an hour
+    # earlier: a clock stepped back while the evaluation ran still finds them all loaded)
+    peers_since = started - settings.blocklist.peer_lookback_seconds - PEERS_MARGIN_SECONDS
+    loaded = load_batch(conn, batch, cfg, context, peers_since=peers_since)
     model_row = dbe.active_model(conn)
     warmups = warmup.of_batch(loaded, cfg) + [warmup.of_model(history, cfg, model_row["origin"] if model_row else None)]
     findings = rules.detect(loaded, cfg) + outbound_rules.detect(loaded, cfg) + dns_rules.detect(loaded, cfg)
