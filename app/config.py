@@ -176,7 +176,7 @@ class Blocklist:
     syn_limit_enabled: bool = False
     syn_limit_per_second: int = 100              # SYNs per second to one port let through; the rest are dropped
     syn_limit_ttl_seconds: float = 3600.0        # a limit expires like a block
-    egress_block_enabled: bool = False           # may destinations be blocked in TC egress (app/services/kernel/egress_block.py)
+    egress_block_enabled: bool = False           # may destinations be blocked in TC egress (enforcement fills eg_block)
     egress_detectors: list = field(default_factory=lambda: ["outbound_scan", "exfiltration", "beaconing"])
                                                  # outbound findings that block their destination (only with the switch on)
     peer_lookback_seconds: float = 86400.0       # a two-way peer within this span is never blocked on one-way evidence

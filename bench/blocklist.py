@@ -50,7 +50,7 @@ from app.services.kernel import enforcement  # noqa: E402
 from app.services.kernel import bpf_structs, maps  # noqa: E402
 from app.threads import collection as collector_mod  # noqa: E402
 from app.lab import Lab  # noqa: E402
-from app.services.kernel import egress, egress_block  # noqa: E402
+from app.services.kernel import egress  # noqa: E402
 from app.services.kernel.prog_run import BpfTestRunOpts  # noqa: E402  (struct bpf_test_run_opts, mirrored once)
 from bench.collector import (mac_bytes, pass_program, prog_run_ns, settings_for, tcp_syn_frame, udp6_frame,  # noqa: E402
                              udp_frame)
@@ -296,10 +296,10 @@ def measure_entries(lab: Lab, s, pdir: Path, n: int = 64) -> tuple[dict, dict]:
     v6 = [f"2001:db8:ff{rng.randrange(256):02x}:{rng.randrange(1 << 16):x}::{rng.randrange(1 << 16):x}"
           for _ in range(n // 2)]
     s.blocklist.egress_block_enabled = True
-    with maps.PinnedMap(pdir / "blacklist") as bl:
+    with maps.PinnedMap(pdir / "blacklist") as bl, maps.PinnedMap(pdir / enforcement.EGRESS_MAP) as eg_block:
         for text in v4 + v6:
-            bl.update(bpf_structs.lpm_key(enforcement.parse_network(text)), bytes(bpf_structs.PwBlacklistValue()))
-            egress_block.add(s, pdir, enforcement.parse_network(text))
+            enforcement.write_entry(bl, enforcement.parse_network(text))
+            enforcement.write_entry(eg_block, enforcement.parse_network(text))
     xdp, tc = pdir / "prog", pdir / egress.PROG_PIN
 
     def best(pin, frame):

@@ -24,7 +24,7 @@
  *
  * It never redirects or modifies a packet, and drops one ONLY when its destination matches an
  * entry of eg_block — empty unless user space switched egress blocking on (off by default:
- * blocklist.egress_block_enabled, app/services/kernel/egress_block.py); the empty trie is the switch, so
+ * blocklist.egress_block_enabled, app/services/kernel/enforcement.py); the empty trie is the switch, so
  * no flag can be lost between processes. A match is TC_ACT_SHOT, counted as dropped in eg_global
  * and in the entry (like the ingress blacklist). Everything else returns TC_ACT_OK.
  */

@@ -257,34 +257,45 @@ def test_a_round_with_the_scanner_records_established_peers(lab, tmp_path):
 
 
 def test_egress_block_is_off_by_default_and_drops_exactly_when_switched_on(lab, tmp_path):
-    import ipaddress
-    from app.errors import UsageError
-    from app.services.kernel import egress_block
+    """A ledger 'out' row is enforced in eg_block only while blocklist.egress_block_enabled is on."""
+    from app.db import blacklist as ledger
+    from app.db.connection import connect
+    from app.services.kernel import enforcement
     s = make_settings(tmp_path)
     collect(s, lab)
     pdir = Path(s.general.pin_root) / lab.interface
-    target = ipaddress.ip_network(f"{lab.host_v4(1)}/32")
-    with pytest.raises(UsageError, match="egress blocking is off"):
-        egress_block.add(s, pdir, target)
-    s.blocklist.egress_block_enabled = True
-    egress_block.add(s, pdir, target)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind((lab.root_v4, 0))
-    before = peer_snmp(lab)
-    for _ in range(12):
-        udp.sendto(b"b" * 50, (lab.host_v4(1), 6600))     # blocked
-    for _ in range(3):
-        udp.sendto(b"b" * 50, (lab.host_v4(2), 6600))     # another destination: passes
-    time.sleep(0.2)
-    mid = peer_snmp(lab)
-    assert mid["Udp.NoPorts"] - before["Udp.NoPorts"] == 3
-    assert egress_block.entries(pdir) == {f"{lab.host_v4(1)}/32": 12}
-    assert egress_block.clear(pdir) == 1 and egress_block.entries(pdir) == {}
-    for _ in range(4):
-        udp.sendto(b"b" * 50, (lab.host_v4(1), 6600))     # unblocked again
-    udp.close()
-    time.sleep(0.2)
-    assert peer_snmp(lab)["Udp.NoPorts"] - mid["Udp.NoPorts"] == 4
+    eg_block = pdir / enforcement.EGRESS_MAP
+    cidr = f"{lab.host_v4(1)}/32"
+    conn = connect(s.general.db)
+    try:
+        with ledger.immediate(conn):
+            ledger.upsert_entry(conn, cidr, "test", None, None, "manual", time.time(), None, "active", 1, "out")
+        assert enforcement.reconcile(conn, s, pdir).egress.entries == 0     # off by default: nothing enforced
+        assert enforcement.map_drops(eg_block) == {}
+        s.blocklist.egress_block_enabled = True
+        assert enforcement.reconcile(conn, s, pdir).egress.added == [cidr]
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((lab.root_v4, 0))
+        before = peer_snmp(lab)
+        for _ in range(12):
+            udp.sendto(b"b" * 50, (lab.host_v4(1), 6600))     # blocked
+        for _ in range(3):
+            udp.sendto(b"b" * 50, (lab.host_v4(2), 6600))     # another destination: passes
+        time.sleep(0.2)
+        mid = peer_snmp(lab)
+        assert mid["Udp.NoPorts"] - before["Udp.NoPorts"] == 3
+        assert enforcement.map_drops(eg_block) == {cidr: 12}
+        with ledger.immediate(conn):
+            ledger.mark_removed(conn, cidr, time.time())
+        assert enforcement.reconcile(conn, s, pdir).egress.removed == [cidr]
+        assert enforcement.map_drops(eg_block) == {}
+        for _ in range(4):
+            udp.sendto(b"b" * 50, (lab.host_v4(1), 6600))     # unblocked again
+        udp.close()
+        time.sleep(0.2)
+        assert peer_snmp(lab)["Udp.NoPorts"] - mid["Udp.NoPorts"] == 4
+    finally:
+        conn.close()
     collect(s, lab)
     conn = db(s)
     r = conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT 1").fetchone()
@@ -300,7 +311,6 @@ def test_an_outbound_finding_blocks_its_destination_in_tc_only_when_switched_on(
     from app.db import blacklist as ledger
     from app.db.connection import connect
     from app.services.kernel import enforcement
-    from app.services.kernel import egress_block
     from app.services.blocklist.decisions import after_evaluation
     from tests.helpers import add_evaluation, finding
     s = make_settings(tmp_path)
@@ -328,15 +338,15 @@ def test_an_outbound_finding_blocks_its_destination_in_tc_only_when_switched_on(
     conn = connect(s.general.db)
     try:
         decisions, _ = evaluate(conn)                                    # switch off: alert only
-        assert decisions == [] and ledger.entries(conn, None) == [] and egress_block.entries(pdir) == {}
+        assert decisions == [] and ledger.entries(conn, None) == [] and enforcement.map_drops(pdir / enforcement.EGRESS_MAP) == {}
         assert send(5, 2) == 7
         s.blocklist.egress_block_enabled = True
         decisions, results = evaluate(conn)
         assert [(d.address, d.action, d.direction) for d in decisions] == [(cidr, "block", "out")]
         assert [r.egress.added for r in results] == [[cidr]] and [r.added for r in results] == [[]]
-        assert egress_block.entries(pdir) == {cidr: 0}
+        assert enforcement.map_drops(pdir / enforcement.EGRESS_MAP) == {cidr: 0}
         assert send(9, 3) == 3                                           # 9 dropped in TC, 3 to host 2 passed
-        assert egress_block.entries(pdir) == {cidr: 9}
+        assert enforcement.map_drops(pdir / enforcement.EGRESS_MAP) == {cidr: 9}
         assert enforcement.pending_drops(conn, s) == {cidr: 9}          # what `blacklist list` adds before a round
     finally:
         conn.close()
@@ -349,5 +359,5 @@ def test_an_outbound_finding_blocks_its_destination_in_tc_only_when_switched_on(
     # switched off again: the next reconcile empties eg_block and host 1 is reachable
     s.blocklist.egress_block_enabled = False
     collect(s, lab)
-    assert egress_block.entries(pdir) == {} and send(4, 0) == 4
+    assert enforcement.map_drops(pdir / enforcement.EGRESS_MAP) == {} and send(4, 0) == 4
     c.close()

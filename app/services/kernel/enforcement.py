@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 _ZERO_VALUE = bytes(PwBlacklistValue())
-EGRESS_MAP = "eg_block"                  # the TC program's pinned egress block (app/services/kernel/egress_block.py)
+EGRESS_MAP = "eg_block"                  # the TC program's pinned egress block (bpf/egress.c drops what it holds)
 _MAPPED_V4 = ipaddress.ip_network("::ffff:0:0/96")
 
 
@@ -145,6 +145,19 @@ def _read_map(blacklist: maps.PinnedMap) -> dict[str, tuple[bytes, int, int]]:
     return out
 
 
+def map_drops(path: str | Path) -> dict[str, int]:
+    """CIDR text -> drop counter of every entry of the pinned blacklist LPM map at ``path`` (the XDP
+    ``blacklist`` or the TC ``eg_block``)."""
+    with maps.PinnedMap(path) as lpm_map:
+        return {text: drops for text, (_, drops, _) in _read_map(lpm_map).items()}
+
+
+def write_entry(lpm_map: maps.PinnedMap, network) -> None:
+    """Put ``network`` (a network or its CIDR text) into an open blacklist LPM map with zeroed counters
+    (a new element counts its drops from 0). Raises BpfError when the map is full."""
+    lpm_map.update(lpm_key(ipaddress.ip_network(network)), _ZERO_VALUE)
+
+
 def _growth(counter: int, baseline: tuple[int, int] | None) -> int:
     """Drops since the baseline; a counter below it restarted from 0 and counts whole."""
     if baseline is None or counter < baseline[0]:
@@ -227,7 +240,7 @@ def _sync(conn, blacklist: maps.PinnedMap, result: ReconcileResult, now: float, 
         if text in in_map:
             continue
         try:
-            blacklist.update(lpm_key(ipaddress.ip_network(text)), _ZERO_VALUE)
+            write_entry(blacklist, text)
         except BpfError as exc:
             log.warning("cannot enforce blocklist entry %s on %s: %s", text, interface, exc)
             db.insert_event(conn, now, text, "map-failed", f"{interface}: {exc}")

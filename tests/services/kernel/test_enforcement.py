@@ -18,7 +18,7 @@ from app.db.connection import connect
 from app.errors import UsageError
 from app.services.blocklist import blocklist
 from app.services.kernel import enforcement
-from app.services.kernel import bpf_structs, egress, egress_block, maps
+from app.services.kernel import bpf_structs, egress, maps
 from app.services.kernel.enforcement import parse_network
 from tests.helpers import (REPO, UdpSink, bpftool_entries, collect, ledger_events, loaded, map_drops,  # noqa: F401
                            pin_root, send_udp)
@@ -216,8 +216,9 @@ def test_every_blocked_address_drops_in_tens_of_ns_ingress_and_egress(lab, tmp_p
     [result] = enforcement.apply(conn, s)
     assert result.entries == 64
     conn.close()
-    for address in blocked:                  # straight into the map (the ledger's egress rows are not the point)
-        egress_block.add(s, pdir, parse_network(address))
+    with maps.PinnedMap(pdir / enforcement.EGRESS_MAP) as eg_block:
+        for address in blocked:              # straight into the map (the ledger's egress rows are not the point)
+            enforcement.write_entry(eg_block, parse_network(address))
     xdp, tc = pdir / "prog", pdir / egress.PROG_PIN
     XDP_DROP, XDP_PASS, TC_ACT_OK, TC_ACT_SHOT = 1, 2, 0, 2
     passing = {f"{kind} {fam}": (_best_ns(xdp, _frame(src, dst, flags), XDP_PASS),
@@ -238,7 +239,8 @@ def test_every_blocked_address_drops_in_tens_of_ns_ingress_and_egress(lab, tmp_p
     # every drop was counted in its own entry: the counters the atomics update are the right ones
     with maps.PinnedMap(pdir / "blacklist") as m:
         assert all(_drops(m, a) >= 2000 for a in blocked)
-    assert all(n >= 2000 for n in egress_block.entries(pdir).values()) and len(egress_block.entries(pdir)) == 64
+    egress_drops = enforcement.map_drops(pdir / enforcement.EGRESS_MAP)
+    assert all(n >= 2000 for n in egress_drops.values()) and len(egress_drops) == 64
 
 
 def _drops(m, address: str) -> int:
