@@ -19,11 +19,11 @@ import numpy as np
 
 from app.db import egress as egress_db
 from app.db import peers as peers_db
-from app.db import rounds as rounds_db
 from app.services import ports
 from app.services.collector import rounds
+from app.services.collector import round_rows
 from app.services.collector.round_rows import mac_text
-from app.services.kernel.bpf_structs import ADDR_DTYPE, PROOFS, addr_text
+from app.services.kernel.bpf_structs import PROOFS, addr_text
 
 def verified_peers(delta: rounds.Delta) -> dict[str, tuple[str, int, str]]:
     """address -> (proof name, TTL, MAC text) of the addresses that proved themselves in this round."""
@@ -70,25 +70,8 @@ def write_egress(conn, round_id: int, deltas: dict, readings: dict, port_ids, fo
     rows.sort()
     egress_db.insert_destination_stats(conn, round_id, rows)
 
-    if not len(flows):
-        return
-    chosen = {i: "top" for i in np.argsort(-flows.values[:, 1], kind="stable")[:top_n].tolist()}
-    if many:
-        hit = np.isin(flows.field("dst"), np.array(sorted(many), dtype=ADDR_DTYPE))
-        for i in np.flatnonzero(hit).tolist():
-            chosen.setdefault(i, "many-ports")
-    offset = rounds.kernel_clock_offset() if clock_offset is None else clock_offset
-    rows_i = list(chosen)
-    keys = flows.key_fields(rows_i)
-    ext = readings["eg_flows"].extras[flows.index[rows_i]].tolist()
-    out = []
-    for src, sport, dst, dport, proto, (packets, bytes_), (first_ns, last_ns, flags), reason in zip(
-            keys["src"].tolist(), keys["sport"].tolist(), keys["dst"].tolist(), keys["dport"].tolist(),
-            keys["proto"].tolist(), flows.values[rows_i].tolist(), ext, chosen.values()):
-        out.append((addr_text(src), sport, addr_text(dst), dport, ports.protocol_name(proto), packets, bytes_,
-                    round(first_ns / 1e9 + offset, 3) if first_ns else None,
-                    round(last_ns / 1e9 + offset, 3) if last_ns else None, flags, reason))
-    rounds_db.insert_flows(conn, round_id, out, direction="out")
+    round_rows.write_flows(conn, round_id, flows, readings["eg_flows"].extras, many, top_n, clock_offset,
+                           direction="out")
 
 
 def record_peers(conn, round_id: int, at: float, two_way: dict, established) -> int:

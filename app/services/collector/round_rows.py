@@ -2,7 +2,8 @@
 reads the maps and owns the transaction; app/services/collector/egress_rounds.py writes the egress rows).
 
 port_stats with ephemeral ports folded per protocol, source_stats and source_ports, the chosen
-flows, blacklist drops. Field access by name through the mirrors of bpf/common.h (bpf_structs).
+flows of both directions (egress_rounds calls write_flows too), blacklist drops. Field access by name
+through the mirrors of bpf/common.h (bpf_structs).
 """
 from __future__ import annotations
 
@@ -106,9 +107,11 @@ def idle_scanners(scanners: rounds.Delta) -> list[bytes]:
 
 
 def write_flows(conn, round_id: int, flows: rounds.Delta, extras, many: set[bytes], top_n: int,
-                clock_offset: float | None = None) -> None:
-    """The ``top_n`` flows by bytes, plus every flow of a source that reached many ports.
+                clock_offset: float | None = None, direction: str = "in") -> None:
+    """The ``top_n`` flows by bytes, plus every flow of a remote address in ``many`` (one that reached
+    many ports: the source of an ingress flow, the destination of an egress one), as flows rows.
 
+    The one flow-row builder of both programs: ``direction`` 'in' (XDP ingress) or 'out' (TC egress);
     clock_offset: seconds from the program's clock to Unix time (None: the live kernel clock's)."""
     if not len(flows):
         return
@@ -116,7 +119,8 @@ def write_flows(conn, round_id: int, flows: rounds.Delta, extras, many: set[byte
     top = np.argsort(-by_bytes, kind="stable")[:top_n].tolist()
     chosen = {i: "top" for i in top}
     if many:
-        hit = np.isin(flows.field("src"), np.array(sorted(many), dtype=ADDR_DTYPE))
+        remote = flows.field("src" if direction == "in" else "dst")
+        hit = np.isin(remote, np.array(sorted(many), dtype=ADDR_DTYPE))
         for i in np.flatnonzero(hit).tolist():
             chosen.setdefault(i, "many-ports")
     offset = rounds.kernel_clock_offset() if clock_offset is None else clock_offset
@@ -130,7 +134,7 @@ def write_flows(conn, round_id: int, flows: rounds.Delta, extras, many: set[byte
         rows.append((addr_text(src), sport, addr_text(dst), dport, ports.protocol_name(proto), packets, bytes_,
                      round(first_ns / 1e9 + offset, 3) if first_ns else None,
                      round(last_ns / 1e9 + offset, 3) if last_ns else None, flags, reason))
-    rounds_db.insert_flows(conn, round_id, rows)
+    rounds_db.insert_flows(conn, round_id, rows, direction)
 
 
 def write_blacklist_drops(conn, round_id: int, delta: rounds.Delta) -> None:
