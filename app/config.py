@@ -1,23 +1,13 @@
-"""Typed settings: defaults < TOML file < PORTWATCH_* environment variables.
+"""Typed settings: defaults < TOML file < PORTWATCH_* environment variables (README: Configuration).
 
-The TOML file has one table per section::
-
-    db = "/var/lib/portwatch/ports.db"      # top-level keys belong to section "general"
-    [collector]
-    round_seconds = 60
-
-Every key can be overridden by ``PORTWATCH_<SECTION>_<KEY>`` (``PORTWATCH_COLLECTOR_ROUND_SECONDS=5``);
-keys of the ``general`` section also by ``PORTWATCH_<KEY>`` (``PORTWATCH_DB=/tmp/x.db``).
-Keys ending in ``_seconds`` also take a duration string (``"15m"``, ``"1h"``, ``"7d"``: app/durations.py).
-Every value is checked by kind and range at load (app/config_rules.py); unknown keys, values of the wrong type
-and values out of range are all collected and reported at once, each by key and source
-(:class:`ConfigError`).
-``Settings.sources`` records where each effective value came from (``python -m app config show``).
+One dataclass per section of the TOML file (top-level keys belong to "general"); :func:`load` builds the
+effective :class:`Settings` and records where each value came from (``config show``). Every value is
+checked at load by app/config_rules.py, which reports every problem at once (:class:`ConfigError`).
+Imported by everything above app.errors; imports only app.resources and app.config_rules.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import tomllib
@@ -25,19 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from app import durations, resources
-from app.config_rules import validate
+from app import resources
+from app.config_rules import ConfigError, coerce, crowdsec_problems, fleet_problems, validate
 
 DEFAULT_CONFIG_PATH = Path("/etc/portwatch/config.toml")
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names the key (every key, when several)."""
-
-    def __init__(self, message: str, problems: list[str] | None = None):
-        super().__init__(message)
-        self.problems = problems or [message]
 
 
 @dataclass
@@ -245,30 +227,7 @@ class Crowdsec:
 
     def problems(self) -> list[str]:
         """One sentence per invalid value (empty when the section is valid or unused)."""
-        out = []
-        if self.lapi_url:
-            from urllib.parse import urlsplit
-            parts = urlsplit(self.lapi_url)
-            try:
-                parts.port
-            except ValueError:
-                parts = None
-            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-                out.append(f"crowdsec.lapi_url {self.lapi_url!r} must be http(s)://HOST[:PORT]")
-            if not self.bouncer_key and not self.machine_id:
-                out.append("crowdsec.lapi_url is set but neither crowdsec.bouncer_key (pull) nor "
-                           "crowdsec.machine_id (push) is")
-            if self.machine_id and not self.machine_password:
-                out.append("crowdsec.machine_id is set without crowdsec.machine_password")
-        for name in ("timeout_seconds", "max_seconds", "resync_seconds"):
-            if not getattr(self, name) > 0:
-                out.append(f"crowdsec.{name} must be a positive number of seconds")
-        if self.max_pending < 1:
-            out.append("crowdsec.max_pending must be at least 1")
-        bad = [d for d in self.push_detectors if not d.replace("_", "").isalnum()]
-        if bad:
-            out.append(f"crowdsec.push_detectors holds names that are not detector names: {bad}")
-        return out
+        return crowdsec_problems(self)
 
 
 @dataclass
@@ -295,28 +254,7 @@ class Fleet:
 
     def problems(self, role: str) -> list[str]:
         """One sentence per invalid value for ``role`` 'serve' or 'node'."""
-        out = []
-        if role == "node" and not self.superlink:
-            out.append("fleet.superlink is not set: give the coordinator's HOST:PORT")
-        address = self.listen if role == "serve" else self.superlink
-        host, _, port = address.rpartition(":")
-        if address and (not host or not port.isdigit() or not 0 < int(port) < 65536):
-            out.append(f"fleet.{'listen' if role == 'serve' else 'superlink'} {address!r} must be HOST:PORT")
-        if not self.insecure:
-            need = ("ca_cert", "server_cert", "server_key") if role == "serve" else ("ca_cert",)
-            for key in need:
-                path = getattr(self, key)
-                if not path:
-                    out.append(f"fleet.{key} is not set (TLS): give its PEM file, or fleet.insecure = true on a lab")
-                elif not Path(path).is_file():
-                    out.append(f"fleet.{key} {path} does not exist")
-        if self.rounds < 1 or self.min_hosts < 1:
-            out.append("fleet.rounds and fleet.min_hosts must be at least 1")
-        if not 0 < self.fraction <= 1:
-            out.append("fleet.fraction must be in (0, 1]")
-        if not (self.round_timeout_seconds > 0 and self.interval_seconds > 0):
-            out.append("fleet.round_timeout_seconds and fleet.interval_seconds must be positive")
-        return out
+        return fleet_problems(self, role)
 
 
 SECTIONS: dict[str, type] = {
@@ -369,60 +307,6 @@ class Settings:
     @property
     def state_path(self) -> Path:
         return Path(self.general.state_dir)
-
-
-def _coerce(name: str, default: Any, value: Any, from_env: bool) -> Any:
-    """Convert ``value`` to the type of ``default``; raise ConfigError naming ``name``."""
-    want = type(default)
-    try:
-        if want is bool:
-            if isinstance(value, bool):
-                return value
-            if from_env and str(value).strip().lower() in ("1", "true", "yes", "on"):
-                return True
-            if from_env and str(value).strip().lower() in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError
-        if want is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, int):
-                return value
-            if from_env:
-                return int(str(value).strip())
-            raise ValueError
-        if want is float:
-            if isinstance(value, bool):
-                raise ValueError
-            if name.endswith("_seconds") and (isinstance(value, str) or from_env):
-                try:
-                    return durations.seconds(value, allow_zero=True)
-                except ValueError as exc:
-                    raise ConfigError(f"config key {name!r} {exc}") from None
-            if isinstance(value, (int, float)):
-                number = float(value)
-            elif from_env:
-                number = float(str(value).strip())
-            else:
-                raise ValueError
-            if not math.isfinite(number):
-                raise ConfigError(f"config key {name!r} must be a finite number, got {value!r}")
-            return number
-        if want is list:
-            if isinstance(value, list):
-                return [str(v) for v in value]
-            if from_env:
-                return [v.strip() for v in str(value).split(",") if v.strip()]
-            raise ValueError
-        if want is str:
-            if isinstance(value, str):
-                return value
-            raise ValueError
-    except ConfigError:
-        raise
-    except ValueError:
-        pass
-    raise ConfigError(f"config key {name!r} must be {want.__name__}, got {value!r}")
 
 
 def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -494,7 +378,7 @@ def _apply(settings: Settings, section: str, key: str, value: Any, source: str, 
         return
     default = getattr(SECTIONS[section](), key)
     try:
-        setattr(obj, key, _coerce(f"{section}.{key}", default, value, from_env))
+        setattr(obj, key, coerce(f"{section}.{key}", default, value, from_env))
     except ConfigError as exc:
         problems.append(f"{exc} ({source})")
         settings.sources[f"{section}.{key}"] = "invalid"   # the default stays; validate() skips it

@@ -2,6 +2,8 @@
 
     RULES: "section.key" -> check(value) returning None or what is wrong
     validate(settings) -> ["config key 'k' = v must ... (source)", ...]   every problem, not the first
+    coerce(name, default, value, from_env): a file or environment value as the key's type (ConfigError)
+    crowdsec_problems(section), fleet_problems(section, role): checks across a section's keys
 
 Plain functions, no schema library: one line per key here is shorter than a schema's model classes
 next to the dataclasses that already declare each key's type and default.
@@ -9,7 +11,9 @@ next to the dataclasses that already declare each key's type and default.
 from __future__ import annotations
 
 import ipaddress
+import math
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Callable
 
 from app import durations
@@ -223,3 +227,121 @@ def validate(settings) -> list[str]:
                                 f"blocklist.max_ttl_seconds ({_num(b.max_ttl_seconds)}) "
                                 f"({settings.sources.get('blocklist.' + key, 'default')})")
     return problems
+
+
+# --- kinds, and the checks of whole sections --------------------------------------------------
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key (every key, when several)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+def coerce(name: str, default: Any, value: Any, from_env: bool) -> Any:
+    """Convert ``value`` to the type of ``default``; raise ConfigError naming ``name``."""
+    want = type(default)
+    try:
+        if want is bool:
+            if isinstance(value, bool):
+                return value
+            if from_env and str(value).strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if from_env and str(value).strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if want is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            if from_env:
+                return int(str(value).strip())
+            raise ValueError
+        if want is float:
+            if isinstance(value, bool):
+                raise ValueError
+            if name.endswith("_seconds") and (isinstance(value, str) or from_env):
+                try:
+                    return durations.seconds(value, allow_zero=True)
+                except ValueError as exc:
+                    raise ConfigError(f"config key {name!r} {exc}") from None
+            if isinstance(value, (int, float)):
+                number = float(value)
+            elif from_env:
+                number = float(str(value).strip())
+            else:
+                raise ValueError
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {name!r} must be a finite number, got {value!r}")
+            return number
+        if want is list:
+            if isinstance(value, list):
+                return [str(v) for v in value]
+            if from_env:
+                return [v.strip() for v in str(value).split(",") if v.strip()]
+            raise ValueError
+        if want is str:
+            if isinstance(value, str):
+                return value
+            raise ValueError
+    except ConfigError:
+        raise
+    except ValueError:
+        pass
+    raise ConfigError(f"config key {name!r} must be {want.__name__}, got {value!r}")
+
+
+def crowdsec_problems(crowdsec) -> list[str]:
+    """One sentence per invalid value of a Crowdsec section (empty when it is valid or unused)."""
+    out = []
+    if crowdsec.lapi_url:
+        from urllib.parse import urlsplit
+        parts = urlsplit(crowdsec.lapi_url)
+        try:
+            parts.port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            out.append(f"crowdsec.lapi_url {crowdsec.lapi_url!r} must be http(s)://HOST[:PORT]")
+        if not crowdsec.bouncer_key and not crowdsec.machine_id:
+            out.append("crowdsec.lapi_url is set but neither crowdsec.bouncer_key (pull) nor "
+                       "crowdsec.machine_id (push) is")
+        if crowdsec.machine_id and not crowdsec.machine_password:
+            out.append("crowdsec.machine_id is set without crowdsec.machine_password")
+    for name in ("timeout_seconds", "max_seconds", "resync_seconds"):
+        if not getattr(crowdsec, name) > 0:
+            out.append(f"crowdsec.{name} must be a positive number of seconds")
+    if crowdsec.max_pending < 1:
+        out.append("crowdsec.max_pending must be at least 1")
+    bad = [d for d in crowdsec.push_detectors if not d.replace("_", "").isalnum()]
+    if bad:
+        out.append(f"crowdsec.push_detectors holds names that are not detector names: {bad}")
+    return out
+
+
+def fleet_problems(fleet, role: str) -> list[str]:
+    """One sentence per invalid value of a Fleet section for ``role`` 'serve' or 'node'."""
+    out = []
+    if role == "node" and not fleet.superlink:
+        out.append("fleet.superlink is not set: give the coordinator's HOST:PORT")
+    address = fleet.listen if role == "serve" else fleet.superlink
+    host, _, port = address.rpartition(":")
+    if address and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+        out.append(f"fleet.{'listen' if role == 'serve' else 'superlink'} {address!r} must be HOST:PORT")
+    if not fleet.insecure:
+        need = ("ca_cert", "server_cert", "server_key") if role == "serve" else ("ca_cert",)
+        for key in need:
+            path = getattr(fleet, key)
+            if not path:
+                out.append(f"fleet.{key} is not set (TLS): give its PEM file, or fleet.insecure = true on a lab")
+            elif not Path(path).is_file():
+                out.append(f"fleet.{key} {path} does not exist")
+    if fleet.rounds < 1 or fleet.min_hosts < 1:
+        out.append("fleet.rounds and fleet.min_hosts must be at least 1")
+    if not 0 < fleet.fraction <= 1:
+        out.append("fleet.fraction must be in (0, 1]")
+    if not (fleet.round_timeout_seconds > 0 and fleet.interval_seconds > 0):
+        out.append("fleet.round_timeout_seconds and fleet.interval_seconds must be positive")
+    return out

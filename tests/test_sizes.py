@@ -15,7 +15,6 @@ FUNCTIONS_OVER = {
     "app/services/kernel/xdp.py:_build_and_attach": 73,
 }
 MODULES_OVER = {
-    "app/config.py": 512,
     "app/services/collector/collector.py": 503,
     "app/services/kernel/xdp.py": 445,
     "app/services/ops/reports/facts.py": 431,
