@@ -15,7 +15,6 @@ FUNCTIONS_OVER = {
     "app/services/kernel/xdp.py:_build_and_attach": 73,
 }
 MODULES_OVER = {
-    "app/services/collector/collector.py": 503,
     "app/services/kernel/xdp.py": 445,
     "app/services/ops/reports/facts.py": 431,
     "app/services/ops/reports/figures.py": 411,

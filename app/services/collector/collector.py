@@ -5,22 +5,20 @@ run-time bound — is app/threads/collection.py.) At the end of a round the pinn
 are read (libbpf, no BCC), differenced against the last snapshot, and the round, its per-port,
 per-source and flow rows, occupancy, sniffer sample and the new snapshot are written in one
 transaction. Then the round epoch in the config map is bumped (per-round payload extremes) and
-the blocklist ledger is reconciled with the pinned blacklist map.
+the blocklist ledger is reconciled with the pinned blacklist map. Rounds from other maps than the
+current ones (a takeover's baseline, the maps a recreate replaced) are app/services/collector/extra_rounds.py.
 
 Cheap by design: no BPF compile (unless the program must be (re)loaded, which happens in a
 separate process) and no TensorFlow or matplotlib anywhere on this path.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
 import resource
-import shutil
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 # The collector does no linear algebra: one BLAS thread spares each run ~0.1 CPU-s of thread
@@ -34,60 +32,16 @@ from app.db.ports import PortIds  # noqa: E402
 from app.errors import BpfError, NeedsRootError, PortwatchError  # noqa: E402
 from app.services import locks, ports  # noqa: E402
 from app.services.kernel import enforcement  # noqa: E402
-from app.services.collector import egress_rounds, round_rows, rounds, snapshots  # noqa: E402
+from app.services.collector import egress_rounds, extra_rounds, round_rows, rounds, snapshots  # noqa: E402
+from app.services.collector.round_summary import Observations, RoundSummary  # noqa: E402
 from app.services.kernel import egress, maps, pin_owner, xdp  # noqa: E402
-from app.services.kernel.bpf_structs import GLOBAL_NAMES, MAP_LAYOUT, PwConfig  # noqa: E402
+from app.services.kernel.bpf_structs import GLOBAL_NAMES, PwConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_MAPS = ("port_stats", "sources", "srcports", "flows", "global", "blacklist",
                  "eg_ports", "eg_dests", "eg_dstports", "eg_flows", "eg_global", "verified", "scanners")
 EPOCH_MAPS = ("port_stats", "sources")     # per-round extremes keyed on the config epoch
-
-
-@dataclass
-class RoundSummary:
-    """What one round recorded (for the one-line-per-round output and tests)."""
-    round_id: int
-    interface: str
-    seconds: float
-    packets: int
-    bytes: int
-    unparsed: int
-    dropped: int
-    active_ports: int
-    sources: int
-    listeners: int | None
-    sniffed: int | None
-    compiled: bool
-    xdp_mode: str | None
-    baseline: bool = False                 # only the snapshot was stored (see Collector._baseline_plan)
-
-    def line(self) -> str:
-        if self.baseline:
-            return (f"round {self.round_id} on {self.interface}: baseline (the counts before this database watched "
-                    f"{self.interface} are not history)")
-        parts = [f"round {self.round_id} on {self.interface}: {self.packets} packets, {self.bytes} bytes in "
-                 f"{self.seconds:.1f} s, {self.active_ports} active ports, {self.sources} sources"]
-        if self.unparsed:
-            parts.append(f"{self.unparsed} unparsed")
-        if self.dropped:
-            parts.append(f"{self.dropped} dropped")
-        if self.listeners is not None:
-            parts.append(f"{self.listeners} listeners")
-        if self.sniffed is not None:
-            parts.append(f"{self.sniffed} packets sniffed")
-        return ", ".join(parts)
-
-
-@dataclass
-class Observations:
-    """What the round's threads saw, handed to close_round (None: that part did not run)."""
-    listeners: list | None = None          # scanner: list[Listener]
-    scanner_status: str = "disabled"
-    packets: list | None = None            # sniffer: list[PacketRecord]
-    sniffer_status: str = "disabled"
-    peers: list | None = None              # scanner: remote addresses of ESTABLISHED TCP sockets
 
 
 class Collector:
@@ -182,25 +136,8 @@ class Collector:
                                     f"another collector is running on {self.interface}: this run does not overlap it")
 
     def _takeover_baseline(self) -> str | None:
-        """Store a baseline round of the maps as they are, under a new epoch, BEFORE the pin record names this
-        database: a takeover whose database cannot write (a full disk) fails here and leaves the pins, the
-        map and the old owner's blocks as they were. Returns the new epoch (None: no maps to read)."""
-        maps_now = maps.open_maps(self.pin_dir, missing_ok=True)
-        if "config" not in maps_now:
-            for m in maps_now.values():
-                m.close()
-            return None
-        epoch = pin_owner.new_epoch()
-        self._maps, self.record, self._born = maps_now, {"epoch": epoch}, set()
-        self.load_state = xdp.pinned_state(self.interface, self.pin_dir)
-        try:
-            self.takeover_round = self.close_round(time.time(), Observations(), reconcile=False,
-                                                   note="baseline: taken over from another database")
-        finally:
-            for m in self._maps.values():
-                m.close()
-            self._maps, self.load_state, self._first = {}, None, True
-        return epoch
+        """Store a baseline round of the maps as they are, under a new epoch (extra_rounds.takeover_baseline)."""
+        return extra_rounds.takeover_baseline(self)
 
     def check_attached(self) -> None:
         """BpfError (exit 5) when the program this collector counts with is no longer attached to the
@@ -216,56 +153,8 @@ class Collector:
                        f"({what}): it stopped without storing the round; run collect again to re-attach it")
 
     def close_retired(self) -> RoundSummary | None:
-        """Close a last round from the maps a recreate replaced (``<pin_dir>/retired``: frozen since the
-        swap), add their last drops to the ledger, then remove them. None when there are none.
-
-        Maps whose key layout is not the one this code reads (made by an older bpf/common.h) cannot be
-        decoded: the round is closed from the others (a value struct that only grew at its end is read,
-        its new fields as zeros) and its note names the maps left out."""
-        retired = self.pin_dir / xdp.RETIRED
-        if not (retired / "port_stats").exists():
-            return None
-        if xdp.retired_still_attached(self.interface, self.pin_dir):     # a loader killed before the swap
-            xdp.restore_pins(self.pin_dir)
-            return None
-        log.info("closing a last round from the replaced maps of %s", self.interface)
-        self._born = pin_owner.born_ids(self.pin_dir)
-        prog = retired / "prog"
-        program_id = maps.prog_info(prog).id if prog.exists() else None
-        try:
-            meta = xdp.read_meta(retired)
-        except (BpfError, ValueError):        # a meta map of an older layout
-            meta = None
-        opened = maps.open_maps(retired, missing_ok=True)
-        current, self._maps, unreadable = self._maps, {}, []
-        for name, m in opened.items():
-            _, key_t, val_t = MAP_LAYOUT[name]
-            if m.info.key_size == ctypes.sizeof(key_t) and m.info.value_size <= ctypes.sizeof(val_t):
-                self._maps[name] = m
-            else:
-                unreadable.append(name)
-                m.close()
-        note = "last counts of the replaced maps"
-        if unreadable:
-            note += f" (not read, older layout: {', '.join(sorted(unreadable))})"
-        saved_state, self.load_state = self.load_state, xdp.LoadState(
-            self.interface, retired, self.load_state.mode if self.load_state else None, program_id,
-            bytes(meta.source_hash).hex() if meta else None)
-        summary = None
-        try:
-            if "config" in self._maps:
-                summary = self.close_round(time.time(), Observations(), note=note, reconcile=False)
-            if "blacklist" in self._maps:
-                enforcement.retire_map(self.conn, self.interface, retired / "blacklist")
-            else:
-                enforcement.forget_map(self.conn, self.interface)
-        finally:
-            for m in self._maps.values():
-                m.close()
-            self._maps, self.load_state = current, saved_state
-            self._first = True
-        shutil.rmtree(retired, ignore_errors=True)
-        return summary
+        """Close a last round from the maps a recreate replaced (extra_rounds.close_retired)."""
+        return extra_rounds.close_retired(self)
 
     def _reconcile(self) -> None:
         try:
