@@ -70,7 +70,7 @@ def test_the_commands_rule_sees_a_violation(tmp_path):
 
 
 def test_tensorflow_and_matplotlib_have_one_importer_each():
-    for lib, owner in (("tensorflow", "model.py"), ("matplotlib", "figures.py"), ("bcc", "xdp.py")):
+    for lib, owner in (("tensorflow", "model.py"), ("matplotlib", "figures.py"), ("bcc", "xdp_loader.py")):
         users = [p.name for p in (REPO / "app").rglob("*.py") if any(n == lib or n.startswith(lib + ".")
                                                                      for n in imports_of(p))]
         assert users == [owner], (lib, users)

@@ -1,7 +1,7 @@
 """The TC egress program's attachment: clsact qdisc, the egress filter, its description and removal.
 
 The program itself (bpf/egress.c) is compiled with the XDP program in ONE BCC object by the loader
-process of app/services/kernel/xdp.py (the only BCC user) and pinned as ``<pin_dir>/eg_prog``; this module
+process of app/services/kernel/xdp_loader.py (the only BCC user) and pinned as ``<pin_dir>/eg_prog``; this module
 only runs ``tc`` (iproute2) against that pin, so it needs no BCC. Its maps (``eg_*``) are read
 through libbpf like the XDP program's (maps.py).
 

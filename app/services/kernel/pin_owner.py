@@ -14,7 +14,7 @@ and dies with the pins: `down`, a reboot or an ``rm -r`` of the pin directory ta
 Who writes what
     The collector claims the directory (:func:`claim`) before anything is loaded or read: a record
     naming another database refuses the run with one sentence (`down` first, or ``--takeover``). The
-    loader process (app/services/kernel/xdp.py) writes ``load`` at each step BEFORE taking it — "compiling"
+    loader process (app/services/kernel/xdp_loader.py) writes ``load`` at each step BEFORE taking it — "compiling"
     when it starts, "attaching" with the program's id and tag before the attach — so a loader killed
     anywhere leaves a record; :func:`describe_attachment` (status, doctor) reports it, and `down`
     removes what it names. ``maps_born`` tells the collector that these maps started from zero for

@@ -1,28 +1,11 @@
-"""Compile, attach, pin, reload and detach the XDP and TC egress programs — the only user of BCC.
+"""Load, reload, describe and detach-check the XDP and TC egress programs of one interface.
 
-Load once, read many: the first collector run on an interface compiles the XDP program bpf/port_flow.c
-and the TC egress program bpf/egress.c (one BCC text, one compile) with BCC,
-attaches both (XDP in the mode ``collector.xdp_mode`` picks — ``auto``: generic on virtual drivers
-such as veth, where native XDP is a copy path, native else; the egress program on a clsact
-qdisc through app/services/kernel/egress.py) and pins the programs and their maps under
-``<pin_root>/<interface>/``. Later runs only check, without any
-compiler, that the attached program is the pinned one and was built from the current source
-(the ``meta`` map holds the source hash), then read the maps through libbpf (maps.py).
-
-BCC (clang/LLVM, ~200 MB, ~4 CPU-s) runs in a SEPARATE process (``python -m app.services.kernel.xdp
-load ...``): the collector process never imports it, and BCC's LLVM cannot clash with another
-library's (importing TensorFlow and BCC into one process crashes on this platform).
-
-A changed source is reloaded on the next run without losing counts: the maps are declared
-``BPF_TABLE_PINNED``, so the new program reuses the pinned maps and their counters. Only when
-the map layout or sizes changed must the maps be recreated: the loader moves the old pins to
-``<pin_dir>/retired/`` (the old program keeps running on them), compiles (new maps), and the
-caller closes a last round from the retired maps after the swap, so nothing is lost there either.
-
-Fail closed: before the new program is attached (the attach swaps programs atomically) the
-loader writes the ledger's active entries (``prefill``, from the caller) into the blacklist map
-the new program consults (:func:`prefill_blacklist`), so no packet of a blocked source passes.
-It records each step in the pin record BEFORE taking it (app/services/kernel/pin_owner.py).
+Load once, read many: the first run on an interface compiles bpf/port_flow.c and bpf/egress.c (one BCC
+text) in a separate loader process (app/services/kernel/xdp_loader.py; BCC never enters this one),
+attaches both and pins programs and maps under ``<pin_root>/<interface>/``; later runs only check,
+without a compiler, that the attached program is the pinned one built from the current source
+(:func:`ensure_loaded`), then read the maps through libbpf (maps.py). Imported by the collector,
+teardown, replay and ops; imports only app.errors, app.resources and kernel modules.
 """
 from __future__ import annotations
 
@@ -33,7 +16,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -55,9 +37,6 @@ BPF_DIR = resources.BPF_DIR
 SOURCES = (BPF_DIR / "port_flow.c", BPF_DIR / "egress.c")
 SOURCE = SOURCES[0]
 HEADERS = (BPF_DIR / "parse.h", BPF_DIR / "common.h")
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
-MODE_NUMBERS = {"native": 1, "generic": 2}
 
 
 @dataclass
@@ -220,8 +199,16 @@ def _reattach_egress(interface: str, pdir: Path) -> None:
 def ensure_loaded(settings, interface: str, prefill: Callable[[], list[str]] | None = None) -> LoadState:
     """Make sure our current program is attached to ``interface`` with maps pinned; compile only if not.
 
-    prefill(): the CIDRs the blacklist map must hold before a (re)loaded program is attached. When
-    the maps were recreated, ``LoadState.retired`` names the old maps' directory (see module doc).
+    XDP goes in the mode ``collector.xdp_mode`` picks (``auto``: generic on virtual drivers such as veth,
+    where native XDP is a copy path, native else), the egress program on a clsact qdisc (egress.py).
+    A changed source is reloaded without losing counts: the maps are ``BPF_TABLE_PINNED``, so the new
+    program reuses them. Only a changed map layout or size recreates them: the loader moves the old pins
+    to ``<pin_dir>/retired/`` (the old program keeps running on them) and the caller closes a last round
+    from them after the swap (``LoadState.retired`` names that directory).
+
+    Fail closed: prefill() gives the CIDRs the blacklist map must hold before a (re)loaded program is
+    attached (the attach swaps programs atomically), so no packet of a blocked source passes; the loader
+    records each step in the pin record BEFORE taking it (pin_owner.py).
     """
     if os.geteuid() != 0:
         raise NeedsRootError("portwatch needs root to load and read XDP programs: run it with sudo")
@@ -263,7 +250,7 @@ def ensure_loaded(settings, interface: str, prefill: Callable[[], list[str]] | N
 
 def run_loader(settings, interface: str, pdir: Path, recreate: bool = False, prefill: list[str] = ()) -> dict:
     """Run the BCC loader in its own process; return its JSON result. ``prefill``: CIDRs (stdin, JSON)."""
-    cmd = [sys.executable, "-m", "app.services.kernel.xdp", "load", "--interface", interface, "--pin-dir", str(pdir),
+    cmd = [sys.executable, "-m", "app.services.kernel.xdp_loader", "load", "--interface", interface, "--pin-dir", str(pdir),
            "--mode", settings.collector.xdp_mode, "--hash", source_hash(settings)]
     if recreate:
         cmd.append("--recreate")
@@ -282,154 +269,3 @@ def run_loader(settings, interface: str, pdir: Path, recreate: bool = False, pre
             raise DependencyError(msg)
         raise BpfError(msg)
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-# --- the loader process ---------------------------------------------------------------------
-
-def bcc_modules():
-    """(BPF, libbcc) of BCC — imported only here, in a loader process; DependencyError when absent."""
-    try:
-        from bcc import BPF  # Debian's python3-bpfcc, seen through --system-site-packages
-        from bcc.libbcc import lib as libbcc
-    except ImportError:
-        raise DependencyError("the BCC Python module is missing: install python3-bpfcc (make setup does)") from None
-    build = Path(f"/lib/modules/{os.uname().release}/build")
-    if not build.exists() and not os.environ.get("BCC_KERNEL_SOURCE"):
-        raise DependencyError(f"no kernel headers at {build}: run make setup (it links the distribution's headers)")
-    return BPF, libbcc
-
-
-def compile_programs(BPF, pdir: Path, flags: list[str]):
-    """Compile both programs as ONE BCC text, maps pinned under ``pdir``: (bpf, xdp function, egress function)."""
-    cflags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{pdir}"', "-w", *flags]
-    try:
-        bpf = BPF(text="\n".join(p.read_text() for p in SOURCES).encode(), cflags=cflags)
-        return bpf, bpf.load_func(b"xdp_port_flow", BPF.XDP), bpf.load_func(b"tc_egress", BPF.SCHED_CLS)
-    except Exception as exc:
-        raise BpfError(f"the XDP program failed to compile or load ({exc}): the compiler output is in the log; `python -m app doctor` checks headers and BPF support") from None
-
-
-def _load(interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str], recreate: bool,
-          prefill: list[str] = ()) -> dict:
-    BPF, libbcc = bcc_modules()
-    pdir.mkdir(parents=True, exist_ok=True)
-    old = read_meta(pdir)       # before a recreate retires it: whether portwatch added the clsact qdisc
-    pin_owner.record_load(pdir, "compiling")
-    if recreate:
-        retire_pins(pdir)
-    try:
-        return _build_and_attach(BPF, libbcc, interface, pdir, mode, want_hash, flags, recreate, prefill, old)
-    except BaseException:
-        if recreate and retired_still_attached(interface, pdir):
-            restore_pins(pdir)           # the old program never stopped: put its pins back
-        raise
-
-
-def _build_and_attach(BPF, libbcc, interface: str, pdir: Path, mode: str, want_hash: str, flags: list[str],
-                      recreate: bool, prefill: list[str], old: PwMeta | None) -> dict:
-    """Compile (maps reused or created), prefill the blacklist, pin and record the program, attach."""
-    unborn = {name for name in MAP_LAYOUT if not (pdir / name).exists()}
-    started = time.process_time() + _children_cpu()
-    t0 = time.monotonic()
-    bpf, fn, eg_fn = compile_programs(BPF, pdir, flags)
-    compile_seconds = time.monotonic() - t0
-    prefilled = prefill_blacklist(pdir, prefill)
-    born = {}
-    for name in sorted(unborn):
-        with maps.PinnedMap(pdir / name) as m:
-            born[name] = m.info.id
-    prog_pin = pdir / "prog"
-    prog_pin.unlink(missing_ok=True)
-    if libbcc.bpf_obj_pin(fn.fd, str(prog_pin).encode()) != 0:       # pinned first: it is never unrecorded
-        raise BpfError(f"cannot pin the program at {prog_pin}")
-    identity = maps.prog_info(prog_pin)
-    if born:
-        pin_owner.note_born(pdir, born.values())
-    pin_owner.record_load(pdir, "attaching", program_id=identity.id, program_tag=bytes(identity.tag).hex(),
-                          retired=recreate)
-    attached = attached_program(interface)
-    flag_of = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
-    if mode == "auto":
-        wanted = [flag_of[m] for m in egress.auto_modes(interface)[0]]
-    elif mode in flag_of:
-        wanted = [flag_of[mode]]
-    else:
-        raise UsageError(f"xdp_mode must be auto, native or generic, not {mode!r}")
-    used, last_err = None, None
-    for flag in wanted:
-        want_mode = "native" if flag == XDP_FLAGS_DRV_MODE else "generic"
-        if attached and attached[1] != want_mode:
-            # the kernel refuses to switch modes in place: detach the other mode first
-            subprocess.run(["ip", "link", "set", "dev", interface,
-                            "xdpgeneric" if attached[1] == "generic" else "xdpdrv", "off"], capture_output=True)
-            attached = None
-        try:
-            bpf.attach_xdp(interface, fn, flag)
-            used = want_mode
-            break
-        except Exception as exc:  # BCC raises plain Exception
-            last_err = exc
-    if used is None:
-        raise BpfError(f"cannot attach XDP to {interface} ({last_err})")
-    now = attached_program(interface)
-    program_id = now[0] if now else 0
-    eg_pin = pdir / egress.PROG_PIN
-    eg_pin.unlink(missing_ok=True)
-    if libbcc.bpf_obj_pin(eg_fn.fd, str(eg_pin).encode()) != 0:
-        raise BpfError(f"cannot pin the egress program at {eg_pin}")
-    eg_id, clsact_added = egress.attach(interface, pdir)
-    meta = PwMeta()
-    meta.egress_program_id = eg_id
-    # portwatch added the qdisc now, or an earlier load of ours did (kept across reloads)
-    meta.flags = META_CLSACT_ADDED if clsact_added or (old is not None and old.flags & META_CLSACT_ADDED) else 0
-    ctypes.memmove(meta.source_hash, bytes.fromhex(want_hash), 32)
-    meta.loaded_at = int(time.time())
-    meta.program_id = program_id
-    meta.mode = MODE_NUMBERS[used]
-    with maps.PinnedMap(pdir / "meta") as m:
-        m.update(maps.INDEX_0, bytes(meta))
-    pin_owner.record_load(pdir, "attached", program_id=program_id, program_tag=bytes(identity.tag).hex(), mode=used,
-                          retired=recreate)
-    return {"mode": used, "program_id": program_id, "egress_program_id": eg_id,
-            "compile_seconds": round(compile_seconds, 3),
-            "cpu_seconds": round(time.process_time() + _children_cpu() - started, 3),
-            "maps_created": len(unborn) == len(MAP_LAYOUT), "retired": recreate, "prefilled": prefilled}
-
-
-def _children_cpu() -> float:
-    import resource
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
-def loader_main(argv: list[str] | None = None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m app.services.kernel.xdp")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    load = sub.add_parser("load", help="compile with BCC, attach, pin (prints JSON)")
-    load.add_argument("--interface", required=True)
-    load.add_argument("--pin-dir", required=True, type=Path)
-    load.add_argument("--mode", default="auto")
-    load.add_argument("--hash", required=True)
-    load.add_argument("--recreate", action="store_true")
-    load.add_argument("--flag", action="append", default=[])
-    load.add_argument("--ebpf", action="store_true", help="print the C source with its flags and exit")
-    args = parser.parse_args(argv)
-    if args.ebpf:
-        print("// cflags:", " ".join(args.flag))
-        print("\n".join(p.read_text() for p in SOURCES))
-        return 0
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    try:
-        request = json.loads(sys.stdin.read() or "{}") if not sys.stdin.isatty() else {}
-        result = _load(args.interface, args.pin_dir, args.mode, args.hash, args.flag, args.recreate,
-                       request.get("prefill", []))
-    except (BpfError, DependencyError, UsageError) as exc:
-        print(str(exc))
-        return exc.exit_code
-    print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(loader_main())

@@ -1,4 +1,4 @@
-"""The loader's fail-closed steps (a failed load never leaves the interface unprotected), apart from the compile/attach code of app/services/kernel/xdp.py.
+"""The loader's fail-closed steps (a failed load never leaves the interface unprotected), apart from the compile/attach code of app/services/kernel/xdp_loader.py.
 
     retire_pins(pdir)                  a recreate moves the running program's pins to <pdir>/retired/
     retired_still_attached(if, pdir)   did the swap happen? (no: the retired program is still attached)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from app.errors import BpfError, DependencyError
-from app.services.kernel import egress, maps, xdp
+from app.services.kernel import egress, maps, xdp, xdp_loader
 from app.services.kernel.bpf_structs import PwMeta
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,10 @@ def build_unattached(settings, pdir: Path) -> dict:
 
 def _build(pdir: Path, want_hash: str, flags: list[str]) -> dict:
     """The loader process's side of :func:`build_unattached`."""
-    BPF, libbcc = xdp.bcc_modules()
+    BPF, libbcc = xdp_loader.bcc_modules()
     pdir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    _bpf, xdp_fn, eg_fn = xdp.compile_programs(BPF, pdir, flags)
+    _bpf, xdp_fn, eg_fn = xdp_loader.compile_programs(BPF, pdir, flags)
     fns = {"prog": xdp_fn, egress.PROG_PIN: eg_fn}
     for name, fn in fns.items():
         if libbcc.bpf_obj_pin(fn.fd, str(pdir / name).encode()) != 0:

@@ -1,4 +1,4 @@
-"""Issue 10, fail closed and exact on every path — real XDP in network namespaces, real SQLite files.
+"""Fail closed and exact on every path — real XDP in network namespaces, real SQLite files.
 
 Each test counts packets exactly: at a UDP sink behind XDP (what passed), in the pinned maps (what the
 kernel counted) and in the database (what was stored). Where a file is claimed unchanged, its sha256 is
@@ -261,7 +261,7 @@ def test_down_mid_stream_stores_every_packet_counted_before_the_detach(lab, tmp_
 
 @pytest.mark.kernel
 def test_down_then_collect_counts_exactly(lab, tmp_path, pin_root):
-    """The issue's case: `down` then `collect` lost 2,000 of 3,500 packets to a stale snapshot."""
+    """`down` then `collect` once lost 2,000 of 3,500 packets to a stale snapshot: every packet is counted once."""
     s = blocklist_settings(tmp_path, pin_root)
     collect(s, lab)
     src = lab.host_v4(1)
@@ -279,7 +279,7 @@ def test_down_then_collect_counts_exactly(lab, tmp_path, pin_root):
 
 def _load_cmd(s, interface):
     pdir = Path(s.general.pin_root) / interface
-    return [sys.executable, "-m", "app.services.kernel.xdp", "load", "--interface", interface, "--pin-dir", str(pdir),
+    return [sys.executable, "-m", "app.services.kernel.xdp_loader", "load", "--interface", interface, "--pin-dir", str(pdir),
             "--mode", s.collector.xdp_mode, "--hash", xdp.source_hash(s),
             *("--flag=" + f for f in xdp.build_flags(s))]
 

@@ -10,7 +10,7 @@ import pytest
 
 from app.errors import UsageError
 from app.services.collector import teardown
-from app.services.kernel import bpf_structs, egress, maps, xdp
+from app.services.kernel import bpf_structs, egress, maps, xdp, xdp_loader
 from app.services.kernel.attachment import XDP_MODE_NAMES
 from tests.helpers import make_settings
 
@@ -44,7 +44,7 @@ def test_interface_names_are_checked_with_one_sentence():
 
 
 def test_ebpf_flag_prints_the_program_with_its_flags(capsys):
-    assert xdp.loader_main(["load", "--interface", "lo", "--pin-dir", "/nonexistent", "--hash", "0" * 64,
+    assert xdp_loader.loader_main(["load", "--interface", "lo", "--pin-dir", "/nonexistent", "--hash", "0" * 64,
                             "--flag=-DFLOW_MAP_SIZE=8", "--ebpf"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("// cflags: -DFLOW_MAP_SIZE=8\n")
