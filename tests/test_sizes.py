@@ -11,11 +11,8 @@ MAX_MODULE_LINES = 400
 # not split yet: a ceiling of the size when this list was made plus a little room (5 lines a function,
 # 10 a module) for work in flight; split one and take it off the list
 FUNCTIONS_OVER = {
-    "app/commands/install_cron.py:run": 77,
 }
 MODULES_OVER = {
-    "app/services/ops/reports/facts.py": 431,
-    "app/services/ops/reports/figures.py": 411,
 }
 
 

@@ -317,22 +317,7 @@ def run(args, settings) -> int:
     if not (python.is_file() and os.access(python, os.X_OK)):
         raise UsageError(f"{python} is not an executable python: run make setup or pass --python")
     env = carried_environment()
-    files: dict[Path, str] = {}
-    if args.systemd:
-        files.update({unit_dir / name: text for name, text in unit_files(the_jobs, REPO_ROOT, log_dir, env).items()})
-        if args.fleet_node:
-            problems = settings.fleet.problems("node")       # a node that cannot start would restart forever
-            if problems:
-                raise UsageError(f"cannot install the fleet node: {'; '.join(problems)}")
-            files[unit_dir / FLEET_NODE_UNIT] = fleet_node_unit(python, REPO_ROOT, settings.general.db,
-                                                                settings.config_path, log_dir, env)
-    else:
-        if not cron_file.parent.is_dir():
-            raise UsageError(f"directory {cron_file.parent} does not exist: install cron (apt-get install cron) "
-                             "or choose another --cron-file")
-        files[cron_file] = render(the_jobs, REPO_ROOT, log_dir, args.user, env)
-    if rotate:
-        files[rotate] = logrotate_text(log_dir, settings.general.group)
+    files = _files(args, settings, the_jobs, python, cron_file, unit_dir, rotate, log_dir, env)
     if args.dry_run:
         for path, text in files.items():
             print(f"# would write {path}")
@@ -349,6 +334,38 @@ def run(args, settings) -> int:
         raise NeedsRootError(f"cannot create {exc.filename or log_dir}: run install-cron as root (sudo)") from None
     for path, text in files.items():
         _write(path, text)
+    _print_installed(args, settings, the_jobs, python, cron_file, unit_dir, rotate, log_dir, env)
+    return 0
+
+
+def _files(args, settings, the_jobs: list[Job], python: Path, cron_file: Path, unit_dir: Path, rotate: Path | None,
+           log_dir: Path, env: dict[str, str]) -> dict[Path, str]:
+    """Path -> text of every file to install: the systemd units (and the fleet node's) or the cron file,
+    and the logrotate file. UsageError when the fleet node's settings are invalid or cron is missing."""
+    from app.config import REPO_ROOT
+    from app.errors import UsageError
+    files: dict[Path, str] = {}
+    if args.systemd:
+        files.update({unit_dir / name: text for name, text in unit_files(the_jobs, REPO_ROOT, log_dir, env).items()})
+        if args.fleet_node:
+            problems = settings.fleet.problems("node")       # a node that cannot start would restart forever
+            if problems:
+                raise UsageError(f"cannot install the fleet node: {'; '.join(problems)}")
+            files[unit_dir / FLEET_NODE_UNIT] = fleet_node_unit(python, REPO_ROOT, settings.general.db,
+                                                                settings.config_path, log_dir, env)
+    else:
+        if not cron_file.parent.is_dir():
+            raise UsageError(f"directory {cron_file.parent} does not exist: install cron (apt-get install cron) "
+                             "or choose another --cron-file")
+        files[cron_file] = render(the_jobs, REPO_ROOT, log_dir, args.user, env)
+    if rotate:
+        files[rotate] = logrotate_text(log_dir, settings.general.group)
+    return files
+
+
+def _print_installed(args, settings, the_jobs: list[Job], python: Path, cron_file: Path, unit_dir: Path,
+                     rotate: Path | None, log_dir: Path, env: dict[str, str]) -> None:
+    """What was written and carried, and how to enable it."""
     carried = [f"database {settings.general.db}"] + ([f"config {settings.config_path}"] if settings.config_path else []) \
         + [f"interface {settings.general.interface or 'the default-route one'}"] \
         + ([counted(len(env), "PORTWATCH_* setting")] if env else [])
@@ -362,4 +379,3 @@ def run(args, settings) -> int:
     elif settings.fleet.superlink:
         print(f"fleet.superlink is set: the fleet node is a daemon, not a cron job; install it as a service with "
               f"install-cron --systemd --fleet-node ({FLEET_NODE_UNIT})")
-    return 0

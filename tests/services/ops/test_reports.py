@@ -297,7 +297,7 @@ def test_reconstruction_figure_draws_the_error_per_round_against_each_versions_t
     """The figure's lines are the stored model_round_errors rows: the worst and median port per round,
     and one threshold step line per model version, from its first judged round on."""
     from app.db import evaluations as dbe
-    from app.services.ops.reports import figures
+    from app.services.ops.reports import figures, model_figures
     db = tmp_path / "ports.db"
     ids = fill_database(db, end=time.time() - 60, rounds=60)
     rounds, (e1, e2) = ids["rounds"], ids["evaluations"]
@@ -318,7 +318,7 @@ def test_reconstruction_figure_draws_the_error_per_round_against_each_versions_t
 
     drawn_figures = []
     monkeypatch.setattr(figures.Painter, "save", lambda self, fig, name: drawn_figures.append((name, fig)))
-    drawn = figures.draw_reconstruction(figures.Painter(tmp_path), model)
+    drawn = model_figures.draw_reconstruction(figures.Painter(tmp_path), model)
     assert "60 judged rounds by 2 model versions" in drawn.caption
     (name, fig), = drawn_figures
     lines = {line.get_label(): line for line in fig.axes[0].get_lines()}

@@ -44,7 +44,7 @@ from app.errors import PortwatchError
 from app.services.evaluation.model_versions import threshold_history
 from app.services.files import atomic_write
 from app.services.ports import port_label
-from app.services.ops.reports import drops, facts, figures, outbound
+from app.services.ops.reports import drops, facts, figures, model_figures, outbound
 from app.services.ops.reports.facts import fmt_time
 from app.services.ops.reports.figures import Drawn
 from app.services.text import inert, json_dumps
@@ -214,10 +214,10 @@ def _build(conn, out: Path, since: float | None, top_ports: int, max_anomaly_fig
         steps.append((f"port {what}",
                       lambda port=port: figures.draw_port(painter, facts.load_port(conn, since, port, entries))))
     steps.append(("reconstruction error",
-                  lambda: figures.draw_reconstruction(painter, facts.load_model_scores(conn, since))))
+                  lambda: model_figures.draw_reconstruction(painter, facts.load_model_scores(conn, since))))
     for anomaly in contents.model_anomalies:
         steps.append((f"contributions of anomaly #{anomaly.id}",
-                      lambda anomaly=anomaly: figures.draw_contributions(painter, anomaly)))
+                      lambda anomaly=anomaly: model_figures.draw_contributions(painter, anomaly)))
     steps.append(("blocklist", lambda: figures.draw_blocklist(painter, drops.load_blocklist(conn, since, now))))
     occupancy = facts.load_occupancy(conn, since)
     steps.append(("occupancy", lambda: figures.draw_occupancy(painter, occupancy)))
