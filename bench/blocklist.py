@@ -1,4 +1,4 @@
-"""Blocklist benchmarks (issue 4), measured side by side in one run, printed as ratio tables.
+"""Blocklist benchmarks, measured side by side in one run, printed as ratio tables.
 
 1. Packets per second the RECEIVING side disposes of from a blocked source on the same lab veth
    end, by filter: portwatch's XDP blacklist (LPM trie, 1,000 entries), no filter (portwatch's

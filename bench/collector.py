@@ -1,4 +1,4 @@
-"""Collector benchmarks (issue 2), measured side by side in one run, printed as ratio tables.
+"""Collector benchmarks, measured side by side in one run, printed as ratio tables.
 
 1. XDP program cost per packet with BPF_PROG_TEST_RUN (`bpftool prog run ... repeat N`) for a
    few frame kinds, with counters and the blacklist lookup (target <= 200 ns).

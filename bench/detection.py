@@ -1,4 +1,4 @@
-"""Detection quality (issue 3): the CNN-LSTM autoencoder beside an IsolationForest and a per-port
+"""Detection quality: the CNN-LSTM autoencoder beside an IsolationForest and a per-port
 z-score baseline, on the same windows of one generated scenario set, in one table.
 
 Scenario (tests/services/evaluation/synthetic.py, seeded): 200 benign ports (log-uniform rates, a daily-like

@@ -1,4 +1,4 @@
-"""Egress benchmarks (issue 12), measured side by side in one run, printed as ratio tables.
+"""Egress benchmarks, measured side by side in one run, printed as ratio tables.
 
 1. The TC egress program's cost per packet with BPF_PROG_TEST_RUN (`bpftool prog run ... repeat N`)
    next to the XDP program's for the same frames.

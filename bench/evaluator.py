@@ -1,4 +1,4 @@
-"""Evaluator benchmark (issue 3): wall time and peak RSS of `python -m app evaluate` for 1,000 active
+"""Evaluator benchmark: wall time and peak RSS of `python -m app evaluate` for 1,000 active
 ports × 60 rounds, TensorFlow import included, each run a fresh process (peak RSS from wait4).
 
 Two runs on one synthetic store (tests/services/evaluation/synthetic.py, written through the real schema):

@@ -1,4 +1,4 @@
-"""Fleet benchmarks (issue 13), measured side by side in one run, printed as a ratio table.
+"""Fleet benchmarks, measured side by side in one run, printed as a ratio table.
 
 The CrowdSec pull's cost per collector round: a real collector round (XDP on a lab veth, no sniffer,
 no scanner) with no CrowdSec configured, against rounds synced with a real LAPI (Debian's

@@ -1,29 +1,9 @@
 """`python -m app install-cron [--systemd] [--uninstall] [--interface IF] [--dry-run] ...`: schedule portwatch.
 
-Writes a system crontab (default /etc/cron.d/portwatch, the format with a user field), or with
---systemd three service + timer unit pairs (default into /etc/systemd/system; nothing is enabled:
-the command to do it is printed), and a logrotate file for the logs (default
-/etc/logrotate.d/portwatch). Every job runs with the venv's absolute python and carries what
-install-cron was run with: the database (--db), the config file (--config), the interface
-(--interface / general.interface, for the collector) and the PORTWATCH_* settings in its
-environment, so the scheduled jobs watch what the person who installed them was watching. Jobs log
-to <log-dir>/{collector,evaluator,cleanup}.log under a root-only umask (0700 directory, or 0750 for
-general.group). Each job takes its own lock in general.run_dir (app/services/locks.py): a run still
-busy makes the next one exit 6 with one line in its log instead of overlapping it.
-
-  every minute   app/port_collector.py --round-seconds 50   (rounds are differences since the
-                 previous read, so the 10 s the run does not sleep are counted in the next round)
-  hourly (:07)   app/port_detector.py                       (one evaluation; writes the report)
-  daily (03:23)  python -m app cleanup                       (retention.keep_days)
-
-  --fleet-node   (with --systemd) portwatch-fleet-node.service: `python -m app fleet node`, this host's
-                 Flower SuperNode, a long-running service (Restart=on-failure), not a timer. A node is a
-                 daemon, not a cron job: without --systemd --fleet-node is refused with that advice.
-
-The jobs need root (XDP, pinned maps, process owners): --user must name a uid-0 account.
---uninstall removes what an install wrote (the crontab or the units, and the logrotate file).
-crontab.example at the repository root holds the same entries for a user crontab;
-contrib/logrotate/portwatch the logrotate file for the default log directory.
+Writes a system crontab (default /etc/cron.d/portwatch), or with --systemd three service + timer unit
+pairs (nothing is enabled: the command is printed), and a logrotate file; every job carries the database,
+config file, interface and PORTWATCH_* settings install-cron was run with (README: Scheduling with
+cron; the jobs and their times: :func:`jobs`). The jobs need root: --user must name a uid-0 account.
 Exit codes: 0 written, removed (or printed); 2 bad user, path or file name; 3 not allowed to write it.
 """
 from __future__ import annotations
@@ -87,7 +67,22 @@ def carried_environment(environ=None) -> dict[str, str]:
 
 
 def jobs(python: Path, root: Path, db: str, config: str | None, interface: str | None) -> list[Job]:
-    """The three jobs with every path absolute."""
+    """The three jobs with every path absolute:
+
+    every minute   app/port_collector.py --round-seconds 50   (rounds are differences since the
+                   previous read, so the 10 s the run does not sleep are counted in the next round)
+    hourly (:07)   app/port_detector.py                       (one evaluation; writes the report)
+    daily (03:23)  python -m app cleanup                       (retention.keep_days)
+
+    --fleet-node   (with --systemd) portwatch-fleet-node.service: `python -m app fleet node`, this host's
+                   Flower SuperNode, a long-running service (Restart=on-failure), not a timer. A node is a
+                   daemon, not a cron job: without --systemd --fleet-node is refused with that advice.
+
+    Each logs to <log-dir>/{collector,evaluator,cleanup}.log under a root-only umask (0700 directory, or
+    0750 for general.group) and takes its own lock in general.run_dir (app/services/locks.py): a run
+    still busy makes the next one exit 6 with one line in its log instead of overlapping it.
+    --uninstall removes what an install wrote; crontab.example holds the same entries for a user
+    crontab, contrib/logrotate/portwatch the logrotate file for the default log directory."""
     common = ["--db", str(Path(db).absolute())] + (["--config", str(Path(config).absolute())] if config else [])
     collector = [str(python), str(root / "app" / "port_collector.py"), *common]
     if interface:

@@ -83,7 +83,7 @@ def test_version_1_database_is_migrated_with_its_rows_kept(tmp_path, with_blockl
 
 
 def test_migration_4_gives_an_old_database_the_allowlist_and_anomalies_updated_at(tmp_path):
-    """The migrated schema of the issue-11 tables equals a fresh one's (init.sql and MIGRATIONS agree)."""
+    """The migrated schema of the allowlist and anomalies tables equals a fresh one's (init.sql and MIGRATIONS agree)."""
     def shape(conn):
         return {t: [(r[1], r[2]) for r in conn.execute(f"PRAGMA table_info({t})")]
                 for t in ("allowlist", "anomalies", "v_recent_anomalies")}

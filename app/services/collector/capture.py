@@ -1,34 +1,7 @@
 """dumpcap | tshark under pyshark, run so that nothing outlives a capture (the sniffer's process side).
 
-How the capture is run, and the pyshark traps it avoids (pyshark 0.6, pinned):
-
-- **Bounded window.** ``sniff(timeout=...)`` followed by iterating the capture starts a second,
-  endless capture; ``apply_on_packets(timeout=...)`` loses what tshark held back. Neither is used:
-  :meth:`Sniffer.run` reads tshark's stdout itself with its own monotonic deadline, then stops
-  dumpcap (SIGTERM), so tshark sees the end of its input, flushes, prints the closing ``]`` and
-  exits; the stream is drained for at most ``drain_seconds``, then every process left is killed.
-  A run returns within ``window_seconds + drain_seconds + ~2 s`` (process reaping), whatever
-  tshark does. The stop is immediate: packets the kernel still held for dumpcap at that instant
-  (milliseconds' worth) are not in the sample. ``max_packets`` is also passed as ``tshark -c``,
-  so tshark stops by itself there.
-- **JSON holds back the last packet.** pyshark's JSON framing emits a packet when it sees the
-  next one's separator; the drain above lets tshark write the final ``}]``, so the last packet
-  of the window is kept, not lost.
-- **JSON, fields only.** ``use_json=True`` (about 10x faster than pyshark's XML) plus tshark
-  ``-e`` field selection: tshark prints only the ~20 fields below instead of every layer, and
-  Python only ``json.loads`` a small dict per packet (no pyshark ``Packet``/``JsonLayer``
-  objects). ``include_raw`` stays False.
-- **Temp files.** tshark reading a pipe (pyshark's ``-i -``) runs its own dumpcap, which writes
-  a ``wireshark_*.pcapng`` temp file, left in /tmp whenever tshark is killed. Every capture gets
-  a private ``tempfile.mkdtemp`` directory (``--temp-dir`` and ``TMPDIR``), removed afterwards.
-- **No orphans.** dumpcap and tshark each start in their own session (process group); the group
-  is killed at the end, which takes tshark's dumpcap child with it. pyshark 0.6 also leaks both
-  ends of the dumpcap -> tshark pipe in the parent (so tshark would never see EOF); they are
-  closed here right after each spawn. Each run has its own asyncio event loop, closed at the end,
-  so the sniffer can run in any thread.
-- **Odd packets.** A packet tshark could only partly dissect is kept with what it gave (a bad
-  IPv4 header: ``protocols='eth:ethertype:ip'``, no addresses); one whose JSON or fields cannot
-  be turned into a record is skipped and counted (``SniffResult.skipped``).
+:class:`PrivateLiveCapture` and the pyshark traps it avoids (pyshark 0.6, pinned). Imported only by
+app/services/collector/sniffer.py when a capture starts, so pyshark loads only where a sniffer runs.
 """
 from __future__ import annotations
 
@@ -48,7 +21,38 @@ REAP_SECONDS = 2.0             # wait for a killed process to be reaped
 
 class PrivateLiveCapture(LiveCapture):
     """A pyshark LiveCapture whose dumpcap and tshark run in their own sessions with a private temp
-    directory (``temp_dir``), with the parent's pipe ends closed; keyword arguments as LiveCapture's."""
+    directory (``temp_dir``), with the parent's pipe ends closed; keyword arguments as LiveCapture's.
+
+    How the capture is run, and the pyshark traps it avoids:
+
+    - **Bounded window.** ``sniff(timeout=...)`` followed by iterating the capture starts a second,
+      endless capture; ``apply_on_packets(timeout=...)`` loses what tshark held back. Neither is used:
+      :meth:`Sniffer.run` reads tshark's stdout itself with its own monotonic deadline, then stops
+      dumpcap (SIGTERM), so tshark sees the end of its input, flushes, prints the closing ``]`` and
+      exits; the stream is drained for at most ``drain_seconds``, then every process left is killed.
+      A run returns within ``window_seconds + drain_seconds + ~2 s`` (process reaping), whatever
+      tshark does. The stop is immediate: packets the kernel still held for dumpcap at that instant
+      (milliseconds' worth) are not in the sample. ``max_packets`` is also passed as ``tshark -c``,
+      so tshark stops by itself there.
+    - **JSON holds back the last packet.** pyshark's JSON framing emits a packet when it sees the
+      next one's separator; the drain above lets tshark write the final ``}]``, so the last packet
+      of the window is kept, not lost.
+    - **JSON, fields only.** ``use_json=True`` (about 10x faster than pyshark's XML) plus tshark
+      ``-e`` field selection: tshark prints only the ~20 fields below instead of every layer, and
+      Python only ``json.loads`` a small dict per packet (no pyshark ``Packet``/``JsonLayer``
+      objects). ``include_raw`` stays False.
+    - **Temp files.** tshark reading a pipe (pyshark's ``-i -``) runs its own dumpcap, which writes
+      a ``wireshark_*.pcapng`` temp file, left in /tmp whenever tshark is killed. Every capture gets
+      a private ``tempfile.mkdtemp`` directory (``--temp-dir`` and ``TMPDIR``), removed afterwards.
+    - **No orphans.** dumpcap and tshark each start in their own session (process group); the group
+      is killed at the end, which takes tshark's dumpcap child with it. pyshark 0.6 also leaks both
+      ends of the dumpcap -> tshark pipe in the parent (so tshark would never see EOF); they are
+      closed here right after each spawn. Each run has its own asyncio event loop, closed at the end,
+      so the sniffer can run in any thread.
+    - **Odd packets.** A packet tshark could only partly dissect is kept with what it gave (a bad
+      IPv4 header: ``protocols='eth:ethertype:ip'``, no addresses); one whose JSON or fields cannot
+      be turned into a record is skipped and counted (``SniffResult.skipped``).
+    """
 
     def __init__(self, *, temp_dir: str, **kw):
         super().__init__(use_json=True, include_raw=False, **kw)

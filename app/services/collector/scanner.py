@@ -1,36 +1,9 @@
-"""Port occupancy: which local TCP/UDP ports are held, by which process and user.
+"""Port occupancy: which local TCP/UDP ports are held, by which process and user (psutil style:
+``Scanner().scan()`` -> [Listener], ``merge_scans``, ``listening_ports``).
 
-Read from the kernel's socket tables through psutil (``/proc/net/{tcp,tcp6,udp,udp6}`` plus the
-``/proc/<pid>/fd`` inode -> pid mapping), never by binding ports (slow, racy, and wrong for ports
-only root may bind). Covers the network namespace the caller runs in.
-
-API (named tuples, psutil style)::
-
-    Scanner().scan()          -> [Listener(port, protocol, address, family, state, pid, process,
-                                           user, established), ...]
-    merge_scans(a, b)         -> [Listener, ...]   union of two scans of one round
-    listening_ports(scan)     -> {(port, protocol), ...}   for app.services.ports.fold_port
-
-What counts as occupied:
-
-- TCP sockets in state LISTEN (``state='LISTEN'``);
-- UDP sockets with a local address and no remote address (``state='BOUND'``). A *connected* UDP
-  socket (a resolver's or QUIC client's) is a client, like an ESTABLISHED TCP client socket, and
-  is not listed.
-
-``established`` counts the ESTABLISHED TCP connections whose local port and family are the
-listener's and whose local address it covers (the same address, or the wildcard ``0.0.0.0`` /
-``::``; IPv4 clients of a dual-stack ``::`` socket appear as IPv6 ``::ffff:a.b.c.d`` and count
-there). It is a per-port-and-address count: several SO_REUSEPORT listeners on one port each
-report the same number.
-
-One socket shared by forked workers (nginx, gunicorn) appears once per process in the kernel's
-tables; rows with the same (protocol, family, address, port, process name, user) are folded
-into one row with the lowest pid (usually the parent). Distinct programs keep distinct rows.
-
-Cost: one ``psutil.net_connections`` call (it walks every process's fd table; as root ~10-50 ms
-on a busy host) plus one name/username lookup per distinct pid, cached for the Scanner's life.
-A pid whose process vanished or is not readable gets process/user None, pid kept.
+Read from the kernel's socket tables through psutil, never by binding ports (slow, racy, and wrong for
+ports only root may bind), in the caller's network namespace. Imported by the scanner thread, the
+collector's round and replay; imports only psutil.
 """
 from __future__ import annotations
 
@@ -58,6 +31,11 @@ class Listener(NamedTuple):
     sockets, another pid namespace); process: process name (``/proc/<pid>/comm``) or None;
     user: owner's user name (or uid as text when it has no name) or None; established:
     ESTABLISHED TCP connections on that port and address (0 for UDP).
+
+    ``established`` counts the connections whose local port and family are the listener's and whose
+    local address it covers (the same address, or the wildcard ``0.0.0.0`` / ``::``; IPv4 clients of a
+    dual-stack ``::`` socket appear as IPv6 ``::ffff:a.b.c.d`` and count there): a per-port-and-address
+    count, so several SO_REUSEPORT listeners on one port each report the same number.
     """
 
     port: int
@@ -86,7 +64,20 @@ class Scanner:
 
     def scan(self) -> list[Listener]:
         """Every listening TCP and bound UDP socket, IPv4 and IPv6, sorted by (protocol, port,
-        family, address, pid). Needs root to see other users' processes (pid None otherwise)."""
+        family, address, pid). Needs root to see other users' processes (pid None otherwise).
+
+        Occupied: TCP sockets in state LISTEN (``state='LISTEN'``); UDP sockets with a local address and
+        no remote address (``state='BOUND'``). A *connected* UDP socket (a resolver's or QUIC client's)
+        is a client, like an ESTABLISHED TCP client socket, and is not listed.
+
+        One socket shared by forked workers (nginx, gunicorn) appears once per process in the kernel's
+        tables; rows with the same (protocol, family, address, port, process name, user) are folded
+        into one row with the lowest pid (usually the parent). Distinct programs keep distinct rows.
+
+        Cost: one ``psutil.net_connections`` call (it walks every process's fd table: ``/proc/net/*``
+        plus the ``/proc/<pid>/fd`` inode -> pid mapping; as root ~10-50 ms on a busy host) plus one
+        name/username lookup per distinct pid, cached for the Scanner's life. A pid whose process
+        vanished or is not readable gets process/user None, pid kept."""
         connections = psutil.net_connections(kind="inet")
         sockets: list = []
         established: list = []

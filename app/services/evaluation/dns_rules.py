@@ -1,40 +1,7 @@
-"""DNS tunnelling, from the sniffer's DNS names: a pure function of the loaded batch.
-
-Both directions the sniffer sees: a remote client asking this host's resolver, and this host (or a
-client behind it) asking a resolver. Per (client, registered domain) over the batch rounds:
-
-  queries          questions the client asked under that domain (rows with a name and no response)
-  query_rate       queries per minute of the batch rounds' time
-  mean_name_length mean query name length (characters)
-  label_entropy    mean Shannon entropy of the subdomain part (the labels left of the registered
-                   domain, dots removed), bits per character
-  subdomains       distinct query names under the domain
-  record_types     {type name: count}; odd_type_share: TXT/NULL/CNAME questions / queries
-  nxdomain_share   NXDOMAIN responses / responses to that client for that domain (None without responses)
-
-A (client, domain) is flagged with >= dns_min_queries queries naming >= dns_min_subdomains distinct
-names, and at least dns_min_signals of four signals: mean_name_length >= dns_name_length,
-label_entropy >= dns_label_entropy, odd_type_share >= dns_record_type_share, nxdomain_share >=
-dns_nxdomain_share. Ordinary browsing asks many domains a few names each (below the volume gate);
-a CDN's long hashed names are one signal, not two. One finding per (client, domain), naming both;
-score = signals met, threshold = dns_min_signals. It alerts; it never blocks.
-
-Per (client, server address) too: a tunnel straight to its own server (dnscat2's direct mode,
-``dnscat.<hex>.<hex>``) needs no registered domain, so each name's "registered domain" is its own last
-two random labels and no domain ever reaches the volume gate. The questions whose names end in no
-known public suffix (an unknown top-level label) and whose (client, domain) did not reach the volume
-gate on its own are one conversation per (client, server): judged by the same gates and signals, the
-entropy taken over every label left of the unknown top-level one (there is no domain to strip). One finding per (client, server),
-domain None. A name whose random last label happens to be a real top-level label (``.be``, ``.cd``)
-stays with the per-domain view, where it counts alone.
-
-Registered domain: the Public Suffix List as shipped inside the ``publicsuffixlist`` package
-(offline: it never fetches) - ``a.b.example.co.uk`` -> ``example.co.uk``; a name under an unknown
-top-level label (``.test``, ``.internal``) counts its last two labels, as the list's default rule does.
-
-``details`` keys (stable): rule, client, domain (None when grouped by server), grouped_by ('domain' |
-'server'), resolvers [address, ...], queries, query_rate, mean_name_length, label_entropy, subdomains,
-record_types, odd_type_share, responses, nxdomain_share, signals [name, ...], examples [name, ...]
+"""DNS tunnelling (dns_tunnel), from the sniffer's DNS names: a pure function of the loaded batch, judged
+per (client, registered domain) and per (client, server address) for names under no registered domain.
+It alerts; it never blocks. Measures, gates and the stable ``details`` keys: the README's "Outbound and
+DNS rules". Called by the evaluation; registered domains from the offline ``publicsuffixlist`` package.
 """
 from __future__ import annotations
 

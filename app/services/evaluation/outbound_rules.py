@@ -1,35 +1,7 @@
-"""Rule detectors for what leaves the host: pure functions of the loaded batch.
-
-  outbound_scan  this host opening connections to >= outbound_scan_ports distinct remote ports of one
-                 address, or to >= outbound_scan_addresses distinct remote addresses, within
-                 scan_span_seconds (a compromised host or a worm); names the local process where the
-                 scanner's occupancy shows the local port the probes left from
-  (exfiltration and beaconing raise nothing until they have their baseline: app/services/evaluation/warmup.py)
-  exfiltration   bytes out to one remote address, in one round or over the batch, >= exfiltration_min_bytes
-                 and >= exfiltration_factor x its usual rate: the address's own mean bytes per round
-                 over the baseline (when it has >= exfiltration_min_history_rounds rounds there), else the
-                 host's median outbound bytes per round (baseline and batch rounds); score: that
-                 factor (the bytes themselves when the usual rate is 0), threshold: exfiltration_factor
-  beaconing      connections (distinct outbound flow starts, flows.first_seen) to one remote address at a
-                 near-constant interval: >= beacon_min_connections over >= beacon_min_rounds rounds within
-                 beacon_span_seconds, inter-arrival coefficient of variation <= beacon_max_cv and mean
-                 interval >= beacon_min_interval_seconds (remote ports in beacon_ignore_ports left out)
-
-"Opened" means host-initiated: an outbound flow whose local port was not a port this host served in
-that round (a LISTEN socket, or a bound UDP port outside the ephemeral range), or, from the per-address
-counters, min(distinct remote ports, SYNs sent) in a round (replies to a client's many ephemeral ports
-carry no SYN). Outbound findings ALERT: none of these detectors is a blocklist.rule_detectors choice,
-and nothing here blocks a destination (egress blocking is a separate switch, not built).
-
-Each finding names the remote address(es) as :class:`~app.services.evaluation.findings.Source` rows (``note``
-says 'destination'); ``details`` keys (stable: reports and alerts read them):
-  outbound_scan  kind ('ports' | 'addresses'), rule, destination, remote_ports {protocol: [port, ...]},
-                 distinct_ports | distinct_addresses, destinations [address, ...] (addresses kind),
-                 local_ports [port, ...], processes [{pid, process, port, protocol}], rounds [first, last]
-  exfiltration   rule, destination, bytes, peak_round {round_id, bytes}, rounds [first, last],
-                 usual_bytes_per_round, usual_from ('destination' | 'host'), factor, flagged_by ('round' | 'batch')
-  beaconing      rule, destination, connections, rounds_seen, interval_seconds, interval_cv,
-                 remote_ports [port, ...], first_seen, last_seen
+"""Rule detectors for what leaves the host — outbound_scan, exfiltration, beaconing: pure functions of
+the loaded batch. They ALERT (none is a blocklist.rule_detectors choice; blocking a destination is the
+separate egress switch). Gates, the meaning of "opened" and the stable ``details`` keys of each finding:
+the README's "Outbound and DNS rules". Called by the evaluation; imports the batch and findings types.
 """
 from __future__ import annotations
 

@@ -1,35 +1,8 @@
-"""portwatch in a CrowdSec fleet: an XDP bouncer of the LAPI's decisions, and a source of its own.
-
-Each collector round (``sync_round``, called before the blocklist's reconcile, so what it adds is
-enforced in the same round):
-
-pull   The bouncer's decision stream (``GET /v1/decisions/stream``; a full list with startup=true on
-       the first pull, after a failed one and every ``crowdsec.resync_seconds``) is mirrored in
-       ``crowdsec_decisions`` (ban decisions of scope Ip or Range only). The mirror then drives the
-       ledger: an address with a running decision gets an 'active' row of origin 'crowdsec' that
-       expires with the decision; when its last decision ends or is deleted in the LAPI the row is
-       lifted ('expired'). The interlocks still apply: this host's addresses, gateways, resolvers,
-       SSH peers and the allowlist are never blocked whatever the LAPI says, nor a range wider than
-       ``crowdsec.widest_prefix_ipv4`` / ``_ipv6`` (/16, /32) — such a decision is refused once (a warning, a blacklist_events row, ``crowdsec_decisions.refused``). A local
-       row already covering the address is left alone (its own expiry wins); an address removed by
-       hand after the decision was first seen stays removed. ``blocklist.dry_run`` and the
-       blocklist's capacity apply as to local decisions.
-push   Portwatch's own blocks (ledger origin 'auto' whose anomaly's detector is listed in
-       ``crowdsec.push_detectors``; 'manual' there pushes hand blocks too) are queued once each in
-       ``crowdsec_pushes`` and sent as alerts with one ban decision: scenario ``portwatch/<detector>``,
-       duration = what is left of the block's TTL, message = the finding's summary (else the
-       ledger's reason). A block removed by hand queues a delete of that decision there.
-       The queue is bounded (``crowdsec.max_pending``, oldest dropped with a warning) and kept
-       across runs: what could not be sent is retried next round.
-
-The LAPI down: local blocking goes on (the mirror keeps enforcing what it holds until each
-decision's end), pushes wait, and the round loses at most ``crowdsec.max_seconds`` (every request
-has ``crowdsec.timeout_seconds``; the first failure ends the LAPI work of the round). Outages are
-logged when they begin and end, not every round. ``sync_round`` never raises.
-
-Integration surface with the blocklist (all in this module): ``decisions.Protection.gather``,
-``enforcement.normalise``, ``enforcement.capacity``; the ledger through app/db/blacklist.py
-(``immediate``, ``get_entry``, ``upsert_entry``, ``insert_event``, ``count_status``).
+"""portwatch in a CrowdSec fleet: an XDP bouncer of the LAPI's decisions (pull), and a source of its
+own (push), once per collector round (:func:`sync_round`); the README's CrowdSec section has the whole
+behaviour. Called from the collection loop's after-round hook, never from the collector; it touches the
+blocklist through ``decisions.Protection.gather``, ``enforcement.normalise`` / ``capacity`` and the
+ledger queries of app/db/blacklist.py.
 """
 from __future__ import annotations
 
@@ -80,7 +53,13 @@ def enabled(settings) -> bool:
 
 
 def sync_round(conn, settings, now: float | None = None) -> SyncResult:
-    """Pull, apply, push — bounded in time, never raising (a failure is logged and recorded)."""
+    """Pull, apply, push — bounded in time, never raising (a failure is logged and recorded).
+
+    Runs before the blocklist's reconcile, so what it adds is enforced in the same round. The LAPI
+    down: local blocking goes on (the mirror keeps enforcing what it holds until each decision's end),
+    pushes wait, and the round loses at most ``crowdsec.max_seconds`` (every request has
+    ``crowdsec.timeout_seconds``; the first failure ends the LAPI work of the round). Outages are
+    logged when they begin and end, not every round."""
     started = time.monotonic()
     result = SyncResult()
     cfg = settings.crowdsec
@@ -130,6 +109,9 @@ def _decision_row(d: dict, now: float) -> tuple | None:
 
 
 def _pull(conn, settings, lapi: Lapi, state: dict, deadline: Deadline, now: float, result: SyncResult) -> None:
+    """Mirror the bouncer's decision stream (``GET /v1/decisions/stream``; a full list with startup=true
+    on the first pull, after a failed one and every ``crowdsec.resync_seconds``) in
+    ``crowdsec_decisions`` (ban decisions of scope Ip or Range only)."""
     cfg = settings.crowdsec
     last_full = float(state.get("last_full_at") or 0)
     full = state.get("last_pull_ok") != "1" or now - last_full >= cfg.resync_seconds
@@ -156,7 +138,16 @@ def _pull(conn, settings, lapi: Lapi, state: dict, deadline: Deadline, now: floa
 # --- mirror -> ledger -----------------------------------------------------------------------------
 
 def _apply(conn, settings, now: float, result: SyncResult) -> None:
-    """Make the ledger's crowdsec rows follow the mirror (one transaction)."""
+    """Make the ledger's crowdsec rows follow the mirror (one transaction).
+
+    An address with a running decision gets an 'active' row of origin 'crowdsec' that expires with the
+    decision; when its last decision ends or is deleted in the LAPI the row is lifted ('expired'). The
+    interlocks still apply: this host's addresses, gateways, resolvers, SSH peers and the allowlist are
+    never blocked whatever the LAPI says, nor a range wider than ``crowdsec.widest_prefix_ipv4`` /
+    ``_ipv6`` (/16, /32) — such a decision is refused once (a warning, a blacklist_events row,
+    ``crowdsec_decisions.refused``). A local row already covering the address is left alone (its own
+    expiry wins); an address removed by hand after the decision was first seen stays removed.
+    ``blocklist.dry_run`` and the blocklist's capacity apply as to local decisions."""
     protection = None
     status = "dry-run" if settings.blocklist.dry_run else "active"
     limit = enforcement.capacity(settings)
@@ -228,7 +219,11 @@ def too_wide(address: str, cfg) -> str | None:
 # --- push -----------------------------------------------------------------------------------------
 
 def _queue(conn, settings, now: float, result: SyncResult) -> None:
-    """Queue a push for every new block of a pushed detector, a delete for every hand unblock."""
+    """Queue a push for every new block of a pushed detector, a delete for every hand unblock.
+
+    Pushed: ledger rows of origin 'auto' whose anomaly's detector is listed in ``crowdsec.push_detectors``
+    ('manual' there pushes hand blocks too), each queued once in ``crowdsec_pushes``. The queue is
+    bounded (``crowdsec.max_pending``, oldest dropped with a warning) and kept across runs."""
     cfg = settings.crowdsec
     detectors = set(cfg.push_detectors)
     origins = ("auto", "manual") if "manual" in detectors else ("auto",)
@@ -270,6 +265,9 @@ def _alert(push, now: float) -> dict:
 
 
 def _push(conn, settings, lapi: Lapi, deadline: Deadline, now: float, result: SyncResult) -> None:
+    """Send the queue: alerts with one ban decision each (scenario ``portwatch/<detector>``, duration =
+    what is left of the block's TTL, message = the finding's summary, else the ledger's reason), and
+    the queued deletes; what could not be sent is retried next round."""
     cfg = settings.crowdsec
     with ledger.immediate(conn):
         pending = db.pending_pushes(conn)

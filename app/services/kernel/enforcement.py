@@ -1,30 +1,10 @@
-"""Enforcement: the blocklist ledger ⇄ the pinned XDP map of every watched interface, expiry and drop counts.
+"""Enforcement: the blocklist ledger ⇄ the pinned LPM maps of every watched interface (the XDP
+``blacklist`` for direction 'in' rows, the TC ``eg_block`` for 'out' rows), expiry and drop counts.
 
 What the collector's per-minute path imports (it never imports the decisions): :func:`reconcile`
 after every round; the evaluator and the CLI call :func:`apply` (every interface) after a change.
-
-Truth and enforcement
-    The ``blacklist`` table is the truth (one row per CIDR: reason, evidence, anomaly, created,
-    expiry, status, drops, offences); the pinned LPM trie ``<pin_root>/<interface>/blacklist`` of
-    every watched interface is the enforcement of its direction 'in' rows; direction 'out' rows
-    (destinations) go into the TC program's ``<pin_root>/<interface>/eg_block`` the same way, while
-    ``blocklist.egress_block_enabled`` is on (off: that map is kept empty). :func:`reconcile` makes one map equal the ledger's
-    'active' rows: expired rows leave it, missing rows are (re-)added, entries the ledger does not
-    know are removed and logged. Dry-run rows (status 'dry-run') are never written to a map.
-
-Drop accounting (why blacklist.drops is exact)
-    blacklist.drops is kept by reconcile from its OWN baseline, not summed from blacklist_drops:
-    ``blacklist_map_counters`` holds, per (interface, entry), the map's cumulative drop counter when
-    reconcile last read it. Each reconcile adds ``counter - baseline`` to the ledger and stores the
-    new counter; an entry it (re-)adds starts at a baseline of 0 (a new map element counts from 0);
-    an entry it removes is read just before the delete, so its last drops land too. A counter lower
-    than its baseline was restarted by someone else (maps recreated, re-added by hand) and counts
-    whole. So no drop is counted twice and none is lost except those a third party erased with the
-    element (a hand flush between two reconciles), which nothing could see. The collector's per-round
-    ``blacklist_drops`` rows (from its counter snapshots) stay the per-round history; they can differ
-    from the ledger only in that erased-by-hand case and by drops after the last round. The whole
-    reconcile runs inside ``BEGIN IMMEDIATE``, so concurrent reconciles (a collector round and a
-    ``blacklist add``) serialise and never read the same baseline twice.
+The ledger is the truth and each map its enforcement (:func:`reconcile`); why blacklist.drops is
+exact: :func:`_sync`.
 """
 from __future__ import annotations
 
@@ -170,6 +150,14 @@ def reconcile(conn, settings, pin_dir: str | Path, now: float | None = None) -> 
 
     Expires due ledger rows first (globally). Without a pinned map only that happens
     (``result.pinned`` False). Raises BpfError when the map exists but cannot be opened.
+
+    The ``blacklist`` table is the truth (one row per CIDR: reason, evidence, anomaly, created,
+    expiry, status, drops, offences); the pinned LPM trie ``<pin_root>/<interface>/blacklist`` is the
+    enforcement of its direction 'in' rows; direction 'out' rows (destinations) go into the TC
+    program's ``<pin_root>/<interface>/eg_block`` the same way, while
+    ``blocklist.egress_block_enabled`` is on (off: that map is kept empty). Each map is made equal to
+    the ledger's 'active' rows: expired rows leave it, missing rows are (re-)added, entries the ledger
+    does not know are removed and logged. Dry-run rows (status 'dry-run') are never written to a map.
     """
     now = time.time() if now is None else now
     pin_dir = Path(pin_dir)
@@ -210,7 +198,21 @@ def egress_counter_key(interface: str) -> str:
 def _sync(conn, blacklist: maps.PinnedMap, result: ReconcileResult, now: float, active: dict,
           interface: str) -> None:
     """Make one LPM map (the XDP blacklist or the TC eg_block) hold exactly ``active``; count its drops
-    against the baselines kept under ``interface``."""
+    against the baselines kept under ``interface``.
+
+    Why blacklist.drops is exact: it is kept by reconcile from its OWN baseline, not summed from
+    blacklist_drops: ``blacklist_map_counters`` holds, per (interface, entry), the map's cumulative drop counter when
+    reconcile last read it. Each reconcile adds ``counter - baseline`` to the ledger and stores the
+    new counter; an entry it (re-)adds starts at a baseline of 0 (a new map element counts from 0);
+    an entry it removes is read just before the delete, so its last drops land too. A counter lower
+    than its baseline was restarted by someone else (maps recreated, re-added by hand) and counts
+    whole. So no drop is counted twice and none is lost except those a third party erased with the
+    element (a hand flush between two reconciles), which nothing could see. The collector's per-round
+    ``blacklist_drops`` rows (from its counter snapshots) stay the per-round history; they can differ
+    from the ledger only in that erased-by-hand case and by drops after the last round. The whole
+    reconcile runs inside ``BEGIN IMMEDIATE``, so concurrent reconciles (a collector round and a
+    ``blacklist add``) serialise and never read the same baseline twice.
+    """
     in_map = _read_map(blacklist)
     baselines = db.map_counters(conn, interface)
     for text, (key, drops, drop_bytes) in in_map.items():

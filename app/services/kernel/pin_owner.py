@@ -11,17 +11,8 @@ and dies with the pins: `down`, a reboot or an ``rm -r`` of the pin directory ta
      "load": {"state": "compiling"|"attaching"|"attached", "pid": 4242, "at": ..., "program_id": 977,
               "program_tag": "a1b2...", "retired": false}}
 
-Who writes what
-    The collector claims the directory (:func:`claim`) before anything is loaded or read: a record
-    naming another database refuses the run with one sentence (`down` first, or ``--takeover``). The
-    loader process (app/services/kernel/xdp_loader.py) writes ``load`` at each step BEFORE taking it — "compiling"
-    when it starts, "attaching" with the program's id and tag before the attach — so a loader killed
-    anywhere leaves a record; :func:`describe_attachment` (status, doctor) reports it, and `down`
-    removes what it names. ``maps_born`` tells the collector that these maps started from zero for
-    this database, so their first round counts everything (otherwise that round is only a baseline).
-    ``epoch`` changes whenever another database claims the directory: a database's snapshot records the
-    epoch it was read under, and a round against a snapshot of another epoch is only a baseline — so a
-    database taking an interface back never counts what the other one counted meanwhile.
+Who writes which key, and why: :func:`claim`. Imported by the collector, the loader process,
+teardown and ops (status, doctor); imports only kernel modules.
 """
 from __future__ import annotations
 
@@ -128,6 +119,18 @@ def claim(pdir: str | Path, interface: str, db_id: str, db_path: str | Path, tak
     is kept (its path brought up to date); one claimed by another database raises UsageError unless
     ``takeover`` — then the record names this database and no map counts as born for it. Every claim by a
     database the record did not name starts a new epoch (``epoch``, or a random one).
+
+    Who writes what:
+    The collector claims the directory (:func:`claim`) before anything is loaded or read: a record
+    naming another database refuses the run with one sentence (`down` first, or ``--takeover``). The
+    loader process (app/services/kernel/xdp_loader.py) writes ``load`` at each step BEFORE taking it — "compiling"
+    when it starts, "attaching" with the program's id and tag before the attach — so a loader killed
+    anywhere leaves a record; :func:`describe_attachment` (status, doctor) reports it, and `down`
+    removes what it names. ``maps_born`` tells the collector that these maps started from zero for
+    this database, so their first round counts everything (otherwise that round is only a baseline).
+    ``epoch`` changes whenever another database claims the directory: a database's snapshot records the
+    epoch it was read under, and a round against a snapshot of another epoch is only a baseline — so a
+    database taking an interface back never counts what the other one counted meanwhile.
     """
     record = read(pdir)
     db_path = str(Path(db_path).resolve())

@@ -1,4 +1,4 @@
-"""Egress blocking decisions (issue 12): outbound findings' destinations in the blocklist ledger with
+"""Egress blocking decisions: outbound findings' destinations in the blocklist ledger with
 direction 'out' — only while blocklist.egress_block_enabled — with the ingress blocklist's TTL,
 escalation, interlocks, caps and dry-run/simulate (tmp SQLite, no maps; the kernel half is in
 tests/threads/test_egress.py)."""

@@ -224,7 +224,7 @@ def test_a_direct_tunnel_captured_live_is_one_finding(lab, state_env, monkeypatc
 @pytest.mark.kernel
 @pytest.mark.slow
 def test_a_replayed_direct_tunnel_capture_is_one_finding(tmp_path, capsys):
-    """The issue's own path: a capture written with scapy (dnscat2 direct mode: 102 questions, TXT,
+    """A tunnel end to end: a capture written with scapy (dnscat2 direct mode: 102 questions, TXT,
     CNAME and MX, to one server, each answered), replayed through the real programs and the real
     pyshark parsing (`replay`), then `evaluate`: exactly one dns_tunnel, grouped by server."""
     import sqlite3

@@ -1,4 +1,4 @@
-"""Issue 9 without a kernel: evidence classes, the peers table, sources judged possibly forged,
+"""Forged sources without a kernel: evidence classes, the peers table, sources judged possibly forged,
 per-finding caps, forged SYN floods counted per port, source floods, model corroboration
 (tmp SQLite through the real schema; the netns proof is tests/services/evaluation/test_forged_netns.py)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 9 in network namespaces, real XDP, real hping3 and scapy: a forged packet never gets an
+"""Forged traffic in network namespaces, real XDP, real hping3 and scapy: a forged packet never gets an
 innocent blocked, a real scanner still is, and a flood from 10,000 forged sources is one finding
 for its port that adds nothing to the blocklist.
 

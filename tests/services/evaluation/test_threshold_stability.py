@@ -1,4 +1,4 @@
-"""Issue 9, the model half: a benign mix with a periodic burst over many refits (synthetic store,
+"""The model under forged-traffic rules: a benign mix with a periodic burst over many refits (synthetic store,
 real model, fixed seeds). The threshold moves at most ×/÷ evaluator.threshold_max_change per refit,
 the held-out pool persists across refits and the model raises nothing until it holds enough windows
 for the budget, and no benign source is ever blocked."""
