@@ -9,13 +9,7 @@
     duration(seconds) / when(t, now)   '12 min'; '2026-11-26 01:55:59 UTC (12 min ago)'
     plural(n, word) / counted(n, word)   words that depend on a count: "1 anomaly", "2 anomalies"
 
-Every string that comes from the network or from another user (process and user names, DNS and TLS
-names, HTTP hosts, CrowdSec scenarios and messages) is stored as received and passed through
-:func:`inert` on its way to any text output — a terminal, a log line, an alert, HTML or JSON — so a
-listener named ``ESC]0;owned BEL`` can neither retitle nor clear root's terminal. The CLI also writes
-its whole stdout through :class:`InertStream` and its logs through :class:`InertFormatter`, so a
-string some output forgot still reaches the terminal inert (only a newline or tab of it survives there:
-the explicit :func:`inert` at each field is what keeps one record on one line).
+Why every untrusted string passes through :func:`inert`: its docstring. A shared leaf: imports nothing of portwatch.
 """
 from __future__ import annotations
 
@@ -69,7 +63,16 @@ class InertFormatter(logging.Formatter):
 
 
 def inert(value) -> str:
-    """``value`` as text with every control character escaped (None -> '')."""
+    """``value`` as text with every control character escaped (None -> '').
+
+    Every string that comes from the network or from another user (process and user names, DNS and TLS
+    names, HTTP hosts, CrowdSec scenarios and messages) is stored as received and passed through
+    :func:`inert` on its way to any text output — a terminal, a log line, an alert, HTML or JSON — so a
+    listener named ``ESC]0;owned BEL`` can neither retitle nor clear root's terminal. The CLI also writes
+    its whole stdout through :class:`InertStream` and its logs through :class:`InertFormatter`, so a
+    string some output forgot still reaches the terminal inert (only a newline or tab of it survives there:
+    the explicit :func:`inert` at each field is what keeps one record on one line).
+    """
     if value is None:
         return ""
     if isinstance(value, bytes):

@@ -2,23 +2,9 @@
 
     replay(settings, capture_path, hosts=(), round_seconds=60, after_round=None) -> ReplayResult
 
-Every packet of a pcap/pcapng file goes, in capture order, through the compiled programs — XDP port_flow
-for packets to the host, TC egress for packets from it — with BPF_PROG_TEST_RUN (app/services/kernel/prog_run.py):
-no interface, no namespace. The programs are compiled by the usual BCC loader process into a PRIVATE pin
-directory (``/sys/fs/bpf/portwatch-replay/<pid>/replay``, removed at the end): the host's real pins under
-``general.pin_root`` are never opened. Their clock (``pw_config.clock_ns``) follows the capture, so flows'
-first/last seen are capture times.
-
-Rounds are cut every ``round_seconds`` of capture time from the first packet and closed by the live
-collector's own code (Collector.close_round: snapshots, differences, rows, one transaction each), so a
-replayed store reads like a live one in sqlite3; its rounds say ``replayed = 1`` and name the capture.
-Listeners are inferred from what the host answered (capture_file.inferred_listeners: ``inferred = 1`` in
-rounds_ports, no pid). The sniffer's rows come from the same capture through pyshark/tshark
-(app/services/collector/sniffer_file.py), at most ``sniffer.max_packets`` per round like a live sniffer window.
-
-``after_round(conn, settings, capture_start, round_end, last)`` (the closed loop: evaluate and block at capture-time
-boundaries, app/services/jobs.py) runs after each round with the store's clock, against the
-replay's own maps: a source blocked there is dropped by the replay's XDP program from the next packet on.
+No interface, no namespace: BPF_PROG_TEST_RUN on programs pinned in a private directory, the rounds
+closed by the live collector's own code (:func:`replay` says how). Called by the `replay` command
+and bench/replay.py; the host's real pins are never opened.
 """
 from __future__ import annotations
 
@@ -148,8 +134,27 @@ def directions(h: capture_file.Headers, hosts: list[str]) -> np.ndarray:
 
 def replay(settings, capture_path: str | Path, hosts=(), round_seconds: float = 60.0,
            after_round: Callable | None = None, sniff: bool = True, measure_floor: bool = False) -> ReplayResult:
-    """Replay one capture into ``settings.general.db`` (see module doc). ``measure_floor``: also time one
-    test-run call alone on the capture's first frame (bench/replay.py), after the replay."""
+    """Replay one capture into ``settings.general.db``. ``measure_floor``: also time one
+    test-run call alone on the capture's first frame (bench/replay.py), after the replay.
+
+    Every packet of a pcap/pcapng file goes, in capture order, through the compiled programs — XDP port_flow
+    for packets to the host, TC egress for packets from it — with BPF_PROG_TEST_RUN (app/services/kernel/prog_run.py):
+    no interface, no namespace. The programs are compiled by the usual BCC loader process into a PRIVATE pin
+    directory (``/sys/fs/bpf/portwatch-replay/<pid>/replay``, removed at the end): the host's real pins under
+    ``general.pin_root`` are never opened. Their clock (``pw_config.clock_ns``) follows the capture, so flows'
+    first/last seen are capture times.
+
+    Rounds are cut every ``round_seconds`` of capture time from the first packet and closed by the live
+    collector's own code (Collector.close_round: snapshots, differences, rows, one transaction each), so a
+    replayed store reads like a live one in sqlite3; its rounds say ``replayed = 1`` and name the capture.
+    Listeners are inferred from what the host answered (capture_file.inferred_listeners: ``inferred = 1`` in
+    rounds_ports, no pid). The sniffer's rows come from the same capture through pyshark/tshark
+    (app/services/collector/sniffer_file.py), at most ``sniffer.max_packets`` per round like a live sniffer window.
+
+    ``after_round(conn, settings, capture_start, round_end, last)`` (the closed loop: evaluate and block at capture-time
+    boundaries, app/services/jobs.py) runs after each round with the store's clock, against the
+    replay's own maps: a source blocked there is dropped by the replay's XDP program from the next packet on.
+    """
     if round_seconds <= 0:
         raise UsageError("--round-seconds must be positive")
     started = time.monotonic()

@@ -7,18 +7,8 @@ API::
     find_tshark(tshark_path="")                                      -> path, or DependencyError
     record_from_fields(fields, local_addresses)                      -> PacketRecord (pure; tests)
 
-Each record holds the time, tshark's protocol stack (``frame.protocols``), addresses, ports,
-transport, L4 payload length, frame length, the DNS query name and answer names, and the TLS /
-QUIC server name (SNI) where tshark decodes one. Payload bytes are never read or stored.
-
-How the capture is run, and the pyshark traps it avoids: app/services/collector/capture.py.
-
-Cost (measured on the 2-core dev machine, veth lab, 33k small UDP packets offered): 5000 records
-(the cap) arrived 0.9 s after the capture was live, i.e. ~5.5k packets/s through tshark; the
-whole run took ~0.6 CPU-s in Python (imports included) and ~1.5 CPU-s in dumpcap + tshark.
-Start-up (``tshark -D``, ``tshark -v``, tshark's own start) is ~0.6-2 s and counts inside the
-window. The window is ``window_fraction x round_seconds`` (45 s of a 60 s round by default), so
-the capture never makes a round late.
+How the capture is run, and the pyshark traps it avoids: app/services/collector/capture.py. Imported
+by the sniffer thread and by sniffer_file.py (a capture file read the same way, for replay).
 """
 from __future__ import annotations
 
@@ -59,6 +49,10 @@ POLL_SECONDS = 0.25            # how often the stop event is checked while no pa
 
 class PacketRecord(NamedTuple):
     """One sampled packet (metadata only), as returned in :attr:`SniffResult.records`.
+
+    Each record holds the time, tshark's protocol stack (``frame.protocols``), addresses, ports,
+    transport, L4 payload length, frame length, the DNS query name and answer names, and the TLS /
+    QUIC server name (SNI) where tshark decodes one. Payload bytes are never read or stored.
 
     timestamp: capture time, epoch seconds; protocols: tshark's frame.protocols
     ('eth:ethertype:ip:udp:dns'); transport: 'tcp', 'udp', 'icmp', 'icmpv6', ... or None (ARP, ...);
@@ -275,7 +269,15 @@ class Sniffer:
 
     def run(self) -> SniffResult:
         """Capture for the window (or until max_packets or the stop event); never longer than
-        ``window_seconds + drain_seconds`` plus process reaping. Leaves no process and no file."""
+        ``window_seconds + drain_seconds`` plus process reaping. Leaves no process and no file.
+
+        Cost (measured on the 2-core dev machine, veth lab, 33k small UDP packets offered): 5000 records
+        (the cap) arrived 0.9 s after the capture was live, i.e. ~5.5k packets/s through tshark; the
+        whole run took ~0.6 CPU-s in Python (imports included) and ~1.5 CPU-s in dumpcap + tshark.
+        Start-up (``tshark -D``, ``tshark -v``, tshark's own start) is ~0.6-2 s and counts inside the
+        window. The window is ``window_fraction x round_seconds`` (45 s of a 60 s round by default), so
+        the capture never makes a round late.
+        """
         started_at = time.time()
         deadline = time.monotonic() + self.window_seconds
         tshark = self.check()

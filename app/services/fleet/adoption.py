@@ -1,20 +1,5 @@
-"""Whether a host takes the fleet's model, and how a host with too few rounds can take it at all.
-
-A host checks a fleet model on its own recent benign windows (held-out tiles of its latest rounds
-that no detector flagged and that this federation did not train on) before it becomes active:
-
-    error ratio   median per-round error of the fleet model / the local model's, on those windows;
-                  above fleet.adopt_max_error_ratio the fleet model describes this host far worse
-    false alerts  alerts a day the fleet model's (locally calibrated) threshold raises on them;
-                  above fleet.adopt_budget_factor x evaluator.alert_budget_per_day it would be noisy
-
-A model failing either is stored (origin 'fleet', status 'not-adopted', the reason in its metadata)
-and the local model stays active: `model list` and `fleet status` say why.
-
-A host with fewer rounds than the model's window (a new host) has no full window to fit a scaler or
-calibrate a threshold on: its rounds are padded in front to one window (the evaluator judges such a
-host the same way), the scaler is fitted on those, and the threshold is twice the largest per-round
-error they give (conservative: it alerts from the first evaluation without a held-out pool).
+"""Whether a host takes the fleet's model (:func:`judge`), and how a host with too few rounds can take
+it at all (:func:`early_model`). Used by the fleet node's learning step (learning.py).
 """
 from __future__ import annotations
 
@@ -57,7 +42,19 @@ def false_alerts_per_day(model, windows: np.ndarray, per_day: float) -> float:
 
 
 def judge(model, check: np.ndarray, local_error: float | None, per_day: float, settings) -> Verdict:
-    """Adopt the fleet ``model`` (threshold set) or not, from ``check`` windows (N, W, F) of this host."""
+    """Adopt the fleet ``model`` (threshold set) or not, from ``check`` windows (N, W, F) of this host.
+
+    A host checks a fleet model on its own recent benign windows (held-out tiles of its latest rounds
+    that no detector flagged and that this federation did not train on) before it becomes active:
+
+        error ratio   median per-round error of the fleet model / the local model's, on those windows;
+                      above fleet.adopt_max_error_ratio the fleet model describes this host far worse
+        false alerts  alerts a day the fleet model's (locally calibrated) threshold raises on them;
+                      above fleet.adopt_budget_factor x evaluator.alert_budget_per_day it would be noisy
+
+    A model failing either is stored (origin 'fleet', status 'not-adopted', the reason in its metadata)
+    and the local model stays active: `model list` and `fleet status` say why.
+    """
     cfg, budget = settings.fleet, settings.evaluator.alert_budget_per_day
     fleet_error = median_error(model, check)
     ratio = fleet_error / max(local_error, 1e-12) if fleet_error is not None and local_error is not None else None
@@ -93,7 +90,13 @@ def early_rounds(conn, settings) -> tuple[np.ndarray, np.ndarray, float]:
 
 def early_model(conn, settings, weights: list[np.ndarray]):
     """(model with the fleet weights, a scaler fitted here and a conservative threshold; its note),
-    or (None, None) when this host has no rounds with traffic yet."""
+    or (None, None) when this host has no rounds with traffic yet.
+
+    A host with fewer rounds than the model's window (a new host) has no full window to fit a scaler or
+    calibrate a threshold on: its rounds are padded in front to one window (the evaluator judges such a
+    host the same way), the scaler is fitted on those, and the threshold is twice the largest per-round
+    error they give (conservative: it alerts from the first evaluation without a held-out pool).
+    """
     from app.services.evaluation.model import CnnLstmAutoencoder, LevelDeviationScaler, calibrate_threshold
     windows, judged, per_day = early_rounds(conn, settings)
     if not len(windows):

@@ -1,20 +1,9 @@
-"""A small client of a CrowdSec Local API (LAPI), standard library only (urllib, json, ssl).
-
-The calls portwatch makes, as CrowdSec's own bouncers and agents make them (LAPI swagger,
-pkg/models/localapi_swagger.yaml in crowdsecurity/crowdsec):
-
-  bouncer   GET    /v1/decisions/stream[?startup=true]   header X-Api-Key: <bouncer key>
-            -> {"new": [decision, ...] | null, "deleted": [decision, ...] | null}; startup=true gives
-            every running decision, later calls what changed since this bouncer's previous pull
-            (the LAPI keeps that position per bouncer key: one key per host).
-  machine   POST   /v1/watchers/login   {"machine_id", "password"}   -> {"token", "expire"}
-            POST   /v1/alerts           [alert with its decisions]   -> ["<alert id>", ...]
-            DELETE /v1/decisions?ip=|range=<value>&scenario=<s>      -> {"nbDeleted": "<n>"}
-            (header Authorization: Bearer <token>)
+"""A small client of a CrowdSec Local API (LAPI), standard library only (urllib, json, ssl): the
+bouncer's decision stream and the machine's login, alerts and deletes (:class:`Lapi` lists the calls).
 
 Every request has a timeout, and a whole sync round a deadline (``Deadline``): a LAPI that is down
 or slow costs the collector round at most ``crowdsec.max_seconds``. Failures raise
-:class:`LapiError` with one sentence; nothing here touches the database.
+:class:`LapiError` with one sentence; nothing here touches the database. Used by crowdsec.py only.
 """
 from __future__ import annotations
 
@@ -73,7 +62,20 @@ def go_duration(text: str) -> float:
 
 
 class Lapi:
-    """One LAPI at ``url`` (http(s)://host:port). ``timeout``: seconds per request at most."""
+    """One LAPI at ``url`` (http(s)://host:port). ``timeout``: seconds per request at most.
+
+    The calls portwatch makes, as CrowdSec's own bouncers and agents make them (LAPI swagger,
+    pkg/models/localapi_swagger.yaml in crowdsecurity/crowdsec):
+
+      bouncer   GET    /v1/decisions/stream[?startup=true]   header X-Api-Key: <bouncer key>
+                -> {"new": [decision, ...] | null, "deleted": [decision, ...] | null}; startup=true gives
+                every running decision, later calls what changed since this bouncer's previous pull
+                (the LAPI keeps that position per bouncer key: one key per host).
+      machine   POST   /v1/watchers/login   {"machine_id", "password"}   -> {"token", "expire"}
+                POST   /v1/alerts           [alert with its decisions]   -> ["<alert id>", ...]
+                DELETE /v1/decisions?ip=|range=<value>&scenario=<s>      -> {"nbDeleted": "<n>"}
+                (header Authorization: Bearer <token>)
+    """
 
     def __init__(self, url: str, timeout: float, ca_file: str = ""):
         self.url = url.rstrip("/")

@@ -1,21 +1,7 @@
 """Alerts for new anomalies and block decisions: webhook (JSON POST), e-mail (SMTP) and syslog.
 
-One public entry: ``send_alerts(conn, settings, events) -> dict``. Channels are on when
-configured: ``alerts.webhook_url``; ``alerts.smtp_host`` + ``alerts.mail_to``; ``alerts.syslog``.
-
-  webhook  one JSON POST per event (urllib), ``webhook_timeout`` per attempt, ``webhook_retries``
-           retries with exponential backoff on connection errors, timeouts, 408/429/5xx
-  e-mail   one message listing every event due; STARTTLS when ``smtp_starttls`` (a server that
-           does not offer it is refused rather than sent credentials in clear), implicit TLS on
-           port 465; user/password from the config or PORTWATCH_ALERTS_SMTP_USER/_PASSWORD, or
-           ``smtp_password_file`` (never in code); ``smtp_cafile`` for a private CA
-  syslog   one line per event through logging.handlers.SysLogHandler to ``syslog_address``:
-           a unix socket path (/dev/log), ``host:port`` or ``udp://host:port`` (UDP), ``tcp://host:port``
-
-A key already delivered on a channel within ``alerts.cooldown_seconds`` is suppressed there
-(table alerts_sent). The whole call is bounded by ``alerts.max_seconds``: a channel that stops
-answering costs at most that, never a stuck run; what could not be delivered is logged and
-counted, never raised.
+One public entry: ``send_alerts(conn, settings, events) -> dict`` (each channel's behaviour, the
+cooldown and the time bound are described there). Called by the hourly job and the CLI's test alert.
 """
 from __future__ import annotations
 
@@ -311,6 +297,23 @@ def send_alerts(conn, settings, events: Iterable[AlertEvent], *, now: float | No
 
     conn: a writable connection for the cooldown ledger (alerts_sent), or None for no cooldown.
     Returns {channel: {"sent": n, "suppressed": n, "failed": n}} for each enabled channel.
+
+    Channels are on when
+    configured: ``alerts.webhook_url``; ``alerts.smtp_host`` + ``alerts.mail_to``; ``alerts.syslog``.
+
+      webhook  one JSON POST per event (urllib), ``webhook_timeout`` per attempt, ``webhook_retries``
+               retries with exponential backoff on connection errors, timeouts, 408/429/5xx
+      e-mail   one message listing every event due; STARTTLS when ``smtp_starttls`` (a server that
+               does not offer it is refused rather than sent credentials in clear), implicit TLS on
+               port 465; user/password from the config or PORTWATCH_ALERTS_SMTP_USER/_PASSWORD, or
+               ``smtp_password_file`` (never in code); ``smtp_cafile`` for a private CA
+      syslog   one line per event through logging.handlers.SysLogHandler to ``syslog_address``:
+               a unix socket path (/dev/log), ``host:port`` or ``udp://host:port`` (UDP), ``tcp://host:port``
+
+    A key already delivered on a channel within ``alerts.cooldown_seconds`` is suppressed there
+    (table alerts_sent). The whole call is bounded by ``alerts.max_seconds``: a channel that stops
+    answering costs at most that, never a stuck run; what could not be delivered is logged and
+    counted, never raised.
     """
     cfg = settings.alerts
     now = time.time() if now is None else now

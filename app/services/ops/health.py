@@ -4,20 +4,8 @@
     Health.checks: [Check(name, ok, detail)]    ok: True, False, or None when it could not be checked
     Health.healthy / Health.reason               False / the first failed check's detail in one line
 
-The checks (names are stable: scripts and the ``portwatch_health_check{check=...}`` metric use them):
-
-  database     the database exists and is below general.max_db_mb (0: no limit)
-  rounds       a round ended within 3 x the round length (the longer of collector.round_seconds and
-               the recent rounds' median length)
-  xdp          wherever <pin_root>/<interface>/prog is pinned, portwatch's pinned program is attached
-  evaluation   the last real evaluation (a no-op 'no-rounds' one never hides it) did not fail
-  model        past warm-up (evaluator.warmup_rounds rounds) an active model with a finite threshold
-               exists, i.e. the model can alert; an active model whose files cannot be loaded (gone,
-               another format) is unhealthy at any time
-  blocklist    every pinned blacklist map of an interface of this database holds exactly the
-               ledger's active entries
-
-Reads only: the database is opened read-only, maps through PinnedMap lookups.
+The checks and their stable names: :func:`check`. Reads only: the database is opened read-only, maps
+through PinnedMap lookups.
 """
 from __future__ import annotations
 
@@ -264,7 +252,21 @@ def interfaces_to_check(settings, facts: dict, interfaces: list[str] | None = No
 def check(settings, interfaces: list[str] | None = None, now: float | None = None, *,
           facts: dict | None = None, described: list[dict] | None = None) -> Health:
     """Run every check. ``facts`` (gather_facts) and ``described`` (describe_interface per interface)
-    may be passed by a caller that already has them (status shows them too)."""
+    may be passed by a caller that already has them (status shows them too).
+
+    The checks (names are stable: scripts and the ``portwatch_health_check{check=...}`` metric use them):
+
+      database     the database exists and is below general.max_db_mb (0: no limit)
+      rounds       a round ended within 3 x the round length (the longer of collector.round_seconds and
+                   the recent rounds' median length)
+      xdp          wherever <pin_root>/<interface>/prog is pinned, portwatch's pinned program is attached
+      evaluation   the last real evaluation (a no-op 'no-rounds' one never hides it) did not fail
+      model        past warm-up (evaluator.warmup_rounds rounds) an active model with a finite threshold
+                   exists, i.e. the model can alert; an active model whose files cannot be loaded (gone,
+                   another format) is unhealthy at any time
+      blocklist    every pinned blacklist map of an interface of this database holds exactly the
+                   ledger's active entries
+    """
     now = time.time() if now is None else now
     facts = gather_facts(settings) if facts is None else facts
     names = interfaces_to_check(settings, facts, interfaces)

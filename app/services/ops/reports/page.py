@@ -1,29 +1,7 @@
-"""The report's page and its assembly: ``write_report`` reads the facts, draws the figures and
-writes index.html and report.json.
-
-``write_report(db_path, out_dir, since)`` reads the database read-only and writes into ``out_dir``:
-
-  index.html            the page a person opens: summary, every figure, tables of anomalies,
-                        blocklist entries and occupancy changes
-  report.json           what was drawn (figure files, window, counts), for machines and for
-                        removing the previous report's figures that are no longer drawn
-  traffic.png           packets, unparsed packets and drops per second, per interface
-  port_<proto>_<port>.png   per-port rates of the most anomalous ports (flagged: red title,
-                        flagged rounds shaded, blocked sources named) and of the busiest ports
-
-Rates are per second of the span each round's counts cover (``counts_since`` .. ``end_time``: a
-round after a gap between collector runs holds the gap's packets). Every drop figure (overview,
-traffic, blocklist figure, blocklist table, report.json ``drops``) is the rounds' XDP drop counter
-(app/db/report_rates.drop_total, also under ``blacklist list``), split by address where the
-per-round rows allow, so they agree.
-  reconstruction_error.png  the model's error per judged round against each model version's threshold
-  contributions_<id>.png    per-feature contributions of one model anomaly
-  blocklist.png         entries in force and packets dropped per round
-  occupancy.png         listeners per round, new/gone listeners and process changes
-  (no figure)           what leaves the host: top destinations by bytes out, outbound findings explained
-
-Every time is UTC (like the database views). A database without rounds yields a page that says
-"no data yet".
+"""The report's page and its assembly: :func:`write_report` reads the facts (facts.py), draws the
+figures (figures.py, model_figures.py) and writes index.html and report.json into a directory.
+Every time is UTC (like the database views); a database without rounds yields a page that says
+"no data yet". Called by the `report` command and the hourly job (app/services/jobs.py).
 """
 from __future__ import annotations
 
@@ -148,6 +126,27 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, since: 
     figure; max_anomaly_figures: how many of the most recent model anomalies get a contribution
     figure. progress(done, total, what) is called before each figure (for a terminal).
     Raises DatabaseError (missing/corrupt database) or PortwatchError (out_dir not writable).
+
+    Files written:
+
+      index.html            the page a person opens: summary, every figure, tables of anomalies,
+                            blocklist entries and occupancy changes
+      report.json           what was drawn (figure files, window, counts), for machines and for
+                            removing the previous report's figures that are no longer drawn
+      traffic.png           packets, unparsed packets and drops per second, per interface
+      port_<proto>_<port>.png   per-port rates of the most anomalous ports (flagged: red title,
+                            flagged rounds shaded, blocked sources named) and of the busiest ports
+      reconstruction_error.png  the model's error per judged round against each model version's threshold
+      contributions_<id>.png    per-feature contributions of one model anomaly
+      blocklist.png         entries in force and packets dropped per round
+      occupancy.png         listeners per round, new/gone listeners and process changes
+      (no figure)           what leaves the host: top destinations by bytes out, outbound findings explained
+
+    Rates are per second of the span each round's counts cover (``counts_since`` .. ``end_time``: a
+    round after a gap between collector runs holds the gap's packets). Every drop figure (overview,
+    traffic, blocklist figure, blocklist table, report.json ``drops``) is the rounds' XDP drop counter
+    (app/db/report_rates.drop_total, also under ``blacklist list``), split by address where the
+    per-round rows allow, so they agree.
     """
     now = time.time() if now is None else now
     since_ts = facts.parse_since(since, now=now)
