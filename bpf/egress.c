@@ -1,7 +1,7 @@
 /* portwatch TC egress program: egress (the outbound sibling of bpf/port_flow.c)
  *
  * Hook: TC clsact egress (direct-action) of the same interface as the XDP program. Compiled in
- * the same BCC text as port_flow.c (app/services/kernel/xdp.py joins both; one compile), pinned under
+ * the same BCC text as port_flow.c (app/services/kernel/xdp_loader.py joins both; one compile), pinned under
  * PIN_DIR with its own maps; parses with bpf/parse.h, the same rules as ingress.
  *
  * Maps (pinned under PIN_DIR; struct layouts in bpf/common.h):

@@ -1,7 +1,7 @@
 /* portwatch XDP program: port_flow (its TC egress sibling is bpf/egress.c; both parse with bpf/parse.h)
  *
  * Hook: XDP (native where the driver supports it, else generic/skb), ingress of one interface.
- * Loaded by app/services/kernel/xdp.py through BCC; build options come as -D flags:
+ * Loaded by app/services/kernel/xdp_loader.py through BCC; build options come as -D flags:
  *   PIN_DIR            "/sys/fs/bpf/portwatch/<interface>" (string literal, maps are pinned there)
  *   PORT_MAP_SIZE, SOURCE_MAP_SIZE, SRCPORT_MAP_SIZE, FLOW_MAP_SIZE, BLACKLIST_MAP_SIZE, SYNLIMIT_MAP_SIZE
  *

@@ -1,6 +1,6 @@
 """The programs of bpf/ compiled and pinned with nothing attached: what a replay feeds packets to with
 BPF_PROG_TEST_RUN (app/services/kernel/prog_run.py). The same BCC text and -D flags as a live load
-(app/services/kernel/xdp.py), in the same kind of separate loader process (BCC never enters the caller).
+(app/services/kernel/xdp_loader.py), in the same kind of separate loader process (BCC never enters the caller).
 
     build_unattached(settings, pdir) -> {"program_id", "egress_program_id", "compile_seconds"}
 
