@@ -96,7 +96,9 @@ def record_two_way(conn, round_id: int | None, at: float, verified: dict[str, tu
                    established: Iterable[str] = ()) -> int:
     """Upsert the verified peers of one round: ``verified`` maps an address (text, e.g. '198.18.0.2',
     '2001:db8::2') to (proof, TTL, MAC text or None) of its latest proof in the round; ``established``
-    holds the remote addresses of ESTABLISHED sockets (proof 'established', no fingerprint).
+    holds the remote addresses of ESTABLISHED sockets (proof 'established', no fingerprint). A proof
+    with a TTL replaces the stored fingerprint whole: its MAC None (an off-link sender) clears an older
+    MAC; an 'established' proof keeps the stored fingerprint.
 
     Returns the number of distinct addresses recorded."""
     rows = []
@@ -108,7 +110,7 @@ def record_two_way(conn, round_id: int | None, at: float, verified: dict[str, tu
         "ttl, mac, last_verified) VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?) ON CONFLICT(address) DO UPDATE SET "
         "last_two_way = MAX(last_two_way, excluded.last_two_way), two_way_rounds = two_way_rounds + 1, "
         "last_round_id = excluded.last_round_id, last_evidence = excluded.last_evidence, proof = excluded.proof, "
-        "ttl = COALESCE(excluded.ttl, ttl), mac = COALESCE(excluded.mac, mac), "
+        "ttl = COALESCE(excluded.ttl, ttl), mac = CASE WHEN excluded.ttl IS NULL THEN mac ELSE excluded.mac END, "
         "last_verified = MAX(COALESCE(last_verified, 0), excluded.last_verified)", rows)
     return len(rows)
 

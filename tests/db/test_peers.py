@@ -19,13 +19,19 @@ def test_peers_are_upserted_with_their_proof_and_answer_since_queries(tmp_path):
                      "VALUES ('198.18.0.5', 1000, 3000, 1, 'flows')")
     row = peer(conn, "198.18.0.2")
     assert (row["first_seen"], row["last_two_way"], row["two_way_rounds"], row["last_round_id"], row["proof"],
-            row["ttl"], row["mac"], row["last_verified"]) == (1000.0, 2000.0, 2, 2, "opened-tcp", 62, MAC, 2000.0)
+            row["ttl"], row["mac"], row["last_verified"]) == (1000.0, 2000.0, 2, 2, "opened-tcp", 62, None, 2000.0)
     assert (peer(conn, "198.18.0.4")["proof"], peer(conn, "198.18.0.4")["ttl"]) == ("established", None)
     assert two_way_since(conn, "198.18.0.2", 2000.0) and not two_way_since(conn, "198.18.0.2", 2000.5)
     assert two_way_since(conn, "::ffff:198.18.0.3", 0) and not two_way_since(conn, "198.18.0.3", 0)
     assert not two_way_since(conn, "198.18.0.9", 0)
     assert not two_way_since(conn, "198.18.0.5", 0)          # flows prove nothing
     assert verified_since(conn, 1500.0) == {"198.18.0.2"}
+    # a proof with a TTL replaces the fingerprint whole: no MAC (an off-link sender) clears the older one;
+    # an ESTABLISHED socket (no fingerprint) keeps what the kernel's proofs recorded
+    with conn:
+        record_two_way(conn, 3, 3000.0, {"198.18.0.2": ("handshake", 64, MAC)})
+        record_two_way(conn, 4, 4000.0, {}, ["198.18.0.2"])
+    assert (peer(conn, "198.18.0.2")["ttl"], peer(conn, "198.18.0.2")["mac"]) == (64, MAC)
     # one indexed lookup: the primary key
     plan = " ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN SELECT 1 FROM peers WHERE address = ? "
                                                "AND last_two_way >= ?", ("x", 0)))

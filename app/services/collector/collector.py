@@ -34,7 +34,7 @@ from app.services import locks, ports  # noqa: E402
 from app.services.kernel import enforcement  # noqa: E402
 from app.services.collector import egress_rounds, extra_rounds, round_rows, rounds, snapshots  # noqa: E402
 from app.services.collector.round_summary import Observations, RoundSummary  # noqa: E402
-from app.services.kernel import egress, maps, pin_owner, xdp  # noqa: E402
+from app.services.kernel import egress, maps, onlink, pin_owner, xdp  # noqa: E402
 from app.services.kernel.bpf_structs import GLOBAL_NAMES, PwConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,8 @@ class Collector:
             seen = Observations(scanner_status=seen.scanner_status, sniffer_status=seen.sniffer_status)
         deltas, prev_entries, since, plans = self._differences(readings, map_ids, stored, baseline)
         g, eg = _globals(deltas["global"]), _globals(deltas["eg_global"])
-        two_way = egress_rounds.verified_peers(deltas["verified"])
+        verified = deltas["verified"]
+        two_way = egress_rounds.verified_peers(verified, onlink.read(self.interface) if len(verified) else None)
         values = self._round_values(readings, _round_evictions(g, eg, readings, prev_entries), g, eg, seen)
         values.update({"start_time": start, "end_time": end, "counts_since": since, "compiled": int(compiled),
                        "reloaded": int(reloaded), "two_way_peers": len(two_way), "note": note,

@@ -25,14 +25,20 @@ from app.services.collector import round_rows
 from app.services.collector.round_rows import mac_text
 from app.services.kernel.bpf_structs import PROOFS, addr_text
 
-def verified_peers(delta: rounds.Delta) -> dict[str, tuple[str, int, str]]:
-    """address -> (proof name, TTL, MAC text) of the addresses that proved themselves in this round."""
+def verified_peers(delta: rounds.Delta, on_link=None) -> dict[str, tuple[str, int, str | None]]:
+    """address -> (proof name, TTL, MAC text) of the addresses that proved themselves in this round.
+
+    ``on_link``: the interface's on-link test (app/services/kernel/onlink.py; None: unknown). An
+    off-link address's packets carry the MAC of the router that forwarded them, not its own: its MAC
+    is None (its fingerprint is its TTL only)."""
     if not len(delta):
         return {}
     extras = delta.reading.extras[delta.index].tolist()
     out = {}
     for raw, (proof, ttl, mac) in zip(delta.field("addr").tolist(), extras):
-        out[addr_text(raw)] = (PROOFS.get(int(proof), "unknown"), int(ttl), mac_text(mac))
+        address = addr_text(raw)
+        own_mac = on_link is None or address in on_link
+        out[address] = (PROOFS.get(int(proof), "unknown"), int(ttl), mac_text(mac) if own_mac else None)
     return out
 
 

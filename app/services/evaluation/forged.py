@@ -23,7 +23,8 @@ def judge_sources(conn, settings, findings: Sequence[Finding], batch: Batch, now
     Two-way evidence is never forged. One-way evidence naming a verified peer (within
     blocklist.peer_lookback_seconds) is forged unless it carries the peer's fingerprint: its TTL range
     in the finding's rounds within blocklist.ttl_tolerance of the TTL the peer proved itself with, and
-    no other source MAC than the peer's (then it is the peer's own, judged like anyone's). One-way
+    no other source MAC than the peer's when it has one (an off-link peer has none: its packets carry a
+    router's MAC; app/services/kernel/onlink.py) — then it is the peer's own, judged like anyone's. One-way
     evidence naming any other address is forged when its TTL range leaves the range of its earlier
     rounds by more than blocklist.ttl_tolerance. A flood's sources judged forged by the rules stay so.
     Otherwise forged = False (judged).
