@@ -19,10 +19,11 @@ from contextlib import contextmanager
 
 import pytest
 
+from app.db import blacklist as queries
 from app.db import peers
 from app.db.connection import connect
 from app.services import jobs
-from tests.helpers import collect, loaded, pin_root  # noqa: F401
+from tests.helpers import bpftool_entries, collect, loaded, pin_root  # noqa: F401
 from tests.services.evaluation.test_forged_netns import CLIENT, SERVICE, EchoServer
 
 pytestmark = pytest.mark.kernel
@@ -89,6 +90,29 @@ def talking_client(lab, address: str):
 def _scan_of(job, address):
     [scan] = [f for f in job.evaluation.anomalies if f.detector == "port_scan" and f.source == address]
     return scan
+
+
+def test_a_verified_peer_forged_from_another_mac_on_the_link_is_not_blocked(lab, tmp_path, pin_root):
+    s, pdir = loaded(lab, tmp_path, pin_root)
+    benign = lab.host_v4(1)
+    with talking_client(lab, benign):
+        collect(s, lab)                                     # the handshake: a verified peer, TTL 64, its MAC
+        with second_station(lab) as (namespace, link, forger_mac):
+            scan_from(namespace, link, lab, benign, ttl=64)     # the peer's own TTL, another MAC
+        collect(s, lab)
+        job = jobs.run(s)
+    peer_mac = _mac(lab.peer_interface, lab.namespace)
+    assert forger_mac != peer_mac
+    conn = connect(s.general.db)
+    try:
+        row = peers.peer(conn, benign)
+        assert (row["proof"], row["ttl"], row["mac"]) == ("handshake", 64, peer_mac)     # on-link: its MAC
+        assert queries.count_status(conn, "active") == 0 and bpftool_entries(pdir) == 0
+    finally:
+        conn.close()
+    scan = _scan_of(job, benign)
+    assert scan.sources[0].forged is True and f"from MAC {forger_mac}" in scan.sources[0].note
+    assert [(d.address, d.action) for d in job.decisions] == [(f"{benign}/32", "refused")]
 
 
 def test_an_off_link_peer_is_fingerprinted_by_its_ttl_only(lab, tmp_path, pin_root):
