@@ -10,7 +10,7 @@ from typing import Sequence
 
 from app.db import peers
 from app.services.evaluation.batch import Batch
-from app.services.evaluation.findings import TWO_WAY, Finding
+from app.services.evaluation.findings import ONE_WAY, TWO_WAY, Finding
 from app.services.text import utc
 
 
@@ -20,7 +20,9 @@ def judge_sources(conn, settings, findings: Sequence[Finding], batch: Batch, now
     findings are stored: their reasons JSON then carries it. The verified peers come from
     ``batch.peers`` (loaded once, from ``batch.peers_since``: at or before now - the look-back).
 
-    Two-way evidence is never forged. One-way evidence naming a verified peer (within
+    Two-way evidence (handshake flows of a verified peer) whose rounds show another TTL or MAC than
+    the peer's fingerprint is what a blind forger's SYN then ACK looks like when the owner stays silent:
+    it becomes one-way, forged; otherwise two-way is never forged. One-way evidence naming a verified peer (within
     blocklist.peer_lookback_seconds) is forged unless it carries the peer's fingerprint: its TTL range
     in the finding's rounds within blocklist.ttl_tolerance of the TTL the peer proved itself with, and
     no other source MAC than the peer's when it has one (an off-link peer has none: its packets carry a
@@ -41,7 +43,10 @@ def judge_sources(conn, settings, findings: Sequence[Finding], batch: Batch, now
             continue
         for s in f.sources:
             if s.evidence == TWO_WAY:
-                s.forged = False
+                why = _handshakes_forged_why(conn, cfg, f, batch.peers.get(s.address))
+                s.forged = bool(why)
+                if why:
+                    s.evidence, s.note = ONE_WAY, why
             elif not s.forged:
                 why = _forged_why(conn, cfg, s.address, f, verified.get(s.address))
                 s.forged = bool(why)
@@ -70,6 +75,19 @@ def _forged_why(conn, cfg, address: str, f: Finding, row) -> str:
         return (f"possibly forged: IP TTL {seen[0]}-{seen[1]} in these rounds, usually {usual[0]}-{usual[1]} "
                 "(another hop count)")
     return ""
+
+
+def _handshakes_forged_why(conn, cfg, f: Finding, row) -> str:
+    """Why the handshake flows under the verified peer ``row`` (None: not one) in f's rounds are not
+    its own: its rounds carry another TTL or MAC than its fingerprint; '' when they match or when there
+    is nothing to compare (no fingerprint, no TTLs recorded: the handshakes stay two-way)."""
+    if row is None:
+        return ""
+    seen = peers.ttl_range(conn, row["address"], f.first_round_id, f.last_round_id)
+    if row is None or row["ttl"] is None or seen is None:
+        return ""
+    mismatch = _fingerprint_mismatch(conn, cfg, row, f, seen)
+    return f"possibly forged: handshakes under a verified peer's address {mismatch}" if mismatch else ""
 
 
 def _fingerprint_mismatch(conn, cfg, row, f: Finding, seen: tuple[int, int] | None) -> str:

@@ -13,6 +13,7 @@ Every packet stays between lab addresses.
 """
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -142,3 +143,47 @@ def test_an_off_link_peer_is_fingerprinted_by_its_ttl_only(lab, tmp_path, pin_ro
     scan = _scan_of(job, remote)
     assert scan.sources[0].forged is False
     assert (f"{remote}/32", "block") in [(d.address, d.action) for d in job.decisions]
+
+
+def test_blind_handshakes_under_a_silent_peer_from_another_ttl_are_forged(lab, tmp_path, pin_root):
+    """The peer's firewall drops SYN-ACKs it never asked for, so no RST gives the forgery away: a blind
+    SYN then ACK on 30 listening ports under the verified peer's address looks like 30 completed
+    handshakes of a verified address. Their TTL (40, the peer proved itself with 64) is not the peer's:
+    one-way, possibly forged, not blocked."""
+    from tests.services.evaluation.test_forged_netns import BLIND
+    s, pdir = loaded(lab, tmp_path, pin_root)
+    s.evaluator.scan_ports = 25
+    benign = lab.host_v4(1)
+    listeners = []
+    for port in range(47000, 47030):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((lab.root_v4, port))
+        sock.listen(1)
+        listeners.append(sock)
+    try:
+        with talking_client(lab, benign):
+            collect(s, lab)
+            lab.run("iptables", "-A", "INPUT", "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "--dport", "50000:50029",
+                    "-j", "DROP")
+            sent = lab.run(sys.executable, "-c", BLIND, lab.peer_interface, benign, lab.root_v4, _mac(lab.interface),
+                           "47000", "30", timeout=120)
+            assert int(sent.stdout.strip()) == 60
+            collect(s, lab)
+            job = jobs.run(s)
+    finally:
+        for sock in listeners:
+            sock.close()
+    conn = connect(s.general.db)
+    try:
+        # completed-looking handshakes (SYN and ACK), and no RST from the silent owner
+        flows = conn.execute("SELECT COUNT(*), SUM((tcp_flags & 4) != 0) FROM flows WHERE src_address = ? AND "
+                             "dst_port BETWEEN 47000 AND 47029 AND (tcp_flags & 18) = 18", (benign,)).fetchone()
+        assert tuple(flows) == (30, 0)
+        assert queries.count_status(conn, "active") == 0 and bpftool_entries(pdir) == 0
+    finally:
+        conn.close()
+    scan = _scan_of(job, benign)
+    assert scan.sources[0].evidence == "one-way" and scan.sources[0].forged is True
+    assert "handshakes under a verified peer's address with IP TTL 40" in scan.sources[0].note
+    assert [(d.address, d.action) for d in job.decisions] == [(f"{benign}/32", "refused")]

@@ -122,6 +122,31 @@ def test_one_way_evidence_under_a_peer_is_its_own_only_with_its_fingerprint(conn
     assert "TTL 40-40, the peer's 64" in scans[1].sources[0].note
     assert "MAC 0a:0b:0c:0d:0e:0f, the peer's 02:00:00:00:00:02" in scans[2].sources[0].note
 
+def test_handshakes_under_a_peer_are_its_own_only_with_its_fingerprint(conn, tmp_path):
+    """Handshake flows of a verified peer are two-way evidence only when their rounds carry its
+    fingerprint: a blind forger's SYN then ACK under its address (the owner silent, no RST) from
+    another TTL or MAC is one-way and possibly forged; no TTLs recorded leaves them two-way."""
+    s = blocklist_settings(tmp_path)
+    with conn:
+        verify(conn, PEER, T0 - 3600)                                 # TTL 64, MAC 02:00:00:00:00:02
+        rounds = [add_round(conn, T0 - 600 + 60 * i) for i in range(4)]
+        for rid, ttl, mac in zip(rounds[:3], (64, 40, 64), ("02:00:00:00:00:02", "02:00:00:00:00:02",
+                                                             "0a:0b:0c:0d:0e:0f")):
+            conn.execute("INSERT INTO source_stats (round_id, address, packets, bytes, ttl_min, ttl_max, mac) "
+                         "VALUES (?, ?, 100, 6000, ?, ?, ?)", (rid, PEER, ttl, ttl, mac))
+    scans = [finding("port_scan", source=PEER, sources=[Source(PEER, evidence=TWO_WAY)], first_round_id=rid,
+                     last_round_id=rid) for rid in rounds]
+    assert judge_sources(conn, s, scans, now=T0) == 2
+    assert [(f.sources[0].evidence, f.sources[0].forged) for f in scans] == [
+        (TWO_WAY, False), (ONE_WAY, True), (ONE_WAY, True), (TWO_WAY, False)]
+    assert scans[1].sources[0].note == "possibly forged: handshakes under a verified peer's address with IP TTL 40-40, the peer's 64"
+    assert "from MAC 0a:0b:0c:0d:0e:0f" in scans[2].sources[0].note
+    [forged] = decide(conn, s, add_evaluation(conn, scans[1:3], at=T0), now=T0, protection=NOBODY)
+    assert forged.action == "refused" and "never blocked on one-way evidence" in forged.detail
+    [own] = decide(conn, s, add_evaluation(conn, scans[:1], at=T0), now=T0, protection=NOBODY)
+    assert own.action == "block" and own.evidence["evidence"] == TWO_WAY
+
+
 def test_one_way_evidence_naming_a_peer_is_possibly_forged(conn, tmp_path):
     s = blocklist_settings(tmp_path)
     with conn:
