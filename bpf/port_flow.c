@@ -26,7 +26,10 @@
  * Answers: a TCP/UDP packet on the reverse tuple of a conversation THIS host opened (conns, written
  * by bpf/egress.c), idle less than REPLY_IDLE_SECONDS, and for TCP carrying ACK, is an answer: it
  * passes even from a blocked source (counted in the entry's `replies`, PW_G_REPLIES_PASSED), is
- * never counted in srcports (scan evidence) and marks its flow PW_FLOW_REPLY. Verified peers: the
+ * never counted in srcports (scan evidence) and marks its flow PW_FLOW_REPLY. So is an ICMP/ICMPv6
+ * error (unreachable, time exceeded, parameter problem, packet too big) quoting a TCP/UDP packet of
+ * such a conversation: this host's own traffic bounced, e.g. ECONNREFUSED on a connected UDP socket
+ * (it proves nothing: anyone on the path may send one). Verified peers: the
  * ACK acknowledging this host's SYN-ACK ISN + 1 (synacks), the SYN-ACK acknowledging this host's
  * SYN ISN + 1, and the first answer to this host's UDP datagram record their source in verified,
  * with the packet's TTL and source MAC.
@@ -296,6 +299,70 @@ static __always_inline void verify(struct pw_global *g, struct parsed *p, __u8 p
     count(PW_G_VERIFIED, 1);
 }
 
+/* The conns key of the TCP/UDP packet an ICMP or ICMPv6 error quotes (destination unreachable, time
+ * exceeded, parameter problem; ICMPv6 packet too big), as that packet's answer would arrive: the quoted
+ * packet went from this host (its source) to the remote (its destination). 0 when k was filled. */
+static __always_inline int icmp_quoted_key(struct pw_flow_key *k, struct parsed *p, void *l4, void *data_end)
+{
+    __u8 *icmp = l4;
+    if ((void *)(icmp + 8) > data_end)
+        return -1;
+    __u8 type = icmp[0];
+    void *inner = icmp + 8;
+    void *ports;
+    __u8 proto;
+    __builtin_memset(k, 0, sizeof(*k));
+    if (p->proto == IPPROTO_ICMP) {
+        if (type != 3 && type != 11 && type != 12)
+            return -1;
+        struct iphdr *ih = inner;
+        if ((void *)(ih + 1) > data_end)
+            return -1;
+        __u32 ihl = ih->ihl * 4;
+        if (ih->version != 4 || ihl < sizeof(*ih) || (bpf_ntohs(ih->frag_off) & 0x1FFF))
+            return -1;
+        proto = ih->protocol;
+        ports = inner + (ihl & 0x3C);               /* 20..60: a bound the verifier can follow */
+        map_v4(&k->src, ih->daddr);
+        map_v4(&k->dst, ih->saddr);
+    } else {
+        if (type < 1 || type > 4)                   /* ICMPv6 errors: 1 unreachable ... 4 parameter problem */
+            return -1;
+        struct ipv6hdr *ih = inner;
+        if ((void *)(ih + 1) > data_end)
+            return -1;
+        proto = ih->nexthdr;
+        ports = ih + 1;
+        k->src.family = PW_FAMILY_V6;
+        k->dst.family = PW_FAMILY_V6;
+        __builtin_memcpy(k->src.addr, &ih->daddr, 16);
+        __builtin_memcpy(k->dst.addr, &ih->saddr, 16);
+    }
+    if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+        return -1;
+    __be16 *pp = ports;
+    if ((void *)(pp + 2) > data_end)
+        return -1;
+    k->sport = bpf_ntohs(pp[1]);                    /* the remote's port */
+    k->dport = bpf_ntohs(pp[0]);                    /* this host's port */
+    k->proto = proto;
+    return 0;
+}
+
+/* 1 when the ICMP/ICMPv6 error p quotes a packet of a conversation this host opened (conns, idle <
+ * REPLY_IDLE_SECONDS). It proves nothing (whoever is on the path may send one): no verified peer. */
+static __always_inline int icmp_answer_of(struct pw_global *g, struct parsed *p, void *l4, void *data_end, __u64 now)
+{
+    struct pw_flow_key fk;
+    if (p->nonfirst_frag || icmp_quoted_key(&fk, p, l4, data_end) < 0)
+        return 0;
+    struct pw_conn_value *cv = conns.lookup(&fk);
+    if (!cv || now - cv->last_out_ns > REPLY_IDLE_SECONDS * 1000000000ULL)
+        return 0;
+    count(PW_G_REPLIES, 1);
+    return 1;
+}
+
 /* 1 when p answers a conversation this host opened (conns: reverse tuple, idle < REPLY_IDLE_SECONDS,
  * TCP with ACK). Records the proofs a blind forger cannot give (see the header comment). */
 static __always_inline int answer_of(struct pw_global *g, struct parsed *p, void *data, __u64 now)
@@ -361,7 +428,11 @@ int xdp_port_flow(struct xdp_md *ctx)
      * off from a destination it talks to) */
     __u64 now = pw_now(cfg);            /* capture time in a replay */
     int l4_ok = parse_l4(data, l4, data_end, &p) == 0;
-    int reply = l4_ok && answer_of(g, &p, data, now);
+    int reply = 0;
+    if (l4_ok && (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6))
+        reply = icmp_answer_of(g, &p, l4, data_end, now);
+    else if (l4_ok)
+        reply = answer_of(g, &p, data, now);
     struct pw_lpm_key lk = {};
     lk.prefixlen = PW_LPM_FULL;
     lk.a = p.src;

@@ -202,3 +202,46 @@ def test_outbound_sweep_answers_are_no_inbound_scan(lab, tmp_path, pin_root):
     finally:
         conn.close()
     assert [f.detector for f in job.evaluation.anomalies if target in f.addresses] in ([], ["outbound_scan"])
+
+
+def test_icmp_unreachable_answering_this_host_passes_a_block_and_is_counted(lab, tmp_path, pin_root):
+    """This host sends UDP to a closed port of a blocked address (IPv4 and IPv6): the ICMP port
+    unreachable quoting its datagram answers its own traffic, so XDP passes it (the connected socket
+    gets ECONNREFUSED) and counts it as passed as replies; the block still drops what the address starts."""
+    s, pdir = loaded(lab, tmp_path, pin_root)
+    targets = (lab.host_v4(2), lab.host_v6(2))
+    for target in targets:
+        added = _cli(s, tmp_path, "blacklist", "add", target, "--ttl", "1h", "--force")
+        assert added.returncode == 0, added.stderr
+    outcomes = {}
+    for target, family, local in ((targets[0], socket.AF_INET, lab.root_v4), (targets[1], socket.AF_INET6, lab.root_v6)):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind((local, 0))
+        sock.connect((target, 47999))                   # nothing listens there
+        sock.settimeout(2)
+        for i in range(3):
+            sock.send(b"ping %d" % i)
+            try:
+                sock.recv(100)
+                outcomes.setdefault(target, []).append("answered")
+            except ConnectionRefusedError:
+                outcomes.setdefault(target, []).append("refused")
+            except socket.timeout:
+                outcomes.setdefault(target, []).append("timeout")
+        sock.close()
+    hping(lab, "-a", targets[0], "-S", "-p", "++1000", "-c", "20", "-i", "u500")     # what it starts: dropped
+    collect(s, lab)
+    assert outcomes == {t: ["refused"] * 3 for t in targets}
+    conn = connect(s.general.db)
+    try:
+        passed = queries.replies_passed(conn)
+        drops = dict(conn.execute("SELECT address, SUM(drops) FROM blacklist_drops GROUP BY address").fetchall())
+        icmp = conn.execute("SELECT src_address, protocol, packets, tcp_flags FROM flows WHERE direction = 'in' AND "
+                            "protocol IN ('icmp', 'icmpv6') ORDER BY src_address").fetchall()
+        print(f"\nICMP errors through a block: replies passed {passed}, drops {drops}, flows {[tuple(r) for r in icmp]}")
+        assert passed == {f"{targets[0]}/32": 3, f"{targets[1]}/128": 3}
+        assert drops.get(f"{targets[0]}/32") == 20                      # the SYNs it started
+        assert {r["src_address"] for r in icmp} == set(targets) and all(r["tcp_flags"] & 256 for r in icmp)
+        assert conn.execute("SELECT COUNT(*) FROM source_ports WHERE address IN (?, ?)", targets).fetchone()[0] == 0
+    finally:
+        conn.close()
