@@ -42,6 +42,8 @@ def map_size_defaults(header: Path = resources.BPF_DIR / "common.h") -> dict[str
 
 
 MAP_SIZE_DEFAULTS = map_size_defaults()
+REPLY_IDLE_DEFAULT = int(re.search(r"^#define REPLY_IDLE_SECONDS (\d+)$", (resources.BPF_DIR / "common.h").read_text(),
+                                   re.M).group(1))      # its one home too
 
 
 @dataclass
@@ -59,6 +61,10 @@ class Collector:
     srcport_map_size: int = MAP_SIZE_DEFAULTS["SRCPORT_MAP_SIZE"]
     flow_map_size: int = MAP_SIZE_DEFAULTS["FLOW_MAP_SIZE"]
     blacklist_map_size: int = MAP_SIZE_DEFAULTS["BLACKLIST_MAP_SIZE"]
+    conn_map_size: int = MAP_SIZE_DEFAULTS["CONN_MAP_SIZE"]        # conversations this host opened (answers pass)
+    synack_map_size: int = MAP_SIZE_DEFAULTS["SYNACK_MAP_SIZE"]    # SYN-ACKs this host sent (handshake proofs)
+    scanner_map_size: int = MAP_SIZE_DEFAULTS["SCANNER_MAP_SIZE"]  # promoted scanners (never evicted)
+    reply_idle_seconds: float = float(REPLY_IDLE_DEFAULT)   # an opened conversation idle longer is not answered (whole s)
     extra_cflags: str = ""                       # more -D flags for the XDP build (a change reloads it)
 
 

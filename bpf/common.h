@@ -12,7 +12,8 @@
 #define PORTWATCH_COMMON_H
 
 /* Map sizes (max entries): these defaults are the one home of them; the loader passes the config's
- * collector.*_map_size as -D flags, and app/config.py reads its defaults from these lines. */
+ * collector.*_map_size (and collector.reply_idle_seconds) as -D flags, and app/config.py reads its
+ * defaults from these lines. */
 #ifndef PORT_MAP_SIZE
 #define PORT_MAP_SIZE 65536
 #endif
@@ -34,11 +35,18 @@
 #ifndef CONN_MAP_SIZE
 #define CONN_MAP_SIZE 65536
 #endif
+#ifndef SYNACK_MAP_SIZE
+#define SYNACK_MAP_SIZE 65536
+#endif
 #ifndef VERIFIED_MAP_SIZE
 #define VERIFIED_MAP_SIZE 16384
 #endif
 #ifndef SCANNER_MAP_SIZE
 #define SCANNER_MAP_SIZE 1024
+#endif
+/* how long a conversation this host opened may stay idle and still be answered (collector.reply_idle_seconds) */
+#ifndef REPLY_IDLE_SECONDS
+#define REPLY_IDLE_SECONDS 300
 #endif
 
 /* An address with its family. family is 4 or 6 (the IP header it came in); addr holds IPv6 as

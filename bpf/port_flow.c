@@ -3,7 +3,8 @@
  * Hook: XDP (native where the driver supports it, else generic/skb), ingress of one interface.
  * Loaded by app/services/kernel/xdp_loader.py through BCC; build options come as -D flags:
  *   PIN_DIR            "/sys/fs/bpf/portwatch/<interface>" (string literal, maps are pinned there)
- *   PORT_MAP_SIZE, SOURCE_MAP_SIZE, SRCPORT_MAP_SIZE, FLOW_MAP_SIZE, BLACKLIST_MAP_SIZE, SYNLIMIT_MAP_SIZE
+ *   PORT_MAP_SIZE, SOURCE_MAP_SIZE, SRCPORT_MAP_SIZE, FLOW_MAP_SIZE, BLACKLIST_MAP_SIZE, SYNLIMIT_MAP_SIZE,
+ *   CONN_MAP_SIZE, SYNACK_MAP_SIZE, SCANNER_MAP_SIZE, REPLY_IDLE_SECONDS (defaults: bpf/common.h)
  *
  * Maps (all pinned under PIN_DIR; struct layouts in bpf/common.h):
  *   name        type             key                   value                      entries
@@ -19,7 +20,7 @@
  *   meta        array            u32 (0)               pw_meta                    1  (user space only)
  *   synlimit    hash             pw_port_key           pw_synlimit_value          SYNLIMIT_MAP_SIZE
  *   conns       lru_hash         pw_flow_key (answer)  pw_conn_value              CONN_MAP_SIZE   (TC writes)
- *   synacks     lru_hash         pw_flow_key (answer)  pw_synack_value            CONN_MAP_SIZE   (TC writes)
+ *   synacks     lru_hash         pw_flow_key (answer)  pw_synack_value            SYNACK_MAP_SIZE (TC writes)
  *   verified    lru_hash         pw_addr               pw_verified_value          VERIFIED_MAP_SIZE
  *   scanners    hash (no LRU)    pw_addr               pw_scanner_value           SCANNER_MAP_SIZE
  *
@@ -53,9 +54,6 @@
 #ifndef PIN_DIR
 #error "PIN_DIR must be given as a -D flag"
 #endif
-#ifndef REPLY_IDLE_SECONDS
-#define REPLY_IDLE_SECONDS 300
-#endif
 
 BPF_TABLE_PINNED("percpu_hash", struct pw_port_key, struct pw_port_value, port_stats, PORT_MAP_SIZE, PIN_DIR "/port_stats");
 BPF_TABLE_PINNED("lru_percpu_hash", struct pw_addr, struct pw_source_value, sources, SOURCE_MAP_SIZE, PIN_DIR "/sources");
@@ -69,7 +67,7 @@ BPF_TABLE_PINNED("array", __u32, struct pw_config, config, 1, PIN_DIR "/config",
 BPF_TABLE_PINNED("array", __u32, struct pw_meta, meta, 1, PIN_DIR "/meta");
 BPF_TABLE_PINNED("hash", struct pw_port_key, struct pw_synlimit_value, synlimit, SYNLIMIT_MAP_SIZE, PIN_DIR "/synlimit");
 BPF_TABLE_PINNED("lru_hash", struct pw_flow_key, struct pw_conn_value, conns, CONN_MAP_SIZE, PIN_DIR "/conns");
-BPF_TABLE_PINNED("lru_hash", struct pw_flow_key, struct pw_synack_value, synacks, CONN_MAP_SIZE, PIN_DIR "/synacks");
+BPF_TABLE_PINNED("lru_hash", struct pw_flow_key, struct pw_synack_value, synacks, SYNACK_MAP_SIZE, PIN_DIR "/synacks");
 BPF_TABLE_PINNED("lru_hash", struct pw_addr, struct pw_verified_value, verified, VERIFIED_MAP_SIZE, PIN_DIR "/verified");
 BPF_TABLE_PINNED("hash", struct pw_addr, struct pw_scanner_value, scanners, SCANNER_MAP_SIZE, PIN_DIR "/scanners");
 

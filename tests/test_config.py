@@ -141,6 +141,9 @@ def test_seconds_keys_take_durations_in_the_file_and_environment(tmp_path):
     ("[collector]\nround_seconds = \"1e12\"\n", "'collector.round_seconds' = 1000000000000.0 must be above 0 and at "
                                                 "most 86400"),
     ("[collector]\nrounds = 100000000000\n", "'collector.rounds' = 100000000000 must be between 0 and 1000000000"),
+    ("[collector]\nreply_idle_seconds = \"2d\"\n", "'collector.reply_idle_seconds' = 172800.0 must be between 1 and 86400"),
+    ("[collector]\nscanner_map_size = 0\n", "'collector.scanner_map_size' = 0 must be between 1 and 16777216"),
+    ("[collector]\nconn_map_size = 16777217\n", "'collector.conn_map_size' = 16777217 must be between 1 and 16777216"),
     ("[alerts]\nwebhook_timeout = 1e9\n", "'alerts.webhook_timeout' = 1000000000.0 must be above 0 and at most 3600"),
     ("[retention]\nkeep_days = 1e300\n", "'retention.keep_days' = 1e+300 must be above 0 and at most 36600"),
     ("[crowdsec]\nresync_seconds = \"1e10\"\n", "'crowdsec.resync_seconds' = 10000000000.0 must be above 0"),
@@ -189,10 +192,12 @@ def test_map_size_defaults_have_one_home_in_common_h():
     sizes = map_size_defaults()
     assert sizes == {"PORT_MAP_SIZE": 65536, "SOURCE_MAP_SIZE": 65536, "SRCPORT_MAP_SIZE": 131072,
                      "FLOW_MAP_SIZE": 65536, "BLACKLIST_MAP_SIZE": 16384, "SYNLIMIT_MAP_SIZE": 1024,
-                     "CONN_MAP_SIZE": 65536, "VERIFIED_MAP_SIZE": 16384, "SCANNER_MAP_SIZE": 1024}
+                     "CONN_MAP_SIZE": 65536, "SYNACK_MAP_SIZE": 65536, "VERIFIED_MAP_SIZE": 16384,
+                     "SCANNER_MAP_SIZE": 1024}
     c = Collector()
     assert (c.port_map_size, c.source_map_size, c.srcport_map_size, c.flow_map_size, c.blacklist_map_size) == (
         65536, 65536, 131072, 65536, 16384)
+    assert (c.conn_map_size, c.synack_map_size, c.scanner_map_size, c.reply_idle_seconds) == (65536, 65536, 1024, 300)
     bpf = Path(__file__).resolve().parent.parent / "bpf"
     for source in ("port_flow.c", "egress.c", "parse.h"):
         assert "_MAP_SIZE " not in "".join(line for line in (bpf / source).read_text().splitlines(True)

@@ -56,14 +56,16 @@ class LoadState:
 
 
 def build_flags(settings) -> list[str]:
-    """-D flags for the build (map sizes). PIN_DIR is added by the loader."""
+    """-D flags for the build (map sizes, the reply idle time). PIN_DIR is added by the loader."""
     c = settings.collector
     for flag in c.extra_cflags.split():
         if not flag.startswith("-D"):
             raise UsageError(f"collector.extra_cflags may only hold -D flags, not {flag!r}")
     return [f"-DPORT_MAP_SIZE={c.port_map_size}", f"-DSOURCE_MAP_SIZE={c.source_map_size}",
             f"-DSRCPORT_MAP_SIZE={c.srcport_map_size}", f"-DFLOW_MAP_SIZE={c.flow_map_size}",
-            f"-DBLACKLIST_MAP_SIZE={c.blacklist_map_size}", *c.extra_cflags.split()]
+            f"-DBLACKLIST_MAP_SIZE={c.blacklist_map_size}", f"-DCONN_MAP_SIZE={c.conn_map_size}",
+            f"-DSYNACK_MAP_SIZE={c.synack_map_size}", f"-DSCANNER_MAP_SIZE={c.scanner_map_size}",
+            f"-DREPLY_IDLE_SECONDS={int(c.reply_idle_seconds)}", *c.extra_cflags.split()]
 
 
 def map_sizes(settings) -> dict[str, int]:
@@ -71,7 +73,8 @@ def map_sizes(settings) -> dict[str, int]:
     return {"port_stats": c.port_map_size, "sources": c.source_map_size, "srcports": c.srcport_map_size,
             "flows": c.flow_map_size, "blacklist": c.blacklist_map_size, "eg_ports": c.port_map_size,
             "eg_dests": c.source_map_size, "eg_dstports": c.srcport_map_size, "eg_flows": c.flow_map_size,
-            "eg_block": c.blacklist_map_size}
+            "eg_block": c.blacklist_map_size, "conns": c.conn_map_size, "synacks": c.synack_map_size,
+            "scanners": c.scanner_map_size}
 
 
 def source_hash(settings) -> str:

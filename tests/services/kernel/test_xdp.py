@@ -116,3 +116,39 @@ def test_auto_mode_prefers_generic_on_virtual_drivers(monkeypatch):
     assert egress.auto_modes("x0") == (["generic"], "veth")
     monkeypatch.setattr(egress, "driver_of", lambda interface: "mlx5_core")
     assert egress.auto_modes("x0") == (["native", "generic"], "mlx5_core")
+
+
+@pytest.mark.kernel
+def test_reply_idle_time_and_conversation_map_sizes_are_settings(lab, tmp_path):
+    """collector.{conn,synack,scanner}_map_size size the pinned maps; collector.reply_idle_seconds is how
+    long a conversation this host opened may idle and still be answered through a block: an ACK from a
+    blocked remote passes 29 s after this host's last packet with a 30 s setting, and is dropped at 31 s
+    (the program's clock is set in its config map, as a replay sets it: no waiting)."""
+    import ipaddress
+    from scapy.all import IP, TCP, Ether
+    from app.lab import run_frames
+    s = make_settings(tmp_path, conn_map_size=4096, synack_map_size=2048, scanner_map_size=512, reply_idle_seconds=30)
+    assert "-DREPLY_IDLE_SECONDS=30" in xdp.build_flags(s)
+    xdp.ensure_loaded(s, lab.interface)
+    pdir = Path(s.general.pin_root) / lab.interface
+    sizes = {}
+    for name in ("conns", "synacks", "scanners"):
+        with maps.PinnedMap(pdir / name) as m:
+            sizes[name] = m.info.max_entries
+    assert sizes == {"conns": 4096, "synacks": 2048, "scanners": 512}
+    remote, local = lab.host_v4(2), lab.root_v4
+    key = bpf_structs.PwFlowKey(sport=80, dport=40000, proto=6)         # as the answer arrives
+    key.src = bpf_structs.PwAddr.from_buffer_copy(bpf_structs.addr_bytes(remote))
+    key.dst = bpf_structs.PwAddr.from_buffer_copy(bpf_structs.addr_bytes(local))
+    t0 = 1_000_000_000_000
+    with maps.PinnedMap(pdir / "conns") as conns:
+        conns.update(bytes(key), bytes(bpf_structs.PwConnValue(last_out_ns=t0, isn=1, flags=1)))
+    with maps.PinnedMap(pdir / "blacklist") as blacklist:
+        blacklist.update(bpf_structs.lpm_key(ipaddress.ip_network(f"{remote}/32")), bytes(bpf_structs.PwBlacklistValue()))
+    ack = bytes(Ether() / IP(src=remote, dst=local) / TCP(sport=80, dport=40000, flags="A", seq=5, ack=2))
+    verdicts = []
+    with maps.PinnedMap(pdir / "config") as config:
+        for idle in (29, 31):
+            config.update(maps.INDEX_0, bytes(bpf_structs.PwConfig(clock_ns=t0 + idle * 10 ** 9)))
+            verdicts.append(run_frames(pdir / "prog", [ack]))
+    assert verdicts == [{2: 1}, {1: 1}]                  # XDP_PASS (an answer), then XDP_DROP (blocked)
