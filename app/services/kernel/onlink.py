@@ -80,6 +80,10 @@ def read(interface: str) -> OnLink | None:
     a replay; netlink refused): then nothing is known to be on-link or off-link."""
     try:
         ifindex = int(Path(f"/sys/class/net/{interface}/ifindex").read_text())
+    except (OSError, ValueError):
+        log.debug("no interface %s (a replay): MAC fingerprints are kept for every peer", interface)
+        return None
+    try:
         networks, neighbours = [], set()
         for kind, body in _dump(RTM_GETADDR, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
             family, prefixlen, _, _, index = _IFADDRMSG.unpack_from(body)
