@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["collector.py", "snapshots.py", "egress.py", "blocklist.py", "evaluator.py", "detection.py", "fleet.py", "replay.py"]
-SMOKE = ["blocklist.py", "evaluator.py"]
+SMOKE = ["blocklist.py", "evaluator.py", "replay.py"]
 
 
 def main(argv: list[str] | None = None) -> int:

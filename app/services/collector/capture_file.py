@@ -13,6 +13,7 @@ adds 14 bytes per frame for raw IP and changes nothing for cooked ones (16 -> 14
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class Capture:
     """Packets of one file. buffer: every frame's bytes (Ethernet framed); offsets/lengths: (n,) int64
     byte positions and sizes in ``buffer``; ts_ns: (n,) int64 capture time, Unix ns, in file order."""
     name: str
-    buffer: bytearray
+    buffer: mmap.mmap | bytes | bytearray   # read-only is fine: the kernel copies frames in
     offsets: np.ndarray
     lengths: np.ndarray
     ts_ns: np.ndarray
@@ -45,12 +46,13 @@ class Capture:
 
 
 def read(path: str | Path) -> Capture:
-    """Read a pcap or pcapng file (UsageError with one sentence when it is neither, or truncated badly)."""
+    """Read a pcap or pcapng file (UsageError with one sentence when it is neither, or truncated badly).
+    The file is mapped read-only, not copied: the programs get pointers into the page cache."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:            # straight into the buffer the programs get pointers into
-            data = bytearray(os.fstat(fh.fileno()).st_size)
-            fh.readinto(data)
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            data = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) if size >= 24 else fh.read()
     except OSError as exc:
         raise UsageError(f"cannot read the capture {path}: {exc.strerror}") from None
     magic = bytes(data[:4])
@@ -63,25 +65,30 @@ def read(path: str | Path) -> Capture:
     return _frame(path.name, data, *records)
 
 
-def _pcap_records(data: bytes, path: Path):
+def _pcap_records(data, path: Path):
+    """(offsets, lengths, ts_ns, link types) of a classic pcap's records: the one Python loop walks the
+    record headers' lengths (each record's place depends on the previous one); the rest is numpy."""
     order, ns_per_tick = _PCAP_MAGIC[bytes(data[:4])]
     if len(data) < 24:
         raise UsageError(f"{path} is a truncated pcap file (no header)")
     linktype = struct.unpack_from(order + "I", data, 20)[0] & 0x0FFFFFFF
-    unpack = struct.Struct(order + "IIII").unpack_from
-    offsets, lengths, ts = [], [], []
-    add_offset, add_length, add_ts = offsets.append, lengths.append, ts.append     # the one per-record loop
+    incl_at = struct.Struct(order + "I").unpack_from
+    starts = []
+    add = starts.append
     pos, end = 24, len(data)
     while pos + 16 <= end:
-        sec, frac, incl, _orig = unpack(data, pos)
-        pos += 16
-        if pos + incl > end:
+        nxt = pos + 16 + incl_at(data, pos + 8)[0]
+        if nxt > end:
             break                                   # a truncated last record (a capture still being written)
-        add_offset(pos)
-        add_length(incl)
-        add_ts(sec * 1_000_000_000 + frac * ns_per_tick)
-        pos += incl
-    return offsets, lengths, ts, [linktype] * len(offsets)
+        add(pos)
+        pos = nxt
+    at = np.asarray(starts, dtype=np.int64)
+    if not len(at):
+        return at, at, at, []
+    buf = np.frombuffer(data, dtype=np.uint8)
+    head = np.ascontiguousarray(buf[at[:, None] + np.arange(12)]).view(order + "u4")   # (n, 3): sec, frac, incl
+    ts = head[:, 0].astype(np.int64) * 1_000_000_000 + head[:, 1].astype(np.int64) * ns_per_tick
+    return at + 16, head[:, 2].astype(np.int64), ts, [linktype] * len(at)
 
 
 def _pcapng_records(data: bytes, path: Path):
@@ -128,7 +135,7 @@ def _tsresol(data: bytes, pos: int, end: int, order: str) -> tuple[int, int]:
     return 1_000_000, 1000
 
 
-def _frame(name: str, data: bytearray, offsets, lengths, ts, links) -> Capture:
+def _frame(name: str, data, offsets, lengths, ts, links) -> Capture:
     """Every frame Ethernet framed, in one buffer the programs can be handed pointers into."""
     offsets = np.asarray(offsets, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,8 +66,12 @@ class ReplayResult:
                 f"{self.sniffed} packets sniffed")
         if s.dropped:
             tail += f", {s.dropped} packets dropped by the replay's blocklist"
-        if s.too_large:
-            tail += f", {s.too_large} frames over {prog_run.MAX_FRAME} bytes not fed (a test run refuses them)"
+        if s.cut:
+            tail += (f", {s.cut} frames over {prog_run.MAX_FRAME} bytes fed cut to their first {prog_run.MAX_FRAME} "
+                     f"(the most a test run takes): packets and payload bytes exact, {s.cut_bytes} frame bytes "
+                     f"not counted")
+        if s.too_short:
+            tail += f", {s.too_short} frames shorter than an Ethernet header not fed"
         return out + [tail]
 
 
@@ -132,80 +137,93 @@ def directions(h: capture_file.Headers, hosts: list[str]) -> np.ndarray:
     return outbound | ((h.ip == 0) & np.isin(h.eth_src, macs))
 
 
-def replay(settings, capture_path: str | Path, hosts=(), round_seconds: float = 60.0,
-           after_round: Callable | None = None, sniff: bool = True, measure_floor: bool = False) -> ReplayResult:
-    """Replay one capture into ``settings.general.db``. ``measure_floor``: also time one
-    test-run call alone on the capture's first frame (bench/replay.py), after the replay.
+@dataclass
+class _Plan:
+    """What a replay feeds, worked out from the capture while the programs compile: each packet's direction,
+    the capture order, round edges (ns) and each round's end index in that order, clock ticks, the inferred
+    listeners and, per round, the sniffer's records (None without the sniffer)."""
+    hosts: list[str]
+    outbound: np.ndarray
+    order: np.ndarray
+    bounds: list[int]
+    cut: list[int]
+    ticks: np.ndarray
+    listeners: list
+    sampled: list | None
 
-    Every packet of a pcap/pcapng file goes, in capture order, through the compiled programs — XDP port_flow
-    for packets to the host, TC egress for packets from it — with BPF_PROG_TEST_RUN (app/services/kernel/prog_run.py):
-    no interface, no namespace. The programs are compiled by the usual BCC loader process into a PRIVATE pin
-    directory (``/sys/fs/bpf/portwatch-replay/<pid>/replay``, removed at the end): the host's real pins under
-    ``general.pin_root`` are never opened. Their clock (``pw_config.clock_ns``) follows the capture, so flows'
-    first/last seen are capture times.
 
-    Rounds are cut every ``round_seconds`` of capture time from the first packet and closed by the live
-    collector's own code (Collector.close_round: snapshots, differences, rows, one transaction each), so a
-    replayed store reads like a live one in sqlite3; its rounds say ``replayed = 1`` and name the capture.
-    Listeners are inferred from what the host answered (capture_file.inferred_listeners: ``inferred = 1`` in
-    rounds_ports, no pid). The sniffer's rows come from the same capture through pyshark/tshark
-    (app/services/collector/sniffer_file.py), at most ``sniffer.max_packets`` per round like a live sniffer window.
-
-    ``after_round(conn, settings, capture_start, round_end, last)`` (the closed loop: evaluate and block at capture-time
-    boundaries, app/services/jobs.py) runs after each round with the store's clock, against the
-    replay's own maps: a source blocked there is dropped by the replay's XDP program from the next packet on.
-    """
-    if round_seconds <= 0:
-        raise UsageError("--round-seconds must be positive")
-    started = time.monotonic()
-    cap = capture_file.read(capture_path)
-    if not len(cap):
-        raise UsageError(f"{capture_path} holds no packets")
+def _plan(settings, cap: capture_file.Capture, hosts: list[str], round_seconds: float, sniff: bool) -> _Plan:
     h = capture_file.headers(cap)
-    host_inferred = not hosts
-    hosts = list(hosts) or [a for a in [capture_file.most_answered(h, cap.ts_ns)] if a]
+    hosts = hosts or [a for a in [capture_file.most_answered(h, cap.ts_ns)] if a]
     if not hosts:
-        raise UsageError(f"{capture_path} holds no IP packet: name the host with --host")
+        raise UsageError(f"{cap.name} holds no IP packet: name the host with --host")
     outbound = directions(h, hosts)
     order = np.argsort(cap.ts_ns, kind="stable")
-    listeners = capture_file.inferred_listeners(h, cap.ts_ns, outbound)
-    result = ReplayResult(cap.name, hosts, host_inferred, len(cap), listeners=listeners)
-    settings = private_settings(settings)
     ts_sorted = cap.ts_ns[order]
     t0 = int(ts_sorted[0])
     n_rounds = int((int(ts_sorted[-1]) - t0) // int(round_seconds * 1e9)) + 1
     bounds = [t0 + int(k * round_seconds * 1e9) for k in range(n_rounds + 1)]
     cut = np.searchsorted(ts_sorted, bounds[1:], side="left").tolist()
     cut[-1] = len(order)
-    ticks = (cap.ts_ns // CLOCK_TICK_NS * CLOCK_TICK_NS)
+    ticks = cap.ts_ns // CLOCK_TICK_NS * CLOCK_TICK_NS
     sampled = _sniff(settings, cap, order, cut, hosts, bounds) if sniff and settings.sniffer.enabled else None
-    with ReplayCollector(settings, cap.name) as collector:
-        result.compile_seconds = collector.compile_seconds
-        runner = prog_run.ProgramRunner(collector.pin_dir)
-        try:
-            lo = 0
-            for k, hi in enumerate(cut):
-                idx = order[lo:hi]
-                runner.run(cap.buffer, cap.offsets[idx].tolist(), cap.lengths[idx].tolist(),
-                           outbound[idx].astype(np.int64).tolist(), ticks[idx].tolist(), result.stats)
-                end = bounds[k + 1] / 1e9
-                seen = Observations(listeners=_listeners(listeners, bounds[k + 1]), scanner_status="inferred")
-                if sampled is not None:
-                    seen.packets, seen.sniffer_status = sampled[k], "ok"
-                    result.sniffed += len(sampled[k])
-                result.rounds.append(collector.close_round(bounds[k] / 1e9, seen, reconcile=False, at=end))
-                if after_round is not None:
-                    after_round(collector.conn, settings, bounds[0] / 1e9, end, k == len(cut) - 1)
-                lo = hi
+    return _Plan(hosts, outbound, order, bounds, cut, ticks, capture_file.inferred_listeners(h, cap.ts_ns, outbound),
+                 sampled)
+
+
+def replay(settings, capture_path: str | Path, hosts=(), round_seconds: float = 60.0,
+           after_round: Callable | None = None, sniff: bool = True, measure_floor: bool = False) -> ReplayResult:
+    """Replay one capture into ``settings.general.db`` (see module doc). ``measure_floor``: also time one
+    test-run call alone on the capture's first frame (bench/replay.py), after the replay. The capture is
+    analysed (directions, listeners, the sniffer's tshark pass) in a thread while BCC compiles the programs
+    in its own process."""
+    if round_seconds <= 0:
+        raise UsageError("--round-seconds must be positive")
+    started = time.monotonic()
+    cap = capture_file.read(capture_path)
+    if not len(cap):
+        raise UsageError(f"{capture_path} holds no packets")
+    settings = private_settings(settings)
+    with ThreadPoolExecutor(1, thread_name_prefix="replay-plan") as pool:
+        planned = pool.submit(_plan, settings, cap, list(hosts), round_seconds, sniff)
+        with ReplayCollector(settings, cap.name) as collector:
+            plan = planned.result()
+            result = ReplayResult(cap.name, plan.hosts, not hosts, len(cap), listeners=plan.listeners,
+                                  compile_seconds=collector.compile_seconds)
+            _feed(collector, settings, cap, plan, result, after_round)
             if measure_floor:
-                first = int(order[0])
+                first = int(plan.order[0])
                 off = int(cap.offsets[first])
-                result.syscall_floor_ns = runner.syscall_ns(bytes(cap.buffer[off:off + int(cap.lengths[first])]))
-        finally:
-            runner.close()
-    result.first_ts, result.last_ts = t0 / 1e9, int(ts_sorted[-1]) / 1e9
+                frame = bytes(cap.buffer[off:off + min(int(cap.lengths[first]), prog_run.MAX_FRAME)])
+                with prog_run.ProgramRunner(collector.pin_dir) as runner:
+                    result.syscall_floor_ns = runner.syscall_ns(frame)
+    result.first_ts, result.last_ts = plan.bounds[0] / 1e9, int(cap.ts_ns[plan.order[-1]]) / 1e9
     result.seconds = time.monotonic() - started
     return result
+
+
+def _feed(collector: ReplayCollector, settings, cap: capture_file.Capture, plan: _Plan, result: ReplayResult,
+          after_round: Callable | None) -> None:
+    """Every round's packets through the programs, then the round closed by the collector's own code and
+    the closed loop's step (``after_round``) run at its end, in capture time."""
+    frames = np.frombuffer(cap.buffer, dtype=np.uint8)     # held for the loop: the programs read from it
+    bounds, cut = plan.bounds, plan.cut
+    with prog_run.ProgramRunner(collector.pin_dir) as runner:
+        lo = 0
+        for k, hi in enumerate(cut):
+            idx = plan.order[lo:hi]
+            runner.run(frames.ctypes.data, cap.offsets[idx], cap.lengths[idx], plan.outbound[idx], plan.ticks[idx],
+                       result.stats)
+            end = bounds[k + 1] / 1e9
+            seen = Observations(listeners=_listeners(plan.listeners, bounds[k + 1]), scanner_status="inferred")
+            if plan.sampled is not None:
+                seen.packets, seen.sniffer_status = plan.sampled[k], "ok"
+                result.sniffed += len(plan.sampled[k])
+            result.rounds.append(collector.close_round(bounds[k] / 1e9, seen, reconcile=False, at=end))
+            if after_round is not None:
+                runner.set_clock(bounds[k + 1])          # what the loop writes now is dated at the round's end
+                after_round(collector.conn, settings, bounds[0] / 1e9, end, k == len(cut) - 1)
+            lo = hi
 
 
 def _listeners(listeners, end_ns: int) -> list[Listener]:

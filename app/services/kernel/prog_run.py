@@ -3,29 +3,44 @@ interface, no namespace. The kernel runs the real program on each frame (XDP por
 the host, TC egress for packets from it) and its maps count exactly as on an interface.
 
     ProgramRunner(pin_dir)                      the pinned ``prog`` / ``eg_prog`` of a private pin dir
-    .run(buffer, offsets, lengths, outbound, ticks_ns) -> RunStats   one call per packet
+    .run(base, offsets, lengths, outbound, ticks_ns) -> RunStats   one test run per packet, in order
 
 Cost: one syscall per packet (the kernel offers no multi-packet test run for XDP without sending the
-frames); the programs' clock (``pw_config.clock_ns``) moves by a write into the mmap-ed config map
-per clock tick of capture time that has packets (see replay.CLOCK_TICK_NS), no syscall. The loop does nothing else per packet:
-pointers, sizes, directions and clock ticks are precomputed lists.
+frames). Everything else is done for a batch of packets at once with numpy: the test-run options of
+every packet are one preallocated array (``OPTS_DTYPE``), the calls are a ``map`` of the C function
+over the options' addresses (no Python bytecode, object or attribute write per packet), and the
+results (return codes, verdicts, the kernel's own durations) are read back as arrays. The programs'
+clock (``pw_config.clock_ns``) moves between calls, once per clock tick of capture time that has
+packets (see replay.CLOCK_TICK_NS), by a write into the mmap-ed config map.
+
+Frames longer than a test run takes in its linear buffer (``MAX_FRAME``; live, such a frame is a GRO
+or jumbo frame) are fed cut to their first ``MAX_FRAME`` bytes: every header the programs parse is
+there, so the packet, its addresses, ports, flags and its L4 payload bytes (read from the IP header)
+count exactly; its frame bytes count as ``MAX_FRAME`` (``RunStats.cut_bytes`` says how many were not).
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import mmap
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from app.errors import BpfError
 from app.services.kernel import egress, maps
 from app.services.kernel.bpf_structs import PwConfig
 
 XDP_DROP, TC_ACT_SHOT = 1, 2
-MAX_FRAME = 3500          # a test run refuses frames over a page less head/tail room (~3.5 KiB)
+ETH_HLEN = 14             # a test run refuses shorter frames (a live interface never delivers one)
+# the largest frame a test run takes: a page less the XDP head room (256) and the skb_shared_info tail
+# (320): 3520 bytes on x86-64 with 4 KiB pages; the TC run takes a little more (smaller head room)
+MAX_FRAME = 3500
+BATCH = 65536             # packets per options array (72 bytes each: ~4.7 MB)
 
 
 class BpfTestRunOpts(ctypes.Structure):    # struct bpf_test_run_opts (libbpf 1.x, bpf.h)
@@ -37,16 +52,30 @@ class BpfTestRunOpts(ctypes.Structure):    # struct bpf_test_run_opts (libbpf 1.
                 ("batch_size", ctypes.c_uint32)]
 
 
+# the same struct as a numpy record, one per packet of a batch (offsets and size from the ctypes mirror)
+OPTS_DTYPE = np.dtype({"names": [name for name, _ in BpfTestRunOpts._fields_],
+                       "formats": [np.dtype(np.uintp) if kind in (ctypes.c_size_t, ctypes.c_void_p)
+                                   else np.dtype(np.int32) if kind is ctypes.c_int else np.dtype(np.uint32)
+                                   for _, kind in BpfTestRunOpts._fields_],
+                       "offsets": [getattr(BpfTestRunOpts, name).offset for name, _ in BpfTestRunOpts._fields_],
+                       "itemsize": ctypes.sizeof(BpfTestRunOpts)})
+
+
 @dataclass
 class RunStats:
-    """What one run fed: packets per direction, those the programs dropped, frames too large for a test
-    run (not fed, counted here only); seconds inside the programs (the kernel's own per-run duration) and in
-    the whole loop (syscalls and Python around them)."""
+    """What one run fed: packets per direction, those the programs dropped; frames fed cut to ``MAX_FRAME``
+    and the frame bytes that cut left out (not counted by the programs); frames shorter than an Ethernet
+    header (not fed: a test run refuses them). Seconds inside the programs (the kernel's own per-run
+    duration), in the calls (syscalls, the kernel's test-run set-up and ctypes around each), and in the
+    whole loop (the calls plus building the options and reading the results with numpy)."""
     inbound: int = 0
     outbound: int = 0
     dropped: int = 0
-    too_large: int = 0
+    cut: int = 0
+    cut_bytes: int = 0
+    too_short: int = 0
     program_seconds: float = 0.0
+    call_seconds: float = 0.0
     loop_seconds: float = 0.0
 
 
@@ -63,15 +92,23 @@ class ProgramRunner:
     def __init__(self, pin_dir: str | Path):
         self.pin_dir = Path(pin_dir)
         lib = maps.libbpf()
-        lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.c_void_p]
-        self._run = lib.bpf_prog_test_run_opts
         self._update = lib.bpf_map_update_elem
+        # the per-packet call: libbpf 1.x returns -errno itself, so this handle skips ctypes' errno swap
+        self._run = ctypes.CDLL("libbpf.so.1").bpf_prog_test_run_opts
+        self._run.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        self._run.restype = ctypes.c_int
         self.fds = (_prog_fd(self.pin_dir / "prog"), _prog_fd(self.pin_dir / egress.PROG_PIN))
         self.config = maps.PinnedMap(self.pin_dir / "config")
         try:        # the config array is mmap-able (bpf/port_flow.c): the clock is a memory write per tick
             self._config_mem = mmap.mmap(self.config.fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError:
             self._config_mem = None                # maps made without BPF_F_MMAPABLE: a syscall per tick
+
+    def __enter__(self) -> "ProgramRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self._config_mem is not None:
@@ -90,7 +127,7 @@ class ProgramRunner:
         loops of ``repeat`` calls): the per-packet floor of a replay, for bench/replay.py."""
         buf = ctypes.create_string_buffer(frame, len(frame))
         opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts), data_in=ctypes.addressof(buf), data_size_in=len(frame))
-        ref, run, fd, samples = ctypes.byref(opts), self._run, self.fds[0], []
+        ref, run, fd, samples = ctypes.addressof(opts), self._run, self.fds[0], []
         for _ in range(3):
             t0 = time.perf_counter()
             for _ in range(repeat):
@@ -99,51 +136,78 @@ class ProgramRunner:
             samples.append((time.perf_counter() - t0) / repeat * 1e9)
         return sorted(samples)[1]
 
-    def run(self, buffer: bytearray, offsets, lengths, outbound, ticks_ns, stats: RunStats | None = None) -> RunStats:
-        """Feed packets (lists, one item per packet: byte offset in ``buffer``, size, True when the host sent
-        it, the capture time in ns rounded to the clock's tick) through the programs, in order."""
+    def run(self, base: int, offsets: np.ndarray, lengths: np.ndarray, outbound: np.ndarray, ticks_ns: np.ndarray,
+            stats: RunStats | None = None) -> RunStats:
+        """Feed packets through the programs, in order. ``base``: address of the buffer the frames are in;
+        (n,) arrays: byte offset of each frame from ``base``, its size, True when the host sent it, its capture
+        time in ns rounded to the clock's tick. The buffer must stay alive and unchanged during the call."""
         stats = stats or RunStats()
-        base = ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer)) if len(buffer) else 0
-        cfg = maps.read_struct(self.config, maps.INDEX_0, PwConfig) or PwConfig()
-        cfg_fd, key, cfg_ref = self.config.fd, ctypes.c_char_p(maps.INDEX_0), ctypes.byref(cfg)
-        # element 0 of an mmap-ed array map starts at offset 0
-        clock_word = (ctypes.c_uint64.from_buffer(self._config_mem, PwConfig.clock_ns.offset)
-                      if self._config_mem is not None else None)
-        opts = BpfTestRunOpts(sz=ctypes.sizeof(BpfTestRunOpts))
-        opts_ref = ctypes.byref(opts)
-        run, update, fds = self._run, self._update, self.fds
-        last_tick, program_ns, dropped, too_large, counts = -1, 0, 0, 0, [0, 0]
-        clock = time.perf_counter
-        started = clock()
-        for off, size, out, tick in zip(offsets, lengths, outbound, ticks_ns):
-            if size > MAX_FRAME or size < 14:
-                too_large += 1
-                continue
-            if tick != last_tick:
-                if clock_word is not None:
-                    clock_word.value = tick
-                else:
-                    cfg.clock_ns = tick
-                    if update(cfg_fd, key, cfg_ref, 0) < 0:
-                        raise BpfError(f"cannot set the replay clock in {self.pin_dir / 'config'}")
-                last_tick = tick
-            opts.data_in = base + off
-            opts.data_size_in = size
-            opts.data_size_out = 0          # the kernel wrote the last frame's size here: no copy-out limit
-            rc = run(fds[out], opts_ref)
-            if rc < 0:
-                code = maps._err(rc)
-                raise BpfError(f"BPF_PROG_TEST_RUN failed: {os.strerror(code)}"
-                               + (" (this kernel cannot test-run the programs)" if code in (errno.EOPNOTSUPP, 524) else ""))
-            counts[out] += 1
-            program_ns += opts.duration
-            if opts.retval == (TC_ACT_SHOT if out else XDP_DROP):
-                dropped += 1
-        stats.inbound += counts[0]
-        stats.outbound += counts[1]
-        stats.dropped += dropped
-        stats.too_large += too_large
-        stats.program_seconds += program_ns / 1e9
-        stats.loop_seconds += clock() - started
-        del clock_word                             # no export of the mapping may outlive the loop (close())
+        started = time.perf_counter()
+        fed = lengths >= ETH_HLEN
+        stats.too_short += int(len(lengths) - fed.sum())
+        offsets, lengths, outbound, ticks_ns = offsets[fed], lengths[fed], outbound[fed], ticks_ns[fed]
+        over = lengths > MAX_FRAME
+        stats.cut += int(over.sum())
+        stats.cut_bytes += int((lengths[over] - MAX_FRAME).sum())
+        for lo in range(0, len(offsets), BATCH):
+            hi = lo + BATCH
+            self._run_batch(base + offsets[lo:hi], np.minimum(lengths[lo:hi], MAX_FRAME), outbound[lo:hi],
+                            ticks_ns[lo:hi], stats)
+        stats.loop_seconds += time.perf_counter() - started
         return stats
+
+    def _run_batch(self, data_in: np.ndarray, sizes: np.ndarray, outbound: np.ndarray, ticks_ns: np.ndarray,
+                   stats: RunStats) -> None:
+        """One options record per packet, the calls in order (the clock moved before each tick's first
+        packet), then the return codes, verdicts and durations read as arrays."""
+        n = len(data_in)
+        opts = np.zeros(n, dtype=OPTS_DTYPE)
+        opts["sz"] = OPTS_DTYPE.itemsize
+        opts["data_in"] = data_in
+        opts["data_size_in"] = sizes
+        fds = np.where(outbound, self.fds[1], self.fds[0]).tolist()
+        refs = (opts.ctypes.data + np.arange(n, dtype=np.int64) * OPTS_DTYPE.itemsize).tolist()
+        new_tick = np.flatnonzero(np.diff(ticks_ns, prepend=-1))            # each tick's first packet
+        tick_sizes = np.diff(new_tick, append=n).tolist()
+        calls = map(self._run, fds, refs)          # lazy: consumed tick by tick below
+        rcs: list[int] = []
+        take, set_clock = rcs.extend, self._clock_setter()
+        started = time.perf_counter()
+        for tick, count in zip(ticks_ns[new_tick].tolist(), tick_sizes):
+            set_clock(tick)
+            take(itertools.islice(calls, count))
+        stats.call_seconds += time.perf_counter() - started
+        failed = np.flatnonzero(np.asarray(rcs) < 0)
+        if len(failed):
+            code = maps._err(rcs[failed[0]])
+            raise BpfError(f"BPF_PROG_TEST_RUN failed: {os.strerror(code)}"
+                           + (" (this kernel cannot test-run the programs)" if code in (errno.EOPNOTSUPP, 524) else ""))
+        verdict = opts["retval"]
+        stats.outbound += int(outbound.sum())
+        stats.inbound += n - int(outbound.sum())
+        stats.dropped += int((verdict == np.where(outbound, TC_ACT_SHOT, XDP_DROP)).sum())
+        stats.program_seconds += int(opts["duration"].sum(dtype=np.int64)) / 1e9
+
+    def set_clock(self, ns: int) -> None:
+        """Move the programs' clock to capture time ``ns`` (a replay's round end: what the closed loop
+        writes then, a SYN limit's expiry, is dated on the programs' clock)."""
+        self._clock_setter()(ns)
+
+    def _clock_setter(self):
+        """A function moving the programs' clock to a capture time (ns): a write into the mmap-ed config map,
+        or a map update where the map is not mmap-able."""
+        if self._config_mem is not None:
+            # element 0 of an mmap-ed array map starts at offset 0
+            clock = np.frombuffer(self._config_mem, dtype=np.uint64, count=1, offset=PwConfig.clock_ns.offset)
+
+            def set_clock(tick: int) -> None:
+                clock[0] = tick
+            return set_clock
+        cfg = maps.read_struct(self.config, maps.INDEX_0, PwConfig) or PwConfig()
+        key, cfg_ref, update, fd = ctypes.c_char_p(maps.INDEX_0), ctypes.byref(cfg), self._update, self.config.fd
+
+        def set_clock(tick: int) -> None:
+            cfg.clock_ns = tick
+            if update(fd, key, cfg_ref, 0) < 0:
+                raise BpfError(f"cannot set the replay clock in {self.pin_dir / 'config'}")
+        return set_clock
