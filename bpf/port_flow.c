@@ -252,8 +252,10 @@ static __always_inline void count_flow(struct pw_global *g, struct parsed *p, __
 
 /* 1 when a SYN to this port is over the port's SYN budget for the current one-second window. The
  * entry is shared by CPUs: the window counter is atomic; a window reset racing on two CPUs may let
- * a few extra SYNs through, never drop more than the budget allows. */
-static __always_inline int syn_over_budget(struct parsed *p)
+ * a few extra SYNs through, never drop more than the budget allows. now: the program's clock (pw_now:
+ * the coarse monotonic clock live, capture time in a replay), the clock synlimit.set_limit dates the
+ * entry's expiry on, so a replay's windows and expiry follow the capture. */
+static __always_inline int syn_over_budget(struct parsed *p, __u64 now)
 {
     struct pw_port_key k = {};
     k.port = p->dport;
@@ -261,7 +263,6 @@ static __always_inline int syn_over_budget(struct parsed *p)
     struct pw_synlimit_value *v = synlimit.lookup(&k);
     if (!v)
         return 0;
-    __u64 now = bpf_ktime_get_ns();
     if (v->expires_ns && now >= v->expires_ns)
         return 0;
     if (now - v->window_start_ns >= 1000000000ULL) {
@@ -469,7 +470,7 @@ int xdp_port_flow(struct xdp_md *ctx)
     count_source(g, &p, frame_len, epoch, reply, now, data);
     count_flow(g, &p, frame_len, now, reply);
     /* counted first (the flood stays visible), then an optional per-port SYN budget */
-    if (is_syn(&p) && syn_over_budget(&p)) {
+    if (is_syn(&p) && syn_over_budget(&p, now)) {
         count(PW_G_SYN_LIMITED, 1);
         return XDP_DROP;
     }

@@ -65,7 +65,7 @@ class ReplayResult:
                 f"({self.packets / max(self.seconds, 1e-9):,.0f} packets/s), {len(self.listeners)} listeners inferred, "
                 f"{self.sniffed} packets sniffed")
         if s.dropped:
-            tail += f", {s.dropped} packets dropped by the replay's blocklist"
+            tail += f", {s.dropped} packets dropped by the replay's blocklist and SYN limit"
         if s.cut:
             tail += (f", {s.cut} frames over {prog_run.MAX_FRAME} bytes fed cut to their first {prog_run.MAX_FRAME} "
                      f"(the most a test run takes): packets and payload bytes exact, {s.cut_bytes} frame bytes "

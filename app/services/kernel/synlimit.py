@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app.errors import UsageError
 from app.services.kernel import maps
-from app.services.kernel.bpf_structs import PwPortKey, PwSynlimitValue
+from app.services.kernel.bpf_structs import PwConfig, PwPortKey, PwSynlimitValue
 
 MAP_NAME = "synlimit"
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP}
@@ -40,9 +40,17 @@ def _key(port: int, protocol: str) -> bytes:
     return bytes(PwPortKey(port=port, proto=PROTOCOLS[protocol]))
 
 
-def _monotonic_offset() -> float:
-    """epoch seconds minus CLOCK_MONOTONIC seconds (bpf_ktime_get_ns is CLOCK_MONOTONIC)."""
-    return time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
+def _program_clock(pin_dir: str | Path) -> tuple[int, float]:
+    """(now in ns, epoch seconds minus clock seconds) on the clock of the program pinned in ``pin_dir``:
+    its replay clock (``pw_config.clock_ns``, capture time in Unix ns) when one is set, else CLOCK_MONOTONIC
+    (the program's live clock, bpf_ktime_get_coarse_ns)."""
+    config = Path(pin_dir) / "config"
+    if config.exists():
+        with maps.PinnedMap(config) as m:
+            cfg = maps.read_struct(m, maps.INDEX_0, PwConfig)
+        if cfg is not None and cfg.clock_ns:
+            return cfg.clock_ns, 0.0
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time() - time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
 def set_limit(pin_dir: str | Path, port: int, per_second: int, ttl_seconds: float | None,
@@ -54,7 +62,7 @@ def set_limit(pin_dir: str | Path, port: int, per_second: int, ttl_seconds: floa
     key = _key(port, protocol)
     value = PwSynlimitValue(per_second=per_second)
     if ttl_seconds is not None:
-        value.expires_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + int(ttl_seconds * 1e9)
+        value.expires_ns = _program_clock(pin_dir)[0] + int(ttl_seconds * 1e9)
     with maps.PinnedMap(Path(pin_dir) / MAP_NAME) as m:
         m.update(key, bytes(value))
 
@@ -69,7 +77,7 @@ def clear_limit(pin_dir: str | Path, port: int, protocol: str = "tcp") -> bool:
 def list_limits(pin_dir: str | Path) -> list[SynLimit]:
     """Every entry of the map, expired ones included (the program ignores those)."""
     out = []
-    offset = _monotonic_offset()
+    offset = _program_clock(pin_dir)[1]
     with maps.PinnedMap(Path(pin_dir) / MAP_NAME) as m:
         keys, values, n = m.items()
         ks, vs = m.info.key_size, m.record_size

@@ -46,7 +46,7 @@ def test_replay_evaluate_every_and_score(labelled, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert f"host {plan.host} (the capture's most-answered address)" in out
-    assert "100 packets dropped by the replay's blocklist" in out          # the scanner's return, blocked
+    assert "100 packets dropped by the replay's blocklist and SYN limit" in out          # the scanner's return, blocked
     c = sqlite3.connect(db)
     rounds = c.execute("SELECT replayed, capture, xdp_mode, start_time, end_time FROM rounds ORDER BY id").fetchall()
     assert len(rounds) == 12 and {r[:3] for r in rounds} == {(1, "lab.pcap", "test-run")}

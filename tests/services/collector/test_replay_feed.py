@@ -1,5 +1,5 @@
 """What a replay feeds the programs beyond plain frames: frames longer than a test run takes (fed cut, every
-packet counted)."""
+packet counted), and the XDP program's SYN limit, set by the closed loop, windowed and expired in capture time."""
 from __future__ import annotations
 
 import sqlite3
@@ -11,7 +11,9 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from app.cli import main
-from app.services.kernel import prog_run
+from app.services.collector import replay
+from app.services.kernel import enforcement, prog_run, synlimit
+from tests.helpers import make_settings
 
 pytestmark = pytest.mark.kernel
 
@@ -63,3 +65,32 @@ def test_frames_over_a_test_run_are_fed_cut_and_every_packet_counts(tmp_path, ca
     assert outbound == (1, prog_run.MAX_FRAME, 5000)
     flows = c.execute("SELECT direction, sum(packets) FROM flows GROUP BY 1 ORDER BY 1").fetchall()
     assert sum(n for _, n in flows) == 4
+
+
+def test_the_closed_loops_syn_limit_runs_in_capture_time(tmp_path):
+    """8 SYNs per second of capture time to tcp/8080 for 4 rounds of 60 s; after round 1 the loop limits the
+    port to 5 SYNs per second for 120 s of capture time: 3 of every second's 8 are dropped in rounds 2 and 3,
+    none after the limit expires. (On the wall clock, a round's 480 SYNs would all fall in one window.)"""
+    step = 125_000_000
+    syns = [(T0_NS + k * step, _inbound(TCP(sport=20000 + k % 30000, dport=8080, flags="S", seq=k)))
+            for k in range(4 * 60 * 8)]
+    _write(tmp_path / "syns.pcap", syns)
+    settings = make_settings(tmp_path)
+    settings.blocklist.enabled = True
+    limited = []
+
+    def after_round(conn, s, start, now, last):
+        if not limited:
+            limited.append(enforcement.limit_port_syns(conn, s, 8080, 5, 120))
+            (limit,) = synlimit.list_limits(replay.Path(s.general.pin_root) / replay.INTERFACE)
+            assert (limit.port, limit.per_second, limit.expires_at) == (8080, 5, now + 120)
+
+    result = replay.replay(settings, tmp_path / "syns.pcap", [HOST], round_seconds=60, after_round=after_round,
+                           sniff=False)
+    assert limited == [True]
+    c = sqlite3.connect(settings.general.db)
+    assert [r[0] for r in c.execute("SELECT syn_limited_packets FROM rounds ORDER BY id")] == [0, 180, 180, 0]
+    assert result.stats.dropped == 360 and result.stats.inbound == len(syns)
+    syn_counts = c.execute("SELECT sum(s.syn) FROM port_stats s JOIN ports p ON p.id = s.port_id "
+                           "WHERE p.value = 8080").fetchone()[0]
+    assert syn_counts == len(syns)                                       # counted before the drop
