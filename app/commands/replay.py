@@ -13,7 +13,8 @@ it) programs with BPF_PROG_TEST_RUN — no interface, no namespace, the host's o
 store rounds cut at capture timestamps, exactly as a live collector would (rounds.replayed = 1, with the
 capture's name). Listeners are inferred from what the host answered; the sniffer's fields come from the
 capture through tshark. With --evaluate-every, the evaluation runs at capture-time boundaries and its
-blocks are applied to the replay's own blocklist map, so later packets of blocked sources are dropped."""
+blocks (and SYN limits) are applied to the replay's own maps, so later packets of blocked sources are dropped;
+what it would have alerted is written to <db>.replay-alerts.jsonl (marked replayed), never sent."""
 
 
 def register(sub) -> None:
@@ -39,7 +40,8 @@ def run(args, settings) -> int:
     loop = None
     if args.evaluate_every:
         from app.services.jobs import ClosedLoop
-        loop = ClosedLoop(args.evaluate_every)
+        from pathlib import Path
+        loop = ClosedLoop(args.evaluate_every, capture=Path(args.capture).name)
     result = replay.replay(settings, args.capture, args.host, args.round_seconds or settings.collector.round_seconds,
                            after_round=loop, sniff=not args.no_sniffer)
     if args.json:

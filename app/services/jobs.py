@@ -29,6 +29,8 @@ class JobResult:
     evaluation: object                      # evaluation.EvaluationResult
     decisions: list = field(default_factory=list)
     report: Path | None = None
+    alerts: dict | None = None              # a replay's alerts: {"written": n, "suppressed": n} (never sent)
+    alerts_path: Path | None = None
 
     def as_dict(self) -> dict:
         """What ``evaluate --json`` prints: the evaluation, its findings (id, detector, summary), the
@@ -43,7 +45,8 @@ class JobResult:
                 "decisions": [{"address": d.address, "action": d.action, "reason": d.reason,
                                "anomaly_id": d.anomaly_id, "expires_at": d.expires_at,
                                "detail": getattr(d, "detail", "")} for d in self.decisions],
-                "report": str(self.report) if self.report else None}
+                "report": str(self.report) if self.report else None,
+                "replayed_alerts": self.alerts and dict(self.alerts, path=str(self.alerts_path))}
 
     def lines(self) -> list[str]:
         out = [self.evaluation.summary()]
@@ -58,6 +61,9 @@ class JobResult:
             out.append("not blocked: " + ", ".join(f"{d.address} ({d.detail})" for d in refused))
         if self.report:
             out.append(f"report: {self.report}")
+        if self.alerts and (self.alerts["written"] or self.alerts["suppressed"]):
+            out.append(f"alerts (replayed, never sent): {self.alerts['written']} written to {self.alerts_path}"
+                       + (f", {self.alerts['suppressed']} within the cooldown" if self.alerts["suppressed"] else ""))
         return out
 
 
@@ -74,9 +80,7 @@ def run(settings) -> JobResult:
     try:
         if settings.blocklist.enabled and result.evaluation_id is not None:
             job.decisions, _ = decisions.after_evaluation(conn, settings, result.anomalies, clock())
-        events = [alerts.anomaly_event(f) for f in result.anomalies]
-        events += [alerts.block_event(d.address, d.reason, expires_at=d.expires_at, dry_run=d.action == "would-block")
-                   for d in job.decisions if d.action in ("block", "would-block")]
+        events = alert_events(job)
         if events:
             alerts.send_alerts(conn, settings, events)
         values = {"anomalies": len(result.anomalies), "windows": result.windows or 0,
@@ -103,19 +107,33 @@ def run(settings) -> JobResult:
     return job
 
 
+def alert_events(job: JobResult) -> list:
+    """The alerts.AlertEvent of a job: one per new finding and one per block decision."""
+    from app.services.ops import alerts
+    events = [alerts.anomaly_event(f) for f in job.evaluation.anomalies]
+    return events + [alerts.block_event(d.address, d.reason, expires_at=d.expires_at, dry_run=d.action == "would-block")
+                     for d in job.decisions if d.action in ("block", "would-block")]
+
+
 class ClosedLoop:
     """A replay's evaluations at capture-time boundaries (``python -m app replay --evaluate-every``).
 
     Called after every replayed round with the store's clock (the round's end, capture time): the
     blocklist's expiries are reconciled with the replay's own map at that time; every ``every_seconds``
     of capture time (and after the last round) the rounds so far are evaluated and the decisions enforced
-    on the maps under ``settings.general.pin_root`` — the replay's private pins, never the host's. Alerts,
-    metrics and reports are left out: nothing leaves the store. Every time-dependent step (TTL expiry,
-    peer look-back, "now" of findings and blocks) reads the same clock.
+    on the maps under ``settings.general.pin_root`` — the replay's private pins, never the host's. Every
+    time-dependent step (TTL expiry, peer look-back, "now" of findings, blocks and alerts) reads the same clock.
+
+    What would have been alerted is written, never sent: JSON lines in ``alerts_path`` (default: beside the
+    store, ``<db>.replay-alerts.jsonl``), each marked ``"replayed": true`` with the capture's name, and the
+    store's cooldown ledger (channel ``replay``). The host's webhook, mail and syslog are never called and
+    no metrics textfile is written: node_exporter would publish a replay's figures as the host's own.
     """
 
-    def __init__(self, every_seconds: float):
+    def __init__(self, every_seconds: float, capture: str = "", alerts_path: Path | None = None):
         self.every_seconds = every_seconds
+        self.capture = capture
+        self.alerts_path = alerts_path
         self.next_at: float | None = None
         self.jobs: list[JobResult] = []
 
@@ -127,7 +145,12 @@ class ClosedLoop:
         if self.next_at is None:
             self.next_at = start + self.every_seconds
         if now >= self.next_at or last:
-            self.jobs.append(run_at(conn, settings, now))
+            from app.services.ops import alerts
+            job = run_at(conn, settings, now)
+            self.alerts_path = self.alerts_path or Path(f"{settings.general.db}.replay-alerts.jsonl")
+            job.alerts = alerts.record_replayed(conn, settings, alert_events(job), self.alerts_path, self.capture, now)
+            job.alerts_path = self.alerts_path
+            self.jobs.append(job)
             while self.next_at <= now:
                 self.next_at += self.every_seconds
 

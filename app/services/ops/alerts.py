@@ -359,6 +359,34 @@ def send_alerts(conn, settings, events: Iterable[AlertEvent], *, now: float | No
     return results
 
 
+REPLAY_CHANNEL = "replay"      # the cooldown ledger's channel of a replay's alerts (written, never sent)
+
+
+def record_replayed(conn, settings, events: Iterable[AlertEvent], path: Path, capture: str, now: float) -> dict:
+    """A replay's alerts: what ``send_alerts`` would deliver at store time ``now`` (capture time), appended as
+    JSON lines to ``path`` (the payload a webhook gets, plus ``"replayed": true`` and the capture's name) and
+    recorded in the store's ledger under the ``replay`` channel — never delivered on any configured channel:
+    a replay pages no one. The cooldown (``alerts.cooldown_seconds``) runs in store time as it would live.
+    Returns {"written": n, "suppressed": n}."""
+    unique: dict[str, AlertEvent] = {}
+    for event in events:
+        unique.setdefault(event.key, event)
+    due, suppressed = [], 0
+    for event in unique.values():
+        last = alerts_db.last_sent(conn, event.key, REPLAY_CHANNEL)
+        if last is not None and now - last < float(settings.alerts.cooldown_seconds):
+            suppressed += 1
+        else:
+            due.append(event)
+    if due:
+        with open(path, "a", encoding="utf-8") as fh:
+            for event in due:
+                line = _payload(event, f"replay of {capture}", now) | {"replayed": True, "capture": capture}
+                fh.write(json_dumps(line, default=str) + "\n")
+        alerts_db.mark_sent(conn, [e.key for e in due], REPLAY_CHANNEL, now)
+    return {"written": len(due), "suppressed": suppressed}
+
+
 def event_dict(event: AlertEvent) -> dict:
     """The event as a plain dict (for logs and tests)."""
     return asdict(event)

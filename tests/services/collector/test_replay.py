@@ -7,7 +7,9 @@ import json
 import shutil
 import sqlite3
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -28,23 +30,52 @@ def labelled(tmp_path_factory):
     return d, plan
 
 
-def _config(tmp_path):
+def _config(tmp_path, more: str = ""):
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[general]\nstate_dir = "{tmp_path}/state"\nrun_dir = "{tmp_path}/run"\n'
                    f'pin_root = "{tmp_path}/no-pins"\n[evaluator]\nexfiltration_min_bytes = 1000000\n'
                    # a 12-minute capture: the outbound detectors' baselines may warm up in 5 rounds, not 30
-                   'exfiltration_warmup_rounds = 5\nbeacon_warmup_rounds = 5\n')
+                   'exfiltration_warmup_rounds = 5\nbeacon_warmup_rounds = 5\n' + more)
     return cfg
+
+
+class _Hook(BaseHTTPRequestHandler):
+    """A webhook that counts what it is sent."""
+    received: list = []
+
+    def do_POST(self):
+        self.received.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
 
 
 @pytest.mark.slow
 def test_replay_evaluate_every_and_score(labelled, tmp_path, capsys):
     d, plan = labelled
     db = tmp_path / "ports.db"
-    rc = main(["replay", str(d / "lab.pcap"), "--db", str(db), "--config", str(_config(tmp_path)),
-               "--evaluate-every", "5m"])
+    hook = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    # the host's alert channels and metrics textfile are configured: a replay must use neither
+    host_channels = (f'[alerts]\nwebhook_url = "http://127.0.0.1:{hook.server_address[1]}/"\n'
+                     f'[metrics]\ntextfile_dir = "{tmp_path}/textfiles"\n')
+    (tmp_path / "textfiles").mkdir()
+    try:
+        rc = main(["replay", str(d / "lab.pcap"), "--db", str(db), "--config", str(_config(tmp_path, host_channels)),
+                   "--evaluate-every", "5m"])
+    finally:
+        hook.shutdown()
     out = capsys.readouterr().out
     assert rc == 0, out
+    assert _Hook.received == [] and list((tmp_path / "textfiles").iterdir()) == []
+    alerted = [json.loads(line) for line in (tmp_path / "ports.db.replay-alerts.jsonl").read_text().splitlines()]
+    assert {a["kind"] for a in alerted} == {"anomaly", "block"}
+    assert all(a["replayed"] and a["capture"] == "lab.pcap" and T0 < a["at"] <= T0 + 720 for a in alerted)
+    written = sum(int(line.split(": ")[1].split()[0]) for line in out.splitlines()
+                  if line.startswith("alerts (replayed, never sent): "))
+    assert written == len(alerted)
     assert f"host {plan.host} (the capture's most-answered address)" in out
     assert "100 packets dropped by the replay's blocklist and SYN limit" in out          # the scanner's return, blocked
     c = sqlite3.connect(db)
@@ -61,6 +92,8 @@ def test_replay_evaluate_every_and_score(labelled, tmp_path, capsys):
     # the evaluations' clock was the store's: blocks and findings dated in capture time
     created = [r[0] for r in c.execute("SELECT created_at FROM blacklist")]
     assert created and all(T0 < t <= T0 + 720 for t in created)
+    ledger = c.execute("SELECT channel, count(*) FROM alerts_sent GROUP BY 1").fetchall()
+    assert ledger == [("replay", len({a["key"] for a in alerted}))]
 
     rc = main(["score", "--db", str(db), "--labels", str(d / "labels.csv"), "--json"])
     result = json.loads(capsys.readouterr().out)
