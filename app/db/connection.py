@@ -49,14 +49,14 @@ def connect(path: str | Path, readonly: bool = False, migrate: bool = True, crea
 
     Raises DatabaseError with one sentence for a missing (``create`` False, or ``readonly``), corrupt,
     locked, unreadable or too-new database. Only the commands that make a database (collect, run,
-    setup) create one: any other writer given a path that does not exist names it and stops, so a
+    replay, setup) create one: any other writer given a path that does not exist names it and stops, so a
     mistyped --db never becomes a new empty database.
     """
     path = Path(path)
     _check_access(path, readonly)
     if not readonly and not create and not path.exists():
-        raise DatabaseError(f"database {path} does not exist: check --db (or general.db); only collect, run and "
-                            "setup create a database")
+        raise DatabaseError(f"database {path} does not exist: check --db (or general.db); only collect, run, "
+                            "replay and setup create a database")
     try:
         if readonly:
             if not path.exists():

@@ -255,7 +255,7 @@ def test_writers_refuse_a_database_path_that_does_not_exist(tmp_path, args):
     out = run(*args, "--db", str(db), env=lab_env(tmp_path))
     assert out.returncode == 4, out.stderr
     assert one_sentence(out.stderr) == (f"portwatch: error: database {db} does not exist: check --db (or general.db); "
-                                        "only collect, run and setup create a database")
+                                        "only collect, run, replay and setup create a database")
     assert not db.parent.exists()
 
 
