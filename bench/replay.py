@@ -99,19 +99,24 @@ def main() -> int:
         print(f"\n== replay of {n_packets:,} packets (10 rounds of 60 s capture time) ==")
         print(f"{'run':<22} {'wall s':>7} {'compile s':>9} {'pkt/s':>9} {'ns/pkt':>7} "
               f"{'prog ns':>8} {'call ns':>8} {'batch ns':>9} {'other ns':>9}")
-        floor = None
+        floor = python = kernel_row = None
         for sniff in (False,) if args.smoke else (False, True):
             result, wall = run(cap, tmp, sniff)
-            floor = result.syscall_floor_ns or floor
+            floor, python = result.syscall_floor_ns or floor, result.python_ns or python
             s, n = result.stats, result.packets
             per = wall / n * 1e9
             prog, call, loop = (s.program_seconds / n * 1e9, s.call_seconds / n * 1e9, s.loop_seconds / n * 1e9)
+            kernel_row = kernel_row or (prog, loop)
             print(f"{'with sniffer (tshark)' if sniff else 'kernel path only':<22} {wall:>7.1f} "
                   f"{result.compile_seconds:>9.1f} {n / wall:>9,.0f} {per:>7.0f} {prog:>8.0f} {call - prog:>8.0f} "
                   f"{loop - call:>9.0f} {per - loop:>9.0f}", flush=True)
             if not plausible_run(result, wall):
                 return 1
-        print(f"one BPF_PROG_TEST_RUN call from Python, alone: {floor:.0f} ns (the loop's floor per packet)")
+        prog, loop = kernel_row
+        print(f"\nper packet fed, kernel-path run: inside the program {prog:.0f} ns | the kernel's test-run set-up "
+              f"and the syscall {loop - prog - python:.0f} ns | the Python around them {python:.0f} ns (options, map "
+              f"of calls, clock, results: the same feed with a no-op C call in place of the test run)")
+        print(f"one BPF_PROG_TEST_RUN call of the XDP program on one frame, repeated in a Python loop: {floor:.0f} ns")
         print("ns/pkt: the whole replay's wall time (compile overlapped with reading the capture) per packet; "
               "prog ns: inside the programs (the kernel's own test-run duration); call ns: the rest of each "
               "test-run call (syscall, the kernel's test-run set-up, ctypes); batch ns: numpy around the calls "

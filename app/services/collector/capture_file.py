@@ -45,6 +45,19 @@ class Capture:
         return len(self.offsets)
 
 
+def check(path: str | Path) -> None:
+    """UsageError with one sentence when ``path`` cannot be read or does not start as a pcap or pcapng file
+    (its first 4 bytes: a replay refuses it before anything starts)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise UsageError(f"cannot read the capture {path}: {exc.strerror}") from None
+    if magic not in _PCAP_MAGIC and magic != _PCAPNG_SHB:
+        raise UsageError(f"{path} is neither a pcap nor a pcapng file")
+
+
 def read(path: str | Path) -> Capture:
     """Read a pcap or pcapng file (UsageError with one sentence when it is neither, or truncated badly).
     The file is mapped read-only, not copied: the programs get pointers into the page cache."""

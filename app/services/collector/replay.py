@@ -54,6 +54,7 @@ class ReplayResult:
     first_ts: float = 0.0
     last_ts: float = 0.0
     syscall_floor_ns: float | None = None   # one test-run call from Python, alone (measure_floor=True)
+    python_ns: float | None = None          # per packet, the feed's user-space machinery alone (measure_floor=True)
 
     def lines(self) -> list[str]:
         how = "the capture's most-answered address" if self.host_inferred else "--host"
@@ -78,11 +79,14 @@ class ReplayResult:
 class ReplayCollector(Collector):
     """A Collector whose maps are the private, unattached programs' (see module doc)."""
 
-    def __init__(self, settings, capture_name: str):
+    def __init__(self, settings, capture_name: str, before_store: Callable[[], object] | None = None):
+        """``before_store``: called once the programs are compiled, before the store is opened (a replay
+        waits there for its capture's analysis, so a capture it refuses leaves no new database)."""
         super().__init__(settings, INTERFACE)
         self.clock_offset = 0.0                        # the programs' clock is capture time in Unix ns
         self.round_marks = {"replayed": 1, "capture": capture_name, "xdp_mode": "test-run"}
         self.compile_seconds = 0.0
+        self.before_store = before_store
 
     def open(self) -> None:
         if Path(self.settings.general.pin_root).parent != REPLAY_ROOT:
@@ -91,10 +95,12 @@ class ReplayCollector(Collector):
             raise NeedsRootError("replaying needs root (BPF programs and maps): run it with sudo")
         xdp.ensure_bpffs(Path(self.settings.general.pin_root))
         try:
-            self.conn = connect(self.db_path, create=True)      # a replay makes its store, like a collection
-            self.db_id = rounds_db.database_id(self.conn)
             built = xdp_unattached.build_unattached(self.settings, self.pin_dir)
             self.compile_seconds = built["compile_seconds"]
+            if self.before_store is not None:
+                self.before_store()
+            self.conn = connect(self.db_path, create=True)      # a replay makes its store, like a collection
+            self.db_id = rounds_db.database_id(self.conn)
             self.record = pin_owner.claim(self.pin_dir, self.interface, self.db_id, self.db_path)
             self._maps = maps.open_maps(self.pin_dir)
             self._born = {m.info.id for m in self._maps.values()}   # every map counts from zero for this store
@@ -152,6 +158,14 @@ class _Plan:
     sampled: list | None
 
 
+def _read_and_plan(settings, capture_path, hosts: list[str], round_seconds: float, sniff: bool):
+    """(Capture, _Plan) of the file, or UsageError with one sentence."""
+    cap = capture_file.read(capture_path)
+    if not len(cap):
+        raise UsageError(f"{capture_path} holds no packets")
+    return cap, _plan(settings, cap, hosts, round_seconds, sniff)
+
+
 def _plan(settings, cap: capture_file.Capture, hosts: list[str], round_seconds: float, sniff: bool) -> _Plan:
     h = capture_file.headers(cap)
     hosts = hosts or [a for a in [capture_file.most_answered(h, cap.ts_ns)] if a]
@@ -174,20 +188,19 @@ def _plan(settings, cap: capture_file.Capture, hosts: list[str], round_seconds: 
 def replay(settings, capture_path: str | Path, hosts=(), round_seconds: float = 60.0,
            after_round: Callable | None = None, sniff: bool = True, measure_floor: bool = False) -> ReplayResult:
     """Replay one capture into ``settings.general.db`` (see module doc). ``measure_floor``: also time one
-    test-run call alone on the capture's first frame (bench/replay.py), after the replay. The capture is
+    test-run call alone on the capture's first frame, and the feed's user-space machinery alone on its
+    first 100,000 packets (bench/replay.py), after the replay. The capture is
     analysed (directions, listeners, the sniffer's tshark pass) in a thread while BCC compiles the programs
-    in its own process."""
+    in its own process: the capture is read there too (only its first bytes are checked before)."""
     if round_seconds <= 0:
         raise UsageError("--round-seconds must be positive")
     started = time.monotonic()
-    cap = capture_file.read(capture_path)
-    if not len(cap):
-        raise UsageError(f"{capture_path} holds no packets")
+    capture_file.check(capture_path)             # not a capture at all: one sentence before anything starts
     settings = private_settings(settings)
     with ThreadPoolExecutor(1, thread_name_prefix="replay-plan") as pool:
-        planned = pool.submit(_plan, settings, cap, list(hosts), round_seconds, sniff)
-        with ReplayCollector(settings, cap.name) as collector:
-            plan = planned.result()
+        planned = pool.submit(_read_and_plan, settings, capture_path, list(hosts), round_seconds, sniff)
+        with ReplayCollector(settings, Path(capture_path).name, before_store=planned.result) as collector:
+            cap, plan = planned.result()
             result = ReplayResult(cap.name, plan.hosts, not hosts, len(cap), listeners=plan.listeners,
                                   compile_seconds=collector.compile_seconds)
             _feed(collector, settings, cap, plan, result, after_round)
@@ -195,8 +208,12 @@ def replay(settings, capture_path: str | Path, hosts=(), round_seconds: float = 
                 first = int(plan.order[0])
                 off = int(cap.offsets[first])
                 frame = bytes(cap.buffer[off:off + min(int(cap.lengths[first]), prog_run.MAX_FRAME)])
+                sample = plan.order[:100_000]
                 with prog_run.ProgramRunner(collector.pin_dir) as runner:
                     result.syscall_floor_ns = runner.syscall_ns(frame)
+                    result.python_ns = runner.user_space_ns(
+                        np.frombuffer(cap.buffer, dtype=np.uint8).ctypes.data, cap.offsets[sample], cap.lengths[sample],
+                        plan.outbound[sample], plan.ticks[sample])
     result.first_ts, result.last_ts = plan.bounds[0] / 1e9, int(cap.ts_ns[plan.order[-1]]) / 1e9
     result.seconds = time.monotonic() - started
     return result
