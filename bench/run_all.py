@@ -1,6 +1,7 @@
 """`make bench`: every benchmark in bench/, one after another, each printing its own ratio table.
 `make bench-smoke` (--smoke): the small variants of the ones whose checks matter most (the drop
-path against the pass path, a benign store's findings), in well under a minute; .ci/run runs it.
+path against the pass path, a benign store's findings, a replay feeding every packet with plausible
+per-packet times), in well under a minute; .ci/run runs it.
 
 Each script measures its comparisons side by side in one run; none of them is a test. Each exits 1
 with a sentence when a figure cannot be right (bench/plausible.py); this exits 1 when any failed.

@@ -55,6 +55,7 @@ class ReplayResult:
     last_ts: float = 0.0
     syscall_floor_ns: float | None = None   # one test-run call from Python, alone (measure_floor=True)
     python_ns: float | None = None          # per packet, the feed's user-space machinery alone (measure_floor=True)
+    floor_seconds: float = 0.0              # spent measuring those two (in ``seconds``)
 
     def lines(self) -> list[str]:
         how = "the capture's most-answered address" if self.host_inferred else "--host"
@@ -208,12 +209,13 @@ def replay(settings, capture_path: str | Path, hosts=(), round_seconds: float = 
                 first = int(plan.order[0])
                 off = int(cap.offsets[first])
                 frame = bytes(cap.buffer[off:off + min(int(cap.lengths[first]), prog_run.MAX_FRAME)])
-                sample = plan.order[:100_000]
+                floor_started, sample = time.monotonic(), plan.order[:100_000]
                 with prog_run.ProgramRunner(collector.pin_dir) as runner:
                     result.syscall_floor_ns = runner.syscall_ns(frame)
                     result.python_ns = runner.user_space_ns(
                         np.frombuffer(cap.buffer, dtype=np.uint8).ctypes.data, cap.offsets[sample], cap.lengths[sample],
                         plan.outbound[sample], plan.ticks[sample])
+                result.floor_seconds = time.monotonic() - floor_started
     result.first_ts, result.last_ts = plan.bounds[0] / 1e9, int(cap.ts_ns[plan.order[-1]]) / 1e9
     result.seconds = time.monotonic() - started
     return result
