@@ -23,6 +23,7 @@ APT_PACKAGES=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools libbpf1
               procps ca-certificates logrotate
               hping3 nmap                               # attack tools of the kernel tests
               tcpreplay                                 # replays a capture live into a lab (replay test)
+              libxdp1 xdp-tools                         # libxdp neighbours: xdp-filter beside portwatch (kernel tests)
               chromium                                  # tests: the report page in a browser
               podman mmdebstrap)                        # tests: the container image, built and run
 

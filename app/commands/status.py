@@ -160,6 +160,7 @@ def render(status: dict, now: float) -> str:
             extra = "; the attached program is not portwatch's pinned one"
         extra += f"; {x['problem']}" if x.get("problem") else ""
         extra += f"; {x['foreign']}" if x.get("foreign") else ""
+        extra += f"; {x['attach']}" if x.get("attach") and x.get("ours") else ""    # plain, and why not libxdp's dispatcher
         lines.append(f"{label}{state}, {pins}{extra}")
     h = status["health"]
     lines.append("health:          " + ("ok" if h["healthy"] else "UNHEALTHY"))

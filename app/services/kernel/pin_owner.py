@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from app.errors import BpfError, UsageError
-from app.services.kernel import maps
+from app.services.kernel import libxdp, maps
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,8 @@ def program_name(program_id: int) -> str | None:
 def describe_attachment(interface: str, pin_root: str | Path) -> dict:
     """What is attached to ``interface`` and what portwatch recorded about it (status, doctor, down).
 
-    {'program_id', 'program_name', 'owner_db', 'load_state', 'recorded', 'leftover', 'foreign', 'problem'}:
+    {'program_id', 'program_name', 'owner_db', 'load_state', 'recorded', 'leftover', 'foreign', 'problem',
+    'attach'}: ``attach``: how the loader attached portwatch's program (app/services/kernel/libxdp.py attach_text);
     ``recorded``: the attached program is the one the record or the pin names; ``leftover``: an
     attached portwatch program (by its name) that nothing records; ``foreign``: one sentence naming an
     attached program portwatch did not load, or None; ``problem``: one sentence, or None.
@@ -274,7 +275,7 @@ def describe_attachment(interface: str, pin_root: str | Path) -> dict:
     info = {"interface": interface, "program_id": attached[0] if attached else None,
             "program_name": program_name(attached[0]) if attached and attached[0] else None,
             "owner_db": (record or {}).get("db_path"), "load_state": load.get("state"), "recorded": False,
-            "leftover": False, "foreign": None, "problem": None}
+            "leftover": False, "foreign": None, "problem": None, "attach": load.get("attach")}
     if attached:
         info["recorded"] = attached[0] in (pinned_id, load.get("program_id"))
         info["leftover"] = not info["recorded"] and info["program_name"] == PROGRAM_NAME.decode()
@@ -292,8 +293,14 @@ def describe_attachment(interface: str, pin_root: str | Path) -> dict:
 
 def foreign_text(interface: str, program_id: int, name: str | None) -> str:
     """The one sentence naming a program portwatch did not load."""
+    try:
+        neighbour = libxdp.neighbour_text(interface, program_id, name)     # a libxdp program: can it share?
+    except Exception as exc:          # naming the program matters more than the detail
+        log.debug("cannot tell whether program %s is a libxdp one: %s", program_id, exc)
+        neighbour = ""
     return (f"XDP program {program_id} ({name or 'unnamed'}) on {interface} was not loaded by portwatch: portwatch "
-            "never replaces it (collect --replace takes the interface over on purpose, stopping what it does)")
+            "never replaces it (collect --replace takes the interface over on purpose, stopping what it does)"
+            + neighbour)
 
 
 def refuse_foreign(interface: str, pin_root: str | Path, replace: bool = False) -> None:

@@ -182,7 +182,7 @@ def describe(interface: str, pin_root: str | Path = "/sys/fs/bpf/portwatch") -> 
     try:
         att = pin_owner.describe_attachment(interface, pin_root)
         info.update(owner_db=att["owner_db"], load_state=att["load_state"], problem=att["problem"],
-                    foreign=att["foreign"])
+                    foreign=att["foreign"], attach=att["attach"])
     except BpfError as exc:
         log.debug("cannot read the pin record of %s: %s", interface, exc)
     return info

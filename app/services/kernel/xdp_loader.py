@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from app.errors import BpfError, DependencyError, UsageError
-from app.services.kernel import egress, maps, pin_owner
+from app.services.kernel import egress, libxdp, maps, pin_owner
 from app.services.kernel.attachment import xdp_attachment as attached_program
 from app.services.kernel.bpf_structs import META_CLSACT_ADDED, MAP_LAYOUT, PwMeta
 from app.services.kernel.xdp import BPF_DIR, SOURCES, read_meta
@@ -100,7 +100,7 @@ def _build_and_attach(BPF, libbcc, interface: str, pdir: Path, mode: str, want_h
     eg_id, clsact_added = egress.attach(interface, pdir)
     _write_meta(pdir, want_hash, program_id, used, eg_id, clsact_added, old)
     pin_owner.record_load(pdir, "attached", program_id=program_id, program_tag=bytes(identity.tag).hex(), mode=used,
-                          retired=recreate)
+                          retired=recreate, attach=libxdp.attach_text())
     return {"mode": used, "program_id": program_id, "egress_program_id": eg_id,
             "compile_seconds": round(compile_seconds, 3),
             "cpu_seconds": round(time.process_time() + _children_cpu() - started, 3),
