@@ -93,8 +93,9 @@ struct pw_port_value {
  * limit range of this source's packets seen while the config epoch was `epoch` (per round, like
  * pw_port_value.round_min), and its source MAC (the fingerprint a verified peer's one-way evidence is
  * checked against). fragments: IP fragments (first or not) from this source. new_ports:
- * (port, protocol) pairs of this source this CPU added to srcports (saturating): at PW_SCAN_PROMOTE
- * the source is promoted into `scanners`, where a flood of new sources cannot evict it. */
+ * (port, protocol) pairs of this source this CPU added to srcports this round (saturating; reset with
+ * the epoch unless the source sits in `scanners`): at PW_SCAN_PROMOTE the source is promoted into
+ * `scanners`, where a flood of new sources cannot evict it. */
 struct pw_source_value {
     __u64 packets;
     __u64 bytes;

@@ -167,6 +167,10 @@ static __always_inline void count_source(struct pw_global *g, struct parsed *p, 
     }
     /* per-round TTL range, reset when the round epoch moved on (like round_min in count_port) */
     if (sv->epoch != epoch || sv->packets == 0) {
+        /* promotion counts the new pairs of ONE round (a port of an earlier round is not this round's);
+         * a promoted source keeps its count unless user space removed its idle scanners entry */
+        if (sv->new_ports < PW_SCAN_PROMOTE || !scanners.lookup(&p->src))
+            sv->new_ports = 0;
         sv->epoch = epoch;
         sv->ttl_min = p->ttl;
         sv->ttl_max = p->ttl;

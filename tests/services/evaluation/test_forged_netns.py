@@ -139,6 +139,26 @@ def test_forged_peer_is_never_blocked_and_the_unknown_scanner_is(lab, tmp_path, 
         assert sink.drain() == {benign: 25}
 
 
+def test_a_rounds_distinct_ports_count_only_that_rounds_ports(lab, tmp_path, pin_root):
+    """A source that reached 5 ports in one round and scans 30 others in the next: the second round's
+    distinct ports are 30, the same as its source_ports rows (its promotion into the scanners map counts
+    the new pairs of that round only, not the earlier round's 5)."""
+    s, _pdir = loaded(lab, tmp_path, pin_root)
+    scanner = lab.host_v4(2)
+    hping(lab, "-a", scanner, "-S", "-p", "++3000", "-c", "5", "-i", "u2000")
+    collect(s, lab)
+    hping(lab, "-a", scanner, "-S", "-p", "++1000", "-c", "30", "-i", "u2000")
+    collect(s, lab)
+    conn = connect(s.general.db)
+    try:
+        rows = conn.execute("SELECT round_id, distinct_ports, (SELECT COUNT(*) FROM source_ports p WHERE "
+                            "p.round_id = s.round_id AND p.address = s.address) FROM source_stats s "
+                            "WHERE address = ? ORDER BY round_id", (scanner,)).fetchall()
+    finally:
+        conn.close()
+    assert [tuple(r)[1:] for r in rows][-2:] == [(5, 0), (30, 30)], [tuple(r) for r in rows]
+
+
 def test_udp_server_this_host_asked_is_a_peer_and_not_blocked_when_forged(lab, tmp_path, pin_root):
     """This host's datagrams answered from the same address and port prove the server (a blind forger
     never sees them); an inbound request this host answered would prove nothing."""
