@@ -57,24 +57,42 @@ def verified_peers(conn: sqlite3.Connection, since: float) -> list[sqlite3.Row]:
                         "WHERE proof IS NOT NULL AND last_verified >= ?", (since,)).fetchall()
 
 
-def ttl_range(conn: sqlite3.Connection, address: str, first: int, last: int) -> tuple[int, int] | None:
-    """(lowest, highest) IP TTL ``address`` was seen with in rounds first..last (source_stats
-    ttl_min/ttl_max), or None when those columns do not exist (yet) or hold nothing for it."""
+def fingerprints(conn: sqlite3.Connection, addresses: Iterable[str], first: int,
+                 last: int) -> dict[str, list[tuple[int, int | None, int | None, str | None]]]:
+    """address -> [(round_id, ttl_min, ttl_max, mac)] of its source_stats rows in rounds first..last
+    (IP TTL range and source MAC per round: 'mixed' when several came in one round), for the given
+    addresses only; {} when those columns do not exist (yet)."""
+    if not {"ttl_min", "ttl_max", "mac"} <= _columns(conn, "source_stats"):
+        return {}
+    out: dict[str, list] = {}
+    for chunk in _chunks(sorted(set(addresses))):
+        marks = ", ".join("?" * len(chunk))
+        for row in conn.execute(f"SELECT address, round_id, ttl_min, ttl_max, mac FROM source_stats WHERE address IN "
+                                f"({marks}) AND round_id BETWEEN ? AND ?", (*chunk, first, last)):
+            out.setdefault(row[0], []).append((row[1], row[2], row[3], row[4]))
+    return out
+
+
+def ttl_before(conn: sqlite3.Connection, addresses: Iterable[str], before: int) -> dict[str, tuple[int, int]]:
+    """address -> (lowest, highest) IP TTL it was seen with in rounds before ``before``, for the given
+    addresses that have any (each one an indexed range of source_stats (address, round_id))."""
     if not {"ttl_min", "ttl_max"} <= _columns(conn, "source_stats"):
-        return None
-    row = conn.execute("SELECT MIN(ttl_min), MAX(ttl_max) FROM source_stats "
-                       "WHERE address = ? AND round_id BETWEEN ? AND ? AND ttl_min IS NOT NULL AND ttl_max IS NOT NULL",
-                       (address, first, last)).fetchone()
-    return None if row is None or row[0] is None or row[1] is None else (int(row[0]), int(row[1]))
+        return {}
+    out = {}
+    for chunk in _chunks(sorted(set(addresses))):
+        marks = ", ".join("?" * len(chunk))
+        for address, low, high in conn.execute(
+                f"SELECT address, MIN(ttl_min), MAX(ttl_max) FROM source_stats WHERE address IN ({marks}) "
+                "AND round_id < ? AND ttl_min IS NOT NULL AND ttl_max IS NOT NULL GROUP BY address", (*chunk, before)):
+            if low is not None and high is not None:
+                out[address] = (int(low), int(high))
+    return out
 
 
-def macs_seen(conn: sqlite3.Connection, address: str, first: int, last: int) -> set[str]:
-    """The source MACs ``address`` was seen with in rounds first..last (source_stats.mac; 'mixed' when
-    several came in one round); empty when the column does not exist or holds nothing."""
-    if "mac" not in _columns(conn, "source_stats"):
-        return set()
-    return {r[0] for r in conn.execute("SELECT DISTINCT mac FROM source_stats WHERE address = ? AND round_id "
-                                       "BETWEEN ? AND ? AND mac IS NOT NULL", (address, first, last))}
+def _chunks(values: list, size: int = 500):
+    """``values`` in slices of ``size``: SQLite bounds the number of ? in one statement."""
+    for i in range(0, len(values), size):
+        yield values[i:i + size]
 
 
 def round_counts(conn: sqlite3.Connection, lo: int, last: int) -> dict[int, dict[str, int]]:

@@ -122,6 +122,7 @@ def test_one_way_evidence_under_a_peer_is_its_own_only_with_its_fingerprint(conn
     assert "TTL 40-40, the peer's 64" in scans[1].sources[0].note
     assert "MAC 0a:0b:0c:0d:0e:0f, the peer's 02:00:00:00:00:02" in scans[2].sources[0].note
 
+
 def test_handshakes_under_a_peer_are_its_own_only_with_its_fingerprint(conn, tmp_path):
     """Handshake flows of a verified peer are two-way evidence only when their rounds carry its
     fingerprint: a blind forger's SYN then ACK under its address (the owner silent, no RST) from
@@ -136,7 +137,7 @@ def test_handshakes_under_a_peer_are_its_own_only_with_its_fingerprint(conn, tmp
                          "VALUES (?, ?, 100, 6000, ?, ?, ?)", (rid, PEER, ttl, ttl, mac))
     scans = [finding("port_scan", source=PEER, sources=[Source(PEER, evidence=TWO_WAY)], first_round_id=rid,
                      last_round_id=rid) for rid in rounds]
-    assert judge_sources(conn, s, scans, now=T0) == 2
+    assert judge_sources(conn, s, scans, peers_of(conn), now=T0) == 2
     assert [(f.sources[0].evidence, f.sources[0].forged) for f in scans] == [
         (TWO_WAY, False), (ONE_WAY, True), (ONE_WAY, True), (TWO_WAY, False)]
     assert scans[1].sources[0].note == "possibly forged: handshakes under a verified peer's address with IP TTL 40-40, the peer's 64"
@@ -173,10 +174,11 @@ def test_one_way_evidence_naming_a_peer_is_possibly_forged(conn, tmp_path):
     assert out[3].evidence["evidence"] == TWO_WAY        # a peer is still blocked on two-way evidence
 
 
-def test_the_batch_loads_the_peers_once_and_judging_reads_no_peers_table(conn, tmp_path):
+def test_the_batch_loads_the_peers_once_and_judging_reads_no_peers_table_and_source_stats_twice(conn, tmp_path):
     """load_batch reads the verified peers in one query, from the earlier of the scan span's start and
-    the judge's look-back; judge_sources then reads them from the batch (no peers query per source)
-    and refuses a batch whose peers start after its look-back."""
+    the judge's look-back; judge_sources then reads them from the batch (no peers query per source),
+    the sources' fingerprints in two queries for all of them, and refuses a batch whose peers start
+    after its look-back."""
     s = blocklist_settings(tmp_path)
     with conn:
         verify(conn, PEER, T0 - 3600)                         # within the 24 h look-back, before the scan span
@@ -193,7 +195,9 @@ def test_the_batch_loads_the_peers_once_and_judging_reads_no_peers_table(conn, t
     statements.clear()
     assert judge_sources(conn, s, scans, wide, now=T0) == 2
     conn.set_trace_callback(None)
-    assert not [q for q in statements if "peers" in q]
+    assert not [q for q in statements if "FROM peers" in q]
+    # the sources' TTLs and MACs: two reads of source_stats per judgement, not two per source
+    assert sum("FROM source_stats" in q for q in statements) == 2
     with pytest.raises(ValueError, match="judging sources needs those since"):
         judge_sources(conn, s, scans, near, now=T0)
 
