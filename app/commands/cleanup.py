@@ -1,11 +1,4 @@
-"""`python -m app cleanup [--keep-days D]`: retention, then give the space back.
-
-Deletes rounds that ended more than D days ago (default retention.keep_days, 14) with every row
-that hangs off them (port and source counters, flows, occupancy, sniffer packets, blocklist
-drops), sniffer packets older than D days, and alert bookkeeping older than D days. Evaluations,
-anomalies, models and the blocklist ledger are kept: they are small and the report and the
-audit trail need them. Then frees the pages: an incremental vacuum, or once a full VACUUM that
-switches the file to incremental auto-vacuum.
+"""`python -m app cleanup [--keep-days D]`: retention, then give the space back (:func:`run` says what goes).
 
 Exit codes: 0 done; 2 bad --keep-days; 4 database problem; 6 another cleanup is running.
 """
@@ -32,6 +25,12 @@ def register(sub) -> None:
 
 
 def run(args, settings) -> int:
+    """Delete rounds that ended more than D days ago (default retention.keep_days, 14) with every row
+    that hangs off them (port and source counters, flows, occupancy, sniffer packets, blocklist
+    drops), sniffer packets older than D days, and alert bookkeeping older than D days. Evaluations,
+    anomalies, models and the blocklist ledger are kept: they are small and the report and the
+    audit trail need them. Then free the pages: an incremental vacuum, or once a full VACUUM that
+    switches the file to incremental auto-vacuum."""
     from app.db import retention
     from app.db.connection import connect
     from app.errors import UsageError

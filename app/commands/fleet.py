@@ -1,14 +1,8 @@
 """`python -m app fleet serve|node|status [--json]`: many hosts, one model (Flower), one blocklist (CrowdSec).
 
-serve    the coordinator: a Flower SuperLink (TLS from [fleet]) and a federation now and every
-         fleet.interval_seconds (--once: one federation, then exit).
-node     this host's Flower SuperNode in the foreground (run it as a service); it trains the fleet's
-         weights on this host's normal windows and adopts the result as a model version 'fleet'.
-status   this host's model versions by origin (and why the newest fleet model was not adopted, if it
-         was not), the coordinator's record when this is the coordinator (the hosts it knows: last
-         contribution, windows claimed and weighed, the model version each runs), and the CrowdSec
-         sync (pulled, pushed, pending); --json prints one object. Also written to
-         the metrics textfile (metrics.textfile_dir; see app/services/ops/metrics.py, portwatch_fleet_*).
+serve runs the coordinator (SuperLink and federations), node this host's SuperNode, status shows the fleet
+as this host sees it (:func:`gather`; also written to the metrics textfile as portwatch_fleet_*, see
+app/services/ops/metrics.py). DESCRIPTION gives the options; README: Many hosts, the rest.
 
 Exit codes: 0 ok; 2 bad [fleet] settings; 7 Flower missing; 1 a federation that did not finish.
 """
@@ -74,7 +68,10 @@ def run(args, settings) -> int:
 
 
 def gather(settings) -> dict:
-    """Everything `fleet status` shows (no Flower, no TensorFlow: the database and files only)."""
+    """Everything `fleet status` shows (no Flower, no TensorFlow: the database and files only): this
+    host's model versions by origin (and why the newest fleet model was not adopted, if it was not), the
+    coordinator's record when this is the coordinator (the hosts it knows: last contribution, windows
+    claimed and weighed, the model version each runs), and the CrowdSec sync (pulled, pushed, pending)."""
     from app.db import fleet as fleet_db
     from app.db.connection import connect
     from app.services.fleet import crowdsec

@@ -1,18 +1,9 @@
-"""`python -m app model list|rollback VERSION`: the evaluator's model versions.
+"""`python -m app model list|rollback VERSION`: the evaluator's model versions and their threshold history.
 
-Every evaluation that trains saves a new version under <state_dir>/models/<database id>/<version>/ (config.json,
-scaler.json, weights, held-out calibration windows) with a models row; the newest
-evaluator.keep_models keep their files. The list is the threshold history: each version's threshold,
-its move at that refit (``*``: held to evaluator.threshold_max_change) and the held-out pool against
-the windows its alert budget needs (``!``: the model does not alert yet). `rollback` makes an older
-version active again: the next evaluation scores with it and refits from it. `list` says which versions
-this portwatch can load: a model saved in another format version (the window's features changed)
-stays listed but cannot be rolled back to; the evaluator fits a new one from scratch instead.
-``held-out/d`` is the threshold's false alerts a day on the pool it was chosen on (in sample);
-``out-of-sample`` is the calibration's own check: a threshold chosen on one half of the pool, its
-false alerts a day counted on the other half, and their 95 % upper bound (a small pool cannot show
-a budget of one a day is met: the bound says how far it can vouch). A fleet model this host checked
-and refused is listed 'not-adopted' with the reason (app/services/fleet/adoption.py).
+The versions themselves (files, rollback, pruning to evaluator.keep_models) are
+app/services/evaluation/model_versions.py's; LEGEND explains the list's columns. A version saved in
+another format version (the window's features changed) stays listed but cannot be rolled back to; a
+fleet model this host refused is listed 'not-adopted' with the reason (app/services/fleet/adoption.py).
 
 Exit codes: 0 done; 2 unknown or pruned version; 4 database problem.
 """

@@ -1,15 +1,9 @@
 """`python -m app status [--json]`: is XDP attached and how, last round, last evaluation, model
-version, blocklist size, database size, and whether all of that is healthy.
+version, blocklist size, database size, and whether all of that is healthy (:func:`gather`).
 
-Reads only (but for the health samples it puts into metrics.textfile_dir when that is set, so
-node_exporter sees what status sees): the database is opened read-only, XDP state comes from
-netlink (kernel/attachment.py xdp_attachment: libbpf's bpf_xdp_query) and the pins under
-``<pin_root>/<interface>/``; the health checks are app/services/ops/health.py's. Exit codes: 0
-healthy; 1 unhealthy (one line on stderr names the first failed check: no round for 3 x the round
-length, XDP not attached where pinned, the last evaluation failed, the model cannot alert, the
-database above general.max_db_mb, the blocklist map out of step with the ledger); 2 bad interface
-name, or an interface that does not exist and has no pins (a typo is not health); 3 the database
-is root-only and this user is not root; 4 corrupt database.
+Exit codes: 0 healthy; 1 unhealthy (one line on stderr names the first failed check: README, Health);
+2 bad interface name, or an interface that does not exist and has no pins (a typo is not health); 3 the
+database is root-only and this user is not root; 4 corrupt database.
 """
 from __future__ import annotations
 
@@ -46,7 +40,12 @@ def register(sub) -> None:
 
 def gather(settings, interfaces: list[str] | None = None, now: float | None = None) -> dict:
     """Everything ``status`` shows, as a JSON-ready dict; ``health`` holds the checks of
-    app.services.ops.health (the same ones doctor and the metrics report)."""
+    app.services.ops.health (the same ones doctor and the metrics report).
+
+    Reads only, but for the health samples it puts into metrics.textfile_dir when that is set (so
+    node_exporter sees what status sees): the database is opened read-only, XDP state comes from
+    netlink (kernel/attachment.py xdp_attachment: libbpf's bpf_xdp_query) and the pins under
+    ``<pin_root>/<interface>/``."""
     from app.db import reports as queries
     from app.db.connection import connect
     from app.services.evaluation import warmup

@@ -1,11 +1,5 @@
-"""`python -m app top [--interface IF] [--interval 1] [--count N] [--rows R]`: the live view.
+"""`python -m app top [--interface IF] [--interval 1] [--count N] [--rows R]`: the live view (:func:`run`).
 
-Reads the pinned maps of one interface twice per refresh interval and shows per-second rates:
-totals (packets, bytes, drops, unparsed), the busiest ports and sources, and the blocklist with
-its drop counters, in the spirit of ``xdp-filter poll`` and ``iftop``. Writes nothing (no database,
-no lock, no map update), so it runs beside the collector's cron job. On a terminal it redraws in
-place until Ctrl-C (or --count refreshes); otherwise it prints --count refreshes (default 1) as
-plain text, separated by blank lines, and exits.
 Exit codes: 0 done; 2 bad option or no pinned maps for the interface; 3 not root; 5 portwatch's
 XDP program is not attached where its maps are pinned (the counters shown do not move: each
 refresh says so on its first line, and one sentence on stderr at the end).
@@ -72,6 +66,12 @@ def pick_interface(settings, requested: str | None) -> str:
 
 
 def run(args, settings) -> int:
+    """Read the pinned maps of one interface twice per refresh interval and show per-second rates:
+    totals (packets, bytes, drops, unparsed), the busiest ports and sources, and the blocklist with
+    its drop counters, in the spirit of ``xdp-filter poll`` and ``iftop``. Writes nothing (no database,
+    no lock, no map update), so it runs beside the collector's cron job. On a terminal it redraws in
+    place until Ctrl-C (or --count refreshes); otherwise it prints --count refreshes (default 1) as
+    plain text, separated by blank lines, and exits."""
     import os
     from app.errors import NeedsRootError, UsageError
     from app.services.ops import live
