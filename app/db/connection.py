@@ -1,18 +1,9 @@
 """SQLite connections: WAL, busy timeout, foreign keys, schema migrations with a backup first.
 
 One write path: every writer opens with :func:`connect` and writes inside ``with conn:`` blocks
-(one round = one transaction). Readers that only read use ``connect(path, readonly=True)``.
-
-Before its first write a process checks the database is sound (on its first writable open of each
-file): a corrupt file is refused (DatabaseError, exit 4) before anything is written into it. Files up
-to QUICK_CHECK_MAX_BYTES get ``PRAGMA quick_check`` (measured: 0.46 s for 352 MB, warm cache, so
-about 0.33 s at the limit); larger ones a cheap check (header, page count against the file size, the
-schema read) so the minute collector does not read a large file end to end every minute.
-Before SQLite opens a file for writing, the process's file step runs (:func:`use_file_step`): it
-creates the file and its directories with their modes and tightens an existing one (SQLite gives
--wal/-shm the database's mode). The CLI installs app.permissions' step (0600, or 0640 for
-``general.group``); a process that installs none gets :func:`root_only`. This package imports
-nothing of portwatch but app.errors.
+(one round = one transaction). Readers that only read use ``connect(path, readonly=True)``. Before
+its first write a process checks the file is sound (:func:`_check_sound`) and runs its file step
+(:func:`use_file_step`). This package imports nothing of portwatch but app.errors.
 """
 from __future__ import annotations
 
@@ -159,8 +150,10 @@ _file_step: Callable[[Path], None] = root_only
 
 
 def use_file_step(step: Callable[[Path], None]) -> None:
-    """Install ``step(path)``, run before every writable open of a database file in this process: it
-    creates the file (and its directories) with their modes, or tightens an existing one."""
+    """Install ``step(path)``, run before SQLite opens a database file for writing in this process: it
+    creates the file (and its directories) with their modes, or tightens an existing one (SQLite gives
+    -wal/-shm the database's mode). The CLI installs app.permissions' step (0600, or 0640 for
+    ``general.group``); a process that installs none gets :func:`root_only`."""
     global _file_step
     _file_step = step
 
@@ -170,7 +163,13 @@ def _prepare_file(path: Path) -> None:
 
 
 def _check_sound(conn: sqlite3.Connection, path: Path) -> None:
-    """PRAGMA quick_check once per process and file, before the first write; DatabaseError if not ok."""
+    """PRAGMA quick_check once per process and file, before the first write; DatabaseError if not ok.
+
+    A corrupt file is refused (DatabaseError, exit 4) before anything is written into it. Files up to
+    QUICK_CHECK_MAX_BYTES get ``PRAGMA quick_check`` (measured: 0.46 s for 352 MB, warm cache, so about
+    0.33 s at the limit); larger ones a cheap check (:func:`_cheap_check`: header, page count against the
+    file size, the schema read) so the minute collector does not read a large file end to end every minute.
+    """
     key = str(path.resolve())
     if key in _checked:
         return

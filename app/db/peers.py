@@ -1,15 +1,8 @@
 """Verified peers: remote addresses that proved they talked WITH this host (the evidence class that
 decides whether a source may be blocked on one-way evidence), their fingerprints, hop counts per
-source and per-round source counts.
-
-A peer is an address that did something a blind forger cannot (``peers.proof``): 'handshake' (its
-ACK acknowledged this host's SYN-ACK ISN + 1), 'opened-tcp' (its SYN-ACK acknowledged this host's
-SYN), 'opened-udp' (it answered this host's datagram from the same address and port) — all three
-seen by the XDP program (bpf/port_flow.c, map ``verified``) — or 'established' (an ESTABLISHED
-socket the scanner saw). Each round the collector records them (:func:`record_two_way`) with the
-fingerprint of the proving packet (IP TTL / hop limit, source MAC). An inbound UDP request this host
-answered, or a segment that does not acknowledge this host's sequence number, makes no peer.
-:func:`two_way_since` answers "has this address proved itself since T" in one indexed lookup.
+source and per-round source counts. The collector records the proofs each round
+(:func:`record_two_way` says which count); :func:`two_way_since` answers "has this address proved
+itself since T" in one indexed lookup.
 """
 from __future__ import annotations
 
@@ -118,6 +111,13 @@ def record_two_way(conn, round_id: int | None, at: float, verified: dict[str, tu
     with a TTL replaces the stored fingerprint whole: its MAC None (an off-link sender) clears an older
     MAC; an 'established' proof keeps the stored fingerprint.
 
+    A proof is something a blind forger cannot do: 'handshake' (its ACK acknowledged this host's
+    SYN-ACK ISN + 1), 'opened-tcp' (its SYN-ACK acknowledged this host's SYN), 'opened-udp' (it
+    answered this host's datagram from the same address and port) — all three seen by the XDP program
+    (bpf/port_flow.c, map ``verified``) — or 'established' (an ESTABLISHED socket the scanner saw). An
+    inbound UDP request this host answered, or a segment that does not acknowledge this host's
+    sequence number, makes no peer.
+
     Returns the number of distinct addresses recorded."""
     rows = []
     for address in sorted(set(verified) | set(established)):
@@ -135,7 +135,7 @@ def record_two_way(conn, round_id: int | None, at: float, verified: dict[str, tu
 
 def two_way_since(conn: sqlite3.Connection, address: str, since: float) -> bool:
     """True when ``address`` (text as stored: '198.18.0.2', '2001:db8::2', '::ffff:198.18.0.2' is an
-    IPv6 peer, not the IPv4 one) proved itself a peer (see the module docstring) at or after ``since``
+    IPv6 peer, not the IPv4 one) proved itself a peer (see :func:`record_two_way`) at or after ``since``
     (epoch seconds). Rows without a proof (an older portwatch's unverified two-way flows) do not count."""
     row = conn.execute("SELECT 1 FROM peers WHERE address = ? AND proof IS NOT NULL AND last_verified >= ?",
                        (address, since)).fetchone()

@@ -1,18 +1,8 @@
 """Read-only queries behind the report's rates and its one drop count (app/services/ops/reports/).
 
-Rates: a round's counters are the difference since the previous snapshot, so they cover
-``counts_since .. end_time`` (``counts_since`` NULL: the round's own start), not the round's length:
-the first round after a 80 s gap between two collector runs holds the gap's packets too. Every
-per-round row carries that covered span as ``covered_from`` and ``seconds`` (what the evaluator's
-series use too, app/db/series.py); rates are counts / seconds. Baseline rounds (counts from before
-this database watched the interface, stored as zero traffic) are no rate at all and are left out.
-
-Drops: the rounds' XDP counter (``rounds.dropped_packets``, the kernel's global drop counter
-differenced per round) is the report's and ``blacklist list``'s ONE drop total: it holds every drop,
-including those of an entry removed or expired between two rounds (its last drops reach the ledger
-but never a per-round ``blacklist_drops`` row, because the entry has left the map when the next
-round reads it). ``blacklist_drops`` gives the per-address split; what it misses is shown as
-"entries gone before the round closed". ``since``: Unix epoch seconds or None for everything.
+Rates are counts over the span a round's counters cover (:func:`round_rates`), not over the round's
+length; the one drop count is the rounds' XDP counter (:func:`drop_total`). ``since`` everywhere: Unix
+epoch seconds, or None for everything.
 """
 from __future__ import annotations
 
@@ -30,7 +20,15 @@ def _since(since: float | None) -> float:
 
 def round_rates(conn: sqlite3.Connection, since: float | None) -> list[sqlite3.Row]:
     """Per round in time order: (round_id, covered_from, end_time, seconds, interface, total_packets,
-    unparsed_packets, drops: rounds.dropped_packets, attributed: the blacklist_drops rows' sum)."""
+    unparsed_packets, drops: rounds.dropped_packets, attributed: the blacklist_drops rows' sum).
+
+    A round's counters are the difference since the previous snapshot, so they cover
+    ``counts_since .. end_time`` (``counts_since`` NULL: the round's own start), not the round's length:
+    the first round after a 80 s gap between two collector runs holds the gap's packets too. Every
+    per-round row here carries that covered span as ``covered_from`` and ``seconds`` (what the
+    evaluator's series use too, app/db/series.py); rates are counts / seconds. Baseline rounds (counts
+    from before this database watched the interface, stored as zero traffic) are no rate at all and are
+    left out."""
     return conn.execute(
         f"""SELECT r.id AS round_id, {_COVERED_FROM} AS covered_from, r.end_time, {_SECONDS} AS seconds,
                   r.interface, r.total_packets, r.unparsed_packets, r.dropped_packets AS drops,
@@ -41,7 +39,14 @@ def round_rates(conn: sqlite3.Connection, since: float | None) -> list[sqlite3.R
 
 def drop_total(conn: sqlite3.Connection, since: float | None = None) -> int:
     """Packets the XDP blocklist dropped (blocked sources, ingress) in the rounds that ended at or
-    after ``since`` (every interface)."""
+    after ``since`` (every interface).
+
+    The rounds' XDP counter (``rounds.dropped_packets``, the kernel's global drop counter differenced
+    per round) is the report's and ``blacklist list``'s ONE drop total: it holds every drop, including
+    those of an entry removed or expired between two rounds (its last drops reach the ledger but never
+    a per-round ``blacklist_drops`` row, because the entry has left the map when the next round reads
+    it). ``blacklist_drops`` gives the per-address split (:func:`drops_by_round_and_address`); what it
+    misses is shown as "entries gone before the round closed"."""
     return int(conn.execute("SELECT COALESCE(SUM(dropped_packets), 0) FROM rounds WHERE end_time >= ?",
                             (_since(since),)).fetchone()[0])
 
