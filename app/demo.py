@@ -4,16 +4,8 @@
     HTTP :8080 + DNS :53 on 198.18.77.1   <── veth ──>   benign clients .2 (HTTP) and .3 (DNS)
     XDP + collector on the root end                       attacker .5 (port scan, SYN burst)
 
-1. benign background (HTTP requests, DNS queries) while the collector records rounds of 3 s;
-2. the first evaluation (rules run; the model trains on what it has);
-3. the attack: a port scan and a SYN burst from one address, still collecting;
-4. the second evaluation: findings -> block decisions -> the pinned XDP blacklist map;
-5. proof: the attacker's packets are dropped in XDP, the benign hosts still get answers;
-6. a report, a printed summary, and everything removed again (namespaces, XDP, pins, servers).
-
-Everything runs through the real command line (`python -m app ...`) in child processes, with
-its own database and state in the work directory (default /tmp/portwatch-demo).
-"""
+Benign traffic, an evaluation, the attack, a second evaluation that blocks it in XDP, a report, then all removed
+again; through `python -m app ...` in child processes, database and state in --out (default /tmp/portwatch-demo)."""
 from __future__ import annotations
 
 import argparse
@@ -142,6 +134,15 @@ out_dir = "{self.work / 'report'}"
 
     # --- the story ------------------------------------------------------------------------------
     def run(self, benign_seconds: float, attack_rounds: int) -> int:
+        """The demo's steps, each through the real command line (`python -m app ...`) in a child process:
+
+        1. benign background (HTTP requests, DNS queries) while the collector records rounds of 3 s;
+        2. the first evaluation (rules run; the model trains on what it has);
+        3. the attack: a port scan and a SYN burst from one address, still collecting;
+        4. the second evaluation: findings -> block decisions -> the pinned XDP blacklist map;
+        5. proof: the attacker's packets are dropped in XDP, the benign hosts still get answers;
+        6. a report and a printed summary (:meth:`summary`); :meth:`cleanup` removes everything again
+           (namespaces, XDP, pins, servers)."""
         if self.db.exists():
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{self.db}{suffix}").unlink(missing_ok=True)

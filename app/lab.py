@@ -1,18 +1,9 @@
-"""A network lab of test hosts in network namespaces, for the test suite and `make demo`.
+"""A network lab of test hosts in network namespaces (:class:`Lab`: the layout), and bounded test
+traffic to send into it (``python -m app.lab send``). Used by the test suite, the benches and `make demo`
+(in app/ only app/demo.py imports it); it imports app/services/kernel/ only to run a program on frames.
 
-Layout (one veth pair per peer namespace)::
-
-    root namespace                          namespace <prefix>-a
-    <prefix>r0  198.18.<n>.1/24  <── veth ──>  <prefix>p0  198.18.<n>.2/24 (+ extra hosts .3, .4, ...)
-                2001:db8:18:<n>::1/64                     2001:db8:18:<n>::2/64 (+ ::3, ...)
-
-XDP is attached in the ROOT namespace on the root-side end (``lab.interface``): `ip netns exec`
-gives its command a private /sys mount, so pins made inside a namespace vanish when it exits.
-Traffic is sent from the peer namespace. Only 198.18.0.0/15 and 2001:db8::/32 (documentation)
-addresses are used, and only between the lab's own hosts.
-
-Neighbour entries are static and DAD is off, so no ARP/NDP chatter pollutes exact counts of
-IPv4/IPv6 test traffic (ARP still counts as non-IP frames).
+Only 198.18.0.0/15 and 2001:db8::/32 (documentation) addresses are used, and only between the lab's
+own hosts.
 """
 from __future__ import annotations
 
@@ -39,7 +30,19 @@ def _ns(ns: str, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedPro
 
 @dataclass
 class Lab:
-    """Root namespace + one peer namespace joined by a veth pair. Use as a context manager."""
+    """Root namespace + one peer namespace joined by a veth pair. Use as a context manager.
+
+    Layout (one veth pair per peer namespace)::
+
+        root namespace                          namespace <prefix>-a
+        <prefix>r0  198.18.<n>.1/24  <── veth ──>  <prefix>p0  198.18.<n>.2/24 (+ extra hosts .3, .4, ...)
+                    2001:db8:18:<n>::1/64                     2001:db8:18:<n>::2/64 (+ ::3, ...)
+
+    XDP is attached in the ROOT namespace on the root-side end (``interface``): `ip netns exec`
+    gives its command a private /sys mount, so pins made inside a namespace vanish when it exits.
+    Traffic is sent from the peer namespace. Neighbour entries are static and DAD is off, so no
+    ARP/NDP chatter pollutes exact counts of IPv4/IPv6 test traffic (ARP still counts as non-IP frames).
+    """
 
     prefix: str = "pwl"
     subnet: int = 0                       # third octet of 198.18.<subnet>.0/24

@@ -1,15 +1,9 @@
 """File modes: root-only, or readable by one group (``general.group``) — never world-readable.
 
-    configure(settings)       once per process (the CLI): resolve the group, set the umask
-    file_mode(), dir_mode()   0600/0700, or 0640/2750 with the group (setgid: new files inherit it)
-    make_dir(path)            mkdir -p with dir_mode() (only the directories it creates are changed)
-    secure(path)              give one existing file or directory its mode and group (if we own it)
-    tighten_db(path)          the database and its -wal/-shm
-    prepare_db(path)          create or tighten the database: every writer's open (installed by the CLI)
-    audit(settings)           what is looser than it should be (``doctor``)
-    tighten(settings)         fix all of it, recursively (``doctor --fix-modes``, scripts/setup.sh)
-
+The CLI calls :func:`configure` once per process and installs :func:`prepare_db` as every writer's
+file step; ``doctor`` runs :func:`audit`, ``doctor --fix-modes`` and scripts/setup.sh :func:`tighten`.
 Files SQLite creates next to the database (-wal, -shm, -journal) copy the database's mode and owner.
+A foundation module: any layer may import it; it imports nothing of portwatch.
 """
 from __future__ import annotations
 
@@ -51,10 +45,12 @@ def umask() -> int:
 
 
 def file_mode() -> int:
+    """0600, or 0640 with the group."""
     return 0o640 if _gid is not None else 0o600
 
 
 def dir_mode() -> int:
+    """0700, or 2750 with the group (setgid: new files inherit it)."""
     return 0o2750 if _gid is not None else 0o700
 
 
