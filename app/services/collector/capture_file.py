@@ -1,15 +1,9 @@
 """A pcap or pcapng file as arrays: where each packet's bytes are, when it was captured, and the few
 header fields a replay needs in user space (addresses, ports, TCP flags) — no per-packet Python object.
 
-    read(path)                  -> Capture(buffer, offsets, lengths, ts_ns, linktype)
-    headers(capture)            -> Headers: per-packet arrays (numpy, vectorised over all packets)
-    most_answered(headers)      -> the address that answered the most peers (the capture's host)
-    inferred_listeners(...)     -> the ports the host answered on, with when it first did
-
 The kernel counts (the programs do that, from the raw bytes); these fields only decide each packet's
-direction and which listeners the host had. Link types: Ethernet (1); raw IP (101, 228, 229) and Linux
-cooked captures (113) are given a synthetic Ethernet header (the programs parse from Ethernet), which
-adds 14 bytes per frame for raw IP and changes nothing for cooked ones (16 -> 14 byte header: -2).
+direction (:func:`most_answered`: the capture's host) and which listeners the host had
+(:func:`inferred_listeners`). Link types: :func:`_frame`.
 """
 from __future__ import annotations
 
@@ -149,7 +143,11 @@ def _tsresol(data: bytes, pos: int, end: int, order: str) -> tuple[int, int]:
 
 
 def _frame(name: str, data, offsets, lengths, ts, links) -> Capture:
-    """Every frame Ethernet framed, in one buffer the programs can be handed pointers into."""
+    """Every frame Ethernet framed, in one buffer the programs can be handed pointers into.
+
+    Link types: Ethernet (1) is used as it is; raw IP (101, 228, 229) and Linux cooked captures (113)
+    are given a synthetic Ethernet header (the programs parse from Ethernet), which adds 14 bytes per
+    frame for raw IP and changes nothing for cooked ones (16 -> 14 byte header: -2)."""
     offsets = np.asarray(offsets, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
     ts_ns = np.asarray(ts, dtype=np.int64)

@@ -1,15 +1,10 @@
-"""The collector's work: one round of one interface in one SQLite transaction.
+"""The collector's work: one round of one interface in one SQLite transaction (:meth:`Collector.close_round`).
 
-(The scheduling — K rounds of N seconds, the scanner and sniffer threads during each round, the
-run-time bound — is app/threads/collection.py.) At the end of a round the pinned maps
-are read (libbpf, no BCC), differenced against the last snapshot, and the round, its per-port,
-per-source and flow rows, occupancy, sniffer sample and the new snapshot are written in one
-transaction. Then the round epoch in the config map is bumped (per-round payload extremes) and
-the blocklist ledger is reconciled with the pinned blacklist map. Rounds from other maps than the
-current ones (a takeover's baseline, the maps a recreate replaced) are app/services/collector/extra_rounds.py.
-
-Cheap by design: no BPF compile (unless the program must be (re)loaded, which happens in a
-separate process) and no TensorFlow or matplotlib anywhere on this path.
+The scheduling (K rounds of N seconds, the scanner and sniffer threads during each round, the run-time
+bound) is app/threads/collection.py; rounds from other maps than the current ones (a takeover's baseline,
+the maps a recreate replaced) are app/services/collector/extra_rounds.py. Cheap by design: no BPF
+compile (unless the program must be (re)loaded, which happens in a separate process) and no TensorFlow
+or matplotlib anywhere on this path.
 """
 from __future__ import annotations
 
@@ -167,6 +162,10 @@ class Collector:
                     reconcile: bool = True, at: float | None = None) -> RoundSummary:
         """Read the maps, difference them, write the round in one transaction, bump the epoch.
 
+        The pinned maps are read with libbpf (no BCC) and differenced against the last snapshot; the
+        round, its per-port, per-source and flow rows, occupancy, sniffer sample and the new snapshot
+        are written in one transaction. Then the round epoch in the config map is bumped (per-round
+        payload extremes) and the blocklist ledger is reconciled with the pinned blacklist map.
         ``at``: the round's end (Unix seconds; None: now — a replay passes capture time).
         The first round after open() records whether this run compiled or reloaded the program."""
         compiled = self._first and bool(self.load_state and self.load_state.compiled)

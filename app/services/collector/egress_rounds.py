@@ -1,16 +1,8 @@
-"""One round of the TC egress program's counters into SQLite, and the round's verified peers.
+"""One round of the TC egress program's counters into SQLite (:func:`write_egress`), and the round's
+verified peers (:func:`verified_peers`, :func:`record_peers`).
 
-Called by app/services/collector/collector.py inside the round's transaction, with the same snapshot rules
-as ingress (the deltas come from rounds.diff against the last snapshot): egress_port_stats per
-LOCAL (source) port, folded into the ephemeral bucket like port_stats; destination_stats per
-remote address with its distinct remote (port, protocol) pairs; the top outbound flows by bytes
-(plus every flow to a destination reached on many ports) as flows rows with direction 'out'.
-
-Verified peers (:func:`verified_peers`): the addresses whose proofs grew in the XDP program's
-``verified`` map this round (a handshake acknowledging this host's ISN, an answer to a conversation
-this host opened: app/db/peers.py), with the fingerprint of the proving packet. Both directions of
-a conversation on matching ports prove nothing by themselves: a blind forger's PSH|ACK draws this
-host's RST, and a forged UDP request draws this host's answer.
+Called by app/services/collector/collector.py inside the round's transaction, with the same snapshot
+rules as ingress (the deltas come from rounds.diff against the last snapshot).
 """
 from __future__ import annotations
 
@@ -26,7 +18,11 @@ from app.services.collector.round_rows import mac_text
 from app.services.kernel.bpf_structs import PROOFS, addr_text
 
 def verified_peers(delta: rounds.Delta, on_link=None) -> dict[str, tuple[str, int, str | None]]:
-    """address -> (proof name, TTL, MAC text) of the addresses that proved themselves in this round.
+    """address -> (proof name, TTL, MAC text) of the addresses that proved themselves in this round:
+    those whose proofs grew in the XDP program's ``verified`` map (a handshake acknowledging this host's
+    ISN, an answer to a conversation this host opened: app/db/peers.py), with the fingerprint of the
+    proving packet. Both directions of a conversation on matching ports prove nothing by themselves: a
+    blind forger's PSH|ACK draws this host's RST, and a forged UDP request draws this host's answer.
 
     ``on_link``: the interface's on-link test (app/services/kernel/onlink.py; None: unknown). An
     off-link address's packets carry the MAC of the router that forwarded them, not its own: its MAC
@@ -44,7 +40,10 @@ def verified_peers(delta: rounds.Delta, on_link=None) -> dict[str, tuple[str, in
 
 def write_egress(conn, round_id: int, deltas: dict, readings: dict, port_ids, fold, top_n: int,
                  many_threshold: int, clock_offset: float | None = None) -> None:
-    """egress_port_stats, destination_stats and the outbound flows of one round.
+    """egress_port_stats, destination_stats and the outbound flows of one round: egress_port_stats per
+    LOCAL (source) port, folded into the ephemeral bucket like port_stats; destination_stats per remote
+    address with its distinct remote (port, protocol) pairs; the top outbound flows by bytes (plus every
+    flow to a destination reached on many ports) as flows rows with direction 'out'.
 
     fold(port, protocol) -> the stored port value (the ephemeral bucket rule of port_stats);
     clock_offset: seconds from the program's clock to Unix time (None: the live kernel clock's)."""

@@ -1,20 +1,11 @@
 """Cumulative kernel snapshots -> per-round differences (array code, no I/O).
 
-The kernel never resets a counter. A round stores, per key, cumulative-now minus
-cumulative-at-the-last-snapshot; the last snapshot is kept in SQLite (counter_snapshots), so
-nothing is lost or counted twice across round boundaries, a SIGKILLed run, a skipped minute or
-a reload that kept the pinned maps. A key whose counters went backwards (maps recreated, reboot,
-an LRU entry evicted and re-inserted) is treated as restarted from zero: its delta is its
-current value.
-
-Values are decoded with numpy structured dtypes built from the ctypes mirrors in bpf_structs.py, so a
-round over 50k entries costs milliseconds, not a Python loop per CPU per field. A snapshot is stored
-in buckets by key (a hash of the key's bytes, :func:`bucket_of`; about BUCKET_ENTRIES keys each), each
-bucket two BLOBs: its keys (n * key_size bytes) and their counters (n * width u64, little endian),
-stored apart so the counters of many buckets share a page. A round rewrites the keys of the buckets
-whose key set changed (new keys, LRU evictions) and the counters of the buckets with a key that counted
-(:func:`changed_buckets`): a quiet round on full maps writes kilobytes, not the maps' megabytes.
-"""
+The kernel never resets a counter: a round stores, per key, cumulative-now minus cumulative-at-the-last-
+snapshot (:func:`diff`), the last snapshot kept in SQLite (counter_snapshots, in buckets: :func:`pack_buckets`),
+so nothing is lost or counted twice across round boundaries, a SIGKILLed run, a skipped minute or a
+reload that kept the pinned maps. Values are decoded with numpy structured dtypes built from the ctypes
+mirrors in bpf_structs.py (:func:`decode`): a round over 50k entries costs milliseconds, not a Python
+loop per CPU per field."""
 from __future__ import annotations
 
 import ctypes
@@ -212,7 +203,11 @@ def bucket_of(reading: MapReading, buckets: int) -> np.ndarray:
 def pack_buckets(reading: MapReading, buckets: int, which=None) -> dict[int, tuple[bytes, bytes]]:
     """bucket -> (its keys back to back, their counters as <u8) for the buckets ``which`` (None: every bucket
     that holds a key); keys sorted within a bucket, so a bucket whose keys stay keeps its layout. A bucket of
-    ``which`` that holds no key maps to (b"", b"") (to be removed)."""
+    ``which`` that holds no key maps to (b"", b"") (to be removed).
+
+    A snapshot is stored in buckets by key (a hash of the key's bytes, :func:`bucket_of`; about
+    BUCKET_ENTRIES keys each), each bucket two BLOBs: its keys (n * key_size bytes) and their counters
+    (n * width u64, little endian), stored apart so the counters of many buckets share a page."""
     of = bucket_of(reading, buckets)
     wanted = np.unique(of) if which is None else np.asarray(sorted(which), dtype=np.int64)
     out = {int(b): (b"", b"") for b in wanted.tolist()}
@@ -230,7 +225,9 @@ def pack_buckets(reading: MapReading, buckets: int, which=None) -> dict[int, tup
 
 def changed_buckets(delta: "Delta", previous: MapReading, buckets: int) -> tuple[set[int], set[int]]:
     """(buckets whose key set changed, buckets whose counters changed) against the stored ``previous``:
-    keys new since it or gone from it (an LRU eviction) change both; a non-zero delta changes the counters."""
+    keys new since it or gone from it (an LRU eviction) change both; a non-zero delta changes the counters.
+    A round rewrites only those (the keys of the first, the counters of the second): a quiet round on full
+    maps writes kilobytes, not the maps' megabytes."""
     current = delta.reading
     new = np.flatnonzero(delta.matched < 0) if delta.matched is not None else np.arange(current.entries)
     of = bucket_of(current, buckets) if current.entries else np.zeros(0, dtype=np.int64)
@@ -321,7 +318,8 @@ class Delta:
 
 def diff(current: MapReading, previous: MapReading) -> Delta:
     """current - previous per key. A key new since the previous snapshot, or one with any
-    counter lower than before (restarted), contributes its whole current value."""
+    counter lower than before (restarted: maps recreated, reboot, an LRU entry evicted and
+    re-inserted), contributes its whole current value."""
     if not current.entries:
         return Delta(current.name, np.zeros((0, current.counters.shape[1]), dtype=np.int64),
                      np.zeros(0, dtype=np.int64), current)

@@ -1,17 +1,9 @@
 """Where a round's counter snapshot is stored, so storing it costs what changed, not what the maps hold.
 
-    load(conn, interface, name, reading, valid, baseline) -> Previous   the snapshot a round differences against
-    plan(reading, delta, previous) -> Plan                               how the new one is stored (before writing)
-    save(conn, interface, name, entries, plan, header)                   store it, inside the round's transaction
-
 A map's snapshot is a BASE (its keys and counters in buckets by key: rounds.pack_buckets, table
-snapshot_buckets) plus a LOG of what changed since (table snapshot_log: per round, the keys that
-counted or appeared with their counters now, and the keys that went away). A round appends one log
-record per map — bytes in proportion to its traffic, written together — and once the log outgrows a
-quarter of the base, the round folds it into the base instead, rewriting only the buckets whose keys or
-counters differ (rounds.changed_buckets). A stored snapshot that cannot be used (another map, another
-takeover epoch, another bucket count) is replaced whole. Everything happens in the caller's transaction:
-a round and its snapshot commit together or not at all.
+snapshot_buckets) plus a LOG of what changed since (table snapshot_log): :func:`load` reads the one a
+round differences against, :func:`plan` decides how the new one is stored, :func:`save` stores it. All in
+the caller's transaction: a round and its snapshot commit together or not at all.
 """
 from __future__ import annotations
 
@@ -87,7 +79,13 @@ class Plan:
 
 def plan(reading: rounds.MapReading, delta: rounds.Delta, previous: Previous | None) -> Plan:
     """Decide (before the round's transaction, so the previous snapshot can go) how ``reading`` is stored.
-    ``previous`` None: nothing stored is usable (a baseline): the whole snapshot."""
+    ``previous`` None: nothing stored is usable (a baseline): the whole snapshot.
+
+    A round appends one log record per map (:func:`_log_record`) — bytes in proportion to its traffic,
+    written together — and once the log outgrows a quarter of the base (LOG_SHARE), the round folds it
+    into the base instead, rewriting only the buckets whose keys or counters differ
+    (rounds.changed_buckets). A stored snapshot that cannot be used (another map, another takeover
+    epoch, another bucket count) is replaced whole."""
     nb = rounds.bucket_count(reading.max_entries)
     if previous is None or previous.base is None:
         packed = rounds.pack_buckets(reading, nb)

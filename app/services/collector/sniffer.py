@@ -1,11 +1,5 @@
-"""Packet metadata sample for one round: pyshark drives dumpcap + tshark for a bounded window.
-
-API::
-
-    Sniffer(interface, window_seconds, max_packets=5000, ...).run() -> SniffResult(records, ...)
-    window_seconds(round_seconds, window_fraction)                  -> seconds to capture
-    find_tshark(tshark_path="")                                      -> path, or DependencyError
-    record_from_fields(fields, local_addresses)                      -> PacketRecord (pure; tests)
+"""Packet metadata sample for one round: pyshark drives dumpcap + tshark for a bounded window
+(:class:`Sniffer`; one packet's fields: :func:`record_from_fields`, pure, for the tests too).
 
 How the capture is run, and the pyshark traps it avoids: app/services/collector/capture.py. Imported
 by the sniffer thread and by sniffer_file.py (a capture file read the same way, for replay).

@@ -1,13 +1,8 @@
-"""`down`: close a final round into the database that enforces the interface, detach, unpin.
+"""`down`: close a final round into the database that enforces the interface, detach, unpin (:func:`down`).
 
 The escape hatch works whatever database owns the interface: the pin record (pin_owner) names it,
 and the final round goes there when it can be opened and is that database; otherwise the program
 is still detached and the pins removed, and the output says why no final round was stored.
-
-Order (exact counts): take the interface lock (no collector round runs meanwhile), detach the
-program (the maps stop counting), close the final round from the frozen maps (every packet up to
-the detach is stored, and the blacklist's last drops reach the ledger), then remove the pins.
-A leftover portwatch program nothing records is detached too (pin_owner.describe_attachment).
 """
 from __future__ import annotations
 
@@ -31,7 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def down(settings, interface: str) -> list[str]:
-    """Final round, detach, unpin for ``interface``. Returns what was done (sentences)."""
+    """Final round, detach, unpin for ``interface``. Returns what was done (sentences).
+
+    Order (exact counts): take the interface lock (no collector round runs meanwhile), detach the
+    program (the maps stop counting), close the final round from the frozen maps (every packet up to
+    the detach is stored, and the blacklist's last drops reach the ledger), then remove the pins. A
+    leftover portwatch program nothing records is detached too (pin_owner.describe_attachment)."""
     if os.geteuid() != 0:
         raise NeedsRootError("detaching XDP needs root: run it with sudo")
     done: list[str] = []
