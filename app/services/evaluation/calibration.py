@@ -1,12 +1,7 @@
-"""How the autoencoder's threshold is chosen, and how far that choice can be trusted.
-
-    calibrate_threshold(scores, trials_per_day, budget_per_day) -> Calibration
-        the threshold for an alert budget from held-out normal scores: an empirical quantile,
-        or a peaks-over-threshold tail (generalised Pareto) when the budget's probability is
-        beyond what the scores can show
-    out_of_sample(cal, per_round, budget_per_day) -> Calibration
-        the calibration's own check: thresholds chosen on some folds of the pool, their false
-        alerts counted on the fold left out, per day with an exact Poisson 95 % upper bound
+"""How the autoencoder's threshold is chosen (:func:`calibrate_threshold`: an empirical quantile, or a
+peaks-over-threshold tail when the budget's probability is beyond what the scores can show), and how
+far that choice can be trusted (:func:`out_of_sample`: false alerts on a fold of the pool the threshold
+was not chosen on, per day with an exact Poisson 95 % upper bound).
 
 No TensorFlow here (scipy only, imported where a tail is fitted): app/services/evaluation/model.py
 scores the windows and calls these.

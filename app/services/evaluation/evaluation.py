@@ -1,23 +1,9 @@
 """One evaluation end to end: the rounds not yet judged → rules + model → anomalies → safe refit.
 
-    batch      rounds with id > the last judged round (at most evaluator.max_batch_rounds)
-    rules      app/services/evaluation/rules.py over the batch (from the first evaluation on), and what leaves
-               the host: outbound_rules.py (outbound_scan, exfiltration, beaconing), dns_rules.py (dns_tunnel)
-    series     per-port features over the batch plus window-1 earlier rounds of context
-    score      the active model judges each new round once (series.judge_windows), when at least
-               evaluator.warmup_rounds rounds exist; before that it trains only and raises nothing
-               (every detector that compares with usual waits for its baseline: warmup.py; the
-               summary and evaluations.note name those still warming up)
-    refit      training continues from the current weights on batch windows that no detector
-               flagged (nor any earlier anomaly covers); a random share of unflagged tiles is held
-               out to recalibrate the threshold; the result is a new model version (keep_models kept)
-    store      models row, evaluations row, anomalies rows and the model's error per judged round
-               (model_round_errors: max and median over ports, the threshold in force) in one transaction
-
-:func:`run` returns an :class:`EvaluationResult` whose ``anomalies`` are the stored
-:class:`~app.services.evaluation.findings.Finding` objects (id and evaluation_id set; ``anomalies.reasons`` is
-each one's ``to_json()``): what the block decisions and the alerts take, as they are. The model
-step (judge, refit) is model_step.py; the model's findings are model_findings.py.
+:func:`run` holds the evaluate lock and records a failure; :func:`_evaluate` names the steps. The model
+step (judge, refit) is model_step.py; the model's findings are model_findings.py. Imported by
+app/services/jobs.py (the evaluate job) and the fleet (which reuses :func:`model_ports`); it never
+imports the collector or the kernel.
 """
 from __future__ import annotations
 
@@ -47,7 +33,11 @@ PEERS_MARGIN_SECONDS = 3600.0
 
 @dataclass(frozen=True)
 class EvaluationResult:
-    """What one evaluation did. status: 'ok', 'warm-up' or 'no-rounds'."""
+    """What one evaluation did. status: 'ok', 'warm-up' or 'no-rounds'.
+
+    ``anomalies`` are the stored :class:`~app.services.evaluation.findings.Finding` objects (id and
+    evaluation_id set; ``anomalies.reasons`` is each one's ``to_json()``): what the block decisions and
+    the alerts take, as they are."""
 
     evaluation_id: int
     status: str
@@ -125,6 +115,22 @@ def run(settings: Settings, conn: sqlite3.Connection | None = None, *, clock=tim
 
 
 def _evaluate(conn: sqlite3.Connection, settings: Settings, started: float, clock) -> EvaluationResult:
+    """The steps of one evaluation:
+
+    batch      rounds with id > the last judged round (at most evaluator.max_batch_rounds)
+    rules      app/services/evaluation/rules.py over the batch (from the first evaluation on), and what leaves
+               the host: outbound_rules.py (outbound_scan, exfiltration, beaconing), dns_rules.py (dns_tunnel)
+    series     per-port features over the batch plus window-1 earlier rounds of context
+    score      the active model judges each new round once (series.judge_windows), when at least
+               evaluator.warmup_rounds rounds exist; before that it trains only and raises nothing
+               (every detector that compares with usual waits for its baseline: warmup.py; the
+               summary and evaluations.note name those still warming up)
+    refit      training continues from the current weights on batch windows that no detector
+               flagged (nor any earlier anomaly covers); a random share of unflagged tiles is held
+               out to recalibrate the threshold; the result is a new model version (keep_models kept)
+    store      models row, evaluations row, anomalies rows and the model's error per judged round
+               (model_round_errors: max and median over ports, the threshold in force) in one transaction
+    """
     cfg = settings.evaluator
     after = dbe.last_evaluated_round(conn)
     batch = dbs.rounds_after(conn, after, cfg.max_batch_rounds)

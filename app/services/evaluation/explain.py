@@ -1,16 +1,5 @@
-"""Findings in words: the ONE summary line of a finding, and the full explanation `anomalies show` prints.
-
-    summary(finding, holders=None) -> str     one line: what, where (port and process), who (sources with
-                                              share and evidence class), how much. Stored as the
-                                              finding's ``summary`` (reasons ``$.summary``) when the
-                                              evaluation stores it, so the CLI, the alerts (webhook,
-                                              mail, syslog), ``blacklist list`` and the CrowdSec push
-                                              all read the same line.
-    fill_summaries(conn, findings)            sets ``summary`` on findings about to be stored
-    explain(conn, finding, settings) -> dict  everything `anomalies show` prints: round times, process
-                                              (occupancy), sources, scanned ports as compact ranges,
-                                              model features (observed vs usual, in units), what was done
-    port_ranges / ports_text                  ``1-1024,8080`` / ``tcp 1-1024 (1024), udp 53 (1)``
+"""Findings in words: the ONE summary line of a finding (:func:`summary`), and the full explanation
+`anomalies show` prints (:func:`explain`), with port lists as compact ranges (:func:`ports_text`).
 
 Pure functions of a :class:`~app.services.evaluation.findings.Finding` except where a connection is passed
 (the queries live in app/db/anomalies.py).
@@ -127,9 +116,14 @@ def _where(finding: Finding, holders: list[dict] | None) -> str:
 
 
 def summary(finding: Finding, holders: list[dict] | None = None) -> str:
-    """One line about ``finding`` for people. ``holders``: who held its port in its rounds
-    ([{pid, process, user, address}], from occupancy), None when unknown. Names in it (processes, users,
-    DNS names) came from other users or the network: the line is made inert (text.inert)."""
+    """One line about ``finding`` for people: what, where (port and process), who (sources with share
+    and evidence class), how much. ``holders``: who held its port in its rounds ([{pid, process, user,
+    address}], from occupancy), None when unknown. Names in it (processes, users, DNS names) came from
+    other users or the network: the line is made inert (text.inert).
+
+    Stored as the finding's ``summary`` (reasons ``$.summary``) when the evaluation stores it
+    (:func:`fill_summaries`), so the CLI, the alerts (webhook, mail, syslog), ``blacklist list`` and the
+    CrowdSec push all read the same line."""
     return inert(_summary(finding, holders))
 
 
@@ -240,7 +234,9 @@ def _time(t: float | None) -> str | None:
 
 
 def explain(conn, finding: Finding, settings=None) -> dict:
-    """Everything `anomalies show` prints about a stored finding (JSON-ready)."""
+    """Everything `anomalies show` prints about a stored finding (JSON-ready): round times, process
+    (occupancy), sources, scanned ports as compact ranges, model features (observed vs usual, in units),
+    what was done."""
     f = finding
     span = db.round_span(conn, f.first_round_id, f.last_round_id)
     holders = holders_of(conn, f)

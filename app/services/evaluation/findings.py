@@ -1,17 +1,9 @@
 """The findings contract: the one shape of a finding, from detector to database to alert and report.
 
 A :class:`Finding` is what a detector (rule or model) says about one port, or one source across
-ports, over a span of rounds. It names the sources it holds responsible as :class:`Source` rows,
-each with its share of the traffic and its **evidence class**:
-
-  two-way   the source completed a TCP handshake with this host or carried on a conversation in
-            which this host answered it: a forger cannot produce this without seeing the replies;
-  one-way   SYN-only, UDP or ICMP toward ports, anything a forger can send with a false source.
-
-``Finding.to_json()`` is what the ``anomalies.reasons`` column holds (readable in ``sqlite3``:
-``json_extract(reasons, '$.sources[0].address')``); ``Finding.from_json()`` reads it back exactly.
-Detector-specific facts (scanned ports, model features, rule text) live in ``details`` and are
-stored flat beside ``sources`` at the top level of that JSON. Nothing here touches the database.
+ports, over a span of rounds; it names the sources it holds responsible as :class:`Source` rows, each
+with its share of the traffic and its **evidence class** (TWO_WAY or ONE_WAY). :meth:`Finding.to_json`
+is what the ``anomalies.reasons`` column holds. Nothing here touches the database.
 """
 from __future__ import annotations
 
@@ -21,6 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 from app.db.outbound import OUTBOUND_DETECTORS
 from app.services.ports import port_label
 
+# the evidence classes: two-way, the source completed a TCP handshake with this host or carried on a
+# conversation in which this host answered it (a forger cannot produce this without seeing the replies);
+# one-way, SYN-only, UDP or ICMP toward ports, anything a forger can send with a false source
 TWO_WAY = "two-way"
 ONE_WAY = "one-way"
 EVIDENCE_CLASSES = (TWO_WAY, ONE_WAY)
@@ -123,7 +118,11 @@ class Finding:
 
     # -- the stored form -----------------------------------------------------------------------------
     def to_json(self) -> str:
-        """The ``anomalies.reasons`` text: details flat, plus sources (and covers) under own keys."""
+        """The ``anomalies.reasons`` text: details flat, plus sources (and covers) under own keys.
+
+        Detector-specific facts (scanned ports, model features, rule text) live in ``details`` and are
+        stored flat beside ``sources`` at the top level, readable in ``sqlite3``:
+        ``json_extract(reasons, '$.sources[0].address')``; :meth:`from_json` reads it back exactly."""
         data = dict(self.details)
         data["source"] = self.source
         data["sources"] = [s.to_dict() for s in self.sources]

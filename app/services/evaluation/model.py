@@ -1,26 +1,9 @@
 """The CNN-LSTM autoencoder over per-port windows: build, fit, score, calibrate, save/load.
 
 The only module that imports TensorFlow/Keras, and only inside functions (``_keras()``), so importing
-this module is cheap; nothing on the collector's path imports it.
-
-Network (input and output (N, W, 2F): W rounds × F features, each as a deviation and a level
-channel, see scaler.LevelDeviationScaler):
-
-    Conv1D(conv_filters, kernel_size, 'same', relu) over time
-    → LSTM(lstm_units) encoder over time          → Dense(bottleneck, relu)
-    → RepeatVector(W) → LSTM(lstm_units, return_sequences) decoder → TimeDistributed(Dense(F))
-
-The LSTMs run over the W rounds of one port's window (time), never across ports.
-
-Scores (PyOD style: fit() sets attributes with a trailing underscore; scoring refuses to run unfitted):
-  per-feature error  (N, W, F)  squared reconstruction error in scaled units
-  per-round error    (N, W)     mean over features
-  window score       (N,)       max per-round error over the judged rounds of the window
-
-The threshold is calibrated on held-out normal windows (never trained on) to an alert budget:
-expected false alerts per day <= P(per-round error > threshold) × port-rounds per day (a window
-alerts when any of its judged rounds does). See recalibrate() and app/services/evaluation/calibration.py
-(calibrate_threshold; out_of_sample: each calibration's own out-of-sample false-alert rate).
+this module is cheap; nothing on the collector's path imports it. The network is
+:meth:`CnnLstmAutoencoder._build`'s, the scores :class:`CnnLstmAutoencoder`'s; the threshold is calibrated
+on held-out normal windows to an alert budget (:meth:`CnnLstmAutoencoder.recalibrate`, calibration.py).
 """
 from __future__ import annotations
 
@@ -120,6 +103,13 @@ class CnnLstmAutoencoder:
     calibration_ (Calibration), calibration_windows_ ((M, W, F) raw held-out windows),
     train_windows_ (int, windows seen by the last fit), n_fits_ (int), history_ (list of losses).
     All windows passed in are in original units; scaling happens inside.
+
+    Scores (PyOD style: fit() sets attributes with a trailing underscore; scoring refuses to run unfitted):
+      per-feature error  (N, W, F)  squared reconstruction error in scaled units
+      per-round error    (N, W)     mean over features
+      window score       (N,)       max per-round error over the judged rounds of the window
+    A window alerts when any of its judged rounds does: expected false alerts per day <= P(per-round
+    error > threshold) × port-rounds per day (see :meth:`recalibrate`).
     """
 
     def __init__(self, config: ModelConfig | None = None):
@@ -130,6 +120,14 @@ class CnnLstmAutoencoder:
     # --- building and training --------------------------------------------------------------
 
     def _build(self):
+        """The network; input and output (N, W, 2F): W rounds × F features, each as a deviation and a
+        level channel (scaler.LevelDeviationScaler)::
+
+            Conv1D(conv_filters, kernel_size, 'same', relu) over time
+            → LSTM(lstm_units) encoder over time          → Dense(bottleneck, relu)
+            → RepeatVector(W) → LSTM(lstm_units, return_sequences) decoder → TimeDistributed(Dense(2F))
+
+        The LSTMs run over the W rounds of one port's window (time), never across ports."""
         keras = _keras()
         cfg = self.config
         keras.utils.set_random_seed(cfg.seed)

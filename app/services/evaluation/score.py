@@ -1,23 +1,8 @@
 """Score a store's findings and blocks against labelled attacks: precision, recall, time to detect.
 
-    read_labels(path)          -> [Label]       the labels CSV (see README, "Try it on a capture")
-    score(conn, labels)        -> Score         .table() text, .to_dict() JSON
-
-Labels CSV: a header line ``start,end,address,detector,label``; start/end are Unix seconds or ISO 8601
-(UTC when no zone is given); address is an address or CIDR; detector is empty (any detector may find
-it) or a detector name (only that one is expected to); label is ``benign`` or the attack's name.
-
-Matching: a finding matches a label when the label's detector is empty or the finding's, one of the
-addresses the finding names is inside the label's network, and the finding's rounds overlap
-[start, end]. Per detector: TP = its findings matching an attack label, FP = its findings matching
-none, FN = attack labels naming that detector that none of its findings matched; recall counts
-those labels; time to detect = the finding's detection time minus the attack's start, where detection
-time is when the finding was stored if that lies in the store's time (a replay evaluated with
-``--evaluate-every``), else the end of its first round. Row ``all``: every finding, and every attack
-label matched by any finding whose detector it allows. Blocks: entries covering a benign-labelled
-address (innocents) or an attack-labelled one. False findings per benign hour: FP of all detectors
-over the hours of the store's span that benign-labelled traffic covers (without benign labels: the span
-outside every attack label).
+:func:`read_labels` reads the labels CSV (a header line ``start,end,address,detector,label``; the columns:
+README, "Try it on a capture") and :func:`score` counts findings and blocks against it. Used by
+``python -m app score``; reads the store through app/db/score.py only.
 """
 from __future__ import annotations
 
@@ -62,7 +47,11 @@ def _time(text: str, path, line: int) -> float:
 
 
 def read_labels(path: str | Path) -> list[Label]:
-    """The labels of a CSV file; UsageError naming the file and line for the first bad row."""
+    """The labels of a CSV file; UsageError naming the file and line for the first bad row.
+
+    start/end are Unix seconds or ISO 8601 (UTC when no zone is given); address is an address or CIDR;
+    detector is empty (any detector may find it) or a detector name (only that one is expected to);
+    label is ``benign`` or the attack's name."""
     try:
         with open(path, newline="") as fh:
             rows = list(csv.reader(fh))
@@ -155,6 +144,9 @@ class Score:
 
 
 def _matches(finding: dict, label: Label) -> bool:
+    """A finding matches a label when the label's detector is empty or the finding's, one of the
+    addresses the finding names is inside the label's network, and the finding's rounds overlap
+    [start, end]."""
     if label.detector and label.detector != finding["detector"]:
         return False
     start, end = finding["start"], finding["end"]
@@ -170,6 +162,8 @@ def _matches(finding: dict, label: Label) -> bool:
 
 
 def _detected_at(finding: dict, span: tuple) -> float:
+    """When the finding was stored if that lies in the store's time (a replay evaluated with
+    ``--evaluate-every``), else the end of its first round."""
     lo, hi = span
     created = finding["created_at"]
     if lo is not None and hi is not None and created is not None and lo <= created <= hi:
@@ -178,7 +172,14 @@ def _detected_at(finding: dict, span: tuple) -> float:
 
 
 def score(conn, labels: list[Label]) -> Score:
-    """Findings and blocks of the store ``conn`` against ``labels`` (module doc)."""
+    """Findings and blocks of the store ``conn`` against ``labels`` (matching: :func:`_matches`).
+
+    Per detector: TP = its findings matching an attack label, FP = its findings matching none, FN =
+    attack labels naming that detector that none of its findings matched; recall counts those labels;
+    time to detect = the finding's detection time (:func:`_detected_at`) minus the attack's start. Row
+    ``all``: every finding, and every attack label matched by any finding whose detector it allows.
+    Blocks: entries covering a benign-labelled address (innocents) or an attack-labelled one. False
+    findings per benign hour: FP of all detectors over :func:`_benign_hours`."""
     found = db.findings(conn)
     span = db.round_span(conn)
     attacks = [lb for lb in labels if lb.attack]

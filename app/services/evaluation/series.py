@@ -1,23 +1,10 @@
 """Batch → per-port time series → scaled windows. Pure functions (of the loaded batch and of numpy
 arrays), no SQL, no TensorFlow.
 
-A *round* is one time step, whatever its length. For every (port, protocol) active in a range of
-rounds the evaluator builds one row per round of ``FEATURES`` (original units, see below); a round in
-which the port saw nothing is a row of zeros (occupancy features still say whether it listened).
-Counts are per *nominal* round: a round whose counters cover more time than usual (the collector
-skipped a minute, or the evaluator ran between two rounds) has its counts scaled to the nominal
-length, so a gap is not mistaken for a spike (``seconds`` / ``nominal_seconds`` of build_series).
-
-Shapes used throughout:
-  P ports, T rounds, F = len(FEATURES) features, W = window length (rounds), N windows.
-  series values  (P, T, F) float32, original units
-  windows        (N, W, F) float32, with ``index`` (N, 2) int: [port index, index of the window's last round]
-
-Scaling the windows for the model is scaler.py (LevelDeviationScaler).
-
-Windows for judging (:func:`judge_windows`) tile the new rounds from the end of the batch backwards,
-so each new round is judged by exactly one window; the first window may reach back into
-already-evaluated rounds for context. Windows for training (:func:`sliding_windows`) slide with a stride.
+A *round* is one time step, whatever its length. :func:`build_series` makes series (P ports, T rounds,
+F = len(FEATURES) features, float32, original units); :func:`judge_windows` tiles the new rounds into
+windows (N, W, F) that judge each exactly once, :func:`sliding_windows` makes the training ones; their
+``index`` (N, 2) is [port, the window's last round]. Scaling for the model is scaler.py.
 """
 from __future__ import annotations
 
@@ -91,6 +78,11 @@ def build_series(round_ids: Sequence[int], ports: Sequence[PortKey],
                  seconds: Sequence[float | None] | None = None, nominal_seconds: float | None = None,
                  egress: Iterable[Sequence] = ()) -> Series:
     """Assemble (P, T, F) series; rounds and ports absent from the rows stay zero.
+
+    A round in which the port saw nothing is a row of zeros (occupancy features still say whether it
+    listened). Counts are per *nominal* round: a round whose counters cover more time than usual (the
+    collector skipped a minute, or the evaluator ran between two rounds) has its counts scaled to the
+    nominal length, so a gap is not mistaken for a spike.
 
     seconds: (T,) time each round's counters cover; with ``nominal_seconds``, COUNT_FEATURES of a
     round are scaled by nominal / seconds (clipped to [1/MAX_STRETCH, MAX_STRETCH]).

@@ -1,18 +1,9 @@
 """Detectors that compare with "usual" wait until they have a baseline, and say so.
 
-On a fresh store "usual" is undefined: the exfiltration rule's usual rate would be 0 and every
-address that received 20 MB in the first hour would be an exfiltration. Each such detector needs
-rounds of history in its own look-back before it raises anything:
-
-  exfiltration  rounds before the judged ones within evaluator.exfiltration_baseline_seconds
-                (its usual rates), at least evaluator.exfiltration_warmup_rounds
-  beaconing     rounds before the judged ones within evaluator.beacon_span_seconds (the
-                connections it looks back over), at least evaluator.beacon_warmup_rounds
-  model         rounds stored, the judged ones included (it trains on them), at least
-                evaluator.warmup_rounds; a fleet model is ready at once (learned elsewhere)
-
-``status``, the evaluation summary and ``anomalies list`` print :meth:`Warmup.text`
-("exfiltration: warming up, 12 of 30 rounds").
+On a fresh store "usual" is undefined (the exfiltration rule's usual rate would be 0), so each such
+detector needs rounds of history in its own look-back before it raises anything (:func:`of_batch`,
+:func:`of_model`; the table: README, "What it does"). ``status``, the evaluation summary and
+``anomalies list`` print :meth:`Warmup.text` ("exfiltration: warming up, 12 of 30 rounds").
 """
 from __future__ import annotations
 
@@ -49,13 +40,17 @@ class Warmup:
 
 
 def of_batch(batch: Batch, cfg: Evaluator) -> list[Warmup]:
-    """The rule detectors' baselines for a loaded batch (exfiltration, beaconing)."""
+    """The rule detectors' baselines for a loaded batch: exfiltration, the rounds before the judged ones
+    within evaluator.exfiltration_baseline_seconds (its usual rates), at least
+    evaluator.exfiltration_warmup_rounds; beaconing, those within evaluator.beacon_span_seconds (the
+    connections it looks back over), at least evaluator.beacon_warmup_rounds."""
     return [Warmup("exfiltration", int(batch.baseline_rounds), int(cfg.exfiltration_warmup_rounds)),
             Warmup("beaconing", len(batch.beacon_rounds), int(cfg.beacon_warmup_rounds))]
 
 
 def of_model(history: int, cfg: Evaluator, origin: str | None = None) -> Warmup:
-    """The model's: ``history`` rounds stored up to the batch's last; a fleet model needs none."""
+    """The model's: ``history`` rounds stored up to the batch's last (the judged ones included: it trains
+    on them), at least evaluator.warmup_rounds; a fleet model needs none (learned elsewhere)."""
     return Warmup("model", int(history), 0 if origin == "fleet" else int(cfg.warmup_rounds))
 
 
