@@ -1,13 +1,8 @@
 """The job around one evaluation: evaluate, then block, alert, measure and report.
 
-`python -m app evaluate` (and app/port_detector.py under cron, hourly) runs :func:`run`:
-1. ``evaluation.run``: rules + model over the rounds not yet evaluated (stores the findings);
-2. ``decisions.after_evaluation``: block decisions from those same findings objects, enforced on
-   every pinned map;
-3. ``alerts.send_alerts``: one event per new finding and per block decision (cooldown-suppressed);
-4. ``metrics.write_metrics``: the evaluator's Prometheus textfile metrics;
-5. ``reports.write_report`` when ``evaluator.report_after`` is on.
-Steps 3–5 never fail the job: their problems are logged (the anomalies and blocks are already stored).
+`python -m app evaluate` (and app/port_detector.py under cron, hourly) runs :func:`run`; a replay runs
+the same job at capture-time boundaries (:class:`ClosedLoop`). It sits above the evaluation, blocklist
+and ops services it strings together; like every service it never imports threads or commands.
 """
 from __future__ import annotations
 
@@ -68,6 +63,16 @@ class JobResult:
 
 
 def run(settings) -> JobResult:
+    """One evaluation job:
+
+    1. ``evaluation.run``: rules + model over the rounds not yet evaluated (stores the findings);
+    2. ``decisions.after_evaluation``: block decisions from those same findings objects, enforced on
+       every pinned map;
+    3. ``alerts.send_alerts``: one event per new finding and per block decision (cooldown-suppressed);
+    4. ``metrics.write_metrics``: the evaluator's Prometheus textfile metrics;
+    5. ``reports.write_report`` when ``evaluator.report_after`` is on.
+
+    Steps 3–5 never fail the job: their problems are logged (the anomalies and blocks are already stored)."""
     from app.services.blocklist import decisions
     from app.services.evaluation import evaluation
     from app.services import store_clock

@@ -1,17 +1,10 @@
-"""Run locks: one flock'ed file per job in a root-only directory.
+"""Run locks: one flock'ed file per job in a root-only directory (:func:`hold`, :func:`holding`), and one
+per interface at a fixed place (:func:`hold_interface`: collect, --takeover, down); a held lock makes
+the other run exit 6 (LockedError).
 
-    hold(settings, name, busy) -> Lock     take it or raise LockedError(busy) (exit 6); release with close()
-    holding(settings, name, busy)          the same as a context manager
-    path(settings, name) -> Path           where lock ``name`` lives
-    hold_interface(interface, busy) -> Lock   the interface's lock (collect, --takeover, down)
-    interface_path(interface) -> Path      where it lives: INTERFACE_DIR, which no setting moves
-
-Job locks (``evaluate``, ``cleanup``) live in ``general.run_dir``. The interface lock lives at a FIXED
-place, ``/run/portwatch/interfaces/<interface>.lock``: a run with another ``PORTWATCH_RUN_DIR``, config
-file, database or pin root still meets it, so no setting lets `down` detach under a running collector
-or two collectors share an interface. Directories are created 0700 (an existing one we own is
-tightened), each file is opened for writing (O_WRONLY|O_CREAT|O_NOFOLLOW, 0600): a local user can
-neither open it nor flock it, so nobody but root can make root's runs exit 6.
+Job locks (``evaluate``, ``cleanup``) live in ``general.run_dir``; the interface locks in INTERFACE_DIR,
+``/run/portwatch/interfaces/<interface>.lock``, which no setting moves. A shared leaf: imports nothing of
+portwatch but app.errors.
 """
 from __future__ import annotations
 
@@ -59,7 +52,9 @@ def interface_path(interface: str) -> Path:
 
 def hold_interface(interface: str, busy: str) -> "Lock":
     """Take ``interface``'s lock without waiting (collect, --takeover, down); LockedError(``busy``) when held.
-    Whatever the settings say, every run on ``interface`` meets this one file."""
+    Whatever the settings say, every run on ``interface`` meets this one file: a run with another
+    ``PORTWATCH_RUN_DIR``, config file, database or pin root still meets it, so no setting lets `down`
+    detach under a running collector or two collectors share an interface."""
     if not interface or "/" in interface or interface in (".", ".."):
         raise PortwatchError(f"{interface!r} is not a valid interface name")
     _own_dir(INTERFACE_DIR, "the interface locks", "only root runs collect and down")
@@ -67,6 +62,7 @@ def hold_interface(interface: str, busy: str) -> "Lock":
 
 
 def path(settings, name: str) -> Path:
+    """Where lock ``name`` lives."""
     return Path(settings.general.run_dir) / f"{name}.lock"
 
 
@@ -94,6 +90,9 @@ def hold(settings, name: str, busy: str) -> Lock:
 
 
 def _take(lock_path: Path, busy: str) -> Lock:
+    """Open ``lock_path`` for writing (O_WRONLY|O_CREAT|O_NOFOLLOW, 0600) in a 0700 directory and flock it
+    without waiting: a local user can neither open it nor flock it, so nobody but root can make root's
+    runs exit 6. The holder writes its pid into it."""
     try:
         fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, LOCK_FILE_MODE)
     except OSError as exc:
@@ -115,6 +114,7 @@ def _take(lock_path: Path, busy: str) -> Lock:
 
 @contextmanager
 def holding(settings, name: str, busy: str) -> Iterator[Lock]:
+    """:func:`hold` as a context manager."""
     lock = hold(settings, name, busy)
     try:
         yield lock

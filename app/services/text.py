@@ -1,13 +1,6 @@
-"""Text for people: untrusted strings made inert, times that never crash a reader, words that depend on a count.
-
-    inert(value) -> str          control characters (C0, DEL, C1) and lone surrogates escaped as \\xNN / \\uNNNN
-    inert_lines(text) -> str     the same, keeping newlines and tabs (a whole output or log record)
-    json_dumps(obj, **kw) -> str json.dumps with no raw control character left (DEL and C1 as \\u00NN)
-    InertStream(stream)          a text stream that writes inert_lines() of everything (the CLI's stdout)
-    InertFormatter(fmt)          a logging formatter whose records are inert_lines()
-    utc(t, seconds=True) -> str  '2026-11-26 01:55:59 UTC'; a value no calendar holds is shown, never raised
-    duration(seconds) / when(t, now)   '12 min'; '2026-11-26 01:55:59 UTC (12 min ago)'
-    plural(n, word) / counted(n, word)   words that depend on a count: "1 anomaly", "2 anomalies"
+"""Text for people: untrusted strings made inert (:func:`inert`, :func:`inert_lines`, :func:`json_dumps`,
+:class:`InertStream`, :class:`InertFormatter`), times that never crash a reader (:func:`utc`, :func:`when`),
+words that depend on a count (:func:`counted`: "1 anomaly", "2 anomalies").
 
 Why every untrusted string passes through :func:`inert`: its docstring. A shared leaf: imports nothing of portwatch.
 """
@@ -58,12 +51,15 @@ class InertStream:
 
 
 class InertFormatter(logging.Formatter):
+    """A logging formatter whose records are :func:`inert_lines` (the CLI's log handler)."""
+
     def format(self, record: logging.LogRecord) -> str:
         return inert_lines(super().format(record))
 
 
 def inert(value) -> str:
-    """``value`` as text with every control character escaped (None -> '').
+    """``value`` as text with every control character (``_CONTROLS``: C0, DEL, C1, lone surrogates, line
+    separators, bidi overrides) escaped as \\xNN / \\uNNNN (None -> '').
 
     Every string that comes from the network or from another user (process and user names, DNS and TLS
     names, HTTP hosts, CrowdSec scenarios and messages) is stored as received and passed through

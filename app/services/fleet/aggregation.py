@@ -1,18 +1,8 @@
-"""How the coordinator combines the hosts' weights: a strategy that bounds one member's influence.
+"""How the coordinator combines the hosts' weights: a strategy that bounds one member's influence
+(:func:`strategy`; README, "One model (Flower)", compares them, measured in bench/fleet.py).
 
-Runs inside the ServerApp (imports Flower). ``fleet.aggregation`` names the strategy:
-
-    trimmed-mean  (default) per weight, the mean after dropping the ``fleet.trim_fraction`` highest and
-                  lowest values (at least one each side from 3 hosts on): one host sending weights
-                  scaled x100 or random moves no coordinate beyond the honest hosts' range
-    median        per weight, the median of the hosts' values
-    krum          the one host's weights closest to its neighbours' (Krum, assuming one bad member)
-    fedavg        the mean weighted by window counts: one bad member moves it as far as it likes
-                  (kept to compare; never the default)
-
-Whatever the strategy, a host's window count is capped at the round's median count before it weighs
-anything: a host reporting a billion windows weighs as much as a typical one (counts are claims the
-coordinator cannot verify). Measured side by side on a poisoned member in bench/fleet.py.
+Runs inside the ServerApp (imports Flower). Whatever the strategy, a host's window count is capped at
+the round's median count before it weighs anything (:func:`cap_counts`).
 """
 from __future__ import annotations
 
@@ -29,7 +19,9 @@ WINDOWS_KEY = "num-windows"
 
 
 def cap_counts(counts: list[float]) -> list[float]:
-    """Each count at most the median of ``counts`` (a host cannot buy weight by claiming windows)."""
+    """Each count at most the median of ``counts`` (a host cannot buy weight by claiming windows): a host
+    reporting a billion windows weighs as much as a typical one (counts are claims the coordinator
+    cannot verify)."""
     if not counts:
         return []
     cap = statistics.median(counts)
@@ -66,7 +58,17 @@ class Contributions:
 
 
 def strategy(name: str, trim_fraction: float, contributions: Contributions, **kwargs):
-    """The Flower strategy ``name`` (one of STRATEGIES), its train replies' counts capped and recorded."""
+    """The Flower strategy ``name`` (one of STRATEGIES, ``fleet.aggregation``), its train replies' counts
+    capped and recorded:
+
+        trimmed-mean  (default) per weight, the mean after dropping the ``fleet.trim_fraction`` highest and
+                      lowest values (at least one each side from 3 hosts on): one host sending weights
+                      scaled x100 or random moves no coordinate beyond the honest hosts' range
+        median        per weight, the median of the hosts' values
+        krum          the one host's weights closest to its neighbours' (Krum, assuming one bad member)
+        fedavg        the mean weighted by window counts: one bad member moves it as far as it likes
+                      (kept to compare; never the default)
+    """
     if name not in STRATEGIES:
         raise ValueError(f"fleet.aggregation {name!r} is not one of {', '.join(STRATEGIES)}")
     base = {"trimmed-mean": FedTrimmedAvg, "median": FedMedian, "krum": MultiKrum, "fedavg": FedAvg}[name]

@@ -1,16 +1,8 @@
-"""Flower's deployment engine for portwatch: the coordinator's SuperLink and federations, each host's
-SuperNode. Processes and command lines only (the pinned ``flwr`` executables of this environment);
-the model work is learning.py, run inside Flower's ServerApp/ClientApp (flower_app/).
-
-    coordinator   flower-superlink (TLS: fleet.ca_cert/server_cert/server_key) on fleet.listen, then
-                  per federation `flwr run <flower_app> portwatch` with the [fleet]/[evaluator] run config;
-                  the ServerApp records each finished federation in <state_dir>/fleet/fleet.json.
-    host          flower-supernode --superlink fleet.superlink --root-certificates fleet.ca_cert, its
-                  node config naming this host's config file, database and state dir.
-
-What crosses the wire: the network's weights (both ways) and per-host window counts; never rows,
-addresses, ports or names. The coordinator down: the SuperNode retries, the host keeps its local
-model and goes on detecting and refitting locally.
+"""Flower's deployment engine for portwatch: the coordinator's SuperLink and federations (:func:`serve`),
+each host's SuperNode (:func:`node`). Processes and command lines only (the pinned ``flwr`` executables
+of this environment); the model work is learning.py, run inside Flower's ServerApp/ClientApp
+(flower_app/). What crosses the wire, and what a host does while the coordinator is down: README,
+"One model (Flower)".
 """
 from __future__ import annotations
 
@@ -172,7 +164,11 @@ def stop(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
 
 
 def serve(settings, once: bool = False, stop_event=None) -> dict:
-    """The coordinator: SuperLink up, then a federation now and every fleet.interval_seconds."""
+    """The coordinator: SuperLink up, then a federation now and every fleet.interval_seconds.
+
+    flower-superlink (TLS: fleet.ca_cert/server_cert/server_key) on fleet.listen, then per federation
+    `flwr run <flower_app> portwatch` with the [fleet]/[evaluator] run config (:func:`run_config`); the
+    ServerApp records each finished federation in <state_dir>/fleet/fleet.json (:func:`record`)."""
     problems = settings.fleet.problems("serve")
     if problems:
         raise UsageError("; ".join(problems))
@@ -217,7 +213,10 @@ RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)   # seconds before the SuperN
 def node(settings, stop_event=None) -> int:
     """This host's SuperNode in the foreground, restarted after it dies (a crash, a kill: the delays
     of RESTART_DELAYS, the last one repeated) until SIGTERM/SIGINT or ``stop_event``; returns 0 then.
-    A lost coordinator does not end it: the SuperNode retries the SuperLink by itself."""
+    A lost coordinator does not end it: the SuperNode retries the SuperLink by itself.
+
+    flower-supernode --superlink fleet.superlink --root-certificates fleet.ca_cert, its node config
+    naming this host's config file, database and state dir (:func:`supernode_command`)."""
     problems = settings.fleet.problems("node")
     if problems:
         raise UsageError("; ".join(problems))

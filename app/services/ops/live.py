@@ -1,14 +1,9 @@
-"""What is happening now: two reads of the pinned maps, turned into per-second rates (``top``).
-
-    read(pin_dir) -> Reading          one read of port_stats, sources, global and blacklist
-    rates(previous, current) -> View  per-second rates between two readings (busiest first)
-    render(view, ...) -> [lines]      the text ``python -m app top`` prints
+"""What is happening now: two reads of the pinned maps (:func:`read`), turned into per-second rates
+(:func:`rates`) and the text ``python -m app top`` prints (:func:`render`).
 
 Writes nothing anywhere: no database, no lock, no map update (the maps are only looked up, like
-``xdp-filter poll``). Keys and values are read by field name through app/services/bpf_structs
-(via app/services/rounds.decode, which sums the per-CPU slots); no byte offset appears here.
-Counters are cumulative in the kernel: a key new since the previous read counts whole, a counter
-that went down (program reloaded) restarts from 0.
+``xdp-filter poll``). Keys and values are read by field name (app/services/kernel/bpf_structs.py, through
+app/services/collector/rounds.py, which sums the per-CPU slots); no byte offset appears here.
 """
 from __future__ import annotations
 
@@ -89,6 +84,8 @@ def read(pin_dir: str | Path) -> Reading:
 
 
 def _growth(now: int, before: int | None) -> int:
+    """Counters are cumulative in the kernel: a key new since the previous read counts whole, a counter
+    that went down (program reloaded) restarts from 0."""
     return now if before is None or now < before else now - before
 
 

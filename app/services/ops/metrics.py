@@ -1,13 +1,10 @@
 """Prometheus text-format metrics for node_exporter's textfile collector.
 
-Every job (``collector``, ``evaluator``, ``cleanup``, ...) calls :func:`write_metrics` at the end of
-a run (or wraps the run in :func:`job_metrics`). All jobs share ONE file (``metrics.textfile_dir`` /
-``metrics.file_name``), the job in the ``task`` label; each write reads the file, replaces its own
-samples and renames a new file over it under an flock (:func:`_update`), so node_exporter never sees
-a half-written file and two jobs never lose each other's samples. Samples: ``portwatch_<counter>_total``
-and ``portwatch_<gauge>`` per task, run counts, durations and timestamps; the health checks
-(:func:`write_health`) and the fleet's gauges (:func:`write_fleet`, FLEET_GAUGES) without ``task``.
-The README's metrics lines list them. Writing metrics never fails a run: problems are logged.
+Every job (``collector``, ``evaluator``, ``cleanup``, ...) calls :func:`write_metrics` at the end of a
+run (or wraps the run in :func:`job_metrics`); all share ONE file (``metrics.textfile_dir`` /
+``metrics.file_name``), the job in the ``task`` label, each write a read-merge-write under an flock
+(:func:`_update`). The samples are COUNTERS, GAUGES, RUN_METRICS, the health checks and FLEET_GAUGES;
+the README's metrics lines list them. Writing metrics never fails a run: problems are logged.
 """
 from __future__ import annotations
 
@@ -207,7 +204,13 @@ def write_metrics(settings, job: str, values: Mapping[str, float] | None = None,
 def _update(settings, change) -> Path | None:
     """Read the textfile's samples, ``change(samples) -> samples``, write them back, all under the
     flock of the hidden lock file beside it (the one read-merge-write of every writer). None when
-    ``metrics.textfile_dir`` is not set or the file could not be written (logged)."""
+    ``metrics.textfile_dir`` is not set or the file could not be written (logged).
+
+    Each writer replaces only its own samples and renames a new file over the old one (:func:`_write`),
+    so node_exporter never sees a half-written file and two jobs never lose each other's samples.
+    Samples are ``portwatch_<counter>_total`` and ``portwatch_<gauge>`` per task, run counts, durations
+    and timestamps; the health checks (:func:`write_health`) and the fleet's gauges (:func:`write_fleet`)
+    carry no ``task``."""
     directory = getattr(settings.metrics, "textfile_dir", "")
     if not directory:
         return None
