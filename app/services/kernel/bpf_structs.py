@@ -1,17 +1,11 @@
 """The one mirror of bpf/common.h in Python: ctypes structs, numpy dtypes, key codecs, map layouts.
 
-Each C struct read or written from user space has exactly one ``ctypes.Structure`` here, commented
-with its C name (and named in ``_c_name_``, which tests/services/kernel/test_bpf_structs.py uses to check
-every field offset and size against the C compiler and against the BTF of the loaded program).
-Everything else reads key and value fields BY NAME, through these structs or the numpy dtypes
-built from them (``key_dtype``, ``value_dtype``): no byte offset of a kernel struct appears
-outside this module. Addresses carry their family (struct pw_addr: family byte + 16 bytes, IPv4
-mapped); ``addr_text``,
-``addr_bytes``, ``lpm_key`` and ``lpm_key_text`` convert them.
-
-Import cost: ctypes only. numpy is imported on the first dtype asked for, so the XDP loader
-process and the status command do not pay for it.
-"""
+Each C struct read or written from user space has exactly one ``ctypes.Structure`` here, commented with
+its C name and named in ``_c_name_`` (tests/services/kernel/test_bpf_structs.py checks every field offset
+and size against the C compiler and the loaded program's BTF). Everything else reads fields BY NAME,
+through these structs or :func:`key_dtype` / :func:`value_dtype`: no byte offset of a kernel struct appears
+outside this module. Import cost: ctypes only; numpy is imported on the first dtype asked for, so the
+XDP loader process and the status command do not pay for it."""
 from __future__ import annotations
 
 import ctypes
@@ -255,6 +249,8 @@ def value_dtype(map_name: str, stride: int | None = None):
 
 
 # --- address and LPM-key codecs -----------------------------------------------------------
+# Addresses carry their family (struct pw_addr: family byte + 16 bytes, IPv4 mapped); addr_text,
+# addr_bytes, lpm_key and lpm_key_text convert them.
 
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 ADDR_SIZE = ctypes.sizeof(PwAddr)

@@ -1,13 +1,9 @@
-"""The TC egress program's attachment: clsact qdisc, the egress filter, its description and removal.
+"""The TC egress program's attachment: clsact qdisc, the egress filter, its description and removal;
+and which XDP mode costs less on an interface's driver (:func:`auto_modes`).
 
-The program itself (bpf/egress.c) is compiled with the XDP program in ONE BCC object by the loader
-process of app/services/kernel/xdp_loader.py (the only BCC user) and pinned as ``<pin_dir>/eg_prog``; this module
-only runs ``tc`` (iproute2) against that pin, so it needs no BCC. Its maps (``eg_*``) are read
-through libbpf like the XDP program's (maps.py).
-
-portwatch's filter is the one at preference EGRESS_PREF on the interface's clsact egress hook. The
-clsact qdisc is removed by ``detach`` only when portwatch added it (recorded in the ``meta`` map's
-flags, PW_META_CLSACT_ADDED), so another tool's TC programs are never taken down with ours.
+The program (bpf/egress.c) is compiled with the XDP program in ONE BCC object by the loader process of
+xdp_loader.py (the only BCC user) and pinned as ``<pin_dir>/eg_prog``; this module only runs ``tc``
+(iproute2) against that pin, so it needs no BCC. Its maps (``eg_*``) are read through libbpf (maps.py).
 """
 from __future__ import annotations
 
@@ -75,7 +71,11 @@ def attach(interface: str, pdir: Path) -> tuple[int, bool]:
 
 
 def detach(interface: str, remove_clsact: bool) -> list[str]:
-    """Remove portwatch's egress filter (and the clsact qdisc when portwatch added it)."""
+    """Remove portwatch's egress filter (and the clsact qdisc when portwatch added it).
+
+    portwatch's filter is the one at preference EGRESS_PREF on the interface's clsact egress hook. The
+    clsact qdisc goes only when portwatch added it (``remove_clsact``: recorded in the ``meta`` map's
+    flags, PW_META_CLSACT_ADDED), so another tool's TC programs are never taken down with ours."""
     done = []
     if not Path(f"/sys/class/net/{interface}").exists():
         return done

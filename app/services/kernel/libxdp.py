@@ -1,21 +1,7 @@
-"""libxdp neighbours: recognise programs that share an interface through libxdp's multi-program
-dispatcher (xdp-tools: xdp-filter, xdp-loader, ...), and find out whether that dispatcher can run here.
-
-libxdp chains several XDP programs on one interface: a small ``xdp_dispatcher`` program is attached,
-and each program replaces one of its stub functions as a program extension (BPF_PROG_TYPE_EXT,
-"freplace"), called in run-priority order. A kernel that refuses program extensions (an LSM that
-denies tracing-class programs, a kernel without BTF) cannot run the dispatcher; libxdp then attaches
-the single program plainly ("legacy" mode), as xdp-filter does there.
-
-portwatch attaches its own program plainly (BCC loads it as an XDP program, not as an extension);
-this module only names what it finds so the one-sentence refusal tells the operator which program is
-a libxdp one and whether the dispatcher could chain programs on this kernel at all:
-
-    dispatcher_support()     (usable, sentence): the same check libxdp makes before it builds a
-                             dispatcher (load libxdp's ``xdp_pass`` as XDP, then as an extension of it,
-                             and attach the extension), without touching any interface
-    libxdp_role(prog_id)     'dispatcher', 'program' (BTF carries libxdp's run config) or None
-    neighbour_text(prog_id)  the clause added to the refusal of a libxdp program, or ''
+"""libxdp neighbours: name the programs that share an interface through libxdp's multi-program dispatcher
+(xdp-tools: xdp-filter, xdp-loader, ...) in the refusal of a foreign program (:func:`neighbour_text`), and
+find out whether that dispatcher can run here at all (:func:`dispatcher_support`). portwatch attaches its
+own program plainly: BCC loads it as an XDP program, not as an extension (:func:`attach_text`).
 
 ctypes to Debian's libbpf1 and libxdp1; without libxdp1 everything says so and nothing fails.
 """
@@ -71,7 +57,14 @@ def dispatcher_object() -> Path | None:
 
 @lru_cache(maxsize=1)
 def dispatcher_support() -> tuple[bool, str]:
-    """(usable, one sentence): can libxdp's dispatcher chain XDP programs on this host? Needs root."""
+    """(usable, one sentence): can libxdp's dispatcher chain XDP programs on this host? Needs root.
+
+    libxdp chains several XDP programs on one interface: a small ``xdp_dispatcher`` program is attached,
+    and each program replaces one of its stub functions as a program extension (BPF_PROG_TYPE_EXT,
+    "freplace"), called in run-priority order. A kernel that refuses program extensions (an LSM that
+    denies tracing-class programs, a kernel without BTF) cannot run the dispatcher; libxdp then attaches
+    the single program plainly ("legacy" mode), as xdp-filter does there. The check is the one libxdp
+    makes before it builds a dispatcher (:func:`_probe_extension`), without touching any interface."""
     if libxdp() is None:
         return False, "libxdp is not installed (Debian libxdp1)"
     obj = dispatcher_object()

@@ -1,13 +1,9 @@
 """Open pinned BPF maps and batch-read them WITHOUT BCC: libbpf (Debian's libbpf1) through ctypes.
 
-This is the collector's read path on every run after the first: no clang, no LLVM, no BCC
-import — a few syscalls per map. Keys and values are raw bytes here; what they mean (the mirrors
-of bpf/common.h, their numpy dtypes, the address and LPM-key codecs, the map layouts) lives in
-app/services/kernel/bpf_structs.py. tests/services/kernel/test_maps.py checks the layouts against the key/value
-sizes the kernel reports for the maps the real program created.
-
-Per-CPU maps return one value per possible CPU, each rounded up to 8 bytes (``value_stride``);
-callers sum or reduce them (app/services/collector/rounds.py).
+This is the collector's read path on every run after the first: no clang, no LLVM, no BCC import — a
+few syscalls per map. Keys and values are raw bytes here (:class:`PinnedMap`); what they mean lives in
+app/services/kernel/bpf_structs.py (tests/services/kernel/test_maps.py checks its layouts against the
+key/value sizes the kernel reports for the maps the real program created).
 """
 from __future__ import annotations
 
@@ -87,7 +83,10 @@ class MapInfo:
 
 
 class PinnedMap:
-    """One pinned map, opened by path (bpf_obj_get). Keys/values are raw bytes."""
+    """One pinned map, opened by path (bpf_obj_get). Keys/values are raw bytes.
+
+    Per-CPU maps return one value per possible CPU, each rounded up to 8 bytes (``value_stride``);
+    callers sum or reduce them (app/services/collector/rounds.py)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -1,18 +1,10 @@
 """The pin directory's own record: which database enforces an interface, and what the loader attached.
 
 bpffs holds only BPF objects, so the record is a pinned one-entry BPF array map,
-``<pin_root>/<interface>/owner``, whose value is UTF-8 JSON (NUL-padded to RECORD_BYTES). It lives
-and dies with the pins: `down`, a reboot or an ``rm -r`` of the pin directory takes it along.
-
-    {"db_id": "<hex>", "db_path": "/var/lib/portwatch/ports.db", "claimed_at": 1764120000.0,
-     "epoch": "<hex>",                 # random, new at every claim by another database (a takeover is an epoch)
-     "null_epoch": "<hex>",            # (only after an upgrade) snapshots stored before epochs belong to this one
-     "maps_born": [812, 813, ...],     # kernel ids of maps that started at zero while this db owned them
-     "load": {"state": "compiling"|"attaching"|"attached", "pid": 4242, "at": ..., "program_id": 977,
-              "program_tag": "a1b2...", "retired": false}}
-
-Who writes which key, and why: :func:`claim`. Imported by the collector, the loader process,
-teardown and ops (status, doctor); imports only kernel modules.
+``<pin_root>/<interface>/owner``, whose value is UTF-8 JSON (:func:`write` shows it). It lives and dies
+with the pins: `down`, a reboot or an ``rm -r`` of the pin directory takes it along. Who writes which key,
+and why: :func:`claim`. Imported by the collector, the loader process, teardown and ops (status, doctor);
+imports only kernel modules.
 """
 from __future__ import annotations
 
@@ -63,7 +55,15 @@ def read(pdir: str | Path) -> dict | None:
 
 
 def write(pdir: str | Path, record: dict) -> None:
-    """Store ``record`` (the pinned map is created when absent)."""
+    """Store ``record`` (the pinned map is created when absent) as UTF-8 JSON, NUL-padded to RECORD_BYTES::
+
+        {"db_id": "<hex>", "db_path": "/var/lib/portwatch/ports.db", "claimed_at": 1764120000.0,
+         "epoch": "<hex>",                 # random, new at every claim by another database (a takeover is an epoch)
+         "null_epoch": "<hex>",            # (only after an upgrade) snapshots stored before epochs belong to this one
+         "maps_born": [812, 813, ...],     # kernel ids of maps that started at zero while this db owned them
+         "load": {"state": "compiling"|"attaching"|"attached", "pid": 4242, "at": ..., "program_id": 977,
+                  "program_tag": "a1b2...", "retired": false}}
+    """
     path = Path(pdir) / OWNER
     data = json.dumps(record, sort_keys=True).encode()
     if len(data) >= RECORD_BYTES:

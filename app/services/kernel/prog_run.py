@@ -2,21 +2,9 @@
 interface, no namespace. The kernel runs the real program on each frame (XDP port_flow for packets to
 the host, TC egress for packets from it) and its maps count exactly as on an interface.
 
-    ProgramRunner(pin_dir)                      the pinned ``prog`` / ``eg_prog`` of a private pin dir
-    .run(base, offsets, lengths, outbound, ticks_ns) -> RunStats   one test run per packet, in order
-
-Cost: one syscall per packet (the kernel offers no multi-packet test run for XDP without sending the
-frames). Everything else is done for a batch of packets at once with numpy: the test-run options of
-every packet are one preallocated array (``OPTS_DTYPE``), the calls are a ``map`` of the C function
-over the options' addresses (no Python bytecode, object or attribute write per packet), and the
-results (return codes, verdicts, the kernel's own durations) are read back as arrays. The programs'
-clock (``pw_config.clock_ns``) moves between calls, once per clock tick of capture time that has
-packets (see replay.CLOCK_TICK_NS), by a write into the mmap-ed config map.
-
-Frames longer than a test run takes in its linear buffer (``MAX_FRAME``; live, such a frame is a GRO
-or jumbo frame) are fed cut to their first ``MAX_FRAME`` bytes: every header the programs parse is
-there, so the packet, its addresses, ports, flags and its L4 payload bytes (read from the IP header)
-count exactly; its frame bytes count as ``MAX_FRAME`` (``RunStats.cut_bytes`` says how many were not).
+:class:`ProgramRunner` does it (its cost: :meth:`ProgramRunner._run_batch`; frames longer than a test run
+takes: :meth:`ProgramRunner.run`). Used by the replay (app/services/collector/replay.py); app/lab.py and
+the benches borrow its ``BpfTestRunOpts`` mirror. Imports only kernel modules.
 """
 from __future__ import annotations
 
@@ -87,7 +75,8 @@ def _prog_fd(path: Path) -> int:
 
 
 class ProgramRunner:
-    """The two programs pinned in ``pin_dir`` and its config map (the clock)."""
+    """The two programs pinned in ``pin_dir`` (``prog`` / ``eg_prog`` of a private pin dir) and its config
+    map (the clock); :meth:`run` is one test run per packet, in order."""
 
     def __init__(self, pin_dir: str | Path):
         self.pin_dir = Path(pin_dir)
@@ -141,7 +130,12 @@ class ProgramRunner:
             stats: RunStats | None = None) -> RunStats:
         """Feed packets through the programs, in order. ``base``: address of the buffer the frames are in;
         (n,) arrays: byte offset of each frame from ``base``, its size, True when the host sent it, its capture
-        time in ns rounded to the clock's tick. The buffer must stay alive and unchanged during the call."""
+        time in ns rounded to the clock's tick. The buffer must stay alive and unchanged during the call.
+
+        Frames longer than a test run takes in its linear buffer (``MAX_FRAME``; live, such a frame is a GRO
+        or jumbo frame) are fed cut to their first ``MAX_FRAME`` bytes: every header the programs parse is
+        there, so the packet, its addresses, ports, flags and its L4 payload bytes (read from the IP header)
+        count exactly; its frame bytes count as ``MAX_FRAME`` (``RunStats.cut_bytes`` says how many were not)."""
         stats = stats or RunStats()
         started = time.perf_counter()
         fed = lengths >= ETH_HLEN
@@ -174,7 +168,15 @@ class ProgramRunner:
                    stats: RunStats, call=None, clock_word: ctypes.c_uint64 | None = None) -> None:
         """One options record per packet, the calls in order (the clock moved before each tick's first
         packet), then the return codes, verdicts and durations read as arrays. ``call``/``clock_word``:
-        stand-ins for the test run and the clock (user_space_ns)."""
+        stand-ins for the test run and the clock (user_space_ns).
+
+        Cost: one syscall per packet (the kernel offers no multi-packet test run for XDP without sending the
+        frames). Everything else is done for the batch at once with numpy: the test-run options of every
+        packet are one preallocated array (``OPTS_DTYPE``), the calls are a ``map`` of the C function over the
+        options' addresses (no Python bytecode, object or attribute write per packet), and the results
+        (return codes, verdicts, the kernel's own durations) are read back as arrays. The programs' clock
+        (``pw_config.clock_ns``) moves between calls, once per clock tick of capture time that has packets
+        (see replay.CLOCK_TICK_NS), by a write into the mmap-ed config map."""
         n = len(data_in)
         opts = np.zeros(n, dtype=OPTS_DTYPE)
         opts["sz"] = OPTS_DTYPE.itemsize

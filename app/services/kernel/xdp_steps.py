@@ -1,13 +1,10 @@
-"""The loader's fail-closed steps (a failed load never leaves the interface unprotected), apart from the compile/attach code of app/services/kernel/xdp_loader.py.
-
-    retire_pins(pdir)                  a recreate moves the running program's pins to <pdir>/retired/
-    retired_still_attached(if, pdir)   did the swap happen? (no: the retired program is still attached)
-    restore_pins(pdir)                 undo a retire whose swap never happened (a failed or killed load)
-    prefill_blacklist(pdir, cidrs)     the ledger's entries in the blacklist map BEFORE the attach
-
-The retired maps are frozen once the new program replaced the old one; the collector then closes a
-last round from them (Collector.close_retired) and removes them, so a recreate loses no count and
-the blocklist is enforced by the new program from its first packet.
+"""The loader's fail-closed steps (a failed load never leaves the interface unprotected), apart from the
+compile/attach code of app/services/kernel/xdp_loader.py: a recreate retires the running program's pins
+(:func:`retire_pins`), puts them back when the swap never happened (:func:`retired_still_attached`,
+:func:`restore_pins`), and fills the new blacklist map BEFORE the attach (:func:`prefill_blacklist`). The
+retired maps are frozen once the new program replaced the old one; the collector then closes a last round
+from them (Collector.close_retired) and removes them, so a recreate loses no count and the blocklist is
+enforced by the new program from its first packet.
 """
 from __future__ import annotations
 
