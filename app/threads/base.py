@@ -1,19 +1,10 @@
 """Base class of the collector's worker threads, in the style of fail2ban's ``JailThread``.
 
-A thread owns scheduling and lifetime only; the work itself lives in a service
-(``app/services/``), which never imports threads. What this class adds to ``threading.Thread``:
-
-- a stop :class:`threading.Event` (:meth:`stop`, :attr:`stopping`, :meth:`wait`) that the work can
-  poll or wait on, so the collector can end a round early (SIGTERM, run-time bound);
-- a :meth:`run` that logs and survives exceptions: the failure is kept in :attr:`error` and
-  summarised in :attr:`status` instead of vanishing into the thread's stderr;
-- :meth:`join` that is safe on a thread that never started (disabled, or the collector failed
-  before starting it) and accepts a timeout like ``Thread.join``;
-- :attr:`status`, the text the collector stores in ``rounds.scanner_status`` / ``sniffer_status``:
-  ``'ok'``, ``'disabled'``, ``'error: <one line>'`` (subclasses add their own, e.g. ``'no-tshark'``),
-  or ``'not started'`` / ``'running'`` while there is no outcome yet.
-
-Subclasses implement :meth:`work` and return its result, which lands in :attr:`result`.
+A thread owns scheduling and lifetime only; the work itself lives in a service (``app/services/``),
+which never imports threads. :class:`WorkerThread` adds to ``threading.Thread`` a stop event the work
+can poll or wait on (so the collector can end a round early: SIGTERM, run-time bound), a ``run`` that
+logs and survives exceptions, a ``join`` safe on a thread that never started, and a ``status``.
+Subclasses implement ``work`` and return its result, which lands in ``result``.
 """
 from __future__ import annotations
 
@@ -76,7 +67,8 @@ class WorkerThread(threading.Thread):
         return self._stop_event.wait(seconds)
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait for the thread like ``Thread.join``; a no-op on a thread that never started."""
+        """Wait for the thread like ``Thread.join`` (timeout included); a no-op on a thread that never
+        started (disabled, or the collector failed before starting it)."""
         if self.ident is None:
             return
         super().join(timeout)
@@ -84,7 +76,9 @@ class WorkerThread(threading.Thread):
     # outcome ---------------------------------------------------------------------------------
     @property
     def status(self) -> str:
-        """'ok', 'disabled', 'error: ...', a subclass's own word, 'not started' or 'running'."""
+        """The text the collector stores in ``rounds.scanner_status`` / ``sniffer_status``: 'ok',
+        'disabled', 'error: <one line>' (subclasses add their own, e.g. 'no-tshark'), or 'not started' /
+        'running' while there is no outcome yet."""
         if not self.enabled:
             return STATUS_DISABLED
         if self._outcome is not None:
@@ -92,6 +86,8 @@ class WorkerThread(threading.Thread):
         return STATUS_RUNNING if self.ident is not None else STATUS_NOT_STARTED
 
     def run(self) -> None:
+        """Run :meth:`work`, logging and surviving its exception: the failure is kept in :attr:`error` and
+        summarised in :attr:`status` instead of vanishing into the thread's stderr."""
         if not self.enabled:
             log.debug("%s is disabled", self.name)
             return

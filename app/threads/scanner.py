@@ -1,19 +1,9 @@
 """ScannerThread: port occupancy for one round (the work is app.services.collector.scanner).
 
-Schedule: one scan when the thread starts (the round's beginning) and one when the round ends
-(:meth:`stop`, or ``round_seconds`` after the start, whichever comes first); :attr:`result` is
-their union (:func:`merge_scans`). Two scans catch a listener that existed for only part of the
-round, which matters for folding: a port listened on at either end is not folded into the
-ephemeral bucket. A listener that came and went between the two scans is not seen.
-
-Collector use::
-
-    scanner = ScannerThread(settings.scanner, round_seconds=settings.collector.round_seconds)
-    scanner.start()
-    ...                                  # the round
-    scanner.stop(); scanner.join(timeout)
-    scanner.status                       # 'ok', 'disabled', 'error: ...'
-    scanner.result                       # [Listener, ...] or None when it failed or is disabled
+Two scans, at the round's start and at its end, catch a listener that existed for only part of the
+round, which matters for folding: a port listened on at either end is not folded into the ephemeral
+bucket. A listener that came and went between the two scans is not seen. Schedule and use:
+:class:`ScannerThread`.
 """
 from __future__ import annotations
 
@@ -29,8 +19,17 @@ log = logging.getLogger(__name__)
 class ScannerThread(WorkerThread):
     """Scans at the start and at the end of a round; ``result`` is ``list[Listener]``.
 
-    round_seconds: the latest the end-of-round scan happens without a :meth:`stop` (seconds);
-    None waits for :meth:`stop`.
+    One scan when the thread starts (the round's beginning) and one when the round ends (:meth:`stop`,
+    or ``round_seconds`` after the start, whichever comes first); :attr:`result` is their union
+    (:func:`merge_scans`). round_seconds: the latest the end-of-round scan happens without a
+    :meth:`stop` (seconds); None waits for :meth:`stop`. Collector use::
+
+        scanner = ScannerThread(settings.scanner, round_seconds=settings.collector.round_seconds)
+        scanner.start()
+        ...                                  # the round
+        scanner.stop(); scanner.join(timeout)
+        scanner.status                       # 'ok', 'disabled', 'error: ...'
+        scanner.result                       # [Listener, ...] or None when it failed or is disabled
     """
 
     def __init__(self, config: ScannerConfig | None = None, round_seconds: float | None = None,

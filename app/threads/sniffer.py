@@ -1,24 +1,9 @@
 """SnifferThread: the packet-metadata sample of one round (the work is app.services.collector.sniffer).
 
-Schedule: the capture starts with the thread (the round's beginning) and lasts
-``window_fraction x round_seconds`` (45 s of a 60 s round), capped at ``max_packets``; the
-thread ends by itself shortly after (tshark drain + cleanup, a few seconds at most), well before
-the round ends. :meth:`stop` ends the window early (SIGTERM, run-time bound).
-
-Without tshark the thread ends at once with status ``'no-tshark'``, :attr:`error` holding the
-DependencyError, and logs ONE warning sentence naming the fix - once per process, however many
-rounds a run has (later rounds log it at debug level); the collector records kernel and scanner
-data as usual and should not log it again.
-
-Collector use::
-
-    sniffer = SnifferThread(interface, settings.sniffer, round_seconds, temp_root=settings.state_path)
-    sniffer.start()
-    ...                                  # the round
-    sniffer.join(timeout)                # no stop(): the window is already bounded
-    sniffer.status                       # 'ok', 'disabled', 'no-tshark', 'error: ...'
-    sniffer.result                       # [PacketRecord, ...] or None (for insert_packets)
-    sniffer.sample                       # SniffResult: the records plus skipped, limit_reached, times
+The capture starts with the thread (the round's beginning) and lasts ``window_fraction x round_seconds``
+(45 s of a 60 s round), capped at ``max_packets``; the thread ends by itself shortly after (tshark drain
++ cleanup, a few seconds at most), well before the round ends. :meth:`~SnifferThread.stop` ends the window
+early (SIGTERM, run-time bound). Use, and a host without tshark: :class:`SnifferThread`.
 """
 from __future__ import annotations
 
@@ -43,7 +28,15 @@ class SnifferThread(WorkerThread):
     ``sample`` the whole :class:`SniffResult`.
 
     round_seconds: the round's length (seconds), scaled by ``config.window_fraction``;
-    temp_root: directory for the capture's private temp directory (None: the system's).
+    temp_root: directory for the capture's private temp directory (None: the system's). Collector use::
+
+        sniffer = SnifferThread(interface, settings.sniffer, round_seconds, temp_root=settings.state_path)
+        sniffer.start()
+        ...                                  # the round
+        sniffer.join(timeout)                # no stop(): the window is already bounded
+        sniffer.status                       # 'ok', 'disabled', 'no-tshark', 'error: ...'
+        sniffer.result                       # [PacketRecord, ...] or None (for insert_packets)
+        sniffer.sample                       # SniffResult: the records plus skipped, limit_reached, times
     """
 
     def __init__(self, interface: str, config: SnifferConfig, round_seconds: float,
@@ -60,6 +53,10 @@ class SnifferThread(WorkerThread):
         return self.sample.records
 
     def handle_error(self, exc: Exception) -> str:
+        """Without tshark the thread ends at once with status 'no-tshark', :attr:`error` holding the
+        DependencyError, and logs ONE warning sentence naming the fix - once per process, however many
+        rounds a run has (later rounds log it at debug level); the collector records kernel and scanner
+        data as usual and should not log it again."""
         if isinstance(exc, DependencyError):
             with _warned_lock:
                 first = str(exc) not in _warned
