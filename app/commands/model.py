@@ -1,10 +1,9 @@
 """`python -m app model list|rollback VERSION`: the evaluator's model versions and their threshold history.
 
-The versions themselves (files, rollback, pruning to evaluator.keep_models) are
-app/services/evaluation/model_versions.py's; LEGEND explains the list's columns. A version saved in
-another format version (the window's features changed) stays listed but cannot be rolled back to; a
-fleet model this host refused is listed 'not-adopted' with the reason (app/services/fleet/adoption.py).
-
+The versions themselves (files, rollback, pruning to evaluator.keep_models) are model_versions.py's (in
+app/services/evaluation/); LEGEND explains the list's columns. A version saved in another format version
+(the window's features changed) stays listed but cannot be rolled back to; a fleet model this host
+refused is listed 'not-adopted' with the reason (app/services/fleet/adoption.py).
 Exit codes: 0 done; 2 unknown or pruned version; 4 database problem.
 """
 from __future__ import annotations
