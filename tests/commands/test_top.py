@@ -71,19 +71,26 @@ def test_top_under_a_pseudo_terminal(loaded, tmp_path):
                             stdin=slave, stdout=slave, stderr=slave, env=_env(tmp_path), close_fds=True)
     os.close(slave)
     screen = b""
-    deadline = time.monotonic() + 4.5
-    try:
-        while time.monotonic() < deadline:
+
+    def read_until(deadline: float, done) -> None:
+        """Read what top writes until ``deadline`` or ``done()``: a terminal is always read, else a full
+        pty buffer would block top's next write (a frame, or its goodbye after Ctrl-C)."""
+        nonlocal screen
+        while time.monotonic() < deadline and not done():
             ready, _, _ = select.select([master], [], [], 0.2)
             if ready:
                 try:
                     screen += os.read(master, 65536)
                 except OSError:
                     break
+
+    try:   # three frames (a loaded machine may take seconds to start top), then Ctrl-C
+        read_until(time.monotonic() + 30, lambda: screen.count(b"(Ctrl-C quits)") >= 3)
     finally:
         proc.send_signal(2)                     # Ctrl-C ends it cleanly
         try:
-            proc.wait(timeout=10)
+            read_until(time.monotonic() + 20, lambda: proc.poll() is not None)
+            proc.wait(timeout=1)
         finally:
             if proc.poll() is None:
                 proc.kill()
