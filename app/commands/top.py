@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,8 @@ def run(args, settings) -> int:
         raise UsageError(f"no pinned maps for {interface} under {settings.general.pin_root}: "
                          f"run python -m app collect --interface {interface} first")
     tty = sys.stdout.isatty() and not args.json
+    if tty:   # the screen says Ctrl-C quits: true even when started with SIGINT ignored (a shell's & inherits that)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     count = args.count if args.count is not None else (0 if tty else 1)
     previous = live.read(pin_dir)
     shown, problem = 0, None
