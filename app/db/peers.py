@@ -37,12 +37,6 @@ def handshake_flows(conn: sqlite3.Connection, lo: int, last: int) -> list[tuple[
         (lo, last))]
 
 
-def verified_since(conn: sqlite3.Connection, since: float) -> set[str]:
-    """Addresses with a proof (``peers.proof``) at or after ``since`` (epoch seconds)."""
-    return {r[0] for r in conn.execute("SELECT address FROM peers WHERE proof IS NOT NULL AND last_verified >= ?",
-                                       (since,))}
-
-
 def verified_peers(conn: sqlite3.Connection, since: float) -> list[sqlite3.Row]:
     """The peers rows (address, last_verified, last_two_way, ttl, mac) of the addresses with a proof
     (``peers.proof``) at or after ``since`` (epoch seconds): what an evaluation loads once."""

@@ -3,7 +3,7 @@ one query, and only a proof counts."""
 from __future__ import annotations
 
 from app.db.connection import connect
-from app.db.peers import peer, record_two_way, two_way_since, verified_since
+from app.db.peers import peer, record_two_way, two_way_since, verified_peers
 
 MAC = "02:00:00:00:00:02"
 
@@ -25,7 +25,7 @@ def test_peers_are_upserted_with_their_proof_and_answer_since_queries(tmp_path):
     assert two_way_since(conn, "::ffff:198.18.0.3", 0) and not two_way_since(conn, "198.18.0.3", 0)
     assert not two_way_since(conn, "198.18.0.9", 0)
     assert not two_way_since(conn, "198.18.0.5", 0)          # flows prove nothing
-    assert verified_since(conn, 1500.0) == {"198.18.0.2"}
+    assert [r["address"] for r in verified_peers(conn, 1500.0)] == ["198.18.0.2"]
     # a proof with a TTL replaces the fingerprint whole: no MAC (an off-link sender) clears the older one;
     # an ESTABLISHED socket (no fingerprint) keeps what the kernel's proofs recorded
     with conn:

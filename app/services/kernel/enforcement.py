@@ -308,13 +308,11 @@ def retire_map(conn, interface: str, path: str | Path) -> int:
     added = 0
     with db.immediate(conn):
         baselines = db.map_counters(conn, interface)
-        if Path(path).exists():
-            with maps.PinnedMap(path) as blacklist:
-                for text, (_, drops, _) in _read_map(blacklist).items():
-                    delta = _growth(drops, baselines.get(text))
-                    if delta and db.get_entry(conn, text) is not None:
-                        db.add_drops(conn, text, delta)
-                        added += delta
+        for text, drops in (map_drops(path) if Path(path).exists() else {}).items():
+            delta = _growth(drops, baselines.get(text))
+            if delta and db.get_entry(conn, text) is not None:
+                db.add_drops(conn, text, delta)
+                added += delta
         for text in baselines:
             db.delete_map_counter(conn, interface, text)
     return added

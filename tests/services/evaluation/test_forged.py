@@ -90,7 +90,7 @@ def test_handshake_flows_and_two_way_since(conn):
                                                                                              "handshake")
     assert peers.two_way_since(conn, PEER, T0 + 120) and not peers.two_way_since(conn, PEER, T0 + 121)
     assert not peers.two_way_since(conn, STRANGER, 0)
-    assert peers.verified_since(conn, T0 + 60) == {PEER}
+    assert [r["address"] for r in peers.verified_peers(conn, T0 + 60)] == [PEER]
 
 
 def verify(conn, address: str, at: float, proof: str = "handshake", ttl: int = 64) -> int:
